@@ -1,0 +1,66 @@
+// Raw-pointer launchers for blockwise quantization (no torch headers here).
+//
+// Layout: the input is viewed as a matrix [rows, cols] whose last dimension is contiguous
+// (row stride `x_row_stride` elements). Each row is cut into `nblocks = ceil(cols / block)`
+// blocks of `block` elements (the last one may be shorter). Codes `q` are contiguous
+// [rows, cols] bytes, `scales` contiguous fp32 [rows, nblocks]. The math is defined in
+// deepseek_kernels/reference/quantization.py; the kernels reproduce it bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dsk {
+
+enum class QFormat : int { kInt8 = 0, kE4M3 = 1, kE5M2 = 2 };
+enum class DType : int { kNone = -1, kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct QuantizeArgs {
+  const void* x = nullptr;      // [rows, cols], row stride x_row_stride, unit stride
+  DType x_dtype = DType::kF32;
+  int64_t x_row_stride = 0;
+  void* error = nullptr;        // optional residual [rows, cols] contiguous, read + written
+  DType error_dtype = DType::kNone;
+  uint8_t* q = nullptr;         // codes [rows, cols] contiguous (int8 or fp8 bit patterns)
+  float* scales = nullptr;      // [rows, nblocks] contiguous
+  int64_t rows = 0, cols = 0, block = 0;
+  bool stochastic = false;
+  uint32_t key = 0;             // stochastic-rounding key derived from the seed (see reference)
+  int vectors_per_thread = 0;   // tuning knob; 0 = default
+};
+
+struct DequantizeArgs {
+  const uint8_t* q = nullptr;   // [rows, cols] contiguous codes
+  const float* scales = nullptr;
+  void* out = nullptr;          // [rows, cols] contiguous
+  DType out_dtype = DType::kF32;
+  int64_t rows = 0, cols = 0, block = 0;
+  int vectors_per_thread = 0;
+};
+
+// murmur3's 32-bit finalizer. The stochastic-rounding stream is a hash of (key, logical element
+// index), so it is reproducible, independent of strides and launch shape, and the reference
+// computes the same numbers.
+__host__ __device__ inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+inline uint32_t stochastic_key(uint64_t seed) {
+  return mix32(static_cast<uint32_t>(seed) ^
+               mix32(static_cast<uint32_t>(seed >> 32) ^ 0x9e3779b9u));
+}
+
+// Each returns the cudaError_t of the launch (cudaSuccess when there is nothing to do).
+cudaError_t quantize_blockwise_int8(const QuantizeArgs& a, cudaStream_t stream);
+cudaError_t quantize_blockwise_e4m3(const QuantizeArgs& a, cudaStream_t stream);
+cudaError_t quantize_blockwise_e5m2(const QuantizeArgs& a, cudaStream_t stream);
+cudaError_t dequantize_blockwise_int8(const DequantizeArgs& a, cudaStream_t stream);
+cudaError_t dequantize_blockwise_e4m3(const DequantizeArgs& a, cudaStream_t stream);
+cudaError_t dequantize_blockwise_e5m2(const DequantizeArgs& a, cudaStream_t stream);
+
+}  // namespace dsk

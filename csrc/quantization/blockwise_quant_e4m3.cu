@@ -1,0 +1,15 @@
+// e4m3 instantiations of the blockwise quantization kernels (one file per format so the
+// variants compile in parallel).
+#include "blockwise_quant.cuh"
+
+namespace dsk {
+
+cudaError_t quantize_blockwise_e4m3(const QuantizeArgs& a, cudaStream_t stream) {
+  return quant::quantize_dispatch<QFormat::kE4M3>(a, stream);
+}
+
+cudaError_t dequantize_blockwise_e4m3(const DequantizeArgs& a, cudaStream_t stream) {
+  return quant::dequantize_dispatch<QFormat::kE4M3>(a, stream);
+}
+
+}  // namespace dsk

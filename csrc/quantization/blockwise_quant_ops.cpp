@@ -1,0 +1,180 @@
+// Torch-facing wrappers of the blockwise quantization launchers: argument checks, output
+// allocation, device guard and stream. The kernels themselves live in blockwise_quant_*.cu.
+#include "quantization/blockwise_quant_ops.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "quantization/blockwise_quant.h"
+
+namespace dsk {
+namespace {
+
+QFormat parse_format(c10::string_view fmt) {
+  if (fmt == "int8") return QFormat::kInt8;
+  if (fmt == "fp8_e4m3") return QFormat::kE4M3;
+  if (fmt == "fp8_e5m2") return QFormat::kE5M2;
+  TORCH_CHECK_VALUE(false, "quantize_blockwise: fmt must be one of 'int8', 'fp8_e4m3', 'fp8_e5m2', got '",
+                    std::string(fmt), "'");
+}
+
+at::ScalarType code_dtype(QFormat f) {
+  switch (f) {
+    case QFormat::kInt8: return at::kChar;
+    case QFormat::kE4M3: return at::kFloat8_e4m3fn;
+    case QFormat::kE5M2: return at::kFloat8_e5m2;
+  }
+  return at::kChar;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    default: return DType::kNone;
+  }
+}
+
+void check_block(const char* op, int64_t block) {
+  TORCH_CHECK_VALUE(block > 0 && block % 16 == 0, op,
+                    ": block must be a positive multiple of 16, got ", block);
+}
+
+std::vector<int64_t> scales_shape(at::IntArrayRef shape, int64_t nblocks) {
+  std::vector<int64_t> s(shape.begin(), shape.end() - 1);
+  s.push_back(nblocks);
+  return s;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x,
+                                                           c10::string_view fmt, int64_t block,
+                                                           bool stochastic, int64_t seed,
+                                                           const std::optional<at::Tensor>& error) {
+  const char* op = "quantize_blockwise";
+  const QFormat f = parse_format(fmt);
+  check_block(op, block);
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  TORCH_CHECK_VALUE(to_dtype(x.scalar_type()) != DType::kNone, op,
+                    ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  if (error.has_value()) {
+    const at::Tensor& e = *error;
+    TORCH_CHECK_VALUE(e.device() == x.device(), op, ": error must be on ", x.device(), ", got ",
+                      e.device());
+    TORCH_CHECK_VALUE(e.sizes() == x.sizes(), op, ": error must have the shape of x ", x.sizes(),
+                      ", got ", e.sizes());
+    TORCH_CHECK_VALUE(to_dtype(e.scalar_type()) != DType::kNone, op,
+                      ": error must be float32, bfloat16 or float16, got ", e.scalar_type());
+    TORCH_CHECK_VALUE(e.is_contiguous(), op, ": error is updated in place and must be contiguous");
+  }
+
+  const int64_t cols = x.size(-1);
+  const int64_t nblocks = (cols + block - 1) / block;
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(code_dtype(f)));
+  at::Tensor scales = at::empty(scales_shape(x.sizes(), nblocks), x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {q, scales};
+
+  // A [rows, cols] view with a unit last stride; copy only when no such view exists.
+  at::Tensor x2 = x.reshape({-1, cols});
+  if (x2.stride(1) != 1 || (x2.size(0) > 1 && x2.stride(0) < cols)) x2 = x2.contiguous();
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  QuantizeArgs a;
+  a.x = x2.data_ptr();
+  a.x_dtype = to_dtype(x.scalar_type());
+  a.x_row_stride = x2.size(0) > 1 ? x2.stride(0) : cols;
+  if (error.has_value()) {
+    a.error = error->data_ptr();
+    a.error_dtype = to_dtype(error->scalar_type());
+  }
+  a.q = static_cast<uint8_t*>(q.data_ptr());
+  a.scales = scales.data_ptr<float>();
+  a.rows = x2.size(0);
+  a.cols = cols;
+  a.block = block;
+  a.stochastic = stochastic;
+  a.key = stochastic_key(static_cast<uint64_t>(seed));
+  a.vectors_per_thread = tuning_vectors_per_thread();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (f) {
+    case QFormat::kInt8: err = quantize_blockwise_int8(a, stream); break;
+    case QFormat::kE4M3: err = quantize_blockwise_e4m3(a, stream); break;
+    case QFormat::kE5M2: err = quantize_blockwise_e5m2(a, stream); break;
+  }
+  check_launch(err, op);
+  return {q, scales};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales, int64_t block,
+                                     at::ScalarType out_dtype) {
+  const char* op = "dequantize_blockwise";
+  check_block(op, block);
+  TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": q must have at least one dimension");
+  QFormat f;
+  switch (q.scalar_type()) {
+    case at::kChar: f = QFormat::kInt8; break;
+    case at::kFloat8_e4m3fn: f = QFormat::kE4M3; break;
+    case at::kFloat8_e5m2: f = QFormat::kE5M2; break;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": q must be int8, float8_e4m3fn or float8_e5m2, got ",
+                        q.scalar_type());
+  }
+  TORCH_CHECK_VALUE(to_dtype(out_dtype) != DType::kNone, op,
+                    ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ",
+                    scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.device() == q.device(), op, ": scales must be on ", q.device(),
+                    ", got ", scales.device());
+  const int64_t cols = q.size(-1);
+  const int64_t nblocks = (cols + block - 1) / block;
+  const auto expected = scales_shape(q.sizes(), nblocks);
+  TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef(expected), op, ": scales must have shape ",
+                    at::IntArrayRef(expected), " for q of shape ", q.sizes(), " and block ", block,
+                    ", got ", scales.sizes());
+
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(out_dtype));
+  if (q.numel() == 0) return out;
+  const at::Tensor q2 = q.reshape({-1, cols}).contiguous();
+  const at::Tensor s2 = scales.contiguous();
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  DequantizeArgs a;
+  a.q = static_cast<const uint8_t*>(q2.data_ptr());
+  a.scales = s2.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = to_dtype(out_dtype);
+  a.rows = q2.size(0);
+  a.cols = cols;
+  a.block = block;
+  a.vectors_per_thread = tuning_vectors_per_thread();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (f) {
+    case QFormat::kInt8: err = dequantize_blockwise_int8(a, stream); break;
+    case QFormat::kE4M3: err = dequantize_blockwise_e4m3(a, stream); break;
+    case QFormat::kE5M2: err = dequantize_blockwise_e5m2(a, stream); break;
+  }
+  check_launch(err, op);
+  return out;
+}
+
+int tuning_vectors_per_thread() {
+  // Benchmark-only knob (vectors each lane handles); read once. Unset: the launcher's default.
+  static const int v = [] {
+    const char* s = std::getenv("DSK_QUANT_VECTORS_PER_THREAD");
+    return s ? std::atoi(s) : 0;
+  }();
+  return v;
+}
+
+}  // namespace dsk

@@ -1,0 +1,21 @@
+"""deepseek_kernels: fast GPU kernels for DeepSeek-style training and serving, as PyTorch ops.
+
+Every op is registered under ``torch.ops.deepseek_kernels`` (CUDA kernels from the compiled
+extension ``deepseek_kernels._C``, CPU paths from ``deepseek_kernels.reference``) and exposed here
+as a plain function. ``info()`` prints what this install can do; ``explain(op, *args)`` says which
+implementation a call takes.
+"""
+
+from deepseek_kernels import _extension
+from deepseek_kernels.info import info
+from deepseek_kernels.ops import dequantize_blockwise, quantize_blockwise
+from deepseek_kernels.ops._registry import explain
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "dequantize_blockwise", "explain", "info", "quantize_blockwise"]
+
+
+def extension_available() -> bool:
+    """True when the compiled CUDA extension is loaded."""
+    return _extension.available()

@@ -1,0 +1,83 @@
+"""The shared benchmark harness (``deepseek-kernels bench``).
+
+Every suite times our kernel and the baseline a user would use instead in the same process,
+reports ms, GB/s or TFLOP/s, the share of the ceiling measured in the same run and the speedup,
+and writes ``<out>/<suite>.json`` (with GPU clocks, power, temperature, versions and the git
+commit) and ``<out>/<suite>.png``. Without a CUDA GPU it runs the accuracy checks only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from deepseek_kernels.bench import harness, report
+from deepseek_kernels.bench.harness import Case, Impl, run_case
+from deepseek_kernels.bench.suites import SUITES
+
+__all__ = ["Case", "Impl", "SUITES", "run_case", "run_suites"]
+
+
+def _accuracy_table(rows: list[dict]) -> str:
+    lines = [f"  {'case':<34} {'path':<12} {'bit-exact vs ref':<17} round-trip rel err"]
+    for r in rows:
+        lines.append(
+            f"  {r['case']:<34} {r['path']:<12} {str(r['bit_exact_vs_reference']):<17} {r['roundtrip_rel_error']:.2e}"
+        )
+    return "\n".join(lines)
+
+
+def run_suites(names: list[str] | None = None, *, out: str | None = None, quick: bool = False,
+               reps: int = 30, make_plot: bool = True) -> int:
+    """Runs the named suites (all when None). Returns a process exit code."""
+    names = names or list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"unknown suite(s) {unknown}; available: {sorted(SUITES)}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    out_dir = Path(out) if out else Path("benchmarks") / "results" / harness.gpu_slug()
+    failed = False
+    for name in names:
+        suite = SUITES[name]
+        print(f"== {name}: accuracy on {device} (op vs reference, small odd shapes)")
+        acc = suite.accuracy(device)
+        print(_accuracy_table(acc))
+        if not all(r["bit_exact_vs_reference"] for r in acc):
+            print(f"!! {name}: some cases differ from the reference", file=sys.stderr)
+            failed = True
+        if not cuda:
+            print(f"== {name}: timing needs a CUDA GPU; none is visible here, so only accuracy was checked.")
+            continue
+        from tqdm.auto import tqdm
+
+        telemetry_before = harness.gpu_telemetry()
+        ceilings = {"copy_bytes_per_s": harness.measure_copy_bandwidth()}
+        print(f"== {name}: measured copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+        rows = []
+        cases = suite.cases(quick=quick)
+        for case in tqdm(cases, desc=name, unit="case", file=sys.stdout):
+            rows.append(run_case(case, ceilings, reps=reps))
+            torch.cuda.empty_cache()
+        telemetry_after = harness.gpu_telemetry()
+        print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)})")
+        print(report.format_table(rows))
+        payload = {
+            "suite": name,
+            "title": suite.TITLE,
+            "quick": quick,
+            "environment": harness.environment(),
+            "gpu_telemetry": {"before": telemetry_before, "after": telemetry_after},
+            "ceilings": ceilings,
+            "accuracy": acc,
+            "rows": rows,
+        }
+        json_path = out_dir / f"{name}.json"
+        report.write_json(json_path, payload)
+        print(f"wrote {json_path}")
+        if make_plot and report.plot(out_dir / f"{name}.png", f"{suite.TITLE} ({torch.cuda.get_device_name(0)})", rows, ceilings):
+            print(f"wrote {out_dir / f'{name}.png'}")
+    return 1 if failed else 0

@@ -1,0 +1,202 @@
+"""Timing and environment capture shared by every benchmark suite.
+
+A suite describes *cases*: one workload, our implementation and the baseline a user would pick
+instead, both run on the same inputs in the same process, plus the useful bytes or FLOPs it must
+move or compute. ``run_case`` times both with CUDA events (warm-up, median of many repeats,
+inputs rotated so repeated runs do not read from L2) and returns a row with ms, GB/s or TFLOP/s,
+the fraction of the ceiling measured in the same run, and the speedup over the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+L2_BYTES_FALLBACK = 60 * 2**20  # H100/H200
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: ``fn(*inputs)`` is timed."""
+
+    name: str
+    fn: Callable
+
+
+@dataclass
+class Case:
+    """A workload timed for ``ours`` and ``baseline`` on the same inputs.
+
+    ``make_inputs()`` returns a fresh tuple of inputs (random data, never zeros); it is called as
+    many times as needed to rotate through more memory than the L2 cache holds. ``bytes`` counts
+    each input read once and each output written once; ``flops`` counts useful work only.
+    """
+
+    name: str
+    make_inputs: Callable[[], tuple]
+    ours: Impl
+    baseline: Impl | None = None
+    bytes: int | None = None
+    flops: int | None = None
+    params: dict = field(default_factory=dict)
+    # Checks ours against the baseline on one input set before timing (raises on mismatch).
+    check: Callable[[tuple], None] | None = None
+
+
+def l2_bytes() -> int:
+    try:
+        return int(torch.cuda.get_device_properties(0).L2_cache_size)
+    except Exception:
+        return L2_BYTES_FALLBACK
+
+
+def _input_bytes(inputs) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+
+
+def rotated_inputs(make_inputs: Callable[[], tuple], max_sets: int = 8) -> list[tuple]:
+    """Enough input sets that cycling through them touches at least 2x the L2 cache."""
+    sets = [make_inputs()]
+    per_set = max(1, _input_bytes(sets[0]))
+    want = min(max_sets, max(1, -(-2 * l2_bytes() // per_set)))
+    sets += [make_inputs() for _ in range(want - 1)]
+    return sets
+
+
+def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: int = 30) -> dict:
+    """Median (and spread) of ``reps`` CUDA-event-timed calls of ``fn(*inputs)``, in ms."""
+    for i in range(warmup):
+        fn(*input_sets[i % len(input_sets)])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        inputs = input_sets[i % len(input_sets)]
+        starts[i].record()
+        fn(*inputs)
+        ends[i].record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {
+        "ms": statistics.median(ms),
+        "ms_p20": ms[len(ms) // 5],
+        "ms_p80": ms[(4 * len(ms)) // 5],
+        "reps": reps,
+    }
+
+
+def measure_copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), the memory ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dst.copy_(src), [()], warmup=3, reps=20)
+    return 2 * nbytes / (t["ms"] * 1e-3)
+
+
+def measure_bf16_matmul(n: int = 8192) -> float:
+    """bf16 cuBLAS matmul rate in FLOP/s on random data, the tensor-core ceiling."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = time_cuda(lambda: a @ b, [()], warmup=3, reps=10)
+    return 2 * n**3 / (t["ms"] * 1e-3)
+
+
+def run_case(case: Case, ceilings: dict, *, reps: int = 30) -> dict:
+    """Times ours and the baseline of ``case`` side by side; returns one result row."""
+    input_sets = rotated_inputs(case.make_inputs)
+    if case.check is not None:
+        case.check(input_sets[0])
+    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops}
+    for role, impl in (("ours", case.ours), ("baseline", case.baseline)):
+        if impl is None:
+            continue
+        t = time_cuda(impl.fn, input_sets, reps=reps)
+        row[f"{role}_impl"] = impl.name
+        row[f"{role}_ms"] = t["ms"]
+        row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
+        if case.bytes:
+            row[f"{role}_gbps"] = case.bytes / (t["ms"] * 1e-3) / 1e9
+            if ceilings.get("copy_bytes_per_s"):
+                row[f"{role}_pct_copy"] = 100 * case.bytes / (t["ms"] * 1e-3) / ceilings["copy_bytes_per_s"]
+        if case.flops:
+            row[f"{role}_tflops"] = case.flops / (t["ms"] * 1e-3) / 1e12
+            if ceilings.get("bf16_flops_per_s"):
+                row[f"{role}_pct_mm"] = 100 * case.flops / (t["ms"] * 1e-3) / ceilings["bf16_flops_per_s"]
+    if "baseline_ms" in row:
+        row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+    return row
+
+
+# ---- environment --------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    if os.environ.get("DSK_GIT_COMMIT"):
+        return os.environ["DSK_GIT_COMMIT"]
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def gpu_telemetry(index: int = 0) -> dict:
+    """Clocks, power, temperature through nvidia-ml-py (empty dict when NVML is unavailable)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            clock = lambda kind: pynvml.nvmlDeviceGetClockInfo(h, kind)  # noqa: E731
+            maxclock = lambda kind: pynvml.nvmlDeviceGetMaxClockInfo(h, kind)  # noqa: E731
+            name = pynvml.nvmlDeviceGetName(h)
+            return {
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "driver": _s(pynvml.nvmlSystemGetDriverVersion()),
+                "sm_clock_mhz": clock(pynvml.NVML_CLOCK_SM),
+                "sm_clock_max_mhz": maxclock(pynvml.NVML_CLOCK_SM),
+                "mem_clock_mhz": clock(pynvml.NVML_CLOCK_MEM),
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000,
+                "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000,
+                "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            }
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:  # NVML missing (CPU machine, container without the library)
+        return {"nvml_error": f"{type(exc).__name__}: {exc}"}
+
+
+def _s(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def environment() -> dict:
+    from deepseek_kernels.info import collect
+
+    env = collect()
+    env["git_commit"] = git_commit()
+    env["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return env
+
+
+def gpu_slug() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    for prefix in ("nvidia ", "geforce "):
+        name = name.replace(prefix, "")
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")

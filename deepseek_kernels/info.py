@@ -1,0 +1,89 @@
+"""``deepseek_kernels.info()`` / ``deepseek-kernels info``: versions, GPU, build and op paths."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def collect() -> dict:
+    """Everything ``info()`` prints, as a dict (also stored in benchmark JSON files)."""
+    import deepseek_kernels
+    from deepseek_kernels import _extension
+    from deepseek_kernels.ops._registry import known_ops
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"{p.major}.{p.minor}",
+                    "sms": p.multi_processor_count,
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                }
+            )
+    device = torch.device("cuda") if gpus else torch.device("cpu")
+    ok, why = _extension.cuda_kernel_status(device)
+    paths = {}
+    for name in known_ops():
+        if device.type == "cuda":
+            paths[name] = why if ok else f"reference: {why}"
+        else:
+            paths[name] = "reference (CPU); CUDA kernels need a CUDA GPU"
+    return {
+        "deepseek_kernels": deepseek_kernels.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "gpus": gpus,
+        "extension": _extension.build_info(),
+        "op_paths": paths,
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [
+        f"deepseek_kernels {d['deepseek_kernels']}",
+        f"  python {d['python']} on {d['platform']}",
+        f"  torch {d['torch']} (CUDA {d['torch_cuda']}), triton {d['triton']}",
+    ]
+    if d["gpus"]:
+        for g in d["gpus"]:
+            lines.append(
+                f"  GPU {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, {g['sms']} SMs, "
+                f"{g['memory_gib']} GiB)"
+            )
+    else:
+        lines.append("  GPU: none visible to torch (kernels run on CUDA GPUs; CPU paths use the reference)")
+    ext = d["extension"]
+    if ext.get("built"):
+        lines.append(
+            f"  CUDA extension: built for TORCH_CUDA_ARCH_LIST={ext['cuda_arch_list']} "
+            f"(CUDA {ext['cuda_version']}, torch {ext['torch_version']})"
+        )
+    else:
+        lines.append(f"  CUDA extension: not available ({ext['reason']})")
+    lines.append("  op paths here:")
+    for name, path in d["op_paths"].items():
+        lines.append(f"    {name:<24} {path}")
+    return "\n".join(lines)
+
+
+def info(file=None) -> dict:
+    """Prints versions, the GPU, how the extension was built and which path each op takes."""
+    d = collect()
+    print(format_info(d), file=file or sys.stdout)
+    return d

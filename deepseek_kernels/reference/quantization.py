@@ -1,0 +1,171 @@
+"""Blockwise quantization: the exact definition (test oracle, CPU path, benchmark baseline).
+
+A tensor ``x`` of shape ``[..., N]`` is cut along its last dimension into ``nb = ceil(N / block)``
+contiguous blocks of ``block`` elements; the last block of a row may be shorter. Per block, in
+fp32 and with every operation rounded once (IEEE round-to-nearest-even), the CUDA kernel computes
+exactly the same numbers:
+
+    y     = x + error                       (error feedback; y = x without it)
+    amax  = max |y| over the block
+    scale = amax / qmax                     qmax: int8 127, fp8_e4m3 448, fp8_e5m2 57344
+    inv   = 1 / scale   if scale > 0 else 0 (an all-zero block gets zero codes, scale 0, no NaN)
+    v     = clamp(y * inv, -qmax, qmax)
+    q     = round(v)                        int8: half-to-even; fp8: torch's RNE cast of v
+                                            (saturation is done by the clamp before the cast)
+
+Stochastic rounding replaces ``round``: with ``u = uniform(seed, i)`` (24 random bits, a hash of
+the seed and the element's logical index ``i = row * N + col``), int8 takes
+``floor(v) + [u < v - floor(v)]``; fp8 rounds ``|v|`` between its two neighbouring fp8 values
+``lo <= |v| <= hi`` up with probability ``(|v| - lo) / (hi - lo)`` (tested as the exact comparison
+``u * (hi - lo) < |v| - lo``) and keeps the sign. Both are unbiased: E[q * scale] = y.
+
+Non-finite input: a block holding any NaN or Inf in ``y`` gets ``scale = NaN`` and zero codes, so
+the problem is reported (``torch.isfinite(scales).all()`` is the found-inf flag, and dequantizing
+the block yields NaN) instead of being hidden; its error-feedback residual is left unchanged.
+
+Error feedback: with ``error`` given, ``error`` is overwritten in place with
+``y - q * scale`` (computed in fp32, rounded once to ``error.dtype``).
+
+Dequantization: ``out = (q * scale).to(out_dtype)`` with ``q`` decoded exactly to fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    dtype: torch.dtype  # dtype of the codes
+    qmax: float
+
+
+FORMATS = {
+    "int8": QuantFormat("int8", torch.int8, 127.0),
+    "fp8_e4m3": QuantFormat("fp8_e4m3", torch.float8_e4m3fn, 448.0),
+    "fp8_e5m2": QuantFormat("fp8_e5m2", torch.float8_e5m2, 57344.0),
+}
+FORMAT_OF_DTYPE = {f.dtype: f for f in FORMATS.values()}
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for int64 tensors holding uint32 values, without int64 overflow."""
+    c_lo, c_hi = c & 0xFFFF, c >> 16
+    return (a * c_lo + (((a * c_hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _mix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def stochastic_key(seed: int) -> int:
+    """32-bit key of the stochastic-rounding stream for a 64-bit seed."""
+    seed &= (1 << 64) - 1
+    return _mix32_int((seed & _M32) ^ _mix32_int((seed >> 32) ^ 0x9E3779B9))
+
+
+def uniform_for_indices(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The uniform [0, 1) fp32 number used to round element ``index`` (int64 logical index)."""
+    key = stochastic_key(seed)
+    lo, hi = index & _M32, index >> 32
+    h = _mix32((_mix32(lo ^ key) + hi) & _M32)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def _round_nearest(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    if fmt.dtype == torch.int8:
+        return torch.round(v).to(torch.int8)
+    return v.to(fmt.dtype)
+
+
+def _round_stochastic(v: torch.Tensor, u: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    if fmt.dtype == torch.int8:
+        lo = torch.floor(v)
+        return (lo + (u < v - lo).to(torch.float32)).to(torch.int8)
+    mag = v.abs()
+    c_bits = mag.to(fmt.dtype).view(torch.uint8).to(torch.int16)
+    cf = mag.to(fmt.dtype).to(torch.float32)
+    lo_bits = torch.where(cf > mag, c_bits - 1, c_bits)
+    hi_bits = torch.where(cf < mag, c_bits + 1, c_bits)
+    decode = lambda b: b.to(torch.uint8).view(fmt.dtype).to(torch.float32)  # noqa: E731
+    lo, hi = decode(lo_bits), decode(hi_bits)
+    bits = torch.where(u * (hi - lo) < mag - lo, hi_bits, lo_bits)
+    bits = torch.where(torch.signbit(v), bits | 0x80, bits)
+    return bits.to(torch.uint8).view(fmt.dtype)
+
+
+def quantize_blockwise_ref(
+    x: torch.Tensor,
+    fmt: str = "int8",
+    block: int = 128,
+    *,
+    stochastic: bool = False,
+    seed: int = 0,
+    error: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference blockwise quantization (see the module docstring for the exact math).
+
+    x: ``[..., N]`` float32/float16/bfloat16. Returns ``q`` (``[..., N]``, int8 or float8) and
+    ``scales`` (``[..., ceil(N / block)]``, float32). Updates ``error`` in place when given.
+    """
+    spec = FORMATS[fmt]
+    n = x.shape[-1]
+    nb = math.ceil(n / block)
+    lead = x.shape[:-1]
+    y = x.float()
+    if error is not None:
+        y = y + error.float()
+    yb = F.pad(y, (0, nb * block - n)).reshape(*lead, nb, block)
+    finite = torch.isfinite(yb).all(-1)
+    amax = yb.abs().amax(-1)
+    # A tensor divisor keeps this a true IEEE division (a Python-scalar divisor may become a
+    # multiplication by its reciprocal, which rounds differently).
+    scale = torch.where(finite, amax / torch.full_like(amax, spec.qmax), float("nan"))
+    inv = torch.where(scale > 0, torch.reciprocal(scale), 0.0)
+    v = (yb * inv.unsqueeze(-1)).clamp(-spec.qmax, spec.qmax)
+    if stochastic:
+        index = torch.arange(y.numel(), device=x.device, dtype=torch.int64).reshape(y.shape)
+        u = F.pad(uniform_for_indices(seed, index), (0, nb * block - n))
+        codes = _round_stochastic(v, u.reshape(v.shape), spec)
+    else:
+        codes = _round_nearest(v, spec)
+    bits = codes.view(torch.uint8) if spec.dtype != torch.int8 else codes
+    bits = torch.where(finite.unsqueeze(-1), bits, torch.zeros((), dtype=bits.dtype, device=bits.device))
+    codes = bits.view(spec.dtype) if spec.dtype != torch.int8 else bits
+    q = codes.reshape(*lead, nb * block)[..., :n].contiguous()
+    if error is not None:
+        deq = q.float() * _expand_scales(scale, block, n)
+        keep = _expand_scales(finite, block, n)
+        error.copy_(torch.where(keep, y - deq, error.float()))
+    return q, scale
+
+
+def _expand_scales(s: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    return s.repeat_interleave(block, dim=-1)[..., :n]
+
+
+def dequantize_blockwise_ref(
+    q: torch.Tensor, scales: torch.Tensor, block: int = 128, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Reference dequantization: ``(q * scale).to(out_dtype)`` per block of the last dim."""
+    return (q.float() * _expand_scales(scales, block, q.shape[-1])).to(out_dtype)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build the CUDA extension, run the GPU tests and the benchmarks in one go on a CUDA machine.
+#   scripts/gpu_check.sh [suite ...]        results -> $OUT_DIR (default benchmarks/results/<gpu>)
+# Environment: TORCH_CUDA_ARCH_LIST (default 9.0a here), MAX_JOBS (default 16), PYTEST_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" DSK_BUILD_CUDA=1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "Running pip as the 'root'" || true
+"$PY" -c "import deepseek_kernels._C" || { echo "the CUDA extension did not build"; exit 1; }
+"$PY" -m deepseek_kernels.cli info
+
+echo "== GPU tests"
+"$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} tests/
+
+echo "== benchmarks"
+if [ -n "${OUT_DIR:-}" ]; then
+  "$PY" -m deepseek_kernels.cli bench "$@" --out "$OUT_DIR"
+else
+  "$PY" -m deepseek_kernels.cli bench "$@"
+fi
