@@ -99,6 +99,9 @@ def extension_kwargs():
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # Extra nvcc flags for experiments, e.g. DSK_NVCC_EXTRA="-DDSK_QUANT_ROUNDS=8" (recorded in
+    # the build info that info() prints).
+    nvcc_flags += os.environ.get("DSK_NVCC_EXTRA", "").split()
     generated = ROOT / "build" / "generated"
     write_build_info(generated, archs, nvcc_flags)
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu"))

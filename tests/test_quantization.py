@@ -76,11 +76,15 @@ def test_zero_blocks_give_zero_codes_and_no_nan(fmt):
     x = torch.randn(4, 384)
     x[1] = 0
     x[2, 128:256] = 0
-    q, s = dk.quantize_blockwise(x, fmt, 128)
-    assert (s[1] == 0).all() and s[2, 1] == 0 and (s[0] > 0).all()
+    x[3, 256:] = torch.randn(128) * 1e-39  # subnormal: its scale would underflow, so it flushes
+    e = torch.zeros_like(x)
+    q, s = dk.quantize_blockwise(x, fmt, 128, error=e)
+    assert (s[1] == 0).all() and s[2, 1] == 0 and s[3, 2] == 0 and (s[0] > 0).all()
     assert (bits(q[1]) == 0).all() and (bits(q[2, 128:256]) == 0).all()
+    assert (q[3, 256:].float() == 0).all()  # fp8 keeps the sign of zero (0x80 for -0)
     deq = dk.dequantize_blockwise(q, s, 128)
     assert torch.isfinite(deq).all() and (deq[1] == 0).all()
+    assert torch.equal(e[3, 256:], x[3, 256:])  # nothing is lost: the flushed block stays in the residual
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -332,6 +336,8 @@ def poison_cuda():
 def test_cuda_matches_reference_bit_for_bit(shape, block, dtype, fmt, edtype, stochastic, poison_cuda):
     x = rand(shape, dtype, "cuda")
     x.view(-1)[:: max(1, x.numel() // 5)] = 0  # some exact zeros
+    if x.shape[-1] >= 2 * block and dtype != torch.float16:
+        x[..., block : 2 * block] *= 1e-37  # a block whose scale underflows (flushed to 0)
     e = None if edtype is None else (torch.randn(shape, device="cuda") * 0.01).to(edtype)
     e_ref = None if e is None else e.cpu()
     poison_cuda()
@@ -432,5 +438,22 @@ def test_cuda_bad_input():
         dk.dequantize_blockwise(q, s.cpu())
     with pytest.raises(ValueError, match="fmt"):
         OPS.quantize_blockwise(x, "int4", 128, False, 0, None)
+    # straight into the C++ op (no Python checks): every bad argument raises, nothing crashes
     with pytest.raises(ValueError, match="error must have the shape"):
         OPS.quantize_blockwise(x, "int8", 128, False, 0, torch.zeros(4, 255, device="cuda"))
+    with pytest.raises(ValueError, match="error must be float32"):
+        OPS.quantize_blockwise(x, "int8", 128, False, 0, torch.zeros(4, 256, device="cuda", dtype=torch.int32))
+    with pytest.raises(ValueError, match="error must be on the device"):
+        OPS.quantize_blockwise(x, "int8", 128, False, 0, torch.zeros(4, 256))
+    with pytest.raises(ValueError, match="x must be float32"):
+        OPS.quantize_blockwise(x.int(), "int8", 128, False, 0, None)
+    with pytest.raises(ValueError, match="block"):
+        OPS.quantize_blockwise(x, "int8", 24, False, 0, None)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        OPS.dequantize_blockwise(q, s[:, :1], 128, torch.float32)
+    with pytest.raises(ValueError, match="scales must be float32"):
+        OPS.dequantize_blockwise(q, s.double(), 128, torch.float32)
+    with pytest.raises(ValueError, match="q must be int8"):
+        OPS.dequantize_blockwise(q.float(), s, 128, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        OPS.dequantize_blockwise(q, s, 128, torch.int32)

@@ -39,8 +39,20 @@ DType to_dtype(at::ScalarType t) {
 
 void check_block(const char* op, int64_t block) {
   TORCH_CHECK_VALUE(block > 0 && block % 16 == 0, op,
-                    ": block must be a positive multiple of 16, got ", block);
+                    ": block must be a positive multiple of 16, got ", std::to_string(block));
 }
+
+// Messages pass only strings to TORCH_CHECK: shapes, numbers, dtypes and devices are formatted
+// here first. Streaming an integer (or an ArrayRef of them) into the check's message from this
+// extension segfaulted on the H200 image (torch 2.11, extension built there) instead of raising;
+// strings stream fine. tests/test_quantization.py::test_cuda_bad_input covers every message.
+std::string shape_str(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+std::string dtype_str(at::ScalarType t) { return c10::toString(t); }
+std::string device_str(const at::Device& d) { return d.str(); }
 
 std::vector<int64_t> scales_shape(at::IntArrayRef shape, int64_t nblocks) {
   std::vector<int64_t> s(shape.begin(), shape.end() - 1);
@@ -61,18 +73,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x,
   const char* op = "quantize_blockwise";
   const QFormat f = parse_format(fmt);
   check_block(op, block);
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", device_str(x.device()));
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
   TORCH_CHECK_VALUE(to_dtype(x.scalar_type()) != DType::kNone, op,
-                    ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+                    ": x must be float32, float16 or bfloat16, got ", dtype_str(x.scalar_type()));
   if (error.has_value()) {
     const at::Tensor& e = *error;
-    TORCH_CHECK_VALUE(e.device() == x.device(), op, ": error must be on ", x.device(), ", got ",
-                      e.device());
-    TORCH_CHECK_VALUE(e.sizes() == x.sizes(), op, ": error must have the shape of x ", x.sizes(),
-                      ", got ", e.sizes());
+    TORCH_CHECK_VALUE(e.device() == x.device(), op, ": error must be on the device of x (",
+                      device_str(x.device()), "), got ", device_str(e.device()));
+    TORCH_CHECK_VALUE(e.sizes() == x.sizes(), op, ": error must have the shape of x ",
+                      shape_str(x.sizes()), ", got ", shape_str(e.sizes()));
     TORCH_CHECK_VALUE(to_dtype(e.scalar_type()) != DType::kNone, op,
-                      ": error must be float32, bfloat16 or float16, got ", e.scalar_type());
+                      ": error must be float32, bfloat16 or float16, got ", dtype_str(e.scalar_type()));
     TORCH_CHECK_VALUE(e.is_contiguous(), op, ": error is updated in place and must be contiguous");
   }
 
@@ -118,7 +130,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scal
                                      at::ScalarType out_dtype) {
   const char* op = "dequantize_blockwise";
   check_block(op, block);
-  TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
+  TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", device_str(q.device()));
   TORCH_CHECK_VALUE(q.dim() >= 1, op, ": q must have at least one dimension");
   QFormat f;
   switch (q.scalar_type()) {
@@ -127,20 +139,20 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scal
     case at::kFloat8_e5m2: f = QFormat::kE5M2; break;
     default:
       TORCH_CHECK_VALUE(false, op, ": q must be int8, float8_e4m3fn or float8_e5m2, got ",
-                        q.scalar_type());
+                        dtype_str(q.scalar_type()));
   }
   TORCH_CHECK_VALUE(to_dtype(out_dtype) != DType::kNone, op,
-                    ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+                    ": out_dtype must be float32, float16 or bfloat16, got ", dtype_str(out_dtype));
   TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ",
-                    scales.scalar_type());
-  TORCH_CHECK_VALUE(scales.device() == q.device(), op, ": scales must be on ", q.device(),
-                    ", got ", scales.device());
+                    dtype_str(scales.scalar_type()));
+  TORCH_CHECK_VALUE(scales.device() == q.device(), op, ": scales must be on the device of q (",
+                    device_str(q.device()), "), got ", device_str(scales.device()));
   const int64_t cols = q.size(-1);
   const int64_t nblocks = (cols + block - 1) / block;
   const auto expected = scales_shape(q.sizes(), nblocks);
   TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef(expected), op, ": scales must have shape ",
-                    at::IntArrayRef(expected), " for q of shape ", q.sizes(), " and block ", block,
-                    ", got ", scales.sizes());
+                    shape_str(expected), " for q of shape ", shape_str(q.sizes()), " and block ", std::to_string(block),
+                    ", got ", shape_str(scales.sizes()));
 
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(out_dtype));
   if (q.numel() == 0) return out;

@@ -8,7 +8,9 @@ exactly the same numbers:
     y     = x + error                       (error feedback; y = x without it)
     amax  = max |y| over the block
     scale = amax / qmax                     qmax: int8 127, fp8_e4m3 448, fp8_e5m2 57344
-    inv   = 1 / scale   if scale > 0 else 0 (an all-zero block gets zero codes, scale 0, no NaN)
+    scale = 0           if scale < 2^-126   (an all-zero block, or one so small that its scale
+                                             would be subnormal, gets zero codes and scale 0, no NaN)
+    inv   = 1 / scale   if scale > 0 else 0
     v     = clamp(y * inv, -qmax, qmax)
     q     = round(v)                        int8: half-to-even; fp8: torch's RNE cast of v
                                             (saturation is done by the clamp before the cast)
@@ -140,7 +142,9 @@ def quantize_blockwise_ref(
     amax = yb.abs().amax(-1)
     # A tensor divisor keeps this a true IEEE division (a Python-scalar divisor may become a
     # multiplication by its reciprocal, which rounds differently).
-    scale = torch.where(finite, amax / torch.full_like(amax, spec.qmax), float("nan"))
+    scale = amax / torch.full_like(amax, spec.qmax)
+    scale = torch.where(scale >= torch.finfo(torch.float32).tiny, scale, 0.0)
+    scale = torch.where(finite, scale, float("nan"))
     inv = torch.where(scale > 0, torch.reciprocal(scale), 0.0)
     v = (yb * inv.unsqueeze(-1)).clamp(-spec.qmax, spec.qmax)
     if stochastic:
