@@ -23,10 +23,12 @@ def notice(msg: str) -> None:
 
 
 def find_cuda_home():
+    """The CUDA toolkit folder: $CUDA_HOME (or $CUDA_PATH) when set, else /usr/local/cuda, else
+    the folder above the nvcc on PATH. None when there is no nvcc."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         path = os.environ.get(var)
-        if path and Path(path, "bin", "nvcc").exists():
-            return path
+        if path:  # an explicit choice is honoured, not second-guessed
+            return path if Path(path, "bin", "nvcc").exists() else None
     if Path("/usr/local/cuda/bin/nvcc").exists():
         return "/usr/local/cuda"
     nvcc = shutil.which("nvcc")
@@ -50,7 +52,9 @@ def cuda_build_decision():
         problems.append(f"torch {torch.__version__} is a CPU-only build")
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        problems.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+        where = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        problems.append(f"no nvcc under CUDA_HOME={where}" if where else
+                        "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
     if problems:
         if forced == "1":
             raise SystemExit("deepseek-kernels: DSK_BUILD_CUDA=1 but the CUDA extension cannot be built: "

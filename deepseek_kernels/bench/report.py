@@ -57,7 +57,7 @@ def plot(path: Path, title: str, rows: list[dict], ceilings: dict) -> bool:
     bandwidth = all("ours_gbps" in r for r in rows)
     key, unit = ("gbps", "GB/s") if bandwidth else ("tflops", "TFLOP/s")
     names = [r["case"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 5))
     xs = range(len(rows))
     w = 0.38
     ax.bar([x - w / 2 for x in xs], [r.get(f"ours_{key}", 0) for r in rows], w, label="deepseek_kernels")
@@ -73,7 +73,8 @@ def plot(path: Path, title: str, rows: list[dict], ceilings: dict) -> bool:
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(unit)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, max(ceiling, *(r.get(f"ours_{key}", 0) for r in rows), *(r.get(f"baseline_{key}", 0) for r in rows)) * 1.12)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
