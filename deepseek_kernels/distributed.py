@@ -13,13 +13,14 @@ Usage::
 Algorithm (per bucket of L gradient elements on W ranks). Codes with per-rank scales cannot be
 summed inside an all-reduce, so the reduction happens locally, in fp32, between two quantized hops:
 
-1. Pad the flat bucket to ``P = ceil(L / (W * block)) * W * block`` elements (zeros) and cut it
-   into W shards of ``S = P / W`` elements (whole blocks). Quantize ``bucket + residual1``
-   blockwise (hop 1, error feedback updates ``residual1`` in place).
-2. ``all_to_all``: shard j (codes + fp32 scales, packed into one byte buffer) goes to rank j.
+1. Quantize ``bucket + residual1`` blockwise (hop 1, error feedback updates ``residual1`` in
+   place), then zero-pad codes and scales to ``P = ceil(L / (W * block)) * W * block`` elements:
+   W shards of ``S = P / W`` elements (whole blocks).
+2. ``all_to_all`` (codes, and the fp32 scales alongside): shard j goes to rank j.
 3. Rank r dequantizes the W copies of its shard, sums them in fp32 and divides by W.
-4. Re-quantize that mean shard (hop 2, with its own ``residual2``), ``all_gather`` the packed
-   shards, dequantize all of them into the bucket (cast to the gradient dtype), drop the padding.
+4. Re-quantize that mean shard (hop 2, with its own ``residual2``), ``all_gather`` codes and
+   scales, dequantize all shards in the gradient's dtype and drop the padding; DDP copies the
+   result into the gradients.
 
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
 ``2 (W-1)/W * 4L`` for a ring all-reduce in fp32: about a quarter.
@@ -51,7 +52,7 @@ __all__ = ["QuantizedGradState", "quantized_allreduce_hook", "register_quantized
 @dataclass
 class _BucketResiduals:
     length: int
-    hop1: torch.Tensor | None  # [P] fp32, this rank's quantization error of the full bucket
+    hop1: torch.Tensor | None  # [L] fp32, this rank's quantization error of the full bucket
     hop2: torch.Tensor | None  # [S] fp32, this rank's error on its reduced shard
 
 
@@ -136,27 +137,71 @@ class QuantizedGradState:
         mix = stochastic_key(self.seed) ^ (self.steps * 0x9E3779B1) ^ (bucket_index << 20) ^ (rank << 8) ^ hop
         return (stochastic_key(mix) << 31 | stochastic_key(mix + 1)) & (2**62 - 1)
 
-    def _residuals_for(self, bucket_index: int, length: int, padded: int, shard: int, device) -> "_BucketResiduals":
+    def _residuals_for(self, bucket_index: int, plan: "_Plan", device) -> "_BucketResiduals":
         r = self._residuals.get(bucket_index)
-        if r is None or r.length != length or (r.hop1 is not None and r.hop1.device != device):
+        if r is None or r.length != plan.length or (r.hop1 is not None and r.hop1.device != device):
             # DDP rebuilds its buckets after the first iteration: a bucket whose size changed
             # starts with a fresh (zero) residual.
             make = (lambda n: torch.zeros(n, dtype=torch.float32, device=device)) if self.error_feedback else (lambda n: None)
-            r = _BucketResiduals(length, make(padded), make(shard))
+            r = _BucketResiduals(plan.length, make(max(plan.length, plan.block)), make(plan.shard))
             self._residuals[bucket_index] = r
         return r
 
 
-def _pack(q: torch.Tensor, scales: torch.Tensor, world: int) -> torch.Tensor:
-    """Codes [W*S] + scales [W*S/block] -> one byte buffer [W, S + 4*S/block] (shard-major)."""
-    return torch.cat([q.view(torch.uint8).view(world, -1), scales.view(world, -1).view(torch.uint8)], dim=1)
+@dataclass
+class _Plan:
+    """Sizes of one bucket's reduction on `world` ranks."""
+
+    world: int
+    length: int  # L, elements in the bucket
+    padded: int  # P, a multiple of world * block
+    shard: int  # S = P / world
+    block: int
+
+    @staticmethod
+    def of(length: int, world: int, block: int) -> "_Plan":
+        padded = math.ceil(length / (world * block)) * world * block
+        return _Plan(world, length, padded, padded // world, block)
 
 
-def _unpack(buf: torch.Tensor, shard: int, code_dtype: torch.dtype):
-    world = buf.shape[0]
-    q = buf[:, :shard].contiguous().view(code_dtype)
-    scales = buf[:, shard:].contiguous().view(torch.float32).view(world, -1)
-    return q, scales
+def compress_bucket(state: "QuantizedGradState", flat: torch.Tensor, plan: _Plan, residual, seed: int,
+                    ops=(quantize_blockwise, dequantize_blockwise)):
+    """Hop 1: quantize the bucket (plus its residual) and lay the codes and scales out as `world`
+    equal shards, zero-padded to whole blocks: codes [P] (bytes) and scales [P / block].
+    ``ops`` = (quantize, dequantize) functions (the benchmark passes the reference ones)."""
+    quantize_blockwise, _ = ops
+    if plan.length < plan.block:  # a bucket shorter than one block: quantize it padded
+        flat = torch.nn.functional.pad(flat, (0, plan.block - plan.length))
+    q, s = quantize_blockwise(flat, state.fmt, plan.block, stochastic=state.stochastic, seed=seed, error=residual)
+    codes = q.view(torch.uint8)
+    if plan.padded != codes.numel():
+        codes = torch.nn.functional.pad(codes, (0, plan.padded - codes.numel()))
+        s = torch.nn.functional.pad(s, (0, plan.padded // plan.block - s.numel()))
+    return codes, s
+
+
+def reduce_shard(state: "QuantizedGradState", codes: torch.Tensor, scales: torch.Tensor, plan: _Plan,
+                 residual, seed: int, ops=(quantize_blockwise, dequantize_blockwise)):
+    """After the all-to-all: the mean of the `world` copies of this rank's shard, summed in fp32,
+    then re-quantized (hop 2). codes [W * S] bytes, scales [W * S / block]."""
+    quantize_blockwise, dequantize_blockwise = ops
+    code_dtype = FORMATS[state.fmt].dtype
+    w = plan.world
+    parts = dequantize_blockwise(codes.view(code_dtype).view(w, plan.shard), scales.view(w, -1), plan.block)
+    mean = parts.sum(0).div_(w)
+    q, s = quantize_blockwise(mean, state.fmt, plan.block, stochastic=state.stochastic, seed=seed, error=residual)
+    return q.view(torch.uint8), s
+
+
+def decompress_bucket(state: "QuantizedGradState", codes: torch.Tensor, scales: torch.Tensor, plan: _Plan,
+                      dtype: torch.dtype, ops=(quantize_blockwise, dequantize_blockwise)) -> torch.Tensor:
+    """After the all-gather: every rank's reduced shard, dequantized into the bucket's dtype
+    (padding dropped). codes [P] bytes, scales [P / block]."""
+    _, dequantize_blockwise = ops
+    code_dtype = FORMATS[state.fmt].dtype
+    out = dequantize_blockwise(codes.view(code_dtype).view(plan.world, plan.shard), scales.view(plan.world, -1),
+                               plan.block, dtype)
+    return out.view(-1)[: plan.length]
 
 
 def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -177,46 +222,36 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
     if index == 0:
         state.steps += 1  # DDP reduces buckets in index order: bucket 0 starts a backward pass
 
-    fmt, block = state.fmt, state.block
-    code_dtype = FORMATS[fmt].dtype
-    length = buffer.numel()
-    padded = math.ceil(length / (world * block)) * world * block
-    shard = padded // world
-    res = state._residuals_for(index, length, padded, shard, buffer.device)
-
-    flat = torch.zeros(padded, dtype=torch.float32, device=buffer.device)
-    flat[:length] = buffer.reshape(-1)
-    q1, s1 = quantize_blockwise(flat, fmt, block, stochastic=state.stochastic,
-                                seed=state._seed_for(index, rank, 1), error=res.hop1)
-    send = _pack(q1, s1, world)
-    recv = torch.empty_like(send)
-    wire = send.numel() // world  # bytes per shard
+    flat = buffer.view(-1)
+    plan = _Plan.of(flat.numel(), world, state.block)
+    res = state._residuals_for(index, plan, buffer.device)
+    codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
+    codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
+    wire = plan.shard + 4 * (plan.shard // plan.block)  # bytes per shard: codes + fp32 scales
     state.bytes_sent += 2 * (world - 1) * wire
-    state.fp32_allreduce_bytes += 2 * (world - 1) * length * 4 // world
-    state.bf16_allreduce_bytes += 2 * (world - 1) * length * 2 // world
+    state.fp32_allreduce_bytes += 2 * (world - 1) * plan.length * 4 // world
+    state.bf16_allreduce_bytes += 2 * (world - 1) * plan.length * 2 // world
     state.buckets_reduced += 1
 
     def reduce_and_gather(_fut) -> torch.Tensor:
-        q_in, s_in = _unpack(recv, shard, code_dtype)
-        mean = dequantize_blockwise(q_in, s_in, block, torch.float32).sum(0).div_(world)
-        q2, s2 = quantize_blockwise(mean, fmt, block, stochastic=state.stochastic,
-                                    seed=state._seed_for(index, rank, 2), error=res.hop2)
-        gathered = torch.empty(world, wire, dtype=torch.uint8, device=buffer.device)
-        _all_gather_into(gathered.view(-1), _pack(q2, s2, 1).view(-1), group)
-        q_out, s_out = _unpack(gathered, shard, code_dtype)
-        state._flag_nonfinite(s_out)  # NaN scales reach every rank: all ranks flag the step
-        out = dequantize_blockwise(q_out, s_out, block, torch.float32).view(-1)[:length]
-        buffer.copy_(out.view(buffer.shape))
-        return buffer
+        q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
+        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=buffer.device)
+        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=buffer.device)
+        _all_gather_into(codes_out, q2, group)
+        _all_gather_into(scales_out, s2, group)
+        state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
+        return decompress_bucket(state, codes_out, scales_out, plan, buffer.dtype).view(buffer.shape)
 
-    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    # Scales first (small), then codes; the codes' completion gates the reduction.
+    dist.all_to_all_single(scales_in, scales, group=group)
     if buffer.is_cuda:
         # NCCL: the rest runs as a CUDA-aware callback once the all-to-all is done, so DDP can
         # overlap this bucket's communication with the rest of the backward pass.
+        work = dist.all_to_all_single(codes_in, codes, group=group, async_op=True)
         return work.get_future().then(reduce_and_gather)
     # gloo: its futures run callbacks on the backend's own threads, where issuing the next
-    # collective can deadlock or abort; finish on the calling thread instead.
-    work.wait()
+    # collective can deadlock or abort; run the whole exchange synchronously instead.
+    dist.all_to_all_single(codes_in, codes, group=group)
     done: torch.futures.Future = torch.futures.Future()
     done.set_result(reduce_and_gather(None))
     return done

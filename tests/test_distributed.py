@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -61,9 +63,9 @@ def _hook_checks(rank: int, world: int) -> None:
             assert rel(out, ref) < TOL[fmt], (fmt, n, rel(out, ref))
             assert same_on_all_ranks(out), (fmt, n)
         assert not state.check_nonfinite()
-        # residuals: one fp32 copy of each padded bucket plus this rank's shard of it
+        # residuals: one fp32 copy of each bucket plus this rank's (padded) shard of it
         padded = [-(-n // (world * 128)) * world * 128 for n in LENGTHS]
-        assert state.residual_bytes() == sum(4 * p + 4 * p // world for p in padded)
+        assert state.residual_bytes() == sum(4 * max(n, 128) + 4 * p // world for n, p in zip(LENGTHS, padded))
     # bf16 gradients come back in bf16
     state = QuantizedGradState(fmt="int8")
     out = quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, 999).bfloat16())).wait()
@@ -149,6 +151,11 @@ def _ddp_checks(rank: int, world: int) -> None:
     # DDP starts with one large bucket and re-buckets after the first step (bucket_cap_mb)
     assert state.steps == 3 and state.buckets_reduced > 3, (state.steps, state.buckets_reduced)
     assert 0 < state.compression_ratio() < 1
+    # Free the DDP model (its reducer holds the Python hook and state) while the interpreter and
+    # the process group are alive: left to interpreter shutdown, the teardown aborted the process
+    # now and then ("terminate called without an active exception") after every check had passed.
+    del model, state
+    gc.collect()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -168,6 +175,41 @@ def test_error_feedback_removes_the_bias():
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_training_steps_with_the_hook(world):
     run_on_ranks(_ddp_checks, world)
+
+
+def _cuda_checks(rank: int, world: int) -> None:
+    """NCCL on GPUs: the CUDA kernels and the asynchronous (future-chained) path of the hook."""
+    device = torch.device("cuda", rank)
+    for fmt in TOL:
+        state = QuantizedGradState(fmt=fmt, block=128)
+        for i, n in enumerate([17, 4097, 6_553_600]):
+            g = grad_of(rank, n).to(device)
+            out = quantized_allreduce_hook(state, OneBucket(i, g.clone())).wait()
+            assert out.device == device and torch.isfinite(out).all()
+            assert rel(out.cpu(), exact_mean(world, n)) < TOL[fmt], (fmt, n)
+        assert "cuda" in __import__("deepseek_kernels").explain("quantize_blockwise", g, fmt, 128)
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64)).to(device),
+                device_ids=[rank])
+    plain = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(32, 256, device=device)
+    model(x).square().mean().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    state = register_quantized_comm_hook(model, fmt="int8")
+    model(x).square().mean().backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel(got.cpu(), torch.cat([r.flatten() for r in ref]).cpu().double()) < TOL["int8"]
+    assert all(torch.equal(a, b) for a, b in zip(plain, model.parameters()))  # no step was taken
+    assert state.steps == 1 and not state.check_nonfinite()
+    del model, state  # see _ddp_checks
+    gc.collect()
+
+
+@pytest.mark.gpu
+def test_hook_on_cuda_with_nccl():
+    run_on_ranks(_cuda_checks, torch.cuda.device_count(), backend="nccl")
 
 
 def test_bad_configuration_raises_clear_errors():
