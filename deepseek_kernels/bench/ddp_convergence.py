@@ -135,16 +135,19 @@ def plot(results: dict, path: Path, steps: int, world: int) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, dax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     k = 10  # moving average over k steps
+    base = torch.tensor(next(iter(results.values()))["train_loss"])
     for name, r in results.items():
         loss = torch.tensor(r["train_loss"])
         smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), k, 1).view(-1)
         ax.plot(range(k - 1, len(loss)), smooth.numpy(), label=f"{name}: test loss {r['test_loss']:.4f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"train loss (mean over ranks, {k}-step moving average)")
+        dax.plot(range(len(loss)), (loss - base).numpy(), lw=0.8, label=name)
+    ax.set_ylabel(f"train loss\n(mean over ranks, {k}-step avg)")
     ax.set_title(f"DDP on {world} gloo ranks, MLP on teacher-labelled data, {steps} steps", fontsize=10)
     ax.legend(fontsize=8)
+    dax.set_ylabel("train loss minus\nfp32 all-reduce's")
+    dax.set_xlabel("step")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
