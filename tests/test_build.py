@@ -81,3 +81,29 @@ def test_cuda_build_can_be_switched_off():
 def test_bad_build_switch_value():
     r = _run(sys.executable, "setup.py", "--name", env={"DSK_BUILD_CUDA": "yes"})
     assert r.returncode != 0 and "DSK_BUILD_CUDA must be 0 or 1" in r.stderr + r.stdout
+
+
+def test_package_works_without_the_extension():
+    """What a CPU-only install (DSK_BUILD_CUDA=0) gets: schemas defined from Python, the reference
+    as the kernel, fake impls for torch.compile, and info/explain that say so."""
+    code = r"""
+import sys
+sys.modules["deepseek_kernels._C"] = None  # import of the extension fails, as when it was not built
+import torch
+import deepseek_kernels as dk
+from deepseek_kernels import _extension
+assert not _extension.available()
+x = torch.randn(3, 300)
+q, s = dk.quantize_blockwise(x, "fp8_e4m3", 128, stochastic=True, seed=1)
+out = dk.dequantize_blockwise(q, s, 128)
+assert ((out - x).norm() / x.norm()) < 0.1
+torch.library.opcheck(torch.ops.deepseek_kernels.quantize_blockwise.default, (x, "int8", 128, False, 0, None))
+f = torch.compile(lambda x: dk.dequantize_blockwise(*dk.quantize_blockwise(x, "int8", 64), 64), fullgraph=True)
+assert torch.equal(f(x), dk.dequantize_blockwise(*dk.quantize_blockwise(x, "int8", 64), 64))
+d = dk.info()
+assert not d["extension"]["built"] and "reference" in dk.explain("quantize_blockwise", x)
+print("OK")
+"""
+    r = _run(sys.executable, "-c", code)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+    assert "CUDA extension: not available" in r.stdout
