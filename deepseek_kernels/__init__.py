@@ -8,12 +8,23 @@ implementation a call takes.
 
 from deepseek_kernels import _extension
 from deepseek_kernels.info import info
-from deepseek_kernels.ops import dequantize_blockwise, quantize_blockwise
+from deepseek_kernels.ops import dequantize_blockwise, int8_matmul, int8_mm, quantize_blockwise, quantize_per_token
 from deepseek_kernels.ops._registry import explain
+from deepseek_kernels.nn import quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "dequantize_blockwise", "explain", "info", "quantize_blockwise"]
+__all__ = [
+    "__version__",
+    "dequantize_blockwise",
+    "explain",
+    "info",
+    "int8_matmul",
+    "int8_mm",
+    "quantize_blockwise",
+    "quantize_model",
+    "quantize_per_token",
+]
 
 
 def extension_available() -> bool:

@@ -1,0 +1,5 @@
+"""Drop-in modules built on the ops, and model-level conversions."""
+
+from deepseek_kernels.nn.int8 import Int8Linear, QuantizeReport, quantize_model
+
+__all__ = ["Int8Linear", "QuantizeReport", "quantize_model"]

@@ -1,0 +1,219 @@
+"""W8A8 INT8 matmul ops: ``quantize_per_token``, ``int8_mm`` (raw int32) and ``int8_matmul``
+(fused dequantize + bias epilogue).
+
+``int8_mm`` / ``int8_matmul`` are ``torch.library.triton_op``s: on CUDA tensors (and on CPU under
+the Triton interpreter, ``TRITON_INTERPRET=1``) they launch the Triton kernel of
+``deepseek_kernels.triton.int8_matmul``; on CPU otherwise they run the reference.
+``quantize_per_token`` runs the reference on every device for now (a handful of elementwise
+kernels on GPU); ``explain`` says which path a call takes.
+"""
+
+import os
+
+import torch
+
+from deepseek_kernels.ops._registry import register_explainer
+from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if t.is_cuda:
+        return True
+    # The interpreter runs the kernel on CPU tensors (tests); torch.compile on CPU takes the reference.
+    return _interpreting() and not torch.compiler.is_compiling()
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+
+def check_mm_args(name, a_q, b_q) -> None:
+    for arg, t in (("a_q", a_q), ("b_q", b_q)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int8:
+            raise ValueError(f"{name}: {arg} must be int8, got {t.dtype}; quantize first (quantize_per_token / Int8Linear.from_float)")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
+    if a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"{name}: K mismatch: a_q is {tuple(a_q.shape)} ([M, K]) and b_q is {tuple(b_q.shape)} ([N, K])")
+    if a_q.device != b_q.device:
+        raise ValueError(f"{name}: a_q and b_q must be on one device, got {a_q.device} and {b_q.device}")
+
+
+def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
+    name = "int8_matmul"
+    check_mm_args(name, a_q, b_q)
+    M, N = a_q.shape[0], b_q.shape[0]
+    for arg, t, n, shapes in (("a_scale", a_scale, M, "[M, 1] or [M]"), ("b_scale", b_scale, N, "[N]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name}: {arg} must be float32, got {t.dtype}")
+        if t.numel() != n or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != 1):
+            raise ValueError(f"{name}: {arg} must have shape {shapes} with {'M' if n == M else 'N'}={n}, got {tuple(t.shape)}")
+        if t.device != a_q.device:
+            raise ValueError(f"{name}: {arg} must be on {a_q.device}, got {t.device}")
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"{name}: bias must have shape [N] = ({N},), got {tuple(bias.shape)}")
+        if bias.device != a_q.device:
+            raise ValueError(f"{name}: bias must be on {a_q.device}, got {bias.device}")
+        if not bias.is_floating_point():
+            raise ValueError(f"{name}: bias must be a floating-point tensor, got {bias.dtype}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{name}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+# ---- ops -----------------------------------------------------------------------------------------
+
+
+def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool) -> None:
+    from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel, launch_config
+
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    cfg = launch_config(M, N, K)
+    grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+    dummy = out  # unused pointer arguments still need a tensor
+    torch.library.wrap_triton(_int8_matmul_kernel)[grid](
+        a_q, b_q, out,
+        a_scale if a_scale is not None else dummy,
+        b_scale if b_scale is not None else dummy,
+        bias if bias is not None else dummy,
+        M, N, K,
+        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1),
+        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _triton_usable() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    except ImportError:
+        return False
+
+
+# With a usable Triton (a GPU), triton_op lets torch.compile see into the kernel; without one
+# (CPU machines, the interpreter) a plain custom op with explicit fake impls does the same job
+# without torch warning at import that it cannot find Triton.
+_TRITON_OP = _triton_usable()
+_define = (lambda name: torch.library.triton_op(name, mutates_args=())) if _TRITON_OP else (
+    lambda name: torch.library.custom_op(name, mutates_args=()))
+
+
+@_define("deepseek_kernels::int8_mm")
+def _int8_mm_op(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    check_mm_args("int8_mm", a_q, b_q)
+    if not _use_triton(a_q):
+        return int8_mm_ref(a_q, b_q)
+    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=torch.int32, device=a_q.device)
+    if out.numel():
+        if a_q.shape[1] == 0:
+            return out.zero_()
+        _launch(a_q, b_q, out, None, None, None, apply_epilogue=False)
+    return out
+
+
+@_define("deepseek_kernels::int8_matmul")
+def _int8_matmul_op(
+    a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+    if not _use_triton(a_q):
+        return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    if out.numel():
+        if a_q.shape[1] == 0:
+            return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+        _launch(a_q, b_q, out, a_scale.reshape(-1), b_scale.reshape(-1), bias, apply_epilogue=True)
+    return out
+
+
+if not _TRITON_OP:
+
+    @_int8_mm_op.register_fake
+    def _(a_q, b_q):
+        check_mm_args("int8_mm", a_q, b_q)
+        return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=torch.int32)
+
+    @_int8_matmul_op.register_fake
+    def _(a_q, b_q, a_scale, b_scale, bias, out_dtype):
+        check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+        return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("deepseek_kernels::quantize_per_token", mutates_args=())
+def _quantize_per_token_op(x: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = quantize_per_token_ref(x, smooth)
+    return q, s
+
+
+@_quantize_per_token_op.register_fake
+def _(x, smooth):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+# ---- public functions ------------------------------------------------------------------------------
+
+
+def quantize_per_token(x: torch.Tensor, *, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row int8 quantization: ``x [..., K]`` -> (``x_q`` int8 ``[..., K]``,
+    ``x_scale`` fp32 ``[..., 1]``), ``scale = amax / 127`` per row. ``smooth [K]`` (SmoothQuant) is
+    divided in first. Exact math: ``deepseek_kernels.reference.int8_matmul``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"quantize_per_token: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1:
+        raise ValueError("quantize_per_token: x must have at least one dimension")
+    if smooth is not None and (smooth.shape != (x.shape[-1],) or smooth.device != x.device):
+        raise ValueError(f"quantize_per_token: smooth must have shape [K] = ({x.shape[-1]},) on {x.device}, "
+                         f"got {tuple(smooth.shape)} on {smooth.device}")
+    return torch.ops.deepseek_kernels.quantize_per_token(x, smooth)
+
+
+def int8_mm(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """The exact int32 product ``a_q [M, K] @ b_q[N, K]^T`` (any M >= 1, odd K and N)."""
+    return torch.ops.deepseek_kernels.int8_mm(a_q, b_q)
+
+
+def int8_matmul(
+    a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
+    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 matmul with the epilogue fused: ``(a_q @ b_q^T) * a_scale * b_scale + bias``.
+
+    ``a_q [..., K]`` int8 (leading dims flattened), ``b_q [N, K]`` int8 (nn.Linear weight layout),
+    ``a_scale [..., 1]`` fp32 per row, ``b_scale [N]`` fp32 per output channel, ``bias [N]``.
+    Returns ``[..., N]`` in ``out_dtype`` (bf16, fp16 or fp32).
+    """
+    if isinstance(a_q, torch.Tensor) and a_q.dim() > 2:
+        lead = a_q.shape[:-1]
+        out = int8_matmul(a_q.reshape(-1, a_q.shape[-1]), b_q, a_scale.reshape(-1, 1), b_scale, bias=bias,
+                          out_dtype=out_dtype)
+        return out.reshape(*lead, out.shape[-1])
+    return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+
+
+def _explain_matmul(a_q, b_q, *args, **kwargs):
+    if a_q.is_cuda:
+        return f"triton: deepseek_kernels.triton.int8_matmul on {a_q.device} (not yet tuned or validated on a GPU)"
+    if _interpreting():
+        return "triton: deepseek_kernels.triton.int8_matmul under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.reference.int8_matmul (tensors on the CPU)"
+
+
+register_explainer("int8_matmul", _explain_matmul)
+register_explainer("int8_mm", _explain_matmul)
+register_explainer("quantize_per_token", lambda x, **kw: "reference: deepseek_kernels.reference.int8_matmul.quantize_per_token_ref")

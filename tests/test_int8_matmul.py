@@ -1,0 +1,213 @@
+"""W8A8 INT8 matmul: exact int32 accumulation (Triton kernel; under the interpreter on CPU),
+the fused epilogue, per-token quantization, Int8Linear, quantize_model + SmoothQuant."""
+
+import pytest
+import torch
+from torch import nn
+
+import deepseek_kernels as dk
+from deepseek_kernels.nn import Int8Linear, quantize_model
+from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
+
+OPS = torch.ops.deepseek_kernels
+# (M, N, K): decode-sized M, odd K and N; the interpreter keeps CPU shapes small
+SHAPES = [(1, 64, 64), (3, 136, 1000), (16, 64, 13653), (17, 200, 64), (40, 72, 333)]
+
+
+def ids(s):
+    return "M{}-N{}-K{}".format(*s)
+
+
+def rand_i8(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
+
+
+def ulp_close(out, ref, terms=None):
+    """Within one unit in the last place of the output dtype, plus the fp32 epilogue's own
+    rounding (a few fp32 ulps of the terms it adds: |acc * a_scale * b_scale| and |bias|)."""
+    eps = torch.finfo(out.dtype).eps
+    terms = ref.double().abs() if terms is None else terms
+    tol = ref.double().abs() * eps + 4 * 2.0**-24 * terms + torch.finfo(out.dtype).tiny
+    return bool(((out.double() - ref.double()).abs() <= tol).all())
+
+
+def terms_of(a, b, sa, sb, bias):
+    t = int8_matmul_ref(a, b, sa, sb, None, torch.float64).abs()
+    return t + bias.double().abs() if bias is not None else t
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+def test_int32_accumulation_is_exact(shape):
+    M, N, K = shape
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    a[0, :] = 127  # extremes: the largest products
+    b[0, :] = -127
+    assert torch.equal(dk.int8_mm(a, b), int8_mm_ref(a, b))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=ids)
+def test_epilogue_matches_reference(shape, out_dtype, bias):
+    M, N, K = shape
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    sa, sb = torch.rand(M, 1) * 1e-3, torch.rand(N) * 1e-2
+    bb = torch.randn(N) if bias else None
+    out = dk.int8_matmul(a, b, sa, sb, bias=bb, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    assert ulp_close(out, int8_matmul_ref(a, b, sa, sb, bb, torch.float64), terms_of(a, b, sa, sb, bb))
+
+
+def test_strided_and_batched_inputs():
+    a_t, b = rand_i8(96, 7), rand_i8(40, 96)  # a as a transposed view: [7, 96] with K stride 7
+    a = a_t.t()
+    sa, sb = torch.rand(7, 1), torch.rand(40)
+    assert torch.equal(dk.int8_mm(a, b[::1]), int8_mm_ref(a.contiguous(), b))
+    out = dk.int8_matmul(a, b, sa, sb)
+    assert ulp_close(out, int8_matmul_ref(a, b, sa, sb, None, torch.float64))
+    a3, sa3 = rand_i8(2, 5, 96), torch.rand(2, 5, 1)  # leading batch dims are flattened
+    out3 = dk.int8_matmul(a3, b, sa3, sb)
+    assert out3.shape == (2, 5, 40)
+    assert torch.equal(out3.reshape(10, 40), dk.int8_matmul(a3.reshape(10, 96), b, sa3.reshape(10, 1), sb))
+
+
+def test_quantize_per_token():
+    x = torch.randn(5, 300) * torch.logspace(-2, 2, 5).unsqueeze(1)
+    x[3] = 0
+    q, s = dk.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.shape == (5, 1) and s.dtype == torch.float32
+    assert s[3] == 0 and (q[3] == 0).all()
+    torch.testing.assert_close(s[:3].view(-1), x[:3].abs().amax(1) / 127, rtol=1e-6, atol=0)
+    assert ((q.float() * s - x).abs() <= s / 2 * (1 + 1e-5)).all()
+    assert (q.abs().amax(1)[[0, 1, 2, 4]] == 127).all()
+    smooth = torch.rand(300) + 0.5
+    q2, s2 = dk.quantize_per_token(x, smooth=smooth)
+    q2r, s2r = quantize_per_token_ref(x / smooth)
+    assert torch.equal(q2, q2r) and torch.equal(s2, s2r)
+
+
+@pytest.mark.parametrize("shape", [(64, 96, 128), (7, 130, 333)], ids=ids)
+def test_end_to_end_error_below_two_percent(shape):
+    M, N, K = shape
+    x, w, bias = torch.randn(M, K), torch.randn(N, K) / K**0.5, torch.randn(N) * 0.1
+    lin = nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(bias)
+    q = Int8Linear.from_float(lin)
+    ref = lin(x)
+    err = ((q(x) - ref).norm() / ref.norm()).item()
+    assert err < 0.02, err
+
+
+def test_smoothing_reduces_error_with_outlier_channels():
+    torch.manual_seed(1)
+    K, N = 256, 128
+    lin = nn.Linear(K, N)
+    calib = torch.randn(64, K)
+    calib[:, :4] *= 60  # a few outlier activation channels, as in LLMs
+    x = torch.randn(32, K)
+    x[:, :4] *= 60
+    ref = lin(x)
+    plain = nn.Sequential(lin)
+    smoothed = nn.Sequential(nn.Linear(K, N))
+    smoothed.load_state_dict(plain.state_dict())
+    r_plain = quantize_model(plain, exclude=())
+    r_smooth = quantize_model(smoothed, exclude=(), calibration=[calib], alpha=0.5)
+    assert r_plain.swapped == ["0"] and r_smooth.smoothed
+    err_plain = ((plain(x) - ref).norm() / ref.norm()).item()
+    err_smooth = ((smoothed(x) - ref).norm() / ref.norm()).item()
+    assert err_smooth < 0.7 * err_plain, (err_smooth, err_plain)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64, bias=False)
+        self.lm_head = nn.Linear(64, 50)
+
+    def forward(self, x):
+        return self.lm_head(self.down(torch.relu(self.up(x))))
+
+
+def test_quantize_model_swaps_and_reports():
+    m = Tiny()
+    x = torch.randn(4, 64)
+    ref = m(x)
+    report = quantize_model(m)
+    assert report.swapped == ["up", "down"] and report.skipped == ["lm_head"]
+    assert isinstance(m.up, Int8Linear) and type(m.lm_head) is nn.Linear
+    assert report.bytes_saved > 0 and "saved" in str(report)
+    assert ((m(x) - ref).norm() / ref.norm()) < 0.03
+    assert "int8" in repr(m.up)
+    m2 = Tiny()
+    quantize_model(m2, include=["up"])
+    assert isinstance(m2.up, Int8Linear) and type(m2.down) is nn.Linear
+
+
+def test_int8linear_state_dict_round_trip():
+    lin = nn.Linear(96, 40)
+    q = Int8Linear.from_float(lin, smooth=torch.rand(96) + 0.5)
+    sd = q.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias", "smooth"} and sd["weight"].dtype == torch.int8
+    fresh = Int8Linear(96, 40, bias=True, smooth=True)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 96)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_opcheck_fake_and_compile():
+    a, b = rand_i8(5, 64), rand_i8(24, 64)
+    sa, sb, bias = torch.rand(5, 1), torch.rand(24), torch.randn(24)
+    torch.library.opcheck(OPS.int8_mm.default, (a, b))
+    torch.library.opcheck(OPS.int8_matmul.default, (a, b, sa, sb, bias, torch.bfloat16))
+    torch.library.opcheck(OPS.quantize_per_token.default, (torch.randn(5, 64), None))
+    lin = Int8Linear.from_float(nn.Linear(64, 24))
+    x = torch.randn(5, 64)
+    compiled = torch.compile(lin, fullgraph=True)
+    # eager runs the kernel (interpreter), compiled on CPU the reference: they agree to the ulp
+    assert ulp_close(compiled(x), lin(x).double(), compiled(x).double().abs() + lin.bias.double().abs())
+
+
+def test_bad_input_raises_clear_errors():
+    a, b = rand_i8(4, 64), rand_i8(8, 64)
+    sa, sb = torch.rand(4, 1), torch.rand(8)
+    with pytest.raises(ValueError, match="a_q must be int8"):
+        dk.int8_matmul(a.float(), b, sa, sb)
+    with pytest.raises(ValueError, match="K mismatch"):
+        dk.int8_matmul(a, rand_i8(8, 63), sa, sb)
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        dk.int8_matmul(a, b, torch.rand(3, 1), sb)
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        dk.int8_matmul(a, b, sa, torch.rand(7))
+    with pytest.raises(ValueError, match="b_scale must be float32"):
+        dk.int8_matmul(a, b, sa, sb.double())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        dk.int8_matmul(a, b, sa, sb, bias=torch.rand(9))
+    with pytest.raises(ValueError, match="out_dtype"):
+        dk.int8_matmul(a, b, sa, sb, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="one device"):
+        dk.int8_mm(a, b.to("meta"))
+    with pytest.raises(ValueError, match="alpha"):
+        quantize_model(Tiny(), alpha=2.0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Int8Linear.from_float(nn.Conv1d(3, 3, 1))
+
+
+# ---- GPU (H200) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 1000])
+@pytest.mark.parametrize("NK", [(64, 64), (4096, 13653), (13653, 4096)], ids=lambda v: f"N{v[0]}-K{v[1]}")
+def test_cuda_int8_matmul_matches_reference(M, NK):
+    N, K = NK
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    assert torch.equal(dk.int8_mm(a, b).cpu(), int8_mm_ref(a.cpu(), b.cpu()))
+    sa, sb, bias = torch.rand(M, 1, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3, torch.randn(N, device="cuda")
+    for od in (torch.bfloat16, torch.float16):
+        out = dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=od)
+        args = (a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), bias.cpu())
+        assert ulp_close(out.cpu(), int8_matmul_ref(*args, torch.float64), terms_of(*args))
