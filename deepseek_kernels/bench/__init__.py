@@ -21,7 +21,7 @@ __all__ = ["Case", "Impl", "SUITES", "run_case", "run_suites"]
 
 
 def _accuracy_table(rows: list[dict]) -> str:
-    lines = [f"  {'case':<34} {'path':<12} {'bit-exact vs ref':<17} round-trip rel err"]
+    lines = [f"  {'case':<34} {'path':<12} {'bit-exact vs ref':<17} rel error (see suite)"]
     for r in rows:
         lines.append(
             f"  {r['case']:<34} {r['path']:<12} {str(r['bit_exact_vs_reference']):<17} {r['roundtrip_rel_error']:.2e}"
