@@ -81,6 +81,7 @@ def _hook_checks(rank: int, world: int) -> None:
     assert state.bytes_sent == expected and state.fp32_allreduce_bytes == 2 * (world - 1) * n * 4 // world
     assert abs(state.compression_ratio() - (1 + 4 / 128) / 4) < 1e-9
     assert state.bf16_allreduce_bytes == state.fp32_allreduce_bytes // 2
+    assert "ratio 0.258 of fp32" in state.report() and "non-finite seen: False" in state.report()
 
 
 def _nonfinite_checks(rank: int, world: int) -> None:
