@@ -1,6 +1,8 @@
 """Plain-PyTorch definitions of every op: readable, slow, exact. The test oracle, the CPU
 implementation, and the baseline the benchmarks compile with torch.compile."""
 
+from deepseek_kernels.reference.attention import attended_pairs, window_attention_ref, window_mask
+from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 from deepseek_kernels.reference.quantization import (
     FORMATS,
     dequantize_blockwise_ref,
@@ -11,6 +13,12 @@ from deepseek_kernels.reference.quantization import (
 
 __all__ = [
     "FORMATS",
+    "attended_pairs",
+    "int8_matmul_ref",
+    "int8_mm_ref",
+    "quantize_per_token_ref",
+    "window_attention_ref",
+    "window_mask",
     "dequantize_blockwise_ref",
     "quantize_blockwise_ref",
     "stochastic_key",
