@@ -8,7 +8,14 @@ implementation a call takes.
 
 from deepseek_kernels import _extension
 from deepseek_kernels.info import info
-from deepseek_kernels.ops import dequantize_blockwise, int8_matmul, int8_mm, quantize_blockwise, quantize_per_token
+from deepseek_kernels.ops import (
+    dequantize_blockwise,
+    int8_matmul,
+    int8_mm,
+    quantize_blockwise,
+    quantize_per_token,
+    window_attention,
+)
 from deepseek_kernels.ops._registry import explain
 from deepseek_kernels.nn import quantize_model
 
@@ -24,6 +31,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_model",
     "quantize_per_token",
+    "window_attention",
 ]
 
 

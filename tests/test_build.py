@@ -107,3 +107,13 @@ print("OK")
     r = _run(sys.executable, "-c", code)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
     assert "CUDA extension: not available" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU paths")
+def test_ops_on_cpu_without_the_triton_interpreter():
+    """The Triton-backed ops take their reference path on CPU when the interpreter is off (what a
+    CPU user gets); the rest of the suite runs them under the interpreter."""
+    r = _run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_window_attention_op.py",
+             "tests/test_int8_matmul.py", "-m", "not gpu", env={"TRITON_INTERPRET": "0"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout

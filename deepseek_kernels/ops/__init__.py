@@ -1,6 +1,14 @@
 """Public functional ops. Importing this package registers every op under torch.ops.deepseek_kernels."""
 
+from deepseek_kernels.ops.attention import window_attention
 from deepseek_kernels.ops.int8_matmul import int8_matmul, int8_mm, quantize_per_token
 from deepseek_kernels.ops.quantization import dequantize_blockwise, quantize_blockwise
 
-__all__ = ["dequantize_blockwise", "int8_matmul", "int8_mm", "quantize_blockwise", "quantize_per_token"]
+__all__ = [
+    "dequantize_blockwise",
+    "int8_matmul",
+    "int8_mm",
+    "quantize_blockwise",
+    "quantize_per_token",
+    "window_attention",
+]

@@ -44,3 +44,38 @@ def explain(name: str, *args, **kwargs) -> str:
 
 def known_ops() -> list[str]:
     return sorted(_EXPLAINERS)
+
+
+def triton_available() -> bool:
+    """Whether Triton can compile for a GPU here (torch's own test; False on CPU-only machines)."""
+    try:
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    except ImportError:
+        return False
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter (TRITON_INTERPRET=1, CPU tests)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton path for CUDA tensors, and for CPU tensors under the interpreter."""
+    return t.is_cuda or interpreting()
+
+
+def define_triton_op(qualname: str):
+    """Decorator for ops backed by Triton kernels. With a usable Triton (a GPU) this is
+    ``torch.library.triton_op``, so torch.compile sees into the kernels; otherwise (CPU machines,
+    the interpreter) a plain ``custom_op``, which needs an explicit fake impl (``register_fake``;
+    check ``TRITON_OP`` before registering one) and keeps torch from warning at import."""
+    if TRITON_OP:
+        return torch.library.triton_op(qualname, mutates_args=())
+    return torch.library.custom_op(qualname, mutates_args=())
+
+
+TRITON_OP = triton_available()

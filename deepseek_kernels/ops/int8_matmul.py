@@ -8,25 +8,19 @@ the Triton interpreter, ``TRITON_INTERPRET=1``) they launch the Triton kernel of
 kernels on GPU); ``explain`` says which path a call takes.
 """
 
-import os
-
 import torch
 
-from deepseek_kernels.ops._registry import register_explainer
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     # The interpreter runs the kernel on CPU tensors (tests); torch.compile on CPU takes the reference.
-    return _interpreting() and not torch.compiler.is_compiling()
+    return interpreting() and not torch.compiler.is_compiling()
 
 
 # ---- argument checks ---------------------------------------------------------------------------
@@ -96,24 +90,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _triton_usable() -> bool:
-    try:
-        from torch.utils._triton import has_triton
-
-        return has_triton()
-    except ImportError:
-        return False
-
-
-# With a usable Triton (a GPU), triton_op lets torch.compile see into the kernel; without one
-# (CPU machines, the interpreter) a plain custom op with explicit fake impls does the same job
-# without torch warning at import that it cannot find Triton.
-_TRITON_OP = _triton_usable()
-_define = (lambda name: torch.library.triton_op(name, mutates_args=())) if _TRITON_OP else (
-    lambda name: torch.library.custom_op(name, mutates_args=()))
-
-
-@_define("deepseek_kernels::int8_mm")
+@define_triton_op("deepseek_kernels::int8_mm")
 def _int8_mm_op(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     check_mm_args("int8_mm", a_q, b_q)
     if not _use_triton(a_q):
@@ -126,7 +103,7 @@ def _int8_mm_op(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_define("deepseek_kernels::int8_matmul")
+@define_triton_op("deepseek_kernels::int8_matmul")
 def _int8_matmul_op(
     a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -142,7 +119,7 @@ def _int8_matmul_op(
     return out
 
 
-if not _TRITON_OP:
+if not TRITON_OP:
 
     @_int8_mm_op.register_fake
     def _(a_q, b_q):
@@ -209,7 +186,7 @@ def int8_matmul(
 def _explain_matmul(a_q, b_q, *args, **kwargs):
     if a_q.is_cuda:
         return f"triton: deepseek_kernels.triton.int8_matmul on {a_q.device} (not yet tuned or validated on a GPU)"
-    if _interpreting():
+    if interpreting():
         return "triton: deepseek_kernels.triton.int8_matmul under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.int8_matmul (tensors on the CPU)"
 

@@ -86,6 +86,55 @@ def window_attention_ref(
     return (out, lse) if return_lse else out
 
 
+def _attend_bwd(do, q, k, v, mask, scale, compute_dtype):
+    """One sequence: gradients of _attend. do/q [Sq, Hq, D], k/v [Sk, Hkv, D]."""
+    hq, hkv = q.shape[1], k.shape[1]
+    rep = hq // hkv
+    qf, kf, vf, dof = (t.to(compute_dtype).transpose(0, 1) for t in (q, k, v, do))  # [H, S, D]
+    kr, vr = kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)
+    s = (qf @ kr.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)).masked_fill(~mask, 0.0)
+    out = p @ vr
+    delta = (dof * out).sum(-1, keepdim=True)
+    dv = p.transpose(1, 2) @ dof
+    ds = p * (dof @ vr.transpose(1, 2) - delta)
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(1, 2) @ qf) * scale
+    fold = lambda t: t.reshape(hkv, rep, *t.shape[1:]).sum(1)  # noqa: E731  (GQA: sum the group)
+    return dq.transpose(0, 1), fold(dk).transpose(0, 1), fold(dv).transpose(0, 1)
+
+
+def window_attention_bwd_ref(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, sinks: int = 0,
+    causal: bool = True, softmax_scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+):
+    """Closed-form gradients ``(dq, dk, dv)`` of :func:`window_attention_ref` (no autograd needed):
+    with ``P = softmax`` over visible keys and ``delta_i = dO_i . O_i``: ``dV = P^T dO``,
+    ``dS = P * (dO V^T - delta)``, ``dQ = scale dS K``, ``dK = scale dS^T Q`` (GQA groups summed)."""
+    d = q.shape[-1]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+    if cu_seqlens_q is None:
+        mask = window_mask(q.shape[1], k.shape[1], window=window, sinks=sinks, causal=causal, device=q.device)
+        for b in range(q.shape[0]):
+            g = _attend_bwd(grad_out[b], q[b], k[b], v[b], mask, scale, compute_dtype)
+            dq[b], dk[b], dv[b] = (t.to(q.dtype) for t in g)
+    else:
+        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        for n in range(len(cu_seqlens_q) - 1):
+            q0, q1 = int(cu_seqlens_q[n]), int(cu_seqlens_q[n + 1])
+            k0, k1 = int(cu_k[n]), int(cu_k[n + 1])
+            if q1 == q0 or k1 == k0:
+                continue
+            mask = window_mask(q1 - q0, k1 - k0, window=window, sinks=sinks, causal=causal, device=q.device)
+            g = _attend_bwd(grad_out[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], mask, scale, compute_dtype)
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (t.to(q.dtype) for t in g)
+    return dq, dk, dv
+
+
 def attended_pairs(sq: int, sk: int, *, window: int, sinks: int = 0, causal: bool = True) -> int:
     """Number of (query, key) pairs the mask admits: the useful work for FLOP counts."""
     if causal and sinks == 0 and sq == sk:

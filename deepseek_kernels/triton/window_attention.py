@@ -1,5 +1,5 @@
-"""Triton forward kernel for sliding-window attention (first path for issue 3; not yet exposed as
-an op: the backward is still to come).
+"""Triton kernels for sliding-window attention, forward and backward (the first path of
+``deepseek_kernels.window_attention``; untuned).
 
 Semantics: ``deepseek_kernels/reference/attention.py`` (window, sinks, causal or symmetric window,
 GQA, packed varlen, ends aligned when Sq != Sk, lse). Every layout is handled as packed varlen:
@@ -125,7 +125,7 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     block_d = max(16, triton.next_power_of_2(D))
     grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
-    _window_attn_fwd_kernel[grid](
+    torch.library.wrap_triton(_window_attn_fwd_kernel)[grid](
         qp, kp, vp, out, lse, cu_q, cu_k,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
@@ -327,13 +327,13 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     block_d = max(16, triton.next_power_of_2(D))
     common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    _window_attn_bwd_dkdv[(triton.cdiv(max(max_k, 1), block_n), B * Hkv)](
+    torch.library.wrap_triton(_window_attn_bwd_dkdv)[(triton.cdiv(max(max_k, 1), block_n), B * Hkv)](
         qp, kp, vp, dop, lsep, delta, dk, dv, cu_q, cu_k,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lsep.stride(0),
         scale, window, sinks, Hkv, Hq // Hkv, D, **common,
     )
-    _window_attn_bwd_dq[(triton.cdiv(max(max_q, 1), block_m), B * Hq)](
+    torch.library.wrap_triton(_window_attn_bwd_dq)[(triton.cdiv(max(max_q, 1), block_m), B * Hq)](
         qp, kp, vp, dop, lsep, delta, dq, cu_q, cu_k,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),

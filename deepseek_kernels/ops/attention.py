@@ -1,0 +1,167 @@
+"""Sliding-window attention op: ``deepseek_kernels.window_attention`` (forward + backward).
+
+``deepseek_kernels::window_attention_fwd`` / ``window_attention_bwd`` run the Triton kernels of
+``deepseek_kernels.triton.window_attention`` on CUDA tensors (and on CPU under the Triton
+interpreter); on CPU otherwise, the reference (closed-form backward, ``window_attention_bwd_ref``). The exact
+semantics are in ``deepseek_kernels/reference/attention.py``.
+"""
+
+import torch
+
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, register_explainer, use_triton
+from deepseek_kernels.reference.attention import window_attention_bwd_ref, window_attention_ref
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
+    name = "window_attention"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype among float16/bfloat16/float32, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    packed = cu_seqlens_q is not None
+    want = 3 if packed else 4
+    layout = "[total, heads, head_dim] with cu_seqlens" if packed else "[batch, seq, heads, head_dim]"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{name}: {arg} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{name}: head dims differ: q has {d}, k has {k.shape[-1]}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{name}: the query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
+    if not packed and q.shape[0] != k.shape[0]:
+        raise ValueError(f"{name}: batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name}: window must be an int >= 1, got {window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"{name}: sinks must be an int >= 0, got {sinks!r}")
+    if (cu_seqlens_k is not None) and not packed:
+        raise ValueError(f"{name}: cu_seqlens_k needs cu_seqlens_q")
+    for arg, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if cu is None:
+            continue
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name}: {arg} must be a 1-D int32 tensor [num_seqs + 1], got {cu.dtype} {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: {arg} must be on {q.device}, got {cu.device}")
+        if not torch.compiler.is_compiling():  # data-dependent: checked in eager only
+            if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
+                raise ValueError(f"{name}: {arg} must start at 0, never decrease and end at the packed length "
+                                 f"{total}, got {cu.tolist() if cu.numel() <= 16 else '...'}")
+    if packed and cu_seqlens_k is not None and cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"{name}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+
+
+def _max_len(cu):
+    return int((cu[1:] - cu[:-1]).max()) if cu is not None and cu.numel() > 1 else None
+
+
+@define_triton_op("deepseek_kernels::window_attention_fwd")
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, causal: bool,
+            softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+            max_seqlen_q: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from deepseek_kernels.triton.window_attention import window_attention_fwd
+
+        return window_attention_fwd(q, k, v, window=window, sinks=sinks, causal=causal, softmax_scale=softmax_scale,
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+    out, lse = window_attention_ref(q, k, v, window=window, sinks=sinks, causal=causal, softmax_scale=softmax_scale,
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@define_triton_op("deepseek_kernels::window_attention_bwd")
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, window: int, sinks: int, causal: bool, softmax_scale: float | None,
+            cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int | None,
+            max_seqlen_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from deepseek_kernels.triton.window_attention import window_attention_bwd
+
+        return window_attention_bwd(grad_out, q, k, v, out, lse, window=window, sinks=sinks, causal=causal,
+                                    softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return window_attention_bwd_ref(grad_out, q, k, v, window=window, sinks=sinks, causal=causal,
+                                    softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
+if not TRITON_OP:
+
+    @_fwd_op.register_fake
+    def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
+        if cu_seqlens_q is None:
+            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        else:
+            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        return torch.empty_like(q), lse
+
+    @_bwd_op.register_fake
+    def _(grad_out, q, k, v, out, lse, *args):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (window, sinks, causal, softmax_scale, max_q)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    window, sinks, causal, softmax_scale, max_q = ctx.params
+    max_k = None if cu_k is None else _max_len(cu_k)
+    dq, dk, dv = torch.ops.deepseek_kernels.window_attention_bwd(
+        grad_out.contiguous(), q, k, v, out, lse, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q, max_k)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("deepseek_kernels::window_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, sinks: int = 0, causal: bool = True,
+    softmax_scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+):
+    """Token-exact sliding-window attention (FlashAttention layout), differentiable in q, k, v.
+
+    ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (``Hq`` a multiple of ``Hkv``), or packed
+    ``[total, H, D]`` with ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32, ``[n + 1]``). Causal: query at
+    position ``p`` (ends aligned when ``Sq != Sk``) attends key ``j`` iff ``p - window < j <= p`` or
+    ``j < sinks`` (and ``j <= p``); ``causal=False``: ``|p - j| < window`` or ``j < sinks``.
+    Returns ``out`` like ``q``, and with ``return_lse`` also the natural-log log-sum-exp, float32,
+    ``[B, Hq, Sq]`` (``[Hq, total]`` packed; not differentiable). Exact definition:
+    ``deepseek_kernels.reference.attention``.
+    """
+    check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)
+    if cu_seqlens_q is not None and max_seqlen_q is None and not torch.compiler.is_compiling():
+        max_seqlen_q = _max_len(cu_seqlens_q)
+    out, lse = torch.ops.deepseek_kernels.window_attention_fwd(
+        q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+    return (out, lse) if return_lse else out
+
+
+def _explain(q, *args, **kwargs):
+    if q.is_cuda:
+        return f"triton: deepseek_kernels.triton.window_attention on {q.device} (untuned; fwd + bwd)"
+    if use_triton(q):
+        return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"
+
+
+register_explainer("window_attention", _explain)

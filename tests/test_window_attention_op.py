@@ -1,0 +1,83 @@
+"""The registered window_attention op: autograd, opcheck, fake tensors, torch.compile, bad input.
+(Kernel-vs-reference numerics: tests/test_window_attention_triton.py.)"""
+
+import pytest
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.reference.attention import window_attention_ref
+
+OPS = torch.ops.deepseek_kernels
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_forward_backward_through_the_op():
+    q = torch.randn(2, 21, 4, 16, requires_grad=True)
+    k = torch.randn(2, 21, 2, 16, requires_grad=True)
+    v = torch.randn(2, 21, 2, 16, requires_grad=True)
+    out, lse = dk.window_attention(q, k, v, window=5, sinks=2, return_lse=True)
+    assert not lse.requires_grad
+    g = torch.randn_like(out)
+    out.backward(g)
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = window_attention_ref(qr, kr, vr, window=5, sinks=2, compute_dtype=torch.float64)
+    ref.backward(g.double())
+    assert rel(out, ref) < 1e-5
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        assert rel(got, want) < 1e-4
+
+
+def test_opcheck_and_fake():
+    q, k, v = torch.randn(1, 9, 2, 16), torch.randn(1, 9, 1, 16), torch.randn(1, 9, 1, 16)
+    torch.library.opcheck(OPS.window_attention_fwd.default, (q, k, v, 3, 1, True, None, None, None, None))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    qp, kp, vp = q[0], k[0], v[0]
+    torch.library.opcheck(OPS.window_attention_fwd.default, (qp, kp, vp, 3, 0, False, 0.3, cu, cu, 5),
+                          test_utils=("test_schema", "test_faketensor"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out, lse = dk.window_attention(torch.empty(2, 7, 4, 8), torch.empty(2, 7, 2, 8), torch.empty(2, 7, 2, 8),
+                                       window=2, return_lse=True)
+        assert out.shape == (2, 7, 4, 8) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = torch.randn(1, 13, 2, 16), torch.randn(1, 13, 2, 16), torch.randn(1, 13, 2, 16)
+    f = lambda q, k, v: dk.window_attention(q, k, v, window=4, sinks=1)  # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_explain():
+    q = torch.randn(1, 4, 2, 16)
+    assert dk.explain("window_attention", q).split(":")[0] in ("triton", "reference")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(window=0), "window must be"),
+    (dict(window=2, sinks=-1), "sinks must be"),
+    (dict(window=2, k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)), "multiple of the key/value heads"),
+    (dict(window=2, k=torch.randn(1, 8, 2, 8), v=torch.randn(1, 8, 2, 8)), "head dims differ"),
+    (dict(window=2, k=torch.randn(1, 7, 2, 16)), "one shape"),
+    (dict(window=2, q=torch.randn(1, 8, 2, 300), k=torch.randn(1, 8, 2, 300), v=torch.randn(1, 8, 2, 300)), "head_dim"),
+    (dict(window=2, v=torch.randn(1, 8, 2, 16).double()), "dtype"),
+    (dict(window=2, q=torch.randn(8, 2, 16)), r"\[batch, seq, heads, head_dim\]"),
+])
+def test_bad_input(kwargs, needle):
+    args = dict(q=torch.randn(1, 8, 2, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16))
+    args.update({n: kwargs.pop(n) for n in ("q", "k", "v") if n in kwargs})
+    with pytest.raises(ValueError, match=needle):
+        dk.window_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_bad_cu_seqlens():
+    q = torch.randn(9, 2, 16)
+    with pytest.raises(ValueError, match="int32"):
+        dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="never decrease"):
+        dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 6, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at the packed length"):
+        dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32))
