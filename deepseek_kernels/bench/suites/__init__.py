@@ -1,6 +1,13 @@
 """Benchmark suites, one per op family. Each module defines NAME, TITLE, ``cases(quick)`` (GPU
-timing cases, see ``deepseek_kernels.bench.harness.Case``) and ``accuracy(device)``."""
+timing cases, see ``deepseek_kernels.bench.harness.Case``) and ``accuracy(device)`` (rows with
+``matches_reference``: bit for bit where the op is defined exactly, within the suite's stated
+tolerance otherwise, and the relative error)."""
 
-from deepseek_kernels.bench.suites import comm_hook, int8_matmul, quantization
+from deepseek_kernels.bench.suites import attention, comm_hook, int8_matmul, quantization
 
-SUITES = {quantization.NAME: quantization, comm_hook.NAME: comm_hook, int8_matmul.NAME: int8_matmul}
+SUITES = {
+    quantization.NAME: quantization,
+    comm_hook.NAME: comm_hook,
+    int8_matmul.NAME: int8_matmul,
+    attention.NAME: attention,
+}
