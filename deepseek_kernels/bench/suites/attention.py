@@ -21,11 +21,14 @@ def _flex(window: int, sinks: int, seq: int, heads: int, gqa: bool):
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sinks))
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device="cuda")
     compiled = torch.compile(flex_attention, dynamic=False)
+    state = {}
 
     def run(q, k, v):  # flash layout in, flash layout out
-        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=gqa)
+        if "mask" not in state:  # built on first use: case construction must not touch the GPU
+            state["mask"] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device="cuda")
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=state["mask"],
+                       enable_gqa=gqa)
         return out.transpose(1, 2)
 
     return run
