@@ -16,6 +16,36 @@ import triton.language as tl
 
 
 @triton.jit
+def _visible(pos, j, window, sinks, CAUSAL: tl.constexpr):
+    if CAUSAL:
+        return ((j > pos - window) & (j <= pos)) | ((j < sinks) & (j <= pos))
+    else:
+        return (tl.abs(pos - j) < window) | (j < sinks)
+
+
+@triton.jit
+def _seq_bounds(cu_q, cu_k, b):
+    """Start and length of sequence b's queries and keys in the packed layout."""
+    q_start = tl.load(cu_q + b)
+    k_start = tl.load(cu_k + b)
+    return q_start, tl.load(cu_q + b + 1) - q_start, k_start, tl.load(cu_k + b + 1) - k_start
+
+
+@triton.jit
+def _key_blocks(m0, q_len, k_len, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For queries [m0, m0 + BLOCK_M): the first window key block (aligned) and the end of the
+    window; the sink blocks before it are [0, min(sinks, start))."""
+    pos_lo = m0 + k_len - q_len
+    pos_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1 + k_len - q_len
+    win_lo = tl.maximum(pos_lo - window + 1, 0)
+    if CAUSAL:
+        hi = tl.minimum(pos_hi + 1, k_len)
+    else:
+        hi = tl.minimum(pos_hi + window, k_len)
+    return (win_lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
 def _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len, lo, hi,
            stride_kt, stride_vt, offs_d, d_mask, sm_scale, window, sinks,
            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -25,12 +55,7 @@ def _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len, lo, hi,
         k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, k) * sm_scale
-        j = offs_n[None, :]
-        p_ = pos[:, None]
-        if CAUSAL:
-            vis = ((j > p_ - window) & (j <= p_)) | ((j < sinks) & (j <= p_))
-        else:
-            vis = (tl.abs(p_ - j) < window) | (j < sinks)
+        vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL)
         vis = vis & n_mask[None, :] & (offs_m < q_len)[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -57,10 +82,7 @@ def _window_attn_fwd_kernel(
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // REP
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
+    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
     m0 = pid_m * BLOCK_M
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -70,14 +92,7 @@ def _window_attn_fwd_kernel(
         q = tl.load(Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         pos = offs_m + (k_len - q_len)
-        pos_lo = m0 + k_len - q_len
-        pos_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1 + k_len - q_len
-        win_lo = tl.maximum(pos_lo - window + 1, 0)
-        if CAUSAL:
-            hi = tl.minimum(pos_hi + 1, k_len)
-        else:
-            hi = tl.minimum(pos_hi + window, k_len)
-        start = (win_lo // BLOCK_N) * BLOCK_N
+        start, hi = _key_blocks(m0, q_len, k_len, window, CAUSAL, BLOCK_M, BLOCK_N)
         k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -149,14 +164,6 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
 
 
 @triton.jit
-def _visible(pos, j, window, sinks, CAUSAL: tl.constexpr):
-    if CAUSAL:
-        return ((j > pos - window) & (j <= pos)) | ((j < sinks) & (j <= pos))
-    else:
-        return (tl.abs(pos - j) < window) | (j < sinks)
-
-
-@triton.jit
 def _window_attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -168,10 +175,7 @@ def _window_attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
+    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
     n0 = pid_n * BLOCK_N
     if n0 < k_len:
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -257,10 +261,7 @@ def _window_attn_bwd_dq(
     b = pid_bh // HQ
     h = pid_bh % HQ
     kvh = h // REP
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
+    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
     m0 = pid_m * BLOCK_M
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -275,14 +276,7 @@ def _window_attn_bwd_dq(
         lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
         pos = offs_m + (k_len - q_len)
-        pos_lo = m0 + k_len - q_len
-        pos_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1 + k_len - q_len
-        win_lo = tl.maximum(pos_lo - window + 1, 0)
-        if CAUSAL:
-            hi = tl.minimum(pos_hi + 1, k_len)
-        else:
-            hi = tl.minimum(pos_hi + window, k_len)
-        start = (win_lo // BLOCK_N) * BLOCK_N
+        start, hi = _key_blocks(m0, q_len, k_len, window, CAUSAL, BLOCK_M, BLOCK_N)
         k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
