@@ -12,7 +12,7 @@ def collect() -> dict:
     """Everything ``info()`` prints, as a dict (also stored in benchmark JSON files)."""
     import deepseek_kernels
     from deepseek_kernels import _extension
-    from deepseek_kernels.ops._registry import known_ops
+    from deepseek_kernels.ops._registry import describe, known_ops
 
     try:
         import triton
@@ -34,13 +34,7 @@ def collect() -> dict:
                 }
             )
     device = torch.device("cuda") if gpus else torch.device("cpu")
-    ok, why = _extension.cuda_kernel_status(device)
-    paths = {}
-    for name in known_ops():
-        if device.type == "cuda":
-            paths[name] = why if ok else f"reference: {why}"
-        else:
-            paths[name] = "reference (CPU); CUDA kernels need a CUDA GPU"
+    paths = {name: describe(name, device) for name in known_ops()}
     return {
         "deepseek_kernels": deepseek_kernels.__version__,
         "python": sys.version.split()[0],

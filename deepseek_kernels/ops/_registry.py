@@ -17,6 +17,7 @@ NAMESPACE = "deepseek_kernels"
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 _EXPLAINERS: dict[str, Callable[..., str]] = {}
+_DESCRIBERS: dict[str, Callable[[torch.device], str]] = {}
 
 
 def define(name: str, schema: str) -> None:
@@ -29,8 +30,15 @@ def op(name: str):
     return getattr(getattr(torch.ops, NAMESPACE), name)
 
 
-def register_explainer(name: str, fn: Callable[..., str]) -> None:
+def register_explainer(name: str, fn: Callable[..., str], describe: Callable[[torch.device], str]) -> None:
+    """``fn(*args, **kwargs)`` explains one call; ``describe(device)`` says which path the op takes
+    on a device in general (for ``info()``)."""
     _EXPLAINERS[name] = fn
+    _DESCRIBERS[name] = describe
+
+
+def describe(name: str, device: torch.device) -> str:
+    return _DESCRIBERS[name](device)
 
 
 def explain(name: str, *args, **kwargs) -> str:

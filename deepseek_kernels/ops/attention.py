@@ -8,7 +8,7 @@ semantics are in ``deepseek_kernels/reference/attention.py``.
 
 import torch
 
-from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, register_explainer, use_triton
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
 from deepseek_kernels.reference.attention import window_attention_bwd_ref, window_attention_ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -156,12 +156,16 @@ def window_attention(
     return (out, lse) if return_lse else out
 
 
-def _explain(q, *args, **kwargs):
-    if q.is_cuda:
-        return f"triton: deepseek_kernels.triton.window_attention on {q.device} (untuned; fwd + bwd)"
-    if use_triton(q):
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"triton: deepseek_kernels.triton.window_attention on {device} (untuned; fwd + bwd)"
+    if interpreting():
         return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"
 
 
-register_explainer("window_attention", _explain)
+def _explain(q, *args, **kwargs):
+    return _describe(q.device)
+
+
+register_explainer("window_attention", _explain, _describe)

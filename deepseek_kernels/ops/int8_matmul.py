@@ -183,14 +183,23 @@ def int8_matmul(
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 
-def _explain_matmul(a_q, b_q, *args, **kwargs):
-    if a_q.is_cuda:
-        return f"triton: deepseek_kernels.triton.int8_matmul on {a_q.device} (not yet tuned or validated on a GPU)"
+def _describe_matmul(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"triton: deepseek_kernels.triton.int8_matmul on {device} (not yet tuned or validated on a GPU)"
     if interpreting():
         return "triton: deepseek_kernels.triton.int8_matmul under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.int8_matmul (tensors on the CPU)"
 
 
-register_explainer("int8_matmul", _explain_matmul)
-register_explainer("int8_mm", _explain_matmul)
-register_explainer("quantize_per_token", lambda x, **kw: "reference: deepseek_kernels.reference.int8_matmul.quantize_per_token_ref")
+def _explain_matmul(a_q, b_q, *args, **kwargs):
+    return _describe_matmul(a_q.device)
+
+
+def _describe_quantize_per_token(device: torch.device) -> str:
+    return "reference: deepseek_kernels.reference.int8_matmul.quantize_per_token_ref (no kernel yet)"
+
+
+register_explainer("int8_matmul", _explain_matmul, _describe_matmul)
+register_explainer("int8_mm", _explain_matmul, _describe_matmul)
+register_explainer("quantize_per_token", lambda x, **kw: _describe_quantize_per_token(x.device),
+                   _describe_quantize_per_token)

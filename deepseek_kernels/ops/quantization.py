@@ -267,5 +267,12 @@ def _explain_dequantize(q, scales, block=128, out_dtype=torch.float32):
     return _cuda_path(q, q.shape[-1] % vec == 0)
 
 
-register_explainer("quantize_blockwise", _explain_quantize)
-register_explainer("dequantize_blockwise", _explain_dequantize)
+def _describe(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "reference: deepseek_kernels.reference.quantization (CPU)"
+    ok, why = _extension.cuda_kernel_status(device)
+    return f"cuda: {why}" if ok else f"reference: {why}"
+
+
+register_explainer("quantize_blockwise", _explain_quantize, _describe)
+register_explainer("dequantize_blockwise", _explain_dequantize, _describe)
