@@ -35,8 +35,30 @@ def cuda_kernel_status(device: "torch.device") -> tuple[bool, str]:  # noqa: F82
         return False, f"tensor is on {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
     archs = build_info().get("cuda_arch_list", "")
-    built = {a.strip().replace("+PTX", "") for a in archs.replace(",", ";").split(";") if a.strip()}
-    have = {f"{major}.{minor}", f"{major}.{minor}a"}
-    if not built & have and not any(a.endswith("+PTX") for a in archs.split(";")):
-        return False, f"extension built for {archs}, GPU is sm_{major}{minor}"
+    if not runs_on(archs, major, minor):
+        return False, f"extension built for {archs}, GPU is sm_{major}{minor}: rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}"
     return True, f"CUDA kernel (deepseek_kernels._C, built for {archs}) on sm_{major}{minor}"
+
+
+def runs_on(arch_list: str, major: int, minor: int) -> bool:
+    """Whether code built for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax) runs on sm_<major><minor>:
+    a cubin for X.Y runs on X.Z with Z >= Y (an 'a' cubin only on exactly X.Y); PTX is JIT-compiled
+    for any newer GPU."""
+    for raw in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        a = raw.strip()
+        if not a:
+            continue
+        ptx = a.endswith("+PTX")
+        a = a.removesuffix("+PTX")
+        exact = a.endswith("a")
+        try:
+            b_major, b_minor = (int(x) for x in a.removesuffix("a").split("."))
+        except ValueError:
+            continue
+        if ptx and (b_major, b_minor) <= (major, minor):
+            return True
+        if exact and (b_major, b_minor) == (major, minor):
+            return True
+        if not exact and b_major == major and b_minor <= minor:
+            return True
+    return False

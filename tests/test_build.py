@@ -117,3 +117,12 @@ def test_ops_on_cpu_without_the_triton_interpreter():
              "tests/test_int8_matmul.py", "-m", "not gpu", env={"TRITON_INTERPRET": "0"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+@pytest.mark.parametrize("archs,cap,ok", [
+    ("8.0;9.0a", (9, 0), True), ("8.0;9.0a", (8, 6), True), ("8.0;9.0a", (8, 9), True),
+    ("8.0;9.0a", (10, 0), False), ("9.0a", (8, 0), False), ("8.6", (8, 0), False),
+    ("8.0+PTX", (10, 0), True), ("9.0a", (9, 0), True), ("7.5 8.0", (8, 0), True),
+])
+def test_arch_compatibility_rule(archs, cap, ok):
+    assert _extension.runs_on(archs, *cap) is ok
