@@ -17,11 +17,13 @@ from deepseek_kernels.ops import (
     window_attention,
 )
 from deepseek_kernels.ops._registry import explain
+from deepseek_kernels.decode import RollingKVCache, window_attention_decode
 from deepseek_kernels.nn import quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RollingKVCache",
     "__version__",
     "dequantize_blockwise",
     "explain",
@@ -32,6 +34,7 @@ __all__ = [
     "quantize_model",
     "quantize_per_token",
     "window_attention",
+    "window_attention_decode",
 ]
 
 

@@ -1,0 +1,87 @@
+"""Decoding against a rolling KV cache: memory stays O(sinks + window) however long the context.
+
+``RollingKVCache`` keeps, per sequence, the first ``sinks`` keys/values in fixed slots and the
+most recent ones in a ring of ``window + max_step - 1`` slots (``max_step`` = the most new tokens
+decoded in one call, so every query of a step still finds its whole window). Each slot remembers
+the absolute position it holds, so attention masks by position, exactly as the full-sequence op
+does. ``window_attention_decode`` is written with plain tensor ops for now (the reference path;
+a fused decode kernel is still to come), and ``explain`` says so.
+"""
+
+import torch
+
+from deepseek_kernels.ops._registry import register_explainer
+
+
+class RollingKVCache:
+    """Per-sequence cache of ``sinks`` fixed slots plus a ring of ``window + max_step - 1`` slots.
+
+    ``k``/``v`` are ``[B, slots, Hkv, D]``; ``positions`` ``[B, slots]`` (-1 = empty);
+    ``seqlens`` ``[B]`` counts the tokens each sequence has seen.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, window: int, sinks: int = 0,
+                 max_step: int = 16, dtype=torch.bfloat16, device=None):
+        if window < 1 or sinks < 0 or max_step < 1:
+            raise ValueError(f"RollingKVCache: need window >= 1, sinks >= 0, max_step >= 1; got {window}, {sinks}, {max_step}")
+        self.window, self.sinks, self.max_step = window, sinks, max_step
+        self.ring = window + max_step - 1
+        slots = sinks + self.ring
+        self.k = torch.zeros(batch, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions, self.seqlens))
+
+    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.ring)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """Appends ``k, v [B, T, Hkv, D]`` (the first ``lengths[b]`` tokens of row b; default all T).
+        Only the tokens the cache keeps are written (sinks and the last ``ring`` positions)."""
+        B, T = k.shape[:2]
+        lengths = torch.full((B,), T, device=k.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+        t = torch.arange(T, device=k.device).unsqueeze(0)
+        pos = self.seqlens.unsqueeze(1) + t  # [B, T]
+        keep = (t < lengths.unsqueeze(1)) & (
+            (pos < self.sinks) | (t >= lengths.unsqueeze(1) - self.ring))
+        b_idx, t_idx = keep.nonzero(as_tuple=True)
+        slot = self._slots(pos[b_idx, t_idx])
+        self.k[b_idx, slot] = k[b_idx, t_idx].to(self.k.dtype)
+        self.v[b_idx, slot] = v[b_idx, t_idx].to(self.v.dtype)
+        self.positions[b_idx, slot] = pos[b_idx, t_idx]
+        self.seqlens += lengths
+
+    prefill = append  # filling from a long prompt is an append that keeps only what fits
+
+
+def window_attention_decode(q: torch.Tensor, cache: RollingKVCache, *, softmax_scale: float | None = None,
+                            lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the newest ``T`` tokens ``q [B, T, Hq, D]`` (already appended to ``cache``)
+    over the cache: query ``t`` of row b sits at ``seqlens[b] - lengths[b] + t`` and sees the cached
+    positions ``p - window < j <= p`` and ``j < sinks``. Returns ``[B, T, Hq, D]``."""
+    B, T, Hq, D = q.shape
+    if T > cache.max_step:
+        raise ValueError(f"window_attention_decode: {T} new tokens exceed the cache's max_step={cache.max_step}")
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    lengths = torch.full((B,), T, device=q.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+    rep = Hq // cache.k.shape[2]
+    p = (cache.seqlens - lengths).unsqueeze(1) + torch.arange(T, device=q.device).unsqueeze(0)  # [B, T]
+    j = cache.positions.unsqueeze(1)  # [B, 1, slots]
+    pq = p.unsqueeze(2)
+    vis = (j >= 0) & (j <= pq) & ((j > pq - cache.window) | (j < cache.sinks))  # [B, T, slots]
+    k = cache.k.float().repeat_interleave(rep, 2)  # [B, slots, Hq, D]
+    v = cache.v.float().repeat_interleave(rep, 2)
+    s = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
+    s = s.masked_fill(~vis.unsqueeze(1), float("-inf"))
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without a visible key give 0
+    return torch.einsum("bhts,bshd->bthd", w, v).to(q.dtype)
+
+
+register_explainer(
+    "window_attention_decode",
+    lambda q, *a, **k: "reference: deepseek_kernels.decode (plain tensor ops; no fused decode kernel yet)",
+    lambda device: "reference: deepseek_kernels.decode (plain tensor ops; no fused decode kernel yet)",
+)
