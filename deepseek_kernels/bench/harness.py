@@ -49,6 +49,21 @@ class Case:
     check: Callable[[tuple], None] | None = None
 
 
+def compiled_baseline(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` for a baseline, never silently degraded to eager.
+
+    Suites compile the same function for many shapes/dtypes; past dynamo's recompile limit (8)
+    torch would quietly run it eagerly and the baseline would look slower than it is. Raise the
+    limit and make hitting it an error.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False)
+
+
 def l2_bytes() -> int:
     try:
         return int(torch.cuda.get_device_properties(0).L2_cache_size)

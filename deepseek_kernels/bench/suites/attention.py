@@ -8,7 +8,7 @@ FLOPs count useful work only: forward 4*B*H*D*pairs with pairs = W*S - W(W-1)/2 
 import torch
 
 import deepseek_kernels as dk
-from deepseek_kernels.bench.harness import Case, Impl
+from deepseek_kernels.bench.harness import Case, Impl, compiled_baseline
 from deepseek_kernels.reference.attention import attended_pairs, flops
 
 NAME = "attention"
@@ -21,7 +21,7 @@ def _flex(window: int, sinks: int, seq: int, heads: int, gqa: bool):
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sinks))
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = compiled_baseline(flex_attention)
     state = {}
 
     def run(q, k, v):  # flash layout in, flash layout out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import deepseek_kernels as dk
-from deepseek_kernels.bench.harness import Case, Impl
+from deepseek_kernels.bench.harness import Case, Impl, compiled_baseline
 from deepseek_kernels.reference import FORMATS, dequantize_blockwise_ref, quantize_blockwise_ref
 
 NAME = "quantization"
@@ -37,8 +37,8 @@ def cases(quick: bool = False) -> list[Case]:
     rows, cols = (2048, 8192) if quick else (16384, 16384)
     n = rows * cols
     scale_bytes = 4 * n // BLOCK
-    compiled_q = torch.compile(quantize_blockwise_ref, dynamic=False)
-    compiled_dq = torch.compile(dequantize_blockwise_ref, dynamic=False)
+    compiled_q = compiled_baseline(quantize_blockwise_ref)
+    compiled_dq = compiled_baseline(dequantize_blockwise_ref)
     size = f"{n * 2 / 2**20:.0f}MiB"
     out: list[Case] = []
 
