@@ -29,14 +29,29 @@ def grad_close(got, want):
     return rel(got, want) < 1e-4 or (got.double() - want).abs().max().item() < 1e-5
 
 
+def _ids(c):
+    return "B{}-Sq{}-Sk{}-H{}/{}-D{}-W{}-S{}-{}".format(*c[:8], "causal" if c[8] else "sym")
+
+
+# (BLOCK_M, BLOCK_N, warps, stages): square and both rectangular tile shapes, so that the interior
+# (mask-free) tiles, the window edge and the diagonal are all exercised with either tile larger.
+TILES = [(16, 16, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)]
+WIDE = [  # windows several tiles wide: interior tiles exist
+    (1, 100, 100, 2, 1, 16, 40, 0, True),
+    (2, 77, 77, 2, 2, 16, 33, 3, True),
+    (1, 50, 90, 2, 1, 16, 48, 0, True),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Sq{}-Sk{}-H{}/{}-D{}-W{}-S{}-{}".format(*c[:8], "causal" if c[8] else "sym"))
-def test_forward_matches_reference(case, dtype):
+@pytest.mark.parametrize("case,config", [(c, TILES[0]) for c in CASES] + [(c, t) for c in WIDE for t in TILES],
+                         ids=lambda x: _ids(x) if len(x) == 9 else "tiles{}x{}".format(*x[:2]))
+def test_forward_matches_reference(case, config, dtype):
     B, Sq, Sk, Hq, Hkv, D, window, sinks, causal = case
     q = torch.randn(B, Sq, Hq, D).to(dtype)
     k = torch.randn(B, Sk, Hkv, D).to(dtype)
     v = torch.randn(B, Sk, Hkv, D).to(dtype)
-    out, lse = window_attention_fwd(q, k, v, window=window, sinks=sinks, causal=causal, block_m=16, block_n=16)
+    out, lse = window_attention_fwd(q, k, v, window=window, sinks=sinks, causal=causal, config=config)
     ref, ref_lse = window_attention_ref(q, k, v, window=window, sinks=sinks, causal=causal, return_lse=True,
                                         compute_dtype=torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -52,7 +67,7 @@ def test_varlen_forward_matches_reference():
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     T = int(cu[-1])
     q, k, v = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16)
-    out, lse = window_attention_fwd(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, block_m=16, block_n=16)
+    out, lse = window_attention_fwd(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, config=(16, 16, 4, 1))
     ref, ref_lse = window_attention_ref(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, return_lse=True)
     assert rel(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
 
@@ -69,8 +84,9 @@ def test_forward_on_gpu(D, dtype):
     assert rel(out, ref) < 1e-2 and (lse - ref_lse).abs().max() < 1e-2
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Sq{}-Sk{}-H{}/{}-D{}-W{}-S{}-{}".format(*c[:8], "causal" if c[8] else "sym"))
-def test_backward_matches_reference_autograd(case):
+@pytest.mark.parametrize("case,config", [(c, TILES[0]) for c in CASES] + [(c, t) for c in WIDE for t in TILES],
+                         ids=lambda x: _ids(x) if len(x) == 9 else "tiles{}x{}".format(*x[:2]))
+def test_backward_matches_reference_autograd(case, config):
     from deepseek_kernels.triton.window_attention import window_attention_bwd
 
     B, Sq, Sk, Hq, Hkv, D, window, sinks, causal = case
@@ -82,9 +98,9 @@ def test_backward_matches_reference_autograd(case):
     ref = window_attention_ref(qr, kr, vr, window=window, sinks=sinks, causal=causal, compute_dtype=torch.float64)
     ref.backward(do)
     f = lambda t: t.float()  # noqa: E731  (the interpreter runs fp32 dots)
-    out, lse = window_attention_fwd(f(q), f(k), f(v), window=window, sinks=sinks, causal=causal, block_m=16, block_n=16)
+    out, lse = window_attention_fwd(f(q), f(k), f(v), window=window, sinks=sinks, causal=causal, config=config)
     dq, dk, dv = window_attention_bwd(f(do), f(q), f(k), f(v), out, lse, window=window, sinks=sinks, causal=causal,
-                                      block_m=16, block_n=16)
+                                      config_dkdv=config[1::-1] + config[2:], config_dq=config)
     for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
         assert grad_close(got, want), (name, rel(got, want))
 
@@ -99,9 +115,9 @@ def test_varlen_backward_matches_reference():
     qr, kr, vr = (t.clone().double().requires_grad_(True) for t in (q, k, v))
     window_attention_ref(qr, kr, vr, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu,
                          compute_dtype=torch.float64).backward(do.double())
-    out, lse = window_attention_fwd(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, block_m=16, block_n=16)
+    out, lse = window_attention_fwd(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, config=(16, 16, 4, 1))
     dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                      block_m=16, block_n=16)
+                                      config_dkdv=(16, 16, 4, 1), config_dq=(16, 16, 4, 1))
     for got, want in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert grad_close(got, want)
 
@@ -121,3 +137,47 @@ def test_backward_on_gpu(dtype):
     dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=128, sinks=4)
     for got, want in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert rel(got, want) < 2e-2
+
+
+GPU_CASES = [
+    # (B, Sq, Sk, Hq, Hkv, D, window, sinks, causal): the tuned tiles (128/64) with interior tiles,
+    # window edges, diagonals, partial last tiles, sinks, Sq != Sk, symmetric windows, odd head dims
+    (2, 1500, 1500, 4, 2, 128, 513, 0, True),
+    (1, 1111, 1111, 4, 1, 128, 700, 5, True),
+    (1, 900, 1400, 2, 2, 64, 384, 0, True),
+    (1, 1400, 900, 2, 2, 128, 300, 3, True),
+    (1, 777, 777, 2, 1, 96, 257, 0, True),
+    (1, 640, 640, 2, 2, 128, 200, 2, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
+def test_forward_backward_tuned_tiles_on_gpu(case, dtype):
+    from deepseek_kernels.triton.window_attention import window_attention_bwd
+
+    B, Sq, Sk, Hq, Hkv, D, window, sinks, causal = case
+    q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Sk, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Sk, Hkv, D, device="cuda", dtype=dtype)
+    do = torch.randn_like(q)
+    qr, kr, vr = (t.float().requires_grad_(True) for t in (q, k, v))
+    ref, ref_lse = window_attention_ref(qr, kr, vr, window=window, sinks=sinks, causal=causal, return_lse=True)
+    ref.backward(do.float())
+    out, lse = window_attention_fwd(q, k, v, window=window, sinks=sinks, causal=causal)
+    assert rel(out, ref) < 1e-2
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - ref_lse[finite]).abs().max() < 1e-2
+    dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=window, sinks=sinks, causal=causal)
+    for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+        assert rel(got, want) < 2e-2, (name, rel(got, want))
+
+
+@pytest.mark.gpu
+def test_float32_inputs_are_accurate_on_gpu():
+    """fp32 inputs use full-precision dots (no TF32): agrees with the float64 reference to ~1e-6."""
+    q, k, v = (torch.randn(1, 300, 2, 64, device="cuda") for _ in range(3))
+    out, lse = window_attention_fwd(q, k, v, window=100, sinks=1)
+    ref = window_attention_ref(q.double(), k.double(), v.double(), window=100, sinks=1, compute_dtype=torch.float64)
+    assert rel(out, ref) < 1e-5

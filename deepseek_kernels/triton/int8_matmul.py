@@ -55,9 +55,16 @@ def _int8_matmul_kernel(
 
 
 def launch_config(M: int, N: int, K: int) -> dict:
-    """Tile shape by problem size (untuned first guess: small M is a weight-streaming GEMV)."""
+    """Tile shape by problem size, from benchmarks/tune_int8.py on the H200 (benchmarks/NOTES.md).
+
+    Small M is a weight-streaming GEMV: narrow column tiles (many CTAs in flight) and deep K
+    tiles; long K gets deeper K tiles and more stages. 16 < M <= 128 is not tuned yet."""
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
+        if K >= 8192:
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, GROUP_M=1, num_warps=4, num_stages=6)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3)
     if M <= 128:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 4096:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)

@@ -1,18 +1,24 @@
-"""Triton kernels for sliding-window attention, forward and backward (the first path of
-``deepseek_kernels.window_attention``; untuned).
+"""Triton kernels for sliding-window attention, forward and backward (the GPU path of
+``deepseek_kernels.window_attention``).
 
 Semantics: ``deepseek_kernels/reference/attention.py`` (window, sinks, causal or symmetric window,
 GQA, packed varlen, ends aligned when Sq != Sk, lse). Every layout is handled as packed varlen:
 a dense ``[B, S, H, D]`` batch is ``[B*S, H, D]`` with ``cu_seqlens = arange(B + 1) * S``.
 
-Work per program: one block of BLOCK_M queries of one head. Only key blocks that can hold a
-visible key are visited: the sink blocks before the window, then the window itself, so the cost
-is O(S * (W + sinks)) rather than O(S^2). Online softmax in fp32 (FlashAttention-2 style).
+Work per program: one tile of BLOCK_M queries of one head (forward, dQ) or BLOCK_N keys of one
+KV head (dK/dV). Only tiles that can hold a visible (query, key) pair are visited: the sink
+tiles before the window, then the window, so the cost is O(S * (W + sinks)) rather than O(S^2).
+Inside the window, the tiles where every pair is visible (all but the diagonal and the far edge
+of the window) skip the mask arithmetic entirely (``MASKED=False``). Online softmax in fp32 in
+the exp2 domain (FlashAttention-2 style); lse is returned in natural log.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -24,6 +30,18 @@ def _visible(pos, j, window, sinks, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _pad_columns(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Column offsets for unmasked head-dim loads: a padded head dim (BLOCK_D > HEAD_DIM) reads
+    column 0 in its pad columns (finite values, cancelled by zeros in the other operand).
+    Returns offs_d itself when there is no pad, so the compiler still sees contiguous columns
+    and vectorizes the loads."""
+    if BLOCK_D == HEAD_DIM:
+        return offs_d
+    else:
+        return tl.where(offs_d < HEAD_DIM, offs_d, 0)
+
+
+@triton.jit
 def _seq_bounds(cu_q, cu_k, b):
     """Start and length of sequence b's queries and keys in the packed layout."""
     q_start = tl.load(cu_q + b)
@@ -32,40 +50,60 @@ def _seq_bounds(cu_q, cu_k, b):
 
 
 @triton.jit
-def _key_blocks(m0, q_len, k_len, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For queries [m0, m0 + BLOCK_M): the first window key block (aligned) and the end of the
-    window; the sink blocks before it are [0, min(sinks, start))."""
-    pos_lo = m0 + k_len - q_len
-    pos_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1 + k_len - q_len
-    win_lo = tl.maximum(pos_lo - window + 1, 0)
+def _key_ranges(m0, q_len, k_len, window, sinks, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key tiles for the queries [m0, m0 + BLOCK_M), as four consecutive ranges of tile starts:
+    sinks [0, a) masked, window edge [b, c) masked, interior [c, d) unmasked, diagonal [d, e)
+    masked. Interior tiles hold only visible pairs for every query row of the tile."""
+    off = k_len - q_len  # query i sits at key position i + off
+    pos_lo = m0 + off
+    pos_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1 + off
+    start = (tl.maximum(pos_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
+    sink_end = tl.minimum(tl.minimum(sinks, start), k_len)
     if CAUSAL:
-        hi = tl.minimum(pos_hi + 1, k_len)
+        end = tl.minimum(pos_hi + 1, k_len)
+        full_lo = tl.cdiv(tl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_hi = ((pos_lo + 1) // BLOCK_N) * BLOCK_N
+        full_hi = tl.where(pos_lo + 1 > 0, full_hi, 0)
+        if full_hi <= full_lo:  # no interior tile: the whole window is masked
+            full_lo = end
+            full_hi = end
     else:
-        hi = tl.minimum(pos_hi + window, k_len)
-    return (win_lo // BLOCK_N) * BLOCK_N, hi
+        end = tl.minimum(pos_hi + window, k_len)
+        full_lo = end
+        full_hi = end
+    return sink_end, start, full_lo, full_hi, end
 
 
 @triton.jit
-def _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len, lo, hi,
-           stride_kt, stride_vt, offs_d, d_mask, sm_scale, window, sinks,
-           CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, lo, hi, stride_kt, stride_vt,
+               qk_scale, window, sinks, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_len
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = tl.dot(q, k) * sm_scale
-        vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL)
-        vis = vis & n_mask[None, :] & (offs_m < q_len)[:, None]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        offs_n = start_n + offs_n0
+        if MASKED:
+            n_mask = offs_n < k_len
+            k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=n_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kt)
+        s = tl.dot(q, k, input_precision=PREC) * qk_scale
+        if MASKED:
+            vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL) & n_mask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if MASKED:
+            v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=n_mask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -74,8 +112,9 @@ def _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len, lo, hi,
 def _window_attn_fwd_kernel(
     Q, K, V, O, LSE, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    sm_scale, window, sinks, HQ, REP, D,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    qk_scale, window, sinks, HQ, REP,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -87,67 +126,114 @@ def _window_attn_fwd_kernel(
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
         m_mask = offs_m < q_len
+        if BLOCK_D == HEAD_DIM:
+            io_mask = m_mask[:, None]
+        else:
+            io_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                    mask=io_mask, other=0.0)
         pos = offs_m + (k_len - q_len)
-        start, hi = _key_blocks(m0, q_len, k_len, window, CAUSAL, BLOCK_M, BLOCK_N)
-        k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
-        v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+        offs_n = tl.arange(0, BLOCK_N)
+        d_col = _pad_columns(offs_d, HEAD_DIM, BLOCK_D)  # pad columns read column 0 (their q is 0)
+        k_ptrs = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[None, :] * stride_kt + d_col[:, None]
+        v_ptrs = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt + d_col[None, :]
+        sink_end, start, full_lo, full_hi, end = _key_ranges(m0, q_len, k_len, window, sinks, CAUSAL,
+                                                             BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        # sink blocks that lie before the window, then the window
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len,
-                               0, tl.minimum(tl.minimum(sinks, start), k_len), stride_kt, stride_vt,
-                               offs_d, d_mask, sm_scale, window, sinks, CAUSAL, BLOCK_N)
-        acc, l_i, m_i = _visit(acc, l_i, m_i, q, pos, offs_m, q_len, k_base, v_base, k_len,
-                               start, hi, stride_kt, stride_vt,
-                               offs_d, d_mask, sm_scale, window, sinks, CAUSAL, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, 0, sink_end, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, start, full_lo, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, full_lo, full_hi, stride_kt,
+                                   stride_vt, qk_scale, window, sinks, CAUSAL, False, BLOCK_N, PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, full_hi, end, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+                 out.to(O.dtype.element_ty), mask=io_mask)
         tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
+
+
+def _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Dense ``[B, S, H, D]`` or packed ``[T, H, D]`` inputs -> packed views + cu_seqlens + max lengths."""
+    if cu_seqlens_q is None:
+        B, Sq = q.shape[0], q.shape[1]
+        Sk = k.shape[1]
+        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sq
+        cu_k = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sk
+        flat = lambda t, s: t.reshape(B * s, t.shape[2], t.shape[3])  # noqa: E731
+        return flat(q, Sq), flat(k, Sk), flat(v, Sk), cu_q, cu_k, Sq, Sk
+    cu_q = cu_seqlens_q
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    max_q = max_seqlen_q if max_seqlen_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+    max_k = max_seqlen_k if max_seqlen_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+    return q, k, v, cu_q, cu_k, max_q, max_k
+
+
+def _precision(q) -> str:
+    """fp32 inputs get full-precision dots (3xTF32 would lose ~1e-3); 16-bit inputs use the
+    tensor cores as they are."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _unit_stride(*ts):
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
+# Launch shapes (BLOCK_M, BLOCK_N, num_warps, num_stages), tuned on the H200 by
+# benchmarks/tune_attention.py (bf16, D=128, S=8192, causal windows 1024 and 4096; see
+# benchmarks/NOTES.md). The forward prefers small tiles for narrow windows (less wasted work on
+# the diagonal and the window edge) and 128x64 once interior tiles dominate.
+FWD_CONFIG = {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)}
+FWD_WIDE_CONFIG = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}  # window >= FWD_WIDE_WINDOW
+FWD_WIDE_WINDOW = 2048
+BWD_DKDV_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}
+BWD_DQ_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
+SMALL_CONFIG = (64, 64, 4, 2)  # head dims other than 64/128, and the Triton interpreter
+
+
+def _config(table: dict, block_d: int, dtype: torch.dtype, override):
+    if override is not None:
+        return override
+    if block_d > 128:
+        return (64, 32, 4, 1)
+    return SMALL_CONFIG if dtype == torch.float32 else table.get(block_d, SMALL_CONFIG)
 
 
 def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                         max_seqlen_q: int | None = None, block_m: int = 64, block_n: int = 64, num_warps: int = 4):
+                         max_seqlen_q: int | None = None, config: tuple | None = None):
     """Forward pass. Dense ``q [B, Sq, Hq, D]`` / ``k, v [B, Sk, Hkv, D]`` or packed ``[T, H, D]``
     with ``cu_seqlens_*``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, Sq]`` (dense) or
-    ``[Hq, T]`` (packed), float32."""
+    ``[Hq, T]`` (packed), float32. ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)``
+    overrides the tuned launch shape."""
     dense = cu_seqlens_q is None
-    if dense:
-        B, Sq, Hq, D = q.shape
-        Sk = k.shape[1]
-        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sq
-        cu_k = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sk
-        qp, kp, vp = q.reshape(B * Sq, Hq, D), k.reshape(B * Sk, -1, D), v.reshape(B * Sk, -1, D)
-        max_q = Sq
-    else:
-        cu_q = cu_seqlens_q
-        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-        B = cu_q.numel() - 1
-        qp, kp, vp = q, k, v
-        Hq, D = q.shape[1], q.shape[2]
-        max_q = max_seqlen_q if max_seqlen_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
-    qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
+    qp, kp, vp, cu_q, cu_k, max_q, _ = _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None)
+    qp, kp, vp = _unit_stride(qp, kp, vp)
+    T, Hq, D = qp.shape
+    B = cu_q.numel() - 1
     out = torch.empty_like(qp)
-    lse = torch.empty(Hq, qp.shape[0], device=q.device, dtype=torch.float32)
+    lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     block_d = max(16, triton.next_power_of_2(D))
+    table = FWD_WIDE_CONFIG if window >= FWD_WIDE_WINDOW else FWD_CONFIG
+    block_m, block_n, warps, stages = _config(table, block_d, q.dtype, config)
     grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
     torch.library.wrap_triton(_window_attn_fwd_kernel)[grid](
         qp, kp, vp, out, lse, cu_q, cu_k,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        scale, window, sinks, Hq, Hq // kp.shape[1], D,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        scale * LOG2E, window, sinks, Hq, Hq // kp.shape[1],
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_precision(q),
+        num_warps=warps, num_stages=stages,
     )
     if dense:
+        B, Sq = q.shape[0], q.shape[1]
         return out.reshape(q.shape), lse.reshape(Hq, B, Sq).transpose(0, 1)
     return out, lse
 
@@ -155,12 +241,73 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
 # ---- backward ---------------------------------------------------------------------------------------
 #
 # FlashAttention-2 style, in two kernels so no atomics are needed (deterministic):
-#   _window_attn_bwd_dkdv: one program per (key block, kv head); loops over the query blocks that
-#       can see those keys, for every query head of the GQA group, accumulating dK and dV.
-#   _window_attn_bwd_dq:   one program per (query block, query head); loops over the same key
-#       blocks as the forward pass, accumulating dQ.
+#   _window_attn_bwd_dq:   one program per (query tile, query head); computes delta for its rows
+#       (stored), then visits the same key tiles as the forward pass, accumulating dQ.
+#   _window_attn_bwd_dkdv: one program per (key tile, kv head), launched second; loops over the
+#       query tiles that can see those keys, for every query head of the GQA group, accumulating
+#       dK and dV.
 # With P = exp(s - lse), delta_i = sum_d dO_i O_i:  dV = P^T dO,  dS = P (dO V^T - delta),
-# dQ = scale dS K,  dK = scale dS^T Q.
+# dQ = scale dS K,  dK = scale dS^T Q. The dK/dV kernel works on transposed tiles (keys x queries)
+# so that every product is a plain tl.dot of loaded tiles.
+
+
+@triton.jit
+def _query_ranges(n0, q_len, k_len, window, sinks, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Query tiles that see any of the keys [n0, n0 + BLOCK_N): masked [a, b), interior [b, c)
+    (every pair visible), masked [c, d)."""
+    off = k_len - q_len
+    n_hi = tl.minimum(n0 + BLOCK_N, k_len) - 1
+    if n0 < sinks:  # sink keys are seen by every later query
+        if CAUSAL:
+            i_lo = tl.maximum(n0 - off, 0)
+        else:
+            i_lo = 0
+        i_hi = q_len
+    elif CAUSAL:
+        i_lo = tl.maximum(n0 - off, 0)
+        i_hi = tl.minimum(tl.maximum(n_hi + window - off, 0), q_len)
+    else:
+        i_lo = tl.maximum(n0 - window + 1 - off, 0)
+        i_hi = tl.minimum(tl.maximum(n_hi + window - off, 0), q_len)
+    i_start = (i_lo // BLOCK_M) * BLOCK_M
+    full_lo = i_hi
+    full_hi = i_hi
+    if CAUSAL:
+        if n0 >= sinks:
+            lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+            hi = (tl.maximum(n0 + window - off, 0) // BLOCK_M) * BLOCK_M
+            hi = tl.minimum(hi, tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
+            if lo < hi:
+                full_lo = lo
+                full_hi = hi
+    return i_start, full_lo, full_hi, i_hi
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len, lo, hi,
+                stride_qt, stride_dot, qk_scale, window, sinks, off,
+                CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                PREC: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + offs_m0
+        m_mask = offs_m < q_len
+        qT = tl.load(qT_ptrs + tl.cast(m0, tl.int64) * stride_qt, mask=m_mask[None, :], other=0.0)
+        do = tl.load(do_ptrs + tl.cast(m0, tl.int64) * stride_dot, mask=m_mask[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m, mask=m_mask, other=0.0)
+        sT = tl.dot(k, qT, input_precision=PREC) * qk_scale
+        pT = tl.exp2(sT - lse2[None, :])
+        if MASKED:
+            vis = _visible((offs_m + off)[None, :], offs_n[:, None], window, sinks, CAUSAL)
+            vis = vis & m_mask[None, :] & (offs_n < k_len)[:, None]
+            pT = tl.where(vis, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -168,8 +315,9 @@ def _window_attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    sm_scale, window, sinks, HKV, REP, D,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    sm_scale, qk_scale, window, sinks, HKV, REP,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -180,47 +328,33 @@ def _window_attn_bwd_dkdv(
     if n0 < k_len:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        n_mask = offs_n < k_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+        offs_m = tl.arange(0, BLOCK_M)
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
         k = tl.load(K + (k_start + offs_n)[:, None].to(tl.int64) * stride_kt + kvh * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(V + (k_start + offs_n)[:, None].to(tl.int64) * stride_vt + kvh * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        off = k_len - q_len  # query i sits at position i + off
-        n_hi = tl.minimum(n0 + BLOCK_N, k_len) - 1
-        if n0 < sinks:  # sink keys are seen by every later query
-            i_lo = tl.maximum(n0 - off, 0)
-            i_hi = q_len
-        elif CAUSAL:
-            i_lo = tl.maximum(n0 - off, 0)
-            i_hi = tl.minimum(n_hi + window - 1 - off + 1, q_len)
-        else:
-            i_lo = tl.maximum(n0 - window + 1 - off, 0)
-            i_hi = tl.minimum(n_hi + window - 1 - off + 1, q_len)
-        i_start = (i_lo // BLOCK_M) * BLOCK_M
+        off = k_len - q_len  # query i sits at key position i + off
+        i_start, full_lo, full_hi, i_hi = _query_ranges(n0, q_len, k_len, window, sinks, CAUSAL, BLOCK_M, BLOCK_N)
+        d_col = _pad_columns(offs_d, HEAD_DIM, BLOCK_D)  # pad columns read column 0 (k, v pads are 0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for r in range(0, REP):
             h = kvh * REP + r
-            for m0 in range(i_start, i_hi, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                m_mask = offs_m < q_len
-                q_mask = m_mask[:, None] & d_mask[None, :]
-                q = tl.load(Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
-                            mask=q_mask, other=0.0)
-                do = tl.load(DO + (q_start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
-                             mask=q_mask, other=0.0)
-                lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
-                delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * sm_scale
-                vis = _visible((offs_m + off)[:, None], offs_n[None, :], window, sinks, CAUSAL)
-                vis = vis & m_mask[:, None] & n_mask[None, :]
-                p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            qT_ptrs = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[None, :] * stride_qt + d_col[:, None]
+            do_ptrs = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + d_col[None, :]
+            lse_ptr = LSE + h * stride_lh + q_start
+            delta_ptr = DELTA + h * stride_lh + q_start
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
+                                 i_start, full_lo, stride_qt, stride_dot, qk_scale, window, sinks, off,
+                                 CAUSAL, True, BLOCK_M, PREC)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
+                                 full_lo, full_hi, stride_qt, stride_dot, qk_scale, window, sinks, off,
+                                 CAUSAL, False, BLOCK_M, PREC)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
+                                 full_hi, i_hi, stride_qt, stride_dot, qk_scale, window, sinks, off,
+                                 CAUSAL, True, BLOCK_M, PREC)
         dk = dk * sm_scale
         tl.store(DK + (k_start + offs_n)[:, None].to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -229,32 +363,38 @@ def _window_attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_visit(dq, q, do, lse, delta, pos, offs_m, q_len, k_base, v_base, k_len, lo, hi,
-              stride_kt, stride_vt, offs_d, d_mask, sm_scale, window, sinks,
-              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, lo, hi, stride_kt, stride_vt,
+              qk_scale, window, sinks, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL)
-        vis = vis & n_mask[None, :] & (offs_m < q_len)[:, None]
-        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        offs_n = start_n + offs_n0
+        if MASKED:
+            n_mask = offs_n < k_len
+            kT = tl.load(kT_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=n_mask[None, :], other=0.0)
+            vT = tl.load(vT_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=n_mask[None, :], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs + tl.cast(start_n, tl.int64) * stride_kt)
+            vT = tl.load(vT_ptrs + tl.cast(start_n, tl.int64) * stride_vt)
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL) & n_mask[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     return dq
 
 
 @triton.jit
 def _window_attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    Q, K, V, O, DO, LSE, DELTA, DQ, cu_q, cu_k,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
-    sm_scale, window, sinks, HQ, REP, D,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    sm_scale, qk_scale, window, sinks, HQ, REP,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -266,73 +406,96 @@ def _window_attn_bwd_dq(
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
         m_mask = offs_m < q_len
-        q_mask = m_mask[:, None] & d_mask[None, :]
+        d_ok = offs_d < HEAD_DIM
+        io_mask = m_mask[:, None] & d_ok[None, :]
         q = tl.load(Q + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
+                    mask=io_mask, other=0.0)
         do = tl.load(DO + (q_start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
+                     mask=io_mask, other=0.0)
         lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
-        delta = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=m_mask, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # rows that see nothing: p = 0
+        # delta_i = sum_d dO_i O_i, computed here and stored for the dK/dV kernel (launched after)
+        o = tl.load(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + h * stride_lh + q_start + offs_m, delta, mask=m_mask)
         pos = offs_m + (k_len - q_len)
-        start, hi = _key_blocks(m0, q_len, k_len, window, CAUSAL, BLOCK_M, BLOCK_N)
-        k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
-        v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+        d_col = _pad_columns(offs_d, HEAD_DIM, BLOCK_D)  # pad rows read column 0 (q, do pads are 0)
+        offs_n = tl.arange(0, BLOCK_N)
+        kT_ptrs = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[None, :] * stride_kt + d_col[:, None]
+        vT_ptrs = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[None, :] * stride_vt + d_col[:, None]
+        sink_end, start, full_lo, full_hi, end = _key_ranges(m0, q_len, k_len, window, sinks, CAUSAL,
+                                                             BLOCK_M, BLOCK_N)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        dq = _dq_visit(dq, q, do, lse, delta, pos, offs_m, q_len, k_base, v_base, k_len,
-                       0, tl.minimum(tl.minimum(sinks, start), k_len), stride_kt, stride_vt, offs_d, d_mask,
-                       sm_scale, window, sinks, CAUSAL, BLOCK_N)
-        dq = _dq_visit(dq, q, do, lse, delta, pos, offs_m, q_len, k_base, v_base, k_len,
-                       start, hi, stride_kt, stride_vt, offs_d, d_mask, sm_scale, window, sinks, CAUSAL, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, 0, sink_end, stride_kt, stride_vt,
+                       qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, start, full_lo, stride_kt, stride_vt,
+                       qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, full_lo, full_hi, stride_kt, stride_vt,
+                       qk_scale, window, sinks, CAUSAL, False, BLOCK_N, PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, full_hi, end, stride_kt, stride_vt,
+                       qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
         tl.store(DQ + (q_start + offs_m)[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+def _bwd_inputs(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Packed views, cu_seqlens, max lengths, and the buffer for delta = rowsum(dO * O) ([Hq, T], fp32)."""
+    qp, kp, vp, cu_q, cu_k, max_q, max_k = _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    T, Hq, _ = qp.shape
+    if cu_seqlens_q is None:
+        dop, op_ = do.reshape(qp.shape), out.reshape(qp.shape)
+        lsep = lse.transpose(0, 1).reshape(Hq, T)
+    else:
+        dop, op_, lsep = do, out, lse
+    qp, kp, vp, op_, dop = _unit_stride(qp, kp, vp, op_, dop)
+    delta = torch.empty(Hq, T, device=q.device, dtype=torch.float32)  # written by the dQ kernel
+    return qp, kp, vp, op_, dop, lsep.contiguous(), delta, cu_q, cu_k, max_q, max_k
+
+
+def _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, *, window, sinks, causal, scale, config):
+    B, (T, Hq, D), Hkv = cu_q.numel() - 1, qp.shape, kp.shape[1]
+    block_d = max(16, triton.next_power_of_2(D))
+    bm, bn, warps, stages = _config(BWD_DKDV_CONFIG, block_d, qp.dtype, config)
+    torch.library.wrap_triton(_window_attn_bwd_dkdv)[(triton.cdiv(max(max_k, 1), bn), B * Hkv)](
+        qp, kp, vp, dop, lsep, delta, dk, dv, cu_q, cu_k,
+        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+        dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lsep.stride(0),
+        scale, scale * LOG2E, window, sinks, Hkv, Hq // Hkv,
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=_precision(qp),
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, window, sinks, causal, scale, config):
+    """dQ, and delta (written for _launch_dkdv, which must run after it)."""
+    B, (T, Hq, D), Hkv = cu_q.numel() - 1, qp.shape, kp.shape[1]
+    block_d = max(16, triton.next_power_of_2(D))
+    bm, bn, warps, stages = _config(BWD_DQ_CONFIG, block_d, qp.dtype, config)
+    torch.library.wrap_triton(_window_attn_bwd_dq)[(triton.cdiv(max(max_q, 1), bm), B * Hq)](
+        qp, kp, vp, op_, dop, lsep, delta, dq, cu_q, cu_k,
+        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+        op_.stride(0), op_.stride(1), dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
+        scale, scale * LOG2E, window, sinks, Hq, Hq // Hkv,
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=_precision(qp),
+        num_warps=warps, num_stages=stages,
+    )
 
 
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-                         block_m: int = 64, block_n: int = 64, num_warps: int = 4):
+                         config_dkdv: tuple | None = None, config_dq: tuple | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`window_attention_fwd` given ``do`` and its ``out``/``lse``.
     Deterministic (no atomics): GQA heads are summed inside the dK/dV program."""
-    dense = cu_seqlens_q is None
-    if dense:
-        B, Sq, Hq, D = q.shape
-        Sk = k.shape[1]
-        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sq
-        cu_k = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Sk
-        flat = lambda t, s: t.reshape(B * s, t.shape[2], D)  # noqa: E731
-        qp, kp, vp, dop, op_ = flat(q, Sq), flat(k, Sk), flat(v, Sk), flat(do, Sq), flat(out, Sq)
-        lsep = lse.transpose(0, 1).reshape(Hq, B * Sq)
-        max_q, max_k = Sq, Sk
-    else:
-        cu_q = cu_seqlens_q
-        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-        B = cu_q.numel() - 1
-        qp, kp, vp, dop, op_, lsep = q, k, v, do, out, lse
-        Hq, D = q.shape[1], q.shape[2]
-        max_q = max_seqlen_q if max_seqlen_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
-        max_k = max_seqlen_k if max_seqlen_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
-    qp, kp, vp, dop = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp, dop))
-    lsep = lsep.contiguous()
-    delta = (op_.float() * dop.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, T]
-    Hkv = kp.shape[1]
+    qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
+        do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    block_d = max(16, triton.next_power_of_2(D))
-    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    torch.library.wrap_triton(_window_attn_bwd_dkdv)[(triton.cdiv(max(max_k, 1), block_n), B * Hkv)](
-        qp, kp, vp, dop, lsep, delta, dk, dv, cu_q, cu_k,
-        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lsep.stride(0),
-        scale, window, sinks, Hkv, Hq // Hkv, D, **common,
-    )
-    torch.library.wrap_triton(_window_attn_bwd_dq)[(triton.cdiv(max(max_q, 1), block_m), B * Hq)](
-        qp, kp, vp, dop, lsep, delta, dq, cu_q, cu_k,
-        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
-        scale, window, sinks, Hq, Hq // Hkv, D, **common,
-    )
-    if dense:
+    common = dict(window=window, sinks=sinks, causal=causal, scale=scale)
+    _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, config=config_dq, **common)
+    _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, **common)
+    if cu_seqlens_q is None:
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     return dq, dk, dv

@@ -1,0 +1,83 @@
+"""Sweep the Triton W8A8 kernel's launch shapes on this GPU, next to cuBLAS bf16 on the same shape.
+
+    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--out tune.json]
+
+Every config's output is compared with the int32-exact reference result first (a config that
+computes something else is reported, not timed). The winners go into ``launch_config`` in
+deepseek_kernels/triton/int8_matmul.py.
+"""
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+import triton.testing
+
+from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
+
+SMALL = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stages=s)
+         for n, k, w, s in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 4, 6))
+         if not (n == 16 and w == 8)]
+LARGE = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
+         for m, n, k, w, s in itertools.product((64, 128, 256), (128, 256), (128,), (4, 8), (3, 4))
+         if m * n <= 128 * 256 and not (m * n >= 128 * 256 and w == 4)]
+
+
+def run(a, b, a_s, b_s, out, cfg):
+    M, K = a.shape
+    N = b.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _int8_matmul_kernel[grid](a, b, out, a_s, b_s, a_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                              out.stride(0), out.stride(1), APPLY_EPILOGUE=True, HAS_BIAS=False, **cfg)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    results = []
+    for spec in args.shapes.split(";"):
+        M, N, K = map(int, spec.split(","))
+        a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+        b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        a_s, b_s = torch.rand(M, device="cuda") / 100, torch.rand(N, device="cuda") / 100
+        ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
+        xb, wb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        base = triton.testing.do_bench(lambda: xb @ wb.T, warmup=20, rep=100)
+        print(f"== M{M} N{N} K{K}: cuBLAS bf16 {base * 1e3:.1f} us")
+        rows = []
+        for cfg in SMALL if M <= 16 else LARGE:
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            try:
+                run(a, b, a_s, b_s, out, cfg)
+                torch.cuda.synchronize()
+            except Exception as e:
+                rows.append({"config": cfg, "error": type(e).__name__})
+                continue
+            if not torch.equal(out, ref):
+                err = ((out.float() - ref.float()).abs().max()).item()
+                if err > 1e-2 * ref.float().abs().max().item():
+                    rows.append({"config": cfg, "error": f"wrong result ({err:.2e})"})
+                    continue
+            ms = triton.testing.do_bench(lambda: run(a, b, a_s, b_s, out, cfg), warmup=20, rep=100)
+            rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms})
+        ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+        for r in ok[:4]:
+            c = r["config"]
+            print(f"  {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}: "
+                  f"{r['ms'] * 1e3:7.1f} us  {r['vs_bf16']:.2f}x bf16")
+        bad = [r for r in rows if "error" in r]
+        if bad:
+            print(f"  {len(bad)} configs failed, e.g. {bad[0]}")
+        results.append({"M": M, "N": N, "K": K, "cublas_bf16_ms": base, "rows": rows})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
