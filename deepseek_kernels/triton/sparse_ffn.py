@@ -163,15 +163,16 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     key = torch.where(flat >= 0, flat, n_blocks)  # empty slots sort last, into no block
     order = torch.argsort(key, stable=True)
     sorted_tok = torch.div(order, max(KT, 1), rounding_mode="floor").to(torch.int32)
-    counts = torch.bincount(key, minlength=n_blocks + 1)[:n_blocks]
-    offsets = torch.zeros(n_blocks + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # offsets by binary search over the sorted keys (not bincount: its output size is data-dependent,
+    # which torch.compile cannot trace)
+    offsets = torch.searchsorted(key[order], torch.arange(n_blocks + 1, device=dev))
+    counts = offsets[1:] - offsets[:-1]
     pos = torch.empty(P, dtype=torch.int64, device=dev)
     pos[order] = torch.arange(P, device=dev)
     inv = torch.where(flat >= 0, pos, -1).reshape(T, KT)
     tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0)
-    n_tiles = triton.cdiv(P, block_m) + n_blocks  # static upper bound of sum(tiles)
+    n_tiles = -(-P // block_m) + n_blocks  # static upper bound of sum(tiles)
     t_ids = torch.arange(n_tiles, device=dev)
     tile_block = torch.searchsorted(tile_end, t_ids, right=True)
     b = tile_block.clamp_max(n_blocks - 1)
