@@ -3,7 +3,8 @@
 Two registered ops, composed by the public function (so autograd sums x's two gradients):
 
 * ``deepseek_kernels::sparse_ffn_route(x, router_weight, bias, k, gate, weighting, threshold)``
-  -> ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, n_routed])``. Triton: the fused router
+  -> ``(weights fp32 [T, k], probs fp32 [T, n_routed], idx int32 [T, k])`` (float outputs first:
+  opcheck's autograd test sums the outputs in order and cannot start from an integer one). Triton: the fused router
   kernel; CPU: ``route_ref``. Backward (closed form, torch): through the normalised gates and the
   probs to the logits, then ``dx = dlogits . W_r``, ``dW_r = dlogits^T . x``.
 * ``deepseek_kernels::sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks,
@@ -96,6 +97,52 @@ def check_args(x, router_weight, w_gate, w_up, w_down, *, active_ratio, shared_b
             raise ValueError(f"{name}: bias must be on {x.device}, got {bias.device}")
 
 
+def check_route_op_args(x, router_weight, bias, k, gate, weighting) -> None:
+    """The registered route op's own checks (it can be called straight through torch.ops)."""
+    name = "sparse_ffn_route"
+    if x.dim() != 2 or router_weight.dim() != 2 or router_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: x must be [T, d_model] and router_weight [n_routed, d_model], got "
+                         f"{tuple(x.shape)} and {tuple(router_weight.shape)}")
+    if x.dtype not in FLOAT_DTYPES or router_weight.dtype != x.dtype:
+        raise ValueError(f"{name}: x and router_weight must share one dtype among float16/bfloat16/float32, "
+                         f"got {x.dtype} and {router_weight.dtype}")
+    if not 1 <= k <= router_weight.shape[0]:
+        raise ValueError(f"{name}: k must be in [1, n_routed={router_weight.shape[0]}], got {k}")
+    if gate not in GATES or weighting not in WEIGHTINGS:
+        raise ValueError(f"{name}: gate must be one of {GATES} and weighting one of {WEIGHTINGS}, "
+                         f"got {gate!r}, {weighting!r}")
+    if bias is not None and (bias.shape != (router_weight.shape[0],) or bias.dtype != torch.float32):
+        raise ValueError(f"{name}: bias must be float32 [n_routed], got {bias.dtype} {tuple(bias.shape)}")
+
+
+def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks) -> None:
+    name = "sparse_ffn_blocks_fwd"
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be [T, d_model], got {tuple(x.shape)}")
+    T, D = x.shape
+    for arg, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: dtype mismatch: {arg} is {t.dtype} but x is {x.dtype}")
+    if n_blocks < 1 or w_gate.dim() != 2 or w_gate.shape[0] % n_blocks:
+        raise ValueError(f"{name}: d_ff ({w_gate.shape[0] if w_gate.dim() else '?'}) must be divisible by "
+                         f"n_blocks ({n_blocks})")
+    F_ = w_gate.shape[0]
+    if w_gate.shape != (F_, D) or w_up.shape != (F_, D) or w_down.shape != (D, F_):
+        raise ValueError(f"{name}: expected w_gate, w_up [d_ff, d_model] and w_down [d_model, d_ff] with "
+                         f"d_model={D}, got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
+    if not 0 <= shared_blocks <= n_blocks:
+        raise ValueError(f"{name}: shared_blocks must be in [0, n_blocks={n_blocks}], got {shared_blocks}")
+    if idx.dtype != torch.int32 or idx.dim() != 2 or idx.shape[0] != T or weights.shape != idx.shape:
+        raise ValueError(f"{name}: idx must be int32 [T, k] with T={T} and weights [T, k], got {idx.dtype} "
+                         f"{tuple(idx.shape)} and {tuple(weights.shape)}")
+    if weights.dtype != torch.float32:
+        raise ValueError(f"{name}: weights must be float32, got {weights.dtype}")
+    if not torch.compiler.is_compiling() and not isinstance(idx, torch._subclasses.FakeTensor) and idx.numel():
+        if int(idx.max()) >= n_blocks - shared_blocks or int(idx.min()) < -1:
+            raise ValueError(f"{name}: idx entries must be routed block ids in [0, {n_blocks - shared_blocks}) "
+                             f"or -1 (empty slot)")
+
+
 # ---- torch implementations over the grouped layout (CPU forward, every backward) ----------------------
 
 
@@ -169,7 +216,7 @@ def _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shar
     for j in range(KT):  # a gather per slot: deterministic, no atomics
         dx += torch.where(valid[:, j, None], dx_rows[pos[:, j]].float(), 0.0)
     dweights = torch.where(valid, dweight_sorted[pos], 0.0)[:, shared_blocks:]
-    return dx.to(dt), dwg, dwu, dwd, dweights.to(weights.dtype)
+    return dx.to(dt), dwg, dwu, dwd, dweights.to(weights.dtype).contiguous()
 
 
 # ---- ops -----------------------------------------------------------------------------------------
@@ -178,19 +225,23 @@ def _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shar
 @define_triton_op("deepseek_kernels::sparse_ffn_route")
 def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, k: int, gate: str,
               weighting: str, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_route_op_args(x, router_weight, bias, k, gate, weighting)
     if _use_triton(x):
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_route
 
-        return sparse_ffn_route(x, router_weight, k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold)
+        idx, weights, probs = sparse_ffn_route(x, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
+                                               threshold=threshold)
+        return weights, probs, idx
     idx, weights, probs = route_ref(x, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
                                     threshold=threshold)
-    return idx, weights.float().contiguous(), probs.float().contiguous()
+    return weights.float().contiguous(), probs.float().contiguous(), idx
 
 
 @define_triton_op("deepseek_kernels::sparse_ffn_blocks_fwd")
 def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int,
                    save_act: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
     if _use_triton(x):
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_fwd
 
@@ -219,25 +270,27 @@ if not TRITON_OP:
 
     @_route_op.register_fake
     def _(x, router_weight, bias, k, gate, weighting, threshold):
+        check_route_op_args(x, router_weight, bias, k, gate, weighting)
         T = x.shape[0]
-        return (x.new_empty((T, k), dtype=torch.int32), x.new_empty((T, k), dtype=torch.float32),
-                x.new_empty((T, router_weight.shape[0]), dtype=torch.float32))
+        return (x.new_empty((T, k), dtype=torch.float32), x.new_empty((T, router_weight.shape[0]), dtype=torch.float32),
+                x.new_empty((T, k), dtype=torch.int32))
 
     @_blocks_fwd_op.register_fake
     def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act):
+        check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
         P = x.shape[0] * (shared_blocks + idx.shape[1]) if save_act else 0
         return torch.empty_like(x), x.new_empty((P, 2, w_gate.shape[0] // n_blocks))
 
 
 def _route_setup_context(ctx, inputs, output):
     x, router_weight, bias, k, gate, weighting, threshold = inputs
-    idx, weights, probs = output
+    weights, probs, idx = output
     ctx.save_for_backward(x, router_weight, idx, weights, probs)
     ctx.gate, ctx.weighting = gate, weighting
     ctx.mark_non_differentiable(idx)
 
 
-def _route_backward(ctx, _grad_idx, grad_weights, grad_probs):
+def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
     x, router_weight, idx, weights, probs = ctx.saved_tensors
     dp = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
     if grad_weights is not None and ctx.weighting == "gate":
@@ -325,7 +378,7 @@ def gated_sparse_ffn(
     if w_up.stride() != w_gate.stride():  # the gate/up kernel walks both with one set of strides
         w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     if k > 0:
-        idx, weights, probs = torch.ops.deepseek_kernels.sparse_ffn_route(x2, router_weight, bias, k, gate, weighting,
+        weights, probs, idx = torch.ops.deepseek_kernels.sparse_ffn_route(x2, router_weight, bias, k, gate, weighting,
                                                                           threshold)
     else:
         idx = x2.new_empty((x2.shape[0], 0), dtype=torch.int32)
