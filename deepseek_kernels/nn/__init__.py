@@ -2,5 +2,6 @@
 
 from deepseek_kernels.nn.attention import WindowedAttention
 from deepseek_kernels.nn.int8 import Int8Linear, QuantizeReport, quantize_model
+from deepseek_kernels.nn.sparse_ffn import GatedSparseFFN, SparsityReport
 
-__all__ = ["Int8Linear", "QuantizeReport", "WindowedAttention", "quantize_model"]
+__all__ = ["GatedSparseFFN", "Int8Linear", "QuantizeReport", "SparsityReport", "WindowedAttention", "quantize_model"]

@@ -3,9 +3,12 @@
 from deepseek_kernels.ops.attention import window_attention
 from deepseek_kernels.ops.int8_matmul import int8_matmul, int8_mm, quantize_per_token
 from deepseek_kernels.ops.quantization import dequantize_blockwise, quantize_blockwise
+from deepseek_kernels.ops.sparse_ffn import SparseRouting, gated_sparse_ffn
 
 __all__ = [
+    "SparseRouting",
     "dequantize_blockwise",
+    "gated_sparse_ffn",
     "int8_matmul",
     "int8_mm",
     "quantize_blockwise",

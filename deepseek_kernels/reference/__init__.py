@@ -3,6 +3,12 @@ implementation, and the baseline the benchmarks compile with torch.compile."""
 
 from deepseek_kernels.reference.attention import attended_pairs, window_attention_ref, window_mask
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
+from deepseek_kernels.reference.sparse_ffn import (
+    gated_sparse_ffn_ref,
+    route_ref,
+    sparse_ffn_blocks_ref,
+    swiglu_ffn_ref,
+)
 from deepseek_kernels.reference.quantization import (
     FORMATS,
     dequantize_blockwise_ref,
@@ -17,6 +23,10 @@ __all__ = [
     "int8_matmul_ref",
     "int8_mm_ref",
     "quantize_per_token_ref",
+    "gated_sparse_ffn_ref",
+    "route_ref",
+    "sparse_ffn_blocks_ref",
+    "swiglu_ffn_ref",
     "window_attention_ref",
     "window_mask",
     "dequantize_blockwise_ref",

@@ -3,11 +3,12 @@ timing cases, see ``deepseek_kernels.bench.harness.Case``) and ``accuracy(device
 ``matches_reference``: bit for bit where the op is defined exactly, within the suite's stated
 tolerance otherwise, and the relative error)."""
 
-from deepseek_kernels.bench.suites import attention, comm_hook, int8_matmul, quantization
+from deepseek_kernels.bench.suites import attention, comm_hook, int8_matmul, quantization, sparse_ffn
 
 SUITES = {
     quantization.NAME: quantization,
     comm_hook.NAME: comm_hook,
     int8_matmul.NAME: int8_matmul,
     attention.NAME: attention,
+    sparse_ffn.NAME: sparse_ffn,
 }

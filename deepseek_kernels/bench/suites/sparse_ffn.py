@@ -1,0 +1,132 @@
+"""Gated sparse SwiGLU FFN vs the dense SwiGLU FFN (cuBLAS bf16) at the same d_model / d_ff.
+
+bf16, d_model 4096, d_ff 14336, 64 blocks, sigmoid gate, weighting "gate"; ratios 0.5 / 0.3 / 0.15;
+8192 and 16384 tokens, forward and forward + backward (gradients for x, router and the three
+weights; the dense baseline computes the same gradients for x and its three weights), and decode
+(1 and 8 tokens, forward, ratio 0.15).
+
+FLOPs count useful work only (``deepseek_kernels.reference.sparse_ffn.flops``):
+``6 * T * d_model * d_ff * k / n_blocks + 2 * T * d_model * n_routed`` forward (the three
+projections of the k active blocks plus the router), x3 for forward + backward. The dense rows'
+speedup is time(dense) / time(ours); both use the sparse op's useful FLOPs for TFLOP/s, so the
+TFLOP/s column says how well our kernels use the machine on the work they must do. Decode rows are
+bandwidth-bound: bytes = the weight slices of the blocks any token uses (estimated as
+``min(1, T * k / n_blocks)`` of the three weights, at most all of them) + the router.
+"""
+
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.bench.harness import Case, Impl
+from deepseek_kernels.reference.sparse_ffn import flops, gated_sparse_ffn_ref, n_active, swiglu_ffn_ref
+
+NAME = "sparse_ffn"
+TITLE = "Gated sparse SwiGLU FFN (bf16, 64 blocks) vs dense SwiGLU (cuBLAS)"
+D_MODEL, D_FF, N_BLOCKS = 4096, 14336, 64
+
+
+def _inputs(T, D, F_, NB, grad):
+    def make():
+        dev, dt = "cuda", torch.bfloat16
+        x = torch.randn(T, D, device=dev, dtype=dt)
+        wr = torch.randn(NB, D, device=dev, dtype=dt) * D**-0.5
+        wg = torch.randn(F_, D, device=dev, dtype=dt) * D**-0.5
+        wu = torch.randn(F_, D, device=dev, dtype=dt) * D**-0.5
+        wd = torch.randn(D, F_, device=dev, dtype=dt) * F_**-0.5
+        ts = [t.requires_grad_(grad) for t in (x, wr, wg, wu, wd)]
+        return (*ts, torch.randn(T, D, device=dev, dtype=dt))
+    return make
+
+
+def _ours(ratio, backward):
+    def fwd(x, wr, wg, wu, wd, dout):
+        return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=ratio)
+
+    def fwd_bwd(x, wr, wg, wu, wd, dout):
+        return torch.autograd.grad(fwd(x, wr, wg, wu, wd, dout), (x, wr, wg, wu, wd), dout)
+
+    return fwd_bwd if backward else fwd
+
+
+def _dense(backward):
+    def fwd(x, wr, wg, wu, wd, dout):
+        return swiglu_ffn_ref(x, wg, wu, wd)
+
+    def fwd_bwd(x, wr, wg, wu, wd, dout):
+        return torch.autograd.grad(fwd(x, wr, wg, wu, wd, dout), (x, wg, wu, wd), dout)
+
+    return fwd_bwd if backward else fwd
+
+
+def _check(ratio):
+    def check(inputs):
+        x, wr, wg, wu, wd, _ = inputs
+        xs = x[:256].detach()
+        with torch.no_grad():
+            out = dk.gated_sparse_ffn(xs, wr, wg, wu, wd, active_ratio=ratio).float()
+            ref = gated_sparse_ffn_ref(xs.float(), wr.float(), wg.float(), wu.float(), wd.float(), active_ratio=ratio)
+        err = ((out - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            raise AssertionError(f"gated_sparse_ffn differs from the reference at ratio {ratio}: relative error {err:.2e}")
+    return check
+
+
+def cases(quick: bool = False) -> list[Case]:
+    D, F_, NB = (1024, 4096, 64) if quick else (D_MODEL, D_FF, N_BLOCKS)
+    train = [(2048, r) for r in (0.3,)] if quick else [(T, r) for T in (8192, 16384) for r in (0.5, 0.3, 0.15)]
+    out = []
+    for T, ratio in train:
+        k = n_active(ratio, NB)
+        for backward in (False, True):
+            pas = "fwd+bwd" if backward else "fwd"
+            out.append(Case(
+                name=f"{pas} T{T} ratio{ratio} ({k}/{NB} blocks) vs dense",
+                make_inputs=_inputs(T, D, F_, NB, backward),
+                ours=Impl("deepseek_kernels", _ours(ratio, backward)),
+                baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(backward)),
+                flops=flops(T, D, F_, k, NB, NB, backward=backward),
+                params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
+                        "pass": pas},
+                check=None if backward else _check(ratio),
+            ))
+    for T in (() if quick else (1, 8)):
+        ratio = 0.15
+        k = n_active(ratio, NB)
+        frac = min(1.0, T * k / NB)
+        out.append(Case(
+            name=f"decode T{T} ratio{ratio} vs dense",
+            make_inputs=_inputs(T, D, F_, NB, False),
+            ours=Impl("deepseek_kernels", _ours(ratio, False)),
+            baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(False)),
+            bytes=int(2 * (3 * D * F_ * frac + NB * D + 2 * T * D)),
+            params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
+                    "pass": "decode"},
+            check=_check(ratio),
+        ))
+    return out
+
+
+def accuracy(device: torch.device) -> list[dict]:
+    """The op (forward and every gradient) against the float64 reference on small odd shapes."""
+    rows = []
+    for T, D, F_, NB, S, ratio, gate in ((17, 24, 64, 8, 0, 0.4, "sigmoid"), (33, 40, 128, 8, 2, 0.7, "softmax"),
+                                         (9, 32, 128, 64, 0, 0.15, "sigmoid")):
+        g = torch.Generator().manual_seed(T)
+        mk = lambda *s: torch.randn(*s, generator=g) / s[-1] ** 0.5  # noqa: E731
+        base = [torch.randn(T, D, generator=g), mk(NB - S, D) * 3, mk(F_, D), mk(F_, D), mk(D, F_)]
+        go = torch.randn(T, D, generator=g)
+        ours = [t.clone().to(device).requires_grad_(True) for t in base]
+        out = dk.gated_sparse_ffn(*ours, active_ratio=ratio, shared_blocks=S, gate=gate)
+        out.backward(go.to(device))
+        refs = [t.double().requires_grad_(True) for t in base]
+        ref = gated_sparse_ffn_ref(*refs, active_ratio=ratio, shared_blocks=S, gate=gate)
+        ref.backward(go.double())
+        err = max([((out.detach().cpu().double() - ref).norm() / ref.norm()).item()] +
+                  [((a.grad.cpu().double() - b.grad).norm() / b.grad.norm()).item() for a, b in zip(ours, refs)])
+        rows.append({
+            "case": f"T{T} D{D} F{F_} NB{NB} S{S} r{ratio} {gate}",
+            "path": dk.explain("gated_sparse_ffn", ours[0]).split(":")[0],
+            "matches_reference": err < 1e-4,  # fp32 inputs: agreement to ~1e-6 expected
+            "roundtrip_rel_error": err,
+        })
+    return rows

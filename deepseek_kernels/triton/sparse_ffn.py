@@ -1,0 +1,342 @@
+"""Triton kernels for the gated sparse SwiGLU FFN (forward; untuned first version).
+
+Semantics: ``deepseek_kernels/reference/sparse_ffn.py``. Shapes: ``x [T, D]`` (D = d_model),
+``w_gate, w_up [F, D]``, ``w_down [D, F]`` (F = d_ff = n_blocks * BS), router ``[NR, D]``.
+
+Pipeline (one call of :func:`sparse_ffn_fwd`):
+
+1. ``_sparse_ffn_router_kernel``: logits = x . router^T (fp32 accumulate), sigmoid/softmax, the
+   selection bias and threshold, top-k by k rounds of arg-max (ties to the lower index, as the
+   reference's stable sort), normalised gates. One program owns BLOCK_T tokens and all NR blocks.
+2. Grouping (:func:`group_pairs`, torch index ops, no host sync): every (token, block) pair,
+   shared blocks included, is sorted by block (stable argsort); ``offsets`` delimit the blocks'
+   row ranges and a tile table maps program ids to (block, first row). The grid is the static upper
+   bound ``cdiv(P, BLOCK_M) + n_blocks`` tiles; programs past the last tile exit at once. A
+   histogram + scan kernel would save a few small launches; at 8k tokens x 20 pairs the sort is a
+   small share of the GEMM time, so it stays in torch for now.
+3. ``_sparse_ffn_gate_up_kernel``: grouped GEMM over the active blocks, x rows gathered by token
+   id (no permuted copy of x), gate and up accumulated side by side, SwiGLU in the epilogue;
+   writes ``h [P, BS]`` and, for the backward, the pre-activations ``act [P, 2, BS]``.
+4. ``_sparse_ffn_down_kernel``: grouped GEMM ``y[p] = h[p] . w_down[:, block]^T`` -> ``[P, D]``.
+5. ``_sparse_ffn_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[inv[t, j]]`` in fp32, a
+   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are meant to be exact-ish (tests, fp32 training): no TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- 1. router -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_ffn_router_kernel(
+    X, WR, BIAS, IDX, WOUT, PROBS,
+    T, D, NR, threshold,
+    stride_xt, stride_xd, stride_wn, stride_wd,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR]."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_n = tl.arange(0, BLOCK_NR)
+    n_mask = offs_n < NR
+    acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
+                     mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
+                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+    if SOFTMAX:
+        logits = tl.where(n_mask[None, :], acc, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, 1)[:, None])
+        p = e / tl.sum(e, 1)[:, None]
+    else:
+        p = tl.sigmoid(acc)
+    p = tl.where(n_mask[None, :], p, 0.0)
+    tl.store(PROBS + offs_t[:, None].to(tl.int64) * NR + offs_n[None, :], p,
+             mask=t_mask[:, None] & n_mask[None, :])
+    sel = p
+    if HAS_BIAS:
+        sel = sel + tl.load(BIAS + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_THRESHOLD:
+        sel = tl.where(p > threshold, sel, float("-inf"))
+    sel = tl.where(n_mask[None, :], sel, float("-inf"))
+
+    cols = tl.arange(0, BLOCK_K)
+    idx = tl.full((BLOCK_T, BLOCK_K), -1, dtype=tl.int32)
+    g = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for j in range(K):
+        best = tl.max(sel, 1)
+        # the lowest index among the maxima: the reference's stable descending sort
+        pick = tl.min(tl.where(sel == best[:, None], offs_n[None, :], BLOCK_NR), 1)
+        valid = best > float("-inf")
+        hit = offs_n[None, :] == pick[:, None]
+        gp = tl.sum(tl.where(hit, p, 0.0), 1)
+        idx = tl.where(cols[None, :] == j, tl.where(valid, pick, -1)[:, None], idx)
+        g = tl.where(cols[None, :] == j, tl.where(valid, gp, 0.0)[:, None], g)
+        sel = tl.where(hit, float("-inf"), sel)
+    if NORMALISE:
+        total = tl.sum(g, 1)
+        w_out = g / tl.where(total > 0, total, 1.0)[:, None]
+    else:
+        w_out = tl.where(idx >= 0, 1.0, 0.0)
+    out_off = offs_t[:, None].to(tl.int64) * K + cols[None, :]
+    out_mask = t_mask[:, None] & (cols[None, :] < K)
+    tl.store(IDX + out_off, idx, mask=out_mask)
+    tl.store(WOUT + out_off, w_out, mask=out_mask)
+
+
+def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
+                     bias: torch.Tensor | None = None, threshold: float | None = None,
+                     block_t: int = 32, block_d: int = 64, num_warps: int = 4):
+    """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``."""
+    T, D = x.shape
+    NR = router_weight.shape[0]
+    idx = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    probs = torch.empty(T, NR, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return idx, weights, probs
+    grid = (triton.cdiv(T, block_t),)
+    torch.library.wrap_triton(_sparse_ffn_router_kernel)[grid](
+        x, router_weight, bias if bias is not None else probs, idx, weights, probs,
+        T, D, NR, float(threshold) if threshold is not None else 0.0,
+        x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
+        K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
+        HAS_THRESHOLD=threshold is not None, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=max(16, triton.next_power_of_2(NR)),
+        BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=num_warps,
+    )
+    return idx, weights, probs
+
+
+# ---- 2. grouping ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Grouping:
+    """(token, block) pairs sorted by block. ``P = T * KT`` pairs (KT = shared + routed slots)."""
+
+    sorted_tok: torch.Tensor   # int32 [P]: token of each sorted row
+    order: torch.Tensor        # int64 [P]: flat pair index (t * KT + j) of each sorted row
+    inv: torch.Tensor          # int64 [T, KT]: sorted row of pair (t, j), -1 for an empty slot
+    offsets: torch.Tensor      # int32 [n_blocks + 1]: rows of block b are [offsets[b], offsets[b+1])
+    tile_block: torch.Tensor   # int32 [n_tiles]: block of each BLOCK_M row tile (n_blocks: no tile)
+    tile_start: torch.Tensor   # int32 [n_tiles]: first row of each tile
+    block_m: int
+
+
+def full_routing(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int):
+    """Routed ``idx/weights [T, k]`` -> all blocks a token runs ``[T, shared + k]`` (block ids in
+    ``[0, n_blocks)``, -1 empty), weights float32 (1 for shared blocks)."""
+    T = idx.shape[0]
+    shared = torch.arange(shared_blocks, device=idx.device, dtype=torch.int32).expand(T, shared_blocks)
+    routed = torch.where(idx >= 0, idx + shared_blocks, -1).to(torch.int32)
+    blocks = torch.cat([shared, routed], dim=1)
+    w = torch.cat([weights.new_ones(T, shared_blocks), weights], dim=1).float()
+    return blocks, w
+
+
+def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
+    """Sorts the (token, block) pairs of ``blocks [T, KT]`` by block; sync-free torch index ops."""
+    T, KT = blocks.shape
+    P = T * KT
+    dev = blocks.device
+    flat = blocks.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, n_blocks)  # empty slots sort last, into no block
+    order = torch.argsort(key, stable=True)
+    sorted_tok = torch.div(order, max(KT, 1), rounding_mode="floor").to(torch.int32)
+    # offsets by binary search over the sorted keys (not bincount: its output size is data-dependent,
+    # which torch.compile cannot trace)
+    offsets = torch.searchsorted(key[order], torch.arange(n_blocks + 1, device=dev))
+    counts = offsets[1:] - offsets[:-1]
+    pos = torch.empty(P, dtype=torch.int64, device=dev)
+    pos[order] = torch.arange(P, device=dev)
+    inv = torch.where(flat >= 0, pos, -1).reshape(T, KT)
+    tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
+    tile_end = torch.cumsum(tiles, 0)
+    n_tiles = -(-P // block_m) + n_blocks  # static upper bound of sum(tiles)
+    t_ids = torch.arange(n_tiles, device=dev)
+    tile_block = torch.searchsorted(tile_end, t_ids, right=True)
+    b = tile_block.clamp_max(n_blocks - 1)
+    first_tile = tile_end[b] - tiles[b]
+    tile_start = offsets[b] + (t_ids - first_tile) * block_m
+    return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block.to(torch.int32),
+                    tile_start.to(torch.int32), block_m)
+
+
+# ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_ffn_gate_up_kernel(
+    X, WG, WU, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+    D, BS, NB,
+    stride_xt, stride_xd, stride_wf, stride_wd,
+    SAVE_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """For the rows of one block b: a = x[tok] . w_gate[b*BS + n]^T, u likewise with w_up,
+    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            a = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        out_mask = r_mask[:, None] & n_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=out_mask)
+        if SAVE_ACT:
+            act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+            tl.store(act, acc_g.to(ACT.dtype.element_ty), mask=out_mask)
+            tl.store(act + BS, acc_u.to(ACT.dtype.element_ty), mask=out_mask)
+
+
+# ---- 4. down grouped GEMM ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_ffn_down_kernel(
+    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS,
+    D, BS, NB,
+    stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < D
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, BS, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < BS
+            a = tl.load(H + rows64[:, None] * BS + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=r_mask[:, None] & n_mask[None, :])
+
+
+# ---- 5. weighted combine -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_ffn_combine_kernel(
+    Y, INV, W, OUT, T, D, KT,
+    stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < T
+    n_mask = offs_n < D
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(KT):
+        pos = tl.load(INV + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=-1)
+        w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+        valid = pos >= 0
+        y = tl.load(Y + pos[:, None] * D + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
+        acc += w[:, None] * y.to(tl.float32)
+    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=t_mask[:, None] & n_mask[None, :])
+
+
+# ---- launcher ----------------------------------------------------------------------------------------
+
+
+def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+    """Tile shapes (untuned first guess; small problems use small tiles)."""
+    if tokens * block_size <= 4096:
+        return dict(block_m=16, block_n=16, block_k=32, num_warps=4)
+    return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+
+
+def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                   idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
+                   save_act: bool = True, block_m: int | None = None, block_n: int | None = None,
+                   block_k: int | None = None, num_warps: int | None = None):
+    """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
+    ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
+    layout; empty [0, 2, BS] without save_act), grouping)``."""
+    T, D = x.shape
+    BS = w_gate.shape[0] // n_blocks
+    cfg = launch_config(T, D, BS)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    num_warps = num_warps or cfg["num_warps"]
+    blocks, w_full = full_routing(idx, weights, shared_blocks)
+    KT = blocks.shape[1]
+    P = T * KT
+    grouping = group_pairs(blocks, n_blocks, block_m)
+    h = torch.empty(P, BS, dtype=x.dtype, device=x.device)
+    act = torch.empty((P if save_act else 0), 2, BS, dtype=x.dtype, device=x.device)
+    y = torch.empty(P, D, dtype=x.dtype, device=x.device)
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return out.zero_(), act, grouping
+    n_tiles = grouping.tile_block.numel()
+    prec = _dot_precision(x.dtype)
+    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[(n_tiles, triton.cdiv(BS, block_n))](
+        x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
+        grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+        SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, block_n))](
+        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
+        w_down.stride(0), w_down.stride(1),
+        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    block_t = 16
+    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+        y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
+        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out, act, grouping
