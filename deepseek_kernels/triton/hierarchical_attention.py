@@ -216,10 +216,12 @@ def _hier_attn_fwd_kernel(
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         hi = tl.minimum(m0 + BLOCK_M, seqlen)
-        # sinks that lie before the local window, then the local window
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, local_lo),
+        # key tiles [0, min(sinks, lo_tile)) for the sinks, then [lo_tile, hi) for the local window:
+        # lo_tile is tile-aligned so no key tile is visited twice
+        lo_tile = (local_lo // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
                                    local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, (local_lo // BLOCK_N) * BLOCK_N,
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile,
                                    hi, local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
         # summaries: level l tiles blocks [s_l, s_{l-1})
         offs_s = tl.arange(0, BLOCK_S)
@@ -350,9 +352,10 @@ def _hier_bwd_dq(
         v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         hi = tl.minimum(m0 + BLOCK_M, seqlen)
-        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, local_lo),
+        lo_tile = (local_lo // BLOCK_N) * BLOCK_N  # as in the forward: no key tile twice
+        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
                        local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
-        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, (local_lo // BLOCK_N) * BLOCK_N, hi,
+        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi,
                        local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
         offs_s = tl.arange(0, BLOCK_S)
         s_prev = s0
