@@ -10,6 +10,7 @@ from deepseek_kernels import _extension
 from deepseek_kernels.info import info
 from deepseek_kernels.ops import (
     dequantize_blockwise,
+    hierarchical_attention,
     int8_matmul,
     int8_mm,
     quantize_blockwise,
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "dequantize_blockwise",
     "explain",
+    "hierarchical_attention",
     "info",
     "int8_matmul",
     "int8_mm",
