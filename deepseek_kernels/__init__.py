@@ -11,6 +11,7 @@ from deepseek_kernels.info import info
 from deepseek_kernels.ops import (
     dequantize_blockwise,
     gated_sparse_ffn,
+    hierarchical_attention,
     int8_matmul,
     int8_mm,
     quantize_blockwise,
@@ -19,16 +20,20 @@ from deepseek_kernels.ops import (
 )
 from deepseek_kernels.ops._registry import explain
 from deepseek_kernels.decode import RollingKVCache, window_attention_decode
+from deepseek_kernels.hierarchical_decode import HierarchicalKVCache, hierarchical_attention_decode
 from deepseek_kernels.nn import quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HierarchicalKVCache",
     "RollingKVCache",
     "__version__",
     "dequantize_blockwise",
     "explain",
     "gated_sparse_ffn",
+    "hierarchical_attention",
+    "hierarchical_attention_decode",
     "info",
     "int8_matmul",
     "int8_mm",

@@ -49,6 +49,9 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         if not all(r["matches_reference"] for r in acc):
             print(f"!! {name}: some cases differ from the reference", file=sys.stderr)
             failed = True
+        summary = suite.summary() if hasattr(suite, "summary") else None
+        if summary is not None:
+            print(f"== {name}: summary\n{summary['text']}")
         if not cuda:
             print(f"== {name}: timing needs a CUDA GPU; none is visible here, so only accuracy was checked.")
             continue
@@ -73,6 +76,7 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
             "gpu_telemetry": {"before": telemetry_before, "after": telemetry_after},
             "ceilings": ceilings,
             "accuracy": acc,
+            "summary": summary,
             "rows": rows,
         }
         json_path = out_dir / f"{name}.json"

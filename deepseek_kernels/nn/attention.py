@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from deepseek_kernels.ops.attention import window_attention
+from deepseek_kernels.ops.hierarchical_attention import hierarchical_attention
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -29,13 +30,23 @@ class WindowedAttention(nn.Module):
     Args:
         hidden_size, num_heads, num_kv_heads (default num_heads), head_dim (default
         hidden_size // num_heads), window, sinks, rope_theta (None: no rotary), bias (projections).
+        mode: ``"window"`` (token-exact sliding window, :func:`deepseek_kernels.window_attention`) or
+        ``"hierarchical"`` (local window plus pooled far context,
+        :func:`deepseek_kernels.hierarchical_attention` with ``block`` and ``levels``).
     ``forward(x [B, S, hidden], position_ids=None)`` -> ``[B, S, hidden]``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, window: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, sinks: int = 0, rope_theta: float | None = 10000.0, bias: bool = False,
-                 device=None, dtype=None):
+                 mode: str = "window", block: int = 64, levels: int | None = None, device=None, dtype=None):
         super().__init__()
+        if mode not in ("window", "hierarchical"):
+            raise ValueError(f"WindowedAttention: mode must be 'window' or 'hierarchical', got {mode!r}")
+        if mode == "hierarchical":
+            from deepseek_kernels.reference.hierarchical_attention import check_config
+
+            check_config(window, block, levels, sinks, "WindowedAttention")
+        self.mode, self.block, self.levels = mode, block, levels
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
@@ -57,9 +68,14 @@ class WindowedAttention(nn.Module):
         if self.rope_theta is not None:
             pos = torch.arange(S, device=x.device) if position_ids is None else position_ids
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-        out = window_attention(q, k, v, window=self.window, sinks=self.sinks)
+        if self.mode == "hierarchical":
+            out = hierarchical_attention(q, k, v, window=self.window, block=self.block, levels=self.levels,
+                                         sinks=self.sinks)
+        else:
+            out = window_attention(q, k, v, window=self.window, sinks=self.sinks)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
+        extra = f", mode=hierarchical, block={self.block}, levels={self.levels}" if self.mode == "hierarchical" else ""
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"window={self.window}, sinks={self.sinks}, rope_theta={self.rope_theta}")
+                f"window={self.window}, sinks={self.sinks}, rope_theta={self.rope_theta}{extra}")

@@ -1,0 +1,180 @@
+"""Hierarchical attention op: ``deepseek_kernels.hierarchical_attention`` (forward + backward).
+
+``deepseek_kernels::hierarchical_attention_fwd`` / ``hierarchical_attention_bwd`` run the Triton
+kernels of ``deepseek_kernels.triton.hierarchical_attention`` on CUDA tensors (and on CPU under the
+Triton interpreter); on CPU otherwise, the reference (closed-form backward). The exact semantics
+are in ``deepseek_kernels/reference/hierarchical_attention.py``.
+"""
+
+import torch
+
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
+from deepseek_kernels.reference.hierarchical_attention import (
+    check_config,
+    hierarchical_attention_bwd_ref,
+    hierarchical_attention_ref,
+    levels_needed,
+)
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+NAME = "hierarchical_attention"
+
+
+def check_args(q, k, v, window, block, levels, sinks, cu_seqlens) -> None:
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{NAME}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{NAME}: q, k, v must share one dtype among float16/bfloat16/float32, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{NAME}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    packed = cu_seqlens is not None
+    want = 3 if packed else 4
+    layout = "[total, heads, head_dim] with cu_seqlens" if packed else "[batch, seq, heads, head_dim]"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{NAME}: {arg} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{NAME}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"{NAME}: q and k must hold the same tokens (self-attention), got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{NAME}: head dims differ: q has {d}, k has {k.shape[-1]}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{NAME}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{NAME}: the query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
+    check_config(window, block, levels, sinks, NAME)
+    if packed:
+        cu = cu_seqlens
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{NAME}: cu_seqlens must be a 1-D int32 tensor [num_seqs + 1], got {cu.dtype} "
+                             f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{NAME}: cu_seqlens must be on {q.device}, got {cu.device}")
+        if not torch.compiler.is_compiling():  # data-dependent: checked in eager only
+            if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != q.shape[0]:
+                raise ValueError(f"{NAME}: cu_seqlens must start at 0, never decrease and end at the packed length "
+                                 f"{q.shape[0]}, got {cu.tolist() if cu.numel() <= 16 else '...'}")
+
+
+@define_triton_op("deepseek_kernels::hierarchical_attention_fwd")
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int, levels: int, sinks: int,
+            softmax_scale: float | None, cu_seqlens: torch.Tensor | None,
+            max_seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from deepseek_kernels.triton.hierarchical_attention import hierarchical_attention_fwd
+
+        return hierarchical_attention_fwd(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
+                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    out, lse = hierarchical_attention_ref(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
+                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@define_triton_op("deepseek_kernels::hierarchical_attention_bwd")
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, window: int, block: int, levels: int, sinks: int, softmax_scale: float | None,
+            cu_seqlens: torch.Tensor | None,
+            max_seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        from deepseek_kernels.triton.hierarchical_attention import hierarchical_attention_bwd
+
+        return hierarchical_attention_bwd(grad_out, q, k, v, out, lse, window=window, block=block, levels=levels,
+                                          sinks=sinks, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                                          max_seqlen=max_seqlen)
+    return hierarchical_attention_bwd_ref(grad_out, q, k, v, window=window, block=block, levels=levels, sinks=sinks,
+                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+
+
+if not TRITON_OP:
+
+    @_fwd_op.register_fake
+    def _(q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens, max_seqlen):
+        if cu_seqlens is None:
+            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+        else:
+            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        return torch.empty_like(q), lse
+
+    @_bwd_op.register_fake
+    def _(grad_out, q, k, v, out, lse, *args):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, block, levels, sinks, softmax_scale, cu, max_seqlen = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu)
+    ctx.params = (window, block, levels, sinks, softmax_scale, max_seqlen)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    window, block, levels, sinks, softmax_scale, max_seqlen = ctx.params
+    dq, dk, dv = torch.ops.deepseek_kernels.hierarchical_attention_bwd(
+        grad_out.contiguous(), q, k, v, out, lse, window, block, levels, sinks, softmax_scale, cu, max_seqlen)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("deepseek_kernels::hierarchical_attention_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+def hierarchical_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, block: int = 64, levels: int | None = None,
+    sinks: int = 0, softmax_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None, return_lse: bool = False,
+):
+    """Causal hierarchical attention: local window exactly, older context as pooled summaries.
+
+    ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` (``Hq`` a multiple of ``Hkv``), or packed
+    ``[total, H, D]`` with ``cu_seqlens`` (int32 ``[n + 1]``; ``max_seqlen`` its longest sequence).
+    Queries are taken in blocks of ``block`` tokens (a power of two >= 16). The query at position
+    ``i`` of block ``b = i // block`` sees exactly the keys ``s_0(b) * block <= j <= i`` (its block and
+    the ``window // block - 1`` blocks before it, plus one block when needed to align the summaries)
+    and the sinks ``j < sinks``; every older key is inside exactly one summary: the mean of K and V
+    over an aligned group of ``block * 2^l`` tokens (``l = 1..levels``, sinks left out of the means),
+    scored ``scale * q . mean_k + ln(count)``; exact keys and summaries share one softmax.
+    ``levels=None`` covers every sequence whole (O(window + (window / block) log2(S / window)) per
+    query); ``levels=0`` is block-aligned sliding-window attention; in between, keys older than
+    the top level are not seen. Level starts ``s_l(b)`` and all index ranges:
+    ``deepseek_kernels.reference.hierarchical_attention``.
+
+    Returns ``out`` like ``q``; with ``return_lse`` also the natural-log log-sum-exp, float32,
+    ``[B, Hq, S]`` (``[Hq, total]`` packed; not differentiable). Differentiable in q, k, v
+    (gradients flow through the summaries back into k and v).
+    """
+    check_args(q, k, v, window, block, levels, sinks, cu_seqlens)
+    if cu_seqlens is not None and max_seqlen is None:
+        # eager: the exact longest sequence; compiled: the packed length bounds it (same result:
+        # levels beyond those needed change nothing, grid programs past a sequence's end exit)
+        max_seqlen = (q.shape[0] if torch.compiler.is_compiling()
+                      else int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    longest = q.shape[1] if cu_seqlens is None else max_seqlen
+    if levels is None:
+        levels = levels_needed(longest, window=window, block=block)
+    out, lse = torch.ops.deepseek_kernels.hierarchical_attention_fwd(
+        q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens, max_seqlen)
+    return (out, lse) if return_lse else out
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"triton: deepseek_kernels.triton.hierarchical_attention on {device} (untuned; fwd + bwd)"
+    if interpreting():
+        return "triton: deepseek_kernels.triton.hierarchical_attention under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.reference.hierarchical_attention (tensors on the CPU)"
+
+
+def _explain(q, *args, **kwargs):
+    return _describe(q.device)
+
+
+register_explainer(NAME, _explain, _describe)

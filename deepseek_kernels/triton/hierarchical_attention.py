@@ -1,0 +1,582 @@
+"""Triton kernels for hierarchical attention: pooling, forward, backward (the first path of
+``deepseek_kernels.hierarchical_attention``; untuned).
+
+Semantics: ``deepseek_kernels/reference/hierarchical_attention.py`` (level starts ``s_l(b)``, exact
+local window + sinks, count-weighted summaries with ``+ ln(count)``). Every layout is handled as
+packed varlen: a dense ``[B, S, H, D]`` batch is ``[B*S, H, D]`` with ``cu_seqlens = arange(B+1)*S``.
+
+Summary storage. The summaries of all sequences and levels live in one float32 tensor
+``[R, Hkv, D]`` for K and one for V. Level ``l`` (group size ``G = block * 2^l``) starts at row
+``off_l = sum_{l' < l} (T // G_l' + n)`` (``T`` packed tokens, ``n`` sequences) and sequence ``i``'s
+group ``g`` is row ``off_l + cu[i] // G + i + g``: closed form, no prefix sums, and the rows of two
+sequences never overlap (``ceil(len_i / G) <= cu[i+1] // G - cu[i] // G + 1``). Summaries are kept in
+float32 so pooling a level from the one below does not round at every level; the attention
+kernels cast them to the input dtype for the tensor-core dots, as they do the keys.
+
+Kernels:
+  _hier_pool_kernel      one level from the level below (level 1 from the keys): count-weighted
+                         means, per sequence (never across a boundary). One launch per level.
+  _hier_attn_fwd_kernel  one program per (query tile, head): sinks and the local window exactly,
+                         then the summaries of each level, in one online softmax; writes lse.
+  _hier_bwd_dq           dQ over the same keys and summaries as the forward.
+  _hier_bwd_dsum         one program per (tile of summaries of one level, kv head): d(mean K) and
+                         d(mean V), looping over the query blocks that see them (GQA summed in-kernel).
+  _hier_bwd_dkdv         one program per (key tile, kv head): dK, dV of the exact keys, then the
+                         pooling backward fused as an epilogue (the gradient of a mean is its
+                         gradient / count, broadcast to the group's non-sink tokens).
+No atomics anywhere: the backward is deterministic.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# ---- index rules (the reference's, in block units) ----------------------------------------------------
+
+
+@triton.jit
+def _level_start(b, l, nw, levels):
+    """s_l(b) = max(0, floor((b + 1 - nw 2^l) / A_l) A_l), A_l = 2^(l+1) below the top level, 2^l at it."""
+    a = tl.where(l < levels, 2 << l, 1 << l)
+    x = tl.maximum(b + 1 - (nw << l), 0)
+    return (x // a) * a
+
+
+@triton.jit
+def _group_count(g, l, block, seqlen, sinks):
+    """Tokens of level-l group g that exist and are not sinks."""
+    size = block << l
+    return tl.maximum(tl.minimum((g + 1) * size, seqlen) - tl.maximum(g * size, sinks), 0)
+
+
+@triton.jit
+def _seq(cu, n):
+    start = tl.load(cu + n)
+    return start, tl.load(cu + n + 1) - start
+
+
+# ---- pooling ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hier_pool_kernel(
+    SRC_K, SRC_V, DST_K, DST_V, cu,
+    stride_skt, stride_skh, stride_svt, stride_svh, stride_dt, stride_dh,
+    src_off, dst_off, level, block, sinks, HKV, D,
+    FROM_KEYS: tl.constexpr, FAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Level ``level`` means of K and V for BLOCK_G groups of one sequence and kv head, from the
+    ``FAN`` children of each group: tokens (level 1, FAN = 2 * block, sinks weigh 0) or two level
+    ``level - 1`` rows weighted by their counts."""
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HKV
+    h = pid_bh % HKV
+    start, seqlen = _seq(cu, n)
+    size = block << level
+    n_groups = tl.cdiv(seqlen, size)
+    g0 = pid_g * BLOCK_G
+    if g0 < n_groups:
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_mask = g < n_groups
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        acc_k = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        wsum = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        for f in range(FAN):
+            if FROM_KEYS:
+                pos = g * FAN + f
+                w = ((pos >= sinks) & (pos < seqlen) & g_mask).to(tl.float32)
+                row = (start + pos).to(tl.int64)
+            else:
+                child = 2 * g + f
+                w = tl.where(g_mask, _group_count(child, level - 1, block, seqlen, sinks), 0).to(tl.float32)
+                row = (src_off + start // (size // 2) + n + child).to(tl.int64)
+            mask = (w > 0)[:, None] & d_mask[None, :]
+            xk = tl.load(SRC_K + row[:, None] * stride_skt + h * stride_skh + offs_d[None, :], mask=mask, other=0.0)
+            xv = tl.load(SRC_V + row[:, None] * stride_svt + h * stride_svh + offs_d[None, :], mask=mask, other=0.0)
+            acc_k += w[:, None] * xk.to(tl.float32)
+            acc_v += w[:, None] * xv.to(tl.float32)
+            wsum += w
+        inv = 1.0 / tl.maximum(wsum, 1.0)  # a group of sinks only stays 0 (and is never attended)
+        dst = (dst_off + start // size + n + g).to(tl.int64)
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        tl.store(DST_K + dst[:, None] * stride_dt + h * stride_dh + offs_d[None, :], acc_k * inv[:, None], mask=out_mask)
+        tl.store(DST_V + dst[:, None] * stride_dt + h * stride_dh + offs_d[None, :], acc_v * inv[:, None], mask=out_mask)
+
+
+def summary_rows(total: int, nseq: int, *, block: int, levels: int) -> int:
+    """Rows of the summary tensor for ``total`` packed tokens in ``nseq`` sequences."""
+    return sum(total // (block << l) + nseq for l in range(1, levels + 1))
+
+
+def _packed(q, k, v, cu_seqlens, max_seqlen):
+    """Packed views and cu_seqlens of dense or packed inputs: (qp, kp, vp, cu, nseq, max_len, dense)."""
+    if cu_seqlens is None:
+        B, S = q.shape[:2]
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * S
+        flat = lambda t: t.reshape(B * S, t.shape[2], t.shape[3])  # noqa: E731
+        return flat(q), flat(k), flat(v), cu, B, S, True
+    max_len = max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return q, k, v, cu_seqlens, cu_seqlens.numel() - 1, max_len, False
+
+
+def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, max_seqlen: int,
+                      block_g: int = 16, num_warps: int = 4):
+    """Summaries of packed ``k, v [T, Hkv, D]``: ``(mean_k, mean_v)`` float32 ``[R, Hkv, D]`` in the
+    row layout of the module docstring (levels 1..levels, each pooled from the one below)."""
+    T, Hkv, D = k.shape
+    nseq = cu_seqlens.numel() - 1
+    R = summary_rows(T, nseq, block=block, levels=levels)
+    sk = torch.empty(R, Hkv, D, device=k.device, dtype=torch.float32)
+    sv = torch.empty_like(sk)
+    block_d = max(16, triton.next_power_of_2(D))
+    off = prev = 0
+    for l in range(1, levels + 1):
+        size = block << l
+        grid = (triton.cdiv(triton.cdiv(max(max_seqlen, 1), size), block_g), nseq * Hkv)
+        if l == 1:
+            src_k, src_v, fan = k, v, 2 * block
+        else:
+            src_k, src_v, fan = sk, sv, 2
+        torch.library.wrap_triton(_hier_pool_kernel)[grid](
+            src_k, src_v, sk, sv, cu_seqlens,
+            src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1), sk.stride(0), sk.stride(1),
+            prev, off, l, block, sinks, Hkv, D,
+            FROM_KEYS=l == 1, FAN=fan, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        prev, off = off, off + T // size + nseq
+    return sk, sv
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v):
+    """One online-softmax update with scores s [M, N] (-inf = not seen) and values v [N, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
+               stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N: tl.constexpr):
+    """Exact keys in [lo_tile, hi): seen iff j <= i and (j >= local_lo or j < sinks)."""
+    for start_n in range(lo_tile, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seqlen
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(q, k) * sm_scale
+        vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
+            (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _hier_attn_fwd_kernel(
+    Q, K, V, SK, SV, O, LSE, cu,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+    stride_ot, stride_oh, stride_lh,
+    sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out/lse for BLOCK_M queries (inside one query block, BLOCK_M divides block) of one head:
+    sinks + local window exactly, then level 1..levels summaries, one online softmax."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // REP
+    start, seqlen = _seq(cu, n)
+    m0 = pid_m * BLOCK_M
+    if m0 < seqlen:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        m_mask = offs_m < seqlen
+        q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        b = m0 // block
+        s0 = _level_start(b, 0, nw, levels)
+        local_lo = s0 * block
+        k_base = K + start.to(tl.int64) * stride_kt + kvh * stride_kh
+        v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        hi = tl.minimum(m0 + BLOCK_M, seqlen)
+        # key tiles [0, min(sinks, lo_tile)) for the sinks, then [lo_tile, hi) for the local window:
+        # lo_tile is tile-aligned so no key tile is visited twice
+        lo_tile = (local_lo // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
+                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile,
+                                   hi, local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
+        # summaries: level l tiles blocks [s_l, s_{l-1})
+        offs_s = tl.arange(0, BLOCK_S)
+        s_prev = s0
+        loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
+        for l in range(1, levels + 1):
+            size = block << l
+            s_l = _level_start(b, l, nw, levels)
+            g_hi = s_prev >> l
+            base = loff + start // size + n
+            for g0 in range(s_l >> l, g_hi, BLOCK_S):
+                g = g0 + offs_s
+                cnt = _group_count(g, l, block, seqlen, sinks)
+                ok = (g < g_hi) & (cnt > 0)
+                rows = (base + g).to(tl.int64)
+                kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
+                             mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
+                vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
+                             mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
+                s = tl.dot(q, kb) * sm_scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb)
+            loff += T // size + NSEQ
+            s_prev = s_l
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0
+        lse = m_i + tl.log(tl.where(l_i > 0, l_i, 1.0))
+        tl.store(O + (start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(LSE + h * stride_lh + start + offs_m, lse, mask=m_mask)
+
+
+def _blocks(block: int, block_m: int | None, block_n: int | None):
+    bm = min(block, 64) if block_m is None else block_m
+    bn = 64 if block_n is None else block_n
+    if block % bm:
+        raise ValueError(f"hierarchical attention: block_m={bm} must divide block={block}")
+    return bm, bn
+
+
+def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int, sinks: int = 0,
+                               softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
+                               block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
+                               num_warps: int = 4):
+    """Forward pass (``levels`` already resolved to an int). Dense ``[B, S, H, D]`` or packed
+    ``[T, H, D]`` with ``cu_seqlens``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, S]`` (dense)
+    or ``[Hq, T]`` (packed), float32."""
+    qp, kp, vp, cu, nseq, max_len, dense = _packed(q, k, v, cu_seqlens, max_seqlen)
+    qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
+    T, Hq, D = qp.shape
+    Hkv = kp.shape[1]
+    sk, sv = hierarchical_pool(kp, vp, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max_len)
+    out = torch.empty_like(qp)
+    lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    bm, bn = _blocks(block, block_m, block_n)
+    nw = window // block
+    bs = block_s or max(16, min(64, triton.next_power_of_2(nw // 2 + 2)))
+    grid = (triton.cdiv(max(max_len, 1), bm), nseq * Hq)
+    torch.library.wrap_triton(_hier_attn_fwd_kernel)[grid](
+        qp, kp, vp, sk, sv, out, lse, cu,
+        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=num_warps,
+    )
+    if dense:
+        B, S = q.shape[:2]
+        return out.reshape(q.shape), lse.reshape(Hq, B, S).transpose(0, 1)
+    return out, lse
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+#
+# With P = exp(score - lse) over exact keys and summaries, delta_i = dO_i . O_i:
+#   dV = P^T dO,  dS = P (dO V^T - delta),  dQ = scale dS K,  dK = scale dS^T Q
+# for exact keys and summaries alike; then d(mean) / count is added to each non-sink token of a group.
+# Order: dsum (all levels) -> dkdv (exact keys + the pooling backward) ; dq is independent.
+
+
+@triton.jit
+def _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
+              stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N: tl.constexpr):
+    for start_n in range(lo_tile, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seqlen
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
+            (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
+        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _hier_bwd_dq(
+    Q, K, V, SK, SV, DO, LSE, DELTA, DQ, cu,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
+    sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // REP
+    start, seqlen = _seq(cu, n)
+    m0 = pid_m * BLOCK_M
+    if m0 < seqlen:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        m_mask = offs_m < seqlen
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + (start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        lse = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+        b = m0 // block
+        s0 = _level_start(b, 0, nw, levels)
+        local_lo = s0 * block
+        k_base = K + start.to(tl.int64) * stride_kt + kvh * stride_kh
+        v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        hi = tl.minimum(m0 + BLOCK_M, seqlen)
+        lo_tile = (local_lo // BLOCK_N) * BLOCK_N  # as in the forward: no key tile twice
+        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
+        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi,
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
+        offs_s = tl.arange(0, BLOCK_S)
+        s_prev = s0
+        loff = start * 0  # a loop-carried int32, never a constexpr
+        for l in range(1, levels + 1):
+            size = block << l
+            s_l = _level_start(b, l, nw, levels)
+            g_hi = s_prev >> l
+            base = loff + start // size + n
+            for g0 in range(s_l >> l, g_hi, BLOCK_S):
+                g = g0 + offs_s
+                cnt = _group_count(g, l, block, seqlen, sinks)
+                ok = (g < g_hi) & (cnt > 0)
+                rows = (base + g).to(tl.int64)
+                smask = ok[:, None] & d_mask[None, :]
+                kb = tl.load(SK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                             other=0.0).to(q.dtype)
+                vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                             other=0.0).to(q.dtype)
+                s = tl.dot(q, tl.trans(kb)) * sm_scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+                p = tl.where(ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+                ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
+                dq += tl.dot(ds.to(q.dtype), kb)
+            loff += T // size + NSEQ
+            s_prev = s_l
+        tl.store(DQ + (start + offs_m)[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _hier_bwd_dsum(
+    Q, SK, SV, DO, LSE, DELTA, DSK, DSV, cu,
+    stride_qt, stride_qh, stride_st, stride_sh, stride_dot, stride_doh, stride_lh,
+    sm_scale, nw, levels, level, loff, block, sinks, HKV, REP, D,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d(mean K), d(mean V) (float32) of BLOCK_S consecutive level-``level`` groups of one sequence
+    and kv head. Group g is seen by query blocks [(g+1) 2^l + nw 2^(l-1) - 1,
+    floor(g 2^l / A) A + A + nw 2^l - 2] (tests/test_hierarchical_reference.py checks the rule)."""
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HKV
+    kvh = pid_bh % HKV
+    start, seqlen = _seq(cu, n)
+    size = block << level
+    n_groups = tl.cdiv(seqlen, size)
+    g0 = pid_g * BLOCK_S
+    if g0 < n_groups:
+        g = g0 + tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        cnt = _group_count(g, level, block, seqlen, sinks)
+        ok = (g < n_groups) & (cnt > 0)
+        rows = (loff + start // size + n + g).to(tl.int64)
+        smask = ok[:, None] & d_mask[None, :]
+        kb = tl.load(SK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask, other=0.0)
+        vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask, other=0.0)
+        kb = kb.to(Q.dtype.element_ty)
+        vb = vb.to(Q.dtype.element_ty)
+        bias = tl.log(tl.maximum(cnt, 1).to(tl.float32))
+        g_last = tl.minimum(g0 + BLOCK_S, n_groups) - 1
+        a = tl.where(level < levels, 2 << level, 1 << level)
+        b_lo = ((g0 + 1) << level) + (nw << (level - 1)) - 1
+        b_hi = ((g_last << level) // a) * a + a + (nw << level) - 2
+        m_hi = tl.minimum((b_hi + 1) * block, seqlen)
+        dks = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+        dvs = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+        for r in range(0, REP):
+            h = kvh * REP + r
+            for m0 in range(b_lo * block, m_hi, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_mask = offs_m < seqlen
+                q_mask = m_mask[:, None] & d_mask[None, :]
+                q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                            mask=q_mask, other=0.0)
+                do = tl.load(DO + (start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh
+                             + offs_d[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+                delta = tl.load(DELTA + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+                bq = offs_m // block
+                s_l = _level_start(bq, level, nw, levels)
+                s_prev = _level_start(bq, level - 1, nw, levels)
+                vis = ((g[None, :] << level) >= s_l[:, None]) & (((g[None, :] + 1) << level) <= s_prev[:, None])
+                vis = vis & ok[None, :] & m_mask[:, None]
+                s = tl.dot(q, tl.trans(kb)) * sm_scale + bias[None, :]
+                p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+                dvs += tl.dot(tl.trans(p.to(do.dtype)), do)
+                ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
+                dks += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        out_mask = (g < n_groups)[:, None] & d_mask[None, :]
+        tl.store(DSK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], dks * sm_scale, mask=out_mask)
+        tl.store(DSV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], dvs, mask=out_mask)
+
+
+@triton.jit
+def _hier_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DSK, DSV, DK, DV, cu,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_st, stride_sh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HKV
+    kvh = pid_bh % HKV
+    start, seqlen = _seq(cu, n)
+    n0 = pid_n * BLOCK_N
+    if n0 < seqlen:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        n_mask = offs_n < seqlen
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + (start + offs_n)[:, None].to(tl.int64) * stride_kt + kvh * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + (start + offs_n)[:, None].to(tl.int64) * stride_vt + kvh * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        # key block kb is local to query blocks [kb, kb + nw] at most (s_0(b) >= b - nw); sinks to all later ones
+        kb_last = (tl.minimum(n0 + BLOCK_N, seqlen) - 1) // block
+        if n0 < sinks:
+            i_hi = seqlen
+        else:
+            i_hi = tl.minimum((kb_last + nw + 1) * block, seqlen)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for r in range(0, REP):
+            h = kvh * REP + r
+            for m0 in range((n0 // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                m_mask = offs_m < seqlen
+                q_mask = m_mask[:, None] & d_mask[None, :]
+                q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
+                            mask=q_mask, other=0.0)
+                do = tl.load(DO + (start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh
+                             + offs_d[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+                delta = tl.load(DELTA + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+                local_lo = _level_start(offs_m // block, 0, nw, levels) * block
+                vis = (offs_n[None, :] <= offs_m[:, None]) & (
+                    (offs_n[None, :] >= local_lo[:, None]) | (offs_n[None, :] < sinks))
+                vis = vis & m_mask[:, None] & n_mask[None, :]
+                s = tl.dot(q, tl.trans(k)) * sm_scale
+                p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk = dk * sm_scale
+        # pooling backward: each non-sink token gets d(mean) / count of its group at every level
+        loff = start * 0  # a loop-carried int32, never a constexpr
+        for l in range(1, levels + 1):
+            size = block << l
+            g = offs_n // size
+            cnt = _group_count(g, l, block, seqlen, sinks)
+            ok = n_mask & (offs_n >= sinks) & (cnt > 0)
+            rows = (loff + start // size + n + g).to(tl.int64)
+            smask = ok[:, None] & d_mask[None, :]
+            inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
+            dk += tl.load(DSK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                          other=0.0) * inv[:, None]
+            dv += tl.load(DSV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                          other=0.0) * inv[:, None]
+            loff += T // size + NSEQ
+        tl.store(DK + (start + offs_n)[:, None].to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + (start + offs_n)[:, None].to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int, levels: int, sinks: int = 0,
+                               softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
+                               block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
+                               num_warps: int = 4):
+    """Gradients ``(dq, dk, dv)`` of :func:`hierarchical_attention_fwd` given ``do`` and its
+    ``out``/``lse``. The summaries are pooled again (cheaper than keeping them); d(summaries) is a
+    float32 ``[R, Hkv, D]`` pair. Deterministic: no atomics, GQA heads summed in-kernel."""
+    qp, kp, vp, cu, nseq, max_len, dense = _packed(q, k, v, cu_seqlens, max_seqlen)
+    T, Hq, D = qp.shape
+    Hkv = kp.shape[1]
+    if dense:
+        B, S = q.shape[:2]
+        dop, op_ = do.reshape(T, Hq, D), out.reshape(T, Hq, D)
+        lsep = lse.transpose(0, 1).reshape(Hq, T)
+    else:
+        dop, op_, lsep = do, out, lse
+    qp, kp, vp, dop = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp, dop))
+    lsep = lsep.contiguous()
+    delta = (op_.float() * dop.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, T]
+    sk, sv = hierarchical_pool(kp, vp, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max_len)
+    dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
+    dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    bm, bn = _blocks(block, block_m, block_n)
+    nw = window // block
+    bs = block_s or max(16, min(64, triton.next_power_of_2(nw // 2 + 2)))
+    block_d = max(16, triton.next_power_of_2(D))
+    loff = 0
+    for l in range(1, levels + 1):
+        size = block << l
+        torch.library.wrap_triton(_hier_bwd_dsum)[(triton.cdiv(triton.cdiv(max(max_len, 1), size), 16), nseq * Hkv)](
+            qp, sk, sv, dop, lsep, delta, dsk, dsv, cu,
+            qp.stride(0), qp.stride(1), sk.stride(0), sk.stride(1), dop.stride(0), dop.stride(1), lsep.stride(0),
+            scale, nw, levels, l, loff, block, sinks, Hkv, Hq // Hkv, D,
+            BLOCK_M=bm, BLOCK_S=16, BLOCK_D=block_d, num_warps=num_warps,
+        )
+        loff += T // size + nseq
+    torch.library.wrap_triton(_hier_bwd_dkdv)[(triton.cdiv(max(max_len, 1), bn), nseq * Hkv)](
+        qp, kp, vp, dop, lsep, delta, dsk, dsv, dk, dv, cu,
+        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+        dop.stride(0), dop.stride(1), dsk.stride(0), dsk.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), lsep.stride(0),
+        scale, nw, levels, block, sinks, T, nseq, Hkv, Hq // Hkv, D,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    torch.library.wrap_triton(_hier_bwd_dq)[(triton.cdiv(max(max_len, 1), bm), nseq * Hq)](
+        qp, kp, vp, sk, sv, dop, lsep, delta, dq, cu,
+        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
+        dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
+        scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    if dense:
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    return dq, dk, dv

@@ -1,0 +1,175 @@
+"""The Triton hierarchical attention kernels (pooling, forward, backward) against the reference:
+under the Triton interpreter on CPU (fp32/fp16, small sizes) and, marked gpu, on a CUDA GPU."""
+
+import pytest
+import torch
+
+from deepseek_kernels.reference.hierarchical_attention import (
+    hierarchical_attention_bwd_ref,
+    hierarchical_attention_ref,
+    pool_ref,
+    resolve_levels,
+    summary_layout,
+)
+from deepseek_kernels.triton.hierarchical_attention import (
+    hierarchical_attention_bwd,
+    hierarchical_attention_fwd,
+    hierarchical_pool,
+)
+from tests.tolerances import REL_TOL, rel_error
+
+CASES = [
+    # (B, S, Hq, Hkv, D, window, block, sinks, levels)
+    (1, 1, 2, 2, 16, 16, 16, 0, None),
+    (1, 70, 2, 2, 16, 16, 16, 0, None),
+    (2, 131, 4, 1, 16, 32, 16, 3, None),  # GQA 4, not a multiple of block
+    (1, 150, 2, 1, 24, 16, 16, 0, 1),  # head dim padded, fewer levels than needed
+    (1, 97, 2, 2, 16, 16, 16, 40, None),  # sinks spanning several groups
+    (1, 100, 2, 2, 16, 48, 16, 2, 0),  # levels=0: block-aligned sliding window
+    (1, 140, 2, 2, 16, 32, 32, 1, None),  # block 32, window = block
+]
+
+
+def case_id(c):
+    return "B{}-S{}-H{}/{}-D{}-W{}-blk{}-sinks{}-L{}".format(*c)
+
+
+def make(B, S, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
+    return (torch.randn(B, S, Hq, D, device=device).to(dtype), torch.randn(B, S, Hkv, D, device=device).to(dtype),
+            torch.randn(B, S, Hkv, D, device=device).to(dtype), torch.randn(B, S, Hq, D, device=device).to(dtype))
+
+
+def test_pooling_matches_reference_per_sequence():
+    lens = [40, 0, 1, 97, 33, 64]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T, block, levels, sinks = int(cu[-1]), 16, 3, 3
+    k, v = torch.randn(T, 2, 8), torch.randn(T, 2, 8)
+    sk, sv = hierarchical_pool(k, v, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max(lens))
+    checked = 0
+    for n, L in enumerate(lens):
+        a = int(cu[n])
+        if L == 0:
+            continue
+        mk, _ = pool_ref(k[a:a + L], block=block, levels=levels, sinks=sinks)
+        mv, _ = pool_ref(v[a:a + L], block=block, levels=levels, sinks=sinks)
+        off = {l: sum(T // (block << m) + len(lens) for m in range(1, l)) for l in range(1, levels + 1)}
+        for r, (l, g, _) in enumerate(summary_layout(L, block=block, levels=levels, sinks=sinks)):
+            row = off[l] + a // (block << l) + n + g
+            torch.testing.assert_close(sk[row], mk[r], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(sv[row], mv[r], rtol=1e-6, atol=1e-6)
+            checked += 1
+    assert checked == sum(len(summary_layout(L, block=block, levels=levels)) for L in lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_matches_reference(case, dtype):
+    B, S, Hq, Hkv, D, window, block, sinks, levels = case
+    q, k, v, _ = make(B, S, Hq, Hkv, D, dtype)
+    L = resolve_levels(levels, S, window=window, block=block)
+    out, lse = hierarchical_attention_fwd(q, k, v, window=window, block=block, levels=L, sinks=sinks, block_n=16)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
+                                              return_lse=True, compute_dtype=torch.float64)
+    assert out.dtype == dtype and rel_error(out, ref) < REL_TOL[dtype]
+    assert (lse - ref_lse).abs().max() < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_backward_matches_reference(case):
+    B, S, Hq, Hkv, D, window, block, sinks, levels = case
+    q, k, v, do = make(B, S, Hq, Hkv, D)
+    L = resolve_levels(levels, S, window=window, block=block)
+    kw = dict(window=window, block=block, levels=L, sinks=sinks)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, **kw)
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 1e-5 or (g.double() - w).abs().max() < 1e-6, name
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_key_tiles_wider_than_a_block(block_n):
+    """Key tiles that straddle the local window's start (and the sinks) are visited once."""
+    q, k, v, do = make(1, 150, 2, 1, 16)
+    kw = dict(window=32, block=16, levels=2, sinks=19)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=block_n, **kw)
+    ref = hierarchical_attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
+    assert rel_error(out, ref) < 1e-5
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=block_n, **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **kw)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 1e-5
+
+
+def test_varlen_forward_and_backward():
+    lens = [37, 0, 1, 120, 16]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v, do = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16), torch.randn(T, 4, 16)
+    kw = dict(window=16, block=16, levels=resolve_levels(None, max(lens), window=16, block=16), sinks=2)
+    out, lse = hierarchical_attention_fwd(q, k, v, cu_seqlens=cu, max_seqlen=max(lens), block_n=16, **kw)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, cu_seqlens=cu, return_lse=True, compute_dtype=torch.float64,
+                                              **kw)
+    assert rel_error(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, cu_seqlens=cu, max_seqlen=max(lens), block_n=16, **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), cu_seqlens=cu,
+                                          compute_dtype=torch.float64, **kw)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 1e-5
+
+
+def test_strided_inputs():
+    base = torch.randn(1, 90, 3, 2, 16)
+    q, k, v = base[:, :, 0], base[:, :, 1], base[:, :, 2]  # last dim contiguous, heads strided
+    out, _ = hierarchical_attention_fwd(q, k, v, window=16, block=16, levels=3, sinks=1, block_n=16)
+    ref = hierarchical_attention_ref(q, k, v, window=16, block=16, levels=3, sinks=1, compute_dtype=torch.float64)
+    assert rel_error(out, ref) < 1e-5
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+
+
+def _poisoned(fn, *args, **kwargs):
+    """Runs fn after filling the allocator's free memory with NaN, so an unwritten output shows up."""
+    junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del junk
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("S,window,block,sinks,hkv", [(1000, 256, 64, 0, 2), (4097, 512, 64, 4, 8), (777, 128, 32, 1, 1)])
+def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
+    q, k, v, do = make(1, S, 8, hkv, D, dtype, "cuda")
+    L = resolve_levels(None, S, window=window, block=block)
+    kw = dict(window=window, block=block, levels=L, sinks=sinks)
+    out, lse = _poisoned(hierarchical_attention_fwd, q, k, v, **kw)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, **kw)
+    assert rel_error(out, ref) < REL_TOL[dtype] and (lse - ref_lse).abs().max() < 2e-2
+    got = _poisoned(hierarchical_attention_bwd, do, q, k, v, out, lse, **kw)
+    want = hierarchical_attention_bwd_ref(do, q, k, v, **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 2 * REL_TOL[dtype], name
+    # deterministic: no atomics
+    again = hierarchical_attention_bwd(do, q, k, v, out, lse, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16():
+    lens = [3000, 0, 1, 64, 1500, 129]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    T = int(cu[-1])
+    mk = lambda h: torch.randn(T, h, 128, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, do = mk(16), mk(4), mk(4), mk(16)
+    kw = dict(window=256, block=64, levels=resolve_levels(None, max(lens), window=256, block=64), sinks=4)
+    out, lse = hierarchical_attention_fwd(q, k, v, cu_seqlens=cu, max_seqlen=max(lens), **kw)
+    ref = hierarchical_attention_ref(q, k, v, cu_seqlens=cu, **kw)
+    assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, cu_seqlens=cu, max_seqlen=max(lens), **kw)
+    want = hierarchical_attention_bwd_ref(do, q, k, v, cu_seqlens=cu, **kw)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 2 * REL_TOL[torch.bfloat16]
