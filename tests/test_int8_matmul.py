@@ -211,3 +211,79 @@ def test_cuda_int8_matmul_matches_reference(M, NK):
         out = dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=od)
         args = (a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), bias.cpu())
         assert ulp_close(out.cpu(), int8_matmul_ref(*args, torch.float64), terms_of(*args))
+
+
+# ---- quantize_per_token kernel and the eager fast path ----------------------------------------------
+
+QPT_SHAPES = [(1, 1), (3, 17), (5, 1000), (2, 4096), (1, 5000), (4, 9000)]  # one-block rows and multi-block rows
+
+
+@pytest.mark.parametrize("shape", QPT_SHAPES, ids=str)
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_quantize_per_token_kernel_is_bit_exact(shape, smooth, dtype):
+    """Through the op: the Triton kernel (interpreter on CPU, compiled on a GPU) against the reference."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(*shape, device=dev) * 3).to(dtype)
+    s = (torch.rand(shape[-1], device=dev) + 0.5) if smooth else None
+    q, sc = torch.ops.deepseek_kernels.quantize_per_token(x, s)
+    rq, rs = quantize_per_token_ref(x, s)
+    assert torch.equal(q, rq) and torch.equal(sc, rs)
+
+
+def test_quantize_per_token_kernel_ties_and_non_finite_rows():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # amax 127 -> scale 1: the halves are exact ties, rounded to even
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5],
+                      [float("nan"), 1, 2, 3, 4, 5, 6, 7],
+                      [float("inf"), 1, 2, 3, 4, 5, 6, 7],
+                      [0.0] * 8], device=dev)
+    q, sc = torch.ops.deepseek_kernels.quantize_per_token(x, None)
+    assert q[0].tolist() == [127, 0, 2, 2, 0, -2, -2, 4]
+    assert torch.isnan(sc[1]).all() and torch.isinf(sc[2]).all() and sc[3].item() == 0
+    assert (q[1:] == 0).all()
+    rq, rs = quantize_per_token_ref(x)
+    assert torch.equal(q, rq) and torch.equal(sc.isnan(), rs.isnan())
+
+
+def test_quantize_per_token_strided_and_batched():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 40, device=dev)[:, :, ::2]  # non-unit stride along K
+    q, sc = dk.quantize_per_token(x)
+    rq, rs = quantize_per_token_ref(x)
+    assert q.shape == (2, 3, 20) and sc.shape == (2, 3, 1)
+    assert torch.equal(q, rq) and torch.equal(sc, rs)
+
+
+@pytest.mark.gpu
+def test_eager_fast_path_matches_the_op_and_steps_aside_when_traced():
+    """Plain eager CUDA calls launch the kernels directly; the result is bit-identical to the
+    registered op's, and under a dispatch mode / torch.compile the registered op runs instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(7, 300, device="cuda", dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (129, 300), device="cuda", dtype=torch.int8)
+    ws, bias = torch.rand(129, device="cuda"), torch.randn(129, device="cuda", dtype=torch.bfloat16)
+    xq, xs = dk.quantize_per_token(x)
+    oq, os_ = torch.ops.deepseek_kernels.quantize_per_token(x, None)
+    assert torch.equal(xq, oq) and torch.equal(xs, os_)
+    out = dk.int8_matmul(xq, w, xs, ws, bias=bias)
+    assert torch.equal(out, torch.ops.deepseek_kernels.int8_matmul(xq, w, xs, ws, bias, torch.bfloat16))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        dk.int8_matmul(xq, w, xs, ws, bias=bias)
+        dk.quantize_per_token(x)
+    assert any("deepseek_kernels.int8_matmul" in o for o in seen.ops), seen.ops
+    assert any("deepseek_kernels.quantize_per_token" in o for o in seen.ops), seen.ops
+    compiled = torch.compile(lambda x: dk.int8_matmul(*dk.quantize_per_token(x)[:1], w, dk.quantize_per_token(x)[1], ws),
+                             fullgraph=True)
+    assert torch.equal(compiled(x), dk.int8_matmul(xq, w, xs, ws))

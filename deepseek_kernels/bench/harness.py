@@ -47,6 +47,9 @@ class Case:
     params: dict = field(default_factory=dict)
     # Checks ours against the baseline on one input set before timing (raises on mismatch).
     check: Callable[[tuple], None] | None = None
+    # Time CUDA-graph replays instead of eager calls (both implementations): the GPU time of
+    # work too short to hide Python launch overhead, as a serving engine would run it.
+    graph: bool = False
 
 
 def compiled_baseline(fn: Callable) -> Callable:
@@ -106,6 +109,26 @@ def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: i
     }
 
 
+def time_cuda_graph(fn: Callable, input_sets: list[tuple], *, warmup: int = 3, reps: int = 30) -> dict:
+    """Like :func:`time_cuda`, but each input set's call is captured once in a CUDA graph and the
+    timed repeats replay the graphs (no Python or launch overhead in the measurement)."""
+    for i in range(warmup):  # compiles / autotunes outside the capture
+        fn(*input_sets[i % len(input_sets)])
+    torch.cuda.synchronize()
+    graphs = []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for inputs in input_sets:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=stream):
+                fn(*inputs)
+            graphs.append(g)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return time_cuda(lambda g: g.replay(), [(g,) for g in graphs], warmup=warmup, reps=reps)
+
+
 def measure_copy_bandwidth(nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), the memory ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
@@ -130,12 +153,13 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30) -> dict:
         # Drop the check's temporaries so they do not shape where the timed outputs land.
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops}
+    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph}
     for role, impl in (("ours", case.ours), ("baseline", case.baseline)):
         if impl is None:
             continue
-        t = time_cuda(impl.fn, input_sets, reps=reps)
-        row[f"{role}_impl"] = impl.name
+        timer = time_cuda_graph if case.graph else time_cuda
+        t = timer(impl.fn, input_sets, reps=reps)
+        row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")
         row[f"{role}_ms"] = t["ms"]
         row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
         if case.bytes:

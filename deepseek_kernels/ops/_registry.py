@@ -87,3 +87,15 @@ def define_triton_op(qualname: str):
 
 
 TRITON_OP = triton_available()
+
+
+def eager_fast_path(*tensors) -> bool:
+    """Whether a public function may launch its kernel directly instead of going through the
+    dispatcher (which costs tens of microseconds per call in Python, more than a decode-sized
+    kernel). Only for plain eager calls on CUDA tensors: not while torch.compile/export traces,
+    not under any torch function or dispatch mode (fake tensors, functionalization, proxies,
+    user modes), not for tensor subclasses. Ops whose kernels have no autograd formula use it;
+    the result is the same kernel, run the same way."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and t.is_cuda) for t in tensors)

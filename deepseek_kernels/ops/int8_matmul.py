@@ -4,13 +4,15 @@
 ``int8_mm`` / ``int8_matmul`` are ``torch.library.triton_op``s: on CUDA tensors (and on CPU under
 the Triton interpreter, ``TRITON_INTERPRET=1``) they launch the Triton kernel of
 ``deepseek_kernels.triton.int8_matmul``; on CPU otherwise they run the reference.
-``quantize_per_token`` runs the reference on every device for now (a handful of elementwise
-kernels on GPU); ``explain`` says which path a call takes.
+``quantize_per_token`` runs a one-pass-per-row Triton kernel (bit-exact with the reference) on the
+same devices. Plain eager calls on CUDA tensors skip the dispatcher and launch the same kernels
+directly (``eager_fast_path``): at decode sizes the dispatcher costs more than the kernel.
+``explain`` says which path a call takes.
 """
 
 import torch
 
-from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, eager_fast_path, interpreting, register_explainer
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -67,7 +69,13 @@ def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
 # ---- ops -----------------------------------------------------------------------------------------
 
 
-def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool) -> None:
+def _kernel(fn, direct: bool):
+    """The Triton kernel as launched inside the op (``wrap_triton``, traceable) or directly (the
+    eager fast path: no higher-order-op dispatch)."""
+    return fn if direct else torch.library.wrap_triton(fn)
+
+
+def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct: bool = False) -> None:
     from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel, launch_config
 
     M, K = a_q.shape
@@ -75,7 +83,7 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool) -> None
     cfg = launch_config(M, N, K)
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     dummy = out  # unused pointer arguments still need a tensor
-    torch.library.wrap_triton(_int8_matmul_kernel)[grid](
+    _kernel(_int8_matmul_kernel, direct)[grid](
         a_q, b_q, out,
         a_scale if a_scale is not None else dummy,
         b_scale if b_scale is not None else dummy,
@@ -108,14 +116,20 @@ def _int8_matmul_op(
     a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     if not _use_triton(a_q):
+        check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
         return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+    return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+
+
+def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool = False) -> torch.Tensor:
+    """Checks the arguments and launches the Triton kernel (the op's body, and the eager fast path)."""
+    check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
     if out.numel():
         if a_q.shape[1] == 0:
             return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-        _launch(a_q, b_q, out, a_scale.reshape(-1), b_scale.reshape(-1), bias, apply_epilogue=True)
+        _launch(a_q, b_q, out, a_scale.reshape(-1), b_scale.reshape(-1), bias, apply_epilogue=True, direct=direct)
     return out
 
 
@@ -132,15 +146,48 @@ if not TRITON_OP:
         return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("deepseek_kernels::quantize_per_token", mutates_args=())
+def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False):
+    """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32)."""
+    from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
+
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x2.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
+    if M and K:
+        block_k = min(4096, max(16, 1 << (K - 1).bit_length()))
+        _kernel(_quantize_per_token_kernel, direct)[(M,)](
+            x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), q.stride(0),
+            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8,
+        )
+    elif M:
+        scale.zero_()  # an empty row: amax 0
+    return q, scale
+
+
+def _quantize_per_token_impl(x: torch.Tensor, smooth: torch.Tensor | None,
+                             direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if smooth is not None and smooth.stride(-1) != 1:
+        smooth = smooth.contiguous()
+    q, scale = _launch_quantize_per_token(x2, smooth, direct)
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+@define_triton_op("deepseek_kernels::quantize_per_token")
 def _quantize_per_token_op(x: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    q, s = quantize_per_token_ref(x, smooth)
-    return q, s
+    if not _use_triton(x):
+        return quantize_per_token_ref(x, smooth)
+    return _quantize_per_token_impl(x, smooth)
 
 
-@_quantize_per_token_op.register_fake
-def _(x, smooth):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+if not TRITON_OP:
+
+    @_quantize_per_token_op.register_fake
+    def _(x, smooth):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 # ---- public functions ------------------------------------------------------------------------------
@@ -157,6 +204,8 @@ def quantize_per_token(x: torch.Tensor, *, smooth: torch.Tensor | None = None) -
     if smooth is not None and (smooth.shape != (x.shape[-1],) or smooth.device != x.device):
         raise ValueError(f"quantize_per_token: smooth must have shape [K] = ({x.shape[-1]},) on {x.device}, "
                          f"got {tuple(smooth.shape)} on {smooth.device}")
+    if eager_fast_path(x, smooth) and not x.requires_grad:
+        return _quantize_per_token_impl(x, smooth, direct=True)
     return torch.ops.deepseek_kernels.quantize_per_token(x, smooth)
 
 
@@ -180,6 +229,8 @@ def int8_matmul(
         out = int8_matmul(a_q.reshape(-1, a_q.shape[-1]), b_q, a_scale.reshape(-1, 1), b_scale, bias=bias,
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
+    if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
+        return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 
@@ -196,7 +247,11 @@ def _explain_matmul(a_q, b_q, *args, **kwargs):
 
 
 def _describe_quantize_per_token(device: torch.device) -> str:
-    return "reference: deepseek_kernels.reference.int8_matmul.quantize_per_token_ref (no kernel yet)"
+    if device.type == "cuda":
+        return f"triton: deepseek_kernels.triton.int8_matmul._quantize_per_token_kernel on {device} (one program per row)"
+    if interpreting():
+        return "triton: _quantize_per_token_kernel under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.reference.int8_matmul.quantize_per_token_ref (tensors on the CPU)"
 
 
 register_explainer("int8_matmul", _explain_matmul, _describe_matmul)

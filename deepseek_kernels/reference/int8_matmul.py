@@ -23,14 +23,21 @@ QMAX = 127.0
 
 
 def quantize_per_token_ref(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-row int8 quantization of ``x [..., K]`` -> (``x_q`` int8, ``scale`` fp32 ``[..., 1]``)."""
+    """Dynamic symmetric per-row int8 quantization of ``x [..., K]`` -> (``x_q`` int8, ``scale`` fp32 ``[..., 1]``).
+
+    In fp32, every step correctly rounded: ``xs = x / smooth``, ``scale = amax(|xs|) / 127``,
+    ``q = round_half_even(clamp(xs * (1 / scale), -127, 127))``; an all-zero row gets scale 0 and
+    codes 0. A row holding NaN or Inf gets scale NaN or Inf (so ``isfinite(scale)`` flags it) and
+    codes 0 where the product is NaN.
+    """
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth.float()
     amax = xf.abs().amax(-1, keepdim=True)
     scale = amax / torch.full_like(amax, QMAX)
     inv = torch.where(scale > 0, torch.reciprocal(scale), 0.0)
-    q = torch.round((xf * inv).clamp(-QMAX, QMAX)).to(torch.int8)
+    q = torch.round((xf * inv).clamp(-QMAX, QMAX))
+    q = torch.where(torch.isnan(q), 0.0, q).to(torch.int8)
     return q, scale
 
 

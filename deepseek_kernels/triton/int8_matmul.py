@@ -54,6 +54,52 @@ def _int8_matmul_kernel(
         tl.store(out_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _round_half_even(y):
+    """Round to nearest, ties to even, for |y| < 2^22 (exact: y - floor(y) has no rounding there)."""
+    f = tl.floor(y)
+    d = y - f
+    odd = f - 2.0 * tl.floor(f * 0.5)  # 1.0 when f is odd
+    return f + tl.where(d > 0.5, 1.0, tl.where(d == 0.5, odd, 0.0))
+
+
+@triton.jit
+def _load_scaled(x_row, smooth_ptr, offs, K, HAS_SMOOTH: tl.constexpr):
+    mask = offs < K
+    xs = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        xs = tl.math.div_rn(xs, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
+    return xs
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
+                               HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: amax of |x / smooth|, then the codes, with the reference's arithmetic
+    (div_rn for the divisions, round half to even). The row is read twice when it is longer than
+    BLOCK_K (the second read mostly hits L2)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    nan = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.abs(xs))
+        nan = nan | (xs != xs).to(tl.int32)
+    row_amax = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(amax, 0))  # tl.max drops NaN
+    scale = tl.math.div_rn(row_amax, 127.0)
+    inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale), 0.0)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
+        y = xs * inv
+        bad = y != y
+        y = _round_half_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
+        tl.store(q_row + k0 + offs, tl.where(bad, 0.0, y).to(tl.int8), mask=offs < K - k0)
+
+
 def launch_config(M: int, N: int, K: int) -> dict:
     """Tile shape by problem size, from benchmarks/tune_int8.py on the H200 (benchmarks/NOTES.md).
 

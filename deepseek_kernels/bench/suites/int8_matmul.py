@@ -1,7 +1,11 @@
-"""W8A8 INT8 matmul (epilogue included) vs cuBLAS bf16 and vs torch._int_mm + separate dequant.
+"""W8A8 INT8 matmul (epilogue included) vs cuBLAS bf16 and vs torch._int_mm + separate dequant,
+and end to end: a stack of transformer-sized linears after ``quantize_model`` vs the same stack
+in bf16.
 
 FLOPs: 2·M·N·K (useful multiply-adds). Decode rows (M <= 16) are weight-bandwidth bound: their
-bytes count the int8 weight once (N·K), the activations, scales and the output.
+bytes count the int8 weight once (N·K), the activations, scales and the output. Decode rows are
+timed twice: eager (one Python call per repeat, launch overhead included) and as CUDA-graph
+replays (the GPU time, as a serving engine runs decode); both implementations the same way.
 """
 
 import torch
@@ -54,10 +58,11 @@ def cases(quick: bool = False) -> list[Case]:
         + [(M, 14336, 4096, "bf16") for M in (1, 4, 16)]
     )
     out = []
-    for M, N, K, base in shapes:
+    for M, N, K, base, graph in [(*sh, False) for sh in shapes] + [(*sh, True) for sh in shapes if sh[0] <= 16]:
         decode = M <= 16
         out.append(Case(
-            name=f"M{M} N{N} K{K} vs {'cuBLAS bf16' if base == 'bf16' else '_int_mm+dequant'}",
+            name=f"M{M} N{N} K{K} vs {'cuBLAS bf16' if base == 'bf16' else '_int_mm+dequant'}"
+                 + (" (graphed)" if graph else ""),
             make_inputs=_inputs(M, N, K),
             ours=Impl("deepseek_kernels", _ours),
             baseline=Impl("cuBLAS bf16" if base == "bf16" else "torch._int_mm + eager dequant",
@@ -66,6 +71,78 @@ def cases(quick: bool = False) -> list[Case]:
             flops=None if decode else 2 * M * N * K,
             params={"M": M, "N": N, "K": K, "baseline": base},
             check=_check,
+            graph=graph,
+        ))
+    if not quick:
+        out += _end_to_end_cases()
+    return out
+
+
+# ---- end to end: quantize_model on a stack of transformer-sized linears ----------------------------
+
+D_MODEL, D_FF, D_KV, LAYERS = 4096, 14336, 1024, 4  # Llama-3-8B-sized projections
+
+
+class _Block(torch.nn.Module):
+    """The linear layers of one transformer block, chained as a block uses them (attention itself
+    left out: this measures the projections): h = x + o(qkv(x)[:, :d]); h + down(silu(gate h) * up h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(D_MODEL, D_MODEL + 2 * D_KV, bias=False)
+        self.o = torch.nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.gate = torch.nn.Linear(D_MODEL, D_FF, bias=False)
+        self.up = torch.nn.Linear(D_MODEL, D_FF, bias=False)
+        self.down = torch.nn.Linear(D_FF, D_MODEL, bias=False)
+
+    def forward(self, x):
+        h = x + self.o(self.qkv(x)[..., :D_MODEL])
+        return h + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _stacks():
+    """(bf16 stack, the same stack after quantize_model), built once and shared by the cases."""
+    if not hasattr(_stacks, "cache"):
+        torch.manual_seed(0)
+        ref = torch.nn.Sequential(*[_Block() for _ in range(LAYERS)]).to("cuda", torch.bfloat16)
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=m.in_features**-0.5 / 4)
+        import copy
+
+        q = copy.deepcopy(ref)
+        report = dk.quantize_model(q)
+        _stacks.cache = (ref, q, report)
+    return _stacks.cache
+
+
+def _end_to_end_cases() -> list[Case]:
+    per_layer = D_MODEL * (D_MODEL + 2 * D_KV) + D_MODEL * D_MODEL + 3 * D_MODEL * D_FF
+    out = []
+    for tokens, graph in ((1, True), (1, False), (8192, False)):
+        def make(tokens=tokens):
+            return (torch.randn(tokens, D_MODEL, device="cuda", dtype=torch.bfloat16),)
+
+        def ours(x):
+            with torch.no_grad():
+                return _stacks()[1](x)
+
+        def base(x):
+            with torch.no_grad():
+                return _stacks()[0](x)
+
+        def check(inputs):
+            a, b = ours(*inputs).float(), base(*inputs).float()
+            err = ((a - b).norm() / b.norm()).item()
+            if not err < 5e-2:
+                raise AssertionError(f"quantized stack differs from bf16 by {err:.2e} (relative)")
+
+        out.append(Case(
+            name=f"e2e {LAYERS} blocks, {tokens} token{'s' if tokens > 1 else ''}" + (" (graphed)" if graph else ""),
+            make_inputs=make, ours=Impl("quantize_model (int8)", ours), baseline=Impl("bf16 nn.Linear", base),
+            bytes=LAYERS * per_layer if tokens == 1 else None,  # the int8 weights, read once
+            flops=None if tokens == 1 else 2 * tokens * LAYERS * per_layer,
+            params={"M": tokens, "layers": LAYERS, "end_to_end": True}, check=check, graph=graph,
         ))
     return out
 
