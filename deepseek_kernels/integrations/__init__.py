@@ -1,0 +1,1 @@
+"""Adapters that plug deepseek_kernels ops into other libraries (each imports its library lazily)."""
