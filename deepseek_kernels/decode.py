@@ -4,13 +4,20 @@
 most recent ones in a ring of ``window + max_step - 1`` slots (``max_step`` = the most new tokens
 decoded in one call, so every query of a step still finds its whole window). Each slot remembers
 the absolute position it holds, so attention masks by position, exactly as the full-sequence op
-does. ``window_attention_decode`` is written with plain tensor ops for now (the reference path;
-a fused decode kernel is still to come), and ``explain`` says so.
+does. ``window_attention_decode`` runs the Triton decode kernels of
+``deepseek_kernels.triton.window_decode`` on CUDA tensors (and under the Triton interpreter), the
+plain-tensor reference otherwise; ``explain`` says which.
 """
 
 import torch
 
-from deepseek_kernels.ops._registry import register_explainer
+from deepseek_kernels.ops._registry import (
+    TRITON_OP,
+    define_triton_op,
+    eager_fast_path,
+    interpreting,
+    register_explainer,
+)
 
 
 class RollingKVCache:
@@ -57,31 +64,75 @@ class RollingKVCache:
     prefill = append  # filling from a long prompt is an append that keeps only what fits
 
 
-def window_attention_decode(q: torch.Tensor, cache: RollingKVCache, *, softmax_scale: float | None = None,
-                            lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of the newest ``T`` tokens ``q [B, T, Hq, D]`` (already appended to ``cache``)
-    over the cache: query ``t`` of row b sits at ``seqlens[b] - lengths[b] + t`` and sees the cached
-    positions ``p - window < j <= p`` and ``j < sinks``. Returns ``[B, T, Hq, D]``."""
+def _use_kernel(q: torch.Tensor) -> bool:
+    return q.is_cuda or (interpreting() and not torch.compiler.is_compiling())
+
+
+def window_attention_decode_ref(q, k_cache, v_cache, positions, seqlens, lengths, window, sinks, scale):
+    """The decode step in plain tensor ops (float32 math): the definition the kernel is checked against."""
     B, T, Hq, D = q.shape
-    if T > cache.max_step:
-        raise ValueError(f"window_attention_decode: {T} new tokens exceed the cache's max_step={cache.max_step}")
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    lengths = torch.full((B,), T, device=q.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
-    rep = Hq // cache.k.shape[2]
-    p = (cache.seqlens - lengths).unsqueeze(1) + torch.arange(T, device=q.device).unsqueeze(0)  # [B, T]
-    j = cache.positions.unsqueeze(1)  # [B, 1, slots]
+    rep = Hq // k_cache.shape[2]
+    p = (seqlens - lengths).unsqueeze(1) + torch.arange(T, device=q.device).unsqueeze(0)  # [B, T]
+    j = positions.unsqueeze(1)  # [B, 1, slots]
     pq = p.unsqueeze(2)
-    vis = (j >= 0) & (j <= pq) & ((j > pq - cache.window) | (j < cache.sinks))  # [B, T, slots]
-    k = cache.k.float().repeat_interleave(rep, 2)  # [B, slots, Hq, D]
-    v = cache.v.float().repeat_interleave(rep, 2)
+    vis = (j >= 0) & (j <= pq) & ((j > pq - window) | (j < sinks))  # [B, T, slots]
+    k = k_cache.float().repeat_interleave(rep, 2)  # [B, slots, Hq, D]
+    v = v_cache.float().repeat_interleave(rep, 2)
     s = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
     s = s.masked_fill(~vis.unsqueeze(1), float("-inf"))
     w = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without a visible key give 0
     return torch.einsum("bhts,bshd->bthd", w, v).to(q.dtype)
 
 
-register_explainer(
-    "window_attention_decode",
-    lambda q, *a, **k: "reference: deepseek_kernels.decode (plain tensor ops; no fused decode kernel yet)",
-    lambda device: "reference: deepseek_kernels.decode (plain tensor ops; no fused decode kernel yet)",
-)
+@define_triton_op("deepseek_kernels::window_attention_decode")
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+               seqlens: torch.Tensor, lengths: torch.Tensor, window: int, sinks: int, scale: float) -> torch.Tensor:
+    if not _use_kernel(q):
+        return window_attention_decode_ref(q, k_cache, v_cache, positions, seqlens, lengths, window, sinks, scale)
+    from deepseek_kernels.triton.window_decode import window_decode
+
+    return window_decode(q, k_cache, v_cache, positions, seqlens, lengths, window=window, sinks=sinks, scale=scale)
+
+
+if not TRITON_OP:
+
+    @_decode_op.register_fake
+    def _(q, k_cache, v_cache, positions, seqlens, lengths, window, sinks, scale):
+        return torch.empty_like(q)
+
+
+def window_attention_decode(q: torch.Tensor, cache: RollingKVCache, *, softmax_scale: float | None = None,
+                            lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the newest ``T`` tokens ``q [B, T, Hq, D]`` (already appended to ``cache``)
+    over the cache: query ``t`` of row b sits at ``seqlens[b] - lengths[b] + t`` and sees the cached
+    positions ``p - window < j <= p`` and ``j < sinks``. Returns ``[B, T, Hq, D]``."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"window_attention_decode: q must be [B, T, Hq, D], got {getattr(q, 'shape', type(q))}")
+    B, T, Hq, D = q.shape
+    if T > cache.max_step:
+        raise ValueError(f"window_attention_decode: {T} new tokens exceed the cache's max_step={cache.max_step}")
+    if B != cache.k.shape[0] or D != cache.k.shape[3] or Hq % cache.k.shape[2]:
+        raise ValueError(f"window_attention_decode: q {tuple(q.shape)} does not fit the cache "
+                         f"(batch {cache.k.shape[0]}, {cache.k.shape[2]} KV heads, head dim {cache.k.shape[3]}): "
+                         "need the same batch and head dim, and Hq a multiple of the KV heads")
+    if q.device != cache.k.device:
+        raise ValueError(f"window_attention_decode: q is on {q.device}, the cache on {cache.k.device}")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    lengths = torch.full((B,), T, device=q.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+    args = (q, cache.k, cache.v, cache.positions, cache.seqlens, lengths, cache.window, cache.sinks, scale)
+    if eager_fast_path(*args[:6]) and not q.requires_grad:
+        from deepseek_kernels.triton.window_decode import window_decode
+
+        return window_decode(*args[:6], window=cache.window, sinks=cache.sinks, scale=scale, direct=True)
+    return torch.ops.deepseek_kernels.window_attention_decode(*args)
+
+
+def _describe_decode(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"triton: deepseek_kernels.triton.window_decode on {device} (split over cache slots + combine)"
+    if interpreting():
+        return "triton: deepseek_kernels.triton.window_decode under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.decode.window_attention_decode_ref (tensors on the CPU)"
+
+
+register_explainer("window_attention_decode", lambda q, *a, **k: _describe_decode(q.device), _describe_decode)

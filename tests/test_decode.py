@@ -49,3 +49,86 @@ def test_bad_configuration():
     cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="max_step"):
         window_attention_decode(torch.randn(1, 2, 1, 8), cache)
+
+
+# ---- the Triton decode kernels against the plain-tensor definition -----------------------------------
+
+from deepseek_kernels.decode import window_attention_decode_ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _filled_cache(B, Hkv, D, window, sinks, step, lens, dtype):
+    cache = RollingKVCache(B, Hkv, D, window=window, sinks=sinks, max_step=step, dtype=dtype, device=DEV)
+    S = int(max(lens))
+    cache.prefill(torch.randn(B, S, Hkv, D, device=DEV), torch.randn(B, S, Hkv, D, device=DEV),
+                  lengths=torch.tensor(lens, device=DEV))
+    return cache
+
+
+@pytest.mark.parametrize("rep", [1, 4, 8])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_decode_kernel_matches_definition(rep, T, splits):
+    from deepseek_kernels.triton.window_decode import window_decode
+
+    torch.manual_seed(2)
+    Hkv, D, window, sinks = 2, 16, 37, 3
+    # rows: one shorter than the window (empty slots), one long enough to wrap the ring several times
+    cache = _filled_cache(2, Hkv, D, window, sinks, T, [20, 150], torch.float32)
+    cache.append(torch.randn(2, T, Hkv, D, device=DEV), torch.randn(2, T, Hkv, D, device=DEV))
+    q = torch.randn(2, T, Hkv * rep, D, device=DEV)
+    lengths = torch.full((2,), T, device=DEV, dtype=torch.int64)
+    args = (q, cache.k, cache.v, cache.positions, cache.seqlens, lengths)
+    got = window_decode(*args, window=window, sinks=sinks, scale=0.3, splits=splits)
+    want = window_attention_decode_ref(*args, window, sinks, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_fp16_cache_and_padded_head_dim():
+    from deepseek_kernels.triton.window_decode import window_decode
+
+    torch.manual_seed(3)
+    cache = _filled_cache(3, 1, 24, 16, 0, 2, [1, 9, 40], torch.float16)
+    q = torch.randn(3, 2, 2, 24, device=DEV, dtype=torch.float16)
+    lengths = torch.tensor([1, 2, 2], device=DEV)  # row 0 only has one new token this step
+    args = (q, cache.k, cache.v, cache.positions, cache.seqlens, lengths)
+    got = window_decode(*args, window=16, sinks=0, scale=24**-0.5, splits=2)
+    want = window_attention_decode_ref(*args, 16, 0, 24**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_decode_op_registration():
+    cache = _filled_cache(1, 1, 16, 8, 1, 1, [12], torch.float32)
+    q = torch.randn(1, 1, 2, 16, device=DEV)
+    args = (q, cache.k, cache.v, cache.positions, cache.seqlens, torch.ones(1, dtype=torch.int64, device=DEV), 8, 1, 0.25)
+    torch.library.opcheck(torch.ops.deepseek_kernels.window_attention_decode.default, args)
+    assert "window_decode" in dk.explain("window_attention_decode", q) or "reference" in dk.explain("window_attention_decode", q)
+
+
+def test_decode_bad_input_is_a_clear_error():
+    cache = RollingKVCache(1, 2, 16, window=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        window_attention_decode(torch.randn(1, 1, 3, 16), cache)  # 3 query heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"\[B, T, Hq, D\]"):
+        window_attention_decode(torch.randn(1, 3, 16), cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_kernel_on_gpu_long_context(dtype):
+    """A 4k window over a 20k-token context, GQA 32/8, D=128: kernel vs definition, and the fast
+    eager path vs the registered op, and under torch.compile."""
+    B, Hkv, D, window, sinks = 2, 8, 128, 4096, 4
+    cache = _filled_cache(B, Hkv, D, window, sinks, 1, [20000, 5000], dtype)
+    cache.append(torch.randn(B, 1, Hkv, D, device="cuda"), torch.randn(B, 1, Hkv, D, device="cuda"))
+    q = torch.randn(B, 1, 32, D, device="cuda", dtype=dtype)
+    out = window_attention_decode(q, cache)
+    lengths = torch.ones(B, dtype=torch.int64, device="cuda")
+    want = window_attention_decode_ref(q, cache.k, cache.v, cache.positions, cache.seqlens, lengths, window, sinks, D**-0.5)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    op = torch.ops.deepseek_kernels.window_attention_decode(q, cache.k, cache.v, cache.positions, cache.seqlens,
+                                                            lengths, window, sinks, D**-0.5)
+    assert torch.equal(op, out)
+    compiled = torch.compile(lambda q: window_attention_decode(q, cache), fullgraph=True)
+    assert torch.equal(compiled(q), out)

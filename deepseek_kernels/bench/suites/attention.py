@@ -75,6 +75,50 @@ def cases(quick: bool = False) -> list[Case]:
                         flops=flops(B, Hq, D, pairs), params={**params, "pass": "fwd"}, check=check))
         out.append(Case(f"fwd+bwd {tag}", make, Impl("deepseek_kernels", ours_bwd), Impl("FlexAttention", flex_bwd),
                         flops=flops(B, Hq, D, pairs, backward=True), params={**params, "pass": "fwd+bwd"}))
+    out += decode_cases(quick)
+    return out
+
+
+def decode_cases(quick: bool = False) -> list[Case]:
+    """One new token per sequence against a RollingKVCache (window 4096) vs SDPA over the full KV
+    cache of the same context; both CUDA-graph timed, as a serving engine decodes. Bytes: the K/V
+    each implementation must read (ours: the window; SDPA: the whole context)."""
+    from deepseek_kernels.decode import RollingKVCache, window_attention_decode
+
+    B, Hq, Hkv, D, W = 8, 32, 8, 128, 4096
+    contexts = [8192] if quick else [8192, 32768, 131072]
+    out = []
+    for ctx in contexts:
+        def make(ctx=ctx):
+            cache = RollingKVCache(B, Hkv, D, window=W, sinks=0, max_step=1, dtype=torch.bfloat16, device="cuda")
+            k = torch.randn(B, ctx, Hkv, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            cache.prefill(k[:, :-1], v[:, :-1])
+            cache.append(k[:, -1:], v[:, -1:])
+            q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
+            return q, cache, k.transpose(1, 2), v.transpose(1, 2)  # full cache in SDPA's [B, H, S, D]
+
+        def ours(q, cache, k_full, v_full):
+            return window_attention_decode(q, cache)
+
+        def sdpa(q, cache, k_full, v_full):
+            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k_full, v_full,
+                                                                    enable_gqa=True).transpose(1, 2)
+
+        def check(inputs, W=W):
+            q, cache, k_full, v_full = inputs
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2).float(), k_full[:, :, -W:].float(), v_full[:, :, -W:].float(),
+                enable_gqa=True).transpose(1, 2)
+            err = ((ours(*inputs).float() - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                raise AssertionError(f"window_attention_decode differs from SDPA over the window: {err:.2e}")
+
+        out.append(Case(f"decode ctx{ctx // 1024}k B{B} W{W} H{Hq}/{Hkv}", make,
+                        Impl("deepseek_kernels (rolling cache)", ours), Impl("SDPA full KV cache", sdpa),
+                        bytes=2 * B * W * Hkv * D * 2, params={"S": ctx, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D,
+                                                                "pass": "decode"},
+                        check=check, graph=True))
     return out
 
 

@@ -1,0 +1,131 @@
+"""Triton decode kernels for sliding-window attention against a ``RollingKVCache``.
+
+One program per (sequence, KV head, split of the cache slots): the ``T·REP`` query rows of the
+step (every new token x every query head of the GQA group) form one tile, so each cached key and
+value is read once per KV head. The slots are split across programs (flash-decoding) so a small
+batch still fills the GPU; a second kernel merges the splits' partial softmax states. Visibility
+is by the absolute position each slot holds (``positions``, -1 = empty): query at position ``p``
+sees ``p - window < j <= p`` and ``j < sinks``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, POS, SEQLENS, LENGTHS, O_PART, ML_PART,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_pb, T, HKV, REP, SLOTS, SLOTS_PER_SPLIT, qk_scale, window, sinks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    offs_m = tl.arange(0, BLOCK_M)  # row m = t * REP + r
+    t = offs_m // REP
+    h = kvh * REP + offs_m % REP
+    m_ok = offs_m < T * REP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + t[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    first = tl.load(SEQLENS + b) - tl.load(LENGTHS + b)
+    p = first + t  # absolute position of each query row
+    lo = split * SLOTS_PER_SPLIT
+    hi = tl.minimum(lo + SLOTS_PER_SPLIT, SLOTS)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        n_ok = offs_n < hi
+        j = tl.load(POS + b.to(tl.int64) * stride_pb + offs_n, mask=n_ok, other=-1)
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PREC) * qk_scale
+        jj = j[None, :]
+        pp = p[:, None]
+        vis = (jj >= 0) & (jj <= pp) & ((jj > pp - window) | (jj < sinks)) & m_ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    # partial state of this split, indexed [b, t, h, split]
+    row = ((b * T + t).to(tl.int64) * (HKV * REP) + h) * nsplit + split
+    tl.store(O_PART + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
+    tl.store(ML_PART + row * 2, m_i, mask=m_ok)
+    tl.store(ML_PART + row * 2 + 1, l_i, mask=m_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(O_PART, ML_PART, OUT, stride_ob, stride_ot, stride_oh, T, HQ, NSPLIT,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (b, t, h): merges the splits' (m, l, acc) into the normalised output."""
+    pid = tl.program_id(0)
+    h = pid % HQ
+    t = (pid // HQ) % T
+    b = pid // (HQ * T)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < NSPLIT
+    base = pid.to(tl.int64) * NSPLIT
+    m = tl.load(ML_PART + (base + offs_s) * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(ML_PART + (base + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+    m_all = tl.max(m, 0)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.where(s_ok & (m > float("-inf")), tl.exp2(m - m_use), 0.0)
+    l_all = tl.sum(l * w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.load(O_PART + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_all > 0, l_all, 1.0)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def window_decode(q, k_cache, v_cache, positions, seqlens, lengths, *, window: int, sinks: int, scale: float,
+                  splits: int | None = None, direct: bool = False):
+    """``q [B, T, Hq, D]`` against the cache tensors -> ``[B, T, Hq, D]`` (see the module docstring)."""
+    B, T, Hq, D = q.shape
+    slots, Hkv = k_cache.shape[1], k_cache.shape[2]
+    rep = Hq // Hkv
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = max(16, triton.next_power_of_2(T * rep))
+    block_n = 64 if block_m <= 64 else 32
+    if splits is None:  # enough programs for ~2 waves on a large GPU, at least 2 key tiles each
+        splits = max(1, min(triton.cdiv(slots, 2 * block_n), triton.cdiv(264, B * Hkv)))
+    per_split = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
+    splits = triton.cdiv(slots, per_split)
+    o_part = torch.empty(B * T * Hq * splits, block_d, device=q.device, dtype=torch.float32)
+    ml_part = torch.empty(B * T * Hq * splits, 2, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    if q.dtype != k_cache.dtype:  # the dots take the cache's dtype; the output keeps q's
+        q = q.to(k_cache.dtype)
+    launch = (lambda f: f) if direct else torch.library.wrap_triton
+    launch(_decode_split_kernel)[(B * Hkv, splits)](
+        q, k_cache, v_cache, positions, seqlens, lengths, o_part, ml_part,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), positions.stride(0),
+        T, Hkv, rep, slots, per_split, scale * LOG2E, window, sinks,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PREC="ieee" if k_cache.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+    )
+    launch(_decode_combine_kernel)[(B * T * Hq,)](
+        o_part, ml_part, out, out.stride(0), out.stride(1), out.stride(2), T, Hq, splits,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )
+    return out
