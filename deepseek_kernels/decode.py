@@ -24,7 +24,9 @@ class RollingKVCache:
     """Per-sequence cache of ``sinks`` fixed slots plus a ring of ``window + max_step - 1`` slots.
 
     ``k``/``v`` are ``[B, slots, Hkv, D]``; ``positions`` ``[B, slots]`` (-1 = empty);
-    ``seqlens`` ``[B]`` counts the tokens each sequence has seen.
+    ``seqlens`` ``[B]`` counts the tokens each sequence has seen. One more slot per row, the last,
+    stays empty (position -1): appends send the tokens the cache does not keep there, so an
+    append is a single scatter with no host synchronisation (it can be captured in a CUDA graph).
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, window: int, sinks: int = 0,
@@ -33,10 +35,10 @@ class RollingKVCache:
             raise ValueError(f"RollingKVCache: need window >= 1, sinks >= 0, max_step >= 1; got {window}, {sinks}, {max_step}")
         self.window, self.sinks, self.max_step = window, sinks, max_step
         self.ring = window + max_step - 1
-        slots = sinks + self.ring
-        self.k = torch.zeros(batch, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.slots = sinks + self.ring  # slots that hold tokens; index `slots` is the discard slot
+        self.k = torch.zeros(batch, self.slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.positions = torch.full((batch, slots), -1, dtype=torch.int64, device=device)
+        self.positions = torch.full((batch, self.slots + 1), -1, dtype=torch.int64, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int64, device=device)
 
     def nbytes(self) -> int:
@@ -47,18 +49,20 @@ class RollingKVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Appends ``k, v [B, T, Hkv, D]`` (the first ``lengths[b]`` tokens of row b; default all T).
-        Only the tokens the cache keeps are written (sinks and the last ``ring`` positions)."""
+        Only the tokens the cache keeps are stored (sinks and the last ``ring`` positions)."""
         B, T = k.shape[:2]
+        if k.shape != v.shape or B != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(f"RollingKVCache.append: k and v must both be [B={self.k.shape[0]}, T, "
+                             f"{self.k.shape[2]}, {self.k.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
         lengths = torch.full((B,), T, device=k.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
         t = torch.arange(T, device=k.device).unsqueeze(0)
         pos = self.seqlens.unsqueeze(1) + t  # [B, T]
-        keep = (t < lengths.unsqueeze(1)) & (
-            (pos < self.sinks) | (t >= lengths.unsqueeze(1) - self.ring))
-        b_idx, t_idx = keep.nonzero(as_tuple=True)
-        slot = self._slots(pos[b_idx, t_idx])
-        self.k[b_idx, slot] = k[b_idx, t_idx].to(self.k.dtype)
-        self.v[b_idx, slot] = v[b_idx, t_idx].to(self.v.dtype)
-        self.positions[b_idx, slot] = pos[b_idx, t_idx]
+        keep = (t < lengths.unsqueeze(1)) & ((pos < self.sinks) | (t >= lengths.unsqueeze(1) - self.ring))
+        slot = torch.where(keep, self._slots(pos), self.slots)  # the rest goes to the discard slot
+        rows = torch.arange(B, device=k.device).unsqueeze(1).expand(B, T)
+        self.k.index_put_((rows, slot), k.to(self.k.dtype))
+        self.v.index_put_((rows, slot), v.to(self.v.dtype))
+        self.positions.index_put_((rows, slot), torch.where(keep, pos, -1))
         self.seqlens += lengths
 
     prefill = append  # filling from a long prompt is an append that keeps only what fits
