@@ -36,6 +36,13 @@ def make(T, D, F_, NB, S=0, dtype=torch.float32, router_scale=0.5):
     return x, wr, wg, wu, wd
 
 
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Module-logic tests that run many steps take the torch CPU path (the kernels under the
+    interpreter are covered above and in test_sparse_ffn_triton.py; this keeps the suite fast)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.fixture(params=["triton", "torch"])
 def path(request, monkeypatch):
     """The op's two CPU paths: the Triton kernels under the interpreter, and the torch fallback."""
@@ -258,7 +265,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
 def test_explain():
     x = torch.randn(3, 16)
     assert dk.explain("gated_sparse_ffn", x).split(":")[0] in ("triton", "reference")
-    assert "backward in torch" in dk.explain("gated_sparse_ffn", x)
+    how = dk.explain("gated_sparse_ffn", x)
+    assert ("backward: Triton" in how) if how.startswith("triton") else ("backward in torch" in how)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -367,7 +375,7 @@ def test_module_bad_arguments(kwargs, needle):
         GatedSparseFFN(args.pop("d_model"), args.pop("d_ff"), **args)
 
 
-def test_bias_balancing_moves_load_toward_underused_blocks():
+def test_bias_balancing_moves_load_toward_underused_blocks(torch_path):
     torch.manual_seed(1)
     m = GatedSparseFFN(16, 64, n_blocks=8, active_ratio=0.25, balance="bias", bias_update_rate=0.05)
     with torch.no_grad():
@@ -412,7 +420,7 @@ def test_aux_loss_is_exposed_and_trains_the_router():
     assert m.aux_loss is None
 
 
-def test_from_dense_fits_a_router_and_reports_the_error_curve():
+def test_from_dense_fits_a_router_and_reports_the_error_curve(torch_path):
     torch.manual_seed(0)
     d, f, nb = 24, 192, 12
     mlp = LlamaMLP(d, f)

@@ -139,6 +139,80 @@ def test_ffn_kernels_match_reference(case, dtype, poisoned):
     assert rel(act[:n_valid, 0], a_ref) < TOL[dtype] and rel(act[:n_valid, 1], u_ref) < TOL[dtype]
 
 
+def _ffn_inputs(case, dtype):
+    T, D, F_, NB, S, k, empty_slots, _ = case
+    x = torch.randn(T, D).to(dtype)
+    wg, wu = ((torch.randn(F_, D) / D**0.5).to(dtype) for _ in range(2))
+    wd = (torch.randn(D, F_) / F_**0.5).to(dtype)
+    idx = torch.sort(torch.rand(T, NB - S), dim=-1, descending=True).indices[:, :k].to(torch.int32)
+    w = torch.rand(T, k) + 0.1
+    if empty_slots:
+        idx[::2, -2:] = -1
+        w[::2, -2:] = 0
+    return x, wg, wu, wd, idx, w
+
+
+# one dtype per case keeps the interpreter time down; both dtypes are covered
+BWD_CASES = [(FFN_CASES[1], torch.float32), (FFN_CASES[2], torch.float16), (FFN_CASES[3], torch.float32),
+             (FFN_CASES[4], torch.float16), (FFN_CASES[5], torch.float32)]
+
+
+@pytest.mark.parametrize("case,dtype", BWD_CASES, ids=lambda c: ffn_id(c) if isinstance(c, tuple) else str(c))
+def test_backward_kernels_match_reference(case, dtype, poisoned):
+    """dx, the three weight gradients and the routing-weight gradient against float64 autograd
+    through the reference (the kernels take the forward's saved pre-activations)."""
+    T, D, F_, NB, S, k, _, tiles = case
+    x, wg, wu, wd, idx, w = _ffn_inputs(case, dtype)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, **(tiles or {}))
+    go = torch.randn(T, D).to(dtype)
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB, **(tiles or {}))
+    refs = [t.double().requires_grad_(True) for t in (x, wg, wu, wd, w)]
+    sparse_ffn_blocks_ref(*refs[:4], idx, refs[4], n_blocks=NB, shared_blocks=S).backward(go.double())
+    for name, a, r in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, refs):
+        assert a.shape == r.shape and torch.isfinite(a).all(), name
+        assert rel(a, r.grad) < 4 * TOL[dtype], (name, rel(a, r.grad))
+    assert got[0].dtype == dtype and got[4].dtype == torch.float32
+    if case[6]:  # empty slots get no routing-weight gradient
+        assert torch.all(got[4][idx < 0] == 0)
+
+
+def test_backward_is_deterministic_and_unused_blocks_get_zero_weight_grads(poisoned):
+    T, D, F_, NB = 37, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.randint(0, 5, (T, 2), dtype=torch.int32)  # blocks 5..7 unused
+    idx[:, 1] = (idx[:, 0] + 1) % 5
+    w = torch.rand(T, 2)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    go = torch.randn(T, D)
+    a = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=0, n_blocks=NB)
+    b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=0, n_blocks=NB)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.all(a[1][5 * 8:] == 0) and torch.all(a[2][5 * 8:] == 0) and torch.all(a[3][:, 5 * 8:] == 0)
+
+
+def test_invalid_block_ids_poison_only_their_tokens(poisoned):
+    """The CUDA path skips the host-synchronising range check: an out-of-range id must not read or
+    write memory, and its token's output (and dx) must be NaN, never a plausible value."""
+    T, D, F_, NB = 9, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.randint(0, NB - 1, (T, 2), dtype=torch.int32)
+    idx[:, 1] = idx[:, 0] + 1
+    w = torch.rand(T, 2)
+    idx[2, 1], idx[5, 0] = NB - 1, -7  # shared_blocks=1: 7 routed blocks, so id 7 is out of range
+    out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=NB)
+    bad = torch.zeros(T, dtype=torch.bool)
+    bad[[2, 5]] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    good = idx.clone()
+    good[bad] = 0
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), good, w.double(), n_blocks=NB,
+                                shared_blocks=1)
+    assert rel(out[~bad], ref[~bad]) < 1e-5
+    dx, *_, dweights = tk.sparse_ffn_bwd(torch.randn(T, D), x, wg, wu, wd, idx, w, act, shared_blocks=1, n_blocks=NB)
+    assert torch.isnan(dx[bad]).all() and torch.isfinite(dx[~bad]).all() and torch.isfinite(dweights).all()
+
+
 def test_all_tokens_in_one_block(poisoned):
     T, D, F_, NB = 45, 16, 64, 8
     x = torch.randn(T, D)

@@ -11,8 +11,10 @@ Two registered ops, composed by the public function (so autograd sums x's two gr
   save_act)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in the
   block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
   combine. CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
-  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``, in torch over the grouped layout (one
-  cuBLAS matmul per block and projection); no Triton backward kernels yet.
+  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``. Triton: grouped GEMMs with the SwiGLU
+  derivative fused (dx through w_down/w_gate/w_up, dW of each block's slices over its tokens, the
+  routing-weight gradient), no host sync, deterministic. CPU: torch over the grouped layout (one
+  matmul per block and projection, one host sync).
 
 Exact semantics: ``deepseek_kernels/reference/sparse_ffn.py``.
 """
@@ -28,6 +30,13 @@ from deepseek_kernels.reference.sparse_ffn import GATES, WEIGHTINGS, n_active, r
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NAME = "gated_sparse_ffn"
+
+
+def _check_routing_on_device() -> bool:
+    """``DSK_CHECK_ROUTING=1``: range-check idx of CUDA tensors eagerly (one host sync per call)."""
+    import os
+
+    return os.environ.get("DSK_CHECK_ROUTING", "0") == "1"
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -137,9 +146,13 @@ def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n
                          f"{tuple(idx.shape)} and {tuple(weights.shape)}")
     if weights.dtype != torch.float32:
         raise ValueError(f"{name}: weights must be float32, got {weights.dtype}")
-    # Data check in eager on plain tensors only (fake/functional tensors while tracing have no data).
-    # On CUDA it costs one host sync per call; the public function's idx is valid by construction.
-    if not torch.compiler.is_compiling() and type(idx) is torch.Tensor and idx.numel():
+    # Data check of the ids, in eager on plain tensors only (fake/functional tensors while tracing have
+    # no data), and on CUDA only with DSK_CHECK_ROUTING=1: there it would cost a host sync per call.
+    # Unchecked, an invalid id never touches memory: the kernels drop it from every block and give its
+    # token a NaN output row (and NaN dx), see ``group_pairs``. The public function's idx is valid by
+    # construction.
+    if (not torch.compiler.is_compiling() and type(idx) is torch.Tensor and idx.numel()
+            and (not idx.is_cuda or _check_routing_on_device())):
         if int(idx.max()) >= n_blocks - shared_blocks or int(idx.min()) < -1:
             raise ValueError(f"{name}: idx entries must be routed block ids in [0, {n_blocks - shared_blocks}) "
                              f"or -1 (empty slot)")
@@ -253,12 +266,19 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     return _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
 
 
-# The backward loops over blocks on the host (data-dependent sizes): an opaque custom op, never traced.
+# An opaque custom op (never traced): the CPU fallback loops over blocks on the host (data-dependent
+# sizes); the Triton path is sync-free and runs as one extern call under torch.compile.
 @torch.library.custom_op("deepseek_kernels::sparse_ffn_blocks_bwd", mutates_args=())
 def _blocks_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor,
                    shared_blocks: int, n_blocks: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_bwd
+
+        dx, dwg, dwu, dwd, dweights = sparse_ffn_bwd(grad_out, x, w_gate, w_up, w_down, idx, weights, act,
+                                                     shared_blocks=shared_blocks, n_blocks=n_blocks)
+        return dx, dwg, dwu, dwd, dweights.to(weights.dtype)
     return _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shared_blocks, n_blocks)
 
 
@@ -397,13 +417,15 @@ def gated_sparse_ffn(
 
 
 def _describe(device: torch.device) -> str:
-    bwd = "backward in torch over the grouped layout (one matmul per block; no Triton backward kernels yet)"
+    bwd = ("backward: Triton grouped GEMMs (SwiGLU derivative fused, per-block dW, deterministic, no host "
+           "sync)")
     if device.type == "cuda":
         return (f"triton: deepseek_kernels.triton.sparse_ffn on {device} (fused router, grouped gate/up GEMM + "
                 f"SwiGLU, grouped down GEMM, weighted combine; untuned); {bwd}")
     if interpreting():
         return f"triton: deepseek_kernels.triton.sparse_ffn under the Triton interpreter (TRITON_INTERPRET=1); {bwd}"
-    return f"reference: deepseek_kernels.reference.sparse_ffn (tensors on the CPU: dense masked FFN); {bwd}"
+    return ("reference: deepseek_kernels.reference.sparse_ffn (tensors on the CPU: dense masked FFN); backward "
+            "in torch over the grouped layout (one matmul per block)")
 
 
 def _explain(x, *args, **kwargs):

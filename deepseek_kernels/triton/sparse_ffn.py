@@ -136,7 +136,7 @@ class Grouping:
 
     sorted_tok: torch.Tensor   # int32 [P]: token of each sorted row
     order: torch.Tensor        # int64 [P]: flat pair index (t * KT + j) of each sorted row
-    inv: torch.Tensor          # int64 [T, KT]: sorted row of pair (t, j), -1 for an empty slot
+    inv: torch.Tensor          # int64 [T, KT]: sorted row of pair (t, j), -1 for an empty slot, -2 for an invalid block id
     offsets: torch.Tensor      # int32 [n_blocks + 1]: rows of block b are [offsets[b], offsets[b+1])
     tile_block: torch.Tensor   # int32 [n_tiles]: block of each BLOCK_M row tile (n_blocks: no tile)
     tile_start: torch.Tensor   # int32 [n_tiles]: first row of each tile
@@ -145,22 +145,29 @@ class Grouping:
 
 def full_routing(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int):
     """Routed ``idx/weights [T, k]`` -> all blocks a token runs ``[T, shared + k]`` (block ids in
-    ``[0, n_blocks)``, -1 empty), weights float32 (1 for shared blocks)."""
+    ``[0, n_blocks)``, -1 empty; an invalid id stays out of that range: ids < -1 become -2, ids
+    >= n_routed land >= n_blocks), weights float32 (1 for shared blocks)."""
     T = idx.shape[0]
     shared = torch.arange(shared_blocks, device=idx.device, dtype=torch.int32).expand(T, shared_blocks)
-    routed = torch.where(idx >= 0, idx + shared_blocks, -1).to(torch.int32)
+    routed = torch.where(idx >= 0, idx + shared_blocks, torch.where(idx == -1, -1, -2)).to(torch.int32)
     blocks = torch.cat([shared, routed], dim=1)
     w = torch.cat([weights.new_ones(T, shared_blocks), weights], dim=1).float()
     return blocks, w
 
 
 def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
-    """Sorts the (token, block) pairs of ``blocks [T, KT]`` by block; sync-free torch index ops."""
+    """Sorts the (token, block) pairs of ``blocks [T, KT]`` by block; sync-free torch index ops.
+
+    Ids outside ``[0, n_blocks)`` other than -1 (empty slot) are invalid: they join no block (no
+    kernel reads or writes memory for them) and their ``inv`` is -2, which the combine kernel turns
+    into a NaN output row for the token, so bad routing never yields a plausible-looking result
+    (this replaces a host-synchronising range check on CUDA)."""
     T, KT = blocks.shape
     P = T * KT
     dev = blocks.device
     flat = blocks.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, n_blocks)  # empty slots sort last, into no block
+    in_range = (flat >= 0) & (flat < n_blocks)
+    key = torch.where(in_range, flat, n_blocks)  # empty slots sort last, into no block
     order = torch.argsort(key, stable=True)
     sorted_tok = torch.div(order, max(KT, 1), rounding_mode="floor").to(torch.int32)
     # offsets by binary search over the sorted keys (not bincount: its output size is data-dependent,
@@ -169,7 +176,7 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     counts = offsets[1:] - offsets[:-1]
     pos = torch.empty(P, dtype=torch.int64, device=dev)
     pos[order] = torch.arange(P, device=dev)
-    inv = torch.where(flat >= 0, pos, -1).reshape(T, KT)
+    inv = torch.where(in_range, pos, torch.where(flat == -1, -1, -2)).reshape(T, KT)
     tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0)
     n_tiles = -(-P // block_m) + n_blocks  # static upper bound of sum(tiles)
@@ -269,20 +276,27 @@ def _sparse_ffn_down_kernel(
 def _sparse_ffn_combine_kernel(
     Y, INV, W, OUT, T, D, KT,
     stride_ot,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum)."""
+    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum; W = 1
+    without WEIGHTED). A token with an invalid block id (INV = -2) gets a NaN row."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask = offs_t < T
     n_mask = offs_n < D
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    n_bad = tl.zeros((BLOCK_T,), dtype=tl.int32)
     for j in range(KT):
         pos = tl.load(INV + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=-1)
-        w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+        n_bad += (pos == -2).to(tl.int32)
         valid = pos >= 0
         y = tl.load(Y + pos[:, None] * D + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
-        acc += w[:, None] * y.to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+            acc += w[:, None] * y.to(tl.float32)
+        else:
+            acc += y.to(tl.float32)
+    acc = tl.where(n_bad[:, None] > 0, float("nan"), acc)
     tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=t_mask[:, None] & n_mask[None, :])
 
@@ -337,6 +351,248 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out, act, grouping
+
+
+# ---- backward ----------------------------------------------------------------------------------------
+#
+# With the pairs grouped as in the forward (p = sorted row, b its block, t = tok[p], w_p its routing
+# weight, a/u the saved pre-activations, s = sigmoid(a)), the gradients are
+#
+#     g[p, n]     = dO[t] . w_down[:, b*BS + n]                      (B1: grouped GEMM over D)
+#     dweight[p]  = sum_n g[p, n] * h[p, n],  h = silu(a) * u
+#     da[p, n]    = w_p * g * u * s * (1 + a * (1 - s)),   du[p, n] = w_p * g * silu(a)
+#     dx_rows[p]  = da[p] . w_gate[b-slice] + du[p] . w_up[b-slice]  (B2: grouped GEMM over BS)
+#     dx[t]       = sum_j dx_rows[inv[t, j]]                         (the combine kernel, weight 1)
+#     dW_gate[b*BS + n, :] = sum_{p in b} da[p, n] x[t_p],  dW_up likewise with du   (B3)
+#     dW_down[:, b*BS + n] = sum_{p in b} dO[t_p] (w_p h[p, n])                      (B4)
+#
+# B3/B4 give each program one output tile and walk the block's rows in a fixed order: deterministic,
+# no atomics, every weight element written (blocks without rows get zeros). B1 writes dweight as one
+# partial sum per neuron tile, summed afterwards in a fixed order.
+
+
+@triton.jit
+def _sparse_ffn_bwd_dact_kernel(
+    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+    DACT, HW, DWP,
+    D, BS, NB, P,
+    stride_dot, stride_dod, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
+    DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
+        mask = r_mask[:, None] & n_mask[None, :]
+        act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+        a = tl.load(act, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(act + BS, mask=mask, other=0.0).to(tl.float32)
+        wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+        s = tl.sigmoid(a)
+        silu = a * s
+        h = silu * u
+        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, tl.sum(tl.where(mask, acc * h, 0.0), 1), mask=r_mask)
+        dh = acc * wp[:, None]
+        da = dh * u * s * (1 + a * (1 - s))
+        du = dh * silu
+        dact = DACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+        tl.store(dact, da.to(DACT.dtype.element_ty), mask=mask)
+        tl.store(dact + BS, du.to(DACT.dtype.element_ty), mask=mask)
+        tl.store(HW + rows64[:, None] * BS + offs_n[None, :], (h * wp[:, None]).to(HW.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_ffn_bwd_dx_kernel(
+    DACT, WG, WU, DXR, TILE_BLOCK, TILE_START, OFFSETS,
+    D, BS, NB,
+    stride_wf, stride_wd,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B2: dx_rows[p, n] = sum_k da[p, k] w_gate[b*BS + k, n] + du[p, k] w_up[b*BS + k, n] -> DXR [P, D]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < D
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, BS, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < BS
+            a_mask = r_mask[:, None] & k_mask[None, :]
+            dact = DACT + rows64[:, None] * (2 * BS) + offs_k[None, :]
+            da = tl.load(dact, mask=a_mask, other=0.0)
+            du = tl.load(dact + BS, mask=a_mask, other=0.0)
+            w_off = (b * BS + offs_k)[:, None].to(tl.int64) * stride_wf + offs_n[None, :] * stride_wd
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc = tl.dot(da, tl.load(WG + w_off, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(du, tl.load(WU + w_off, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        tl.store(DXR + rows64[:, None] * D + offs_n[None, :], acc.to(DXR.dtype.element_ty),
+                 mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_bwd_dw_gate_up_kernel(
+    DACT, X, SORTED_TOK, OFFSETS, DWG, DWU,
+    D, BS,
+    stride_xt, stride_xd, stride_gf, stride_gd,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B3: for block b = program_id(0): dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up
+    with du) over the block's rows, in row order. DWG and DWU share strides."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < BS
+    d_mask = offs_d < D
+    lo = tl.load(OFFSETS + b)
+    hi = tl.load(OFFSETS + b + 1)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_mask = rows < hi
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        t_mask = n_mask[:, None] & r_mask[None, :]
+        dact = DACT + rows[None, :].to(tl.int64) * (2 * BS) + offs_n[:, None]  # [BLOCK_N, BLOCK_K]: da^T
+        xt = tl.load(X + tok[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                     mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        acc_g = tl.dot(tl.load(dact, mask=t_mask, other=0.0), xt, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(tl.load(dact + BS, mask=t_mask, other=0.0), xt, acc_u, input_precision=DOT_PRECISION)
+    off = (b * BS + offs_n)[:, None].to(tl.int64) * stride_gf + offs_d[None, :] * stride_gd
+    mask = n_mask[:, None] & d_mask[None, :]
+    tl.store(DWG + off, acc_g.to(DWG.dtype.element_ty), mask=mask)
+    tl.store(DWU + off, acc_u.to(DWU.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_ffn_bwd_dw_down_kernel(
+    DO, HW, SORTED_TOK, OFFSETS, DWD,
+    D, BS,
+    stride_dot, stride_dod, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B4: for block b = program_id(0): dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the
+    block's rows, in row order."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = offs_d < D
+    n_mask = offs_n < BS
+    lo = tl.load(OFFSETS + b)
+    hi = tl.load(OFFSETS + b + 1)
+    acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_mask = rows < hi
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        go_t = tl.load(DO + tok[None, :] * stride_dot + offs_d[:, None] * stride_dod,  # [BLOCK_D, BLOCK_K]
+                       mask=d_mask[:, None] & r_mask[None, :], other=0.0)
+        hw = tl.load(HW + rows[:, None].to(tl.int64) * BS + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(go_t, hw, acc, input_precision=DOT_PRECISION)
+    off = offs_d[:, None].to(tl.int64) * stride_wd + (b * BS + offs_n)[None, :] * stride_wf
+    tl.store(DWD + off, acc.to(DWD.dtype.element_ty), mask=d_mask[:, None] & n_mask[None, :])
+
+
+def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+    """Tile shapes of the backward kernels (untuned first guess, like :func:`launch_config`)."""
+    if tokens * block_size <= 4096:
+        return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
+    return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+
+
+def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, *,
+                   shared_blocks: int, n_blocks: int, block_m: int | None = None, block_n: int | None = None,
+                   block_k: int | None = None, num_warps: int | None = None):
+    """Backward of :func:`sparse_ffn_fwd` (no host sync, deterministic): ``grad_out [T, D]`` and the
+    forward's ``act`` -> ``(dx [T, D], dW_gate, dW_up [F, D], dW_down [D, F]`` in x's dtype,
+    ``dweights`` fp32 ``[T, k])``. The grouping is recomputed from ``idx`` (the forward's, bit for bit)."""
+    T, D = x.shape
+    F_ = w_gate.shape[0]
+    BS = F_ // n_blocks
+    cfg = bwd_launch_config(T, D, BS)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    num_warps = num_warps or cfg["num_warps"]
+    dev, dt = x.device, x.dtype
+    blocks, w_full = full_routing(idx, weights, shared_blocks)
+    KT = blocks.shape[1]
+    P = T * KT
+    g = group_pairs(blocks, n_blocks, block_m)
+    dwg = torch.empty(F_, D, dtype=dt, device=dev)
+    dwu = torch.empty(F_, D, dtype=dt, device=dev)
+    dwd = torch.empty(D, F_, dtype=dt, device=dev)
+    if P == 0:
+        return (torch.zeros_like(x), dwg.zero_(), dwu.zero_(), dwd.zero_(),
+                torch.zeros(T, idx.shape[1], dtype=torch.float32, device=dev))
+    grad_out = grad_out.to(dt)
+    w_sorted = w_full.reshape(-1)[g.order].contiguous()
+    n_tiles = g.tile_block.numel()
+    n_ntiles = triton.cdiv(BS, block_n)
+    dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
+    hw = torch.empty(P, BS, dtype=dt, device=dev)
+    dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
+    prec = _dot_precision(dt)
+    common = dict(DOT_PRECISION=prec, num_warps=num_warps)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[(n_tiles, n_ntiles)](
+        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
+        dact, hw, dwp, D, BS, n_blocks, P,
+        grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dx_rows = torch.empty(P, D, dtype=dt, device=dev)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, block_n))](
+        dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
+        w_gate.stride(0), w_gate.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dx = torch.empty(T, D, dtype=dt, device=dev)
+    block_t = 16
+    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+        dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, n_ntiles, triton.cdiv(D, block_n))](
+        dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
+        BLOCK_N=block_n, BLOCK_D=block_n, BLOCK_K=block_k, **common,
+    )
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, block_n), n_ntiles)](
+        grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
+        dwd.stride(0), dwd.stride(1),
+        BLOCK_D=block_n, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dweight_sorted = dwp.sum(0)
+    valid = g.inv >= 0
+    dweights = torch.where(valid, dweight_sorted[g.inv.clamp_min(0)], 0.0)[:, shared_blocks:]
+    return dx, dwg, dwu, dwd, dweights.contiguous()
