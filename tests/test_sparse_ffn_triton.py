@@ -213,6 +213,47 @@ def test_invalid_block_ids_poison_only_their_tokens(poisoned):
     assert torch.isnan(dx[bad]).all() and torch.isfinite(dx[~bad]).all() and torch.isfinite(dweights).all()
 
 
+DECODE_CASES = [
+    # (T, D, d_ff, n_blocks, shared, k, empty slots, dtype)
+    (1, 24, 64, 8, 0, 3, False, torch.float32),
+    (7, 40, 120, 8, 2, 3, True, torch.float32),    # shared blocks, 15-neuron blocks, empty slots
+    (16, 32, 128, 64, 0, 10, False, torch.float16),  # 64 blocks, ratio 0.15, the most decode tokens
+    (3, 16, 128, 8, 1, 7, False, torch.float16),   # every block
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
+    *c[:6], "empty" if c[6] else "full", str(c[7])))
+def test_decode_kernels_match_reference(case, poisoned):
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB,
+                                shared_blocks=S)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_decode_reads_only_used_blocks_and_poisons_invalid_ids(poisoned):
+    """Weight slices of unused blocks are never read (NaN there changes nothing); a bad id gives NaN."""
+    T, D, F_, NB = 4, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.tensor([[0, 2], [2, 4], [4, 0], [0, 2]], dtype=torch.int32)
+    w = torch.rand(T, 2)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB)
+    for b in (1, 3, 5, 6, 7):
+        f = slice(b * 8, (b + 1) * 8)
+        wg[f], wu[f], wd[:, f] = float("nan"), float("nan"), float("nan")
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    assert rel(out, ref) < 1e-5
+    idx[1, 1] = NB
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    assert torch.isnan(out[1]).all() and rel(out[[0, 2, 3]], ref[[0, 2, 3]]) < 1e-5
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        tk.sparse_ffn_decode(torch.randn(17, D), wg, wu, wd, torch.zeros(17, 2, dtype=torch.int32), torch.ones(17, 2),
+                             shared_blocks=0, n_blocks=NB)
+
+
 def test_all_tokens_in_one_block(poisoned):
     T, D, F_, NB = 45, 16, 64, 8
     x = torch.randn(T, D)
@@ -276,3 +317,35 @@ def test_fp32_on_gpu_is_not_tf32():
     out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.3)
     ref = gated_sparse_ffn_ref(x.double(), wr.double(), wg.double(), wu.double(), wd.double(), active_ratio=0.3)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 16])
+def test_decode_on_gpu(T):
+    """The decode path (no grad, <= 16 tokens) in bf16 at the issue's shapes, against the fp32 reference."""
+    import deepseek_kernels as dk
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    with torch.no_grad():
+        out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
+    ref = gated_sparse_ffn_ref(x.float(), wr.float(), wg.float(), wu.float(), wd.float(), active_ratio=0.15)
+    assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_kernels_on_gpu_deterministic(dtype):
+    """Prefill-sized backward (large tiles) vs float32 autograd through the reference, run twice bit-equal."""
+    T, D, F_, NB, S, k = 4097, 512, 2048, 64, 2, 17
+    x, wr, wg, wu, wd = _gpu_inputs(T, D, F_, NB - S, dtype)
+    idx = torch.sort(torch.rand(T, NB - S, device="cuda"), dim=-1, descending=True).indices[:, :k].to(torch.int32)
+    w = torch.rand(T, k, device="cuda") + 0.1
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
+    go = torch.randn(T, D, device="cuda", dtype=dtype)
+    a = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB)
+    b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB)
+    refs = [t.float().requires_grad_(True) for t in (x, wg, wu, wd, w)]
+    sparse_ffn_blocks_ref(*refs[:4], idx, refs[4], n_blocks=NB, shared_blocks=S).backward(go.float())
+    for u, v, r in zip(a, b, refs):
+        assert torch.equal(u, v)
+        assert rel(u, r.grad) < 2e-2

@@ -10,7 +10,8 @@ Two registered ops, composed by the public function (so autograd sums x's two gr
 * ``deepseek_kernels::sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks,
   save_act)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in the
   block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
-  combine. CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
+  combine; without ``save_act`` and for at most 16 tokens, the two decode kernels instead (gather
+  GEMV over the used blocks' weight slices, combine fused into the down product). CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
   Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``. Triton: grouped GEMMs with the SwiGLU
   derivative fused (dx through w_down/w_gate/w_up, dW of each block's slices over its tokens, the
   routing-weight gradient), no host sync, deterministic. CPU: torch over the grouped layout (one
@@ -258,8 +259,12 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
                    save_act: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
     if _use_triton(x):
-        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_fwd
+        from deepseek_kernels.triton.sparse_ffn import DECODE_MAX_TOKENS, sparse_ffn_decode, sparse_ffn_fwd
 
+        if not save_act and x.shape[0] <= DECODE_MAX_TOKENS:  # decode: read only the used blocks' slices
+            out = sparse_ffn_decode(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
+                                    n_blocks=n_blocks)
+            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks)
         out, act, _ = sparse_ffn_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
                                      n_blocks=n_blocks, save_act=save_act)
         return out, act
@@ -421,7 +426,8 @@ def _describe(device: torch.device) -> str:
            "sync)")
     if device.type == "cuda":
         return (f"triton: deepseek_kernels.triton.sparse_ffn on {device} (fused router, grouped gate/up GEMM + "
-                f"SwiGLU, grouped down GEMM, weighted combine; untuned); {bwd}")
+                f"SwiGLU, grouped down GEMM, weighted combine; without grad and <= 16 tokens the decode kernels "
+                f"read only the used blocks' weight slices; untuned); {bwd}")
     if interpreting():
         return f"triton: deepseek_kernels.triton.sparse_ffn under the Triton interpreter (TRITON_INTERPRET=1); {bwd}"
     return ("reference: deepseek_kernels.reference.sparse_ffn (tensors on the CPU: dense masked FFN); backward "

@@ -596,3 +596,141 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     valid = g.inv >= 0
     dweights = torch.where(valid, dweight_sorted[g.inv.clamp_min(0)], 0.0)[:, shared_blocks:]
     return dx, dwg, dwu, dwd, dweights.contiguous()
+
+
+# ---- decode (a few tokens) ------------------------------------------------------------------------------
+#
+# For T <= DECODE_MAX_TOKENS tokens the grouping, y and the combine cost more than the math. The two
+# decode kernels read the routing straight from idx [T, k] and treat the T tokens as one padded
+# 16-row tile: every weight slice of a block that any of the tokens uses is read exactly once, slices
+# of unused blocks are never read, so the bytes fall with the ratio. Tokens that do not use a block
+# get weight 0 in its rows (free: the tile is padded anyway).
+
+DECODE_MAX_TOKENS = 16
+
+
+@triton.jit
+def _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS: tl.constexpr):
+    """Per token of the tile: the weight of block b (1 for shared blocks, the routing weight if b is
+    among its chosen routed blocks, else 0), whether it uses b, and whether any token does."""
+    offs_j = tl.arange(0, BLOCK_KS)
+    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
+    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
+    hit = (ids == b - S) & m
+    w = tl.sum(tl.where(hit, tl.load(WT + offs_t[:, None] * K + offs_j[None, :], mask=m, other=0.0), 0.0), 1)
+    member = tl.sum(hit.to(tl.int32), 1) > 0
+    shared = b < S
+    w = tl.where(shared, 1.0, w)
+    member = (member | shared) & (offs_t < T)
+    return w, member, tl.sum(member.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _sparse_ffn_decode_gate_up_kernel(
+    X, WG, WU, IDX, WT, H,
+    T, D, BS, S, K,
+    stride_xt, stride_xd, stride_wf, stride_wd,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+):
+    """Block b = program_id(0), neurons n of program_id(1): H[b, t, n] = weight(t, b) *
+    silu(x[t] . w_gate[b*BS + n]) * (x[t] . w_up[b*BS + n]) for all T tokens, only if some token
+    uses b (H of unused blocks stays unwritten and unread)."""
+    b = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    w_t, member, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+    if used:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                        mask=member[:, None] & k_mask[None, :], other=0.0)
+            w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
+        tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :], h.to(H.dtype.element_ty),
+                 mask=n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_decode_down_kernel(
+    H, WD, IDX, WT, OUT,
+    T, D, BS, S, K, NB, NR,
+    stride_wd, stride_wf, stride_ot,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+):
+    """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
+    in block order (each output element owned by one program: deterministic, no y, no combine). A
+    token with an id outside [-1, NR) gets a NaN row."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for b in range(NB):
+        _, _, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+        if used:
+            for k0 in range(0, BS, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < BS
+                h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
+                            mask=k_mask[None, :], other=0.0)
+                w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    offs_j = tl.arange(0, BLOCK_KS)
+    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
+    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
+    bad = tl.sum(((ids < -1) | (ids >= NR)).to(tl.int32), 1) > 0
+    acc = tl.where(bad[:, None], float("nan"), acc)
+    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(offs_t[:, None] < T) & n_mask[None, :])
+
+
+def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+    """Tile shapes of the decode kernels (untuned first guess: narrow tiles, so that even one token's
+    few active blocks spread over many programs; the kernels are bandwidth-bound)."""
+    return dict(block_n_gate_up=16, block_k_gate_up=128, block_n_down=32, block_k_down=32, num_warps=4)
+
+
+def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                      idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
+                      **tiles) -> torch.Tensor:
+    """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
+    ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
+    host sync, two launches."""
+    T, D = x.shape
+    if T > DECODE_MAX_TOKENS:
+        raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
+    BS = w_gate.shape[0] // n_blocks
+    cfg = {**decode_launch_config(T, D, BS), **tiles}
+    K = idx.shape[1]
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    idx = idx.contiguous()
+    wt = weights.float().contiguous()
+    block_t = 16
+    h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
+    prec = _dot_precision(x.dtype)
+    block_ks = max(2, triton.next_power_of_2(max(K, 1)))
+    torch.library.wrap_triton(_sparse_ffn_decode_gate_up_kernel)[(n_blocks, triton.cdiv(BS, cfg["block_n_gate_up"]))](
+        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_gate_up"], BLOCK_K=cfg["block_k_gate_up"],
+        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+    )
+    torch.library.wrap_triton(_sparse_ffn_decode_down_kernel)[(triton.cdiv(D, cfg["block_n_down"]),)](
+        h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
+        w_down.stride(0), w_down.stride(1), out.stride(0),
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_down"], BLOCK_K=cfg["block_k_down"],
+        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+    )
+    return out
