@@ -448,3 +448,17 @@ def test_from_dense_fits_a_router_and_reports_the_error_curve(torch_path):
     assert "ratio" in str(m.conversion_report) and m.active_ratio == 0.25
     with pytest.raises(TypeError, match="gate_proj must be an nn.Linear"):
         GatedSparseFFN.from_dense(nn.Linear(4, 4), n_blocks=2, calibration=cal)
+
+
+def test_grouped_mm_benchmark_baseline_computes_the_same_layer():
+    """The bench suite's torch._grouped_mm baseline is the same routed layer (and differentiable), so
+    timing it against the op is a fair comparison."""
+    from deepseek_kernels.bench.suites.sparse_ffn import grouped_mm_ffn
+
+    x, wr, wg, wu, wd = make(37, 32, 128, 8, router_scale=3.0)
+    ts = [t.requires_grad_(True) for t in (x, wr, wg, wu, wd)]
+    out = grouped_mm_ffn(*ts, ratio=0.375)
+    ref = gated_sparse_ffn_ref(*[t.detach().double() for t in ts], active_ratio=0.375)
+    assert rel(out, ref) < 1e-5
+    grads = torch.autograd.grad(out, ts, torch.randn_like(out))
+    assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, ts))
