@@ -1,4 +1,4 @@
-"""Triton kernels for the gated sparse SwiGLU FFN (forward; untuned first version).
+"""Triton kernels for the gated sparse SwiGLU FFN (forward, backward, decode; untuned).
 
 Semantics: ``deepseek_kernels/reference/sparse_ffn.py``. Shapes: ``x [T, D]`` (D = d_model),
 ``w_gate, w_up [F, D]``, ``w_down [D, F]`` (F = d_ff = n_blocks * BS), router ``[NR, D]``.
@@ -19,7 +19,12 @@ Pipeline (one call of :func:`sparse_ffn_fwd`):
    writes ``h [P, BS]`` and, for the backward, the pre-activations ``act [P, 2, BS]``.
 4. ``_sparse_ffn_down_kernel``: grouped GEMM ``y[p] = h[p] . w_down[:, block]^T`` -> ``[P, D]``.
 5. ``_sparse_ffn_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[inv[t, j]]`` in fp32, a
-   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped.
+   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped. Opt-in
+   (``deterministic=False``): steps 4 and 5 fused, the down GEMM adding ``weight * y`` into an fp32
+   output with atomics, so y never reaches memory (not bit-reproducible).
+
+Backward: the kernels after :func:`sparse_ffn_fwd` (B1-B4, deterministic). Decode (<= 16 tokens,
+inference): :func:`sparse_ffn_decode`.
 """
 
 from __future__ import annotations
@@ -240,12 +245,16 @@ def _sparse_ffn_gate_up_kernel(
 
 @triton.jit
 def _sparse_ffn_down_kernel(
-    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS,
+    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS, WSORT, SORTED_TOK,
     D, BS, NB,
     stride_wd, stride_wf,
+    ATOMIC_COMBINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D]."""
+    """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D].
+    With ATOMIC_COMBINE the combine is fused instead: Y is the fp32 output [T, D] (zeroed) and each
+    row adds w_p * y[p] to Y[tok_p] with fp32 atomics (no y in memory; summation order, hence the
+    last bits, vary from run to run)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
@@ -265,8 +274,14 @@ def _sparse_ffn_down_kernel(
             w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=r_mask[:, None] & n_mask[None, :])
+        if ATOMIC_COMBINE:
+            wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+            tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+            tl.atomic_add(Y + tok[:, None] * D + offs_n[None, :], acc * wp[:, None],
+                          mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
+        else:
+            tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                     mask=r_mask[:, None] & n_mask[None, :])
 
 
 # ---- 5. weighted combine -----------------------------------------------------------------------------
@@ -313,11 +328,16 @@ def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
 
 def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                   save_act: bool = True, block_m: int | None = None, block_n: int | None = None,
-                   block_k: int | None = None, num_warps: int | None = None):
+                   save_act: bool = True, deterministic: bool = True, block_m: int | None = None,
+                   block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None):
     """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
     ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
-    layout; empty [0, 2, BS] without save_act), grouping)``."""
+    layout; empty [0, 2, BS] without save_act), grouping)``.
+
+    ``deterministic=True`` (default): the down GEMM writes ``y [P, D]`` and the combine kernel gathers
+    it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic). ``False``: the
+    weighted combine is fused into the down GEMM with fp32 atomics into a [T, D] fp32 buffer, cast
+    afterwards (no y; results vary in the last bits between runs)."""
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
     cfg = launch_config(T, D, BS)
@@ -331,7 +351,6 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     grouping = group_pairs(blocks, n_blocks, block_m)
     h = torch.empty(P, BS, dtype=x.dtype, device=x.device)
     act = torch.empty((P if save_act else 0), 2, BS, dtype=x.dtype, device=x.device)
-    y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     if P == 0:
         return out.zero_(), act, grouping
@@ -343,11 +362,20 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )
+    if deterministic:
+        y = torch.empty(P, D, dtype=x.dtype, device=x.device)
+        w_sorted = tok = y  # unused
+    else:
+        y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+        w_sorted, tok = w_full.reshape(-1)[grouping.order].contiguous(), grouping.sorted_tok
     torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, block_n))](
-        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
-        w_down.stride(0), w_down.stride(1),
+        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
+        w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
         DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
+    if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
+        bad = (grouping.inv == -2).any(1, keepdim=True)
+        return torch.where(bad, float("nan"), y).to(x.dtype), act, grouping
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
