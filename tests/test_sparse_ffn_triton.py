@@ -139,6 +139,121 @@ def test_ffn_kernels_match_reference(case, dtype, poisoned):
     assert rel(act[:n_valid, 0], a_ref) < TOL[dtype] and rel(act[:n_valid, 1], u_ref) < TOL[dtype]
 
 
+def _ffn_inputs(case, dtype):
+    T, D, F_, NB, S, k, empty_slots, _ = case
+    x = torch.randn(T, D).to(dtype)
+    wg, wu = ((torch.randn(F_, D) / D**0.5).to(dtype) for _ in range(2))
+    wd = (torch.randn(D, F_) / F_**0.5).to(dtype)
+    idx = torch.sort(torch.rand(T, NB - S), dim=-1, descending=True).indices[:, :k].to(torch.int32)
+    w = torch.rand(T, k) + 0.1
+    if empty_slots:
+        idx[::2, -2:] = -1
+        w[::2, -2:] = 0
+    return x, wg, wu, wd, idx, w
+
+
+# one dtype per case keeps the interpreter time down; both dtypes are covered
+BWD_CASES = [(FFN_CASES[1], torch.float32), (FFN_CASES[2], torch.float16), (FFN_CASES[3], torch.float32),
+             (FFN_CASES[4], torch.float16), (FFN_CASES[5], torch.float32)]
+
+
+@pytest.mark.parametrize("case,dtype", BWD_CASES, ids=lambda c: ffn_id(c) if isinstance(c, tuple) else str(c))
+def test_backward_kernels_match_reference(case, dtype, poisoned):
+    """dx, the three weight gradients and the routing-weight gradient against float64 autograd
+    through the reference (the kernels take the forward's saved pre-activations)."""
+    T, D, F_, NB, S, k, _, tiles = case
+    x, wg, wu, wd, idx, w = _ffn_inputs(case, dtype)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, **(tiles or {}))
+    go = torch.randn(T, D).to(dtype)
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB, **(tiles or {}))
+    refs = [t.double().requires_grad_(True) for t in (x, wg, wu, wd, w)]
+    sparse_ffn_blocks_ref(*refs[:4], idx, refs[4], n_blocks=NB, shared_blocks=S).backward(go.double())
+    for name, a, r in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, refs):
+        assert a.shape == r.shape and torch.isfinite(a).all(), name
+        assert rel(a, r.grad) < 4 * TOL[dtype], (name, rel(a, r.grad))
+    assert got[0].dtype == dtype and got[4].dtype == torch.float32
+    if case[6]:  # empty slots get no routing-weight gradient
+        assert torch.all(got[4][idx < 0] == 0)
+
+
+def test_backward_is_deterministic_and_unused_blocks_get_zero_weight_grads(poisoned):
+    T, D, F_, NB = 37, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.randint(0, 5, (T, 2), dtype=torch.int32)  # blocks 5..7 unused
+    idx[:, 1] = (idx[:, 0] + 1) % 5
+    w = torch.rand(T, 2)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    go = torch.randn(T, D)
+    a = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=0, n_blocks=NB)
+    b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=0, n_blocks=NB)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.all(a[1][5 * 8:] == 0) and torch.all(a[2][5 * 8:] == 0) and torch.all(a[3][:, 5 * 8:] == 0)
+
+
+def test_invalid_block_ids_poison_only_their_tokens(poisoned):
+    """The CUDA path skips the host-synchronising range check: an out-of-range id must not read or
+    write memory, and its token's output (and dx) must be NaN, never a plausible value."""
+    T, D, F_, NB = 9, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.randint(0, NB - 1, (T, 2), dtype=torch.int32)
+    idx[:, 1] = idx[:, 0] + 1
+    w = torch.rand(T, 2)
+    idx[2, 1], idx[5, 0] = NB - 1, -7  # shared_blocks=1: 7 routed blocks, so id 7 is out of range
+    out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=NB)
+    bad = torch.zeros(T, dtype=torch.bool)
+    bad[[2, 5]] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    good = idx.clone()
+    good[bad] = 0
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), good, w.double(), n_blocks=NB,
+                                shared_blocks=1)
+    assert rel(out[~bad], ref[~bad]) < 1e-5
+    dx, *_, dweights = tk.sparse_ffn_bwd(torch.randn(T, D), x, wg, wu, wd, idx, w, act, shared_blocks=1, n_blocks=NB)
+    assert torch.isnan(dx[bad]).all() and torch.isfinite(dx[~bad]).all() and torch.isfinite(dweights).all()
+
+
+DECODE_CASES = [
+    # (T, D, d_ff, n_blocks, shared, k, empty slots, dtype)
+    (1, 24, 64, 8, 0, 3, False, torch.float32),
+    (7, 40, 120, 8, 2, 3, True, torch.float32),    # shared blocks, 15-neuron blocks, empty slots
+    (16, 32, 128, 64, 0, 10, False, torch.float16),  # 64 blocks, ratio 0.15, the most decode tokens
+    (3, 16, 128, 8, 1, 7, False, torch.float16),   # every block
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
+    *c[:6], "empty" if c[6] else "full", str(c[7])))
+def test_decode_kernels_match_reference(case, poisoned):
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB,
+                                shared_blocks=S)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_decode_reads_only_used_blocks_and_poisons_invalid_ids(poisoned):
+    """Weight slices of unused blocks are never read (NaN there changes nothing); a bad id gives NaN."""
+    T, D, F_, NB = 4, 16, 64, 8
+    x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
+    idx = torch.tensor([[0, 2], [2, 4], [4, 0], [0, 2]], dtype=torch.int32)
+    w = torch.rand(T, 2)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB)
+    for b in (1, 3, 5, 6, 7):
+        f = slice(b * 8, (b + 1) * 8)
+        wg[f], wu[f], wd[:, f] = float("nan"), float("nan"), float("nan")
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    assert rel(out, ref) < 1e-5
+    idx[1, 1] = NB
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+    assert torch.isnan(out[1]).all() and rel(out[[0, 2, 3]], ref[[0, 2, 3]]) < 1e-5
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        tk.sparse_ffn_decode(torch.randn(17, D), wg, wu, wd, torch.zeros(17, 2, dtype=torch.int32), torch.ones(17, 2),
+                             shared_blocks=0, n_blocks=NB)
+
+
 def test_all_tokens_in_one_block(poisoned):
     T, D, F_, NB = 45, 16, 64, 8
     x = torch.randn(T, D)
@@ -202,3 +317,48 @@ def test_fp32_on_gpu_is_not_tf32():
     out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.3)
     ref = gated_sparse_ffn_ref(x.double(), wr.double(), wg.double(), wu.double(), wd.double(), active_ratio=0.3)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 16])
+def test_decode_on_gpu(T):
+    """The decode path (no grad, <= 16 tokens) in bf16 at the issue's shapes, against the fp32 reference."""
+    import deepseek_kernels as dk
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    with torch.no_grad():
+        out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
+    ref = gated_sparse_ffn_ref(x.float(), wr.float(), wg.float(), wu.float(), wd.float(), active_ratio=0.15)
+    assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_kernels_on_gpu_deterministic(dtype):
+    """Prefill-sized backward (large tiles) vs float32 autograd through the reference, run twice bit-equal."""
+    T, D, F_, NB, S, k = 4097, 512, 2048, 64, 2, 17
+    x, wr, wg, wu, wd = _gpu_inputs(T, D, F_, NB - S, dtype)
+    idx = torch.sort(torch.rand(T, NB - S, device="cuda"), dim=-1, descending=True).indices[:, :k].to(torch.int32)
+    w = torch.rand(T, k, device="cuda") + 0.1
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
+    go = torch.randn(T, D, device="cuda", dtype=dtype)
+    a = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB)
+    b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, shared_blocks=S, n_blocks=NB)
+    refs = [t.float().requires_grad_(True) for t in (x, wg, wu, wd, w)]
+    sparse_ffn_blocks_ref(*refs[:4], idx, refs[4], n_blocks=NB, shared_blocks=S).backward(go.float())
+    for u, v, r in zip(a, b, refs):
+        assert torch.equal(u, v)
+        assert rel(u, r.grad) < 2e-2
+
+
+@pytest.mark.gpu
+def test_atomic_combine_on_gpu():
+    """deterministic=False at prefill size: the fused atomic combine agrees with the gather combine."""
+    x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 4096, 64, torch.bfloat16)
+    T, k = x.shape[0], 19
+    idx = torch.sort(torch.rand(T, 64, device="cuda"), dim=-1, descending=True).indices[:, :k].to(torch.int32)
+    w = torch.rand(T, k, device="cuda") + 0.1
+    a, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, save_act=False)
+    b, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, save_act=False,
+                                deterministic=False)
+    assert rel(b, a) < 1e-2

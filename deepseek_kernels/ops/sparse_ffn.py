@@ -8,11 +8,14 @@ Two registered ops, composed by the public function (so autograd sums x's two gr
   kernel; CPU: ``route_ref``. Backward (closed form, torch): through the normalised gates and the
   probs to the logits, then ``dx = dlogits . W_r``, ``dW_r = dlogits^T . x``.
 * ``deepseek_kernels::sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks,
-  save_act)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in the
+  n_blocks, save_act, deterministic)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in the
   block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
-  combine. CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
-  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``, in torch over the grouped layout (one
-  cuBLAS matmul per block and projection); no Triton backward kernels yet.
+  combine; without ``save_act`` and for at most 16 tokens, the two decode kernels instead (gather
+  GEMV over the used blocks' weight slices, combine fused into the down product). CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
+  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``. Triton: grouped GEMMs with the SwiGLU
+  derivative fused (dx through w_down/w_gate/w_up, dW of each block's slices over its tokens, the
+  routing-weight gradient), no host sync, deterministic. CPU: torch over the grouped layout (one
+  matmul per block and projection, one host sync).
 
 Exact semantics: ``deepseek_kernels/reference/sparse_ffn.py``.
 """
@@ -28,6 +31,13 @@ from deepseek_kernels.reference.sparse_ffn import GATES, WEIGHTINGS, n_active, r
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NAME = "gated_sparse_ffn"
+
+
+def _check_routing_on_device() -> bool:
+    """``DSK_CHECK_ROUTING=1``: range-check idx of CUDA tensors eagerly (one host sync per call)."""
+    import os
+
+    return os.environ.get("DSK_CHECK_ROUTING", "0") == "1"
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -137,9 +147,13 @@ def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n
                          f"{tuple(idx.shape)} and {tuple(weights.shape)}")
     if weights.dtype != torch.float32:
         raise ValueError(f"{name}: weights must be float32, got {weights.dtype}")
-    # Data check in eager on plain tensors only (fake/functional tensors while tracing have no data).
-    # On CUDA it costs one host sync per call; the public function's idx is valid by construction.
-    if not torch.compiler.is_compiling() and type(idx) is torch.Tensor and idx.numel():
+    # Data check of the ids, in eager on plain tensors only (fake/functional tensors while tracing have
+    # no data), and on CUDA only with DSK_CHECK_ROUTING=1: there it would cost a host sync per call.
+    # Unchecked, an invalid id never touches memory: the kernels drop it from every block and give its
+    # token a NaN output row (and NaN dx), see ``group_pairs``. The public function's idx is valid by
+    # construction.
+    if (not torch.compiler.is_compiling() and type(idx) is torch.Tensor and idx.numel()
+            and (not idx.is_cuda or _check_routing_on_device())):
         if int(idx.max()) >= n_blocks - shared_blocks or int(idx.min()) < -1:
             raise ValueError(f"{name}: idx entries must be routed block ids in [0, {n_blocks - shared_blocks}) "
                              f"or -1 (empty slot)")
@@ -242,23 +256,34 @@ def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor |
 @define_triton_op("deepseek_kernels::sparse_ffn_blocks_fwd")
 def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int,
-                   save_act: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   save_act: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
     if _use_triton(x):
-        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_fwd
+        from deepseek_kernels.triton.sparse_ffn import DECODE_MAX_TOKENS, sparse_ffn_decode, sparse_ffn_fwd
 
+        if not save_act and x.shape[0] <= DECODE_MAX_TOKENS:  # decode: read only the used blocks' slices
+            out = sparse_ffn_decode(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
+                                    n_blocks=n_blocks)
+            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks)
         out, act, _ = sparse_ffn_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
-                                     n_blocks=n_blocks, save_act=save_act)
+                                     n_blocks=n_blocks, save_act=save_act, deterministic=deterministic)
         return out, act
     return _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
 
 
-# The backward loops over blocks on the host (data-dependent sizes): an opaque custom op, never traced.
+# An opaque custom op (never traced): the CPU fallback loops over blocks on the host (data-dependent
+# sizes); the Triton path is sync-free and runs as one extern call under torch.compile.
 @torch.library.custom_op("deepseek_kernels::sparse_ffn_blocks_bwd", mutates_args=())
 def _blocks_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor,
                    shared_blocks: int, n_blocks: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_bwd
+
+        dx, dwg, dwu, dwd, dweights = sparse_ffn_bwd(grad_out, x, w_gate, w_up, w_down, idx, weights, act,
+                                                     shared_blocks=shared_blocks, n_blocks=n_blocks)
+        return dx, dwg, dwu, dwd, dweights.to(weights.dtype)
     return _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shared_blocks, n_blocks)
 
 
@@ -278,7 +303,7 @@ if not TRITON_OP:
                 x.new_empty((T, k), dtype=torch.int32))
 
     @_blocks_fwd_op.register_fake
-    def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act):
+    def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act, deterministic):
         check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
         P = x.shape[0] * (shared_blocks + idx.shape[1]) if save_act else 0
         return torch.empty_like(x), x.new_empty((P, 2, w_gate.shape[0] // n_blocks))
@@ -314,7 +339,7 @@ def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
 
 
 def _blocks_setup_context(ctx, inputs, output):
-    x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act = inputs
+    x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act, _deterministic = inputs
     _, act = output
     ctx.save_for_backward(x, w_gate, w_up, w_down, idx, weights, act)
     ctx.shared_blocks, ctx.n_blocks, ctx.save_act = shared_blocks, n_blocks, save_act
@@ -327,7 +352,7 @@ def _blocks_backward(ctx, grad_out, _grad_act):
         raise RuntimeError(f"{NAME}: backward needs the activations, but the forward ran with save_act=False")
     dx, dwg, dwu, dwd, dweights = torch.ops.deepseek_kernels.sparse_ffn_blocks_bwd(
         grad_out.contiguous(), x, w_gate, w_up, w_down, idx, weights, act, ctx.shared_blocks, ctx.n_blocks)
-    return dx, dwg, dwu, dwd, None, dweights, None, None, None
+    return dx, dwg, dwu, dwd, None, dweights, None, None, None, None
 
 
 torch.library.register_autograd("deepseek_kernels::sparse_ffn_route", _route_backward,
@@ -358,6 +383,7 @@ def gated_sparse_ffn(
     x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
     active_ratio: float, shared_blocks: int = 0, gate: str = "sigmoid", weighting: str = "gate",
     bias: torch.Tensor | None = None, threshold: float | None = None, return_routing: bool = False,
+    deterministic: bool = True,
 ):
     """Routed neuron-block SwiGLU FFN, differentiable in x, router_weight and the three FFN weights.
 
@@ -368,6 +394,9 @@ def gated_sparse_ffn(
     selection only; ``threshold``: only blocks whose gate exceeds it, at most that many). Chosen blocks
     are scaled by their gate normalised over the chosen blocks (``weighting="gate"``) or by 1
     (``"none"``). Returns ``out [..., d_model]`` (and a :class:`SparseRouting` with ``return_routing``).
+    ``deterministic=False`` lets the Triton forward fuse the weighted combine into the down GEMM with
+    fp32 atomics (less memory traffic; the output's last bits then vary between runs). The backward
+    and the decode path are deterministic either way.
     Exact definition: ``deepseek_kernels.reference.sparse_ffn``.
     """
     check_args(x, router_weight, w_gate, w_up, w_down, active_ratio=active_ratio, shared_blocks=shared_blocks,
@@ -389,7 +418,7 @@ def gated_sparse_ffn(
     save_act = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, router_weight, w_gate, w_up, w_down))
     out, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x2, w_gate, w_up, w_down, idx, weights, shared_blocks,
-                                                             n_blocks, save_act)
+                                                             n_blocks, save_act, bool(deterministic))
     out = out.reshape(*lead, d_model)
     if return_routing:
         return out, SparseRouting(idx, weights, probs, k, shared_blocks)
@@ -397,13 +426,16 @@ def gated_sparse_ffn(
 
 
 def _describe(device: torch.device) -> str:
-    bwd = "backward in torch over the grouped layout (one matmul per block; no Triton backward kernels yet)"
+    bwd = ("backward: Triton grouped GEMMs (SwiGLU derivative fused, per-block dW, deterministic, no host "
+           "sync)")
     if device.type == "cuda":
         return (f"triton: deepseek_kernels.triton.sparse_ffn on {device} (fused router, grouped gate/up GEMM + "
-                f"SwiGLU, grouped down GEMM, weighted combine; untuned); {bwd}")
+                f"SwiGLU, grouped down GEMM, weighted combine; without grad and <= 16 tokens the decode kernels "
+                f"read only the used blocks' weight slices; untuned); {bwd}")
     if interpreting():
         return f"triton: deepseek_kernels.triton.sparse_ffn under the Triton interpreter (TRITON_INTERPRET=1); {bwd}"
-    return f"reference: deepseek_kernels.reference.sparse_ffn (tensors on the CPU: dense masked FFN); {bwd}"
+    return ("reference: deepseek_kernels.reference.sparse_ffn (tensors on the CPU: dense masked FFN); backward "
+            "in torch over the grouped layout (one matmul per block)")
 
 
 def _explain(x, *args, **kwargs):

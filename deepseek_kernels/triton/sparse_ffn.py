@@ -1,4 +1,4 @@
-"""Triton kernels for the gated sparse SwiGLU FFN (forward; untuned first version).
+"""Triton kernels for the gated sparse SwiGLU FFN (forward, backward, decode; untuned).
 
 Semantics: ``deepseek_kernels/reference/sparse_ffn.py``. Shapes: ``x [T, D]`` (D = d_model),
 ``w_gate, w_up [F, D]``, ``w_down [D, F]`` (F = d_ff = n_blocks * BS), router ``[NR, D]``.
@@ -19,7 +19,12 @@ Pipeline (one call of :func:`sparse_ffn_fwd`):
    writes ``h [P, BS]`` and, for the backward, the pre-activations ``act [P, 2, BS]``.
 4. ``_sparse_ffn_down_kernel``: grouped GEMM ``y[p] = h[p] . w_down[:, block]^T`` -> ``[P, D]``.
 5. ``_sparse_ffn_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[inv[t, j]]`` in fp32, a
-   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped.
+   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped. Opt-in
+   (``deterministic=False``): steps 4 and 5 fused, the down GEMM adding ``weight * y`` into an fp32
+   output with atomics, so y never reaches memory (not bit-reproducible).
+
+Backward: the kernels after :func:`sparse_ffn_fwd` (B1-B4, deterministic). Decode (<= 16 tokens,
+inference): :func:`sparse_ffn_decode`.
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ class Grouping:
 
     sorted_tok: torch.Tensor   # int32 [P]: token of each sorted row
     order: torch.Tensor        # int64 [P]: flat pair index (t * KT + j) of each sorted row
-    inv: torch.Tensor          # int64 [T, KT]: sorted row of pair (t, j), -1 for an empty slot
+    inv: torch.Tensor          # int64 [T, KT]: sorted row of pair (t, j), -1 for an empty slot, -2 for an invalid block id
     offsets: torch.Tensor      # int32 [n_blocks + 1]: rows of block b are [offsets[b], offsets[b+1])
     tile_block: torch.Tensor   # int32 [n_tiles]: block of each BLOCK_M row tile (n_blocks: no tile)
     tile_start: torch.Tensor   # int32 [n_tiles]: first row of each tile
@@ -145,22 +150,29 @@ class Grouping:
 
 def full_routing(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int):
     """Routed ``idx/weights [T, k]`` -> all blocks a token runs ``[T, shared + k]`` (block ids in
-    ``[0, n_blocks)``, -1 empty), weights float32 (1 for shared blocks)."""
+    ``[0, n_blocks)``, -1 empty; an invalid id stays out of that range: ids < -1 become -2, ids
+    >= n_routed land >= n_blocks), weights float32 (1 for shared blocks)."""
     T = idx.shape[0]
     shared = torch.arange(shared_blocks, device=idx.device, dtype=torch.int32).expand(T, shared_blocks)
-    routed = torch.where(idx >= 0, idx + shared_blocks, -1).to(torch.int32)
+    routed = torch.where(idx >= 0, idx + shared_blocks, torch.where(idx == -1, -1, -2)).to(torch.int32)
     blocks = torch.cat([shared, routed], dim=1)
     w = torch.cat([weights.new_ones(T, shared_blocks), weights], dim=1).float()
     return blocks, w
 
 
 def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
-    """Sorts the (token, block) pairs of ``blocks [T, KT]`` by block; sync-free torch index ops."""
+    """Sorts the (token, block) pairs of ``blocks [T, KT]`` by block; sync-free torch index ops.
+
+    Ids outside ``[0, n_blocks)`` other than -1 (empty slot) are invalid: they join no block (no
+    kernel reads or writes memory for them) and their ``inv`` is -2, which the combine kernel turns
+    into a NaN output row for the token, so bad routing never yields a plausible-looking result
+    (this replaces a host-synchronising range check on CUDA)."""
     T, KT = blocks.shape
     P = T * KT
     dev = blocks.device
     flat = blocks.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, n_blocks)  # empty slots sort last, into no block
+    in_range = (flat >= 0) & (flat < n_blocks)
+    key = torch.where(in_range, flat, n_blocks)  # empty slots sort last, into no block
     order = torch.argsort(key, stable=True)
     sorted_tok = torch.div(order, max(KT, 1), rounding_mode="floor").to(torch.int32)
     # offsets by binary search over the sorted keys (not bincount: its output size is data-dependent,
@@ -169,7 +181,7 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     counts = offsets[1:] - offsets[:-1]
     pos = torch.empty(P, dtype=torch.int64, device=dev)
     pos[order] = torch.arange(P, device=dev)
-    inv = torch.where(flat >= 0, pos, -1).reshape(T, KT)
+    inv = torch.where(in_range, pos, torch.where(flat == -1, -1, -2)).reshape(T, KT)
     tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0)
     n_tiles = -(-P // block_m) + n_blocks  # static upper bound of sum(tiles)
@@ -233,12 +245,16 @@ def _sparse_ffn_gate_up_kernel(
 
 @triton.jit
 def _sparse_ffn_down_kernel(
-    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS,
+    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS, WSORT, SORTED_TOK,
     D, BS, NB,
     stride_wd, stride_wf,
+    ATOMIC_COMBINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D]."""
+    """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D].
+    With ATOMIC_COMBINE the combine is fused instead: Y is the fp32 output [T, D] (zeroed) and each
+    row adds w_p * y[p] to Y[tok_p] with fp32 atomics (no y in memory; summation order, hence the
+    last bits, vary from run to run)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
@@ -258,8 +274,14 @@ def _sparse_ffn_down_kernel(
             w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=r_mask[:, None] & n_mask[None, :])
+        if ATOMIC_COMBINE:
+            wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+            tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+            tl.atomic_add(Y + tok[:, None] * D + offs_n[None, :], acc * wp[:, None],
+                          mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
+        else:
+            tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                     mask=r_mask[:, None] & n_mask[None, :])
 
 
 # ---- 5. weighted combine -----------------------------------------------------------------------------
@@ -269,20 +291,27 @@ def _sparse_ffn_down_kernel(
 def _sparse_ffn_combine_kernel(
     Y, INV, W, OUT, T, D, KT,
     stride_ot,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum)."""
+    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum; W = 1
+    without WEIGHTED). A token with an invalid block id (INV = -2) gets a NaN row."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask = offs_t < T
     n_mask = offs_n < D
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    n_bad = tl.zeros((BLOCK_T,), dtype=tl.int32)
     for j in range(KT):
         pos = tl.load(INV + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=-1)
-        w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+        n_bad += (pos == -2).to(tl.int32)
         valid = pos >= 0
         y = tl.load(Y + pos[:, None] * D + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
-        acc += w[:, None] * y.to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+            acc += w[:, None] * y.to(tl.float32)
+        else:
+            acc += y.to(tl.float32)
+    acc = tl.where(n_bad[:, None] > 0, float("nan"), acc)
     tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=t_mask[:, None] & n_mask[None, :])
 
@@ -299,11 +328,16 @@ def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
 
 def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                   save_act: bool = True, block_m: int | None = None, block_n: int | None = None,
-                   block_k: int | None = None, num_warps: int | None = None):
+                   save_act: bool = True, deterministic: bool = True, block_m: int | None = None,
+                   block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None):
     """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
     ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
-    layout; empty [0, 2, BS] without save_act), grouping)``."""
+    layout; empty [0, 2, BS] without save_act), grouping)``.
+
+    ``deterministic=True`` (default): the down GEMM writes ``y [P, D]`` and the combine kernel gathers
+    it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic). ``False``: the
+    weighted combine is fused into the down GEMM with fp32 atomics into a [T, D] fp32 buffer, cast
+    afterwards (no y; results vary in the last bits between runs)."""
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
     cfg = launch_config(T, D, BS)
@@ -317,7 +351,6 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     grouping = group_pairs(blocks, n_blocks, block_m)
     h = torch.empty(P, BS, dtype=x.dtype, device=x.device)
     act = torch.empty((P if save_act else 0), 2, BS, dtype=x.dtype, device=x.device)
-    y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     if P == 0:
         return out.zero_(), act, grouping
@@ -329,14 +362,403 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )
+    if deterministic:
+        y = torch.empty(P, D, dtype=x.dtype, device=x.device)
+        w_sorted = tok = y  # unused
+    else:
+        y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+        w_sorted, tok = w_full.reshape(-1)[grouping.order].contiguous(), grouping.sorted_tok
     torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, block_n))](
-        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
-        w_down.stride(0), w_down.stride(1),
+        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
+        w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
         DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
+    if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
+        bad = (grouping.inv == -2).any(1, keepdim=True)
+        return torch.where(bad, float("nan"), y).to(x.dtype), act, grouping
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out, act, grouping
+
+
+# ---- backward ----------------------------------------------------------------------------------------
+#
+# With the pairs grouped as in the forward (p = sorted row, b its block, t = tok[p], w_p its routing
+# weight, a/u the saved pre-activations, s = sigmoid(a)), the gradients are
+#
+#     g[p, n]     = dO[t] . w_down[:, b*BS + n]                      (B1: grouped GEMM over D)
+#     dweight[p]  = sum_n g[p, n] * h[p, n],  h = silu(a) * u
+#     da[p, n]    = w_p * g * u * s * (1 + a * (1 - s)),   du[p, n] = w_p * g * silu(a)
+#     dx_rows[p]  = da[p] . w_gate[b-slice] + du[p] . w_up[b-slice]  (B2: grouped GEMM over BS)
+#     dx[t]       = sum_j dx_rows[inv[t, j]]                         (the combine kernel, weight 1)
+#     dW_gate[b*BS + n, :] = sum_{p in b} da[p, n] x[t_p],  dW_up likewise with du   (B3)
+#     dW_down[:, b*BS + n] = sum_{p in b} dO[t_p] (w_p h[p, n])                      (B4)
+#
+# B3/B4 give each program one output tile and walk the block's rows in a fixed order: deterministic,
+# no atomics, every weight element written (blocks without rows get zeros). B1 writes dweight as one
+# partial sum per neuron tile, summed afterwards in a fixed order.
+
+
+@triton.jit
+def _sparse_ffn_bwd_dact_kernel(
+    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+    DACT, HW, DWP,
+    D, BS, NB, P,
+    stride_dot, stride_dod, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
+    DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
+        mask = r_mask[:, None] & n_mask[None, :]
+        act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+        a = tl.load(act, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(act + BS, mask=mask, other=0.0).to(tl.float32)
+        wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+        s = tl.sigmoid(a)
+        silu = a * s
+        h = silu * u
+        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, tl.sum(tl.where(mask, acc * h, 0.0), 1), mask=r_mask)
+        dh = acc * wp[:, None]
+        da = dh * u * s * (1 + a * (1 - s))
+        du = dh * silu
+        dact = DACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+        tl.store(dact, da.to(DACT.dtype.element_ty), mask=mask)
+        tl.store(dact + BS, du.to(DACT.dtype.element_ty), mask=mask)
+        tl.store(HW + rows64[:, None] * BS + offs_n[None, :], (h * wp[:, None]).to(HW.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_ffn_bwd_dx_kernel(
+    DACT, WG, WU, DXR, TILE_BLOCK, TILE_START, OFFSETS,
+    D, BS, NB,
+    stride_wf, stride_wd,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B2: dx_rows[p, n] = sum_k da[p, k] w_gate[b*BS + k, n] + du[p, k] w_up[b*BS + k, n] -> DXR [P, D]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        row0 = tl.load(TILE_START + pid_m)
+        row_end = tl.load(OFFSETS + b + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        r_mask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < D
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, BS, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < BS
+            a_mask = r_mask[:, None] & k_mask[None, :]
+            dact = DACT + rows64[:, None] * (2 * BS) + offs_k[None, :]
+            da = tl.load(dact, mask=a_mask, other=0.0)
+            du = tl.load(dact + BS, mask=a_mask, other=0.0)
+            w_off = (b * BS + offs_k)[:, None].to(tl.int64) * stride_wf + offs_n[None, :] * stride_wd
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc = tl.dot(da, tl.load(WG + w_off, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(du, tl.load(WU + w_off, mask=w_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        tl.store(DXR + rows64[:, None] * D + offs_n[None, :], acc.to(DXR.dtype.element_ty),
+                 mask=r_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_bwd_dw_gate_up_kernel(
+    DACT, X, SORTED_TOK, OFFSETS, DWG, DWU,
+    D, BS,
+    stride_xt, stride_xd, stride_gf, stride_gd,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B3: for block b = program_id(0): dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up
+    with du) over the block's rows, in row order. DWG and DWU share strides."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < BS
+    d_mask = offs_d < D
+    lo = tl.load(OFFSETS + b)
+    hi = tl.load(OFFSETS + b + 1)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_mask = rows < hi
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        t_mask = n_mask[:, None] & r_mask[None, :]
+        dact = DACT + rows[None, :].to(tl.int64) * (2 * BS) + offs_n[:, None]  # [BLOCK_N, BLOCK_K]: da^T
+        xt = tl.load(X + tok[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                     mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        acc_g = tl.dot(tl.load(dact, mask=t_mask, other=0.0), xt, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(tl.load(dact + BS, mask=t_mask, other=0.0), xt, acc_u, input_precision=DOT_PRECISION)
+    off = (b * BS + offs_n)[:, None].to(tl.int64) * stride_gf + offs_d[None, :] * stride_gd
+    mask = n_mask[:, None] & d_mask[None, :]
+    tl.store(DWG + off, acc_g.to(DWG.dtype.element_ty), mask=mask)
+    tl.store(DWU + off, acc_u.to(DWU.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_ffn_bwd_dw_down_kernel(
+    DO, HW, SORTED_TOK, OFFSETS, DWD,
+    D, BS,
+    stride_dot, stride_dod, stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B4: for block b = program_id(0): dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the
+    block's rows, in row order."""
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = offs_d < D
+    n_mask = offs_n < BS
+    lo = tl.load(OFFSETS + b)
+    hi = tl.load(OFFSETS + b + 1)
+    acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_mask = rows < hi
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        go_t = tl.load(DO + tok[None, :] * stride_dot + offs_d[:, None] * stride_dod,  # [BLOCK_D, BLOCK_K]
+                       mask=d_mask[:, None] & r_mask[None, :], other=0.0)
+        hw = tl.load(HW + rows[:, None].to(tl.int64) * BS + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(go_t, hw, acc, input_precision=DOT_PRECISION)
+    off = offs_d[:, None].to(tl.int64) * stride_wd + (b * BS + offs_n)[None, :] * stride_wf
+    tl.store(DWD + off, acc.to(DWD.dtype.element_ty), mask=d_mask[:, None] & n_mask[None, :])
+
+
+def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+    """Tile shapes of the backward kernels (untuned first guess, like :func:`launch_config`)."""
+    if tokens * block_size <= 4096:
+        return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
+    return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+
+
+def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                   w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, *,
+                   shared_blocks: int, n_blocks: int, block_m: int | None = None, block_n: int | None = None,
+                   block_k: int | None = None, num_warps: int | None = None):
+    """Backward of :func:`sparse_ffn_fwd` (no host sync, deterministic): ``grad_out [T, D]`` and the
+    forward's ``act`` -> ``(dx [T, D], dW_gate, dW_up [F, D], dW_down [D, F]`` in x's dtype,
+    ``dweights`` fp32 ``[T, k])``. The grouping is recomputed from ``idx`` (the forward's, bit for bit)."""
+    T, D = x.shape
+    F_ = w_gate.shape[0]
+    BS = F_ // n_blocks
+    cfg = bwd_launch_config(T, D, BS)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    num_warps = num_warps or cfg["num_warps"]
+    dev, dt = x.device, x.dtype
+    blocks, w_full = full_routing(idx, weights, shared_blocks)
+    KT = blocks.shape[1]
+    P = T * KT
+    g = group_pairs(blocks, n_blocks, block_m)
+    dwg = torch.empty(F_, D, dtype=dt, device=dev)
+    dwu = torch.empty(F_, D, dtype=dt, device=dev)
+    dwd = torch.empty(D, F_, dtype=dt, device=dev)
+    if P == 0:
+        return (torch.zeros_like(x), dwg.zero_(), dwu.zero_(), dwd.zero_(),
+                torch.zeros(T, idx.shape[1], dtype=torch.float32, device=dev))
+    grad_out = grad_out.to(dt)
+    w_sorted = w_full.reshape(-1)[g.order].contiguous()
+    n_tiles = g.tile_block.numel()
+    n_ntiles = triton.cdiv(BS, block_n)
+    dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
+    hw = torch.empty(P, BS, dtype=dt, device=dev)
+    dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
+    prec = _dot_precision(dt)
+    common = dict(DOT_PRECISION=prec, num_warps=num_warps)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[(n_tiles, n_ntiles)](
+        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
+        dact, hw, dwp, D, BS, n_blocks, P,
+        grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dx_rows = torch.empty(P, D, dtype=dt, device=dev)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, block_n))](
+        dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
+        w_gate.stride(0), w_gate.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dx = torch.empty(T, D, dtype=dt, device=dev)
+    block_t = 16
+    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+        dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, n_ntiles, triton.cdiv(D, block_n))](
+        dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
+        BLOCK_N=block_n, BLOCK_D=block_n, BLOCK_K=block_k, **common,
+    )
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, block_n), n_ntiles)](
+        grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
+        dwd.stride(0), dwd.stride(1),
+        BLOCK_D=block_n, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    dweight_sorted = dwp.sum(0)
+    valid = g.inv >= 0
+    dweights = torch.where(valid, dweight_sorted[g.inv.clamp_min(0)], 0.0)[:, shared_blocks:]
+    return dx, dwg, dwu, dwd, dweights.contiguous()
+
+
+# ---- decode (a few tokens) ------------------------------------------------------------------------------
+#
+# For T <= DECODE_MAX_TOKENS tokens the grouping, y and the combine cost more than the math. The two
+# decode kernels read the routing straight from idx [T, k] and treat the T tokens as one padded
+# 16-row tile: every weight slice of a block that any of the tokens uses is read exactly once, slices
+# of unused blocks are never read, so the bytes fall with the ratio. Tokens that do not use a block
+# get weight 0 in its rows (free: the tile is padded anyway).
+
+DECODE_MAX_TOKENS = 16
+
+
+@triton.jit
+def _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS: tl.constexpr):
+    """Per token of the tile: the weight of block b (1 for shared blocks, the routing weight if b is
+    among its chosen routed blocks, else 0), whether it uses b, and whether any token does."""
+    offs_j = tl.arange(0, BLOCK_KS)
+    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
+    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
+    hit = (ids == b - S) & m
+    w = tl.sum(tl.where(hit, tl.load(WT + offs_t[:, None] * K + offs_j[None, :], mask=m, other=0.0), 0.0), 1)
+    member = tl.sum(hit.to(tl.int32), 1) > 0
+    shared = b < S
+    w = tl.where(shared, 1.0, w)
+    member = (member | shared) & (offs_t < T)
+    return w, member, tl.sum(member.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _sparse_ffn_decode_gate_up_kernel(
+    X, WG, WU, IDX, WT, H,
+    T, D, BS, S, K,
+    stride_xt, stride_xd, stride_wf, stride_wd,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+):
+    """Block b = program_id(0), neurons n of program_id(1): H[b, t, n] = weight(t, b) *
+    silu(x[t] . w_gate[b*BS + n]) * (x[t] . w_up[b*BS + n]) for all T tokens, only if some token
+    uses b (H of unused blocks stays unwritten and unread)."""
+    b = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    w_t, member, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+    if used:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                        mask=member[:, None] & k_mask[None, :], other=0.0)
+            w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
+        tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :], h.to(H.dtype.element_ty),
+                 mask=n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_decode_down_kernel(
+    H, WD, IDX, WT, OUT,
+    T, D, BS, S, K, NB, NR,
+    stride_wd, stride_wf, stride_ot,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr,
+):
+    """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
+    in block order (each output element owned by one program: deterministic, no y, no combine). A
+    token with an id outside [-1, NR) gets a NaN row."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for b in range(NB):
+        _, _, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+        if used:
+            for k0 in range(0, BS, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < BS
+                h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
+                            mask=k_mask[None, :], other=0.0)
+                w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    offs_j = tl.arange(0, BLOCK_KS)
+    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
+    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
+    bad = tl.sum(((ids < -1) | (ids >= NR)).to(tl.int32), 1) > 0
+    acc = tl.where(bad[:, None], float("nan"), acc)
+    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(offs_t[:, None] < T) & n_mask[None, :])
+
+
+def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+    """Tile shapes of the decode kernels (untuned first guess: narrow tiles, so that even one token's
+    few active blocks spread over many programs; the kernels are bandwidth-bound)."""
+    return dict(block_n_gate_up=16, block_k_gate_up=128, block_n_down=32, block_k_down=32, num_warps=4)
+
+
+def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                      idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
+                      **tiles) -> torch.Tensor:
+    """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
+    ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
+    host sync, two launches."""
+    T, D = x.shape
+    if T > DECODE_MAX_TOKENS:
+        raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
+    BS = w_gate.shape[0] // n_blocks
+    cfg = {**decode_launch_config(T, D, BS), **tiles}
+    K = idx.shape[1]
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    idx = idx.contiguous()
+    wt = weights.float().contiguous()
+    block_t = 16
+    h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
+    prec = _dot_precision(x.dtype)
+    block_ks = max(2, triton.next_power_of_2(max(K, 1)))
+    torch.library.wrap_triton(_sparse_ffn_decode_gate_up_kernel)[(n_blocks, triton.cdiv(BS, cfg["block_n_gate_up"]))](
+        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_gate_up"], BLOCK_K=cfg["block_k_gate_up"],
+        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+    )
+    torch.library.wrap_triton(_sparse_ffn_decode_down_kernel)[(triton.cdiv(D, cfg["block_n_down"]),)](
+        h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
+        w_down.stride(0), w_down.stride(1), out.stride(0),
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_down"], BLOCK_K=cfg["block_k_down"],
+        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+    )
+    return out

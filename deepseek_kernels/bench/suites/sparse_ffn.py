@@ -9,7 +9,11 @@ FLOPs count useful work only (``deepseek_kernels.reference.sparse_ffn.flops``):
 ``6 * T * d_model * d_ff * k / n_blocks + 2 * T * d_model * n_routed`` forward (the three
 projections of the k active blocks plus the router), x3 for forward + backward. The dense rows'
 speedup is time(dense) / time(ours); both use the sparse op's useful FLOPs for TFLOP/s, so the
-TFLOP/s column says how well our kernels use the machine on the work they must do. Decode rows are
+TFLOP/s column says how well our kernels use the machine on the work they must do. Every sparse
+case is timed twice: against the dense SwiGLU, and against the same routing built from
+``torch._grouped_mm`` and PyTorch permutes (:func:`grouped_mm_ffn`: torch router + top-k, argsort
+by block, gathered x, three grouped GEMMs over column-major views of the weights (no copies),
+un-permute and weighted sum over the k slots; autograd through ``_grouped_mm``). Decode rows are
 bandwidth-bound: bytes = the weight slices of the blocks any token uses (estimated as
 ``min(1, T * k / n_blocks)`` of the three weights, at most all of them) + the router.
 """
@@ -58,6 +62,42 @@ def _dense(backward):
     return fwd_bwd if backward else fwd
 
 
+def grouped_mm_ffn(x, wr, wg, wu, wd, *, ratio: float):
+    """The baseline a user would write with ``torch._grouped_mm`` (same routing as the op with
+    sigmoid gates and ``weighting="gate"``, no shared blocks): ``x [T, D]`` -> ``out [T, D]``."""
+    T, D = x.shape
+    NB = wr.shape[0]
+    F_ = wg.shape[0]
+    BS = F_ // NB
+    k = n_active(ratio, NB)
+    probs = torch.sigmoid((x @ wr.t()).float())
+    top_p, top_i = probs.topk(k, dim=-1)
+    weights = top_p / top_p.sum(-1, keepdim=True)
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=NB), 0).to(torch.int32)
+    xs = x[order // k]
+    # [NB, D, BS] / [NB, BS, D] views of the Llama-layout weights: column-major per group, no copy
+    wg_g = wg.view(NB, BS, D).transpose(1, 2)
+    wu_g = wu.view(NB, BS, D).transpose(1, 2)
+    wd_g = wd.view(D, NB, BS).permute(1, 2, 0)
+    h = torch.nn.functional.silu(torch._grouped_mm(xs, wg_g, offs)) * torch._grouped_mm(xs, wu_g, offs)
+    y = torch._grouped_mm(h, wd_g, offs)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=x.device)
+    return (y[inv].view(T, k, D).float() * weights[..., None]).sum(1).to(x.dtype)
+
+
+def _grouped(ratio, backward):
+    def fwd(x, wr, wg, wu, wd, dout):
+        return grouped_mm_ffn(x, wr, wg, wu, wd, ratio=ratio)
+
+    def fwd_bwd(x, wr, wg, wu, wd, dout):
+        return torch.autograd.grad(fwd(x, wr, wg, wu, wd, dout), (x, wr, wg, wu, wd), dout)
+
+    return fwd_bwd if backward else fwd
+
+
 def _check(ratio):
     def check(inputs):
         x, wr, wg, wu, wd, _ = inputs
@@ -79,30 +119,34 @@ def cases(quick: bool = False) -> list[Case]:
         k = n_active(ratio, NB)
         for backward in (False, True):
             pas = "fwd+bwd" if backward else "fwd"
-            out.append(Case(
-                name=f"{pas} T{T} ratio{ratio} ({k}/{NB} blocks) vs dense",
-                make_inputs=_inputs(T, D, F_, NB, backward),
-                ours=Impl("deepseek_kernels", _ours(ratio, backward)),
-                baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(backward)),
-                flops=flops(T, D, F_, k, NB, NB, backward=backward),
-                params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
-                        "pass": pas},
-                check=None if backward else _check(ratio),
-            ))
+            for vs, base in (("dense", Impl("dense SwiGLU (cuBLAS bf16)", _dense(backward))),
+                             ("grouped_mm", Impl("torch._grouped_mm + permutes", _grouped(ratio, backward)))):
+                out.append(Case(
+                    name=f"{pas} T{T} ratio{ratio} ({k}/{NB} blocks) vs {vs}",
+                    make_inputs=_inputs(T, D, F_, NB, backward),
+                    ours=Impl("deepseek_kernels", _ours(ratio, backward)),
+                    baseline=base,
+                    flops=flops(T, D, F_, k, NB, NB, backward=backward),
+                    params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
+                            "pass": pas, "baseline": vs},
+                    check=None if backward else _check(ratio),
+                ))
     for T in (() if quick else (1, 8)):
         ratio = 0.15
         k = n_active(ratio, NB)
         frac = min(1.0, T * k / NB)
-        out.append(Case(
-            name=f"decode T{T} ratio{ratio} vs dense",
-            make_inputs=_inputs(T, D, F_, NB, False),
-            ours=Impl("deepseek_kernels", _ours(ratio, False)),
-            baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(False)),
-            bytes=int(2 * (3 * D * F_ * frac + NB * D + 2 * T * D)),
-            params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
-                    "pass": "decode"},
-            check=_check(ratio),
-        ))
+        for vs, base in (("dense", Impl("dense SwiGLU (cuBLAS bf16)", _dense(False))),
+                         ("grouped_mm", Impl("torch._grouped_mm + permutes", _grouped(ratio, False)))):
+            out.append(Case(
+                name=f"decode T{T} ratio{ratio} vs {vs}",
+                make_inputs=_inputs(T, D, F_, NB, False),
+                ours=Impl("deepseek_kernels", _ours(ratio, False)),
+                baseline=base,
+                bytes=int(2 * (3 * D * F_ * frac + NB * D + 2 * T * D)),
+                params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
+                        "pass": "decode", "baseline": vs},
+                check=_check(ratio),
+            ))
     return out
 
 
