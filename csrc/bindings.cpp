@@ -16,11 +16,27 @@ TORCH_LIBRARY(deepseek_kernels, m) {
       "Tensor(a!)? error) -> (Tensor, Tensor)");
   // Inverse of the scaling: out = q * scale (per block), cast to out_dtype.
   m.def("dequantize_blockwise(Tensor q, Tensor scales, int block, ScalarType out_dtype) -> Tensor");
+  // quantize_blockwise of a 1-d x [N] written into zero-padded buffers q_out [M >= N] and
+  // scales_out [ceil(M / block)] (the DDP hook's send buffers: no pad copy).
+  m.def(
+      "quantize_blockwise_into(Tensor x, str fmt, int block, bool stochastic, int seed, Tensor(a!)? error, "
+      "Tensor(b!) q_out, Tensor(c!) scales_out) -> ()");
+  // Sum over dim 0 of W quantized tensors q [W, ..., N]: fp32, ascending w, optionally / W.
+  m.def(
+      "dequantize_sum_blockwise(Tensor q, Tensor scales, int block, bool average, ScalarType out_dtype) "
+      "-> Tensor");
+  // That sum re-quantized in q's format and block in the same kernel (error feedback in place).
+  m.def(
+      "requantize_sum_blockwise(Tensor q, Tensor scales, int block, bool average, bool stochastic, int seed, "
+      "Tensor(a!)? error) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
   m.impl("quantize_blockwise", &dsk::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dsk::dequantize_blockwise_cuda);
+  m.impl("quantize_blockwise_into", &dsk::quantize_blockwise_into_cuda);
+  m.impl("dequantize_sum_blockwise", &dsk::dequantize_sum_blockwise_cuda);
+  m.impl("requantize_sum_blockwise", &dsk::requantize_sum_blockwise_cuda);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -10,12 +10,15 @@ from deepseek_kernels import _extension
 from deepseek_kernels.info import info
 from deepseek_kernels.ops import (
     dequantize_blockwise,
+    dequantize_sum_blockwise,
     gated_sparse_ffn,
     hierarchical_attention,
     int8_matmul,
     int8_mm,
     quantize_blockwise,
+    quantize_blockwise_into,
     quantize_per_token,
+    requantize_sum_blockwise,
     window_attention,
 )
 from deepseek_kernels.ops._registry import explain
@@ -30,6 +33,7 @@ __all__ = [
     "RollingKVCache",
     "__version__",
     "dequantize_blockwise",
+    "dequantize_sum_blockwise",
     "explain",
     "gated_sparse_ffn",
     "hierarchical_attention",
@@ -38,8 +42,10 @@ __all__ = [
     "int8_matmul",
     "int8_mm",
     "quantize_blockwise",
+    "quantize_blockwise_into",
     "quantize_model",
     "quantize_per_token",
+    "requantize_sum_blockwise",
     "window_attention",
     "window_attention_decode",
 ]

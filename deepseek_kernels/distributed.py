@@ -14,13 +14,15 @@ Algorithm (per bucket of L gradient elements on W ranks). Codes with per-rank sc
 summed inside an all-reduce, so the reduction happens locally, in fp32, between two quantized hops:
 
 1. Quantize ``bucket + residual1`` blockwise (hop 1, error feedback updates ``residual1`` in
-   place), then zero-pad codes and scales to ``P = ceil(L / (W * block)) * W * block`` elements:
-   W shards of ``S = P / W`` elements (whole blocks).
+   place) straight into send buffers zero-padded to ``P = ceil(L / (W * block)) * W * block``
+   elements: W shards of ``S = P / W`` elements (whole blocks). One kernel
+   (``quantize_blockwise_into``; the padding is zero-filled by memsets).
 2. ``all_to_all`` (codes, and the fp32 scales alongside): shard j goes to rank j.
-3. Rank r dequantizes the W copies of its shard, sums them in fp32 and divides by W.
-4. Re-quantize that mean shard (hop 2, with its own ``residual2``), ``all_gather`` codes and
-   scales, dequantize all shards in the gradient's dtype and drop the padding; DDP copies the
-   result into the gradients.
+3. Rank r dequantizes the W copies of its shard, sums them in fp32 in rank order
+   (deterministic), divides by W and re-quantizes that mean shard (hop 2, with its own
+   ``residual2``): one kernel (``requantize_sum_blockwise``), the sum never goes to memory.
+4. ``all_gather`` codes and scales, dequantize all shards in the gradient's dtype (one kernel)
+   and drop the padding; DDP copies the result into the gradients.
 
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
 ``2 (W-1)/W * 4L`` for a ring all-reduce in fp32: about a quarter.
@@ -39,11 +41,19 @@ buckets before the reduce-scatter in a form this algorithm can replace.
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from deepseek_kernels.reference.quantization import FORMATS, stochastic_key
+import deepseek_kernels.ops.quantization  # noqa: F401  (registers the ops bound in FAST_OPS)
+from deepseek_kernels.reference.quantization import (
+    FORMATS,
+    dequantize_blockwise_ref,
+    quantize_blockwise_into_ref,
+    requantize_sum_blockwise_ref,
+    stochastic_key,
+)
 
 __all__ = ["QuantizedGradState", "quantized_allreduce_hook", "register_quantized_comm_hook"]
 
@@ -142,23 +152,51 @@ class QuantizedGradState:
             # DDP rebuilds its buckets after the first iteration: a bucket whose size changed
             # starts with a fresh (zero) residual.
             make = (lambda n: torch.zeros(n, dtype=torch.float32, device=device)) if self.error_feedback else (lambda n: None)
-            r = _BucketResiduals(plan.length, make(max(plan.length, plan.block)), make(plan.shard))
+            r = _BucketResiduals(plan.length, make(plan.length), make(plan.shard))
             self._residuals[bucket_index] = r
         return r
 
 
-def _quantize(x, fmt, block, *, stochastic, seed, error):
-    # The registered op directly: the hook's shapes and settings are valid by construction (the
-    # state checked fmt and block), so the public function's Python checks are skipped on this
-    # hot path; the op's own kernels still validate.
-    return torch.ops.deepseek_kernels.quantize_blockwise(x, fmt, block, stochastic, seed, error)
+@dataclass(frozen=True)
+class HookOps:
+    """The three ops of the hook's local pipeline, called positionally with the registered ops'
+    arguments (the benchmark and the tests swap in the reference functions):
+
+    - ``quantize_into(x, fmt, block, stochastic, seed, error, q_out, scales_out)``: hop 1, straight
+      into the zero-padded send buffers;
+    - ``requantize_sum(q, scales, block, average, stochastic, seed, error) -> (q, scales)``: the
+      reduce step (dequantize the W received shards, sum in fp32, divide by W, re-quantize with
+      error feedback), one kernel;
+    - ``dequantize(q, scales, block, out_dtype)``: the gathered shards back to the bucket's dtype.
+    """
+
+    quantize_into: Callable
+    requantize_sum: Callable
+    dequantize: Callable
 
 
-def _dequantize(q, scales, block, out_dtype=torch.float32):
-    return torch.ops.deepseek_kernels.dequantize_blockwise(q, scales, block, out_dtype)
+# The registered ops directly: the hook's shapes and settings are valid by construction (the state
+# checked fmt and block), so the public functions' Python checks are skipped on this hot path; the
+# ops' own kernels still validate.
+FAST_OPS = HookOps(
+    quantize_into=torch.ops.deepseek_kernels.quantize_blockwise_into.default,
+    requantize_sum=torch.ops.deepseek_kernels.requantize_sum_blockwise.default,
+    dequantize=torch.ops.deepseek_kernels.dequantize_blockwise.default,
+)
 
 
-FAST_OPS = (_quantize, _dequantize)
+def _ref_quantize_into(x, fmt, block, stochastic, seed, error, q_out, scales_out):
+    quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error)
+
+
+def _ref_requantize_sum(q, scales, block, average, stochastic, seed, error):
+    return requantize_sum_blockwise_ref(q, scales, block, average=average, stochastic=stochastic, seed=seed,
+                                        error=error)
+
+
+# The same pipeline through the plain-PyTorch definitions (test oracle, benchmark baseline).
+REFERENCE_OPS = HookOps(quantize_into=_ref_quantize_into, requantize_sum=_ref_requantize_sum,
+                        dequantize=dequantize_blockwise_ref)
 
 
 @dataclass
@@ -178,42 +216,34 @@ class _Plan:
 
 
 def compress_bucket(state: "QuantizedGradState", flat: torch.Tensor, plan: _Plan, residual, seed: int,
-                    ops=FAST_OPS):
-    """Hop 1: quantize the bucket (plus its residual) and lay the codes and scales out as `world`
-    equal shards, zero-padded to whole blocks: codes [P] (bytes) and scales [P / block].
-    ``ops`` = (quantize, dequantize) functions (the benchmark passes the reference ones)."""
-    quantize_blockwise, _ = ops
-    if plan.length < plan.block:  # a bucket shorter than one block: quantize it padded
-        flat = torch.nn.functional.pad(flat, (0, plan.block - plan.length))
-    q, s = quantize_blockwise(flat, state.fmt, plan.block, stochastic=state.stochastic, seed=seed, error=residual)
-    codes = q.view(torch.uint8)
-    if plan.padded != codes.numel():
-        codes = torch.nn.functional.pad(codes, (0, plan.padded - codes.numel()))
-        s = torch.nn.functional.pad(s, (0, plan.padded // plan.block - s.numel()))
-    return codes, s
+                    ops: HookOps = FAST_OPS):
+    """Hop 1: quantize the bucket (plus its residual) straight into the send buffers: codes [P]
+    (bytes) and scales [P / block], laid out as `world` equal shards, zero-padded to whole blocks
+    (one kernel; the padding is zero-filled by memsets, no copy)."""
+    codes = torch.empty(plan.padded, dtype=FORMATS[state.fmt].dtype, device=flat.device)
+    scales = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=flat.device)
+    ops.quantize_into(flat, state.fmt, plan.block, state.stochastic, seed, residual, codes, scales)
+    return codes.view(torch.uint8), scales
 
 
 def reduce_shard(state: "QuantizedGradState", codes: torch.Tensor, scales: torch.Tensor, plan: _Plan,
-                 residual, seed: int, ops=FAST_OPS):
-    """After the all-to-all: the mean of the `world` copies of this rank's shard, summed in fp32,
-    then re-quantized (hop 2). codes [W * S] bytes, scales [W * S / block]."""
-    quantize_blockwise, dequantize_blockwise = ops
+                 residual, seed: int, ops: HookOps = FAST_OPS):
+    """After the all-to-all: the mean of the `world` copies of this rank's shard, summed in fp32
+    in rank order (deterministic), re-quantized (hop 2) with its residual, in one kernel.
+    codes [W * S] bytes, scales [W * S / block]; returns codes [S] bytes and scales [S / block]."""
     code_dtype = FORMATS[state.fmt].dtype
-    w = plan.world
-    parts = dequantize_blockwise(codes.view(code_dtype).view(w, plan.shard), scales.view(w, -1), plan.block)
-    mean = parts.mean(0)
-    q, s = quantize_blockwise(mean, state.fmt, plan.block, stochastic=state.stochastic, seed=seed, error=residual)
+    q, s = ops.requantize_sum(codes.view(code_dtype).view(plan.world, plan.shard), scales.view(plan.world, -1),
+                              plan.block, True, state.stochastic, seed, residual)
     return q.view(torch.uint8), s
 
 
 def decompress_bucket(state: "QuantizedGradState", codes: torch.Tensor, scales: torch.Tensor, plan: _Plan,
-                      dtype: torch.dtype, ops=FAST_OPS) -> torch.Tensor:
+                      dtype: torch.dtype, ops: HookOps = FAST_OPS) -> torch.Tensor:
     """After the all-gather: every rank's reduced shard, dequantized into the bucket's dtype
     (padding dropped). codes [P] bytes, scales [P / block]."""
-    _, dequantize_blockwise = ops
     code_dtype = FORMATS[state.fmt].dtype
-    out = dequantize_blockwise(codes.view(code_dtype).view(plan.world, plan.shard), scales.view(plan.world, -1),
-                               plan.block, dtype)
+    out = ops.dequantize(codes.view(code_dtype).view(plan.world, plan.shard), scales.view(plan.world, -1),
+                         plan.block, dtype)
     return out.view(-1)[: plan.length]
 
 

@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not _extension.available(), reason="CUDA extension not built")
-@pytest.mark.parametrize("name,schema", [
-    ("quantize_blockwise", quantization.QUANTIZE_SCHEMA),
-    ("dequantize_blockwise", quantization.DEQUANTIZE_SCHEMA),
-])
+@pytest.mark.parametrize("name,schema", sorted(quantization.SCHEMAS.items()))
 def test_python_schema_copy_matches_cpp(name, schema):
     registered = getattr(torch.ops.deepseek_kernels, name).default._schema
     assert str(registered) == str(torch._C.parse_schema(f"deepseek_kernels::{name}{schema}"))

@@ -597,8 +597,9 @@ template <typename T, typename ET, bool kHasError, QFormat F>
 cudaError_t quantize_typed(const QuantizeArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   // The wide path needs every vector to start on a 16-byte boundary: whole rows of vectors
-  // (cols % VEC == 0, block % VEC == 0 since block % 16 == 0) and aligned base pointers.
-  const bool wide = a.cols % VEC == 0 && a.x_row_stride % VEC == 0 && aligned16(a.x) &&
+  // (cols % VEC == 0, block % VEC == 0 since block % 16 == 0) and aligned base pointers (q too:
+  // quantize_blockwise_into writes into a caller's buffer).
+  const bool wide = a.cols % VEC == 0 && a.x_row_stride % VEC == 0 && aligned16(a.x) && aligned16(a.q) &&
                     (!kHasError || aligned16(a.error));
   return wide ? launch_quantize<T, ET, kHasError, F, VEC>(a, stream)
               : launch_quantize<T, ET, kHasError, F, 1>(a, stream);

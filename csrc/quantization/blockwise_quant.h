@@ -38,6 +38,37 @@ struct DequantizeArgs {
   int vectors_per_thread = 0;
 };
 
+// Sum of `world` quantized tensors (the DDP hook's reduce step). Codes `q` are contiguous
+// [world, rows, cols] bytes and `scales` contiguous fp32 [world, rows, nblocks]: shard w starts at
+// w * rows * cols codes and w * rows * nblocks scales. Per element, in fp32 with every op rounded
+// once: acc = d_0 + d_1 + ... + d_{world-1} (ascending w, d_w = decode(q) * scale), then
+// acc / world when `average`. Defined in reference/quantization.py (dequantize_sum_blockwise_ref).
+struct DequantizeSumArgs {
+  const uint8_t* q = nullptr;
+  const float* scales = nullptr;
+  void* out = nullptr;          // [rows, cols] contiguous
+  DType out_dtype = DType::kF32;
+  int64_t world = 0, rows = 0, cols = 0, block = 0;
+  bool average = false;
+};
+
+// The same sum, re-quantized in the format of `q` with the same block (one kernel: the sum never
+// leaves registers). Writes codes `out_q` [rows, cols] and `out_scales` [rows, nblocks]; with
+// `error` given, quantizes sum + error and updates the residual in place, exactly as
+// quantize_blockwise does (requantize_sum_blockwise_ref).
+struct RequantizeSumArgs {
+  const uint8_t* q = nullptr;
+  const float* scales = nullptr;
+  int64_t world = 0, rows = 0, cols = 0, block = 0;
+  bool average = false;
+  void* error = nullptr;        // optional residual [rows, cols] contiguous, read + written
+  DType error_dtype = DType::kNone;
+  uint8_t* out_q = nullptr;
+  float* out_scales = nullptr;
+  bool stochastic = false;
+  uint32_t key = 0;
+};
+
 // murmur3's 32-bit finalizer. The stochastic-rounding stream is a hash of (key, logical element
 // index), so it is reproducible, independent of strides and launch shape, and the reference
 // computes the same numbers.
@@ -62,5 +93,11 @@ cudaError_t quantize_blockwise_e5m2(const QuantizeArgs& a, cudaStream_t stream);
 cudaError_t dequantize_blockwise_int8(const DequantizeArgs& a, cudaStream_t stream);
 cudaError_t dequantize_blockwise_e4m3(const DequantizeArgs& a, cudaStream_t stream);
 cudaError_t dequantize_blockwise_e5m2(const DequantizeArgs& a, cudaStream_t stream);
+cudaError_t dequantize_sum_blockwise_int8(const DequantizeSumArgs& a, cudaStream_t stream);
+cudaError_t dequantize_sum_blockwise_e4m3(const DequantizeSumArgs& a, cudaStream_t stream);
+cudaError_t dequantize_sum_blockwise_e5m2(const DequantizeSumArgs& a, cudaStream_t stream);
+cudaError_t requantize_sum_blockwise_int8(const RequantizeSumArgs& a, cudaStream_t stream);
+cudaError_t requantize_sum_blockwise_e4m3(const RequantizeSumArgs& a, cudaStream_t stream);
+cudaError_t requantize_sum_blockwise_e5m2(const RequantizeSumArgs& a, cudaStream_t stream);
 
 }  // namespace dsk

@@ -60,6 +60,26 @@ std::vector<int64_t> scales_shape(at::IntArrayRef shape, int64_t nblocks) {
   return s;
 }
 
+QFormat format_of_codes(const char* op, const char* arg, at::ScalarType t) {
+  switch (t) {
+    case at::kChar: return QFormat::kInt8;
+    case at::kFloat8_e4m3fn: return QFormat::kE4M3;
+    case at::kFloat8_e5m2: return QFormat::kE5M2;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": ", arg, " must be int8, float8_e4m3fn or float8_e5m2, got ", dtype_str(t));
+  }
+  return QFormat::kInt8;
+}
+
+cudaError_t launch_quantize(QFormat f, const QuantizeArgs& a, cudaStream_t stream) {
+  switch (f) {
+    case QFormat::kInt8: return quantize_blockwise_int8(a, stream);
+    case QFormat::kE4M3: return quantize_blockwise_e4m3(a, stream);
+    case QFormat::kE5M2: return quantize_blockwise_e5m2(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -115,14 +135,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x,
   a.stochastic = stochastic;
   a.key = stochastic_key(static_cast<uint64_t>(seed));
   a.vectors_per_thread = tuning_vectors_per_thread();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (f) {
-    case QFormat::kInt8: err = quantize_blockwise_int8(a, stream); break;
-    case QFormat::kE4M3: err = quantize_blockwise_e4m3(a, stream); break;
-    case QFormat::kE5M2: err = quantize_blockwise_e5m2(a, stream); break;
-  }
-  check_launch(err, op);
+  check_launch(launch_quantize(f, a, c10::cuda::getCurrentCUDAStream()), op);
   return {q, scales};
 }
 
@@ -132,15 +145,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scal
   check_block(op, block);
   TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", device_str(q.device()));
   TORCH_CHECK_VALUE(q.dim() >= 1, op, ": q must have at least one dimension");
-  QFormat f;
-  switch (q.scalar_type()) {
-    case at::kChar: f = QFormat::kInt8; break;
-    case at::kFloat8_e4m3fn: f = QFormat::kE4M3; break;
-    case at::kFloat8_e5m2: f = QFormat::kE5M2; break;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": q must be int8, float8_e4m3fn or float8_e5m2, got ",
-                        dtype_str(q.scalar_type()));
-  }
+  const QFormat f = format_of_codes(op, "q", q.scalar_type());
   TORCH_CHECK_VALUE(to_dtype(out_dtype) != DType::kNone, op,
                     ": out_dtype must be float32, float16 or bfloat16, got ", dtype_str(out_dtype));
   TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ",
@@ -178,6 +183,185 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scal
   }
   check_launch(err, op);
   return out;
+}
+
+namespace {
+
+// Shared checks of the two reductions: q [W, ..., N] codes, scales [W, ..., nb] fp32.
+QFormat check_sum_args(const char* op, const at::Tensor& q, const at::Tensor& scales, int64_t block) {
+  check_block(op, block);
+  TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", device_str(q.device()));
+  TORCH_CHECK_VALUE(q.dim() >= 2, op, ": q must be [W, ..., N] (at least two dimensions), got shape ",
+                    shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(q.size(0) >= 1, op, ": q must hold at least one tensor to sum (W >= 1), got shape ",
+                    shape_str(q.sizes()));
+  const QFormat f = format_of_codes(op, "q", q.scalar_type());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ",
+                    dtype_str(scales.scalar_type()));
+  TORCH_CHECK_VALUE(scales.device() == q.device(), op, ": scales must be on the device of q (",
+                    device_str(q.device()), "), got ", device_str(scales.device()));
+  const int64_t nblocks = (q.size(-1) + block - 1) / block;
+  const auto expected = scales_shape(q.sizes(), nblocks);
+  TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef(expected), op, ": scales must have shape ",
+                    shape_str(expected), " for q of shape ", shape_str(q.sizes()), " and block ",
+                    std::to_string(block), ", got ", shape_str(scales.sizes()));
+  return f;
+}
+
+}  // namespace
+
+at::Tensor dequantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales, int64_t block,
+                                         bool average, at::ScalarType out_dtype) {
+  const char* op = "dequantize_sum_blockwise";
+  const QFormat f = check_sum_args(op, q, scales, block);
+  TORCH_CHECK_VALUE(to_dtype(out_dtype) != DType::kNone, op,
+                    ": out_dtype must be float32, float16 or bfloat16, got ", dtype_str(out_dtype));
+  at::Tensor out = at::empty(q.sizes().slice(1), q.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  const at::Tensor q2 = q.contiguous();
+  const at::Tensor s2 = scales.contiguous();
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  DequantizeSumArgs a;
+  a.q = static_cast<const uint8_t*>(q2.data_ptr());
+  a.scales = s2.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = to_dtype(out_dtype);
+  a.world = q.size(0);
+  a.cols = q.size(-1);
+  a.rows = out.numel() / a.cols;
+  a.block = block;
+  a.average = average;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (f) {
+    case QFormat::kInt8: err = dequantize_sum_blockwise_int8(a, stream); break;
+    case QFormat::kE4M3: err = dequantize_sum_blockwise_e4m3(a, stream); break;
+    case QFormat::kE5M2: err = dequantize_sum_blockwise_e5m2(a, stream); break;
+  }
+  check_launch(err, op);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales,
+                                                                 int64_t block, bool average, bool stochastic,
+                                                                 int64_t seed,
+                                                                 const std::optional<at::Tensor>& error) {
+  const char* op = "requantize_sum_blockwise";
+  const QFormat f = check_sum_args(op, q, scales, block);
+  const at::IntArrayRef shape = q.sizes().slice(1);
+  if (error.has_value()) {
+    const at::Tensor& e = *error;
+    TORCH_CHECK_VALUE(e.device() == q.device(), op, ": error must be on the device of q (",
+                      device_str(q.device()), "), got ", device_str(e.device()));
+    TORCH_CHECK_VALUE(e.sizes() == shape, op, ": error must have the shape of one summand q[0] ",
+                      shape_str(shape), ", got ", shape_str(e.sizes()));
+    TORCH_CHECK_VALUE(to_dtype(e.scalar_type()) != DType::kNone, op,
+                      ": error must be float32, bfloat16 or float16, got ", dtype_str(e.scalar_type()));
+    TORCH_CHECK_VALUE(e.is_contiguous(), op, ": error is updated in place and must be contiguous");
+  }
+  at::Tensor out_q = at::empty(shape, q.options());
+  at::Tensor out_scales = at::empty(scales.sizes().slice(1), scales.options());
+  if (out_q.numel() == 0) return {out_q, out_scales};
+  const at::Tensor q2 = q.contiguous();
+  const at::Tensor s2 = scales.contiguous();
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  RequantizeSumArgs a;
+  a.q = static_cast<const uint8_t*>(q2.data_ptr());
+  a.scales = s2.data_ptr<float>();
+  a.world = q.size(0);
+  a.cols = q.size(-1);
+  a.rows = out_q.numel() / a.cols;
+  a.block = block;
+  a.average = average;
+  if (error.has_value()) {
+    a.error = error->data_ptr();
+    a.error_dtype = to_dtype(error->scalar_type());
+  }
+  a.out_q = static_cast<uint8_t*>(out_q.data_ptr());
+  a.out_scales = out_scales.data_ptr<float>();
+  a.stochastic = stochastic;
+  a.key = stochastic_key(static_cast<uint64_t>(seed));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (f) {
+    case QFormat::kInt8: err = requantize_sum_blockwise_int8(a, stream); break;
+    case QFormat::kE4M3: err = requantize_sum_blockwise_e4m3(a, stream); break;
+    case QFormat::kE5M2: err = requantize_sum_blockwise_e5m2(a, stream); break;
+  }
+  check_launch(err, op);
+  return {out_q, out_scales};
+}
+
+void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block, bool stochastic,
+                                  int64_t seed, const std::optional<at::Tensor>& error, const at::Tensor& q_out,
+                                  const at::Tensor& scales_out) {
+  const char* op = "quantize_blockwise_into";
+  const QFormat f = parse_format(fmt);
+  check_block(op, block);
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", device_str(x.device()));
+  TORCH_CHECK_VALUE(x.dim() == 1, op, ": x must be 1-d [N], got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(to_dtype(x.scalar_type()) != DType::kNone, op,
+                    ": x must be float32, float16 or bfloat16, got ", dtype_str(x.scalar_type()));
+  TORCH_CHECK_VALUE(q_out.scalar_type() == code_dtype(f), op, ": q_out must hold ", std::string(fmt),
+                    " codes (", dtype_str(code_dtype(f)), "), got ", dtype_str(q_out.scalar_type()));
+  TORCH_CHECK_VALUE(q_out.dim() == 1 && q_out.is_contiguous(), op,
+                    ": q_out must be a contiguous 1-d buffer, got shape ", shape_str(q_out.sizes()));
+  TORCH_CHECK_VALUE(q_out.size(0) >= x.size(0), op, ": q_out must hold at least the ", std::to_string(x.size(0)),
+                    " codes of x, got ", std::to_string(q_out.size(0)));
+  const int64_t nb_out = (q_out.size(0) + block - 1) / block;
+  TORCH_CHECK_VALUE(scales_out.scalar_type() == at::kFloat && scales_out.dim() == 1 &&
+                        scales_out.is_contiguous() && scales_out.size(0) == nb_out,
+                    op, ": scales_out must be a contiguous float32 [", std::to_string(nb_out),
+                    "] buffer (ceil(q_out.numel() / block)), got ", dtype_str(scales_out.scalar_type()), " ",
+                    shape_str(scales_out.sizes()));
+  for (const at::Tensor* t : {&q_out, &scales_out}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": q_out and scales_out must be on the device of x (",
+                      device_str(x.device()), "), got ", device_str(t->device()));
+  }
+  if (error.has_value()) {
+    const at::Tensor& e = *error;
+    TORCH_CHECK_VALUE(e.device() == x.device(), op, ": error must be on the device of x (",
+                      device_str(x.device()), "), got ", device_str(e.device()));
+    TORCH_CHECK_VALUE(e.sizes() == x.sizes(), op, ": error must have the shape of x ", shape_str(x.sizes()),
+                      ", got ", shape_str(e.sizes()));
+    TORCH_CHECK_VALUE(to_dtype(e.scalar_type()) != DType::kNone, op,
+                      ": error must be float32, bfloat16 or float16, got ", dtype_str(e.scalar_type()));
+    TORCH_CHECK_VALUE(e.is_contiguous(), op, ": error is updated in place and must be contiguous");
+  }
+  const at::Tensor x2 = x.contiguous();
+  const int64_t n = x.size(0);
+  const int64_t nb = (n + block - 1) / block;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (n > 0) {
+    QuantizeArgs a;
+    a.x = x2.data_ptr();
+    a.x_dtype = to_dtype(x.scalar_type());
+    a.x_row_stride = n;
+    if (error.has_value()) {
+      a.error = error->data_ptr();
+      a.error_dtype = to_dtype(error->scalar_type());
+    }
+    a.q = static_cast<uint8_t*>(q_out.data_ptr());
+    a.scales = scales_out.data_ptr<float>();
+    a.rows = 1;
+    a.cols = n;
+    a.block = block;
+    a.stochastic = stochastic;
+    a.key = stochastic_key(static_cast<uint64_t>(seed));
+    a.vectors_per_thread = tuning_vectors_per_thread();
+    check_launch(launch_quantize(f, a, stream), op);
+  }
+  // The padding: zero codes and zero scales (memsets, no kernel of ours).
+  if (q_out.size(0) > n) {
+    check_launch(cudaMemsetAsync(static_cast<uint8_t*>(q_out.data_ptr()) + n, 0, q_out.size(0) - n, stream), op);
+  }
+  if (nb_out > nb) {
+    check_launch(cudaMemsetAsync(scales_out.data_ptr<float>() + nb, 0, (nb_out - nb) * sizeof(float), stream), op);
+  }
 }
 
 int tuning_vectors_per_thread() {

@@ -17,6 +17,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x,
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales, int64_t block,
                                      at::ScalarType out_dtype);
 
+// Sum over dim 0 of W quantized tensors q [W, ..., N] (scales [W, ..., nb]) in fp32, ascending w,
+// optionally / W; out [..., N] in out_dtype.
+at::Tensor dequantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales, int64_t block,
+                                         bool average, at::ScalarType out_dtype);
+
+// The same sum re-quantized in q's format and block (+ error feedback): codes [..., N], scales.
+std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales,
+                                                                 int64_t block, bool average, bool stochastic,
+                                                                 int64_t seed,
+                                                                 const std::optional<at::Tensor>& error);
+
+// Quantizes a 1-d x [N] into the first N codes of q_out [M] and ceil(N / block) scales of
+// scales_out [ceil(M / block)], zero-filling the rest of both (a padded send buffer).
+void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block, bool stochastic,
+                                  int64_t seed, const std::optional<at::Tensor>& error, const at::Tensor& q_out,
+                                  const at::Tensor& scales_out);
+
 int tuning_vectors_per_thread();
 
 }  // namespace dsk

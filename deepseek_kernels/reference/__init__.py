@@ -17,7 +17,10 @@ from deepseek_kernels.reference.sparse_ffn import (
 from deepseek_kernels.reference.quantization import (
     FORMATS,
     dequantize_blockwise_ref,
+    dequantize_sum_blockwise_ref,
+    quantize_blockwise_into_ref,
     quantize_blockwise_ref,
+    requantize_sum_blockwise_ref,
     stochastic_key,
     uniform_for_indices,
 )
@@ -38,7 +41,10 @@ __all__ = [
     "window_attention_ref",
     "window_mask",
     "dequantize_blockwise_ref",
+    "dequantize_sum_blockwise_ref",
+    "quantize_blockwise_into_ref",
     "quantize_blockwise_ref",
+    "requantize_sum_blockwise_ref",
     "stochastic_key",
     "uniform_for_indices",
 ]

@@ -173,3 +173,87 @@ def dequantize_blockwise_ref(
 ) -> torch.Tensor:
     """Reference dequantization: ``(q * scale).to(out_dtype)`` per block of the last dim."""
     return (q.float() * _expand_scales(scales, block, q.shape[-1])).to(out_dtype)
+
+
+# ---- reductions over quantized shards (the DDP hook's reduce step) -------------------------------
+
+
+def dequantize_sum_blockwise_ref(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block: int = 128,
+    *,
+    average: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference sum of ``W`` blockwise-quantized tensors, in fp32, in a fixed order.
+
+    ``q``: ``[W, ..., N]`` codes (int8 / float8), ``scales``: ``[W, ..., ceil(N / block)]`` fp32;
+    row ``w`` is one quantized tensor (one rank's shard in the DDP hook). With ``d_w = q[w] * scale``
+    (decoded exactly, one fp32 rounding per product), every op rounded once (IEEE RNE, no FMA)::
+
+        acc = d_0;  acc = acc + d_w  for w = 1 .. W-1   (ascending w: deterministic)
+        acc = acc / W                                    (only with average; a true division)
+        out = acc.to(out_dtype)                          shape [..., N]
+
+    A NaN scale (a non-finite block) makes that block NaN in the sum.
+    """
+    world = q.shape[0]
+    acc = dequantize_blockwise_ref(q[0], scales[0], block)
+    for w in range(1, world):
+        acc = acc + dequantize_blockwise_ref(q[w], scales[w], block)
+    if average:
+        acc = acc / torch.full_like(acc, float(world))  # tensor divisor: IEEE division (see above)
+    return acc.to(out_dtype)
+
+
+def requantize_sum_blockwise_ref(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block: int = 128,
+    *,
+    average: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    error: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference fused reduce + re-quantize: exactly ::
+
+        quantize_blockwise_ref(dequantize_sum_blockwise_ref(q, scales, block, average=average),
+                               fmt_of(q), block, stochastic=stochastic, seed=seed, error=error)
+
+    The codes come back in ``q``'s format, shape ``[..., N]`` (``q.shape[1:]``), with scales
+    ``[..., ceil(N / block)]``; ``error`` (``[..., N]``) is the error-feedback residual of the
+    re-quantization, updated in place; stochastic indices are the logical indices of the sum.
+    """
+    fmt = FORMAT_OF_DTYPE[q.dtype].name
+    total = dequantize_sum_blockwise_ref(q, scales, block, average=average)
+    return quantize_blockwise_ref(total, fmt, block, stochastic=stochastic, seed=seed, error=error)
+
+
+def quantize_blockwise_into_ref(
+    x: torch.Tensor,
+    fmt: str,
+    block: int,
+    q_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    *,
+    stochastic: bool = False,
+    seed: int = 0,
+    error: torch.Tensor | None = None,
+) -> None:
+    """Reference quantization of a 1-d ``x`` ``[N]`` into zero-padded buffers.
+
+    ``q_out`` ``[M]`` (``M >= N``, codes of ``fmt``) and ``scales_out`` ``[ceil(M / block)]`` fp32
+    receive ``quantize_blockwise_ref(x, fmt, block, ...)`` in their first ``N`` / ``ceil(N / block)``
+    elements and zeros (bit pattern 0) after them: the codes and scales of ``x`` zero-padded to
+    ``M`` elements, as if the padding had been quantized with it (an all-zero tail adds nothing
+    to any block's amax). ``error`` (``[N]``) is updated in place as by ``quantize_blockwise_ref``.
+    """
+    n = x.shape[0]
+    q, s = quantize_blockwise_ref(x, fmt, block, stochastic=stochastic, seed=seed, error=error)
+    q_bits = q_out.view(torch.uint8) if q_out.dtype != torch.int8 else q_out
+    q_bits[:n] = q.view(torch.uint8) if q.dtype != torch.int8 else q
+    q_bits[n:] = 0
+    scales_out[: s.numel()] = s
+    scales_out[s.numel():] = 0

@@ -1,0 +1,349 @@
+// Sums of W blockwise-quantized tensors (the DDP hook's reduce step), optionally re-quantized in
+// the same kernel. Included by one .cu per format (blockwise_reduce_{int8,e4m3,e5m2}.cu).
+//
+// Inputs: codes [W, rows, cols] and fp32 scales [W, rows, nblocks], both contiguous (shard w is
+// one rank's copy). Arithmetic, bit for bit as deepseek_kernels/reference/quantization.py
+// (dequantize_sum_blockwise_ref / requantize_sum_blockwise_ref), every op explicitly rounded:
+//   acc = d_0 + d_1 + ... + d_{W-1}     ascending w, d_w = decode(q_w) * scale_w   (fp32)
+//   acc = acc / W                        only when averaging (a true division, not * 1/W)
+// then either stored in out_dtype (dequantize_sum) or fed as y (+ residual) into exactly the
+// quantization arithmetic of blockwise_quant.cuh (requantize_sum): amax, scale, encode, new
+// residual. The sum never touches memory, so the reduce step reads W shards of codes once and
+// writes one shard of codes: W*S + S bytes (+ scales, + residual) instead of the unfused
+// dequantize (W*S in, 4*W*S out) -> mean (4*W*S in, 4*S out) -> quantize (4*S in, S out).
+//
+// Memory parallelism: a rank's shard is small (S = L / W elements), so there are few lanes per
+// byte read; each lane issues the loads of kShardsPerStep shards before it adds any of them.
+#pragma once
+
+#include "blockwise_quant.cuh"
+
+namespace dsk {
+namespace quant {
+
+#ifndef DSK_REDUCE_SHARDS_PER_STEP
+#define DSK_REDUCE_SHARDS_PER_STEP 4
+#endif
+constexpr int kShardsPerStep = DSK_REDUCE_SHARDS_PER_STEP;
+
+// ---- dequantize + sum (elementwise) ------------------------------------------------------------
+//
+// Mapping as in blockwise_dequantize_kernel: each lane owns kRoundsDequantize vectors of VEC
+// outputs spread kThreads apart; for each it walks the W shards (kShardsPerStep loads in flight).
+template <typename OT, QFormat F, int VEC, bool kShift>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_sum_kernel(const DequantizeSumArgs a, const int log2_block) {
+  constexpr int R = kRoundsDequantize;
+  constexpr int WS = kShardsPerStep;
+  const int64_t numel = a.rows * a.cols;
+  const int64_t nvec = numel / VEC;
+  const int64_t nblocks = (a.cols + a.block - 1) / a.block;
+  const int64_t shard_scales = a.rows * nblocks;
+  const int64_t v0 = static_cast<int64_t>(blockIdx.x) * R * kThreads + threadIdx.x;
+  int64_t elem[R], sidx[R];
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    const int64_t v = v0 + u * kThreads;
+    elem[u] = v * VEC;
+    if constexpr (kShift) {
+      sidx[u] = elem[u] >> log2_block;
+    } else {
+      const int64_t row = elem[u] / a.cols;
+      sidx[u] = row * nblocks + (elem[u] - row * a.cols) / a.block;
+    }
+  }
+  float acc[R][VEC];
+  for (int64_t w0 = 0; w0 < a.world; w0 += WS) {
+    Pack<uint8_t, VEC> codes[WS][R];
+    float scale[WS][R];
+#pragma unroll
+    for (int dw = 0; dw < WS; ++dw) {
+      if (w0 + dw < a.world) {
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          if (v0 + u * kThreads < nvec) {
+            codes[dw][u] = *reinterpret_cast<const Pack<uint8_t, VEC>*>(a.q + (w0 + dw) * numel + elem[u]);
+            scale[dw][u] = a.scales[(w0 + dw) * shard_scales + sidx[u]];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int dw = 0; dw < WS; ++dw) {
+      if (w0 + dw < a.world) {
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          if (v0 + u * kThreads < nvec) {
+            float f[VEC];
+            decode_codes<F, VEC>(codes[dw][u], f);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              const float d = __fmul_rn(f[i], scale[dw][u]);
+              acc[u][i] = w0 + dw == 0 ? d : __fadd_rn(acc[u][i], d);
+            }
+          }
+        }
+      }
+    }
+  }
+  const float world = static_cast<float>(a.world);
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    if (v0 + u * kThreads < nvec) {
+      if (a.average) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[u][i] = __fdiv_rn(acc[u][i], world);
+      }
+      store_floats<OT, VEC>(static_cast<OT*>(a.out) + elem[u], acc[u]);
+    }
+  }
+}
+
+// ---- dequantize + sum + re-quantize (one group of lanes per block) ------------------------------
+//
+// As blockwise_quantize_kernel with the input y = sum (+ residual): a group of `group` lanes owns
+// one quantization block (kSumRounds blocks per group and CTA); each lane keeps the sums of up to
+// kSumCached vectors of its block in registers between the amax pass and the encode pass. Blocks
+// longer than group * kSumCached vectors recompute the rest in the second pass (same numbers).
+#ifndef DSK_REDUCE_ROUNDS
+#define DSK_REDUCE_ROUNDS 1
+#endif
+constexpr int kSumRounds = DSK_REDUCE_ROUNDS;
+constexpr int kSumCached = 2;
+
+// acc (+)= d_w for one vector of one shard.
+template <QFormat F, int VEC>
+__device__ __forceinline__ void accumulate(const Pack<uint8_t, VEC>& codes, float scale, bool first,
+                                           float (&acc)[VEC]) {
+  float f[VEC];
+  decode_codes<F, VEC>(codes, f);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float d = __fmul_rn(f[i], scale);
+    acc[i] = first ? d : __fadd_rn(acc[i], d);
+  }
+}
+
+template <typename ET, bool kHasError, QFormat F, int VEC, bool kFlat>
+__global__ void __launch_bounds__(kThreads)
+    requantize_sum_kernel(const RequantizeSumArgs a, const int group, const int log2_group) {
+  constexpr int R = kSumRounds;
+  constexpr int K = kSumCached;
+  constexpr int WS = kShardsPerStep;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t numel = a.rows * a.cols;
+  const int64_t shard_scales = a.rows * ((a.cols + a.block - 1) / a.block);
+  BlockCoords c[R];
+#pragma unroll
+  for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat>(a.rows, a.cols, a.block, log2_group, u);
+  auto index_of = [&](const BlockCoords& b) { return b.row * a.cols + b.col0; };
+  const float world = static_cast<float>(a.world);
+
+  // y of vector j of block b: the sum over shards, averaged, plus the residual.
+  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
+    if (a.average) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = __fdiv_rn(y[i], world);
+    }
+    if constexpr (kHasError) {
+      const ET* e = static_cast<const ET*>(a.error) + index_of(b) + j * VEC;
+      const Pack<ET, VEC> ev = *reinterpret_cast<const Pack<ET, VEC>*>(e);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
+    }
+  };
+  // The uncached vectors: one at a time, shards in order.
+  auto y_of = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
+    const int64_t off = index_of(b) + j * VEC;
+    for (int64_t w = 0; w < a.world; ++w) {
+      const Pack<uint8_t, VEC> cv = *reinterpret_cast<const Pack<uint8_t, VEC>*>(a.q + w * numel + off);
+      accumulate<F, VEC>(cv, a.scales[w * shard_scales + b.gid], w == 0, y);
+    }
+    finish(b, j, y);
+  };
+  auto y_absmax_bits = [](const float (&y)[VEC]) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) m = max(m, abs_bits(y[i]));
+    return m;
+  };
+
+  // Pass 1: sums of the cached vectors, kShardsPerStep shards of loads in flight at a time.
+  float ys[R][K][VEC];
+  for (int64_t w0 = 0; w0 < a.world; w0 += WS) {
+    Pack<uint8_t, VEC> cv[WS][R][K];
+    float sc[WS][R];
+#pragma unroll
+    for (int dw = 0; dw < WS; ++dw) {
+      if (w0 + dw < a.world) {
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+          if (c[u].nv == 0) continue;
+          sc[dw][u] = a.scales[(w0 + dw) * shard_scales + c[u].gid];
+          const uint8_t* q = a.q + (w0 + dw) * numel + index_of(c[u]);
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            const int j = lane + k * group;
+            if (j < c[u].nv) cv[dw][u][k] = *reinterpret_cast<const Pack<uint8_t, VEC>*>(q + j * VEC);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int dw = 0; dw < WS; ++dw) {
+      if (w0 + dw < a.world) {
+#pragma unroll
+        for (int u = 0; u < R; ++u) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            if (lane + k * group < c[u].nv) accumulate<F, VEC>(cv[dw][u][k], sc[dw][u], w0 + dw == 0, ys[u][k]);
+          }
+        }
+      }
+    }
+  }
+  uint32_t m[R];
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    m[u] = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + k * group;
+      if (j < c[u].nv) {
+        finish(c[u], j, ys[u][k]);
+        m[u] = max(m[u], y_absmax_bits(ys[u][k]));
+      }
+    }
+    for (int j = lane + K * group; j < c[u].nv; j += group) {
+      float t[VEC];
+      y_of(c[u], j, t);
+      m[u] = max(m[u], y_absmax_bits(t));
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < R; ++u) m[u] = group_max(m[u], group);
+
+  // Pass 2: encode and store codes (and the new residual), as blockwise_quantize_kernel does.
+  QuantizeArgs qa;
+  qa.stochastic = a.stochastic;
+  qa.key = a.key;
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    if (c[u].nv == 0) break;  // later rounds are past the end too
+    float scale, inv;
+    bool bad;
+    scale_of(m[u], Format<F>::kMax, scale, inv, bad);
+    if (lane == 0) a.out_scales[c[u].gid] = scale;
+    const int64_t index0 = index_of(c[u]);
+    uint8_t* q = a.out_q + index0;
+    ET* e = kHasError ? static_cast<ET*>(a.error) + index0 : nullptr;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = lane + k * group;
+      if (j < c[u].nv) {
+        encode_store<ET, kHasError, F, VEC>(ys[u][k], scale, inv, bad, qa, index0 + j * VEC, q + j * VEC,
+                                            kHasError ? e + j * VEC : nullptr);
+      }
+    }
+    for (int j = lane + K * group; j < c[u].nv; j += group) {
+      float t[VEC];
+      y_of(c[u], j, t);
+      encode_store<ET, kHasError, F, VEC>(t, scale, inv, bad, qa, index0 + j * VEC, q + j * VEC,
+                                          kHasError ? e + j * VEC : nullptr);
+    }
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+// Vector width of the reductions: 16 codes (one 16-byte load per shard) when every vector starts
+// on a 16-byte boundary of every buffer, else scalar.
+constexpr int kSumVec = 16;
+
+template <typename OT, QFormat F, int VEC>
+cudaError_t launch_dequantize_sum(DequantizeSumArgs a, cudaStream_t stream) {
+  bool flat = false;
+  if (a.cols % a.block == 0) {  // whole blocks: one long row per shard (same scale indices)
+    a.cols *= a.rows;
+    a.rows = 1;
+    flat = true;
+  }
+  const int64_t nvec = a.rows * a.cols / VEC;
+  if (nvec == 0 || a.world == 0) return cudaSuccess;
+  const int64_t per_cta = int64_t{kThreads} * kRoundsDequantize;
+  const int64_t grid = (nvec + per_cta - 1) / per_cta;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const bool pow2 = (a.block & (a.block - 1)) == 0;
+  int log2_block = 0;
+  while ((int64_t{1} << log2_block) < a.block) ++log2_block;
+  if (flat && pow2) {
+    dequantize_sum_kernel<OT, F, VEC, true><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+  } else {
+    dequantize_sum_kernel<OT, F, VEC, false><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+  }
+  return cudaGetLastError();
+}
+
+template <typename OT, QFormat F>
+cudaError_t dequantize_sum_typed(const DequantizeSumArgs& a, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(OT);
+  const bool wide = a.cols % VEC == 0 && aligned16(a.out) && reinterpret_cast<uintptr_t>(a.q) % VEC == 0;
+  return wide ? launch_dequantize_sum<OT, F, VEC>(a, stream) : launch_dequantize_sum<OT, F, 1>(a, stream);
+}
+
+template <QFormat F>
+cudaError_t dequantize_sum_dispatch(const DequantizeSumArgs& a, cudaStream_t stream) {
+  switch (a.out_dtype) {
+    case DType::kF32: return dequantize_sum_typed<float, F>(a, stream);
+    case DType::kF16: return dequantize_sum_typed<__half, F>(a, stream);
+    case DType::kBF16: return dequantize_sum_typed<__nv_bfloat16, F>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename ET, bool kHasError, QFormat F, int VEC>
+cudaError_t launch_requantize_sum(RequantizeSumArgs a, cudaStream_t stream) {
+  bool flat = false;
+  if (a.cols % a.block == 0) {
+    a.cols *= a.rows;
+    a.rows = 1;
+    flat = true;
+  }
+  const int64_t nblocks = (a.cols + a.block - 1) / a.block;
+  const int64_t groups = a.rows * nblocks;
+  if (groups == 0 || a.world == 0) return cudaSuccess;
+  const int log2_group = pick_log2_group(a.block, VEC, kSumCached);
+  const int64_t per_cta = (kThreads >> log2_group) * kSumRounds;
+  const int64_t grid = (groups + per_cta - 1) / per_cta;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (flat) {
+    requantize_sum_kernel<ET, kHasError, F, VEC, true>
+        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, 1 << log2_group, log2_group);
+  } else {
+    requantize_sum_kernel<ET, kHasError, F, VEC, false>
+        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, 1 << log2_group, log2_group);
+  }
+  return cudaGetLastError();
+}
+
+template <typename ET, bool kHasError, QFormat F>
+cudaError_t requantize_sum_typed(const RequantizeSumArgs& a, cudaStream_t stream) {
+  const bool wide = a.cols % kSumVec == 0 && aligned16(a.q) && aligned16(a.out_q) &&
+                    (!kHasError || aligned16(a.error));
+  return wide ? launch_requantize_sum<ET, kHasError, F, kSumVec>(a, stream)
+              : launch_requantize_sum<ET, kHasError, F, 1>(a, stream);
+}
+
+template <QFormat F>
+cudaError_t requantize_sum_dispatch(const RequantizeSumArgs& a, cudaStream_t stream) {
+  switch (a.error_dtype) {
+    case DType::kNone: return requantize_sum_typed<float, false, F>(a, stream);
+    case DType::kF32: return requantize_sum_typed<float, true, F>(a, stream);
+    case DType::kF16: return requantize_sum_typed<__half, true, F>(a, stream);
+    case DType::kBF16: return requantize_sum_typed<__nv_bfloat16, true, F>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace quant
+}  // namespace dsk
