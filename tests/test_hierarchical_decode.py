@@ -157,3 +157,61 @@ def test_bad_configuration():
     cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
     with pytest.raises(ValueError, match="max_step"):
         hierarchical_attention_decode(torch.randn(1, 2, 1, 8), cache)
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D,Hq,Hkv,sinks,step", [(128, 32, 8, 4, 1), (64, 8, 8, 0, 4), (128, 16, 2, 1, 3)],
+                         ids=lambda x: str(x))
+def test_gpu_decode_reproduces_the_full_forward(dtype, D, Hq, Hkv, sinks, step):
+    B, S, W, block, prompt = 2, 3000, 256, 64, 2800  # 5 levels; 200 steps cross groups of every level
+    q, k, v = (torch.randn(B, S, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
+    full = hierarchical_attention_ref(q, k, v, window=W, block=block, sinks=sinks)
+    cache = HierarchicalKVCache(B, Hkv, D, window=W, block=block, max_seqlen=S, sinks=sinks, max_step=step,
+                                dtype=dtype, device="cuda")
+    out = _decode_all(q, k, v, cache, prompt, step)
+    assert rel_error(out, full[:, prompt:]) < REL_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_decode_at_128k_matches_the_tensor_path(dtype):
+    """The bench shape (W=4096, block=64, GQA 32/8, D=128) at 128k context: a one-launch prefill,
+    then one step; the kernel (any number of splits) against the batched tensor ops."""
+    B, S, Hq, Hkv, D = 2, 131072, 32, 8, 128
+    kw = dict(window=4096, block=64, max_seqlen=2 * S, sinks=4, dtype=dtype, device="cuda")
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+    ours, theirs = HierarchicalKVCache(B, Hkv, D, **kw), HierarchicalKVCache(B, Hkv, D, **kw)
+    ours.prefill(k, v, lengths=torch.tensor([S, S - 1000], device="cuda"))
+    theirs.prefill(k, v, lengths=torch.tensor([S, S - 1000], device="cuda"))  # CUDA: also the kernel
+    kn, vn = (torch.randn(B, 1, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+    ours.append(kn, vn)
+    theirs.append(kn, vn)
+    q = torch.randn(B, 1, Hq, D, device="cuda", dtype=dtype)
+    want = hierarchical_attention_decode_ref(q, theirs)
+    for splits in (None, 1, 7):
+        torch.full((64 * 2**20,), float("nan"), device="cuda")  # the allocator hands NaN-filled memory out
+        got = hierarchical_attention_decode(q, ours, num_splits=splits)
+        assert torch.isfinite(got).all() and rel_error(got, want) < REL_TOL[dtype], splits
+    assert torch.equal(hierarchical_attention_decode(q, ours), hierarchical_attention_decode(q, ours))
+
+
+@pytest.mark.gpu
+def test_gpu_append_kernel_equals_the_tensor_path(monkeypatch):
+    """Prefill of 20k tokens (more groups than the rings hold at the low levels), then steps of
+    1..4 tokens with rows of different lengths: the cache state is the tensor path's."""
+    B, Hkv, D = 3, 8, 128
+    kw = dict(window=1024, block=64, levels=5, sinks=4, max_step=4, dtype=torch.bfloat16, device="cuda")
+    ours, theirs = HierarchicalKVCache(B, Hkv, D, **kw), HierarchicalKVCache(B, Hkv, D, **kw)
+    steps = [(torch.tensor([20000, 12345, 0]), 20000)] + [(torch.randint(0, 5, (B,)), 4) for _ in range(50)]
+    for lens, T in steps:
+        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ours.append(k, v, lengths=lens.cuda())
+        with monkeypatch.context() as m:
+            m.setattr(hd, "use_triton", lambda t: False)
+            theirs.append(k, v, lengths=lens.cuda())
+    for a, b in zip(ours.tensors(), theirs.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -195,7 +195,7 @@ def _hier_decode_kernel(
     for i in range(tl.maximum(tile_lo, n_exact), tile_hi):
         offs_j = (i - n_exact) * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = offs_j < L * M
-        lvl = offs_j // M + 1
+        lvl = tl.minimum(offs_j // M, L - 1) + 1  # lanes past the last level: a valid shift, masked below
         slot = b * L * M + offs_j
         g = tl.load(GRP + slot, mask=j_ok, other=-1)
         c = tl.load(CNT + slot, mask=j_ok, other=0)
