@@ -175,7 +175,7 @@ def test_gpu_varlen_bf16():
         assert rel_error(g, w) < 2 * REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("nw,levels", [(1, 3), (2, 1), (3, 4), (8, 2), (64, 5)])
+@pytest.mark.parametrize("nw,levels", [(1, 3), (2, 1), (3, 4), (8, 2), (64, 3)])
 def test_dsum_scans_exactly_the_query_blocks_that_see_its_groups(nw, levels):
     """The summary-gradient kernel's query range for a tile of groups spans the union of the blocks
     that see any of them (one block less at either end misses a gradient, one more is waste), and
@@ -183,12 +183,14 @@ def test_dsum_scans_exactly_the_query_blocks_that_see_its_groups(nw, levels):
     from deepseek_kernels.reference.hierarchical_attention import level_starts
     from deepseek_kernels.triton.hierarchical_attention import dsum_query_blocks
 
-    nb = 96 * nw * 2 if nw < 64 else 4 * 64 << levels  # every level's groups seen in full
+    nb = 4 * nw << levels  # every level's groups seen in full
     starts = [level_starts(b, window=16 * nw, block=16, levels=levels) for b in range(nb)]
     for level in range(1, levels + 1):
         ng = nb >> level
-        seen = [[b for b in range(nb) if starts[b][level] <= g << level and (g + 1) << level <= starts[b][level - 1]]
-                for g in range(ng)]
+        seen = [[] for _ in range(ng)]
+        for b in range(nb):  # block b sees the level's groups g with s_l <= g 2^l and (g + 1) 2^l <= s_{l-1}
+            for g in range(starts[b][level] >> level, starts[b][level - 1] >> level):
+                seen[g].append(b)
         for tile in (1, 4, 16):
             for g0 in range(0, ng - tile, tile):
                 blocks = sorted({b for g in range(g0, g0 + tile) for b in seen[g]})
