@@ -16,8 +16,10 @@ A group is pushed into its level's ring when its last token arrives; its mean is
 non-sink tokens divided by their count, exactly as the full-sequence op pools. Attention then
 masks by position and group index, as the full-sequence op does (``deepseek_kernels.reference.
 hierarchical_attention``), so decoding token by token reproduces the full forward.
-``hierarchical_attention_decode`` is written with plain tensor ops (the reference path; a fused
-decode kernel is still to come), and ``explain`` says so.
+On a GPU (and under the Triton interpreter) ``append`` is one Triton launch and
+``hierarchical_attention_decode`` one fused split-cache kernel plus a merge
+(``deepseek_kernels.triton.hierarchical_decode``); on the CPU both are batched tensor ops
+(``hierarchical_attention_decode_ref`` is also the kernel's oracle). ``explain`` says which.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 
 import torch
 
-from deepseek_kernels.ops._registry import register_explainer
+from deepseek_kernels.ops._registry import interpreting, register_explainer, use_triton
 from deepseek_kernels.reference.hierarchical_attention import check_config, levels_needed
 
 
@@ -82,59 +84,85 @@ class HierarchicalKVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Appends ``k, v [B, T, Hkv, D]`` (the first ``lengths[b]`` tokens of row b; default all T):
         the exact ring keeps what it can hold, every level pools the new tokens into its partial
-        group and pushes the groups they complete."""
+        group and pushes the groups they complete. One Triton launch on a GPU (and under the
+        interpreter); batched tensor ops otherwise. Never synchronizes with the device."""
         B, T = k.shape[:2]
-        lengths = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths.to(torch.int64).cpu()
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=self.seqlens.device)
+        else:
+            lengths = lengths.to(device=self.seqlens.device, dtype=torch.int64)
+        if use_triton(k):
+            from deepseek_kernels.triton.hierarchical_decode import hierarchical_cache_append
+
+            hierarchical_cache_append(self, k, v, lengths.contiguous())
+        else:
+            self._append_exact(k, v, lengths)
+            for li in range(self.levels):
+                self._pool_level(li, k, v, lengths)
+        self.seqlens += lengths
+
+    prefill = append  # a long prompt is an append that keeps only what the cache holds
+
+    def _append_exact(self, k, v, lengths) -> None:
+        B, T = k.shape[:2]
         t = torch.arange(T, device=k.device).unsqueeze(0)
-        lens_d = lengths.to(k.device).unsqueeze(1)
+        lens = lengths.unsqueeze(1)
         pos = self.seqlens.unsqueeze(1) + t  # [B, T]
-        keep = (t < lens_d) & ((pos < self.sinks) | (t >= lens_d - self.ring))
+        keep = (t < lens) & ((pos < self.sinks) | (t >= lens - self.ring))
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         slot = self._slots(pos[b_idx, t_idx])
         self.k[b_idx, slot] = k[b_idx, t_idx].to(self.k.dtype)
         self.v[b_idx, slot] = v[b_idx, t_idx].to(self.v.dtype)
         self.positions[b_idx, slot] = pos[b_idx, t_idx]
-        for b in range(B):
-            n = int(lengths[b])
-            if n:
-                self._pool(b, int(self.seqlens[b]), k[b, :n].float(), v[b, :n].float())
-        self.seqlens += lengths.to(self.seqlens.device)
 
-    prefill = append  # a long prompt is an append that keeps only what the cache holds
-
-    def _pool(self, b: int, p0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Row b receives tokens at positions [p0, p0 + n)."""
-        n, dev = k.shape[0], k.device
-        pos = torch.arange(p0, p0 + n, device=dev)
-        w = (pos >= self.sinks).to(torch.float32)
-        for li in range(self.levels):
-            size = self.block << (li + 1)
-            g = pos // size
-            rel = g - g[0]
-            ng = int(rel[-1]) + 1
-            sk = torch.zeros(ng, *k.shape[1:], device=dev).index_add_(0, rel, k * w[:, None, None])
-            sv = torch.zeros(ng, *v.shape[1:], device=dev).index_add_(0, rel, v * w[:, None, None])
-            cnt = torch.zeros(ng, dtype=torch.int64, device=dev).index_add_(0, rel, (pos >= self.sinks).long())
-            # the first group continues the partial group (zero when p0 starts a group)
-            sk[0] += self.acc_k[b, li]
-            sv[0] += self.acc_v[b, li]
-            cnt[0] += self.acc_n[b, li]
-            complete = ng if (p0 + n) % size == 0 else ng - 1
-            first = max(0, complete - self.group_slots)  # older complete groups would be overwritten
-            for r in range(first, complete):
-                gid = int(g[0]) + r
-                s = gid % self.group_slots
-                c = int(cnt[r])
-                self.sum_k[b, li, s] = sk[r] / max(c, 1)
-                self.sum_v[b, li, s] = sv[r] / max(c, 1)
-                self.group[b, li, s] = gid
-                self.count[b, li, s] = c
-            if complete < ng:
-                self.acc_k[b, li], self.acc_v[b, li], self.acc_n[b, li] = sk[-1], sv[-1], cnt[-1]
-            else:
-                self.acc_k[b, li].zero_()
-                self.acc_v[b, li].zero_()
-                self.acc_n[b, li] = 0
+    def _pool_level(self, li: int, k, v, lengths) -> None:
+        """Level ``li + 1`` for all rows at once. Row b's new tokens touch groups ``g0 + r``
+        (``g0 = seqlens // G``, ``r < T // G + 2``); the first continues the partial group; groups
+        ``r < r_w = (seqlens + n) // G - g0`` are complete, and ring slot ``s`` receives the newest
+        complete group ``≡ s (mod M)`` if this call completed it."""
+        B, T, H, D = k.shape
+        M, size, dev = self.group_slots, self.block << (li + 1), k.device
+        ng = T // size + 2
+        t = torch.arange(T, device=dev).unsqueeze(0)
+        pos = self.seqlens.unsqueeze(1) + t
+        g0 = torch.div(self.seqlens, size, rounding_mode="floor")
+        w = ((t < lengths.unsqueeze(1)) & (pos >= self.sinks)).double()  # [B, T]
+        # group r spans new tokens [r G - off, (r + 1) G - off) (off = seqlens % G): differences of
+        # float64 prefix sums (index_add_ is slow on the CPU; float64 keeps long prompts exact enough)
+        r = torch.arange(ng, device=dev).unsqueeze(0)
+        off = (self.seqlens - g0 * size).unsqueeze(1)
+        lo, hi = (r * size - off).clamp(0, T), ((r + 1) * size - off).clamp(0, T)  # [B, ng]
+        rows_ = torch.arange(B, device=dev).unsqueeze(1)
+        zero = lambda x: torch.cat([x.new_zeros(x[:, :1].shape), x.cumsum(1)], 1)  # noqa: E731
+        ck = zero(k.double() * w[:, :, None, None])
+        cv = zero(v.double() * w[:, :, None, None])
+        cw = zero(w)
+        sk = (ck[rows_, hi] - ck[rows_, lo]).float()
+        sv = (cv[rows_, hi] - cv[rows_, lo]).float()
+        cnt = (cw[rows_, hi] - cw[rows_, lo]).round().long()
+        sk[:, 0] += self.acc_k[:, li]
+        sv[:, 0] += self.acc_v[:, li]
+        cnt[:, 0] += self.acc_n[:, li]
+        r_w = torch.div(self.seqlens + lengths, size, rounding_mode="floor") - g0  # [B]
+        rows = torch.arange(B, device=dev)
+        # the newest completed group in each ring slot, and whether this call completed it
+        s = torch.arange(M, device=dev).unsqueeze(0)
+        last = (g0 + r_w - 1).unsqueeze(1)
+        gid = last - torch.remainder(last - s, M)  # [B, M]
+        r = gid - g0.unsqueeze(1)
+        push = r >= 0
+        rc = r.clamp_min(0)
+        c = cnt.gather(1, rc)
+        inv = (1.0 / c.clamp_min(1).float())[:, :, None, None]
+        pick = lambda x: x[rows.unsqueeze(1), rc] * inv  # noqa: E731
+        keep = push[:, :, None, None]
+        self.sum_k[:, li] = torch.where(keep, pick(sk), self.sum_k[:, li])
+        self.sum_v[:, li] = torch.where(keep, pick(sv), self.sum_v[:, li])
+        self.group[:, li] = torch.where(push, gid, self.group[:, li])
+        self.count[:, li] = torch.where(push, c, self.count[:, li])
+        self.acc_k[:, li] = sk[rows, r_w]
+        self.acc_v[:, li] = sv[rows, r_w]
+        self.acc_n[:, li] = cnt[rows, r_w]
 
 
 def _level_start(qb: torch.Tensor, l: int, nw: int, levels: int) -> torch.Tensor:
@@ -142,16 +170,53 @@ def _level_start(qb: torch.Tensor, l: int, nw: int, levels: int) -> torch.Tensor
     return torch.div((qb + 1 - nw * 2**l).clamp_min(0), a, rounding_mode="floor") * a
 
 
+def _check_decode(q: torch.Tensor, cache: HierarchicalKVCache) -> None:
+    name = "hierarchical_attention_decode"
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{name}: q must be a [batch, new_tokens, heads, head_dim] tensor, got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    B, T, Hq, D = q.shape
+    if T > cache.max_step:
+        raise ValueError(f"{name}: {T} new tokens exceed the cache's max_step={cache.max_step}")
+    _, _, Hkv, Dc = cache.k.shape
+    if B != cache.k.shape[0] or D != Dc or Hq % Hkv:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not fit the cache (batch {cache.k.shape[0]}, "
+                         f"{Hkv} kv heads of dim {Dc}; query heads must be a multiple of the kv heads)")
+    if q.device != cache.k.device:
+        raise ValueError(f"{name}: q is on {q.device}, the cache on {cache.k.device}")
+
+
 def hierarchical_attention_decode(q: torch.Tensor, cache: HierarchicalKVCache, *, softmax_scale: float | None = None,
-                                  lengths: torch.Tensor | None = None) -> torch.Tensor:
+                                  lengths: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Hierarchical attention of the newest ``T`` tokens ``q [B, T, Hq, D]`` (already appended to
     ``cache``): query ``t`` of row b sits at ``p = seqlens[b] - lengths[b] + t`` and sees, as the
     full-sequence op does, the cached exact positions ``s_0 * block <= j <= p`` and ``j < sinks``,
     and the level-``l`` groups ``g`` with ``s_l <= g 2^l`` and ``(g + 1) 2^l <= s_{l-1}`` (score
-    ``+ ln(count)``). Returns ``[B, T, Hq, D]``."""
+    ``+ ln(count)``). Returns ``[B, T, Hq, D]``.
+
+    On a GPU (and under the Triton interpreter) one fused kernel (``deepseek_kernels.triton.
+    hierarchical_decode``), split over the cache into ``num_splits`` parts (default: about two
+    programs per SM) and merged by log-sum-exp; otherwise :func:`hierarchical_attention_decode_ref`."""
+    _check_decode(q, cache)
     B, T, Hq, D = q.shape
-    if T > cache.max_step:
-        raise ValueError(f"hierarchical_attention_decode: {T} new tokens exceed the cache's max_step={cache.max_step}")
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    if lengths is None:
+        lengths = torch.full((B,), T, device=q.device, dtype=torch.int64)
+    lengths = lengths.to(device=q.device, dtype=torch.int64)
+    if use_triton(q):
+        from deepseek_kernels.triton.hierarchical_decode import hierarchical_decode_attn
+
+        return hierarchical_decode_attn(q, cache, lengths.contiguous(), softmax_scale=scale, num_splits=num_splits)
+    return hierarchical_attention_decode_ref(q, cache, softmax_scale=scale, lengths=lengths)
+
+
+def hierarchical_attention_decode_ref(q: torch.Tensor, cache: HierarchicalKVCache, *,
+                                      softmax_scale: float | None = None,
+                                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`hierarchical_attention_decode` in plain tensor ops (float32 math): the CPU path and
+    the oracle of the decode kernel."""
+    _check_decode(q, cache)
+    B, T, Hq, D = q.shape
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     lengths = torch.full((B,), T, device=q.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
     nw, L, M = cache.window // cache.block, cache.levels, cache.group_slots
@@ -192,8 +257,13 @@ def hierarchical_cache_size(seqlen: int, *, window: int, block: int = 64, levels
             "cache_bytes": ours, "full_kv_bytes": full, "reduction": 1.0 - ours / full}
 
 
-register_explainer(
-    "hierarchical_attention_decode",
-    lambda q, *a, **k: "reference: deepseek_kernels.hierarchical_decode (plain tensor ops; no fused decode kernel yet)",
-    lambda device: "reference: deepseek_kernels.hierarchical_decode (plain tensor ops; no fused decode kernel yet)",
-)
+def _describe_decode(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"triton: deepseek_kernels.triton.hierarchical_decode on {device} (one append launch, one split "
+                "attention launch + log-sum-exp merge; untuned)")
+    if interpreting():
+        return "triton: deepseek_kernels.triton.hierarchical_decode under the Triton interpreter (TRITON_INTERPRET=1)"
+    return "reference: deepseek_kernels.hierarchical_decode (batched tensor ops; tensors on the CPU)"
+
+
+register_explainer("hierarchical_attention_decode", lambda q, *a, **k: _describe_decode(q.device), _describe_decode)

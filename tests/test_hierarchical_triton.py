@@ -173,3 +173,34 @@ def test_gpu_varlen_bf16():
     want = hierarchical_attention_bwd_ref(do, q, k, v, cu_seqlens=cu, **kw)
     for g, w in zip(got, want):
         assert rel_error(g, w) < 2 * REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("nw,levels", [(1, 3), (2, 1), (3, 4), (8, 2), (64, 3)])
+def test_dsum_scans_exactly_the_query_blocks_that_see_its_groups(nw, levels):
+    """The summary-gradient kernel's query range for a tile of groups spans the union of the blocks
+    that see any of them (one block less at either end misses a gradient, one more is waste), and
+    inside it the kernel skips exactly the blocks that see none (gaps when nw is small)."""
+    from deepseek_kernels.reference.hierarchical_attention import level_starts
+    from deepseek_kernels.triton.hierarchical_attention import dsum_query_blocks
+
+    nb = 4 * nw << levels  # every level's groups seen in full
+    starts = [level_starts(b, window=16 * nw, block=16, levels=levels) for b in range(nb)]
+    for level in range(1, levels + 1):
+        ng = nb >> level
+        seen = [[] for _ in range(ng)]
+        for b in range(nb):  # block b sees the level's groups g with s_l <= g 2^l and (g + 1) 2^l <= s_{l-1}
+            for g in range(starts[b][level] >> level, starts[b][level - 1] >> level):
+                seen[g].append(b)
+        for tile in (1, 4, 16):
+            for g0 in range(0, ng - tile, tile):
+                blocks = sorted({b for g in range(g0, g0 + tile) for b in seen[g]})
+                if not blocks or blocks[-1] == nb - 1:  # the last groups: clipped at the sequence end
+                    continue
+                lo, hi = dsum_query_blocks(g0, g0 + tile - 1, level=level, nw=nw, levels=levels)
+                assert (lo, hi) == (blocks[0], blocks[-1]), (level, g0, tile)
+                # inside, the kernel's skip test: block b's run of groups [s_l >> l, s_{l-1} >> l) meets the tile
+                runs = [max(starts[b][level] >> level, g0) < min(starts[b][level - 1] >> level, g0 + tile)
+                        for b in range(lo, hi + 1)]
+                assert runs == [b in blocks for b in range(lo, hi + 1)], (level, g0, tile)
+                if nw == 1 and tile == 16:
+                    assert not all(runs)  # gaps exist, so the skip matters

@@ -3,7 +3,8 @@
 Every suite times our kernel and the baseline a user would use instead in the same process,
 reports ms, GB/s or TFLOP/s, the share of the ceiling measured in the same run and the speedup,
 and writes ``<out>/<suite>.json`` (with GPU clocks, power, temperature, versions and the git
-commit) and ``<out>/<suite>.png``. Without a CUDA GPU it runs the accuracy checks only.
+commit) and ``<out>/<suite>.png`` (plus ``<out>/<suite>_scaling.png`` from a suite's ``plot(path, rows)``,
+when it has one). Without a CUDA GPU it runs the accuracy checks only.
 """
 
 from __future__ import annotations
@@ -79,9 +80,14 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
             "summary": summary,
             "rows": rows,
         }
+        if hasattr(suite, "scaling"):
+            payload["scaling"] = suite.scaling(rows)
         json_path = out_dir / f"{name}.json"
         report.write_json(json_path, payload)
         print(f"wrote {json_path}")
         if make_plot and report.plot(out_dir / f"{name}.png", f"{suite.TITLE} ({torch.cuda.get_device_name(0)})", rows, ceilings):
             print(f"wrote {out_dir / f'{name}.png'}")
+        # a suite may draw its own figure beside the JSON (plot(path, rows) -> bool)
+        if make_plot and hasattr(suite, "plot") and suite.plot(out_dir / f"{name}_scaling.png", rows):
+            print(f"wrote {out_dir / f'{name}_scaling.png'}")
     return 1 if failed else 0

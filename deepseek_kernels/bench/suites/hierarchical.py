@@ -9,9 +9,11 @@ FLOPs count useful work only: ``4·B·H·D·pairs`` forward, 3.5x that for forwa
 (``deepseek_kernels.reference.hierarchical_attention.attended_pairs``). The baseline's TFLOP/s
 column uses the same count, so it reads as "effective" throughput; compare the times.
 
-Also: decode of one token at 128k context against the bounded cache (``HierarchicalKVCache``, plain
-tensor ops for now) vs the rolling window cache, and the cache-size reduction against a full
-KV cache (``summary()``, printed and stored in the JSON; needs no GPU).
+Also: decode of one token (append + attend) at 8k..512k context against the bounded cache
+(``HierarchicalKVCache``: the Triton append and split-cache decode kernels) vs the rolling window
+cache, the cache-size reduction against a full KV cache (``summary()``, printed and stored in the
+JSON; needs no GPU), and ``plot()``: time per token against log2(S) for forward, forward + backward
+and decode, ours next to window_attention (``hierarchical_scaling.png`` beside the JSON).
 """
 
 import torch
@@ -97,7 +99,8 @@ def cases(quick: bool = False) -> list[Case]:
             out.append(Case(f"fwd+bwd {tag} vs {label}", make, Impl("deepseek_kernels", ours_bwd), bwd,
                             flops=flops(B, Hq, D, pairs, backward=True),
                             params={**params, "pass": "fwd+bwd", "baseline": label}))
-    out.append(_decode_case(8192 if quick else 131072, 1024 if quick else 4096))
+    for context in (8192,) if quick else (8192, 32768, 131072, 524288):
+        out.append(_decode_case(context, 1024 if quick else 4096))
     return out
 
 
@@ -125,8 +128,9 @@ def _decode_case(context: int, W: int) -> Case:
         rc.append(kn, kn)
         return dk.window_attention_decode(q, rc)
 
-    return Case(f"decode 1 token @ {context} W{W} H{Hq}/{Hkv}", make, Impl("deepseek_kernels (reference decode)", ours),
-                Impl("window_attention_decode", base), params={"S": context, "W": W, "pass": "decode"})
+    return Case(f"decode 1 token @ {context} W{W} H{Hq}/{Hkv}", make, Impl("deepseek_kernels", ours),
+                Impl("window_attention_decode", base),
+                params={"S": context, "W": W, "Hq": Hq, "Hkv": Hkv, "pass": "decode", "baseline": "window"})
 
 
 def summary() -> dict:
@@ -168,3 +172,70 @@ def accuracy(device: torch.device) -> list[dict]:
             "roundtrip_rel_error": err,
         })
     return rows
+
+
+def scaling(rows: list[dict]) -> dict:
+    """``{pass: {"S": [...], "ours_us": [...], "window_us": [...]}}``: microseconds per token (forward
+    and forward + backward: time / (B S); decode: time per step) of the H32/32 rows (decode: its
+    only shape) timed against window_attention, sorted by S."""
+    out = {}
+    for r in rows:
+        if r.get("baseline") != "window" or "ours_ms" not in r:
+            continue
+        if r["pass"] != "decode" and r.get("Hq") != r.get("Hkv"):
+            continue
+        tokens = 1 if r["pass"] == "decode" else r["S"] * r.get("B", 1)
+        d = out.setdefault(r["pass"], {"S": [], "ours_us": [], "window_us": []})
+        d["S"].append(r["S"])
+        d["ours_us"].append(1e3 * r["ours_ms"] / tokens)
+        d["window_us"].append(1e3 * r["baseline_ms"] / tokens if "baseline_ms" in r else float("nan"))
+    for d in out.values():
+        order = sorted(range(len(d["S"])), key=d["S"].__getitem__)
+        for key in d:
+            d[key] = [d[key][i] for i in order]
+    return out
+
+
+def plot(path, rows: list[dict], title: str = TITLE) -> bool:
+    """Time per token vs log2(S), one panel per pass (forward, forward + backward, decode), ours
+    and window_attention, with a dashed ``∝ log2 S`` line through our smallest S (the issue's
+    bound: per-token time may grow no faster). False without matplotlib or timed rows."""
+    import math
+    from pathlib import Path
+
+    data = scaling(rows)
+    if not data:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    passes = [p for p in ("fwd", "fwd+bwd", "decode") if p in data]
+    fig, axes = plt.subplots(1, len(passes), figsize=(4.6 * len(passes), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], passes):
+        d = data[name]
+        xs = [math.log2(s) for s in d["S"]]
+        ax.plot(xs, d["ours_us"], "o-", label="hierarchical_attention" if name != "decode" else
+                "hierarchical decode")
+        ax.plot(xs, d["window_us"], "s--", label="window_attention" if name != "decode" else "window decode")
+        y0, x0 = d["ours_us"][0], xs[0]
+        ax.plot(xs, [y0 * x / x0 for x in xs], ":", color="gray", label="∝ log2 S (bound)")
+        for x, a, b in zip(xs, d["ours_us"], d["window_us"]):
+            if b == b and b > 0:
+                ax.annotate(f"{a / b:.2f}x", (x, a), textcoords="offset points", xytext=(0, 6), ha="center",
+                            fontsize=7)
+        ax.set_xlabel("log2(S)" if name != "decode" else "log2(context)")
+        ax.set_ylabel("µs per token")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
