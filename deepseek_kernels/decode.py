@@ -20,6 +20,23 @@ from deepseek_kernels.ops._registry import (
 )
 
 
+def _check_lengths(name: str, lengths, B: int, T: int, device) -> torch.Tensor:
+    """``lengths`` (new tokens per row) as int64 ``[B]`` on ``device``; ``None`` means all ``T``.
+    Shape, dtype and device are checked; the values (``0 <= lengths <= T``) only in eager mode,
+    where reading them back is allowed (one host sync)."""
+    if lengths is None:
+        return torch.full((B,), T, device=device, dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
+        raise ValueError(f"{name}: lengths must be an integer tensor of shape [B] = [{B}], got "
+                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing:
+        if bool(((lengths < 0) | (lengths > T)).any()):
+            raise ValueError(f"{name}: lengths must lie in [0, T={T}], got {lengths.tolist()}")
+    return lengths
+
+
 class RollingKVCache:
     """Per-sequence cache of ``sinks`` fixed slots plus a ring of ``window + max_step - 1`` slots.
 
@@ -54,7 +71,9 @@ class RollingKVCache:
         if k.shape != v.shape or B != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
             raise ValueError(f"RollingKVCache.append: k and v must both be [B={self.k.shape[0]}, T, "
                              f"{self.k.shape[2]}, {self.k.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
-        lengths = torch.full((B,), T, device=k.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+        if k.device != self.k.device:
+            raise ValueError(f"RollingKVCache.append: k is on {k.device}, the cache on {self.k.device}")
+        lengths = _check_lengths("RollingKVCache.append", lengths, B, T, k.device)
         t = torch.arange(T, device=k.device).unsqueeze(0)
         pos = self.seqlens.unsqueeze(1) + t  # [B, T]
         keep = (t < lengths.unsqueeze(1)) & ((pos < self.sinks) | (t >= lengths.unsqueeze(1) - self.ring))
@@ -122,7 +141,7 @@ def window_attention_decode(q: torch.Tensor, cache: RollingKVCache, *, softmax_s
     if q.device != cache.k.device:
         raise ValueError(f"window_attention_decode: q is on {q.device}, the cache on {cache.k.device}")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    lengths = torch.full((B,), T, device=q.device, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+    lengths = _check_lengths("window_attention_decode", lengths, B, T, q.device)
     args = (q, cache.k, cache.v, cache.positions, cache.seqlens, lengths, cache.window, cache.sinks, scale)
     if eager_fast_path(*args[:6]) and not q.requires_grad:
         from deepseek_kernels.triton.window_decode import window_decode

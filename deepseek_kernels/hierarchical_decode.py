@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from deepseek_kernels.decode import _check_lengths
 from deepseek_kernels.ops._registry import interpreting, register_explainer, use_triton
 from deepseek_kernels.reference.hierarchical_attention import check_config, levels_needed
 
@@ -86,11 +87,17 @@ class HierarchicalKVCache:
         the exact ring keeps what it can hold, every level pools the new tokens into its partial
         group and pushes the groups they complete. One Triton launch on a GPU (and under the
         interpreter); batched tensor ops otherwise. Never synchronizes with the device."""
+        for arg, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != self.k.shape[0] \
+                    or t.shape[2:] != self.k.shape[2:]:
+                raise ValueError(f"HierarchicalKVCache.append: {arg} must be [B={self.k.shape[0]}, T, "
+                                 f"{self.k.shape[2]}, {self.k.shape[3]}], got {tuple(getattr(t, 'shape', ()))}")
+            if t.device != self.k.device:
+                raise ValueError(f"HierarchicalKVCache.append: {arg} is on {t.device}, the cache on {self.k.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"HierarchicalKVCache.append: k and v differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
         B, T = k.shape[:2]
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int64, device=self.seqlens.device)
-        else:
-            lengths = lengths.to(device=self.seqlens.device, dtype=torch.int64)
+        lengths = _check_lengths("HierarchicalKVCache.append", lengths, B, T, self.seqlens.device)
         if use_triton(k):
             from deepseek_kernels.triton.hierarchical_decode import hierarchical_cache_append
 
@@ -200,9 +207,9 @@ def hierarchical_attention_decode(q: torch.Tensor, cache: HierarchicalKVCache, *
     _check_decode(q, cache)
     B, T, Hq, D = q.shape
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    if lengths is None:
-        lengths = torch.full((B,), T, device=q.device, dtype=torch.int64)
-    lengths = lengths.to(device=q.device, dtype=torch.int64)
+    lengths = _check_lengths("hierarchical_attention_decode", lengths, B, T, q.device)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"hierarchical_attention_decode: num_splits must be None or an int >= 1, got {num_splits!r}")
     if use_triton(q):
         from deepseek_kernels.triton.hierarchical_decode import hierarchical_decode_attn
 

@@ -103,7 +103,25 @@ def test_decode_op_registration():
     q = torch.randn(1, 1, 2, 16, device=DEV)
     args = (q, cache.k, cache.v, cache.positions, cache.seqlens, torch.ones(1, dtype=torch.int64, device=DEV), 8, 1, 0.25)
     torch.library.opcheck(torch.ops.deepseek_kernels.window_attention_decode.default, args)
-    assert "window_decode" in dk.explain("window_attention_decode", q) or "reference" in dk.explain("window_attention_decode", q)
+    from deepseek_kernels.ops._registry import interpreting
+
+    want = "triton:" if (q.is_cuda or interpreting()) else "reference:"
+    assert dk.explain("window_attention_decode", q).startswith(want)
+
+
+def test_decode_with_strided_query_and_bad_lengths():
+    cache = _filled_cache(2, 2, 16, 9, 1, 2, [30, 12], torch.float32)
+    cache.append(torch.randn(2, 2, 2, 16, device=DEV), torch.randn(2, 2, 2, 16, device=DEV))
+    q = torch.randn(2, 2, 16, 4, device=DEV).transpose(2, 3)  # [B, T, Hq=4, D=16], stride 4 along D
+    assert q.stride(-1) != 1
+    torch.testing.assert_close(window_attention_decode(q, cache), window_attention_decode(q.contiguous(), cache),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        window_attention_decode(q, cache, lengths=torch.tensor([3, 1], device=DEV))
+    with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \[B\]"):
+        window_attention_decode(q, cache, lengths=torch.tensor([1], device=DEV))
+    with pytest.raises(ValueError, match="k and v must both be"):
+        cache.append(torch.randn(2, 1, 3, 16, device=DEV), torch.randn(2, 1, 3, 16, device=DEV))
 
 
 def test_decode_bad_input_is_a_clear_error():
@@ -126,7 +144,9 @@ def test_decode_kernel_on_gpu_long_context(dtype):
     out = window_attention_decode(q, cache)
     lengths = torch.ones(B, dtype=torch.int64, device="cuda")
     want = window_attention_decode_ref(q, cache.k, cache.v, cache.positions, cache.seqlens, lengths, window, sinks, D**-0.5)
-    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    # relative error of the whole output: a window off by one key already gives ~1.9e-2 here
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < (8e-3 if dtype == torch.bfloat16 else 2e-3), err
     op = torch.ops.deepseek_kernels.window_attention_decode(q, cache.k, cache.v, cache.positions, cache.seqlens,
                                                             lengths, window, sinks, D**-0.5)
     assert torch.equal(op, out)

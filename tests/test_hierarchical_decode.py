@@ -215,3 +215,31 @@ def test_gpu_append_kernel_equals_the_tensor_path(monkeypatch):
             theirs.append(k, v, lengths=lens.cuda())
     for a, b in zip(ours.tensors(), theirs.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_append_and_decode_bad_input_are_clear_errors():
+    cache = HierarchicalKVCache(1, 2, 16, window=32, block=16, levels=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"k must be \[B=1, T, 2, 16\]"):
+        cache.append(torch.randn(2, 3, 2, 32), torch.randn(2, 3, 2, 32))
+    with pytest.raises(ValueError, match="k and v differ"):
+        cache.append(torch.randn(1, 3, 2, 16), torch.randn(1, 4, 2, 16))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        cache.append(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16), lengths=torch.tensor([10]))
+    assert int(cache.seqlens[0]) == 0  # nothing was written
+    cache.append(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="num_splits"):
+        hierarchical_attention_decode(q, cache, num_splits=-1)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        hierarchical_attention_decode(q, cache, lengths=torch.tensor([2]))
+
+
+def test_packed_max_seqlen_below_the_longest_sequence_is_an_error():
+    import deepseek_kernels as dk
+
+    cu = torch.tensor([0, 40, 140], dtype=torch.int32)
+    q, k, v = torch.randn(140, 2, 16), torch.randn(140, 2, 16), torch.randn(140, 2, 16)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        dk.hierarchical_attention(q, k, v, window=32, block=16, cu_seqlens=cu, max_seqlen=40)
+    out = dk.hierarchical_attention(q, k, v, window=32, block=16, cu_seqlens=cu, max_seqlen=100)
+    assert torch.isfinite(out).all()

@@ -362,3 +362,27 @@ def test_atomic_combine_on_gpu():
     b, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, save_act=False,
                                 deterministic=False)
     assert rel(b, a) < 1e-2
+
+
+def test_strided_bias_and_weights_through_the_ops():
+    """Views with other strides compute the same thing (the router's bias and the gate/up weights
+    are read with assumed strides by the kernels; the launchers must normalise them)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(5)
+    T, D, n_blocks, BS, k = 13, 32, 8, 16, 3
+    x = torch.randn(T, D, device=dev)
+    router = torch.randn(n_blocks, D, device=dev)
+    bias = torch.randn(2 * n_blocks, device=dev)[::2]  # stride 2
+    assert bias.stride(0) == 2
+    ops = torch.ops.deepseek_kernels
+    a = ops.sparse_ffn_route(x, router, bias, k, "sigmoid", "gate", None)
+    b = ops.sparse_ffn_route(x, router, bias.contiguous(), k, "sigmoid", "gate", None)
+    for got, want in zip(a, b):
+        assert torch.equal(got, want)
+    w_gate = torch.randn(n_blocks * BS, D, device=dev) / D**0.5
+    w_up = (torch.randn(D, n_blocks * BS, device=dev) / D**0.5).t()  # column-major
+    w_down = torch.randn(D, n_blocks * BS, device=dev) / (n_blocks * BS) ** 0.5
+    weights, _, idx = b
+    got = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, 0, n_blocks, True, True)
+    want = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up.contiguous(), w_down, idx, weights, 0, n_blocks, True, True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)

@@ -67,6 +67,8 @@ def check_args(q, k, v, window, block, levels, sinks, cu_seqlens) -> None:
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int, levels: int, sinks: int,
             softmax_scale: float | None, cu_seqlens: torch.Tensor | None,
             max_seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if type(q) is torch.Tensor:  # a direct torch.ops call with real data: same checks as the public function
+        check_args(q, k, v, window, block, levels, sinks, cu_seqlens)
     if use_triton(q):
         from deepseek_kernels.triton.hierarchical_attention import hierarchical_attention_fwd
 
@@ -147,11 +149,19 @@ def hierarchical_attention(
     the top level are not seen. Level starts ``s_l(b)`` and all index ranges:
     ``deepseek_kernels.reference.hierarchical_attention``.
 
+    Precision: bf16/fp16 are the supported fast dtypes; float32 inputs are accepted, but on a GPU the
+    kernels' dots run in TF32 (about 1e-3 relative error; the CPU path is exact float32).
+
     Returns ``out`` like ``q``; with ``return_lse`` also the natural-log log-sum-exp, float32,
     ``[B, Hq, S]`` (``[Hq, total]`` packed; not differentiable). Differentiable in q, k, v
     (gradients flow through the summaries back into k and v).
     """
     check_args(q, k, v, window, block, levels, sinks, cu_seqlens)
+    if cu_seqlens is not None and max_seqlen is not None and not torch.compiler.is_compiling():
+        longest_seq = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if not isinstance(max_seqlen, int) or max_seqlen < longest_seq:
+            raise ValueError(f"{NAME}: max_seqlen must be an int >= the longest sequence in cu_seqlens "
+                             f"({longest_seq}), got {max_seqlen!r}")
     if cu_seqlens is not None and max_seqlen is None:
         # eager: the exact longest sequence; compiled: the packed length bounds it (same result:
         # levels beyond those needed change nothing, grid programs past a sequence's end exit)
@@ -167,7 +177,8 @@ def hierarchical_attention(
 
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"triton: deepseek_kernels.triton.hierarchical_attention on {device} (untuned; fwd + bwd)"
+        return (f"triton: deepseek_kernels.triton.hierarchical_attention on {device} (untuned; fwd + bwd; "
+                "float32 inputs use TF32 dots, ~1e-3 relative)")
     if interpreting():
         return "triton: deepseek_kernels.triton.hierarchical_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.hierarchical_attention (tensors on the CPU)"

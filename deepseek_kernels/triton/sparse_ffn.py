@@ -114,6 +114,8 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``."""
     T, D = x.shape
     NR = router_weight.shape[0]
+    if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias contiguously
+        bias = bias.contiguous()
     idx = torch.empty(T, k, dtype=torch.int32, device=x.device)
     weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
     probs = torch.empty(T, NR, dtype=torch.float32, device=x.device)
@@ -326,6 +328,13 @@ def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
 
 
+def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
+    """The gate/up kernels walk both weights with w_gate's strides: make them agree."""
+    if w_up.stride() != w_gate.stride():
+        return w_gate.contiguous(), w_up.contiguous()
+    return w_gate, w_up
+
+
 def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
                    save_act: bool = True, deterministic: bool = True, block_m: int | None = None,
@@ -338,6 +347,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic). ``False``: the
     weighted combine is fused into the down GEMM with fp32 atomics into a [T, D] fp32 buffer, cast
     afterwards (no y; results vary in the last bits between runs)."""
+    w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
     cfg = launch_config(T, D, BS)
@@ -565,6 +575,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     """Backward of :func:`sparse_ffn_fwd` (no host sync, deterministic): ``grad_out [T, D]`` and the
     forward's ``act`` -> ``(dx [T, D], dW_gate, dW_up [F, D], dW_down [D, F]`` in x's dtype,
     ``dweights`` fp32 ``[T, k])``. The grouping is recomputed from ``idx`` (the forward's, bit for bit)."""
+    w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     F_ = w_gate.shape[0]
     BS = F_ // n_blocks
@@ -734,6 +745,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
     host sync, two launches."""
+    w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")

@@ -112,9 +112,11 @@ def window_decode(q, k_cache, v_cache, positions, seqlens, lengths, *, window: i
     splits = triton.cdiv(slots, per_split)
     o_part = torch.empty(B * T * Hq * splits, block_d, device=q.device, dtype=torch.float32)
     ml_part = torch.empty(B * T * Hq * splits, 2, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.dtype != k_cache.dtype:  # the dots take the cache's dtype; the output keeps q's
         q = q.to(k_cache.dtype)
+    if q.stride(-1) != 1:  # the kernel reads head-dim columns contiguously
+        q = q.contiguous()
     launch = (lambda f: f) if direct else torch.library.wrap_triton
     launch(_decode_split_kernel)[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, seqlens, lengths, o_part, ml_part,
