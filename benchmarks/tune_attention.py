@@ -28,6 +28,7 @@ FOCUS = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 4, 2)],
     "dkdv": [(32, 128, 4, 1), (32, 128, 4, 2), (32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 128, 8, 2),
              (64, 64, 4, 2), (32, 64, 4, 2)],
+    "fused": [(32, 128, 4, 1), (32, 128, 8, 1), (64, 128, 8, 1), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
     "dq": [(128, 32, 8, 1), (128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
            (64, 32, 4, 2), (128, 32, 4, 2)],
 }
@@ -114,7 +115,15 @@ def main():
 
         rows += sweep("dq", pick("dq", DQ), run_dq, ref[:1], 1.5 * f_fwd)  # 3 matmuls (+ delta)
         rows += sweep("dkdv", pick("dkdv", DKDV), run_dkdv, ref[1:], 2 * f_fwd)  # 4 matmuls (reads delta)
-        for name in ("fwd", "dkdv", "dq"):
+
+        def run_fused(c):  # the deterministic=False backward: delta kernel + dK/dV with atomic dQ
+            dq_acc = torch.zeros(qp.shape, device=qp.device, dtype=torch.float32)
+            wa._launch_delta(op_, dop, delta)
+            wa._launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=c, dq_acc=dq_acc, **common)
+            return dq_acc.view_as(q), dk.view_as(k), dv.view_as(v)
+
+        rows += sweep("fused", pick("fused", DKDV), run_fused, ref, 2.5 * f_fwd)  # 5 matmuls, whole backward
+        for name in ("fwd", "dkdv", "dq", "fused"):
             top.setdefault(name, [r["config"] for r in sorted((r for r in rows if r["kernel"] == name and "ms" in r),
                                                                key=lambda r: r["ms"])[:4]])
         results.append({"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D, "flex_fwd_ms": fl_fwd,

@@ -81,3 +81,25 @@ def test_bad_cu_seqlens():
         dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 6, 4, 9], dtype=torch.int32))
     with pytest.raises(ValueError, match="end at the packed length"):
         dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32))
+
+
+def test_atomic_dq_backward_through_the_op():
+    """deterministic=False (one kernel, dQ by atomics) gives the same gradients as the default."""
+    torch.manual_seed(4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(2, 37, h, 16, device=dev, requires_grad=True) for h in (4, 2, 2))
+    do = torch.randn(2, 37, 4, 16, device=dev)
+    g_det = torch.autograd.grad(dk.window_attention(q, k, v, window=9, sinks=2), (q, k, v), do)
+    g_atomic = torch.autograd.grad(dk.window_attention(q, k, v, window=9, sinks=2, deterministic=False), (q, k, v), do)
+    for a, b in zip(g_det, g_atomic):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_default_backward_is_bitwise_reproducible_on_gpu():
+    q, k, v = (torch.randn(1, 3000, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+    do = torch.randn(1, 3000, 8, 128, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(dk.window_attention(q, k, v, window=700), (q, k, v), do) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)

@@ -86,7 +86,8 @@ def test_forward_on_gpu(D, dtype):
 
 @pytest.mark.parametrize("case,config", [(c, TILES[0]) for c in CASES] + [(c, t) for c in WIDE for t in TILES],
                          ids=lambda x: _ids(x) if len(x) == 9 else "tiles{}x{}".format(*x[:2]))
-def test_backward_matches_reference_autograd(case, config):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-kernel", "atomic-dq"])
+def test_backward_matches_reference_autograd(case, config, deterministic):
     from deepseek_kernels.triton.window_attention import window_attention_bwd
 
     B, Sq, Sk, Hq, Hkv, D, window, sinks, causal = case
@@ -100,12 +101,14 @@ def test_backward_matches_reference_autograd(case, config):
     f = lambda t: t.float()  # noqa: E731  (the interpreter runs fp32 dots)
     out, lse = window_attention_fwd(f(q), f(k), f(v), window=window, sinks=sinks, causal=causal, config=config)
     dq, dk, dv = window_attention_bwd(f(do), f(q), f(k), f(v), out, lse, window=window, sinks=sinks, causal=causal,
-                                      config_dkdv=config[1::-1] + config[2:], config_dq=config)
+                                      config_dkdv=config[1::-1] + config[2:], config_dq=config,
+                                      deterministic=deterministic)
     for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
         assert grad_close(got, want), (name, rel(got, want))
 
 
-def test_varlen_backward_matches_reference():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-kernel", "atomic-dq"])
+def test_varlen_backward_matches_reference(deterministic):
     from deepseek_kernels.triton.window_attention import window_attention_bwd
 
     lens = [5, 0, 1, 23, 9]
@@ -117,7 +120,8 @@ def test_varlen_backward_matches_reference():
                          compute_dtype=torch.float64).backward(do.double())
     out, lse = window_attention_fwd(q, k, v, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu, config=(16, 16, 4, 1))
     dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=4, sinks=2, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                      config_dkdv=(16, 16, 4, 1), config_dq=(16, 16, 4, 1))
+                                      config_dkdv=(16, 16, 4, 1), config_dq=(16, 16, 4, 1),
+                                      deterministic=deterministic)
     for got, want in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         assert grad_close(got, want)
 
@@ -169,9 +173,11 @@ def test_forward_backward_tuned_tiles_on_gpu(case, dtype):
     assert rel(out, ref) < 1e-2
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite) and (lse[finite] - ref_lse[finite]).abs().max() < 1e-2
-    dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=window, sinks=sinks, causal=causal)
-    for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
-        assert rel(got, want) < 2e-2, (name, rel(got, want))
+    for deterministic in (True, False):
+        dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=window, sinks=sinks, causal=causal,
+                                          deterministic=deterministic)
+        for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+            assert rel(got, want) < 2e-2, (name, deterministic, rel(got, want))
 
 
 @pytest.mark.gpu

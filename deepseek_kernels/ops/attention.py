@@ -71,7 +71,8 @@ def _max_len(cu):
 @define_triton_op("deepseek_kernels::window_attention_fwd")
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, causal: bool,
             softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-            max_seqlen_q: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            max_seqlen_q: int | None, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    # `deterministic` only matters to the backward (saved for it by the autograd context)
     if use_triton(q):
         from deepseek_kernels.triton.window_attention import window_attention_fwd
 
@@ -86,13 +87,13 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, window: int, sinks: int, causal: bool, softmax_scale: float | None,
             cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int | None,
-            max_seqlen_k: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            max_seqlen_k: int | None, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(q):
         from deepseek_kernels.triton.window_attention import window_attention_bwd
 
         return window_attention_bwd(grad_out, q, k, v, out, lse, window=window, sinks=sinks, causal=causal,
                                     softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
     return window_attention_bwd_ref(grad_out, q, k, v, window=window, sinks=sinks, causal=causal,
                                     softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
@@ -100,7 +101,7 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 if not TRITON_OP:
 
     @_fwd_op.register_fake
-    def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q):
+    def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, deterministic=True):
         if cu_seqlens_q is None:
             lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
         else:
@@ -113,20 +114,21 @@ if not TRITON_OP:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q = inputs
+    q, k, v, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.params = (window, sinks, causal, softmax_scale, max_q)
+    ctx.params = (window, sinks, causal, softmax_scale, max_q, deterministic)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    window, sinks, causal, softmax_scale, max_q = ctx.params
+    window, sinks, causal, softmax_scale, max_q, deterministic = ctx.params
     max_k = None if cu_k is None else _max_len(cu_k)
     dq, dk, dv = torch.ops.deepseek_kernels.window_attention_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q, max_k)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        grad_out.contiguous(), q, k, v, out, lse, window, sinks, causal, softmax_scale, cu_q, cu_k, max_q, max_k,
+        deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("deepseek_kernels::window_attention_fwd", _backward, setup_context=_setup_context)
@@ -136,7 +138,7 @@ def window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, sinks: int = 0, causal: bool = True,
     softmax_scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-    return_lse: bool = False,
+    return_lse: bool = False, deterministic: bool = True,
 ):
     """Token-exact sliding-window attention (FlashAttention layout), differentiable in q, k, v.
 
@@ -147,12 +149,16 @@ def window_attention(
     Returns ``out`` like ``q``, and with ``return_lse`` also the natural-log log-sum-exp, float32,
     ``[B, Hq, Sq]`` (``[Hq, total]`` packed; not differentiable). Exact definition:
     ``deepseek_kernels.reference.attention``.
+
+    ``deterministic`` (backward only): ``True`` (default) gives bit-identical gradients run to run
+    (two kernels, no atomics); ``False`` lets one kernel accumulate dQ with fp32 atomics (fewer
+    matmuls; dQ's last bits vary between runs).
     """
     check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)
     if cu_seqlens_q is not None and max_seqlen_q is None and not torch.compiler.is_compiling():
         max_seqlen_q = _max_len(cu_seqlens_q)
     out, lse = torch.ops.deepseek_kernels.window_attention_fwd(
-        q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q)
+        q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bool(deterministic))
     return (out, lse) if return_lse else out
 
 

@@ -194,6 +194,7 @@ FWD_WIDE_CONFIG = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}  # window >= FWD_W
 FWD_WIDE_WINDOW = 2048
 BWD_DKDV_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}
 BWD_DQ_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
+BWD_FUSED_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}  # dK/dV + atomic dQ: not yet tuned
 SMALL_CONFIG = (64, 64, 4, 2)  # head dims other than 64/128, and the Triton interpreter
 
 
@@ -285,10 +286,10 @@ def _query_ranges(n0, q_len, k_len, window, sinks, CAUSAL: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len, lo, hi,
-                stride_qt, stride_dot, qk_scale, window, sinks, off,
+def _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, q_len, k_len, lo, hi,
+                stride_qt, stride_dot, stride_dqt, qk_scale, sm_scale, window, sinks, off, d_ok,
                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + offs_m0
@@ -307,17 +308,21 @@ def _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_le
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+        if ATOMIC_DQ:  # this tile's share of dQ = scale * dS K, added into the fp32 accumulator
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale
+            tl.atomic_add(dq_ptrs + tl.cast(m0, tl.int64) * stride_dqt, dq, mask=m_mask[:, None] & d_ok[None, :],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _window_attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, cu_q, cu_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, stride_dqt, stride_dqh,
     sm_scale, qk_scale, window, sinks, HKV, REP,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -346,20 +351,37 @@ def _window_attn_bwd_dkdv(
             do_ptrs = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + d_col[None, :]
             lse_ptr = LSE + h * stride_lh + q_start
             delta_ptr = DELTA + h * stride_lh + q_start
-            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
-                                 i_start, full_lo, stride_qt, stride_dot, qk_scale, window, sinks, off,
-                                 CAUSAL, True, BLOCK_M, PREC)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
-                                 full_lo, full_hi, stride_qt, stride_dot, qk_scale, window, sinks, off,
-                                 CAUSAL, False, BLOCK_M, PREC)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, q_len, k_len,
-                                 full_hi, i_hi, stride_qt, stride_dot, qk_scale, window, sinks, off,
-                                 CAUSAL, True, BLOCK_M, PREC)
+            dq_ptrs = DQ_ACC + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt \
+                + offs_d[None, :]
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, q_len, k_len,
+                                 i_start, full_lo, stride_qt, stride_dot, stride_dqt, qk_scale, sm_scale, window,
+                                 sinks, off, d_ok, CAUSAL, True, BLOCK_M, PREC, ATOMIC_DQ)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, q_len, k_len,
+                                 full_lo, full_hi, stride_qt, stride_dot, stride_dqt, qk_scale, sm_scale, window,
+                                 sinks, off, d_ok, CAUSAL, False, BLOCK_M, PREC, ATOMIC_DQ)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, offs_n, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, q_len, k_len,
+                                 full_hi, i_hi, stride_qt, stride_dot, stride_dqt, qk_scale, sm_scale, window,
+                                 sinks, off, d_ok, CAUSAL, True, BLOCK_M, PREC, ATOMIC_DQ)
         dk = dk * sm_scale
         tl.store(DK + (k_start + offs_n)[:, None].to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + (k_start + offs_n)[:, None].to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
+                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] O[t, h, d] (fp32), for the atomic-dQ backward."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_t[:, None].to(tl.int64)
+    o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + h * stride_lh + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_t < T)
 
 
 @triton.jit
@@ -454,17 +476,33 @@ def _bwd_inputs(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return qp, kp, vp, op_, dop, lsep.contiguous(), delta, cu_q, cu_k, max_q, max_k
 
 
-def _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, *, window, sinks, causal, scale, config):
+def _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, *, window, sinks, causal, scale, config,
+                 dq_acc=None):
+    """dK, dV; with ``dq_acc`` ([T, Hq, D] fp32, zeroed) also dQ, added tile by tile with atomics."""
     B, (T, Hq, D), Hkv = cu_q.numel() - 1, qp.shape, kp.shape[1]
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = _config(BWD_DKDV_CONFIG, block_d, qp.dtype, config)
+    table = BWD_FUSED_CONFIG if dq_acc is not None else BWD_DKDV_CONFIG
+    bm, bn, warps, stages = _config(table, block_d, qp.dtype, config)
+    atomic = dq_acc is not None
+    dq_acc = dq_acc if atomic else dk  # unused pointer when not atomic
     torch.library.wrap_triton(_window_attn_bwd_dkdv)[(triton.cdiv(max(max_k, 1), bn), B * Hkv)](
-        qp, kp, vp, dop, lsep, delta, dk, dv, cu_q, cu_k,
+        qp, kp, vp, dop, lsep, delta, dk, dv, dq_acc, cu_q, cu_k,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         dop.stride(0), dop.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lsep.stride(0),
+        dq_acc.stride(0), dq_acc.stride(1),
         scale, scale * LOG2E, window, sinks, Hkv, Hq // Hkv,
         HEAD_DIM=D, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PREC=_precision(qp),
-        num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic, num_warps=warps, num_stages=stages,
+    )
+
+
+def _launch_delta(op_, dop, delta):
+    T, Hq, D = op_.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    block_t = max(1, min(64, 8192 // block_d))
+    torch.library.wrap_triton(_bwd_delta_kernel)[(triton.cdiv(max(T, 1), block_t), Hq)](
+        op_, dop, delta, T, op_.stride(0), op_.stride(1), dop.stride(0), dop.stride(1), delta.stride(0),
+        HEAD_DIM=D, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
 
 
@@ -486,16 +524,29 @@ def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, wind
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-                         config_dkdv: tuple | None = None, config_dq: tuple | None = None):
+                         config_dkdv: tuple | None = None, config_dq: tuple | None = None,
+                         deterministic: bool = True):
     """Gradients ``(dq, dk, dv)`` of :func:`window_attention_fwd` given ``do`` and its ``out``/``lse``.
-    Deterministic (no atomics): GQA heads are summed inside the dK/dV program."""
+
+    ``deterministic=True``: two kernels, no atomics (GQA heads summed inside the dK/dV program;
+    dQ by its own kernel, which recomputes S and dP: 7 matmuls per tile pair). ``False``: one
+    kernel computes dK, dV and adds each tile's dQ into an fp32 accumulator with atomics (5
+    matmuls; the order of the additions, hence the last bits of dQ, varies between runs)."""
     qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
+    dk, dv = torch.empty_like(kp), torch.empty_like(vp)
     common = dict(window=window, sinks=sinks, causal=causal, scale=scale)
-    _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, config=config_dq, **common)
-    _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, **common)
+    if deterministic:
+        dq = torch.empty_like(qp)
+        _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, config=config_dq, **common)
+        _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, **common)
+    else:
+        dq_acc = torch.zeros(qp.shape, device=qp.device, dtype=torch.float32)
+        _launch_delta(op_, dop, delta)
+        _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, dq_acc=dq_acc,
+                     **common)
+        dq = dq_acc.to(qp.dtype)
     if cu_seqlens_q is None:
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
     return dq, dk, dv
