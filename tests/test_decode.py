@@ -152,3 +152,11 @@ def test_decode_kernel_on_gpu_long_context(dtype):
     assert torch.equal(op, out)
     compiled = torch.compile(lambda q: window_attention_decode(q, cache), fullgraph=True)
     assert torch.equal(compiled(q), out)
+
+
+def test_decode_under_torch_compile_fullgraph():
+    cache = _filled_cache(2, 2, 16, 6, 1, 1, [9, 20], torch.float32)
+    cache.append(torch.randn(2, 1, 2, 16, device=DEV), torch.randn(2, 1, 2, 16, device=DEV))
+    q = torch.randn(2, 1, 4, 16, device=DEV)
+    compiled = torch.compile(lambda q: window_attention_decode(q, cache), fullgraph=True)
+    torch.testing.assert_close(compiled(q), window_attention_decode(q, cache), rtol=1e-5, atol=1e-5)
