@@ -16,6 +16,7 @@ CASES = [
     (1, 33, 33, 2, 1, 24, 7, 3, False),
     (1, 9, 30, 2, 2, 16, 6, 2, True),  # fewer queries than keys: ends aligned
     (1, 30, 9, 2, 2, 16, 4, 0, True),  # more queries than keys: early queries see nothing
+    (1, 21, 21, 8, 1, 16, 6, 4, True),  # GQA ratio 8 with sinks
 ]
 
 
@@ -152,6 +153,9 @@ GPU_CASES = [
     (1, 1400, 900, 2, 2, 128, 300, 3, True),
     (1, 777, 777, 2, 1, 96, 257, 0, True),
     (1, 640, 640, 2, 2, 128, 200, 2, False),
+    (1, 4097, 4097, 8, 1, 128, 1024, 4, True),  # the odd length, GQA 8, sinks 4
+    (3, 1, 1, 4, 4, 64, 1, 0, True),  # one token, window 1
+    (1, 17, 17, 4, 1, 128, 4096, 0, True),  # window longer than the sequence
 ]
 
 

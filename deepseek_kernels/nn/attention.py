@@ -33,12 +33,15 @@ class WindowedAttention(nn.Module):
         mode: ``"window"`` (token-exact sliding window, :func:`deepseek_kernels.window_attention`) or
         ``"hierarchical"`` (local window plus pooled far context,
         :func:`deepseek_kernels.hierarchical_attention` with ``block`` and ``levels``).
+        deterministic: ``mode="window"`` backward; ``False`` accumulates dQ with atomics (faster,
+        not bitwise reproducible), see :func:`deepseek_kernels.window_attention`.
     ``forward(x [B, S, hidden], position_ids=None)`` -> ``[B, S, hidden]``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, window: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, sinks: int = 0, rope_theta: float | None = 10000.0, bias: bool = False,
-                 mode: str = "window", block: int = 64, levels: int | None = None, device=None, dtype=None):
+                 mode: str = "window", block: int = 64, levels: int | None = None, deterministic: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         if mode not in ("window", "hierarchical"):
             raise ValueError(f"WindowedAttention: mode must be 'window' or 'hierarchical', got {mode!r}")
@@ -46,7 +49,7 @@ class WindowedAttention(nn.Module):
             from deepseek_kernels.reference.hierarchical_attention import check_config
 
             check_config(window, block, levels, sinks, "WindowedAttention")
-        self.mode, self.block, self.levels = mode, block, levels
+        self.mode, self.block, self.levels, self.deterministic = mode, block, levels, deterministic
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
@@ -72,7 +75,7 @@ class WindowedAttention(nn.Module):
             out = hierarchical_attention(q, k, v, window=self.window, block=self.block, levels=self.levels,
                                          sinks=self.sinks)
         else:
-            out = window_attention(q, k, v, window=self.window, sinks=self.sinks)
+            out = window_attention(q, k, v, window=self.window, sinks=self.sinks, deterministic=self.deterministic)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
