@@ -15,8 +15,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
-    name = "window_attention"
+def check_qkv(name: str, q, k, v, packed: bool) -> None:
+    """The checks every attention op shares: tensors of one float dtype on one device, the dense
+    ``[batch, seq, heads, head_dim]`` or packed ``[total, heads, head_dim]`` layout, k and v alike,
+    one head dim in [1, MAX_HEAD_DIM], query heads a multiple of the key/value heads."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
@@ -25,7 +27,6 @@ def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    packed = cu_seqlens_q is not None
     want = 3 if packed else 4
     layout = "[total, heads, head_dim] with cu_seqlens" if packed else "[batch, seq, heads, head_dim]"
     for arg, t in (("q", q), ("k", k), ("v", v)):
@@ -43,6 +44,25 @@ def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
         raise ValueError(f"{name}: the query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
     if not packed and q.shape[0] != k.shape[0]:
         raise ValueError(f"{name}: batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
+
+
+def check_cu_seqlens(name: str, arg: str, cu, total: int, device) -> None:
+    """``cu`` is a 1-D int32 ``[num_seqs + 1]`` tensor on ``device``; in eager mode also that it
+    starts at 0, never decreases and ends at the packed length ``total``."""
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name}: {arg} must be a 1-D int32 tensor [num_seqs + 1], got {cu.dtype} {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: {arg} must be on {device}, got {cu.device}")
+    if not torch.compiler.is_compiling():  # data-dependent: checked in eager only
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
+            raise ValueError(f"{name}: {arg} must start at 0, never decrease and end at the packed length "
+                             f"{total}, got {cu.tolist() if cu.numel() <= 16 else '...'}")
+
+
+def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
+    name = "window_attention"
+    packed = cu_seqlens_q is not None
+    check_qkv(name, q, k, v, packed)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"{name}: window must be an int >= 1, got {window!r}")
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
@@ -50,16 +70,8 @@ def check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k) -> None:
     if (cu_seqlens_k is not None) and not packed:
         raise ValueError(f"{name}: cu_seqlens_k needs cu_seqlens_q")
     for arg, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
-        if cu is None:
-            continue
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name}: {arg} must be a 1-D int32 tensor [num_seqs + 1], got {cu.dtype} {tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{name}: {arg} must be on {q.device}, got {cu.device}")
-        if not torch.compiler.is_compiling():  # data-dependent: checked in eager only
-            if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
-                raise ValueError(f"{name}: {arg} must start at 0, never decrease and end at the packed length "
-                                 f"{total}, got {cu.tolist() if cu.numel() <= 16 else '...'}")
+        if cu is not None:
+            check_cu_seqlens(name, arg, cu, total, q.device)
     if packed and cu_seqlens_k is not None and cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"{name}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
 

@@ -9,6 +9,7 @@ are in ``deepseek_kernels/reference/hierarchical_attention.py``.
 import torch
 
 from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
+from deepseek_kernels.ops.attention import check_cu_seqlens, check_qkv
 from deepseek_kernels.reference.hierarchical_attention import (
     check_config,
     hierarchical_attention_bwd_ref,
@@ -16,51 +17,18 @@ from deepseek_kernels.reference.hierarchical_attention import (
     levels_needed,
 )
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 NAME = "hierarchical_attention"
 
 
 def check_args(q, k, v, window, block, levels, sinks, cu_seqlens) -> None:
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{NAME}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{NAME}: q, k, v must share one dtype among float16/bfloat16/float32, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{NAME}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     packed = cu_seqlens is not None
-    want = 3 if packed else 4
-    layout = "[total, heads, head_dim] with cu_seqlens" if packed else "[batch, seq, heads, head_dim]"
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != want:
-            raise ValueError(f"{NAME}: {arg} must be {layout}, got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"{NAME}: k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_qkv(NAME, q, k, v, packed)
     if q.shape[:-2] != k.shape[:-2]:
         raise ValueError(f"{NAME}: q and k must hold the same tokens (self-attention), got {tuple(q.shape)} "
                          f"and {tuple(k.shape)}")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"{NAME}: head dims differ: q has {d}, k has {k.shape[-1]}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{NAME}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{NAME}: the query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
     check_config(window, block, levels, sinks, NAME)
     if packed:
-        cu = cu_seqlens
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{NAME}: cu_seqlens must be a 1-D int32 tensor [num_seqs + 1], got {cu.dtype} "
-                             f"{tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{NAME}: cu_seqlens must be on {q.device}, got {cu.device}")
-        if not torch.compiler.is_compiling():  # data-dependent: checked in eager only
-            if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != q.shape[0]:
-                raise ValueError(f"{NAME}: cu_seqlens must start at 0, never decrease and end at the packed length "
-                                 f"{q.shape[0]}, got {cu.tolist() if cu.numel() <= 16 else '...'}")
+        check_cu_seqlens(NAME, "cu_seqlens", cu_seqlens, q.shape[0], q.device)
 
 
 @define_triton_op("deepseek_kernels::hierarchical_attention_fwd")
