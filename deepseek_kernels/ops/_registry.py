@@ -99,3 +99,10 @@ def eager_fast_path(*tensors) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     return all(t is None or (type(t) is torch.Tensor and t.is_cuda) for t in tensors)
+
+
+def triton_kernel(fn, direct: bool = False):
+    """``fn`` ready to index with a grid: wrapped with ``torch.library.wrap_triton`` (traceable;
+    what an op body launches), or the plain kernel when ``direct`` (the eager fast path: no
+    higher-order-op dispatch)."""
+    return fn if direct else torch.library.wrap_triton(fn)

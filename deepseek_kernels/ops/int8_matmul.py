@@ -12,7 +12,14 @@ directly (``eager_fast_path``): at decode sizes the dispatcher costs more than t
 
 import torch
 
-from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, eager_fast_path, interpreting, register_explainer
+from deepseek_kernels.ops._registry import (
+    TRITON_OP,
+    define_triton_op,
+    eager_fast_path,
+    interpreting,
+    register_explainer,
+    triton_kernel,
+)
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,12 +76,6 @@ def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
 # ---- ops -----------------------------------------------------------------------------------------
 
 
-def _kernel(fn, direct: bool):
-    """The Triton kernel as launched inside the op (``wrap_triton``, traceable) or directly (the
-    eager fast path: no higher-order-op dispatch)."""
-    return fn if direct else torch.library.wrap_triton(fn)
-
-
 def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct: bool = False) -> None:
     from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel, launch_config
 
@@ -83,7 +84,7 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
     cfg = launch_config(M, N, K)
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     dummy = out  # unused pointer arguments still need a tensor
-    _kernel(_int8_matmul_kernel, direct)[grid](
+    triton_kernel(_int8_matmul_kernel, direct)[grid](
         a_q, b_q, out,
         a_scale if a_scale is not None else dummy,
         b_scale if b_scale is not None else dummy,
@@ -155,7 +156,7 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
     if M and K:
         block_k = min(4096, max(16, 1 << (K - 1).bit_length()))
-        _kernel(_quantize_per_token_kernel, direct)[(M,)](
+        triton_kernel(_quantize_per_token_kernel, direct)[(M,)](
             x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), q.stride(0),
             HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8,
         )

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_kernels.ops._registry import triton_kernel
+
 LOG2E = 1.4426950408889634
 
 
@@ -117,8 +119,7 @@ def window_decode(q, k_cache, v_cache, positions, seqlens, lengths, *, window: i
         q = q.to(k_cache.dtype)
     if q.stride(-1) != 1:  # the kernel reads head-dim columns contiguously
         q = q.contiguous()
-    launch = (lambda f: f) if direct else torch.library.wrap_triton
-    launch(_decode_split_kernel)[(B * Hkv, splits)](
+    triton_kernel(_decode_split_kernel, direct)[(B * Hkv, splits)](
         q, k_cache, v_cache, positions, seqlens, lengths, o_part, ml_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), positions.stride(0),
@@ -126,7 +127,7 @@ def window_decode(q, k_cache, v_cache, positions, seqlens, lengths, *, window: i
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PREC="ieee" if k_cache.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
     )
-    launch(_decode_combine_kernel)[(B * T * Hq,)](
+    triton_kernel(_decode_combine_kernel, direct)[(B * T * Hq,)](
         o_part, ml_part, out, out.stride(0), out.stride(1), out.stride(2), T, Hq, splits,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )
