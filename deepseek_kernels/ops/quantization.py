@@ -98,15 +98,16 @@ def check_quantize_args(x, fmt, block, error) -> None:
             raise ValueError(f"{name}: error is updated in place and must be contiguous; pass error.contiguous()")
 
 
-def check_dequantize_args(q, scales, block, out_dtype) -> None:
-    name = "dequantize_blockwise"
+def _check_code_tensors(name, q, scales) -> None:
     for arg, t in (("q", q), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
     if q.dtype not in FORMAT_OF_DTYPE:
         raise ValueError(f"{name}: q must be int8, float8_e4m3fn or float8_e5m2, got {q.dtype}")
-    if q.dim() < 1:
-        raise ValueError(f"{name}: q must have at least one dimension, got a 0-d tensor")
+
+
+def _check_scales(name, q, scales, block) -> None:
+    """block fits q's last dim; scales are float32 on q's device, one per block of every row."""
     check_block(name, block, q.shape[-1])
     if scales.dtype != torch.float32:
         raise ValueError(f"{name}: scales must be float32, got {scales.dtype}")
@@ -118,6 +119,14 @@ def check_dequantize_args(q, scales, block, out_dtype) -> None:
             f"{name}: scales must have shape {expected} for q of shape {tuple(q.shape)} and block={block}, "
             f"got {tuple(scales.shape)}"
         )
+
+
+def check_dequantize_args(q, scales, block, out_dtype) -> None:
+    name = "dequantize_blockwise"
+    _check_code_tensors(name, q, scales)
+    if q.dim() < 1:
+        raise ValueError(f"{name}: q must have at least one dimension, got a 0-d tensor")
+    _check_scales(name, q, scales, block)
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
@@ -139,26 +148,12 @@ def _check_error(name, error, shape, device, of="x") -> None:
 
 def check_sum_args(name, q, scales, block) -> None:
     """q [W, ..., N] codes and scales [W, ..., ceil(N / block)] of W quantized tensors."""
-    for arg, t in (("q", q), ("scales", scales)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dtype not in FORMAT_OF_DTYPE:
-        raise ValueError(f"{name}: q must be int8, float8_e4m3fn or float8_e5m2, got {q.dtype}")
+    _check_code_tensors(name, q, scales)
     if q.dim() < 2:
         raise ValueError(f"{name}: q must be [W, ..., N] (at least two dimensions), got shape {tuple(q.shape)}")
     if q.shape[0] < 1:
         raise ValueError(f"{name}: q must hold at least one tensor to sum (W >= 1), got shape {tuple(q.shape)}")
-    check_block(name, block, q.shape[-1])
-    if scales.dtype != torch.float32:
-        raise ValueError(f"{name}: scales must be float32, got {scales.dtype}")
-    if scales.device != q.device:
-        raise ValueError(f"{name}: scales must be on the device of q ({q.device}), got {scales.device}")
-    expected = (*q.shape[:-1], _num_blocks(q.shape[-1], block))
-    if tuple(scales.shape) != expected:
-        raise ValueError(
-            f"{name}: scales must have shape {expected} for q of shape {tuple(q.shape)} and block={block}, "
-            f"got {tuple(scales.shape)}"
-        )
+    _check_scales(name, q, scales, block)
 
 
 def check_dequantize_sum_args(q, scales, block, out_dtype) -> None:
