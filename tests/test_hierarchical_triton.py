@@ -153,9 +153,10 @@ def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
     want = hierarchical_attention_bwd_ref(do, q, k, v, **kw)
     for name, g, w in zip("q k v".split(), got, want):
         assert rel_error(g, w) < 2 * REL_TOL[dtype], name
-    # deterministic: no atomics
-    again = hierarchical_attention_bwd(do, q, k, v, out, lse, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    # deterministic: no atomics, and no compiler race (4 warps at D=128 gave differing dK on Triton 3.6)
+    for _ in range(4):
+        again = hierarchical_attention_bwd(do, q, k, v, out, lse, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

@@ -181,7 +181,10 @@ def test_forward_backward_tuned_tiles_on_gpu(case, dtype):
         dq, dk, dv = window_attention_bwd(do, q, k, v, out, lse, window=window, sinks=sinks, causal=causal,
                                           deterministic=deterministic)
         for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
-            assert rel(got, want) < 2e-2, (name, deterministic, rel(got, want))
+            # absolute floor: a query that sees a single key has dq == 0 exactly, and the kernel's
+            # delta = rowsum(dO * O) with O rounded to 16 bits leaves ~1e-7 there
+            err_abs = (got.double() - want.double()).abs().max().item()
+            assert rel(got, want) < 2e-2 or err_abs < 1e-3, (name, deterministic, rel(got, want), err_abs)
 
 
 @pytest.mark.gpu

@@ -263,7 +263,7 @@ def _blocks(block: int, block_m: int | None, block_n: int | None):
 def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int, sinks: int = 0,
                                softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
                                block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
-                               num_warps: int = 4):
+                               num_warps: int | None = None, num_stages: int | None = None):
     """Forward pass (``levels`` already resolved to an int). Dense ``[B, S, H, D]`` or packed
     ``[T, H, D]`` with ``cu_seqlens``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, S]`` (dense)
     or ``[Hq, T]`` (packed), float32."""
@@ -549,7 +549,7 @@ def _hier_bwd_dkdv(
 def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int, levels: int, sinks: int = 0,
                                softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
                                block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
-                               num_warps: int = 4):
+                               num_warps: int | None = None, num_stages: int | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`hierarchical_attention_fwd` given ``do`` and its
     ``out``/``lse``. The summaries are pooled again (cheaper than keeping them); d(summaries) is a
     float32 ``[R, Hkv, D]`` pair. Deterministic: no atomics, GQA heads summed in-kernel."""
@@ -573,6 +573,16 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
     nw = window // block
     bs = block_s or max(16, min(64, triton.next_power_of_2(nw // 2 + 2)))
     block_d = max(16, triton.next_power_of_2(D))
+    if num_stages is None and block_d >= 128:
+        # Triton 3.6 on the H200 gave bitwise-different dK between identical calls at D=128 with the
+        # default software pipelining (num_stages 2 or 3, 4 warps; a compiler race in loops with
+        # data-dependent bounds, cf. triton-lang/triton#9871). Unpipelined is deterministic and
+        # measured 19.1 ms vs 17.8 ms (8 warps: 21.5 ms) at S=16k H16/2 W512;
+        # tests/test_hierarchical_triton.py repeats the call and compares bits.
+        num_stages = 1
+    launch = dict(num_warps=num_warps or 4)
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     loff = 0
     for l in range(1, levels + 1):
         size = block << l
@@ -580,7 +590,7 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
             qp, sk, sv, dop, lsep, delta, dsk, dsv, cu,
             qp.stride(0), qp.stride(1), sk.stride(0), sk.stride(1), dop.stride(0), dop.stride(1), lsep.stride(0),
             scale, nw, levels, l, loff, block, sinks, Hkv, Hq // Hkv, D,
-            BLOCK_M=bm, BLOCK_S=16, BLOCK_D=block_d, num_warps=num_warps,
+            BLOCK_M=bm, BLOCK_S=16, BLOCK_D=block_d, **launch,
         )
         loff += T // size + nseq
     torch.library.wrap_triton(_hier_bwd_dkdv)[(triton.cdiv(max(max_len, 1), bn), nseq * Hkv)](
@@ -589,14 +599,14 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
         dop.stride(0), dop.stride(1), dsk.stride(0), dsk.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hkv, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **launch,
     )
     torch.library.wrap_triton(_hier_bwd_dq)[(triton.cdiv(max(max_len, 1), bm), nseq * Hq)](
         qp, kp, vp, sk, sv, dop, lsep, delta, dq, cu,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=block_d, **launch,
     )
     if dense:
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

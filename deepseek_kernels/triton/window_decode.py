@@ -25,6 +25,8 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # torch.compile hands Python floats to the kernel as fp64; keep the softmax state in fp32
+    qk_scale = (tl.zeros((), tl.float32) + qk_scale).to(tl.float32)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)

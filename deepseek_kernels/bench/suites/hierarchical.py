@@ -45,7 +45,9 @@ def _check_prefix(W):
         q, k, v, _ = inputs
         with torch.no_grad():
             a = dk.hierarchical_attention(q, k, v, window=W, block=BLOCK).float()
-            b = _sdpa_causal(q[:, :W], k[:, :W], v[:, :W]).float()
+            rep = q.shape[2] // k.shape[2]  # SDPA flash wants equal head counts: expand the GQA groups
+            kx, vx = (t[:, :W].repeat_interleave(rep, dim=2) for t in (k, v))
+            b = _sdpa_causal(q[:, :W], kx, vx).float()
         err = ((a[:, :W] - b).norm() / b.norm()).item()
         if not err < 2e-2 or not torch.isfinite(a).all():
             raise AssertionError(f"hierarchical_attention prefix differs from causal attention: relative error {err:.2e}")
