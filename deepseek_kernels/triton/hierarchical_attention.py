@@ -62,7 +62,7 @@ def _seq(cu, n):
 def _hier_pool_kernel(
     SRC_K, SRC_V, DST_K, DST_V, cu,
     stride_skt, stride_skh, stride_svt, stride_svh, stride_dt, stride_dh,
-    src_off, dst_off, level, block, sinks, HKV, D,
+    src_off, dst_off, level, block, sinks, HKV, HEAD_DIM: tl.constexpr,
     FROM_KEYS: tl.constexpr, FAN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Level ``level`` means of K and V for BLOCK_G groups of one sequence and kv head, from the
@@ -80,7 +80,7 @@ def _hier_pool_kernel(
         g = g0 + tl.arange(0, BLOCK_G)
         g_mask = g < n_groups
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
+        d_mask = offs_d < HEAD_DIM
         acc_k = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         acc_v = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         wsum = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -166,20 +166,43 @@ def _softmax_step(acc, l_i, m_i, s, v):
 
 
 @triton.jit
+def _softmax_step2(acc, l_i, m_i, s, v):
+    """_softmax_step in base 2: scores already multiplied by log2(e)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
-               stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N: tl.constexpr):
-    """Exact keys in [lo_tile, hi): seen iff j <= i and (j >= local_lo or j < sinks)."""
+               stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Exact keys in [lo_tile, hi): seen iff j <= i and (j >= local_lo or j < sinks). Unmasked
+    (MASKED False) only for interior tiles, whose every key is visible to every query row."""
     for start_n in range(lo_tile, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seqlen
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, k) * sm_scale
-        vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
-            (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v)
+        k_ptr = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        v_ptr = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            n_mask = offs_n < seqlen
+            k = tl.load(k_ptr, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(v_ptr, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptr)
+            v = tl.load(v_ptr)
+        else:
+            k = tl.load(k_ptr, mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+        s = tl.dot(q, k) * qk_scale
+        if MASKED:
+            vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
+                (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
+            s = tl.where(vis, s, float("-inf"))
+        acc, l_i, m_i = _softmax_step2(acc, l_i, m_i, s, v)
     return acc, l_i, m_i
 
 
@@ -188,11 +211,14 @@ def _hier_attn_fwd_kernel(
     Q, K, V, SK, SV, O, LSE, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
     stride_ot, stride_oh, stride_lh,
-    sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, D,
+    qk_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out/lse for BLOCK_M queries (inside one query block, BLOCK_M divides block) of one head:
-    sinks + local window exactly, then level 1..levels summaries, one online softmax."""
+    sinks + local window exactly, then level 1..levels summaries, one online softmax (base 2:
+    ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n = pid_bh // HQ
@@ -203,7 +229,7 @@ def _hier_attn_fwd_kernel(
     if m0 < seqlen:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
+        d_mask = offs_d < HEAD_DIM
         m_mask = offs_m < seqlen
         q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -216,14 +242,26 @@ def _hier_attn_fwd_kernel(
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         hi = tl.minimum(m0 + BLOCK_M, seqlen)
-        # key tiles [0, min(sinks, lo_tile)) for the sinks, then [lo_tile, hi) for the local window:
-        # lo_tile is tile-aligned so no key tile is visited twice
+        # key tiles (all BLOCK_N-aligned, none visited twice): [0, min(sinks, lo_tile)) for the sinks;
+        # the local window [lo_tile, hi) as a masked edge [lo_tile, int_lo), unmasked interior tiles
+        # [int_lo, int_hi) (at or after local_lo, ending at or before the tile's first query), and
+        # the masked diagonal [int_hi, hi)
         lo_tile = (local_lo // BLOCK_N) * BLOCK_N
+        int_lo = tl.cdiv(local_lo, BLOCK_N) * BLOCK_N
+        int_hi = tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, int_lo)
         acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
-                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile,
-                                   hi, local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
-        # summaries: level l tiles blocks [s_l, s_{l-1})
+                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+                                   True, EVEN_D)
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile, tl.minimum(int_lo, hi),
+                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+                                   True, EVEN_D)
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, int_lo, int_hi,
+                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+                                   False, EVEN_D)
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, int_hi, hi,
+                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+                                   True, EVEN_D)
+        # summaries: level l tiles blocks [s_l, s_{l-1}); a group of c tokens scores + ln(c)
         offs_s = tl.arange(0, BLOCK_S)
         s_prev = s0
         loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
@@ -241,12 +279,12 @@ def _hier_attn_fwd_kernel(
                              mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
                 vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
                              mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
-                s = tl.dot(q, kb) * sm_scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb)
+                s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+                acc, l_i, m_i = _softmax_step2(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb)
             loff += T // size + NSEQ
             s_prev = s_l
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0
-        lse = m_i + tl.log(tl.where(l_i > 0, l_i, 1.0))
+        lse = (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E
         tl.store(O + (start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         tl.store(LSE + h * stride_lh + start + offs_m, lse, mask=m_mask)
@@ -278,13 +316,16 @@ def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int,
     bm, bn = _blocks(block, block_m, block_n)
     nw = window // block
     bs = block_s or max(16, min(64, triton.next_power_of_2(nw // 2 + 2)))
+    launch = dict(num_warps=num_warps or 4)
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     grid = (triton.cdiv(max(max_len, 1), bm), nseq * Hq)
     torch.library.wrap_triton(_hier_attn_fwd_kernel)[grid](
         qp, kp, vp, sk, sv, out, lse, cu,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=num_warps,
+        scale * 1.4426950408889634, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)), **launch,
     )
     if dense:
         B, S = q.shape[:2]
@@ -323,7 +364,7 @@ def _hier_bwd_dq(
     Q, K, V, SK, SV, DO, LSE, DELTA, DQ, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
-    sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, D,
+    sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -336,7 +377,7 @@ def _hier_bwd_dq(
     if m0 < seqlen:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
+        d_mask = offs_d < HEAD_DIM
         m_mask = offs_m < seqlen
         q_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
@@ -389,7 +430,7 @@ def _hier_bwd_dq(
 def _hier_bwd_dsum(
     Q, SK, SV, DO, LSE, DELTA, DSK, DSV, cu,
     stride_qt, stride_qh, stride_st, stride_sh, stride_dot, stride_doh, stride_lh,
-    sm_scale, nw, levels, level, loff, block, sinks, HKV, REP, D,
+    sm_scale, nw, levels, level, loff, block, sinks, HKV, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d(mean K), d(mean V) (float32) of BLOCK_S consecutive level-``level`` groups of one sequence
@@ -406,7 +447,7 @@ def _hier_bwd_dsum(
     if g0 < n_groups:
         g = g0 + tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
+        d_mask = offs_d < HEAD_DIM
         cnt = _group_count(g, level, block, seqlen, sinks)
         ok = (g < n_groups) & (cnt > 0)
         rows = (loff + start // size + n + g).to(tl.int64)
@@ -476,7 +517,7 @@ def _hier_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DSK, DSV, DK, DV, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_st, stride_sh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, D,
+    sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -488,7 +529,7 @@ def _hier_bwd_dkdv(
     if n0 < seqlen:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
+        d_mask = offs_d < HEAD_DIM
         n_mask = offs_n < seqlen
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K + (start + offs_n)[:, None].to(tl.int64) * stride_kt + kvh * stride_kh + offs_d[None, :],
