@@ -29,7 +29,7 @@ import math
 import torch
 
 from deepseek_kernels.decode import _check_lengths
-from deepseek_kernels.ops._registry import interpreting, register_explainer, use_triton
+from deepseek_kernels.ops._registry import eager_fast_path, interpreting, register_explainer, use_triton
 from deepseek_kernels.reference.hierarchical_attention import check_config, levels_needed
 
 
@@ -101,7 +101,7 @@ class HierarchicalKVCache:
         if use_triton(k):
             from deepseek_kernels.triton.hierarchical_decode import hierarchical_cache_append
 
-            hierarchical_cache_append(self, k, v, lengths.contiguous())
+            hierarchical_cache_append(self, k, v, lengths.contiguous(), direct=eager_fast_path(k, v, lengths))
         else:
             self._append_exact(k, v, lengths)
             for li in range(self.levels):
@@ -213,7 +213,8 @@ def hierarchical_attention_decode(q: torch.Tensor, cache: HierarchicalKVCache, *
     if use_triton(q):
         from deepseek_kernels.triton.hierarchical_decode import hierarchical_decode_attn
 
-        return hierarchical_decode_attn(q, cache, lengths.contiguous(), softmax_scale=scale, num_splits=num_splits)
+        return hierarchical_decode_attn(q, cache, lengths.contiguous(), softmax_scale=scale, num_splits=num_splits,
+                                        direct=eager_fast_path(q, lengths))
     return hierarchical_attention_decode_ref(q, cache, softmax_scale=scale, lengths=lengths)
 
 

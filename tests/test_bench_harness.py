@@ -31,3 +31,27 @@ def test_run_case_marks_graphed_rows():
     make = lambda: (torch.randn(1024, device="cuda"),)  # noqa: E731
     row = run_case(Case("tiny", make, Impl("a", lambda x: x * 2), Impl("b", lambda x: x + x), graph=True), {}, reps=3)
     assert row["graph"] and row["ours_impl"] == "a (CUDA graph)" and row["speedup"] > 0
+
+
+@pytest.mark.gpu
+def test_a_failing_case_keeps_the_rest_of_the_suite(tmp_path, monkeypatch):
+    """A case that raises gets an error row; the other cases are still timed, the JSON is still
+    written, and the run exits non-zero."""
+    import json
+    import types
+
+    from deepseek_kernels import bench
+
+    def broken(x):
+        raise RuntimeError("broken on purpose")
+
+    make = lambda: (torch.randn(1024, device="cuda"),)  # noqa: E731
+    suite = types.SimpleNamespace(
+        TITLE="two cases", accuracy=lambda device: [],
+        cases=lambda quick=False: [Case("good", make, Impl("a", lambda x: x * 2), Impl("b", lambda x: x + x)),
+                                   Case("bad", make, Impl("a", broken), Impl("b", lambda x: x + x))])
+    monkeypatch.setitem(bench.SUITES, "two_cases", suite)
+    assert bench.run_suites(["two_cases"], out=str(tmp_path), reps=3, make_plot=False) == 1
+    rows = json.loads((tmp_path / "two_cases.json").read_text())["rows"]
+    assert rows[0]["case"] == "good" and rows[0]["speedup"] > 0
+    assert rows[1]["case"] == "bad (FAILED)" and "broken on purpose" in rows[1]["error"]

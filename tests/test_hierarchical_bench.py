@@ -17,16 +17,19 @@ def _rows():
                          "ours_ms": 1.0, "baseline_ms": 9.0})
         rows.append({"S": S, "W": 4096, "Hq": 32, "Hkv": 8, "pass": "decode", "baseline": "window",
                      "ours_ms": 0.02, "baseline_ms": 0.015})
+        rows.append({"S": S, "W": 4096, "Hq": 32, "Hkv": 8, "pass": "decode", "baseline": "window",
+                     "graph": True, "ours_ms": 0.01, "baseline_ms": 0.008})
     return rows
 
 
 def test_scaling_is_per_token_and_sorted():
     d = suite.scaling(_rows())
-    assert set(d) == {"fwd", "fwd+bwd", "decode"}
+    assert set(d) == {"fwd", "fwd+bwd", "decode", "decode (graphed)"}
     assert d["fwd"]["S"] == [8192, 32768, 131072, 524288]  # GQA and SDPA rows left out
     assert d["fwd"]["window_us"] == pytest.approx([1e-2] * 4)
     assert d["fwd+bwd"]["ours_us"][-1] == pytest.approx(3e-2 * 1.5)
     assert d["decode"]["ours_us"] == pytest.approx([20.0] * 4)  # decode: per step, not per context token
+    assert d["decode (graphed)"]["window_us"] == pytest.approx([8.0] * 4)  # graphed rows kept apart
 
 
 def test_scaling_plot_is_written(tmp_path):

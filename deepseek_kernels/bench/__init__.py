@@ -63,12 +63,21 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         print(f"== {name}: measured copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s")
         rows = []
         cases = suite.cases(quick=quick)
+        errors = []
         for case in tqdm(cases, desc=name, unit="case", file=sys.stdout):
-            rows.append(run_case(case, ceilings, reps=reps))
+            try:
+                rows.append(run_case(case, ceilings, reps=reps))
+            except Exception as e:  # one broken case must not cost the timings of the others
+                errors.append(f"{case.name}: {type(e).__name__}: {e}")
+                rows.append({"case": f"{case.name} (FAILED)", **case.params, "error": errors[-1]})
             torch.cuda.empty_cache()
         telemetry_after = harness.gpu_telemetry()
         print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)})")
         print(report.format_table(rows))
+        if errors:
+            failed = True
+            print(f"!! {name}: {len(errors)} case(s) failed (their rows carry the error):\n  "
+                  + "\n  ".join(e.splitlines()[0][:300] for e in errors), file=sys.stderr)
         payload = {
             "suite": name,
             "title": suite.TITLE,

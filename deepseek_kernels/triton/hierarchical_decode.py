@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_kernels.ops._registry import triton_kernel
 from deepseek_kernels.triton.hierarchical_attention import _level_start, _softmax_step
 
 # ---- append ------------------------------------------------------------------------------------------
@@ -127,9 +128,10 @@ def _hier_cache_append_kernel(
 
 
 def hierarchical_cache_append(cache, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                              num_warps: int = 4) -> None:
+                              num_warps: int = 4, direct: bool = False) -> None:
     """Writes the first ``lengths[b]`` tokens of ``k, v [B, T, Hkv, D]`` into ``cache`` (exact ring,
-    level rings, partial groups) in one launch; ``cache.seqlens`` is left for the caller to advance."""
+    level rings, partial groups) in one launch; ``cache.seqlens`` is left for the caller to advance.
+    ``direct``: launch the plain kernel (eager calls; see ``ops._registry.eager_fast_path``)."""
     B, T, Hkv, D = k.shape
     k, v = (t if t.stride(3) == 1 and t.stride(2) == D else t.contiguous() for t in (k, v))
     L = cache.levels
@@ -137,7 +139,7 @@ def hierarchical_cache_append(cache, k: torch.Tensor, v: torch.Tensor, lengths: 
     block_t = max(1, min(64, 8192 // block_hd, triton.next_power_of_2(T)))
     groups = T // (2 * cache.block) + 2 if L else 0  # level 1 has the most groups a call can touch
     grid = (max(triton.cdiv(T, block_t), groups, 1), L + 1, B)
-    torch.library.wrap_triton(_hier_cache_append_kernel)[grid](
+    triton_kernel(_hier_cache_append_kernel, direct)[grid](
         k, v, lengths, cache.seqlens, cache.k, cache.v, cache.positions, cache.sum_k, cache.sum_v,
         cache.group, cache.count, cache.acc_k, cache.acc_v, cache.acc_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -258,7 +260,8 @@ def decode_splits(batch: int, kv_heads: int, tiles: int, device: torch.device) -
 
 
 def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, softmax_scale: float,
-                             num_splits: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                             num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                             direct: bool = False) -> torch.Tensor:
     """Attention of ``q [B, T, Hq, D]`` (the newest ``T`` tokens of each row, already appended)
     over ``cache``. Returns ``[B, T, Hq, D]`` like ``q``."""
     B, T, Hq, D = q.shape
@@ -278,7 +281,7 @@ def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, s
     else:
         opart = mpart = lpart = out  # not touched
     block_d = max(16, triton.next_power_of_2(D))
-    torch.library.wrap_triton(_hier_decode_kernel)[(nsplit, B * Hkv)](
+    triton_kernel(_hier_decode_kernel, direct)[(nsplit, B * Hkv)](
         q, cache.k, cache.v, cache.positions, cache.sum_k, cache.sum_v, cache.group, cache.count,
         cache.seqlens, lengths, out, opart, mpart, lpart,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -288,7 +291,7 @@ def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, s
         num_warps=num_warps,
     )
     if nsplit > 1:
-        torch.library.wrap_triton(_hier_decode_combine_kernel)[(B * T * Hq,)](
+        triton_kernel(_hier_decode_combine_kernel, direct)[(B * T * Hq,)](
             opart, mpart, lpart, out, out.stride(0), out.stride(1), out.stride(2), T, Hq, D, nsplit,
             BLOCK_SPLIT=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d, num_warps=1,
         )

@@ -102,12 +102,14 @@ def cases(quick: bool = False) -> list[Case]:
                             flops=flops(B, Hq, D, pairs, backward=True),
                             params={**params, "pass": "fwd+bwd", "baseline": label}))
     for context in (8192,) if quick else (8192, 32768, 131072, 524288):
-        out.append(_decode_case(context, 1024 if quick else 4096))
+        for graph in (False, True):
+            out.append(_decode_case(context, 1024 if quick else 4096, graph))
     return out
 
 
-def _decode_case(context: int, W: int) -> Case:
-    """One new token per step at ``context`` tokens: append + attend, hierarchical vs rolling window."""
+def _decode_case(context: int, W: int, graph: bool = False) -> Case:
+    """One new token per step at ``context`` tokens: append + attend, hierarchical vs rolling window;
+    eager, or both as CUDA-graph replays (each replay appends one more token on the GPU)."""
     Hq, Hkv = 32, 8
 
     def make():
@@ -130,8 +132,8 @@ def _decode_case(context: int, W: int) -> Case:
         rc.append(kn, kn)
         return dk.window_attention_decode(q, rc)
 
-    return Case(f"decode 1 token @ {context} W{W} H{Hq}/{Hkv}", make, Impl("deepseek_kernels", ours),
-                Impl("window_attention_decode", base),
+    return Case(f"decode 1 token @ {context} W{W} H{Hq}/{Hkv}" + (" (graphed)" if graph else ""), make,
+                Impl("deepseek_kernels", ours), Impl("window_attention_decode", base), graph=graph,
                 params={"S": context, "W": W, "Hq": Hq, "Hkv": Hkv, "pass": "decode", "baseline": "window"})
 
 
@@ -179,7 +181,8 @@ def accuracy(device: torch.device) -> list[dict]:
 def scaling(rows: list[dict]) -> dict:
     """``{pass: {"S": [...], "ours_us": [...], "window_us": [...]}}``: microseconds per token (forward
     and forward + backward: time / (B S); decode: time per step) of the H32/32 rows (decode: its
-    only shape) timed against window_attention, sorted by S."""
+    only shape) timed against window_attention, sorted by S. CUDA-graph rows go under
+    ``"<pass> (graphed)"``."""
     out = {}
     for r in rows:
         if r.get("baseline") != "window" or "ours_ms" not in r:
@@ -187,7 +190,8 @@ def scaling(rows: list[dict]) -> dict:
         if r["pass"] != "decode" and r.get("Hq") != r.get("Hkv"):
             continue
         tokens = 1 if r["pass"] == "decode" else r["S"] * r.get("B", 1)
-        d = out.setdefault(r["pass"], {"S": [], "ours_us": [], "window_us": []})
+        d = out.setdefault(r["pass"] + (" (graphed)" if r.get("graph") else ""),
+                           {"S": [], "ours_us": [], "window_us": []})
         d["S"].append(r["S"])
         d["ours_us"].append(1e3 * r["ours_ms"] / tokens)
         d["window_us"].append(1e3 * r["baseline_ms"] / tokens if "baseline_ms" in r else float("nan"))
@@ -215,21 +219,21 @@ def plot(path, rows: list[dict], title: str = TITLE) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    passes = [p for p in ("fwd", "fwd+bwd", "decode") if p in data]
+    passes = [p for p in ("fwd", "fwd+bwd", "decode", "decode (graphed)") if p in data]
     fig, axes = plt.subplots(1, len(passes), figsize=(4.6 * len(passes), 4.2), squeeze=False)
     for ax, name in zip(axes[0], passes):
         d = data[name]
         xs = [math.log2(s) for s in d["S"]]
-        ax.plot(xs, d["ours_us"], "o-", label="hierarchical_attention" if name != "decode" else
-                "hierarchical decode")
-        ax.plot(xs, d["window_us"], "s--", label="window_attention" if name != "decode" else "window decode")
+        decode = name.startswith("decode")
+        ax.plot(xs, d["ours_us"], "o-", label="hierarchical decode" if decode else "hierarchical_attention")
+        ax.plot(xs, d["window_us"], "s--", label="window decode" if decode else "window_attention")
         y0, x0 = d["ours_us"][0], xs[0]
         ax.plot(xs, [y0 * x / x0 for x in xs], ":", color="gray", label="∝ log2 S (bound)")
         for x, a, b in zip(xs, d["ours_us"], d["window_us"]):
             if b == b and b > 0:
                 ax.annotate(f"{a / b:.2f}x", (x, a), textcoords="offset points", xytext=(0, 6), ha="center",
                             fontsize=7)
-        ax.set_xlabel("log2(S)" if name != "decode" else "log2(context)")
+        ax.set_xlabel("log2(context)" if decode else "log2(S)")
         ax.set_ylabel("µs per token")
         ax.set_title(name, fontsize=10)
         ax.set_ylim(bottom=0)
