@@ -342,18 +342,31 @@ def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int,
 
 
 @triton.jit
-def _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
-              stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N: tl.constexpr):
+def _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
+              stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """dQ (unscaled) over the exact keys in [lo_tile, hi), base 2 (``lse2`` = lse * log2(e)).
+    Unmasked only for interior tiles (every key visible to every query row)."""
     for start_n in range(lo_tile, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seqlen
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
-            (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
-        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        k_ptr = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+        v_ptr = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            n_mask = offs_n < seqlen
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptr)
+            v = tl.load(v_ptr)
+        else:
+            k = tl.load(k_ptr, mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASKED:
+            vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
+                (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
+            p = tl.where(vis, p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
@@ -367,6 +380,8 @@ def _hier_bwd_dq(
     sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n = pid_bh // HQ
@@ -375,6 +390,7 @@ def _hier_bwd_dq(
     start, seqlen = _seq(cu, n)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen:
+        qk_scale = sm_scale * LOG2E
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
@@ -384,7 +400,7 @@ def _hier_bwd_dq(
                     mask=q_mask, other=0.0)
         do = tl.load(DO + (start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
                      mask=q_mask, other=0.0)
-        lse = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
+        lse2 = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0) * LOG2E
         delta = tl.load(DELTA + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
         b = m0 // block
         s0 = _level_start(b, 0, nw, levels)
@@ -393,11 +409,18 @@ def _hier_bwd_dq(
         v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         hi = tl.minimum(m0 + BLOCK_M, seqlen)
-        lo_tile = (local_lo // BLOCK_N) * BLOCK_N  # as in the forward: no key tile twice
-        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
-                       local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
-        dq = _exact_dq(dq, q, do, lse, delta, offs_m, k_base, v_base, seqlen, lo_tile, hi,
-                       local_lo, stride_kt, stride_vt, offs_d, d_mask, sm_scale, sinks, BLOCK_N)
+        # the forward's key tiles: sinks, masked edge, unmasked interior, masked diagonal
+        lo_tile = (local_lo // BLOCK_N) * BLOCK_N
+        int_lo = tl.cdiv(local_lo, BLOCK_N) * BLOCK_N
+        int_hi = tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, int_lo)
+        dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, True, EVEN_D)
+        dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, lo_tile, tl.minimum(int_lo, hi),
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, True, EVEN_D)
+        dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, int_lo, int_hi,
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, False, EVEN_D)
+        dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, int_hi, hi,
+                       local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, True, EVEN_D)
         offs_s = tl.arange(0, BLOCK_S)
         s_prev = s0
         loff = start * 0  # a loop-carried int32, never a constexpr
@@ -416,8 +439,8 @@ def _hier_bwd_dq(
                              other=0.0).to(q.dtype)
                 vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
                              other=0.0).to(q.dtype)
-                s = tl.dot(q, tl.trans(kb)) * sm_scale + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                p = tl.where(ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+                s = tl.dot(q, tl.trans(kb)) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+                p = tl.where(ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
                 ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
                 dq += tl.dot(ds.to(q.dtype), kb)
             loff += T // size + NSEQ
@@ -513,6 +536,46 @@ def dsum_query_blocks(g0: int, g_last: int, *, level: int, nw: int, levels: int)
 
 
 @triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, d_mask, n_mask, lo, hi,
+                seqlen, sinks, nw, levels, block, qk_scale, stride_qt, stride_dot,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK (unscaled), dV of one key tile from the query tiles in [lo, hi) of one head, base 2.
+    Unmasked only for interior query tiles (every query sees every key of the tile)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_ptr = q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+        do_ptr = do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :]
+        if MASKED:
+            m_mask = offs_m < seqlen
+            q_mask = m_mask[:, None] & d_mask[None, :]
+            q = tl.load(q_ptr, mask=q_mask, other=0.0)
+            do = tl.load(do_ptr, mask=q_mask, other=0.0)
+            lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=0.0) * LOG2E
+            delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
+        else:
+            if EVEN_D:
+                q = tl.load(q_ptr)
+                do = tl.load(do_ptr)
+            else:
+                q = tl.load(q_ptr, mask=d_mask[None, :], other=0.0)
+                do = tl.load(do_ptr, mask=d_mask[None, :], other=0.0)
+            lse2 = tl.load(lse_base + offs_m) * LOG2E
+            delta = tl.load(delta_base + offs_m)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+        if MASKED:
+            local_lo = _level_start(offs_m // block, 0, nw, levels) * block
+            vis = (offs_n[None, :] <= offs_m[:, None]) & (
+                (offs_n[None, :] >= local_lo[:, None]) | (offs_n[None, :] < sinks))
+            vis = vis & m_mask[:, None] & n_mask[None, :]
+            p = tl.where(vis, p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def _hier_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DSK, DSV, DK, DV, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -520,6 +583,8 @@ def _hier_bwd_dkdv(
     sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n = pid_bh // HKV
@@ -527,6 +592,7 @@ def _hier_bwd_dkdv(
     start, seqlen = _seq(cu, n)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen:
+        qk_scale = sm_scale * LOG2E
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
@@ -542,29 +608,35 @@ def _hier_bwd_dkdv(
             i_hi = seqlen
         else:
             i_hi = tl.minimum((kb_last + nw + 1) * block, seqlen)
+        # query tiles [m_lo, i_hi): masked, then unmasked interior tiles [q_lo, q_int) (every query
+        # >= the tile's last key, local_lo <= n0 for every query block, no query past the end), then
+        # masked. local_lo(b) = s_0(b) * block <= n0 iff b <= (c // a + 1) a + nw - 2, c = n0 // block,
+        # a = 2 (1 without levels); tiles with sink keys stay masked (they mix two visibility rules).
+        m_lo = (n0 // BLOCK_M) * BLOCK_M
+        a = tl.where(levels > 0, 2, 1)
+        b_max = ((n0 // block) // a + 1) * a + nw - 2
+        q_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+        q_int = tl.maximum(tl.minimum((b_max + 1) * block, (seqlen // BLOCK_M) * BLOCK_M), q_lo)
+        if n0 < sinks:
+            q_lo = i_hi
+            q_int = i_hi
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for r in range(0, REP):
             h = kvh * REP + r
-            for m0 in range((n0 // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                m_mask = offs_m < seqlen
-                q_mask = m_mask[:, None] & d_mask[None, :]
-                q = tl.load(Q + (start + offs_m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :],
-                            mask=q_mask, other=0.0)
-                do = tl.load(DO + (start + offs_m)[:, None].to(tl.int64) * stride_dot + h * stride_doh
-                             + offs_d[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(LSE + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
-                delta = tl.load(DELTA + h * stride_lh + start + offs_m, mask=m_mask, other=0.0)
-                local_lo = _level_start(offs_m // block, 0, nw, levels) * block
-                vis = (offs_n[None, :] <= offs_m[:, None]) & (
-                    (offs_n[None, :] >= local_lo[:, None]) | (offs_n[None, :] < sinks))
-                vis = vis & m_mask[:, None] & n_mask[None, :]
-                s = tl.dot(q, tl.trans(k)) * sm_scale
-                p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
+            do_base = DO + start.to(tl.int64) * stride_dot + h * stride_doh
+            lse_base = LSE + h * stride_lh + start
+            delta_base = DELTA + h * stride_lh + start
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, d_mask, n_mask,
+                                 m_lo, tl.minimum(q_lo, i_hi), seqlen, sinks, nw, levels, block, qk_scale,
+                                 stride_qt, stride_dot, BLOCK_M, True, EVEN_D)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, d_mask, n_mask,
+                                 q_lo, q_int, seqlen, sinks, nw, levels, block, qk_scale,
+                                 stride_qt, stride_dot, BLOCK_M, False, EVEN_D)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, d_mask, n_mask,
+                                 tl.maximum(q_int, m_lo), i_hi, seqlen, sinks, nw, levels, block, qk_scale,
+                                 stride_qt, stride_dot, BLOCK_M, True, EVEN_D)
         dk = dk * sm_scale
         # pooling backward: each non-sink token gets d(mean) / count of its group at every level
         loff = start * 0  # a loop-carried int32, never a constexpr
