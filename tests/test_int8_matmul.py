@@ -255,6 +255,77 @@ def test_quantize_per_token_strided_and_batched():
     assert torch.equal(q, rq) and torch.equal(sc, rs)
 
 
+def _two_step(x, w, ws, bias, smooth):
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    xq, xs = dk.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth=smooth)
+    return dk.int8_matmul(xq, w, xs, ws, bias=bias, out_dtype=out_dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (3, 136, 1000), (16, 72, 333), (17, 40, 64), (2, 33, 13)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("extras", ["plain", "bias", "smooth+bias"])
+def test_int8_linear_fused_small_m_is_bit_identical_to_the_two_ops(M, N, K, extras):
+    """int8_linear's one-launch small-M kernel (taken here under the interpreter, and on a GPU)
+    gives the bits of quantize_per_token + int8_matmul; 17 rows take the two ops."""
+    from deepseek_kernels.ops._registry import interpreting
+    from deepseek_kernels.ops.int8_matmul import _fused_small_m
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16
+    x = torch.randn(M, K, device=dev).to(dtype)
+    x[0, K // 2] = 40.0  # an outlier channel
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+    ws = torch.rand(N, device=dev) * 1e-2
+    bias = torch.randn(N, device=dev).to(dtype) if "bias" in extras else None
+    smooth = (torch.rand(K, device=dev) + 0.5) if "smooth" in extras else None
+    if interpreting() or dev == "cuda":
+        assert _fused_small_m(x, w, ws, bias, smooth) == (M <= 16)
+        assert ("_int8_linear_small_m_kernel" in dk.explain("int8_linear", x, w)) == (M <= 16)
+    out = dk.int8_linear(x, w, ws, bias=bias, smooth=smooth)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert torch.equal(out, _two_step(x, w, ws, bias, smooth))
+
+
+def test_int8_linear_batched_fp32_and_non_finite_rows():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 3, 48, device=dev)
+    x[1, 2, 5] = float("nan")  # that row's scale is NaN: its outputs are NaN in both paths
+    w = torch.randint(-127, 128, (20, 48), dtype=torch.int8, device=dev)
+    ws = torch.rand(20, device=dev)
+    out = dk.int8_linear(x, w, ws)
+    want = _two_step(x, w, ws, None, None)
+    assert out.shape == (2, 3, 20) and out.dtype == torch.float32
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert out[1, 2].isnan().all() and not out[0].isnan().any()
+
+
+def test_int8_linear_bad_input_names_the_argument():
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    ws = torch.rand(8)
+    with pytest.raises(ValueError, match="K mismatch"):
+        dk.int8_linear(torch.randn(2, 15), w, ws)
+    with pytest.raises(ValueError, match="weight must be int8"):
+        dk.int8_linear(torch.randn(2, 16), w.float(), ws)
+    with pytest.raises(ValueError, match=r"weight_scale must be a float32 tensor of shape \[N\]"):
+        dk.int8_linear(torch.randn(2, 16), w, ws[:4])
+    with pytest.raises(ValueError, match=r"smooth must be a floating-point tensor of shape \[K\]"):
+        dk.int8_linear(torch.randn(2, 16), w, ws, smooth=torch.ones(8))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        dk.int8_linear(torch.ones(2, 16, dtype=torch.int8), w, ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_int8_linear_fused_on_gpu_llm_shape(M):
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(4096, 14336, bias=True).to("cuda", torch.bfloat16)
+    q = Int8Linear.from_float(lin)
+    out = q(x)
+    assert torch.equal(out, _two_step(x, q.weight, q.weight_scale, q.bias, None))
+    err = ((out.float() - lin(x).float()).norm() / lin(x).float().norm()).item()
+    assert err < 2e-2, err
+
+
 @pytest.mark.gpu
 def test_eager_fast_path_matches_the_op_and_steps_aside_when_traced():
     """Plain eager CUDA calls launch the kernels directly; the result is bit-identical to the

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deepseek_kernels.ops.int8_matmul import int8_matmul, quantize_per_token
+from deepseek_kernels.ops.int8_matmul import int8_linear
 from deepseek_kernels.reference.int8_matmul import quantize_per_token_ref
 
 
@@ -55,9 +55,7 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale = quantize_per_token(x, smooth=self.smooth)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        return int8_matmul(x_q, self.weight, x_scale, self.weight_scale, bias=self.bias, out_dtype=out_dtype).to(x.dtype)
+        return int8_linear(x, self.weight, self.weight_scale, bias=self.bias, smooth=self.smooth).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -2,7 +2,7 @@
 
 from deepseek_kernels.ops.attention import window_attention
 from deepseek_kernels.ops.hierarchical_attention import hierarchical_attention
-from deepseek_kernels.ops.int8_matmul import int8_matmul, int8_mm, quantize_per_token
+from deepseek_kernels.ops.int8_matmul import int8_linear, int8_matmul, int8_mm, quantize_per_token
 from deepseek_kernels.ops.quantization import (
     dequantize_blockwise,
     dequantize_sum_blockwise,
@@ -18,6 +18,7 @@ __all__ = [
     "dequantize_sum_blockwise",
     "gated_sparse_ffn",
     "hierarchical_attention",
+    "int8_linear",
     "int8_matmul",
     "int8_mm",
     "quantize_blockwise",

@@ -235,6 +235,77 @@ def int8_matmul(
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 
+def _check_linear_args(x, weight, weight_scale, bias, smooth) -> None:
+    name = "int8_linear"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"{name}: x must be a floating-point tensor [..., K], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be int8 [N, K] (Int8Linear.from_float quantizes one), got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"{name}: K mismatch: x is {tuple(x.shape)} ([..., K]) and weight is {tuple(weight.shape)} ([N, K])")
+    for arg, t, n, dtypes in (("weight_scale", weight_scale, N, (torch.float32,)), ("bias", bias, N, None),
+                              ("smooth", smooth, K, None)):
+        if t is None and arg != "weight_scale":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (n,) or not t.is_floating_point() or (
+                dtypes is not None and t.dtype not in dtypes):
+            want = "float32" if dtypes else "floating-point"
+            raise ValueError(f"{name}: {arg} must be a {want} tensor of shape [{'N' if n == N else 'K'}] = ({n},), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg} must be on {x.device} like x, got {t.device}")
+    if weight.device != x.device:
+        raise ValueError(f"{name}: weight must be on {x.device} like x, got {weight.device}")
+
+
+def _fused_small_m(x2: torch.Tensor, *tensors) -> bool:
+    """Whether ``int8_linear`` takes the one-launch small-M kernel: few rows, no autograd, a plain
+    eager call on a GPU (or the Triton interpreter on CPU tensors, for the tests)."""
+    from deepseek_kernels.triton.int8_matmul import SMALL_M_FUSED
+
+    M, K = x2.shape
+    if not (0 < M <= SMALL_M_FUSED and K > 0) or x2.requires_grad:
+        return False
+    if eager_fast_path(x2, *tensors):
+        return True
+    return interpreting() and x2.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
+                bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` with ``W`` int8 ``[N, K]`` (per-channel ``weight_scale [N]`` fp32) and ``x``
+    ``[..., K]`` quantized per token on the fly (``smooth [K]`` divided in first): exactly
+    ``int8_matmul(*quantize_per_token(x, smooth=smooth), ...)``. Output in x's dtype for bf16/fp16,
+    else float32. For at most 16 rows in a plain eager call on a GPU one fused kernel does both
+    steps (one launch instead of two: decode is launch-bound); otherwise the two ops run, which
+    is also what torch.compile and autograd see. Both give the same bits."""
+    _check_linear_args(x, weight, weight_scale, bias, smooth)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if _fused_small_m(x2, weight, weight_scale, bias, smooth):
+        from deepseek_kernels.triton.int8_matmul import _int8_linear_small_m_kernel, small_m_config
+
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        sm = smooth if smooth is None or smooth.stride(-1) == 1 else smooth.contiguous()
+        out = torch.empty(x2.shape[0], N, dtype=out_dtype, device=x.device)
+        cfg = small_m_config(x2.shape[0], N, K)
+        block_n = cfg.pop("BLOCK_N")
+        triton_kernel(_int8_linear_small_m_kernel, x2.is_cuda)[(triton_cdiv(N, block_n),)](
+            x2, sm if sm is not None else x2, w, weight_scale, bias if bias is not None else out, out,
+            x2.shape[0], N, K, x2.stride(0), w.stride(0), out.stride(0),
+            HAS_SMOOTH=sm is not None, HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, **cfg,
+        )
+        return out.reshape(*lead, N)
+    x_q, x_scale = quantize_per_token(x2, smooth=smooth)
+    return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
+
+
 def _describe_matmul(device: torch.device) -> str:
     if device.type == "cuda":
         return f"triton: deepseek_kernels.triton.int8_matmul on {device} (validated on the H200; launch shapes tuned for M<=16 and M>128)"
@@ -259,3 +330,23 @@ register_explainer("int8_matmul", _explain_matmul, _describe_matmul)
 register_explainer("int8_mm", _explain_matmul, _describe_matmul)
 register_explainer("quantize_per_token", lambda x, **kw: _describe_quantize_per_token(x.device),
                    _describe_quantize_per_token)
+
+
+def _describe_linear(device: torch.device) -> str:
+    if device.type == "cuda" or interpreting():
+        where = f"on {device}" if device.type == "cuda" else "under the Triton interpreter (TRITON_INTERPRET=1)"
+        return (f"triton: deepseek_kernels.triton.int8_matmul._int8_linear_small_m_kernel {where} for <= 16 rows in "
+                "plain eager calls (quantize + GEMM in one launch); otherwise quantize_per_token + int8_matmul")
+    return "reference: quantize_per_token + int8_matmul references (tensors on the CPU)"
+
+
+def _explain_linear(x, weight, *args, **kwargs):
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.device.type == "cuda" or interpreting():
+        fused = _fused_small_m(x2, weight)
+        return ("triton: " + ("_int8_linear_small_m_kernel (one launch: quantize + GEMM)" if fused else
+                              "quantize_per_token + int8_matmul (more than 16 rows, autograd or tracing)"))
+    return _describe_linear(x.device)
+
+
+register_explainer("int8_linear", _explain_linear, _describe_linear)

@@ -100,6 +100,67 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm
         tl.store(q_row + k0 + offs, tl.where(bad, 0.0, y).to(tl.int8), mask=offs < K - k0)
 
 
+@triton.jit
+def _int8_linear_small_m_kernel(
+    x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``quantize_per_token`` + ``int8_matmul`` in one launch for M <= BLOCK_M rows (decode): each
+    program takes BLOCK_N output columns, computes every row's scale (a pass over x, which is
+    small and stays in L2), then streams its weight columns while quantizing x tile by tile.
+    Same arithmetic as the two kernels, so the same bits: div_rn scale and reciprocal, round half
+    to even, int32 accumulation, fp32 epilogue."""
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    nan = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        xs = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs_k, mask=k_ok, other=1.0).to(tl.float32)[None, :])
+        amax = tl.maximum(amax, tl.abs(xs))
+        nan = nan | (xs != xs).to(tl.int32)
+    row_amax = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(amax, 1))  # tl.max drops NaN
+    scale = tl.math.div_rn(row_amax, 127.0)
+    inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale), 0.0)
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        xs = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs_k, mask=k_ok, other=1.0).to(tl.float32)[None, :])
+        y = xs * inv[:, None]
+        bad = y != y
+        y = _round_half_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
+        a = tl.where(bad, 0.0, y).to(tl.int8)
+        w = tl.load(w_cols + k0 + offs_k[:, None], mask=k_ok[:, None] & (offs_n[None, :] < N), other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+
+SMALL_M_FUSED = 16  # Int8Linear fuses the activation quantization into the GEMM up to this many rows
+
+
+def small_m_config(M: int, N: int, K: int) -> dict:
+    """Launch shape of the fused small-M kernel: the tuned M <= 16 GEMV tiles (not re-tuned yet
+    for the fused kernel; benchmarks/tune_int8.py has the sweep)."""
+    cfg = launch_config(M, N, K)
+    return {k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+
+
 def launch_config(M: int, N: int, K: int) -> dict:
     """Tile shape by problem size, from benchmarks/tune_int8.py on the H200 (benchmarks/NOTES.md).
 
