@@ -74,7 +74,45 @@ def cases(quick: bool = False) -> list[Case]:
             graph=graph,
         ))
     if not quick:
+        out += _linear_decode_cases()
         out += _end_to_end_cases()
+    return out
+
+
+def _linear_decode_cases() -> list[Case]:
+    """One decode linear as a model runs it: bf16 activations in, bf16 out, the per-token
+    quantization included (``int8_linear``: one fused launch for <= 16 rows) vs bf16 F.linear."""
+    N, K = 14336, 4096
+    out = []
+    for M in (1, 4, 16):
+        def make(M=M):
+            w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+            return (torch.randn(M, K, device="cuda", dtype=torch.bfloat16), w, torch.rand(N, device="cuda") * 1e-3,
+                    torch.randn(N, K, device="cuda", dtype=torch.bfloat16))
+
+        def ours(x, w, ws, wb):
+            return dk.int8_linear(x, w, ws)
+
+        def base(x, w, ws, wb):
+            return torch.nn.functional.linear(x, wb)
+
+        def check(inputs):
+            x, w, ws, _ = inputs
+            xq, xs = dk.quantize_per_token(x)
+            want = int8_matmul_ref(xq.cpu(), w.cpu(), xs.cpu(), ws.cpu(), None, torch.float64)
+            got = ours(*inputs).double().cpu()
+            err = ((got - want).norm() / want.norm()).item()
+            if not err < 2**-7:
+                raise AssertionError(f"int8_linear differs from quantize + reference matmul: {err:.2e}")
+
+        for graph in (False, True):
+            out.append(Case(
+                name=f"int8_linear M{M} N{N} K{K} (quantize incl.) vs bf16 linear" + (" (graphed)" if graph else ""),
+                make_inputs=make, ours=Impl("int8_linear (fused quantize + GEMM)", ours),
+                baseline=Impl("cuBLAS bf16", base), bytes=N * K + 2 * M * K + 4 * N + 2 * M * N,
+                params={"M": M, "N": N, "K": K, "baseline": "bf16", "quantize_included": True},
+                check=check, graph=graph,
+            ))
     return out
 
 
