@@ -1,6 +1,9 @@
 """Sweep the Triton W8A8 kernel's launch shapes on this GPU, next to cuBLAS bf16 on the same shape.
 
-    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--out tune.json]
+    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--fused] [--out tune.json]
+
+``--fused`` sweeps the one-launch small-M kernel of ``int8_linear`` (bf16 activations in, the
+per-token quantization inside) instead, for M <= 16; winners go into ``small_m_config``.
 
 Every config's output is compared with the int32-exact reference result first (a config that
 computes something else is reported, not timed). The winners go into ``launch_config`` in
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.testing
 
-from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
+from deepseek_kernels.triton.int8_matmul import _int8_linear_small_m_kernel, _int8_matmul_kernel
 
 SMALL = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stages=s)
          for n, k, w, s in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 4, 6))
@@ -34,9 +37,20 @@ def run(a, b, a_s, b_s, out, cfg):
     return out
 
 
+def run_fused(x, b, b_s, out, cfg):
+    M, K = x.shape
+    N = b.shape[0]
+    kw = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "GROUP_M")}
+    _int8_linear_small_m_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, x, b, b_s, b_s, out, M, N, K, x.stride(0), b.stride(0), out.stride(0),
+        HAS_SMOOTH=False, HAS_BIAS=False, BLOCK_M=16, **kw)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
+    ap.add_argument("--fused", action="store_true", help="sweep int8_linear's fused small-M kernel (M <= 16)")
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
@@ -45,15 +59,25 @@ def main():
         a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
         b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         a_s, b_s = torch.rand(M, device="cuda") / 100, torch.rand(N, device="cuda") / 100
-        ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
         xb, wb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        if args.fused:
+            if M > 16:
+                raise SystemExit(f"--fused is for M <= 16, got M={M}")
+            from deepseek_kernels import quantize_per_token
+
+            a, a_s = quantize_per_token(xb)  # the fused kernel must reproduce these codes and scales
+            a_s = a_s.view(-1)
+            call = lambda out, cfg: run_fused(xb, b, b_s, out, cfg)  # noqa: E731
+        else:
+            call = lambda out, cfg: run(a, b, a_s, b_s, out, cfg)  # noqa: E731
+        ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
         base = triton.testing.do_bench(lambda: xb @ wb.T, warmup=20, rep=100)
         print(f"== M{M} N{N} K{K}: cuBLAS bf16 {base * 1e3:.1f} us")
         rows = []
         for cfg in SMALL if M <= 16 else LARGE:
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
             try:
-                run(a, b, a_s, b_s, out, cfg)
+                call(out, cfg)
                 torch.cuda.synchronize()
             except Exception as e:
                 rows.append({"config": cfg, "error": type(e).__name__})
@@ -63,7 +87,7 @@ def main():
                 if err > 1e-2 * ref.float().abs().max().item():
                     rows.append({"config": cfg, "error": f"wrong result ({err:.2e})"})
                     continue
-            ms = triton.testing.do_bench(lambda: run(a, b, a_s, b_s, out, cfg), warmup=20, rep=100)
+            ms = triton.testing.do_bench(lambda: call(out, cfg), warmup=20, rep=100)
             rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms})
         ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         for r in ok[:4]:
