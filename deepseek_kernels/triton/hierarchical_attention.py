@@ -178,31 +178,45 @@ def _softmax_step2(acc, l_i, m_i, s, v):
 
 
 @triton.jit
-def _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile, hi, local_lo,
-               stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N: tl.constexpr,
+def _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, hi, local_lo,
+               stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """Exact keys in [lo_tile, hi): seen iff j <= i and (j >= local_lo or j < sinks). Unmasked
-    (MASKED False) only for interior tiles, whose every key is visible to every query row."""
+    """Exact keys in [lo_tile, hi): seen iff j <= i and (j >= local_lo or j < sinks). ``k_tile``
+    ([D, N]) and ``v_tile`` ([N, D]) point at keys 0..BLOCK_N-1; a tile moves them by a scalar.
+    Unmasked (MASKED False) only for interior tiles, whose every key is visible to every query."""
+    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo_tile, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptr = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
-        v_ptr = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        k_ptr = k_tile + tl.cast(start_n, tl.int64) * stride_kt
+        v_ptr = v_tile + tl.cast(start_n, tl.int64) * stride_vt
         if MASKED:
+            offs_n = start_n + offs_n0
             n_mask = offs_n < seqlen
             k = tl.load(k_ptr, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-            v = tl.load(v_ptr, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
         else:
             k = tl.load(k_ptr, mask=d_mask[:, None], other=0.0)
-            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale
         if MASKED:
             vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
                 (offs_n[None, :] >= local_lo) | (offs_n[None, :] < sinks))
             s = tl.where(vis, s, float("-inf"))
-        acc, l_i, m_i = _softmax_step2(acc, l_i, m_i, s, v)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # every key visible: finite
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptr, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptr)
+        else:
+            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -236,8 +250,9 @@ def _hier_attn_fwd_kernel(
         b = m0 // block
         s0 = _level_start(b, 0, nw, levels)
         local_lo = s0 * block
-        k_base = K + start.to(tl.int64) * stride_kt + kvh * stride_kh
-        v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
+        offs_n0 = tl.arange(0, BLOCK_N)
+        k_tile = K + start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n0[None, :] * stride_kt + offs_d[:, None]
+        v_tile = V + start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n0[:, None] * stride_vt + offs_d[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -249,17 +264,17 @@ def _hier_attn_fwd_kernel(
         lo_tile = (local_lo // BLOCK_N) * BLOCK_N
         int_lo = tl.cdiv(local_lo, BLOCK_N) * BLOCK_N
         int_hi = tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, int_lo)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, 0, tl.minimum(sinks, lo_tile),
-                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, 0, tl.minimum(sinks, lo_tile),
+                                   local_lo, stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N,
                                    True, EVEN_D)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, lo_tile, tl.minimum(int_lo, hi),
-                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, tl.minimum(int_lo, hi),
+                                   local_lo, stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N,
                                    True, EVEN_D)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, int_lo, int_hi,
-                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, int_lo, int_hi,
+                                   local_lo, stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N,
                                    False, EVEN_D)
-        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_base, v_base, seqlen, int_hi, hi,
-                                   local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N,
+        acc, l_i, m_i = _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, int_hi, hi,
+                                   local_lo, stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N,
                                    True, EVEN_D)
         # summaries: level l tiles blocks [s_l, s_{l-1}); a group of c tokens scores + ln(c)
         offs_s = tl.arange(0, BLOCK_S)
