@@ -176,6 +176,31 @@ def test_backward_kernels_match_reference(case, dtype, poisoned):
         assert torch.all(got[4][idx < 0] == 0)
 
 
+def test_per_kernel_launch_configs_give_the_same_results(poisoned):
+    """What the tuner writes: a different tile shape per kernel (and block_m) must not change the
+    forward beyond rounding, nor the backward's gradients; unknown kernels or keys are errors."""
+    case = (29, 40, 120, 8, 2, 6, False, None)  # 15-neuron blocks: every tile shape masks
+    T, D, F_, NB, S, k, _, _ = case
+    x, wg, wu, wd, idx, w = _ffn_inputs(case, torch.float32)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    fwd_cfg = {"block_m": 32, "gate_up": dict(block_n=32, block_k=16, num_stages=2),
+               "down": dict(block_n=16, block_k=32, num_warps=2), "combine": dict(block_n=32)}
+    out2, act2, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=fwd_cfg, **kw)
+    assert rel(out2, out) < 1e-5
+    go = torch.randn(T, D)
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    bwd_cfg = {"block_m": 32, "dact": dict(block_n=32, block_k=16), "dx": dict(block_n=16, block_k=32),
+               "dw_gate_up": dict(block_n=32, block_k=16, num_stages=1), "dw_down": dict(block_n=16, block_k=32)}
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=bwd_cfg, **kw)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
+        assert rel(a, b) < 1e-5, name
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"gateup": {}}, **kw)
+    with pytest.raises(ValueError, match="unknown key"):
+        tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config={"dx": {"BLOCK_N": 16}}, **kw)
+
+
 def test_backward_is_deterministic_and_unused_blocks_get_zero_weight_grads(poisoned):
     T, D, F_, NB = 37, 16, 64, 8
     x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8

@@ -322,10 +322,47 @@ def _sparse_ffn_combine_kernel(
 
 
 def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
-    """Tile shapes (untuned first guess; small problems use small tiles)."""
+    """Tile shapes (untuned first guess; small problems use small tiles). ``block_m`` (rows of one
+    block per tile, shared: the grouping depends on it) and one ``{block_n, block_k, num_warps,
+    num_stages}`` per kernel (``num_stages`` None: Triton's default); see :func:`resolve_config`."""
     if tokens * block_size <= 4096:
         return dict(block_m=16, block_n=16, block_k=32, num_warps=4)
     return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+
+
+FWD_KERNELS = ("gate_up", "down", "combine")
+BWD_KERNELS = ("dact", "dx", "combine", "dw_gate_up", "dw_down")
+
+
+def resolve_config(base: dict, kernels, *, block_m=None, block_n=None, block_k=None, num_warps=None,
+                   config: dict | None = None) -> tuple[int, dict]:
+    """``(block_m, {kernel: launch dict})`` from a base config (``launch_config`` /
+    ``bwd_launch_config``), the scalar overrides (every kernel) and ``config`` (per kernel, e.g.
+    ``{"gate_up": {"block_n": 32, "num_stages": 4}, "block_m": 128}``: what the tuner writes)."""
+    config = dict(config or {})
+    unknown = set(config) - set(kernels) - {"block_m"}
+    if unknown:
+        raise ValueError(f"sparse FFN launch config: unknown kernel(s) {sorted(unknown)}; known: {list(kernels)}")
+    bm = block_m or config.pop("block_m", None) or base["block_m"]
+    config.pop("block_m", None)
+    out = {}
+    for name in kernels:
+        c = {"block_n": block_n or base["block_n"], "block_k": block_k or base["block_k"],
+             "num_warps": num_warps or base["num_warps"], "num_stages": None}
+        bad = set(config.get(name, {})) - set(c)
+        if bad:
+            raise ValueError(f"sparse FFN launch config for {name}: unknown key(s) {sorted(bad)}; known: {sorted(c)}")
+        c.update(config.get(name, {}))
+        out[name] = c
+    return bm, out
+
+
+def _launch(c: dict) -> dict:
+    """Triton launch options of one kernel's resolved config."""
+    opts = {"num_warps": c["num_warps"]}
+    if c["num_stages"] is not None:
+        opts["num_stages"] = c["num_stages"]
+    return opts
 
 
 def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
@@ -338,7 +375,8 @@ def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
 def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
                    save_act: bool = True, deterministic: bool = True, block_m: int | None = None,
-                   block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None):
+                   block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                   config: dict | None = None):
     """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
     ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
     layout; empty [0, 2, BS] without save_act), grouping)``.
@@ -350,11 +388,9 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
-    cfg = launch_config(T, D, BS)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    block_k = block_k or cfg["block_k"]
-    num_warps = num_warps or cfg["num_warps"]
+    block_m, kc = resolve_config(launch_config(T, D, BS), FWD_KERNELS, block_m=block_m, block_n=block_n,
+                                 block_k=block_k, num_warps=num_warps, config=config)
+    gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
     blocks, w_full = full_routing(idx, weights, shared_blocks)
     KT = blocks.shape[1]
     P = T * KT
@@ -366,11 +402,11 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         return out.zero_(), act, grouping
     n_tiles = grouping.tile_block.numel()
     prec = _dot_precision(x.dtype)
-    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[(n_tiles, triton.cdiv(BS, block_n))](
+    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[(n_tiles, triton.cdiv(BS, gu["block_n"]))](
         x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
         grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-        SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
+        **_launch(gu),
     )
     if deterministic:
         y = torch.empty(P, D, dtype=x.dtype, device=x.device)
@@ -378,18 +414,18 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     else:
         y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
         w_sorted, tok = w_full.reshape(-1)[grouping.order].contiguous(), grouping.sorted_tok
-    torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, block_n))](
+    torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, dn["block_n"]))](
         h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
         w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
-        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **_launch(dn),
     )
     if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
         bad = (grouping.inv == -2).any(1, keepdim=True)
         return torch.where(bad, float("nan"), y).to(x.dtype), act, grouping
     block_t = 16
-    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **_launch(cb),
     )
     return out, act, grouping
 
@@ -571,7 +607,7 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
 def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, *,
                    shared_blocks: int, n_blocks: int, block_m: int | None = None, block_n: int | None = None,
-                   block_k: int | None = None, num_warps: int | None = None):
+                   block_k: int | None = None, num_warps: int | None = None, config: dict | None = None):
     """Backward of :func:`sparse_ffn_fwd` (no host sync, deterministic): ``grad_out [T, D]`` and the
     forward's ``act`` -> ``(dx [T, D], dW_gate, dW_up [F, D], dW_down [D, F]`` in x's dtype,
     ``dweights`` fp32 ``[T, k])``. The grouping is recomputed from ``idx`` (the forward's, bit for bit)."""
@@ -579,11 +615,10 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     T, D = x.shape
     F_ = w_gate.shape[0]
     BS = F_ // n_blocks
-    cfg = bwd_launch_config(T, D, BS)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    block_k = block_k or cfg["block_k"]
-    num_warps = num_warps or cfg["num_warps"]
+    block_m, kc = resolve_config(bwd_launch_config(T, D, BS), BWD_KERNELS, block_m=block_m, block_n=block_n,
+                                 block_k=block_k, num_warps=num_warps, config=config)
+    # dact tiles the block's neurons, so its block_n also sets the dweights partial-sum rows and
+    # the neuron tiling of the dW kernels (they share hw/dact's layout, not the grid)
     dev, dt = x.device, x.dtype
     blocks, w_full = full_routing(idx, weights, shared_blocks)
     KT = blocks.shape[1]
@@ -598,38 +633,40 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     grad_out = grad_out.to(dt)
     w_sorted = w_full.reshape(-1)[g.order].contiguous()
     n_tiles = g.tile_block.numel()
-    n_ntiles = triton.cdiv(BS, block_n)
+    da, dxc, cb, dwgu, dwdn = (kc[n] for n in BWD_KERNELS)
+    n_ntiles = triton.cdiv(BS, da["block_n"])
     dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
     prec = _dot_precision(dt)
-    common = dict(DOT_PRECISION=prec, num_warps=num_warps)
     torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[(n_tiles, n_ntiles)](
         grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec, **_launch(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, block_n))](
+    torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
         dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
         w_gate.stride(0), w_gate.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"], DOT_PRECISION=prec, **_launch(dxc),
     )
     dx = torch.empty(T, D, dtype=dt, device=dev)
     block_t = 16
-    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
-        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps,
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **_launch(cb),
     )
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, n_ntiles, triton.cdiv(D, block_n))](
+    gu_n = dwgu["block_n"]
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
-        BLOCK_N=block_n, BLOCK_D=block_n, BLOCK_K=block_k, **common,
+        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **_launch(dwgu),
     )
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, block_n), n_ntiles)](
+    dn_n = dwdn["block_n"]
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, dn_n), triton.cdiv(BS, dn_n))](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1),
-        BLOCK_D=block_n, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **_launch(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
