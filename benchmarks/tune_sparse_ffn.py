@@ -1,0 +1,135 @@
+"""Sweep the sparse-FFN grouped-GEMM launch shapes on this GPU, one kernel at a time.
+
+    python benchmarks/tune_sparse_ffn.py [--tokens 8192] [--ratio 0.3] [--full] [--out results.json]
+
+bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's shape). For each kernel of the forward
+(gate_up, down) and of the backward (dact, dx, dw_gate_up, dw_down) the candidates are timed
+through ``sparse_ffn_fwd`` / ``sparse_ffn_bwd`` with that kernel's config replaced and the others
+at their defaults; ``block_m`` (shared: it sets the grouping) is swept first. Every config's result
+is compared with the default config's (relative error < 1e-2, else reported, not timed). Prints
+the best per kernel and the combined config, next to the dense SwiGLU (cuBLAS) on the same tokens;
+the winners go into ``launch_config`` / ``bwd_launch_config`` in deepseek_kernels/triton/sparse_ffn.py.
+"""
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton.testing
+
+from deepseek_kernels.reference.sparse_ffn import swiglu_ffn_ref
+from deepseek_kernels.triton import sparse_ffn as tk
+
+# (block_n, block_k, num_warps, num_stages)
+FULL = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+FOCUS = [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+         (32, 64, 4, 4), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4)]
+
+
+def bench(fn):
+    if not torch.cuda.is_available():  # smoke run: one call, wall-clock
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    return triton.testing.do_bench(fn, warmup=5, rep=40)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--full", action="store_true", help="the full grid per kernel (long)")
+    ap.add_argument("--skip-bwd", action="store_true")
+    ap.add_argument("--d-model", type=int, default=4096)
+    ap.add_argument("--d-ff", type=int, default=14336)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    T, D, F_, NB = args.tokens, args.d_model, args.d_ff, 64
+    k = max(1, round(args.ratio * NB))
+    torch.manual_seed(0)
+    dev = args.device
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16
+    x = torch.randn(T, D, device=dev, dtype=dt)
+    wg, wu = ((torch.randn(F_, D, device=dev) / D**0.5).to(dt) for _ in range(2))
+    wd = (torch.randn(D, F_, device=dev) / F_**0.5).to(dt)
+    idx = torch.rand(T, NB, device=dev).topk(k, dim=-1).indices.to(torch.int32)
+    w = torch.rand(T, k, device=dev) + 0.1
+    go = torch.randn(T, D, device=dev, dtype=dt)
+    kw = dict(shared_blocks=0, n_blocks=NB)
+    dense = bench(lambda: swiglu_ffn_ref(x, wg, wu, wd))
+    print(f"== T{T} ratio {args.ratio} ({k}/{NB} blocks): dense SwiGLU forward {dense:.3f} ms", flush=True)
+    ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    base_fwd = bench(lambda: tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, save_act=True, **kw))
+    ref_b = None if args.skip_bwd else tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    base_bwd = None if args.skip_bwd else bench(lambda: tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw))
+    print(f"   default config: forward {base_fwd:.3f} ms" + ("" if args.skip_bwd else f", backward {base_bwd:.3f} ms"))
+    result = {"T": T, "ratio": args.ratio, "k": k, "dense_fwd_ms": dense, "default_fwd_ms": base_fwd,
+              "default_bwd_ms": base_bwd, "rows": []}
+
+    def trial(kind, cfg):
+        try:
+            if kind == "fwd":
+                out, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
+                err = rel(out, ref)
+                fn = lambda: tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)  # noqa: E731
+            else:
+                got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+                err = max(rel(a, b) for a, b in zip(got, ref_b))
+                fn = lambda: tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)  # noqa: E731
+            if not err < 1e-2:
+                return {"kind": kind, "config": cfg, "error": f"differs from the default config: {err:.2e}"}
+            return {"kind": kind, "config": cfg, "ms": bench(fn)}
+        except Exception as e:  # e.g. out of shared memory for this tile shape
+            return {"kind": kind, "config": cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+
+    best_cfg = {"fwd": {}, "bwd": {}}
+    for kind, kernels in (("fwd", ("gate_up", "down")), ("bwd", ("dact", "dx", "dw_gate_up", "dw_down"))):
+        if kind == "bwd" and args.skip_bwd:
+            continue
+        for bm in (64, 128):
+            r = trial(kind, {"block_m": bm})
+            result["rows"].append(r)
+            print(f"   {kind} block_m {bm}: {r.get('ms', r.get('error'))}", flush=True)
+        ok = [r for r in result["rows"] if r["kind"] == kind and "ms" in r and list(r["config"]) == ["block_m"]]
+        bm = min(ok, key=lambda r: r["ms"])["config"]["block_m"] if ok else None
+        if bm:
+            best_cfg[kind]["block_m"] = bm
+        for kern in kernels:
+            rows = []
+            for bn, bk, nw, st in FULL if args.full else FOCUS:
+                cfg = {**({"block_m": bm} if bm else {}),
+                       kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+                r = trial(kind, cfg)
+                r["kernel"] = kern
+                rows.append(r)
+                result["rows"].append(r)
+            good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+            if good:
+                best_cfg[kind][kern] = good[0]["config"][kern]
+                print(f"   {kind} {kern}: best {good[0]['config'][kern]} {good[0]['ms']:.3f} ms "
+                      f"(of {len(good)} timed, {len(rows) - len(good)} failed)", flush=True)
+    final_fwd = trial("fwd", best_cfg["fwd"])
+    print(f"combined forward config {best_cfg['fwd']}: {final_fwd.get('ms', final_fwd.get('error'))} ms "
+          f"(default {base_fwd:.3f}, dense {dense:.3f})")
+    result["best"] = best_cfg
+    result["combined_fwd"] = final_fwd
+    if not args.skip_bwd:
+        final_bwd = trial("bwd", best_cfg["bwd"])
+        print(f"combined backward config {best_cfg['bwd']}: {final_bwd.get('ms', final_bwd.get('error'))} ms "
+              f"(default {base_bwd:.3f})")
+        result["combined_bwd"] = final_bwd
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
