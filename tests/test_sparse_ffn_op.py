@@ -473,3 +473,24 @@ def test_atomic_combine_option(path):
         t.requires_grad_(True)
     out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.5, shared_blocks=1, deterministic=False)
     assert rel(out, ref) < 1e-5
+
+
+def test_eager_decode_fast_path_gives_the_ops_bits(monkeypatch):
+    """gated_sparse_ffn's direct-launch decode path (taken on a GPU for <= 16 tokens without grad;
+    forced here under the interpreter) returns the registered ops' output and routing, bit for bit."""
+    from deepseek_kernels.ops import sparse_ffn as ops_sparse
+    from deepseek_kernels.ops._registry import interpreting
+
+    if not interpreting():
+        pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    x, wr, wg, wu, wd = make(5, 32, 128, 16, S=2, dtype=torch.float16)
+    bias = torch.randn(14) * 0.1
+    kw = dict(active_ratio=0.3, shared_blocks=2, gate="softmax", weighting="gate", bias=bias, return_routing=True)
+    with torch.no_grad():
+        want, want_r = dk.gated_sparse_ffn(x, wr, wg, wu, wd, **kw)
+        calls = []
+        real = ops_sparse._eager_decode
+        monkeypatch.setattr(ops_sparse, "_eager_decode", lambda *a: calls.append(1) or real(*a) or True)
+        got, got_r = dk.gated_sparse_ffn(x, wr, wg, wu, wd, **kw)
+    assert calls and torch.equal(got, want)
+    assert torch.equal(got_r.idx, want_r.idx) and torch.equal(got_r.weights, want_r.weights)

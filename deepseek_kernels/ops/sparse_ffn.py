@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer
+from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, eager_fast_path, interpreting, register_explainer
 from deepseek_kernels.reference.sparse_ffn import GATES, WEIGHTINGS, n_active, route_ref, sparse_ffn_blocks_ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -238,6 +238,14 @@ def _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shar
 # ---- ops -----------------------------------------------------------------------------------------
 
 
+def _eager_decode(x2: torch.Tensor, *tensors) -> bool:
+    """Whether gated_sparse_ffn may launch the decode kernels directly (few tokens, CUDA, plain
+    eager call: see ``ops._registry.eager_fast_path``)."""
+    from deepseek_kernels.triton.sparse_ffn import DECODE_MAX_TOKENS
+
+    return 0 < x2.shape[0] <= DECODE_MAX_TOKENS and eager_fast_path(x2, *tensors)
+
+
 @define_triton_op("deepseek_kernels::sparse_ffn_route")
 def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, k: int, gate: str,
               weighting: str, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -408,6 +416,20 @@ def gated_sparse_ffn(
     threshold = None if threshold is None else float(threshold)
     if w_up.stride() != w_gate.stride():  # the gate/up kernel walks both with one set of strides
         w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    save_act = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, router_weight, w_gate, w_up, w_down))
+    if not save_act and k > 0 and _eager_decode(x2, router_weight, w_gate, w_up, w_down, bias):
+        # decode in a plain eager call: the router and the two decode kernels launched directly
+        # (the dispatcher costs more than these kernels); the same kernels the ops run
+        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_decode, sparse_ffn_route
+
+        check_route_op_args(x2, router_weight, bias, k, gate, weighting)
+        idx, weights, probs = sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
+                                               threshold=threshold, direct=True)
+        check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
+        out = sparse_ffn_decode(x2, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
+                                n_blocks=n_blocks, direct=True).reshape(*lead, d_model)
+        return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
     if k > 0:
         weights, probs, idx = torch.ops.deepseek_kernels.sparse_ffn_route(x2, router_weight, bias, k, gate, weighting,
                                                                           threshold)
@@ -415,8 +437,6 @@ def gated_sparse_ffn(
         idx = x2.new_empty((x2.shape[0], 0), dtype=torch.int32)
         weights = x2.new_empty((x2.shape[0], 0), dtype=torch.float32)
         probs = None
-    save_act = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, router_weight, w_gate, w_up, w_down))
     out, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x2, w_gate, w_up, w_down, idx, weights, shared_blocks,
                                                              n_blocks, save_act, bool(deterministic))
     out = out.reshape(*lead, d_model)

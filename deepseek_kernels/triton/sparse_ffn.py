@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_kernels.ops._registry import triton_kernel
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs are meant to be exact-ish (tests, fp32 training): no TF32.
@@ -110,7 +112,7 @@ def _sparse_ffn_router_kernel(
 
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
-                     block_t: int = 32, block_d: int = 64, num_warps: int = 4):
+                     block_t: int = 32, block_d: int = 64, num_warps: int = 4, direct: bool = False):
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``."""
     T, D = x.shape
     NR = router_weight.shape[0]
@@ -122,7 +124,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     if T == 0:
         return idx, weights, probs
     grid = (triton.cdiv(T, block_t),)
-    torch.library.wrap_triton(_sparse_ffn_router_kernel)[grid](
+    triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs,
         T, D, NR, float(threshold) if threshold is not None else 0.0,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
@@ -778,10 +780,10 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                      **tiles) -> torch.Tensor:
+                      direct: bool = False, **tiles) -> torch.Tensor:
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
-    host sync, two launches."""
+    host sync, two launches (``direct``: plain kernel launches, for eager calls)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     if T > DECODE_MAX_TOKENS:
@@ -798,13 +800,13 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
     prec = _dot_precision(x.dtype)
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
-    torch.library.wrap_triton(_sparse_ffn_decode_gate_up_kernel)[(n_blocks, triton.cdiv(BS, cfg["block_n_gate_up"]))](
+    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(n_blocks, triton.cdiv(BS, cfg["block_n_gate_up"]))](
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_gate_up"], BLOCK_K=cfg["block_k_gate_up"],
         BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
     )
-    torch.library.wrap_triton(_sparse_ffn_decode_down_kernel)[(triton.cdiv(D, cfg["block_n_down"]),)](
+    triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, cfg["block_n_down"]),)](
         h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_down"], BLOCK_K=cfg["block_k_down"],
