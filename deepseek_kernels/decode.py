@@ -74,6 +74,12 @@ class RollingKVCache:
         if k.device != self.k.device:
             raise ValueError(f"RollingKVCache.append: k is on {k.device}, the cache on {self.k.device}")
         lengths = _check_lengths("RollingKVCache.append", lengths, B, T, k.device)
+        if _use_kernel(k) and B and T:
+            from deepseek_kernels.triton.window_decode import rolling_cache_append
+
+            rolling_cache_append(self, k, v, lengths.contiguous(), direct=eager_fast_path(k, v, lengths))
+            self.seqlens += lengths
+            return
         t = torch.arange(T, device=k.device).unsqueeze(0)
         pos = self.seqlens.unsqueeze(1) + t  # [B, T]
         keep = (t < lengths.unsqueeze(1)) & ((pos < self.sinks) | (t >= lengths.unsqueeze(1) - self.ring))

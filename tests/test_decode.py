@@ -160,3 +160,34 @@ def test_decode_under_torch_compile_fullgraph():
     q = torch.randn(2, 1, 4, 16, device=DEV)
     compiled = torch.compile(lambda q: window_attention_decode(q, cache), fullgraph=True)
     torch.testing.assert_close(compiled(q), window_attention_decode(q, cache), rtol=1e-5, atol=1e-5)
+
+
+def test_append_kernel_matches_the_torch_path(monkeypatch):
+    """RollingKVCache.append's one-launch kernel (GPU, or the interpreter on CPU) and its torch
+    fallback leave the same cache: a prefill longer than the ring, ragged lengths (one row with
+    none), sinks, steps of several tokens, and k/v in another dtype than the cache."""
+    from deepseek_kernels.ops._registry import interpreting
+
+    if DEV == "cpu" and not interpreting():
+        pytest.skip("the append kernel runs on CPU tensors only under TRITON_INTERPRET=1")
+    torch.manual_seed(5)
+    B, Hkv, D, window, sinks, step = 3, 2, 16, 9, 2, 4
+    steps = [(torch.randn(B, 30, Hkv, D, device=DEV), torch.tensor([30, 0, 7], device=DEV))]
+    for n in ([4, 1, 0], [2, 4, 3], [1, 1, 1]):
+        steps.append((torch.randn(B, step, Hkv, D, device=DEV), torch.tensor(n, device=DEV)))
+    caches = []
+    for env in ("1", "0"):
+        if DEV == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", env)
+        cache = RollingKVCache(B, Hkv, D, window=window, sinks=sinks, max_step=step, dtype=torch.float16, device=DEV)
+        for kv, n in steps:
+            if DEV == "cuda" and env == "0":  # the torch path on a GPU: the same ops as on CPU
+                monkeypatch.setattr("deepseek_kernels.decode._use_kernel", lambda q: False)
+            cache.append(kv, kv * 2, lengths=n)
+        caches.append(cache)
+    a, b = caches
+    for name in ("k", "v", "positions"):  # the torch path parks dropped tokens in the discard slot
+        assert torch.equal(getattr(a, name)[:, :a.slots], getattr(b, name)[:, :b.slots]), name
+    assert torch.equal(a.seqlens, b.seqlens) and (a.positions[:, a.slots] == -1).all()
+    assert (a.k[:, a.slots] == 0).all()  # the kernel never writes the discard slot
+    assert a.seqlens.tolist() == [37, 6, 11]

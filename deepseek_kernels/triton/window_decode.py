@@ -134,3 +134,45 @@ def window_decode(q, k_cache, v_cache, positions, seqlens, lengths, *, window: i
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _rolling_append_kernel(K, V, LENGTHS, SEQLENS, CK, CV, POS,
+                           stride_kb, stride_kt, stride_vb, stride_vt, stride_cb, stride_cs, stride_pb,
+                           T, HD, sinks, ring, BLOCK_T: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """Program (token tile, row b): token t of the step sits at position seqlens[b] + t; it is kept
+    iff t < lengths[b] and (a sink, or among the last ``ring`` new tokens), in slot ``pos`` (sinks)
+    or ``sinks + (pos - sinks) % ring``. Kept tokens have distinct slots; the rest are not written."""
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.load(LENGTHS + b)
+    pos = tl.load(SEQLENS + b) + t
+    keep = (t < n) & ((pos < sinks) | (t >= n - ring))
+    slot = tl.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
+    slot = tl.where(keep, slot, 0).to(tl.int64)
+    t64 = t.to(tl.int64)
+    for h0 in range(0, HD, BLOCK_HD):
+        offs = h0 + tl.arange(0, BLOCK_HD)
+        m = keep[:, None] & (offs[None, :] < HD)
+        dst = b * stride_cb + slot[:, None] * stride_cs + offs[None, :]
+        kv = tl.load(K + b * stride_kb + t64[:, None] * stride_kt + offs[None, :], mask=m)
+        tl.store(CK + dst, kv.to(CK.dtype.element_ty), mask=m)
+        kv = tl.load(V + b * stride_vb + t64[:, None] * stride_vt + offs[None, :], mask=m)
+        tl.store(CV + dst, kv.to(CV.dtype.element_ty), mask=m)
+    tl.store(POS + b * stride_pb + slot, pos, mask=keep)
+
+
+def rolling_cache_append(cache, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, direct: bool = False) -> None:
+    """Writes the kept tokens of ``k, v [B, T, Hkv, D]`` into ``cache`` (a ``RollingKVCache``) in one
+    launch; ``cache.seqlens`` is left for the caller to advance (programs of a row read it)."""
+    B, T, Hkv, D = k.shape
+    k, v = (t if t.stride(3) == 1 and t.stride(2) == D else t.contiguous() for t in (k, v))
+    HD = Hkv * D
+    block_hd = min(triton.next_power_of_2(HD), 2048)
+    block_t = max(1, min(64, 8192 // block_hd, triton.next_power_of_2(T)))
+    triton_kernel(_rolling_append_kernel, direct)[(triton.cdiv(T, block_t), B)](
+        k, v, lengths, cache.seqlens, cache.k, cache.v, cache.positions,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache.k.stride(0), cache.k.stride(1),
+        cache.positions.stride(0), T, HD, cache.sinks, cache.ring,
+        BLOCK_T=block_t, BLOCK_HD=block_hd, num_warps=4,
+    )
