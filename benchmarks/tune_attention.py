@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full", action="store_true", help="sweep the whole grids, not the focus lists")
     ap.add_argument("--shapes", default="8192,4,1024,32,32;8192,4,4096,32,32")
+    ap.add_argument("--tma", action="store_true", help="also time the forward with TMA descriptor loads (fwd-tma)")
+    ap.add_argument("--fwd-only", action="store_true", help="skip the backward kernels")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -98,6 +100,16 @@ def main():
         pick = lambda name, full: top.get(name, full[:6] if args.quick else full if args.full else FOCUS[name])  # noqa: E731
         rows = sweep("fwd", pick("fwd", FWD),
                      lambda c: wa.window_attention_fwd(q, k, v, window=W, config=c), (out, lse), f_fwd)
+        if args.tma:
+            rows += sweep("fwd-tma", pick("fwd", FWD),
+                          lambda c: wa.window_attention_fwd(q, k, v, window=W, config=c, tma=True), (out, lse), f_fwd)
+        if args.fwd_only:
+            results.append({"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D, "flex_fwd_ms": fl_fwd,
+                            "flex_bwd_ms": fl_bwd, "rows": rows})
+            for name in ("fwd",):
+                top.setdefault(name, [r["config"] for r in sorted(
+                    (r for r in rows if r["kernel"] == name and "ms" in r), key=lambda r: r["ms"])[:4]])
+            continue
         ref = wa.window_attention_bwd(do, q, k, v, out, lse, window=W)
         # each backward kernel timed alone, on inputs prepared once (delta included)
         prep = wa._bwd_inputs(do, q, k, v, out, lse, None, None, None, None)

@@ -76,14 +76,21 @@ def _key_ranges(m0, q_len, k_len, window, sinks, CAUSAL: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, lo, hi, stride_kt, stride_vt,
-               qk_scale, window, sinks, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-               PREC: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_desc, v_desc, k_row0, kv_col, k_len, lo, hi,
+               stride_kt, stride_vt, qk_scale, window, sinks, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """Key tiles [lo, hi) of one query tile. ``USE_TMA``: K and V tiles come through tensor
+    descriptors (rows ``k_row0 + start_n``, columns ``kv_col``); rows past the sequence then hold
+    the next sequence's keys (or zeros past the tensor), which the mask hides from the scores and
+    the ``where`` on V keeps out of the sum (so a NaN there cannot leak in)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         if MASKED:
             n_mask = offs_n < k_len
+        if USE_TMA:
+            k = tl.trans(k_desc.load([k_row0 + start_n, kv_col]))
+        elif MASKED:
             k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kt, mask=n_mask[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kt)
@@ -99,7 +106,11 @@ def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, lo, hi, stride_kt, 
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if USE_TMA:
+            v = v_desc.load([k_row0 + start_n, kv_col])
+            if MASKED:
+                v = tl.where(n_mask[:, None], v, 0.0)
+        elif MASKED:
             v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vt, mask=n_mask[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vt)
@@ -110,11 +121,11 @@ def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, lo, hi, stride_kt, 
 
 @triton.jit
 def _window_attn_fwd_kernel(
-    Q, K, V, O, LSE, cu_q, cu_k,
+    Q, K, V, O, LSE, cu_q, cu_k, K_DESC, V_DESC,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     qk_scale, window, sinks, HQ, REP,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -143,14 +154,19 @@ def _window_attn_fwd_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, 0, sink_end, stride_kt, stride_vt,
-                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, start, full_lo, stride_kt, stride_vt,
-                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, full_lo, full_hi, stride_kt,
-                                   stride_vt, qk_scale, window, sinks, CAUSAL, False, BLOCK_N, PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_len, full_hi, end, stride_kt, stride_vt,
-                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC)
+        kv_col = kvh * HEAD_DIM  # the descriptors view K and V as [T, Hkv * D]
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, K_DESC, V_DESC, k_start, kv_col, k_len,
+                                   0, sink_end, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC, USE_TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, K_DESC, V_DESC, k_start, kv_col, k_len,
+                                   start, full_lo, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC, USE_TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, K_DESC, V_DESC, k_start, kv_col, k_len,
+                                   full_lo, full_hi, stride_kt,
+                                   stride_vt, qk_scale, window, sinks, CAUSAL, False, BLOCK_N, PREC, USE_TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, K_DESC, V_DESC, k_start, kv_col, k_len,
+                                   full_hi, end, stride_kt, stride_vt,
+                                   qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC, USE_TMA)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -198,6 +214,22 @@ BWD_FUSED_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}  # dK/dV + atomic
 SMALL_CONFIG = (64, 64, 4, 2)  # head dims other than 64/128, and the Triton interpreter
 
 
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
+    """TMA descriptors over ``[T, Hkv * D]`` views: heads and head dim contiguous, no head-dim pad,
+    16-byte aligned base and row stride, a GPU of compute capability 9+ (or the interpreter)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
+    except ImportError:
+        return False
+    from deepseek_kernels.ops._registry import interpreting
+
+    if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    return D == block_d and all(
+        t.stride(2) == 1 and t.stride(1) == D and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0 for t in (k, v))
+
+
 def _config(table: dict, block_d: int, dtype: torch.dtype, override):
     if override is not None:
         return override
@@ -208,11 +240,13 @@ def _config(table: dict, block_d: int, dtype: torch.dtype, override):
 
 def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                         max_seqlen_q: int | None = None, config: tuple | None = None):
+                         max_seqlen_q: int | None = None, config: tuple | None = None, tma: bool | None = None):
     """Forward pass. Dense ``q [B, Sq, Hq, D]`` / ``k, v [B, Sk, Hkv, D]`` or packed ``[T, H, D]``
     with ``cu_seqlens_*``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, Sq]`` (dense) or
     ``[Hq, T]`` (packed), float32. ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)``
-    overrides the tuned launch shape."""
+    overrides the tuned launch shape. ``tma``: load K and V tiles through TMA tensor descriptors
+    (Hopper+; experimental, off by default until measured: ``benchmarks/tune_attention.py --tma``);
+    ignored where the layout does not allow it (see :func:`_tma_ok`)."""
     dense = cu_seqlens_q is None
     qp, kp, vp, cu_q, cu_k, max_q, _ = _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None)
     qp, kp, vp = _unit_stride(qp, kp, vp)
@@ -225,13 +259,22 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     table = FWD_WIDE_CONFIG if window >= FWD_WIDE_WINDOW else FWD_CONFIG
     block_m, block_n, warps, stages = _config(table, block_d, q.dtype, config)
     grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
+    use_tma = bool(tma) and _tma_ok(kp, vp, D, block_d)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        Tk, Hkv = kp.shape[0], kp.shape[1]
+        k_desc = TensorDescriptor.from_tensor(kp.view(Tk, Hkv * D), [block_n, D])
+        v_desc = TensorDescriptor.from_tensor(vp.view(Tk, Hkv * D), [block_n, D])
+    else:
+        k_desc, v_desc = kp, vp  # unused
     torch.library.wrap_triton(_window_attn_fwd_kernel)[grid](
-        qp, kp, vp, out, lse, cu_q, cu_k,
+        qp, kp, vp, out, lse, cu_q, cu_k, k_desc, v_desc,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * LOG2E, window, sinks, Hq, Hq // kp.shape[1],
         HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_precision(q),
-        num_warps=warps, num_stages=stages,
+        USE_TMA=use_tma, num_warps=warps, num_stages=stages,
     )
     if dense:
         B, Sq = q.shape[0], q.shape[1]
