@@ -2,7 +2,8 @@
 
     python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--fused] [--out tune.json]
 
-``--fused`` sweeps the one-launch small-M kernel of ``int8_linear`` (bf16 activations in, the
+``--tma`` sweeps the experimental TMA-descriptor kernel (``_int8_matmul_tma_kernel``) instead, for
+M > 16. ``--fused`` sweeps the one-launch small-M kernel of ``int8_linear`` (bf16 activations in, the
 per-token quantization inside) instead, for M <= 16; winners go into ``small_m_config``.
 
 Every config's output is compared with the int32-exact reference result first (a config that
@@ -51,6 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
     ap.add_argument("--fused", action="store_true", help="sweep int8_linear's fused small-M kernel (M <= 16)")
+    ap.add_argument("--tma", action="store_true", help="sweep the TMA-descriptor kernel (M > 16)")
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
@@ -68,6 +70,12 @@ def main():
             a, a_s = quantize_per_token(xb)  # the fused kernel must reproduce these codes and scales
             a_s = a_s.view(-1)
             call = lambda out, cfg: run_fused(xb, b, b_s, out, cfg)  # noqa: E731
+        elif args.tma:
+            from deepseek_kernels.triton.int8_matmul import launch_tma, tma_ok
+
+            if not tma_ok(a, b):
+                raise SystemExit(f"M{M} N{N} K{K}: these operands do not allow TMA descriptors")
+            call = lambda out, cfg: launch_tma(a, b, out, a_s, b_s, None, cfg) or out  # noqa: E731
         else:
             call = lambda out, cfg: run(a, b, a_s, b_s, out, cfg)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)

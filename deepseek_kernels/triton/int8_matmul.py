@@ -10,6 +10,35 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share each column of B
+    while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
+                APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    if APPLY_EPILOGUE:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, acc, mask=mask)
+
+
+@triton.jit
 def _int8_matmul_kernel(
     a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
     M, N, K,
@@ -17,16 +46,7 @@ def _int8_matmul_kernel(
     APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -40,18 +60,62 @@ def _int8_matmul_kernel(
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
+                APPLY_EPILOGUE, HAS_BIAS)
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    if APPLY_EPILOGUE:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptrs, acc, mask=mask)
+
+@triton.jit
+def _int8_matmul_tma_kernel(
+    a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, stride_om, stride_on,
+    APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """:func:`_int8_matmul_kernel` with A and B tiles through TMA descriptors (Hopper+; experimental,
+    ``benchmarks/tune_int8.py --tma`` A/Bs it): out-of-range rows and columns arrive as zeros, so
+    the main loop has no masks."""
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
+                APPLY_EPILOGUE, HAS_BIAS)
+
+
+def tma_ok(a, b) -> bool:
+    """Whether int8 operands ``a [M, K]``, ``b [N, K]`` allow TMA descriptors: row-major, 16-byte
+    aligned rows and base, a GPU of compute capability 9+ (or the interpreter), Triton >= 3.4."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    import torch
+
+    from deepseek_kernels.ops._registry import interpreting
+
+    if not interpreting() and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def launch_tma(a, b, out, a_scale, b_scale, bias, cfg: dict, apply_epilogue: bool = True) -> None:
+    """Runs :func:`_int8_matmul_tma_kernel` (plain launch; the tuner and tests call it)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = b.shape[0]
+    a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    b_desc = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _int8_matmul_tma_kernel[grid](
+        a_desc, b_desc, out, a_scale if a_scale is not None else out, b_scale if b_scale is not None else out,
+        bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1),
+        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg,
+    )
 
 
 @triton.jit
