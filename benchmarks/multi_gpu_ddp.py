@@ -1,0 +1,336 @@
+"""Compressed gradient all-reduce on several GPUs: correctness on real gradients, DDP step time, and
+a short convergence run on real text (issue 8). One process per GPU, NCCL:
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=8 benchmarks/multi_gpu_ddp.py --out results/ddp
+
+On CPU ranks (gloo) with a tiny model it is a smoke run of the same code (what the tests do):
+
+    torchrun --nproc_per_node=2 benchmarks/multi_gpu_ddp.py --device cpu --tiny --out /tmp/ddp
+
+Three parts (``--parts check,step,converge``), each comparing DDP's own all-reduce, torch's
+``bf16_compress_hook`` and ``quantized_allreduce_hook`` (int8 and fp8_e4m3, error feedback and
+stochastic rounding on):
+
+- **check**: one backward of the model; every bucket is reduced both ways (a plain all-reduce mean
+  of a copy, and the hook) and the relative error of the hook's mean is recorded per bucket.
+- **step**: time of a training step (forward, backward with the bucket communication, AdamW) per
+  configuration, tokens/s per GPU, and the share of the step spent communicating, estimated
+  against the same step under ``no_sync()`` (no gradient communication at all).
+- **converge**: a few hundred steps of the same seeded model on real text (the Python standard
+  library's source files, byte-level tokens) per configuration; loss curves as JSON and PNG.
+
+Rank 0 writes ``multi_gpu_ddp.json`` (+ ``multi_gpu_ddp_loss.png``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+CONFIGS = ("allreduce", "bf16_compress", "int8+EF", "fp8_e4m3+EF")
+
+
+# ---- model: a small GPT (pre-norm, causal SDPA) ----------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, D // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, D))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.emb(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+def model_config(tiny: bool) -> dict:
+    # GPUs: 12 d^2 = 50.3M parameters per layer, 24 layers: ~1.2e9; CPU smoke runs: ~1e5
+    return dict(vocab=256, d=64, layers=2, heads=4, seq=64) if tiny else dict(vocab=256, d=2048, layers=24, heads=16,
+                                                                               seq=1024)
+
+
+# ---- data: real text, byte-level tokens ---------------------------------------------------------------
+
+
+def corpus(max_bytes: int) -> torch.Tensor:
+    """The standard library's .py files (sorted, so every rank and run reads the same bytes),
+    concatenated up to ``max_bytes``, as a uint8 tensor of byte tokens."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, n = [], 0
+    for p in sorted(root.rglob("*.py")):
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        out.append(data)
+        n += len(data)
+        if n >= max_bytes:
+            break
+    if n < 1 << 16:
+        raise RuntimeError(f"found only {n} bytes of Python source under {root}; the text corpus needs more")
+    return torch.frombuffer(bytearray(b"".join(out)[:max_bytes]), dtype=torch.uint8).long()
+
+
+def batches(text: torch.Tensor, rank: int, world: int, batch: int, seq: int, steps: int, seed: int):
+    """Per step, this rank's [batch, seq + 1] windows of the text (disjoint across ranks)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, text.numel() - seq - 1, (world, batch), generator=g)[rank]
+        yield torch.stack([text[s:s + seq + 1] for s in starts.tolist()])
+
+
+# ---- communication configurations ---------------------------------------------------------------------
+
+
+def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+    state = None
+    if config == "bf16_compress":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif config != "allreduce":
+        state = QuantizedGradState(fmt=config.split("+")[0], block=128, stochastic=True, error_feedback=True)
+        ddp.register_comm_hook(state, quantized_allreduce_hook)
+    return ddp, state
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check(args, device, rank, world) -> dict:
+    """Per bucket: the hook's mean vs an all-reduce mean of the same gradients."""
+    from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
+
+    torch.manual_seed(0)
+    cfg = model_config(args.tiny)
+    text = corpus(args.corpus_bytes)
+    tokens = next(batches(text, rank, world, args.batch, cfg["seq"], 1, seed=1)).to(device)
+    out = {}
+    for fmt in ("int8", "fp8_e4m3"):
+        torch.manual_seed(0)
+        model = GPT(**cfg).to(device)
+        state = QuantizedGradState(fmt=fmt, block=128, stochastic=True, error_feedback=True)
+        errors = []
+
+        def both(st, bucket):
+            exact = bucket.buffer().clone()
+            dist.all_reduce(exact)
+            exact /= world
+            fut = quantized_allreduce_hook(st, bucket)
+
+            def record(f):
+                got = f.value()
+                errors.append(((got.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)).item())
+                return got
+
+            return fut.then(record)
+
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb)
+        ddp.register_comm_hook(state, both)
+        logits = ddp(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        sync(device)
+        out[fmt] = {"buckets": len(errors), "rel_error_max": max(errors), "rel_error_mean": sum(errors) / len(errors),
+                    "rel_errors": errors}
+        del ddp, model
+    return out
+
+
+def step_time(args, device, rank, world) -> dict:
+    cfg = model_config(args.tiny)
+    text = corpus(args.corpus_bytes)
+    out = {}
+    for config in CONFIGS:
+        torch.manual_seed(0)
+        model = GPT(**cfg).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ddp, _ = wrap(model, config, device, args.bucket_mb)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+        data = list(batches(text, rank, world, args.batch, cfg["seq"], args.warmup + args.steps, seed=2))
+
+        def one(tokens, communicate=True):
+            tokens = tokens.to(device)
+            ctx = ddp.no_sync() if not communicate else _null()
+            with ctx:
+                logits = ddp(tokens[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        times = {}
+        for communicate in (True, False):
+            for tokens in data[:args.warmup]:
+                one(tokens, communicate)
+            sync(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for tokens in data[args.warmup:]:
+                one(tokens, communicate)
+            sync(device)
+            times[communicate] = (time.perf_counter() - t0) / args.steps
+        tok = args.batch * cfg["seq"]
+        out[config] = {"step_s": times[True], "step_no_comm_s": times[False], "tokens_per_s_per_gpu": tok / times[True],
+                       "comm_share": max(0.0, 1 - times[False] / times[True])}
+        del ddp, opt, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["params"] = sum(p.numel() for p in GPT(**cfg).parameters())
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def converge(args, device, rank, world) -> dict:
+    cfg = model_config(args.tiny)
+    if not args.tiny:  # a smaller model: hundreds of steps must fit the run
+        cfg = dict(cfg, d=768, layers=12, heads=12, seq=512)
+    text = corpus(args.corpus_bytes)
+    split = int(0.95 * text.numel())
+    train, held = text[:split], text[split:]
+    out = {}
+    for config in CONFIGS:
+        torch.manual_seed(0)
+        model = GPT(**cfg).to(device)
+        ddp, state = wrap(model, config, device, args.bucket_mb)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.1)
+        curve = []
+        for step, tokens in enumerate(batches(train, rank, world, args.batch, cfg["seq"], args.converge_steps, seed=3)):
+            tokens = tokens.to(device)
+            for g in opt.param_groups:  # linear warm-up, cosine decay
+                warm = min(1.0, (step + 1) / max(1, args.converge_steps // 10))
+                g["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / args.converge_steps))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = ddp(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lt = loss.detach().clone()
+            dist.all_reduce(lt)
+            curve.append(lt.item() / world)
+        with torch.no_grad():
+            ev = next(batches(held, 0, 1, 8, cfg["seq"], 1, seed=4)).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                held_loss = F.cross_entropy(model(ev[:, :-1]).flatten(0, 1).float(), ev[:, 1:].flatten()).item()
+        out[config] = {"loss": curve, "held_out_loss": held_loss,
+                       "bytes_sent_vs_fp32": None if state is None else state.bytes_sent / max(1, state.fp32_allreduce_bytes)}
+        del ddp, opt, model
+    return out
+
+
+def plot(path: Path, conv: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in conv.items():
+        ax.plot(r["loss"], label=f"{name} (held-out {r['held_out_loss']:.3f})", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (bytes, nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="check,step,converge")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke runs)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--bucket-mb", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--converge-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--corpus-bytes", type=int, default=32 << 20)
+    args = ap.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    result = {"world": world, "backend": backend, "tiny": args.tiny, "args": vars(args)}
+    try:
+        parts = args.parts.split(",")
+        if "check" in parts:
+            result["check"] = check(args, device, rank, world)
+        if "step" in parts:
+            result["step"] = step_time(args, device, rank, world)
+        if "converge" in parts:
+            result["converge"] = converge(args, device, rank, world)
+        if rank == 0:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            if device.type == "cuda":
+                result["gpu"] = torch.cuda.get_device_name(device)
+            (out / "multi_gpu_ddp.json").write_text(json.dumps(result, indent=1) + "\n")
+            if "converge" in result:
+                plot(out / "multi_gpu_ddp_loss.png", result["converge"])
+            for name, r in result.get("step", {}).items():
+                if isinstance(r, dict):
+                    print(f"{name:14s} step {1e3 * r['step_s']:8.1f} ms  {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
+                          f"comm {100 * r['comm_share']:5.1f} %")
+            for fmt, r in result.get("check", {}).items():
+                print(f"check {fmt}: {r['buckets']} buckets, relative error max {r['rel_error_max']:.2e}")
+            for name, r in result.get("converge", {}).items():
+                print(f"converge {name:14s} final loss {r['loss'][-1]:.3f}  held-out {r['held_out_loss']:.3f}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
