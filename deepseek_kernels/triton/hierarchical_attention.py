@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_kernels.triton._common import f32
+
 # ---- index rules (the reference's, in block units) ----------------------------------------------------
 
 
@@ -231,6 +233,7 @@ def _hier_attn_fwd_kernel(
     """out/lse for BLOCK_M queries (inside one query block, BLOCK_M divides block) of one head:
     sinks + local window exactly, then level 1..levels summaries, one online softmax (base 2:
     ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log)."""
+    qk_scale = f32(qk_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
@@ -395,6 +398,7 @@ def _hier_bwd_dq(
     sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    sm_scale = f32(sm_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
@@ -474,6 +478,7 @@ def _hier_bwd_dsum(
     """d(mean K), d(mean V) (float32) of BLOCK_S consecutive level-``level`` groups of one sequence
     and kv head. Group g is seen by query blocks [(g+1) 2^l + nw 2^(l-1) - 1,
     floor(g 2^l / A) A + A + nw 2^l - 2] (tests/test_hierarchical_reference.py checks the rule)."""
+    sm_scale = f32(sm_scale)
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n = pid_bh // HKV
@@ -598,6 +603,7 @@ def _hier_bwd_dkdv(
     sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    sm_scale = f32(sm_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_n = tl.program_id(0)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
+from deepseek_kernels.triton._common import f32
 from deepseek_kernels.triton.hierarchical_attention import _level_start, _softmax_step
 
 # ---- append ------------------------------------------------------------------------------------------
@@ -159,6 +160,7 @@ def _hier_decode_kernel(
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows ``r < T * REP`` of the tile are (step ``r // REP``, query head ``kvh * REP + r % REP``)."""
+    sm_scale = f32(sm_scale)
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)

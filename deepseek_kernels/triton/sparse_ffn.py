@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
+from deepseek_kernels.triton._common import f32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -56,6 +57,7 @@ def _sparse_ffn_router_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR]."""
+    threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T

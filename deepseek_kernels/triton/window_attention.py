@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepseek_kernels.triton._common import f32
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -127,6 +129,7 @@ def _window_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    qk_scale = f32(qk_scale)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -367,6 +370,8 @@ def _window_attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    sm_scale = f32(sm_scale)
+    qk_scale = f32(qk_scale)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -461,6 +466,8 @@ def _window_attn_bwd_dq(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
+    sm_scale = f32(sm_scale)
+    qk_scale = f32(qk_scale)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
+from deepseek_kernels.triton._common import f32
 
 LOG2E = 1.4426950408889634
 
@@ -25,8 +26,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # torch.compile hands Python floats to the kernel as fp64; keep the softmax state in fp32
-    qk_scale = (tl.zeros((), tl.float32) + qk_scale).to(tl.float32)
+    qk_scale = f32(qk_scale)  # torch.compile passes Python floats as fp64
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
