@@ -3,7 +3,8 @@
 #   scripts/gpu_check.sh [suite ...]        results -> $OUT_DIR (default benchmarks/results/<gpu>)
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0a here), MAX_JOBS (default 16), PYTEST_ARGS,
 #   TEST_FILES (default tests/; e.g. "tests/test_decode.py tests/test_int8_matmul.py"),
-#   SKIP_TESTS=1 / SKIP_BENCH=1 to run only one half (a device call is limited to 10 minutes).
+#   SKIP_TESTS=1 / SKIP_BENCH=1 to run only one half (a device call is limited to 10 minutes),
+#   MARKERS (default "gpu": the GPU-only tests; "not gpu" runs the device-generic ones on CUDA).
 # The benchmarks run even when a test fails (their own checks still guard the numbers); the
 # script then exits non-zero.
 set -uo pipefail
@@ -20,7 +21,7 @@ echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 tests_rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "== GPU tests"
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-} ${TEST_FILES:-tests/}
+  "$PY" -m pytest -q -m "${MARKERS:-gpu}" -p no:cacheprovider ${PYTEST_ARGS:-} ${TEST_FILES:-tests/}
   tests_rc=$?
 fi
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
