@@ -286,6 +286,26 @@ def test_int8_linear_fused_small_m_is_bit_identical_to_the_two_ops(M, N, K, extr
     assert torch.equal(out, _two_step(x, w, ws, bias, smooth))
 
 
+def test_strided_scale_and_bias_vectors():
+    """Scales, bias and smoothing given as strided views (every other element) are read correctly
+    by both the GEMM and int8_linear's fused kernel."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    M, N, K = 3, 40, 64
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=dev)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+    sa, sb = torch.rand(M, 2, device=dev)[:, :1], torch.rand(2 * N, device=dev)[::2]
+    bias = torch.randn(2 * N, device=dev)[::2]
+    assert not sb.is_contiguous() and not bias.is_contiguous()
+    got = dk.int8_matmul(a, w, sa, sb, bias=bias, out_dtype=torch.float32)
+    want = dk.int8_matmul(a, w, sa.contiguous(), sb.contiguous(), bias=bias.contiguous(), out_dtype=torch.float32)
+    assert torch.equal(got, want)
+    x = torch.randn(M, K, device=dev)
+    smooth = (torch.rand(2 * K, device=dev) + 0.5)[::2]
+    got = dk.int8_linear(x, w, sb, bias=bias, smooth=smooth)
+    want = dk.int8_linear(x, w, sb.contiguous(), bias=bias.contiguous(), smooth=smooth.contiguous())
+    assert torch.equal(got, want)
+
+
 def test_int8_linear_batched_fp32_and_non_finite_rows():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(2, 3, 48, device=dev)

@@ -130,7 +130,9 @@ def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool 
     if out.numel():
         if a_q.shape[1] == 0:
             return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-        _launch(a_q, b_q, out, a_scale.reshape(-1), b_scale.reshape(-1), bias, apply_epilogue=True, direct=direct)
+        # the kernel reads scales and bias with unit stride
+        _launch(a_q, b_q, out, a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous(),
+                None if bias is None else bias.contiguous(), apply_epilogue=True, direct=direct)
     return out
 
 
@@ -292,7 +294,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        sm = smooth if smooth is None or smooth.stride(-1) == 1 else smooth.contiguous()
+        sm = None if smooth is None else smooth.contiguous()  # 1-D vectors are read with unit stride
+        weight_scale = weight_scale.contiguous()
+        bias = None if bias is None else bias.contiguous()
         out = torch.empty(x2.shape[0], N, dtype=out_dtype, device=x.device)
         cfg = small_m_config(x2.shape[0], N, K)
         block_n = cfg.pop("BLOCK_N")
