@@ -15,11 +15,13 @@ import itertools
 import json
 
 import torch
-import triton.testing
 
 import deepseek_kernels as dk
 from deepseek_kernels.reference.hierarchical_attention import resolve_levels
 from deepseek_kernels.triton.hierarchical_attention import hierarchical_attention_bwd, hierarchical_attention_fwd
+
+from _tuning import bench, rel  # benchmarks/ is on sys.path when a script in it runs
+
 
 # (block_m, block_n, block_s, num_warps, num_stages)
 FWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (16, 32, 64), (4, 8), (1, 2, 3))
@@ -30,20 +32,6 @@ FWD_FOCUS = [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 12
 BWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 2)) if not (c[0] == 32 and c[2] == 8)]
 BWD_FOCUS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 128, 8, 1), (32, 64, 4, 1), (64, 32, 4, 1), (64, 64, 4, 2),
              (64, 128, 4, 1), (32, 128, 4, 1)]
-
-
-def bench(fn):
-    if not torch.cuda.is_available():  # smoke run: one call, wall-clock
-        import time
-
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
-    return triton.testing.do_bench(fn, warmup=5, rep=50)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main():

@@ -16,29 +16,17 @@ import itertools
 import json
 
 import torch
-import triton.testing
 
 from deepseek_kernels.reference.sparse_ffn import swiglu_ffn_ref
 from deepseek_kernels.triton import sparse_ffn as tk
+
+from _tuning import bench, rel  # benchmarks/ is on sys.path when a script in it runs
+
 
 # (block_n, block_k, num_warps, num_stages)
 FULL = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
 FOCUS = [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3),
          (32, 64, 4, 4), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4)]
-
-
-def bench(fn):
-    if not torch.cuda.is_available():  # smoke run: one call, wall-clock
-        import time
-
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
-    return triton.testing.do_bench(fn, warmup=5, rep=40)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def main():

@@ -156,24 +156,17 @@ def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, 
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, s, v):
-    """One online-softmax update with scores s [M, N] (-inf = not seen) and values v [N, D]."""
+def _softmax_step(acc, l_i, m_i, s, v, BASE2: tl.constexpr):
+    """One online-softmax update with scores s [M, N] (-inf = not seen) and values v [N, D];
+    ``BASE2``: the scores are already multiplied by log2(e) (exp2 instead of exp)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _softmax_step2(acc, l_i, m_i, s, v):
-    """_softmax_step in base 2: scores already multiplied by log2(e)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    if BASE2:
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+    else:
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -298,7 +291,7 @@ def _hier_attn_fwd_kernel(
                 vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
                              mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
                 s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                acc, l_i, m_i = _softmax_step2(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
             loff += T // size + NSEQ
             s_prev = s_l
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0

@@ -194,7 +194,7 @@ def _hier_decode_kernel(
         s = tl.dot(q, k.to(q.dtype)) * sm_scale
         vis = (pos[None, :] >= 0) & (pos[None, :] <= p[:, None]) & (
             (pos[None, :] >= local_lo[:, None]) | (pos[None, :] < sinks))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v.to(q.dtype))
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v.to(q.dtype), False)
     # summary slots of all levels as one index j = (level - 1) * M + slot ([B, L, M] is contiguous)
     for i in range(tl.maximum(tile_lo, n_exact), tile_hi):
         offs_j = (i - n_exact) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,7 +212,7 @@ def _hier_decode_kernel(
         vb = tl.load(SV + src[:, None] + offs_d[None, :], mask=j_ok[:, None] & d_mask[None, :], other=0.0)
         # summaries enter the dots in the input dtype, as in the full-sequence forward
         s = tl.dot(q, kb.to(q.dtype)) * sm_scale + tl.log(tl.maximum(c, 1).to(tl.float32))[None, :]
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), vb.to(q.dtype))
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), vb.to(q.dtype), False)
     if SPLIT:
         part = ((b * T + t) * HQ + hh) * NSPLIT + pid_s
         tl.store(OPART + part[:, None] * D + offs_d[None, :], acc, mask=q_mask)

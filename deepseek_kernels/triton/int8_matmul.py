@@ -165,6 +165,17 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm
 
 
 @triton.jit
+def _load_rows_scaled(x_rows, smooth_ptr, k0, offs_k, K, m_ok, HAS_SMOOTH: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of the rows ``x_rows`` ([BLOCK_M, 1] pointers) in fp32, divided
+    by the smoothing vector (div_rn, as the reference); zeros outside."""
+    k_ok = (k0 + offs_k) < K
+    xs = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs_k, mask=k_ok, other=1.0).to(tl.float32)[None, :])
+    return xs
+
+
+@triton.jit
 def _int8_linear_small_m_kernel(
     x_ptr, smooth_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
@@ -185,10 +196,7 @@ def _int8_linear_small_m_kernel(
     amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     nan = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        xs = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs_k, mask=k_ok, other=1.0).to(tl.float32)[None, :])
+        xs = _load_rows_scaled(x_rows, smooth_ptr, k0, offs_k, K, m_ok, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.abs(xs))
         nan = nan | (xs != xs).to(tl.int32)
     row_amax = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(amax, 1))  # tl.max drops NaN
@@ -198,9 +206,7 @@ def _int8_linear_small_m_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
-        xs = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            xs = tl.math.div_rn(xs, tl.load(smooth_ptr + k0 + offs_k, mask=k_ok, other=1.0).to(tl.float32)[None, :])
+        xs = _load_rows_scaled(x_rows, smooth_ptr, k0, offs_k, K, m_ok, HAS_SMOOTH)
         y = xs * inv[:, None]
         bad = y != y
         y = _round_half_even(tl.minimum(tl.maximum(y, -127.0), 127.0))

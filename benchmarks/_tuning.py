@@ -1,0 +1,21 @@
+"""Helpers shared by the tuning scripts in benchmarks/."""
+
+import time
+
+import torch
+import triton.testing
+
+
+def bench(fn, warmup: int = 5, rep: int = 50) -> float:
+    """Median milliseconds of ``fn`` on a GPU (triton.testing.do_bench); without one (a smoke run
+    under TRITON_INTERPRET=1) the wall-clock milliseconds of a single call."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of ``a`` against ``b`` (Frobenius norms, float32)."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
