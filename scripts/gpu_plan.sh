@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
+#   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
+# Steps: tests | tests-generic | tune-hier | tune-attn-tma | tune-sparse | tune-int8 | bench [suite ...]
+# The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
+# device tool's 10-minute limit (timeouts below).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results/plan}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+NEW_TESTS="tests/test_int8_matmul.py tests/test_decode.py tests/test_hierarchical_triton.py
+  tests/test_hierarchical_decode.py tests/test_sparse_ffn_triton.py tests/test_window_attention_triton.py
+  tests/test_bench_harness.py tests/test_compile_on_gpu.py"
+
+step="${1:-}"
+shift || true
+case "$step" in
+  tests)
+    TEST_FILES="$NEW_TESTS" SKIP_BENCH=1 PYTEST_ARGS="--tb=short --durations=5" timeout 570 bash scripts/gpu_check.sh ;;
+  tests-generic)  # the unmarked, device-generic tests on CUDA (never run on the H200 so far)
+    MARKERS="not gpu" TEST_FILES="${TEST_FILES:-$NEW_TESTS}" SKIP_BENCH=1 PYTEST_ARGS="--tb=short" \
+      timeout 570 bash scripts/gpu_check.sh ;;
+  tune-hier)
+    timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
+  tune-attn-tma)
+    timeout 560 "$PY" benchmarks/tune_attention.py --tma --fwd-only --shapes "8192,4,4096,32,32" \
+      --out "$OUT/tune_attention_tma.json" ;;
+  tune-sparse)
+    timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
+  tune-int8)
+    timeout 270 "$PY" benchmarks/tune_int8.py --tma --shapes "8192,8192,8192;8192,4096,4096;2048,4096,4096" \
+      --out "$OUT/tune_int8_tma.json"
+    timeout 270 "$PY" benchmarks/tune_int8.py --fused --shapes "1,14336,4096;16,14336,4096" \
+      --out "$OUT/tune_int8_fused.json" ;;
+  bench)
+    SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
+  *)
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-attn-tma|tune-sparse|tune-int8|bench [suite ...]" >&2
+    exit 2 ;;
+esac
