@@ -204,6 +204,13 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
 
 
 @triton.jit
+def _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M: tl.constexpr):
+    """Sorted rows of row tile ``pid_m`` (of block ``b < n_blocks``) and which of them belong to b."""
+    rows = tl.load(TILE_START + pid_m) + tl.arange(0, BLOCK_M)
+    return rows, rows < tl.load(OFFSETS + b + 1)
+
+
+@triton.jit
 def _sparse_ffn_gate_up_kernel(
     X, WG, WU, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
     D, BS, NB,
@@ -217,10 +224,7 @@ def _sparse_ffn_gate_up_kernel(
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
-        row0 = tl.load(TILE_START + pid_m)
-        row_end = tl.load(OFFSETS + b + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < row_end
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
         tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < BS
@@ -265,10 +269,7 @@ def _sparse_ffn_down_kernel(
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
-        row0 = tl.load(TILE_START + pid_m)
-        row_end = tl.load(OFFSETS + b + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < row_end
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
         rows64 = rows.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < D
@@ -466,10 +467,7 @@ def _sparse_ffn_bwd_dact_kernel(
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
-        row0 = tl.load(TILE_START + pid_m)
-        row_end = tl.load(OFFSETS + b + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < row_end
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
         rows64 = rows.to(tl.int64)
         tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -514,10 +512,7 @@ def _sparse_ffn_bwd_dx_kernel(
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
-        row0 = tl.load(TILE_START + pid_m)
-        row_end = tl.load(OFFSETS + b + 1)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        r_mask = rows < row_end
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
         rows64 = rows.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < D
