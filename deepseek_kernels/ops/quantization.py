@@ -74,28 +74,22 @@ def check_block(name: str, block, n) -> None:
         )
 
 
-def check_quantize_args(x, fmt, block, error) -> None:
-    name = "quantize_blockwise"
+def _check_x_and_fmt(name, x, fmt) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if fmt not in FORMATS:
         raise ValueError(f"{name}: fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def check_quantize_args(x, fmt, block, error) -> None:
+    name = "quantize_blockwise"
+    _check_x_and_fmt(name, x, fmt)
     if x.dim() < 1:
         raise ValueError(f"{name}: x must have at least one dimension, got a 0-d tensor")
     check_block(name, block, x.shape[-1])
-    if error is not None:
-        if not isinstance(error, torch.Tensor):
-            raise TypeError(f"{name}: error must be a torch.Tensor or None, got {type(error).__name__}")
-        if error.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: error must be float32, bfloat16 or float16, got {error.dtype}")
-        if error.shape != x.shape:
-            raise ValueError(f"{name}: error must have the shape of x {tuple(x.shape)}, got {tuple(error.shape)}")
-        if error.device != x.device:
-            raise ValueError(f"{name}: error must be on the device of x ({x.device}), got {error.device}")
-        if not error.is_contiguous():
-            raise ValueError(f"{name}: error is updated in place and must be contiguous; pass error.contiguous()")
+    _check_error(name, error, x.shape, x.device)
 
 
 def _check_code_tensors(name, q, scales) -> None:
@@ -170,12 +164,7 @@ def check_requantize_sum_args(q, scales, block, error) -> None:
 
 def check_quantize_into_args(x, fmt, block, error, q_out, scales_out) -> None:
     name = "quantize_blockwise_into"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if fmt not in FORMATS:
-        raise ValueError(f"{name}: fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check_x_and_fmt(name, x, fmt)
     if x.dim() != 1:
         raise ValueError(f"{name}: x must be 1-d [N], got shape {tuple(x.shape)}")
     for arg, t in (("q_out", q_out), ("scales_out", scales_out)):
