@@ -626,21 +626,34 @@ cudaError_t quantize_dispatch(const QuantizeArgs& a, cudaStream_t stream) {
   }
 }
 
+// Launch shape of the elementwise dequantize-style kernels (kRoundsDequantize vectors per lane):
+// the grid for nvec vectors, and log2(block) for the shift-based scale index of power-of-two blocks.
+struct DequantLaunch {
+  int64_t grid = 0;
+  int log2_block = 0;
+  bool pow2 = false;
+};
+
+inline DequantLaunch dequant_launch(int64_t nvec, int64_t block) {
+  DequantLaunch l;
+  const int64_t per_cta = int64_t{kThreads} * kRoundsDequantize;
+  l.grid = (nvec + per_cta - 1) / per_cta;
+  l.pow2 = (block & (block - 1)) == 0;
+  while ((int64_t{1} << l.log2_block) < block) ++l.log2_block;
+  return l;
+}
+
 template <typename OT, QFormat F, int VEC>
 cudaError_t launch_dequantize(DequantizeArgs a, cudaStream_t stream) {
   const bool flat = flatten(a, a.cols);
   const int64_t nvec = a.rows * a.cols / VEC;
   if (nvec == 0) return cudaSuccess;
-  const int64_t per_cta = int64_t{kThreads} * kRoundsDequantize;
-  const int64_t grid = (nvec + per_cta - 1) / per_cta;
-  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const bool pow2 = (a.block & (a.block - 1)) == 0;
-  int log2_block = 0;
-  while ((int64_t{1} << log2_block) < a.block) ++log2_block;
-  if (flat && pow2) {
-    blockwise_dequantize_kernel<OT, F, VEC, true><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+  const DequantLaunch l = dequant_launch(nvec, a.block);
+  if (l.grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (flat && l.pow2) {
+    blockwise_dequantize_kernel<OT, F, VEC, true><<<static_cast<unsigned>(l.grid), kThreads, 0, stream>>>(a, l.log2_block);
   } else {
-    blockwise_dequantize_kernel<OT, F, VEC, false><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+    blockwise_dequantize_kernel<OT, F, VEC, false><<<static_cast<unsigned>(l.grid), kThreads, 0, stream>>>(a, l.log2_block);
   }
   return cudaGetLastError();
 }

@@ -270,16 +270,12 @@ cudaError_t launch_dequantize_sum(DequantizeSumArgs a, cudaStream_t stream) {
   }
   const int64_t nvec = a.rows * a.cols / VEC;
   if (nvec == 0 || a.world == 0) return cudaSuccess;
-  const int64_t per_cta = int64_t{kThreads} * kRoundsDequantize;
-  const int64_t grid = (nvec + per_cta - 1) / per_cta;
-  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const bool pow2 = (a.block & (a.block - 1)) == 0;
-  int log2_block = 0;
-  while ((int64_t{1} << log2_block) < a.block) ++log2_block;
-  if (flat && pow2) {
-    dequantize_sum_kernel<OT, F, VEC, true><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+  const DequantLaunch l = dequant_launch(nvec, a.block);
+  if (l.grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (flat && l.pow2) {
+    dequantize_sum_kernel<OT, F, VEC, true><<<static_cast<unsigned>(l.grid), kThreads, 0, stream>>>(a, l.log2_block);
   } else {
-    dequantize_sum_kernel<OT, F, VEC, false><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, log2_block);
+    dequantize_sum_kernel<OT, F, VEC, false><<<static_cast<unsigned>(l.grid), kThreads, 0, stream>>>(a, l.log2_block);
   }
   return cudaGetLastError();
 }
