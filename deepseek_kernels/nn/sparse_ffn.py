@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_kernels.ops.sparse_ffn import SparseRouting, gated_sparse_ffn
-from deepseek_kernels.reference.sparse_ffn import GATES, WEIGHTINGS, n_active, sparse_ffn_blocks_ref, swiglu_ffn_ref
+from deepseek_kernels.ops.sparse_ffn import SparseRouting, check_gate_weighting, gated_sparse_ffn
+from deepseek_kernels.reference.sparse_ffn import n_active, sparse_ffn_blocks_ref, swiglu_ffn_ref
 
 BALANCES = ("bias", "aux", None)
 
@@ -78,10 +78,7 @@ class GatedSparseFFN(nn.Module):
         if isinstance(shared_blocks, bool) or not isinstance(shared_blocks, int) or not 0 <= shared_blocks < n_blocks:
             raise ValueError(f"{name}: shared_blocks must be an int in [0, n_blocks) = [0, {n_blocks}), "
                              f"got {shared_blocks!r}")
-        if gate not in GATES:
-            raise ValueError(f"{name}: gate must be one of {GATES}, got {gate!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"{name}: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        check_gate_weighting(name, gate, weighting)
         if balance not in BALANCES:
             raise ValueError(f"{name}: balance must be one of {BALANCES}, got {balance!r}")
         self.d_model, self.d_ff, self.n_blocks, self.shared_blocks = d_model, d_ff, n_blocks, shared_blocks

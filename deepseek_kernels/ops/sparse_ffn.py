@@ -50,6 +50,13 @@ def _use_triton(t: torch.Tensor) -> bool:
 # ---- argument checks -------------------------------------------------------------------------------
 
 
+def check_gate_weighting(name: str, gate, weighting) -> None:
+    if gate not in GATES:
+        raise ValueError(f"{name}: gate must be one of {GATES}, got {gate!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"{name}: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
 def check_args(x, router_weight, w_gate, w_up, w_down, *, active_ratio, shared_blocks, gate, weighting, bias,
                threshold) -> None:
     name = NAME
@@ -91,10 +98,7 @@ def check_args(x, router_weight, w_gate, w_up, w_down, *, active_ratio, shared_b
     if n_active(active_ratio, n_blocks) < shared_blocks:
         raise ValueError(f"{name}: active_ratio={active_ratio} keeps {n_active(active_ratio, n_blocks)} of "
                          f"{n_blocks} blocks, fewer than the {shared_blocks} shared blocks")
-    if gate not in GATES:
-        raise ValueError(f"{name}: gate must be one of {GATES}, got {gate!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"{name}: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    check_gate_weighting(name, gate, weighting)
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0 <= threshold < 1):
         raise ValueError(f"{name}: threshold must be None or a number in [0, 1) (gate values lie in (0, 1)), "
@@ -118,9 +122,7 @@ def check_route_op_args(x, router_weight, bias, k, gate, weighting) -> None:
                          f"got {x.dtype} and {router_weight.dtype}")
     if not 1 <= k <= router_weight.shape[0]:
         raise ValueError(f"{name}: k must be in [1, n_routed={router_weight.shape[0]}], got {k}")
-    if gate not in GATES or weighting not in WEIGHTINGS:
-        raise ValueError(f"{name}: gate must be one of {GATES} and weighting one of {WEIGHTINGS}, "
-                         f"got {gate!r}, {weighting!r}")
+    check_gate_weighting(name, gate, weighting)
     if bias is not None and (bias.shape != (router_weight.shape[0],) or bias.dtype != torch.float32):
         raise ValueError(f"{name}: bias must be float32 [n_routed], got {bias.dtype} {tuple(bias.shape)}")
 
