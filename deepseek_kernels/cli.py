@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--reps", type=int, default=30, help="timed repeats per implementation (median reported)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     bench.add_argument("--list", action="store_true", help="list the suites and exit")
+    bench.add_argument("--filter", metavar="REGEX",
+                       help="time only the cases whose name matches this regular expression (re.search)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, mod in SUITES.items():
             print(f"{name:<16} {mod.TITLE}")
         return 0
-    return run_suites(args.suites, out=args.out, quick=args.quick, reps=args.reps, make_plot=not args.no_plot)
+    return run_suites(args.suites, out=args.out, quick=args.quick, reps=args.reps, make_plot=not args.no_plot,
+                       case_filter=args.filter)
 
 
 if __name__ == "__main__":

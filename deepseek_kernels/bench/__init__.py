@@ -9,6 +9,7 @@ when it has one). Without a CUDA GPU it runs the accuracy checks only.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def _accuracy_table(rows: list[dict]) -> str:
 
 
 def run_suites(names: list[str] | None = None, *, out: str | None = None, quick: bool = False,
-               reps: int = 30, make_plot: bool = True) -> int:
-    """Runs the named suites (all when None). Returns a process exit code."""
+               reps: int = 30, make_plot: bool = True, case_filter: str | None = None) -> int:
+    """Runs the named suites (all when None). Returns a process exit code. ``case_filter``: a regular
+    expression; only the cases whose name it matches (``re.search``) are timed."""
     names = names or list(SUITES)
+    pattern = re.compile(case_filter) if case_filter else None
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"unknown suite(s) {unknown}; available: {sorted(SUITES)}", file=sys.stderr)
@@ -63,6 +66,9 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         print(f"== {name}: measured copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s")
         rows = []
         cases = suite.cases(quick=quick)
+        if pattern is not None:
+            cases = [c for c in cases if pattern.search(c.name)]
+            print(f"== {name}: {len(cases)} case(s) match --filter {case_filter!r}")
         errors = []
         for case in tqdm(cases, desc=name, unit="case", file=sys.stdout):
             try:
@@ -82,6 +88,7 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
             "suite": name,
             "title": suite.TITLE,
             "quick": quick,
+            "case_filter": case_filter,
             "environment": harness.environment(),
             "gpu_telemetry": {"before": telemetry_before, "after": telemetry_after},
             "ceilings": ceilings,
