@@ -1,10 +1,9 @@
 """Sweep the Triton W8A8 kernel's launch shapes on this GPU, next to cuBLAS bf16 on the same shape.
 
-    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--fused] [--out tune.json]
+    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--tma] [--out tune.json]
 
 ``--tma`` sweeps the experimental TMA-descriptor kernel (``_int8_matmul_tma_kernel``) instead, for
-M > 16. ``--fused`` sweeps the one-launch small-M kernel of ``int8_linear`` (bf16 activations in, the
-per-token quantization inside) instead, for M <= 16; winners go into ``small_m_config``.
+M > 16.
 
 Every config's output is compared with the int32-exact reference result first (a config that
 computes something else is reported, not timed). The winners go into ``launch_config`` in
@@ -19,7 +18,7 @@ import torch
 import triton
 import triton.testing
 
-from deepseek_kernels.triton.int8_matmul import _int8_linear_small_m_kernel, _int8_matmul_kernel
+from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
 
 SMALL = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stages=s)
          for n, k, w, s in itertools.product((16, 32, 64), (256, 512, 1024), (2, 4, 8), (3, 4, 6))
@@ -38,20 +37,9 @@ def run(a, b, a_s, b_s, out, cfg):
     return out
 
 
-def run_fused(x, b, b_s, out, cfg):
-    M, K = x.shape
-    N = b.shape[0]
-    kw = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "GROUP_M")}
-    _int8_linear_small_m_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        x, x, b, b_s, b_s, out, M, N, K, x.stride(0), b.stride(0), out.stride(0),
-        HAS_SMOOTH=False, HAS_BIAS=False, BLOCK_M=16, **kw)
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
-    ap.add_argument("--fused", action="store_true", help="sweep int8_linear's fused small-M kernel (M <= 16)")
     ap.add_argument("--tma", action="store_true", help="sweep the TMA-descriptor kernel (M > 16)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -62,15 +50,7 @@ def main():
         b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         a_s, b_s = torch.rand(M, device="cuda") / 100, torch.rand(N, device="cuda") / 100
         xb, wb = torch.randn(M, K, device="cuda", dtype=torch.bfloat16), torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        if args.fused:
-            if M > 16:
-                raise SystemExit(f"--fused is for M <= 16, got M={M}")
-            from deepseek_kernels import quantize_per_token
-
-            a, a_s = quantize_per_token(xb)  # the fused kernel must reproduce these codes and scales
-            a_s = a_s.view(-1)
-            call = lambda out, cfg: run_fused(xb, b, b_s, out, cfg)  # noqa: E731
-        elif args.tma:
+        if args.tma:
             from deepseek_kernels.triton.int8_matmul import launch_tma, tma_ok
 
             if not tma_ok(a, b):

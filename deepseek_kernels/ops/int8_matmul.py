@@ -263,49 +263,17 @@ def _check_linear_args(x, weight, weight_scale, bias, smooth) -> None:
         raise ValueError(f"{name}: weight must be on {x.device} like x, got {weight.device}")
 
 
-def _fused_small_m(x2: torch.Tensor, *tensors) -> bool:
-    """Whether ``int8_linear`` takes the one-launch small-M kernel: few rows, no autograd, a plain
-    eager call on a GPU (or the Triton interpreter on CPU tensors, for the tests)."""
-    from deepseek_kernels.triton.int8_matmul import SMALL_M_FUSED
-
-    M, K = x2.shape
-    if not (0 < M <= SMALL_M_FUSED and K > 0) or x2.requires_grad:
-        return False
-    if eager_fast_path(x2, *tensors):
-        return True
-    return interpreting() and x2.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                 bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with ``W`` int8 ``[N, K]`` (per-channel ``weight_scale [N]`` fp32) and ``x``
     ``[..., K]`` quantized per token on the fly (``smooth [K]`` divided in first): exactly
     ``int8_matmul(*quantize_per_token(x, smooth=smooth), ...)``. Output in x's dtype for bf16/fp16,
-    else float32. For at most 16 rows in a plain eager call on a GPU one fused kernel does both
-    steps (one launch instead of two: decode is launch-bound); otherwise the two ops run, which
-    is also what torch.compile and autograd see. Both give the same bits."""
+    else float32. (A one-launch kernel fusing both steps for M <= 16 was tried and measured 2x
+    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.)"""
     _check_linear_args(x, weight, weight_scale, bias, smooth)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
-    if _fused_small_m(x2, weight, weight_scale, bias, smooth):
-        from deepseek_kernels.triton.int8_matmul import _int8_linear_small_m_kernel, small_m_config
-
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        sm = None if smooth is None else smooth.contiguous()  # 1-D vectors are read with unit stride
-        weight_scale = weight_scale.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        out = torch.empty(x2.shape[0], N, dtype=out_dtype, device=x.device)
-        cfg = small_m_config(x2.shape[0], N, K)
-        block_n = cfg.pop("BLOCK_N")
-        triton_kernel(_int8_linear_small_m_kernel, x2.is_cuda)[(triton_cdiv(N, block_n),)](
-            x2, sm if sm is not None else x2, w, weight_scale, bias if bias is not None else out, out,
-            x2.shape[0], N, K, x2.stride(0), w.stride(0), out.stride(0),
-            HAS_SMOOTH=sm is not None, HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, **cfg,
-        )
-        return out.reshape(*lead, N)
     x_q, x_scale = quantize_per_token(x2, smooth=smooth)
     return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
 
@@ -339,17 +307,11 @@ register_explainer("quantize_per_token", lambda x, **kw: _describe_quantize_per_
 def _describe_linear(device: torch.device) -> str:
     if device.type == "cuda" or interpreting():
         where = f"on {device}" if device.type == "cuda" else "under the Triton interpreter (TRITON_INTERPRET=1)"
-        return (f"triton: deepseek_kernels.triton.int8_matmul._int8_linear_small_m_kernel {where} for <= 16 rows in "
-                "plain eager calls (quantize + GEMM in one launch); otherwise quantize_per_token + int8_matmul")
+        return f"triton: quantize_per_token + int8_matmul {where} (two launches)"
     return "reference: quantize_per_token + int8_matmul references (tensors on the CPU)"
 
 
 def _explain_linear(x, weight, *args, **kwargs):
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.device.type == "cuda" or interpreting():
-        fused = _fused_small_m(x2, weight)
-        return ("triton: " + ("_int8_linear_small_m_kernel (one launch: quantize + GEMM)" if fused else
-                              "quantize_per_token + int8_matmul (more than 16 rows, autograd or tracing)"))
     return _describe_linear(x.device)
 
 
