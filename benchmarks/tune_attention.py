@@ -130,7 +130,7 @@ def main():
 
         def run_fused(c):  # the deterministic=False backward: delta kernel + dK/dV with atomic dQ
             dq_acc = torch.zeros(qp.shape, device=qp.device, dtype=torch.float32)
-            wa._launch_delta(op_, dop, delta)
+            wa.launch_delta(op_, dop, delta)
             wa._launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=c, dq_acc=dq_acc, **common)
             return dq_acc.view_as(q), dk.view_as(k), dv.view_as(v)
 

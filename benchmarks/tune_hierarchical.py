@@ -28,10 +28,11 @@ FWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (16, 32, 64), 
             if not (c[0] == 32 and c[3] == 8)]
 FWD_FOCUS = [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 128, 32, 4, 2), (64, 64, 64, 4, 2),
              (64, 64, 32, 8, 2), (64, 128, 32, 8, 2), (32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (64, 64, 32, 4, 1)]
-# (block_m, block_n, num_warps, num_stages)
-BWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 2)) if not (c[0] == 32 and c[2] == 8)]
-BWD_FOCUS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 128, 8, 1), (32, 64, 4, 1), (64, 32, 4, 1), (64, 64, 4, 2),
-             (64, 128, 4, 1), (32, 128, 4, 1)]
+# (block_m, block_n, block_s (the dQ kernel's summary tile), num_warps, num_stages)
+BWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (32, 64), (4, 8), (1, 2))
+            if not (c[0] == 32 and c[3] == 8)]
+# H200, S=32k (2026-11-29): 64x64 w4 st1 21.3 ms, st2 21.9, w8 or 128-wide tiles 31-48 ms; block_s was 64 then
+BWD_FOCUS = [(64, 64, 32, 4, 1), (64, 64, 64, 4, 1), (64, 64, 32, 4, 2), (64, 64, 16, 4, 1), (64, 32, 32, 4, 1)]
 
 
 def main():
@@ -72,8 +73,8 @@ def main():
         print(f"  fwd {bm}x{bn} s{bs} w{w} st{st}: {ms:7.3f} ms ({ms / win_fwd:.2f}x window)", flush=True)
     if not args.skip_bwd:
         want = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw)
-        for bm, bn, w, st in BWD_FULL if args.full else BWD_FOCUS:
-            cfg = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        for bm, bn, bs, w, st in BWD_FULL if args.full else BWD_FOCUS:
+            cfg = dict(block_m=bm, block_n=bn, block_s=bs, num_warps=w, num_stages=st)
             try:
                 got = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg)
                 again = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg)
@@ -83,14 +84,14 @@ def main():
                     continue
                 if not all(torch.equal(a, b) for a, b in zip(got, again)):
                     result["bwd"].append({**cfg, "error": "not deterministic (two calls differ)"})
-                    print(f"  bwd {bm}x{bn} w{w} st{st}: NOT deterministic", flush=True)
+                    print(f"  bwd {bm}x{bn} s{bs} w{w} st{st}: NOT deterministic", flush=True)
                     continue
                 ms = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg))
             except Exception as e:
                 result["bwd"].append({**cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                 continue
             result["bwd"].append({**cfg, "ms": ms})
-            print(f"  bwd {bm}x{bn} w{w} st{st}: {ms:7.3f} ms", flush=True)
+            print(f"  bwd {bm}x{bn} s{bs} w{w} st{st}: {ms:7.3f} ms", flush=True)
     best_f = min((r for r in result["fwd"] if "ms" in r), key=lambda r: r["ms"], default=None)
     best_b = min((r for r in result["bwd"] if "ms" in r), key=lambda r: r["ms"], default=None)
     if best_f:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.triton._common import f32
+from deepseek_kernels.triton.window_attention import launch_delta
 
 # ---- index rules (the reference's, in block units) ----------------------------------------------------
 
@@ -690,9 +691,12 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
         lsep = lse.transpose(0, 1).reshape(Hq, T)
     else:
         dop, op_, lsep = do, out, lse
-    qp, kp, vp, dop = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp, dop))
+    qp, kp, vp, dop, op_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp, dop, op_))
     lsep = lsep.contiguous()
-    delta = (op_.float() * dop.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, T]
+    # delta = rowsum(dO * O), [Hq, T] fp32, in one pass over O and dO (the eager expression it replaces
+    # wrote and re-read four fp32 [T, Hq, D] temporaries: ~8x the bytes)
+    delta = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
+    launch_delta(op_, dop, delta)
     sk, sv = hierarchical_pool(kp, vp, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max_len)
     dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)

@@ -546,7 +546,8 @@ def _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, *, win
     )
 
 
-def _launch_delta(op_, dop, delta):
+def launch_delta(op_, dop, delta):
+    """delta [Hq, T] fp32 = rowsum(dO * O) of packed ``op_``, ``dop`` [T, Hq, D] (unit stride in D)."""
     T, Hq, D = op_.shape
     block_d = max(16, triton.next_power_of_2(D))
     block_t = max(1, min(64, 8192 // block_d))
@@ -593,7 +594,7 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
         _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, **common)
     else:
         dq_acc = torch.zeros(qp.shape, device=qp.device, dtype=torch.float32)
-        _launch_delta(op_, dop, delta)
+        launch_delta(op_, dop, delta)
         _launch_dkdv(qp, kp, vp, dop, lsep, delta, cu_q, cu_k, max_k, dk, dv, config=config_dkdv, dq_acc=dq_acc,
                      **common)
         dq = dq_acc.to(qp.dtype)
