@@ -16,6 +16,15 @@ def bench(fn, warmup: int = 5, rep: int = 50) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
+def bench_graphed(fn, rep: int = 50) -> float:
+    """Milliseconds of ``fn`` replayed from a CUDA graph (GPU time without the CPU launch cost:
+    what a decode loop under torch.compile(mode="reduce-overhead") or a graphed runtime sees);
+    without a GPU, the wall-clock milliseconds of a single call."""
+    if not torch.cuda.is_available():
+        return bench(fn)
+    return triton.testing.do_bench_cudagraph(fn, rep=rep)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of ``a`` against ``b`` (Frobenius norms, float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()

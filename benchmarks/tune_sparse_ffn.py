@@ -1,6 +1,7 @@
 """Sweep the sparse-FFN grouped-GEMM launch shapes on this GPU, one kernel at a time.
 
     python benchmarks/tune_sparse_ffn.py [--tokens 8192] [--ratio 0.3] [--full] [--out results.json]
+    python benchmarks/tune_sparse_ffn.py --decode [--ratio 0.15] [--out results.json]
 
 bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's shape). For each kernel of the forward
 (gate_up, down) and of the backward (dact, dx, dw_gate_up, dw_down) the candidates are timed
@@ -9,6 +10,11 @@ at their defaults; ``block_m`` (shared: it sets the grouping) is swept first. Ev
 is compared with the default config's (relative error < 1e-2, else reported, not timed). Prints
 the best per kernel and the combined config, next to the dense SwiGLU (cuBLAS) on the same tokens;
 the winners go into ``launch_config`` / ``bwd_launch_config`` in deepseek_kernels/triton/sparse_ffn.py.
+
+``--decode``: the two decode kernels (``sparse_ffn_decode``, 1 and 8 tokens), each swept with the
+other at its default, timed replayed from a CUDA graph (their GPU time; eager calls add the CPU
+launch cost on top) next to the dense SwiGLU replayed the same way; winners go into
+``decode_launch_config``.
 """
 
 import argparse
@@ -20,13 +26,68 @@ import torch
 from deepseek_kernels.reference.sparse_ffn import swiglu_ffn_ref
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import bench, rel  # benchmarks/ is on sys.path when a script in it runs
+from _tuning import bench, bench_graphed, rel  # benchmarks/ is on sys.path when a script in it runs
 
 
 # (block_n, block_k, num_warps, num_stages)
 FULL = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
 FOCUS = [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3),
          (32, 64, 4, 4), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4)]
+
+
+# decode: (block_n, block_k, num_warps, num_stages) per kernel
+DECODE_FULL = {"gate_up": list(itertools.product((16, 32, 64), (128, 256, 512), (2, 4), (2, 3, 4))),
+               "down": list(itertools.product((16, 32, 64), (32, 64, 128, 256), (2, 4), (2, 3, 4)))}
+DECODE_FOCUS = {"gate_up": [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 2), (32, 256, 4, 3), (16, 256, 2, 4),
+                            (32, 128, 4, 4), (64, 128, 4, 3), (16, 128, 2, 4)],
+                "down": [(32, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 2),
+                         (32, 64, 4, 4), (64, 128, 4, 3), (16, 128, 2, 4), (32, 256, 8, 2)]}
+
+
+def tune_decode(args):
+    """The decode kernels: for 1 and 8 tokens, each kernel's configs with the other at its default."""
+    D, F_, NB, dev = args.d_model, args.d_ff, 64, args.device
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16
+    k = max(1, round(args.ratio * NB))
+    torch.manual_seed(0)
+    wg, wu = ((torch.randn(F_, D, device=dev) / D**0.5).to(dt) for _ in range(2))
+    wd = (torch.randn(D, F_, device=dev) / F_**0.5).to(dt)
+    kw = dict(shared_blocks=0, n_blocks=NB)
+    result = {"ratio": args.ratio, "k": k, "cases": []}
+    for T in (1, 8):
+        x = torch.randn(T, D, device=dev, dtype=dt)
+        idx = torch.rand(T, NB, device=dev).topk(k, dim=-1).indices.to(torch.int32)
+        w = torch.rand(T, k, device=dev) + 0.1
+        dense = bench_graphed(lambda: swiglu_ffn_ref(x, wg, wu, wd))
+        ref = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, **kw)
+        default = bench_graphed(lambda: tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, **kw))
+        print(f"== decode T{T} ratio {args.ratio} ({k}/{NB} blocks), graphed: dense {dense * 1e3:.1f} us, "
+              f"default {default * 1e3:.1f} us ({dense / default:.2f}x dense)", flush=True)
+        case = {"T": T, "dense_ms": dense, "default_ms": default, "rows": [], "best": {}}
+        for kern in ("gate_up", "down"):
+            rows = []
+            for bn, bk, nw, st in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
+                cfg = {kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+                try:
+                    err = rel(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw), ref)
+                    if not err < 1e-2:
+                        rows.append({"kernel": kern, "config": cfg, "error": f"differs from the default: {err:.2e}"})
+                        continue
+                    ms = bench_graphed(lambda: tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw))
+                    rows.append({"kernel": kern, "config": cfg, "ms": ms})
+                except Exception as e:  # e.g. out of shared memory
+                    rows.append({"kernel": kern, "config": cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            case["rows"] += rows
+            good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+            for r in good[:3]:
+                print(f"   {kern} {r['config'][kern]}: {r['ms'] * 1e3:.1f} us", flush=True)
+            if good:
+                case["best"][kern] = good[0]["config"][kern]
+        both = bench_graphed(lambda: tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=case["best"], **kw))
+        case["combined_ms"] = both
+        print(f"combined {case['best']}: {both * 1e3:.1f} us = {dense / both:.2f}x dense (graphed)", flush=True)
+        result["cases"].append(case)
+    return result
 
 
 def main():
@@ -38,8 +99,17 @@ def main():
     ap.add_argument("--d-model", type=int, default=4096)
     ap.add_argument("--d-ff", type=int, default=14336)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
+    ap.add_argument("--decode", action="store_true", help="sweep the decode kernels (1 and 8 tokens) instead")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.decode:
+        if args.ratio == 0.3:  # the training default; decode runs at ~15 %
+            args.ratio = 0.15
+        result = tune_decode(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        return
     T, D, F_, NB = args.tokens, args.d_model, args.d_ff, 64
     k = max(1, round(args.ratio * NB))
     torch.manual_seed(0)

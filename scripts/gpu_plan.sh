@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests | tests-generic | tune-hier | tune-attn-tma | tune-sparse | tune-int8 | bench [suite ...]
+# Steps: tests | tests-generic | tune-hier | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-int8 |
+#        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
 set -uo pipefail
@@ -29,12 +30,17 @@ case "$step" in
       --out "$OUT/tune_attention_tma.json" ;;
   tune-sparse)
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
+  tune-sparse-decode)
+    timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --decode --out "$OUT/tune_sparse_decode.json" ;;
+  tune-int8-small)  # the decode GEMVs (M <= 16), graphed
+    timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
+      --out "$OUT/tune_int8_small.json" ;;
   tune-int8)
     timeout 540 "$PY" benchmarks/tune_int8.py --tma --shapes "8192,8192,8192;8192,4096,4096;2048,4096,4096" \
       --out "$OUT/tune_int8_tma.json" ;;
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-attn-tma|tune-sparse|tune-int8|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

@@ -259,6 +259,25 @@ def test_decode_kernels_match_reference(case, poisoned):
     assert rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("config", [
+    {"gate_up": {"block_n": 32, "block_k": 16, "num_stages": 2}},
+    {"down": {"block_n": 16, "block_k": 64, "num_warps": 2}},
+    {"gate_up": {"block_n": 64}, "down": {"block_k": 128, "num_stages": 4}},
+], ids=["gate_up", "down", "both"])
+def test_decode_launch_configs_agree(config, poisoned):
+    """The tiles the decode tuner sweeps (block sizes smaller and larger than a 15-neuron block,
+    D not a multiple of block_k) give the reference's result; unknown names are rejected."""
+    x, wg, wu, wd, idx, w = _ffn_inputs((5, 40, 120, 8, 1, 3, False, None), torch.float32)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=8,
+                                shared_blocks=1)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config=config)
+    assert rel(out, ref) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"combine": {}})
+    with pytest.raises(ValueError, match="unknown key"):
+        tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"down": {"block_q": 8}})
+
+
 def test_decode_reads_only_used_blocks_and_poisons_invalid_ids(poisoned):
     """Weight slices of unused blocks are never read (NaN there changes nothing); a bad id gives NaN."""
     T, D, F_, NB = 4, 16, 64, 8

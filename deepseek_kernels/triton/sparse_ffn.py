@@ -769,24 +769,36 @@ def _sparse_ffn_decode_down_kernel(
              mask=(offs_t[:, None] < T) & n_mask[None, :])
 
 
+DECODE_KERNELS = ("gate_up", "down")
+
+
 def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     """Tile shapes of the decode kernels (untuned first guess: narrow tiles, so that even one token's
-    few active blocks spread over many programs; the kernels are bandwidth-bound)."""
-    return dict(block_n_gate_up=16, block_k_gate_up=128, block_n_down=32, block_k_down=32, num_warps=4)
+    few active blocks spread over many programs; the kernels are bandwidth-bound), in the format
+    of :func:`resolve_config`: a base (``block_m`` unused: the token tile is 16 rows) and per-kernel
+    entries. ``benchmarks/tune_sparse_ffn.py --decode`` sweeps them."""
+    return dict(block_m=16, block_n=16, block_k=128, num_warps=4, per_kernel={"down": dict(block_n=32, block_k=32)})
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                      direct: bool = False, **tiles) -> torch.Tensor:
+                      direct: bool = False, config: dict | None = None) -> torch.Tensor:
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
-    host sync, two launches (``direct``: plain kernel launches, for eager calls)."""
+    host sync, two launches (``direct``: plain kernel launches, for eager calls). ``config``: per
+    kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`resolve_config`)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
     BS = w_gate.shape[0] // n_blocks
-    cfg = {**decode_launch_config(T, D, BS), **tiles}
+    base = decode_launch_config(T, D, BS)
+    per_kernel = base.pop("per_kernel")
+    config = dict(config or {})
+    for name, tiles in per_kernel.items():
+        config[name] = {**tiles, **config.get(name, {})}
+    _, kc = resolve_config(base, DECODE_KERNELS, config=config)
+    gu, dn = kc["gate_up"], kc["down"]
     K = idx.shape[1]
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     if T == 0:
@@ -797,16 +809,16 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
     prec = _dot_precision(x.dtype)
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
-    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(n_blocks, triton.cdiv(BS, cfg["block_n_gate_up"]))](
+    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(n_blocks, triton.cdiv(BS, gu["block_n"]))](
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_gate_up"], BLOCK_K=cfg["block_k_gate_up"],
-        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
+        BLOCK_KS=block_ks, **_launch(gu),
     )
-    triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, cfg["block_n_down"]),)](
+    triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
         h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
-        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=cfg["block_n_down"], BLOCK_K=cfg["block_k_down"],
-        BLOCK_KS=block_ks, num_warps=cfg["num_warps"],
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+        BLOCK_KS=block_ks, **_launch(dn),
     )
     return out
