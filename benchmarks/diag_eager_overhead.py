@@ -1,0 +1,92 @@
+"""Where the time of an eager decode-sized call goes (CPU-side launch overhead vs the kernel).
+
+    python benchmarks/diag_eager_overhead.py
+
+Times, for int8_linear at M=1 N=14336 K=4096 on a CUDA GPU: the public functions
+(quantize_per_token, int8_matmul, int8_linear), the raw Triton ``kernel[grid](...)`` launch of
+the quantize kernel, the same through a CUDA graph (the kernel alone), and a cProfile of the
+eager int8_linear call (top entries by own time). Prints a table.
+"""
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
+
+
+def wall_us(fn, n=200):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def cpu_us(fn, n=200):
+    """Host time per call without waiting for the GPU (the launch cost alone)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def graphed_us(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return wall_us(g.replay, n)
+
+
+def main():
+    M, N, K = 1, 14336, 4096
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    ws = torch.rand(N, device="cuda") / 100
+    xq, xs = dk.quantize_per_token(x)
+    q, s = torch.empty_like(xq), torch.empty_like(xs)
+
+    def raw_quant():
+        _quantize_per_token_kernel[(M,)](x, x, q, s, K, x.stride(0), q.stride(0), HAS_SMOOTH=False, BLOCK_K=4096,
+                                         num_warps=8)
+
+    cases = {
+        "quantize_per_token": lambda: dk.quantize_per_token(x),
+        "raw quantize kernel[grid]": raw_quant,
+        "int8_matmul": lambda: dk.int8_matmul(xq, w, xs, ws),
+        "int8_linear": lambda: dk.int8_linear(x, w, ws),
+        "torch.empty x2": lambda: (torch.empty(M, K, device="cuda", dtype=torch.int8),
+                                   torch.empty(M, 1, device="cuda")),
+    }
+    print(f"{'call':<28} {'wall us':>9} {'host us':>9} {'graphed us':>11}")
+    for name, fn in cases.items():
+        g = graphed_us(fn) if "empty" not in name else float("nan")
+        print(f"{name:<28} {wall_us(fn):9.1f} {cpu_us(fn):9.1f} {g:11.1f}")
+    prof = cProfile.Profile()
+    fn = cases["int8_linear"]
+    prof.enable()
+    for _ in range(200):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    print("\n".join(line[:160] for line in buf.getvalue().splitlines()[:45]))
+
+
+if __name__ == "__main__":
+    main()
