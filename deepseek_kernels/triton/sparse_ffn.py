@@ -679,7 +679,9 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 # decode kernels read the routing straight from idx [T, k] and treat the T tokens as one padded
 # 16-row tile: every weight slice of a block that any of the tokens uses is read exactly once, slices
 # of unused blocks are never read, so the bytes fall with the ratio. Tokens that do not use a block
-# get weight 0 in its rows (free: the tile is padded anyway).
+# get weight 0 in its rows (free: the tile is padded anyway). Both kernels first list the used blocks
+# (a [n_blocks] mask from idx, ranked by a cumsum): gate/up launches one program row per possible used
+# block (min(n_blocks, shared + T*k)), down loops over (used block, K tile) pairs in one flat loop.
 
 DECODE_MAX_TOKENS = 16
 
@@ -701,20 +703,38 @@ def _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS: tl.constexpr):
 
 
 @triton.jit
+def _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``(used [BLOCK_B], rank [BLOCK_B], n_used)``: which of the NB blocks any of the T tokens uses
+    (shared blocks always), each used block's position in ascending order, and how many there are."""
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_j = tl.arange(0, BLOCK_KS)
+    hit = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    for t in range(0, T):
+        ids = tl.load(IDX + t * K + offs_j, mask=offs_j < K, other=-1)
+        match = ((ids[None, :] + S) == offs_b[:, None]) & (ids[None, :] >= 0)
+        hit = tl.maximum(hit, tl.max(match.to(tl.int32), 1))
+    used = ((hit > 0) | (offs_b < S)) & (offs_b < NB)
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
+    return used, rank, tl.sum(used.to(tl.int32), 0)
+
+
+@triton.jit
 def _sparse_ffn_decode_gate_up_kernel(
     X, WG, WU, IDX, WT, H,
-    T, D, BS, S, K,
+    T, D, BS, S, K, NB,
     stride_xt, stride_xd, stride_wf, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KS: tl.constexpr,
+    BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Block b = program_id(0), neurons n of program_id(1): H[b, t, n] = weight(t, b) *
-    silu(x[t] . w_gate[b*BS + n]) * (x[t] . w_up[b*BS + n]) for all T tokens, only if some token
-    uses b (H of unused blocks stays unwritten and unread)."""
-    b = tl.program_id(0)
-    offs_t = tl.arange(0, BLOCK_T)
-    w_t, member, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
-    if used:
+    """Block b = the program_id(0)-th used block (ascending; programs past the last used block
+    exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
+    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
+    j = tl.program_id(0)
+    if j < n_used:
+        b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)
+        offs_t = tl.arange(0, BLOCK_T)
+        w_t, member, _ = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < BS
         f = (b * BS + offs_n).to(tl.int64)
@@ -740,26 +760,31 @@ def _sparse_ffn_decode_down_kernel(
     T, D, BS, S, K, NB, NR,
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KS: tl.constexpr,
+    BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
-    in block order (each output element owned by one program: deterministic, no y, no combine). A
-    token with an id outside [-1, NR) gets a NaN row."""
+    in ascending block order (each output element owned by one program: deterministic, no y, no
+    combine). The used blocks are found once up front, then one flat loop runs over (used block,
+    K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
+    membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
+    A token with an id outside [-1, NR) gets a NaN row."""
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
+    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
+    offs_b = tl.arange(0, BLOCK_B)
+    k_tiles = tl.cdiv(BS, BLOCK_K)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for b in range(NB):
-        _, _, used = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
-        if used:
-            for k0 in range(0, BS, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < BS
-                h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
-                            mask=k_mask[None, :], other=0.0)
-                w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
-                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    for i in range(0, n_used * k_tiles):
+        j = i // k_tiles
+        b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)  # the j-th used block
+        offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < BS
+        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
+                    mask=k_mask[None, :], other=0.0)
+        w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     offs_j = tl.arange(0, BLOCK_KS)
     m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
     ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
@@ -809,16 +834,18 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
     prec = _dot_precision(x.dtype)
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
-    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(n_blocks, triton.cdiv(BS, gu["block_n"]))](
-        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K,
+    block_b = max(2, triton.next_power_of_2(n_blocks))
+    max_used = min(n_blocks, shared_blocks + T * K)  # programs past the actual count exit at once
+    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
+        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, **_launch(gu),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, **_launch(gu),
     )
     triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
         h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-        BLOCK_KS=block_ks, **_launch(dn),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, **_launch(dn),
     )
     return out
