@@ -2,12 +2,18 @@
 sliding-window op with the same window on the same inputs.
 
     python benchmarks/tune_hierarchical.py [--seqlen 32768] [--full] [--out results.json]
+    python benchmarks/tune_hierarchical.py --decode [--seqlen 131072] [--out results.json]
 
 bf16, H=32/32, D=128, W=4096, block=64, levels=None (the bench suite's shape). Forward: every
 config's output is compared with the default config's (relative error < 1e-2, else reported, not
 timed). Backward: the same for (dq, dk, dv), and each config is run twice and must give the same
 bits (Triton 3.6 raced with pipelined loops at D=128: benchmarks/NOTES.md). The winners go into
 ``_blocks`` / the launch defaults in deepseek_kernels/triton/hierarchical_attention.py.
+
+``--decode``: the decode attention kernel (one token, B=1, H32/8, D=128, W=4096, cache prefilled with
+``--seqlen`` tokens) over its launch shape (block_n, num_warps, num_stages, num_splits), replayed from
+a CUDA graph (GPU time), next to the window decode kernel on the same context; every config's output
+is compared with the default's. Winners go into ``hierarchical_decode_attn``'s defaults.
 """
 
 import argparse
@@ -35,6 +41,55 @@ BWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (32, 64), (4, 
 BWD_FOCUS = [(64, 64, 32, 4, 1), (64, 64, 64, 4, 1), (64, 64, 32, 4, 2), (64, 64, 16, 4, 1), (64, 32, 32, 4, 1)]
 
 
+# (block_n, num_warps, num_stages, num_splits; None = the default heuristic)
+DECODE_FOCUS = [(64, 4, None, None), (64, 4, 2, None), (64, 4, 1, None), (32, 4, 2, None), (128, 8, 2, None),
+                (64, 8, 2, None), (64, 4, 2, 16), (64, 4, 2, 66), (64, 4, 2, 132), (32, 4, 2, 132), (32, 2, 2, 132)]
+DECODE_FULL = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3), (None, 16, 33, 66, 132)))
+
+
+def tune_decode(args):
+    from deepseek_kernels.decode import RollingKVCache
+    from deepseek_kernels.hierarchical_decode import HierarchicalKVCache
+    from deepseek_kernels.triton.hierarchical_decode import hierarchical_decode_attn
+
+    from _tuning import bench_graphed
+
+    S, W, Hq, Hkv, D, BLOCK, dev = args.seqlen, args.window, 32, 8, 128, 64, args.device
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16
+    torch.manual_seed(0)
+    k, v = (torch.randn(1, S, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+    hc = HierarchicalKVCache(1, Hkv, D, window=W, block=BLOCK, max_seqlen=2 * S, dtype=dt, device=dev)
+    rc = RollingKVCache(1, Hkv, D, window=W, max_step=1, dtype=dt, device=dev)
+    hc.prefill(k, v)
+    rc.prefill(k, v)
+    q = torch.randn(1, 1, Hq, D, device=dev, dtype=dt)
+    ones = torch.ones(1, dtype=torch.int64, device=dev)
+    win = bench_graphed(lambda: dk.window_attention_decode(q, rc))
+    scale = D**-0.5
+    ref = hierarchical_decode_attn(q, hc, ones, softmax_scale=scale)
+    default = bench_graphed(lambda: hierarchical_decode_attn(q, hc, ones, softmax_scale=scale))
+    print(f"== decode @ {S} W{W} H{Hq}/{Hkv} ({hc.levels} levels), graphed: window decode {win * 1e3:.1f} us, "
+          f"hierarchical default {default * 1e3:.1f} us ({default / win:.2f}x window)", flush=True)
+    result = {"S": S, "W": W, "window_ms": win, "default_ms": default, "rows": []}
+    for bn, nw, st, ns in DECODE_FULL if args.full else DECODE_FOCUS:
+        cfg = dict(block_n=bn, num_warps=nw, num_stages=st, num_splits=ns)
+        try:
+            err = rel(hierarchical_decode_attn(q, hc, ones, softmax_scale=scale, **cfg), ref)
+            if not err < 1e-2:
+                result["rows"].append({**cfg, "error": f"differs from the default config: {err:.2e}"})
+                continue
+            ms = bench_graphed(lambda: hierarchical_decode_attn(q, hc, ones, softmax_scale=scale, **cfg))
+        except Exception as e:  # e.g. out of shared memory
+            result["rows"].append({**cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            continue
+        result["rows"].append({**cfg, "ms": ms, "vs_window": ms / win})
+        print(f"  block_n {bn} w{nw} st{st} splits {ns}: {ms * 1e3:6.1f} us ({ms / win:.2f}x window)", flush=True)
+    best = min((r for r in result["rows"] if "ms" in r), key=lambda r: r["ms"], default=None)
+    if best:
+        print(f"best decode: {best}")
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, default=32768)
@@ -43,8 +98,17 @@ def main():
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
+    ap.add_argument("--decode", action="store_true", help="sweep the decode attention kernel instead")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.decode:
+        if args.seqlen == 32768:  # the prefill default; decode is timed at the bench suite's 131072
+            args.seqlen = 131072
+        result = tune_decode(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     S, H, D, W, BLOCK = args.seqlen, args.heads, 128, args.window, 64
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(1, S, H, D, device=args.device,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests | tests-generic | tune-hier | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-int8 |
+# Steps: tests | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -25,6 +25,8 @@ case "$step" in
       timeout 570 bash scripts/gpu_check.sh ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
+  tune-hier-decode)
+    timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;
   tune-attn-tma)
     timeout 560 "$PY" benchmarks/tune_attention.py --tma --fwd-only --shapes "8192,4,4096,32,32" \
       --out "$OUT/tune_attention_tma.json" ;;
@@ -41,6 +43,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

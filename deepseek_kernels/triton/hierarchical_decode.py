@@ -160,7 +160,7 @@ def _hier_decode_kernel(
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows ``r < T * REP`` of the tile are (step ``r // REP``, query head ``kvh * REP + r % REP``)."""
-    sm_scale = f32(sm_scale)
+    qk_scale = f32(sm_scale) * 1.4426950408889634  # base 2: exp2 in the online softmax
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -191,10 +191,10 @@ def _hier_decode_kernel(
         src = (kv_row + offs_n.to(tl.int64) * HKV) * D
         k = tl.load(CK + src[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_mask[:, None], other=0.0)
         v = tl.load(CV + src[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype)) * sm_scale
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
         vis = (pos[None, :] >= 0) & (pos[None, :] <= p[:, None]) & (
             (pos[None, :] >= local_lo[:, None]) | (pos[None, :] < sinks))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v.to(q.dtype), False)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), v.to(q.dtype), True)
     # summary slots of all levels as one index j = (level - 1) * M + slot ([B, L, M] is contiguous)
     for i in range(tl.maximum(tile_lo, n_exact), tile_hi):
         offs_j = (i - n_exact) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,8 +211,8 @@ def _hier_decode_kernel(
         kb = tl.load(SK + src[None, :] + offs_d[:, None], mask=j_ok[None, :] & d_mask[:, None], other=0.0)
         vb = tl.load(SV + src[:, None] + offs_d[None, :], mask=j_ok[:, None] & d_mask[None, :], other=0.0)
         # summaries enter the dots in the input dtype, as in the full-sequence forward
-        s = tl.dot(q, kb.to(q.dtype)) * sm_scale + tl.log(tl.maximum(c, 1).to(tl.float32))[None, :]
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), vb.to(q.dtype), False)
+        s = tl.dot(q, kb.to(q.dtype)) * qk_scale + tl.log2(tl.maximum(c, 1).to(tl.float32))[None, :]
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(vis, s, float("-inf")), vb.to(q.dtype), True)
     if SPLIT:
         part = ((b * T + t) * HQ + hh) * NSPLIT + pid_s
         tl.store(OPART + part[:, None] * D + offs_d[None, :], acc, mask=q_mask)
@@ -243,7 +243,7 @@ def _hier_decode_combine_kernel(
                   mask=s_ok[:, None] & d_mask[None, :], other=0.0)
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # a split that saw nothing has m = -inf
-    w = tl.exp(m - m_safe)
+    w = tl.exp2(m - m_safe)  # the partial maxima are in base 2
     denom = tl.sum(w * l, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(O + b * stride_ob + t * stride_ot + hh * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
@@ -263,9 +263,10 @@ def decode_splits(batch: int, kv_heads: int, tiles: int, device: torch.device) -
 
 def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, softmax_scale: float,
                              num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                             direct: bool = False) -> torch.Tensor:
+                             num_stages: int | None = None, direct: bool = False) -> torch.Tensor:
     """Attention of ``q [B, T, Hq, D]`` (the newest ``T`` tokens of each row, already appended)
-    over ``cache``. Returns ``[B, T, Hq, D]`` like ``q``."""
+    over ``cache``. Returns ``[B, T, Hq, D]`` like ``q``. ``num_splits``, ``block_n``, ``num_warps``,
+    ``num_stages``: the launch shape (untuned defaults; ``benchmarks/tune_hierarchical.py --decode``)."""
     B, T, Hq, D = q.shape
     Hkv = cache.k.shape[2]
     rep = Hq // Hkv
@@ -290,7 +291,7 @@ def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, s
         softmax_scale, T, Hq, Hkv, rep, D, ns, M, L, cache.window // cache.block, cache.block, cache.sinks,
         per_split, nsplit,
         SPLIT=nsplit > 1, BLOCK_M=max(16, triton.next_power_of_2(T * rep)), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if nsplit > 1:
         triton_kernel(_hier_decode_combine_kernel, direct)[(B * T * Hq,)](
