@@ -19,25 +19,17 @@ import deepseek_kernels as dk
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
 
-def wall_us(fn, n=200):
+def per_call_us(fn, n=200, wait=True):
+    """Microseconds per call: wall time to finish (``wait``), or the host time alone (the calls
+    queued without waiting for the GPU: the launch cost)."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
-
-
-def cpu_us(fn, n=200):
-    """Host time per call without waiting for the GPU (the launch cost alone)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
+    if wait:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t
     torch.cuda.synchronize()
     return dt / n * 1e6
@@ -49,7 +41,7 @@ def graphed_us(fn, n=200):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return wall_us(g.replay, n)
+    return per_call_us(g.replay, n)
 
 
 def main():
@@ -75,7 +67,7 @@ def main():
     print(f"{'call':<28} {'wall us':>9} {'host us':>9} {'graphed us':>11}")
     for name, fn in cases.items():
         g = graphed_us(fn) if "empty" not in name else float("nan")
-        print(f"{name:<28} {wall_us(fn):9.1f} {cpu_us(fn):9.1f} {g:11.1f}")
+        print(f"{name:<28} {per_call_us(fn):9.1f} {per_call_us(fn, wait=False):9.1f} {g:11.1f}")
     prof = cProfile.Profile()
     fn = cases["int8_linear"]
     prof.enable()
