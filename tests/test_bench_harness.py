@@ -1,4 +1,4 @@
-"""The benchmark harness's timers (GPU only: they time CUDA work)."""
+"""The benchmark harness: its timers (GPU only: they time CUDA work) and case selection."""
 
 import pytest
 import torch
@@ -55,3 +55,17 @@ def test_a_failing_case_keeps_the_rest_of_the_suite(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "two_cases.json").read_text())["rows"]
     assert rows[0]["case"] == "good" and rows[0]["speedup"] > 0
     assert rows[1]["case"] == "bad (FAILED)" and "broken on purpose" in rows[1]["error"]
+
+
+def test_case_filter_selects_by_name_and_rejects_bad_patterns(capsys):
+    """``bench --filter``: cases picked by re.search on their names, in order; an invalid pattern is
+    an exit code 2 with a message, before anything runs (no GPU needed)."""
+    from deepseek_kernels import bench
+    from deepseek_kernels.bench.suites import SUITES
+
+    names = [c.name for c in SUITES["int8_matmul"].cases()]
+    picked = [c.name for c in bench.select_cases(SUITES["int8_matmul"].cases(), r"^M1 .*graphed")]
+    assert picked == [n for n in names if n.startswith("M1 ") and "graphed" in n] and len(picked) == 1
+    assert bench.select_cases(SUITES["int8_matmul"].cases(), "no such case") == []
+    assert bench.run_suites(["int8_matmul"], case_filter="M1 (", make_plot=False) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from deepseek_kernels.bench import harness, report
 from deepseek_kernels.bench.harness import Case, Impl, run_case
 from deepseek_kernels.bench.suites import SUITES
 
-__all__ = ["Case", "Impl", "SUITES", "run_case", "run_suites"]
+__all__ = ["Case", "Impl", "SUITES", "run_case", "run_suites", "select_cases"]
 
 
 def _accuracy_table(rows: list[dict]) -> str:
@@ -31,12 +31,22 @@ def _accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def select_cases(cases: list[Case], pattern: "re.Pattern | str") -> list[Case]:
+    """The cases whose name the regular expression matches anywhere (``re.search``), in order."""
+    pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+    return [c for c in cases if pattern.search(c.name)]
+
+
 def run_suites(names: list[str] | None = None, *, out: str | None = None, quick: bool = False,
                reps: int = 30, make_plot: bool = True, case_filter: str | None = None) -> int:
     """Runs the named suites (all when None). Returns a process exit code. ``case_filter``: a regular
     expression; only the cases whose name it matches (``re.search``) are timed."""
     names = names or list(SUITES)
-    pattern = re.compile(case_filter) if case_filter else None
+    try:
+        pattern = re.compile(case_filter) if case_filter else None
+    except re.error as e:
+        print(f"--filter {case_filter!r} is not a valid regular expression: {e}", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"unknown suite(s) {unknown}; available: {sorted(SUITES)}", file=sys.stderr)
@@ -67,7 +77,7 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         rows = []
         cases = suite.cases(quick=quick)
         if pattern is not None:
-            cases = [c for c in cases if pattern.search(c.name)]
+            cases = select_cases(cases, pattern)
             print(f"== {name}: {len(cases)} case(s) match --filter {case_filter!r}")
         errors = []
         for case in tqdm(cases, desc=name, unit="case", file=sys.stdout):
