@@ -92,7 +92,7 @@ def tune_decode(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seqlen", type=int, default=32768)
+    ap.add_argument("--seqlen", type=int, help="tokens (default 32768; the cached context with --decode: 131072)")
     ap.add_argument("--full", action="store_true", help="sweep the full grids (long: one compile per config)")
     ap.add_argument("--skip-bwd", action="store_true")
     ap.add_argument("--window", type=int, default=4096)
@@ -101,9 +101,9 @@ def main():
     ap.add_argument("--decode", action="store_true", help="sweep the decode attention kernel instead")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.seqlen is None:
+        args.seqlen = 131072 if args.decode else 32768  # decode: the bench suite's context
     if args.decode:
-        if args.seqlen == 32768:  # the prefill default; decode is timed at the bench suite's 131072
-            args.seqlen = 131072
         result = tune_decode(args)
         if args.out:
             with open(args.out, "w") as f:
