@@ -1,20 +1,32 @@
-"""Times our quantization kernels only (no baseline), for launch-parameter tuning:
-``DSK_QUANT_VECTORS_PER_THREAD=4 python benchmarks/tune_quantization.py``. Prints one line per case."""
+"""Times our kernels only (no baseline), for launch-parameter tuning, one line per case:
+
+    DSK_QUANT_VECTORS_PER_THREAD=4 python benchmarks/tune_quantization.py [quantization|comm_hook]
+
+``quantization`` (default): the blockwise quantize/dequantize cases. ``comm_hook``: the fused hook
+pipeline per 25 MiB bucket (eager and CUDA-graph rows), whose reduce kernels take the compile-time
+knobs ``DSK_REDUCE_SHARDS_PER_STEP`` / ``DSK_REDUCE_ROUNDS`` (benchmarks/tune_variants.sh rebuilds
+per variant: ``DSK_TUNE_SUITE=comm_hook benchmarks/tune_variants.sh "-DDSK_REDUCE_ROUNDS=2"``)."""
 
 import os
+import sys
 
 import torch
 
 from deepseek_kernels.bench import harness
-from deepseek_kernels.bench.suites import quantization
+from deepseek_kernels.bench.suites import comm_hook, quantization
+
+SUITES = {"quantization": quantization, "comm_hook": comm_hook}
 
 if __name__ == "__main__":
+    name = sys.argv[1] if len(sys.argv) > 1 else "quantization"
+    if name not in SUITES:
+        raise SystemExit(f"unknown suite {name!r}; choose one of {sorted(SUITES)}")
     copy = harness.measure_copy_bandwidth()
     vpt = os.environ.get("DSK_QUANT_VECTORS_PER_THREAD", "default")
-    for case in quantization.cases():
+    for case in SUITES[name].cases():
         inputs = harness.rotated_inputs(case.make_inputs)
         t = harness.time_cuda(case.ours.fn, inputs, reps=30)
         gbps = case.bytes / (t["ms"] * 1e-3) / 1e9
-        print(f"vpt={vpt:<8} {case.name:<22} {t['ms']:.4f} ms  {gbps:7.0f} GB/s  {100 * gbps * 1e9 / copy:5.1f}% of copy")
+        print(f"vpt={vpt:<8} {case.name:<26} {t['ms']:.4f} ms  {gbps:7.0f} GB/s  {100 * gbps * 1e9 / copy:5.1f}% of copy")
         del inputs
         torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-int8 |
+# Steps: tests | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -34,6 +34,9 @@ case "$step" in
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
   tune-sparse-decode)
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --decode --out "$OUT/tune_sparse_decode.json" ;;
+  tune-comm)  # the reduce kernels' compile-time knobs (one rebuild per variant, ~1-2 min each)
+    DSK_TUNE_SUITE=comm_hook timeout 560 bash benchmarks/tune_variants.sh "" "-DDSK_REDUCE_SHARDS_PER_STEP=8" \
+      "-DDSK_REDUCE_ROUNDS=2" "-DDSK_REDUCE_SHARDS_PER_STEP=8 -DDSK_REDUCE_ROUNDS=2" ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
@@ -43,6 +46,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
