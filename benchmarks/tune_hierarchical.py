@@ -34,11 +34,23 @@ FWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (16, 32, 64), 
             if not (c[0] == 32 and c[3] == 8)]
 FWD_FOCUS = [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (64, 128, 32, 4, 2), (64, 64, 64, 4, 2),
              (64, 64, 32, 8, 2), (64, 128, 32, 8, 2), (32, 64, 32, 4, 2), (64, 64, 16, 4, 2), (64, 64, 32, 4, 1)]
-# (block_m, block_n, block_s (the dQ kernel's summary tile), num_warps, num_stages)
-BWD_FULL = [c for c in itertools.product((32, 64), (32, 64, 128), (32, 64), (4, 8), (1, 2))
-            if not (c[0] == 32 and c[3] == 8)]
-# H200, S=32k (2026-11-29): 64x64 w4 st1 21.3 ms, st2 21.9, w8 or 128-wide tiles 31-48 ms; block_s was 64 then
-BWD_FOCUS = [(64, 64, 32, 4, 1), (64, 64, 64, 4, 1), (64, 64, 32, 4, 2), (64, 64, 16, 4, 1), (64, 32, 32, 4, 1)]
+# backward, per kernel (the others at their defaults); H200, S=32k (2026-11-29, one setting for all
+# three kernels then): 64x64 w4 st1 21.3 ms, st2 21.9, w8 or 128-wide tiles 31-48 ms
+BWD_KEYS = {"dq": ("block_m", "block_n", "block_s", "num_warps", "num_stages"),
+            "dkdv": ("block_m", "block_n", "num_warps", "num_stages"),
+            "dsum": ("block_m", "block_s", "num_warps", "num_stages")}
+BWD_FOCUS = {
+    "dq": [(64, 64, 32, 4, 1), (64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 64, 4, 1), (64, 64, 16, 4, 2),
+           (64, 32, 32, 4, 3), (64, 128, 32, 8, 2)],
+    "dkdv": [(64, 64, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 2)],
+    "dsum": [(64, 16, 4, 1), (64, 16, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (32, 16, 4, 2), (64, 64, 4, 2)],
+}
+BWD_FULL = {
+    "dq": [c for c in itertools.product((32, 64), (32, 64, 128), (16, 32, 64), (4, 8), (1, 2, 3))
+           if not (c[0] == 32 and c[3] == 8)],
+    "dkdv": [c for c in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 2, 3)) if not (c[0] == 32 and c[2] == 8)],
+    "dsum": list(itertools.product((32, 64), (16, 32, 64), (4, 8), (1, 2, 3))),
+}
 
 
 # (block_n, num_warps, num_stages, num_splits; None = the default heuristic)
@@ -135,34 +147,45 @@ def main():
             continue
         result["fwd"].append({**cfg, "ms": ms, "vs_window": ms / win_fwd})
         print(f"  fwd {bm}x{bn} s{bs} w{w} st{st}: {ms:7.3f} ms ({ms / win_fwd:.2f}x window)", flush=True)
+    best_bwd = {}
     if not args.skip_bwd:
         want = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw)
-        for bm, bn, bs, w, st in BWD_FULL if args.full else BWD_FOCUS:
-            cfg = dict(block_m=bm, block_n=bn, block_s=bs, num_warps=w, num_stages=st)
-            try:
-                got = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg)
-                again = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg)
-                errs = [rel(g, t) for g, t in zip(got, want)]
-                if not all(e < 1e-2 for e in errs):
-                    result["bwd"].append({**cfg, "error": f"differs from the default config: {errs}"})
-                    continue
-                if not all(torch.equal(a, b) for a, b in zip(got, again)):
-                    result["bwd"].append({**cfg, "error": "not deterministic (two calls differ)"})
-                    print(f"  bwd {bm}x{bn} s{bs} w{w} st{st}: NOT deterministic", flush=True)
-                    continue
-                ms = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw, **cfg))
-            except Exception as e:
-                result["bwd"].append({**cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
-                continue
-            result["bwd"].append({**cfg, "ms": ms})
-            print(f"  bwd {bm}x{bn} s{bs} w{w} st{st}: {ms:7.3f} ms", flush=True)
+        base_bwd = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw))
+        print(f"  bwd default: {base_bwd:7.3f} ms", flush=True)
+        result["bwd_default_ms"] = base_bwd
+        for kern, keys in BWD_KEYS.items():
+            rows = []
+            for values in BWD_FULL[kern] if args.full else BWD_FOCUS[kern]:
+                cfg = {kern: dict(zip(keys, values))}
+                row = {"kernel": kern, "config": cfg[kern]}
+                try:
+                    got = hierarchical_attention_bwd(do, q, k, v, ref, lse, config=cfg, **kw)
+                    again = hierarchical_attention_bwd(do, q, k, v, ref, lse, config=cfg, **kw)
+                    errs = [rel(g, t) for g, t in zip(got, want)]
+                    if not all(e < 1e-2 for e in errs):
+                        row["error"] = f"differs from the default config: {errs}"
+                    elif not all(torch.equal(a, b) for a, b in zip(got, again)):
+                        row["error"] = "not deterministic (two calls differ)"
+                    else:
+                        row["ms"] = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, config=cfg, **kw))
+                except Exception as e:  # e.g. out of shared memory
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(row)
+                print(f"  bwd {kern} {cfg[kern]}: " + (f"{row['ms']:7.3f} ms" if "ms" in row else row["error"]),
+                      flush=True)
+            result["bwd"] += rows
+            good = [r for r in rows if "ms" in r]
+            if good:
+                best_bwd[kern] = min(good, key=lambda r: r["ms"])["config"]
+        combined = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, config=best_bwd, **kw))
+        result["bwd_best"] = {"config": best_bwd, "ms": combined}
+        print(f"best bwd per kernel {best_bwd}: {combined:.3f} ms (default {base_bwd:.3f})")
     best_f = min((r for r in result["fwd"] if "ms" in r), key=lambda r: r["ms"], default=None)
-    best_b = min((r for r in result["bwd"] if "ms" in r), key=lambda r: r["ms"], default=None)
     if best_f:
         print(f"best fwd: {best_f}")
-    if best_b:
-        fb = best_f["ms"] + best_b["ms"] if best_f else float("nan")
-        print(f"best bwd: {best_b}; best fwd + bwd {fb:.3f} ms = {fb / win_fb:.2f}x window fwd+bwd "
+    if best_f and best_bwd:
+        fb = best_f["ms"] + result["bwd_best"]["ms"]
+        print(f"best fwd + bwd {fb:.3f} ms = {fb / win_fb:.2f}x window fwd+bwd "
               "(the op's fwd+bwd also pools twice and computes delta)")
     if args.out:
         with open(args.out, "w") as f:

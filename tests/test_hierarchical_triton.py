@@ -103,6 +103,30 @@ def test_key_tiles_wider_than_a_block(block_n):
         assert rel_error(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("config", [
+    {"dq": {"block_m": 16, "block_n": 32, "block_s": 16}, "dkdv": {"block_m": 16, "block_n": 16},
+     "dsum": {"block_m": 16, "block_s": 32}},
+    {"dsum": {"block_s": 64}, "dq": {"block_s": 32}},
+], ids=["small-tiles", "wide-summary-tiles"])
+def test_backward_per_kernel_configs(config):
+    """The per-kernel launch settings the tuner sweeps (tiles narrower and wider than a block, summary
+    tiles spanning several levels' groups) give the reference's gradients; bad names are rejected."""
+    q, k, v, do = make(2, 131, 4, 1, 16)
+    kw = dict(window=32, block=16, levels=resolve_levels(None, 131, window=32, block=16), sinks=3)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, **kw)
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, config=config, **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 1e-5, name
+    with pytest.raises(ValueError, match="unknown kernel"):
+        hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dx": {}}, **kw)
+    with pytest.raises(ValueError, match="unknown key"):
+        hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dsum": {"block_n": 16}}, **kw)
+    with pytest.raises(ValueError, match="must divide block=16"):
+        hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dkdv": {"block_m": 32}}, **kw)
+
+
 def test_varlen_forward_and_backward():
     lens = [37, 0, 1, 120, 16]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)

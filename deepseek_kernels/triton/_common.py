@@ -10,3 +10,33 @@ def f32(x):
     itself, but torch.compile (inductor) passes them as fp64, which would turn the softmax state
     fp64 (a compile error for loop-carried values, slow math otherwise)."""
     return (tl.zeros((), tl.float32) + x).to(tl.float32)
+
+
+def resolve_launch(what: str, defaults: dict, config: dict | None = None, **scalars) -> dict:
+    """Per-kernel launch settings: ``defaults`` (kernel name -> its settings dict), then each
+    non-None scalar override (e.g. ``num_warps=8``) for every kernel that has that setting, then
+    ``config``'s per-kernel entries (``{"dq": {"num_stages": 2}}``: what the tuners write).
+    Unknown kernel names or settings raise a ValueError naming ``what``."""
+    config = config or {}
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f"{what} launch config: unknown kernel(s) {unknown}; known: {list(defaults)}")
+    out = {}
+    for name, settings in defaults.items():
+        c = dict(settings)
+        c.update({k: v for k, v in scalars.items() if v is not None and k in c})
+        bad = sorted(set(config.get(name, {})) - set(c))
+        if bad:
+            raise ValueError(f"{what} launch config for {name}: unknown key(s) {bad}; known: {sorted(c)}")
+        c.update(config.get(name, {}))
+        out[name] = c
+    return out
+
+
+def launch_options(c: dict) -> dict:
+    """Triton launch options (num_warps, and num_stages unless None: Triton's default) of a
+    resolved per-kernel setting."""
+    opts = {"num_warps": c["num_warps"]}
+    if c.get("num_stages") is not None:
+        opts["num_stages"] = c["num_stages"]
+    return opts

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_kernels.triton._common import f32
+from deepseek_kernels.triton._common import f32, launch_options, resolve_launch
 from deepseek_kernels.triton.window_attention import launch_delta
 
 # ---- index rules (the reference's, in block units) ----------------------------------------------------
@@ -675,13 +675,40 @@ def _hier_bwd_dkdv(
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+BWD_KERNELS = ("dq", "dkdv", "dsum")
+
+
+def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
+    """Per-kernel launch settings of the backward (``dq``: query tiles over keys and summaries;
+    ``dkdv``: key tiles over queries; ``dsum``: summary tiles over queries). ``block_m`` must divide
+    ``block``. Tuned on the H200 at D=128 (benchmarks/tune_hierarchical.py; 64x64, 4 warps)."""
+    bm = min(block, 64)
+    nw = window // block
+    # Triton 3.6 on the H200 gave bitwise-different dK between identical calls at D=128 with the
+    # default software pipelining (num_stages 2 or 3, 4 warps; a compiler race in loops with
+    # data-dependent bounds, cf. triton-lang/triton#9871). Unpipelined is deterministic and
+    # measured 19.1 ms vs 17.8 ms (8 warps: 21.5 ms) at S=16k H16/2 W512;
+    # tests/test_hierarchical_triton.py repeats the call and compares bits. (Measured with one
+    # setting for all three kernels; the tuner now checks each kernel's determinism separately.)
+    stages = 1 if max(16, triton.next_power_of_2(head_dim)) >= 128 else None
+    return {
+        "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(64, triton.next_power_of_2(nw // 2 + 2))),
+                   num_warps=4, num_stages=stages),
+        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=stages),
+        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=stages),
+    }
+
+
 def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int, levels: int, sinks: int = 0,
                                softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
                                block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
-                               num_warps: int | None = None, num_stages: int | None = None):
+                               num_warps: int | None = None, num_stages: int | None = None,
+                               config: dict | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`hierarchical_attention_fwd` given ``do`` and its
     ``out``/``lse``. The summaries are pooled again (cheaper than keeping them); d(summaries) is a
-    float32 ``[R, Hkv, D]`` pair. Deterministic: no atomics, GQA heads summed in-kernel."""
+    float32 ``[R, Hkv, D]`` pair. Deterministic: no atomics, GQA heads summed in-kernel.
+    Launch settings: :func:`bwd_launch_config`, then the scalar overrides (every kernel that has
+    the setting), then ``config`` per kernel (e.g. ``{"dq": {"num_stages": 3}}``)."""
     qp, kp, vp, cu, nseq, max_len, dense = _packed(q, k, v, cu_seqlens, max_seqlen)
     T, Hq, D = qp.shape
     Hkv = kp.shape[1]
@@ -701,44 +728,40 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
     dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
     dq, dk, dv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    bm, bn = _blocks(block, block_m, block_n)
     nw = window // block
-    bs = block_s or max(16, min(64, triton.next_power_of_2(nw // 2 + 2)))
     block_d = max(16, triton.next_power_of_2(D))
-    if num_stages is None and block_d >= 128:
-        # Triton 3.6 on the H200 gave bitwise-different dK between identical calls at D=128 with the
-        # default software pipelining (num_stages 2 or 3, 4 warps; a compiler race in loops with
-        # data-dependent bounds, cf. triton-lang/triton#9871). Unpipelined is deterministic and
-        # measured 19.1 ms vs 17.8 ms (8 warps: 21.5 ms) at S=16k H16/2 W512;
-        # tests/test_hierarchical_triton.py repeats the call and compares bits.
-        num_stages = 1
-    launch = dict(num_warps=num_warps or 4)
-    if num_stages is not None:
-        launch["num_stages"] = num_stages
+    kc = resolve_launch("hierarchical attention backward", bwd_launch_config(block, window, D), config,
+                        block_m=block_m, block_n=block_n, block_s=block_s, num_warps=num_warps, num_stages=num_stages)
+    for name, c in kc.items():
+        if block % c["block_m"]:
+            raise ValueError(f"hierarchical attention backward ({name}): block_m={c['block_m']} must divide "
+                             f"block={block}")
+    cq, ckv, cs = kc["dq"], kc["dkdv"], kc["dsum"]
     loff = 0
     for l in range(1, levels + 1):
         size = block << l
-        torch.library.wrap_triton(_hier_bwd_dsum)[(triton.cdiv(triton.cdiv(max(max_len, 1), size), 16), nseq * Hkv)](
+        groups = triton.cdiv(max(max_len, 1), size)
+        torch.library.wrap_triton(_hier_bwd_dsum)[(triton.cdiv(groups, cs["block_s"]), nseq * Hkv)](
             qp, sk, sv, dop, lsep, delta, dsk, dsv, cu,
             qp.stride(0), qp.stride(1), sk.stride(0), sk.stride(1), dop.stride(0), dop.stride(1), lsep.stride(0),
             scale, nw, levels, l, loff, block, sinks, Hkv, Hq // Hkv, D,
-            BLOCK_M=bm, BLOCK_S=16, BLOCK_D=block_d, **launch,
+            BLOCK_M=cs["block_m"], BLOCK_S=cs["block_s"], BLOCK_D=block_d, **launch_options(cs),
         )
         loff += T // size + nseq
-    torch.library.wrap_triton(_hier_bwd_dkdv)[(triton.cdiv(max(max_len, 1), bn), nseq * Hkv)](
+    torch.library.wrap_triton(_hier_bwd_dkdv)[(triton.cdiv(max(max_len, 1), ckv["block_n"]), nseq * Hkv)](
         qp, kp, vp, dop, lsep, delta, dsk, dsv, dk, dv, cu,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         dop.stride(0), dop.stride(1), dsk.stride(0), dsk.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hkv, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **launch,
+        BLOCK_M=ckv["block_m"], BLOCK_N=ckv["block_n"], BLOCK_D=block_d, **launch_options(ckv),
     )
-    torch.library.wrap_triton(_hier_bwd_dq)[(triton.cdiv(max(max_len, 1), bm), nseq * Hq)](
+    torch.library.wrap_triton(_hier_bwd_dq)[(triton.cdiv(max(max_len, 1), cq["block_m"]), nseq * Hq)](
         qp, kp, vp, sk, sv, dop, lsep, delta, dq, cu,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=block_d, **launch,
+        BLOCK_M=cq["block_m"], BLOCK_N=cq["block_n"], BLOCK_S=cq["block_s"], BLOCK_D=block_d, **launch_options(cq),
     )
     if dense:
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import f32
+from deepseek_kernels.triton._common import f32, launch_options, resolve_launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -345,29 +345,11 @@ def resolve_config(base: dict, kernels, *, block_m=None, block_n=None, block_k=N
     ``bwd_launch_config``), the scalar overrides (every kernel) and ``config`` (per kernel, e.g.
     ``{"gate_up": {"block_n": 32, "num_stages": 4}, "block_m": 128}``: what the tuner writes)."""
     config = dict(config or {})
-    unknown = set(config) - set(kernels) - {"block_m"}
-    if unknown:
-        raise ValueError(f"sparse FFN launch config: unknown kernel(s) {sorted(unknown)}; known: {list(kernels)}")
     bm = block_m or config.pop("block_m", None) or base["block_m"]
     config.pop("block_m", None)
-    out = {}
-    for name in kernels:
-        c = {"block_n": block_n or base["block_n"], "block_k": block_k or base["block_k"],
-             "num_warps": num_warps or base["num_warps"], "num_stages": None}
-        bad = set(config.get(name, {})) - set(c)
-        if bad:
-            raise ValueError(f"sparse FFN launch config for {name}: unknown key(s) {sorted(bad)}; known: {sorted(c)}")
-        c.update(config.get(name, {}))
-        out[name] = c
-    return bm, out
-
-
-def _launch(c: dict) -> dict:
-    """Triton launch options of one kernel's resolved config."""
-    opts = {"num_warps": c["num_warps"]}
-    if c["num_stages"] is not None:
-        opts["num_stages"] = c["num_stages"]
-    return opts
+    defaults = {name: {"block_n": base["block_n"], "block_k": base["block_k"], "num_warps": base["num_warps"],
+                       "num_stages": None} for name in kernels}
+    return bm, resolve_launch("sparse FFN", defaults, config, block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
 def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
@@ -411,7 +393,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
         grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        **_launch(gu),
+        **launch_options(gu),
     )
     if deterministic:
         y = torch.empty(P, D, dtype=x.dtype, device=x.device)
@@ -422,7 +404,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, dn["block_n"]))](
         h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
         w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
-        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **_launch(dn),
+        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **launch_options(dn),
     )
     if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
         bad = (grouping.inv == -2).any(1, keepdim=True)
@@ -430,7 +412,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **_launch(cb),
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     return out, act, grouping
 
@@ -642,30 +624,30 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
-        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec, **_launch(da),
+        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec, **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
         dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
         w_gate.stride(0), w_gate.stride(1),
-        BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"], DOT_PRECISION=prec, **_launch(dxc),
+        BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"], DOT_PRECISION=prec, **launch_options(dxc),
     )
     dx = torch.empty(T, D, dtype=dt, device=dev)
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
-        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **_launch(cb),
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
     torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
-        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **_launch(dwgu),
+        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
     torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, dn_n), triton.cdiv(BS, dn_n))](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1),
-        BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **_launch(dwdn),
+        BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **launch_options(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
@@ -840,12 +822,12 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, **_launch(gu),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(gu),
     )
     triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
         h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, **_launch(dn),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(dn),
     )
     return out
