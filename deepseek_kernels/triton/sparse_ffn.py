@@ -776,15 +776,12 @@ def _sparse_ffn_decode_down_kernel(
              mask=(offs_t[:, None] < T) & n_mask[None, :])
 
 
-DECODE_KERNELS = ("gate_up", "down")
-
-
 def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
-    """Tile shapes of the decode kernels (untuned first guess: narrow tiles, so that even one token's
-    few active blocks spread over many programs; the kernels are bandwidth-bound), in the format
-    of :func:`resolve_config`: a base (``block_m`` unused: the token tile is 16 rows) and per-kernel
-    entries. ``benchmarks/tune_sparse_ffn.py --decode`` sweeps them."""
-    return dict(block_m=16, block_n=16, block_k=128, num_warps=4, per_kernel={"down": dict(block_n=32, block_k=32)})
+    """Per-kernel launch settings of the decode kernels (untuned first guess: narrow tiles, so that
+    even one token's few active blocks spread over many programs; the kernels are bandwidth-bound).
+    ``benchmarks/tune_sparse_ffn.py --decode`` sweeps them."""
+    return {"gate_up": dict(block_n=16, block_k=128, num_warps=4, num_stages=None),
+            "down": dict(block_n=32, block_k=32, num_warps=4, num_stages=None)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -793,18 +790,13 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
     host sync, two launches (``direct``: plain kernel launches, for eager calls). ``config``: per
-    kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`resolve_config`)."""
+    kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`decode_launch_config`)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
     BS = w_gate.shape[0] // n_blocks
-    base = decode_launch_config(T, D, BS)
-    per_kernel = base.pop("per_kernel")
-    config = dict(config or {})
-    for name, tiles in per_kernel.items():
-        config[name] = {**tiles, **config.get(name, {})}
-    _, kc = resolve_config(base, DECODE_KERNELS, config=config)
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS), config)
     gu, dn = kc["gate_up"], kc["down"]
     K = idx.shape[1]
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
