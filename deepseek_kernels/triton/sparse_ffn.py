@@ -671,7 +671,7 @@ DECODE_MAX_TOKENS = 16
 @triton.jit
 def _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS: tl.constexpr):
     """Per token of the tile: the weight of block b (1 for shared blocks, the routing weight if b is
-    among its chosen routed blocks, else 0), whether it uses b, and whether any token does."""
+    among its chosen routed blocks, else 0) and whether it uses b."""
     offs_j = tl.arange(0, BLOCK_KS)
     m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
     ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
@@ -681,7 +681,7 @@ def _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS: tl.constexpr):
     shared = b < S
     w = tl.where(shared, 1.0, w)
     member = (member | shared) & (offs_t < T)
-    return w, member, tl.sum(member.to(tl.int32), 0) > 0
+    return w, member
 
 
 @triton.jit
@@ -716,7 +716,7 @@ def _sparse_ffn_decode_gate_up_kernel(
     if j < n_used:
         b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)
         offs_t = tl.arange(0, BLOCK_T)
-        w_t, member, _ = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+        w_t, member = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < BS
         f = (b * BS + offs_n).to(tl.int64)
@@ -738,7 +738,7 @@ def _sparse_ffn_decode_gate_up_kernel(
 
 @triton.jit
 def _sparse_ffn_decode_down_kernel(
-    H, WD, IDX, WT, OUT,
+    H, WD, IDX, OUT,
     T, D, BS, S, K, NB, NR,
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -817,7 +817,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(gu),
     )
     triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
-        h, w_down, idx, wt, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
+        h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
         BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(dn),
