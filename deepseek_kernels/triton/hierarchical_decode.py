@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import f32
+from deepseek_kernels.triton._common import f32, launch_options
 from deepseek_kernels.triton.hierarchical_attention import _level_start, _softmax_step
 
 # ---- append ------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, s
         softmax_scale, T, Hq, Hkv, rep, D, ns, M, L, cache.window // cache.block, cache.block, cache.sinks,
         per_split, nsplit,
         SPLIT=nsplit > 1, BLOCK_M=max(16, triton.next_power_of_2(T * rep)), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        **launch_options({"num_warps": num_warps, "num_stages": num_stages}),
     )
     if nsplit > 1:
         triton_kernel(_hier_decode_combine_kernel, direct)[(B * T * Hq,)](
