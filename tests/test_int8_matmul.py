@@ -261,23 +261,50 @@ def _two_step(x, w, ws, bias, smooth):
     return dk.int8_matmul(xq, w, xs, ws, bias=bias, out_dtype=out_dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (3, 136, 1000), (16, 72, 333), (17, 40, 64), (2, 33, 13)],
-                         ids=lambda v: str(v))
-@pytest.mark.parametrize("extras", ["plain", "bias", "smooth+bias"])
-def test_int8_linear_is_bit_identical_to_the_two_ops(M, N, K, extras):
-    """int8_linear (any leading shape, bias, smoothing, output dtype) gives the bits of
-    quantize_per_token + int8_matmul."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16
+def _linear_inputs(M, N, K, extras, dev, dtype=torch.float16):
     x = torch.randn(M, K, device=dev).to(dtype)
     x[0, K // 2] = 40.0  # an outlier channel
+    if "strided" in extras:  # a [M, K] view with stride 2 along K, and a leading batch dim
+        x = torch.stack([x, x], -1)[..., 0].reshape(1, M, K)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
     ws = torch.rand(N, device=dev) * 1e-2
     bias = torch.randn(N, device=dev).to(dtype) if "bias" in extras else None
     smooth = (torch.rand(K, device=dev) + 0.5) if "smooth" in extras else None
+    return x, w, ws, bias, smooth
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (3, 136, 1000), (16, 72, 333), (17, 40, 64), (2, 33, 13)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("extras", ["plain", "bias", "smooth+bias", "strided+smooth"])
+@pytest.mark.parametrize("path", ["ops", "direct"])
+def test_int8_linear_is_bit_identical_to_the_two_ops(M, N, K, extras, path, monkeypatch):
+    """int8_linear (any leading shape, strides, bias, smoothing, output dtype) gives the bits of
+    quantize_per_token + int8_matmul, through the ops and through its eager GPU path (the two
+    kernels launched directly; forced here under the Triton interpreter)."""
+    import importlib
+
+    from deepseek_kernels.ops._registry import interpreting
+
+    ops_int8 = importlib.import_module("deepseek_kernels.ops.int8_matmul")  # the module, not the function
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if path == "direct" and dev == "cpu":
+        if not interpreting():
+            pytest.skip("the direct path needs a GPU or the Triton interpreter")
+        monkeypatch.setattr(ops_int8, "eager_fast_path", lambda *tensors: True)
+    x, w, ws, bias, smooth = _linear_inputs(M, N, K, extras, dev)
     out = dk.int8_linear(x, w, ws, bias=bias, smooth=smooth)
-    assert out.dtype == dtype and out.shape == (M, N)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], N)
+    monkeypatch.undo()
     assert torch.equal(out, _two_step(x, w, ws, bias, smooth))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_int8_linear_eager_path_on_gpu(M):
+    """On CUDA a plain eager int8_linear takes the direct launches; the bits equal the two ops'."""
+    x, w, ws, bias, smooth = _linear_inputs(M, 14336, 4096, "smooth+bias", "cuda", torch.bfloat16)
+    assert torch.equal(dk.int8_linear(x, w, ws, bias=bias, smooth=smooth), _two_step(x, w, ws, bias, smooth))
 
 
 def test_strided_scale_and_bias_vectors():

@@ -123,9 +123,12 @@ def _int8_matmul_op(
     return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 
-def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool = False) -> torch.Tensor:
-    """Checks the arguments and launches the Triton kernel (the op's body, and the eager fast path)."""
-    check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool = False,
+                      check: bool = True) -> torch.Tensor:
+    """Checks the arguments (unless a caller already has: ``check=False``) and launches the Triton
+    kernel (the op's body, and the eager fast paths)."""
+    if check:
+        check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
     if out.numel():
         if a_q.shape[1] == 0:
@@ -274,6 +277,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
+    if eager_fast_path(x2, weight, weight_scale, bias, smooth) and not x2.requires_grad:
+        # a plain eager call on a GPU: the same two kernels, launched directly after the one check
+        # above (the public functions would check and dispatch again: ~20 us of CPU each on the
+        # H200's host, more than a decode-sized kernel takes)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if smooth is not None and smooth.stride(-1) != 1:
+            smooth = smooth.contiguous()
+        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True)
+        out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False)
+        return out.reshape(*lead, N)
     x_q, x_scale = quantize_per_token(x2, smooth=smooth)
     return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
 
