@@ -11,7 +11,8 @@ from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref,
 
 OPS = torch.ops.deepseek_kernels
 # (M, N, K): decode-sized M, odd K and N; the interpreter keeps CPU shapes small
-SHAPES = [(1, 64, 64), (3, 136, 1000), (16, 64, 13653), (17, 200, 64), (40, 72, 333)]
+SHAPES = [(1, 64, 64), (3, 136, 1000), (16, 64, 13653), (17, 200, 64), (40, 72, 333),
+          (16, 64, 512), (64, 128, 256)]  # the last two: every tile full (the mask-free main loop)
 
 
 def ids(s):
@@ -200,8 +201,9 @@ def test_bad_input_raises_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 1000])
-@pytest.mark.parametrize("NK", [(64, 64), (4096, 13653), (13653, 4096)], ids=lambda v: f"N{v[0]}-K{v[1]}")
+@pytest.mark.parametrize("NK", [(64, 64), (4096, 13653), (13653, 4096), (4096, 4096)], ids=lambda v: f"N{v[0]}-K{v[1]}")
 def test_cuda_int8_matmul_matches_reference(M, NK):
+    """Odd and full-tile shapes (M 16 with N = K = 4096: the mask-free main loop) on the GPU."""
     N, K = NK
     a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
@@ -211,6 +213,19 @@ def test_cuda_int8_matmul_matches_reference(M, NK):
         out = dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=od)
         args = (a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), bias.cpu())
         assert ulp_close(out.cpu(), int8_matmul_ref(*args, torch.float64), terms_of(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [2048, 8192])
+def test_cuda_int8_mm_exact_at_large_full_tile_shapes(M):
+    """The large-M launch shapes with every tile full (mask-free main loop): exact int32 sums,
+    checked against an fp64 GEMM on the GPU (exact here: |sum| <= 127^2 * 4096 < 2^53)."""
+    N, K = 4096, 4096
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    a[0], b[0] = 127, -127
+    want = a.double() @ b.double().T
+    assert torch.equal(dk.int8_mm(a, b).double(), want)
 
 
 # ---- quantize_per_token kernel and the eager fast path ----------------------------------------------
@@ -357,7 +372,8 @@ def test_int8_linear_bad_input_names_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4, 16])
-def test_int8_linear_fused_on_gpu_llm_shape(M):
+def test_int8linear_on_gpu_llm_shape(M):
+    """Int8Linear at an LLM shape: the bits of the two ops, and close to the bf16 nn.Linear."""
     x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     lin = torch.nn.Linear(4096, 14336, bias=True).to("cuda", torch.bfloat16)
     q = Int8Linear.from_float(lin)

@@ -91,7 +91,8 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
         bias if bias is not None else dummy,
         M, N, K,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1),
-        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg,
+        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None,
+        EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg,
     )
 
 
