@@ -3,7 +3,7 @@
     python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--tma] [--out tune.json]
 
 ``--tma`` sweeps the experimental TMA-descriptor kernel (``_int8_matmul_tma_kernel``) instead, for
-M > 16.
+M > 16; ``--tma --persistent`` its persistent variant (one program per SM walking the tiles).
 
 M <= 16 (decode GEMVs) is timed replayed from a CUDA graph, both sides; larger M eagerly.
 
@@ -34,8 +34,9 @@ def run(a, b, a_s, b_s, out, cfg):
     M, K = a.shape
     N = b.shape[0]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    even = dict(EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0)
     _int8_matmul_kernel[grid](a, b, out, a_s, b_s, a_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                              out.stride(0), out.stride(1), APPLY_EPILOGUE=True, HAS_BIAS=False, **cfg)
+                              out.stride(0), out.stride(1), APPLY_EPILOGUE=True, HAS_BIAS=False, **even, **cfg)
     return out
 
 
@@ -43,6 +44,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
     ap.add_argument("--tma", action="store_true", help="sweep the TMA-descriptor kernel (M > 16)")
+    ap.add_argument("--persistent", action="store_true", help="with --tma: the persistent TMA kernel")
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
@@ -57,7 +59,8 @@ def main():
 
             if not tma_ok(a, b):
                 raise SystemExit(f"M{M} N{N} K{K}: these operands do not allow TMA descriptors")
-            call = lambda out, cfg: launch_tma(a, b, out, a_s, b_s, None, cfg) or out  # noqa: E731
+            sms = torch.cuda.get_device_properties(0).multi_processor_count if args.persistent else None
+            call = lambda out, cfg: launch_tma(a, b, out, a_s, b_s, None, cfg, persistent_programs=sms) or out  # noqa: E731
         else:
             call = lambda out, cfg: run(a, b, a_s, b_s, out, cfg)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)

@@ -41,8 +41,10 @@ case "$step" in
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
   tune-int8)
-    timeout 540 "$PY" benchmarks/tune_int8.py --tma --shapes "8192,8192,8192;8192,4096,4096;2048,4096,4096" \
-      --out "$OUT/tune_int8_tma.json" ;;
+    timeout 270 "$PY" benchmarks/tune_int8.py --tma --shapes "8192,8192,8192;8192,4096,4096;2048,4096,4096" \
+      --out "$OUT/tune_int8_tma.json"
+    timeout 270 "$PY" benchmarks/tune_int8.py --tma --persistent --shapes "8192,8192,8192;8192,4096,4096" \
+      --out "$OUT/tune_int8_tma_persistent.json" ;;
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)

@@ -417,11 +417,12 @@ def test_eager_fast_path_matches_the_op_and_steps_aside_when_traced():
     assert torch.equal(compiled(x), dk.int8_matmul(xq, w, xs, ws))
 
 
+@pytest.mark.parametrize("persistent", [None, 3], ids=["one-tile-per-program", "persistent-3"])
 @pytest.mark.parametrize("M,N,K", [(1, 64, 64), (17, 200, 96), (40, 72, 336)], ids=lambda v: str(v))
-def test_tma_kernel_is_exact(M, N, K):
-    """The experimental TMA-descriptor kernel (tune_int8.py --tma): exact int32 accumulation with
-    out-of-range rows/columns zero-filled by the descriptors, and the same epilogue bits as the
-    pointer kernel."""
+def test_tma_kernel_is_exact(M, N, K, persistent):
+    """The experimental TMA-descriptor kernels (tune_int8.py --tma [--persistent]): exact int32
+    accumulation with out-of-range rows/columns zero-filled by the descriptors, and the same
+    epilogue bits as the pointer kernel; the persistent one with 3 programs striding over the tiles."""
     from deepseek_kernels.ops._registry import interpreting
     from deepseek_kernels.triton import int8_matmul as tk
 
@@ -433,12 +434,12 @@ def test_tma_kernel_is_exact(M, N, K):
     assert interpreting() or dev == "cuda"
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
     acc = torch.empty(M, N, dtype=torch.int32, device=dev)
-    tk.launch_tma(a, b, acc, None, None, None, cfg, apply_epilogue=False)
+    tk.launch_tma(a, b, acc, None, None, None, cfg, apply_epilogue=False, persistent_programs=persistent)
     assert torch.equal(acc.cpu(), int8_mm_ref(a.cpu(), b.cpu()))
     sa, sb = torch.rand(M, device=dev), torch.rand(N, device=dev)
     bias = torch.randn(N, device=dev)
     out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    tk.launch_tma(a, b, out, sa, sb, bias, cfg)
+    tk.launch_tma(a, b, out, sa, sb, bias, cfg, persistent_programs=persistent)
     assert torch.equal(out, dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16))
     a8, b8 = a[:, :K - 8].contiguous(), b[:, :K - 8].contiguous()
     assert not tk.tma_ok(a8, b8)  # rows of K - 8 bytes are not 16-byte aligned: the pointer kernel

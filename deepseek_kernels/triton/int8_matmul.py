@@ -10,10 +10,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: GROUP_M row-tiles share each column of B
-    while it is in L2."""
-    pid = tl.program_id(0)
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, pid=None):
+    """(pid_m, pid_n) of output tile ``pid`` (default: this program's id) in grouped order: GROUP_M
+    row-tiles share each column of B while it is in L2."""
+    if pid is None:
+        pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -93,6 +94,31 @@ def _int8_matmul_tma_kernel(
                 APPLY_EPILOGUE, HAS_BIAS)
 
 
+@triton.jit
+def _int8_matmul_tma_persistent_kernel(
+    a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    M, N, K, stride_om, stride_on,
+    APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    """:func:`_int8_matmul_tma_kernel` as a persistent kernel (experimental; ``tune_int8.py --tma
+    --persistent``): NUM_PROGRAMS programs (one per SM) walk the output tiles in grouped order, the
+    tile loop flattened with the K loop so the next tile's loads overlap this tile's epilogue."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
+                    APPLY_EPILOGUE, HAS_BIAS)
+
+
 def tma_ok(a, b) -> bool:
     """Whether int8 operands ``a [M, K]``, ``b [N, K]`` allow TMA descriptors: row-major, 16-byte
     aligned rows and base, a GPU of compute capability 9+ (or the interpreter), Triton >= 3.4."""
@@ -109,20 +135,26 @@ def tma_ok(a, b) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-def launch_tma(a, b, out, a_scale, b_scale, bias, cfg: dict, apply_epilogue: bool = True) -> None:
-    """Runs :func:`_int8_matmul_tma_kernel` (plain launch; the tuner and tests call it)."""
+def launch_tma(a, b, out, a_scale, b_scale, bias, cfg: dict, apply_epilogue: bool = True,
+               persistent_programs: int | None = None) -> None:
+    """Runs :func:`_int8_matmul_tma_kernel`, or with ``persistent_programs`` (e.g. the SM count)
+    :func:`_int8_matmul_tma_persistent_kernel` on that many programs (plain launches; the tuner and
+    tests call them)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
     N = b.shape[0]
     a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _int8_matmul_tma_kernel[grid](
-        a_desc, b_desc, out, a_scale if a_scale is not None else out, b_scale if b_scale is not None else out,
-        bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1),
-        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg,
-    )
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    args = (a_desc, b_desc, out, a_scale if a_scale is not None else out, b_scale if b_scale is not None else out,
+            bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1))
+    flags = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg)
+    if persistent_programs:
+        programs = max(1, min(persistent_programs, tiles))
+        _int8_matmul_tma_persistent_kernel[(programs,)](*args, NUM_PROGRAMS=programs, **flags)
+    else:
+        _int8_matmul_tma_kernel[(tiles,)](*args, **flags)
 
 
 @triton.jit
