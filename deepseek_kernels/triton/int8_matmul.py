@@ -10,11 +10,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, pid=None):
-    """(pid_m, pid_n) of output tile ``pid`` (default: this program's id) in grouped order: GROUP_M
-    row-tiles share each column of B while it is in L2."""
-    if pid is None:
-        pid = tl.program_id(0)
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program's output tile (see :func:`_grouped_tile`)."""
+    return _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``pid`` in grouped order: GROUP_M row-tiles share each column
+    of B while it is in L2."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -46,7 +50,7 @@ def _int8_matmul_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_MN: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``EVEN_MN`` / ``EVEN_K``: M and N (resp. K) are multiples of the tile, so the main loop's
     loads need no masks (the launcher sets them)."""
@@ -107,7 +111,7 @@ def _int8_matmul_tma_persistent_kernel(
     tile loop flattened with the K loop so the next tile's loads overlap this tile's epilogue."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
