@@ -87,6 +87,15 @@ def _int8_matmul_tma_kernel(
     ``benchmarks/tune_int8.py --tma`` A/Bs it): out-of-range rows and columns arrive as zeros, so
     the main loop has no masks."""
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
+              stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
+              stride_on, APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile (pid_m, pid_n) from TMA loads of A and B, then the epilogue."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -112,15 +121,8 @@ def _int8_matmul_tma_persistent_kernel(
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
-                    APPLY_EPILOGUE, HAS_BIAS)
+        _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
+                  stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def tma_ok(a, b) -> bool:
