@@ -1,0 +1,186 @@
+"""Compile Triton kernels for a GPU target without a GPU (ahead of time: Triton's own compiler and
+ptxas), to catch what the interpreter cannot: unsupported ops, shared-memory overflows, type errors
+in code paths the CPU tests never compile.
+
+    python scripts/aot_compile_check.py [--arch 90] [--only NAME ...]
+
+Each entry below is a kernel with example arguments (a tensor stands for its pointer type, ints
+for i32, floats for fp32, constexpr parameters take their value) and launch options. Prints one
+line per kernel and exits non-zero if any fails. With another Triton on PYTHONPATH (e.g. the
+H200's 3.6: ``pip install --target DIR triton==3.6.0``) it checks against that version.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_TYPES = {torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.float32: "fp32", torch.float16: "fp16",
+          torch.bfloat16: "bf16"}
+
+
+def compile_for(fn, args: dict, arch: int, **options):
+    """``fn`` (a @triton.jit kernel) compiled for ``cuda:arch`` with ``args`` by parameter name."""
+    sig, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if name not in args:
+            raise KeyError(f"{fn.__name__}: no example value for {name}")
+        v = args[name]
+        # what a real launch specializes on: ints equal to 1 become constants, ints that are
+        # multiples of 16 and (16-byte aligned) pointers carry a divisibility hint
+        if p.is_constexpr or (type(v) is int and v == 1 and not p.do_not_specialize):
+            sig[name] = "constexpr"
+            constexprs[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, str):  # an explicit Triton type, e.g. a tensor descriptor
+            sig[name] = v
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: {name}={v!r}")
+    src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _t(dtype):
+    return torch.empty(1, dtype=dtype)
+
+
+def cases():
+    """(name, kernel, args, options) for the kernels whose compiled form matters most."""
+    from deepseek_kernels.triton import hierarchical_attention as ha
+    from deepseek_kernels.triton import hierarchical_decode as hd
+    from deepseek_kernels.triton import int8_matmul as im
+    from deepseek_kernels.triton import sparse_ffn as sf
+    from deepseek_kernels.triton import window_attention as wa
+
+    i8, i32, i64, f32, bf16 = (_t(d) for d in (torch.int8, torch.int32, torch.int64, torch.float32, torch.bfloat16))
+    out = []
+    mm = dict(a_ptr=i8, b_ptr=i8, out_ptr=bf16, a_scale_ptr=f32, b_scale_ptr=f32, bias_ptr=f32, M=8192, N=8192,
+              K=8192, stride_am=8192, stride_ak=1, stride_bn=8192, stride_bk=1, stride_om=8192, stride_on=1,
+              APPLY_EPILOGUE=True, HAS_BIAS=False, GROUP_M=8)
+    for even in (True, False):
+        cfg = im.launch_config(8192, 8192, 8192)
+        w, st = cfg.pop("num_warps"), cfg.pop("num_stages")
+        out.append((f"int8 GEMM 8192^3 even={even}", im._int8_matmul_kernel,
+                    {**mm, **cfg, "EVEN_MN": even, "EVEN_K": even}, dict(num_warps=w, num_stages=st)))
+    cfg = im.launch_config(1, 14336, 4096)
+    w, st = cfg.pop("num_warps"), cfg.pop("num_stages")
+    out.append(("int8 GEMV M1", im._int8_matmul_kernel, {**mm, **cfg, "EVEN_MN": False, "EVEN_K": True},
+                dict(num_warps=w, num_stages=st)))
+    tma = dict(mm, a_desc="tensordesc<i8[128, 128]>", b_desc="tensordesc<i8[256, 128]>", BLOCK_M=128, BLOCK_N=256,
+               BLOCK_K=128)
+    for k in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bn", "stride_bk"):
+        tma.pop(k)
+    out.append(("int8 TMA GEMM", im._int8_matmul_tma_kernel, tma, dict(num_warps=8, num_stages=3)))
+    out.append(("int8 TMA persistent GEMM", im._int8_matmul_tma_persistent_kernel, dict(tma, NUM_PROGRAMS=132),
+                dict(num_warps=8, num_stages=3)))
+
+    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
+               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
+               BLOCK_KS=16, BLOCK_B=64)
+    base = sf.decode_launch_config(1, 4096, 224)
+    g = base["gate_up"]
+    out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]), dict(num_warps=g["num_warps"])))
+    d = base["down"]
+    down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
+                stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
+                BLOCK_K=d["block_k"], BLOCK_KS=16, BLOCK_B=64)
+    out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down, dict(num_warps=d["num_warps"])))
+    out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
+                dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
+
+    H, D, W, B = 32, 128, 4096, 64
+    strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,
+                   stride_st=H * D, stride_sh=D, stride_dot=H * D, stride_doh=D, stride_lh=131072)
+    common = dict(sm_scale=0.088, nw=W // B, levels=5, block=B, sinks=0, HEAD_DIM=D, BLOCK_D=D)
+    fwd = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, O=bf16, LSE=f32, cu=i32, stride_ot=H * D, stride_oh=D,
+               T=131072, NSEQ=1, HQ=H, REP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_S=32, qk_scale=0.127, **strides,
+               **{k: v for k, v in common.items() if k != "sm_scale"})
+    out.append(("hierarchical fwd (default tiles)", ha._hier_attn_fwd_kernel, fwd, dict(num_warps=4, num_stages=3)))
+    bwd = ha.bwd_launch_config(B, W, D)
+    dq = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DQ=bf16, cu=i32,
+              stride_dqt=H * D, stride_dqh=D, T=131072, NSEQ=1, HQ=H, REP=1, **strides, **common)
+    c = bwd["dq"]
+    for stages in (c["num_stages"], 3):
+        out.append((f"hierarchical bwd dq, {stages} stages", ha._hier_bwd_dq,
+                    dict(dq, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_S=c["block_s"]),
+                    dict(num_warps=c["num_warps"], num_stages=stages)))
+    c = bwd["dkdv"]
+    dkdv = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, DK=bf16, DV=bf16, cu=i32,
+                stride_dkt=H * D, stride_dkh=D, stride_dvt=H * D, stride_dvh=D, T=131072, NSEQ=1, HKV=H, REP=1,
+                BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], **strides, **common)
+    out.append(("hierarchical bwd dkdv", ha._hier_bwd_dkdv, dkdv,
+                dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
+    c = bwd["dsum"]
+    dsum = dict(Q=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, cu=i32, level=1, loff=0,
+                HKV=H, REP=1, BLOCK_M=c["block_m"], BLOCK_S=c["block_s"], **strides, **common)
+    for bs in (c["block_s"], 64):
+        out.append((f"hierarchical bwd dsum, summary tile {bs}", ha._hier_bwd_dsum, dict(dsum, BLOCK_S=bs),
+                    dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
+    bm, bn, w, st = wa.FWD_WIDE_CONFIG[D]
+    wfwd = dict(Q=bf16, K=bf16, V=bf16, O=bf16, LSE=f32, cu_q=i32, cu_k=i32, K_DESC=bf16, V_DESC=bf16,
+                stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,
+                stride_ot=H * D, stride_oh=D, stride_lh=131072, qk_scale=0.127, window=W, sinks=0, HQ=H, REP=1,
+                HEAD_DIM=D, CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, PREC="tf32", USE_TMA=False)
+    out.append(("window attention fwd (tuned wide-window tiles)", wa._window_attn_fwd_kernel, wfwd,
+                dict(num_warps=w, num_stages=st)))
+    desc = f"tensordesc<bf16[{bn}, {D}]>"
+    out.append(("window attention fwd, TMA loads (experiment)", wa._window_attn_fwd_kernel,
+                dict(wfwd, K_DESC=desc, V_DESC=desc, USE_TMA=True), dict(num_warps=w, num_stages=st)))
+    out.append(("attention bwd delta", wa._bwd_delta_kernel,
+                dict(O=bf16, DO=bf16, DELTA=f32, T=131072, stride_ot=H * D, stride_oh=D, stride_dot=H * D,
+                     stride_doh=D, stride_lh=131072, HEAD_DIM=D, BLOCK_T=64, BLOCK_D=D), dict(num_warps=4)))
+    hdec = dict(Q=bf16, CK=bf16, CV=bf16, POS=i64, SK=f32, SV=f32, GRP=i64, CNT=i64, SEQLENS=i64, LENS=i64, O=bf16,
+                OPART=f32, MPART=f32, LPART=f32, stride_qb=H * D, stride_qt=H * D, stride_qh=D, stride_ob=H * D,
+                stride_ot=H * D, stride_oh=D, sm_scale=0.088, T=1, HQ=32, HKV=8, REP=4, D=D, NS=4160, M=65, L=7,
+                nw=64, block=64, sinks=0, tiles_per_split=3, NSPLIT=33, SPLIT=True, BLOCK_M=16, BLOCK_N=64,
+                BLOCK_D=D)
+    out.append(("hierarchical decode attention", hd._hier_decode_kernel, hdec, dict(num_warps=4, num_stages=2)))
+    out.append(("hierarchical decode merge", hd._hier_decode_combine_kernel,
+                dict(OPART=f32, MPART=f32, LPART=f32, O=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1,
+                     HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=1)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    ap.add_argument("--only", nargs="*", help="substrings of the kernel names to compile")
+    ap.add_argument("--max-shared", type=int, default=232448,
+                    help="shared memory a block may use, bytes (H100/H200: 227 KiB); a launch would fail above it")
+    args = ap.parse_args()
+    print(f"Triton {triton.__version__}, target sm_{args.arch}")
+    failed = 0
+    for name, fn, kwargs, options in cases():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        t0 = time.perf_counter()
+        try:
+            shared = compile_for(fn, kwargs, args.arch, **options).metadata.shared
+            if shared > args.max_shared:
+                raise RuntimeError(f"needs {shared} B of shared memory, more than the {args.max_shared} B a block gets")
+            print(f"  ok    {name:<48} {time.perf_counter() - t0:5.1f} s  shared {shared} B")
+        except Exception as e:  # report every kernel, not just the first failure
+            failed += 1
+            msg = str(e).strip().splitlines()
+            print(f"  FAIL  {name:<48} {type(e).__name__}: {(msg[-1] if msg else '')[:300]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
