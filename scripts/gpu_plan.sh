@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: tests 1|2 | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -11,17 +11,21 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results/plan}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-NEW_TESTS="tests/test_int8_matmul.py tests/test_decode.py tests/test_hierarchical_triton.py
-  tests/test_hierarchical_decode.py tests/test_sparse_ffn_triton.py tests/test_window_attention_triton.py
-  tests/test_bench_harness.py tests/test_compile_on_gpu.py"
+# the GPU tests in two halves of ~50 tests each (~5 min: Triton compiles for ~5 s per test on a cold machine)
+TESTS_1="tests/test_int8_matmul.py tests/test_decode.py tests/test_sparse_ffn_triton.py tests/test_hierarchical_decode.py"
+TESTS_2="tests/test_hierarchical_triton.py tests/test_window_attention_triton.py tests/test_bench_harness.py
+  tests/test_compile_on_gpu.py"
 
 step="${1:-}"
 shift || true
 case "$step" in
-  tests)
-    TEST_FILES="$NEW_TESTS" SKIP_BENCH=1 PYTEST_ARGS="--tb=short --durations=5" timeout 570 bash scripts/gpu_check.sh ;;
+  tests)  # scripts/gpu_plan.sh tests 1|2 (Triton-only files: no CUDA build needed)
+    half="${1:-1}"
+    files="$TESTS_1"; [ "$half" = 2 ] && files="$TESTS_2"
+    timeout 560 "$PY" -m pytest -v -m gpu -p no:cacheprovider --tb=short --durations=5 $files 2>&1 \
+      | tee "$OUT/tests_$half.log" | grep -E "PASSED|FAILED|ERROR|passed|failed" | tail -60 ;;
   tests-generic)  # the unmarked, device-generic tests on CUDA (never run on the H200 so far)
-    MARKERS="not gpu" TEST_FILES="${TEST_FILES:-$NEW_TESTS}" SKIP_BENCH=1 PYTEST_ARGS="--tb=short" \
+    MARKERS="not gpu" TEST_FILES="${TEST_FILES:-$TESTS_1}" SKIP_BENCH=1 PYTEST_ARGS="--tb=short" \
       timeout 570 bash scripts/gpu_check.sh ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
