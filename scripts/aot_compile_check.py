@@ -55,6 +55,29 @@ def compile_for(fn, args: dict, arch: int, **options):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def ptxas_usage(kernel, arch: int) -> str:
+    """Registers and spills of a compiled kernel, from ptxas -v on its PTX (Triton's bundled ptxas)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        arch_flag = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([ptxas, "-v", f"-arch={arch_flag}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (f"{regs.group(1) if regs else '?'} regs"
+            + (f", spills {spills.group(1)}/{spills.group(2)} B st/ld" if spills else ""))
+
+
 def _t(dtype):
     return torch.empty(1, dtype=dtype)
 
@@ -153,7 +176,18 @@ def cases():
     out.append(("hierarchical decode attention", hd._hier_decode_kernel, hdec, dict(num_warps=4, num_stages=2)))
     out.append(("hierarchical decode merge", hd._hier_decode_combine_kernel,
                 dict(OPART=f32, MPART=f32, LPART=f32, O=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1,
-                     HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=1)))
+                     HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=4)))
+    from deepseek_kernels.triton import window_decode as wd
+
+    wsplit = dict(Q=bf16, K=bf16, V=bf16, POS=i64, SEQLENS=i64, LENGTHS=i64, O_PART=f32, ML_PART=f32,
+                  stride_qb=H * D, stride_qt=H * D, stride_qh=D, stride_kb=4160 * 8 * D, stride_ks=8 * D, stride_kh=D,
+                  stride_vb=4160 * 8 * D, stride_vs=8 * D, stride_vh=D, stride_pb=4160, T=1, HKV=8, REP=4,
+                  SLOTS=4160, SLOTS_PER_SPLIT=128, qk_scale=0.127, window=W, sinks=0, HEAD_DIM=D, BLOCK_M=16,
+                  BLOCK_N=64, BLOCK_D=D, PREC="tf32")
+    out.append(("window decode split", wd._decode_split_kernel, wsplit, dict(num_warps=4, num_stages=2)))
+    out.append(("window decode combine", wd._decode_combine_kernel,
+                dict(O_PART=f32, ML_PART=f32, OUT=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1, HQ=32,
+                     NSPLIT=33, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=64), dict(num_warps=4)))
     return out
 
 
@@ -161,6 +195,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--only", nargs="*", help="substrings of the kernel names to compile")
+    ap.add_argument("--usage", action="store_true", help="also print registers and spills (ptxas -v)")
     ap.add_argument("--max-shared", type=int, default=232448,
                     help="shared memory a block may use, bytes (H100/H200: 227 KiB); a launch would fail above it")
     args = ap.parse_args()
@@ -171,10 +206,12 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         try:
-            shared = compile_for(fn, kwargs, args.arch, **options).metadata.shared
+            kernel = compile_for(fn, kwargs, args.arch, **options)
+            shared = kernel.metadata.shared
             if shared > args.max_shared:
                 raise RuntimeError(f"needs {shared} B of shared memory, more than the {args.max_shared} B a block gets")
-            print(f"  ok    {name:<48} {time.perf_counter() - t0:5.1f} s  shared {shared} B")
+            usage = f", {ptxas_usage(kernel, args.arch)}" if args.usage else ""
+            print(f"  ok    {name:<48} {time.perf_counter() - t0:5.1f} s  shared {shared} B{usage}")
         except Exception as e:  # report every kernel, not just the first failure
             failed += 1
             msg = str(e).strip().splitlines()

@@ -296,6 +296,6 @@ def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, s
     if nsplit > 1:
         triton_kernel(_hier_decode_combine_kernel, direct)[(B * T * Hq,)](
             opart, mpart, lpart, out, out.stride(0), out.stride(1), out.stride(2), T, Hq, D, nsplit,
-            BLOCK_SPLIT=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d, num_warps=1,
+            BLOCK_SPLIT=max(2, triton.next_power_of_2(nsplit)), BLOCK_D=block_d, num_warps=4,
         )
     return out
