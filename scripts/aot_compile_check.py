@@ -173,7 +173,8 @@ def cases():
                 stride_ot=H * D, stride_oh=D, sm_scale=0.088, T=1, HQ=32, HKV=8, REP=4, D=D, NS=4160, M=65, L=7,
                 nw=64, block=64, sinks=0, tiles_per_split=3, NSPLIT=33, SPLIT=True, BLOCK_M=16, BLOCK_N=64,
                 BLOCK_D=D)
-    out.append(("hierarchical decode attention", hd._hier_decode_kernel, hdec, dict(num_warps=4, num_stages=2)))
+    out.append(("hierarchical decode attention (default: 2 stages)", hd._hier_decode_kernel, hdec,
+                dict(num_warps=4, num_stages=2)))
     out.append(("hierarchical decode merge", hd._hier_decode_combine_kernel,
                 dict(OPART=f32, MPART=f32, LPART=f32, O=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1,
                      HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=4)))

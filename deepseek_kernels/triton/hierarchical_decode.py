@@ -263,10 +263,13 @@ def decode_splits(batch: int, kv_heads: int, tiles: int, device: torch.device) -
 
 def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, softmax_scale: float,
                              num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                             num_stages: int | None = None, direct: bool = False) -> torch.Tensor:
+                             num_stages: int = 2, direct: bool = False) -> torch.Tensor:
     """Attention of ``q [B, T, Hq, D]`` (the newest ``T`` tokens of each row, already appended)
     over ``cache``. Returns ``[B, T, Hq, D]`` like ``q``. ``num_splits``, ``block_n``, ``num_warps``,
-    ``num_stages``: the launch shape (untuned defaults; ``benchmarks/tune_hierarchical.py --decode``)."""
+    ``num_stages``: the launch shape (not yet tuned: ``benchmarks/tune_hierarchical.py --decode``).
+    Two stages as the window decode kernel: with Triton's default 3 the kernel takes 139 KiB of
+    shared memory at D=128 (one program per SM, the ~2 programs per SM of ``decode_splits`` then run
+    in two waves); with 2, 72 KiB and 250 registers (ptxas): two programs per SM."""
     B, T, Hq, D = q.shape
     Hkv = cache.k.shape[2]
     rep = Hq // Hkv
