@@ -178,6 +178,38 @@ def cases():
     out.append(("hierarchical decode merge", hd._hier_decode_combine_kernel,
                 dict(OPART=f32, MPART=f32, LPART=f32, O=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1,
                      HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=4)))
+    # sparse FFN training GEMMs (T=8192, d_model 4096, d_ff 14336, 64 blocks: BS=224) at the default tiles
+    D_, BS_, P_ = 4096, 224, 8192 * 19
+    c = sf.launch_config(8192, D_, BS_)
+    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
+    opts = dict(num_warps=c["num_warps"])
+    out.append(("sparse FFN gate/up GEMM + SwiGLU", sf._sparse_ffn_gate_up_kernel,
+                dict(gemm, X=bf16, WG=bf16, WU=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
+                     OFFSETS=i32, D=D_, BS=BS_, NB=64, stride_xt=D_, stride_xd=1, stride_wf=D_, stride_wd=1,
+                     SAVE_ACT=True), opts))
+    out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
+                dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
+                     SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
+    c = sf.bwd_launch_config(8192, D_, BS_)
+    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
+    opts = dict(num_warps=c["num_warps"])
+    out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
+                dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
+                     OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
+                     stride_wd=64 * BS_, stride_wf=1), opts))
+    out.append(("sparse FFN bwd dx", sf._sparse_ffn_bwd_dx_kernel,
+                dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
+                     BS=BS_, NB=64, stride_wf=D_, stride_wd=1), opts))
+    n = c["block_n"]
+    out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
+                dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,
+                     stride_xd=1, stride_gf=D_, stride_gd=1, DOT_PRECISION="tf32", BLOCK_N=n, BLOCK_D=n,
+                     BLOCK_K=c["block_k"]), opts))
+    out.append(("sparse FFN bwd dW down", sf._sparse_ffn_bwd_dw_down_kernel,
+                dict(DO=bf16, HW=bf16, SORTED_TOK=i32, OFFSETS=i32, DWD=bf16, D=D_, BS=BS_, stride_dot=D_,
+                     stride_dod=1, stride_wd=64 * BS_, stride_wf=1, DOT_PRECISION="tf32", BLOCK_D=n, BLOCK_N=n,
+                     BLOCK_K=c["block_k"]), opts))
+
     from deepseek_kernels.triton import window_decode as wd
 
     wsplit = dict(Q=bf16, K=bf16, V=bf16, POS=i64, SEQLENS=i64, LENGTHS=i64, O_PART=f32, ML_PART=f32,
