@@ -190,15 +190,13 @@ def cases():
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
                 dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
                      SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
-    block_m, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
-    c = {**kc["dact"], "block_m": block_m}
-    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
+    c = sf.bwd_launch_config(8192, D_, BS_)
+    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
     opts = dict(num_warps=c["num_warps"])
     out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
                 dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                      OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
                      stride_wd=64 * BS_, stride_wf=1), opts))
-    opts = dict(num_warps=kc["dx"]["num_warps"])
     out.append(("sparse FFN bwd dx", sf._sparse_ffn_bwd_dx_kernel,
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
                      BS=BS_, NB=64, stride_wf=D_, stride_wd=1), opts))

@@ -444,15 +444,3 @@ def test_strided_bias_and_weights_through_the_ops():
     got = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, 0, n_blocks, True, True)
     want = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up.contiguous(), w_down, idx, weights, 0, n_blocks, True, True)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-
-
-def test_launch_config_resolution_order():
-    """Per-kernel defaults (the backward's 8-warp dact), then scalar overrides for every kernel, then
-    the per-kernel ``config``; block_m is shared."""
-    base = tk.bwd_launch_config(8192, 4096, 224)
-    bm, kc = tk.resolve_config(base, tk.BWD_KERNELS)
-    assert bm == 64 and kc["dact"]["num_warps"] == 8 and kc["dx"]["num_warps"] == 4
-    _, kc = tk.resolve_config(base, tk.BWD_KERNELS, num_warps=4)
-    assert all(c["num_warps"] == 4 for c in kc.values())
-    bm, kc = tk.resolve_config(base, tk.BWD_KERNELS, num_warps=4, config={"block_m": 128, "dx": {"num_warps": 2}})
-    assert bm == 128 and kc["dx"]["num_warps"] == 2 and kc["dact"]["num_warps"] == 4

@@ -342,14 +342,13 @@ BWD_KERNELS = ("dact", "dx", "combine", "dw_gate_up", "dw_down")
 def resolve_config(base: dict, kernels, *, block_m=None, block_n=None, block_k=None, num_warps=None,
                    config: dict | None = None) -> tuple[int, dict]:
     """``(block_m, {kernel: launch dict})`` from a base config (``launch_config`` /
-    ``bwd_launch_config``, with optional per-kernel defaults under ``kernels``), the scalar overrides
-    (every kernel) and ``config`` (per kernel, e.g.
+    ``bwd_launch_config``), the scalar overrides (every kernel) and ``config`` (per kernel, e.g.
     ``{"gate_up": {"block_n": 32, "num_stages": 4}, "block_m": 128}``: what the tuner writes)."""
     config = dict(config or {})
     bm = block_m or config.pop("block_m", None) or base["block_m"]
     config.pop("block_m", None)
     defaults = {name: {"block_n": base["block_n"], "block_k": base["block_k"], "num_warps": base["num_warps"],
-                       "num_stages": None, **base.get("kernels", {}).get(name, {})} for name in kernels}
+                       "num_stages": None} for name in kernels}
     return bm, resolve_launch("sparse FFN", defaults, config, block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
@@ -580,12 +579,10 @@ def _sparse_ffn_bwd_dw_down_kernel(
 
 
 def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
-    """Tile shapes of the backward kernels (untuned first guess, like :func:`launch_config`;
-    ``kernels``: per-kernel defaults). The dact kernel gets 8 warps: at 4 warps its 64x64x64 tile
-    needs 255 registers and spills (ptxas, Triton 3.6, sm_90), at 8 warps 107 and none."""
+    """Tile shapes of the backward kernels (untuned first guess, like :func:`launch_config`)."""
     if tokens * block_size <= 4096:
         return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
-    return dict(block_m=64, block_n=64, block_k=64, num_warps=4, kernels={"dact": {"num_warps": 8}})
+    return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
 
 
 def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
