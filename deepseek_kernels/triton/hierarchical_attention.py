@@ -174,6 +174,26 @@ def _softmax_step(acc, l_i, m_i, s, v, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, row_ok, d_mask, MASKED: tl.constexpr, EVEN_D: tl.constexpr, ROWS_LAST: tl.constexpr):
+    """A [rows, D] tile (``ROWS_LAST``: [D, rows]) of q/k/v-like data: rows past the sequence
+    (``row_ok`` False) and head-dim padding read as 0; no mask at all for interior tiles
+    (``MASKED`` False) with an unpadded head dim."""
+    if EVEN_D and not MASKED:
+        x = tl.load(ptr)
+    elif ROWS_LAST:
+        mask = d_mask[:, None]
+        if MASKED:
+            mask = mask & row_ok[None, :]
+        x = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        mask = d_mask[None, :]
+        if MASKED:
+            mask = mask & row_ok[:, None]
+        x = tl.load(ptr, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, hi, local_lo,
                stride_kt, stride_vt, d_mask, qk_scale, sinks, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, EVEN_D: tl.constexpr):
@@ -184,14 +204,9 @@ def _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, hi, lo
     for start_n in range(lo_tile, hi, BLOCK_N):
         k_ptr = k_tile + tl.cast(start_n, tl.int64) * stride_kt
         v_ptr = v_tile + tl.cast(start_n, tl.int64) * stride_vt
-        if MASKED:
-            offs_n = start_n + offs_n0
-            n_mask = offs_n < seqlen
-            k = tl.load(k_ptr, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr)
-        else:
-            k = tl.load(k_ptr, mask=d_mask[:, None], other=0.0)
+        offs_n = start_n + offs_n0
+        n_mask = offs_n < seqlen
+        k = _load_tile(k_ptr, n_mask, d_mask, MASKED, EVEN_D, True)
         s = tl.dot(q, k) * qk_scale
         if MASKED:
             vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
@@ -205,12 +220,7 @@ def _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, hi, lo
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptr, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptr)
-        else:
-            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+        v = _load_tile(v_ptr, n_mask, d_mask, MASKED, EVEN_D, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -364,17 +374,9 @@ def _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, lo_tile, h
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptr = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
         v_ptr = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if MASKED:
-            n_mask = offs_n < seqlen
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr, mask=kv_mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
-        else:
-            k = tl.load(k_ptr, mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr, mask=d_mask[None, :], other=0.0)
+        n_mask = offs_n < seqlen
+        k = _load_tile(k_ptr, n_mask, d_mask, MASKED, EVEN_D, False)
+        v = _load_tile(v_ptr, n_mask, d_mask, MASKED, EVEN_D, False)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
         if MASKED:
             vis = (offs_n[None, :] <= offs_m[:, None]) & n_mask[None, :] & (
@@ -561,20 +563,13 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, off
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q_ptr = q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
         do_ptr = do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :]
+        m_mask = offs_m < seqlen
+        q = _load_tile(q_ptr, m_mask, d_mask, MASKED, EVEN_D, False)
+        do = _load_tile(do_ptr, m_mask, d_mask, MASKED, EVEN_D, False)
         if MASKED:
-            m_mask = offs_m < seqlen
-            q_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(q_ptr, mask=q_mask, other=0.0)
-            do = tl.load(do_ptr, mask=q_mask, other=0.0)
             lse2 = tl.load(lse_base + offs_m, mask=m_mask, other=0.0) * LOG2E
             delta = tl.load(delta_base + offs_m, mask=m_mask, other=0.0)
         else:
-            if EVEN_D:
-                q = tl.load(q_ptr)
-                do = tl.load(do_ptr)
-            else:
-                q = tl.load(q_ptr, mask=d_mask[None, :], other=0.0)
-                do = tl.load(do_ptr, mask=d_mask[None, :], other=0.0)
             lse2 = tl.load(lse_base + offs_m) * LOG2E
             delta = tl.load(delta_base + offs_m)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
