@@ -1,5 +1,6 @@
 """Helpers shared by the tuning scripts in benchmarks/."""
 
+import json
 import time
 
 import torch
@@ -23,6 +24,13 @@ def bench_graphed(fn, rep: int = 50) -> float:
     if not torch.cuda.is_available():
         return bench(fn)
     return triton.testing.do_bench_cudagraph(fn, rep=rep)
+
+
+def save_json(path: str | None, result) -> None:
+    """Writes a tuner's result to ``path`` (--out), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,13 +12,14 @@ deepseek_kernels/triton/window_attention.py.
 
 import argparse
 import itertools
-import json
 
 import torch
 import triton.testing
 
 from deepseek_kernels.reference.attention import attended_pairs, flops
 from deepseek_kernels.triton import window_attention as wa
+
+from _tuning import save_json  # benchmarks/ is on sys.path when a script in it runs
 
 FWD = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (c[0] == 64 and c[2] == 8)]
 DKDV = [c for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (1, 2, 3)) if c[0] <= c[1]]
@@ -140,9 +141,7 @@ def main():
                                                                key=lambda r: r["ms"])[:4]])
         results.append({"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D, "flex_fwd_ms": fl_fwd,
                         "flex_bwd_ms": fl_bwd, "rows": rows})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    save_json(args.out, results)
 
 
 if __name__ == "__main__":

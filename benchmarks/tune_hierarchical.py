@@ -18,7 +18,6 @@ is compared with the default's. Winners go into ``hierarchical_decode_attn``'s d
 
 import argparse
 import itertools
-import json
 
 import torch
 
@@ -26,7 +25,7 @@ import deepseek_kernels as dk
 from deepseek_kernels.reference.hierarchical_attention import resolve_levels
 from deepseek_kernels.triton.hierarchical_attention import hierarchical_attention_bwd, hierarchical_attention_fwd
 
-from _tuning import bench, rel  # benchmarks/ is on sys.path when a script in it runs
+from _tuning import bench, bench_graphed, rel, save_json  # benchmarks/ is on sys.path when a script in it runs
 
 
 # (block_m, block_n, block_s, num_warps, num_stages)
@@ -70,8 +69,6 @@ def tune_decode(args):
     from deepseek_kernels.decode import RollingKVCache
     from deepseek_kernels.hierarchical_decode import HierarchicalKVCache
     from deepseek_kernels.triton.hierarchical_decode import hierarchical_decode_attn
-
-    from _tuning import bench_graphed
 
     S, W, Hq, Hkv, D, BLOCK, dev = args.seqlen, args.window, 32, 8, 128, 64, args.device
     dt = torch.bfloat16 if dev == "cuda" else torch.float16
@@ -123,10 +120,7 @@ def main():
     if args.seqlen is None:
         args.seqlen = 131072 if args.decode else 32768  # decode: the bench suite's context
     if args.decode:
-        result = tune_decode(args)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+        save_json(args.out, tune_decode(args))
         return
     S, H, D, W, BLOCK = args.seqlen, args.heads, 128, args.window, 64
     torch.manual_seed(0)
@@ -194,9 +188,7 @@ def main():
         fb = best_f["ms"] + result["bwd_best"]["ms"]
         print(f"best fwd + bwd {fb:.3f} ms = {fb / win_fb:.2f}x window fwd+bwd "
               "(the op's fwd+bwd also pools twice and computes delta)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ deepseek_kernels/triton/int8_matmul.py.
 
 import argparse
 import itertools
-import json
 
 import torch
 import triton
 import triton.testing
 
 from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
+
+from _tuning import save_json  # benchmarks/ is on sys.path when a script in it runs
 
 SMALL = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stages=s)
          for n, k, w, s in itertools.product((16, 32, 64), (256, 512, 1024), (2, 4, 8), (3, 4, 6))
@@ -95,9 +96,7 @@ def main():
         if bad:
             print(f"  {len(bad)} configs failed, e.g. {bad[0]}")
         results.append({"M": M, "N": N, "K": K, "cublas_bf16_ms": base, "rows": rows})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    save_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ launch cost on top) next to the dense SwiGLU replayed the same way; winners go i
 
 import argparse
 import itertools
-import json
 
 import torch
 
 from deepseek_kernels.reference.sparse_ffn import swiglu_ffn_ref
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import bench, bench_graphed, rel  # benchmarks/ is on sys.path when a script in it runs
+from _tuning import bench, bench_graphed, rel, save_json  # benchmarks/ is on sys.path when a script in it runs
 
 
 # (block_n, block_k, num_warps, num_stages)
@@ -105,10 +104,7 @@ def main():
     if args.ratio is None:
         args.ratio = 0.15 if args.decode else 0.3  # serving runs at ~15 %, training at 30-50 %
     if args.decode:
-        result = tune_decode(args)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1, default=str)
+        save_json(args.out, tune_decode(args))
         return
     T, D, F_, NB = args.tokens, args.d_model, args.d_ff, 64
     k = max(1, round(args.ratio * NB))
@@ -184,9 +180,7 @@ def main():
         print(f"combined backward config {best_cfg['bwd']}: {final_bwd.get('ms', final_bwd.get('error'))} ms "
               f"(default {base_bwd:.3f})")
         result["combined_bwd"] = final_bwd
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":
