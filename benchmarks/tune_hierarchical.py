@@ -111,6 +111,7 @@ def main():
     ap.add_argument("--seqlen", type=int, help="tokens (default 32768; the cached context with --decode: 131072)")
     ap.add_argument("--full", action="store_true", help="sweep the full grids (long: one compile per config)")
     ap.add_argument("--skip-bwd", action="store_true")
+    ap.add_argument("--skip-fwd", action="store_true", help="time only the window op and the backward sweep")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
@@ -134,7 +135,7 @@ def main():
     ref, lse = hierarchical_attention_fwd(q, k, v, **kw)
     result = {"S": S, "H": H, "D": D, "W": W, "block": BLOCK, "window_fwd_ms": win_fwd,
               "window_fwd_bwd_ms": win_fb, "fwd": [], "bwd": []}
-    for bm, bn, bs, w, st in FWD_FULL if args.full else FWD_FOCUS:
+    for bm, bn, bs, w, st in [] if args.skip_fwd else FWD_FULL if args.full else FWD_FOCUS:
         cfg = dict(block_m=bm, block_n=bn, block_s=bs, num_warps=w, num_stages=st)
         try:
             out, _ = hierarchical_attention_fwd(q, k, v, **kw, **cfg)

@@ -679,18 +679,19 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     ``block``. Tuned on the H200 at D=128 (benchmarks/tune_hierarchical.py; 64x64, 4 warps)."""
     bm = min(block, 64)
     nw = window // block
-    # Triton 3.6 on the H200 gave bitwise-different dK between identical calls at D=128 with the
-    # default software pipelining (num_stages 2 or 3, 4 warps; a compiler race in loops with
-    # data-dependent bounds, cf. triton-lang/triton#9871). Unpipelined is deterministic and
-    # measured 19.1 ms vs 17.8 ms (8 warps: 21.5 ms) at S=16k H16/2 W512;
-    # tests/test_hierarchical_triton.py repeats the call and compares bits. (Measured with one
-    # setting for all three kernels; the tuner now checks each kernel's determinism separately.)
-    stages = 1 if max(16, triton.next_power_of_2(head_dim)) >= 128 else None
+    # Triton 3.6 on the H200 gives bitwise-different dK/dV between identical calls when the dkdv
+    # kernel is software-pipelined (2 stages): every call differed at D=128, block 32 (block_m 32),
+    # none at block 64 (benchmarks/diag_hier_bwd_race.py; a compiler race in loops with
+    # data-dependent bounds, cf. triton-lang/triton#9871). dkdv therefore stays unpipelined at D=128;
+    # dq with 2 stages was deterministic on every shape and is faster: S=131072 H32 W4096 backward
+    # 82.8 ms against 90.1 ms all unpipelined (dkdv at 2 stages as well: 78.8 ms, not deterministic).
+    # tests/test_hierarchical_triton.py repeats the call and compares bits.
+    wide = max(16, triton.next_power_of_2(head_dim)) >= 128
     return {
-        "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(64, triton.next_power_of_2(nw // 2 + 2))),
-                   num_warps=4, num_stages=stages),
-        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=stages),
-        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=stages),
+        "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
+                   num_warps=4, num_stages=2 if wide else None),
+        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None),
+        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None),
     }
 
 
