@@ -228,6 +228,31 @@ def test_cuda_int8_mm_exact_at_large_full_tile_shapes(M):
     assert torch.equal(dk.int8_mm(a, b).double(), want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("MNK", [(8195, 8200, 4112), (8192, 8192, 8192)], ids=str)
+def test_cuda_eager_persistent_tma_path_matches_the_op(MNK):
+    """Eager large GEMMs take the persistent TMA kernel; the registered op (dispatcher, the path
+    torch.compile uses) the plain kernel: the same bits, ragged edges included, and exact sums."""
+    from deepseek_kernels.triton import int8_matmul as tk
+
+    M, N, K = MNK
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    assert tk.persistent_tma_config(M, N, K, torch.bfloat16) is not None and tk.tma_ok(a, b)
+    assert tk.persistent_tma_config(M, N, K, torch.float32) is None  # its epilogue tile does not fit
+    acc = dk.int8_mm(a, b)  # the op: the plain kernel (exact sums, tested above)
+    assert torch.equal(acc[-7:].double(), a[-7:].double() @ b.double().T)
+    # 0/1 operands with at most 2048 terms: every sum is an integer <= 2^11, exact in fp16
+    small_a, small_b = (a % 2).to(torch.int8), (b % 2).to(torch.int8)
+    small_b[:, 2048:] = 0
+    one_a, one_b = torch.ones(M, 1, device="cuda"), torch.ones(N, device="cuda")
+    got = dk.int8_matmul(small_a, small_b, one_a, one_b, out_dtype=torch.float16)
+    assert torch.equal(got.double(), dk.int8_mm(small_a, small_b).double())
+    sa, sb, bias = torch.rand(M, 1, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3, torch.randn(N, device="cuda")
+    out = dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16)
+    assert torch.equal(out, torch.ops.deepseek_kernels.int8_matmul(a, b, sa, sb, bias, torch.bfloat16))
+
+
 # ---- quantize_per_token kernel and the eager fast path ----------------------------------------------
 
 QPT_SHAPES = [(1, 1), (3, 17), (5, 1000), (2, 4096), (1, 5000), (4, 9000)]  # one-block rows and multi-block rows

@@ -141,6 +141,22 @@ def tma_ok(a, b) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
+def persistent_tma_config(M: int, N: int, K: int, out_dtype) -> dict | None:
+    """The persistent TMA kernel's tile shape for large GEMMs with a 16-bit output, None where the
+    plain kernel is used. H200, plain and TMA in one process (benchmarks/diag_int8_tma.py; 128x256x128,
+    8 warps, 4 stages, bf16 out), two runs: 8192^3 823/827 us against 927/897 us plain (1.69x/1.75x
+    cuBLAS bf16); M8192 N14336 K4096 845/901 vs 887/880 us (a wash); N4096 K14336 859 vs 823 us and
+    4096^3 118 vs 109 us (slower), hence M, N >= 8192. Run-to-run spread of one kernel was up to ~10 %
+    in those calls. A 32-bit output's epilogue tile does not fit next to 4 stages (320 KiB of shared
+    memory). Only eager calls take it (``ops.int8_matmul``); inside torch.compile the plain kernel
+    runs (the same int32 sums and epilogue: the same bits, tests/test_int8_matmul.py)."""
+    import torch
+
+    if M >= 8192 and N >= 8192 and K >= 1024 and out_dtype in (torch.bfloat16, torch.float16):
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    return None
+
+
 def launch_tma(a, b, out, a_scale, b_scale, bias, cfg: dict, apply_epilogue: bool = True,
                persistent_programs: int | None = None) -> None:
     """Runs :func:`_int8_matmul_tma_kernel`, or with ``persistent_programs`` (e.g. the SM count)
