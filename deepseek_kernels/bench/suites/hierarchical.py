@@ -238,7 +238,9 @@ def plot(path, rows: list[dict], title: str = TITLE) -> bool:
         ax.set_title(name, fontsize=10)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(60 * len(passes)))), fontsize=9)  # fits one panel
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
