@@ -26,6 +26,25 @@ def bench_graphed(fn, rep: int = 50) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep)
 
 
+def sets_for(bytes_per_set: int, max_sets: int = 8) -> int:
+    """How many copies of a call's inputs make cycling through them touch at least 2x the L2 cache
+    (the bench harness's rule), so that a replayed call reads from HBM as in a real decode step
+    rather than from the L2 copy the previous replay left (1 without a GPU)."""
+    if not torch.cuda.is_available():
+        return 1
+    from deepseek_kernels.bench.harness import l2_bytes
+
+    return min(max_sets, max(1, -(-2 * l2_bytes() // max(1, bytes_per_set))))
+
+
+def bench_graphed_sets(fn, sets: int, rep: int = 50) -> float:
+    """Milliseconds per call of ``fn(i)`` for i in range(sets), the calls replayed back to back from
+    one CUDA graph (each on its own copy of the inputs: see :func:`sets_for`)."""
+    if sets <= 1:
+        return bench_graphed(lambda: fn(0), rep=rep)
+    return bench_graphed(lambda: [fn(i) for i in range(sets)], rep=rep) / sets
+
+
 def save_json(path: str | None, result) -> None:
     """Writes a tuner's result to ``path`` (--out), if given."""
     if path:
