@@ -10,8 +10,6 @@ directly (``eager_fast_path``): at decode sizes the dispatcher costs more than t
 ``explain`` says which path a call takes.
 """
 
-import functools
-
 import torch
 
 from deepseek_kernels.ops._registry import (
@@ -82,6 +80,7 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
     """One GEMM launch. Eager (``direct``) large GEMMs on Hopper take the persistent TMA kernel;
     everything else, and every call inside torch.compile, the plain kernel (the same bits)."""
     from deepseek_kernels.triton import int8_matmul as tk
+    from deepseek_kernels.triton._common import sm_count
 
     M, K = a_q.shape
     N = b_q.shape[0]
@@ -89,7 +88,7 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
         tma_cfg = tk.persistent_tma_config(M, N, K, out.dtype)
         if tma_cfg is not None and tk.tma_ok(a_q, b_q):
             tk.launch_tma(a_q, b_q, out, a_scale, b_scale, bias, tma_cfg, apply_epilogue,
-                          persistent_programs=_sm_count(a_q.device))
+                          persistent_programs=sm_count(a_q.device))
             return
     _int8_matmul_kernel, launch_config = tk._int8_matmul_kernel, tk.launch_config
     cfg = launch_config(M, N, K)
@@ -105,15 +104,6 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
         APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None,
         EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg,
     )
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def triton_cdiv(a: int, b: int) -> int:

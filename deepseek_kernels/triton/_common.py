@@ -1,5 +1,7 @@
 """Small Triton helpers shared by the kernels."""
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -10,6 +12,21 @@ def f32(x):
     itself, but torch.compile (inductor) passes them as fp64, which would turn the softmax state
     fp64 (a compile error for loop-carried values, slow math otherwise)."""
     return (tl.zeros((), tl.float32) + x).to(tl.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached: the property query is not free)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_of(index)
 
 
 def resolve_launch(what: str, defaults: dict, config: dict | None = None, **scalars) -> dict:

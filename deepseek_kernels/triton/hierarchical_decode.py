@@ -23,14 +23,12 @@ Kernels:
   _hier_decode_combine_kernel  one program per (row, step, query head): the log-sum-exp merge.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import f32, launch_options
+from deepseek_kernels.triton._common import f32, launch_options, sm_count
 from deepseek_kernels.triton.hierarchical_attention import _level_start, _softmax_step
 
 # ---- append ------------------------------------------------------------------------------------------
@@ -249,18 +247,13 @@ def _hier_decode_combine_kernel(
     tl.store(O + b * stride_ob + t * stride_ot + hh * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def decode_splits(batch: int, kv_heads: int, tiles: int, device: torch.device) -> int:
     """Splits of the cache so that about four programs run per SM (one without a GPU). On the H200
     (tune_hierarchical.py --decode, 131072 cached tokens, B1 H32/8, 32-key tiles, graphed): 66 splits
     per kv head (4 programs per SM) 18.0 us; 33 (2 per SM) 24.3 us; 132 (8 per SM) 20.4 us."""
     if device.type != "cuda":
         return 1
-    return max(1, min(tiles, triton.cdiv(4 * _sm_count(device.index or 0), batch * kv_heads)))
+    return max(1, min(tiles, triton.cdiv(4 * sm_count(device), batch * kv_heads)))
 
 
 def hierarchical_decode_attn(q: torch.Tensor, cache, lengths: torch.Tensor, *, softmax_scale: float,
