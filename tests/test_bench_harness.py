@@ -19,11 +19,18 @@ def test_graph_timer_replays_the_captured_work():
     eager = time_cuda(fn, [(x,)], warmup=2, reps=5)
     n = len(calls)
     out.zero_()
-    graphed = time_cuda_graph(fn, [(x,)], warmup=2, reps=5)
-    # warmup calls + one capture; the timed replays do not call Python again
-    assert len(calls) == n + 2 + 1
+    graphed = time_cuda_graph(fn, [(x,)], warmup=2, reps=5, min_calls=4)
+    # warmup calls + one capture of 4 calls; the timed replays do not call Python again
+    assert len(calls) == n + 2 + 4
     assert torch.equal(out, x * 2)
+    assert graphed["calls_per_replay"] == 4
     assert eager["ms"] > 0 and graphed["ms"] > 0
+    # per call: one replay of 4 multiplies of 64 MiB each takes ~4x one eager call, not 1x
+    assert 0.5 * eager["ms"] < graphed["ms"] < 2 * eager["ms"]
+    # two input sets and min_calls 3: two cycles (4 calls), every set as often
+    calls.clear()
+    two = time_cuda_graph(fn, [(x,), (x.clone(),)], warmup=0, reps=2, min_calls=3)
+    assert two["calls_per_replay"] == 4 and len(calls) == 4
 
 
 @pytest.mark.gpu
