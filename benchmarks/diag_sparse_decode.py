@@ -1,0 +1,61 @@
+"""Where a graphed sparse-FFN decode step spends its GPU time: the router kernel, the two decode
+kernels, the whole op, next to the dense SwiGLU FFN, each replayed from a CUDA graph with the bench
+harness's timer (several calls per graph, input copies cycled past the L2).
+
+    python benchmarks/diag_sparse_decode.py [--ratio 0.15] [--tokens 1,8] [--out results.json]
+
+bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's decode shape).
+"""
+
+import argparse
+
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.bench.harness import time_cuda_graph
+from deepseek_kernels.reference.sparse_ffn import n_active, swiglu_ffn_ref
+from deepseek_kernels.triton import sparse_ffn as tk
+
+from _tuning import save_json, sets_for
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    D, F_, NB, dt = 4096, 14336, 64, torch.bfloat16
+    k = n_active(args.ratio, NB)
+    rows = []
+    print(f"{'T':>3} {'router':>9} {'decode kernels':>15} {'whole op':>9} {'dense':>9} {'op vs dense':>12}")
+    for T in (int(t) for t in args.tokens.split(",")):
+        torch.manual_seed(0)
+        # enough weight copies that consecutive calls read HBM (a token uses ~k/NB of the weights)
+        n = sets_for(int(min(1.0, T * k / NB) * 3 * F_ * D * 2))
+        sets = []
+        for _ in range(n):
+            x = torch.randn(T, D, device="cuda", dtype=dt)
+            wr = torch.randn(NB, D, device="cuda", dtype=dt) * D**-0.5
+            wg, wu = (torch.randn(F_, D, device="cuda", dtype=dt) * D**-0.5 for _ in range(2))
+            wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
+            idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+            sets.append((x, wr, wg, wu, wd, idx, w))
+        with torch.no_grad():
+            t_route = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid",
+                                                                            weighting="gate"), sets)
+            t_dec = time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w: tk.sparse_ffn_decode(
+                x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), sets)
+            t_op = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
+                x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
+            t_dense = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: swiglu_ffn_ref(x, wg, wu, wd), sets[:1])
+        row = dict(T=T, ratio=args.ratio, k=k, weight_copies=n, router_ms=t_route["ms"], decode_ms=t_dec["ms"],
+                   op_ms=t_op["ms"], dense_ms=t_dense["ms"])
+        rows.append(row)
+        print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
+              f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)
+    save_json(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
