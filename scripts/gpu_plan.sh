@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests 1|2 | tests-generic | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -37,6 +37,12 @@ case "$step" in
   tests-generic)  # the unmarked, device-generic tests on CUDA (never run on the H200 so far)
     MARKERS="not gpu" TEST_FILES="${TEST_FILES:-$TESTS_1}" SKIP_BENCH=1 PYTEST_ARGS="--tb=short" \
       timeout 570 bash scripts/gpu_check.sh ;;
+  graphed)  # the multi-call graph timer's GPU test, then every graphed decode row of the Triton suites
+    timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_bench_harness.py
+    timeout 420 "$PY" -m deepseek_kernels.cli bench int8_matmul attention hierarchical sparse_ffn \
+      --filter graphed --out "$OUT/graphed" ;;
+  diag-sparse-decode)
+    timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
   tune-hier-decode)
@@ -62,6 +68,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
