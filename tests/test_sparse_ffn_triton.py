@@ -176,6 +176,24 @@ def test_backward_kernels_match_reference(case, dtype, poisoned):
         assert torch.all(got[4][idx < 0] == 0)
 
 
+def test_large_batch_defaults_are_per_kernel():
+    """The tuned T >= 4096 defaults carry per-kernel entries: they reach their kernels, the others
+    keep the shared settings, and a scalar override still applies to every kernel."""
+    bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
+    assert bm == 128
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3) == kc["down"]
+    assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
+    bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
+                               config={"down": {"block_k": 32}})
+    assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
+    bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
+    assert bm == 64 and kc["dact"]["block_n"] == 128 and kc["dx"] == dict(block_n=64, block_k=32, num_warps=4,
+                                                                          num_stages=4)
+    # below 4096 tokens: the shared first guess for every kernel
+    bm, kc = tk.resolve_config(tk.launch_config(1000, 4096, 224), tk.FWD_KERNELS)
+    assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())
+
+
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):
     """What the tuner writes: a different tile shape per kernel (and block_m) must not change the
     forward beyond rounding, nor the backward's gradients; unknown kernels or keys are errors."""
