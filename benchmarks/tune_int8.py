@@ -3,7 +3,8 @@
     python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--tma] [--out tune.json]
 
 ``--tma`` sweeps the experimental TMA-descriptor kernel (``_int8_matmul_tma_kernel``) instead, for
-M > 16; ``--tma --persistent`` its persistent variant (one program per SM walking the tiles).
+M > 16; ``--tma --persistent`` its persistent variant (one program per SM walking the tiles);
+``--tma-store`` adds the TMA-store epilogue to either.
 
 M <= 16 (decode GEMVs) is timed replayed from a CUDA graph, both sides, cycling through enough
 copies of the weight to touch 2x the L2 cache (a 58 MB int8 weight otherwise half-hits the L2 left
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--shapes", default="1,14336,4096;16,14336,4096;16,4096,14336;2048,4096,4096")
     ap.add_argument("--tma", action="store_true", help="sweep the TMA-descriptor kernel (M > 16)")
     ap.add_argument("--persistent", action="store_true", help="with --tma: the persistent TMA kernel")
+    ap.add_argument("--tma-store", action="store_true",
+                    help="with --tma: the output tile leaves through a TMA descriptor too (3 stages max at 128x256)")
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
@@ -68,7 +71,7 @@ def main():
                 raise SystemExit(f"M{M} N{N} K{K}: these operands do not allow TMA descriptors")
             sms = torch.cuda.get_device_properties(0).multi_processor_count if args.persistent else None
             call = lambda out, cfg, i=0: launch_tma(a, b_sets[i], out, a_s, b_s, None, cfg,  # noqa: E731
-                                                    persistent_programs=sms) or out
+                                                    persistent_programs=sms, tma_store=args.tma_store) or out
         else:
             call = lambda out, cfg, i=0: run(a, b_sets[i], a_s, b_s, out, cfg)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)

@@ -108,8 +108,13 @@ def cases():
                BLOCK_K=128)
     for k in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bn", "stride_bk"):
         tma.pop(k)
+    tma["TMA_STORE"] = False
     out.append(("int8 TMA GEMM", im._int8_matmul_tma_kernel, tma, dict(num_warps=8, num_stages=3)))
-    out.append(("int8 TMA persistent GEMM", im._int8_matmul_tma_persistent_kernel, dict(tma, NUM_PROGRAMS=132),
+    out.append(("int8 TMA persistent GEMM (the eager default for M, N >= 8192)", im._int8_matmul_tma_persistent_kernel,
+                dict(tma, NUM_PROGRAMS=132), dict(num_warps=8, num_stages=4)))
+    # the TMA-store epilogue stages a 64 KiB output tile: 3 stages fit (214 KiB), 4 do not (263 KiB)
+    store = dict(tma, out_ptr="tensordesc<bf16[128, 256]>", TMA_STORE=True, NUM_PROGRAMS=132)
+    out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
 
     dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,

@@ -442,12 +442,15 @@ def test_eager_fast_path_matches_the_op_and_steps_aside_when_traced():
     assert torch.equal(compiled(x), dk.int8_matmul(xq, w, xs, ws))
 
 
+@pytest.mark.parametrize("tma_store", [False, True], ids=["pointer-store", "tma-store"])
 @pytest.mark.parametrize("persistent", [None, 3], ids=["one-tile-per-program", "persistent-3"])
 @pytest.mark.parametrize("M,N,K", [(1, 64, 64), (17, 200, 96), (40, 72, 336)], ids=lambda v: str(v))
-def test_tma_kernel_is_exact(M, N, K, persistent):
-    """The experimental TMA-descriptor kernels (tune_int8.py --tma [--persistent]): exact int32
+def test_tma_kernel_is_exact(M, N, K, persistent, tma_store):
+    """The TMA-descriptor kernels (tune_int8.py --tma [--persistent] [--tma-store]): exact int32
     accumulation with out-of-range rows/columns zero-filled by the descriptors, and the same
-    epilogue bits as the pointer kernel; the persistent one with 3 programs striding over the tiles."""
+    epilogue bits as the pointer kernel; the persistent one with 3 programs striding over the tiles;
+    with ``tma_store`` the tile leaves through a descriptor clipped at the ragged edges (the
+    poisoned rows and columns past the view must stay untouched)."""
     from deepseek_kernels.ops._registry import interpreting
     from deepseek_kernels.triton import int8_matmul as tk
 
@@ -458,13 +461,24 @@ def test_tma_kernel_is_exact(M, N, K, persistent):
         pytest.skip("TMA needs compute capability 9+ (or the interpreter)")
     assert interpreting() or dev == "cuda"
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-    acc = torch.empty(M, N, dtype=torch.int32, device=dev)
-    tk.launch_tma(a, b, acc, None, None, None, cfg, apply_epilogue=False, persistent_programs=persistent)
+    kw = dict(persistent_programs=persistent, tma_store=tma_store)
+    # outputs are [M, N] views into poisoned [M + 5, N + 8] buffers (16-byte aligned rows)
+    acc_buf = torch.full((M + 5, N + 8), -7, dtype=torch.int32, device=dev)
+    acc = acc_buf[:M, :N]
+    tk.launch_tma(a, b, acc, None, None, None, cfg, apply_epilogue=False, **kw)
     assert torch.equal(acc.cpu(), int8_mm_ref(a.cpu(), b.cpu()))
+    assert (acc_buf[M:] == -7).all() and (acc_buf[:, N:] == -7).all()
     sa, sb = torch.rand(M, device=dev), torch.rand(N, device=dev)
     bias = torch.randn(N, device=dev)
-    out = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-    tk.launch_tma(a, b, out, sa, sb, bias, cfg, persistent_programs=persistent)
+    out_buf = torch.full((M + 5, N + 8), float("nan"), dtype=torch.bfloat16, device=dev)
+    out = out_buf[:M, :N]
+    tk.launch_tma(a, b, out, sa, sb, bias, cfg, **kw)
     assert torch.equal(out, dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16))
+    assert out_buf[M:].isnan().all() and out_buf[:, N:].isnan().all()
+    if tma_store:  # rows of N + 1 bf16 elements are not 16-byte aligned
+        odd = torch.empty(M, N + 1, dtype=torch.bfloat16, device=dev)[:, :N]
+        assert not tk.tma_store_ok(odd)
+        with pytest.raises(ValueError, match="tma_store"):
+            tk.launch_tma(a, b, odd, sa, sb, bias, cfg, **kw)
     a8, b8 = a[:, :K - 8].contiguous(), b[:, :K - 8].contiguous()
     assert not tk.tma_ok(a8, b8)  # rows of K - 8 bytes are not 16-byte aligned: the pointer kernel

@@ -28,16 +28,23 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
+def _epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
+    """``acc * a_scale * b_scale (+ bias)`` in fp32 (rounded once, by the caller's store)."""
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return out
+
+
+@triton.jit
 def _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
                 APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     if APPLY_EPILOGUE:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out = _epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, HAS_BIAS)
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, acc, mask=mask)
@@ -82,20 +89,23 @@ def _int8_matmul_tma_kernel(
     M, N, K, stride_om, stride_on,
     APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_STORE: tl.constexpr,
 ):
     """:func:`_int8_matmul_kernel` with A and B tiles through TMA descriptors (Hopper+; experimental,
     ``benchmarks/tune_int8.py --tma`` A/Bs it): out-of-range rows and columns arrive as zeros, so
-    the main loop has no masks."""
+    the main loop has no masks. ``TMA_STORE``: the output leaves through a descriptor too."""
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
-              stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+              stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_STORE)
 
 
 @triton.jit
 def _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
               stride_on, APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Output tile (pid_m, pid_n) from TMA loads of A and B, then the epilogue."""
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA_STORE: tl.constexpr):
+    """Output tile (pid_m, pid_n) from TMA loads of A and B, then the epilogue. ``TMA_STORE``:
+    ``out_ptr`` is a descriptor of the output too, and the tile leaves through it (the copy engine
+    clips the ragged edges; the stores need no masks or per-thread addresses)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -103,8 +113,15 @@ def _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
-                APPLY_EPILOGUE, HAS_BIAS)
+    if TMA_STORE:
+        if APPLY_EPILOGUE:
+            out = _epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, HAS_BIAS)
+            out_ptr.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(out_ptr.dtype))
+        else:
+            out_ptr.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
+    else:
+        _store_tile(acc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
+                    APPLY_EPILOGUE, HAS_BIAS)
 
 
 @triton.jit
@@ -113,7 +130,7 @@ def _int8_matmul_tma_persistent_kernel(
     M, N, K, stride_om, stride_on,
     APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     """:func:`_int8_matmul_tma_kernel` as a persistent kernel (experimental; ``tune_int8.py --tma
     --persistent``): NUM_PROGRAMS programs (one per SM) walk the output tiles in grouped order, the
@@ -122,7 +139,7 @@ def _int8_matmul_tma_persistent_kernel(
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _tma_tile(a_desc, b_desc, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, pid_m, pid_n, M, N, K, stride_om,
-                  stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                  stride_on, APPLY_EPILOGUE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_STORE)
 
 
 def tma_ok(a, b) -> bool:
@@ -157,21 +174,32 @@ def persistent_tma_config(M: int, N: int, K: int, out_dtype) -> dict | None:
     return None
 
 
+def tma_store_ok(out) -> bool:
+    """Whether the output ``[M, N]`` allows a TMA store: row-major, 16-byte aligned rows and base."""
+    return (out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+            and out.data_ptr() % 16 == 0)
+
+
 def launch_tma(a, b, out, a_scale, b_scale, bias, cfg: dict, apply_epilogue: bool = True,
-               persistent_programs: int | None = None) -> None:
+               persistent_programs: int | None = None, tma_store: bool = False) -> None:
     """Runs :func:`_int8_matmul_tma_kernel`, or with ``persistent_programs`` (e.g. the SM count)
     :func:`_int8_matmul_tma_persistent_kernel` on that many programs (plain launches; the tuner and
-    tests call them)."""
+    tests call them). ``tma_store``: the output tile leaves through a descriptor as well (an
+    experiment: ``tune_int8.py --tma --tma-store``; needs :func:`tma_store_ok`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
     N = b.shape[0]
     a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     b_desc = TensorDescriptor.from_tensor(b, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    if tma_store and not tma_store_ok(out):
+        raise ValueError(f"launch_tma: tma_store needs a row-major output with 16-byte aligned rows, got "
+                         f"shape {tuple(out.shape)} strides {out.stride()} of {out.dtype}")
+    dst = TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]]) if tma_store else out
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    args = (a_desc, b_desc, out, a_scale if a_scale is not None else out, b_scale if b_scale is not None else out,
+    args = (a_desc, b_desc, dst, a_scale if a_scale is not None else out, b_scale if b_scale is not None else out,
             bias if bias is not None else out, M, N, K, out.stride(0), out.stride(1))
-    flags = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg)
+    flags = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, TMA_STORE=tma_store, **cfg)
     if persistent_programs:
         programs = max(1, min(persistent_programs, tiles))
         _int8_matmul_tma_persistent_kernel[(programs,)](*args, NUM_PROGRAMS=programs, **flags)
