@@ -83,6 +83,22 @@ def test_bad_cu_seqlens():
         dk.window_attention(q, q, q, window=2, cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32))
 
 
+def test_max_seqlen_below_the_longest_sequence_is_an_error():
+    """The kernels size their grids by max_seqlen: too small would leave output rows unwritten."""
+    q = torch.randn(200, 2, 16)
+    cu = torch.tensor([0, 5, 200], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"max_seqlen_q must be an int >= the longest sequence in cu_seqlens_q \(195\)"):
+        dk.window_attention(q, q, q, window=4, cu_seqlens_q=cu, max_seqlen_q=64)
+    with pytest.raises(ValueError, match=r"max_seqlen_k .* \(195\)"):
+        dk.window_attention(q, q, q, window=4, cu_seqlens_q=cu, max_seqlen_k=100)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        dk.window_attention(q, q, q, window=4, cu_seqlens_q=cu, max_seqlen_q=195.0)
+    # the exact value, a larger one, or None: the same output
+    want = dk.window_attention(q, q, q, window=4, cu_seqlens_q=cu)
+    for m in (195, 300):
+        torch.testing.assert_close(dk.window_attention(q, q, q, window=4, cu_seqlens_q=cu, max_seqlen_q=m), want)
+
+
 def test_atomic_dq_backward_through_the_op():
     """deterministic=False (one kernel, dQ by atomics) gives the same gradients as the default."""
     torch.manual_seed(4)

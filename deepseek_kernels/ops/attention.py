@@ -167,8 +167,18 @@ def window_attention(
     matmuls; dQ's last bits vary between runs).
     """
     check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)
-    if cu_seqlens_q is not None and max_seqlen_q is None and not torch.compiler.is_compiling():
-        max_seqlen_q = _max_len(cu_seqlens_q)
+    if cu_seqlens_q is not None and not torch.compiler.is_compiling():
+        # the kernels size their grids by these: a value below the longest sequence would leave
+        # rows of the output (or of dK/dV) unwritten, so it is an error (checked in eager only)
+        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        for arg, given, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
+            longest = _max_len(cu)
+            if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < longest):
+                raise ValueError(f"window_attention: {arg} must be an int >= the longest sequence in "
+                                 f"{'cu_seqlens_q' if cu is cu_seqlens_q else 'cu_seqlens_k'} ({longest}), "
+                                 f"got {given!r}; leave it None to have it computed")
+        if max_seqlen_q is None:
+            max_seqlen_q = _max_len(cu_seqlens_q)
     out, lse = torch.ops.deepseek_kernels.window_attention_fwd(
         q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bool(deterministic))
     return (out, lse) if return_lse else out
