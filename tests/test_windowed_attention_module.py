@@ -55,3 +55,12 @@ def test_non_deterministic_backward_gives_the_same_gradients():
     b(x).square().sum().backward()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bad_input_names_the_expected_shape():
+    import pytest
+
+    m = WindowedAttention(32, 4, window=8)
+    for bad in (torch.randn(1, 10, 31), torch.randn(10, 32)):
+        with pytest.raises(ValueError, match=r"x must be \[batch, seq, hidden=32\]"):
+            m(bad)

@@ -64,6 +64,9 @@ class WindowedAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, **kw)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.q_proj.in_features
+        if x.dim() != 3 or x.shape[-1] != hidden:
+            raise ValueError(f"WindowedAttention: x must be [batch, seq, hidden={hidden}], got {tuple(x.shape)}")
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
