@@ -104,3 +104,6 @@ def test_bad_cu_seqlens():
         dk.hierarchical_attention(q, q, q, window=16, block=16, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="never decrease"):
         dk.hierarchical_attention(q, q, q, window=16, block=16, cu_seqlens=torch.tensor([0, 6, 4, 9], dtype=torch.int32))
+    cu = torch.tensor([0, 2, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"max_seqlen must be an int >= the longest sequence in cu_seqlens \(7\)"):
+        dk.hierarchical_attention(q, q, q, window=16, block=16, cu_seqlens=cu, max_seqlen=4)

@@ -80,6 +80,20 @@ def _max_len(cu):
     return int((cu[1:] - cu[:-1]).max()) if cu is not None and cu.numel() > 1 else None
 
 
+def resolve_max_seqlen(name: str, arg: str, given, cu: torch.Tensor, cu_arg: str):
+    """The longest sequence for a packed call: ``given`` if the caller passed one, else computed from
+    ``cu``. The kernels size their grids by it, so in eager mode a ``given`` below the longest
+    sequence (which would leave rows unwritten) is an error. Inside torch.compile the value is
+    data-dependent: ``given`` is returned unchecked (None when not passed)."""
+    if torch.compiler.is_compiling():
+        return given
+    longest = _max_len(cu)
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < longest):
+        raise ValueError(f"{name}: {arg} must be an int >= the longest sequence in {cu_arg} ({longest}), "
+                         f"got {given!r}; leave it None to have it computed")
+    return longest if given is None else given
+
+
 @define_triton_op("deepseek_kernels::window_attention_fwd")
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, causal: bool,
             softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
@@ -167,18 +181,13 @@ def window_attention(
     matmuls; dQ's last bits vary between runs).
     """
     check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)
-    if cu_seqlens_q is not None and not torch.compiler.is_compiling():
-        # the kernels size their grids by these: a value below the longest sequence would leave
-        # rows of the output (or of dK/dV) unwritten, so it is an error (checked in eager only)
-        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-        for arg, given, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
-            longest = _max_len(cu)
-            if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < longest):
-                raise ValueError(f"window_attention: {arg} must be an int >= the longest sequence in "
-                                 f"{'cu_seqlens_q' if cu is cu_seqlens_q else 'cu_seqlens_k'} ({longest}), "
-                                 f"got {given!r}; leave it None to have it computed")
-        if max_seqlen_q is None:
-            max_seqlen_q = _max_len(cu_seqlens_q)
+    if cu_seqlens_q is not None:
+        name = "window_attention"
+        max_seqlen_q = resolve_max_seqlen(name, "max_seqlen_q", max_seqlen_q, cu_seqlens_q, "cu_seqlens_q")
+        if max_seqlen_k is not None:  # only checked: the backward takes the key lengths from cu_seqlens_k
+            cu_k, cu_k_arg = ((cu_seqlens_q, "cu_seqlens_q") if cu_seqlens_k is None
+                              else (cu_seqlens_k, "cu_seqlens_k"))
+            resolve_max_seqlen(name, "max_seqlen_k", max_seqlen_k, cu_k, cu_k_arg)
     out, lse = torch.ops.deepseek_kernels.window_attention_fwd(
         q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bool(deterministic))
     return (out, lse) if return_lse else out

@@ -9,7 +9,7 @@ are in ``deepseek_kernels/reference/hierarchical_attention.py``.
 import torch
 
 from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
-from deepseek_kernels.ops.attention import check_cu_seqlens, check_qkv
+from deepseek_kernels.ops.attention import check_cu_seqlens, check_qkv, resolve_max_seqlen
 from deepseek_kernels.reference.hierarchical_attention import (
     check_config,
     hierarchical_attention_bwd_ref,
@@ -125,16 +125,12 @@ def hierarchical_attention(
     (gradients flow through the summaries back into k and v).
     """
     check_args(q, k, v, window, block, levels, sinks, cu_seqlens)
-    if cu_seqlens is not None and max_seqlen is not None and not torch.compiler.is_compiling():
-        longest_seq = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if not isinstance(max_seqlen, int) or max_seqlen < longest_seq:
-            raise ValueError(f"{NAME}: max_seqlen must be an int >= the longest sequence in cu_seqlens "
-                             f"({longest_seq}), got {max_seqlen!r}")
-    if cu_seqlens is not None and max_seqlen is None:
-        # eager: the exact longest sequence; compiled: the packed length bounds it (same result:
-        # levels beyond those needed change nothing, grid programs past a sequence's end exit)
-        max_seqlen = (q.shape[0] if torch.compiler.is_compiling()
-                      else int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    if cu_seqlens is not None:
+        max_seqlen = resolve_max_seqlen(NAME, "max_seqlen", max_seqlen, cu_seqlens, "cu_seqlens")
+        if max_seqlen is None:
+            # compiled without one: the packed length bounds it (same result: levels beyond those
+            # needed change nothing, grid programs past a sequence's end exit)
+            max_seqlen = q.shape[0]
     longest = q.shape[1] if cu_seqlens is None else max_seqlen
     if levels is None:
         levels = levels_needed(longest, window=window, block=block)

@@ -90,11 +90,10 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
             tk.launch_tma(a_q, b_q, out, a_scale, b_scale, bias, tma_cfg, apply_epilogue,
                           persistent_programs=sm_count(a_q.device))
             return
-    _int8_matmul_kernel, launch_config = tk._int8_matmul_kernel, tk.launch_config
-    cfg = launch_config(M, N, K)
+    cfg = tk.launch_config(M, N, K)
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     dummy = out  # unused pointer arguments still need a tensor
-    triton_kernel(_int8_matmul_kernel, direct)[grid](
+    triton_kernel(tk._int8_matmul_kernel, direct)[grid](
         a_q, b_q, out,
         a_scale if a_scale is not None else dummy,
         b_scale if b_scale is not None else dummy,
