@@ -49,8 +49,16 @@ def main():
             t_op = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
                 x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
             t_dense = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: swiglu_ffn_ref(x, wg, wu, wd), sets[:1])
+            # the router's variants: one kernel (the path before the split), split with 4 warps selecting
+            t_route1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
+                x, wr, k=k, gate="sigmoid", weighting="gate", splits=1), sets)
+            t_route_w4 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
+                x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=4), sets)
+        print(f"    router: auto ({tk.router_splits(T, D, sets[0][0].device)} splits) {t_route['ms'] * 1e3:.1f}u, "
+              f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 4-warp select {t_route_w4['ms'] * 1e3:.1f}u")
         row = dict(T=T, ratio=args.ratio, k=k, weight_copies=n, router_ms=t_route["ms"], decode_ms=t_dec["ms"],
-                   op_ms=t_op["ms"], dense_ms=t_dense["ms"])
+                   op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
+                   router_split_w4_ms=t_route_w4["ms"])
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -107,7 +107,10 @@ def test_key_tiles_wider_than_a_block(block_n):
     {"dq": {"block_m": 16, "block_n": 32, "block_s": 16}, "dkdv": {"block_m": 16, "block_n": 16},
      "dsum": {"block_m": 16, "block_s": 32}},
     {"dsum": {"block_s": 64}, "dq": {"block_s": 32}},
-], ids=["small-tiles", "wide-summary-tiles"])
+    {"dsum": {"chunk": 1}},                    # every level's scan split into 1-block chunks, summed after
+    {"dsum": {"chunk": 3, "block_s": 32}},     # uneven last chunk
+    {"dsum": {"chunk": 0}},                    # never split
+], ids=["small-tiles", "wide-summary-tiles", "dsum-chunk1", "dsum-chunk3", "dsum-unsplit"])
 def test_backward_per_kernel_configs(config):
     """The per-kernel launch settings the tuner sweeps (tiles narrower and wider than a block, summary
     tiles spanning several levels' groups) give the reference's gradients; bad names are rejected."""
@@ -123,6 +126,8 @@ def test_backward_per_kernel_configs(config):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dx": {}}, **kw)
     with pytest.raises(ValueError, match="unknown key"):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dsum": {"block_n": 16}}, **kw)
+    with pytest.raises(ValueError, match="chunk must be"):
+        hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dsum": {"chunk": -1}}, **kw)
     with pytest.raises(ValueError, match="must divide block=16"):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dkdv": {"block_m": 32}}, **kw)
 

@@ -60,6 +60,26 @@ def test_router_kernel_matches_reference(case, dtype, poisoned):
         assert (idx < 0).any() and torch.all(w[idx < 0] == 0)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("case", [c for c in ROUTER_CASES if c[1] >= 24], ids=lambda c: "T{}-D{}-NR{}-k{}".format(*c[:4]))
+def test_router_split_logits_match_reference(case, splits, poisoned):
+    """The few-token path: logits in d_model slices (uneven last slice at D40/splits 3), summed by the
+    router kernel; same routing as the one-kernel path and the reference."""
+    T, D, NR, k, gate, weighting, with_bias, threshold = case
+    x = torch.randn(T, D)
+    wr = torch.randn(NR, D) * 2 / D**0.5
+    bias = torch.randn(NR) * 0.05 if with_bias else None
+    kw = dict(k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold, block_d=16)
+    idx, w, p = tk.sparse_ffn_route(x, wr, splits=splits, **kw)
+    i1, w1, p1 = tk.sparse_ffn_route(x, wr, splits=1, **kw)
+    ri, rw, rp = route_ref(x, wr, k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold)
+    assert torch.equal(idx, ri) and torch.equal(idx, i1)
+    assert (w - rw).abs().max() < 1e-6 and (p - rp).abs().max() < 1e-6
+    for bad in (0, tk.ROUTER_MAX_SPLITS + 1):
+        with pytest.raises(ValueError, match="splits"):
+            tk.sparse_ffn_route(x, wr, splits=bad, **kw)
+
+
 def test_router_kernel_ties_go_to_the_lower_index(poisoned):
     x = torch.randn(9, 16)
     wr = torch.zeros(10, 16)
@@ -379,6 +399,23 @@ def test_fp32_on_gpu_is_not_tf32():
     out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.3)
     ref = gated_sparse_ffn_ref(x.double(), wr.double(), wg.double(), wu.double(), wd.double(), active_ratio=0.3)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 300])
+def test_router_split_path_on_gpu(T):
+    """Few tokens take the split-logits path on the H200 (asserted); its gates match the fp32 reference
+    and it picks the top-k gates (checked on the reference's gates, so a near-tie flipped by the
+    different fp32 summation order cannot fail it)."""
+    x, wr, *_ = _gpu_inputs(T, 4096, 64, 64, torch.float32)
+    assert tk.router_splits(T, 4096, x.device) > 1
+    k = 10
+    idx, w, p = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+    _, _, rp = route_ref(x, wr, k=k, gate="sigmoid", weighting="gate")
+    assert (p - rp).abs().max() < 1e-5
+    picked = rp.gather(1, idx.long())
+    assert (picked - rp.topk(k, dim=1).values).abs().max() < 1e-5
+    assert torch.allclose(w, picked / picked.sum(1, keepdim=True), atol=1e-5)
 
 
 @pytest.mark.gpu

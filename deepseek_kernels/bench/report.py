@@ -46,7 +46,9 @@ def write_json(path: Path, payload: dict) -> None:
 
 def plot(path: Path, title: str, rows: list[dict], ceilings: dict) -> bool:
     """Bar chart of ours vs baseline (GB/s or TFLOP/s) with the measured ceiling. False when
-    matplotlib is unavailable."""
+    matplotlib is unavailable or there is nothing to plot (a ``--filter`` that matched no case)."""
+    if not rows:
+        return False
     try:
         import matplotlib
 

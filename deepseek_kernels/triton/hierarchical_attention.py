@@ -468,16 +468,23 @@ def _hier_bwd_dq(
 @triton.jit
 def _hier_bwd_dsum(
     Q, SK, SV, DO, LSE, DELTA, DSK, DSV, cu,
-    stride_qt, stride_qh, stride_st, stride_sh, stride_dot, stride_doh, stride_lh,
-    sm_scale, nw, levels, level, loff, block, sinks, HKV, REP, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_qt, stride_qh, stride_st, stride_sh, stride_ost, stride_osh, stride_dot, stride_doh, stride_lh,
+    sm_scale, nw, levels, level, loff, out_loff, split_rows, chunk, block, sinks, HKV, REP,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d(mean K), d(mean V) (float32) of BLOCK_S consecutive level-``level`` groups of one sequence
     and kv head. Group g is seen by query blocks [(g+1) 2^l + nw 2^(l-1) - 1,
-    floor(g 2^l / A) A + A + nw 2^l - 2] (tests/test_hierarchical_reference.py checks the rule)."""
+    floor(g 2^l / A) A + A + nw 2^l - 2] (tests/test_hierarchical_reference.py checks the rule).
+    ``chunk`` > 0 splits that scan: program_id(2) = c takes query blocks [b_lo + c chunk, b_lo +
+    (c+1) chunk) and writes its partial sums to rows ``out_loff + c split_rows + ...`` of DSK/DSV (a
+    scratch the launcher sums over c); 0: one program scans all and writes rows ``out_loff + ...``.
+    The top levels' bands are ~2^l times longer than level 1's while they have 2^l times fewer
+    groups, so unsplit they ran as a few programs with long serial loops (the dsum share of the
+    backward grew 6.7x per token from S=8k to 512k)."""
     sm_scale = f32(sm_scale)
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     n = pid_bh // HKV
     kvh = pid_bh % HKV
     start, seqlen = _seq(cu, n)
@@ -503,6 +510,9 @@ def _hier_bwd_dsum(
         b_lo = ((g0 + 1) << level) + (nw << (level - 1)) - 1
         b_hi = ((g_last << level) // a) * a + a + (nw << level) - 2
         m_hi = tl.minimum((b_hi + 1) * block, seqlen)
+        if chunk > 0:
+            b_lo = b_lo + split * chunk
+            m_hi = tl.minimum(m_hi, (b_lo + chunk) * block)
         dks = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
         dvs = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
         for r in range(0, REP):
@@ -534,8 +544,10 @@ def _hier_bwd_dsum(
                     ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
                     dks += tl.dot(tl.trans(ds.to(q.dtype)), q)
         out_mask = (g < n_groups)[:, None] & d_mask[None, :]
-        tl.store(DSK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], dks * sm_scale, mask=out_mask)
-        tl.store(DSV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], dvs, mask=out_mask)
+        orows = (out_loff + split * split_rows + start // size + n + g).to(tl.int64)
+        o_off = orows[:, None] * stride_ost + kvh * stride_osh + offs_d[None, :]
+        tl.store(DSK + o_off, dks * sm_scale, mask=out_mask)
+        tl.store(DSV + o_off, dvs, mask=out_mask)
 
 
 def dsum_query_blocks(g0: int, g_last: int, *, level: int, nw: int, levels: int) -> tuple[int, int]:
@@ -691,8 +703,21 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
                    num_warps=4, num_stages=2 if wide else None),
         "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None),
-        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None),
+        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
+
+
+def dsum_chunk(level: int, *, nw: int, levels: int, block_s: int) -> int:
+    """Query blocks per dsum program at ``level`` (0: unsplit): a level whose band of query blocks
+    per summary tile is more than twice level 1's is split into level-1-sized chunks, so every level
+    runs about as many programs of about the same length (the partial sums cost one extra
+    [splits, rows, Hkv, D] fp32 pass per split level)."""
+    def band(l):
+        lo, hi = dsum_query_blocks(0, block_s - 1, level=l, nw=nw, levels=levels)
+        return hi - lo + 1
+
+    base = band(1)
+    return base if band(level) > 2 * base else 0
 
 
 def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int, levels: int, sinks: int = 0,
@@ -733,17 +758,34 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
             raise ValueError(f"hierarchical attention backward ({name}): block_m={c['block_m']} must divide "
                              f"block={block}")
     cq, ckv, cs = kc["dq"], kc["dkdv"], kc["dsum"]
+    if cs["chunk"] is not None and cs["chunk"] < 0:
+        raise ValueError(f"hierarchical attention backward (dsum): chunk must be None (auto), 0 (unsplit) or "
+                         f"a number of query blocks, got {cs['chunk']}")
     loff = 0
     for l in range(1, levels + 1):
         size = block << l
         groups = triton.cdiv(max(max_len, 1), size)
-        torch.library.wrap_triton(_hier_bwd_dsum)[(triton.cdiv(groups, cs["block_s"]), nseq * Hkv)](
-            qp, sk, sv, dop, lsep, delta, dsk, dsv, cu,
-            qp.stride(0), qp.stride(1), sk.stride(0), sk.stride(1), dop.stride(0), dop.stride(1), lsep.stride(0),
-            scale, nw, levels, l, loff, block, sinks, Hkv, Hq // Hkv, D,
+        rows = T // size + nseq
+        chunk = dsum_chunk(l, nw=nw, levels=levels, block_s=cs["block_s"]) if cs["chunk"] is None else cs["chunk"]
+        lo, hi = dsum_query_blocks(0, cs["block_s"] - 1, level=l, nw=nw, levels=levels)
+        splits = triton.cdiv(hi - lo + 1, chunk) if chunk > 0 else 1
+        if splits > 1:  # partial sums per chunk of query blocks, then summed (deterministic)
+            out_k = torch.empty(splits * rows, Hkv, D, device=q.device, dtype=torch.float32)
+            out_v = torch.empty_like(out_k)
+        else:
+            out_k, out_v = dsk, dsv
+        torch.library.wrap_triton(_hier_bwd_dsum)[(triton.cdiv(groups, cs["block_s"]), nseq * Hkv, splits)](
+            qp, sk, sv, dop, lsep, delta, out_k, out_v, cu,
+            qp.stride(0), qp.stride(1), sk.stride(0), sk.stride(1), out_k.stride(0), out_k.stride(1),
+            dop.stride(0), dop.stride(1), lsep.stride(0),
+            scale, nw, levels, l, loff, loff if splits == 1 else 0, rows, chunk if splits > 1 else 0,
+            block, sinks, Hkv, Hq // Hkv, D,
             BLOCK_M=cs["block_m"], BLOCK_S=cs["block_s"], BLOCK_D=block_d, **launch_options(cs),
         )
-        loff += T // size + nseq
+        if splits > 1:
+            torch.sum(out_k.view(splits, rows, Hkv, D), 0, out=dsk[loff:loff + rows])
+            torch.sum(out_v.view(splits, rows, Hkv, D), 0, out=dsv[loff:loff + rows])
+        loff += rows
     torch.library.wrap_triton(_hier_bwd_dkdv)[(triton.cdiv(max(max_len, 1), ckv["block_n"]), nseq * Hkv)](
         qp, kp, vp, dop, lsep, delta, dsk, dsv, dk, dv, cu,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),

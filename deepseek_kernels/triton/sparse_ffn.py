@@ -8,6 +8,8 @@ Pipeline (one call of :func:`sparse_ffn_fwd`):
 1. ``_sparse_ffn_router_kernel``: logits = x . router^T (fp32 accumulate), sigmoid/softmax, the
    selection bias and threshold, top-k by k rounds of arg-max (ties to the lower index, as the
    reference's stable sort), normalised gates. One program owns BLOCK_T tokens and all NR blocks.
+   Few tokens (decode): ``_sparse_ffn_router_split_kernel`` first computes the logits in d_model
+   slices on many SMs, and the router kernel sums them (fixed order) instead of the GEMM.
 2. Grouping (:func:`group_pairs`, torch index ops, no host sync): every (token, block) pair,
    shared blocks included, is sorted by block (stable argsort); ``offsets`` delimit the blocks'
    row ranges and a tile table maps program ids to (block, first row). The grid is the static upper
@@ -48,30 +50,71 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
+                   DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_NR: tl.constexpr):
+    """fp32 x[offs_t, d_lo:d_hi] . router[offs_n, d_lo:d_hi]^T."""
+    t_mask = offs_t < T
+    n_mask = offs_n < NR
+    acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
+                     mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
+                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _sparse_ffn_router_split_kernel(
+    X, WR, PART, T, D, NR, d_per_split,
+    stride_xt, stride_xd, stride_wn, stride_wd,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr,
+    BLOCK_NRS: tl.constexpr,
+):
+    """Few tokens: the logits GEMM split over d_model slices (program_id(1)) and router rows
+    (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
+    walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
+    the router kernel sums the slices in order."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
+    s = tl.program_id(1)
+    d_lo = s * d_per_split
+    acc = _router_logits(X, WR, T, D, NR, d_lo, tl.minimum(d_lo + d_per_split, D), stride_xt, stride_xd,
+                         stride_wn, stride_wd, offs_t, offs_n, DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NRS)
+    tl.store(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :], acc,
+             mask=offs_t[:, None] < T)
+
+
+@triton.jit
 def _sparse_ffn_router_kernel(
-    X, WR, BIAS, IDX, WOUT, PROBS,
+    X, WR, BIAS, IDX, WOUT, PROBS, PART,
     T, D, NR, threshold,
     stride_xt, stride_xd, stride_wn, stride_wd,
     K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR]."""
+    """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
+    ``SPLITS`` > 1: the logits are the sum of the SPLITS partial slices in PART (split kernel),
+    loaded unrolled (independent loads, summed in slice order: deterministic)."""
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_n = tl.arange(0, BLOCK_NR)
     n_mask = offs_n < NR
-    acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
-                     mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
-                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+    if SPLITS > 1:
+        acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :],
+                           mask=t_mask[:, None], other=0.0)
+    else:
+        acc = _router_logits(X, WR, T, D, NR, 0, D, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
+                             DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
     if SOFTMAX:
         logits = tl.where(n_mask[None, :], acc, float("-inf"))
         e = tl.exp(logits - tl.max(logits, 1)[:, None])
@@ -112,10 +155,31 @@ def _sparse_ffn_router_kernel(
     tl.store(WOUT + out_off, w_out, mask=out_mask)
 
 
+ROUTER_MAX_SPLITS = 16
+
+
+def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block_d: int = 64) -> int:
+    """How many d_model slices the router logits are split into: 1 (one kernel) unless the token
+    tiles leave most SMs idle (decode, small prefill); then up to ROUTER_MAX_SPLITS slices (each
+    program of the split kernel also takes only 16 router rows), at most one per BLOCK_D columns."""
+    if device.type != "cuda":
+        return 1
+    from deepseek_kernels.triton._common import sm_count
+
+    t_tiles = triton.cdiv(T, block_t)
+    if 4 * t_tiles >= sm_count(device):
+        return 1
+    return max(1, min(triton.cdiv(D, block_d), ROUTER_MAX_SPLITS, triton.cdiv(sm_count(device), t_tiles)))
+
+
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
-                     block_t: int = 32, block_d: int = 64, num_warps: int = 4, direct: bool = False):
-    """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``."""
+                     block_t: int | None = None, block_d: int = 64, num_warps: int | None = None,
+                     direct: bool = False, splits: int | None = None):
+    """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``.
+    ``splits``: d_model slices of the logits GEMM (None: :func:`router_splits`; > 1 adds one launch,
+    at most ROUTER_MAX_SPLITS). ``block_t`` / ``num_warps``: the token tile and warps of the router
+    kernel (None: 32 / 4 for one kernel, 16 / 1 after a split, where the kernel only selects)."""
     T, D = x.shape
     NR = router_weight.shape[0]
     if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias contiguously
@@ -125,14 +189,32 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     probs = torch.empty(T, NR, dtype=torch.float32, device=x.device)
     if T == 0:
         return idx, weights, probs
+    splits = router_splits(T, D, x.device, block_t or 32, block_d) if splits is None else int(splits)
+    if not 1 <= splits <= ROUTER_MAX_SPLITS:
+        raise ValueError(f"sparse_ffn_route: splits must be in [1, {ROUTER_MAX_SPLITS}], got {splits}")
+    # slices of whole BLOCK_D tiles; recounted so that none is empty
+    d_per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
+    splits = triton.cdiv(D, d_per_split)
+    block_t = block_t or (16 if splits > 1 else 32)
+    num_warps = num_warps or (1 if splits > 1 else 4)
+    block_nr = max(16, triton.next_power_of_2(NR))
+    prec = _dot_precision(x.dtype)
     grid = (triton.cdiv(T, block_t),)
+    part = probs
+    if splits > 1:
+        part = torch.empty(splits, T, block_nr, dtype=torch.float32, device=x.device)
+        triton_kernel(_sparse_ffn_router_split_kernel, direct)[(grid[0], splits, block_nr // 16)](
+            x, router_weight, part, T, D, NR, d_per_split,
+            x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
+            DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16, num_warps=4,
+        )
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
-        x, router_weight, bias if bias is not None else probs, idx, weights, probs,
+        x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
         T, D, NR, float(threshold) if threshold is not None else 0.0,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
-        HAS_THRESHOLD=threshold is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=max(16, triton.next_power_of_2(NR)),
+        HAS_THRESHOLD=threshold is not None, SPLITS=splits, DOT_PRECISION=prec,
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
         BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=num_warps,
     )
     return idx, weights, probs
