@@ -117,20 +117,23 @@ def cases():
     out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
 
-    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
-               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
-               BLOCK_KS=16, BLOCK_B=64)
+    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, PART=f32, T=1, D=4096, BS=224, S=0, K=10, NB=64,
+               d_per_split=1024, stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32",
+               BLOCK_T=16, BLOCK_KS=16, BLOCK_B=64)
     base = sf.decode_launch_config(1, 4096, 224)
     g = base["gate_up"]
-    out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
-                dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]), dict(num_warps=g["num_warps"])))
     d = base["down"]
-    down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
-                stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
+    down = dict(H=bf16, PART=f32, WD=bf16, IDX=i32, WT=f32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64,
+                stride_wd=14336, stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
                 BLOCK_K=d["block_k"], BLOCK_KS=16, BLOCK_B=64)
-    out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down, dict(num_warps=d["num_warps"])))
+    for split in (1, 4):  # 4: one token on the H200 (the gate/up GEMM in d_model slices)
+        out.append((f"sparse decode gate/up, split {split}", sf._sparse_ffn_decode_gate_up_kernel,
+                    dict(dec, SPLIT=split, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]),
+                    dict(num_warps=g["num_warps"])))
+        out.append((f"sparse decode down, split {split}", sf._sparse_ffn_decode_down_kernel, dict(down, SPLIT=split),
+                    dict(num_warps=d["num_warps"])))
     out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
-                dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
+                dict(down, SPLIT=1, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
 
     H, D, W, B = 32, 128, 4096, 64
     strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,
@@ -156,7 +159,7 @@ def cases():
                 dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
     c = bwd["dsum"]
     dsum = dict(Q=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, cu=i32, level=1, loff=0,
-                HKV=H, REP=1, BLOCK_M=c["block_m"], BLOCK_S=c["block_s"], **strides, **common)
+                out_loff=0, split_rows=4096, chunk=94, stride_ost=H * D, stride_osh=D, HKV=H, REP=1, BLOCK_M=c["block_m"], BLOCK_S=c["block_s"], **strides, **common)
     for bs in (c["block_s"], 64):
         out.append((f"hierarchical bwd dsum, summary tile {bs}", ha._hier_bwd_dsum, dict(dsum, BLOCK_S=bs),
                     dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
