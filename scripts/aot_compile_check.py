@@ -117,23 +117,20 @@ def cases():
     out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
 
-    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, PART=f32, T=1, D=4096, BS=224, S=0, K=10, NB=64,
-               d_per_split=1024, stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32",
-               BLOCK_T=16, BLOCK_KS=16, BLOCK_B=64)
+    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
+               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
+               BLOCK_KS=16, BLOCK_B=64)
     base = sf.decode_launch_config(1, 4096, 224)
     g = base["gate_up"]
+    out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]), dict(num_warps=g["num_warps"])))
     d = base["down"]
-    down = dict(H=bf16, PART=f32, WD=bf16, IDX=i32, WT=f32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64,
-                stride_wd=14336, stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
+    down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
+                stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
                 BLOCK_K=d["block_k"], BLOCK_KS=16, BLOCK_B=64)
-    for split in (1, 4):  # 4: one token on the H200 (the gate/up GEMM in d_model slices)
-        out.append((f"sparse decode gate/up, split {split}", sf._sparse_ffn_decode_gate_up_kernel,
-                    dict(dec, SPLIT=split, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]),
-                    dict(num_warps=g["num_warps"])))
-        out.append((f"sparse decode down, split {split}", sf._sparse_ffn_decode_down_kernel, dict(down, SPLIT=split),
-                    dict(num_warps=d["num_warps"])))
+    out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down, dict(num_warps=d["num_warps"])))
     out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
-                dict(down, SPLIT=1, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
+                dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
 
     H, D, W, B = 32, 128, 4096, 64
     strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,
