@@ -139,14 +139,16 @@ def cases():
     fwd = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, O=bf16, LSE=f32, cu=i32, stride_ot=H * D, stride_oh=D,
                T=131072, NSEQ=1, HQ=H, REP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_S=32, qk_scale=0.127, **strides,
                **{k: v for k, v in common.items() if k != "sm_scale"})
-    out.append(("hierarchical fwd (default tiles)", ha._hier_attn_fwd_kernel, fwd, dict(num_warps=4, num_stages=3)))
+    for pack in (False, True):
+        out.append((f"hierarchical fwd (default tiles, pack={pack})", ha._hier_attn_fwd_kernel, dict(fwd, PACK=pack),
+                    dict(num_warps=4, num_stages=3)))
     bwd = ha.bwd_launch_config(B, W, D)
     dq = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DQ=bf16, cu=i32,
               stride_dqt=H * D, stride_dqh=D, T=131072, NSEQ=1, HQ=H, REP=1, **strides, **common)
     c = bwd["dq"]
-    for stages in (c["num_stages"], 3):
-        out.append((f"hierarchical bwd dq, {stages} stages", ha._hier_bwd_dq,
-                    dict(dq, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_S=c["block_s"]),
+    for stages, pack in ((c["num_stages"], False), (3, False), (c["num_stages"], True)):
+        out.append((f"hierarchical bwd dq, {stages} stages, pack={pack}", ha._hier_bwd_dq,
+                    dict(dq, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_S=c["block_s"], PACK=pack),
                     dict(num_warps=c["num_warps"], num_stages=stages)))
     c = bwd["dkdv"]
     dkdv = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, DK=bf16, DV=bf16, cu=i32,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-hier-kernels | tune-hier | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-hier-kernels | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -47,6 +47,8 @@ case "$step" in
     timeout 400 "$PY" benchmarks/diag_hier_kernels.py --out "$OUT/diag_hier_kernels.json" ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
+  tune-hier-pack)  # summary tiles level by level vs packed across levels (PACK_SUMMARIES), fwd + dq, S=131072
+    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --pack --out "$OUT/tune_hier_pack.json" ;;
   tune-hier-decode)
     timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;
   tune-attn-tma)
@@ -72,6 +74,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-hier-kernels|tune-hier|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-hier-kernels|tune-hier|tune-hier-pack|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

@@ -88,6 +88,43 @@ def test_backward_matches_reference(case):
         assert rel_error(g, w) < 1e-5 or (g.double() - w).abs().max() < 1e-6, name
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] != 0] + [(1, 301, 2, 1, 16, 16, 16, 5, None)],
+                         ids=case_id)
+def test_summary_tiles_packed_across_levels(case):
+    """Forward and dQ with summary tiles spanning level boundaries (16-wide: most tiles straddle one)
+    give the reference's results, like the level-by-level tiles."""
+    B, S, Hq, Hkv, D, window, block, sinks, levels = case
+    q, k, v, do = make(B, S, Hq, Hkv, D)
+    kw = dict(window=window, block=block, levels=resolve_levels(levels, S, window=window, block=block), sinks=sinks)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, pack=True, **kw)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, compute_dtype=torch.float64, **kw)
+    assert rel_error(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"pack": True, "block_s": 16}},
+                                     **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 1e-5 or (g.double() - w).abs().max() < 1e-6, name
+
+
+def test_summary_tiles_packed_across_levels_varlen():
+    lens = [37, 0, 1, 200, 16]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1])
+    q, k, v, do = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16), torch.randn(T, 4, 16)
+    kw = dict(window=16, block=16, levels=resolve_levels(None, max(lens), window=16, block=16), sinks=2,
+              cu_seqlens=cu, max_seqlen=max(lens))
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, pack=True, **kw)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, compute_dtype=torch.float64,
+                                              **{k_: v_ for k_, v_ in kw.items() if k_ != "max_seqlen"})
+    assert rel_error(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
+    dq = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"pack": True, "block_s": 16}},
+                                    **kw)[0]
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **{k_: v_ for k_, v_ in kw.items() if k_ != "max_seqlen"})[0]
+    assert rel_error(dq, want) < 1e-5
+
+
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_key_tiles_wider_than_a_block(block_n):
     """Key tiles that straddle the local window's start (and the sinks) are visited once."""
@@ -186,6 +223,24 @@ def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
     for _ in range(4):
         again = hierarchical_attention_bwd(do, q, k, v, out, lse, **kw)
         assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S,window,block,sinks,hkv", [(4097, 512, 64, 4, 8), (777, 128, 32, 1, 1)])
+def test_gpu_summary_tiles_packed(S, window, block, sinks, hkv):
+    """The packed summary tiles (PACK_SUMMARIES's alternative) on the GPU: reference results, and the
+    same dQ bits on every call."""
+    q, k, v, do = make(1, S, 8, hkv, 128, torch.bfloat16, "cuda")
+    kw = dict(window=window, block=block, levels=resolve_levels(None, S, window=window, block=block), sinks=sinks)
+    out, lse = hierarchical_attention_fwd(q, k, v, pack=True, **kw)
+    ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, **kw)
+    assert rel_error(out, ref) < REL_TOL[torch.bfloat16] and (lse - ref_lse).abs().max() < 2e-2
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dq": {"pack": True}}, **kw)
+    want = hierarchical_attention_bwd_ref(do, q, k, v, **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 2 * REL_TOL[torch.bfloat16], name
+    again = hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dq": {"pack": True}}, **kw)
+    assert torch.equal(got[0], again[0])
 
 
 @pytest.mark.gpu

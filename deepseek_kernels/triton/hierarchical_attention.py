@@ -58,6 +58,47 @@ def _seq(cu, n):
     return start, tl.load(cu + n + 1) - start
 
 
+@triton.jit
+def _visible_summaries(b, nw, levels):
+    """How many summaries (all levels) query block b sees: level l gives groups [s_l >> l, s_{l-1} >> l)."""
+    total = b * 0
+    s_prev = _level_start(b, 0, nw, levels)
+    for l in range(1, levels + 1):
+        s_l = _level_start(b, l, nw, levels)
+        total += (s_prev >> l) - (s_l >> l)
+        s_prev = s_l
+    return total
+
+
+@triton.jit
+def _packed_summaries(v, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ):
+    """Rows, token counts and validity of the summaries at virtual indices ``v`` (int32 [S]): the
+    summaries query block b sees, level 1 first, ascending group within a level, numbered
+    consecutively across levels. A tile of them spans level boundaries, so each level's ~nw/2 + 2
+    groups do not each round up to whole tiles (2 tiles of 32 per level at nw = 64 when unpacked)."""
+    rows = tl.zeros(v.shape, dtype=tl.int64)
+    cnt = tl.zeros(v.shape, dtype=tl.int32)
+    ok = v < 0
+    pre = b * 0
+    s_prev = _level_start(b, 0, nw, levels)
+    loff = start * 0
+    for l in range(1, levels + 1):
+        size = block << l
+        s_l = _level_start(b, l, nw, levels)
+        g_lo = s_l >> l
+        c = (s_prev >> l) - g_lo
+        in_l = (v >= pre) & (v < pre + c)
+        g = g_lo + v - pre
+        cnt_l = _group_count(g, l, block, seqlen, sinks)
+        rows = tl.where(in_l, (loff + start // size + n + g).to(tl.int64), rows)
+        cnt = tl.where(in_l, cnt_l, cnt)
+        ok = ok | (in_l & (cnt_l > 0))
+        pre += c
+        loff += T // size + NSEQ
+        s_prev = s_l
+    return rows, cnt, ok
+
+
 # ---- pooling ----------------------------------------------------------------------------------------
 
 
@@ -233,10 +274,12 @@ def _hier_attn_fwd_kernel(
     stride_ot, stride_oh, stride_lh,
     qk_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACK: tl.constexpr,
 ):
     """out/lse for BLOCK_M queries (inside one query block, BLOCK_M divides block) of one head:
     sinks + local window exactly, then level 1..levels summaries, one online softmax (base 2:
-    ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log)."""
+    ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log). ``PACK``: summary tiles
+    run across level boundaries (:func:`_packed_summaries`) instead of level by level."""
     qk_scale = f32(qk_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -285,31 +328,49 @@ def _hier_attn_fwd_kernel(
                                    True, EVEN_D)
         # summaries: level l tiles blocks [s_l, s_{l-1}); a group of c tokens scores + ln(c)
         offs_s = tl.arange(0, BLOCK_S)
-        s_prev = s0
-        loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
-        for l in range(1, levels + 1):
-            size = block << l
-            s_l = _level_start(b, l, nw, levels)
-            g_hi = s_prev >> l
-            base = loff + start // size + n
-            for g0 in range(s_l >> l, g_hi, BLOCK_S):
-                g = g0 + offs_s
-                cnt = _group_count(g, l, block, seqlen, sinks)
-                ok = (g < g_hi) & (cnt > 0)
-                rows = (base + g).to(tl.int64)
+        if PACK:
+            for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
+                rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
                 kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
                              mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
                 vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
                              mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
                 s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
-            loff += T // size + NSEQ
-            s_prev = s_l
+        else:
+            s_prev = s0
+            loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
+            for l in range(1, levels + 1):
+                size = block << l
+                s_l = _level_start(b, l, nw, levels)
+                g_hi = s_prev >> l
+                base = loff + start // size + n
+                for g0 in range(s_l >> l, g_hi, BLOCK_S):
+                    g = g0 + offs_s
+                    cnt = _group_count(g, l, block, seqlen, sinks)
+                    ok = (g < g_hi) & (cnt > 0)
+                    rows = (base + g).to(tl.int64)
+                    kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
+                                 mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
+                    vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
+                                 mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
+                    s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
+                loff += T // size + NSEQ
+                s_prev = s_l
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0
         lse = (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E
         tl.store(O + (start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         tl.store(LSE + h * stride_lh + start + offs_m, lse, mask=m_mask)
+
+
+# Whether the forward and dq kernels tile the summaries across level boundaries by default. Each
+# level shows a query block ~nw/2 + 2 groups (34 at nw = 64), so level-by-level tiles of 32 run two
+# tiles per level, the second nearly empty; packed, ~L + 1 tiles of 32 cover L levels. Off until
+# timed on the H200 (written after session 6's GPU time; interpreter-exact, compiles for sm_90):
+# benchmarks/tune_hierarchical.py --pack compares both in one process.
+PACK_SUMMARIES = False
 
 
 def _blocks(block: int, block_m: int | None, block_n: int | None):
@@ -323,10 +384,11 @@ def _blocks(block: int, block_m: int | None, block_n: int | None):
 def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int, sinks: int = 0,
                                softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
                                block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
-                               num_warps: int | None = None, num_stages: int | None = None):
+                               num_warps: int | None = None, num_stages: int | None = None, pack: bool | None = None):
     """Forward pass (``levels`` already resolved to an int). Dense ``[B, S, H, D]`` or packed
     ``[T, H, D]`` with ``cu_seqlens``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, S]`` (dense)
-    or ``[Hq, T]`` (packed), float32."""
+    or ``[Hq, T]`` (packed), float32. ``pack``: summary tiles across level boundaries (None:
+    :data:`PACK_SUMMARIES`)."""
     qp, kp, vp, cu, nseq, max_len, dense = _packed(q, k, v, cu_seqlens, max_seqlen)
     qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
     T, Hq, D = qp.shape
@@ -348,7 +410,8 @@ def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int,
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * 1.4426950408889634, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)), **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PACK=PACK_SUMMARIES if pack is None else bool(pack), **launch,
     )
     if dense:
         B, S = q.shape[:2]
@@ -388,13 +451,28 @@ def _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, lo_tile, h
 
 
 @triton.jit
+def _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d, d_mask, qk_scale):
+    """dQ (unscaled) from one tile of summaries (``rows``, their token counts, validity), base 2."""
+    smask = ok[:, None] & d_mask[None, :]
+    kb = tl.load(SK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask, other=0.0).to(q.dtype)
+    vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask, other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(kb)) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+    p = tl.where(ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
+    return dq + tl.dot(ds.to(q.dtype), kb)
+
+
+@triton.jit
 def _hier_bwd_dq(
     Q, K, V, SK, SV, DO, LSE, DELTA, DQ, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
     sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACK: tl.constexpr,
 ):
+    """dQ of BLOCK_M queries of one head over the forward's keys and summaries (``PACK``: summary
+    tiles across level boundaries, as in the forward)."""
     sm_scale = f32(sm_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -438,29 +516,28 @@ def _hier_bwd_dq(
         dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, int_hi, hi,
                        local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, True, EVEN_D)
         offs_s = tl.arange(0, BLOCK_S)
-        s_prev = s0
-        loff = start * 0  # a loop-carried int32, never a constexpr
-        for l in range(1, levels + 1):
-            size = block << l
-            s_l = _level_start(b, l, nw, levels)
-            g_hi = s_prev >> l
-            base = loff + start // size + n
-            for g0 in range(s_l >> l, g_hi, BLOCK_S):
-                g = g0 + offs_s
-                cnt = _group_count(g, l, block, seqlen, sinks)
-                ok = (g < g_hi) & (cnt > 0)
-                rows = (base + g).to(tl.int64)
-                smask = ok[:, None] & d_mask[None, :]
-                kb = tl.load(SK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
-                             other=0.0).to(q.dtype)
-                vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
-                             other=0.0).to(q.dtype)
-                s = tl.dot(q, tl.trans(kb)) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                p = tl.where(ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-                ds = p * (tl.dot(do, tl.trans(vb)) - delta[:, None])
-                dq += tl.dot(ds.to(q.dtype), kb)
-            loff += T // size + NSEQ
-            s_prev = s_l
+        if PACK:
+            for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
+                rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
+                dq = _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d,
+                                 d_mask, qk_scale)
+        else:
+            s_prev = s0
+            loff = start * 0  # a loop-carried int32, never a constexpr
+            for l in range(1, levels + 1):
+                size = block << l
+                s_l = _level_start(b, l, nw, levels)
+                g_hi = s_prev >> l
+                base = loff + start // size + n
+                for g0 in range(s_l >> l, g_hi, BLOCK_S):
+                    g = g0 + offs_s
+                    cnt = _group_count(g, l, block, seqlen, sinks)
+                    ok = (g < g_hi) & (cnt > 0)
+                    rows = (base + g).to(tl.int64)
+                    dq = _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d,
+                                     d_mask, qk_scale)
+                loff += T // size + NSEQ
+                s_prev = s_l
         tl.store(DQ + (start + offs_m)[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -701,7 +778,7 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     wide = max(16, triton.next_power_of_2(head_dim)) >= 128
     return {
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
-                   num_warps=4, num_stages=2 if wide else None),
+                   num_warps=4, num_stages=2 if wide else None, pack=PACK_SUMMARIES),
         "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None),
         "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
@@ -799,7 +876,8 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=cq["block_m"], BLOCK_N=cq["block_n"], BLOCK_S=cq["block_s"], BLOCK_D=block_d, **launch_options(cq),
+        BLOCK_M=cq["block_m"], BLOCK_N=cq["block_n"], BLOCK_S=cq["block_s"], BLOCK_D=block_d, PACK=bool(cq["pack"]),
+        **launch_options(cq),
     )
     if dense:
         return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
