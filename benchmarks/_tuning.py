@@ -55,3 +55,34 @@ def save_json(path: str | None, result) -> None:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of ``a`` against ``b`` (Frobenius norms, float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def kernel_times(step, steps: int = 3) -> dict:
+    """{kernel name: device microseconds per call} of ``step()`` (torch.profiler, CUDA activity),
+    after one warm-up call."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out = defaultdict(float)
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if t > 0:
+            out[ev.key] += t / steps
+    return dict(out)
+
+
+def print_kernel_times(times: dict, per: float | None = None, unit: str = "") -> None:
+    """One line per kernel, slowest first (``per``: also print us / per, labelled ``unit``)."""
+    for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+        extra = f"  {1e3 * us / per:9.2f} {unit}" if per else ""
+        print(f"   {name[:64]:64s} {us:10.1f} us{extra}")
+

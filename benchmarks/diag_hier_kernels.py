@@ -9,32 +9,12 @@ per step. The table prints microseconds per step and nanoseconds per token for e
 """
 
 import argparse
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import deepseek_kernels as dk
 
-from _tuning import save_json
-
-
-def kernel_times(step, steps: int) -> dict:
-    """{kernel name: device microseconds per step} of ``step()``."""
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    out = defaultdict(float)
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-            t = getattr(ev, "self_cuda_time_total", 0.0)
-        if t > 0:
-            out[ev.key] += t / steps
-    return dict(out)
+from _tuning import kernel_times, print_kernel_times, save_json
 
 
 def main():
@@ -60,8 +40,7 @@ def main():
         result.append(row)
         print(f"== S={S}: hierarchical {sum(row['hierarchical_us'].values()) / 1e3:.2f} ms, "
               f"window {sum(row['window_us'].values()) / 1e3:.2f} ms per fwd+bwd", flush=True)
-        for name, us in sorted(row["hierarchical_us"].items(), key=lambda kv: -kv[1]):
-            print(f"   {name[:60]:60s} {us:10.1f} us  {1e3 * us / S:7.2f} ns/token")
+        print_kernel_times(row["hierarchical_us"], per=S, unit="ns/token")
         del q, k, v, do
         torch.cuda.empty_cache()
     save_json(args.out, result)

@@ -16,7 +16,7 @@ from deepseek_kernels.bench.harness import time_cuda_graph
 from deepseek_kernels.reference.sparse_ffn import n_active, swiglu_ffn_ref
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import save_json, sets_for
+from _tuning import kernel_times, print_kernel_times, save_json, sets_for
 
 
 def main():
@@ -56,7 +56,19 @@ def main():
                 x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=1), sets)
         print(f"    router: auto ({tk.router_splits(T, D, sets[0][0].device)} splits) {t_route['ms'] * 1e3:.1f}u, "
               f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u")
+        # each kernel's device time (eager calls under the profiler, cycling the weight copies)
+        it = iter(range(10**9))
+
+        def op_step():
+            x, wr, wg, wu, wd, *_ = sets[next(it) % len(sets)]
+            with torch.no_grad():
+                dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio)
+
+        per_kernel = kernel_times(op_step, steps=3 * len(sets))
+        print("    per kernel (profiler, device time per call):")
+        print_kernel_times(per_kernel)
         row = dict(T=T, ratio=args.ratio, k=k, weight_copies=n, router_ms=t_route["ms"], decode_ms=t_dec["ms"],
+                   per_kernel_us=per_kernel,
                    op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
                    router_split_w1_ms=t_route_w1["ms"])
         rows.append(row)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-hier-kernels | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -43,6 +43,8 @@ case "$step" in
       --filter graphed --out "$OUT/graphed" ;;
   diag-sparse-decode)
     timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
+  diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
+    timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)
     timeout 400 "$PY" benchmarks/diag_hier_kernels.py --out "$OUT/diag_hier_kernels.json" ;;
   tune-hier)
@@ -74,6 +76,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-hier-kernels|tune-hier|tune-hier-pack|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|tune-hier|tune-hier-pack|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
