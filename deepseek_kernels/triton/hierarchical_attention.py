@@ -788,7 +788,8 @@ def dsum_chunk(level: int, *, nw: int, levels: int, block_s: int) -> int:
     """Query blocks per dsum program at ``level`` (0: unsplit): a level whose band of query blocks
     per summary tile is more than twice level 1's is split into level-1-sized chunks, so every level
     runs about as many programs of about the same length (the partial sums cost one extra
-    [splits, rows, Hkv, D] fp32 pass per split level)."""
+    [splits, rows, Hkv, D] fp32 pass per split level). H200, fwd+bwd H32/32 W4096 (diag_hier_kernels):
+    dsum 12.5 -> 9.3 ms at S=131072, 68.1 -> 53.3 ms at S=524288; unchanged at 8192 (one level)."""
     def band(l):
         lo, hi = dsum_query_blocks(0, block_s - 1, level=l, nw=nw, levels=levels)
         return hi - lo + 1
