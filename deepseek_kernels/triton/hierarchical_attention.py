@@ -78,7 +78,7 @@ def _packed_summaries(v, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
     groups do not each round up to whole tiles (2 tiles of 32 per level at nw = 64 when unpacked)."""
     rows = tl.zeros(v.shape, dtype=tl.int64)
     cnt = tl.zeros(v.shape, dtype=tl.int32)
-    ok = v < 0
+    ok = v < 0  # all False (v >= 0)
     pre = b * 0
     s_prev = _level_start(b, 0, nw, levels)
     loff = start * 0
@@ -268,6 +268,18 @@ def _exact_fwd(acc, l_i, m_i, q, offs_m, k_tile, v_tile, seqlen, lo_tile, hi, lo
 
 
 @triton.jit
+def _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d, d_mask, qk_scale):
+    """One online-softmax step over a tile of summaries (``rows``, their token counts, validity): a
+    group of c tokens scores + log2(c) (base 2)."""
+    kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
+                 mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
+    vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
+                 mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
+    s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+    return _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
+
+
+@triton.jit
 def _hier_attn_fwd_kernel(
     Q, K, V, SK, SV, O, LSE, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
@@ -331,12 +343,8 @@ def _hier_attn_fwd_kernel(
         if PACK:
             for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
                 rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
-                kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
-                             mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
-                vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
-                             mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
-                s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
+                acc, l_i, m_i = _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh,
+                                             offs_d, d_mask, qk_scale)
         else:
             s_prev = s0
             loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
@@ -350,12 +358,8 @@ def _hier_attn_fwd_kernel(
                     cnt = _group_count(g, l, block, seqlen, sinks)
                     ok = (g < g_hi) & (cnt > 0)
                     rows = (base + g).to(tl.int64)
-                    kb = tl.load(SK + rows[None, :] * stride_st + kvh * stride_sh + offs_d[:, None],
-                                 mask=ok[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
-                    vb = tl.load(SV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :],
-                                 mask=ok[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
-                    s = tl.dot(q, kb) * qk_scale + tl.log2(tl.maximum(cnt, 1).to(tl.float32))[None, :]
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(ok[None, :], s, float("-inf")), vb, True)
+                    acc, l_i, m_i = _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh,
+                                                 offs_d, d_mask, qk_scale)
                 loff += T // size + NSEQ
                 s_prev = s_l
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0
