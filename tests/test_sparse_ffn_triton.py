@@ -287,10 +287,12 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
     *c[:6], "empty" if c[6] else "full", str(c[7])))
-def test_decode_kernels_match_reference(case, poisoned):
+@pytest.mark.parametrize("split", [1, 3])
+def test_decode_kernels_match_reference(case, split, poisoned):
     T, D, F_, NB, S, k, empty_slots, dtype = case
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
-    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB,
+                               config=None if split == 1 else {"gate_up": {"split": split, "block_k": 16}})
     ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB,
                                 shared_blocks=S)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -301,7 +303,9 @@ def test_decode_kernels_match_reference(case, poisoned):
     {"gate_up": {"block_n": 32, "block_k": 16, "num_stages": 2}},
     {"down": {"block_n": 16, "block_k": 64, "num_warps": 2}},
     {"gate_up": {"block_n": 64}, "down": {"block_k": 128, "num_stages": 4}},
-], ids=["gate_up", "down", "both"])
+    {"gate_up": {"split": 2, "block_k": 16}},   # d_model in 2 slices (D40: 32 + 8), summed by the finish kernel
+    {"gate_up": {"split": 8, "block_k": 16}},   # recounted to 3 slices
+], ids=["gate_up", "down", "both", "split2", "split8"])
 def test_decode_launch_configs_agree(config, poisoned):
     """The tiles the decode tuner sweeps (block sizes smaller and larger than a 15-neuron block,
     D not a multiple of block_k) give the reference's result; unknown names are rejected."""
@@ -314,6 +318,9 @@ def test_decode_launch_configs_agree(config, poisoned):
         tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"combine": {}})
     with pytest.raises(ValueError, match="unknown key"):
         tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"down": {"block_q": 8}})
+    for bad in (0, tk.DECODE_MAX_SPLIT + 1):
+        with pytest.raises(ValueError, match="split must be"):
+            tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"gate_up": {"split": bad}})
 
 
 def test_decode_reads_only_used_blocks_and_poisons_invalid_ids(poisoned):
