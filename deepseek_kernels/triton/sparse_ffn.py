@@ -797,6 +797,21 @@ def _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_KS: tl.co
 
 
 @triton.jit
+def _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The tile of a (used block, neuron tile) program: whether program_id(0) has a used block (the
+    j-th used block in ascending order), that block b, the tokens' weights for b and whether they
+    use it, and the neurons of program_id(1)."""
+    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
+    j = tl.program_id(0)
+    b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)
+    offs_t = tl.arange(0, BLOCK_T)
+    w_t, member = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return j < n_used, b, offs_t, w_t, member, offs_n, offs_n < BS
+
+
+@triton.jit
 def _sparse_ffn_decode_gate_up_kernel(
     X, WG, WU, IDX, WT, H, PART,
     T, D, BS, S, K, NB, d_per_split,
@@ -810,14 +825,9 @@ def _sparse_ffn_decode_gate_up_kernel(
     ``SPLIT`` > 1: program_id(2) = s takes d_model slice s only and stores its fp32 gate and up sums
     in PART[s, 0|1, b, t, n] (the tokens that use b); ``_sparse_ffn_decode_finish_kernel`` sums the
     slices and writes H."""
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    j = tl.program_id(0)
-    if j < n_used:
-        b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)
-        offs_t = tl.arange(0, BLOCK_T)
-        w_t, member = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < BS
+    active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
+                                                                          BLOCK_KS, BLOCK_B)
+    if active:
         f = (b * BS + offs_n).to(tl.int64)
         acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -851,14 +861,9 @@ def _sparse_ffn_decode_finish_kernel(
 ):
     """After a split gate/up GEMM: H[b, t, n] = weight(t, b) * silu(g) * u with g, u the sums of the
     SPLIT slices' partials in slice order (deterministic); rows of tokens that do not use b get 0."""
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    j = tl.program_id(0)
-    if j < n_used:
-        b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)
-        offs_t = tl.arange(0, BLOCK_T)
-        w_t, member = _decode_membership(IDX, WT, T, b, S, K, offs_t, BLOCK_KS)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < BS
+    active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
+                                                                          BLOCK_KS, BLOCK_B)
+    if active:
         p_off = (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :]
         p_mask = member[:, None] & n_mask[None, :]
         g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
