@@ -76,3 +76,17 @@ def test_case_filter_selects_by_name_and_rejects_bad_patterns(capsys):
     assert bench.select_cases(SUITES["int8_matmul"].cases(), "no such case") == []
     assert bench.run_suites(["int8_matmul"], case_filter="M1 (", make_plot=False) == 2
     assert "not a valid regular expression" in capsys.readouterr().err
+
+
+def test_plot_of_no_rows_is_skipped(tmp_path):
+    """A --filter that matches no case of a suite leaves nothing to plot: no file and no error (it
+    raised a TypeError on the H200 in session 6); rows still give a PNG."""
+    pytest.importorskip("matplotlib")
+    from deepseek_kernels.bench.report import plot
+
+    ceilings = {"copy_bytes_per_s": 4.2e12}
+    assert plot(tmp_path / "none.png", "empty", [], ceilings) is False
+    assert not (tmp_path / "none.png").exists()
+    rows = [{"case": "a", "ours_gbps": 100.0, "baseline_gbps": 50.0, "speedup": 2.0}]
+    assert plot(tmp_path / "one.png", "one row", rows, ceilings) is True
+    assert (tmp_path / "one.png").stat().st_size > 0
