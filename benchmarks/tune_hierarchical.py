@@ -128,7 +128,8 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     ap.add_argument("--decode", action="store_true", help="sweep the decode attention kernel instead")
     ap.add_argument("--pack", action="store_true",
-                    help="run every forward and dq config with summary tiles level by level and packed across levels")
+                    help="the summary-tile variants: every forward and dq config with summary tiles level by level "
+                         "and packed across levels, every dkdv config with the per-key and the broadcast pooling backward")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.seqlen is None:
@@ -178,6 +179,8 @@ def main():
             grid = BWD_FULL[kern] if args.full else BWD_FOCUS[kern]
             if kern == "dq" and args.pack:
                 keys, grid = keys + ("pack",), [vals + (p,) for vals in grid for p in (False, True)]
+            if kern == "dkdv" and args.pack:
+                keys, grid = keys + ("bcast",), [vals + (p,) for vals in grid for p in (False, True)]
             for values in grid:
                 cfg = {kern: dict(zip(keys, values))}
                 row = {"kernel": kern, "config": cfg[kern]}

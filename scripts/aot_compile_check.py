@@ -159,8 +159,9 @@ def cases():
     dkdv = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, DK=bf16, DV=bf16, cu=i32,
                 stride_dkt=H * D, stride_dkh=D, stride_dvt=H * D, stride_dvh=D, T=131072, NSEQ=1, HKV=H, REP=1,
                 BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], **strides, **common)
-    out.append(("hierarchical bwd dkdv", ha._hier_bwd_dkdv, dkdv,
-                dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
+    for bcast in (False, True):
+        out.append((f"hierarchical bwd dkdv, bcast={bcast}", ha._hier_bwd_dkdv, dict(dkdv, BCAST=bcast),
+                    dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
     c = bwd["dsum"]
     dsum = dict(Q=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, cu=i32, level=1, loff=0,
                 out_loff=0, split_rows=4096, chunk=94, stride_ost=H * D, stride_osh=D, HKV=H, REP=1, BLOCK_M=c["block_m"], BLOCK_S=c["block_s"], **strides, **common)

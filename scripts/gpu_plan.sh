@@ -49,7 +49,7 @@ case "$step" in
     timeout 400 "$PY" benchmarks/diag_hier_kernels.py --out "$OUT/diag_hier_kernels.json" ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
-  tune-hier-pack)  # summary tiles level by level vs packed across levels (PACK_SUMMARIES), fwd + dq, S=131072
+  tune-hier-pack)  # packed summary tiles (fwd, dq) and the broadcast pooling backward (dkdv) vs the defaults, S=131072
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --pack --out "$OUT/tune_hier_pack.json" ;;
   tune-hier-decode)
     timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;

@@ -147,7 +147,10 @@ def test_key_tiles_wider_than_a_block(block_n):
     {"dsum": {"chunk": 1}},                    # every level's scan split into 1-block chunks, summed after
     {"dsum": {"chunk": 3, "block_s": 32}},     # uneven last chunk
     {"dsum": {"chunk": 0}},                    # never split
-], ids=["small-tiles", "wide-summary-tiles", "dsum-chunk1", "dsum-chunk3", "dsum-unsplit"])
+    {"dkdv": {"bcast": True}},                 # pooling backward: 64-key tiles, level 1 per key, level >= 2 broadcast
+    {"dkdv": {"bcast": True, "block_n": 16, "block_m": 16}},  # every level broadcast
+], ids=["small-tiles", "wide-summary-tiles", "dsum-chunk1", "dsum-chunk3", "dsum-unsplit", "dkdv-bcast",
+        "dkdv-bcast-narrow"])
 def test_backward_per_kernel_configs(config):
     """The per-kernel launch settings the tuner sweeps (tiles narrower and wider than a block, summary
     tiles spanning several levels' groups) give the reference's gradients; bad names are rejected."""
@@ -228,19 +231,20 @@ def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,window,block,sinks,hkv", [(4097, 512, 64, 4, 8), (777, 128, 32, 1, 1)])
 def test_gpu_summary_tiles_packed(S, window, block, sinks, hkv):
-    """The packed summary tiles (PACK_SUMMARIES's alternative) on the GPU: reference results, and the
-    same dQ bits on every call."""
+    """The packed summary tiles (PACK_SUMMARIES's alternative) and the broadcast pooling backward
+    (dkdv bcast) on the GPU: reference results, and the same bits on every call."""
     q, k, v, do = make(1, S, 8, hkv, 128, torch.bfloat16, "cuda")
     kw = dict(window=window, block=block, levels=resolve_levels(None, S, window=window, block=block), sinks=sinks)
     out, lse = hierarchical_attention_fwd(q, k, v, pack=True, **kw)
     ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, **kw)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16] and (lse - ref_lse).abs().max() < 2e-2
-    got = hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dq": {"pack": True}}, **kw)
+    variants = {"dq": {"pack": True}, "dkdv": {"bcast": True}}
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, config=variants, **kw)
     want = hierarchical_attention_bwd_ref(do, q, k, v, **kw)
     for name, g, w in zip("q k v".split(), got, want):
         assert rel_error(g, w) < 2 * REL_TOL[torch.bfloat16], name
-    again = hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dq": {"pack": True}}, **kw)
-    assert torch.equal(got[0], again[0])
+    again = hierarchical_attention_bwd(do, q, k, v, out, lse, config=variants, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

@@ -679,13 +679,34 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, off
 
 
 @triton.jit
+def _pool_bwd_per_key(dk, dv, DSK, DSV, offs_n, n_mask, offs_d, d_mask, l, loff, start, n, kvh, block, seqlen, sinks,
+                      stride_st, stride_sh):
+    """The pooling backward of level l for each key of the tile: d(mean) / count of its group, for
+    the non-sink keys of groups that have tokens."""
+    size = block << l
+    g = offs_n // size
+    cnt = _group_count(g, l, block, seqlen, sinks)
+    ok = n_mask & (offs_n >= sinks) & (cnt > 0)
+    rows = (loff + start // size + n + g).to(tl.int64)
+    smask = ok[:, None] & d_mask[None, :]
+    inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
+    dk += tl.load(DSK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                  other=0.0) * inv[:, None]
+    dv += tl.load(DSV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
+                  other=0.0) * inv[:, None]
+    return dk, dv
+
+
+@triton.jit
 def _hier_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DSK, DSV, DK, DV, cu,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_st, stride_sh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     sm_scale, nw, levels, block, sinks, T, NSEQ, HKV, REP, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BCAST: tl.constexpr,
 ):
+    """dK, dV of BLOCK_N exact keys of one kv head (GQA heads summed in-kernel), then the pooling
+    backward (``BCAST``: levels whose groups span the tile add one broadcast row each)."""
     sm_scale = f32(sm_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -744,19 +765,35 @@ def _hier_bwd_dkdv(
         dk = dk * sm_scale
         # pooling backward: each non-sink token gets d(mean) / count of its group at every level
         loff = start * 0  # a loop-carried int32, never a constexpr
-        for l in range(1, levels + 1):
-            size = block << l
-            g = offs_n // size
-            cnt = _group_count(g, l, block, seqlen, sinks)
-            ok = n_mask & (offs_n >= sinks) & (cnt > 0)
-            rows = (loff + start // size + n + g).to(tl.int64)
-            smask = ok[:, None] & d_mask[None, :]
-            inv = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
-            dk += tl.load(DSK + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
-                          other=0.0) * inv[:, None]
-            dv += tl.load(DSV + rows[:, None] * stride_st + kvh * stride_sh + offs_d[None, :], mask=smask,
-                          other=0.0) * inv[:, None]
-            loff += T // size + NSEQ
+        if BCAST:
+            # Levels whose groups are at least a key tile wide (powers of two, aligned: the tile lies in
+            # one group) give every non-sink key the same d(mean) / count: summed once as [D] vectors and
+            # broadcast after the loop (the per-key gather reads one repeated row BLOCK_N times per level)
+            row_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            row_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for l in range(1, levels + 1):
+                size = block << l
+                if size >= BLOCK_N:
+                    g1 = n0 // size
+                    cnt1 = _group_count(g1, l, block, seqlen, sinks)
+                    row = (loff + start // size + n + g1).to(tl.int64)
+                    inv1 = 1.0 / tl.maximum(cnt1, 1).to(tl.float32)
+                    row_k += tl.load(DSK + row * stride_st + kvh * stride_sh + offs_d, mask=d_mask & (cnt1 > 0),
+                                     other=0.0) * inv1
+                    row_v += tl.load(DSV + row * stride_st + kvh * stride_sh + offs_d, mask=d_mask & (cnt1 > 0),
+                                     other=0.0) * inv1
+                else:
+                    dk, dv = _pool_bwd_per_key(dk, dv, DSK, DSV, offs_n, n_mask, offs_d, d_mask, l, loff, start, n,
+                                               kvh, block, seqlen, sinks, stride_st, stride_sh)
+                loff += T // (block << l) + NSEQ
+            keys = (n_mask & (offs_n >= sinks))[:, None]
+            dk += tl.where(keys, row_k[None, :], 0.0)
+            dv += tl.where(keys, row_v[None, :], 0.0)
+        else:
+            for l in range(1, levels + 1):
+                dk, dv = _pool_bwd_per_key(dk, dv, DSK, DSV, offs_n, n_mask, offs_d, d_mask, l, loff, start, n, kvh,
+                                           block, seqlen, sinks, stride_st, stride_sh)
+                loff += T // (block << l) + NSEQ
         tl.store(DK + (start + offs_n)[:, None].to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + (start + offs_n)[:, None].to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_d[None, :],
@@ -783,7 +820,7 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     return {
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
                    num_warps=4, num_stages=2 if wide else None, pack=PACK_SUMMARIES),
-        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None),
+        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None, bcast=False),
         "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
 
@@ -874,7 +911,8 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
         dop.stride(0), dop.stride(1), dsk.stride(0), dsk.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hkv, Hq // Hkv, D,
-        BLOCK_M=ckv["block_m"], BLOCK_N=ckv["block_n"], BLOCK_D=block_d, **launch_options(ckv),
+        BLOCK_M=ckv["block_m"], BLOCK_N=ckv["block_n"], BLOCK_D=block_d, BCAST=bool(ckv["bcast"]),
+        **launch_options(ckv),
     )
     torch.library.wrap_triton(_hier_bwd_dq)[(triton.cdiv(max(max_len, 1), cq["block_m"]), nseq * Hq)](
         qp, kp, vp, sk, sv, dop, lsep, delta, dq, cu,
