@@ -1,7 +1,7 @@
 """Per-kernel GPU time of one hierarchical attention forward + backward (torch.profiler), at several
 sequence lengths, next to window_attention's: where the per-token cost grows with S.
 
-    python benchmarks/diag_hier_kernels.py [--seqlens 8192,32768,131072,524288] [--out results.json]
+    python benchmarks/diag_hier_kernels.py [--seqlens 8192,32768,131072,524288] [--variants] [--out results.json]
 
 bf16, B=1, H=32/32, D=128, W=4096, block 64, levels=None (the bench suite's scaling rows). Each
 length: one warm-up step, then ``--steps`` profiled steps; a kernel's time is its summed device time
@@ -14,13 +14,21 @@ import torch
 
 import deepseek_kernels as dk
 
+from deepseek_kernels.triton import hierarchical_attention as ha
+
 from _tuning import kernel_times, print_kernel_times, save_json
+
+# module defaults of deepseek_kernels.triton.hierarchical_attention that switch an untimed variant on
+VARIANTS = ("PACK_SUMMARIES", "BCAST_POOL_GRAD", "POOL_KEYS_PER_GROUP")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", default="8192,32768,131072,524288")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--variants", action="store_true",
+                    help="also profile with the untimed variants on (packed summary tiles, broadcast pooling "
+                         "backward, one program per level-1 group) in the same process")
     ap.add_argument("--out")
     args = ap.parse_args()
     H, D, W, BLOCK = 32, 128, 4096, 64
@@ -41,6 +49,17 @@ def main():
         print(f"== S={S}: hierarchical {sum(row['hierarchical_us'].values()) / 1e3:.2f} ms, "
               f"window {sum(row['window_us'].values()) / 1e3:.2f} ms per fwd+bwd", flush=True)
         print_kernel_times(row["hierarchical_us"], per=S, unit="ns/token")
+        if args.variants:
+            saved = {name: getattr(ha, name) for name in VARIANTS}
+            try:
+                for name in VARIANTS:
+                    setattr(ha, name, True)
+                row["variants_us"] = kernel_times(hier, args.steps)
+            finally:
+                for name, value in saved.items():
+                    setattr(ha, name, value)
+            print(f"   with {', '.join(VARIANTS)}: {sum(row['variants_us'].values()) / 1e3:.2f} ms", flush=True)
+            print_kernel_times(row["variants_us"], per=S, unit="ns/token")
         del q, k, v, do
         torch.cuda.empty_cache()
     save_json(args.out, result)

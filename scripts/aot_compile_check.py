@@ -144,6 +144,18 @@ def cases():
     fwd = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, O=bf16, LSE=f32, cu=i32, stride_ot=H * D, stride_oh=D,
                T=131072, NSEQ=1, HQ=H, REP=1, BLOCK_M=64, BLOCK_N=64, BLOCK_S=32, qk_scale=0.127, **strides,
                **{k: v for k, v in common.items() if k != "sm_scale"})
+    pool = dict(cu=i32, stride_dt=H * D, stride_dh=D, block=B, sinks=0, HKV=H, HEAD_DIM=D, BLOCK_D=D)
+    out.append(("hierarchical pool, level 1 (16 groups per program)", ha._hier_pool_kernel,
+                dict(pool, SRC_K=bf16, SRC_V=bf16, DST_K=f32, DST_V=f32, stride_skt=H * D, stride_skh=D,
+                     stride_svt=H * D, stride_svh=D, src_off=0, dst_off=0, level=1, FROM_KEYS=True, FAN=2 * B,
+                     BLOCK_G=16), dict(num_warps=4)))
+    out.append(("hierarchical pool, level 2 (from level 1)", ha._hier_pool_kernel,
+                dict(pool, SRC_K=f32, SRC_V=f32, DST_K=f32, DST_V=f32, stride_skt=H * D, stride_skh=D,
+                     stride_svt=H * D, stride_svh=D, src_off=0, dst_off=4096, level=2, FROM_KEYS=False, FAN=2,
+                     BLOCK_G=16), dict(num_warps=4)))
+    out.append(("hierarchical pool, level 1 (a group per program)", ha._hier_pool_keys_kernel,
+                dict(pool, K=bf16, V=bf16, DST_K=f32, DST_V=f32, stride_kt=H * D, stride_kh=D, stride_vt=H * D,
+                     stride_vh=D, BLOCK_F=32), dict(num_warps=4)))
     for pack in (False, True):
         out.append((f"hierarchical fwd (default tiles, pack={pack})", ha._hier_attn_fwd_kernel, dict(fwd, PACK=pack),
                     dict(num_warps=4, num_stages=3)))

@@ -39,12 +39,16 @@ def make(B, S, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
             torch.randn(B, S, Hkv, D, device=device).to(dtype), torch.randn(B, S, Hq, D, device=device).to(dtype))
 
 
-def test_pooling_matches_reference_per_sequence():
+@pytest.mark.parametrize("keys_per_group", [False, True], ids=["16-groups-per-program", "group-per-program"])
+@pytest.mark.parametrize("block,sinks", [(16, 3), (16, 40), (32, 0)])
+def test_pooling_matches_reference_per_sequence(keys_per_group, block, sinks):
+    """Both level-1 pooling kernels; sinks inside one group and spanning groups; head dim padded."""
     lens = [40, 0, 1, 97, 33, 64]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    T, block, levels, sinks = int(cu[-1]), 16, 3, 3
+    T, levels = int(cu[-1]), 3
     k, v = torch.randn(T, 2, 8), torch.randn(T, 2, 8)
-    sk, sv = hierarchical_pool(k, v, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max(lens))
+    sk, sv = hierarchical_pool(k, v, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max(lens),
+                               keys_per_group=keys_per_group)
     checked = 0
     for n, L in enumerate(lens):
         a = int(cu[n])
@@ -230,9 +234,13 @@ def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,window,block,sinks,hkv", [(4097, 512, 64, 4, 8), (777, 128, 32, 1, 1)])
-def test_gpu_summary_tiles_packed(S, window, block, sinks, hkv):
-    """The packed summary tiles (PACK_SUMMARIES's alternative) and the broadcast pooling backward
-    (dkdv bcast) on the GPU: reference results, and the same bits on every call."""
+def test_gpu_summary_tiles_packed(S, window, block, sinks, hkv, monkeypatch):
+    """The untimed variants on the GPU: packed summary tiles (PACK_SUMMARIES), the broadcast pooling
+    backward (dkdv bcast) and one program per level-1 group (POOL_KEYS_PER_GROUP): reference results,
+    and the same bits on every call."""
+    from deepseek_kernels.triton import hierarchical_attention as ha
+
+    monkeypatch.setattr(ha, "POOL_KEYS_PER_GROUP", True)
     q, k, v, do = make(1, S, 8, hkv, 128, torch.bfloat16, "cuda")
     kw = dict(window=window, block=block, levels=resolve_levels(None, S, window=window, block=block), sinks=sinks)
     out, lse = hierarchical_attention_fwd(q, k, v, pack=True, **kw)

@@ -103,6 +103,44 @@ def _packed_summaries(v, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
 
 
 @triton.jit
+def _hier_pool_keys_kernel(
+    K, V, DST_K, DST_V, cu,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
+    block, sinks, HKV, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Level 1 (groups of 2 * block tokens) of one sequence and kv head: program_id(0) is the group;
+    its tokens are read as consecutive [BLOCK_F, D] tiles (sinks and tokens past the end weigh 0).
+    One group per program keeps short sequences parallel (16 groups per program walked 2 * block
+    token rows one at a time: 175 us per call at S=8192 H32, latency-bound)."""
+    g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n = pid_bh // HKV
+    h = pid_bh % HKV
+    start, seqlen = _seq(cu, n)
+    size = block << 1
+    if g * size < seqlen:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        acc_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        wsum = tl.zeros((BLOCK_F,), dtype=tl.float32)
+        for f0 in range(0, size, BLOCK_F):
+            pos = g * size + f0 + tl.arange(0, BLOCK_F)
+            keep = (pos >= sinks) & (pos < seqlen)
+            mask = keep[:, None] & d_mask[None, :]
+            row = (start + pos).to(tl.int64)
+            xk = tl.load(K + row[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+            xv = tl.load(V + row[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+            acc_k += tl.sum(xk.to(tl.float32), 0)
+            acc_v += tl.sum(xv.to(tl.float32), 0)
+            wsum += keep.to(tl.float32)
+        inv = 1.0 / tl.maximum(tl.sum(wsum, 0), 1.0)  # a group of sinks only stays 0 (and is never attended)
+        dst = (start // size + n + g).to(tl.int64)
+        tl.store(DST_K + dst * stride_dt + h * stride_dh + offs_d, acc_k * inv, mask=d_mask)
+        tl.store(DST_V + dst * stride_dt + h * stride_dh + offs_d, acc_v * inv, mask=d_mask)
+
+
+@triton.jit
 def _hier_pool_kernel(
     SRC_K, SRC_V, DST_K, DST_V, cu,
     stride_skt, stride_skh, stride_svt, stride_svh, stride_dt, stride_dh,
@@ -166,10 +204,18 @@ def _packed(q, k, v, cu_seqlens, max_seqlen):
     return q, k, v, cu_seqlens, cu_seqlens.numel() - 1, max_len, False
 
 
+# Whether level 1 is pooled by one program per group (``_hier_pool_keys_kernel``) instead of BLOCK_G
+# groups per program walking the tokens one row at a time. Off until timed on the H200 (written
+# after session 6's GPU time; the pool kernel took 42.7 ns/token at S=8192 against 8.8 at 524288).
+POOL_KEYS_PER_GROUP = False
+
+
 def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, max_seqlen: int,
-                      block_g: int = 16, num_warps: int = 4):
+                      block_g: int = 16, num_warps: int = 4, keys_per_group: bool | None = None):
     """Summaries of packed ``k, v [T, Hkv, D]``: ``(mean_k, mean_v)`` float32 ``[R, Hkv, D]`` in the
-    row layout of the module docstring (levels 1..levels, each pooled from the one below)."""
+    row layout of the module docstring (levels 1..levels, each pooled from the one below).
+    ``keys_per_group``: level 1 by one program per group (None: :data:`POOL_KEYS_PER_GROUP`)."""
+    keys_per_group = POOL_KEYS_PER_GROUP if keys_per_group is None else keys_per_group
     T, Hkv, D = k.shape
     nseq = cu_seqlens.numel() - 1
     R = summary_rows(T, nseq, block=block, levels=levels)
@@ -179,17 +225,21 @@ def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, 
     off = prev = 0
     for l in range(1, levels + 1):
         size = block << l
-        grid = (triton.cdiv(triton.cdiv(max(max_seqlen, 1), size), block_g), nseq * Hkv)
-        if l == 1:
-            src_k, src_v, fan = k, v, 2 * block
+        if l == 1 and keys_per_group:
+            torch.library.wrap_triton(_hier_pool_keys_kernel)[(triton.cdiv(max(max_seqlen, 1), size), nseq * Hkv)](
+                k, v, sk, sv, cu_seqlens,
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), sk.stride(0), sk.stride(1),
+                block, sinks, Hkv, D, BLOCK_F=min(32, size), BLOCK_D=block_d, num_warps=num_warps,
+            )
         else:
-            src_k, src_v, fan = sk, sv, 2
-        torch.library.wrap_triton(_hier_pool_kernel)[grid](
-            src_k, src_v, sk, sv, cu_seqlens,
-            src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1), sk.stride(0), sk.stride(1),
-            prev, off, l, block, sinks, Hkv, D,
-            FROM_KEYS=l == 1, FAN=fan, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
-        )
+            grid = (triton.cdiv(triton.cdiv(max(max_seqlen, 1), size), block_g), nseq * Hkv)
+            src_k, src_v, fan = (k, v, 2 * block) if l == 1 else (sk, sv, 2)
+            torch.library.wrap_triton(_hier_pool_kernel)[grid](
+                src_k, src_v, sk, sv, cu_seqlens,
+                src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1), sk.stride(0), sk.stride(1),
+                prev, off, l, block, sinks, Hkv, D,
+                FROM_KEYS=l == 1, FAN=fan, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
+            )
         prev, off = off, off + T // size + nseq
     return sk, sv
 
@@ -375,6 +425,9 @@ def _hier_attn_fwd_kernel(
 # timed on the H200 (written after session 6's GPU time; interpreter-exact, compiles for sm_90):
 # benchmarks/tune_hierarchical.py --pack compares both in one process.
 PACK_SUMMARIES = False
+# Whether dkdv's pooling backward adds one broadcast [D] row per level whose groups span the key tile
+# (``dkdv.bcast``) instead of a per-key gather. Off until timed (written after session 6's GPU time).
+BCAST_POOL_GRAD = False
 
 
 def _blocks(block: int, block_m: int | None, block_n: int | None):
@@ -820,7 +873,7 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     return {
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
                    num_warps=4, num_stages=2 if wide else None, pack=PACK_SUMMARIES),
-        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None, bcast=False),
+        "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None, bcast=BCAST_POOL_GRAD),
         "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
 
