@@ -16,6 +16,7 @@ kernels cast them to the input dtype for the tensor-core dots, as they do the ke
 Kernels:
   _hier_pool_kernel      one level from the level below (level 1 from the keys): count-weighted
                          means, per sequence (never across a boundary). One launch per level.
+  _hier_pool_keys_kernel level 1 with one program per group (POOL_KEYS_PER_GROUP; untimed variant).
   _hier_attn_fwd_kernel  one program per (query tile, head): sinks and the local window exactly,
                          then the summaries of each level, in one online softmax; writes lse.
   _hier_bwd_dq           dQ over the same keys and summaries as the forward.
@@ -25,6 +26,9 @@ Kernels:
                          pooling backward fused as an epilogue (the gradient of a mean is its
                          gradient / count, broadcast to the group's non-sink tokens).
 No atomics anywhere: the backward is deterministic.
+Untimed variants, off by default until the H200 decides (benchmarks/diag_hier_kernels.py --variants):
+PACK_SUMMARIES (summary tiles across level boundaries in the forward and dq), BCAST_POOL_GRAD (dkdv's
+pooling backward as one broadcast row per wide level), POOL_KEYS_PER_GROUP (above).
 """
 
 import torch
