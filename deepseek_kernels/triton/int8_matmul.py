@@ -160,16 +160,14 @@ def tma_ok(a, b) -> bool:
 
 def persistent_tma_config(M: int, N: int, K: int, out_dtype) -> dict | None:
     """The persistent TMA kernel's tile shape for large GEMMs with a 16-bit output, None where the
-    plain kernel is used. H200, plain and TMA in one process (benchmarks/diag_int8_tma.py; 128x256x128,
-    8 warps, 4 stages, bf16 out), two runs: 8192^3 823/827 us against 927/897 us plain (1.69x/1.75x
-    cuBLAS bf16); M8192 N14336 K4096 845/901 vs 887/880 us (a wash); N4096 K14336 859 vs 823 us and
-    4096^3 118 vs 109 us (slower), hence M, N >= 8192. Session 6 (diag, one process): M8192 N4096 K4096
-    TMA 223.5 vs plain 247.3 us (1.52x cuBLAS), N14336 K4096 803 vs 878 us, so N4096 joins at K <= 8192;
-    8192^3 came out 975 vs 939 us in that call (0.96x; the session-5 calls: 823 vs 927, 827 vs 897,
-    and the session-6 bench row 835 us = 1.65x cuBLAS), one more sign of the spread. Run-to-run spread of one kernel was up to ~10 %
-    in those calls. A 32-bit output's epilogue tile does not fit next to 4 stages (320 KiB of shared
-    memory). Only eager calls take it (``ops.int8_matmul``); inside torch.compile the plain kernel
-    runs (the same int32 sums and epilogue: the same bits, tests/test_int8_matmul.py)."""
+    plain kernel is used. H200, TMA vs plain in one process (benchmarks/diag_int8_tma.py; 128x256x128,
+    8 warps, 4 stages, bf16 out): 8192^3 823/827 vs 927/897 us in session 5 (975 vs 939 in one session-6
+    call: run-to-run spread of one kernel reaches ~10 %); M8192 N4096 K4096 223.5 vs 247.3 us and N14336
+    K4096 803 vs 878 us (session 6); N4096 K14336 859 vs 823 us and 4096^3 118 vs 109 us (slower). Hence
+    M >= 8192 with N >= 8192, or N >= 4096 at K <= 8192. A 32-bit output's epilogue tile does not fit next
+    to 4 stages (320 KiB of shared memory). Only eager calls take it (``ops.int8_matmul``); inside
+    torch.compile the plain kernel runs (the same int32 sums and epilogue: the same bits,
+    tests/test_int8_matmul.py)."""
     import torch
 
     big = N >= 8192 or (N >= 4096 and K <= 8192)
