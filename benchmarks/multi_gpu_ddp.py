@@ -7,19 +7,26 @@ On CPU ranks (gloo) with a tiny model it is a smoke run of the same code (what t
 
     torchrun --nproc_per_node=2 benchmarks/multi_gpu_ddp.py --device cpu --tiny --out /tmp/ddp
 
-Three parts (``--parts check,step,converge``), each comparing DDP's own all-reduce, torch's
-``bf16_compress_hook`` and ``quantized_allreduce_hook`` (int8 and fp8_e4m3, error feedback and
-stochastic rounding on):
+Four parts (``--parts link,check,step,converge``); the last three compare DDP's own all-reduce,
+torch's ``bf16_compress_hook`` and ``quantized_allreduce_hook`` (int8 and fp8_e4m3, error feedback
+and stochastic rounding on):
+
+- **link**: bus bandwidth of the collectives the configurations use (all-reduce fp32/bf16,
+  all-to-all, all-gather) at 256 MiB, so the step times can be read against the link.
 
 - **check**: one backward of the model; every bucket is reduced both ways (a plain all-reduce mean
   of a copy, and the hook) and the relative error of the hook's mean is recorded per bucket.
 - **step**: time of a training step (forward, backward with the bucket communication, AdamW) per
   configuration, tokens/s per GPU, and the share of the step spent communicating, estimated
-  against the same step under ``no_sync()`` (no gradient communication at all).
+  against the same step under ``no_sync()`` (no gradient communication at all). Parameters and
+  gradients are fp32 with bf16 autocast (mixed precision, ``--param-dtype fp32``, the default) or
+  bf16 throughout (``--param-dtype bf16``: then the bf16 hook compresses nothing).
 - **converge**: a few hundred steps of the same seeded model on real text (the Python standard
   library's source files, byte-level tokens) per configuration; loss curves as JSON and PNG.
 
-Rank 0 writes ``multi_gpu_ddp.json`` (+ ``multi_gpu_ddp_loss.png``) under ``--out``.
+A slower link on the same machine: ``NCCL_P2P_DISABLE=1`` (NCCL through host shared memory) with
+``--label shm``. Rank 0 writes ``multi_gpu_ddp[-LABEL].json`` (+ ``..._loss.png``) under ``--out``,
+after every part (a run cut short keeps what it finished).
 """
 
 from __future__ import annotations
@@ -133,6 +140,43 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def link(args, device, rank, world) -> dict:
+    """Bus bandwidth (NCCL's convention: algorithm bytes times 2 (W-1)/W for all-reduce, (W-1)/W
+    for all-to-all and all-gather) of 256 MiB collectives (4 MiB with ``--tiny``), median of 5
+    after 2 warm-ups."""
+    from deepseek_kernels.distributed import _all_gather_into
+
+    n = (4 if args.tiny else 256) << 20
+    out = {}
+    cases = {"all_reduce fp32": (torch.float32, 2), "all_reduce bf16": (torch.bfloat16, 2),
+             "all_to_all uint8": (torch.uint8, 1), "all_gather uint8": (torch.uint8, 1)}
+    for name, (dtype, factor) in cases.items():
+        x = torch.ones(n // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+        y = torch.empty_like(x)
+
+        def once():
+            if name.startswith("all_reduce"):
+                dist.all_reduce(x)
+            elif name.startswith("all_to_all"):
+                dist.all_to_all_single(y, x)
+            else:
+                _all_gather_into(y, x[: x.numel() // world], None)
+
+        times = []
+        for i in range(7):
+            sync(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            once()
+            sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        t = sorted(times)[len(times) // 2]
+        out[name] = {"bytes": n, "time_s": t, "busbw_GBps": n * factor * (world - 1) / world / t / 1e9}
+        del x, y
+    return out
+
+
 def check(args, device, rank, world) -> dict:
     """Per bucket: the hook's mean vs an all-reduce mean of the same gradients."""
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
@@ -144,7 +188,8 @@ def check(args, device, rank, world) -> dict:
     out = {}
     for fmt in ("int8", "fp8_e4m3"):
         torch.manual_seed(0)
-        model = GPT(**cfg).to(device)
+        with torch.device(device):  # initialised on the GPU: a 1B model's CPU init takes seconds
+            model = GPT(**cfg)
         state = QuantizedGradState(fmt=fmt, block=128, stochastic=True, error_feedback=True)
         errors = []
 
@@ -178,8 +223,11 @@ def step_time(args, device, rank, world) -> dict:
     out = {}
     for config in CONFIGS:
         torch.manual_seed(0)
-        model = GPT(**cfg).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        ddp, _ = wrap(model, config, device, args.bucket_mb)
+        bf16_params = args.param_dtype == "bf16" and device.type == "cuda"
+        with torch.device(device):
+            model = GPT(**cfg).to(torch.bfloat16 if bf16_params else torch.float32)
+        ddp, state = wrap(model, config, device, args.bucket_mb)
+        autocast = device.type == "cuda" and not bf16_params
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
         data = list(batches(text, rank, world, args.batch, cfg["seq"], args.warmup + args.steps, seed=2))
 
@@ -187,7 +235,8 @@ def step_time(args, device, rank, world) -> dict:
             tokens = tokens.to(device)
             ctx = ddp.no_sync() if not communicate else _null()
             with ctx:
-                logits = ddp(tokens[:, :-1])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = ddp(tokens[:, :-1])
                 F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -204,12 +253,22 @@ def step_time(args, device, rank, world) -> dict:
             sync(device)
             times[communicate] = (time.perf_counter() - t0) / args.steps
         tok = args.batch * cfg["seq"]
+        numel = sum(p.numel() for p in model.parameters())
+        grad_bytes = 2 if bf16_params else 4
+        if state is not None:  # what the hook counted over its steps (warm-ups included)
+            sent = state.bytes_sent / state.steps
+        else:  # a ring all-reduce: 2 (W-1)/W of the buffer, in bf16 for the compress hook
+            sent = 2 * (world - 1) / world * numel * (2 if config == "bf16_compress" else grad_bytes)
         out[config] = {"step_s": times[True], "step_no_comm_s": times[False], "tokens_per_s_per_gpu": tok / times[True],
-                       "comm_share": max(0.0, 1 - times[False] / times[True])}
+                       "comm_share": max(0.0, 1 - times[False] / times[True]),
+                       "exposed_comm_s": max(0.0, times[True] - times[False]), "bytes_sent_per_rank_per_step": sent}
+        if rank == 0:
+            print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms)", flush=True)
         del ddp, opt, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out["params"] = sum(p.numel() for p in GPT(**cfg).parameters())
+    out["params"] = numel
+    out["param_dtype"] = args.param_dtype
     return out
 
 
@@ -231,7 +290,8 @@ def converge(args, device, rank, world) -> dict:
     out = {}
     for config in CONFIGS:
         torch.manual_seed(0)
-        model = GPT(**cfg).to(device)
+        with torch.device(device):
+            model = GPT(**cfg)
         ddp, state = wrap(model, config, device, args.bucket_mb)
         opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.1)
         curve = []
@@ -254,6 +314,8 @@ def converge(args, device, rank, world) -> dict:
             ev = next(batches(held, 0, 1, 8, cfg["seq"], 1, seed=4)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 held_loss = F.cross_entropy(model(ev[:, :-1]).flatten(0, 1).float(), ev[:, 1:].flatten()).item()
+        if rank == 0:
+            print(f"  converge {config:14s} final loss {curve[-1]:.3f} held-out {held_loss:.3f}", flush=True)
         out[config] = {"loss": curve, "held_out_loss": held_loss,
                        "bytes_sent_vs_fp32": None if state is None else state.bytes_sent / max(1, state.fp32_allreduce_bytes)}
         del ddp, opt, model
@@ -283,7 +345,10 @@ def plot(path: Path, conv: dict) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="check,step,converge")
+    ap.add_argument("--parts", default="link,check,step,converge")
+    ap.add_argument("--label", default="", help="suffix of the output files (e.g. the link: shm)")
+    ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="step part: fp32 parameters + bf16 autocast, or bf16 parameters")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke runs)")
     ap.add_argument("--batch", type=int, default=4)
@@ -303,27 +368,34 @@ def main():
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    result = {"world": world, "backend": backend, "tiny": args.tiny, "args": vars(args)}
+    env = {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_ALGO")}
+    result = {"world": world, "backend": backend, "tiny": args.tiny, "args": vars(args), "env": env}
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    stem = "multi_gpu_ddp" + (f"-{args.label}" if args.label else "")
+    out = Path(args.out)
+    parts = {"link": link, "check": check, "step": step_time, "converge": converge}
     try:
-        parts = args.parts.split(",")
-        if "check" in parts:
-            result["check"] = check(args, device, rank, world)
-        if "step" in parts:
-            result["step"] = step_time(args, device, rank, world)
-        if "converge" in parts:
-            result["converge"] = converge(args, device, rank, world)
+        for name in args.parts.split(","):
+            if name not in parts:
+                raise SystemExit(f"--parts: unknown part {name!r}; expected a comma list of {', '.join(parts)}")
+            if rank == 0:
+                print(f"== {name}", flush=True)
+            t0 = time.perf_counter()
+            result[name] = parts[name](args, device, rank, world)
+            result.setdefault("part_seconds", {})[name] = time.perf_counter() - t0
+            if rank == 0:  # after every part: a run cut short keeps what it finished
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         if rank == 0:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            if device.type == "cuda":
-                result["gpu"] = torch.cuda.get_device_name(device)
-            (out / "multi_gpu_ddp.json").write_text(json.dumps(result, indent=1) + "\n")
             if "converge" in result:
-                plot(out / "multi_gpu_ddp_loss.png", result["converge"])
+                plot(out / f"{stem}_loss.png", result["converge"])
+            for name, r in result.get("link", {}).items():
+                print(f"link {name:18s} {r['busbw_GBps']:8.1f} GB/s bus bandwidth")
             for name, r in result.get("step", {}).items():
                 if isinstance(r, dict):
                     print(f"{name:14s} step {1e3 * r['step_s']:8.1f} ms  {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
-                          f"comm {100 * r['comm_share']:5.1f} %")
+                          f"comm {100 * r['comm_share']:5.1f} %  sent {r['bytes_sent_per_rank_per_step'] / 2**20:8.1f} MiB/step")
             for fmt, r in result.get("check", {}).items():
                 print(f"check {fmt}: {r['buckets']} buckets, relative error max {r['rel_error_max']:.2e}")
             for name, r in result.get("converge", {}).items():

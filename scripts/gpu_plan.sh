@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: ddp (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -18,7 +18,24 @@ TESTS_2="tests/test_hierarchical_triton.py tests/test_window_attention_triton.py
 
 step="${1:-}"
 shift || true
+build() {  # the CUDA extension (the comm hook's kernels); a few minutes on a fresh machine
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS="$(nproc)" DSK_BUILD_CUDA=1 "$PY" -m pip install -q --no-build-isolation --no-deps \
+    -e . 2>&1 | grep -v "Running pip as the 'root'"
+  "$PY" -c "import deepseek_kernels._C" || { echo "the CUDA extension did not build"; exit 1; }
+}
+
 case "$step" in
+  ddp)  # issue 8 on every GPU of the machine: NCCL tests, then benchmarks/multi_gpu_ddp.py over
+    # NVLink (all parts) and over host shared memory (NCCL_P2P_DISABLE=1: link and step parts)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    nvidia-smi topo -m
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    [ "$gpus" -ge 2 ] || { echo "ddp needs 2 or more GPUs, found $gpus"; exit 1; }
+    t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"
+    timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_distributed.py
+    ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
+    timeout 330 "${ddp[@]}" ${DDP_ARGS:-}
+    NCCL_P2P_DISABLE=1 timeout 150 "${ddp[@]}" --label shm --parts link,step --warmup 2 --steps 5 ;;
   tests)  # scripts/gpu_plan.sh tests [1|2|all] (Triton-only files: no CUDA build needed)
     # one pytest process per file, all at once: the Triton compiles are CPU-bound and the H200 host has
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)
