@@ -120,18 +120,33 @@ def batches(text: torch.Tensor, rank: int, world: int, batch: int, seq: int, ste
 # ---- communication configurations ---------------------------------------------------------------------
 
 
-def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int):
+def timed_hook(hook, clock: list):
+    """``hook`` with its host time (the call, and its callbacks when they run inline) added to
+    ``clock[0]``: the hooks run on the autograd thread, so this is time the backward pass cannot
+    spend launching kernels."""
+
+    def run(state, bucket):
+        t0 = time.perf_counter()
+        fut = hook(state, bucket)
+        clock[0] += time.perf_counter() - t0
+        return fut
+
+    return run
+
+
+def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, clock: list | None = None):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
     state = None
+    clock = [0.0] if clock is None else clock
     if config == "bf16_compress":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, timed_hook(default_hooks.bf16_compress_hook, clock))
     elif config != "allreduce":
         state = QuantizedGradState(fmt=config.split("+")[0], block=128, stochastic=True, error_feedback=True)
-        ddp.register_comm_hook(state, quantized_allreduce_hook)
+        ddp.register_comm_hook(state, timed_hook(quantized_allreduce_hook, clock))
     return ddp, state
 
 
@@ -178,7 +193,10 @@ def link(args, device, rank, world) -> dict:
 
 
 def check(args, device, rank, world) -> dict:
-    """Per bucket: the hook's mean vs an all-reduce mean of the same gradients."""
+    """Per bucket: the hook's mean vs an all-reduce mean of the same gradients. Two backward
+    passes, recorded on the second: DDP puts every gradient in one bucket on its first iteration
+    and rebuilds its ``--bucket-mb`` buckets after it (the second pass also carries the first
+    one's error-feedback residuals, as training does)."""
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     torch.manual_seed(0)
@@ -191,7 +209,7 @@ def check(args, device, rank, world) -> dict:
         with torch.device(device):  # initialised on the GPU: a 1B model's CPU init takes seconds
             model = GPT(**cfg)
         state = QuantizedGradState(fmt=fmt, block=128, stochastic=True, error_feedback=True)
-        errors = []
+        errors, sizes = [], []
 
         def both(st, bucket):
             exact = bucket.buffer().clone()
@@ -202,17 +220,21 @@ def check(args, device, rank, world) -> dict:
             def record(f):
                 got = f.value()
                 errors.append(((got.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)).item())
+                sizes.append(got.numel())
                 return got
 
             return fut.then(record)
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb)
         ddp.register_comm_hook(state, both)
-        logits = ddp(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        sync(device)
+        for _ in range(2):
+            errors.clear(), sizes.clear()
+            logits = ddp(tokens[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            sync(device)
+            model.zero_grad(set_to_none=True)
         out[fmt] = {"buckets": len(errors), "rel_error_max": max(errors), "rel_error_mean": sum(errors) / len(errors),
-                    "rel_errors": errors}
+                    "rel_errors": errors, "bucket_numel": sizes}
         del ddp, model
     return out
 
@@ -221,12 +243,13 @@ def step_time(args, device, rank, world) -> dict:
     cfg = model_config(args.tiny)
     text = corpus(args.corpus_bytes)
     out = {}
-    for config in CONFIGS:
+    for config in args.configs.split(","):
         torch.manual_seed(0)
+        clock = [0.0]
         bf16_params = args.param_dtype == "bf16" and device.type == "cuda"
         with torch.device(device):
             model = GPT(**cfg).to(torch.bfloat16 if bf16_params else torch.float32)
-        ddp, state = wrap(model, config, device, args.bucket_mb)
+        ddp, state = wrap(model, config, device, args.bucket_mb, clock)
         autocast = device.type == "cuda" and not bf16_params
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
         data = list(batches(text, rank, world, args.batch, cfg["seq"], args.warmup + args.steps, seed=2))
@@ -247,11 +270,15 @@ def step_time(args, device, rank, world) -> dict:
                 one(tokens, communicate)
             sync(device)
             dist.barrier()
+            clock[0] = 0.0
             t0 = time.perf_counter()
             for tokens in data[args.warmup:]:
                 one(tokens, communicate)
             sync(device)
             times[communicate] = (time.perf_counter() - t0) / args.steps
+            if communicate:
+                hook_host_s = clock[0] / args.steps
+        profile = profile_steps(one, data[-2:], device) if args.profile and rank == 0 and device.type == "cuda" else None
         tok = args.batch * cfg["seq"]
         numel = sum(p.numel() for p in model.parameters())
         grad_bytes = 2 if bf16_params else 4
@@ -261,15 +288,42 @@ def step_time(args, device, rank, world) -> dict:
             sent = 2 * (world - 1) / world * numel * (2 if config == "bf16_compress" else grad_bytes)
         out[config] = {"step_s": times[True], "step_no_comm_s": times[False], "tokens_per_s_per_gpu": tok / times[True],
                        "comm_share": max(0.0, 1 - times[False] / times[True]),
-                       "exposed_comm_s": max(0.0, times[True] - times[False]), "bytes_sent_per_rank_per_step": sent}
+                       "exposed_comm_s": max(0.0, times[True] - times[False]), "bytes_sent_per_rank_per_step": sent,
+                       "hook_host_s_per_step": hook_host_s, "profile": profile,
+                       "buckets_per_step": state.buckets_reduced / state.steps if state is not None else None}
         if rank == 0:
-            print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms)", flush=True)
+            print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms), "
+                  f"hook host time {1e3 * hook_host_s:6.1f} ms/step", flush=True)
+            if profile:
+                for row in profile["top"]:
+                    print(f"    {row['device_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
         del ddp, opt, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out["params"] = numel
     out["param_dtype"] = args.param_dtype
     return out
+
+
+def profile_steps(one, data, device) -> dict:
+    """Two more steps under the profiler (rank 0): GPU time per kernel (top 12, per step) and
+    the total of the hook's own kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for tokens in data:
+            one(tokens)
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key, "device_ms": t / 1e3 / len(data), "calls": e.count // len(data)})
+    rows.sort(key=lambda r: -r["device_ms"])
+    ours = sum(r["device_ms"] for r in rows if "quantiz" in r["name"].lower() or "requant" in r["name"].lower())
+    nccl = sum(r["device_ms"] for r in rows if "nccl" in r["name"].lower())
+    return {"top": rows[:12], "hook_kernels_ms": ours, "nccl_ms": nccl,
+            "all_kernels_ms": sum(r["device_ms"] for r in rows)}
 
 
 class _null:
@@ -346,6 +400,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="link,check,step,converge")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="step part: which configurations")
+    ap.add_argument("--profile", action="store_true", help="step part: profile two more steps per configuration")
     ap.add_argument("--label", default="", help="suffix of the output files (e.g. the link: shm)")
     ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16"),
                     help="step part: fp32 parameters + bf16 autocast, or bf16 parameters")

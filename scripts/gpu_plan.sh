@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -36,6 +36,14 @@ case "$step" in
     ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
     timeout 330 "${ddp[@]}" ${DDP_ARGS:-}
     NCCL_P2P_DISABLE=1 timeout 150 "${ddp[@]}" --label shm --parts link,step --warmup 2 --steps 5 ;;
+  ddp-profile)  # where the hook's step time goes: per-bucket check, profiled steps, 25 vs 100 MB buckets
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+    [ "$gpus" -ge 2 ] || { echo "ddp-profile needs 2 or more GPUs, found $gpus"; exit 1; }
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
+    timeout 240 "${ddp[@]}" --label profile --parts check,step --configs allreduce,int8+EF,fp8_e4m3+EF --profile
+    timeout 150 "${ddp[@]}" --label bucket100 --parts step --configs allreduce,int8+EF --bucket-mb 100 ;;
   tests)  # scripts/gpu_plan.sh tests [1|2|all] (Triton-only files: no CUDA build needed)
     # one pytest process per file, all at once: the Triton compiles are CPU-bound and the H200 host has
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)
