@@ -137,9 +137,13 @@ def timed_hook(hook, clock: list):
 def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, clock: list | None = None):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+    import deepseek_kernels.distributed as dsk_dist
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+    # "int8+EF/pool": the hook's second half on torch's pool streams instead of its side stream
+    config, _, variant = config.partition("/")
+    dsk_dist.SIDE_STREAM = variant != "pool"
     state = None
     clock = [0.0] if clock is None else clock
     if config == "bf16_compress":
@@ -271,6 +275,7 @@ def step_time(args, device, rank, world) -> dict:
             sync(device)
             dist.barrier()
             clock[0] = 0.0
+            allocs = {k: torch.cuda.memory_stats(device).get(k, 0) for k in ALLOC_STATS} if device.type == "cuda" else {}
             t0 = time.perf_counter()
             for tokens in data[args.warmup:]:
                 one(tokens, communicate)
@@ -278,7 +283,10 @@ def step_time(args, device, rank, world) -> dict:
             times[communicate] = (time.perf_counter() - t0) / args.steps
             if communicate:
                 hook_host_s = clock[0] / args.steps
-        profile = profile_steps(one, data[-2:], device) if args.profile and rank == 0 and device.type == "cuda" else None
+            if communicate and device.type == "cuda":
+                allocs = {k: torch.cuda.memory_stats(device).get(k, 0) - allocs.get(k, 0) for k in ALLOC_STATS}
+        # every rank runs the profiled steps (their collectives pair up); rank 0 keeps the table
+        profile = profile_steps(one, data[-2:], device, rank) if args.profile and device.type == "cuda" else None
         tok = args.batch * cfg["seq"]
         numel = sum(p.numel() for p in model.parameters())
         grad_bytes = 2 if bf16_params else 4
@@ -290,10 +298,11 @@ def step_time(args, device, rank, world) -> dict:
                        "comm_share": max(0.0, 1 - times[False] / times[True]),
                        "exposed_comm_s": max(0.0, times[True] - times[False]), "bytes_sent_per_rank_per_step": sent,
                        "hook_host_s_per_step": hook_host_s, "profile": profile,
+                       "allocator_events_in_timed_steps": allocs,
                        "buckets_per_step": state.buckets_reduced / state.steps if state is not None else None}
         if rank == 0:
             print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms), "
-                  f"hook host time {1e3 * hook_host_s:6.1f} ms/step", flush=True)
+                  f"hook host time {1e3 * hook_host_s:6.1f} ms/step, allocator {allocs}", flush=True)
             if profile:
                 for row in profile["top"]:
                     print(f"    {row['device_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
@@ -305,15 +314,20 @@ def step_time(args, device, rank, world) -> dict:
     return out
 
 
-def profile_steps(one, data, device) -> dict:
-    """Two more steps under the profiler (rank 0): GPU time per kernel (top 12, per step) and
-    the total of the hook's own kernels."""
+ALLOC_STATS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def profile_steps(one, data, device, rank) -> dict | None:
+    """Two more steps under the profiler: GPU time per kernel (top 12, per step) and the total of
+    the hook's own kernels (returned on rank 0)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for tokens in data:
             one(tokens)
         sync(device)
+    if rank != 0:
+        return None
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)

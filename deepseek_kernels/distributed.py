@@ -94,6 +94,7 @@ class QuantizedGradState:
     found_nonfinite: bool = False
     _residuals: dict = field(default_factory=dict, repr=False)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)  # device flag, no sync
+    _streams: dict = field(default_factory=dict, repr=False)  # device -> the hook's side stream
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -145,6 +146,12 @@ class QuantizedGradState:
     def _seed_for(self, bucket_index: int, rank: int, hop: int) -> int:
         mix = stochastic_key(self.seed) ^ (self.steps * 0x9E3779B1) ^ (bucket_index << 20) ^ (rank << 8) ^ hop
         return (stochastic_key(mix) << 31 | stochastic_key(mix + 1)) & (2**62 - 1)
+
+    def _stream_for(self, device: torch.device) -> "torch.cuda.Stream":
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def _residuals_for(self, bucket_index: int, plan: "_Plan", device) -> "_BucketResiduals":
         r = self._residuals.get(bucket_index)
@@ -254,6 +261,11 @@ def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         dist.all_gather(list(out.chunk(dist.get_world_size(group))), inp, group=group)
 
 
+# The CUDA half of the hook after the all-to-all runs on one side stream per device (see
+# ``on_side_stream``); False runs it on the callback's pool stream (kept to time the difference).
+SIDE_STREAM = True
+
+
 def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the mean of the bucket over the group, sent as blockwise INT8/FP8
     codes (see the module docstring). Register with ``ddp_model.register_comm_hook(state, hook)``."""
@@ -276,7 +288,7 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
     state.bf16_allreduce_bytes += 2 * (world - 1) * plan.length * 2 // world
     state.buckets_reduced += 1
 
-    def reduce_and_gather(_fut) -> torch.Tensor:
+    def reduce_and_gather() -> torch.Tensor:
         q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
         codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=buffer.device)
         scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=buffer.device)
@@ -285,18 +297,34 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
         return decompress_bucket(state, codes_out, scales_out, plan, buffer.dtype).view(buffer.shape)
 
+    def on_side_stream(_fut) -> torch.Tensor:
+        # torch runs a CUDA future's callback on a stream drawn from its global pool, a different
+        # one each time, so the caching allocator keeps separate blocks per pool stream and keeps
+        # allocating. One side stream per device instead: it waits for the pool stream (which waits
+        # for the all-to-all), the received buffers are marked as used there (they were allocated
+        # on the backward pass's stream), and the pool stream waits for the result.
+        pool = torch.cuda.current_stream(buffer.device)
+        side = state._stream_for(buffer.device) if SIDE_STREAM else pool
+        side.wait_stream(pool)
+        with torch.cuda.stream(side):
+            codes_in.record_stream(side)
+            scales_in.record_stream(side)
+            out = reduce_and_gather()
+        pool.wait_stream(side)
+        return out
+
     # Scales first (small), then codes; the codes' completion gates the reduction.
     dist.all_to_all_single(scales_in, scales, group=group)
     if buffer.is_cuda:
         # NCCL: the rest runs as a CUDA-aware callback once the all-to-all is done, so DDP can
         # overlap this bucket's communication with the rest of the backward pass.
         work = dist.all_to_all_single(codes_in, codes, group=group, async_op=True)
-        return work.get_future().then(reduce_and_gather)
+        return work.get_future().then(on_side_stream)
     # gloo: its futures run callbacks on the backend's own threads, where issuing the next
     # collective can deadlock or abort; run the whole exchange synchronously instead.
     dist.all_to_all_single(codes_in, codes, group=group)
     done: torch.futures.Future = torch.futures.Future()
-    done.set_result(reduce_and_gather(None))
+    done.set_result(reduce_and_gather())
     return done
 
 
