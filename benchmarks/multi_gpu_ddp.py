@@ -32,6 +32,7 @@ after every part (a run cut short keeps what it finished).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -154,6 +155,18 @@ def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, cl
     return ddp, state
 
 
+def release(device) -> None:
+    """After the caller dropped a configuration's model, DDP wrapper, optimizer and hook state:
+    DDP and the hooks' closures hold reference cycles, so ``del`` alone leaves a 1B model's tens
+    of GB allocated until the cycle collector runs; the next configuration would then run near
+    the memory limit, where the caching allocator frees blocks (cudaFree synchronizes the device)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,7 +252,8 @@ def check(args, device, rank, world) -> dict:
             model.zero_grad(set_to_none=True)
         out[fmt] = {"buckets": len(errors), "rel_error_max": max(errors), "rel_error_mean": sum(errors) / len(errors),
                     "rel_errors": errors, "bucket_numel": sizes}
-        del ddp, model
+        del ddp, model, state, both
+        release(device)
     return out
 
 
@@ -299,16 +313,17 @@ def step_time(args, device, rank, world) -> dict:
                        "exposed_comm_s": max(0.0, times[True] - times[False]), "bytes_sent_per_rank_per_step": sent,
                        "hook_host_s_per_step": hook_host_s, "profile": profile,
                        "allocator_events_in_timed_steps": allocs,
+                       "peak_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                        "buckets_per_step": state.buckets_reduced / state.steps if state is not None else None}
         if rank == 0:
             print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms), "
-                  f"hook host time {1e3 * hook_host_s:6.1f} ms/step, allocator {allocs}", flush=True)
+                  f"hook host time {1e3 * hook_host_s:6.1f} ms/step, allocator {allocs}, "
+                  f"peak {out[config]['peak_allocated_GiB'] or 0:.1f} GiB", flush=True)
             if profile:
                 for row in profile["top"]:
                     print(f"    {row['device_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
-        del ddp, opt, model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        del ddp, opt, model, state, one
+        release(device)
     out["params"] = numel
     out["param_dtype"] = args.param_dtype
     return out
@@ -386,7 +401,8 @@ def converge(args, device, rank, world) -> dict:
             print(f"  converge {config:14s} final loss {curve[-1]:.3f} held-out {held_loss:.3f}", flush=True)
         out[config] = {"loss": curve, "held_out_loss": held_loss,
                        "bytes_sent_vs_fp32": None if state is None else state.bytes_sent / max(1, state.fp32_allreduce_bytes)}
-        del ddp, opt, model
+        del ddp, opt, model, state
+        release(device)
     return out
 
 
@@ -438,7 +454,8 @@ def main():
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    env = {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_ALGO")}
+    env = {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_ALGO",
+                                          "PYTORCH_CUDA_ALLOC_CONF")}
     result = {"world": world, "backend": backend, "tiny": args.tiny, "args": vars(args), "env": env}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
