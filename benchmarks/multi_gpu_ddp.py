@@ -314,14 +314,19 @@ def step_time(args, device, rank, world) -> dict:
                        "hook_host_s_per_step": hook_host_s, "profile": profile,
                        "allocator_events_in_timed_steps": allocs,
                        "peak_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                       "reserved_GiB": torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+                       "device_free_GiB": torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else None,
                        "buckets_per_step": state.buckets_reduced / state.steps if state is not None else None}
         if rank == 0:
             print(f"  step {config:14s} {1e3 * times[True]:8.1f} ms (no comm {1e3 * times[False]:8.1f} ms), "
                   f"hook host time {1e3 * hook_host_s:6.1f} ms/step, allocator {allocs}, "
-                  f"peak {out[config]['peak_allocated_GiB'] or 0:.1f} GiB", flush=True)
+                  f"peak {out[config]['peak_allocated_GiB'] or 0:.1f} GiB, reserved {out[config]['reserved_GiB'] or 0:.1f} GiB, "
+                  f"device free {out[config]['device_free_GiB'] or 0:.1f} GiB", flush=True)
             if profile:
                 for row in profile["top"]:
                     print(f"    {row['device_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
+                for row in profile["top_host"]:
+                    print(f"    host {row['host_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
         del ddp, opt, model, state, one
         release(device)
     out["params"] = numel
@@ -349,9 +354,12 @@ def profile_steps(one, data, device, rank) -> dict | None:
         if t > 0:
             rows.append({"name": e.key, "device_ms": t / 1e3 / len(data), "calls": e.count // len(data)})
     rows.sort(key=lambda r: -r["device_ms"])
+    host = [{"name": e.key, "host_ms": e.self_cpu_time_total / 1e3 / len(data), "calls": e.count // len(data)}
+            for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    host.sort(key=lambda r: -r["host_ms"])
     ours = sum(r["device_ms"] for r in rows if "quantiz" in r["name"].lower() or "requant" in r["name"].lower())
     nccl = sum(r["device_ms"] for r in rows if "nccl" in r["name"].lower())
-    return {"top": rows[:12], "hook_kernels_ms": ours, "nccl_ms": nccl,
+    return {"top": rows[:12], "top_host": host[:15], "hook_kernels_ms": ours, "nccl_ms": nccl,
             "all_kernels_ms": sum(r["device_ms"] for r in rows)}
 
 
