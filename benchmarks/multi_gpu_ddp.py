@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -414,7 +415,10 @@ def converge(args, device, rank, world) -> dict:
     return out
 
 
-def plot(path: Path, conv: dict) -> bool:
+def plot(path: Path, conv: dict, title: str = "") -> bool:
+    """Two panels: the loss curves (every configuration starts from the same seed and sees the
+    same batches, so they lie on top of each other), and each one's difference from DDP's
+    all-reduce, smoothed over 20 steps, where a compression bias would show."""
     try:
         import matplotlib
 
@@ -422,19 +426,52 @@ def plot(path: Path, conv: dict) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+    def smooth(xs, n=20):
+        return [sum(xs[max(0, i - n + 1):i + 1]) / len(xs[max(0, i - n + 1):i + 1]) for i in range(len(xs))]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    colour = {}
     for name, r in conv.items():
-        ax.plot(r["loss"], label=f"{name} (held-out {r['held_out_loss']:.3f})", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (bytes, nats)")
-    ax.legend(fontsize=8)
+        (line,) = top.plot(r["loss"], label=f"{name} (held-out {r['held_out_loss']:.3f})", lw=1)
+        colour[name] = line.get_color()
+    top.set_ylabel("training loss (byte tokens, nats)")
+    top.legend(fontsize=8)
+    if title:
+        top.set_title(title, fontsize=9)
+    base = conv.get("allreduce")
+    if base is not None:
+        for name, r in conv.items():
+            if name != "allreduce":
+                bottom.plot(smooth([a - b for a, b in zip(r["loss"], base["loss"])]), label=name, lw=1,
+                            color=colour[name])
+        bottom.axhline(0.0, color="grey", lw=0.8)
+        bottom.set_ylabel("loss - all-reduce loss\n(20-step mean)")
+        bottom.legend(fontsize=8)
+    bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
+def plot_title(result: dict) -> str:
+    return (f"{result['world']} x {result.get('gpu', result['backend'])}: "
+            f"{result['args']['converge_steps']} steps, batch {result['args']['batch']} per rank")
+
+
+def replot(path: str) -> None:
+    """``--replot RESULT.json``: the loss figure again from a finished run's JSON."""
+    result = json.loads(Path(path).read_text())
+    png = Path(path).with_name(Path(path).stem + "_loss.png")
+    if not plot(png, result["converge"], plot_title(result)):
+        raise SystemExit("--replot needs matplotlib")
+    print(f"wrote {png}")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        return replot(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="link,check,step,converge")
@@ -484,7 +521,7 @@ def main():
                 (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         if rank == 0:
             if "converge" in result:
-                plot(out / f"{stem}_loss.png", result["converge"])
+                plot(out / f"{stem}_loss.png", result["converge"], plot_title(result))
             for name, r in result.get("link", {}).items():
                 print(f"link {name:18s} {r['busbw_GBps']:8.1f} GB/s bus bandwidth")
             for name, r in result.get("step", {}).items():
