@@ -328,6 +328,8 @@ def step_time(args, device, rank, world) -> dict:
                     print(f"    {row['device_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
                 for row in profile["top_host"]:
                     print(f"    host {row['host_ms']:8.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
+                for name, row in profile["hook_phases"].items():
+                    print(f"    phase {row['host_ms']:8.2f} ms  {row['calls']:6d}x  {name} (host, inclusive)")
         del ddp, opt, model, state, one
         release(device)
     out["params"] = numel
@@ -343,10 +345,16 @@ def profile_steps(one, data, device, rank) -> dict | None:
     the hook's own kernels (returned on rank 0)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for tokens in data:
-            one(tokens)
-        sync(device)
+    import deepseek_kernels.distributed as dsk_dist
+
+    dsk_dist.PROFILE_RANGES = True  # host time per phase of the hook ("dsk_hook:*" ranges)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for tokens in data:
+                one(tokens)
+            sync(device)
+    finally:
+        dsk_dist.PROFILE_RANGES = False
     if rank != 0:
         return None
     rows = []
@@ -360,7 +368,9 @@ def profile_steps(one, data, device, rank) -> dict | None:
     host.sort(key=lambda r: -r["host_ms"])
     ours = sum(r["device_ms"] for r in rows if "quantiz" in r["name"].lower() or "requant" in r["name"].lower())
     nccl = sum(r["device_ms"] for r in rows if "nccl" in r["name"].lower())
-    return {"top": rows[:12], "top_host": host[:15], "hook_kernels_ms": ours, "nccl_ms": nccl,
+    phases = {e.key: {"host_ms": e.cpu_time_total / 1e3 / len(data), "calls": e.count // len(data)}
+              for e in prof.key_averages() if e.key.startswith("dsk_hook:")}
+    return {"top": rows[:12], "top_host": host[:15], "hook_phases": phases, "hook_kernels_ms": ours, "nccl_ms": nccl,
             "all_kernels_ms": sum(r["device_ms"] for r in rows)}
 
 

@@ -39,6 +39,7 @@ FSDP2 is not covered: its public API (torch 2.11-2.14) offers no hook that recei
 buckets before the reduce-scatter in a form this algorithm can replace.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -264,6 +265,14 @@ def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 # The CUDA half of the hook after the all-to-all runs on one side stream per device (see
 # ``on_side_stream``); False runs it on the callback's pool stream (kept to time the difference).
 SIDE_STREAM = True
+# Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
+# time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
+# each range costs a few microseconds even when no profiler runs.
+PROFILE_RANGES = False
+
+
+def _phase(name: str):
+    return torch.profiler.record_function(name) if PROFILE_RANGES else contextlib.nullcontext()
 
 
 def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -279,9 +288,10 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
 
     flat = buffer.view(-1)
     plan = _Plan.of(flat.numel(), world, state.block)
-    res = state._residuals_for(index, plan, buffer.device)
-    codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
-    codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
+    with _phase("dsk_hook:compress"):
+        res = state._residuals_for(index, plan, buffer.device)
+        codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
+        codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     wire = plan.shard + 4 * (plan.shard // plan.block)  # bytes per shard: codes + fp32 scales
     state.bytes_sent += 2 * (world - 1) * wire
     state.fp32_allreduce_bytes += 2 * (world - 1) * plan.length * 4 // world
@@ -289,13 +299,16 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
     state.buckets_reduced += 1
 
     def reduce_and_gather() -> torch.Tensor:
-        q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
-        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=buffer.device)
-        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=buffer.device)
-        _all_gather_into(codes_out, q2, group)
-        _all_gather_into(scales_out, s2, group)
-        state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
-        return decompress_bucket(state, codes_out, scales_out, plan, buffer.dtype).view(buffer.shape)
+        with _phase("dsk_hook:reduce"):
+            q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
+            codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=buffer.device)
+            scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=buffer.device)
+        with _phase("dsk_hook:all_gather"):
+            _all_gather_into(codes_out, q2, group)
+            _all_gather_into(scales_out, s2, group)
+        with _phase("dsk_hook:decompress"):
+            state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
+            return decompress_bucket(state, codes_out, scales_out, plan, buffer.dtype).view(buffer.shape)
 
     def on_side_stream(_fut) -> torch.Tensor:
         # torch runs a CUDA future's callback on a stream drawn from its global pool, a different
@@ -314,12 +327,15 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         return out
 
     # Scales first (small), then codes; the codes' completion gates the reduction.
-    dist.all_to_all_single(scales_in, scales, group=group)
+    with _phase("dsk_hook:all_to_all"):
+        dist.all_to_all_single(scales_in, scales, group=group)
+        if buffer.is_cuda:
+            work = dist.all_to_all_single(codes_in, codes, group=group, async_op=True)
     if buffer.is_cuda:
         # NCCL: the rest runs as a CUDA-aware callback once the all-to-all is done, so DDP can
         # overlap this bucket's communication with the rest of the backward pass.
-        work = dist.all_to_all_single(codes_in, codes, group=group, async_op=True)
-        return work.get_future().then(on_side_stream)
+        with _phase("dsk_hook:then"):
+            return work.get_future().then(on_side_stream)
     # gloo: its futures run callbacks on the backend's own threads, where issuing the next
     # collective can deadlock or abort; run the whole exchange synchronously instead.
     dist.all_to_all_single(codes_in, codes, group=group)

@@ -208,6 +208,28 @@ def _cuda_checks(rank: int, world: int) -> None:
     gc.collect()
 
 
+def _profile_range_checks(rank: int, world: int) -> None:
+    import deepseek_kernels.distributed as dsk_dist
+
+    outs = []
+    for ranges in (False, True):
+        dsk_dist.PROFILE_RANGES = ranges
+        try:
+            state = QuantizedGradState(fmt="int8", block=128, seed=5)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, 3000).clone())).wait())
+        finally:
+            dsk_dist.PROFILE_RANGES = False
+        names = {e.key for e in prof.key_averages()}
+        phases = {"dsk_hook:compress", "dsk_hook:reduce", "dsk_hook:all_gather", "dsk_hook:decompress"}
+        assert phases <= names if ranges else not (phases & names), names
+    assert torch.equal(outs[0], outs[1])  # the ranges change nothing but the profile
+
+
+def test_profile_ranges_name_the_hook_phases_and_change_nothing():
+    run_on_ranks(_profile_range_checks, 2)
+
+
 @pytest.mark.gpu
 def test_hook_on_cuda_with_nccl():
     run_on_ranks(_cuda_checks, torch.cuda.device_count(), backend="nccl")
