@@ -143,7 +143,7 @@ def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, cl
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-    # "int8+EF/pool": the hook's second half on torch's pool streams instead of its side stream
+    # "int8+EF/pool": the hook on the backward pass's stream instead of its side stream
     config, _, variant = config.partition("/")
     dsk_dist.SIDE_STREAM = variant != "pool"
     state = None

@@ -262,8 +262,8 @@ def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         dist.all_gather(list(out.chunk(dist.get_world_size(group))), inp, group=group)
 
 
-# The CUDA half of the hook after the all-to-all runs on one side stream per device (see
-# ``on_side_stream``); False runs it on the callback's pool stream (kept to time the difference).
+# On CUDA the hook's work runs on one side stream per device (see quantized_allreduce_hook); False
+# runs it on the backward pass's own stream (kept to time the difference).
 SIDE_STREAM = True
 # Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
 # time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
@@ -288,60 +288,54 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
 
     flat = buffer.view(-1)
     plan = _Plan.of(flat.numel(), world, state.block)
-    with _phase("dsk_hook:compress"):
-        res = state._residuals_for(index, plan, buffer.device)
-        codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
-        codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     wire = plan.shard + 4 * (plan.shard // plan.block)  # bytes per shard: codes + fp32 scales
     state.bytes_sent += 2 * (world - 1) * wire
     state.fp32_allreduce_bytes += 2 * (world - 1) * plan.length * 4 // world
     state.bf16_allreduce_bytes += 2 * (world - 1) * plan.length * 2 // world
     state.buckets_reduced += 1
+    if not buffer.is_cuda:
+        # gloo: run the whole exchange synchronously (its futures run callbacks on the backend's
+        # own threads, where issuing the next collective can deadlock or abort).
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(_reduce_bucket(state, flat, plan, index, rank, group).view(buffer.shape))
+        return done
+    # NCCL: everything is enqueued now, on the hook's side stream, which first waits for the
+    # backward pass's stream (the bucket's gradients). The collectives are stream-ordered, so no
+    # host-side callback is needed: the side stream waits for each collective's end, and the
+    # returned future completes when the side stream reaches the end of the bucket's work; DDP's
+    # wait() makes its own stream wait for that. The backward pass keeps running meanwhile (a
+    # callback chained on the all-to-all's future cost ~0.2 ms of host time per bucket, and its
+    # pool streams a new stream per bucket; see benchmarks/NOTES.md, session 7).
+    current = torch.cuda.current_stream(buffer.device)
+    side = state._stream_for(buffer.device) if SIDE_STREAM else current
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = _reduce_bucket(state, flat, plan, index, rank, group).view(buffer.shape)
+        fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
+        fut.set_result(out)  # records an event on the side stream
+    return fut
 
-    def reduce_and_gather() -> torch.Tensor:
-        with _phase("dsk_hook:reduce"):
-            q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
-            codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=buffer.device)
-            scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=buffer.device)
-        with _phase("dsk_hook:all_gather"):
-            _all_gather_into(codes_out, q2, group)
-            _all_gather_into(scales_out, s2, group)
-        with _phase("dsk_hook:decompress"):
-            state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
-            return decompress_bucket(state, codes_out, scales_out, plan, buffer.dtype).view(buffer.shape)
 
-    def on_side_stream(_fut) -> torch.Tensor:
-        # torch runs a CUDA future's callback on a stream drawn from its global pool, a different
-        # one each time, so the caching allocator keeps separate blocks per pool stream and keeps
-        # allocating. One side stream per device instead: it waits for the pool stream (which waits
-        # for the all-to-all), the received buffers are marked as used there (they were allocated
-        # on the backward pass's stream), and the pool stream waits for the result.
-        pool = torch.cuda.current_stream(buffer.device)
-        side = state._stream_for(buffer.device) if SIDE_STREAM else pool
-        side.wait_stream(pool)
-        with torch.cuda.stream(side):
-            codes_in.record_stream(side)
-            scales_in.record_stream(side)
-            out = reduce_and_gather()
-        pool.wait_stream(side)
-        return out
-
-    # Scales first (small), then codes; the codes' completion gates the reduction.
+def _reduce_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int,
+                   group) -> torch.Tensor:
+    """Both hops and both collectives of one bucket on the current stream; returns the mean [L]."""
+    with _phase("dsk_hook:compress"):
+        res = state._residuals_for(index, plan, flat.device)
+        codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
+        codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     with _phase("dsk_hook:all_to_all"):
         dist.all_to_all_single(scales_in, scales, group=group)
-        if buffer.is_cuda:
-            work = dist.all_to_all_single(codes_in, codes, group=group, async_op=True)
-    if buffer.is_cuda:
-        # NCCL: the rest runs as a CUDA-aware callback once the all-to-all is done, so DDP can
-        # overlap this bucket's communication with the rest of the backward pass.
-        with _phase("dsk_hook:then"):
-            return work.get_future().then(on_side_stream)
-    # gloo: its futures run callbacks on the backend's own threads, where issuing the next
-    # collective can deadlock or abort; run the whole exchange synchronously instead.
-    dist.all_to_all_single(codes_in, codes, group=group)
-    done: torch.futures.Future = torch.futures.Future()
-    done.set_result(reduce_and_gather())
-    return done
+        dist.all_to_all_single(codes_in, codes, group=group)
+    with _phase("dsk_hook:reduce"):
+        q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
+        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=flat.device)
+        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=flat.device)
+    with _phase("dsk_hook:all_gather"):
+        _all_gather_into(codes_out, q2, group)
+        _all_gather_into(scales_out, s2, group)
+    with _phase("dsk_hook:decompress"):
+        state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
+        return decompress_bucket(state, codes_out, scales_out, plan, flat.dtype)
 
 
 def register_quantized_comm_hook(model: torch.nn.Module, state: "QuantizedGradState | None" = None,
