@@ -143,9 +143,11 @@ def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, cl
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-    # "int8+EF/pool": the hook on the backward pass's stream instead of its side stream
+    # variants: "int8+EF/pool" (the hook's second half where torch puts the callback instead of its
+    # side stream), "int8+EF/enqueue" (everything enqueued at once, no host callback)
     config, _, variant = config.partition("/")
     dsk_dist.SIDE_STREAM = variant != "pool"
+    dsk_dist.ENQUEUE_AT_ONCE = variant == "enqueue"
     state = None
     clock = [0.0] if clock is None else clock
     if config == "bf16_compress":

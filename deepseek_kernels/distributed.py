@@ -262,9 +262,14 @@ def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         dist.all_gather(list(out.chunk(dist.get_world_size(group))), inp, group=group)
 
 
-# On CUDA the hook's work runs on one side stream per device (see quantized_allreduce_hook); False
-# runs it on the backward pass's own stream (kept to time the difference).
+# On CUDA the hook's work after the all-to-all runs on one side stream per device (see
+# quantized_allreduce_hook); False runs it where torch puts the callback (kept to time the difference).
 SIDE_STREAM = True
+# True: enqueue the whole bucket at once on the side stream and return a future set there, with
+# no host callback (written after the session-7 profile showed ~0.2 ms of host time per bucket in
+# the callback machinery; not yet run on a GPU, so off until tests/test_distributed.py's CUDA test
+# and benchmarks/multi_gpu_ddp.py have run it).
+ENQUEUE_AT_ONCE = False
 # Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
 # time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
 # each range costs a few microseconds even when no profiler runs.
@@ -297,45 +302,76 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         # gloo: run the whole exchange synchronously (its futures run callbacks on the backend's
         # own threads, where issuing the next collective can deadlock or abort).
         done: torch.futures.Future = torch.futures.Future()
-        done.set_result(_reduce_bucket(state, flat, plan, index, rank, group).view(buffer.shape))
+        _, *sent = _send_bucket(state, flat, plan, index, rank, group)
+        done.set_result(_finish_bucket(state, plan, index, rank, group, flat.dtype, *sent).view(buffer.shape))
         return done
-    # NCCL: everything is enqueued now, on the hook's side stream, which first waits for the
-    # backward pass's stream (the bucket's gradients). The collectives are stream-ordered, so no
-    # host-side callback is needed: the side stream waits for each collective's end, and the
-    # returned future completes when the side stream reaches the end of the bucket's work; DDP's
-    # wait() makes its own stream wait for that. The backward pass keeps running meanwhile (a
-    # callback chained on the all-to-all's future cost ~0.2 ms of host time per bucket, and its
-    # pool streams a new stream per bucket; see benchmarks/NOTES.md, session 7).
     current = torch.cuda.current_stream(buffer.device)
     side = state._stream_for(buffer.device) if SIDE_STREAM else current
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        out = _reduce_bucket(state, flat, plan, index, rank, group).view(buffer.shape)
-        fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
-        fut.set_result(out)  # records an event on the side stream
-    return fut
+    if ENQUEUE_AT_ONCE:
+        # Everything enqueued now on the side stream, which first waits for the backward pass's
+        # stream (the bucket's gradients). The collectives are stream-ordered (the side stream
+        # waits for each one's end), so no host callback is needed; the returned CUDA-aware future
+        # completes where the side stream reaches the end of the bucket's work, and DDP's wait()
+        # makes its own stream wait for that. The backward pass keeps running meanwhile.
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            _, *sent = _send_bucket(state, flat, plan, index, rank, group)
+            out = _finish_bucket(state, plan, index, rank, group, flat.dtype, *sent).view(buffer.shape)
+            fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
+            fut.set_result(out)  # records an event on the side stream
+        return fut
+
+    # Hop 1 and the all-to-all on the backward pass's stream; the rest as a CUDA-aware callback of
+    # the all-to-all's future, so DDP overlaps this bucket's communication with the backward pass.
+    work, res, codes_in, scales_in = _send_bucket(state, flat, plan, index, rank, group, wait_codes=False)
+
+    def on_side_stream(_fut) -> torch.Tensor:
+        # torch runs a CUDA future's callback on a stream drawn from its global pool, a different
+        # one each time, so the caching allocator keeps separate blocks per pool stream. One side
+        # stream per device instead: it waits for the pool stream (which waits for the
+        # all-to-all), the received buffers are marked as used there (they were allocated on the
+        # backward pass's stream), and the pool stream waits for the result.
+        pool = torch.cuda.current_stream(buffer.device)
+        stream = side if SIDE_STREAM else pool
+        stream.wait_stream(pool)
+        with torch.cuda.stream(stream):
+            codes_in.record_stream(stream)
+            scales_in.record_stream(stream)
+            out = _finish_bucket(state, plan, index, rank, group, flat.dtype, res, codes_in, scales_in)
+        pool.wait_stream(stream)
+        return out.view(buffer.shape)
+
+    with _phase("dsk_hook:then"):
+        return work.get_future().then(on_side_stream)
 
 
-def _reduce_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int,
-                   group) -> torch.Tensor:
-    """Both hops and both collectives of one bucket on the current stream; returns the mean [L]."""
+def _send_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group,
+                 wait_codes: bool = True):
+    """Hop 1 and the all-to-all on the current stream: (work of the codes' all-to-all, or None when
+    ``wait_codes``, which waits for it in stream order), residuals, received codes and scales."""
     with _phase("dsk_hook:compress"):
         res = state._residuals_for(index, plan, flat.device)
         codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
         codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     with _phase("dsk_hook:all_to_all"):
-        dist.all_to_all_single(scales_in, scales, group=group)
-        dist.all_to_all_single(codes_in, codes, group=group)
+        dist.all_to_all_single(scales_in, scales, group=group)  # scales first (small)
+        work = dist.all_to_all_single(codes_in, codes, group=group, async_op=not wait_codes)
+    return work, res, codes_in, scales_in
+
+
+def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int, group, dtype: torch.dtype, res,
+                   codes_in: torch.Tensor, scales_in: torch.Tensor) -> torch.Tensor:
+    """Hop 2, the all-gather and the decompression on the current stream; returns the mean [L]."""
     with _phase("dsk_hook:reduce"):
         q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
-        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=flat.device)
-        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=flat.device)
+        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=codes_in.device)
+        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=codes_in.device)
     with _phase("dsk_hook:all_gather"):
         _all_gather_into(codes_out, q2, group)
         _all_gather_into(scales_out, s2, group)
     with _phase("dsk_hook:decompress"):
         state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
-        return decompress_bucket(state, codes_out, scales_out, plan, flat.dtype)
+        return decompress_bucket(state, codes_out, scales_out, plan, dtype)
 
 
 def register_quantized_comm_hook(model: torch.nn.Module, state: "QuantizedGradState | None" = None,

@@ -42,9 +42,9 @@ case "$step" in
     [ "$gpus" -ge 2 ] || { echo "ddp-profile needs 2 or more GPUs, found $gpus"; exit 1; }
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
     ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
-    timeout 150 "${ddp[@]}" --label profile --parts step --configs bf16_compress,int8+EF --profile --steps 5
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 100 "${ddp[@]}" --label expandable --parts step \
-      --configs int8+EF --steps 5 ;;
+    timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_distributed.py
+    timeout 150 "${ddp[@]}" --label enqueue --parts step --configs allreduce,bf16_compress,int8+EF,int8+EF/enqueue,fp8_e4m3+EF/enqueue
+    timeout 120 "${ddp[@]}" --label enqueue-profile --parts step --configs int8+EF/enqueue --profile --steps 3 ;;
   tests)  # scripts/gpu_plan.sh tests [1|2|all] (Triton-only files: no CUDA build needed)
     # one pytest process per file, all at once: the Triton compiles are CPU-bound and the H200 host has
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)

@@ -178,8 +178,12 @@ def test_ddp_training_steps_with_the_hook(world):
     run_on_ranks(_ddp_checks, world)
 
 
-def _cuda_checks(rank: int, world: int) -> None:
-    """NCCL on GPUs: the CUDA kernels and the asynchronous (future-chained) path of the hook."""
+def _cuda_checks(rank: int, world: int, enqueue_at_once: bool = False) -> None:
+    """NCCL on GPUs: the CUDA kernels and the asynchronous paths of the hook (a callback chained
+    on the all-to-all's future, or everything enqueued at once on the side stream)."""
+    import deepseek_kernels.distributed as dsk_dist
+
+    dsk_dist.ENQUEUE_AT_ONCE = enqueue_at_once
     device = torch.device("cuda", rank)
     for fmt in TOL:
         state = QuantizedGradState(fmt=fmt, block=128)
@@ -231,8 +235,9 @@ def test_profile_ranges_name_the_hook_phases_and_change_nothing():
 
 
 @pytest.mark.gpu
-def test_hook_on_cuda_with_nccl():
-    run_on_ranks(_cuda_checks, torch.cuda.device_count(), backend="nccl")
+@pytest.mark.parametrize("enqueue_at_once", [False, True], ids=["callback", "enqueue_at_once"])
+def test_hook_on_cuda_with_nccl(enqueue_at_once):
+    run_on_ranks(_cuda_checks, torch.cuda.device_count(), enqueue_at_once, backend="nccl")
 
 
 def test_bad_configuration_raises_clear_errors():
