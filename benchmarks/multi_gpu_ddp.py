@@ -143,11 +143,16 @@ def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, cl
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-    # variants: "int8+EF/pool" (the hook's second half where torch puts the callback instead of its
-    # side stream), "int8+EF/enqueue" (everything enqueued at once, no host callback)
-    config, _, variant = config.partition("/")
-    dsk_dist.SIDE_STREAM = variant != "pool"
-    dsk_dist.ENQUEUE_AT_ONCE = variant == "enqueue"
+    # variants after "/", combinable ("int8+EF/enqueue/packed"): "pool" (the hook's second half where
+    # torch puts the callback instead of its side stream), "enqueue" (everything enqueued at once, no
+    # host callback), "packed" (codes and scales in one buffer: one collective per hop)
+    config, *variants = config.split("/")
+    unknown = set(variants) - {"pool", "enqueue", "packed"}
+    if unknown:
+        raise SystemExit(f"--configs: unknown variant(s) {sorted(unknown)}; known: pool, enqueue, packed")
+    dsk_dist.SIDE_STREAM = "pool" not in variants
+    dsk_dist.ENQUEUE_AT_ONCE = "enqueue" in variants
+    dsk_dist.PACK_WIRE = "packed" in variants
     state = None
     clock = [0.0] if clock is None else clock
     if config == "bf16_compress":

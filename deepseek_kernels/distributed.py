@@ -24,6 +24,11 @@ summed inside an all-reduce, so the reduction happens locally, in fp32, between 
 4. ``all_gather`` codes and scales, dequantize all shards in the gradient's dtype (one kernel)
    and drop the padding; DDP copies the result into the gradients.
 
+Two switches, off until they have run on GPUs (see their comments below): ``PACK_WIRE`` sends codes
+and scales in one buffer (one collective per hop instead of two) and ``ENQUEUE_AT_ONCE`` enqueues a
+bucket's whole pipeline on the hook's side stream without a host callback. Both exist because the
+hook's cost in a real DDP step is host time per bucket (benchmarks/NOTES.md, session 7).
+
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
 ``2 (W-1)/W * 4L`` for a ring all-reduce in fp32: about a quarter.
 
@@ -222,6 +227,31 @@ class _Plan:
         padded = math.ceil(length / (world * block)) * world * block
         return _Plan(world, length, padded, padded // world, block)
 
+    @property
+    def shard_blocks(self) -> int:  # scales per shard
+        return self.shard // self.block
+
+    @property
+    def wire(self) -> int:
+        """Bytes per shard of the packed exchange: S codes, then the shard's fp32 scales, padded
+        to 16 bytes (S is a multiple of block, itself a multiple of 16, so every part is aligned)."""
+        return self.shard + -(-4 * self.shard_blocks // 16) * 16
+
+
+def _pack_wire(plan: _Plan, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[world, wire] bytes holding codes [world * S] and scales [world * S / block] shard by shard."""
+    wire = torch.empty(plan.world, plan.wire, dtype=torch.uint8, device=codes.device)
+    codes_view, scales_view = _unpack_wire(plan, wire)
+    codes_view.copy_(codes.view(plan.world, plan.shard))
+    scales_view.copy_(scales.view(plan.world, plan.shard_blocks))
+    return wire
+
+
+def _unpack_wire(plan: _Plan, wire: torch.Tensor):
+    """The codes [rows, S] (bytes) and scales [rows, S / block] (fp32) views of a packed wire."""
+    rows = wire.view(-1, plan.wire)
+    return rows[:, :plan.shard], rows[:, plan.shard:plan.shard + 4 * plan.shard_blocks].view(torch.float32)
+
 
 def compress_bucket(state: "QuantizedGradState", flat: torch.Tensor, plan: _Plan, residual, seed: int,
                     ops: HookOps = FAST_OPS):
@@ -270,6 +300,13 @@ SIDE_STREAM = True
 # the callback machinery; not yet run on a GPU, so off until tests/test_distributed.py's CUDA test
 # and benchmarks/multi_gpu_ddp.py have run it).
 ENQUEUE_AT_ONCE = False
+# True: codes and scales travel together, one all-to-all and one all-gather per bucket instead of
+# two of each (each collective cost ~130 us of host time per bucket in the session-7 profile). Per
+# shard the wire holds [codes: S bytes | scales: 4 S / block bytes | pad to 16]; the kernels read
+# the strided views (the ops copy them contiguous first: four small copies per bucket). Same
+# arithmetic and seeds, so the result is bit-identical to the unpacked exchange. Off until run on
+# a GPU (tests/test_distributed.py's CUDA test and benchmarks/multi_gpu_ddp.py).
+PACK_WIRE = False
 # Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
 # time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
 # each range costs a few microseconds even when no profiler runs.
@@ -293,8 +330,7 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
 
     flat = buffer.view(-1)
     plan = _Plan.of(flat.numel(), world, state.block)
-    wire = plan.shard + 4 * (plan.shard // plan.block)  # bytes per shard: codes + fp32 scales
-    state.bytes_sent += 2 * (world - 1) * wire
+    state.bytes_sent += 2 * (world - 1) * (plan.wire if PACK_WIRE else plan.shard + 4 * plan.shard_blocks)
     state.fp32_allreduce_bytes += 2 * (world - 1) * plan.length * 4 // world
     state.bf16_allreduce_bytes += 2 * (world - 1) * plan.length * 2 // world
     state.buckets_reduced += 1
@@ -352,10 +388,18 @@ def _send_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, ind
     with _phase("dsk_hook:compress"):
         res = state._residuals_for(index, plan, flat.device)
         codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
-        codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
+        if PACK_WIRE:
+            send = _pack_wire(plan, codes, scales)
+            recv = torch.empty_like(send)
+        else:
+            codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     with _phase("dsk_hook:all_to_all"):
-        dist.all_to_all_single(scales_in, scales, group=group)  # scales first (small)
-        work = dist.all_to_all_single(codes_in, codes, group=group, async_op=not wait_codes)
+        if PACK_WIRE:
+            work = dist.all_to_all_single(recv, send, group=group, async_op=not wait_codes)
+            codes_in, scales_in = _unpack_wire(plan, recv)
+        else:
+            dist.all_to_all_single(scales_in, scales, group=group)  # scales first (small)
+            work = dist.all_to_all_single(codes_in, codes, group=group, async_op=not wait_codes)
     return work, res, codes_in, scales_in
 
 
@@ -364,11 +408,22 @@ def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int
     """Hop 2, the all-gather and the decompression on the current stream; returns the mean [L]."""
     with _phase("dsk_hook:reduce"):
         q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
-        codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=codes_in.device)
-        scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=codes_in.device)
+        if PACK_WIRE:
+            mine = torch.empty(plan.wire, dtype=torch.uint8, device=codes_in.device)
+            mine_codes, mine_scales = _unpack_wire(plan, mine)
+            mine_codes.copy_(q2.view(1, -1))
+            mine_scales.copy_(s2.view(1, -1))
+            gathered = torch.empty(plan.world, plan.wire, dtype=torch.uint8, device=codes_in.device)
+        else:
+            codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=codes_in.device)
+            scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=codes_in.device)
     with _phase("dsk_hook:all_gather"):
-        _all_gather_into(codes_out, q2, group)
-        _all_gather_into(scales_out, s2, group)
+        if PACK_WIRE:
+            _all_gather_into(gathered.view(-1), mine, group)
+            codes_out, scales_out = _unpack_wire(plan, gathered)
+        else:
+            _all_gather_into(codes_out, q2, group)
+            _all_gather_into(scales_out, s2, group)
     with _phase("dsk_hook:decompress"):
         state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
         return decompress_bucket(state, codes_out, scales_out, plan, dtype)

@@ -43,8 +43,9 @@ case "$step" in
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
     ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
     timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_distributed.py
-    timeout 150 "${ddp[@]}" --label enqueue --parts step --configs allreduce,bf16_compress,int8+EF,int8+EF/enqueue,fp8_e4m3+EF/enqueue
-    timeout 120 "${ddp[@]}" --label enqueue-profile --parts step --configs int8+EF/enqueue --profile --steps 3 ;;
+    timeout 200 "${ddp[@]}" --label variants --parts step \
+      --configs allreduce,bf16_compress,int8+EF,int8+EF/enqueue,int8+EF/packed,int8+EF/enqueue/packed,fp8_e4m3+EF/enqueue/packed
+    timeout 120 "${ddp[@]}" --label variants-profile --parts step --configs int8+EF/enqueue/packed --profile --steps 3 ;;
   tests)  # scripts/gpu_plan.sh tests [1|2|all] (Triton-only files: no CUDA build needed)
     # one pytest process per file, all at once: the Triton compiles are CPU-bound and the H200 host has
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)

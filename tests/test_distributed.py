@@ -178,12 +178,22 @@ def test_ddp_training_steps_with_the_hook(world):
     run_on_ranks(_ddp_checks, world)
 
 
-def _cuda_checks(rank: int, world: int, enqueue_at_once: bool = False) -> None:
+def _cuda_checks(rank: int, world: int, enqueue_at_once: bool = False, pack_wire: bool = False) -> None:
     """NCCL on GPUs: the CUDA kernels and the asynchronous paths of the hook (a callback chained
-    on the all-to-all's future, or everything enqueued at once on the side stream)."""
+    on the all-to-all's future, or everything enqueued at once on the side stream), with separate
+    or packed codes and scales on the wire."""
     import deepseek_kernels.distributed as dsk_dist
 
-    dsk_dist.ENQUEUE_AT_ONCE = enqueue_at_once
+    dsk_dist.ENQUEUE_AT_ONCE, dsk_dist.PACK_WIRE = enqueue_at_once, pack_wire
+    if pack_wire:  # bit-identical to the separate exchange
+        for fmt, n in (("int8", 6_553_600), ("fp8_e4m3", 4097)):
+            outs = []
+            for packed in (False, True):
+                dsk_dist.PACK_WIRE = packed
+                state = QuantizedGradState(fmt=fmt, block=128, seed=11)
+                outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n).to(rank))).wait())
+            assert torch.equal(outs[0], outs[1]), fmt
+        dsk_dist.PACK_WIRE = True
     device = torch.device("cuda", rank)
     for fmt in TOL:
         state = QuantizedGradState(fmt=fmt, block=128)
@@ -235,9 +245,41 @@ def test_profile_ranges_name_the_hook_phases_and_change_nothing():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pack_wire", [False, True], ids=["separate", "packed"])
 @pytest.mark.parametrize("enqueue_at_once", [False, True], ids=["callback", "enqueue_at_once"])
-def test_hook_on_cuda_with_nccl(enqueue_at_once):
-    run_on_ranks(_cuda_checks, torch.cuda.device_count(), enqueue_at_once, backend="nccl")
+def test_hook_on_cuda_with_nccl(enqueue_at_once, pack_wire):
+    run_on_ranks(_cuda_checks, torch.cuda.device_count(), enqueue_at_once, pack_wire, backend="nccl")
+
+
+def _packed_wire_checks(rank: int, world: int) -> None:
+    import deepseek_kernels.distributed as dsk_dist
+
+    try:
+        for fmt in TOL:
+            for n in (1, 17, 4097, 300):  # smaller than a block, uneven, padded shards
+                outs, sent = [], []
+                for packed in (False, True):
+                    dsk_dist.PACK_WIRE = packed
+                    state = QuantizedGradState(fmt=fmt, block=128, seed=9)
+                    outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n).clone())).wait())
+                    sent.append(state.bytes_sent)
+                assert torch.equal(outs[0], outs[1]), (fmt, n)  # same arithmetic, same seeds
+                assert sent[0] <= sent[1] <= sent[0] + 2 * (world - 1) * 16  # + at most 16 B pad per shard
+        # NaN still reaches every rank through the packed scales
+        dsk_dist.PACK_WIRE = True
+        g = grad_of(rank, 1000)
+        if rank == 0:
+            g[5] = float("nan")
+        state = QuantizedGradState(fmt="int8", block=128)
+        out = quantized_allreduce_hook(state, OneBucket(0, g)).wait()
+        assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all() and state.check_nonfinite()
+    finally:
+        dsk_dist.PACK_WIRE = False
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_wire_is_bit_identical_to_separate_exchange(world):
+    run_on_ranks(_packed_wire_checks, world)
 
 
 def test_bad_configuration_raises_clear_errors():
