@@ -20,15 +20,17 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   // scales_out [ceil(M / block)] (the DDP hook's send buffers: no pad copy).
   m.def(
       "quantize_blockwise_into(Tensor x, str fmt, int block, bool stochastic, int seed, Tensor(a!)? error, "
-      "Tensor(b!) q_out, Tensor(c!) scales_out) -> ()");
+      "Tensor(b!) q_out, Tensor(c!) scales_out, Tensor? key=None) -> ()");
   // Sum over dim 0 of W quantized tensors q [W, ..., N]: fp32, ascending w, optionally / W.
   m.def(
       "dequantize_sum_blockwise(Tensor q, Tensor scales, int block, bool average, ScalarType out_dtype) "
       "-> Tensor");
   // That sum re-quantized in q's format and block in the same kernel (error feedback in place).
+  // key (quantize_blockwise_into too): optional int32 [1] stochastic-rounding key read by the kernel
+  // at run time instead of the one derived from seed at launch (CUDA-graph replays).
   m.def(
       "requantize_sum_blockwise(Tensor q, Tensor scales, int block, bool average, bool stochastic, int seed, "
-      "Tensor(a!)? error) -> (Tensor, Tensor)");
+      "Tensor(a!)? error, Tensor? key=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {

@@ -153,6 +153,9 @@ def test_opcheck_cpu(fmt):
     x = torch.randn(300)
     q_out = torch.empty(512, dtype=FORMATS[fmt].dtype)
     _opcheck("quantize_blockwise_into", (x, fmt, 128, True, 3, torch.zeros(300), q_out, torch.empty(4)), fp8)
+    key = torch.tensor([12345], dtype=torch.int32)  # the optional device-resident key
+    _opcheck("quantize_blockwise_into", (x, fmt, 128, True, 3, None, q_out, torch.empty(4), key), fp8)
+    _opcheck("requantize_sum_blockwise", (q, s, 64, True, True, 9, None, key), fp8)
 
 
 def test_fake_tensor_shapes():
@@ -388,3 +391,55 @@ def test_cuda_bad_input_straight_into_the_op():
         OPS.quantize_blockwise_into(x.view(3, 100), "int8", 128, False, 0, None, q_out, s_out)
     with pytest.raises(ValueError, match="on the device of x"):
         OPS.quantize_blockwise_into(x, "int8", 128, False, 0, None, q_out, s_out.cpu())
+
+
+# ---------------------------------------------------------------- the device-resident key
+
+def _keyed_cases(device):
+    from deepseek_kernels.ops.quantization import key_value
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4097, generator=g) * 3).to(device)
+    q, s = shards(3, (1000,), 128, "int8", device)
+    key = torch.tensor([key_value(77)], dtype=torch.int32, device=device)
+    other = torch.tensor([key_value(78)], dtype=torch.int32, device=device)
+    return x, q, s, key, other
+
+
+def _into(x, fmt, key=None, seed=77):
+    code = FORMATS[fmt].dtype
+    q_out = torch.empty(4352, dtype=code, device=x.device)
+    s_out = torch.empty(34, device=x.device)
+    e = torch.full_like(x, 0.01)
+    dk.quantize_blockwise_into(x, fmt, 128, q_out, s_out, stochastic=True, seed=seed, error=e, key=key)
+    return bits(q_out), s_out, e
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_key_tensor_replaces_the_seed_bit_for_bit(fmt, device):
+    """key = key_value(seed) gives exactly the seed's results; another key changes the codes (so the
+    key, not the seed argument, drives the stochastic rounding)."""
+    x, q, s, key, other = _keyed_cases(device)
+    by_seed = _into(x, fmt)
+    by_key = _into(x, fmt, key=key, seed=12345)  # the seed argument is ignored when key is given
+    assert all(torch.equal(a, b) for a, b in zip(by_seed, by_key))
+    assert not torch.equal(_into(x, fmt, key=other, seed=77)[0], by_seed[0])
+    if device == "cuda":  # the kernel reads the key at run time: the reference agrees with it
+        ref = [t.cpu() for t in _into(x.cpu(), fmt, key=key.cpu())]
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(by_key, ref))
+    q2a, s2a = dk.requantize_sum_blockwise(q, s, 128, average=True, stochastic=True, seed=77)
+    q2b, s2b = dk.requantize_sum_blockwise(q, s, 128, average=True, stochastic=True, seed=3, key=key)
+    assert torch.equal(bits(q2a), bits(q2b)) and torch.equal(s2a, s2b)
+    q2c, _ = dk.requantize_sum_blockwise(q, s, 128, average=True, stochastic=True, seed=77, key=other)
+    assert not torch.equal(bits(q2c), bits(q2a))
+
+
+def test_bad_key_raises_clear_error():
+    x, q, s, key, _ = _keyed_cases("cpu")
+    for bad, needle in ((key.long(), "int32 tensor of one element"), (key.repeat(2), "int32 tensor of one element"),
+                        (key.to("meta"), "device of the data"), (7, "torch.Tensor or None")):
+        with pytest.raises((ValueError, TypeError), match=needle):
+            _into(x, "int8", key=bad)
+        with pytest.raises((ValueError, TypeError), match=needle):
+            dk.requantize_sum_blockwise(q, s, 128, stochastic=True, seed=1, key=bad)

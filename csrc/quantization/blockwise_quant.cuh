@@ -244,7 +244,7 @@ __device__ __forceinline__ void store_floats(T* out, const float (&f)[VEC]) {
 // Scales, encodes and stores one vector of y values; writes the new residual when kHasError.
 template <typename ET, bool kHasError, QFormat F, int VEC>
 __device__ __forceinline__ void encode_store(const float (&y)[VEC], float scale, float inv, bool bad,
-                                             const QuantizeArgs& a, int64_t index, uint8_t* q, ET* e) {
+                                             bool stochastic, uint32_t key, int64_t index, uint8_t* q, ET* e) {
   using Fmt = Format<F>;
   float decoded[VEC];
   if (bad) {
@@ -258,18 +258,18 @@ __device__ __forceinline__ void encode_store(const float (&y)[VEC], float scale,
 #pragma unroll
   for (int i = 0; i < VEC; ++i) v[i] = __fmul_rn(y[i], inv);
   if constexpr (VEC % 4 == 0) {
-    if (!a.stochastic) {
+    if (!stochastic) {
       uint32_t words[VEC / 4];
       encode_nearest<F, VEC>(v, words, decoded);
       store_words<VEC>(q, words);
     }
   }
-  if (a.stochastic || VEC % 4 != 0) {
+  if (stochastic || VEC % 4 != 0) {
     uint8_t codes[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const float vc = fminf(fmaxf(v[i], -Fmt::kMax), Fmt::kMax);
-      codes[i] = a.stochastic ? Fmt::round_stochastic(vc, uniform01(a.key, index + i)) : Fmt::round_nearest(vc);
+      codes[i] = stochastic ? Fmt::round_stochastic(vc, uniform01(key, index + i)) : Fmt::round_nearest(vc);
       decoded[i] = Fmt::decode(codes[i]);
     }
     store_codes<VEC>(q, codes);
@@ -370,6 +370,7 @@ __global__ void __launch_bounds__(kThreads, quantize_min_blocks<kHasError>())
   // in fp32 with error feedback (twice the registers per vector). Longer blocks re-read the rest.
   constexpr int KPR = kHasError ? 1 : 2;
   const int lane = threadIdx.x & (group - 1);
+  const uint32_t key = a.key_ptr != nullptr ? *a.key_ptr : a.key;
   BlockCoords c[R];
 #pragma unroll
   for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat>(a.rows, a.cols, a.block, log2_group, u);
@@ -453,19 +454,20 @@ __global__ void __launch_bounds__(kThreads, quantize_min_blocks<kHasError>())
       const int j = lane + k * group;
       if (j < c[u].nv) {
         if constexpr (kHasError) {
-          encode_store<ET, kHasError, F, VEC>(ys[u][k], scale, inv, bad, a, index0 + j * VEC, q + j * VEC,
-                                              e + j * VEC);
+          encode_store<ET, kHasError, F, VEC>(ys[u][k], scale, inv, bad, a.stochastic, key, index0 + j * VEC,
+                                              q + j * VEC, e + j * VEC);
         } else {
           float y[VEC];
           to_floats<T, VEC>(raw[u][k], y);
-          encode_store<ET, kHasError, F, VEC>(y, scale, inv, bad, a, index0 + j * VEC, q + j * VEC, nullptr);
+          encode_store<ET, kHasError, F, VEC>(y, scale, inv, bad, a.stochastic, key, index0 + j * VEC, q + j * VEC,
+                                              nullptr);
         }
       }
     }
     for (int j = lane + KPR * group; j < c[u].nv; j += group) {
       float t[VEC];
       load_y(c[u], j, t);
-      encode_store<ET, kHasError, F, VEC>(t, scale, inv, bad, a, index0 + j * VEC, q + j * VEC,
+      encode_store<ET, kHasError, F, VEC>(t, scale, inv, bad, a.stochastic, key, index0 + j * VEC, q + j * VEC,
                                           kHasError ? e + j * VEC : nullptr);
     }
   }

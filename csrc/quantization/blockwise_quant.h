@@ -26,6 +26,8 @@ struct QuantizeArgs {
   int64_t rows = 0, cols = 0, block = 0;
   bool stochastic = false;
   uint32_t key = 0;             // stochastic-rounding key derived from the seed (see reference)
+  const uint32_t* key_ptr = nullptr;  // optional: the key read from device memory instead (a CUDA
+                                      // graph replays one launch with a new key each time)
   int vectors_per_thread = 0;   // tuning knob; 0 = default
 };
 
@@ -67,6 +69,7 @@ struct RequantizeSumArgs {
   float* out_scales = nullptr;
   bool stochastic = false;
   uint32_t key = 0;
+  const uint32_t* key_ptr = nullptr;  // optional: the key from device memory (as in QuantizeArgs)
 };
 
 // murmur3's 32-bit finalizer. The stochastic-rounding stream is a hash of (key, logical element

@@ -84,6 +84,18 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// The optional device-resident stochastic-rounding key: int32 [1] on `device`; its bits are the key.
+const uint32_t* key_pointer(const char* op, const std::optional<at::Tensor>& key, const at::Device& device) {
+  if (!key.has_value()) return nullptr;
+  const at::Tensor& k = *key;
+  TORCH_CHECK_VALUE(k.scalar_type() == at::kInt && k.numel() == 1, op,
+                    ": key must be an int32 tensor of one element, got ", dtype_str(k.scalar_type()), " ",
+                    shape_str(k.sizes()));
+  TORCH_CHECK_VALUE(k.device() == device, op, ": key must be on the device of the data (", device_str(device),
+                    "), got ", device_str(k.device()));
+  return reinterpret_cast<const uint32_t*>(k.data_ptr<int32_t>());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x,
@@ -246,9 +258,11 @@ at::Tensor dequantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales,
                                                                  int64_t block, bool average, bool stochastic,
                                                                  int64_t seed,
-                                                                 const std::optional<at::Tensor>& error) {
+                                                                 const std::optional<at::Tensor>& error,
+                                                                 const std::optional<at::Tensor>& key) {
   const char* op = "requantize_sum_blockwise";
   const QFormat f = check_sum_args(op, q, scales, block);
+  const uint32_t* key_ptr = key_pointer(op, key, q.device());
   const at::IntArrayRef shape = q.sizes().slice(1);
   if (error.has_value()) {
     const at::Tensor& e = *error;
@@ -283,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tenso
   a.out_scales = out_scales.data_ptr<float>();
   a.stochastic = stochastic;
   a.key = stochastic_key(static_cast<uint64_t>(seed));
+  a.key_ptr = key_ptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   switch (f) {
@@ -296,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tenso
 
 void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block, bool stochastic,
                                   int64_t seed, const std::optional<at::Tensor>& error, const at::Tensor& q_out,
-                                  const at::Tensor& scales_out) {
+                                  const at::Tensor& scales_out, const std::optional<at::Tensor>& key) {
   const char* op = "quantize_blockwise_into";
   const QFormat f = parse_format(fmt);
   check_block(op, block);
@@ -330,6 +345,7 @@ void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int
                       ": error must be float32, bfloat16 or float16, got ", dtype_str(e.scalar_type()));
     TORCH_CHECK_VALUE(e.is_contiguous(), op, ": error is updated in place and must be contiguous");
   }
+  const uint32_t* key_ptr = key_pointer(op, key, x.device());
   const at::Tensor x2 = x.contiguous();
   const int64_t n = x.size(0);
   const int64_t nb = (n + block - 1) / block;
@@ -352,6 +368,7 @@ void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int
     a.block = block;
     a.stochastic = stochastic;
     a.key = stochastic_key(static_cast<uint64_t>(seed));
+    a.key_ptr = key_ptr;
     a.vectors_per_thread = tuning_vectors_per_thread();
     check_launch(launch_quantize(f, a, stream), op);
   }

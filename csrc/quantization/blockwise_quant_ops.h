@@ -26,13 +26,14 @@ at::Tensor dequantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tensor& q, const at::Tensor& scales,
                                                                  int64_t block, bool average, bool stochastic,
                                                                  int64_t seed,
-                                                                 const std::optional<at::Tensor>& error);
+                                                                 const std::optional<at::Tensor>& error,
+                                                                 const std::optional<at::Tensor>& key);
 
 // Quantizes a 1-d x [N] into the first N codes of q_out [M] and ceil(N / block) scales of
 // scales_out [ceil(M / block)], zero-filling the rest of both (a padded send buffer).
 void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block, bool stochastic,
                                   int64_t seed, const std::optional<at::Tensor>& error, const at::Tensor& q_out,
-                                  const at::Tensor& scales_out);
+                                  const at::Tensor& scales_out, const std::optional<at::Tensor>& key);
 
 int tuning_vectors_per_thread();
 

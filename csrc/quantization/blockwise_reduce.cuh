@@ -224,9 +224,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int u = 0; u < R; ++u) m[u] = group_max(m[u], group);
 
   // Pass 2: encode and store codes (and the new residual), as blockwise_quantize_kernel does.
-  QuantizeArgs qa;
-  qa.stochastic = a.stochastic;
-  qa.key = a.key;
+  const uint32_t key = a.key_ptr != nullptr ? *a.key_ptr : a.key;
 #pragma unroll
   for (int u = 0; u < R; ++u) {
     if (c[u].nv == 0) break;  // later rounds are past the end too
@@ -241,14 +239,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < K; ++k) {
       const int j = lane + k * group;
       if (j < c[u].nv) {
-        encode_store<ET, kHasError, F, VEC>(ys[u][k], scale, inv, bad, qa, index0 + j * VEC, q + j * VEC,
-                                            kHasError ? e + j * VEC : nullptr);
+        encode_store<ET, kHasError, F, VEC>(ys[u][k], scale, inv, bad, a.stochastic, key, index0 + j * VEC,
+                                            q + j * VEC, kHasError ? e + j * VEC : nullptr);
       }
     }
     for (int j = lane + K * group; j < c[u].nv; j += group) {
       float t[VEC];
       y_of(c[u], j, t);
-      encode_store<ET, kHasError, F, VEC>(t, scale, inv, bad, qa, index0 + j * VEC, q + j * VEC,
+      encode_store<ET, kHasError, F, VEC>(t, scale, inv, bad, a.stochastic, key, index0 + j * VEC, q + j * VEC,
                                           kHasError ? e + j * VEC : nullptr);
     }
   }

@@ -25,6 +25,7 @@ from deepseek_kernels.reference.quantization import (
     quantize_blockwise_into_ref,
     quantize_blockwise_ref,
     requantize_sum_blockwise_ref,
+    stochastic_key,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,12 +39,12 @@ DEQUANTIZE_SCHEMA = "(Tensor q, Tensor scales, int block, ScalarType out_dtype) 
 
 QUANTIZE_INTO_SCHEMA = (
     "(Tensor x, str fmt, int block, bool stochastic, int seed, Tensor(a!)? error, Tensor(b!) q_out, "
-    "Tensor(c!) scales_out) -> ()"
+    "Tensor(c!) scales_out, Tensor? key=None) -> ()"
 )
 DEQUANTIZE_SUM_SCHEMA = "(Tensor q, Tensor scales, int block, bool average, ScalarType out_dtype) -> Tensor"
 REQUANTIZE_SUM_SCHEMA = (
-    "(Tensor q, Tensor scales, int block, bool average, bool stochastic, int seed, Tensor(a!)? error) "
-    "-> (Tensor, Tensor)"
+    "(Tensor q, Tensor scales, int block, bool average, bool stochastic, int seed, Tensor(a!)? error, "
+    "Tensor? key=None) -> (Tensor, Tensor)"
 )
 SCHEMAS = {
     "quantize_blockwise": QUANTIZE_SCHEMA,
@@ -140,6 +141,30 @@ def _check_error(name, error, shape, device, of="x") -> None:
         raise ValueError(f"{name}: error is updated in place and must be contiguous; pass error.contiguous()")
 
 
+def check_key(name, key, device) -> None:
+    """The optional device-resident stochastic-rounding key: int32 [1] on the data's device."""
+    if key is None:
+        return
+    if not isinstance(key, torch.Tensor):
+        raise TypeError(f"{name}: key must be a torch.Tensor or None, got {type(key).__name__}")
+    if key.dtype != torch.int32 or key.numel() != 1:
+        raise ValueError(f"{name}: key must be an int32 tensor of one element (see key_value()), got {key.dtype} "
+                         f"{tuple(key.shape)}")
+    if key.device != device:
+        raise ValueError(f"{name}: key must be on the device of the data ({device}), got {key.device}")
+
+
+def key_value(seed: int) -> int:
+    """The stochastic-rounding key of ``seed`` as the signed 32-bit value a ``key`` tensor holds
+    (``key`` replaces the key the kernels derive from ``seed``; bit-identical results)."""
+    k = stochastic_key(seed)
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
+def _key_int(key):
+    return None if key is None else int(key.reshape(()).item()) & 0xFFFFFFFF
+
+
 def check_sum_args(name, q, scales, block) -> None:
     """q [W, ..., N] codes and scales [W, ..., ceil(N / block)] of W quantized tensors."""
     _check_code_tensors(name, q, scales)
@@ -156,13 +181,14 @@ def check_dequantize_sum_args(q, scales, block, out_dtype) -> None:
         raise ValueError(f"dequantize_sum_blockwise: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
 
-def check_requantize_sum_args(q, scales, block, error) -> None:
+def check_requantize_sum_args(q, scales, block, error, key=None) -> None:
     name = "requantize_sum_blockwise"
     check_sum_args(name, q, scales, block)
     _check_error(name, error, q.shape[1:], q.device, of="q (one summand q[0])")
+    check_key(name, key, q.device)
 
 
-def check_quantize_into_args(x, fmt, block, error, q_out, scales_out) -> None:
+def check_quantize_into_args(x, fmt, block, error, q_out, scales_out, key=None) -> None:
     name = "quantize_blockwise_into"
     _check_x_and_fmt(name, x, fmt)
     if x.dim() != 1:
@@ -189,6 +215,7 @@ def check_quantize_into_args(x, fmt, block, error, q_out, scales_out) -> None:
         if t.device != x.device:
             raise ValueError(f"{name}: q_out and scales_out must be on the device of x ({x.device}), got {t.device}")
     _check_error(name, error, x.shape, x.device)
+    check_key(name, key, x.device)
 
 
 # ---- kernels registered from Python: the reference, for CPU (and CUDA without the extension) --
@@ -205,9 +232,10 @@ def _dequantize_reference_kernel(q, scales, block, out_dtype):
     return dequantize_blockwise_ref(q, scales, block, out_dtype)
 
 
-def _quantize_into_reference_kernel(x, fmt, block, stochastic, seed, error, q_out, scales_out):
-    check_quantize_into_args(x, fmt, block, error, q_out, scales_out)
-    quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error)
+def _quantize_into_reference_kernel(x, fmt, block, stochastic, seed, error, q_out, scales_out, key=None):
+    check_quantize_into_args(x, fmt, block, error, q_out, scales_out, key)
+    quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error,
+                                key=_key_int(key))
 
 
 def _dequantize_sum_reference_kernel(q, scales, block, average, out_dtype):
@@ -215,10 +243,10 @@ def _dequantize_sum_reference_kernel(q, scales, block, average, out_dtype):
     return dequantize_sum_blockwise_ref(q, scales, block, average=average, out_dtype=out_dtype)
 
 
-def _requantize_sum_reference_kernel(q, scales, block, average, stochastic, seed, error):
-    check_requantize_sum_args(q, scales, block, error)
+def _requantize_sum_reference_kernel(q, scales, block, average, stochastic, seed, error, key=None):
+    check_requantize_sum_args(q, scales, block, error, key)
     return requantize_sum_blockwise_ref(q, scales, block, average=average, stochastic=stochastic, seed=seed,
-                                        error=error)
+                                        error=error, key=_key_int(key))
 
 
 _REFERENCE_KERNELS = {
@@ -274,8 +302,8 @@ def _dequantize_fake(q, scales, block, out_dtype):
 
 
 @torch.library.register_fake("deepseek_kernels::quantize_blockwise_into")
-def _quantize_into_fake(x, fmt, block, stochastic, seed, error, q_out, scales_out):
-    check_quantize_into_args(x, fmt, block, error, q_out, scales_out)
+def _quantize_into_fake(x, fmt, block, stochastic, seed, error, q_out, scales_out, key=None):
+    check_quantize_into_args(x, fmt, block, error, q_out, scales_out, key)
 
 
 @torch.library.register_fake("deepseek_kernels::dequantize_sum_blockwise")
@@ -285,8 +313,8 @@ def _dequantize_sum_fake(q, scales, block, average, out_dtype):
 
 
 @torch.library.register_fake("deepseek_kernels::requantize_sum_blockwise")
-def _requantize_sum_fake(q, scales, block, average, stochastic, seed, error):
-    check_requantize_sum_args(q, scales, block, error)
+def _requantize_sum_fake(q, scales, block, average, stochastic, seed, error, key=None):
+    check_requantize_sum_args(q, scales, block, error, key)
     return q.new_empty(q.shape[1:]), scales.new_empty(scales.shape[1:])
 
 
@@ -383,6 +411,7 @@ def quantize_blockwise_into(
     stochastic: bool = False,
     seed: int | None = None,
     error: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
 ) -> None:
     """:func:`quantize_blockwise` of a 1-d ``x`` ``[N]`` written into zero-padded buffers.
 
@@ -391,10 +420,14 @@ def quantize_blockwise_into(
     the ``ceil(N / block)`` scales and zeros after: the quantization of ``x`` zero-padded to ``M``
     elements, without the pad copies (the DDP hook's send buffers). ``error`` (``[N]``) is updated
     in place as by :func:`quantize_blockwise`. Exact math: ``quantize_blockwise_into_ref``.
+
+    ``key``: an int32 ``[1]`` tensor on ``x``'s device holding the stochastic-rounding key
+    (:func:`key_value` of a seed); the kernel reads it when it runs, instead of the key derived
+    from ``seed`` when it is launched, so a CUDA graph can replay the launch with a new key.
     """
-    check_quantize_into_args(x, fmt, block, error, q_out, scales_out)
+    check_quantize_into_args(x, fmt, block, error, q_out, scales_out, key)
     seed = _resolve_seed("quantize_blockwise_into", stochastic, seed)
-    op("quantize_blockwise_into")(x, fmt, block, bool(stochastic), seed, error, q_out, scales_out)
+    op("quantize_blockwise_into")(x, fmt, block, bool(stochastic), seed, error, q_out, scales_out, key)
 
 
 def dequantize_sum_blockwise(
@@ -425,6 +458,7 @@ def requantize_sum_blockwise(
     stochastic: bool = False,
     seed: int | None = None,
     error: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dequantize_sum_blockwise` re-quantized in ``q``'s format and ``block``, in one kernel
     (the fp32 sum never goes to memory): exactly ``quantize_blockwise(dequantize_sum_blockwise(q,
@@ -433,10 +467,11 @@ def requantize_sum_blockwise(
     Returns ``(codes [..., N], scales [..., ceil(N / block)])``; ``error`` (``[..., N]``) is the
     error-feedback residual of the re-quantization, updated in place. This is the DDP hook's
     reduce step: the W received copies of a rank's shard in, that shard's mean out, quantized.
+    ``key``: as in :func:`quantize_blockwise_into`.
     """
-    check_requantize_sum_args(q, scales, block, error)
+    check_requantize_sum_args(q, scales, block, error, key)
     seed = _resolve_seed("requantize_sum_blockwise", stochastic, seed)
-    return op("requantize_sum_blockwise")(q, scales, block, bool(average), bool(stochastic), seed, error)
+    return op("requantize_sum_blockwise")(q, scales, block, bool(average), bool(stochastic), seed, error, key)
 
 
 # ---- explain ------------------------------------------------------------------------------------

@@ -86,9 +86,10 @@ def stochastic_key(seed: int) -> int:
     return _mix32_int((seed & _M32) ^ _mix32_int((seed >> 32) ^ 0x9E3779B9))
 
 
-def uniform_for_indices(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """The uniform [0, 1) fp32 number used to round element ``index`` (int64 logical index)."""
-    key = stochastic_key(seed)
+def uniform_for_indices(seed: int, index: torch.Tensor, key: int | None = None) -> torch.Tensor:
+    """The uniform [0, 1) fp32 number used to round element ``index`` (int64 logical index).
+    ``key`` (a 32-bit stream key) replaces ``stochastic_key(seed)`` when given."""
+    key = stochastic_key(seed) if key is None else key & _M32
     lo, hi = index & _M32, index >> 32
     h = _mix32((_mix32(lo ^ key) + hi) & _M32)
     return (h >> 8).to(torch.float32) * 2.0**-24
@@ -124,11 +125,13 @@ def quantize_blockwise_ref(
     stochastic: bool = False,
     seed: int = 0,
     error: torch.Tensor | None = None,
+    key: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference blockwise quantization (see the module docstring for the exact math).
 
     x: ``[..., N]`` float32/float16/bfloat16. Returns ``q`` (``[..., N]``, int8 or float8) and
     ``scales`` (``[..., ceil(N / block)]``, float32). Updates ``error`` in place when given.
+    ``key``: the 32-bit stochastic-rounding stream key, replacing ``stochastic_key(seed)``.
     """
     spec = FORMATS[fmt]
     n = x.shape[-1]
@@ -149,7 +152,7 @@ def quantize_blockwise_ref(
     v = (yb * inv.unsqueeze(-1)).clamp(-spec.qmax, spec.qmax)
     if stochastic:
         index = torch.arange(y.numel(), device=x.device, dtype=torch.int64).reshape(y.shape)
-        u = F.pad(uniform_for_indices(seed, index), (0, nb * block - n))
+        u = F.pad(uniform_for_indices(seed, index, key), (0, nb * block - n))
         codes = _round_stochastic(v, u.reshape(v.shape), spec)
     else:
         codes = _round_nearest(v, spec)
@@ -216,6 +219,7 @@ def requantize_sum_blockwise_ref(
     stochastic: bool = False,
     seed: int = 0,
     error: torch.Tensor | None = None,
+    key: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference fused reduce + re-quantize: exactly ::
 
@@ -228,7 +232,7 @@ def requantize_sum_blockwise_ref(
     """
     fmt = FORMAT_OF_DTYPE[q.dtype].name
     total = dequantize_sum_blockwise_ref(q, scales, block, average=average)
-    return quantize_blockwise_ref(total, fmt, block, stochastic=stochastic, seed=seed, error=error)
+    return quantize_blockwise_ref(total, fmt, block, stochastic=stochastic, seed=seed, error=error, key=key)
 
 
 def quantize_blockwise_into_ref(
@@ -241,6 +245,7 @@ def quantize_blockwise_into_ref(
     stochastic: bool = False,
     seed: int = 0,
     error: torch.Tensor | None = None,
+    key: int | None = None,
 ) -> None:
     """Reference quantization of a 1-d ``x`` ``[N]`` into zero-padded buffers.
 
@@ -251,7 +256,7 @@ def quantize_blockwise_into_ref(
     to any block's amax). ``error`` (``[N]``) is updated in place as by ``quantize_blockwise_ref``.
     """
     n = x.shape[0]
-    q, s = quantize_blockwise_ref(x, fmt, block, stochastic=stochastic, seed=seed, error=error)
+    q, s = quantize_blockwise_ref(x, fmt, block, stochastic=stochastic, seed=seed, error=error, key=key)
     q_bits = q_out.view(torch.uint8) if q_out.dtype != torch.int8 else q_out
     q_bits[:n] = q.view(torch.uint8) if q.dtype != torch.int8 else q
     q_bits[n:] = 0
