@@ -143,16 +143,18 @@ def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, cl
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-    # variants after "/", combinable ("int8+EF/enqueue/packed"): "pool" (the hook's second half where
+    # variants after "/", combinable ("int8+EF/graph/packed"): "pool" (the hook's second half where
     # torch puts the callback instead of its side stream), "enqueue" (everything enqueued at once, no
-    # host callback), "packed" (codes and scales in one buffer: one collective per hop)
+    # host callback), "packed" (codes and scales in one buffer: one collective per hop), "graph"
+    # (each bucket's pipeline replayed from a CUDA graph)
     config, *variants = config.split("/")
-    unknown = set(variants) - {"pool", "enqueue", "packed"}
+    unknown = set(variants) - {"pool", "enqueue", "packed", "graph"}
     if unknown:
-        raise SystemExit(f"--configs: unknown variant(s) {sorted(unknown)}; known: pool, enqueue, packed")
+        raise SystemExit(f"--configs: unknown variant(s) {sorted(unknown)}; known: pool, enqueue, packed, graph")
     dsk_dist.SIDE_STREAM = "pool" not in variants
     dsk_dist.ENQUEUE_AT_ONCE = "enqueue" in variants
     dsk_dist.PACK_WIRE = "packed" in variants
+    dsk_dist.GRAPH_BUCKETS = "graph" in variants and device.type == "cuda"
     state = None
     clock = [0.0] if clock is None else clock
     if config == "bf16_compress":

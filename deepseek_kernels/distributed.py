@@ -24,9 +24,10 @@ summed inside an all-reduce, so the reduction happens locally, in fp32, between 
 4. ``all_gather`` codes and scales, dequantize all shards in the gradient's dtype (one kernel)
    and drop the padding; DDP copies the result into the gradients.
 
-Two switches, off until they have run on GPUs (see their comments below): ``PACK_WIRE`` sends codes
-and scales in one buffer (one collective per hop instead of two) and ``ENQUEUE_AT_ONCE`` enqueues a
-bucket's whole pipeline on the hook's side stream without a host callback. Both exist because the
+Three switches, off until they have run on GPUs (see their comments below): ``PACK_WIRE`` sends
+codes and scales in one buffer (one collective per hop instead of two), ``ENQUEUE_AT_ONCE`` enqueues
+a bucket's whole pipeline on the hook's side stream without a host callback, and ``GRAPH_BUCKETS``
+replays each bucket's pipeline from a CUDA graph (one launch per bucket). They exist because the
 hook's cost in a real DDP step is host time per bucket (benchmarks/NOTES.md, session 7).
 
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
@@ -53,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 import deepseek_kernels.ops.quantization  # noqa: F401  (registers the ops bound in FAST_OPS)
+from deepseek_kernels.ops.quantization import key_value
 from deepseek_kernels.reference.quantization import (
     FORMATS,
     dequantize_blockwise_ref,
@@ -101,6 +103,8 @@ class QuantizedGradState:
     _residuals: dict = field(default_factory=dict, repr=False)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)  # device flag, no sync
     _streams: dict = field(default_factory=dict, repr=False)  # device -> the hook's side stream
+    _graphs: dict = field(default_factory=dict, repr=False)  # bucket index -> signature or _BucketGraph
+    _graph_pools: dict = field(default_factory=dict, repr=False)  # device -> memory pool of the graphs
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -133,9 +137,10 @@ class QuantizedGradState:
             self._nonfinite = None
         return self.found_nonfinite
 
-    def _flag_nonfinite(self, scales: torch.Tensor) -> None:
-        bad = ~torch.isfinite(scales).all()
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+    def _fold_nonfinite(self, bad: torch.Tensor) -> None:
+        """ORs a bucket's device flag into the step's (no sync; ``bad`` may be a graph's static
+        output, so it is copied, never kept)."""
+        self._nonfinite = bad.clone() if self._nonfinite is None else self._nonfinite | bad
 
     def report(self) -> str:
         mb = 1 / 2**20
@@ -198,13 +203,16 @@ FAST_OPS = HookOps(
 )
 
 
-def _ref_quantize_into(x, fmt, block, stochastic, seed, error, q_out, scales_out):
-    quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error)
+def _ref_quantize_into(x, fmt, block, stochastic, seed, error, q_out, scales_out, key=None):
+    key = None if key is None else int(key.item()) & 0xFFFFFFFF
+    quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error,
+                                key=key)
 
 
-def _ref_requantize_sum(q, scales, block, average, stochastic, seed, error):
+def _ref_requantize_sum(q, scales, block, average, stochastic, seed, error, key=None):
+    key = None if key is None else int(key.item()) & 0xFFFFFFFF
     return requantize_sum_blockwise_ref(q, scales, block, average=average, stochastic=stochastic, seed=seed,
-                                        error=error)
+                                        error=error, key=key)
 
 
 # The same pipeline through the plain-PyTorch definitions (test oracle, benchmark baseline).
@@ -254,24 +262,24 @@ def _unpack_wire(plan: _Plan, wire: torch.Tensor):
 
 
 def compress_bucket(state: "QuantizedGradState", flat: torch.Tensor, plan: _Plan, residual, seed: int,
-                    ops: HookOps = FAST_OPS):
+                    ops: HookOps = FAST_OPS, key: torch.Tensor | None = None):
     """Hop 1: quantize the bucket (plus its residual) straight into the send buffers: codes [P]
     (bytes) and scales [P / block], laid out as `world` equal shards, zero-padded to whole blocks
     (one kernel; the padding is zero-filled by memsets, no copy)."""
     codes = torch.empty(plan.padded, dtype=FORMATS[state.fmt].dtype, device=flat.device)
     scales = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=flat.device)
-    ops.quantize_into(flat, state.fmt, plan.block, state.stochastic, seed, residual, codes, scales)
+    ops.quantize_into(flat, state.fmt, plan.block, state.stochastic, seed, residual, codes, scales, key)
     return codes.view(torch.uint8), scales
 
 
 def reduce_shard(state: "QuantizedGradState", codes: torch.Tensor, scales: torch.Tensor, plan: _Plan,
-                 residual, seed: int, ops: HookOps = FAST_OPS):
+                 residual, seed: int, ops: HookOps = FAST_OPS, key: torch.Tensor | None = None):
     """After the all-to-all: the mean of the `world` copies of this rank's shard, summed in fp32
     in rank order (deterministic), re-quantized (hop 2) with its residual, in one kernel.
     codes [W * S] bytes, scales [W * S / block]; returns codes [S] bytes and scales [S / block]."""
     code_dtype = FORMATS[state.fmt].dtype
     q, s = ops.requantize_sum(codes.view(code_dtype).view(plan.world, plan.shard), scales.view(plan.world, -1),
-                              plan.block, True, state.stochastic, seed, residual)
+                              plan.block, True, state.stochastic, seed, residual, key)
     return q.view(torch.uint8), s
 
 
@@ -307,6 +315,13 @@ ENQUEUE_AT_ONCE = False
 # arithmetic and seeds, so the result is bit-identical to the unpacked exchange. Off until run on
 # a GPU (tests/test_distributed.py's CUDA test and benchmarks/multi_gpu_ddp.py).
 PACK_WIRE = False
+# True: a bucket's whole pipeline (both hops, both exchanges, the decompression) is captured in a
+# CUDA graph on its second call and replayed from then on: one launch per bucket instead of ~15
+# (host time, not GPU time, is what the hook costs in a DDP step). The stochastic-rounding keys
+# are written into device memory before each replay (the kernels read them at run time), so a
+# replay is bit-identical to the eager pipeline. Implies the enqueue-at-once path. Written after
+# the session-7 GPU time: off until tests/test_distributed.py's CUDA tests have run it.
+GRAPH_BUCKETS = False
 # Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
 # time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
 # each range costs a few microseconds even when no profiler runs.
@@ -338,12 +353,13 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         # gloo: run the whole exchange synchronously (its futures run callbacks on the backend's
         # own threads, where issuing the next collective can deadlock or abort).
         done: torch.futures.Future = torch.futures.Future()
-        _, *sent = _send_bucket(state, flat, plan, index, rank, group)
-        done.set_result(_finish_bucket(state, plan, index, rank, group, flat.dtype, *sent).view(buffer.shape))
+        out, bad = _reduce_bucket(state, flat, plan, index, rank, group)
+        state._fold_nonfinite(bad)
+        done.set_result(out.view(buffer.shape))
         return done
     current = torch.cuda.current_stream(buffer.device)
-    side = state._stream_for(buffer.device) if SIDE_STREAM else current
-    if ENQUEUE_AT_ONCE:
+    side = state._stream_for(buffer.device) if SIDE_STREAM or GRAPH_BUCKETS else current
+    if ENQUEUE_AT_ONCE or GRAPH_BUCKETS:
         # Everything enqueued now on the side stream, which first waits for the backward pass's
         # stream (the bucket's gradients). The collectives are stream-ordered (the side stream
         # waits for each one's end), so no host callback is needed; the returned CUDA-aware future
@@ -351,10 +367,13 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         # makes its own stream wait for that. The backward pass keeps running meanwhile.
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            _, *sent = _send_bucket(state, flat, plan, index, rank, group)
-            out = _finish_bucket(state, plan, index, rank, group, flat.dtype, *sent).view(buffer.shape)
+            if GRAPH_BUCKETS:
+                out, bad = _graphed_bucket(state, flat, plan, index, rank, group)
+            else:
+                out, bad = _reduce_bucket(state, flat, plan, index, rank, group)
+            state._fold_nonfinite(bad)  # NaN scales reach every rank: all ranks flag the step
             fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
-            fut.set_result(out)  # records an event on the side stream
+            fut.set_result(out.view(buffer.shape))  # records an event on the side stream
         return fut
 
     # Hop 1 and the all-to-all on the backward pass's stream; the rest as a CUDA-aware callback of
@@ -373,7 +392,8 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         with torch.cuda.stream(stream):
             codes_in.record_stream(stream)
             scales_in.record_stream(stream)
-            out = _finish_bucket(state, plan, index, rank, group, flat.dtype, res, codes_in, scales_in)
+            out, bad = _finish_bucket(state, plan, index, rank, group, flat.dtype, res, codes_in, scales_in)
+            state._fold_nonfinite(bad)
         pool.wait_stream(stream)
         return out.view(buffer.shape)
 
@@ -381,13 +401,22 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         return work.get_future().then(on_side_stream)
 
 
+def _reduce_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group,
+                   keys=(None, None)):
+    """The whole pipeline of one bucket on the current stream, in stream order: (mean [L], device
+    flag of a non-finite scale). ``keys``: device-resident stochastic-rounding keys of the two hops
+    (graph capture) instead of the ones derived from the seeds."""
+    _, *sent = _send_bucket(state, flat, plan, index, rank, group, key=keys[0])
+    return _finish_bucket(state, plan, index, rank, group, flat.dtype, *sent, key=keys[1])
+
+
 def _send_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group,
-                 wait_codes: bool = True):
+                 wait_codes: bool = True, key: torch.Tensor | None = None):
     """Hop 1 and the all-to-all on the current stream: (work of the codes' all-to-all, or None when
     ``wait_codes``, which waits for it in stream order), residuals, received codes and scales."""
     with _phase("dsk_hook:compress"):
         res = state._residuals_for(index, plan, flat.device)
-        codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1))
+        codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1), key=key)
         if PACK_WIRE:
             send = _pack_wire(plan, codes, scales)
             recv = torch.empty_like(send)
@@ -404,10 +433,11 @@ def _send_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, ind
 
 
 def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int, group, dtype: torch.dtype, res,
-                   codes_in: torch.Tensor, scales_in: torch.Tensor) -> torch.Tensor:
-    """Hop 2, the all-gather and the decompression on the current stream; returns the mean [L]."""
+                   codes_in: torch.Tensor, scales_in: torch.Tensor, key: torch.Tensor | None = None):
+    """Hop 2, the all-gather and the decompression on the current stream: (mean [L], device flag:
+    a scale of the reduced bucket is non-finite)."""
     with _phase("dsk_hook:reduce"):
-        q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2))
+        q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2), key=key)
         if PACK_WIRE:
             mine = torch.empty(plan.wire, dtype=torch.uint8, device=codes_in.device)
             mine_codes, mine_scales = _unpack_wire(plan, mine)
@@ -425,8 +455,59 @@ def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int
             _all_gather_into(codes_out, q2, group)
             _all_gather_into(scales_out, s2, group)
     with _phase("dsk_hook:decompress"):
-        state._flag_nonfinite(scales_out)  # NaN scales reach every rank: all ranks flag the step
-        return decompress_bucket(state, codes_out, scales_out, plan, dtype)
+        bad = ~torch.isfinite(scales_out).all()  # NaN scales reach every rank: all ranks flag the step
+        return decompress_bucket(state, codes_out, scales_out, plan, dtype), bad
+
+
+@dataclass
+class _BucketGraph:
+    """One bucket's captured pipeline: replay after writing the two hops' keys into ``keys``."""
+
+    signature: tuple
+    graph: "torch.cuda.CUDAGraph"
+    keys: torch.Tensor  # int32 [2] on the device: hop 1, hop 2
+    out: torch.Tensor  # the mean [L] (static: rewritten by every replay)
+    bad: torch.Tensor  # the non-finite flag (static)
+
+
+def _graphed_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group):
+    """GRAPH_BUCKETS: the bucket's pipeline eagerly on its first call, captured and replayed on its
+    second, replayed from then on; a new signature (DDP rebuilt its buckets, the settings changed)
+    starts over. All ranks call the hook on the same buckets in the same order, so they capture
+    on the same call. Runs on the side stream (the current stream here)."""
+    signature = (flat.data_ptr(), flat.numel(), flat.dtype, plan.world, state.fmt, state.block, state.stochastic,
+                 state.error_feedback, PACK_WIRE, id(group))
+    seen = state._graphs.get(index)
+    key1 = key_value(state._seed_for(index, rank, 1))
+    key2 = key_value(state._seed_for(index, rank, 2))
+    if isinstance(seen, _BucketGraph) and seen.signature == signature:
+        seen.keys[0].fill_(key1)  # by value at launch: safe however far the host runs ahead
+        seen.keys[1].fill_(key2)
+        seen.graph.replay()
+        return seen.out, seen.bad
+    if seen != signature:
+        state._graphs[index] = signature
+        return _reduce_bucket(state, flat, plan, index, rank, group)
+    keys = torch.empty(2, dtype=torch.int32, device=flat.device)
+    keys[0].fill_(key1)
+    keys[1].fill_(key2)
+    graph = torch.cuda.CUDAGraph()
+    pool = state._graph_pools.get(flat.device)
+    if pool is None:
+        pool = state._graph_pools[flat.device] = torch.cuda.graph_pool_handle()
+    try:
+        # thread_local: NCCL's watchdog thread keeps querying its events during the capture
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.current_stream(flat.device),
+                              capture_error_mode="thread_local"):
+            out, bad = _reduce_bucket(state, flat, plan, index, rank, group, keys=(keys[0:1], keys[1:2]))
+    except Exception as exc:
+        raise RuntimeError(
+            f"quantized_allreduce_hook: capturing bucket {index} in a CUDA graph failed ({exc}); set "
+            "deepseek_kernels.distributed.GRAPH_BUCKETS = False to run the hook without graphs"
+        ) from exc
+    state._graphs[index] = _BucketGraph(signature, graph, keys, out, bad)
+    graph.replay()  # the capture only recorded the work
+    return out, bad
 
 
 def register_quantized_comm_hook(model: torch.nn.Module, state: "QuantizedGradState | None" = None,
