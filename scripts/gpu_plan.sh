@@ -44,7 +44,7 @@ case "$step" in
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
     ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
     timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_distributed.py \
-      tests/test_quantized_reduce.py
+      tests/test_quantized_reduce.py tests/test_quantization.py
     timeout 200 "${ddp[@]}" --label variants --parts step \
       --configs allreduce,bf16_compress,int8+EF,int8+EF/enqueue,int8+EF/enqueue/packed,int8+EF/graph,int8+EF/graph/packed,fp8_e4m3+EF/graph
     timeout 120 "${ddp[@]}" --label variants-profile --parts step --configs int8+EF/enqueue/packed,int8+EF/graph --profile --steps 3 ;;
