@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 CONFIGS = ("allreduce", "bf16_compress", "int8+EF", "fp8_e4m3+EF")
 
@@ -406,7 +407,10 @@ def converge(args, device, rank, world) -> dict:
         ddp, state = wrap(model, config, device, args.bucket_mb)
         opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.1)
         curve = []
-        for step, tokens in enumerate(batches(train, rank, world, args.batch, cfg["seq"], args.converge_steps, seed=3)):
+        steps = batches(train, rank, world, args.batch, cfg["seq"], args.converge_steps, seed=3)
+        bar = tqdm(steps, total=args.converge_steps, desc=f"converge {config}", unit="step", disable=rank != 0,
+                   mininterval=5.0)
+        for step, tokens in enumerate(bar):
             tokens = tokens.to(device)
             for g in opt.param_groups:  # linear warm-up, cosine decay
                 warm = min(1.0, (step + 1) / max(1, args.converge_steps // 10))
