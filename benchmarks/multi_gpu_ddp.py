@@ -232,7 +232,7 @@ def check(args, device, rank, world) -> dict:
     text = corpus(args.corpus_bytes)
     tokens = next(batches(text, rank, world, args.batch, cfg["seq"], 1, seed=1)).to(device)
     out = {}
-    for fmt in ("int8", "fp8_e4m3"):
+    for fmt in ("int8", "fp8_e4m3", "fp8_e5m2"):
         torch.manual_seed(0)
         with torch.device(device):  # initialised on the GPU: a 1B model's CPU init takes seconds
             model = GPT(**cfg)

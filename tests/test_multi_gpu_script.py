@@ -23,7 +23,7 @@ def test_multi_gpu_ddp_script_runs_on_two_cpu_ranks(tmp_path):
     assert result["world"] == 2 and result["backend"] == "gloo"
     assert set(result["link"]) == {"all_reduce fp32", "all_reduce bf16", "all_to_all uint8", "all_gather uint8"}
     assert all(r["busbw_GBps"] > 0 and r["time_s"] > 0 for r in result["link"].values())
-    for fmt, bound in (("int8", 3e-2), ("fp8_e4m3", 1e-1)):  # per-bucket error of the hook's mean
+    for fmt, bound in (("int8", 3e-2), ("fp8_e4m3", 1e-1), ("fp8_e5m2", 2e-1)):  # per-bucket error of the mean
         r = result["check"][fmt]
         assert r["buckets"] >= 1 and 0 < r["rel_error_max"] < bound, r
     step = result["step"]
