@@ -483,18 +483,68 @@ def plot_title(result: dict) -> str:
             f"{result['args']['converge_steps']} steps, batch {result['args']['batch']} per rank")
 
 
-def replot(path: str) -> None:
-    """``--replot RESULT.json``: the loss figure again from a finished run's JSON."""
-    result = json.loads(Path(path).read_text())
-    png = Path(path).with_name(Path(path).stem + "_loss.png")
-    if not plot(png, result["converge"], plot_title(result)):
-        raise SystemExit("--replot needs matplotlib")
-    print(f"wrote {png}")
+def plot_steps(path: Path, results: list[dict]) -> bool:
+    """Step time per configuration, split into the step without gradient communication and the
+    exposed communication on top of it; one group of bars per run (link)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    def link(r):
+        p2p_off = (r.get("env") or {}).get("NCCL_P2P_DISABLE") == "1"
+        return r["args"].get("label") or ("NCCL P2P off" if p2p_off else "NCCL default transport (P2P)")
+
+    runs = [(link(r), r["step"]) for r in results if "step" in r]
+    configs = [c for c in runs[0][1] if isinstance(runs[0][1][c], dict)]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(configs) * len(runs) / 2, 4.5))
+    width = 0.8 / len(runs)
+    for i, (label, step) in enumerate(runs):
+        xs = [k + i * width for k in range(len(configs))]
+        base = [1e3 * step[c]["step_no_comm_s"] if c in step else 0 for c in configs]
+        comm = [1e3 * step[c]["exposed_comm_s"] if c in step else 0 for c in configs]
+        ax.bar(xs, base, width, color="0.75", edgecolor="k", lw=0.5, label="step without communication" if i == 0 else None)
+        bars = ax.bar(xs, comm, width, bottom=base, edgecolor="k", lw=0.5, label=f"exposed communication: {label}")
+        for bar, b, c in zip(bars, base, comm):
+            ax.text(bar.get_x() + bar.get_width() / 2, b + c, f"{b + c:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([k + width * (len(runs) - 1) / 2 for k in range(len(configs))], configs, fontsize=8)
+    ax.set_ylabel("ms per training step")
+    r0 = results[0]
+    ax.set_title(f"{r0['world']} x {r0.get('gpu', r0['backend'])}: DDP step, {r0['step'].get('params', 0) / 1e9:.2f}B "
+                 f"parameters", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def replot(paths: list[str]) -> None:
+    """``--replot RESULT.json [MORE.json ...]``: the figures again from finished runs' JSON: the loss
+    curves of the first run that has them, and the step times of every run side by side."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    first = Path(paths[0])
+    written = []
+    for result in results:
+        if "converge" in result:
+            png = first.with_name(first.stem + "_loss.png")
+            if not plot(png, result["converge"], plot_title(result)):
+                raise SystemExit("--replot needs matplotlib")
+            written.append(png)
+            break
+    if any("step" in r for r in results):
+        png = first.with_name(first.stem + "_steps.png")
+        if not plot_steps(png, [r for r in results if "step" in r]):
+            raise SystemExit("--replot needs matplotlib")
+        written.append(png)
+    print("wrote " + ", ".join(map(str, written)) if written else "nothing to plot in " + ", ".join(paths))
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
-        return replot(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "--replot":
+        return replot(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="link,check,step,converge")
@@ -545,6 +595,8 @@ def main():
         if rank == 0:
             if "converge" in result:
                 plot(out / f"{stem}_loss.png", result["converge"], plot_title(result))
+            if "step" in result:
+                plot_steps(out / f"{stem}_steps.png", [result])
             for name, r in result.get("link", {}).items():
                 print(f"link {name:18s} {r['busbw_GBps']:8.1f} GB/s bus bandwidth")
             for name, r in result.get("step", {}).items():

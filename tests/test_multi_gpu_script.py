@@ -36,11 +36,14 @@ def test_multi_gpu_ddp_script_runs_on_two_cpu_ranks(tmp_path):
     conv = result["converge"]
     assert all(len(c["loss"]) == 6 and c["loss"][-1] < c["loss"][0] for c in conv.values())
     assert conv["int8+EF"]["bytes_sent_vs_fp32"] < 0.35  # about a quarter of an fp32 all-reduce
+    assert (tmp_path / "multi_gpu_ddp-smoke_steps.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "multi_gpu_ddp-smoke_loss.png").read_bytes()[:4] == b"\x89PNG"
     # the figure again from the JSON alone (how committed results are re-plotted)
     png = tmp_path / "multi_gpu_ddp-smoke_loss.png"
     png.unlink()
+    (tmp_path / "multi_gpu_ddp-smoke_steps.png").unlink()
     done = subprocess.run([sys.executable, str(SCRIPT), "--replot", str(tmp_path / "multi_gpu_ddp-smoke.json")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "multi_gpu_ddp-smoke_steps.png").read_bytes()[:4] == b"\x89PNG"
