@@ -13,9 +13,9 @@ and stochastic rounding on):
 
 - **link**: bus bandwidth of the collectives the configurations use (all-reduce fp32/bf16,
   all-to-all, all-gather) at 256 MiB, so the step times can be read against the link.
-
-- **check**: one backward of the model; every bucket is reduced both ways (a plain all-reduce mean
-  of a copy, and the hook) and the relative error of the hook's mean is recorded per bucket.
+- **check**: two backward passes of the model (int8, fp8_e4m3, fp8_e5m2); on the second, every
+  bucket is reduced both ways (a plain all-reduce mean of a copy, and the hook) and the relative
+  error of the hook's mean is recorded per bucket.
 - **step**: time of a training step (forward, backward with the bucket communication, AdamW) per
   configuration, tokens/s per GPU, and the share of the step spent communicating, estimated
   against the same step under ``no_sync()`` (no gradient communication at all). Parameters and
@@ -25,8 +25,11 @@ and stochastic rounding on):
   library's source files, byte-level tokens) per configuration; loss curves as JSON and PNG.
 
 A slower link on the same machine: ``NCCL_P2P_DISABLE=1`` (NCCL through host shared memory) with
-``--label shm``. Rank 0 writes ``multi_gpu_ddp[-LABEL].json`` (+ ``..._loss.png``) under ``--out``,
-after every part (a run cut short keeps what it finished).
+``--label shm``. Rank 0 writes ``multi_gpu_ddp[-LABEL].json`` under ``--out`` after every part (a
+run cut short keeps what it finished), then ``..._loss.png`` and ``..._steps.png``;
+``--replot A.json [B.json ...]`` draws them again from finished runs (the step bars of all of them
+side by side). ``--configs`` picks configurations and hook variants (``int8+EF/graph/packed``: see
+``wrap``); ``--profile`` adds a per-kernel and per-phase profile of two more steps.
 """
 
 from __future__ import annotations
