@@ -506,3 +506,20 @@ def test_strided_bias_and_weights_through_the_ops():
     got = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, 0, n_blocks, True, True)
     want = ops.sparse_ffn_blocks_fwd(x, w_gate, w_up.contiguous(), w_down, idx, weights, 0, n_blocks, True, True)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("T", [1, 8])
+def test_decode_gate_up_split_on_gpu(T, split):
+    """The opt-in gate/up split (d_model in slices, a finish kernel sums them) at the decode shape in
+    bf16: the split's result matches the unsplit kernel's and the fp32 reference."""
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    nb, k = 64, round(0.15 * 64)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+    one = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=nb)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=nb,
+                               config={"gate_up": {"split": split}})
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=nb,
+                                shared_blocks=0)
+    assert rel(out, ref) < TOL[torch.bfloat16] and rel(out, one) < TOL[torch.bfloat16]
