@@ -466,7 +466,7 @@ class _BucketGraph:
     signature: tuple
     graph: "torch.cuda.CUDAGraph"
     keys: torch.Tensor  # int32 [2] on the device: hop 1, hop 2
-    out: torch.Tensor  # the mean [L] (static: rewritten by every replay)
+    out: torch.Tensor  # the mean [L]: DDP's bucket buffer, rewritten by every replay
     bad: torch.Tensor  # the non-finite flag (static)
 
 
@@ -499,7 +499,13 @@ def _graphed_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, 
         # thread_local: NCCL's watchdog thread keeps querying its events during the capture
         with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.current_stream(flat.device),
                               capture_error_mode="thread_local"):
-            out, bad = _reduce_bucket(state, flat, plan, index, rank, group, keys=(keys[0:1], keys[1:2]))
+            mean, bad = _reduce_bucket(state, flat, plan, index, rank, group, keys=(keys[0:1], keys[1:2]))
+            # The mean back into DDP's own bucket buffer (hop 1 has consumed it), as an in-place
+            # all-reduce does: the graph then keeps no output of its own (L x 4 bytes per bucket
+            # for fp32 gradients) and its intermediates are free for the next bucket's capture.
+            flat.copy_(mean)
+            del mean
+        out = flat
     except Exception as exc:
         raise RuntimeError(
             f"quantized_allreduce_hook: capturing bucket {index} in a CUDA graph failed ({exc}); set "
