@@ -441,16 +441,24 @@ def converge(args, device, rank, world) -> dict:
     return out
 
 
-def plot(path: Path, conv: dict, title: str = "") -> bool:
-    """Two panels: the loss curves (every configuration starts from the same seed and sees the
-    same batches, so they lie on top of each other), and each one's difference from DDP's
-    all-reduce, smoothed over 20 steps, where a compression bias would show."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(path: Path, conv: dict, title: str = "") -> bool:
+    """Two panels: the loss curves (every configuration starts from the same seed and sees the
+    same batches, so they lie on top of each other), and each one's difference from DDP's
+    all-reduce, smoothed over 20 steps, where a compression bias would show."""
+    plt = _pyplot()
+    if plt is None:
         return False
 
     def smooth(xs, n=20):
@@ -489,13 +497,10 @@ def plot_title(result: dict) -> str:
 def plot_steps(path: Path, results: list[dict]) -> bool:
     """Step time per configuration, split into the step without gradient communication and the
     exposed communication on top of it; one group of bars per run (link)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
+
     def link(r):
         p2p_off = (r.get("env") or {}).get("NCCL_P2P_DISABLE") == "1"
         return r["args"].get("label") or ("NCCL P2P off" if p2p_off else "NCCL default transport (P2P)")

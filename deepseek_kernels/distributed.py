@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 import deepseek_kernels.ops.quantization  # noqa: F401  (registers the ops bound in FAST_OPS)
-from deepseek_kernels.ops.quantization import key_value
+from deepseek_kernels.ops.quantization import key_int, key_value
 from deepseek_kernels.reference.quantization import (
     FORMATS,
     dequantize_blockwise_ref,
@@ -204,15 +204,13 @@ FAST_OPS = HookOps(
 
 
 def _ref_quantize_into(x, fmt, block, stochastic, seed, error, q_out, scales_out, key=None):
-    key = None if key is None else int(key.item()) & 0xFFFFFFFF
     quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error,
-                                key=key)
+                                key=key_int(key))
 
 
 def _ref_requantize_sum(q, scales, block, average, stochastic, seed, error, key=None):
-    key = None if key is None else int(key.item()) & 0xFFFFFFFF
     return requantize_sum_blockwise_ref(q, scales, block, average=average, stochastic=stochastic, seed=seed,
-                                        error=error, key=key)
+                                        error=error, key=key_int(key))
 
 
 # The same pipeline through the plain-PyTorch definitions (test oracle, benchmark baseline).
@@ -247,11 +245,13 @@ class _Plan:
 
 
 def _pack_wire(plan: _Plan, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """[world, wire] bytes holding codes [world * S] and scales [world * S / block] shard by shard."""
-    wire = torch.empty(plan.world, plan.wire, dtype=torch.uint8, device=codes.device)
+    """[shards, wire] bytes holding codes [shards * S] and scales [shards * S / block] shard by
+    shard (all world shards for hop 1, this rank's one for hop 2)."""
+    shards = codes.numel() // plan.shard
+    wire = torch.empty(shards, plan.wire, dtype=torch.uint8, device=codes.device)
     codes_view, scales_view = _unpack_wire(plan, wire)
-    codes_view.copy_(codes.view(plan.world, plan.shard))
-    scales_view.copy_(scales.view(plan.world, plan.shard_blocks))
+    codes_view.copy_(codes.view(shards, plan.shard))
+    scales_view.copy_(scales.view(shards, plan.shard_blocks))
     return wire
 
 
@@ -439,10 +439,7 @@ def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int
     with _phase("dsk_hook:reduce"):
         q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2), key=key)
         if PACK_WIRE:
-            mine = torch.empty(plan.wire, dtype=torch.uint8, device=codes_in.device)
-            mine_codes, mine_scales = _unpack_wire(plan, mine)
-            mine_codes.copy_(q2.view(1, -1))
-            mine_scales.copy_(s2.view(1, -1))
+            mine = _pack_wire(plan, q2, s2).view(-1)
             gathered = torch.empty(plan.world, plan.wire, dtype=torch.uint8, device=codes_in.device)
         else:
             codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=codes_in.device)

@@ -161,7 +161,8 @@ def key_value(seed: int) -> int:
     return k - (1 << 32) if k >= 1 << 31 else k
 
 
-def _key_int(key):
+def key_int(key):
+    """The 32-bit key a ``key`` tensor holds (None for None): what the reference uses in its place."""
     return None if key is None else int(key.reshape(()).item()) & 0xFFFFFFFF
 
 
@@ -235,7 +236,7 @@ def _dequantize_reference_kernel(q, scales, block, out_dtype):
 def _quantize_into_reference_kernel(x, fmt, block, stochastic, seed, error, q_out, scales_out, key=None):
     check_quantize_into_args(x, fmt, block, error, q_out, scales_out, key)
     quantize_blockwise_into_ref(x, fmt, block, q_out, scales_out, stochastic=stochastic, seed=seed, error=error,
-                                key=_key_int(key))
+                                key=key_int(key))
 
 
 def _dequantize_sum_reference_kernel(q, scales, block, average, out_dtype):
@@ -246,7 +247,7 @@ def _dequantize_sum_reference_kernel(q, scales, block, average, out_dtype):
 def _requantize_sum_reference_kernel(q, scales, block, average, stochastic, seed, error, key=None):
     check_requantize_sum_args(q, scales, block, error, key)
     return requantize_sum_blockwise_ref(q, scales, block, average=average, stochastic=stochastic, seed=seed,
-                                        error=error, key=_key_int(key))
+                                        error=error, key=key_int(key))
 
 
 _REFERENCE_KERNELS = {
