@@ -127,9 +127,8 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     ap.add_argument("--decode", action="store_true", help="sweep the decode attention kernel instead")
-    ap.add_argument("--pack", action="store_true",
-                    help="the summary-tile variants: every forward and dq config with summary tiles level by level "
-                         "and packed across levels, every dkdv config with the per-key and the broadcast pooling backward")
+    ap.add_argument("--bcast", action="store_true",
+                    help="every dkdv config with the per-key and the broadcast pooling backward")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.seqlen is None:
@@ -149,12 +148,9 @@ def main():
     ref, lse = hierarchical_attention_fwd(q, k, v, **kw)
     result = {"S": S, "H": H, "D": D, "W": W, "block": BLOCK, "window_fwd_ms": win_fwd,
               "window_fwd_bwd_ms": win_fb, "fwd": [], "bwd": []}
-    packs = (False, True) if args.pack else (None,)
     fwd_grid = [] if args.skip_fwd else FWD_FULL if args.full else FWD_FOCUS
-    for (bm, bn, bs, w, st), pack in ((c, p) for c in fwd_grid for p in packs):
+    for bm, bn, bs, w, st in fwd_grid:
         cfg = dict(block_m=bm, block_n=bn, block_s=bs, num_warps=w, num_stages=st)
-        if pack is not None:
-            cfg["pack"] = pack
         try:
             out, _ = hierarchical_attention_fwd(q, k, v, **kw, **cfg)
             err = rel(out, ref)
@@ -166,8 +162,7 @@ def main():
             result["fwd"].append({**cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
             continue
         result["fwd"].append({**cfg, "ms": ms, "vs_window": ms / win_fwd})
-        print(f"  fwd {bm}x{bn} s{bs} w{w} st{st}" + ("" if pack is None else f" pack={pack}")
-              + f": {ms:7.3f} ms ({ms / win_fwd:.2f}x window)", flush=True)
+        print(f"  fwd {bm}x{bn} s{bs} w{w} st{st}: {ms:7.3f} ms ({ms / win_fwd:.2f}x window)", flush=True)
     best_bwd = {}
     if not args.skip_bwd:
         want = hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw)
@@ -177,9 +172,7 @@ def main():
         for kern, keys in BWD_KEYS.items():
             rows = []
             grid = BWD_FULL[kern] if args.full else BWD_FOCUS[kern]
-            if kern == "dq" and args.pack:
-                keys, grid = keys + ("pack",), [vals + (p,) for vals in grid for p in (False, True)]
-            if kern == "dkdv" and args.pack:
+            if kern == "dkdv" and args.bcast:
                 keys, grid = keys + ("bcast",), [vals + (p,) for vals in grid for p in (False, True)]
             for values in grid:
                 cfg = {kern: dict(zip(keys, values))}

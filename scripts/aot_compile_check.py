@@ -153,19 +153,14 @@ def cases():
                 dict(pool, SRC_K=f32, SRC_V=f32, DST_K=f32, DST_V=f32, stride_skt=H * D, stride_skh=D,
                      stride_svt=H * D, stride_svh=D, src_off=0, dst_off=4096, level=2, FROM_KEYS=False, FAN=2,
                      BLOCK_G=16), dict(num_warps=4)))
-    out.append(("hierarchical pool, level 1 (a group per program)", ha._hier_pool_keys_kernel,
-                dict(pool, K=bf16, V=bf16, DST_K=f32, DST_V=f32, stride_kt=H * D, stride_kh=D, stride_vt=H * D,
-                     stride_vh=D, BLOCK_F=32), dict(num_warps=4)))
-    for pack in (False, True):
-        out.append((f"hierarchical fwd (default tiles, pack={pack})", ha._hier_attn_fwd_kernel, dict(fwd, PACK=pack),
-                    dict(num_warps=4, num_stages=3)))
+    out.append(("hierarchical fwd (default tiles)", ha._hier_attn_fwd_kernel, fwd, dict(num_warps=4, num_stages=3)))
     bwd = ha.bwd_launch_config(B, W, D)
     dq = dict(Q=bf16, K=bf16, V=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DQ=bf16, cu=i32,
               stride_dqt=H * D, stride_dqh=D, T=131072, NSEQ=1, HQ=H, REP=1, **strides, **common)
     c = bwd["dq"]
-    for stages, pack in ((c["num_stages"], False), (3, False), (c["num_stages"], True)):
-        out.append((f"hierarchical bwd dq, {stages} stages, pack={pack}", ha._hier_bwd_dq,
-                    dict(dq, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_S=c["block_s"], PACK=pack),
+    for stages in (c["num_stages"], 3):
+        out.append((f"hierarchical bwd dq, {stages} stages", ha._hier_bwd_dq,
+                    dict(dq, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_S=c["block_s"]),
                     dict(num_warps=c["num_warps"], num_stages=stages)))
     c = bwd["dkdv"]
     dkdv = dict(Q=bf16, K=bf16, V=bf16, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, DK=bf16, DV=bf16, cu=i32,

@@ -39,16 +39,14 @@ def make(B, S, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
             torch.randn(B, S, Hkv, D, device=device).to(dtype), torch.randn(B, S, Hq, D, device=device).to(dtype))
 
 
-@pytest.mark.parametrize("keys_per_group", [False, True], ids=["16-groups-per-program", "group-per-program"])
 @pytest.mark.parametrize("block,sinks", [(16, 3), (16, 40), (32, 0)])
-def test_pooling_matches_reference_per_sequence(keys_per_group, block, sinks):
-    """Both level-1 pooling kernels; sinks inside one group and spanning groups; head dim padded."""
+def test_pooling_matches_reference_per_sequence(block, sinks):
+    """Sinks inside one group and spanning groups; head dim padded."""
     lens = [40, 0, 1, 97, 33, 64]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     T, levels = int(cu[-1]), 3
     k, v = torch.randn(T, 2, 8), torch.randn(T, 2, 8)
-    sk, sv = hierarchical_pool(k, v, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max(lens),
-                               keys_per_group=keys_per_group)
+    sk, sv = hierarchical_pool(k, v, cu, block=block, levels=levels, sinks=sinks, max_seqlen=max(lens))
     checked = 0
     for n, L in enumerate(lens):
         a = int(cu[n])
@@ -96,14 +94,14 @@ def test_backward_matches_reference(case):
                          ids=case_id)
 def test_summary_tiles_packed_across_levels(case):
     """Forward and dQ with summary tiles spanning level boundaries (16-wide: most tiles straddle one)
-    give the reference's results, like the level-by-level tiles."""
+    give the reference's results."""
     B, S, Hq, Hkv, D, window, block, sinks, levels = case
     q, k, v, do = make(B, S, Hq, Hkv, D)
     kw = dict(window=window, block=block, levels=resolve_levels(levels, S, window=window, block=block), sinks=sinks)
-    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, pack=True, **kw)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, **kw)
     ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, compute_dtype=torch.float64, **kw)
     assert rel_error(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
-    got = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"pack": True, "block_s": 16}},
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"block_s": 16}},
                                      **kw)
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
@@ -118,11 +116,11 @@ def test_summary_tiles_packed_across_levels_varlen():
     q, k, v, do = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16), torch.randn(T, 4, 16)
     kw = dict(window=16, block=16, levels=resolve_levels(None, max(lens), window=16, block=16), sinks=2,
               cu_seqlens=cu, max_seqlen=max(lens))
-    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, pack=True, **kw)
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, block_s=16, **kw)
     ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, compute_dtype=torch.float64,
                                               **{k_: v_ for k_, v_ in kw.items() if k_ != "max_seqlen"})
     assert rel_error(out, ref) < 1e-5 and (lse - ref_lse).abs().max() < 1e-4
-    dq = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"pack": True, "block_s": 16}},
+    dq = hierarchical_attention_bwd(do, q, k, v, out, lse, block_n=16, config={"dq": {"block_s": 16}},
                                     **kw)[0]
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **{k_: v_ for k_, v_ in kw.items() if k_ != "max_seqlen"})[0]
@@ -151,10 +149,11 @@ def test_key_tiles_wider_than_a_block(block_n):
     {"dsum": {"chunk": 1}},                    # every level's scan split into 1-block chunks, summed after
     {"dsum": {"chunk": 3, "block_s": 32}},     # uneven last chunk
     {"dsum": {"chunk": 0}},                    # never split
-    {"dkdv": {"bcast": True}},                 # pooling backward: 64-key tiles, level 1 per key, level >= 2 broadcast
-    {"dkdv": {"bcast": True, "block_n": 16, "block_m": 16}},  # every level broadcast
-], ids=["small-tiles", "wide-summary-tiles", "dsum-chunk1", "dsum-chunk3", "dsum-unsplit", "dkdv-bcast",
-        "dkdv-bcast-narrow"])
+    {"dkdv": {"bcast": False}},                # pooling backward gathered per key at every level
+    {"dkdv": {"bcast": True}},                 # (the default) 64-key tiles: level 1 per key, level >= 2 broadcast
+    {"dkdv": {"block_n": 16, "block_m": 16}},  # every level broadcast
+], ids=["small-tiles", "wide-summary-tiles", "dsum-chunk1", "dsum-chunk3", "dsum-unsplit", "dkdv-per-key",
+        "dkdv-bcast", "dkdv-bcast-narrow"])
 def test_backward_per_kernel_configs(config):
     """The per-kernel launch settings the tuner sweeps (tiles narrower and wider than a block, summary
     tiles spanning several levels' groups) give the reference's gradients; bad names are rejected."""
@@ -234,19 +233,15 @@ def test_gpu_forward_backward(D, dtype, S, window, block, sinks, hkv):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S,window,block,sinks,hkv", [(4097, 512, 64, 4, 8), (777, 128, 32, 1, 1)])
-def test_gpu_summary_tiles_packed(S, window, block, sinks, hkv, monkeypatch):
-    """The untimed variants on the GPU: packed summary tiles (PACK_SUMMARIES), the broadcast pooling
-    backward (dkdv bcast) and one program per level-1 group (POOL_KEYS_PER_GROUP): reference results,
-    and the same bits on every call."""
-    from deepseek_kernels.triton import hierarchical_attention as ha
-
-    monkeypatch.setattr(ha, "POOL_KEYS_PER_GROUP", True)
+def test_gpu_pooling_backward_per_key(S, window, block, sinks, hkv):
+    """The non-default pooling backward on the GPU (``dkdv.bcast`` False: gathered per key at every
+    level): reference results, and the same bits on every call."""
     q, k, v, do = make(1, S, 8, hkv, 128, torch.bfloat16, "cuda")
     kw = dict(window=window, block=block, levels=resolve_levels(None, S, window=window, block=block), sinks=sinks)
-    out, lse = hierarchical_attention_fwd(q, k, v, pack=True, **kw)
+    out, lse = hierarchical_attention_fwd(q, k, v, **kw)
     ref, ref_lse = hierarchical_attention_ref(q, k, v, return_lse=True, **kw)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16] and (lse - ref_lse).abs().max() < 2e-2
-    variants = {"dq": {"pack": True}, "dkdv": {"bcast": True}}
+    variants = {"dkdv": {"bcast": False}}
     got = hierarchical_attention_bwd(do, q, k, v, out, lse, config=variants, **kw)
     want = hierarchical_attention_bwd_ref(do, q, k, v, **kw)
     for name, g, w in zip("q k v".split(), got, want):

@@ -16,7 +16,6 @@ kernels cast them to the input dtype for the tensor-core dots, as they do the ke
 Kernels:
   _hier_pool_kernel      one level from the level below (level 1 from the keys): count-weighted
                          means, per sequence (never across a boundary). One launch per level.
-  _hier_pool_keys_kernel level 1 with one program per group (POOL_KEYS_PER_GROUP; untimed variant).
   _hier_attn_fwd_kernel  one program per (query tile, head): sinks and the local window exactly,
                          then the summaries of each level, in one online softmax; writes lse.
   _hier_bwd_dq           dQ over the same keys and summaries as the forward.
@@ -26,9 +25,10 @@ Kernels:
                          pooling backward fused as an epilogue (the gradient of a mean is its
                          gradient / count, broadcast to the group's non-sink tokens).
 No atomics anywhere: the backward is deterministic.
-Untimed variants, off by default until the H200 decides (benchmarks/diag_hier_kernels.py --variants):
-PACK_SUMMARIES (summary tiles across level boundaries in the forward and dq), BCAST_POOL_GRAD (dkdv's
-pooling backward as one broadcast row per wide level), POOL_KEYS_PER_GROUP (above).
+The forward and dq walk the summaries in tiles that run across level boundaries (each level shows
+a query block ~nw/2 + 2 groups, 34 at nw = 64: level by level, tiles of 32 ran two per level, the
+second nearly empty). H200, S=524288 H32 W4096 (session 8): fwd -0.7 %, dq -3.7 % against level by
+level (removed; fwd +2.9 % at S=8192).
 """
 
 import torch
@@ -107,44 +107,6 @@ def _packed_summaries(v, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
 
 
 @triton.jit
-def _hier_pool_keys_kernel(
-    K, V, DST_K, DST_V, cu,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_dt, stride_dh,
-    block, sinks, HKV, HEAD_DIM: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Level 1 (groups of 2 * block tokens) of one sequence and kv head: program_id(0) is the group;
-    its tokens are read as consecutive [BLOCK_F, D] tiles (sinks and tokens past the end weigh 0).
-    One group per program keeps short sequences parallel (16 groups per program walked 2 * block
-    token rows one at a time: 175 us per call at S=8192 H32, latency-bound)."""
-    g = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    n = pid_bh // HKV
-    h = pid_bh % HKV
-    start, seqlen = _seq(cu, n)
-    size = block << 1
-    if g * size < seqlen:
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        acc_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_v = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        wsum = tl.zeros((BLOCK_F,), dtype=tl.float32)
-        for f0 in range(0, size, BLOCK_F):
-            pos = g * size + f0 + tl.arange(0, BLOCK_F)
-            keep = (pos >= sinks) & (pos < seqlen)
-            mask = keep[:, None] & d_mask[None, :]
-            row = (start + pos).to(tl.int64)
-            xk = tl.load(K + row[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask, other=0.0)
-            xv = tl.load(V + row[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask, other=0.0)
-            acc_k += tl.sum(xk.to(tl.float32), 0)
-            acc_v += tl.sum(xv.to(tl.float32), 0)
-            wsum += keep.to(tl.float32)
-        inv = 1.0 / tl.maximum(tl.sum(wsum, 0), 1.0)  # a group of sinks only stays 0 (and is never attended)
-        dst = (start // size + n + g).to(tl.int64)
-        tl.store(DST_K + dst * stride_dt + h * stride_dh + offs_d, acc_k * inv, mask=d_mask)
-        tl.store(DST_V + dst * stride_dt + h * stride_dh + offs_d, acc_v * inv, mask=d_mask)
-
-
-@triton.jit
 def _hier_pool_kernel(
     SRC_K, SRC_V, DST_K, DST_V, cu,
     stride_skt, stride_skh, stride_svt, stride_svh, stride_dt, stride_dh,
@@ -208,18 +170,10 @@ def _packed(q, k, v, cu_seqlens, max_seqlen):
     return q, k, v, cu_seqlens, cu_seqlens.numel() - 1, max_len, False
 
 
-# Whether level 1 is pooled by one program per group (``_hier_pool_keys_kernel``) instead of BLOCK_G
-# groups per program walking the tokens one row at a time. Off until timed on the H200 (written
-# after session 6's GPU time; the pool kernel took 42.7 ns/token at S=8192 against 8.8 at 524288).
-POOL_KEYS_PER_GROUP = False
-
-
 def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, max_seqlen: int,
-                      block_g: int = 16, num_warps: int = 4, keys_per_group: bool | None = None):
+                      block_g: int = 16, num_warps: int = 4):
     """Summaries of packed ``k, v [T, Hkv, D]``: ``(mean_k, mean_v)`` float32 ``[R, Hkv, D]`` in the
-    row layout of the module docstring (levels 1..levels, each pooled from the one below).
-    ``keys_per_group``: level 1 by one program per group (None: :data:`POOL_KEYS_PER_GROUP`)."""
-    keys_per_group = POOL_KEYS_PER_GROUP if keys_per_group is None else keys_per_group
+    row layout of the module docstring (levels 1..levels, each pooled from the one below)."""
     T, Hkv, D = k.shape
     nseq = cu_seqlens.numel() - 1
     R = summary_rows(T, nseq, block=block, levels=levels)
@@ -229,21 +183,14 @@ def hierarchical_pool(k, v, cu_seqlens, *, block: int, levels: int, sinks: int, 
     off = prev = 0
     for l in range(1, levels + 1):
         size = block << l
-        if l == 1 and keys_per_group:
-            torch.library.wrap_triton(_hier_pool_keys_kernel)[(triton.cdiv(max(max_seqlen, 1), size), nseq * Hkv)](
-                k, v, sk, sv, cu_seqlens,
-                k.stride(0), k.stride(1), v.stride(0), v.stride(1), sk.stride(0), sk.stride(1),
-                block, sinks, Hkv, D, BLOCK_F=min(32, size), BLOCK_D=block_d, num_warps=num_warps,
-            )
-        else:
-            grid = (triton.cdiv(triton.cdiv(max(max_seqlen, 1), size), block_g), nseq * Hkv)
-            src_k, src_v, fan = (k, v, 2 * block) if l == 1 else (sk, sv, 2)
-            torch.library.wrap_triton(_hier_pool_kernel)[grid](
-                src_k, src_v, sk, sv, cu_seqlens,
-                src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1), sk.stride(0), sk.stride(1),
-                prev, off, l, block, sinks, Hkv, D,
-                FROM_KEYS=l == 1, FAN=fan, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
-            )
+        grid = (triton.cdiv(triton.cdiv(max(max_seqlen, 1), size), block_g), nseq * Hkv)
+        src_k, src_v, fan = (k, v, 2 * block) if l == 1 else (sk, sv, 2)
+        torch.library.wrap_triton(_hier_pool_kernel)[grid](
+            src_k, src_v, sk, sv, cu_seqlens,
+            src_k.stride(0), src_k.stride(1), src_v.stride(0), src_v.stride(1), sk.stride(0), sk.stride(1),
+            prev, off, l, block, sinks, Hkv, D,
+            FROM_KEYS=l == 1, FAN=fan, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
+        )
         prev, off = off, off + T // size + nseq
     return sk, sv
 
@@ -340,12 +287,11 @@ def _hier_attn_fwd_kernel(
     stride_ot, stride_oh, stride_lh,
     qk_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    PACK: tl.constexpr,
 ):
     """out/lse for BLOCK_M queries (inside one query block, BLOCK_M divides block) of one head:
     sinks + local window exactly, then level 1..levels summaries, one online softmax (base 2:
-    ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log). ``PACK``: summary tiles
-    run across level boundaries (:func:`_packed_summaries`) instead of level by level."""
+    ``qk_scale`` = softmax scale * log2(e); lse is stored in natural log). Summary tiles run across
+    level boundaries (:func:`_packed_summaries`)."""
     qk_scale = f32(qk_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -394,28 +340,11 @@ def _hier_attn_fwd_kernel(
                                    True, EVEN_D)
         # summaries: level l tiles blocks [s_l, s_{l-1}); a group of c tokens scores + ln(c)
         offs_s = tl.arange(0, BLOCK_S)
-        if PACK:
-            for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
-                rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
-                acc, l_i, m_i = _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh,
-                                             offs_d, d_mask, qk_scale)
-        else:
-            s_prev = s0
-            loff = start * 0  # a loop-carried int32 (NSEQ == 1 would be specialized to a constexpr)
-            for l in range(1, levels + 1):
-                size = block << l
-                s_l = _level_start(b, l, nw, levels)
-                g_hi = s_prev >> l
-                base = loff + start // size + n
-                for g0 in range(s_l >> l, g_hi, BLOCK_S):
-                    g = g0 + offs_s
-                    cnt = _group_count(g, l, block, seqlen, sinks)
-                    ok = (g < g_hi) & (cnt > 0)
-                    rows = (base + g).to(tl.int64)
-                    acc, l_i, m_i = _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh,
-                                                 offs_d, d_mask, qk_scale)
-                loff += T // size + NSEQ
-                s_prev = s_l
+        # summary tiles run across level boundaries (each level shows a query block ~nw/2 + 2 groups)
+        for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
+            rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
+            acc, l_i, m_i = _summary_fwd(acc, l_i, m_i, q, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh,
+                                         offs_d, d_mask, qk_scale)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # every valid query sees itself: l_i > 0
         lse = (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E
         tl.store(O + (start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
@@ -423,15 +352,11 @@ def _hier_attn_fwd_kernel(
         tl.store(LSE + h * stride_lh + start + offs_m, lse, mask=m_mask)
 
 
-# Whether the forward and dq kernels tile the summaries across level boundaries by default. Each
-# level shows a query block ~nw/2 + 2 groups (34 at nw = 64), so level-by-level tiles of 32 run two
-# tiles per level, the second nearly empty; packed, ~L + 1 tiles of 32 cover L levels. Off until
-# timed on the H200 (written after session 6's GPU time; interpreter-exact, compiles for sm_90):
-# benchmarks/tune_hierarchical.py --pack compares both in one process.
-PACK_SUMMARIES = False
 # Whether dkdv's pooling backward adds one broadcast [D] row per level whose groups span the key tile
-# (``dkdv.bcast``) instead of a per-key gather. Off until timed (written after session 6's GPU time).
-BCAST_POOL_GRAD = False
+# (``dkdv.bcast``, the default) instead of a per-key gather. H200, fwd+bwd H32/32 W4096 D128
+# (benchmarks/diag_hier_kernels.py --variants, session 8): dkdv -1.8 % at S=8192, -3.0 % at 131072,
+# -7.8 % at 524288.
+BCAST_POOL_GRAD = True
 
 
 def _blocks(block: int, block_m: int | None, block_n: int | None):
@@ -445,11 +370,10 @@ def _blocks(block: int, block_m: int | None, block_n: int | None):
 def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int, sinks: int = 0,
                                softmax_scale: float | None = None, cu_seqlens=None, max_seqlen: int | None = None,
                                block_m: int | None = None, block_n: int | None = None, block_s: int | None = None,
-                               num_warps: int | None = None, num_stages: int | None = None, pack: bool | None = None):
+                               num_warps: int | None = None, num_stages: int | None = None):
     """Forward pass (``levels`` already resolved to an int). Dense ``[B, S, H, D]`` or packed
     ``[T, H, D]`` with ``cu_seqlens``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, S]`` (dense)
-    or ``[Hq, T]`` (packed), float32. ``pack``: summary tiles across level boundaries (None:
-    :data:`PACK_SUMMARIES`)."""
+    or ``[Hq, T]`` (packed), float32."""
     qp, kp, vp, cu, nseq, max_len, dense = _packed(q, k, v, cu_seqlens, max_seqlen)
     qp, kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (qp, kp, vp))
     T, Hq, D = qp.shape
@@ -472,7 +396,7 @@ def hierarchical_attention_fwd(q, k, v, *, window: int, block: int, levels: int,
         out.stride(0), out.stride(1), lse.stride(0),
         scale * 1.4426950408889634, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PACK=PACK_SUMMARIES if pack is None else bool(pack), **launch,
+        **launch,
     )
     if dense:
         B, S = q.shape[:2]
@@ -530,10 +454,9 @@ def _hier_bwd_dq(
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh,
     sm_scale, nw, levels, block, sinks, T, NSEQ, HQ, REP, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    PACK: tl.constexpr,
 ):
-    """dQ of BLOCK_M queries of one head over the forward's keys and summaries (``PACK``: summary
-    tiles across level boundaries, as in the forward)."""
+    """dQ of BLOCK_M queries of one head over the forward's keys and summaries (summary tiles
+    across level boundaries, as in the forward)."""
     sm_scale = f32(sm_scale)
     LOG2E: tl.constexpr = 1.4426950408889634
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -577,28 +500,10 @@ def _hier_bwd_dq(
         dq = _exact_dq(dq, q, do, lse2, delta, offs_m, k_base, v_base, seqlen, int_hi, hi,
                        local_lo, stride_kt, stride_vt, offs_d, d_mask, qk_scale, sinks, BLOCK_N, True, EVEN_D)
         offs_s = tl.arange(0, BLOCK_S)
-        if PACK:
-            for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
-                rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
-                dq = _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d,
-                                 d_mask, qk_scale)
-        else:
-            s_prev = s0
-            loff = start * 0  # a loop-carried int32, never a constexpr
-            for l in range(1, levels + 1):
-                size = block << l
-                s_l = _level_start(b, l, nw, levels)
-                g_hi = s_prev >> l
-                base = loff + start // size + n
-                for g0 in range(s_l >> l, g_hi, BLOCK_S):
-                    g = g0 + offs_s
-                    cnt = _group_count(g, l, block, seqlen, sinks)
-                    ok = (g < g_hi) & (cnt > 0)
-                    rows = (base + g).to(tl.int64)
-                    dq = _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d,
-                                     d_mask, qk_scale)
-                loff += T // size + NSEQ
-                s_prev = s_l
+        for v0 in range(0, _visible_summaries(b, nw, levels), BLOCK_S):
+            rows, cnt, ok = _packed_summaries(v0 + offs_s, b, nw, levels, block, seqlen, sinks, start, n, T, NSEQ)
+            dq = _summary_dq(dq, q, do, lse2, delta, SK, SV, rows, cnt, ok, kvh, stride_st, stride_sh, offs_d,
+                             d_mask, qk_scale)
         tl.store(DQ + (start + offs_m)[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -876,7 +781,7 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     wide = max(16, triton.next_power_of_2(head_dim)) >= 128
     return {
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
-                   num_warps=4, num_stages=2 if wide else None, pack=PACK_SUMMARIES),
+                   num_warps=4, num_stages=2 if wide else None),
         "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None, bcast=BCAST_POOL_GRAD),
         "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
@@ -976,7 +881,7 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
         qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), sk.stride(0), sk.stride(1),
         dop.stride(0), dop.stride(1), dq.stride(0), dq.stride(1), lsep.stride(0),
         scale, nw, levels, block, sinks, T, nseq, Hq, Hq // Hkv, D,
-        BLOCK_M=cq["block_m"], BLOCK_N=cq["block_n"], BLOCK_S=cq["block_s"], BLOCK_D=block_d, PACK=bool(cq["pack"]),
+        BLOCK_M=cq["block_m"], BLOCK_N=cq["block_n"], BLOCK_S=cq["block_s"], BLOCK_D=block_d,
         **launch_options(cq),
     )
     if dense:
