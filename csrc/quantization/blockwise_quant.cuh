@@ -353,6 +353,12 @@ __device__ __forceinline__ void scale_of(uint32_t amax_bits, float qmax, float& 
 #ifndef DSK_QUANT_EF_MIN_BLOCKS
 #define DSK_QUANT_EF_MIN_BLOCKS 1
 #endif
+// Vectors per lane kept in registers between the two passes with error feedback (the rest of a
+// lane's vectors, x and residual, are read again in pass 2). 1: tuned on 512 MiB bf16 (vectors of 8);
+// the DDP hook's fp32 buckets (vectors of 4, 2 per lane) re-read half their x and residual with 1.
+#ifndef DSK_QUANT_EF_KEEP
+#define DSK_QUANT_EF_KEEP 1
+#endif
 #ifndef DSK_DEQUANT_ROUNDS
 #define DSK_DEQUANT_ROUNDS 4
 #endif
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, quantize_min_blocks<kHasError>())
   constexpr int R = quantize_rounds<kHasError>();
   // Vectors per lane and round kept in registers between the passes: raw inputs, or y = x + e
   // in fp32 with error feedback (twice the registers per vector). Longer blocks re-read the rest.
-  constexpr int KPR = kHasError ? 1 : 2;
+  constexpr int KPR = kHasError ? DSK_QUANT_EF_KEEP : 2;
   const int lane = threadIdx.x & (group - 1);
   const uint32_t key = a.key_ptr != nullptr ? *a.key_ptr : a.key;
   BlockCoords c[R];
