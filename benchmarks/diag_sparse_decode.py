@@ -54,13 +54,8 @@ def main():
                 x, wr, k=k, gate="sigmoid", weighting="gate", splits=1), sets)
             t_route_w1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
                 x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=1), sets)
-            # the decode kernels with the gate/up GEMM in d_model slices (1 = unsplit, the default)
-            t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
-                x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"gate_up": {"split": sp}}), sets)["ms"]
-                for sp in (1, 2, 4, 8)}
         print(f"    router: auto ({tk.router_splits(T, D, sets[0][0].device)} splits) {t_route['ms'] * 1e3:.1f}u, "
               f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u")
-        print("    decode kernels by gate/up split: " + ", ".join(f"{sp}: {ms * 1e3:.1f}u" for sp, ms in t_split.items()))
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -75,7 +70,7 @@ def main():
         row = dict(T=T, ratio=args.ratio, k=k, weight_copies=n, router_ms=t_route["ms"], decode_ms=t_dec["ms"],
                    per_kernel_us=per_kernel,
                    op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
-                   router_split_w1_ms=t_route_w1["ms"], decode_ms_by_split=t_split)
+                   router_split_w1_ms=t_route_w1["ms"])
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -117,18 +117,14 @@ def cases():
     out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
 
-    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, PART=f32, T=1, D=4096, BS=224, S=0, K=10, NB=64,
-               d_per_split=4096, stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32",
-               BLOCK_T=16, BLOCK_KS=16, BLOCK_B=64)
+    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
+               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
+               BLOCK_KS=16, BLOCK_B=64)
     base = sf.decode_launch_config(1, 4096, 224)
     g = base["gate_up"]
-    for split in (1, 4):  # 4: the experiment's slices (d_model in 1024-column slices)
-        out.append((f"sparse decode gate/up, split {split}", sf._sparse_ffn_decode_gate_up_kernel,
-                    dict(dec, SPLIT=split, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]),
-                    dict(num_warps=g["num_warps"], num_stages=g["num_stages"])))
-    out.append(("sparse decode finish (split 4)", sf._sparse_ffn_decode_finish_kernel,
-                dict(PART=f32, IDX=i32, WT=f32, H=bf16, T=1, BS=224, S=0, K=10, NB=64, SPLIT=4, BLOCK_T=16,
-                     BLOCK_N=g["block_n"], BLOCK_KS=16, BLOCK_B=64), dict(num_warps=4)))
+    out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]),
+                dict(num_warps=g["num_warps"], num_stages=g["num_stages"])))
     d = base["down"]
     down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
                 stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],

@@ -813,66 +813,33 @@ def _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_
 
 @triton.jit
 def _sparse_ffn_decode_gate_up_kernel(
-    X, WG, WU, IDX, WT, H, PART,
-    T, D, BS, S, K, NB, d_per_split,
+    X, WG, WU, IDX, WT, H,
+    T, D, BS, S, K, NB,
     stride_xt, stride_xd, stride_wf, stride_wd,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
-    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread.
-    ``SPLIT`` > 1: program_id(2) = s takes d_model slice s only and stores its fp32 gate and up sums
-    in PART[s, 0|1, b, t, n] (the tokens that use b); ``_sparse_ffn_decode_finish_kernel`` sums the
-    slices and writes H."""
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
         f = (b * BS + offs_n).to(tl.int64)
         acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        d_lo = tl.program_id(2) * d_per_split
-        d_hi = tl.minimum(d_lo + d_per_split, D)
-        for k0 in range(d_lo, d_hi, BLOCK_K):
+        for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < d_hi
+            k_mask = offs_k < D
             a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
                         mask=member[:, None] & k_mask[None, :], other=0.0)
             w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
             w_mask = k_mask[:, None] & n_mask[None, :]
             acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
-        if SPLIT > 1:
-            p_off = ((tl.program_id(2) * 2 * NB + b) * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :]
-            p_mask = member[:, None] & n_mask[None, :]
-            tl.store(PART + p_off, acc_g, mask=p_mask)
-            tl.store(PART + p_off + NB * BLOCK_T * BS, acc_u, mask=p_mask)
-        else:
-            h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
-            tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
-                     h.to(H.dtype.element_ty), mask=n_mask[None, :])
-
-
-@triton.jit
-def _sparse_ffn_decode_finish_kernel(
-    PART, IDX, WT, H, T, BS, S, K, NB,
-    SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KS: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-):
-    """After a split gate/up GEMM: H[b, t, n] = weight(t, b) * silu(g) * u with g, u the sums of the
-    SPLIT slices' partials in slice order (deterministic); rows of tokens that do not use b get 0."""
-    active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
-                                                                          BLOCK_KS, BLOCK_B)
-    if active:
-        p_off = (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :]
-        p_mask = member[:, None] & n_mask[None, :]
-        g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for sp in tl.static_range(SPLIT):
-            g += tl.load(PART + sp * 2 * NB * BLOCK_T * BS + p_off, mask=p_mask, other=0.0)
-            u += tl.load(PART + (sp * 2 + 1) * NB * BLOCK_T * BS + p_off, mask=p_mask, other=0.0)
-        h = g * tl.sigmoid(g) * u * w_t[:, None]
-        tl.store(H + p_off, h.to(H.dtype.element_ty), mask=n_mask[None, :])
+        h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
+        tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
+                 h.to(H.dtype.element_ty), mask=n_mask[None, :])
 
 
 @triton.jit
@@ -919,17 +886,16 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     """Per-kernel launch settings of the decode kernels, tuned on the H200
     (``benchmarks/tune_sparse_ffn.py --decode``, D4096, 64 blocks of 224, 15 % active, graphed):
     1 token 27.2 us (the first untuned guess: 54.5 us), 8 tokens 104 us (was 224 us). The K tile of
-    the down projection matters most (32 -> 128: 2x at 8 tokens)."""
-    gate_up = (dict(block_n=32, block_k=256, num_warps=4, num_stages=3, split=1) if tokens <= 2
-               else dict(block_n=32, block_k=128, num_warps=4, num_stages=4, split=1))
+    the down projection matters most (32 -> 128: 2x at 8 tokens).
+
+    No gate/up split over d_model: an opt-in (``gate_up.split``: the GEMM in d_model slices, fp32
+    partials summed by a finish kernel that wrote h) lost everywhere on the H200
+    (benchmarks/diag_sparse_decode.py, ratio 0.15, decode kernels): 1 token 27.9 us unsplit vs
+    28.9 / 30.9 / 30.9 us at 2 / 4 / 8 slices, 8 tokens 108.2 vs 116.9 / 119.7 / 130.5 us. Removed in
+    session 8 (the code is in git history); the router's logits split (:func:`router_splits`) stays."""
+    gate_up = (dict(block_n=32, block_k=256, num_warps=4, num_stages=3) if tokens <= 2
+               else dict(block_n=32, block_k=128, num_warps=4, num_stages=4))
     return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4)}
-
-
-# The most d_model slices of the decode gate/up GEMM (``config={"gate_up": {"split": s}}``). An
-# experiment, off by default: one token at 15 % of 64 blocks of 224 runs only 10 x 7 (block, neuron
-# tile) programs of 512 KiB each; slices add programs, and a third launch sums them. (Finishing h in
-# the down kernel instead was measured 3-5x slower on the H200 in session 6 and removed.)
-DECODE_MAX_SPLIT = 8
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -958,26 +924,12 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
     block_b = max(2, triton.next_power_of_2(n_blocks))
     max_used = min(n_blocks, shared_blocks + T * K)  # programs past the actual count exit at once
-    split = int(gu["split"])
-    if not 1 <= split <= DECODE_MAX_SPLIT:
-        raise ValueError(f"sparse_ffn_decode: gate_up split must be in [1, {DECODE_MAX_SPLIT}], got {split}")
-    # whole block_k tiles per slice, recounted so that none is empty
-    d_per_split = triton.cdiv(triton.cdiv(D, split), gu["block_k"]) * gu["block_k"]
-    split = triton.cdiv(D, d_per_split)
-    # fp32 partial gate/up sums [split, 2, n_blocks, block_t, BS] (unused pointer when unsplit)
-    part = torch.empty(split * 2 * n_blocks * block_t * BS, dtype=torch.float32, device=x.device) if split > 1 else wt
-    n_tiles = triton.cdiv(BS, gu["block_n"])
-    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), n_tiles, split)](
-        x, w_gate, w_up, idx, wt, h, part, T, D, BS, shared_blocks, K, n_blocks, d_per_split,
+    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
+        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-        SPLIT=split, DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
+        DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
         BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(gu),
     )
-    if split > 1:
-        triton_kernel(_sparse_ffn_decode_finish_kernel, direct)[(max(max_used, 1), n_tiles)](
-            part, idx, wt, h, T, BS, shared_blocks, K, n_blocks,
-            SPLIT=split, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_KS=block_ks, BLOCK_B=block_b, num_warps=4,
-        )
     triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
         h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
         w_down.stride(0), w_down.stride(1), out.stride(0),
