@@ -28,8 +28,9 @@ A slower link on the same machine: ``NCCL_P2P_DISABLE=1`` (NCCL through host sha
 ``--label shm``. Rank 0 writes ``multi_gpu_ddp[-LABEL].json`` under ``--out`` after every part (a
 run cut short keeps what it finished), then ``..._loss.png`` and ``..._steps.png``;
 ``--replot A.json [B.json ...]`` draws them again from finished runs (the step bars of all of them
-side by side). ``--configs`` picks configurations and hook variants (``int8+EF/graph/packed``: see
-``wrap``); ``--profile`` adds a per-kernel and per-phase profile of two more steps.
+side by side). ``--configs`` picks configurations and hook variants (``int8+EF/graph``,
+``int8+EF/graph/separate``, ``int8+EF/packed``: see ``parse_config``); ``--profile`` adds a per-kernel
+and per-phase profile of two more steps.
 """
 
 from __future__ import annotations
@@ -140,31 +141,50 @@ def timed_hook(hook, clock: list):
     return run
 
 
+# Hook variants after "/", combinable ("int8+EF/graph/separate"), as QuantizedGradState options:
+# "graph" (each bucket's pipeline replayed from a CUDA graph; ignored on CPU ranks), "packed" (codes
+# and scales in one buffer: one collective per hop), "separate" (two). Without "packed" or "separate"
+# the state's default applies: packed exactly when graphed.
+VARIANTS = {"graph": ("cuda_graphs", True), "packed": ("pack_wire", True), "separate": ("pack_wire", False)}
+# variants of earlier sessions whose code paths are gone (session 8)
+REMOVED_VARIANTS = {
+    "enqueue": "the hook always enqueues the whole bucket at once on its side stream now",
+    "pool": "the host-callback path, whose second half ran on torch's pool streams, is gone",
+}
+
+
+def parse_config(config: str) -> tuple[str, dict]:
+    """``"int8+EF/graph/separate"`` -> ``("int8+EF", {"cuda_graphs": True, "pack_wire": False})``:
+    the configuration and the ``QuantizedGradState`` options of its variants (SystemExit on a bad
+    one)."""
+    name, *variants = config.split("/")
+    for variant in variants:
+        if variant in REMOVED_VARIANTS:
+            raise SystemExit(f"--configs {config}: the variant {variant!r} was removed ({REMOVED_VARIANTS[variant]}); "
+                             "drop it")
+        if variant not in VARIANTS:
+            raise SystemExit(f"--configs {config}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if {"packed", "separate"} <= set(variants):
+        raise SystemExit(f"--configs {config}: 'packed' and 'separate' exclude each other")
+    if variants and name in ("allreduce", "bf16_compress"):
+        raise SystemExit(f"--configs {config}: variants apply to the quantized hook only, not to {name}")
+    return name, dict(VARIANTS[v] for v in variants)
+
+
 def wrap(model: nn.Module, config: str, device: torch.device, bucket_mb: int, clock: list | None = None):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    import deepseek_kernels.distributed as dsk_dist
     from deepseek_kernels.distributed import QuantizedGradState, quantized_allreduce_hook
 
+    config, options = parse_config(config)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
-    # variants after "/", combinable ("int8+EF/graph/packed"): "pool" (the hook's second half where
-    # torch puts the callback instead of its side stream), "enqueue" (everything enqueued at once, no
-    # host callback), "packed" (codes and scales in one buffer: one collective per hop), "graph"
-    # (each bucket's pipeline replayed from a CUDA graph)
-    config, *variants = config.split("/")
-    unknown = set(variants) - {"pool", "enqueue", "packed", "graph"}
-    if unknown:
-        raise SystemExit(f"--configs: unknown variant(s) {sorted(unknown)}; known: pool, enqueue, packed, graph")
-    dsk_dist.SIDE_STREAM = "pool" not in variants
-    dsk_dist.ENQUEUE_AT_ONCE = "enqueue" in variants
-    dsk_dist.PACK_WIRE = "packed" in variants
-    dsk_dist.GRAPH_BUCKETS = "graph" in variants and device.type == "cuda"
     state = None
     clock = [0.0] if clock is None else clock
     if config == "bf16_compress":
         ddp.register_comm_hook(None, timed_hook(default_hooks.bf16_compress_hook, clock))
     elif config != "allreduce":
-        state = QuantizedGradState(fmt=config.split("+")[0], block=128, stochastic=True, error_feedback=True)
+        state = QuantizedGradState(fmt=config.split("+")[0], block=128, stochastic=True, error_feedback=True,
+                                   **options)
         ddp.register_comm_hook(state, timed_hook(quantized_allreduce_hook, clock))
     return ddp, state
 
@@ -571,6 +591,8 @@ def main():
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--corpus-bytes", type=int, default=32 << 20)
     args = ap.parse_args()
+    for config in args.configs.split(","):  # a bad variant fails now, not after the parts before "step"
+        parse_config(config)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)

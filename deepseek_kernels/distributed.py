@@ -24,11 +24,17 @@ summed inside an all-reduce, so the reduction happens locally, in fp32, between 
 4. ``all_gather`` codes and scales, dequantize all shards in the gradient's dtype (one kernel)
    and drop the padding; DDP copies the result into the gradients.
 
-Three switches, off until they have run on GPUs (see their comments below): ``PACK_WIRE`` sends
-codes and scales in one buffer (one collective per hop instead of two), ``ENQUEUE_AT_ONCE`` enqueues
-a bucket's whole pipeline on the hook's side stream without a host callback, and ``GRAPH_BUCKETS``
-replays each bucket's pipeline from a CUDA graph (one launch per bucket). They exist because the
-hook's cost in a real DDP step is host time per bucket (benchmarks/NOTES.md, session 7).
+On CUDA the hook enqueues a bucket's whole pipeline at once on a side stream (which first waits
+for the backward pass's stream) and returns a CUDA-aware future set there: no host callback, no
+synchronization. The hook's cost in a real DDP step is host time per bucket (benchmarks/NOTES.md,
+session 7), so two options of :class:`QuantizedGradState` change how a bucket is issued, never its
+result: ``cuda_graphs=True`` replays each bucket's pipeline from a CUDA graph (one launch per bucket
+instead of ~15), and ``pack_wire`` sends codes and scales in one buffer (one collective per hop
+instead of two; by default on exactly when ``cuda_graphs`` is). Measured on one H200 (world size 1,
+NCCL: the same host work with trivial exchanges; a 1.21B GPT in 73 buckets of 25 MB, step time over
+10 steps, session 8): DDP's all-reduce 96.7 ms per step, torch's ``bf16_compress_hook`` 106.1 ms,
+this hook 134.7 ms eager (57.4 ms of hook host time per step) and 117.9 ms with ``cuda_graphs=True``
+(19.6 ms). Not yet run on 2 or more GPUs.
 
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
 ``2 (W-1)/W * 4L`` for a ring all-reduce in fp32: about a quarter.
@@ -85,6 +91,21 @@ class QuantizedGradState:
             in the next one.
         process_group: the group to reduce over (default: the world).
         seed: base seed of the stochastic-rounding streams.
+        cuda_graphs: capture each bucket's whole pipeline (both hops, both exchanges, the
+            decompression) in a CUDA graph on its second call and replay it from then on: one
+            launch per bucket instead of ~15, since host time, not GPU time, is what the hook costs
+            in a DDP step. The stochastic-rounding keys are written into device memory before each
+            replay (the kernels read them at run time), so a replay is bit-identical to the eager
+            pipeline; a bucket whose buffer, size or settings change is captured again. Measured on
+            one H200 (world size 1, 1.21B GPT, 73 buckets of 25 MB, session 8): 117.9 ms per step
+            and 19.6 ms of hook host time with the packed wire (119.3 / 26.3 ms with separate codes
+            and scales; fp8_e4m3: 118.2 / 26.0 ms) against 134.7 / 57.4 ms eager. Opt-in: not yet
+            run on 2 or more GPUs. Ignored for CPU tensors (the gloo path runs eagerly).
+        pack_wire: send codes and scales in one buffer, one all-to-all and one all-gather per
+            bucket instead of two of each. ``None`` (default): packed exactly when ``cuda_graphs``
+            is on, which measured best (eager, packing cost more than it saved: 138.9 vs 134.7 ms per
+            step, session 8); ``True`` / ``False`` force it. Same arithmetic and seeds: the result is
+            bit-identical either way.
     """
 
     fmt: str = "int8"
@@ -93,6 +114,8 @@ class QuantizedGradState:
     error_feedback: bool = True
     process_group: dist.ProcessGroup | None = None
     seed: int = 0
+    cuda_graphs: bool = False
+    pack_wire: bool | None = None
     # running statistics (read them, do not set them)
     steps: int = 0
     buckets_reduced: int = 0
@@ -113,6 +136,18 @@ class QuantizedGradState:
             raise ValueError(f"QuantizedGradState: block must be a positive multiple of 16, got {self.block!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"QuantizedGradState: seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"QuantizedGradState: cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.pack_wire is not None and not isinstance(self.pack_wire, bool):
+            raise ValueError(
+                f"QuantizedGradState: pack_wire must be None (packed exactly when cuda_graphs is on), True or False, "
+                f"got {self.pack_wire!r}"
+            )
+
+    @property
+    def packs_wire(self) -> bool:
+        """``pack_wire`` resolved: whether codes and scales travel in one buffer."""
+        return self.cuda_graphs if self.pack_wire is None else self.pack_wire
 
     # ---- statistics ----------------------------------------------------------------------------
 
@@ -256,7 +291,8 @@ def _pack_wire(plan: _Plan, codes: torch.Tensor, scales: torch.Tensor) -> torch.
 
 
 def _unpack_wire(plan: _Plan, wire: torch.Tensor):
-    """The codes [rows, S] (bytes) and scales [rows, S / block] (fp32) views of a packed wire."""
+    """The codes [rows, S] (bytes) and scales [rows, S / block] (fp32) views of a packed wire (the
+    ops copy these strided views contiguous first: four small copies per bucket)."""
     rows = wire.view(-1, plan.wire)
     return rows[:, :plan.shard], rows[:, plan.shard:plan.shard + 4 * plan.shard_blocks].view(torch.float32)
 
@@ -300,28 +336,6 @@ def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
         dist.all_gather(list(out.chunk(dist.get_world_size(group))), inp, group=group)
 
 
-# On CUDA the hook's work after the all-to-all runs on one side stream per device (see
-# quantized_allreduce_hook); False runs it where torch puts the callback (kept to time the difference).
-SIDE_STREAM = True
-# True: enqueue the whole bucket at once on the side stream and return a future set there, with
-# no host callback (written after the session-7 profile showed ~0.2 ms of host time per bucket in
-# the callback machinery; not yet run on a GPU, so off until tests/test_distributed.py's CUDA test
-# and benchmarks/multi_gpu_ddp.py have run it).
-ENQUEUE_AT_ONCE = False
-# True: codes and scales travel together, one all-to-all and one all-gather per bucket instead of
-# two of each (each collective cost ~130 us of host time per bucket in the session-7 profile). Per
-# shard the wire holds [codes: S bytes | scales: 4 S / block bytes | pad to 16]; the kernels read
-# the strided views (the ops copy them contiguous first: four small copies per bucket). Same
-# arithmetic and seeds, so the result is bit-identical to the unpacked exchange. Off until run on
-# a GPU (tests/test_distributed.py's CUDA test and benchmarks/multi_gpu_ddp.py).
-PACK_WIRE = False
-# True: a bucket's whole pipeline (both hops, both exchanges, the decompression) is captured in a
-# CUDA graph on its second call and replayed from then on: one launch per bucket instead of ~15
-# (host time, not GPU time, is what the hook costs in a DDP step). The stochastic-rounding keys
-# are written into device memory before each replay (the kernels read them at run time), so a
-# replay is bit-identical to the eager pipeline. Implies the enqueue-at-once path. Written after
-# the session-7 GPU time: off until tests/test_distributed.py's CUDA tests have run it.
-GRAPH_BUCKETS = False
 # Profiler ranges around the hook's phases ("dsk_hook:compress", ...), for attributing its host
 # time under torch.profiler (benchmarks/multi_gpu_ddp.py --profile turns them on). Off by default:
 # each range costs a few microseconds even when no profiler runs.
@@ -345,7 +359,7 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
 
     flat = buffer.view(-1)
     plan = _Plan.of(flat.numel(), world, state.block)
-    state.bytes_sent += 2 * (world - 1) * (plan.wire if PACK_WIRE else plan.shard + 4 * plan.shard_blocks)
+    state.bytes_sent += 2 * (world - 1) * (plan.wire if state.packs_wire else plan.shard + 4 * plan.shard_blocks)
     state.fp32_allreduce_bytes += 2 * (world - 1) * plan.length * 4 // world
     state.bf16_allreduce_bytes += 2 * (world - 1) * plan.length * 2 // world
     state.buckets_reduced += 1
@@ -357,48 +371,24 @@ def quantized_allreduce_hook(state: QuantizedGradState, bucket: dist.GradBucket)
         state._fold_nonfinite(bad)
         done.set_result(out.view(buffer.shape))
         return done
-    current = torch.cuda.current_stream(buffer.device)
-    side = state._stream_for(buffer.device) if SIDE_STREAM or GRAPH_BUCKETS else current
-    if ENQUEUE_AT_ONCE or GRAPH_BUCKETS:
-        # Everything enqueued now on the side stream, which first waits for the backward pass's
-        # stream (the bucket's gradients). The collectives are stream-ordered (the side stream
-        # waits for each one's end), so no host callback is needed; the returned CUDA-aware future
-        # completes where the side stream reaches the end of the bucket's work, and DDP's wait()
-        # makes its own stream wait for that. The backward pass keeps running meanwhile.
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            if GRAPH_BUCKETS:
-                out, bad = _graphed_bucket(state, flat, plan, index, rank, group)
-            else:
-                out, bad = _reduce_bucket(state, flat, plan, index, rank, group)
-            state._fold_nonfinite(bad)  # NaN scales reach every rank: all ranks flag the step
-            fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
-            fut.set_result(out.view(buffer.shape))  # records an event on the side stream
-        return fut
-
-    # Hop 1 and the all-to-all on the backward pass's stream; the rest as a CUDA-aware callback of
-    # the all-to-all's future, so DDP overlaps this bucket's communication with the backward pass.
-    work, res, codes_in, scales_in = _send_bucket(state, flat, plan, index, rank, group, wait_codes=False)
-
-    def on_side_stream(_fut) -> torch.Tensor:
-        # torch runs a CUDA future's callback on a stream drawn from its global pool, a different
-        # one each time, so the caching allocator keeps separate blocks per pool stream. One side
-        # stream per device instead: it waits for the pool stream (which waits for the
-        # all-to-all), the received buffers are marked as used there (they were allocated on the
-        # backward pass's stream), and the pool stream waits for the result.
-        pool = torch.cuda.current_stream(buffer.device)
-        stream = side if SIDE_STREAM else pool
-        stream.wait_stream(pool)
-        with torch.cuda.stream(stream):
-            codes_in.record_stream(stream)
-            scales_in.record_stream(stream)
-            out, bad = _finish_bucket(state, plan, index, rank, group, flat.dtype, res, codes_in, scales_in)
-            state._fold_nonfinite(bad)
-        pool.wait_stream(stream)
-        return out.view(buffer.shape)
-
-    with _phase("dsk_hook:then"):
-        return work.get_future().then(on_side_stream)
+    # Everything enqueued now on the hook's side stream (one per device), which first waits for the
+    # backward pass's stream (the bucket's gradients). The collectives are stream-ordered (the side
+    # stream waits for each one's end), so no host callback is needed: the returned CUDA-aware
+    # future completes where the side stream reaches the end of the bucket's work, and DDP's wait()
+    # makes its own stream wait for that. The backward pass keeps running meanwhile. (This replaced
+    # a host callback chained on the all-to-all's future: 151.8 ms per step and 67.9 ms of hook host
+    # time against 134.7 / 57.4 ms on one H200, session 8.)
+    side = state._stream_for(buffer.device)
+    side.wait_stream(torch.cuda.current_stream(buffer.device))
+    with torch.cuda.stream(side):
+        if state.cuda_graphs:
+            out, bad = _graphed_bucket(state, flat, plan, index, rank, group)
+        else:
+            out, bad = _reduce_bucket(state, flat, plan, index, rank, group)
+        state._fold_nonfinite(bad)  # NaN scales reach every rank: all ranks flag the step
+        fut: torch.futures.Future = torch.futures.Future(devices=[buffer.device])
+        fut.set_result(out.view(buffer.shape))  # records an event on the side stream
+    return fut
 
 
 def _reduce_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group,
@@ -406,30 +396,30 @@ def _reduce_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, i
     """The whole pipeline of one bucket on the current stream, in stream order: (mean [L], device
     flag of a non-finite scale). ``keys``: device-resident stochastic-rounding keys of the two hops
     (graph capture) instead of the ones derived from the seeds."""
-    _, *sent = _send_bucket(state, flat, plan, index, rank, group, key=keys[0])
+    sent = _send_bucket(state, flat, plan, index, rank, group, key=keys[0])
     return _finish_bucket(state, plan, index, rank, group, flat.dtype, *sent, key=keys[1])
 
 
 def _send_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group,
-                 wait_codes: bool = True, key: torch.Tensor | None = None):
-    """Hop 1 and the all-to-all on the current stream: (work of the codes' all-to-all, or None when
-    ``wait_codes``, which waits for it in stream order), residuals, received codes and scales."""
+                 key: torch.Tensor | None = None):
+    """Hop 1 and the all-to-all on the current stream, in stream order: (residuals, received codes
+    and scales)."""
     with _phase("dsk_hook:compress"):
         res = state._residuals_for(index, plan, flat.device)
         codes, scales = compress_bucket(state, flat, plan, res.hop1, state._seed_for(index, rank, 1), key=key)
-        if PACK_WIRE:
+        if state.packs_wire:
             send = _pack_wire(plan, codes, scales)
             recv = torch.empty_like(send)
         else:
             codes_in, scales_in = torch.empty_like(codes), torch.empty_like(scales)
     with _phase("dsk_hook:all_to_all"):
-        if PACK_WIRE:
-            work = dist.all_to_all_single(recv, send, group=group, async_op=not wait_codes)
+        if state.packs_wire:
+            dist.all_to_all_single(recv, send, group=group)
             codes_in, scales_in = _unpack_wire(plan, recv)
         else:
             dist.all_to_all_single(scales_in, scales, group=group)  # scales first (small)
-            work = dist.all_to_all_single(codes_in, codes, group=group, async_op=not wait_codes)
-    return work, res, codes_in, scales_in
+            dist.all_to_all_single(codes_in, codes, group=group)
+    return res, codes_in, scales_in
 
 
 def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int, group, dtype: torch.dtype, res,
@@ -438,14 +428,14 @@ def _finish_bucket(state: QuantizedGradState, plan: _Plan, index: int, rank: int
     a scale of the reduced bucket is non-finite)."""
     with _phase("dsk_hook:reduce"):
         q2, s2 = reduce_shard(state, codes_in, scales_in, plan, res.hop2, state._seed_for(index, rank, 2), key=key)
-        if PACK_WIRE:
+        if state.packs_wire:
             mine = _pack_wire(plan, q2, s2).view(-1)
             gathered = torch.empty(plan.world, plan.wire, dtype=torch.uint8, device=codes_in.device)
         else:
             codes_out = torch.empty(plan.padded, dtype=torch.uint8, device=codes_in.device)
             scales_out = torch.empty(plan.padded // plan.block, dtype=torch.float32, device=codes_in.device)
     with _phase("dsk_hook:all_gather"):
-        if PACK_WIRE:
+        if state.packs_wire:
             _all_gather_into(gathered.view(-1), mine, group)
             codes_out, scales_out = _unpack_wire(plan, gathered)
         else:
@@ -468,12 +458,12 @@ class _BucketGraph:
 
 
 def _graphed_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, index: int, rank: int, group):
-    """GRAPH_BUCKETS: the bucket's pipeline eagerly on its first call, captured and replayed on its
-    second, replayed from then on; a new signature (DDP rebuilt its buckets, the settings changed)
-    starts over. All ranks call the hook on the same buckets in the same order, so they capture
-    on the same call. Runs on the side stream (the current stream here)."""
+    """``state.cuda_graphs``: the bucket's pipeline eagerly on its first call, captured and replayed
+    on its second, replayed from then on; a new signature (DDP rebuilt its buckets, the settings
+    changed) starts over. All ranks call the hook on the same buckets in the same order, so they
+    capture on the same call. Runs on the side stream (the current stream here)."""
     signature = (flat.data_ptr(), flat.numel(), flat.dtype, plan.world, state.fmt, state.block, state.stochastic,
-                 state.error_feedback, PACK_WIRE, id(group))
+                 state.error_feedback, state.packs_wire, id(group))
     seen = state._graphs.get(index)
     key1 = key_value(state._seed_for(index, rank, 1))
     key2 = key_value(state._seed_for(index, rank, 2))
@@ -505,8 +495,8 @@ def _graphed_bucket(state: QuantizedGradState, flat: torch.Tensor, plan: _Plan, 
         out = flat
     except Exception as exc:
         raise RuntimeError(
-            f"quantized_allreduce_hook: capturing bucket {index} in a CUDA graph failed ({exc}); set "
-            "deepseek_kernels.distributed.GRAPH_BUCKETS = False to run the hook without graphs"
+            f"quantized_allreduce_hook: capturing bucket {index} in a CUDA graph failed ({exc}); pass "
+            "cuda_graphs=False (QuantizedGradState or register_quantized_comm_hook) to run the hook without graphs"
         ) from exc
     state._graphs[index] = _BucketGraph(signature, graph, keys, out, bad)
     graph.replay()  # the capture only recorded the work
@@ -518,10 +508,12 @@ def register_quantized_comm_hook(model: torch.nn.Module, state: "QuantizedGradSt
     """Registers :func:`quantized_allreduce_hook` on a ``DistributedDataParallel`` model and
     returns its state (created from ``state_kwargs`` when not given).
 
-    The hook costs host time per bucket (about 1 ms on an H200 host with 2 GPUs: four collectives
-    and three kernels issued from the backward pass's thread), so build the DDP model with large
-    buckets, e.g. ``DistributedDataParallel(model, bucket_cap_mb=100)``: a 1.2B-parameter model
-    then has ~37 buckets instead of 73 (benchmarks/NOTES.md, session 7)."""
+    The hook costs host time per bucket (about 1 ms on an H200 host with 2 GPUs in session 7, with
+    the host-callback path since replaced: four collectives and three kernels issued from the
+    backward pass's thread; on one H200 in session 8, 0.8 ms eager and 0.27 ms with
+    ``cuda_graphs=True``), so build the DDP model with large buckets, e.g.
+    ``DistributedDataParallel(model, bucket_cap_mb=100)``: a 1.2B-parameter model then has ~37
+    buckets instead of 73 (benchmarks/NOTES.md, session 7)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-pack | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -36,7 +36,7 @@ case "$step" in
     ddp=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$gpus" benchmarks/multi_gpu_ddp.py --out "$OUT/ddp")
     timeout 330 "${ddp[@]}" ${DDP_ARGS:-}
     NCCL_P2P_DISABLE=1 timeout 150 "${ddp[@]}" --label shm --parts link,step --warmup 2 --steps 5 ;;
-  ddp-profile)  # the hook's host-time variants (callback / enqueue / packed / CUDA graphs): NCCL tests, step
+  ddp-profile)  # the hook's host-time variants (eager / CUDA graphs x packed / separate wire): NCCL tests, step
     # times, a phase profile. Works on 1 GPU too (world 1: the same host work, trivial exchanges).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
@@ -46,8 +46,8 @@ case "$step" in
     timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_distributed.py \
       tests/test_quantized_reduce.py tests/test_quantization.py
     timeout 200 "${ddp[@]}" --label variants --parts step \
-      --configs allreduce,bf16_compress,int8+EF,int8+EF/enqueue,int8+EF/enqueue/packed,int8+EF/graph,int8+EF/graph/packed,fp8_e4m3+EF/graph
-    timeout 120 "${ddp[@]}" --label variants-profile --parts step --configs int8+EF/enqueue/packed,int8+EF/graph --profile --steps 3 ;;
+      --configs allreduce,bf16_compress,int8+EF,int8+EF/packed,int8+EF/graph,int8+EF/graph/separate,fp8_e4m3+EF/graph
+    timeout 120 "${ddp[@]}" --label variants-profile --parts step --configs int8+EF,int8+EF/graph --profile --steps 3 ;;
   tests)  # scripts/gpu_plan.sh tests [1|2|all] (Triton-only files: no CUDA build needed)
     # one pytest process per file, all at once: the Triton compiles are CPU-bound and the H200 host has
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)
@@ -80,8 +80,8 @@ case "$step" in
     timeout 560 "$PY" benchmarks/diag_hier_kernels.py --variants --out "$OUT/diag_hier_variants.json" ;;
   tune-hier)
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
-  tune-hier-pack)  # packed summary tiles (fwd, dq) and the broadcast pooling backward (dkdv) vs the defaults, S=131072
-    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --pack --out "$OUT/tune_hier_pack.json" ;;
+  tune-hier-131k)  # the tiles at S=131072 (summary tiles packed across levels since session 8), dkdv per key vs broadcast
+    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --bcast --out "$OUT/tune_hier_131k.json" ;;
   tune-hier-decode)
     timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;
   tune-attn-tma)
@@ -107,6 +107,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-pack|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

@@ -178,25 +178,20 @@ def test_ddp_training_steps_with_the_hook(world):
     run_on_ranks(_ddp_checks, world)
 
 
-def _cuda_checks(rank: int, world: int, enqueue_at_once: bool = False, pack_wire: bool = False) -> None:
-    """NCCL on GPUs: the CUDA kernels and the asynchronous paths of the hook (a callback chained
-    on the all-to-all's future, or everything enqueued at once on the side stream), with separate
-    or packed codes and scales on the wire."""
-    import deepseek_kernels.distributed as dsk_dist
-
-    dsk_dist.ENQUEUE_AT_ONCE, dsk_dist.PACK_WIRE = enqueue_at_once, pack_wire
+def _cuda_checks(rank: int, world: int, pack_wire: bool = False) -> None:
+    """NCCL on GPUs: the CUDA kernels and the hook's CUDA path (the whole bucket enqueued at once
+    on its side stream, a CUDA-aware future set there), with separate or packed codes and scales
+    on the wire."""
     if pack_wire:  # bit-identical to the separate exchange
         for fmt, n in (("int8", 6_553_600), ("fp8_e4m3", 4097)):
             outs = []
             for packed in (False, True):
-                dsk_dist.PACK_WIRE = packed
-                state = QuantizedGradState(fmt=fmt, block=128, seed=11)
+                state = QuantizedGradState(fmt=fmt, block=128, seed=11, pack_wire=packed)
                 outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n).to(rank))).wait())
             assert torch.equal(outs[0], outs[1]), fmt
-        dsk_dist.PACK_WIRE = True
     device = torch.device("cuda", rank)
     for fmt in TOL:
-        state = QuantizedGradState(fmt=fmt, block=128)
+        state = QuantizedGradState(fmt=fmt, block=128, pack_wire=pack_wire)
         for i, n in enumerate([17, 4097, 6_553_600]):
             g = grad_of(rank, n).to(device)
             out = quantized_allreduce_hook(state, OneBucket(i, g.clone())).wait()
@@ -212,7 +207,7 @@ def _cuda_checks(rank: int, world: int, enqueue_at_once: bool = False, pack_wire
     ref = [p.grad.clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = None
-    state = register_quantized_comm_hook(model, fmt="int8")
+    state = register_quantized_comm_hook(model, fmt="int8", pack_wire=pack_wire)
     model(x).square().mean().backward()
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rel(got.cpu(), torch.cat([r.flatten() for r in ref]).cpu().double()) < TOL["int8"]
@@ -246,85 +241,90 @@ def test_profile_ranges_name_the_hook_phases_and_change_nothing():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pack_wire", [False, True], ids=["separate", "packed"])
-@pytest.mark.parametrize("enqueue_at_once", [False, True], ids=["callback", "enqueue_at_once"])
-def test_hook_on_cuda_with_nccl(enqueue_at_once, pack_wire):
-    run_on_ranks(_cuda_checks, torch.cuda.device_count(), enqueue_at_once, pack_wire, backend="nccl")
+def test_hook_on_cuda_with_nccl(pack_wire):
+    run_on_ranks(_cuda_checks, torch.cuda.device_count(), pack_wire, backend="nccl")
 
 
-def _graph_checks(rank: int, world: int) -> None:
-    """GRAPH_BUCKETS: replays of a captured bucket are bit-identical to the eager pipeline, step
+def _graph_checks(rank: int, world: int, pack_wire: bool | None) -> None:
+    """cuda_graphs=True: replays of a captured bucket are bit-identical to the eager pipeline, step
     after step (new keys each step), residuals included; NaN is still flagged; DDP training steps
-    give the same gradients with and without graphs."""
-    import deepseek_kernels.distributed as dsk_dist
+    give the same gradients with and without graphs. ``pack_wire=None``: the graphed state packs
+    the wire and the eager one does not (the defaults), so this also checks packed vs separate."""
+    from deepseek_kernels.distributed import _BucketGraph
 
     device = torch.device("cuda", rank)
-    try:
-        for fmt, n in (("int8", 6_553_600 + 17), ("fp8_e4m3", 4097)):
-            buffers = [torch.empty(n, device=device) for _ in range(2)]  # persistent, as DDP's are
-            states = [QuantizedGradState(fmt=fmt, block=128, seed=4) for _ in range(2)]
-            for step in range(4):
-                outs = []
-                for graphs, buf, state in zip((False, True), buffers, states):
-                    dsk_dist.GRAPH_BUCKETS, dsk_dist.ENQUEUE_AT_ONCE = graphs, True
-                    buf.copy_(grad_of(rank, n, salt=step))
-                    if step == 3 and rank == 0:
-                        buf[5] = float("nan")
-                    outs.append(quantized_allreduce_hook(state, OneBucket(0, buf)).wait().clone())
-                eager, graphed = outs
-                assert torch.equal(eager.nan_to_num(7.0), graphed.nan_to_num(7.0)), (fmt, step)
-                assert torch.equal(states[0]._residuals[0].hop1, states[1]._residuals[0].hop1)
-            assert isinstance(states[1]._graphs[0], dsk_dist._BucketGraph)  # replayed, not eager
-            assert states[0].check_nonfinite() and states[1].check_nonfinite()
-        grads = []
-        for graphs in (False, True):
-            dsk_dist.GRAPH_BUCKETS = graphs
-            torch.manual_seed(0)
-            model = DDP(torch.nn.Sequential(torch.nn.Linear(256, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 64))
-                        .to(device), device_ids=[rank], bucket_cap_mb=1)  # 4.5 MB of fp32 grads: several buckets
-            register_quantized_comm_hook(model, fmt="int8", seed=2)
-            x = torch.randn(32, 256, device=device, generator=torch.Generator(device).manual_seed(rank))
-            per_step = []
-            for _ in range(4):  # eager, eager (buckets rebuilt), capture + replay, replay
-                model(x).square().mean().backward()
-                per_step.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
-                model.zero_grad(set_to_none=False)
-            grads.append(per_step)
-            del model
-            gc.collect()
-        assert all(torch.equal(a, b) for a, b in zip(*grads))
-    finally:
-        dsk_dist.GRAPH_BUCKETS = dsk_dist.ENQUEUE_AT_ONCE = False
+    for fmt, n in (("int8", 6_553_600 + 17), ("fp8_e4m3", 4097)):
+        buffers = [torch.empty(n, device=device) for _ in range(2)]  # persistent, as DDP's are
+        states = [QuantizedGradState(fmt=fmt, block=128, seed=4, cuda_graphs=graphs, pack_wire=pack_wire)
+                  for graphs in (False, True)]
+        assert states[1].packs_wire == (pack_wire is None) and not states[0].packs_wire
+        for step in range(4):
+            outs = []
+            for buf, state in zip(buffers, states):
+                buf.copy_(grad_of(rank, n, salt=step))
+                if step == 3 and rank == 0:
+                    buf[5] = float("nan")
+                outs.append(quantized_allreduce_hook(state, OneBucket(0, buf)).wait().clone())
+            eager, graphed = outs
+            assert torch.equal(eager.nan_to_num(7.0), graphed.nan_to_num(7.0)), (fmt, step)
+            assert torch.equal(states[0]._residuals[0].hop1, states[1]._residuals[0].hop1)
+        assert isinstance(states[1]._graphs[0], _BucketGraph)  # replayed, not eager
+        assert not states[0]._graphs  # the eager state never captured
+        assert states[0].check_nonfinite() and states[1].check_nonfinite()
+    grads = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Sequential(torch.nn.Linear(256, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 64))
+                    .to(device), device_ids=[rank], bucket_cap_mb=1)  # 4.5 MB of fp32 grads: several buckets
+        state = register_quantized_comm_hook(model, fmt="int8", seed=2, cuda_graphs=graphs, pack_wire=pack_wire)
+        x = torch.randn(32, 256, device=device, generator=torch.Generator(device).manual_seed(rank))
+        per_step = []
+        for _ in range(4):  # eager, eager (buckets rebuilt), capture + replay, replay
+            model(x).square().mean().backward()
+            per_step.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
+            model.zero_grad(set_to_none=False)
+        assert any(isinstance(g, _BucketGraph) for g in state._graphs.values()) == graphs
+        grads.append(per_step)
+        del model, state  # see _ddp_checks
+        gc.collect()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.gpu
-def test_graphed_buckets_replay_the_eager_pipeline_bit_for_bit():
-    run_on_ranks(_graph_checks, torch.cuda.device_count(), backend="nccl")
+@pytest.mark.parametrize("pack_wire", [None, False], ids=["packed_when_graphed", "separate"])
+def test_graphed_buckets_replay_the_eager_pipeline_bit_for_bit(pack_wire):
+    run_on_ranks(_graph_checks, torch.cuda.device_count(), pack_wire, backend="nccl")
 
 
 def _packed_wire_checks(rank: int, world: int) -> None:
-    import deepseek_kernels.distributed as dsk_dist
-
-    try:
-        for fmt in TOL:
-            for n in (1, 17, 4097, 300):  # smaller than a block, uneven, padded shards
-                outs, sent = [], []
-                for packed in (False, True):
-                    dsk_dist.PACK_WIRE = packed
-                    state = QuantizedGradState(fmt=fmt, block=128, seed=9)
-                    outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n).clone())).wait())
-                    sent.append(state.bytes_sent)
-                assert torch.equal(outs[0], outs[1]), (fmt, n)  # same arithmetic, same seeds
-                assert sent[0] <= sent[1] <= sent[0] + 2 * (world - 1) * 16  # + at most 16 B pad per shard
-        # NaN still reaches every rank through the packed scales
-        dsk_dist.PACK_WIRE = True
-        g = grad_of(rank, 1000)
-        if rank == 0:
-            g[5] = float("nan")
-        state = QuantizedGradState(fmt="int8", block=128)
-        out = quantized_allreduce_hook(state, OneBucket(0, g)).wait()
-        assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all() and state.check_nonfinite()
-    finally:
-        dsk_dist.PACK_WIRE = False
+    for fmt in TOL:
+        for n in (1, 17, 4097, 300):  # smaller than a block, uneven, padded shards
+            outs, sent = [], []
+            for packed in (False, True):
+                state = QuantizedGradState(fmt=fmt, block=128, seed=9, pack_wire=packed)
+                outs.append(quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n).clone())).wait())
+                sent.append(state.bytes_sent)
+            assert torch.equal(outs[0], outs[1]), (fmt, n)  # same arithmetic, same seeds
+            assert sent[0] <= sent[1] <= sent[0] + 2 * (world - 1) * 16  # + at most 16 B pad per shard
+    # NaN still reaches every rank through the packed scales
+    g = grad_of(rank, 1000)
+    if rank == 0:
+        g[5] = float("nan")
+    state = QuantizedGradState(fmt="int8", block=128, pack_wire=True)
+    out = quantized_allreduce_hook(state, OneBucket(0, g)).wait()
+    assert torch.isnan(out[:128]).all() and torch.isfinite(out[128:]).all() and state.check_nonfinite()
+    # cuda_graphs on CPU tensors: no graph (the gloo path runs eagerly), the wire packed by default,
+    # the same bits as forcing the packed wire without graphs
+    n = 4097
+    outs, sent = [], []
+    for kwargs in (dict(cuda_graphs=True), dict(pack_wire=True)):
+        state = QuantizedGradState(fmt="int8", block=128, seed=9, **kwargs)
+        for step in range(3):  # a CUDA bucket would be captured on its second call
+            out = quantized_allreduce_hook(state, OneBucket(0, grad_of(rank, n, salt=step).clone())).wait()
+        assert not state._graphs
+        outs.append(out)
+        sent.append(state.bytes_sent)
+    assert torch.equal(outs[0], outs[1]) and sent[0] == sent[1]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -339,8 +339,23 @@ def test_bad_configuration_raises_clear_errors():
         QuantizedGradState(block=24)
     with pytest.raises(ValueError, match="seed"):
         QuantizedGradState(seed=-1)
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False, got 'yes'"):
+        QuantizedGradState(cuda_graphs="yes")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        QuantizedGradState(cuda_graphs=None)
+    with pytest.raises(ValueError, match="pack_wire must be None .*, True or False, got 1.5"):
+        QuantizedGradState(pack_wire=1.5)
+    with pytest.raises(ValueError, match="pack_wire"):
+        QuantizedGradState(pack_wire="packed")
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         register_quantized_comm_hook(torch.nn.Linear(4, 4), fmt="int8")
+
+
+def test_pack_wire_follows_cuda_graphs_unless_forced():
+    assert not QuantizedGradState().packs_wire
+    assert QuantizedGradState(cuda_graphs=True).packs_wire
+    assert not QuantizedGradState(cuda_graphs=True, pack_wire=False).packs_wire
+    assert QuantizedGradState(pack_wire=True).packs_wire
 
 
 def _local_pipeline(ops, fmt, world, n, device):
