@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -82,6 +82,8 @@ case "$step" in
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --out "$OUT/tune_hierarchical.json" ;;
   tune-hier-131k)  # the tiles at S=131072 (summary tiles packed across levels since session 8), dkdv per key vs broadcast
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --bcast --out "$OUT/tune_hier_131k.json" ;;
+  tune-hier-512k)  # the backward kernels' tiles at S=524288 (dsum's block_s: q/dO visits vs wasted pairs, NOTES session 8)
+    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 524288 --skip-fwd --out "$OUT/tune_hier_512k.json" ;;
   tune-hier-decode)
     timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;
   tune-attn-tma)
@@ -107,6 +109,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
