@@ -53,16 +53,18 @@ case "$step" in
     # 16 cores (session 5: all 110 tests in 190 s instead of ~10 min in one process)
     half="${1:-all}"
     files="$TESTS_1 $TESTS_2"; [ "$half" = 1 ] && files="$TESTS_1"; [ "$half" = 2 ] && files="$TESTS_2"
-    rm -f "$OUT"/rc_*.txt
+    # per-file logs in a scratch folder, one combined log under $OUT (the device tool returns 8 files at most)
+    logs=$(mktemp -d)
     for f in $files; do
       name=$(basename "$f" .py)
-      ( timeout 560 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short "$f" > "$OUT/$name.log" 2>&1
-        echo "$f rc=$?" > "$OUT/rc_$name.txt" ) &
+      ( timeout 560 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short "$f" > "$logs/$name.log" 2>&1
+        echo "$f rc=$?" > "$logs/rc_$name.txt" ) &
     done
     wait
-    cat "$OUT"/rc_*.txt
-    for f in $files; do grep -hE "FAILED|ERROR|passed|failed" "$OUT/$(basename "$f" .py).log" | tail -5; done
-    ! grep -q -v "rc=0" "$OUT"/rc_*.txt ;;
+    for f in $files; do name=$(basename "$f" .py); echo "==== $f"; cat "$logs/$name.log"; done > "$OUT/tests.log"
+    cat "$logs"/rc_*.txt
+    for f in $files; do grep -hE "FAILED|ERROR|passed|failed" "$logs/$(basename "$f" .py).log" | tail -5; done
+    ! grep -q -v "rc=0" "$logs"/rc_*.txt ;;
   tests-generic)  # the unmarked, device-generic tests on CUDA (never run on the H200 so far)
     MARKERS="not gpu" TEST_FILES="${TEST_FILES:-$TESTS_1}" SKIP_BENCH=1 PYTEST_ARGS="--tb=short" \
       timeout 570 bash scripts/gpu_check.sh ;;
