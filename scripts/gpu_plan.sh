@@ -98,8 +98,7 @@ case "$step" in
   tune-comm)  # the hook kernels' compile-time knobs (one rebuild per variant, ~1 min each): the reduce
     # kernel's rounds / shards in flight, and the EF quantize kernel's rounds at the fp32 keep-2 default (session 8)
     DSK_TUNE_SUITE=comm_hook timeout 560 bash benchmarks/tune_variants.sh "" "-DDSK_REDUCE_ROUNDS=2" \
-      "-DDSK_REDUCE_SHARDS_PER_STEP=8" "-DDSK_QUANT_EF_ROUNDS=1" "-DDSK_QUANT_EF_ROUNDS=4" \
-      "-DDSK_QUANT_EF_MIN_BLOCKS=2"
+      "-DDSK_REDUCE_SHARDS_PER_STEP=8" "-DDSK_QUANT_EF_ROUNDS=1" "-DDSK_QUANT_EF_ROUNDS=4"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
