@@ -423,7 +423,7 @@ def converge(args, device, rank, world) -> dict:
     split = int(0.95 * text.numel())
     train, held = text[:split], text[split:]
     out = {}
-    for config in CONFIGS:
+    for config in args.converge_configs.split(","):
         torch.manual_seed(0)
         with torch.device(device):
             model = GPT(**cfg)
@@ -577,6 +577,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default="link,check,step,converge")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="step part: which configurations")
+    ap.add_argument("--converge-configs", default=",".join(CONFIGS),
+                    help="converge part: which configurations (variants too: int8+EF/graph)")
     ap.add_argument("--profile", action="store_true", help="step part: profile two more steps per configuration")
     ap.add_argument("--label", default="", help="suffix of the output files (e.g. the link: shm)")
     ap.add_argument("--param-dtype", default="fp32", choices=("fp32", "bf16"),

@@ -46,7 +46,8 @@ BWD_FOCUS = {
            (64, 64, 32, 8, 3), (64, 32, 32, 4, 3), (32, 64, 32, 4, 2)],
     "dkdv": [(64, 64, 4, 1), (64, 64, 4, 2), (32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2),
              (64, 32, 4, 2), (64, 64, 8, 2)],
-    "dsum": [(64, 16, 4, 1), (64, 16, 4, 2), (64, 16, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2)],
+    "dsum": [(64, 16, 4, 1), (64, 16, 4, 2), (64, 16, 8, 2), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, 1),
+             (64, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 1)],
 }
 BWD_FULL = {
     "dq": [c for c in itertools.product((32, 64), (32, 64, 128), (16, 32, 64), (4, 8), (1, 2, 3))
@@ -129,6 +130,8 @@ def main():
     ap.add_argument("--decode", action="store_true", help="sweep the decode attention kernel instead")
     ap.add_argument("--bcast", action="store_true",
                     help="every dkdv config with the per-key and the broadcast pooling backward")
+    ap.add_argument("--kernels", default=",".join(BWD_KEYS),
+                    help="backward sweep: which kernels (comma list of dq, dkdv, dsum; the others at their defaults)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.seqlen is None:
@@ -169,7 +172,13 @@ def main():
         base_bwd = bench(lambda: hierarchical_attention_bwd(do, q, k, v, ref, lse, **kw))
         print(f"  bwd default: {base_bwd:7.3f} ms", flush=True)
         result["bwd_default_ms"] = base_bwd
+        kernels = args.kernels.split(",")
+        unknown = set(kernels) - set(BWD_KEYS)
+        if unknown:
+            raise SystemExit(f"--kernels: unknown {sorted(unknown)}; expected a comma list of {', '.join(BWD_KEYS)}")
         for kern, keys in BWD_KEYS.items():
+            if kern not in kernels:
+                continue
             rows = []
             grid = BWD_FULL[kern] if args.full else BWD_FOCUS[kern]
             if kern == "dkdv" and args.bcast:

@@ -85,7 +85,7 @@ case "$step" in
   tune-hier-131k)  # the tiles at S=131072 (summary tiles packed across levels since session 8), dkdv per key vs broadcast
     timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 131072 --bcast --out "$OUT/tune_hier_131k.json" ;;
   tune-hier-512k)  # the backward kernels' tiles at S=524288 (dsum's block_s: q/dO visits vs wasted pairs, NOTES session 8)
-    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 524288 --skip-fwd --out "$OUT/tune_hier_512k.json" ;;
+    timeout 560 "$PY" benchmarks/tune_hierarchical.py --seqlen 524288 --skip-fwd --kernels dsum --out "$OUT/tune_hier_512k.json" ;;
   tune-hier-decode)
     timeout 300 "$PY" benchmarks/tune_hierarchical.py --decode --out "$OUT/tune_hier_decode.json" ;;
   tune-attn-tma)

@@ -339,7 +339,10 @@ __device__ __forceinline__ void scale_of(uint32_t amax_bits, float qmax, float& 
 
 // Launch shape, tuned on the H200 (512 MiB bf16, block 128; see the issue notes): plain
 // quantization keeps 4 rounds in flight and caps registers so 4 CTAs fit per SM; with error
-// feedback each vector costs twice the registers (fp32 y), so 2 rounds without a cap win.
+// feedback each vector costs twice the registers (fp32 y), so fewer rounds without a cap: the DDP
+// hook's graphed pipeline at W=2 (H200, session 9, one rebuild each) ran 56.6 us at 1 round, 57.4 at
+// 2 and 71.6 at 4; three more runs at 1 round gave 56.9-57.4 us, so 1 and 2 are within the noise.
+// 1 is kept: 44 registers for fp32 inputs against 80 at 2 (144 at 4).
 // DSK_NVCC_EXTRA="-DDSK_QUANT_ROUNDS=.. -DDSK_QUANT_EF_ROUNDS=.. ..." overrides them for experiments.
 #ifndef DSK_QUANT_ROUNDS
 #define DSK_QUANT_ROUNDS 4
@@ -348,7 +351,7 @@ __device__ __forceinline__ void scale_of(uint32_t amax_bits, float qmax, float& 
 #define DSK_QUANT_MIN_BLOCKS 4
 #endif
 #ifndef DSK_QUANT_EF_ROUNDS
-#define DSK_QUANT_EF_ROUNDS 2
+#define DSK_QUANT_EF_ROUNDS 1
 #endif
 #ifndef DSK_QUANT_EF_MIN_BLOCKS
 #define DSK_QUANT_EF_MIN_BLOCKS 1

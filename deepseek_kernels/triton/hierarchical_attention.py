@@ -765,7 +765,7 @@ def _hier_bwd_dkdv(
 BWD_KERNELS = ("dq", "dkdv", "dsum")
 
 
-def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
+def bwd_launch_config(block: int, window: int, head_dim: int, levels: int = 1) -> dict:
     """Per-kernel launch settings of the backward (``dq``: query tiles over keys and summaries;
     ``dkdv``: key tiles over queries; ``dsum``: summary tiles over queries). ``block_m`` must divide
     ``block``. Tuned on the H200 at D=128 (benchmarks/tune_hierarchical.py; 64x64, 4 warps)."""
@@ -779,11 +779,16 @@ def bwd_launch_config(block: int, window: int, head_dim: int) -> dict:
     # 82.8 ms against 90.1 ms all unpipelined (dkdv at 2 stages as well: 78.8 ms, not deterministic).
     # tests/test_hierarchical_triton.py repeats the call and compares bits.
     wide = max(16, triton.next_power_of_2(head_dim)) >= 128
+    # dsum's summary tiles: each tile re-reads q and dO for every query block in its band, ~2.3 times
+    # per level, while a wider tile computes more (query, group) pairs in vain (69 % useful at 16, 51 % at
+    # 32). With many levels the reads win: H200, bwd H32/32 W4096 D128 (tune_hierarchical.py --kernels
+    # dsum, session 9): S=524288 (7 levels) 333.1 ms at 32 vs 346.5 at 16; S=32768 (3 levels) 20.13 vs 19.97.
+    dsum_block_s = 32 if levels >= 6 else 16
     return {
         "dq": dict(block_m=bm, block_n=64, block_s=max(16, min(32, triton.next_power_of_2(nw // 2 + 2))),
                    num_warps=4, num_stages=2 if wide else None),
         "dkdv": dict(block_m=bm, block_n=64, num_warps=4, num_stages=1 if wide else None, bcast=BCAST_POOL_GRAD),
-        "dsum": dict(block_m=bm, block_s=16, num_warps=4, num_stages=1 if wide else None, chunk=None),
+        "dsum": dict(block_m=bm, block_s=dsum_block_s, num_warps=4, num_stages=1 if wide else None, chunk=None),
     }
 
 
@@ -832,7 +837,7 @@ def hierarchical_attention_bwd(do, q, k, v, out, lse, *, window: int, block: int
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     nw = window // block
     block_d = max(16, triton.next_power_of_2(D))
-    kc = resolve_launch("hierarchical attention backward", bwd_launch_config(block, window, D), config,
+    kc = resolve_launch("hierarchical attention backward", bwd_launch_config(block, window, D, levels), config,
                         block_m=block_m, block_n=block_n, block_s=block_s, num_warps=num_warps, num_stages=num_stages)
     for name, c in kc.items():
         if block % c["block_m"]:
