@@ -316,14 +316,14 @@ def step_time(args, device, rank, world) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        times = {}
+        times, allocs = {}, {}
         for communicate in (True, False):
             for tokens in data[:args.warmup]:
                 one(tokens, communicate)
             sync(device)
             dist.barrier()
             clock[0] = 0.0
-            allocs = {k: torch.cuda.memory_stats(device).get(k, 0) for k in ALLOC_STATS} if device.type == "cuda" else {}
+            before = {k: torch.cuda.memory_stats(device).get(k, 0) for k in ALLOC_STATS} if device.type == "cuda" else {}
             t0 = time.perf_counter()
             for tokens in data[args.warmup:]:
                 one(tokens, communicate)
@@ -331,8 +331,8 @@ def step_time(args, device, rank, world) -> dict:
             times[communicate] = (time.perf_counter() - t0) / args.steps
             if communicate:
                 hook_host_s = clock[0] / args.steps
-            if communicate and device.type == "cuda":
-                allocs = {k: torch.cuda.memory_stats(device).get(k, 0) - allocs.get(k, 0) for k in ALLOC_STATS}
+            if communicate and device.type == "cuda":  # the timed steps with communication only
+                allocs = {k: torch.cuda.memory_stats(device).get(k, 0) - before[k] for k in ALLOC_STATS}
         # every rank runs the profiled steps (their collectives pair up); rank 0 keeps the table
         profile = profile_steps(one, data[-2:], device, rank) if args.profile and device.type == "cuda" else None
         tok = args.batch * cfg["seq"]

@@ -34,7 +34,10 @@ instead of two; by default on exactly when ``cuda_graphs`` is). Measured on one 
 NCCL: the same host work with trivial exchanges; a 1.21B GPT in 73 buckets of 25 MB, step time over
 10 steps, session 8): DDP's all-reduce 96.7 ms per step, torch's ``bf16_compress_hook`` 106.1 ms,
 this hook 134.7 ms eager (57.4 ms of hook host time per step) and 117.9 ms with ``cuda_graphs=True``
-(19.6 ms). Not yet run on 2 or more GPUs.
+(19.6 ms). On 2 H200s (session 9): over NVLink all-reduce 107.3 ms, the hook 165.9 ms eager (150.9
+packed) and 122.2 ms graphed (115.1 with separate codes and scales); over host memory
+(``NCCL_P2P_DISABLE=1``, 5 steps) all-reduce 231.7 ms, the hook 154.4 ms eager but 176.1 ms graphed
+(hook host time 60 -> 90 ms per step), which is why ``cuda_graphs`` stays opt-in.
 
 Each rank sends ``2 (W-1)/W * P * (1 + 4/block)`` bytes (one byte per code plus the scales) against
 ``2 (W-1)/W * 4L`` for a ring all-reduce in fp32: about a quarter.
@@ -99,8 +102,10 @@ class QuantizedGradState:
             pipeline; a bucket whose buffer, size or settings change is captured again. Measured on
             one H200 (world size 1, 1.21B GPT, 73 buckets of 25 MB, session 8): 117.9 ms per step
             and 19.6 ms of hook host time with the packed wire (119.3 / 26.3 ms with separate codes
-            and scales; fp8_e4m3: 118.2 / 26.0 ms) against 134.7 / 57.4 ms eager. Opt-in: not yet
-            run on 2 or more GPUs. Ignored for CPU tensors (the gloo path runs eagerly).
+            and scales; fp8_e4m3: 118.2 / 26.0 ms) against 134.7 / 57.4 ms eager. On 2 H200s (session
+            9) it wins over NVLink (122.2 vs 165.9 ms per step) and loses over host memory
+            (``NCCL_P2P_DISABLE=1``: 176.1 vs 154.4 ms), so it is opt-in. Ignored for CPU tensors
+            (the gloo path runs eagerly).
         pack_wire: send codes and scales in one buffer, one all-to-all and one all-gather per
             bucket instead of two of each. ``None`` (default): packed exactly when ``cuda_graphs``
             is on, which measured best (eager, packing cost more than it saved: 138.9 vs 134.7 ms per

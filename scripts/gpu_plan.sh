@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -100,6 +100,15 @@ case "$step" in
     DSK_TUNE_SUITE=comm_hook timeout 560 bash benchmarks/tune_variants.sh "" "-DDSK_REDUCE_ROUNDS=2" \
       "-DDSK_REDUCE_SHARDS_PER_STEP=8" "-DDSK_QUANT_EF_ROUNDS=1" "-DDSK_QUANT_EF_ROUNDS=4"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
+  dequant-wide)  # issues 2 and 7: the dequantize kernel reading 16 codes per lane (DSK_DEQUANT_WIDE_CODES, off by
+    # default until this has run): its GPU tests with the switch on, then both suites per variant, then the default build
+    DSK_NVCC_EXTRA="-DDSK_DEQUANT_WIDE_CODES=1" build
+    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantization.py \
+      tests/test_quantized_reduce.py tests/test_distributed.py > "$OUT/dequant_wide_tests.log" 2>&1
+    echo "tests with DSK_DEQUANT_WIDE_CODES=1: rc=$?"; tail -1 "$OUT/dequant_wide_tests.log"
+    DSK_TUNE_SUITE="quantization comm_hook" timeout 400 bash benchmarks/tune_variants.sh "" \
+      "-DDSK_DEQUANT_WIDE_CODES=1" "-DDSK_DEQUANT_WIDE_CODES=1 -DDSK_DEQUANT_ROUNDS=2"
+    build ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
@@ -113,6 +122,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

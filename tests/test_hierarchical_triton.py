@@ -12,6 +12,7 @@ from deepseek_kernels.reference.hierarchical_attention import (
     summary_layout,
 )
 from deepseek_kernels.triton.hierarchical_attention import (
+    bwd_launch_config,
     hierarchical_attention_bwd,
     hierarchical_attention_fwd,
     hierarchical_pool,
@@ -173,6 +174,22 @@ def test_backward_per_kernel_configs(config):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dsum": {"chunk": -1}}, **kw)
     with pytest.raises(ValueError, match="must divide block=16"):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dkdv": {"block_m": 32}}, **kw)
+
+
+def test_backward_default_tiles_at_many_levels():
+    """From 6 levels on the default dsum tiles are 32 summaries wide (fewer q/dO re-reads: S=524288 on
+    the H200), 16 below; the default backward at 6 levels still gives the reference's gradients."""
+    assert bwd_launch_config(64, 4096, 128, levels=5)["dsum"]["block_s"] == 16
+    assert bwd_launch_config(64, 4096, 128, levels=6)["dsum"]["block_s"] == 32
+    q, k, v, do = make(1, 700, 2, 1, 16)
+    kw = dict(window=16, block=16, levels=resolve_levels(None, 700, window=16, block=16), sinks=1)
+    assert kw["levels"] == 6
+    out, lse = hierarchical_attention_fwd(q, k, v, block_n=16, **kw)
+    got = hierarchical_attention_bwd(do, q, k, v, out, lse, **kw)
+    want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
+                                          **kw)
+    for name, g, w in zip("q k v".split(), got, want):
+        assert rel_error(g, w) < 1e-5, name
 
 
 def test_varlen_forward_and_backward():

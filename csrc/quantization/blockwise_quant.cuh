@@ -367,6 +367,15 @@ __device__ __forceinline__ void scale_of(uint32_t amax_bits, float qmax, float& 
 #ifndef DSK_DEQUANT_ROUNDS
 #define DSK_DEQUANT_ROUNDS 4
 #endif
+// Codes per lane and round of the dequantize kernel: 0 = one 16-byte vector of output (8 codes for
+// 16-bit outputs, 4 for fp32: 8- and 4-byte code loads); 1 = 16 codes (one 16-byte code load, two or
+// four 16-byte stores) where rows are whole multiples of 16 and the buffers 16-byte aligned. An
+// experiment (benchmarks/NOTES.md, session 9): the reduce kernels already read 16 codes per load;
+// dequantize ran at 85 % of copy in the quantization suite (torch.compile 97 %) and 81 % in the DDP
+// hook's pipeline. Not yet run on a GPU: `scripts/gpu_plan.sh dequant-wide` tests and times it.
+#ifndef DSK_DEQUANT_WIDE_CODES
+#define DSK_DEQUANT_WIDE_CODES 0
+#endif
 template <bool kHasError>
 __host__ __device__ constexpr int quantize_rounds() { return kHasError ? DSK_QUANT_EF_ROUNDS : DSK_QUANT_ROUNDS; }
 template <bool kHasError>
@@ -518,9 +527,10 @@ __device__ __forceinline__ void decode_codes(const Pack<uint8_t, VEC>& c, float 
   }
 }
 
-// Dequantization is elementwise: each lane owns whole vectors (16 bytes of output), kRounds of
-// them spread kThreads apart so every round of a CTA is one contiguous span; the scale of a
-// vector comes from a shift (power-of-two blocks over whole rows) or from its row and column.
+// Dequantization is elementwise: each lane owns whole vectors (VEC codes: 16 bytes of output, or
+// 16 codes with DSK_DEQUANT_WIDE_CODES), kRounds of them spread kThreads apart so every round of a
+// CTA is one contiguous span; the scale of a vector comes from a shift (power-of-two blocks over
+// whole rows) or from its row and column.
 template <typename OT, QFormat F, int VEC, bool kShift>
 __global__ void __launch_bounds__(kThreads)
     blockwise_dequantize_kernel(const DequantizeArgs a, const int log2_block) {
@@ -674,6 +684,10 @@ cudaError_t launch_dequantize(DequantizeArgs a, cudaStream_t stream) {
 template <typename OT, QFormat F>
 cudaError_t dequantize_typed(const DequantizeArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(OT);
+  if constexpr (DSK_DEQUANT_WIDE_CODES != 0) {
+    // 16 codes per vector: a vector never straddles two blocks (block % 16 == 0, rows of whole vectors)
+    if (a.cols % 16 == 0 && aligned16(a.out) && aligned16(a.q)) return launch_dequantize<OT, F, 16>(a, stream);
+  }
   const bool wide = a.cols % VEC == 0 && aligned16(a.out) && reinterpret_cast<uintptr_t>(a.q) % VEC == 0;
   return wide ? launch_dequantize<OT, F, VEC>(a, stream) : launch_dequantize<OT, F, 1>(a, stream);
 }
