@@ -255,7 +255,8 @@ def test_cuda_eager_persistent_tma_path_matches_the_op(MNK):
 
 # ---- quantize_per_token kernel and the eager fast path ----------------------------------------------
 
-QPT_SHAPES = [(1, 1), (3, 17), (5, 1000), (2, 4096), (1, 5000), (4, 9000)]  # one-block rows and multi-block rows
+# rows of one tile (read once) and, past QUANTIZE_MAX_BLOCK_K = 16384, of several tiles (read twice)
+QPT_SHAPES = [(1, 1), (3, 17), (5, 1000), (2, 4096), (1, 5000), (4, 9000), (1, 14336), (2, 20000)]
 
 
 @pytest.mark.parametrize("shape", QPT_SHAPES, ids=str)
@@ -284,6 +285,18 @@ def test_quantize_per_token_kernel_ties_and_non_finite_rows():
     assert (q[1:] == 0).all()
     rq, rs = quantize_per_token_ref(x)
     assert torch.equal(q, rq) and torch.equal(sc.isnan(), rs.isnan())
+
+
+def test_quantize_per_token_long_rows_with_non_finite_values():
+    """Rows longer than one tile (two passes): a NaN or Inf in the second tile still reaches the scale."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 20000, device=dev)
+    x[1, 17000] = float("nan")
+    x[2, 19999] = float("inf")
+    q, sc = torch.ops.deepseek_kernels.quantize_per_token(x, None)
+    rq, rs = quantize_per_token_ref(x)
+    assert torch.isnan(sc[1]).all() and torch.isinf(sc[2]).all() and (q[1:] == 0).all()
+    assert torch.equal(q, rq) and torch.equal(sc[0], rs[0])
 
 
 def test_quantize_per_token_strided_and_batched():

@@ -228,31 +228,49 @@ def _load_scaled(x_row, smooth_ptr, offs, K, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(amax, nan):
+    """(scale, 1 / scale) of a row from its per-lane |x| maxima and NaN flags (NaN anywhere: NaN)."""
+    row_amax = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(amax, 0))  # tl.max drops NaN
+    scale = tl.math.div_rn(row_amax, 127.0)
+    return scale, tl.where(scale > 0, tl.math.div_rn(1.0, scale), 0.0)
+
+
+@triton.jit
+def _store_codes(q_row, xs, inv, offs, k_left):
+    y = xs * inv
+    bad = y != y
+    y = _round_half_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
+    tl.store(q_row + offs, tl.where(bad, 0.0, y).to(tl.int8), mask=offs < k_left)
+
+
+@triton.jit
 def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
                                HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: amax of |x / smooth|, then the codes, with the reference's arithmetic
-    (div_rn for the divisions, round half to even). The row is read twice when it is longer than
-    BLOCK_K (the second read mostly hits L2)."""
+    (div_rn for the divisions, round half to even). A row that fits one tile (K <= BLOCK_K: the
+    launcher's choice up to 16384) is read once and kept in registers; longer rows are read twice
+    (the second read mostly hits L2)."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    nan = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
-        amax = tl.maximum(amax, tl.abs(xs))
-        nan = nan | (xs != xs).to(tl.int32)
-    row_amax = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(amax, 0))  # tl.max drops NaN
-    scale = tl.math.div_rn(row_amax, 127.0)
-    inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale), 0.0)
-    tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
-        y = xs * inv
-        bad = y != y
-        y = _round_half_even(tl.minimum(tl.maximum(y, -127.0), 127.0))
-        tl.store(q_row + k0 + offs, tl.where(bad, 0.0, y).to(tl.int8), mask=offs < K - k0)
+    if K <= BLOCK_K:
+        xs = _load_scaled(x_row, smooth_ptr, offs, K, HAS_SMOOTH)
+        scale, inv = _row_scale(tl.abs(xs), (xs != xs).to(tl.int32))
+        tl.store(scale_ptr + row, scale)
+        _store_codes(q_row, xs, inv, offs, K)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        nan = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.abs(xs))
+            nan = nan | (xs != xs).to(tl.int32)
+        scale, inv = _row_scale(amax, nan)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            xs = _load_scaled(x_row + k0, smooth_ptr + k0, offs, K - k0, HAS_SMOOTH)
+            _store_codes(q_row + k0, xs, inv, offs, K - k0)
 
 
 def launch_config(M: int, N: int, K: int) -> dict:
