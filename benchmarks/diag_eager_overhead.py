@@ -1,8 +1,8 @@
 """Where the time of an eager decode-sized call goes (CPU-side launch overhead vs the kernel).
 
-    python benchmarks/diag_eager_overhead.py
+    python benchmarks/diag_eager_overhead.py [--shape M,N,K]
 
-Times, for int8_linear at M=1 N=14336 K=4096 on a CUDA GPU: the public functions
+Times, for int8_linear at M=1 N=14336 K=4096 (or ``--shape``) on a CUDA GPU: the public functions
 (quantize_per_token, int8_matmul, int8_linear), the raw Triton ``kernel[grid](...)`` launch of
 the quantize kernel, the same through a CUDA graph (the kernel alone), and a cProfile of the
 eager int8_linear call (top entries by own time). Prints a table.
@@ -16,6 +16,8 @@ import time
 import torch
 
 import deepseek_kernels as dk
+from deepseek_kernels.bench import harness
+from deepseek_kernels.ops.int8_matmul import QUANTIZE_MAX_BLOCK_K
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
 
@@ -45,22 +47,35 @@ def graphed_us(fn, n=200):
 
 
 def main():
-    M, N, K = 1, 14336, 4096
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="1,14336,4096", help="M,N,K (e.g. 2048,4096,4096: is a mid-size row host-bound?)")
+    M, N, K = (int(v) for v in ap.parse_args().shape.split(","))
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     ws = torch.rand(N, device="cuda") / 100
     xq, xs = dk.quantize_per_token(x)
     q, s = torch.empty_like(xq), torch.empty_like(xs)
 
+    block_k = min(QUANTIZE_MAX_BLOCK_K, max(16, 1 << (K - 1).bit_length()))  # as the launcher picks
+
     def raw_quant():
-        _quantize_per_token_kernel[(M,)](x, x, q, s, K, x.stride(0), q.stride(0), HAS_SMOOTH=False, BLOCK_K=4096,
-                                         num_warps=8)
+        _quantize_per_token_kernel[(M,)](x, x, q, s, K, x.stride(0), q.stride(0), HAS_SMOOTH=False, BLOCK_K=block_k,
+                                         num_warps=min(16, max(4, block_k // 512)))
+
+    wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    sets = [(xq, w, xs, ws)]
+
+    def bench_method():  # the bench harness's eager timer (events around each call, calls back to back)
+        return harness.time_cuda(lambda *a: dk.int8_matmul(*a), sets, reps=100)["ms"] * 1e3
 
     cases = {
         "quantize_per_token": lambda: dk.quantize_per_token(x),
         "raw quantize kernel[grid]": raw_quant,
         "int8_matmul": lambda: dk.int8_matmul(xq, w, xs, ws),
         "int8_linear": lambda: dk.int8_linear(x, w, ws),
+        "bf16 F.linear": lambda: torch.nn.functional.linear(x, wb),
         "torch.empty x2": lambda: (torch.empty(M, K, device="cuda", dtype=torch.int8),
                                    torch.empty(M, 1, device="cuda")),
     }
@@ -68,6 +83,7 @@ def main():
     for name, fn in cases.items():
         g = graphed_us(fn) if "empty" not in name else float("nan")
         print(f"{name:<28} {per_call_us(fn):9.1f} {per_call_us(fn, wait=False):9.1f} {g:11.1f}")
+    print(f"int8_matmul through the bench harness's eager timer: {bench_method():.1f} us per call (shape {M},{N},{K})")
     prof = cProfile.Profile()
     fn = cases["int8_linear"]
     prof.enable()

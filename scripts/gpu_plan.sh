@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | diag-int8-eager | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -109,6 +109,11 @@ case "$step" in
     DSK_TUNE_SUITE="quantization comm_hook" timeout 400 bash benchmarks/tune_variants.sh "" \
       "-DDSK_DEQUANT_WIDE_CODES=1" "-DDSK_DEQUANT_WIDE_CODES=1 -DDSK_DEQUANT_ROUNDS=2"
     build ;;
+  diag-int8-eager)  # issue 5: host vs kernel time of eager int8 calls at decode and at M2048 N4096 K4096 (0.64x in
+    # session 9's suite, 56 us kernel-alone in session 3's sweep), then the int8 suite's rows that hinge on it
+    for shape in 1,14336,4096 2048,4096,4096; do timeout 120 "$PY" benchmarks/diag_eager_overhead.py --shape "$shape"; done
+    timeout 300 "$PY" -m deepseek_kernels.cli bench int8_matmul --filter "^M2048 N4096 K4096|graphed|^e2e" \
+      --out "$OUT/int8_eager" ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
@@ -122,6 +127,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|diag-int8-eager|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
