@@ -109,7 +109,12 @@ __global__ void __launch_bounds__(kThreads)
 #define DSK_REDUCE_ROUNDS 1
 #endif
 constexpr int kSumRounds = DSK_REDUCE_ROUNDS;
-constexpr int kSumCached = 2;
+// Vectors of 16 codes per lane cached between the passes (lanes per 128-code block: 8 / this).
+// ptxas, fp32 residual, int8: 118 registers at 2 (2 CTAs of 256 threads per SM); see NOTES session 9.
+#ifndef DSK_REDUCE_CACHED
+#define DSK_REDUCE_CACHED 2
+#endif
+constexpr int kSumCached = DSK_REDUCE_CACHED;
 
 // acc (+)= d_w for one vector of one shard.
 template <QFormat F, int VEC>
@@ -124,8 +129,13 @@ __device__ __forceinline__ void accumulate(const Pack<uint8_t, VEC>& codes, floa
   }
 }
 
+// CTAs per SM the register allocation must allow (1: no cap).
+#ifndef DSK_REDUCE_MIN_BLOCKS
+#define DSK_REDUCE_MIN_BLOCKS 1
+#endif
+
 template <typename ET, bool kHasError, QFormat F, int VEC, bool kFlat>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, DSK_REDUCE_MIN_BLOCKS)
     requantize_sum_kernel(const RequantizeSumArgs a, const int group, const int log2_group) {
   constexpr int R = kSumRounds;
   constexpr int K = kSumCached;
