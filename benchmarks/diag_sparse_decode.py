@@ -54,8 +54,15 @@ def main():
                 x, wr, k=k, gate="sigmoid", weighting="gate", splits=1), sets)
             t_route_w1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
                 x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=1), sets)
+            # top-k by rank (session 9, opt-in): 2 tokens per selecting program, 4 or 1 warps
+            t_rank = {w: time_cuda_graph(lambda x, wr, *_, w=w: tk.sparse_ffn_route(
+                x, wr, k=k, gate="sigmoid", weighting="gate", select="rank", num_warps=w), sets) for w in (4, 1)}
+            same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
+                                   idx) for x, wr, *_, idx, _w in sets)
         print(f"    router: auto ({tk.router_splits(T, D, sets[0][0].device)} splits) {t_route['ms'] * 1e3:.1f}u, "
-              f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u")
+              f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
+              f"rank select 4 / 1 warps {t_rank[4]['ms'] * 1e3:.1f} / {t_rank[1]['ms'] * 1e3:.1f}u "
+              f"(same idx as the loop: {same})")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -70,7 +77,8 @@ def main():
         row = dict(T=T, ratio=args.ratio, k=k, weight_copies=n, router_ms=t_route["ms"], decode_ms=t_dec["ms"],
                    per_kernel_us=per_kernel,
                    op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
-                   router_split_w1_ms=t_route_w1["ms"])
+                   router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
+                   router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same)
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -80,6 +80,48 @@ def test_router_split_logits_match_reference(case, splits, poisoned):
             tk.sparse_ffn_route(x, wr, splits=bad, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "T{}-D{}-NR{}-k{}-{}-{}-bias{}-thr{}".format(*c))
+def test_router_rank_select_matches_reference(case, dtype, poisoned):
+    """select="rank" (top-k by one compare-and-count, 2 tokens per program, logits from the split
+    kernel even in one slice): the reference's idx, weights and probs, and the loop's idx."""
+    T, D, NR, k, gate, weighting, with_bias, threshold = case
+    x = torch.randn(T, D).to(dtype)
+    wr = (torch.randn(NR, D) * 2 / D**0.5).to(dtype)
+    bias = torch.randn(NR) * 0.05 if with_bias else None
+    kw = dict(k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold)
+    for splits in (1, 2):
+        idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", splits=splits, block_d=16, **kw)
+        ri, rw, rp = route_ref(x, wr, **kw)
+        assert torch.equal(idx, ri)
+        assert (w - rw).abs().max() < 1e-6 and (p - rp).abs().max() < 1e-6
+    assert torch.equal(idx, tk.sparse_ffn_route(x, wr, **kw)[0])
+    with pytest.raises(ValueError, match="select must be one of"):
+        tk.sparse_ffn_route(x, wr, select="sort", **kw)
+
+
+def test_router_rank_select_ties_and_nan_rows(poisoned):
+    """Equal scores go to the lower block; a token whose logits are NaN gets the reference's routing
+    (torch.sort puts NaN first and a NaN slot is empty), its neighbours are unaffected."""
+    x = torch.randn(5, 16)
+    wr = torch.zeros(10, 16)
+    wr[7] = wr[3] = torch.randn(16)
+    x[2, 4] = float("nan")
+    kw = dict(k=4, gate="sigmoid", weighting="gate")
+    idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", **kw)
+    ri, rw, rp = route_ref(x, wr, **kw)
+    assert torch.equal(idx, ri)
+    ok = torch.arange(5) != 2
+    assert (w[ok] - rw[ok]).abs().max() < 1e-6 and (p[ok] - rp[ok]).abs().max() < 1e-6
+    assert (idx[2] == -1).all()
+    # one NaN score among finite ones (a NaN in the selection bias): it sorts first, so slot 0 is empty
+    bias = torch.zeros(10)
+    bias[5] = float("nan")
+    idx, _, _ = tk.sparse_ffn_route(x[ok], wr, select="rank", bias=bias, **kw)
+    ri, _, _ = route_ref(x[ok], wr, bias=bias, **kw)
+    assert torch.equal(idx, ri) and (idx[:, 0] == -1).all() and (idx[:, 1:] >= 0).all()
+
+
 def test_router_kernel_ties_go_to_the_lower_index(poisoned):
     x = torch.randn(9, 16)
     wr = torch.zeros(10, 16)

@@ -90,6 +90,31 @@ def _sparse_ffn_router_split_kernel(
 
 
 @triton.jit
+def _select_topk_by_rank(p, sel, offs_n, BLOCK_K: tl.constexpr):
+    """Top-k by rank, without the k-step loop of max / argmin / mask reductions: ``rank[t, n]`` =
+    how many entries sort before ``n`` (larger ``sel``, or equal at a lower index; NaN before all,
+    as torch.sort descending puts it), one [T, NR, NR] compare-and-count; slot ``j`` then takes the
+    entry of rank ``j`` if its ``sel`` is above -inf (NaN is not). Same result as the loop for every
+    input; the tile is T x NR x NR, so the launcher keeps T small (1-2 tokens per program)."""
+    nan = sel != sel
+    s_m = sel[:, :, None]
+    s_n = sel[:, None, :]
+    nan_m = nan[:, :, None]
+    nan_n = nan[:, None, :]
+    greater = (nan_m & ~nan_n) | (~nan_m & ~nan_n & (s_m > s_n))
+    equal = (nan_m & nan_n) | (s_m == s_n)
+    lower = (offs_n[:, None] < offs_n[None, :])[None, :, :]
+    rank = tl.sum((greater | (equal & lower)).to(tl.int32), 1)  # [T, NR]: entries m before n
+    valid = sel > float("-inf")
+    cols = tl.arange(0, BLOCK_K)
+    hit = (rank[:, None, :] == cols[None, :, None]) & valid[:, None, :]  # [T, BLOCK_K, NR]
+    found = tl.sum(hit.to(tl.int32), 2) > 0
+    idx = tl.where(found, tl.sum(tl.where(hit, offs_n[None, None, :], 0), 2), -1)
+    g = tl.sum(tl.where(hit, p[:, None, :], 0.0), 2)
+    return idx, g
+
+
+@triton.jit
 def _sparse_ffn_router_kernel(
     X, WR, BIAS, IDX, WOUT, PROBS, PART,
     T, D, NR, threshold,
@@ -97,17 +122,20 @@ def _sparse_ffn_router_kernel(
     K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
+    RANK_SELECT: tl.constexpr,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
-    ``SPLITS`` > 1: the logits are the sum of the SPLITS partial slices in PART (split kernel),
-    loaded unrolled (independent loads, summed in slice order: deterministic)."""
+    ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
+    loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
+    ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
+    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     offs_n = tl.arange(0, BLOCK_NR)
     n_mask = offs_n < NR
-    if SPLITS > 1:
+    if SPLITS > 0:
         acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
         for s in tl.static_range(SPLITS):
             acc += tl.load(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :],
@@ -132,18 +160,23 @@ def _sparse_ffn_router_kernel(
     sel = tl.where(n_mask[None, :], sel, float("-inf"))
 
     cols = tl.arange(0, BLOCK_K)
-    idx = tl.full((BLOCK_T, BLOCK_K), -1, dtype=tl.int32)
-    g = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for j in range(K):
-        best = tl.max(sel, 1)
-        # the lowest index among the maxima: the reference's stable descending sort
-        pick = tl.min(tl.where(sel == best[:, None], offs_n[None, :], BLOCK_NR), 1)
-        valid = best > float("-inf")
-        hit = offs_n[None, :] == pick[:, None]
-        gp = tl.sum(tl.where(hit, p, 0.0), 1)
-        idx = tl.where(cols[None, :] == j, tl.where(valid, pick, -1)[:, None], idx)
-        g = tl.where(cols[None, :] == j, tl.where(valid, gp, 0.0)[:, None], g)
-        sel = tl.where(hit, float("-inf"), sel)
+    if RANK_SELECT:
+        idx, g = _select_topk_by_rank(p, sel, offs_n, BLOCK_K)
+        g = tl.where(cols[None, :] < K, g, 0.0)
+        idx = tl.where(cols[None, :] < K, idx, -1)
+    else:
+        idx = tl.full((BLOCK_T, BLOCK_K), -1, dtype=tl.int32)
+        g = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for j in range(K):
+            best = tl.max(sel, 1)
+            # the lowest index among the maxima: the reference's stable descending sort
+            pick = tl.min(tl.where(sel == best[:, None], offs_n[None, :], BLOCK_NR), 1)
+            valid = best > float("-inf")
+            hit = offs_n[None, :] == pick[:, None]
+            gp = tl.sum(tl.where(hit, p, 0.0), 1)
+            idx = tl.where(cols[None, :] == j, tl.where(valid, pick, -1)[:, None], idx)
+            g = tl.where(cols[None, :] == j, tl.where(valid, gp, 0.0)[:, None], g)
+            sel = tl.where(hit, float("-inf"), sel)
     if NORMALISE:
         total = tl.sum(g, 1)
         w_out = g / tl.where(total > 0, total, 1.0)[:, None]
@@ -172,16 +205,24 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
     return max(1, min(triton.cdiv(D, block_d), ROUTER_MAX_SPLITS, triton.cdiv(sm_count(device), t_tiles)))
 
 
+ROUTER_SELECT = ("loop", "rank")
+
+
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
                      block_t: int | None = None, block_d: int = 64, num_warps: int | None = None,
-                     direct: bool = False, splits: int | None = None):
+                     direct: bool = False, splits: int | None = None, select: str = "loop"):
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``.
     ``splits``: d_model slices of the logits GEMM (None: :func:`router_splits`; > 1 adds one launch,
     at most ROUTER_MAX_SPLITS). ``block_t`` / ``num_warps``: the token tile and warps of the router
     kernel (None: 32 for one kernel, 16 after a split, where the kernel only selects; 4 warps: on the
     H200 at one token the split path took 8.2 us with 4 selecting warps, 15.9 us with 1, and the one
-    kernel path 26.2 us, benchmarks/diag_sparse_decode.py)."""
+    kernel path 26.2 us, benchmarks/diag_sparse_decode.py). ``select="rank"``: the top-k by rank
+    (one compare-and-count instead of k rounds of reductions; the logits always go through the
+    split kernel then, and the selecting kernel takes 2 tokens per program). Written in session 9
+    without a GPU: opt-in until ``diag_sparse_decode.py`` has timed it."""
+    if select not in ROUTER_SELECT:
+        raise ValueError(f"sparse_ffn_route: select must be one of {ROUTER_SELECT}, got {select!r}")
     T, D = x.shape
     NR = router_weight.shape[0]
     if bias is not None and bias.stride(0) != 1:  # the kernel reads the bias contiguously
@@ -197,27 +238,31 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     # slices of whole BLOCK_D tiles; recounted so that none is empty
     d_per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
     splits = triton.cdiv(D, d_per_split)
-    block_t = block_t or (16 if splits > 1 else 32)
+    rank = select == "rank"
+    use_part = splits > 1 or rank  # the logits from the split kernel (one slice is fine)
+    split_block_t = 16  # the split kernel's token tile (its tl.dot wants >= 16 rows)
+    block_t = block_t or (2 if rank else 16 if use_part else 32)
     num_warps = num_warps or 4
     block_nr = max(16, triton.next_power_of_2(NR))
     prec = _dot_precision(x.dtype)
     grid = (triton.cdiv(T, block_t),)
     part = probs
-    if splits > 1:
+    if use_part:
         part = torch.empty(splits, T, block_nr, dtype=torch.float32, device=x.device)
-        triton_kernel(_sparse_ffn_router_split_kernel, direct)[(grid[0], splits, block_nr // 16)](
+        triton_kernel(_sparse_ffn_router_split_kernel, direct)[(triton.cdiv(T, split_block_t), splits, block_nr // 16)](
             x, router_weight, part, T, D, NR, d_per_split,
             x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
-            DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16, num_warps=4,
+            DOT_PRECISION=prec, BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16,
+            num_warps=4,
         )
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
         T, D, NR, float(threshold) if threshold is not None else 0.0,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
-        HAS_THRESHOLD=threshold is not None, SPLITS=splits, DOT_PRECISION=prec,
+        HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, num_warps=num_warps,
     )
     return idx, weights, probs
 
