@@ -94,8 +94,9 @@ def _select_topk_by_rank(p, sel, offs_n, BLOCK_K: tl.constexpr):
     """Top-k by rank, without the k-step loop of max / argmin / mask reductions: ``rank[t, n]`` =
     how many entries sort before ``n`` (larger ``sel``, or equal at a lower index; NaN before all,
     as torch.sort descending puts it), one [T, NR, NR] compare-and-count; slot ``j`` then takes the
-    entry of rank ``j`` if its ``sel`` is above -inf (NaN is not). Same result as the loop for every
-    input; the tile is T x NR x NR, so the launcher keeps T small (1-2 tokens per program)."""
+    entry of rank ``j`` if its ``sel`` is above -inf (NaN is not). The reference's result for every
+    input, NaN scores included (tested); the tile is T x NR x NR, so the launcher keeps T small
+    (2 tokens per program)."""
     nan = sel != sel
     s_m = sel[:, :, None]
     s_n = sel[:, None, :]
