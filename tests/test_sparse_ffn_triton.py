@@ -457,16 +457,20 @@ def test_fp32_on_gpu_is_not_tf32():
 def test_router_split_path_on_gpu(T):
     """Few tokens take the split-logits path on the H200 (asserted); its gates match the fp32 reference
     and it picks the top-k gates (checked on the reference's gates, so a near-tie flipped by the
-    different fp32 summation order cannot fail it)."""
+    different fp32 summation order cannot fail it), with the loop and the rank selection alike."""
     x, wr, *_ = _gpu_inputs(T, 4096, 64, 64, torch.float32)
     assert tk.router_splits(T, 4096, x.device) > 1
     k = 10
-    idx, w, p = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
     _, _, rp = route_ref(x, wr, k=k, gate="sigmoid", weighting="gate")
-    assert (p - rp).abs().max() < 1e-5
-    picked = rp.gather(1, idx.long())
-    assert (picked - rp.topk(k, dim=1).values).abs().max() < 1e-5
-    assert torch.allclose(w, picked / picked.sum(1, keepdim=True), atol=1e-5)
+    loop = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+    rank = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")
+    for idx, w, p in (loop, rank):
+        assert (p - rp).abs().max() < 1e-5
+        picked = rp.gather(1, idx.long())
+        assert (picked - rp.topk(k, dim=1).values).abs().max() < 1e-5
+        assert torch.allclose(w, picked / picked.sum(1, keepdim=True), atol=1e-5)
+    # the same logits (same split kernel and slices when the split counts agree): the same choice
+    assert torch.equal(loop[0], rank[0])
 
 
 @pytest.mark.gpu
