@@ -117,6 +117,23 @@ def cases():
     out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
 
+    qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
+               HAS_SMOOTH=False)
+    for K_, bk in ((4096, 4096), (14336, 16384), (20000, 16384)):  # one tile (8 / 16 warps), two passes
+        out.append((f"int8 per-token quantize K{K_} tile {bk}", im._quantize_per_token_kernel,
+                    dict(qpt, K=K_, stride_xm=K_, stride_qm=K_, BLOCK_K=bk), dict(num_warps=min(16, max(4, bk // 512)))))
+
+    rt = dict(X=bf16, WR=bf16, BIAS=f32, IDX=i32, WOUT=f32, PROBS=f32, PART=f32, T=1, D=4096, NR=64,
+              threshold=0.0, stride_xt=4096, stride_xd=1, stride_wn=4096, stride_wd=1, K=10, SOFTMAX=False,
+              NORMALISE=True, HAS_BIAS=False, HAS_THRESHOLD=False, SPLITS=16, DOT_PRECISION="tf32", BLOCK_D=64,
+              BLOCK_NR=64, BLOCK_K=16)
+    out.append(("sparse router select, loop (after a split)", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=16, RANK_SELECT=False), dict(num_warps=4)))
+    out.append(("sparse router select, by rank (experiment)", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=2, RANK_SELECT=True), dict(num_warps=4)))
+    out.append(("sparse router, one kernel (logits + loop)", sf._sparse_ffn_router_kernel,
+                dict(rt, T=8192, SPLITS=0, BLOCK_T=32, RANK_SELECT=False), dict(num_warps=4)))
+
     dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
                stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
                BLOCK_KS=16, BLOCK_B=64)
@@ -168,7 +185,7 @@ def cases():
     c = bwd["dsum"]
     dsum = dict(Q=bf16, SK=f32, SV=f32, DO=bf16, LSE=f32, DELTA=f32, DSK=f32, DSV=f32, cu=i32, level=1, loff=0,
                 out_loff=0, split_rows=4096, chunk=94, stride_ost=H * D, stride_osh=D, HKV=H, REP=1, BLOCK_M=c["block_m"], BLOCK_S=c["block_s"], **strides, **common)
-    for bs in (c["block_s"], 64):
+    for bs in (c["block_s"], ha.bwd_launch_config(B, W, D, levels=7)["dsum"]["block_s"], 64):  # 16, 32 (6+ levels), 64
         out.append((f"hierarchical bwd dsum, summary tile {bs}", ha._hier_bwd_dsum, dict(dsum, BLOCK_S=bs),
                     dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
     bm, bn, w, st = wa.FWD_WIDE_CONFIG[D]
