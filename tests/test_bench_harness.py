@@ -1,9 +1,36 @@
-"""The benchmark harness: its timers (GPU only: they time CUDA work) and case selection."""
+"""The benchmark harness: its timers (GPU only: they time CUDA work; the interleaving logic also with a
+fake timer on the CPU) and case selection."""
 
 import pytest
 import torch
 
-from deepseek_kernels.bench.harness import Case, Impl, run_case, time_cuda, time_cuda_graph
+from deepseek_kernels.bench.harness import Case, Impl, run_case, summarize, time_cuda, time_cuda_graph, time_interleaved
+
+
+def test_interleaved_rounds_alternate_and_pool_the_samples():
+    """Ours and the baseline alternate in rounds (A B, B A, A B), each round a third of the repeats, the
+    first with the timer's warm-up and the later ones with one call; the summary pools every sample."""
+    log = []
+
+    def fake_timer(fn, input_sets, *, reps, **kw):
+        log.append((fn(), reps, kw.get("warmup")))
+        base = {"a": 1.0, "b": 2.0}[fn()] + len(log)  # a drift: later rounds are slower
+        return summarize([base + 0.01 * i for i in range(reps)])
+
+    out = time_interleaved({"a": lambda: "a", "b": lambda: "b"}, [()], reps=30, rounds=3, timer=fake_timer)
+    assert [(n, r) for n, r, _ in log] == [("a", 10), ("b", 10), ("b", 10), ("a", 10), ("a", 10), ("b", 10)]
+    assert [w for *_, w in log] == [None, None, 1, 1, 1, 1]
+    assert out["a"]["reps"] == out["b"]["reps"] == 30
+    assert len(out["a"]["samples_ms"]) == 30 and out["a"]["round_ms"][0] < out["a"]["round_ms"][-1]
+    # pooled median: a ran in positions 1, 4, 5 (drift +1, +4, +5), b in 2, 3, 6: equal drift on average
+    assert out["a"]["ms"] == pytest.approx(1.0 + 4 + 0.045, abs=0.01)
+    assert out["b"]["ms"] == pytest.approx(2.0 + 3 + 0.045, abs=0.01)
+
+
+def test_summarize_percentiles():
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t["ms"], t["ms_p20"], t["ms_p80"], t["reps"]) == (3.0, 2.0, 5.0, 5)
+    assert t["samples_ms"] == [5.0, 1.0, 3.0, 2.0, 4.0]
 
 
 @pytest.mark.gpu
@@ -38,6 +65,9 @@ def test_run_case_marks_graphed_rows():
     make = lambda: (torch.randn(1024, device="cuda"),)  # noqa: E731
     row = run_case(Case("tiny", make, Impl("a", lambda x: x * 2), Impl("b", lambda x: x + x), graph=True), {}, reps=3)
     assert row["graph"] and row["ours_impl"] == "a (CUDA graph)" and row["speedup"] > 0
+    assert len(row["ours_round_ms"]) == len(row["baseline_round_ms"]) == 3 and row["ours_calls_per_replay"] >= 8
+    eager = run_case(Case("tiny", make, Impl("a", lambda x: x * 2), Impl("b", lambda x: x + x)), {}, reps=6, rounds=2)
+    assert not eager["graph"] and len(eager["ours_round_ms"]) == 2 and eager["ours_ms"] > 0
 
 
 @pytest.mark.gpu

@@ -2,8 +2,9 @@
 
 A suite describes *cases*: one workload, our implementation and the baseline a user would pick
 instead, both run on the same inputs in the same process, plus the useful bytes or FLOPs it must
-move or compute. ``run_case`` times both with CUDA events (warm-up, median of many repeats,
-inputs rotated so repeated runs do not read from L2) and returns a row with ms, GB/s or TFLOP/s,
+move or compute. ``run_case`` times both with CUDA events (warm-up, median of many repeats in
+alternating rounds of ours and baseline, inputs rotated so repeated runs do not read from L2) and
+returns a row with ms, GB/s or TFLOP/s,
 the fraction of the ceiling measured in the same run, and the speedup over the baseline.
 """
 
@@ -88,6 +89,13 @@ def rotated_inputs(make_inputs: Callable[[], tuple], max_sets: int = 8) -> list[
     return sets
 
 
+def summarize(samples_ms: list[float]) -> dict:
+    """Median, 20th and 80th percentile of per-call times (ms), and the samples themselves."""
+    ms = sorted(samples_ms)
+    return {"ms": statistics.median(ms), "ms_p20": ms[len(ms) // 5], "ms_p80": ms[(4 * len(ms)) // 5],
+            "reps": len(ms), "samples_ms": list(samples_ms)}
+
+
 def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: int = 30) -> dict:
     """Median (and spread) of ``reps`` CUDA-event-timed calls of ``fn(*inputs)``, in ms."""
     for i in range(warmup):
@@ -101,13 +109,7 @@ def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: i
         fn(*inputs)
         ends[i].record()
     torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return {
-        "ms": statistics.median(ms),
-        "ms_p20": ms[len(ms) // 5],
-        "ms_p80": ms[(4 * len(ms)) // 5],
-        "reps": reps,
-    }
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 GRAPH_MIN_CALLS = 8
@@ -138,7 +140,7 @@ def time_cuda_graph(fn: Callable, input_sets: list[tuple], *, warmup: int = 3, r
     torch.cuda.synchronize()
     calls = cycles * len(input_sets)
     t = time_cuda(lambda: g.replay(), [()], warmup=warmup, reps=reps)
-    return {**{k: v / calls for k, v in t.items() if k.startswith("ms")}, "reps": reps, "calls_per_replay": calls}
+    return {**summarize([v / calls for v in t["samples_ms"]]), "calls_per_replay": calls}
 
 
 def measure_copy_bandwidth(nbytes: int = 2**30) -> float:
@@ -157,8 +159,34 @@ def measure_bf16_matmul(n: int = 8192) -> float:
     return 2 * n**3 / (t["ms"] * 1e-3)
 
 
-def run_case(case: Case, ceilings: dict, *, reps: int = 30) -> dict:
-    """Times ours and the baseline of ``case`` side by side; returns one result row."""
+TIMING_ROUNDS = 3
+
+
+def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
+                     rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda) -> dict[str, dict]:
+    """Times every implementation in ``rounds`` alternating chunks of ``reps / rounds`` calls
+    (order reversed every other round: A B, B A, A B, ...) and pools each one's samples. A clock or
+    power state that drifts during a case (e.g. after the previous case's large GEMMs) then weighs on
+    both sides alike instead of on whichever ran first. Warm-up: the timer's default in the first
+    round, one call after that. Returns ``{name: summary}`` with the per-round medians added."""
+    names = list(impls)
+    per = max(1, -(-reps // rounds))
+    samples = {n: [] for n in names}
+    round_ms = {n: [] for n in names}
+    extra = {}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            kw = {} if r == 0 else {"warmup": 1}
+            t = timer(impls[n], input_sets, reps=per, **kw)
+            samples[n] += t["samples_ms"]
+            round_ms[n].append(t["ms"])
+            extra[n] = {k: v for k, v in t.items() if k == "calls_per_replay"}
+    return {n: {**summarize(samples[n]), "round_ms": round_ms[n], **extra[n]} for n in names}
+
+
+def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING_ROUNDS) -> dict:
+    """Times ours and the baseline of ``case`` side by side (interleaved: :func:`time_interleaved`);
+    returns one result row."""
     input_sets = rotated_inputs(case.make_inputs)
     if case.check is not None:
         case.check(input_sets[0])
@@ -166,12 +194,13 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30) -> dict:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph}
-    for role, impl in (("ours", case.ours), ("baseline", case.baseline)):
-        if impl is None:
-            continue
-        timer = time_cuda_graph if case.graph else time_cuda
-        t = timer(impl.fn, input_sets, reps=reps)
+    impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
+    times = time_interleaved({role: impl.fn for role, impl in impls.items()}, input_sets, reps=reps, rounds=rounds,
+                             timer=time_cuda_graph if case.graph else time_cuda)
+    for role, impl in impls.items():
+        t = times[role]
         row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")
+        row[f"{role}_round_ms"] = t["round_ms"]
         row[f"{role}_ms"] = t["ms"]
         row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
         if "calls_per_replay" in t:
