@@ -149,6 +149,13 @@ def cases():
     out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down, dict(num_warps=d["num_warps"])))
     out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
                 dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
+    # the deepest pipelines tune_sparse_ffn.py --decode tries (session 9): they must fit the shared memory
+    out.append(("sparse decode down, 16x128, 8 stages", sf._sparse_ffn_decode_down_kernel,
+                dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=2, num_stages=8)))
+    out.append(("sparse decode gate/up, 32x128, 8 stages", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
+    out.append(("sparse decode gate/up, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=32, BLOCK_K=256), dict(num_warps=4, num_stages=4)))
 
     H, D, W, B = 32, 128, 4096, 64
     strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,
