@@ -12,9 +12,9 @@ OUT="${OUT:-benchmarks/results/plan}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 # the GPU tests of the Triton ops, in two groups (``tests 1`` / ``tests 2``; ``tests`` runs both)
-TESTS_1="tests/test_int8_matmul.py tests/test_decode.py tests/test_sparse_ffn_triton.py tests/test_hierarchical_decode.py"
-TESTS_2="tests/test_hierarchical_triton.py tests/test_window_attention_triton.py tests/test_bench_harness.py
-  tests/test_compile_on_gpu.py"
+TESTS_1="tests/test_int8_matmul.py tests/test_decode.py tests/test_sparse_ffn_triton.py tests/test_hierarchical_decode.py
+  tests/test_bench_harness.py"
+TESTS_2="tests/test_hierarchical_triton.py tests/test_window_attention_triton.py tests/test_compile_on_gpu.py"
 
 step="${1:-}"
 shift || true
