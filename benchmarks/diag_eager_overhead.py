@@ -17,7 +17,7 @@ import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels.bench import harness
-from deepseek_kernels.ops.int8_matmul import QUANTIZE_MAX_BLOCK_K
+from deepseek_kernels.ops.int8_matmul import quantize_launch
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
 
@@ -58,11 +58,9 @@ def main():
     xq, xs = dk.quantize_per_token(x)
     q, s = torch.empty_like(xq), torch.empty_like(xs)
 
-    block_k = min(QUANTIZE_MAX_BLOCK_K, max(16, 1 << (K - 1).bit_length()))  # as the launcher picks
-
-    def raw_quant():
-        _quantize_per_token_kernel[(M,)](x, x, q, s, K, x.stride(0), q.stride(0), HAS_SMOOTH=False, BLOCK_K=block_k,
-                                         num_warps=min(16, max(4, block_k // 512)))
+    def raw_quant():  # the launcher's tile and warps
+        _quantize_per_token_kernel[(M,)](x, x, q, s, K, x.stride(0), q.stride(0), HAS_SMOOTH=False,
+                                         **quantize_launch(K))
 
     wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     sets = [(xq, w, xs, ws)]

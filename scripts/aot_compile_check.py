@@ -119,9 +119,13 @@ def cases():
 
     qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
                HAS_SMOOTH=False)
-    for K_, bk in ((4096, 4096), (14336, 16384), (20000, 16384)):  # one tile (8 / 16 warps), two passes
-        out.append((f"int8 per-token quantize K{K_} tile {bk}", im._quantize_per_token_kernel,
-                    dict(qpt, K=K_, stride_xm=K_, stride_qm=K_, BLOCK_K=bk), dict(num_warps=min(16, max(4, bk // 512)))))
+    from deepseek_kernels.ops.int8_matmul import quantize_launch
+
+    for K_ in (4096, 14336, 20000):  # one tile (8 / 16 warps), two passes
+        launch = quantize_launch(K_)
+        out.append((f"int8 per-token quantize K{K_} tile {launch['BLOCK_K']}", im._quantize_per_token_kernel,
+                    dict(qpt, K=K_, stride_xm=K_, stride_qm=K_, BLOCK_K=launch["BLOCK_K"]),
+                    dict(num_warps=launch["num_warps"])))
 
     rt = dict(X=bf16, WR=bf16, BIAS=f32, IDX=i32, WOUT=f32, PROBS=f32, PART=f32, T=1, D=4096, NR=64,
               threshold=0.0, stride_xt=4096, stride_xd=1, stride_wn=4096, stride_wd=1, K=10, SOFTMAX=False,

@@ -165,6 +165,14 @@ if not TRITON_OP:
 QUANTIZE_MAX_BLOCK_K = 16384  # the widest row tile of the per-token quantize kernel (16 warps)
 
 
+def quantize_launch(K: int) -> dict:
+    """``BLOCK_K`` and ``num_warps`` of the per-token quantize kernel for rows of ``K``: rows up to
+    QUANTIZE_MAX_BLOCK_K in one tile (read once, kept in registers: 32 values per lane at most),
+    longer rows in tiles of that size (read twice)."""
+    block_k = min(QUANTIZE_MAX_BLOCK_K, max(16, 1 << (K - 1).bit_length()))
+    return dict(BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
+
+
 def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False):
     """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32)."""
     from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
@@ -173,12 +181,9 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     q = torch.empty((M, K), dtype=torch.int8, device=x2.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
     if M and K:
-        # rows up to QUANTIZE_MAX_BLOCK_K in one tile: read once, kept in registers (32 values per lane
-        # at most); longer rows in tiles of that size, read twice
-        block_k = min(QUANTIZE_MAX_BLOCK_K, max(16, 1 << (K - 1).bit_length()))
         triton_kernel(_quantize_per_token_kernel, direct)[(M,)](
             x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), q.stride(0),
-            HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)),
+            HAS_SMOOTH=smooth is not None, **quantize_launch(K),
         )
     elif M:
         scale.zero_()  # an empty row: amax 0

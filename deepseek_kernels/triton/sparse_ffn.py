@@ -90,11 +90,11 @@ def _sparse_ffn_router_split_kernel(
 
 
 @triton.jit
-def _select_topk_by_rank(p, sel, offs_n, BLOCK_K: tl.constexpr):
+def _select_topk_by_rank(p, sel, offs_n, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """Top-k by rank, without the k-step loop of max / argmin / mask reductions: ``rank[t, n]`` =
     how many entries sort before ``n`` (larger ``sel``, or equal at a lower index; NaN before all,
     as torch.sort descending puts it), one [T, NR, NR] compare-and-count; slot ``j`` then takes the
-    entry of rank ``j`` if its ``sel`` is above -inf (NaN is not). The reference's result for every
+    entry of rank ``j < K`` if its ``sel`` is above -inf (NaN is not). The reference's result for every
     input, NaN scores included (tested); the tile is T x NR x NR, so the launcher keeps T small
     (2 tokens per program)."""
     nan = sel != sel
@@ -108,7 +108,7 @@ def _select_topk_by_rank(p, sel, offs_n, BLOCK_K: tl.constexpr):
     rank = tl.sum((greater | (equal & lower)).to(tl.int32), 1)  # [T, NR]: entries m before n
     valid = sel > float("-inf")
     cols = tl.arange(0, BLOCK_K)
-    hit = (rank[:, None, :] == cols[None, :, None]) & valid[:, None, :]  # [T, BLOCK_K, NR]
+    hit = (rank[:, None, :] == cols[None, :, None]) & valid[:, None, :] & (cols < K)[None, :, None]  # [T, BLOCK_K, NR]
     found = tl.sum(hit.to(tl.int32), 2) > 0
     idx = tl.where(found, tl.sum(tl.where(hit, offs_n[None, None, :], 0), 2), -1)
     g = tl.sum(tl.where(hit, p[:, None, :], 0.0), 2)
@@ -162,9 +162,7 @@ def _sparse_ffn_router_kernel(
 
     cols = tl.arange(0, BLOCK_K)
     if RANK_SELECT:
-        idx, g = _select_topk_by_rank(p, sel, offs_n, BLOCK_K)
-        g = tl.where(cols[None, :] < K, g, 0.0)
-        idx = tl.where(cols[None, :] < K, idx, -1)
+        idx, g = _select_topk_by_rank(p, sel, offs_n, K, BLOCK_K)
     else:
         idx = tl.full((BLOCK_T, BLOCK_K), -1, dtype=tl.int32)
         g = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
