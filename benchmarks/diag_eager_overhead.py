@@ -10,6 +10,7 @@ eager int8_linear call (top entries by own time). Prints a table.
 
 import cProfile
 import io
+import os
 import pstats
 import time
 
@@ -18,6 +19,7 @@ import torch
 import deepseek_kernels as dk
 from deepseek_kernels.bench import harness
 from deepseek_kernels.ops.int8_matmul import quantize_launch
+from deepseek_kernels.triton import _direct
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
 
@@ -65,23 +67,33 @@ def main():
     wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     sets = [(xq, w, xs, ws)]
 
-    def bench_method():  # the bench harness's eager timer (events around each call, calls back to back)
-        return harness.time_cuda(lambda *a: dk.int8_matmul(*a), sets, reps=100)["ms"] * 1e3
+    def bench_method(calls_per_sample=None):  # the bench harness's eager timer (bursts of calls between events)
+        return harness.time_cuda(lambda *a: dk.int8_matmul(*a), sets, reps=100,
+                                 calls_per_sample=calls_per_sample)["ms"] * 1e3
+
+    def direct_launch(on: bool):  # off: every launch through Triton's kernel[grid]
+        os.environ["DSK_DIRECT_LAUNCH"] = "1" if on else "0"
+        _direct.refresh()
 
     cases = {
         "quantize_per_token": lambda: dk.quantize_per_token(x),
         "raw quantize kernel[grid]": raw_quant,
         "int8_matmul": lambda: dk.int8_matmul(xq, w, xs, ws),
         "int8_linear": lambda: dk.int8_linear(x, w, ws),
+        "int8_linear, no direct launch": lambda: dk.int8_linear(x, w, ws),
+        "int8_matmul, no direct launch": lambda: dk.int8_matmul(xq, w, xs, ws),
         "bf16 F.linear": lambda: torch.nn.functional.linear(x, wb),
         "torch.empty x2": lambda: (torch.empty(M, K, device="cuda", dtype=torch.int8),
                                    torch.empty(M, 1, device="cuda")),
     }
-    print(f"{'call':<28} {'wall us':>9} {'host us':>9} {'graphed us':>11}")
+    print(f"{'call':<32} {'wall us':>9} {'host us':>9} {'graphed us':>11}")
     for name, fn in cases.items():
-        g = graphed_us(fn) if "empty" not in name else float("nan")
-        print(f"{name:<28} {per_call_us(fn):9.1f} {per_call_us(fn, wait=False):9.1f} {g:11.1f}")
-    print(f"int8_matmul through the bench harness's eager timer: {bench_method():.1f} us per call (shape {M},{N},{K})")
+        direct_launch("no direct" not in name)
+        g = graphed_us(fn) if "empty" not in name and "direct" not in name else float("nan")
+        print(f"{name:<32} {per_call_us(fn):9.1f} {per_call_us(fn, wait=False):9.1f} {g:11.1f}")
+    direct_launch(True)
+    print(f"int8_matmul through the bench harness's eager timer: {bench_method():.1f} us per call in bursts, "
+          f"{bench_method(1):.1f} us with one call per event pair (shape {M},{N},{K})")
     prof = cProfile.Profile()
     fn = cases["int8_linear"]
     prof.enable()

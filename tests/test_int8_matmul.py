@@ -510,3 +510,76 @@ def test_tma_kernel_is_exact(M, N, K, persistent, tma_store):
             tk.launch_tma(a, b, odd, sa, sb, bias, cfg, **kw)
     a8, b8 = a[:, :K - 8].contiguous(), b[:, :K - 8].contiguous()
     assert not tk.tma_ok(a8, b8)  # rows of K - 8 bytes are not 16-byte aligned: the pointer kernel
+
+
+# ---- direct launches (deepseek_kernels.triton._direct) ------------------------------------------------
+
+
+def _direct_launch(monkeypatch, on: bool):
+    from deepseek_kernels.triton import _direct
+
+    monkeypatch.setenv("DSK_DIRECT_LAUNCH", "1" if on else "0")
+    _direct.refresh()
+    return _direct.enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 14336, 4096), (3, 200, 96), (37, 4096, 4096), (2048, 4096, 4096)], ids=str)
+def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
+    """Eager int8_matmul / quantize_per_token calls repeat through DirectLaunch after the first:
+    every repeat (fresh data of the same shape, each out dtype and bias dtype: new keys) gives the
+    bits of Triton's own launch (DSK_DIRECT_LAUNCH=0) of the same inputs."""
+    from deepseek_kernels.ops import int8_matmul as ops
+
+    def inputs():
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        return x, w, torch.rand(N, device="cuda") * 1e-2
+
+    cases = [(od, bd) for od in (torch.bfloat16, torch.float16, torch.float32) for bd in (None, torch.float32, od)]
+    runs = [(inputs(), od, bd) for _ in range(3) for od, bd in cases]
+
+    def results():
+        outs = []
+        for (x, w, ws), od, bd in runs:
+            bias = None if bd is None else torch.linspace(-1, 1, N, device="cuda").to(bd)
+            xq, xs = dk.quantize_per_token(x)
+            outs.append((xq, xs, dk.int8_matmul(xq, w, xs, ws, bias=bias, out_dtype=od)))
+        return outs
+
+    assert not _direct_launch(monkeypatch, False)
+    want = results()
+    assert _direct_launch(monkeypatch, True)
+    hits = ops._MATMUL_LAUNCH.hits if ops._MATMUL_LAUNCH is not None else 0
+    got = results()
+    for (gq, gs, go), (wq, ws_, wo) in zip(got, want):
+        assert torch.equal(gq, wq) and torch.equal(gs, ws_) and torch.equal(go, wo)
+    assert ops._MATMUL_LAUNCH.hits >= hits + 2 * len(cases)  # the 2nd and 3rd rounds repeat every key
+    assert ops._QUANTIZE_LAUNCH.hits > 0
+
+
+@pytest.mark.gpu
+def test_direct_launch_unaligned_and_strided_operands(monkeypatch):
+    """A pointer off 16-byte alignment takes Triton's launch (its compile assumes aligned pointers
+    where it saw them); another row stride is another key. Results stay exact."""
+    assert _direct_launch(monkeypatch, True)
+    M, N, K = 5, 96, 64
+    a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    one_a, one_b = torch.ones(M, 1, device="cuda"), torch.ones(N, device="cuda")
+    want = int8_mm_ref(a.cpu(), b.cpu()).double()
+    for _ in range(2):  # the aligned key twice (a direct repeat), then unaligned copies of the same shape
+        assert torch.equal(dk.int8_matmul(a, b, one_a, one_b, out_dtype=torch.float32).double().cpu(), want)
+    buf = torch.empty(M * K + 1, device="cuda", dtype=torch.int8)
+    a_off = buf[1:].view(M, K)
+    a_off.copy_(a)
+    assert a_off.data_ptr() % 16
+    assert torch.equal(dk.int8_matmul(a_off, b, one_a, one_b, out_dtype=torch.float32).double().cpu(), want)
+    wide = torch.randint(-127, 128, (M, 2 * K), device="cuda", dtype=torch.int8)
+    wide[:, :K] = a
+    assert torch.equal(dk.int8_matmul(wide[:, :K], b, one_a, one_b, out_dtype=torch.float32).double().cpu(), want)
+    x = torch.randn(M, 2 * K, device="cuda", dtype=torch.float16)
+    for xv in (x[:, :K], x[:, :K].contiguous(), x[:, 1:K + 1]):  # row stride 2K, K; an unaligned start
+        q, s = dk.quantize_per_token(xv)
+        rq, rs = quantize_per_token_ref(xv.cpu())
+        assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)

@@ -96,20 +96,46 @@ def summarize(samples_ms: list[float]) -> dict:
             "reps": len(ms), "samples_ms": list(samples_ms)}
 
 
-def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: int = 30) -> dict:
-    """Median (and spread) of ``reps`` CUDA-event-timed calls of ``fn(*inputs)``, in ms."""
+BURST_MS = 0.5  # eager samples cover at least this much time (see time_cuda)
+BURST_MAX_CALLS = 16
+
+
+def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: int = 30,
+              calls_per_sample: int | None = None) -> dict:
+    """Median (and spread) of ``reps`` CUDA-event-timed samples of ``fn(*inputs)``, in ms per call.
+
+    Each sample is a burst of back-to-back calls (inputs rotating) between two events, divided by
+    the calls in it: what a program calling ``fn`` in a loop or a model's forward sees, max(host
+    time, GPU time) per call. A single call between two events measures more than that whenever the
+    GPU idles waiting for the host: the start event fires at once and the interval then holds the
+    host time before the kernel's launch as well as the kernel (session 10: 104 us per call for an
+    int8 GEMM whose kernel takes 51 us and whose host work 66 us). ``calls_per_sample`` (default:
+    enough calls to cover BURST_MS, at most BURST_MAX_CALLS, from one timed warm-up call) is in
+    the result."""
+    n_sets = len(input_sets)
     for i in range(warmup):
-        fn(*input_sets[i % len(input_sets)])
+        fn(*input_sets[i % n_sets])
     torch.cuda.synchronize()
+    if calls_per_sample is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*input_sets[warmup % n_sets])
+        end.record()
+        end.synchronize()
+        one = max(start.elapsed_time(end), 1e-3)
+        calls_per_sample = max(1, min(BURST_MAX_CALLS, -(-int(BURST_MS * 1000) // int(one * 1000 + 1))))
+    g = calls_per_sample
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    k = 0
     for i in range(reps):
-        inputs = input_sets[i % len(input_sets)]
         starts[i].record()
-        fn(*inputs)
+        for _ in range(g):
+            fn(*input_sets[k % n_sets])
+            k += 1
         ends[i].record()
     torch.cuda.synchronize()
-    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return {**summarize([s.elapsed_time(e) / g for s, e in zip(starts, ends)]), "calls_per_sample": g}
 
 
 GRAPH_MIN_CALLS = 8
@@ -139,7 +165,7 @@ def time_cuda_graph(fn: Callable, input_sets: list[tuple], *, warmup: int = 3, r
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     calls = cycles * len(input_sets)
-    t = time_cuda(lambda: g.replay(), [()], warmup=warmup, reps=reps)
+    t = time_cuda(lambda: g.replay(), [()], warmup=warmup, reps=reps, calls_per_sample=1)
     return {**summarize([v / calls for v in t["samples_ms"]]), "calls_per_replay": calls}
 
 
@@ -147,7 +173,7 @@ def measure_copy_bandwidth(nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), the memory ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    t = time_cuda(lambda: dst.copy_(src), [()], warmup=3, reps=20)
+    t = time_cuda(lambda: dst.copy_(src), [()], warmup=3, reps=20, calls_per_sample=1)
     return 2 * nbytes / (t["ms"] * 1e-3)
 
 
@@ -155,7 +181,7 @@ def measure_bf16_matmul(n: int = 8192) -> float:
     """bf16 cuBLAS matmul rate in FLOP/s on random data, the tensor-core ceiling."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t = time_cuda(lambda: a @ b, [()], warmup=3, reps=10)
+    t = time_cuda(lambda: a @ b, [()], warmup=3, reps=10, calls_per_sample=1)
     return 2 * n**3 / (t["ms"] * 1e-3)
 
 
@@ -180,7 +206,7 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
             t = timer(impls[n], input_sets, reps=per, **kw)
             samples[n] += t["samples_ms"]
             round_ms[n].append(t["ms"])
-            extra[n] = {k: v for k, v in t.items() if k == "calls_per_replay"}
+            extra[n] = {k: v for k, v in t.items() if k in ("calls_per_replay", "calls_per_sample")}
     return {n: {**summarize(samples[n]), "round_ms": round_ms[n], **extra[n]} for n in names}
 
 
@@ -203,8 +229,9 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
         row[f"{role}_round_ms"] = t["round_ms"]
         row[f"{role}_ms"] = t["ms"]
         row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
-        if "calls_per_replay" in t:
-            row[f"{role}_calls_per_replay"] = t["calls_per_replay"]
+        for key in ("calls_per_replay", "calls_per_sample"):
+            if key in t:
+                row[f"{role}_{key}"] = t[key]
         if case.bytes:
             row[f"{role}_gbps"] = case.bytes / (t["ms"] * 1e-3) / 1e9
             if ceilings.get("copy_bytes_per_s"):

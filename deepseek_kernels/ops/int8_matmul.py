@@ -10,6 +10,8 @@ directly (``eager_fast_path``): at decode sizes the dispatcher costs more than t
 ``explain`` says which path a call takes.
 """
 
+import functools
+
 import torch
 
 from deepseek_kernels.ops._registry import (
@@ -20,6 +22,7 @@ from deepseek_kernels.ops._registry import (
     register_explainer,
     triton_kernel,
 )
+from deepseek_kernels.triton._direct import DirectLaunch, aligned
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -76,33 +79,57 @@ def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
 # ---- ops -----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, out_dtype: torch.dtype):
+    """The launch plan of one problem shape (cached: eager decode calls repeat a few shapes, and
+    building it costs microseconds of Python per call): the persistent TMA config or None, the plain
+    kernel's grid, its constexpr parameters, and its launch options."""
+    from deepseek_kernels.triton import int8_matmul as tk
+
+    tma_cfg = tk.persistent_tma_config(M, N, K, out_dtype)
+    cfg = dict(tk.launch_config(M, N, K))
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+    cfg.update(EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0)
+    return tma_cfg, grid, cfg, options
+
+
+_MATMUL_LAUNCH = None  # DirectLaunch of the plain kernel (created on first use: Triton imports lazily)
+
+
 def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct: bool = False) -> None:
     """One GEMM launch. Eager (``direct``) large GEMMs on Hopper take the persistent TMA kernel;
-    everything else, and every call inside torch.compile, the plain kernel (the same bits)."""
+    everything else, and every call inside torch.compile, the plain kernel (the same bits). Eager
+    launches with 16-byte aligned operands repeat through :class:`DirectLaunch` (same kernel, less
+    host time)."""
+    global _MATMUL_LAUNCH
     from deepseek_kernels.triton import int8_matmul as tk
-    from deepseek_kernels.triton._common import sm_count
 
     M, K = a_q.shape
     N = b_q.shape[0]
-    if direct and a_q.is_cuda:
-        tma_cfg = tk.persistent_tma_config(M, N, K, out.dtype)
-        if tma_cfg is not None and tk.tma_ok(a_q, b_q):
-            tk.launch_tma(a_q, b_q, out, a_scale, b_scale, bias, tma_cfg, apply_epilogue,
-                          persistent_programs=sm_count(a_q.device))
-            return
-    cfg = tk.launch_config(M, N, K)
-    grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+    tma_cfg, grid, cfg, options = _plan(M, N, K, out.dtype)
+    if direct and tma_cfg is not None and a_q.is_cuda and tk.tma_ok(a_q, b_q):
+        from deepseek_kernels.triton._common import sm_count
+
+        tk.launch_tma(a_q, b_q, out, a_scale, b_scale, bias, tma_cfg, apply_epilogue,
+                      persistent_programs=sm_count(a_q.device))
+        return
     dummy = out  # unused pointer arguments still need a tensor
-    triton_kernel(tk._int8_matmul_kernel, direct)[grid](
-        a_q, b_q, out,
-        a_scale if a_scale is not None else dummy,
-        b_scale if b_scale is not None else dummy,
-        bias if bias is not None else dummy,
-        M, N, K,
-        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1),
-        APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None,
-        EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg,
-    )
+    args = (a_q, b_q, out,
+            a_scale if a_scale is not None else dummy,
+            b_scale if b_scale is not None else dummy,
+            bias if bias is not None else dummy,
+            M, N, K,
+            a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1))
+    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg)
+    if direct and aligned(a_q, b_q, out, a_scale, b_scale, bias):
+        if _MATMUL_LAUNCH is None:
+            _MATMUL_LAUNCH = DirectLaunch(tk._int8_matmul_kernel)
+        # what the compile specializes on beyond the shape (M, N, K -> cfg, grid): strides, dtypes, flags
+        key = (M, N, K, args[9:], out.dtype, None if bias is None else bias.dtype, apply_epilogue)
+        _MATMUL_LAUNCH(key, grid, args, constexprs, **options)
+        return
+    triton_kernel(tk._int8_matmul_kernel, direct)[grid](*args, **constexprs, **options)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -143,9 +170,11 @@ def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool 
     if out.numel():
         if a_q.shape[1] == 0:
             return int8_matmul_ref(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-        # the kernel reads scales and bias with unit stride
-        _launch(a_q, b_q, out, a_scale.reshape(-1).contiguous(), b_scale.reshape(-1).contiguous(),
-                None if bias is None else bias.contiguous(), apply_epilogue=True, direct=direct)
+        # the kernel reads scales and bias with unit stride ([M, 1] / [M] / [N] checked above)
+        _launch(a_q, b_q, out, a_scale if a_scale.is_contiguous() else a_scale.contiguous(),
+                b_scale if b_scale.is_contiguous() else b_scale.contiguous(),
+                bias if bias is None or bias.is_contiguous() else bias.contiguous(), apply_epilogue=True,
+                direct=direct)
     return out
 
 
@@ -163,8 +192,10 @@ if not TRITON_OP:
 
 
 QUANTIZE_MAX_BLOCK_K = 16384  # the widest row tile of the per-token quantize kernel (16 warps)
+_QUANTIZE_LAUNCH = None  # DirectLaunch of the quantize kernel (created on first use)
 
 
+@functools.lru_cache(maxsize=1024)
 def quantize_launch(K: int) -> dict:
     """``BLOCK_K`` and ``num_warps`` of the per-token quantize kernel for rows of ``K``: rows up to
     QUANTIZE_MAX_BLOCK_K in one tile (read once, kept in registers: 32 values per lane at most),
@@ -177,14 +208,22 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32)."""
     from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
+    global _QUANTIZE_LAUNCH
     M, K = x2.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x2.device)
     scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
     if M and K:
-        triton_kernel(_quantize_per_token_kernel, direct)[(M,)](
-            x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), q.stride(0),
-            HAS_SMOOTH=smooth is not None, **quantize_launch(K),
-        )
+        args = (x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), K)
+        launch = quantize_launch(K)
+        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"])
+        if direct and aligned(x2, smooth):
+            if _QUANTIZE_LAUNCH is None:
+                _QUANTIZE_LAUNCH = DirectLaunch(_quantize_per_token_kernel)
+            key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype)
+            _QUANTIZE_LAUNCH(key, (M,), args, constexprs, num_warps=launch["num_warps"])
+        else:
+            triton_kernel(_quantize_per_token_kernel, direct)[(M,)](*args, **constexprs,
+                                                                    num_warps=launch["num_warps"])
     elif M:
         scale.zero_()  # an empty row: amax 0
     return q, scale
