@@ -106,12 +106,12 @@ def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: i
 
     Each sample is a burst of back-to-back calls (inputs rotating) between two events, divided by
     the calls in it: what a program calling ``fn`` in a loop or a model's forward sees, max(host
-    time, GPU time) per call. A single call between two events measures more than that whenever the
-    GPU idles waiting for the host: the start event fires at once and the interval then holds the
-    host time before the kernel's launch as well as the kernel (session 10: 104 us per call for an
-    int8 GEMM whose kernel takes 51 us and whose host work 66 us). ``calls_per_sample`` (default:
-    enough calls to cover BURST_MS, at most BURST_MAX_CALLS, from one timed warm-up call) is in
-    the result."""
+    time, GPU time) per call. One call per event pair measures something else whenever the host
+    work exceeds the kernel's: host time before the launch lands inside the interval when the GPU
+    idles at the start event, host time after it lands outside (session 10: an int8 GEMM with a
+    ~20 us kernel and 31 us of host work measured 45 us that way and 30 us in bursts).
+    ``calls_per_sample`` (default: enough calls to cover BURST_MS, at most BURST_MAX_CALLS, from
+    one timed warm-up call) is in the result."""
     n_sets = len(input_sets)
     for i in range(warmup):
         fn(*input_sets[i % n_sets])
