@@ -39,7 +39,7 @@ def main():
             wr = torch.randn(NB, D, device="cuda", dtype=dt) * D**-0.5
             wg, wu = (torch.randn(F_, D, device="cuda", dtype=dt) * D**-0.5 for _ in range(2))
             wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
-            idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+            idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="loop")
             sets.append((x, wr, wg, wu, wd, idx, w))
         with torch.no_grad():
             t_route = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid",
@@ -51,16 +51,18 @@ def main():
             t_dense = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: swiglu_ffn_ref(x, wg, wu, wd), sets[:1])
             # the router's variants: one kernel (the path before the split), split with 1 warp selecting
             t_route1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
-                x, wr, k=k, gate="sigmoid", weighting="gate", splits=1), sets)
+                x, wr, k=k, gate="sigmoid", weighting="gate", splits=1, select="loop"), sets)
             t_route_w1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
-                x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=1), sets)
-            # top-k by rank (session 9, opt-in): 2 tokens per selecting program, 4 or 1 warps
+                x, wr, k=k, gate="sigmoid", weighting="gate", num_warps=1, select="loop"), sets)
+            t_loop = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
+                x, wr, k=k, gate="sigmoid", weighting="gate", select="loop"), sets)
+            # top-k by rank (the default up to RANK_SELECT_MAX_T tokens since session 10): 2 tokens per selecting program, 4 or 1 warps
             t_rank = {w: time_cuda_graph(lambda x, wr, *_, w=w: tk.sparse_ffn_route(
                 x, wr, k=k, gate="sigmoid", weighting="gate", select="rank", num_warps=w), sets) for w in (4, 1)}
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
-        print(f"    router: auto ({tk.router_splits(T, D, sets[0][0].device)} splits) {t_route['ms'] * 1e3:.1f}u, "
-              f"one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
+        print(f"    router: default {t_route['ms'] * 1e3:.1f}u, loop ({tk.router_splits(T, D, sets[0][0].device)} splits) "
+              f"{t_loop['ms'] * 1e3:.1f}u, one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
               f"rank select 4 / 1 warps {t_rank[4]['ms'] * 1e3:.1f} / {t_rank[1]['ms'] * 1e3:.1f}u "
               f"(same idx as the loop: {same})")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)

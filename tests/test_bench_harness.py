@@ -63,9 +63,8 @@ def test_graph_timer_replays_the_captured_work():
 @pytest.mark.gpu
 def test_eager_samples_are_bursts_timing_max_of_host_and_gpu():
     """A call whose host work (1 ms, busy-waited after the launch) exceeds its kernel (~0.13 ms):
-    bursts of calls measure ~1 ms per call, the rate of a loop of such calls; one call per event
-    pair measures the kernel alone (the end event fires before the host work is done). A kernel-
-    bound call measures its kernel either way."""
+    bursts of calls measure ~1 ms per call, the rate of a loop of such calls, not the kernel's
+    time. A kernel-bound call measures its kernel."""
     import time
 
     x = torch.randn(2**26, device="cuda")
@@ -84,10 +83,8 @@ def test_eager_samples_are_bursts_timing_max_of_host_and_gpu():
     kernel_ms = one[0].elapsed_time(one[1])
     assert kernel_ms < 0.5, kernel_ms  # the premise: the kernel is much shorter than the host work
     burst = time_cuda(host_bound, [()], warmup=2, reps=6, calls_per_sample=8)
-    single = time_cuda(host_bound, [()], warmup=2, reps=6, calls_per_sample=1)
-    assert burst["calls_per_sample"] == 8 and single["calls_per_sample"] == 1
+    assert burst["calls_per_sample"] == 8
     assert 0.85 < burst["ms"] < 1.0 + kernel_ms, (burst["ms"], kernel_ms)
-    assert single["ms"] < 0.5 * burst["ms"], (single["ms"], burst["ms"])
     auto = time_cuda(lambda: x.mul_(1.0), [()], warmup=2, reps=6)  # kernel-bound: any burst length
     assert auto["calls_per_sample"] >= 1 and abs(auto["ms"] - kernel_ms) < 0.25 * kernel_ms, (auto, kernel_ms)
 

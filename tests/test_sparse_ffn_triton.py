@@ -95,7 +95,8 @@ def test_router_rank_select_matches_reference(case, dtype, poisoned):
         ri, rw, rp = route_ref(x, wr, **kw)
         assert torch.equal(idx, ri)
         assert (w - rw).abs().max() < 1e-6 and (p - rp).abs().max() < 1e-6
-    assert torch.equal(idx, tk.sparse_ffn_route(x, wr, **kw)[0])
+    assert torch.equal(idx, tk.sparse_ffn_route(x, wr, select="loop", **kw)[0])
+    assert torch.equal(idx, tk.sparse_ffn_route(x, wr, **kw)[0])  # "auto": either selection
     with pytest.raises(ValueError, match="select must be one of"):
         tk.sparse_ffn_route(x, wr, select="sort", **kw)
 
@@ -462,7 +463,7 @@ def test_router_split_path_on_gpu(T):
     assert tk.router_splits(T, 4096, x.device) > 1
     k = 10
     _, _, rp = route_ref(x, wr, k=k, gate="sigmoid", weighting="gate")
-    loop = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+    loop = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="loop")
     rank = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")
     for idx, w, p in (loop, rank):
         assert (p - rp).abs().max() < 1e-5

@@ -204,13 +204,16 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
     return max(1, min(triton.cdiv(D, block_d), ROUTER_MAX_SPLITS, triton.cdiv(sm_count(device), t_tiles)))
 
 
-ROUTER_SELECT = ("loop", "rank")
+ROUTER_SELECT = ("auto", "loop", "rank")
+# "auto" takes the rank selection up to this many tokens. H200, session 10 (diag_sparse_decode.py, router
+# only, 64 blocks, 15 % active): T=1 6.4 us rank vs 8.2 loop (16 splits), T=8 6.6 vs 9.0; larger T not timed yet.
+RANK_SELECT_MAX_T = 16
 
 
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
                      block_t: int | None = None, block_d: int = 64, num_warps: int | None = None,
-                     direct: bool = False, splits: int | None = None, select: str = "loop"):
+                     direct: bool = False, splits: int | None = None, select: str = "auto"):
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``.
     ``splits``: d_model slices of the logits GEMM (None: :func:`router_splits`; > 1 adds one launch,
     at most ROUTER_MAX_SPLITS). ``block_t`` / ``num_warps``: the token tile and warps of the router
@@ -218,8 +221,8 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     H200 at one token the split path took 8.2 us with 4 selecting warps, 15.9 us with 1, and the one
     kernel path 26.2 us, benchmarks/diag_sparse_decode.py). ``select="rank"``: the top-k by rank
     (one compare-and-count instead of k rounds of reductions; the logits always go through the
-    split kernel then, and the selecting kernel takes 2 tokens per program). Written in session 9
-    without a GPU: opt-in until ``diag_sparse_decode.py`` has timed it."""
+    split kernel then, and the selecting kernel takes 2 tokens per program); ``"loop"``: k rounds of
+    arg-max; ``"auto"``: rank up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop."""
     if select not in ROUTER_SELECT:
         raise ValueError(f"sparse_ffn_route: select must be one of {ROUTER_SELECT}, got {select!r}")
     T, D = x.shape
@@ -237,7 +240,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     # slices of whole BLOCK_D tiles; recounted so that none is empty
     d_per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
     splits = triton.cdiv(D, d_per_split)
-    rank = select == "rank"
+    rank = select == "rank" or (select == "auto" and T <= RANK_SELECT_MAX_T)
     use_part = splits > 1 or rank  # the logits from the split kernel (one slice is fine)
     split_block_t = 16  # the split kernel's token tile (its tl.dot wants >= 16 rows)
     block_t = block_t or (2 if rank else 16 if use_part else 32)
