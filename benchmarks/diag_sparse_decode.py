@@ -59,12 +59,18 @@ def main():
             # top-k by rank (the default up to RANK_SELECT_MAX_T tokens since session 10): 2 tokens per selecting program, 4 or 1 warps
             t_rank = {w: time_cuda_graph(lambda x, wr, *_, w=w: tk.sparse_ffn_route(
                 x, wr, k=k, gate="sigmoid", weighting="gate", select="rank", num_warps=w), sets) for w in (4, 1)}
+            # the down projection in slices (session 10, opt-in): the decode kernels alone, per slice count
+            t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
+                x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
+                for sp in (2, 4, 8)}
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
         print(f"    router: default {t_route['ms'] * 1e3:.1f}u, loop ({tk.router_splits(T, D, sets[0][0].device)} splits) "
               f"{t_loop['ms'] * 1e3:.1f}u, one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
               f"rank select 4 / 1 warps {t_rank[4]['ms'] * 1e3:.1f} / {t_rank[1]['ms'] * 1e3:.1f}u "
               f"(same idx as the loop: {same})")
+        print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
+              + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -80,7 +86,8 @@ def main():
                    per_kernel_us=per_kernel,
                    op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
                    router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
-                   router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same)
+                   router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
+                   decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()})
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -44,7 +44,10 @@ DECODE_FULL = {"gate_up": list(itertools.product((16, 32, 64), (128, 256, 512), 
 DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 128, 4, 8), (32, 256, 4, 4),
                             (16, 256, 4, 5), (32, 64, 4, 8), (16, 128, 2, 8)],
                 "down": [(16, 128, 2, 4), (16, 128, 2, 6), (16, 128, 2, 8), (16, 128, 4, 8), (16, 64, 2, 8),
-                         (16, 256, 2, 4), (32, 128, 2, 6), (16, 64, 4, 8)]}
+                         (16, 256, 2, 4), (32, 128, 2, 6), (16, 64, 4, 8),
+                         # session 10: the pairs of a column tile in slices (fp32 partials + a finish kernel)
+                         (16, 128, 2, 4, 2), (16, 128, 2, 4, 4), (16, 128, 2, 3, 8), (16, 64, 2, 4, 4),
+                         (32, 128, 4, 4, 4)]}
 
 
 def tune_decode(args):
@@ -74,8 +77,9 @@ def tune_decode(args):
         case = {"T": T, "weight_copies": n, "dense_ms": dense, "default_ms": default, "rows": [], "best": {}}
         for kern in ("gate_up", "down"):
             rows = []
-            for bn, bk, nw, st in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
-                cfg = {kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+            for bn, bk, nw, st, *split in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
+                cfg = {kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st,
+                                  **({"splits": split[0]} if split else {}))}
                 try:
                     err = rel(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw), ref)
                     if not err < 1e-2:

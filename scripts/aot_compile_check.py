@@ -156,6 +156,13 @@ def cases():
     # the deepest pipelines tune_sparse_ffn.py --decode tries (session 9): they must fit the shared memory
     out.append(("sparse decode down, 16x128, 8 stages", sf._sparse_ffn_decode_down_kernel,
                 dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=2, num_stages=8)))
+    # the split down projection (session 10, opt-in down.splits) and its finish kernel
+    split = {k: v for k, v in down.items() if k not in ("OUT", "NR", "stride_ot")}
+    out.append(("sparse decode down split, 16x128, 4 stages", sf._sparse_ffn_decode_down_split_kernel,
+                dict(split, PART=f32, BLOCK_N=16, BLOCK_K=128), dict(num_warps=2, num_stages=4)))
+    out.append(("sparse decode down finish, 4 slices", sf._sparse_ffn_decode_down_finish_kernel,
+                dict(PART=f32, IDX=i32, OUT=bf16, T=1, D=4096, K=10, NR=64, stride_ot=4096, SPLITS=4, BLOCK_T=16,
+                     BLOCK_N=256, BLOCK_KS=16), dict(num_warps=4)))
     out.append(("sparse decode gate/up, 32x128, 8 stages", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
     out.append(("sparse decode gate/up, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_kernel,

@@ -809,6 +809,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 # block (min(n_blocks, shared + T*k)), down loops over (used block, K tile) pairs in one flat loop.
 
 DECODE_MAX_TOKENS = 16
+DECODE_MAX_DOWN_SPLITS = 16
 
 
 @triton.jit
@@ -890,6 +891,39 @@ def _sparse_ffn_decode_gate_up_kernel(
 
 
 @triton.jit
+def _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd, stride_wf,
+                       DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """sum over the flat (used block j, K tile) pairs i in [start, stop) of H[b_j, t, tile] . w_down[n, b_j tile],
+    in ascending order, as a [BLOCK_T, BLOCK_N] fp32 tile."""
+    offs_b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for i in range(start, stop):
+        j = i // k_tiles
+        b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)  # the j-th used block
+        offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < BS
+        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
+                    mask=k_mask[None, :], other=0.0)
+        w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS: tl.constexpr):
+    """Stores out[t, n] for the T tokens; a token with an id outside [-1, NR) gets a NaN row."""
+    offs_j = tl.arange(0, BLOCK_KS)
+    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
+    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
+    bad = tl.sum(((ids < -1) | (ids >= NR)).to(tl.int32), 1) > 0
+    acc = tl.where(bad[:, None], float("nan"), acc)
+    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(offs_t[:, None] < T) & n_mask[None, :])
+
+
+@triton.jit
 def _sparse_ffn_decode_down_kernel(
     H, WD, IDX, OUT,
     T, D, BS, S, K, NB, NR,
@@ -907,26 +941,52 @@ def _sparse_ffn_decode_down_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    offs_b = tl.arange(0, BLOCK_B)
     k_tiles = tl.cdiv(BS, BLOCK_K)
+    acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
+                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
+
+
+@triton.jit
+def _sparse_ffn_decode_down_split_kernel(
+    H, WD, IDX, PART,
+    T, D, BS, S, K, NB,
+    stride_wd, stride_wf,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The down projection's (used block, K tile) pairs of columns program_id(0) in program_id(1)'s
+    slice of num_programs(1) equal slices: PART[s, t, n] (fp32; every slice written, an empty one
+    with zeros). More programs, each with its own loads in flight: the one-program-per-column-tile
+    kernel is latency-bound at decode sizes (~12 GB/s per SM, NOTES session 8)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
+    k_tiles = tl.cdiv(BS, BLOCK_K)
+    total = n_used * k_tiles
+    per = tl.cdiv(total, tl.num_programs(1))
+    start = tl.program_id(1) * per
+    stop = tl.minimum(start + per, total)
+    acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS,
+                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    tl.store(PART + ((tl.program_id(1) * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :], acc,
+             mask=n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot, SPLITS: tl.constexpr,
+                                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KS: tl.constexpr):
+    """out[t, n] = sum over s = 0, 1, ... of PART[s, t, n] (fixed order: deterministic), NaN rows for
+    bad ids, in out's dtype."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for i in range(0, n_used * k_tiles):
-        j = i // k_tiles
-        b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)  # the j-th used block
-        offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < BS
-        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
-                    mask=k_mask[None, :], other=0.0)
-        w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    offs_j = tl.arange(0, BLOCK_KS)
-    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
-    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
-    bad = tl.sum(((ids < -1) | (ids >= NR)).to(tl.int32), 1) > 0
-    acc = tl.where(bad[:, None], float("nan"), acc)
-    tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
-             mask=(offs_t[:, None] < T) & n_mask[None, :])
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(PART + ((s * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :],
+                       mask=n_mask[None, :], other=0.0)
+    _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
 
 def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
@@ -942,7 +1002,9 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     session 8 (the code is in git history); the router's logits split (:func:`router_splits`) stays."""
     gate_up = (dict(block_n=32, block_k=256, num_warps=4, num_stages=3) if tokens <= 2
                else dict(block_n=32, block_k=128, num_warps=4, num_stages=4))
-    return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4)}
+    # splits > 1: the down projection's (used block, K tile) pairs in that many slices per column tile
+    # (fp32 partials, summed in slice order by a finish kernel: deterministic); opt-in, not yet timed
+    return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4, splits=1)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -977,10 +1039,27 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
         BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(gu),
     )
-    triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
-        h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
-        w_down.stride(0), w_down.stride(1), out.stride(0),
+    splits = int(dn["splits"])
+    if not 1 <= splits <= DECODE_MAX_DOWN_SPLITS:
+        raise ValueError(f"sparse_ffn_decode: down splits must be in [1, {DECODE_MAX_DOWN_SPLITS}], got {splits}")
+    dn_opts = launch_options(dn)
+    if splits == 1:
+        triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
+            h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
+            w_down.stride(0), w_down.stride(1), out.stride(0),
+            DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+            BLOCK_KS=block_ks, BLOCK_B=block_b, **dn_opts,
+        )
+        return out
+    part = torch.empty(splits, block_t, D, dtype=torch.float32, device=x.device)
+    triton_kernel(_sparse_ffn_decode_down_split_kernel, direct)[(triton.cdiv(D, dn["block_n"]), splits)](
+        h, w_down, idx, part, T, D, BS, shared_blocks, K, n_blocks, w_down.stride(0), w_down.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(dn),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, **dn_opts,
+    )
+    finish_n = 256
+    triton_kernel(_sparse_ffn_decode_down_finish_kernel, direct)[(triton.cdiv(D, finish_n),)](
+        part, idx, out, T, D, K, n_blocks - shared_blocks, out.stride(0),
+        SPLITS=splits, BLOCK_T=block_t, BLOCK_N=finish_n, BLOCK_KS=block_ks, num_warps=4,
     )
     return out
