@@ -1003,8 +1003,11 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     gate_up = (dict(block_n=32, block_k=256, num_warps=4, num_stages=3) if tokens <= 2
                else dict(block_n=32, block_k=128, num_warps=4, num_stages=4))
     # splits > 1: the down projection's (used block, K tile) pairs in that many slices per column tile
-    # (fp32 partials, summed in slice order by a finish kernel: deterministic); opt-in, not yet timed
-    return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4, splits=1)}
+    # (fp32 partials, summed in slice order by a finish kernel: deterministic). H200, session 10
+    # (diag_sparse_decode.py, decode kernels graphed): 8 tokens 93.9 us in 2 slices / 95.2 in 4 / 104.8 in 8
+    # vs 108.9 in one; 1 token 27.0 / 28.1 / 30.6 vs 27.2 (the finish launch eats the gain): 2 from 3 tokens on.
+    splits = 1 if tokens <= 2 else 2
+    return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4, splits=splits)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
