@@ -2,14 +2,15 @@
 
 A suite describes *cases*: one workload, our implementation and the baseline a user would pick
 instead, both run on the same inputs in the same process, plus the useful bytes or FLOPs it must
-move or compute. ``run_case`` times both with CUDA events (warm-up, median of many repeats in
-alternating rounds of ours and baseline, inputs rotated so repeated runs do not read from L2) and
-returns a row with ms, GB/s or TFLOP/s,
-the fraction of the ceiling measured in the same run, and the speedup over the baseline.
+move or compute. ``run_case`` times both with CUDA events (warm-up, samples that are bursts of
+back-to-back calls, median of many samples in alternating rounds of ours and baseline, inputs
+rotated so repeated runs do not read from L2) and returns a row with ms, GB/s or TFLOP/s, the
+fraction of the ceiling measured in the same run, and the speedup over the baseline.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -123,7 +124,7 @@ def time_cuda(fn: Callable, input_sets: list[tuple], *, warmup: int = 5, reps: i
         end.record()
         end.synchronize()
         one = max(start.elapsed_time(end), 1e-3)
-        calls_per_sample = max(1, min(BURST_MAX_CALLS, -(-int(BURST_MS * 1000) // int(one * 1000 + 1))))
+        calls_per_sample = max(1, min(BURST_MAX_CALLS, math.ceil(BURST_MS / one)))
     g = calls_per_sample
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

@@ -11,6 +11,7 @@ directly (``eager_fast_path``): at decode sizes the dispatcher costs more than t
 """
 
 import functools
+import types
 
 import torch
 
@@ -91,7 +92,8 @@ def _plan(M: int, N: int, K: int, out_dtype: torch.dtype):
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     cfg.update(EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0)
-    return tma_cfg, grid, cfg, options
+    ro = types.MappingProxyType  # cached: read-only
+    return None if tma_cfg is None else ro(tma_cfg), grid, ro(cfg), ro(options)
 
 
 _MATMUL_LAUNCH = None  # DirectLaunch of the plain kernel (created on first use: Triton imports lazily)
@@ -196,12 +198,12 @@ _QUANTIZE_LAUNCH = None  # DirectLaunch of the quantize kernel (created on first
 
 
 @functools.lru_cache(maxsize=1024)
-def quantize_launch(K: int) -> dict:
-    """``BLOCK_K`` and ``num_warps`` of the per-token quantize kernel for rows of ``K``: rows up to
-    QUANTIZE_MAX_BLOCK_K in one tile (read once, kept in registers: 32 values per lane at most),
-    longer rows in tiles of that size (read twice)."""
+def quantize_launch(K: int) -> types.MappingProxyType:
+    """``BLOCK_K`` and ``num_warps`` of the per-token quantize kernel for rows of ``K`` (cached, so
+    read-only): rows up to QUANTIZE_MAX_BLOCK_K in one tile (read once, kept in registers: 32 values
+    per lane at most), longer rows in tiles of that size (read twice)."""
     block_k = min(QUANTIZE_MAX_BLOCK_K, max(16, 1 << (K - 1).bit_length()))
-    return dict(BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
+    return types.MappingProxyType(dict(BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512))))
 
 
 def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False):
@@ -216,7 +218,7 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
         args = (x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), K)
         launch = quantize_launch(K)
         constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"])
-        if direct and aligned(x2, smooth):
+        if direct and aligned(x2, smooth, q, scale):
             if _QUANTIZE_LAUNCH is None:
                 _QUANTIZE_LAUNCH = DirectLaunch(_quantize_per_token_kernel)
             key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype)

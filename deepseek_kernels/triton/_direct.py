@@ -42,16 +42,22 @@ def _protocol_ok() -> bool:
 
 
 _enabled: bool | None = None
+_knobs = _driver = None  # triton.knobs and triton.runtime.driver, bound once (an import per launch costs)
 
 
 def enabled() -> bool:
     """Whether direct launches are on (read once from the environment; :func:`refresh` rereads)."""
-    global _enabled
+    global _enabled, _knobs, _driver
     if _enabled is None:
         from deepseek_kernels.ops._registry import interpreting
 
         _enabled = (os.environ.get("DSK_DIRECT_LAUNCH", "1") != "0" and not interpreting()
                     and _protocol_ok())
+        if _enabled:
+            from triton import knobs
+            from triton.runtime import driver
+
+            _knobs, _driver = knobs, driver
     return _enabled
 
 
@@ -72,9 +78,10 @@ def aligned(*tensors) -> bool:
 
 
 class DirectLaunch:
-    """``launch(key, grid, args, constexprs)`` runs ``fn[grid](*args, **constexprs, **options)``;
+    """``launch(key, grid, args, constexprs, **options)`` runs ``fn[grid](*args, **constexprs, **options)``:
     ``args`` are the leading (runtime) parameters in order, ``constexprs`` name every remaining
-    parameter and ``options`` (num_warps, num_stages) are part of ``key`` as well."""
+    parameter, ``options`` are launch options (num_warps, num_stages). ``key`` must determine the
+    constexprs and options as well as the specialization (see the module docstring)."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -87,9 +94,7 @@ class DirectLaunch:
         if not enabled():
             self.fn[grid](*args, **constexprs, **options)
             return
-        from triton import knobs
-        from triton.runtime import driver
-
+        knobs, driver = _knobs, _driver
         device = driver.active.get_current_device()
         full_key = (device, key)
         kernel = self.cache.get(full_key)
