@@ -86,3 +86,21 @@ def print_kernel_times(times: dict, per: float | None = None, unit: str = "") ->
         extra = f"  {1e3 * us / per:9.2f} {unit}" if per else ""
         print(f"   {name[:64]:64s} {us:10.1f} us{extra}")
 
+
+
+def print_host_profile(fn, calls: int = 200, top: int = 18, width: int = 160) -> None:
+    """cProfile of ``calls`` calls of ``fn()`` (the Python side of eager launches), top entries by
+    own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    print("\n".join(line[:width] for line in buf.getvalue().splitlines()[:top + 27]))

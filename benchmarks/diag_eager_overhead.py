@@ -8,10 +8,7 @@ the quantize kernel, the same through a CUDA graph (the kernel alone), and a cPr
 eager int8_linear call (top entries by own time). Prints a table.
 """
 
-import cProfile
-import io
 import os
-import pstats
 import time
 
 import torch
@@ -21,6 +18,8 @@ from deepseek_kernels.bench import harness
 from deepseek_kernels.ops.int8_matmul import quantize_launch
 from deepseek_kernels.triton import _direct
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
+
+from _tuning import print_host_profile  # benchmarks/ is on sys.path when a script in it runs
 
 
 def per_call_us(fn, n=200, wait=True):
@@ -94,16 +93,7 @@ def main():
     direct_launch(True)
     print(f"int8_matmul through the bench harness's eager timer: {bench_method():.1f} us per call in bursts, "
           f"{bench_method(1):.1f} us with one call per event pair (shape {M},{N},{K})")
-    prof = cProfile.Profile()
-    fn = cases["int8_linear"]
-    prof.enable()
-    for _ in range(200):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
-    print("\n".join(line[:160] for line in buf.getvalue().splitlines()[:45]))
+    print_host_profile(cases["int8_linear"])
 
 
 if __name__ == "__main__":

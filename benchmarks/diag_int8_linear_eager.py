@@ -4,18 +4,16 @@
 
 Session 10: the suite's eager int8_linear M1 row took 121-137 us per call (bursts of back-to-back
 calls, bench harness) while diag_eager_overhead.py measured 59 us per call in a loop, one minute
-earlier on the same machine. This times the same call in several states of one process, in order
-(bench harness timer, bursts; and a plain loop's wall time), and prints a cProfile of the slowest:
-fresh; the suite's input set; after CUDA-graph captures of it (the suite's graphed rows run first);
-with the garbage collector off; with DSK_DIRECT_LAUNCH=0.
+earlier on the same machine. This times the same call (bench harness timer, bursts; and a plain
+loop's wall time) in several states of one process, in order: fresh; again; after CUDA-graph
+captures of it (the suite's graphed rows run first); with the garbage collector off; with
+DSK_DIRECT_LAUNCH=0. Then a cProfile of the call. Session 10 on the H200: 56-68 us in every
+state (not reproduced: the suite's figure depends on the rows before it, NOTES.md).
 """
 
 import argparse
-import cProfile
 import gc
-import io
 import os
-import pstats
 import time
 
 import torch
@@ -23,6 +21,8 @@ import torch
 import deepseek_kernels as dk
 from deepseek_kernels.bench import harness
 from deepseek_kernels.triton import _direct
+
+from _tuning import print_host_profile  # benchmarks/ is on sys.path when a script in it runs
 
 
 def loop_us(fn, args, n=300):
@@ -76,15 +76,7 @@ def main():
     print(f"{'state':<26} {'bench us':>9} {'calls':>6} {'loop us':>8} {'bf16 us':>8}")
     for state, ms, g, loop, b in rows:
         print(f"{state:<26} {ms:9.1f} {g:6d} {loop:8.1f} {b:8.1f}")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        ours(*sets[0])
-    prof.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[:36]))
+    print_host_profile(lambda: ours(*sets[0]), top=14, width=150)
 
 
 if __name__ == "__main__":
