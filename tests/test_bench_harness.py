@@ -4,7 +4,17 @@ fake timer on the CPU) and case selection."""
 import pytest
 import torch
 
-from deepseek_kernels.bench.harness import Case, Impl, run_case, summarize, time_cuda, time_cuda_graph, time_interleaved
+from deepseek_kernels.bench.harness import (
+    Case,
+    Impl,
+    clock_limited_rounds,
+    clock_state,
+    run_case,
+    summarize,
+    time_cuda,
+    time_cuda_graph,
+    time_interleaved,
+)
 
 
 def test_interleaved_rounds_alternate_and_pool_the_samples():
@@ -25,6 +35,35 @@ def test_interleaved_rounds_alternate_and_pool_the_samples():
     # pooled median: a ran in positions 1, 4, 5 (drift +1, +4, +5), b in 2, 3, 6: equal drift on average
     assert out["a"]["ms"] == pytest.approx(1.0 + 4 + 0.045, abs=0.01)
     assert out["b"]["ms"] == pytest.approx(2.0 + 3 + 0.045, abs=0.01)
+
+
+def test_rounds_record_the_probe_and_flag_clock_limits():
+    """With a probe, each implementation's rounds carry what it returned after them; a row whose
+    rounds ended under a clock limit (e.g. the board's power cap) is listed, others are not."""
+    states = iter([{"sm_mhz": 1980, "power_w": 300.0, "limits": []},
+                   {"sm_mhz": 1980, "power_w": 320.0, "limits": []},
+                   {"sm_mhz": 1500, "power_w": 699.0, "limits": ["sw_power_cap"]},
+                   {"sm_mhz": 1500, "power_w": 698.0, "limits": ["sw_power_cap"]}])
+
+    def fake_timer(fn, input_sets, *, reps, **kw):
+        return summarize([1.0] * reps)
+
+    out = time_interleaved({"ours": lambda: 0, "baseline": lambda: 0}, [()], reps=4, rounds=2, timer=fake_timer,
+                           probe=lambda: next(states))
+    # rounds: ours, baseline, then baseline, ours
+    assert [st["power_w"] for st in out["ours"]["round_state"]] == [300.0, 698.0]
+    assert [st["power_w"] for st in out["baseline"]["round_state"]] == [320.0, 699.0]
+    row = {"ours_round_state": out["ours"]["round_state"], "baseline_round_state": out["baseline"]["round_state"]}
+    assert clock_limited_rounds(row) == ["ours round 2: sw_power_cap, 1500 MHz",
+                                         "baseline round 2: sw_power_cap, 1500 MHz"]
+    assert clock_limited_rounds({"ours_round_state": [None, {"sm_mhz": 1980, "limits": []}]}) == []
+    assert "round_state" not in time_interleaved({"a": lambda: 0}, [()], reps=2, rounds=1, timer=fake_timer)["a"]
+
+
+def test_clock_state_is_a_dict_or_none():
+    """Without NVML or a GPU driver (CI) the probe answers None instead of raising."""
+    st = clock_state()
+    assert st is None or (isinstance(st["sm_mhz"], int) and isinstance(st["limits"], list))
 
 
 def test_summarize_percentiles():
@@ -98,6 +137,8 @@ def test_run_case_marks_graphed_rows():
     eager = run_case(Case("tiny", make, Impl("a", lambda x: x * 2), Impl("b", lambda x: x + x)), {}, reps=6, rounds=2)
     assert not eager["graph"] and len(eager["ours_round_ms"]) == 2 and eager["ours_ms"] > 0
     assert eager["ours_calls_per_sample"] >= 1 and "ours_calls_per_sample" not in row
+    # NVML on the GPU machine: every round's clock state is in the row
+    assert len(eager["ours_round_state"]) == 2 and all(st is None or "sm_mhz" in st for st in eager["ours_round_state"])
 
 
 @pytest.mark.gpu

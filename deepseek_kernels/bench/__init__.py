@@ -90,6 +90,12 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         telemetry_after = harness.gpu_telemetry()
         print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)})")
         print(report.format_table(rows))
+        limited = [(r["case"], harness.clock_limited_rounds(r)) for r in rows]
+        limited = [(c, lim) for c, lim in limited if lim]
+        if limited:
+            print("clock limits at the end of timing rounds (NVML; the times of those rounds ran slower clocks):")
+            for c, lim in limited:
+                print(f"  {c}: " + "; ".join(lim))
         if errors:
             failed = True
             print(f"!! {name}: {len(errors)} case(s) failed (their rows carry the error):\n  "

@@ -190,16 +190,19 @@ TIMING_ROUNDS = 3
 
 
 def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
-                     rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda) -> dict[str, dict]:
+                     rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda,
+                     probe: Callable[[], dict | None] | None = None) -> dict[str, dict]:
     """Times every implementation in ``rounds`` alternating chunks of ``reps / rounds`` calls
     (order reversed every other round: A B, B A, A B, ...) and pools each one's samples. A clock or
     power state that drifts during a case (e.g. after the previous case's large GEMMs) then weighs on
     both sides alike instead of on whichever ran first. Warm-up: the timer's default in the first
-    round, one call after that. Returns ``{name: summary}`` with the per-round medians added."""
+    round, one call after that. Returns ``{name: summary}`` with the per-round medians added, and
+    with ``probe`` (e.g. :func:`clock_state`) what it returned right after each round (``round_state``)."""
     names = list(impls)
     per = max(1, -(-reps // rounds))
     samples = {n: [] for n in names}
     round_ms = {n: [] for n in names}
+    round_state = {n: [] for n in names}
     extra = {}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
@@ -207,7 +210,11 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
             t = timer(impls[n], input_sets, reps=per, **kw)
             samples[n] += t["samples_ms"]
             round_ms[n].append(t["ms"])
+            if probe is not None:
+                round_state[n].append(probe())
             extra[n] = {k: v for k, v in t.items() if k in ("calls_per_replay", "calls_per_sample")}
+            if probe is not None:
+                extra[n]["round_state"] = round_state[n]
     return {n: {**summarize(samples[n]), "round_ms": round_ms[n], **extra[n]} for n in names}
 
 
@@ -223,14 +230,14 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
     row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph}
     impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
     times = time_interleaved({role: impl.fn for role, impl in impls.items()}, input_sets, reps=reps, rounds=rounds,
-                             timer=time_cuda_graph if case.graph else time_cuda)
+                             timer=time_cuda_graph if case.graph else time_cuda, probe=clock_state)
     for role, impl in impls.items():
         t = times[role]
         row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")
         row[f"{role}_round_ms"] = t["round_ms"]
         row[f"{role}_ms"] = t["ms"]
         row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
-        for key in ("calls_per_replay", "calls_per_sample"):
+        for key in ("calls_per_replay", "calls_per_sample", "round_state"):
             if key in t:
                 row[f"{role}_{key}"] = t[key]
         if case.bytes:
@@ -264,6 +271,52 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except Exception:
         return None
+
+
+# NVML clock-event reasons worth flagging in a timing row (bit -> name); the idle bit is left out
+CLOCK_LIMITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
+                0x80: "hw_power_brake"}
+_nvml = None  # (pynvml, device handle) once opened, False when NVML is unavailable
+
+
+def clock_state(index: int = 0) -> dict | None:
+    """The GPU's SM clock (MHz), power draw (W) and active clock limits (names from CLOCK_LIMITS:
+    e.g. ``sw_power_cap`` when the board's power limit holds the clock down) right now, through
+    nvidia-ml-py; None without NVML. The harness records it after every timing round, so a row whose
+    later rounds ran power-capped (session 10: int8 GEMMs at 8192^3 drew the H200 to its 700 W limit
+    and 1500 MHz) says so in its JSON."""
+    global _nvml
+    if _nvml is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+        except Exception:  # NVML missing (CPU machine, container without the library)
+            _nvml = False
+    if not _nvml:
+        return None
+    pynvml, h = _nvml
+    try:
+        get_reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        bits = get_reasons(h)
+        return {"sm_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000, 1),
+                "limits": [name for bit, name in CLOCK_LIMITS.items() if bits & bit]}
+    except Exception:
+        return None
+
+
+def clock_limited_rounds(row: dict) -> list[str]:
+    """``role round: limits, SM MHz`` for each timing round of a result row that ended under a clock
+    limit (empty when none did or nothing was recorded)."""
+    out = []
+    for role in ("ours", "baseline"):
+        for i, st in enumerate(row.get(f"{role}_round_state") or []):
+            if st and st.get("limits"):
+                out.append(f"{role} round {i + 1}: {'+'.join(st['limits'])}, {st['sm_mhz']} MHz")
+    return out
 
 
 def gpu_telemetry(index: int = 0) -> dict:
