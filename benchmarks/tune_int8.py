@@ -9,7 +9,9 @@ M > 16; ``--tma --persistent`` its persistent variant (one program per SM walkin
 M <= 16 (decode GEMVs) is timed replayed from a CUDA graph, both sides, cycling through enough
 copies of the weight to touch 2x the L2 cache (a 58 MB int8 weight otherwise half-hits the L2 left
 by the previous replay: session 5 measured 16.8 us here against ~19 us in the bench harness, which
-rotates its inputs); larger M eagerly.
+rotates its inputs); larger M eagerly (``triton.testing.do_bench``), or with ``--sustained S`` after S
+seconds of back-to-back calls, in bursts, with the clock state recorded: the ranking at the GPU's
+power-limited steady state, which large int8 GEMMs reach (benchmarks/NOTES.md, session 10).
 
 Every config's output is compared with the int32-exact reference result first (a config that
 computes something else is reported, not timed). The winners go into ``launch_config`` in
@@ -18,11 +20,13 @@ deepseek_kernels/triton/int8_matmul.py.
 
 import argparse
 import itertools
+import time
 
 import torch
 import triton
 import triton.testing
 
+from deepseek_kernels.bench.harness import clock_state, time_cuda
 from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
 
 from _tuning import bench_graphed_sets, save_json, sets_for  # benchmarks/ is on sys.path when a script in it runs
@@ -33,6 +37,15 @@ SMALL = [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, GROUP_M=1, num_warps=w, num_stag
 LARGE = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
          for m, n, k, w, s in itertools.product((64, 128, 256), (128, 256), (128,), (4, 8), (3, 4))
          if m * n <= 128 * 256 and not (m * n >= 128 * 256 and w == 4)]
+
+
+def run_for(fn, seconds: float) -> None:
+    """Calls ``fn`` back to back for ``seconds`` of wall time (synchronizing every 50 calls)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
 
 
 def run(a, b, a_s, b_s, out, cfg):
@@ -52,6 +65,10 @@ def main():
     ap.add_argument("--persistent", action="store_true", help="with --tma: the persistent TMA kernel")
     ap.add_argument("--tma-store", action="store_true",
                     help="with --tma: the output tile leaves through a TMA descriptor too (3 stages max at 128x256)")
+    ap.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
+                    help="M > 16: run each config (and cuBLAS) back to back this long before timing it, in bursts "
+                         "(the GPU at its power-limited steady state: session 10's 8192^3 int8 GEMM lost 20 %% to "
+                         "the H200's 700 W cap, cuBLAS bf16 less); the clock state after each timing is recorded")
     ap.add_argument("--out")
     args = ap.parse_args()
     results = []
@@ -75,8 +92,18 @@ def main():
         else:
             call = lambda out, cfg, i=0: run(a, b_sets[i], a_s, b_s, out, cfg)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
-        base = (bench_graphed_sets(lambda i: xb @ wb_sets[i].T, len(wb_sets), rep=100) if M <= 16 else
-                triton.testing.do_bench(lambda: xb @ wb.T, warmup=20, rep=100))
+        sustained = args.sustained > 0 and M > 16
+
+        def timed(fn):  # ms per call: do_bench, or after a sustained run, bursts of calls
+            if not sustained:
+                return triton.testing.do_bench(fn, warmup=20, rep=100), None
+            run_for(fn, args.sustained)
+            return time_cuda(lambda: fn(), [()], reps=30)["ms"], clock_state()
+
+        if M <= 16:
+            base, base_clock = bench_graphed_sets(lambda i: xb @ wb_sets[i].T, len(wb_sets), rep=100), None
+        else:
+            base, base_clock = timed(lambda: xb @ wb.T)
         print(f"== M{M} N{N} K{K}: cuBLAS bf16 {base * 1e3:.1f} us"
               + (f" (weights cycled over {n_sets} int8 / {len(wb_sets)} bf16 copies)" if M <= 16 else ""))
         rows = []
@@ -93,20 +120,25 @@ def main():
                 if err > 1e-2 * ref.float().abs().max().item():
                     rows.append({"config": cfg, "error": f"wrong result ({err:.2e})"})
                     continue
+            clock = None
             if M <= 16:  # a ~20 us GEMV: time it replayed from a CUDA graph, not behind ~15 us of launch CPU
                 ms = bench_graphed_sets(lambda i: call(out, cfg, i), n_sets, rep=100)
             else:
-                ms = triton.testing.do_bench(lambda: call(out, cfg), warmup=20, rep=100)
-            rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms})
+                ms, clock = timed(lambda: call(out, cfg))
+            rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms, **({"clock": clock} if sustained else {})})
         ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         for r in ok[:4]:
             c = r["config"]
+            clock = r.get("clock") or {}
             print(f"  {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}: "
-                  f"{r['ms'] * 1e3:7.1f} us  {r['vs_bf16']:.2f}x bf16")
+                  f"{r['ms'] * 1e3:7.1f} us  {r['vs_bf16']:.2f}x bf16"
+                  + (f"  (then {clock.get('sm_mhz')} MHz, {clock.get('power_w')} W {'+'.join(clock.get('limits', []))})"
+                     if clock else ""))
         bad = [r for r in rows if "error" in r]
         if bad:
             print(f"  {len(bad)} configs failed, e.g. {bad[0]}")
-        results.append({"M": M, "N": N, "K": K, "cublas_bf16_ms": base, "weight_copies": n_sets, "rows": rows})
+        results.append({"M": M, "N": N, "K": K, "cublas_bf16_ms": base, "weight_copies": n_sets, "rows": rows,
+                        **({"sustained_s": args.sustained, "cublas_clock": base_clock} if sustained else {})})
     save_json(args.out, results)
 
 
