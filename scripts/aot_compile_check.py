@@ -28,9 +28,9 @@ def compile_for(fn, args: dict, arch: int, **options):
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         name = p.name
-        if name not in args:
+        if name not in args and not p.has_default:
             raise KeyError(f"{fn.__name__}: no example value for {name}")
-        v = args[name]
+        v = args[name] if name in args else p.default
         # what a real launch specializes on: ints equal to 1 become constants, ints that are
         # multiples of 16 and (16-byte aligned) pointers carry a divisibility hint
         if p.is_constexpr or (type(v) is int and v == 1 and not p.do_not_specialize):
@@ -104,6 +104,10 @@ def cases():
     w, st = cfg.pop("num_warps"), cfg.pop("num_stages")
     out.append(("int8 GEMV M1", im._int8_matmul_kernel, {**mm, **cfg, "EVEN_MN": False, "EVEN_K": True},
                 dict(num_warps=w, num_stages=st)))
+    # int8_linear with DSK_PDL=1: the GEMV as a programmatic dependent launch (griddepcontrol.wait)
+    out.append(("int8 GEMV M1, programmatic dependent launch", im._int8_matmul_kernel,
+                {**mm, **cfg, "EVEN_MN": False, "EVEN_K": True, "PDL_WAIT": True},
+                dict(num_warps=w, num_stages=st, launch_pdl=True)))
     tma = dict(mm, a_desc="tensordesc<i8[128, 128]>", b_desc="tensordesc<i8[256, 128]>", BLOCK_M=128, BLOCK_N=256,
                BLOCK_K=128)
     for k in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bn", "stride_bk"):
@@ -121,6 +125,8 @@ def cases():
                HAS_SMOOTH=False)
     from deepseek_kernels.ops.int8_matmul import quantize_launch
 
+    out.append(("int8 per-token quantize K4096, triggers its dependent launch", im._quantize_per_token_kernel,
+                dict(qpt, BLOCK_K=4096, PDL_TRIGGER=True), dict(num_warps=8)))
     for K_ in (4096, 14336, 20000):  # one tile (8 / 16 warps), two passes
         launch = quantize_launch(K_)
         out.append((f"int8 per-token quantize K{K_} tile {launch['BLOCK_K']}", im._quantize_per_token_kernel,

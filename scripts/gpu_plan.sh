@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | diag-int8-eager | int8-power | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -122,6 +122,10 @@ case "$step" in
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
+  diag-pdl)  # issue 5: int8_linear's GEMM as a programmatic dependent launch of its quantize (DSK_PDL=1, opt-in):
+    # its GPU test (bits equal, 50 fresh inputs eager and graphed) then graphed decode times with and without
+    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py -k "programmatic or direct_launch"
+    timeout 200 "$PY" benchmarks/diag_pdl.py ;;
   int8-power)  # issue 5: the M8192 rows at the GPU's power-limited steady state (2 s of back-to-back calls
     # before each timing; session 10: 8192^3 0.834 ms cool, 1.033 ms at the 700 W cap), plain and persistent TMA
     timeout 280 "$PY" benchmarks/tune_int8.py --sustained 2 --shapes "8192,8192,8192;8192,4096,4096" \
@@ -138,6 +142,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|diag-int8-eager|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|diag-int8-eager|diag-pdl|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

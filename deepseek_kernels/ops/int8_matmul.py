@@ -99,11 +99,13 @@ def _plan(M: int, N: int, K: int, out_dtype: torch.dtype):
 _MATMUL_LAUNCH = None  # DirectLaunch of the plain kernel (created on first use: Triton imports lazily)
 
 
-def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct: bool = False) -> None:
+def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct: bool = False,
+            pdl: bool = False) -> None:
     """One GEMM launch. Eager (``direct``) large GEMMs on Hopper take the persistent TMA kernel;
     everything else, and every call inside torch.compile, the plain kernel (the same bits). Eager
     launches with 16-byte aligned operands repeat through :class:`DirectLaunch` (same kernel, less
-    host time)."""
+    host time). ``pdl``: the plain kernel as a programmatic dependent launch of the kernel before it
+    (``int8_linear``'s quantize; see :func:`pdl_enabled`)."""
     global _MATMUL_LAUNCH
     from deepseek_kernels.triton import int8_matmul as tk
 
@@ -123,12 +125,14 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
             bias if bias is not None else dummy,
             M, N, K,
             a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1))
-    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg)
+    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL_WAIT=pdl)
+    if pdl:
+        options = dict(options, launch_pdl=True)
     if direct and aligned(a_q, b_q, out, a_scale, b_scale, bias):
         if _MATMUL_LAUNCH is None:
             _MATMUL_LAUNCH = DirectLaunch(tk._int8_matmul_kernel)
         # what the compile specializes on beyond the shape (M, N, K -> cfg, grid): strides, dtypes, flags
-        key = (M, N, K, args[9:], out.dtype, None if bias is None else bias.dtype, apply_epilogue)
+        key = (M, N, K, args[9:], out.dtype, None if bias is None else bias.dtype, apply_epilogue, pdl)
         _MATMUL_LAUNCH(key, grid, args, constexprs, **options)
         return
     triton_kernel(tk._int8_matmul_kernel, direct)[grid](*args, **constexprs, **options)
@@ -163,7 +167,7 @@ def _int8_matmul_op(
 
 
 def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool = False,
-                      check: bool = True) -> torch.Tensor:
+                      check: bool = True, pdl: bool = False) -> torch.Tensor:
     """Checks the arguments (unless a caller already has: ``check=False``) and launches the Triton
     kernel (the op's body, and the eager fast paths)."""
     if check:
@@ -176,7 +180,7 @@ def _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct: bool 
         _launch(a_q, b_q, out, a_scale if a_scale.is_contiguous() else a_scale.contiguous(),
                 b_scale if b_scale.is_contiguous() else b_scale.contiguous(),
                 bias if bias is None or bias.is_contiguous() else bias.contiguous(), apply_epilogue=True,
-                direct=direct)
+                direct=direct, pdl=pdl)
     return out
 
 
@@ -206,8 +210,10 @@ def quantize_launch(K: int) -> types.MappingProxyType:
     return types.MappingProxyType(dict(BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512))))
 
 
-def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False):
-    """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32)."""
+def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False,
+                               pdl_trigger: bool = False):
+    """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32). ``pdl_trigger``:
+    the kernel lets a programmatic dependent launch after it start early (:func:`pdl_enabled`)."""
     from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
     global _QUANTIZE_LAUNCH
@@ -217,11 +223,11 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     if M and K:
         args = (x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), K)
         launch = quantize_launch(K)
-        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"])
+        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"], PDL_TRIGGER=pdl_trigger)
         if direct and aligned(x2, smooth, q, scale):
             if _QUANTIZE_LAUNCH is None:
                 _QUANTIZE_LAUNCH = DirectLaunch(_quantize_per_token_kernel)
-            key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype)
+            key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype, pdl_trigger)
             _QUANTIZE_LAUNCH(key, (M,), args, constexprs, num_warps=launch["num_warps"])
         else:
             triton_kernel(_quantize_per_token_kernel, direct)[(M,)](*args, **constexprs,
@@ -346,11 +352,41 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             x2 = x2.contiguous()
         if smooth is not None and smooth.stride(-1) != 1:
             smooth = smooth.contiguous()
-        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True)
-        out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False)
+        pdl = pdl_enabled(x2)
+        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl_trigger=pdl)
+        out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False,
+                                pdl=pdl)
         return out.reshape(*lead, N)
     x_q, x_scale = quantize_per_token(x2, smooth=smooth)
     return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
+
+
+_pdl: bool | None = None
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether eager ``int8_linear`` launches its GEMM as a programmatic dependent launch of its
+    quantize kernel (Hopper's griddepcontrol: the GEMM's programs are resident before the quantize
+    kernel ends and wait for it, which hides a launch gap per linear at decode sizes). Opt-in with
+    ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads) until measured on the H200
+    (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA tensor. The same bits either way."""
+    global _pdl
+    if _pdl is None:
+        import os
+
+        _pdl = os.environ.get("DSK_PDL", "0") == "1" and not interpreting()
+    return _pdl and x.is_cuda and _capability_major(x.get_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def refresh_pdl() -> None:
+    """Rereads ``DSK_PDL`` on the next call (tests and benchmarks toggle it)."""
+    global _pdl
+    _pdl = None
 
 
 def _describe_matmul(device: torch.device) -> str:

@@ -1,0 +1,65 @@
+"""Programmatic dependent launch (DSK_PDL=1) for int8_linear at decode sizes: graphed time per call with
+and without, and the 4-block quantized stack of the int8 suite at one token.
+
+    python benchmarks/diag_pdl.py
+
+With PDL the GEMM of each int8_linear is launched as a programmatic dependent of its per-token quantize
+kernel: its programs become resident while the quantize kernel runs and wait for it (griddepcontrol),
+instead of launching after it ends. Both are timed replayed from CUDA graphs (8+ calls per graph,
+weights cycled through copies larger than the L2), in three alternating rounds (a fresh capture each:
+the launch attribute is fixed at capture); the table shows each side's best round.
+"""
+
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.bench import harness
+
+
+def with_pdl(on: bool):
+    import importlib
+    import os
+
+    os.environ["DSK_PDL"] = "1" if on else "0"
+    importlib.import_module("deepseek_kernels.ops.int8_matmul").refresh_pdl()
+
+
+def graphed_ms(fn, sets):
+    return harness.time_cuda_graph(fn, sets, reps=30)["ms"]
+
+
+def main():
+    N, K = 14336, 4096
+    rows = []
+    for M in (1, 16):
+        def make():
+            return (torch.randn(M, K, device="cuda", dtype=torch.bfloat16),
+                    torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8),
+                    torch.rand(N, device="cuda") * 1e-3)
+
+        sets = harness.rotated_inputs(make)
+        times = {False: [], True: []}
+        for r in range(3):  # alternating rounds, a fresh graph each time (PDL is fixed at capture)
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                with_pdl(on)
+                times[on].append(graphed_ms(lambda x, w, ws: dk.int8_linear(x, w, ws), sets))
+        rows.append((f"int8_linear M{M} N{N} K{K}", min(times[False]), min(times[True])))
+    from deepseek_kernels.bench.suites.int8_matmul import _stacks
+
+    stack = _stacks()[1]
+    x_sets = [(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16),) for _ in range(4)]
+    times = {False: [], True: []}
+    with torch.no_grad():
+        for r in range(3):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                with_pdl(on)
+                times[on].append(graphed_ms(lambda x: stack(x), x_sets))
+    rows.append(("4-block int8 stack, 1 token", min(times[False]), min(times[True])))
+    with_pdl(False)
+    print(f"{'case (graphed)':<34} {'ordinary us':>12} {'PDL us':>8} {'ratio':>7}")
+    for name, off, on in rows:
+        print(f"{name:<34} {off * 1e3:12.1f} {on * 1e3:8.1f} {off / on:6.3f}x")
+
+
+if __name__ == "__main__":
+    main()
