@@ -1,27 +1,29 @@
-"""Programmatic dependent launch (DSK_PDL=1) for int8_linear at decode sizes: graphed time per call with
-and without, and the 4-block quantized stack of the int8 suite at one token.
+"""Programmatic dependent launch (DSK_PDL=1) at decode sizes: graphed time per call with and without,
+for int8_linear, the sparse FFN decode (1 and 8 tokens) and the 4-block quantized stack of the int8
+suite at one token.
 
     python benchmarks/diag_pdl.py
 
-With PDL the GEMM of each int8_linear is launched as a programmatic dependent of its per-token quantize
-kernel: its programs become resident while the quantize kernel runs and wait for it (griddepcontrol),
-instead of launching after it ends. Both are timed replayed from CUDA graphs (8+ calls per graph,
+With PDL each kernel of the chain (int8_linear: quantize -> GEMM; sparse FFN: router split -> select ->
+gate/up -> down [-> finish]) is launched as a programmatic dependent of the one before: its programs
+become resident while that kernel runs and wait for it (griddepcontrol), instead of launching after it
+ends. Both are timed replayed from CUDA graphs (8+ calls per graph,
 weights cycled through copies larger than the L2), in three alternating rounds (a fresh capture each:
 the launch attribute is fixed at capture); the table shows each side's best round.
 """
+
+import os
 
 import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels.bench import harness
+from deepseek_kernels.ops._registry import refresh_pdl
 
 
 def with_pdl(on: bool):
-    import importlib
-    import os
-
     os.environ["DSK_PDL"] = "1" if on else "0"
-    importlib.import_module("deepseek_kernels.ops.int8_matmul").refresh_pdl()
+    refresh_pdl()
 
 
 def graphed_ms(fn, sets):
@@ -44,6 +46,26 @@ def main():
                 with_pdl(on)
                 times[on].append(graphed_ms(lambda x, w, ws: dk.int8_linear(x, w, ws), sets))
         rows.append((f"int8_linear M{M} N{N} K{K}", min(times[False]), min(times[True])))
+    # the sparse FFN decode chain (router split + select, gate/up, down [+ finish]) at 15 % active
+    D, F_, NB = 4096, 14336, 64
+    for T in (1, 8):
+        def make_ffn(T=T):
+            dt = torch.bfloat16
+            return (torch.randn(T, D, device="cuda", dtype=dt),
+                    (torch.randn(NB, D, device="cuda") * 2 / D**0.5).to(dt),
+                    (torch.randn(F_, D, device="cuda") / D**0.5).to(dt),
+                    (torch.randn(F_, D, device="cuda") / D**0.5).to(dt),
+                    (torch.randn(D, F_, device="cuda") / F_**0.5).to(dt))
+
+        sets = harness.rotated_inputs(make_ffn)
+        times = {False: [], True: []}
+        with torch.no_grad():
+            for r in range(3):
+                for on in ((False, True) if r % 2 == 0 else (True, False)):
+                    with_pdl(on)
+                    times[on].append(graphed_ms(lambda x, wr, wg, wu, wd: dk.gated_sparse_ffn(
+                        x, wr, wg, wu, wd, active_ratio=0.15), sets))
+        rows.append((f"sparse FFN decode T{T} ratio 0.15", min(times[False]), min(times[True])))
     from deepseek_kernels.bench.suites.int8_matmul import _stacks
 
     stack = _stacks()[1]

@@ -139,8 +139,10 @@ def cases():
               BLOCK_NR=64, BLOCK_K=16)
     out.append(("sparse router select, loop (after a split)", sf._sparse_ffn_router_kernel,
                 dict(rt, BLOCK_T=16, RANK_SELECT=False), dict(num_warps=4)))
-    out.append(("sparse router select, by rank (experiment)", sf._sparse_ffn_router_kernel,
+    out.append(("sparse router select, by rank (the decode default)", sf._sparse_ffn_router_kernel,
                 dict(rt, BLOCK_T=2, RANK_SELECT=True), dict(num_warps=4)))
+    out.append(("sparse router select by rank, programmatic dependent launch", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True), dict(num_warps=4, launch_pdl=True)))
     out.append(("sparse router, one kernel (logits + loop)", sf._sparse_ffn_router_kernel,
                 dict(rt, T=8192, SPLITS=0, BLOCK_T=32, RANK_SELECT=False), dict(num_warps=4)))
 
@@ -152,6 +154,9 @@ def cases():
     out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"]),
                 dict(num_warps=g["num_warps"], num_stages=g["num_stages"])))
+    out.append(("sparse decode gate/up, programmatic dependent launch", sf._sparse_ffn_decode_gate_up_kernel,
+                dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"], PDL=True),
+                dict(num_warps=g["num_warps"], num_stages=g["num_stages"], launch_pdl=True)))
     d = base["down"]
     down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
                 stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],

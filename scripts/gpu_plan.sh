@@ -122,9 +122,10 @@ case "$step" in
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
-  diag-pdl)  # issue 5: int8_linear's GEMM as a programmatic dependent launch of its quantize (DSK_PDL=1, opt-in):
-    # its GPU test (bits equal, 50 fresh inputs eager and graphed) then graphed decode times with and without
-    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py -k "programmatic or direct_launch"
+  diag-pdl)  # issues 5 and 6: decode chains as programmatic dependent launches (DSK_PDL=1, opt-in): the GPU tests
+    # (bits equal over fresh inputs, eager and graphed) then graphed times with and without (int8_linear, sparse FFN, stack)
+    timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py \
+      tests/test_sparse_ffn_triton.py -k "programmatic or direct_launch"
     timeout 200 "$PY" benchmarks/diag_pdl.py ;;
   int8-power)  # issue 5: the M8192 rows at the GPU's power-limited steady state (2 s of back-to-back calls
     # before each timing; session 10: 8192^3 0.834 ms cool, 1.033 ms at the 700 W cap), plain and persistent TMA

@@ -593,9 +593,8 @@ def test_int8_linear_programmatic_dependent_launch(M, monkeypatch):
     """DSK_PDL=1: the GEMM starts before its quantize kernel ends and waits for it (griddepcontrol).
     Fifty back-to-back calls on fresh inputs, eager and replayed from a CUDA graph, give the bits of
     the ordinary launches: a GEMM that read the codes too early would use the previous call's."""
-    import importlib
+    from deepseek_kernels.ops import _registry as ops
 
-    ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
     N, K = 14336, 4096
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     ws = torch.rand(N, device="cuda") * 1e-3

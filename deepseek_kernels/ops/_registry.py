@@ -7,6 +7,7 @@ every install. ``explain`` says which implementation a call takes and why.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -106,3 +107,33 @@ def triton_kernel(fn, direct: bool = False):
     what an op body launches), or the plain kernel when ``direct`` (the eager fast path: no
     higher-order-op dispatch)."""
     return fn if direct else torch.library.wrap_triton(fn)
+
+
+_pdl: bool | None = None
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether eager decode chains launch their kernels as programmatic dependent launches (Hopper's
+    griddepcontrol: each kernel waits for the one before it at its start, then lets the next one
+    launch, so the next kernel's programs are resident before this one ends: a launch gap hidden
+    per kernel boundary). Used by ``int8_linear`` (quantize -> GEMM) and the sparse FFN decode
+    (router -> gate/up -> down). Opt-in with ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads)
+    until measured on the H200 (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA
+    tensor. The same bits either way."""
+    global _pdl
+    if _pdl is None:
+        import os
+
+        _pdl = os.environ.get("DSK_PDL", "0") == "1" and not interpreting()
+    return _pdl and x.is_cuda and _capability_major(x.get_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def refresh_pdl() -> None:
+    """Rereads ``DSK_PDL`` on the next call (tests and benchmarks toggle it)."""
+    global _pdl
+    _pdl = None

@@ -20,6 +20,7 @@ from deepseek_kernels.ops._registry import (
     define_triton_op,
     eager_fast_path,
     interpreting,
+    pdl_enabled,
     register_explainer,
     triton_kernel,
 )
@@ -359,34 +360,6 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         return out.reshape(*lead, N)
     x_q, x_scale = quantize_per_token(x2, smooth=smooth)
     return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
-
-
-_pdl: bool | None = None
-
-
-def pdl_enabled(x: torch.Tensor) -> bool:
-    """Whether eager ``int8_linear`` launches its GEMM as a programmatic dependent launch of its
-    quantize kernel (Hopper's griddepcontrol: the GEMM's programs are resident before the quantize
-    kernel ends and wait for it, which hides a launch gap per linear at decode sizes). Opt-in with
-    ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads) until measured on the H200
-    (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA tensor. The same bits either way."""
-    global _pdl
-    if _pdl is None:
-        import os
-
-        _pdl = os.environ.get("DSK_PDL", "0") == "1" and not interpreting()
-    return _pdl and x.is_cuda and _capability_major(x.get_device()) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def refresh_pdl() -> None:
-    """Rereads ``DSK_PDL`` on the next call (tests and benchmarks toggle it)."""
-    global _pdl
-    _pdl = None
 
 
 def _describe_matmul(device: torch.device) -> str:

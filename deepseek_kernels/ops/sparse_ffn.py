@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, eager_fast_path, interpreting, register_explainer
+from deepseek_kernels.ops._registry import (
+    TRITON_OP,
+    define_triton_op,
+    eager_fast_path,
+    interpreting,
+    pdl_enabled,
+    register_explainer,
+)
 from deepseek_kernels.reference.sparse_ffn import GATES, WEIGHTINGS, n_active, route_ref, sparse_ffn_blocks_ref
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -426,11 +433,12 @@ def gated_sparse_ffn(
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_decode, sparse_ffn_route
 
         check_route_op_args(x2, router_weight, bias, k, gate, weighting)
+        pdl = pdl_enabled(x2)
         idx, weights, probs = sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
-                                               threshold=threshold, direct=True)
+                                               threshold=threshold, direct=True, pdl=pdl)
         check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
         out = sparse_ffn_decode(x2, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
-                                n_blocks=n_blocks, direct=True).reshape(*lead, d_model)
+                                n_blocks=n_blocks, direct=True, pdl=pdl).reshape(*lead, d_model)
         return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
     if k > 0:
         weights, probs, idx = torch.ops.deepseek_kernels.sparse_ffn_route(x2, router_weight, bias, k, gate, weighting,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from deepseek_kernels.ops._registry import triton_kernel
 from deepseek_kernels.triton._common import f32, launch_options, resolve_launch
@@ -74,11 +75,15 @@ def _sparse_ffn_router_split_kernel(
     stride_xt, stride_xd, stride_wn, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr,
     BLOCK_NRS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Few tokens: the logits GEMM split over d_model slices (program_id(1)) and router rows
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
     walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
     the router kernel sums the slices in order."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
@@ -124,12 +129,16 @@ def _sparse_ffn_router_kernel(
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
     RANK_SELECT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
     ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
     reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -213,7 +222,7 @@ RANK_SELECT_MAX_T = 16
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
                      block_t: int | None = None, block_d: int = 64, num_warps: int | None = None,
-                     direct: bool = False, splits: int | None = None, select: str = "auto"):
+                     direct: bool = False, splits: int | None = None, select: str = "auto", pdl: bool = False):
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``.
     ``splits``: d_model slices of the logits GEMM (None: :func:`router_splits`; > 1 adds one launch,
     at most ROUTER_MAX_SPLITS). ``block_t`` / ``num_warps``: the token tile and warps of the router
@@ -222,7 +231,8 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     kernel path 26.2 us, benchmarks/diag_sparse_decode.py). ``select="rank"``: the top-k by rank
     (one compare-and-count instead of k rounds of reductions; the logits always go through the
     split kernel then, and the selecting kernel takes 2 tokens per program); ``"loop"``: k rounds of
-    arg-max; ``"auto"``: rank up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop."""
+    arg-max; ``"auto"``: rank up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop.
+    ``pdl``: programmatic dependent launches (Hopper; ``deepseek_kernels.ops._registry.pdl_enabled``)."""
     if select not in ROUTER_SELECT:
         raise ValueError(f"sparse_ffn_route: select must be one of {ROUTER_SELECT}, got {select!r}")
     T, D = x.shape
@@ -255,7 +265,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
             x, router_weight, part, T, D, NR, d_per_split,
             x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
             DOT_PRECISION=prec, BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16,
-            num_warps=4,
+            PDL=pdl, num_warps=4, **_pdl_option(pdl),
         )
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
@@ -264,9 +274,15 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, num_warps=num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, PDL=pdl, num_warps=num_warps,
+        **_pdl_option(pdl),
     )
     return idx, weights, probs
+
+
+def _pdl_option(pdl: bool) -> dict:
+    """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 # ---- 2. grouping ---------------------------------------------------------------------------------
@@ -866,10 +882,14 @@ def _sparse_ffn_decode_gate_up_kernel(
     stride_xt, stride_xd, stride_wf, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
     (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
@@ -930,6 +950,7 @@ def _sparse_ffn_decode_down_kernel(
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
@@ -937,6 +958,9 @@ def _sparse_ffn_decode_down_kernel(
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
     A token with an id outside [-1, NR) gets a NaN row."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
@@ -954,12 +978,16 @@ def _sparse_ffn_decode_down_split_kernel(
     stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The down projection's (used block, K tile) pairs of columns program_id(0) in program_id(1)'s
     slice of num_programs(1) equal slices: PART[s, t, n] (fp32; every slice written, an empty one
     with zeros). More programs, each with its own loads in flight (the one-program-per-column-tile
     kernel moved ~12 GB/s per SM, NOTES session 8). H200, session 10: 2 slices took the 8-token decode
     kernels from 108.9 to 93.9 us and left 1 token as it was (27.0 vs 27.2 us)."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
@@ -977,9 +1005,13 @@ def _sparse_ffn_decode_down_split_kernel(
 
 @triton.jit
 def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot, SPLITS: tl.constexpr,
-                                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KS: tl.constexpr):
+                                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KS: tl.constexpr,
+                                          PDL: tl.constexpr = False):
     """out[t, n] = sum over s = 0, 1, ... of PART[s, t, n] (fixed order: deterministic), NaN rows for
     bad ids, in out's dtype."""
+    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
@@ -1013,12 +1045,13 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                      direct: bool = False, config: dict | None = None) -> torch.Tensor:
+                      direct: bool = False, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
     host sync, two launches (three with the down projection in slices: ``down.splits``, 2 by default
     from 3 tokens on); ``direct``: plain kernel launches, for eager calls. ``config``: per
-    kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`decode_launch_config`)."""
+    kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`decode_launch_config`).
+    ``pdl``: every kernel a programmatic dependent launch of the one before (see :func:`sparse_ffn_route`)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     if T > DECODE_MAX_TOKENS:
@@ -1042,29 +1075,30 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, **launch_options(gu),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **_pdl_option(pdl),
     )
     splits = int(dn["splits"])
     if not 1 <= splits <= DECODE_MAX_DOWN_SPLITS:
         raise ValueError(f"sparse_ffn_decode: down splits must be in [1, {DECODE_MAX_DOWN_SPLITS}], got {splits}")
-    dn_opts = launch_options(dn)
+    dn_opts = {**launch_options(dn), **_pdl_option(pdl)}
     if splits == 1:
         triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
             h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
             w_down.stride(0), w_down.stride(1), out.stride(0),
             DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            BLOCK_KS=block_ks, BLOCK_B=block_b, **dn_opts,
+            BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
         )
         return out
     part = torch.empty(splits, block_t, D, dtype=torch.float32, device=x.device)
     triton_kernel(_sparse_ffn_decode_down_split_kernel, direct)[(triton.cdiv(D, dn["block_n"]), splits)](
         h, w_down, idx, part, T, D, BS, shared_blocks, K, n_blocks, w_down.stride(0), w_down.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, **dn_opts,
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
     )
     finish_n = 256
     triton_kernel(_sparse_ffn_decode_down_finish_kernel, direct)[(triton.cdiv(D, finish_n),)](
         part, idx, out, T, D, K, n_blocks - shared_blocks, out.stride(0),
-        SPLITS=splits, BLOCK_T=block_t, BLOCK_N=finish_n, BLOCK_KS=block_ks, num_warps=4,
+        SPLITS=splits, BLOCK_T=block_t, BLOCK_N=finish_n, BLOCK_KS=block_ks, PDL=pdl, num_warps=4,
+        **_pdl_option(pdl),
     )
     return out
