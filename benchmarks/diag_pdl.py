@@ -12,22 +12,16 @@ weights cycled through copies larger than the L2), in three alternating rounds (
 the launch attribute is fixed at capture); the table shows each side's best round.
 """
 
-import os
-
 import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels.bench import harness
-from deepseek_kernels.ops._registry import refresh_pdl
+from deepseek_kernels.ops._registry import programmatic_launches
 
 
-def with_pdl(on: bool):
-    os.environ["DSK_PDL"] = "1" if on else "0"
-    refresh_pdl()
-
-
-def graphed_ms(fn, sets):
-    return harness.time_cuda_graph(fn, sets, reps=30)["ms"]
+def graphed_ms(fn, sets, pdl: bool):
+    with programmatic_launches(pdl):  # fixed at capture, which happens inside
+        return harness.time_cuda_graph(fn, sets, reps=30)["ms"]
 
 
 def main():
@@ -43,8 +37,7 @@ def main():
         times = {False: [], True: []}
         for r in range(3):  # alternating rounds, a fresh graph each time (PDL is fixed at capture)
             for on in ((False, True) if r % 2 == 0 else (True, False)):
-                with_pdl(on)
-                times[on].append(graphed_ms(lambda x, w, ws: dk.int8_linear(x, w, ws), sets))
+                times[on].append(graphed_ms(lambda x, w, ws: dk.int8_linear(x, w, ws), sets, on))
         rows.append((f"int8_linear M{M} N{N} K{K}", min(times[False]), min(times[True])))
     # the sparse FFN decode chain (router split + select, gate/up, down [+ finish]) at 15 % active
     D, F_, NB = 4096, 14336, 64
@@ -62,9 +55,8 @@ def main():
         with torch.no_grad():
             for r in range(3):
                 for on in ((False, True) if r % 2 == 0 else (True, False)):
-                    with_pdl(on)
                     times[on].append(graphed_ms(lambda x, wr, wg, wu, wd: dk.gated_sparse_ffn(
-                        x, wr, wg, wu, wd, active_ratio=0.15), sets))
+                        x, wr, wg, wu, wd, active_ratio=0.15), sets, on))
         rows.append((f"sparse FFN decode T{T} ratio 0.15", min(times[False]), min(times[True])))
     from deepseek_kernels.bench.suites.int8_matmul import _stacks
 
@@ -74,10 +66,8 @@ def main():
     with torch.no_grad():
         for r in range(3):
             for on in ((False, True) if r % 2 == 0 else (True, False)):
-                with_pdl(on)
-                times[on].append(graphed_ms(lambda x: stack(x), x_sets))
+                times[on].append(graphed_ms(lambda x: stack(x), x_sets, on))
     rows.append(("4-block int8 stack, 1 token", min(times[False]), min(times[True])))
-    with_pdl(False)
     print(f"{'case (graphed)':<34} {'ordinary us':>12} {'PDL us':>8} {'ratio':>7}")
     for name, off, on in rows:
         print(f"{name:<34} {off * 1e3:12.1f} {on * 1e3:8.1f} {off / on:6.3f}x")

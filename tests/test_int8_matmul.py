@@ -589,31 +589,26 @@ def test_direct_launch_unaligned_and_strided_operands(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 16])
-def test_int8_linear_programmatic_dependent_launch(M, monkeypatch):
+def test_int8_linear_programmatic_dependent_launch(M):
     """DSK_PDL=1: the GEMM starts before its quantize kernel ends and waits for it (griddepcontrol).
     Fifty back-to-back calls on fresh inputs, eager and replayed from a CUDA graph, give the bits of
     the ordinary launches: a GEMM that read the codes too early would use the previous call's."""
-    from deepseek_kernels.ops import _registry as ops
+    from deepseek_kernels.ops._registry import pdl_enabled, programmatic_launches
 
     N, K = 14336, 4096
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     ws = torch.rand(N, device="cuda") * 1e-3
     xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(50)]
-    monkeypatch.setenv("DSK_PDL", "0")
-    ops.refresh_pdl()
-    want = [dk.int8_linear(x, w, ws) for x in xs]
-    monkeypatch.setenv("DSK_PDL", "1")
-    ops.refresh_pdl()
-    assert ops.pdl_enabled(xs[0])
-    got = [dk.int8_linear(x, w, ws) for x in xs]
-    assert all(torch.equal(g, r) for g, r in zip(got, want))
-    static_x = xs[0].clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = dk.int8_linear(static_x, w, ws)
+    with programmatic_launches(False):
+        want = [dk.int8_linear(x, w, ws) for x in xs]
+    with programmatic_launches(True):
+        assert pdl_enabled(xs[0])
+        assert all(torch.equal(dk.int8_linear(x, w, ws), r) for x, r in zip(xs, want))
+        static_x = xs[0].clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = dk.int8_linear(static_x, w, ws)
     for x, r in zip(xs, want):
         static_x.copy_(x)
         g.replay()
         assert torch.equal(static_out, r)
-    monkeypatch.setenv("DSK_PDL", "0")
-    ops.refresh_pdl()

@@ -524,13 +524,13 @@ def test_decode_down_splits_on_gpu(T):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8])
-def test_decode_programmatic_dependent_launch_on_gpu(T, monkeypatch):
+def test_decode_programmatic_dependent_launch_on_gpu(T):
     """DSK_PDL=1: router, gate/up and down (and the finish kernel at 8 tokens) each wait for the kernel
     before them and let the next one launch early. Thirty back-to-back decode calls on fresh inputs,
     eager and replayed from a CUDA graph, give the bits of the ordinary launches (a kernel that read
     its input too early would see the previous call's)."""
     import deepseek_kernels as dk
-    from deepseek_kernels.ops import _registry
+    from deepseek_kernels.ops._registry import pdl_enabled, programmatic_launches
 
     x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
     xs = [torch.randn_like(x) for _ in range(30)]
@@ -539,23 +539,19 @@ def test_decode_programmatic_dependent_launch_on_gpu(T, monkeypatch):
         with torch.no_grad():
             return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
 
-    monkeypatch.setenv("DSK_PDL", "0")
-    _registry.refresh_pdl()
-    want = [run(v) for v in xs]
-    monkeypatch.setenv("DSK_PDL", "1")
-    _registry.refresh_pdl()
-    assert _registry.pdl_enabled(x)
-    assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
-    static_x = xs[0].clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = run(static_x)
+    with programmatic_launches(False):
+        want = [run(v) for v in xs]
+    with programmatic_launches(True):
+        assert pdl_enabled(x)
+        assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
+        static_x = xs[0].clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = run(static_x)
     for v, r in zip(xs, want):
         static_x.copy_(v)
         g.replay()
         assert torch.equal(static_out, r)
-    monkeypatch.setenv("DSK_PDL", "0")
-    _registry.refresh_pdl()
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ every install. ``explain`` says which implementation a call takes and why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -117,9 +118,9 @@ def pdl_enabled(x: torch.Tensor) -> bool:
     griddepcontrol: each kernel waits for the one before it at its start, then lets the next one
     launch, so the next kernel's programs are resident before this one ends: a launch gap hidden
     per kernel boundary). Used by ``int8_linear`` (quantize -> GEMM) and the sparse FFN decode
-    (router -> gate/up -> down). Opt-in with ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads)
-    until measured on the H200 (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA
-    tensor. The same bits either way."""
+    (router -> gate/up -> down). Opt-in with ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads;
+    :func:`programmatic_launches` overrides it in a block) until measured on the H200
+    (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA tensor. The same bits either way."""
     global _pdl
     if _pdl is None:
         import os
@@ -134,6 +135,20 @@ def _capability_major(index: int) -> int:
 
 
 def refresh_pdl() -> None:
-    """Rereads ``DSK_PDL`` on the next call (tests and benchmarks toggle it)."""
+    """Rereads ``DSK_PDL`` on the next call."""
     global _pdl
     _pdl = None
+
+
+@contextlib.contextmanager
+def programmatic_launches(on: bool):
+    """Programmatic dependent launches on or off inside the block whatever ``DSK_PDL`` says (tests and
+    benchmarks compare both); the previous setting comes back after. A CUDA graph keeps what was on
+    when it was captured."""
+    global _pdl
+    before = _pdl
+    _pdl = bool(on) and not interpreting()
+    try:
+        yield
+    finally:
+        _pdl = before

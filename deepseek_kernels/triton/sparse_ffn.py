@@ -51,6 +51,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _chain_start(PDL: tl.constexpr):
+    """With ``PDL`` (a programmatic dependent launch, ``launch_pdl=True``): wait for the kernel before
+    this one in the stream (and its memory), then let the next one launch (its programs become
+    resident while this kernel runs and wait in turn). Without, nothing."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
                    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_NR: tl.constexpr):
@@ -81,9 +91,7 @@ def _sparse_ffn_router_split_kernel(
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
     walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
     the router kernel sums the slices in order."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    _chain_start(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
@@ -136,9 +144,7 @@ def _sparse_ffn_router_kernel(
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
     reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    _chain_start(PDL)
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -887,9 +893,7 @@ def _sparse_ffn_decode_gate_up_kernel(
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
     (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    _chain_start(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
@@ -908,6 +912,17 @@ def _sparse_ffn_decode_gate_up_kernel(
         h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
         tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
                  h.to(H.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A down-projection program's tokens, columns (program_id(0)) and column mask, the used blocks
+    (:func:`_decode_used_blocks`) and the K tiles per block."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
+    return offs_t, offs_n, offs_n < D, used, rank, n_used, tl.cdiv(BS, BLOCK_K)
 
 
 @triton.jit
@@ -958,14 +973,9 @@ def _sparse_ffn_decode_down_kernel(
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
     A token with an id outside [-1, NR) gets a NaN row."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < D
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    k_tiles = tl.cdiv(BS, BLOCK_K)
+    _chain_start(PDL)
+    offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
+                                                                            BLOCK_K, BLOCK_KS, BLOCK_B)
     acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
                              stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
@@ -985,14 +995,9 @@ def _sparse_ffn_decode_down_split_kernel(
     with zeros). More programs, each with its own loads in flight (the one-program-per-column-tile
     kernel moved ~12 GB/s per SM, NOTES session 8). H200, session 10: 2 slices took the 8-token decode
     kernels from 108.9 to 93.9 us and left 1 token as it was (27.0 vs 27.2 us)."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < D
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    k_tiles = tl.cdiv(BS, BLOCK_K)
+    _chain_start(PDL)
+    offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
+                                                                            BLOCK_K, BLOCK_KS, BLOCK_B)
     total = n_used * k_tiles
     per = tl.cdiv(total, tl.num_programs(1))
     start = tl.program_id(1) * per
@@ -1009,9 +1014,7 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
                                           PDL: tl.constexpr = False):
     """out[t, n] = sum over s = 0, 1, ... of PART[s, t, n] (fixed order: deterministic), NaN rows for
     bad ids, in out's dtype."""
-    if PDL:  # programmatic dependent launch: wait for the kernel before, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    _chain_start(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
