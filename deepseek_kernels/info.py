@@ -35,6 +35,10 @@ def collect() -> dict:
             )
     device = torch.device("cuda") if gpus else torch.device("cpu")
     paths = {name: describe(name, device) for name in known_ops()}
+    from deepseek_kernels.ops._registry import pdl_setting
+    from deepseek_kernels.triton import _direct
+
+    launch = {"direct_launch": _direct.enabled(), "programmatic_dependent_launch": pdl_setting()}
     return {
         "deepseek_kernels": deepseek_kernels.__version__,
         "python": sys.version.split()[0],
@@ -45,6 +49,7 @@ def collect() -> dict:
         "gpus": gpus,
         "extension": _extension.build_info(),
         "op_paths": paths,
+        "launch": launch,
     }
 
 
@@ -70,6 +75,12 @@ def format_info(d: dict) -> str:
         )
     else:
         lines.append(f"  CUDA extension: not available ({ext['reason']})")
+    launch = d.get("launch", {})
+    if launch:
+        on = lambda v: "on" if v else "off"  # noqa: E731
+        lines.append(f"  eager launches: repeats through the compiled kernel {on(launch['direct_launch'])} "
+                     f"(DSK_DIRECT_LAUNCH), programmatic dependent launches {on(launch['programmatic_dependent_launch'])} "
+                     f"(DSK_PDL, Hopper, experimental)")
     lines.append("  op paths here:")
     for name, path in d["op_paths"].items():
         lines.append(f"    {name:<24} {path}")

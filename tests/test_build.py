@@ -11,6 +11,7 @@ import torch
 import deepseek_kernels as dk
 from deepseek_kernels import _extension
 from deepseek_kernels.ops import quantization
+from deepseek_kernels.ops._registry import interpreting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,13 @@ def test_info_prints_versions_and_paths(capsys):
     assert "CUDA extension:" in out
     for op in ("quantize_blockwise", "dequantize_blockwise"):
         assert op in d["op_paths"] and op in out
+    # the launch settings that change eager timings are reported (and land in every benchmark JSON)
+    from deepseek_kernels.ops._registry import programmatic_launches
+
+    assert set(d["launch"]) == {"direct_launch", "programmatic_dependent_launch"}
+    assert "programmatic dependent launches off" in out or "programmatic dependent launches on" in out
+    with programmatic_launches(True), open(os.devnull, "w") as devnull:
+        assert dk.info(file=devnull)["launch"]["programmatic_dependent_launch"] is not interpreting()
 
 
 def _run(*args, env=None, cwd=ROOT):

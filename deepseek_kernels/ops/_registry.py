@@ -121,12 +121,17 @@ def pdl_enabled(x: torch.Tensor) -> bool:
     (router -> gate/up -> down). Opt-in with ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads;
     :func:`programmatic_launches` overrides it in a block) until measured on the H200
     (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA tensor. The same bits either way."""
+    return pdl_setting() and x.is_cuda and _capability_major(x.get_device()) >= 9
+
+
+def pdl_setting() -> bool:
+    """``DSK_PDL=1`` (or :func:`programmatic_launches`), whatever the device: what ``info()`` reports."""
     global _pdl
     if _pdl is None:
         import os
 
         _pdl = os.environ.get("DSK_PDL", "0") == "1" and not interpreting()
-    return _pdl and x.is_cuda and _capability_major(x.get_device()) >= 9
+    return _pdl
 
 
 @functools.lru_cache(maxsize=None)
