@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -122,6 +122,20 @@ case "$step" in
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
+  comm-ab)  # issue 7: the comm_hook suite's W=2 rows for an older tree (exported by scripts/ab_tree.sh REV into .ab/REV,
+    # carried to the device) and for this tree, built and timed in one call, old / new / old
+    rev="${1:?usage: scripts/gpu_plan.sh comm-ab REV (after scripts/ab_tree.sh REV, with .ab/REV carried)}"
+    ab=".ab/$rev"
+    [ -d "$ab" ] || { echo "$ab is missing: run scripts/ab_tree.sh $rev here and carry .ab/$rev"; exit 1; }
+    ( cd "$ab" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS="$(nproc)" DSK_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace \
+        > /dev/null 2>&1 ) || { echo "the $rev tree did not build"; exit 1; }
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || build
+    for side in old new old; do
+      if [ "$side" = old ]; then path="$ab"; else path="$PWD"; fi
+      echo "== $side: $(PYTHONPATH="$path" "$PY" -c 'import deepseek_kernels, deepseek_kernels._C as c; print(c.__file__)')"
+      PYTHONPATH="$path" timeout 120 "$PY" -m deepseek_kernels.cli bench comm_hook --filter "W=2" \
+        --out "$OUT/comm_ab_$side" 2>&1 | grep -E "W=2|copy bandwidth|extension"
+    done ;;
   diag-pdl)  # issues 5 and 6: decode chains as programmatic dependent launches (DSK_PDL=1, opt-in): the GPU tests
     # (bits equal over fresh inputs, eager and graphed) then graphed times with and without (int8_linear, sparse FFN, stack)
     timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py \
@@ -143,6 +157,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|diag-int8-eager|diag-pdl|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-pdl|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
