@@ -106,7 +106,7 @@ def cases():
                 dict(num_warps=w, num_stages=st)))
     # int8_linear with DSK_PDL=1: the GEMV as a programmatic dependent launch (griddepcontrol.wait)
     out.append(("int8 GEMV M1, programmatic dependent launch", im._int8_matmul_kernel,
-                {**mm, **cfg, "EVEN_MN": False, "EVEN_K": True, "PDL_WAIT": True},
+                {**mm, **cfg, "EVEN_MN": False, "EVEN_K": True, "PDL": True},
                 dict(num_warps=w, num_stages=st, launch_pdl=True)))
     tma = dict(mm, a_desc="tensordesc<i8[128, 128]>", b_desc="tensordesc<i8[256, 128]>", BLOCK_M=128, BLOCK_N=256,
                BLOCK_K=128)
@@ -125,8 +125,8 @@ def cases():
                HAS_SMOOTH=False)
     from deepseek_kernels.ops.int8_matmul import quantize_launch
 
-    out.append(("int8 per-token quantize K4096, triggers its dependent launch", im._quantize_per_token_kernel,
-                dict(qpt, BLOCK_K=4096, PDL_TRIGGER=True), dict(num_warps=8)))
+    out.append(("int8 per-token quantize K4096, programmatic dependent launch", im._quantize_per_token_kernel,
+                dict(qpt, BLOCK_K=4096, PDL=True), dict(num_warps=8, launch_pdl=True)))
     for K_ in (4096, 14336, 20000):  # one tile (8 / 16 warps), two passes
         launch = quantize_launch(K_)
         out.append((f"int8 per-token quantize K{K_} tile {launch['BLOCK_K']}", im._quantize_per_token_kernel,

@@ -24,6 +24,7 @@ from deepseek_kernels.ops._registry import (
     register_explainer,
     triton_kernel,
 )
+from deepseek_kernels.triton._common import pdl_option
 from deepseek_kernels.triton._direct import DirectLaunch, aligned
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
@@ -126,9 +127,8 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
             bias if bias is not None else dummy,
             M, N, K,
             a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1))
-    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL_WAIT=pdl)
-    if pdl:
-        options = dict(options, launch_pdl=True)
+    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL=pdl)
+    options = {**options, **pdl_option(pdl)}
     if direct and aligned(a_q, b_q, out, a_scale, b_scale, bias):
         if _MATMUL_LAUNCH is None:
             _MATMUL_LAUNCH = DirectLaunch(tk._int8_matmul_kernel)
@@ -212,9 +212,9 @@ def quantize_launch(K: int) -> types.MappingProxyType:
 
 
 def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, direct: bool = False,
-                               pdl_trigger: bool = False):
-    """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32). ``pdl_trigger``:
-    the kernel lets a programmatic dependent launch after it start early (:func:`pdl_enabled`)."""
+                               pdl: bool = False):
+    """x2 [M, K] with unit stride along K -> (codes [M, K] int8, scales [M, 1] fp32). ``pdl``: a
+    programmatic dependent launch (:func:`pdl_enabled`)."""
     from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
     global _QUANTIZE_LAUNCH
@@ -224,15 +224,15 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     if M and K:
         args = (x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), K)
         launch = quantize_launch(K)
-        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"], PDL_TRIGGER=pdl_trigger)
+        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"], PDL=pdl)
+        options = {"num_warps": launch["num_warps"], **pdl_option(pdl)}
         if direct and aligned(x2, smooth, q, scale):
             if _QUANTIZE_LAUNCH is None:
                 _QUANTIZE_LAUNCH = DirectLaunch(_quantize_per_token_kernel)
-            key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype, pdl_trigger)
-            _QUANTIZE_LAUNCH(key, (M,), args, constexprs, num_warps=launch["num_warps"])
+            key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype, pdl)
+            _QUANTIZE_LAUNCH(key, (M,), args, constexprs, **options)
         else:
-            triton_kernel(_quantize_per_token_kernel, direct)[(M,)](*args, **constexprs,
-                                                                    num_warps=launch["num_warps"])
+            triton_kernel(_quantize_per_token_kernel, direct)[(M,)](*args, **constexprs, **options)
     elif M:
         scale.zero_()  # an empty row: amax 0
     return q, scale
@@ -354,7 +354,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         if smooth is not None and smooth.stride(-1) != 1:
             smooth = smooth.contiguous()
         pdl = pdl_enabled(x2)
-        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl_trigger=pdl)
+        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl=pdl)
         out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False,
                                 pdl=pdl)
         return out.reshape(*lead, N)

@@ -4,6 +4,7 @@ import functools
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -12,6 +13,21 @@ def f32(x):
     itself, but torch.compile (inductor) passes them as fp64, which would turn the softmax state
     fp64 (a compile error for loop-carried values, slow math otherwise)."""
     return (tl.zeros((), tl.float32) + x).to(tl.float32)
+
+
+@triton.jit
+def chain_start(PDL: tl.constexpr):
+    """With ``PDL`` (a programmatic dependent launch, :func:`pdl_option`): wait for the kernel before
+    this one in the stream (and its memory), then let the next one launch (its programs become
+    resident while this kernel runs and wait in turn). Without, nothing. Call it first in a kernel."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_option(pdl: bool) -> dict:
+    """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,8 @@ per-row ``a_scale [M]``, per-column ``b_scale [N]``, optional ``bias [N]``; ``ou
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from deepseek_kernels.triton._common import chain_start
 
 
 @triton.jit
@@ -58,14 +59,12 @@ def _int8_matmul_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
     APPLY_EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+    EVEN_MN: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """``EVEN_MN`` / ``EVEN_K``: M and N (resp. K) are multiples of the tile, so the main loop's
-    loads need no masks (the launcher sets them). ``PDL_WAIT``: launched as a programmatic dependent
-    (``launch_pdl=True``): the programs may start before the previous kernel in the stream ends and
-    wait for it (and its memory) before their first load."""
-    if PDL_WAIT:
-        gdc_wait()
+    loads need no masks (the launcher sets them). ``PDL``: a programmatic dependent launch
+    (:func:`deepseek_kernels.triton._common.chain_start`)."""
+    chain_start(PDL)
     pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,14 +249,13 @@ def _store_codes(q_row, xs, inv, offs, k_left):
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm,
-                               HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, PDL_TRIGGER: tl.constexpr = False):
+                               HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """One program per row: amax of |x / smooth|, then the codes, with the reference's arithmetic
     (div_rn for the divisions, round half to even). A row that fits one tile (K <= BLOCK_K: the
     launcher's choice up to 16384) is read once and kept in registers; longer rows are read twice
-    (the second read mostly hits L2). ``PDL_TRIGGER``: let a programmatic dependent launch (the GEMM
-    after it, ``PDL_WAIT``) start at once; it still waits for this kernel's end before reading."""
-    if PDL_TRIGGER:
-        gdc_launch_dependents()
+    (the second read mostly hits L2). ``PDL``: a programmatic dependent launch
+    (:func:`deepseek_kernels.triton._common.chain_start`): the GEMM after it can start at once."""
+    chain_start(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm

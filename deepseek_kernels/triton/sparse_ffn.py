@@ -36,10 +36,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import f32, launch_options, resolve_launch
+from deepseek_kernels.triton._common import chain_start, f32, launch_options, pdl_option, resolve_launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -48,16 +47,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # ---- 1. router -----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chain_start(PDL: tl.constexpr):
-    """With ``PDL`` (a programmatic dependent launch, ``launch_pdl=True``): wait for the kernel before
-    this one in the stream (and its memory), then let the next one launch (its programs become
-    resident while this kernel runs and wait in turn). Without, nothing."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -91,7 +80,7 @@ def _sparse_ffn_router_split_kernel(
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
     walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
     the router kernel sums the slices in order."""
-    _chain_start(PDL)
+    chain_start(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
@@ -144,7 +133,7 @@ def _sparse_ffn_router_kernel(
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
     reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
-    _chain_start(PDL)
+    chain_start(PDL)
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -271,7 +260,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
             x, router_weight, part, T, D, NR, d_per_split,
             x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
             DOT_PRECISION=prec, BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16,
-            PDL=pdl, num_warps=4, **_pdl_option(pdl),
+            PDL=pdl, num_warps=4, **pdl_option(pdl),
         )
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
@@ -281,14 +270,9 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
         BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, PDL=pdl, num_warps=num_warps,
-        **_pdl_option(pdl),
+        **pdl_option(pdl),
     )
     return idx, weights, probs
-
-
-def _pdl_option(pdl: bool) -> dict:
-    """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
-    return {"launch_pdl": True} if pdl else {}
 
 
 # ---- 2. grouping ---------------------------------------------------------------------------------
@@ -893,7 +877,7 @@ def _sparse_ffn_decode_gate_up_kernel(
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
     (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
-    _chain_start(PDL)
+    chain_start(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
@@ -973,7 +957,7 @@ def _sparse_ffn_decode_down_kernel(
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
     A token with an id outside [-1, NR) gets a NaN row."""
-    _chain_start(PDL)
+    chain_start(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
     acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
@@ -995,7 +979,7 @@ def _sparse_ffn_decode_down_split_kernel(
     with zeros). More programs, each with its own loads in flight (the one-program-per-column-tile
     kernel moved ~12 GB/s per SM, NOTES session 8). H200, session 10: 2 slices took the 8-token decode
     kernels from 108.9 to 93.9 us and left 1 token as it was (27.0 vs 27.2 us)."""
-    _chain_start(PDL)
+    chain_start(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
     total = n_used * k_tiles
@@ -1014,7 +998,7 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
                                           PDL: tl.constexpr = False):
     """out[t, n] = sum over s = 0, 1, ... of PART[s, t, n] (fixed order: deterministic), NaN rows for
     bad ids, in out's dtype."""
-    _chain_start(PDL)
+    chain_start(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
@@ -1078,12 +1062,12 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **_pdl_option(pdl),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **pdl_option(pdl),
     )
     splits = int(dn["splits"])
     if not 1 <= splits <= DECODE_MAX_DOWN_SPLITS:
         raise ValueError(f"sparse_ffn_decode: down splits must be in [1, {DECODE_MAX_DOWN_SPLITS}], got {splits}")
-    dn_opts = {**launch_options(dn), **_pdl_option(pdl)}
+    dn_opts = {**launch_options(dn), **pdl_option(pdl)}
     if splits == 1:
         triton_kernel(_sparse_ffn_decode_down_kernel, direct)[(triton.cdiv(D, dn["block_n"]),)](
             h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
@@ -1102,6 +1086,6 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     triton_kernel(_sparse_ffn_decode_down_finish_kernel, direct)[(triton.cdiv(D, finish_n),)](
         part, idx, out, T, D, K, n_blocks - shared_blocks, out.stride(0),
         SPLITS=splits, BLOCK_T=block_t, BLOCK_N=finish_n, BLOCK_KS=block_ks, PDL=pdl, num_warps=4,
-        **_pdl_option(pdl),
+        **pdl_option(pdl),
     )
     return out
