@@ -130,11 +130,13 @@ case "$step" in
     ( cd "$ab" && TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS="$(nproc)" DSK_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace \
         > /dev/null 2>&1 ) || { echo "the $rev tree did not build"; exit 1; }
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || build
+    outdir=$(cd "$OUT" && pwd)
     for side in old new old; do
-      if [ "$side" = old ]; then path="$ab"; else path="$PWD"; fi
-      echo "== $side: $(PYTHONPATH="$path" "$PY" -c 'import deepseek_kernels, deepseek_kernels._C as c; print(c.__file__)')"
-      PYTHONPATH="$path" timeout 120 "$PY" -m deepseek_kernels.cli bench comm_hook --filter "W=2" \
-        --out "$OUT/comm_ab_$side" 2>&1 | grep -E "W=2|copy bandwidth|extension"
+      # run from inside the tree: python puts the working directory first on sys.path, ahead of PYTHONPATH
+      if [ "$side" = old ]; then path="$PWD/$ab"; else path="$PWD"; fi
+      ( cd "$path" && echo "== $side: $(PYTHONPATH="$path" "$PY" -c 'import deepseek_kernels._C as c; print(c.__file__)')"
+        PYTHONPATH="$path" timeout 120 "$PY" -m deepseek_kernels.cli bench comm_hook --filter "W=2" \
+          --out "$outdir/comm_ab_$side" 2>&1 | grep -E "W=2|copy bandwidth|extension" )
     done ;;
   diag-pdl)  # issues 5 and 6: decode chains as programmatic dependent launches (DSK_PDL=1, opt-in): the GPU tests
     # (bits equal over fresh inputs, eager and graphed) then graphed times with and without (int8_linear, sparse FFN, stack)

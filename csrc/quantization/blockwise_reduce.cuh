@@ -129,13 +129,17 @@ __device__ __forceinline__ void accumulate(const Pack<uint8_t, VEC>& codes, floa
   }
 }
 
-// CTAs per SM the register allocation must allow (1: no cap).
-#ifndef DSK_REDUCE_MIN_BLOCKS
-#define DSK_REDUCE_MIN_BLOCKS 1
+// CTAs per SM the register allocation must allow (unset: no cap). Unset and 1 differ: nvcc 12.x/13.0
+// read an explicit minimum of 1 as leave to use more registers (the fp32-residual int8 kernel went from
+// 118 to 144 registers, 2 -> 1 CTA per SM, and the W=2 hook pipeline from 56 to 65 us; session 11's A/B).
+#ifdef DSK_REDUCE_MIN_BLOCKS
+#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads, DSK_REDUCE_MIN_BLOCKS)
+#else
+#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads)
 #endif
 
 template <typename ET, bool kHasError, QFormat F, int VEC, bool kFlat>
-__global__ void __launch_bounds__(kThreads, DSK_REDUCE_MIN_BLOCKS)
+__global__ void DSK_REDUCE_LAUNCH_BOUNDS
     requantize_sum_kernel(const RequantizeSumArgs a, const int group, const int log2_group) {
   constexpr int R = kSumRounds;
   constexpr int K = kSumCached;

@@ -1,0 +1,58 @@
+"""Register budgets of the CUDA kernels whose speed depends on occupancy, checked with ptxas (no GPU).
+
+Session 11 found the DDP hook's W=2 pipeline 16 % slower (65 vs 56 us) after a change that looked
+like a no-op: ``__launch_bounds__(256, 1)`` instead of ``__launch_bounds__(256)``. nvcc reads an
+explicit minimum of one CTA per SM as leave to spend more registers, and the fp32-residual reduce
+kernel went from 118 to 144 registers (two CTAs per SM -> one). This compiles the reduce kernels with
+the extension's flags and holds each to the register count that keeps two 256-thread CTAs per SM.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 256  # kThreads in csrc/quantization/blockwise_quant.cuh
+REGISTERS_PER_SM = 65536
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    path = Path(home, "bin", "nvcc")
+    return str(path) if path.exists() else shutil.which("nvcc")
+
+
+def _registers(source: Path) -> dict:
+    """Compiles one translation unit for sm_90a with ptxas -v: {kernel name: registers}."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (set CUDA_HOME)")
+    cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
+    # setup.py's nvcc flags plus the ones torch's CUDAExtension adds
+    flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"] + list(cpp_extension.COMMON_NVCC_FLAGS)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{ROOT / 'csrc'}"]
+    cmd = [nvcc, *flags, *includes, "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o", os.devnull, str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found, kernel = {}, None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            kernel = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and kernel:
+            found[kernel] = int(m.group(1))
+    return found
+
+
+def test_reduce_kernels_keep_two_ctas_per_sm():
+    registers = _registers(ROOT / "csrc" / "quantization" / "blockwise_reduce_int8.cu")
+    reduce = {k: r for k, r in registers.items() if "requantize_sum_kernel" in k}
+    assert len(reduce) >= 8, f"expected the requantize_sum instantiations in ptxas's output, got {sorted(registers)}"
+    budget = REGISTERS_PER_SM // (2 * THREADS)  # 128
+    over = {k: r for k, r in reduce.items() if r > budget}
+    assert not over, f"reduce kernels above {budget} registers (fewer than 2 CTAs of {THREADS} per SM): {over}"
