@@ -79,8 +79,8 @@ def format_info(d: dict) -> str:
     if launch:
         on = lambda v: "on" if v else "off"  # noqa: E731
         lines.append(f"  eager launches: repeats through the compiled kernel {on(launch['direct_launch'])} "
-                     f"(DSK_DIRECT_LAUNCH), programmatic dependent launches {on(launch['programmatic_dependent_launch'])} "
-                     f"(DSK_PDL, Hopper, experimental)")
+                     f"(DSK_DIRECT_LAUNCH), programmatic dependent launches {launch['programmatic_dependent_launch']} "
+                     f"(DSK_PDL; Hopper)")
     lines.append("  op paths here:")
     for name, path in d["op_paths"].items():
         lines.append(f"    {name:<24} {path}")

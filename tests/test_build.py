@@ -40,14 +40,40 @@ def test_info_prints_versions_and_paths(capsys):
     from deepseek_kernels.ops._registry import programmatic_launches
 
     assert set(d["launch"]) == {"direct_launch", "programmatic_dependent_launch"}
-    assert "programmatic dependent launches off" in out or "programmatic dependent launches on" in out
+    assert any(f"programmatic dependent launches {s}" in out for s in ("auto", "on", "off"))
     with programmatic_launches(True), open(os.devnull, "w") as devnull:
-        assert dk.info(file=devnull)["launch"]["programmatic_dependent_launch"] is not interpreting()
+        assert dk.info(file=devnull)["launch"]["programmatic_dependent_launch"] == ("off" if interpreting() else "on")
 
 
 def _run(*args, env=None, cwd=ROOT):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=600, cwd=cwd,
                           env={**os.environ, **(env or {})})
+
+
+def test_pdl_setting_reads_dsk_pdl(monkeypatch):
+    """DSK_PDL: auto (default) / 1 / 0; anything else is a clear error; chains are named."""
+    from deepseek_kernels.ops._registry import pdl_enabled, pdl_setting, refresh_pdl
+
+    try:
+        for raw, want in ((None, "auto"), ("auto", "auto"), ("1", "on"), ("0", "off")):
+            if raw is None:
+                monkeypatch.delenv("DSK_PDL", raising=False)
+            else:
+                monkeypatch.setenv("DSK_PDL", raw)
+            refresh_pdl()
+            assert pdl_setting() == ("off" if interpreting() else want)
+        monkeypatch.setenv("DSK_PDL", "yes")
+        refresh_pdl()
+        with pytest.raises(ValueError, match="DSK_PDL must be auto, 1 or 0"):
+            pdl_setting()
+        monkeypatch.setenv("DSK_PDL", "1")
+        refresh_pdl()
+        with pytest.raises(ValueError, match="chain must be one of"):
+            pdl_enabled(torch.zeros(1), "attention")
+        assert not pdl_enabled(torch.zeros(1), "int8_linear")  # a CPU tensor never launches programmatically
+    finally:
+        monkeypatch.delenv("DSK_PDL", raising=False)
+        refresh_pdl()
 
 
 def test_cli_info():

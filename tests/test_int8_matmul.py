@@ -602,7 +602,7 @@ def test_int8_linear_programmatic_dependent_launch(M):
     with programmatic_launches(False):
         want = [dk.int8_linear(x, w, ws) for x in xs]
     with programmatic_launches(True):
-        assert pdl_enabled(xs[0])
+        assert pdl_enabled(xs[0], "int8_linear")
         assert all(torch.equal(dk.int8_linear(x, w, ws), r) for x, r in zip(xs, want))
         static_x = xs[0].clone()
         g = torch.cuda.CUDAGraph()

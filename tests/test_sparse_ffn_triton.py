@@ -542,7 +542,7 @@ def test_decode_programmatic_dependent_launch_on_gpu(T):
     with programmatic_launches(False):
         want = [run(v) for v in xs]
     with programmatic_launches(True):
-        assert pdl_enabled(x)
+        assert pdl_enabled(x, "sparse_decode")
         assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
         static_x = xs[0].clone()
         g = torch.cuda.CUDAGraph()

@@ -110,27 +110,45 @@ def triton_kernel(fn, direct: bool = False):
     return fn if direct else torch.library.wrap_triton(fn)
 
 
-_pdl: bool | None = None
+_pdl: str | None = None  # "auto", "on" or "off"; None: read DSK_PDL on the next call
+# The chains that launch programmatically under the default DSK_PDL=auto: those measured faster on the
+# H200 (session 11, benchmarks/diag_pdl.py, graphed): int8_linear M1 19.0 -> 18.3 us, M16 20.1 -> 18.8 us,
+# the 4-block int8 stack at 1 token 370.8 -> 353.3 us. The sparse FFN decode chain lost (T1 34.5 -> 35.9 us,
+# T8 91.4 -> 110.7 us: its kernels' waiting programs hold SMs the kernel before them still needs).
+AUTO_PDL_CHAINS = frozenset({"int8_linear"})
+PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
 
 
-def pdl_enabled(x: torch.Tensor) -> bool:
-    """Whether eager decode chains launch their kernels as programmatic dependent launches (Hopper's
+def pdl_enabled(x: torch.Tensor, chain: str) -> bool:
+    """Whether an eager decode chain launches its kernels as programmatic dependent launches (Hopper's
     griddepcontrol: each kernel waits for the one before it at its start, then lets the next one
     launch, so the next kernel's programs are resident before this one ends: a launch gap hidden
-    per kernel boundary). Used by ``int8_linear`` (quantize -> GEMM) and the sparse FFN decode
-    (router -> gate/up -> down). Opt-in with ``DSK_PDL=1`` (read once; :func:`refresh_pdl` rereads;
-    :func:`programmatic_launches` overrides it in a block) until measured on the H200
-    (benchmarks/diag_pdl.py); needs compute capability 9.0+ and a CUDA tensor. The same bits either way."""
-    return pdl_setting() and x.is_cuda and _capability_major(x.get_device()) >= 9
+    per kernel boundary). ``chain``: ``"int8_linear"`` (quantize -> GEMM) or ``"sparse_decode"`` (router
+    -> gate/up -> down). ``DSK_PDL``: ``auto`` (default: the chains in :data:`AUTO_PDL_CHAINS`, measured
+    faster), ``1`` (every chain), ``0`` (none); read once (:func:`refresh_pdl` rereads;
+    :func:`programmatic_launches` overrides it in a block). Needs compute capability 9.0+ and a CUDA
+    tensor. The same bits either way."""
+    if chain not in PDL_CHAINS:
+        raise ValueError(f"pdl_enabled: chain must be one of {sorted(PDL_CHAINS)}, got {chain!r}")
+    setting = pdl_setting()
+    if setting == "off" or (setting == "auto" and chain not in AUTO_PDL_CHAINS):
+        return False
+    return x.is_cuda and _capability_major(x.get_device()) >= 9
 
 
-def pdl_setting() -> bool:
-    """``DSK_PDL=1`` (or :func:`programmatic_launches`), whatever the device: what ``info()`` reports."""
+def pdl_setting() -> str:
+    """``"auto"``, ``"on"`` or ``"off"`` (``DSK_PDL`` unset/``auto``, ``1``, ``0``, or
+    :func:`programmatic_launches`), whatever the device: what ``info()`` reports. Off under the
+    Triton interpreter."""
     global _pdl
     if _pdl is None:
         import os
 
-        _pdl = os.environ.get("DSK_PDL", "0") == "1" and not interpreting()
+        raw = os.environ.get("DSK_PDL", "auto").strip().lower()
+        choices = {"auto": "auto", "": "auto", "1": "on", "0": "off"}
+        if raw not in choices:
+            raise ValueError(f"DSK_PDL must be auto, 1 or 0, got {raw!r}")
+        _pdl = "off" if interpreting() else choices[raw]
     return _pdl
 
 
@@ -147,12 +165,12 @@ def refresh_pdl() -> None:
 
 @contextlib.contextmanager
 def programmatic_launches(on: bool):
-    """Programmatic dependent launches on or off inside the block whatever ``DSK_PDL`` says (tests and
-    benchmarks compare both); the previous setting comes back after. A CUDA graph keeps what was on
-    when it was captured."""
+    """Programmatic dependent launches on or off for every chain inside the block whatever ``DSK_PDL``
+    says (tests and benchmarks compare both); the previous setting comes back after. A CUDA graph keeps
+    what was on when it was captured."""
     global _pdl
     before = _pdl
-    _pdl = bool(on) and not interpreting()
+    _pdl = "on" if on and not interpreting() else "off"
     try:
         yield
     finally:

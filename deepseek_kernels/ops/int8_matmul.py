@@ -353,7 +353,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             x2 = x2.contiguous()
         if smooth is not None and smooth.stride(-1) != 1:
             smooth = smooth.contiguous()
-        pdl = pdl_enabled(x2)
+        pdl = pdl_enabled(x2, "int8_linear")
         x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl=pdl)
         out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False,
                                 pdl=pdl)

@@ -433,7 +433,7 @@ def gated_sparse_ffn(
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_decode, sparse_ffn_route
 
         check_route_op_args(x2, router_weight, bias, k, gate, weighting)
-        pdl = pdl_enabled(x2)
+        pdl = pdl_enabled(x2, "sparse_decode")
         idx, weights, probs = sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
                                                threshold=threshold, direct=True, pdl=pdl)
         check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
