@@ -42,12 +42,18 @@ DECODE_FULL = {"gate_up": list(itertools.product((16, 32, 64), (128, 256, 512), 
 # 18 MB in 12.3 us = ~12 GB/s per SM (session 8's profile); more stages put more bytes in flight per program.
 # Shared memory (aot_compile_check sizes): gate/up 32x128 at 8 stages ~160 KiB, down 16x128 at 8 ~64 KiB.
 DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 128, 4, 8), (32, 256, 4, 4),
-                            (16, 256, 4, 5), (32, 64, 4, 8), (16, 128, 2, 8)],
+                            (16, 256, 4, 5), (32, 64, 4, 8), (16, 128, 2, 8),
+                            # session 11: (32, 128, 4, 8) won at 1 token; its neighbours
+                            (32, 128, 4, 7), (32, 128, 8, 8), (16, 128, 4, 8), (64, 128, 4, 6), (32, 256, 4, 5),
+                            (32, 256, 8, 4), (16, 256, 4, 6), (64, 64, 4, 8)],
                 "down": [(16, 128, 2, 4), (16, 128, 2, 6), (16, 128, 2, 8), (16, 128, 4, 8), (16, 64, 2, 8),
                          (16, 256, 2, 4), (32, 128, 2, 6), (16, 64, 4, 8),
                          # session 10: the pairs of a column tile in slices (fp32 partials + a finish kernel)
                          (16, 128, 2, 4, 2), (16, 128, 2, 4, 4), (16, 128, 2, 3, 8), (16, 64, 2, 4, 4),
-                         (32, 128, 4, 4, 4)]}
+                         (32, 128, 4, 4, 4),
+                         # session 11: one K tile per block (block_k 256 >= BS 224) won at 1 token
+                         (16, 256, 2, 3), (16, 256, 2, 6), (16, 256, 4, 4), (32, 256, 4, 4), (32, 256, 2, 4),
+                         (16, 256, 2, 4, 2), (32, 256, 4, 4, 2), (32, 256, 4, 4, 4)]}
 
 
 def tune_decode(args):

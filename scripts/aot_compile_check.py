@@ -161,7 +161,10 @@ def cases():
     down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
                 stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],
                 BLOCK_K=d["block_k"], BLOCK_KS=16, BLOCK_B=64)
-    out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down, dict(num_warps=d["num_warps"])))
+    out.append(("sparse decode down", sf._sparse_ffn_decode_down_kernel, down,
+                dict(num_warps=d["num_warps"], num_stages=d["num_stages"])))
+    out.append(("sparse decode down, programmatic dependent launch", sf._sparse_ffn_decode_down_kernel,
+                dict(down, PDL=True), dict(num_warps=d["num_warps"], num_stages=d["num_stages"], launch_pdl=True)))
     out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
                 dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
     # the deepest pipelines tune_sparse_ffn.py --decode tries (session 9): they must fit the shared memory

@@ -37,6 +37,34 @@ def test_interleaved_rounds_alternate_and_pool_the_samples():
     assert out["b"]["ms"] == pytest.approx(2.0 + 3 + 0.045, abs=0.01)
 
 
+def test_sustained_rounds_run_each_side_before_its_timing():
+    """With ``sustain_s``, every round runs the side about to be timed back to back first (its own
+    steady state under the power limit), cycling through the input sets, then times it."""
+    log = []
+
+    def fake_timer(fn, input_sets, *, reps, **kw):
+        log.append(("timed", fn(*input_sets[0])))
+        return summarize([1.0] * reps)
+
+    calls = {"a": 0, "b": 0}
+
+    def impl(name):
+        def fn(x):
+            calls[name] += 1
+            if log and log[-1] == ("sustain", name):
+                return name
+            log.append(("sustain", name))
+            return name
+        return fn
+
+    time_interleaved({"a": impl("a"), "b": impl("b")}, [(0,), (1,)], reps=4, rounds=2, timer=fake_timer,
+                     sustain_s=0.01)
+    # rounds: a, b, then b, a: each timing right after that side's own sustained run
+    assert log == [("sustain", "a"), ("timed", "a"), ("sustain", "b"), ("timed", "b"),
+                   ("sustain", "b"), ("timed", "b"), ("sustain", "a"), ("timed", "a")]
+    assert calls["a"] >= 2 * 16 and calls["b"] >= 2 * 16
+
+
 def test_rounds_record_the_probe_and_flag_clock_limits():
     """With a probe, each implementation's rounds carry what it returned after them; a row whose
     rounds ended under a clock limit (e.g. the board's power cap) is listed, others are not."""

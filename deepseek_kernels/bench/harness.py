@@ -53,6 +53,10 @@ class Case:
     # of work too short to hide Python launch overhead, as a serving engine would run it
     # (several calls per graph: see time_cuda_graph).
     graph: bool = False
+    # Seconds of back-to-back calls before each side's timing in every round: both are timed at their
+    # own sustained (power-limited) steady state rather than in the short alternating bursts of the
+    # default, whose clocks carry over from whatever ran just before (see time_interleaved).
+    sustain_s: float = 0.0
 
 
 def compiled_baseline(fn: Callable) -> Callable:
@@ -189,15 +193,30 @@ def measure_bf16_matmul(n: int = 8192) -> float:
 TIMING_ROUNDS = 3
 
 
+def sustain(fn: Callable, input_sets: list[tuple], seconds: float) -> int:
+    """Calls ``fn`` on the rotated input sets back to back for ``seconds`` of wall time (a
+    synchronize every 16 calls keeps the queue short, so the time is GPU time); returns the calls made."""
+    calls, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(16):
+            fn(*input_sets[calls % len(input_sets)])
+            calls += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return calls
+
+
 def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
                      rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda,
-                     probe: Callable[[], dict | None] | None = None) -> dict[str, dict]:
+                     probe: Callable[[], dict | None] | None = None, sustain_s: float = 0.0) -> dict[str, dict]:
     """Times every implementation in ``rounds`` alternating chunks of ``reps / rounds`` calls
     (order reversed every other round: A B, B A, A B, ...) and pools each one's samples. A clock or
     power state that drifts during a case (e.g. after the previous case's large GEMMs) then weighs on
     both sides alike instead of on whichever ran first. Warm-up: the timer's default in the first
     round, one call after that. Returns ``{name: summary}`` with the per-round medians added, and
-    with ``probe`` (e.g. :func:`clock_state`) what it returned right after each round (``round_state``)."""
+    with ``probe`` (e.g. :func:`clock_state`) what it returned right after each round (``round_state``).
+    ``sustain_s`` > 0: each side first runs back to back for that long in every round (:func:`sustain`),
+    so both are timed at their own steady state under the GPU's power limit."""
     names = list(impls)
     per = max(1, -(-reps // rounds))
     samples = {n: [] for n in names}
@@ -207,6 +226,8 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             kw = {} if r == 0 else {"warmup": 1}
+            if sustain_s > 0:
+                sustain(impls[n], input_sets, sustain_s)
             t = timer(impls[n], input_sets, reps=per, **kw)
             samples[n] += t["samples_ms"]
             round_ms[n].append(t["ms"])
@@ -227,10 +248,12 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
         # Drop the check's temporaries so they do not shape where the timed outputs land.
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph}
+    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph,
+           **({"sustain_s": case.sustain_s} if case.sustain_s else {})}
     impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
     times = time_interleaved({role: impl.fn for role, impl in impls.items()}, input_sets, reps=reps, rounds=rounds,
-                             timer=time_cuda_graph if case.graph else time_cuda, probe=clock_state)
+                             timer=time_cuda_graph if case.graph else time_cuda, probe=clock_state,
+                             sustain_s=case.sustain_s)
     for role, impl in impls.items():
         t = times[role]
         row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")

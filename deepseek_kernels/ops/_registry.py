@@ -113,9 +113,10 @@ def triton_kernel(fn, direct: bool = False):
 _pdl: str | None = None  # "auto", "on" or "off"; None: read DSK_PDL on the next call
 # The chains that launch programmatically under the default DSK_PDL=auto: those measured faster on the
 # H200 (session 11, benchmarks/diag_pdl.py, graphed): int8_linear M1 19.0 -> 18.3 us, M16 20.1 -> 18.8 us,
-# the 4-block int8 stack at 1 token 370.8 -> 353.3 us. The sparse FFN decode chain lost (T1 34.5 -> 35.9 us,
-# T8 91.4 -> 110.7 us: its kernels' waiting programs hold SMs the kernel before them still needs).
-AUTO_PDL_CHAINS = frozenset({"int8_linear"})
+# the 4-block int8 stack at 1 token 370.8 -> 353.3 us; the sparse FFN decode chain T1 30.9 -> 29.3 us, T8
+# 99.5 -> 98.3 us once its kernels let the next one launch after their main loop (chain_trigger) rather than
+# at their start (then T8 lost 91.4 -> 110.7 us: waiting programs held SMs the kernel before still needed).
+AUTO_PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
 PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
 
 

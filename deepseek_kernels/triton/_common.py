@@ -25,6 +25,23 @@ def chain_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def chain_wait(PDL: tl.constexpr):
+    """With ``PDL``: wait for the kernel before this one in the stream (and its memory); the next kernel
+    launches when every program of this one has called :func:`chain_trigger` or exited. For kernels of
+    more than one wave, whose waiting dependents would hold SM slots their later programs need."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def chain_trigger(PDL: tl.constexpr):
+    """With ``PDL``: this program's part of the work is in flight; the next kernel may launch (call it
+    after the main loop, before the epilogue's stores)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
 def pdl_option(pdl: bool) -> dict:
     """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
     return {"launch_pdl": True} if pdl else {}

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import chain_start, f32, launch_options, pdl_option, resolve_launch
+from deepseek_kernels.triton._common import chain_trigger, chain_wait, f32, launch_options, pdl_option, resolve_launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -80,13 +80,14 @@ def _sparse_ffn_router_split_kernel(
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
     walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
     the router kernel sums the slices in order."""
-    chain_start(PDL)
+    chain_wait(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
     d_lo = s * d_per_split
     acc = _router_logits(X, WR, T, D, NR, d_lo, tl.minimum(d_lo + d_per_split, D), stride_xt, stride_xd,
                          stride_wn, stride_wd, offs_t, offs_n, DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NRS)
+    chain_trigger(PDL)
     tl.store(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :], acc,
              mask=offs_t[:, None] < T)
 
@@ -133,7 +134,7 @@ def _sparse_ffn_router_kernel(
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
     reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
-    chain_start(PDL)
+    chain_wait(PDL)
     threshold = f32(threshold)
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -148,6 +149,7 @@ def _sparse_ffn_router_kernel(
     else:
         acc = _router_logits(X, WR, T, D, NR, 0, D, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
                              DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
+    chain_trigger(PDL)
     if SOFTMAX:
         logits = tl.where(n_mask[None, :], acc, float("-inf"))
         e = tl.exp(logits - tl.max(logits, 1)[:, None])
@@ -877,7 +879,7 @@ def _sparse_ffn_decode_gate_up_kernel(
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
     (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
-    chain_start(PDL)
+    chain_wait(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
@@ -893,6 +895,7 @@ def _sparse_ffn_decode_gate_up_kernel(
             w_mask = k_mask[:, None] & n_mask[None, :]
             acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        chain_trigger(PDL)
         h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
         tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
                  h.to(H.dtype.element_ty), mask=n_mask[None, :])
@@ -957,11 +960,12 @@ def _sparse_ffn_decode_down_kernel(
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
     A token with an id outside [-1, NR) gets a NaN row."""
-    chain_start(PDL)
+    chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
     acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
                              stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
 
@@ -979,7 +983,7 @@ def _sparse_ffn_decode_down_split_kernel(
     with zeros). More programs, each with its own loads in flight (the one-program-per-column-tile
     kernel moved ~12 GB/s per SM, NOTES session 8). H200, session 10: 2 slices took the 8-token decode
     kernels from 108.9 to 93.9 us and left 1 token as it was (27.0 vs 27.2 us)."""
-    chain_start(PDL)
+    chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
     total = n_used * k_tiles
@@ -988,6 +992,7 @@ def _sparse_ffn_decode_down_split_kernel(
     stop = tl.minimum(start + per, total)
     acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS,
                              stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    chain_trigger(PDL)
     tl.store(PART + ((tl.program_id(1) * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :], acc,
              mask=n_mask[None, :])
 
@@ -998,7 +1003,7 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
                                           PDL: tl.constexpr = False):
     """out[t, n] = sum over s = 0, 1, ... of PART[s, t, n] (fixed order: deterministic), NaN rows for
     bad ids, in out's dtype."""
-    chain_start(PDL)
+    chain_wait(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
@@ -1006,28 +1011,30 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
     for s in tl.static_range(SPLITS):
         acc += tl.load(PART + ((s * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :],
                        mask=n_mask[None, :], other=0.0)
+    chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
 
 def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     """Per-kernel launch settings of the decode kernels, tuned on the H200
     (``benchmarks/tune_sparse_ffn.py --decode``, D4096, 64 blocks of 224, 15 % active, graphed):
-    1 token 27.2 us (the first untuned guess: 54.5 us), 8 tokens 104 us (was 224 us). The K tile of
-    the down projection matters most (32 -> 128: 2x at 8 tokens).
+    1 token 23.9 us (the first untuned guess: 54.5 us), 8 tokens 85.8 us (was 224 us). The K tile of
+    the down projection matters most (32 -> 128: 2x at 8 tokens; 256 = one tile per block of 224: -7 %).
 
     No gate/up split over d_model: an opt-in (``gate_up.split``: the GEMM in d_model slices, fp32
     partials summed by a finish kernel that wrote h) lost everywhere on the H200
     (benchmarks/diag_sparse_decode.py, ratio 0.15, decode kernels): 1 token 27.9 us unsplit vs
     28.9 / 30.9 / 30.9 us at 2 / 4 / 8 slices, 8 tokens 108.2 vs 116.9 / 119.7 / 130.5 us. Removed in
     session 8 (the code is in git history); the router's logits split (:func:`router_splits`) stays."""
-    gate_up = (dict(block_n=32, block_k=256, num_warps=4, num_stages=3) if tokens <= 2
-               else dict(block_n=32, block_k=128, num_warps=4, num_stages=4))
-    # splits > 1: the down projection's (used block, K tile) pairs in that many slices per column tile
-    # (fp32 partials, summed in slice order by a finish kernel: deterministic). H200, session 10
-    # (diag_sparse_decode.py, decode kernels graphed): 8 tokens 93.9 us in 2 slices / 95.2 in 4 / 104.8 in 8
-    # vs 108.9 in one; 1 token 27.0 / 28.1 / 30.6 vs 27.2 (the finish launch eats the gain): 2 from 3 tokens on.
-    splits = 1 if tokens <= 2 else 2
-    return {"gate_up": gate_up, "down": dict(block_n=16, block_k=128, num_warps=2, num_stages=4, splits=splits)}
+    # H200, session 11 (tune_sparse_ffn.py --decode, 6-8 stages and one down K tile per block tried for the
+    # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
+    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
+    # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
+    # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
+    # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
+    # tokens (8 tokens 93.9 vs 108.9 us at block_k 128); with block_k 256 one kernel is as fast (85.8 vs 86.1 us).
+    block_k = min(256, max(16, triton.next_power_of_2(block_size)))
+    return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=1)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -1035,8 +1042,8 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                       direct: bool = False, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
-    host sync, two launches (three with the down projection in slices: ``down.splits``, 2 by default
-    from 3 tokens on); ``direct``: plain kernel launches, for eager calls. ``config``: per
+    host sync, two launches (three with the down projection in slices: ``down.splits``, opt-in);
+    ``direct``: plain kernel launches, for eager calls. ``config``: per
     kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`decode_launch_config`).
     ``pdl``: every kernel a programmatic dependent launch of the one before (see :func:`sparse_ffn_route`)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
