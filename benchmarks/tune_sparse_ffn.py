@@ -41,17 +41,11 @@ DECODE_FULL = {"gate_up": list(itertools.product((16, 32, 64), (128, 256, 512), 
 # By Little's law the down kernel is latency-bound: 256 programs of 2 warps, ~16 KB of loads in flight each,
 # 18 MB in 12.3 us = ~12 GB/s per SM (session 8's profile); more stages put more bytes in flight per program.
 # Shared memory (aot_compile_check sizes): gate/up 32x128 at 8 stages ~160 KiB, down 16x128 at 8 ~64 KiB.
-# A 5th entry: gate_up's ``programs`` (the flat kernel; -1 one per SM, -2 two: sparse_ffn.flat_gate_up_programs),
-# down's ``splits``. A flat config whose rows do not fit its programs' tiles runs the per-block kernel: the
-# row's "flat" field says which ran.
 DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (32, 128, 4, 8), (32, 256, 4, 4),
                             (16, 256, 4, 5), (32, 64, 4, 8), (16, 128, 2, 8),
                             # session 11: (32, 128, 4, 8) won at 1 token; its neighbours
                             (32, 128, 4, 7), (32, 128, 8, 8), (16, 128, 4, 8), (64, 128, 4, 6), (32, 256, 4, 5),
-                            (32, 256, 8, 4), (16, 256, 4, 6), (64, 64, 4, 8),
-                            # session 11: the flat kernel, one run of used rows per program
-                            (32, 128, 4, 8, -1), (32, 128, 4, 6, -1), (32, 256, 4, 4, -1), (64, 128, 4, 4, -1),
-                            (64, 64, 4, 8, -1), (32, 128, 4, 4, -2), (16, 128, 4, 8, -2)],
+                            (32, 256, 8, 4), (16, 256, 4, 6), (64, 64, 4, 8)],
                 "down": [(16, 128, 2, 4), (16, 128, 2, 6), (16, 128, 2, 8), (16, 128, 4, 8), (16, 64, 2, 8),
                          (16, 256, 2, 4), (32, 128, 2, 6), (16, 64, 4, 8),
                          # session 10: the pairs of a column tile in slices (fp32 partials + a finish kernel)
@@ -63,7 +57,7 @@ DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (
 
 
 def tune_decode(args):
-    """The decode kernels: for 1, 2 and 8 tokens, each kernel's configs with the other at its default."""
+    """The decode kernels: for 1 and 8 tokens, each kernel's configs with the other at its default."""
     D, F_, NB, dev = args.d_model, args.d_ff, 64, args.device
     dt = torch.bfloat16 if dev == "cuda" else torch.float16
     k = max(1, round(args.ratio * NB))
@@ -72,7 +66,7 @@ def tune_decode(args):
     wd = (torch.randn(D, F_, device=dev) / F_**0.5).to(dt)
     kw = dict(shared_blocks=0, n_blocks=NB)
     result = {"ratio": args.ratio, "k": k, "cases": []}
-    for T in (1, 2, 8):
+    for T in (1, 8):
         x = torch.randn(T, D, device=dev, dtype=dt)
         idx = torch.rand(T, NB, device=dev).topk(k, dim=-1).indices.to(torch.int32)
         w = torch.rand(T, k, device=dev) + 0.1
@@ -89,31 +83,22 @@ def tune_decode(args):
         case = {"T": T, "weight_copies": n, "dense_ms": dense, "default_ms": default, "rows": [], "best": {}}
         for kern in ("gate_up", "down"):
             rows = []
-            for bn, bk, nw, st, *extra in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
-                extra_key = "programs" if kern == "gate_up" else "splits"
+            for bn, bk, nw, st, *split in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
                 cfg = {kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st,
-                                  **({extra_key: extra[0]} if extra else {}))}
+                                  **({"splits": split[0]} if split else {}))}
                 try:
                     err = rel(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw), ref)
                     if not err < 1e-2:
                         rows.append({"kernel": kern, "config": cfg, "error": f"differs from the default: {err:.2e}"})
                         continue
                     ms = bench_graphed_sets(lambda i: tk.sparse_ffn_decode(x, *ws[i], idx, w, config=cfg, **kw), n)
-                    row = {"kernel": kern, "config": cfg, "ms": ms}
-                    if kern == "gate_up":
-                        max_used = min(NB, T * k)
-                        row["flat"] = tk.flat_gate_up_programs(cfg[kern], max_used, F_ // NB, x.device) > 0
-                    rows.append(row)
+                    rows.append({"kernel": kern, "config": cfg, "ms": ms})
                 except Exception as e:  # e.g. out of shared memory
                     rows.append({"kernel": kern, "config": cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             case["rows"] += rows
             good = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
             for r in good[:3]:
-                print(f"   {kern} {r['config'][kern]}{' (flat)' if r.get('flat') else ''}: {r['ms'] * 1e3:.1f} us",
-                      flush=True)
-            flat = [r for r in good if r.get("flat")]
-            if flat and flat[0] not in good[:3]:
-                print(f"   best flat {flat[0]['config'][kern]}: {flat[0]['ms'] * 1e3:.1f} us", flush=True)
+                print(f"   {kern} {r['config'][kern]}: {r['ms'] * 1e3:.1f} us", flush=True)
             if good:
                 case["best"][kern] = good[0]["config"][kern]
         both = bench_graphed_sets(lambda i: tk.sparse_ffn_decode(x, *ws[i], idx, w, config=case["best"], **kw), n)

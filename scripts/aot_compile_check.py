@@ -181,13 +181,6 @@ def cases():
                 dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
     out.append(("sparse decode gate/up, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=32, BLOCK_K=256), dict(num_warps=4, num_stages=4)))
-    # the flat gate/up kernel (session 11, opt-in gate_up.programs): one run of used rows per program
-    out.append(("sparse decode gate/up flat, 32x128, 8 stages", sf._sparse_ffn_decode_gate_up_flat_kernel,
-                dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
-    out.append(("sparse decode gate/up flat, programmatic dependent launch", sf._sparse_ffn_decode_gate_up_flat_kernel,
-                dict(dec, BLOCK_N=32, BLOCK_K=128, PDL=True), dict(num_warps=4, num_stages=8, launch_pdl=True)))
-    out.append(("sparse decode gate/up flat, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_flat_kernel,
-                dict(dec, BLOCK_N=32, BLOCK_K=256), dict(num_warps=4, num_stages=4)))
 
     H, D, W, B = 32, 128, 4096, 64
     strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,

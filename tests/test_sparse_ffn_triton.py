@@ -382,49 +382,6 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
-    *c[:6], "empty" if c[6] else "full", str(c[7])))
-def test_decode_gate_up_flat_matches_reference(case, poisoned):
-    """The flat gate/up kernel (opt-in ``gate_up.programs``: the used blocks' rows in equal runs, one
-    per program, a run crossing block boundaries): the reference's result, the bits of the per-block
-    kernel's h (same dot order per row), for program counts that leave 1 to all rows per run; where
-    the rows cannot fit the programs' tiles the per-block kernel runs instead (same result)."""
-    T, D, F_, NB, S, k, empty_slots, dtype = case
-    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
-    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB,
-                                shared_blocks=S)
-    BS = F_ // NB
-    blocked = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB)
-    max_used = min(NB, S + T * k)
-    fits = [p for p in (3, 5, 13, 64) if max_used * BS <= 16 * p]
-    assert fits, "the case should leave some program count that fits"
-    for programs in fits + [1]:  # 1: too few programs for these rows in 16-row tiles -> the per-block kernel
-        cfg = {"gate_up": {"programs": programs, "block_n": 16}}
-        out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        assert rel(out, ref) < TOL[dtype], programs
-        assert torch.allclose(out, blocked, rtol=1e-3, atol=1e-3), programs
-
-
-def test_decode_gate_up_flat_keeps_unused_tokens_out(poisoned):
-    """In a run that spans two blocks, a token that uses only one of them gets nothing from the other,
-    even with inf in its x row where the other block's rows are (masked by membership, not by weight)."""
-    T, D, F_, NB = 2, 16, 48, 4  # blocks of 12 neurons
-    x = torch.randn(T, D)
-    wg, wu, wd = torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
-    idx = torch.tensor([[0], [1]], dtype=torch.int32)
-    w = torch.rand(T, 1) + 0.5
-    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB)
-    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB,
-                               config={"gate_up": {"programs": 3, "block_n": 16}})  # runs of 8 rows: one spans both
-    assert rel(out, ref) < 1e-5
-    wg[12:24] = float("inf")  # block 1, used by token 1 only: token 0 must not see it
-    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB,
-                               config={"gate_up": {"programs": 3, "block_n": 16}})
-    assert torch.isfinite(out[0]).all()
-    assert rel(out[0], ref[0]) < 1e-5
-
-
 def test_decode_gate_up_split_is_rejected():
     """The gate/up split over d_model (removed in session 8: slower at every slice count on the
     H200) is no longer a config key: passing it is an unknown-key error, not silently ignored."""
@@ -622,28 +579,6 @@ def test_decode_on_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(graphed, out)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 2, 8])
-def test_decode_gate_up_flat_on_gpu(T):
-    """The flat gate/up kernel with one program per SM at the issue's shapes: the per-block kernel's
-    result (bf16, fresh inputs), eager and from a CUDA graph."""
-    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
-    for _ in range(3):
-        x = torch.randn_like(x)
-        idx, w, _ = tk.sparse_ffn_route(x, wr, k=10, gate="sigmoid", weighting="gate")
-        kw = dict(shared_blocks=0, n_blocks=64)
-        want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, **kw)
-        cfg = {"gate_up": {"programs": -1}}
-        got = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw)
-        assert rel(got, want) < 1e-2
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            graphed = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(graphed, got)
 
 
 @pytest.mark.gpu

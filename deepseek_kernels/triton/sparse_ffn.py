@@ -902,63 +902,6 @@ def _sparse_ffn_decode_gate_up_kernel(
 
 
 @triton.jit
-def _sparse_ffn_decode_gate_up_flat_kernel(
-    X, WG, WU, IDX, WT, H,
-    T, D, BS, S, K, NB,
-    stride_xt, stride_xd, stride_wf, stride_wd,
-    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """The gate/up projection of :func:`_sparse_ffn_decode_gate_up_kernel` over the *flattened* used
-    rows: the n_used * BS rows of the used blocks (ascending block order) in num_programs(0) equal runs
-    of cdiv(n_used * BS, num_programs) rows, one run per program (a run may cross into the next block).
-    With as many programs as SMs every SM streams weights; one program per (used block, neuron tile)
-    gives 70 programs at one token (10 blocks of 224, 32-row tiles) on the H200's 132 SMs.
-    The launcher guarantees a run fits in BLOCK_N rows (n_used * BS <= BLOCK_N * num_programs)."""
-    chain_wait(PDL)
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    total = n_used * BS
-    per = tl.cdiv(total, tl.num_programs(0))
-    offs_r = tl.arange(0, BLOCK_N)
-    u = tl.program_id(0) * per + offs_r  # flat used-row index of each tile row
-    r_mask = (offs_r < per) & (u < total)
-    j = u // BS  # the j-th used block (ascending) holds row u
-    n = u - j * BS
-    offs_b = tl.arange(0, BLOCK_B)
-    b = tl.sum(tl.where(used[None, :] & (rank[None, :] == j[:, None]), offs_b[None, :], 0), 1)  # [BLOCK_N]
-    # per (token, row): the weight of the row's block for the token and whether the token uses it
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_j = tl.arange(0, BLOCK_KS)
-    m = (offs_t[:, None] < T) & (offs_j[None, :] < K)
-    ids = tl.load(IDX + offs_t[:, None] * K + offs_j[None, :], mask=m, other=-1)
-    wts = tl.load(WT + offs_t[:, None] * K + offs_j[None, :], mask=m, other=0.0)
-    hit = ((ids[:, :, None] + S) == b[None, None, :]) & (ids[:, :, None] >= 0) & m[:, :, None]  # [T, KS, N]
-    w_tn = tl.sum(tl.where(hit, wts[:, :, None], 0.0), 1)
-    shared = (b < S)[None, :]
-    member = (tl.max(hit.to(tl.int32), 1) > 0) | shared
-    member = member & (offs_t < T)[:, None] & r_mask[None, :]
-    w_tn = tl.where(shared, 1.0, w_tn)
-    f = (b * BS + n).to(tl.int64)
-    acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
-                    mask=(offs_t < T)[:, None] & k_mask[None, :], other=0.0)
-        w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
-        w_mask = k_mask[:, None] & r_mask[None, :]
-        acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
-    chain_trigger(PDL)
-    # a token that does not use a row's block gets 0 there (even where its x row holds inf or NaN)
-    h = tl.where(member, acc_g * tl.sigmoid(acc_g) * acc_u * w_tn, 0.0)
-    tl.store(H + (b[None, :] * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + n[None, :],
-             h.to(H.dtype.element_ty), mask=r_mask[None, :])
-
-
-@triton.jit
 def _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr):
     """A down-projection program's tokens, columns (program_id(0)) and column mask, the used blocks
@@ -1082,31 +1025,20 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     partials summed by a finish kernel that wrote h) lost everywhere on the H200
     (benchmarks/diag_sparse_decode.py, ratio 0.15, decode kernels): 1 token 27.9 us unsplit vs
     28.9 / 30.9 / 30.9 us at 2 / 4 / 8 slices, 8 tokens 108.2 vs 116.9 / 119.7 / 130.5 us. Removed in
-    session 8 (the code is in git history); the router's logits split (:func:`router_splits`) stays."""
+    session 8 (the code is in git history); the router's logits split (:func:`router_splits`) stays.
+    Nor a flat gate/up grid (session 11: the used blocks' rows in equal runs, one run per SM, instead of
+    one program per (used block, 32-row tile), 70 programs at one token): 29.9 us vs 24.4 us for the two
+    kernels at 1 token, 47.1 vs 37.1 at 2, 89.6 vs 90.7 at 8 (tune_sparse_ffn.py --decode; removed, in git
+    history as commit 3d064ed): the 70-program grid is not held back by the SMs it leaves idle."""
     # H200, session 11 (tune_sparse_ffn.py --decode, 6-8 stages and one down K tile per block tried for the
     # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
-    # programs != 0: the flat gate/up kernel (_sparse_ffn_decode_gate_up_flat_kernel; flat_gate_up_programs)
-    # instead of one program per (used block, neuron tile). Opt-in until timed on the H200.
-    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4, programs=0)
+    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
     # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
     # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
     # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
     # tokens (8 tokens 93.9 vs 108.9 us at block_k 128); with block_k 256 one kernel is as fast (85.8 vs 86.1 us).
     block_k = min(256, max(16, triton.next_power_of_2(block_size)))
     return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=1)}
-
-
-def flat_gate_up_programs(gate_up: dict, max_used: int, block_size: int, device: torch.device) -> int:
-    """Programs of the flat gate/up kernel for a resolved ``gate_up`` setting, or 0 for the per-block
-    kernel: ``programs`` > 0 is a count, < 0 that many per SM (8 SMs assumed off CUDA), 0 off; the flat
-    kernel runs only where every program's run of rows fits its tile whatever the routing
-    (``max_used * block_size <= block_n * programs``)."""
-    programs = int(gate_up.get("programs", 0))
-    if programs < 0:
-        from deepseek_kernels.triton._common import sm_count
-
-        programs = -programs * (sm_count(device) if device.type == "cuda" else 8)
-    return programs if programs > 0 and max_used * block_size <= gate_up["block_n"] * programs else 0
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -1137,10 +1069,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
     block_b = max(2, triton.next_power_of_2(n_blocks))
     max_used = min(n_blocks, shared_blocks + T * K)  # programs past the actual count exit at once
-    programs = flat_gate_up_programs(gu, max_used, BS, x.device)
-    gate_up = _sparse_ffn_decode_gate_up_flat_kernel if programs else _sparse_ffn_decode_gate_up_kernel
-    grid = (programs,) if programs else (max(max_used, 1), triton.cdiv(BS, gu["block_n"]))
-    triton_kernel(gate_up, direct)[grid](
+    triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
