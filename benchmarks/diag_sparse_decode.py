@@ -2,7 +2,7 @@
 kernels, the whole op, next to the dense SwiGLU FFN, each replayed from a CUDA graph with the bench
 harness's timer (several calls per graph, input copies cycled past the L2).
 
-    python benchmarks/diag_sparse_decode.py [--ratio 0.15] [--tokens 1,8] [--out results.json]
+    python benchmarks/diag_sparse_decode.py [--ratio 0.15] [--tokens 1,2,8] [--out results.json]
 
 bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's decode shape).
 """
@@ -22,7 +22,7 @@ from _tuning import kernel_times, print_kernel_times, save_json, sets_for
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--tokens", default="1,2,8")
     ap.add_argument("--out")
     args = ap.parse_args()
     D, F_, NB, dt = 4096, 14336, 64, torch.bfloat16
@@ -65,10 +65,28 @@ def main():
                 for sp in (2, 4, 8)}
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
+            # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
+            t_fused, fused_same = None, None
+            if T <= tk.FUSED_ROUTE_BLOCK_TS:
+                def op(x, wr, wg, wu, wd, *_):
+                    return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio)
+
+                before = tk.FUSED_ROUTE_MAX_T
+                try:
+                    tk.FUSED_ROUTE_MAX_T = 0
+                    plain = [op(*st) for st in sets]
+                    tk.FUSED_ROUTE_MAX_T = tk.FUSED_ROUTE_BLOCK_TS
+                    fused_same = all(torch.equal(op(*st), r) for st, r in zip(sets, plain))
+                    t_fused = time_cuda_graph(op, sets)
+                finally:
+                    tk.FUSED_ROUTE_MAX_T = before
         print(f"    router: default {t_route['ms'] * 1e3:.1f}u, loop ({tk.router_splits(T, D, sets[0][0].device)} splits) "
               f"{t_loop['ms'] * 1e3:.1f}u, one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
               f"rank select 4 / 1 warps {t_rank[4]['ms'] * 1e3:.1f} / {t_rank[1]['ms'] * 1e3:.1f}u "
               f"(same idx as the loop: {same})")
+        if t_fused is not None:
+            print(f"    whole op with the selection fused into gate/up: {t_fused['ms'] * 1e3:.1f}u vs "
+                  f"{t_op['ms'] * 1e3:.1f}u (same bits: {fused_same})")
         print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
               + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
@@ -87,7 +105,8 @@ def main():
                    op_ms=t_op["ms"], dense_ms=t_dense["ms"], router_one_kernel_ms=t_route1["ms"],
                    router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
                    router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
-                   decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()})
+                   decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
+                   op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same)
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -181,6 +181,17 @@ def cases():
                 dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
     out.append(("sparse decode gate/up, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=32, BLOCK_K=256), dict(num_warps=4, num_stages=4)))
+    # the router's selection fused into gate/up (session 11, opt-in FUSED_ROUTE_MAX_T)
+    fused = dict(PART=f32, BIAS=f32, IDX=i32, WOUT=f32, PROBS=f32, X=bf16, WG=bf16, WU=bf16, H=bf16, T=1, D=4096,
+                 BS=224, S=0, NR=64, threshold=0.0, stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, K=10,
+                 SOFTMAX=False, NORMALISE=True, HAS_BIAS=False, HAS_THRESHOLD=False, SPLITS=16, DOT_PRECISION="tf32",
+                 BLOCK_TS=2, BLOCK_NR=64, BLOCK_KS=16, BLOCK_T=16, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"],
+                 BLOCK_B=64)
+    out.append(("sparse decode route + gate/up fused", sf._sparse_ffn_decode_route_gate_up_kernel, fused,
+                dict(num_warps=g["num_warps"], num_stages=g["num_stages"])))
+    out.append(("sparse decode route + gate/up fused, programmatic dependent launch",
+                sf._sparse_ffn_decode_route_gate_up_kernel, dict(fused, PDL=True),
+                dict(num_warps=g["num_warps"], num_stages=g["num_stages"], launch_pdl=True)))
 
     H, D, W, B = 32, 128, 4096, 64
     strides = dict(stride_qt=H * D, stride_qh=D, stride_kt=H * D, stride_kh=D, stride_vt=H * D, stride_vh=D,

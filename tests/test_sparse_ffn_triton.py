@@ -382,6 +382,39 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
+@pytest.mark.parametrize("T,S,gate,weighting,extra,splits", [
+    (1, 0, "sigmoid", "gate", None, 1),
+    (2, 0, "sigmoid", "gate", None, 3),
+    (1, 2, "softmax", "none", "bias", 2),
+    (2, 1, "sigmoid", "gate", "threshold", 4),
+])
+def test_route_decode_fused_matches_route_then_decode(T, S, gate, weighting, extra, splits):
+    """The router's selection fused into the gate/up kernel (sparse_ffn_route_decode): idx, weights,
+    probs and the output are the bits of sparse_ffn_route (rank select, same slices) followed by
+    sparse_ffn_decode, and the reference's result; shared blocks, softmax / sigmoid gates, bias and
+    threshold (some tokens then take fewer blocks: empty slots) included."""
+    D, NR, k = 48, 10, 3
+    F_ = 14 * (NR + S)  # blocks of 14 neurons
+    torch.manual_seed(T * 10 + S)
+    x = torch.randn(T, D)
+    wr = torch.randn(NR, D) / D**0.5
+    wg, wu = torch.randn(F_, D) / 4, torch.randn(F_, D) / 4
+    wd = torch.randn(D, F_) / 8
+    kw = dict(k=k, gate=gate, weighting=weighting,
+              bias=torch.randn(NR) * 0.1 if extra == "bias" else None,
+              threshold=0.5 if extra == "threshold" else None)
+    idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", splits=splits, **kw)
+    want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NR + S)
+    out, idx2, w2, p2 = tk.sparse_ffn_route_decode(x, wr, wg, wu, wd, shared_blocks=S, splits=splits, **kw)
+    assert torch.equal(idx2, idx) and torch.equal(w2, w) and torch.equal(p2, p)
+    assert torch.equal(out, want)
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(),
+                                n_blocks=NR + S, shared_blocks=S)  # the selection itself: test_router_* above
+    assert rel(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="1 to 2 tokens"):
+        tk.sparse_ffn_route_decode(torch.randn(3, D), wr, wg, wu, wd, shared_blocks=S, **kw)
+
+
 def test_decode_gate_up_split_is_rejected():
     """The gate/up split over d_model (removed in session 8: slower at every slice count on the
     H200) is no longer a config key: passing it is an unknown-key error, not silently ignored."""
@@ -579,6 +612,36 @@ def test_decode_on_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(graphed, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_decode_fused_route_on_gpu(T, monkeypatch):
+    """The router's selection fused into the gate/up kernel (FUSED_ROUTE_MAX_T): at the issue's shapes,
+    thirty fresh inputs give the bits of the unfused path (output and routing), eager and graphed."""
+    import deepseek_kernels as dk
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    xs = [torch.randn_like(x) for _ in range(30)]
+
+    def run(v):
+        with torch.no_grad():
+            return dk.gated_sparse_ffn(v, wr, wg, wu, wd, active_ratio=0.15, return_routing=True)
+
+    monkeypatch.setattr(tk, "FUSED_ROUTE_MAX_T", 0)
+    want = [run(v) for v in xs]
+    monkeypatch.setattr(tk, "FUSED_ROUTE_MAX_T", 2)
+    for v, (out, r) in zip(xs, want):
+        got, rg = run(v)
+        assert torch.equal(got, out) and torch.equal(rg.idx, r.idx) and torch.equal(rg.weights, r.weights)
+    static_x = xs[0].clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out, _ = run(static_x)
+    for v, (out, _) in zip(xs, want):
+        static_x.copy_(v)
+        g.replay()
+        assert torch.equal(static_out, out)
 
 
 @pytest.mark.gpu

@@ -134,8 +134,8 @@ def check_route_op_args(x, router_weight, bias, k, gate, weighting) -> None:
         raise ValueError(f"{name}: bias must be float32 [n_routed], got {bias.dtype} {tuple(bias.shape)}")
 
 
-def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks) -> None:
-    name = "sparse_ffn_blocks_fwd"
+def check_block_weights(x, w_gate, w_up, w_down, shared_blocks, n_blocks, name: str = "sparse_ffn_blocks_fwd"):
+    """x [T, d_model] and the FFN weights: dtypes, [d_ff, d_model] / [d_model, d_ff] shapes, n_blocks | d_ff."""
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be [T, d_model], got {tuple(x.shape)}")
     T, D = x.shape
@@ -151,6 +151,12 @@ def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n
                          f"d_model={D}, got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
     if not 0 <= shared_blocks <= n_blocks:
         raise ValueError(f"{name}: shared_blocks must be in [0, n_blocks={n_blocks}], got {shared_blocks}")
+
+
+def check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks) -> None:
+    name = "sparse_ffn_blocks_fwd"
+    check_block_weights(x, w_gate, w_up, w_down, shared_blocks, n_blocks, name)
+    T = x.shape[0]
     if idx.dtype != torch.int32 or idx.dim() != 2 or idx.shape[0] != T or weights.shape != idx.shape:
         raise ValueError(f"{name}: idx must be int32 [T, k] with T={T} and weights [T, k], got {idx.dtype} "
                          f"{tuple(idx.shape)} and {tuple(weights.shape)}")
@@ -430,10 +436,19 @@ def gated_sparse_ffn(
     if not save_act and k > 0 and _eager_decode(x2, router_weight, w_gate, w_up, w_down, bias):
         # decode in a plain eager call: the router and the two decode kernels launched directly
         # (the dispatcher costs more than these kernels); the same kernels the ops run
+        from deepseek_kernels.triton import sparse_ffn as tk
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_decode, sparse_ffn_route
 
         check_route_op_args(x2, router_weight, bias, k, gate, weighting)
         pdl = pdl_enabled(x2, "sparse_decode")
+        if x2.shape[0] <= min(tk.FUSED_ROUTE_MAX_T, tk.FUSED_ROUTE_BLOCK_TS):
+            # the router's selection inside the gate/up kernel: one launch fewer, the same bits
+            check_block_weights(x2, w_gate, w_up, w_down, shared_blocks, n_blocks)
+            out, idx, weights, probs = tk.sparse_ffn_route_decode(
+                x2, router_weight, w_gate, w_up, w_down, k=k, gate=gate, weighting=weighting,
+                shared_blocks=shared_blocks, bias=bias, threshold=threshold, direct=True, pdl=pdl)
+            out = out.reshape(*lead, d_model)
+            return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
         idx, weights, probs = sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
                                                threshold=threshold, direct=True, pdl=pdl)
         check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)

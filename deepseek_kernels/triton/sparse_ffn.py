@@ -119,37 +119,26 @@ def _select_topk_by_rank(p, sel, offs_n, K: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _sparse_ffn_router_kernel(
-    X, WR, BIAS, IDX, WOUT, PROBS, PART,
-    T, D, NR, threshold,
-    stride_xt, stride_xd, stride_wn, stride_wd,
-    K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANK_SELECT: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
-    ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
-    loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
-    ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
-    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
-    chain_wait(PDL)
-    threshold = f32(threshold)
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
-    offs_n = tl.arange(0, BLOCK_NR)
+def _sum_partial_logits(PART, T, offs_t, offs_n, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_NR: tl.constexpr):
+    """The logits of tokens offs_t: the SPLITS partial slices of the split kernel summed in slice order
+    (loads unrolled and independent; deterministic)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :],
+                       mask=(offs_t < T)[:, None], other=0.0)
+    return acc
+
+
+@triton.jit
+def _route_tile(acc, BIAS, NR, threshold, offs_n, K: tl.constexpr, SOFTMAX: tl.constexpr,
+                NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr, RANK_SELECT: tl.constexpr):
+    """Logits [BLOCK_T, BLOCK_NR] -> (probs, idx int32 [BLOCK_T, BLOCK_K] (-1: empty slot), weights):
+    the gate (softmax or sigmoid), the selection score (+ bias, threshold), the top-K (by rank or by
+    K rounds of arg-max, lowest index first among equals) and the weights (gate normalised over the
+    chosen blocks, or 1)."""
     n_mask = offs_n < NR
-    if SPLITS > 0:
-        acc = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            acc += tl.load(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :],
-                           mask=t_mask[:, None], other=0.0)
-    else:
-        acc = _router_logits(X, WR, T, D, NR, 0, D, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
-                             DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
-    chain_trigger(PDL)
     if SOFTMAX:
         logits = tl.where(n_mask[None, :], acc, float("-inf"))
         e = tl.exp(logits - tl.max(logits, 1)[:, None])
@@ -157,8 +146,6 @@ def _sparse_ffn_router_kernel(
     else:
         p = tl.sigmoid(acc)
     p = tl.where(n_mask[None, :], p, 0.0)
-    tl.store(PROBS + offs_t[:, None].to(tl.int64) * NR + offs_n[None, :], p,
-             mask=t_mask[:, None] & n_mask[None, :])
     sel = p
     if HAS_BIAS:
         sel = sel + tl.load(BIAS + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -187,10 +174,50 @@ def _sparse_ffn_router_kernel(
         w_out = g / tl.where(total > 0, total, 1.0)[:, None]
     else:
         w_out = tl.where(idx >= 0, 1.0, 0.0)
+    return p, idx, w_out
+
+
+@triton.jit
+def _store_route(IDX, WOUT, PROBS, p, idx, w_out, T, NR, offs_t, offs_n, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Stores probs [T, NR], idx and weights [T, K] of tokens offs_t."""
+    t_mask = offs_t < T
+    tl.store(PROBS + offs_t[:, None].to(tl.int64) * NR + offs_n[None, :], p,
+             mask=t_mask[:, None] & (offs_n < NR)[None, :])
+    cols = tl.arange(0, BLOCK_K)
     out_off = offs_t[:, None].to(tl.int64) * K + cols[None, :]
     out_mask = t_mask[:, None] & (cols[None, :] < K)
     tl.store(IDX + out_off, idx, mask=out_mask)
     tl.store(WOUT + out_off, w_out, mask=out_mask)
+
+
+@triton.jit
+def _sparse_ffn_router_kernel(
+    X, WR, BIAS, IDX, WOUT, PROBS, PART,
+    T, D, NR, threshold,
+    stride_xt, stride_xd, stride_wn, stride_wd,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
+    RANK_SELECT: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
+    ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
+    loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
+    ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
+    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
+    chain_wait(PDL)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_NR)
+    if SPLITS > 0:
+        acc = _sum_partial_logits(PART, T, offs_t, offs_n, SPLITS, BLOCK_T, BLOCK_NR)
+    else:
+        acc = _router_logits(X, WR, T, D, NR, 0, D, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
+                             DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
+    chain_trigger(PDL)
+    p, idx, w_out = _route_tile(acc, BIAS, NR, f32(threshold), offs_n, K, SOFTMAX, NORMALISE, HAS_BIAS,
+                                HAS_THRESHOLD, BLOCK_T, BLOCK_NR, BLOCK_K, RANK_SELECT)
+    _store_route(IDX, WOUT, PROBS, p, idx, w_out, T, NR, offs_t, offs_n, K, BLOCK_K)
 
 
 ROUTER_MAX_SPLITS = 16
@@ -214,6 +241,30 @@ ROUTER_SELECT = ("auto", "loop", "rank")
 # "auto" takes the rank selection up to this many tokens. H200, session 10 (diag_sparse_decode.py, router
 # only, 64 blocks, 15 % active): T=1 6.4 us rank vs 8.2 loop (16 splits), T=8 6.6 vs 9.0; larger T not timed yet.
 RANK_SELECT_MAX_T = 16
+
+
+def _router_partial_logits(x, router_weight, splits: int, d_per_split: int, block_d: int, block_nr: int,
+                           direct: bool, pdl: bool) -> torch.Tensor:
+    """Launches the split kernel: fp32 partial logits ``[splits, T, block_nr]`` of d_model slices."""
+    T, D = x.shape
+    split_block_t = 16  # the split kernel's token tile (its tl.dot wants >= 16 rows)
+    part = torch.empty(splits, T, block_nr, dtype=torch.float32, device=x.device)
+    triton_kernel(_sparse_ffn_router_split_kernel, direct)[(triton.cdiv(T, split_block_t), splits, block_nr // 16)](
+        x, router_weight, part, T, D, router_weight.shape[0], d_per_split,
+        x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
+        BLOCK_NRS=16, PDL=pdl, num_warps=4, **pdl_option(pdl),
+    )
+    return part
+
+
+def _split_plan(T: int, D: int, device: torch.device, block_t: int, block_d: int, splits: int | None):
+    """(splits, d_per_split) of the router logits: slices of whole BLOCK_D tiles, recounted so that none is empty."""
+    splits = router_splits(T, D, device, block_t, block_d) if splits is None else int(splits)
+    if not 1 <= splits <= ROUTER_MAX_SPLITS:
+        raise ValueError(f"sparse_ffn_route: splits must be in [1, {ROUTER_MAX_SPLITS}], got {splits}")
+    d_per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
+    return triton.cdiv(D, d_per_split), d_per_split
 
 
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
@@ -241,15 +292,9 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     probs = torch.empty(T, NR, dtype=torch.float32, device=x.device)
     if T == 0:
         return idx, weights, probs
-    splits = router_splits(T, D, x.device, block_t or 32, block_d) if splits is None else int(splits)
-    if not 1 <= splits <= ROUTER_MAX_SPLITS:
-        raise ValueError(f"sparse_ffn_route: splits must be in [1, {ROUTER_MAX_SPLITS}], got {splits}")
-    # slices of whole BLOCK_D tiles; recounted so that none is empty
-    d_per_split = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d
-    splits = triton.cdiv(D, d_per_split)
+    splits, d_per_split = _split_plan(T, D, x.device, block_t or 32, block_d, splits)
     rank = select == "rank" or (select == "auto" and T <= RANK_SELECT_MAX_T)
     use_part = splits > 1 or rank  # the logits from the split kernel (one slice is fine)
-    split_block_t = 16  # the split kernel's token tile (its tl.dot wants >= 16 rows)
     block_t = block_t or (2 if rank else 16 if use_part else 32)
     num_warps = num_warps or 4
     block_nr = max(16, triton.next_power_of_2(NR))
@@ -257,13 +302,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     grid = (triton.cdiv(T, block_t),)
     part = probs
     if use_part:
-        part = torch.empty(splits, T, block_nr, dtype=torch.float32, device=x.device)
-        triton_kernel(_sparse_ffn_router_split_kernel, direct)[(triton.cdiv(T, split_block_t), splits, block_nr // 16)](
-            x, router_weight, part, T, D, NR, d_per_split,
-            x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
-            DOT_PRECISION=prec, BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr, BLOCK_NRS=16,
-            PDL=pdl, num_warps=4, **pdl_option(pdl),
-        )
+        part = _router_partial_logits(x, router_weight, splits, d_per_split, block_d, block_nr, direct, pdl)
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
         T, D, NR, float(threshold) if threshold is not None else 0.0,
@@ -883,22 +922,82 @@ def _sparse_ffn_decode_gate_up_kernel(
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
-        f = (b * BS + offs_n).to(tl.int64)
-        acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < D
-            a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
-                        mask=member[:, None] & k_mask[None, :], other=0.0)
-            w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
-        chain_trigger(PDL)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
-        tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
-                 h.to(H.dtype.element_ty), mask=n_mask[None, :])
+        _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, n_mask, D, BS, stride_xt, stride_xd,
+                             stride_wf, stride_wd, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, PDL)
+
+
+@triton.jit
+def _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, n_mask, D, BS, stride_xt, stride_xd,
+                         stride_wf, stride_wd, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """H[b, t, n] = w_t[t] * silu(x[t] . w_gate[b*BS + n]) * (x[t] . w_up[b*BS + n]) for neurons offs_n of
+    block b; tokens that do not use b (``member`` false) read zeros for x and get 0."""
+    f = (b * BS + offs_n).to(tl.int64)
+    acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                    mask=member[:, None] & k_mask[None, :], other=0.0)
+        w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+    chain_trigger(PDL)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
+    tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
+             h.to(H.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _sparse_ffn_decode_route_gate_up_kernel(
+    PART, BIAS, IDX, WOUT, PROBS, X, WG, WU, H,
+    T, D, BS, S, NR, threshold,
+    stride_xt, stride_xd, stride_wf, stride_wd,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_TS: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_KS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """The router's selection and the gate/up projection in one kernel, for T <= BLOCK_TS tokens: every
+    program sums the split kernel's partial logits (PART, a few KB from L2) and selects the top-K by rank
+    itself, so the selecting kernel of :func:`sparse_ffn_route` and its kernel boundary go away. Program
+    (0, 0) stores idx, weights and probs (the down kernel and the caller read them). Then, as
+    :func:`_sparse_ffn_decode_gate_up_kernel`: block b = the program_id(0)-th used block, neurons of
+    program_id(1). The same sums in the same order as the two kernels: the same bits."""
+    chain_wait(PDL)
+    offs_ts = tl.arange(0, BLOCK_TS)
+    offs_r = tl.arange(0, BLOCK_NR)
+    acc = _sum_partial_logits(PART, T, offs_ts, offs_r, SPLITS, BLOCK_TS, BLOCK_NR)
+    p, idx, w_route = _route_tile(acc, BIAS, NR, f32(threshold), offs_r, K, SOFTMAX, NORMALISE, HAS_BIAS,
+                                  HAS_THRESHOLD, BLOCK_TS, BLOCK_NR, BLOCK_KS, True)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        _store_route(IDX, WOUT, PROBS, p, idx, w_route, T, NR, offs_ts, offs_r, K, BLOCK_KS)
+    # the used blocks (shared ones always) from the selection in registers, as _decode_used_blocks
+    cols = tl.arange(0, BLOCK_KS)
+    valid = (offs_ts[:, None] < T) & (cols[None, :] < K) & (idx >= 0)
+    offs_b = tl.arange(0, BLOCK_B)
+    hit = ((idx[:, :, None] + S) == offs_b[None, None, :]) & valid[:, :, None]
+    used = (tl.max(tl.max(hit.to(tl.int32), 1), 0) > 0) | (offs_b < S)
+    used = used & (offs_b < S + NR)
+    rank = tl.cumsum(used.to(tl.int32), 0) - 1
+    j = tl.program_id(0)
+    b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)
+    # each token's weight for block b and whether it uses it, spread onto the BLOCK_T rows of the dot
+    hb = ((idx + S) == b) & valid
+    shared = b < S
+    w_ts = tl.where(shared, 1.0, tl.sum(tl.where(hb, w_route, 0.0), 1))
+    m_ts = ((tl.sum(hb.to(tl.int32), 1) > 0) | shared) & (offs_ts < T)
+    offs_t = tl.arange(0, BLOCK_T)
+    same = offs_t[:, None] == offs_ts[None, :]
+    w_t = tl.sum(tl.where(same, w_ts[None, :], 0.0), 1)
+    member = tl.sum(tl.where(same, m_ts[None, :].to(tl.int32), 0), 1) > 0
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if j < tl.sum(used.to(tl.int32), 0):
+        _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, offs_n < BS, D, BS, stride_xt, stride_xd,
+                             stride_wf, stride_wd, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, PDL)
 
 
 @triton.jit
@@ -1075,6 +1174,17 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
         BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **pdl_option(pdl),
     )
+    return _decode_down(h, w_down, idx, out, shared_blocks, n_blocks, dn, direct, pdl)
+
+
+def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dict, direct: bool, pdl: bool):
+    """The decode's down projection from h [n_blocks, 16, BS] (one kernel, or slices + a finish kernel)."""
+    T, D = out.shape
+    K, BS = idx.shape[1], h.shape[2]
+    block_t = h.shape[1]
+    prec = _dot_precision(out.dtype)
+    block_ks = max(2, triton.next_power_of_2(max(K, 1)))
+    block_b = max(2, triton.next_power_of_2(n_blocks))
     splits = int(dn["splits"])
     if not 1 <= splits <= DECODE_MAX_DOWN_SPLITS:
         raise ValueError(f"sparse_ffn_decode: down splits must be in [1, {DECODE_MAX_DOWN_SPLITS}], got {splits}")
@@ -1087,7 +1197,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
             BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
         )
         return out
-    part = torch.empty(splits, block_t, D, dtype=torch.float32, device=x.device)
+    part = torch.empty(splits, block_t, D, dtype=torch.float32, device=out.device)
     triton_kernel(_sparse_ffn_decode_down_split_kernel, direct)[(triton.cdiv(D, dn["block_n"]), splits)](
         h, w_down, idx, part, T, D, BS, shared_blocks, K, n_blocks, w_down.stride(0), w_down.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
@@ -1100,3 +1210,55 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         **pdl_option(pdl),
     )
     return out
+
+
+# Tokens up to which gated_sparse_ffn's eager decode may fuse the router's selection into the gate/up
+# kernel (sparse_ffn_route_decode): 0 = never. Written in session 11 after the GPU time ran out (interpreter-
+# tested, the same bits as the unfused path); benchmarks/diag_sparse_decode.py times both. If it wins on the
+# H200 (the selecting kernel took ~3-4 us of the 28.3 us one-token decode), set 2.
+FUSED_ROUTE_MAX_T = 0
+FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (the rank select is [T, NR, NR])
+
+
+def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                            w_down: torch.Tensor, *, k: int, gate: str, weighting: str, shared_blocks: int,
+                            bias: torch.Tensor | None = None, threshold: float | None = None, direct: bool = False,
+                            config: dict | None = None, pdl: bool = False, splits: int | None = None):
+    """Router + decode for ``T <= FUSED_ROUTE_BLOCK_TS`` tokens in three launches: the router's split
+    logits kernel, :func:`_sparse_ffn_decode_route_gate_up_kernel` (top-k by rank + gate/up) and the down
+    projection; :func:`sparse_ffn_route` then :func:`sparse_ffn_decode` take four. Returns ``(out, idx,
+    weights, probs)``, the same bits as those two calls (``splits``: as :func:`sparse_ffn_route`'s)."""
+    T, D = x.shape
+    if not 0 < T <= FUSED_ROUTE_BLOCK_TS:
+        raise ValueError(f"sparse_ffn_route_decode: 1 to {FUSED_ROUTE_BLOCK_TS} tokens, got {T}")
+    w_gate, w_up = _same_strides(w_gate, w_up)
+    NR = router_weight.shape[0]
+    n_blocks = NR + shared_blocks
+    BS = w_gate.shape[0] // n_blocks
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS), config)
+    gu = kc["gate_up"]
+    block_d = 64
+    splits, d_per_split = _split_plan(T, D, x.device, 32, block_d, splits)
+    block_nr = max(16, triton.next_power_of_2(NR))
+    part = _router_partial_logits(x, router_weight, splits, d_per_split, block_d, block_nr, direct, pdl)
+    idx = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    probs = torch.empty(T, NR, dtype=torch.float32, device=x.device)
+    block_t = 16
+    h = torch.empty(n_blocks, block_t, BS, dtype=x.dtype, device=x.device)
+    max_used = min(n_blocks, shared_blocks + T * k)
+    triton_kernel(_sparse_ffn_decode_route_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
+        part, bias if bias is not None else probs, idx, weights, probs, x, w_gate, w_up, h,
+        T, D, BS, shared_blocks, NR, float(threshold) if threshold is not None else 0.0,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+        K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
+        HAS_THRESHOLD=threshold is not None, SPLITS=splits, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_TS=FUSED_ROUTE_BLOCK_TS, BLOCK_NR=block_nr, BLOCK_KS=max(2, triton.next_power_of_2(k)),
+        BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
+        BLOCK_B=max(2, triton.next_power_of_2(n_blocks)), PDL=pdl, **launch_options(gu), **pdl_option(pdl),
+    )
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    out = _decode_down(h, w_down, idx, out, shared_blocks, n_blocks, kc["down"], direct, pdl)
+    return out, idx, weights, probs
