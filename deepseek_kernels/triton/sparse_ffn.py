@@ -382,6 +382,26 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
 
 
 @triton.jit
+def _gate_up_dots(X, WG, WU, rows, row_mask, neurons, n_mask, D, stride_xt, stride_xd, stride_wf, stride_wd,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (x[rows] . w_gate[neurons]^T, x[rows] . w_up[neurons]^T) over d_model in BLOCK_K steps; rows
+    outside ``row_mask`` read zeros."""
+    f = neurons.to(tl.int64)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        a = tl.load(X + rows[:, None] * stride_xt + offs_k[None, :] * stride_xd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M: tl.constexpr):
     """Sorted rows of row tile ``pid_m`` (of block ``b < n_blocks``) and which of them belong to b."""
     rows = tl.load(TILE_START + pid_m) + tl.arange(0, BLOCK_M)
@@ -406,18 +426,8 @@ def _sparse_ffn_gate_up_kernel(
         tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < BS
-        f = (b * BS + offs_n).to(tl.int64)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < D
-            a = tl.load(X + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd,
-                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+        acc_g, acc_u = _gate_up_dots(X, WG, WU, tok, r_mask, b * BS + offs_n, n_mask, D, stride_xt, stride_xd,
+                                     stride_wf, stride_wd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         out_mask = r_mask[:, None] & n_mask[None, :]
         rows64 = rows.to(tl.int64)
@@ -932,18 +942,8 @@ def _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, n_mask, D
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """H[b, t, n] = w_t[t] * silu(x[t] . w_gate[b*BS + n]) * (x[t] . w_up[b*BS + n]) for neurons offs_n of
     block b; tokens that do not use b (``member`` false) read zeros for x and get 0."""
-    f = (b * BS + offs_n).to(tl.int64)
-    acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        a = tl.load(X + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xd,
-                    mask=member[:, None] & k_mask[None, :], other=0.0)
-        w_off = f[None, :] * stride_wf + offs_k[:, None] * stride_wd
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_g = tl.dot(a, tl.load(WG + w_off, mask=w_mask, other=0.0), acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, tl.load(WU + w_off, mask=w_mask, other=0.0), acc_u, input_precision=DOT_PRECISION)
+    acc_g, acc_u = _gate_up_dots(X, WG, WU, offs_t, member, b * BS + offs_n, n_mask, D, stride_xt, stride_xd,
+                                 stride_wf, stride_wd, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K)
     chain_trigger(PDL)
     h = acc_g * tl.sigmoid(acc_g) * acc_u * w_t[:, None]
     tl.store(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_n[None, :],
