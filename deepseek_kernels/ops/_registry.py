@@ -122,11 +122,12 @@ PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
 
 def pdl_enabled(x: torch.Tensor, chain: str) -> bool:
     """Whether an eager decode chain launches its kernels as programmatic dependent launches (Hopper's
-    griddepcontrol: each kernel waits for the one before it at its start, then lets the next one
-    launch, so the next kernel's programs are resident before this one ends: a launch gap hidden
-    per kernel boundary). ``chain``: ``"int8_linear"`` (quantize -> GEMM) or ``"sparse_decode"`` (router
+    griddepcontrol: each kernel waits for the one before it at its start and lets the next one launch
+    early, at its start (int8_linear) or after its main loop (sparse decode: ``_common.chain_trigger``),
+    so the next kernel's programs are resident before this one ends: a launch gap hidden per kernel
+    boundary). ``chain``: ``"int8_linear"`` (quantize -> GEMM) or ``"sparse_decode"`` (router
     -> gate/up -> down). ``DSK_PDL``: ``auto`` (default: the chains in :data:`AUTO_PDL_CHAINS`, measured
-    faster), ``1`` (every chain), ``0`` (none); read once (:func:`refresh_pdl` rereads;
+    faster; today every chain), ``1`` (every chain), ``0`` (none); read once (:func:`refresh_pdl` rereads;
     :func:`programmatic_launches` overrides it in a block). Needs compute capability 9.0+ and a CUDA
     tensor. The same bits either way."""
     if chain not in PDL_CHAINS:
