@@ -6,9 +6,11 @@ import torch
 
 from deepseek_kernels.bench.harness import (
     Case,
+    ClockSampler,
     Impl,
     clock_limited_rounds,
     clock_state,
+    round_clock_summary,
     run_case,
     summarize,
     time_cuda,
@@ -63,6 +65,37 @@ def test_sustained_rounds_run_each_side_before_its_timing():
     assert log == [("sustain", "a"), ("timed", "a"), ("sustain", "b"), ("timed", "b"),
                    ("sustain", "b"), ("timed", "b"), ("sustain", "a"), ("timed", "a")]
     assert calls["a"] >= 2 * 16 and calls["b"] >= 2 * 16
+
+
+def test_clock_sampler_records_each_round_while_it_runs():
+    """With a sampler, every timing round is wrapped in a ClockSampler whose background thread reads the
+    probe while the round runs; each side's rows carry per-round min / mean clock, peak power and the
+    fraction of samples under a limit, and the summary line names them."""
+    import time as _time
+
+    clock = {"mhz": 1980}
+
+    def probe():
+        return {"sm_mhz": clock["mhz"], "power_w": 300.0 if clock["mhz"] > 1800 else 699.0,
+                "limits": [] if clock["mhz"] > 1800 else ["sw_power_cap"]}
+
+    def fake_timer(fn, input_sets, *, reps, **kw):
+        clock["mhz"] = fn()
+        _time.sleep(0.03)  # the round: the sampler must see it
+        return summarize([1.0] * reps)
+
+    out = time_interleaved({"ours": lambda: 1500, "baseline": lambda: 1980}, [()], reps=4, rounds=2,
+                           timer=fake_timer, sampler=lambda: ClockSampler(probe, interval_s=0.002))
+    ours, base = out["ours"]["round_clocks"], out["baseline"]["round_clocks"]
+    assert len(ours) == len(base) == 2
+    assert all(c["samples"] >= 3 for c in ours + base)
+    # the first samples of a round may still see the clock the previous round left: the minimum holds
+    assert all(c["sm_mhz_min"] == 1500 and c["limited_fraction"] > 0.5 for c in ours)
+    assert all(c["sm_mhz_mean"] > 1800 and c["power_w_max"] >= 300.0 for c in base)
+    line = round_clock_summary({"ours_round_clocks": ours, "baseline_round_clocks": base})
+    assert line[0].startswith("ours 1500/") and "power max 699.0 W" in line[0]
+    assert ClockSampler(lambda: None).__enter__().__exit__(None, None, None) is False
+    assert round_clock_summary({"ours_round_clocks": [None]}) == []
 
 
 def test_rounds_record_the_probe_and_flag_clock_limits():

@@ -96,6 +96,12 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
             print("clock limits at the end of timing rounds (NVML; the times of those rounds ran slower clocks):")
             for c, lim in limited:
                 print(f"  {c}: " + "; ".join(lim))
+        sampled = [(r["case"], harness.round_clock_summary(r)) for r in rows]
+        sampled = [(c, cl) for c, cl in sampled if cl]
+        if sampled:
+            print("SM clock during the timing rounds (min/mean per round, NVML sampled every 2 ms):")
+            for c, cl in sampled:
+                print(f"  {c}: " + "; ".join(cl))
         if errors:
             failed = True
             print(f"!! {name}: {len(errors)} case(s) failed (their rows carry the error):\n  "

@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -57,6 +58,9 @@ class Case:
     # own sustained (power-limited) steady state rather than in the short alternating bursts of the
     # default, whose clocks carry over from whatever ran just before (see time_interleaved).
     sustain_s: float = 0.0
+    # Sample the GPU's clock and power in a background thread *during* every timing round (ClockSampler):
+    # for compute-bound rows near the power limit, where the state after a round says little about it.
+    sample_clocks: bool = False
 
 
 def compiled_baseline(fn: Callable) -> Callable:
@@ -206,9 +210,49 @@ def sustain(fn: Callable, input_sets: list[tuple], seconds: float) -> int:
     return calls
 
 
+class ClockSampler:
+    """``with ClockSampler() as c: ...`` samples ``probe()`` (default :func:`clock_state`) every
+    ``interval_s`` in a background thread while the block runs; :meth:`summary` gives the SM clock's
+    minimum and mean, the peak power and the fraction of samples under a clock limit (None without
+    samples). Session 11: at the H200's 700 W cap the int8 suite's burst rows depended on what ran
+    before them, and NVML read after a round (GPU idle again) showed near-boost clocks."""
+
+    def __init__(self, probe: Callable[[], dict | None] | None = None, interval_s: float = 0.002):
+        self.probe = probe or clock_state
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            st = self.probe()
+            if st:
+                self.samples.append(st)
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def summary(self) -> dict | None:
+        if not self.samples:
+            return None
+        mhz = [st["sm_mhz"] for st in self.samples]
+        return {"samples": len(mhz), "sm_mhz_min": min(mhz), "sm_mhz_mean": round(statistics.fmean(mhz)),
+                "power_w_max": max(st["power_w"] for st in self.samples),
+                "limited_fraction": round(sum(bool(st["limits"]) for st in self.samples) / len(mhz), 3)}
+
+
 def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
                      rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda,
-                     probe: Callable[[], dict | None] | None = None, sustain_s: float = 0.0) -> dict[str, dict]:
+                     probe: Callable[[], dict | None] | None = None, sustain_s: float = 0.0,
+                     sampler: Callable[[], ClockSampler] | None = None) -> dict[str, dict]:
     """Times every implementation in ``rounds`` alternating chunks of ``reps / rounds`` calls
     (order reversed every other round: A B, B A, A B, ...) and pools each one's samples. A clock or
     power state that drifts during a case (e.g. after the previous case's large GEMMs) then weighs on
@@ -216,19 +260,26 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
     round, one call after that. Returns ``{name: summary}`` with the per-round medians added, and
     with ``probe`` (e.g. :func:`clock_state`) what it returned right after each round (``round_state``).
     ``sustain_s`` > 0: each side first runs back to back for that long in every round (:func:`sustain`),
-    so both are timed at their own steady state under the GPU's power limit."""
+    so both are timed at their own steady state under the GPU's power limit. ``sampler``: a
+    :class:`ClockSampler` factory run around every timing (``round_clocks``: its summary per round)."""
     names = list(impls)
     per = max(1, -(-reps // rounds))
     samples = {n: [] for n in names}
     round_ms = {n: [] for n in names}
     round_state = {n: [] for n in names}
+    round_clocks = {n: [] for n in names}
     extra = {}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             kw = {} if r == 0 else {"warmup": 1}
             if sustain_s > 0:
                 sustain(impls[n], input_sets, sustain_s)
-            t = timer(impls[n], input_sets, reps=per, **kw)
+            if sampler is not None:
+                with sampler() as clocks:
+                    t = timer(impls[n], input_sets, reps=per, **kw)
+                round_clocks[n].append(clocks.summary())
+            else:
+                t = timer(impls[n], input_sets, reps=per, **kw)
             samples[n] += t["samples_ms"]
             round_ms[n].append(t["ms"])
             if probe is not None:
@@ -236,6 +287,8 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
             extra[n] = {k: v for k, v in t.items() if k in ("calls_per_replay", "calls_per_sample")}
             if probe is not None:
                 extra[n]["round_state"] = round_state[n]
+            if sampler is not None:
+                extra[n]["round_clocks"] = round_clocks[n]
     return {n: {**summarize(samples[n]), "round_ms": round_ms[n], **extra[n]} for n in names}
 
 
@@ -253,14 +306,14 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
     impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
     times = time_interleaved({role: impl.fn for role, impl in impls.items()}, input_sets, reps=reps, rounds=rounds,
                              timer=time_cuda_graph if case.graph else time_cuda, probe=clock_state,
-                             sustain_s=case.sustain_s)
+                             sustain_s=case.sustain_s, sampler=ClockSampler if case.sample_clocks else None)
     for role, impl in impls.items():
         t = times[role]
         row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")
         row[f"{role}_round_ms"] = t["round_ms"]
         row[f"{role}_ms"] = t["ms"]
         row[f"{role}_ms_p20"], row[f"{role}_ms_p80"] = t["ms_p20"], t["ms_p80"]
-        for key in ("calls_per_replay", "calls_per_sample", "round_state"):
+        for key in ("calls_per_replay", "calls_per_sample", "round_state", "round_clocks"):
             if key in t:
                 row[f"{role}_{key}"] = t[key]
         if case.bytes:
@@ -329,6 +382,17 @@ def clock_state(index: int = 0) -> dict | None:
                 "limits": [name for bit, name in CLOCK_LIMITS.items() if bits & bit]}
     except Exception:
         return None
+
+
+def round_clock_summary(row: dict) -> list[str]:
+    """``role: SM MHz min / mean per round`` for a row timed with a ClockSampler (empty otherwise)."""
+    out = []
+    for role in ("ours", "baseline"):
+        rounds = [c for c in row.get(f"{role}_round_clocks") or [] if c]
+        if rounds:
+            out.append(f"{role} " + ", ".join(f"{c['sm_mhz_min']}/{c['sm_mhz_mean']} MHz" for c in rounds)
+                       + f" (power max {max(c['power_w_max'] for c in rounds)} W)")
+    return out
 
 
 def clock_limited_rounds(row: dict) -> list[str]:

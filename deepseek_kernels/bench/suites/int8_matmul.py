@@ -72,6 +72,7 @@ def cases(quick: bool = False) -> list[Case]:
             params={"M": M, "N": N, "K": K, "baseline": base},
             check=_check,
             graph=graph,
+            sample_clocks=M >= 8192,
         ))
     if not quick:
         out += _sustained_cases()
@@ -99,6 +100,7 @@ def _sustained_cases() -> list[Case]:
             params={"M": M, "N": N, "K": K, "baseline": "bf16"},
             check=_check,
             sustain_s=SUSTAIN_S,
+            sample_clocks=True,
         ))
     return out
 
