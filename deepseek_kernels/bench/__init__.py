@@ -37,6 +37,16 @@ def select_cases(cases: list[Case], pattern: "re.Pattern | str") -> list[Case]:
     return [c for c in cases if pattern.search(c.name)]
 
 
+def _print_row_notes(title: str, rows: list[dict], notes) -> None:
+    """Prints ``title`` and one line per row for which ``notes(row)`` lists something."""
+    noted = [(r["case"], notes(r)) for r in rows]
+    noted = [(case, lines) for case, lines in noted if lines]
+    if noted:
+        print(title)
+        for case, lines in noted:
+            print(f"  {case}: " + "; ".join(lines))
+
+
 def run_suites(names: list[str] | None = None, *, out: str | None = None, quick: bool = False,
                reps: int = 30, make_plot: bool = True, case_filter: str | None = None) -> int:
     """Runs the named suites (all when None). Returns a process exit code. ``case_filter``: a regular
@@ -90,18 +100,10 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         telemetry_after = harness.gpu_telemetry()
         print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)})")
         print(report.format_table(rows))
-        limited = [(r["case"], harness.clock_limited_rounds(r)) for r in rows]
-        limited = [(c, lim) for c, lim in limited if lim]
-        if limited:
-            print("clock limits at the end of timing rounds (NVML; the times of those rounds ran slower clocks):")
-            for c, lim in limited:
-                print(f"  {c}: " + "; ".join(lim))
-        sampled = [(r["case"], harness.round_clock_summary(r)) for r in rows]
-        sampled = [(c, cl) for c, cl in sampled if cl]
-        if sampled:
-            print("SM clock during the timing rounds (min/mean per round, NVML sampled every 2 ms):")
-            for c, cl in sampled:
-                print(f"  {c}: " + "; ".join(cl))
+        _print_row_notes("clock limits at the end of timing rounds (NVML; the times of those rounds ran slower "
+                         "clocks):", rows, harness.clock_limited_rounds)
+        _print_row_notes("SM clock during the timing rounds (min/mean per round, NVML sampled every 2 ms):", rows,
+                         harness.round_clock_summary)
         if errors:
             failed = True
             print(f"!! {name}: {len(errors)} case(s) failed (their rows carry the error):\n  "
