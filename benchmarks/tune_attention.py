@@ -24,6 +24,9 @@ from _tuning import save_json  # benchmarks/ is on sys.path when a script in it 
 FWD = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if not (c[0] == 64 and c[2] == 8)]
 DKDV = [c for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (1, 2, 3)) if c[0] <= c[1]]
 DQ = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)) if c[1] <= c[0]]
+# the warp-specialized forward (session 11): Triton 3.6 specializes its loop at 4 warps only; shared memory
+# (AOT): 128x64 131 KB at 2 stages, 164 KB at 3; 128x128 197 KB at 2
+WS_FWD = [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 128, 4, 2), (64, 128, 4, 2)]
 # the neighbourhood of the winners of a full sweep on the H200 (default; --full sweeps the grids above)
 FOCUS = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 4, 2)],
@@ -70,6 +73,8 @@ def main():
     ap.add_argument("--full", action="store_true", help="sweep the whole grids, not the focus lists")
     ap.add_argument("--shapes", default="8192,4,1024,32,32;8192,4,4096,32,32")
     ap.add_argument("--tma", action="store_true", help="also time the forward with TMA descriptor loads (fwd-tma)")
+    ap.add_argument("--ws", action="store_true",
+                    help="also time the warp-specialized one-loop forward (fwd-ws, 4 warps: window_attention_fwd(ws=True))")
     ap.add_argument("--fwd-only", action="store_true", help="skip the backward kernels")
     args = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -104,6 +109,9 @@ def main():
         if args.tma:
             rows += sweep("fwd-tma", pick("fwd", FWD),
                           lambda c: wa.window_attention_fwd(q, k, v, window=W, config=c, tma=True), (out, lse), f_fwd)
+        if args.ws:
+            rows += sweep("fwd-ws", WS_FWD,
+                          lambda c: wa.window_attention_fwd(q, k, v, window=W, config=c, ws=True), (out, lse), f_fwd)
         if args.fwd_only:
             results.append({"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D, "flex_fwd_ms": fl_fwd,
                             "flex_bwd_ms": fl_bwd, "rows": rows})

@@ -5,7 +5,8 @@ in code paths the CPU tests never compile.
     python scripts/aot_compile_check.py [--arch 90] [--only NAME ...]
 
 Each entry below is a kernel with example arguments (a tensor stands for its pointer type, ints
-for i32, floats for fp32, constexpr parameters take their value) and launch options. Prints one
+for i32, floats for fp32, constexpr parameters take their value) and launch options, optionally
+followed by strings its PTX must contain (e.g. ``setmaxnreg``: warp specialization took effect). Prints one
 line per kernel and exits non-zero if any fails. With another Triton on PYTHONPATH (e.g. the
 H200's 3.6: ``pip install --target DIR triton==3.6.0``) it checks against that version.
 """
@@ -241,6 +242,17 @@ def cases():
     desc = f"tensordesc<bf16[{bn}, {D}]>"
     out.append(("window attention fwd, TMA loads (experiment)", wa._window_attn_fwd_kernel,
                 dict(wfwd, K_DESC=desc, V_DESC=desc, USE_TMA=True), dict(num_warps=w, num_stages=st)))
+    # the one-loop warp-specialized forward (session 11, ws=True): the PTX must carry setmaxnreg (the
+    # specialization applied; Triton falls back to a plain loop silently otherwise)
+    bm, bn, w, st = wa.WS_FWD_CONFIG
+    desc = f"tensordesc<bf16[{bn}, {D}]>"
+    wsfwd = {k: v for k, v in wfwd.items() if k not in ("Q", "K", "V", "stride_qt", "stride_qh", "stride_kt",
+                                                       "stride_kh", "stride_vt", "stride_vh", "BLOCK_D", "USE_TMA")}
+    wsfwd["Q_DESC"] = f"tensordesc<bf16[{bm}, {D}]>"
+    for causal in (True, False):
+        out.append((f"window attention fwd, warp-specialized one loop, causal={causal}", wa._window_attn_fwd_ws_kernel,
+                    dict(wsfwd, K_DESC=desc, V_DESC=desc, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, WARP_SPECIALIZE=True),
+                    dict(num_warps=w, num_stages=st), "setmaxnreg"))
     out.append(("attention bwd delta", wa._bwd_delta_kernel,
                 dict(O=bf16, DO=bf16, DELTA=f32, T=131072, stride_ot=H * D, stride_oh=D, stride_dot=H * D,
                      stride_doh=D, stride_lh=131072, HEAD_DIM=D, BLOCK_T=64, BLOCK_D=D), dict(num_warps=4)))
@@ -310,7 +322,7 @@ def main() -> int:
     args = ap.parse_args()
     print(f"Triton {triton.__version__}, target sm_{args.arch}")
     failed = 0
-    for name, fn, kwargs, options in cases():
+    for name, fn, kwargs, options, *ptx_needs in cases():
         if args.only and not any(s in name for s in args.only):
             continue
         t0 = time.perf_counter()
@@ -319,6 +331,9 @@ def main() -> int:
             shared = kernel.metadata.shared
             if shared > args.max_shared:
                 raise RuntimeError(f"needs {shared} B of shared memory, more than the {args.max_shared} B a block gets")
+            missing = [needle for needle in ptx_needs if needle not in kernel.asm["ptx"]]
+            if missing:
+                raise RuntimeError(f"the PTX lacks {missing}")
             usage = f", {ptxas_usage(kernel, args.arch)}" if args.usage else ""
             print(f"  ok    {name:<48} {time.perf_counter() - t0:5.1f} s  shared {shared} B{usage}")
         except Exception as e:  # report every kernel, not just the first failure

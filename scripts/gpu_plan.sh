@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -91,6 +91,11 @@ case "$step" in
   tune-attn-tma)
     timeout 560 "$PY" benchmarks/tune_attention.py --tma --fwd-only --shapes "8192,4,4096,32,32" \
       --out "$OUT/tune_attention_tma.json" ;;
+  tune-attn-ws)  # issue 3: the warp-specialized one-loop forward (ws=True), its GPU test first
+    timeout 150 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --tb=short tests/test_window_attention_triton.py \
+      -k "warp_specialized or tma"
+    timeout 400 "$PY" benchmarks/tune_attention.py --ws --fwd-only --shapes "8192,4,4096,32,32;8192,4,1024,32,32;32768,1,4096,32,8" \
+      --out "$OUT/tune_attention_ws.json" ;;
   tune-sparse)
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
   tune-sparse-decode)
@@ -165,6 +170,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-pdl|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-pdl|int8-power|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

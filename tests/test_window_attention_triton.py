@@ -104,6 +104,45 @@ def test_tma_forward_matches_the_pointer_forward(causal):
     assert not _tma_ok(k[:, :, :15], v[:, :, :15], 15, 16)  # a padded head dim takes the pointer path
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "symmetric"])
+@pytest.mark.parametrize("window,sinks", [(6, 2), (1, 0), (64, 3)])
+def test_warp_specialized_forward_matches_the_pointer_forward(causal, window, sinks):
+    """The one-loop warp-specialized forward (experimental ``ws=True``: sink and window tiles in one masked
+    loop, K/V through TMA descriptors) gives the four-loop kernel's output and LSE on packed varlen input
+    with GQA (empty and length-1 sequences, a window wider than every sequence, window 1), and a NaN in a
+    neighbour sequence's values stays out."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from deepseek_kernels.ops._registry import interpreting
+    from deepseek_kernels.triton.window_attention import _tma_ok
+
+    if not (interpreting() or dev == "cuda"):
+        pytest.skip("needs the Triton kernels")
+    lens = [21, 0, 1, 40, 9]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    T = int(cu[-1])
+    dt = torch.float16
+    q, k, v = (torch.randn(T, h, 16, device=dev).to(dt) for h in (4, 2, 2))
+    if dev == "cuda" and not _tma_ok(k, v, 16, 16):
+        pytest.skip("TMA needs compute capability 9+")
+    v[21 + 1 + 5] = float("nan")  # inside sequence 3, which other sequences' edge tiles read
+    kw = dict(window=window, sinks=sinks, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, config=(16, 16, 4, 1))
+    want, want_lse = window_attention_fwd(q, k, v, **kw)
+    got, got_lse = window_attention_fwd(q, k, v, ws=True, **kw)
+    seq_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+    clean = seq_of != 3
+    assert torch.isfinite(got[clean]).all()
+    torch.testing.assert_close(got[clean], want[clean], rtol=0, atol=0 if dev == "cpu" else 2e-3)
+    torch.testing.assert_close(got_lse, want_lse, rtol=0, atol=0 if dev == "cpu" else 1e-3, equal_nan=True)
+    ref = window_attention_ref(q.float(), k.float(), v.float(), window=window, sinks=sinks, causal=causal,
+                               cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert rel(got[clean].float(), ref[clean]) < 2e-3
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8):
+        with pytest.raises(ValueError, match="does not compile with Triton"):
+            window_attention_fwd(q, k, v, ws=True, **{**kw, "config": (128, 16, 4, 1)})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128, 80])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -178,6 +178,70 @@ def _window_attn_fwd_kernel(
         tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
 
 
+@triton.jit
+def _window_attn_fwd_ws_kernel(
+    Q_DESC, O, LSE, cu_q, cu_k, K_DESC, V_DESC,
+    stride_ot, stride_oh, stride_lh,
+    qk_scale, window, sinks, HQ, REP,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """:func:`_window_attn_fwd_kernel` with K/V tiles through TMA descriptors and all key tiles of a query
+    tile (sinks, then the window) in ONE loop, masked throughout, so Triton's warp specialization applies
+    (a producer warp issuing the TMA loads, the consumer warpgroup doing the dots and the softmax). Triton
+    3.6 specializes this loop at num_warps=4 (setmaxnreg in the PTX) when Q comes through a descriptor too;
+    its pass fails on the four-loop kernel (sinks / edge / mask-free interior / diagonal), on one interior
+    loop among other loops, and when Q is a pointer load (session 11, AOT compiles for sm_90). Rows of the
+    Q tile past the sequence hold the next sequence's queries: computed, never stored. Experimental
+    (``window_attention_fwd(ws=True)``) until timed."""
+    qk_scale = f32(qk_scale)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // REP
+    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
+    m0 = pid_m * BLOCK_M
+    if m0 < q_len:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_mask = offs_m < q_len
+        q = Q_DESC.load([q_start + m0, h * HEAD_DIM])
+        pos = offs_m + (k_len - q_len)
+        sink_end, start, _full_lo, _full_hi, end = _key_ranges(m0, q_len, k_len, window, sinks, CAUSAL,
+                                                               BLOCK_M, BLOCK_N)
+        n_sink = tl.cdiv(sink_end, BLOCK_N)  # sink tiles end at or before `start` (a multiple of BLOCK_N)
+        n_tiles = n_sink + tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        kv_col = kvh * HEAD_DIM
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for i in tl.range(0, n_tiles, warp_specialize=WARP_SPECIALIZE):
+            start_n = tl.where(i < n_sink, i * BLOCK_N, start + (i - n_sink) * BLOCK_N)
+            offs_n = start_n + offs_n0
+            n_mask = offs_n < k_len
+            k = tl.trans(K_DESC.load([k_start + start_n, kv_col]))
+            s = tl.dot(q, k, input_precision=PREC) * qk_scale
+            vis = _visible(pos[:, None], offs_n[None, :], window, sinks, CAUSAL) & n_mask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # rows past the sequence hold the next sequence's values: kept out of the sum (NaN included)
+            v = tl.where(n_mask[:, None], V_DESC.load([k_start + start_n, kv_col]), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=m_mask[:, None])
+        tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
+
+
 def _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """Dense ``[B, S, H, D]`` or packed ``[T, H, D]`` inputs -> packed views + cu_seqlens + max lengths."""
     if cu_seqlens_q is None:
@@ -215,6 +279,10 @@ BWD_DKDV_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}
 BWD_DQ_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
 BWD_FUSED_CONFIG = {64: (64, 128, 8, 1), 128: (64, 128, 8, 1)}  # dK/dV + atomic dQ: not yet tuned
 SMALL_CONFIG = (64, 64, 4, 2)  # head dims other than 64/128, and the Triton interpreter
+# The warp-specialized forward (experimental, ws=True): 4 warps (Triton 3.6 specializes at 4, not at 8).
+# 64-row query tiles: Triton 3.8 splits a 128-row tile across consumer groups but not its TMA descriptor
+# and fails to compile it (3.6, the H200's, compiles 128; the tuner tries both). AOT-compiled, not yet timed.
+WS_FWD_CONFIG = (64, 64, 4, 2)
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
@@ -243,13 +311,16 @@ def _config(table: dict, block_d: int, dtype: torch.dtype, override):
 
 def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
-                         max_seqlen_q: int | None = None, config: tuple | None = None, tma: bool | None = None):
+                         max_seqlen_q: int | None = None, config: tuple | None = None, tma: bool | None = None,
+                         ws: bool | None = None):
     """Forward pass. Dense ``q [B, Sq, Hq, D]`` / ``k, v [B, Sk, Hkv, D]`` or packed ``[T, H, D]``
     with ``cu_seqlens_*``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, Sq]`` (dense) or
     ``[Hq, T]`` (packed), float32. ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)``
     overrides the tuned launch shape. ``tma``: load K and V tiles through TMA tensor descriptors
     (Hopper+; experimental, off by default until measured: ``benchmarks/tune_attention.py --tma``);
-    ignored where the layout does not allow it (see :func:`_tma_ok`)."""
+    ignored where the layout does not allow it (see :func:`_tma_ok`). ``ws``: the warp-specialized
+    one-loop kernel (:func:`_window_attn_fwd_ws_kernel`; TMA layouts only, experimental: its default
+    launch shape is WS_FWD_CONFIG, ``config`` overrides it; 4 warps for the specialization)."""
     dense = cu_seqlens_q is None
     qp, kp, vp, cu_q, cu_k, max_q, _ = _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None)
     qp, kp, vp = _unit_stride(qp, kp, vp)
@@ -262,7 +333,16 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     table = FWD_WIDE_CONFIG if window >= FWD_WIDE_WINDOW else FWD_CONFIG
     block_m, block_n, warps, stages = _config(table, block_d, q.dtype, config)
     grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
-    use_tma = bool(tma) and _tma_ok(kp, vp, D, block_d)
+    use_ws = bool(ws) and _tma_ok(kp, vp, D, block_d) and _tma_ok(qp, qp, D, block_d)
+    if use_ws:
+        block_m, block_n, warps, stages = config or WS_FWD_CONFIG
+        version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+        if block_m > 64 and version >= (3, 8):
+            raise ValueError(f"window_attention_fwd(ws=True): a {block_m}-row query tile does not compile with "
+                             f"Triton {triton.__version__}'s warp specialization (it splits the tile but not its TMA "
+                             f"descriptor); use config=(64, ...) or Triton 3.6")
+        grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
+    use_tma = (bool(tma) or use_ws) and _tma_ok(kp, vp, D, block_d)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -271,14 +351,26 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
         v_desc = TensorDescriptor.from_tensor(vp.view(Tk, Hkv * D), [block_n, D])
     else:
         k_desc, v_desc = kp, vp  # unused
-    torch.library.wrap_triton(_window_attn_fwd_kernel)[grid](
-        qp, kp, vp, out, lse, cu_q, cu_k, k_desc, v_desc,
-        qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        scale * LOG2E, window, sinks, Hq, Hq // kp.shape[1],
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_precision(q),
-        USE_TMA=use_tma, num_warps=warps, num_stages=stages,
-    )
+    if use_ws:
+        from deepseek_kernels.ops._registry import interpreting
+
+        q_desc = TensorDescriptor.from_tensor(qp.view(T, Hq * D), [block_m, D])
+        torch.library.wrap_triton(_window_attn_fwd_ws_kernel)[grid](
+            q_desc, out, lse, cu_q, cu_k, k_desc, v_desc,
+            out.stride(0), out.stride(1), lse.stride(0),
+            scale * LOG2E, window, sinks, Hq, Hq // kp.shape[1],
+            HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, PREC=_precision(q),
+            WARP_SPECIALIZE=not interpreting(), num_warps=warps, num_stages=stages,
+        )
+    else:
+        torch.library.wrap_triton(_window_attn_fwd_kernel)[grid](
+            qp, kp, vp, out, lse, cu_q, cu_k, k_desc, v_desc,
+            qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            scale * LOG2E, window, sinks, Hq, Hq // kp.shape[1],
+            HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=_precision(q),
+            USE_TMA=use_tma, num_warps=warps, num_stages=stages,
+        )
     if dense:
         B, Sq = q.shape[0], q.shape[1]
         return out.reshape(q.shape), lse.reshape(Hq, B, Sq).transpose(0, 1)
