@@ -122,6 +122,27 @@ def _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, k_desc, v_desc, k_row0, kv
 
 
 @triton.jit
+def _query_program(cu_q, cu_k, HQ, REP, BLOCK_M: tl.constexpr):
+    """A (query tile, query head) program's head, KV head, its sequence's bounds and its first query row."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
+    return h, h // REP, q_start, q_len, k_start, k_len, tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
+def _fwd_finish(acc, l_i, m_i, O, LSE, q_start, offs_m, offs_d, h, stride_ot, stride_oh, stride_lh, io_mask, m_mask):
+    """out = acc / l and lse (natural log; -inf for a row that saw no key) stored for the tile's rows."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
 def _window_attn_fwd_kernel(
     Q, K, V, O, LSE, cu_q, cu_k, K_DESC, V_DESC,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -130,13 +151,7 @@ def _window_attn_fwd_kernel(
     BLOCK_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     qk_scale = f32(qk_scale)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    kvh = h // REP
-    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
-    m0 = pid_m * BLOCK_M
+    h, kvh, q_start, q_len, k_start, k_len, m0 = _query_program(cu_q, cu_k, HQ, REP, BLOCK_M)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -170,12 +185,7 @@ def _window_attn_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, pos, k_ptrs, v_ptrs, K_DESC, V_DESC, k_start, kv_col, k_len,
                                    full_hi, end, stride_kt, stride_vt,
                                    qk_scale, window, sinks, CAUSAL, True, BLOCK_N, PREC, USE_TMA)
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=io_mask)
-        tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
+        _fwd_finish(acc, l_i, m_i, O, LSE, q_start, offs_m, offs_d, h, stride_ot, stride_oh, stride_lh, io_mask, m_mask)
 
 
 @triton.jit
@@ -195,13 +205,7 @@ def _window_attn_fwd_ws_kernel(
     Q tile past the sequence hold the next sequence's queries: computed, never stored. Experimental
     (``window_attention_fwd(ws=True)``) until timed."""
     qk_scale = f32(qk_scale)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    kvh = h // REP
-    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
-    m0 = pid_m * BLOCK_M
+    h, kvh, q_start, q_len, k_start, k_len, m0 = _query_program(cu_q, cu_k, HQ, REP, BLOCK_M)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -234,12 +238,8 @@ def _window_attn_fwd_ws_kernel(
             v = tl.where(n_mask[:, None], V_DESC.load([k_start + start_n, kv_col]), 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(O + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=m_mask[:, None])
-        tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=m_mask)
+        _fwd_finish(acc, l_i, m_i, O, LSE, q_start, offs_m, offs_d, h, stride_ot, stride_oh, stride_lh, m_mask[:, None],
+                    m_mask)
 
 
 def _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -560,13 +560,7 @@ def _window_attn_bwd_dq(
 ):
     sm_scale = f32(sm_scale)
     qk_scale = f32(qk_scale)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    kvh = h // REP
-    q_start, q_len, k_start, k_len = _seq_bounds(cu_q, cu_k, b)
-    m0 = pid_m * BLOCK_M
+    h, kvh, q_start, q_len, k_start, k_len, m0 = _query_program(cu_q, cu_k, HQ, REP, BLOCK_M)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
