@@ -437,7 +437,6 @@ def gated_sparse_ffn(
         # decode in a plain eager call: the router and the two decode kernels launched directly
         # (the dispatcher costs more than these kernels); the same kernels the ops run
         from deepseek_kernels.triton import sparse_ffn as tk
-        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_decode, sparse_ffn_route
 
         check_route_op_args(x2, router_weight, bias, k, gate, weighting)
         pdl = pdl_enabled(x2, "sparse_decode")
@@ -449,11 +448,11 @@ def gated_sparse_ffn(
                 shared_blocks=shared_blocks, bias=bias, threshold=threshold, direct=True, pdl=pdl)
             out = out.reshape(*lead, d_model)
             return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
-        idx, weights, probs = sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
-                                               threshold=threshold, direct=True, pdl=pdl)
+        idx, weights, probs = tk.sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
+                                                  threshold=threshold, direct=True, pdl=pdl)
         check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
-        out = sparse_ffn_decode(x2, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
-                                n_blocks=n_blocks, direct=True, pdl=pdl).reshape(*lead, d_model)
+        out = tk.sparse_ffn_decode(x2, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
+                                   n_blocks=n_blocks, direct=True, pdl=pdl).reshape(*lead, d_model)
         return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
     if k > 0:
         weights, probs, idx = torch.ops.deepseek_kernels.sparse_ffn_route(x2, router_weight, bias, k, gate, weighting,

@@ -20,9 +20,8 @@ def chain_start(PDL: tl.constexpr):
     """With ``PDL`` (a programmatic dependent launch, :func:`pdl_option`): wait for the kernel before
     this one in the stream (and its memory), then let the next one launch (its programs become
     resident while this kernel runs and wait in turn). Without, nothing. Call it first in a kernel."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    chain_wait(PDL)
+    chain_trigger(PDL)
 
 
 @triton.jit

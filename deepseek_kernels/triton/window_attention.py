@@ -283,11 +283,13 @@ SMALL_CONFIG = (64, 64, 4, 2)  # head dims other than 64/128, and the Triton int
 # 64-row query tiles: Triton 3.8 splits a 128-row tile across consumer groups but not its TMA descriptor
 # and fails to compile it (3.6, the H200's, compiles 128; the tuner tries both). AOT-compiled, not yet timed.
 WS_FWD_CONFIG = (64, 64, 4, 2)
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def _tma_ok(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
-    """TMA descriptors over ``[T, Hkv * D]`` views: heads and head dim contiguous, no head-dim pad,
-    16-byte aligned base and row stride, a GPU of compute capability 9+ (or the interpreter)."""
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int, *more: torch.Tensor) -> bool:
+    """TMA descriptors over ``[T, H * D]`` views of k, v (and ``more``, e.g. q): heads and head dim
+    contiguous, no head-dim pad, 16-byte aligned base and row stride, a GPU of compute capability 9+
+    (or the interpreter)."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
     except ImportError:
@@ -298,7 +300,7 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor, D: int, block_d: int) -> bool:
         return False
     return D == block_d and all(
         t.stride(2) == 1 and t.stride(1) == D and (t.stride(0) * t.element_size()) % 16 == 0
-        and t.data_ptr() % 16 == 0 for t in (k, v))
+        and t.data_ptr() % 16 == 0 for t in (k, v, *more))
 
 
 def _config(table: dict, block_d: int, dtype: torch.dtype, override):
@@ -333,16 +335,15 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     table = FWD_WIDE_CONFIG if window >= FWD_WIDE_WINDOW else FWD_CONFIG
     block_m, block_n, warps, stages = _config(table, block_d, q.dtype, config)
     grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
-    use_ws = bool(ws) and _tma_ok(kp, vp, D, block_d) and _tma_ok(qp, qp, D, block_d)
+    use_tma = bool(tma or ws) and _tma_ok(kp, vp, D, block_d)
+    use_ws = bool(ws) and use_tma and _tma_ok(kp, vp, D, block_d, qp)
     if use_ws:
         block_m, block_n, warps, stages = config or WS_FWD_CONFIG
-        version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-        if block_m > 64 and version >= (3, 8):
+        if block_m > 64 and _TRITON_VERSION >= (3, 8):
             raise ValueError(f"window_attention_fwd(ws=True): a {block_m}-row query tile does not compile with "
                              f"Triton {triton.__version__}'s warp specialization (it splits the tile but not its TMA "
                              f"descriptor); use config=(64, ...) or Triton 3.6")
         grid = (triton.cdiv(max(max_q, 1), block_m), B * Hq)
-    use_tma = (bool(tma) or use_ws) and _tma_ok(kp, vp, D, block_d)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
