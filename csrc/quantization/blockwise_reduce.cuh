@@ -110,9 +110,10 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 constexpr int kSumRounds = DSK_REDUCE_ROUNDS;
 // Vectors of 16 codes per lane cached between the passes (lanes per 128-code block: 8 / this).
-// ptxas, fp32 residual, int8: 118 registers at 2 (2 CTAs of 256 threads per SM); see NOTES session 9.
+// 1 (session 12's tune-comm, graphed hook pipeline): twice the CTAs of 2 for the same work, which W=8's
+// reduce (100 CTAs at 2) needs: W=8 50.2 -> 47.2 us, W=2 56.0 -> 54.2 us with 3 CTAs per SM below.
 #ifndef DSK_REDUCE_CACHED
-#define DSK_REDUCE_CACHED 2
+#define DSK_REDUCE_CACHED 1
 #endif
 constexpr int kSumCached = DSK_REDUCE_CACHED;
 
@@ -129,10 +130,14 @@ __device__ __forceinline__ void accumulate(const Pack<uint8_t, VEC>& codes, floa
   }
 }
 
-// CTAs per SM the register allocation must allow (unset: no cap). Unset and 1 differ: nvcc 12.x/13.0
-// read an explicit minimum of 1 as leave to use more registers (the fp32-residual int8 kernel went from
-// 118 to 144 registers, 2 -> 1 CTA per SM, and the W=2 hook pipeline from 56 to 65 us; session 11's A/B).
-#ifdef DSK_REDUCE_MIN_BLOCKS
+// CTAs per SM the register allocation must allow (0: no cap). No cap and 1 differ: nvcc 12.x/13.0 read
+// an explicit minimum of 1 as leave to use more registers (the fp32-residual int8 kernel went from 118 to
+// 144 registers, 2 -> 1 CTA per SM, and the W=2 hook pipeline from 56 to 65 us; session 11's A/B). 3 with
+// one cached vector: ptxas ~80 registers, no spills (tests/test_cuda_resources.py holds the cap).
+#ifndef DSK_REDUCE_MIN_BLOCKS
+#define DSK_REDUCE_MIN_BLOCKS 3
+#endif
+#if DSK_REDUCE_MIN_BLOCKS > 0
 #define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads, DSK_REDUCE_MIN_BLOCKS)
 #else
 #define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads)
