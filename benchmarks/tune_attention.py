@@ -12,6 +12,7 @@ deepseek_kernels/triton/window_attention.py.
 
 import argparse
 import itertools
+import os
 
 import torch
 import triton.testing
@@ -77,6 +78,8 @@ def main():
                     help="also time the warp-specialized one-loop forward (fwd-ws, 4 warps: window_attention_fwd(ws=True))")
     ap.add_argument("--fwd-only", action="store_true", help="skip the backward kernels")
     args = ap.parse_args()
+    if args.ws:  # window_attention_fwd(ws=True) refuses to run on a GPU without it (it hung in session 12)
+        os.environ.setdefault("DSK_ATTN_WS", "1")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from deepseek_kernels.bench.harness import compiled_baseline

@@ -13,6 +13,8 @@ of the window) skip the mask arithmetic entirely (``MASKED=False``). Online soft
 the exp2 domain (FlashAttention-2 style); lse is returned in natural log.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -338,6 +340,13 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     use_tma = bool(tma or ws) and _tma_ok(kp, vp, D, block_d)
     use_ws = bool(ws) and use_tma and _tma_ok(kp, vp, D, block_d, qp)
     if use_ws:
+        from deepseek_kernels.ops._registry import interpreting
+
+        if not interpreting() and os.environ.get("DSK_ATTN_WS") != "1":
+            raise RuntimeError(
+                "window_attention_fwd(ws=True) is experimental and hung on the H200 (Triton 3.6, session 12: a "
+                "(128, 64, 4, 2) launch at S8192 B4 W4096 H32 neither finished nor failed in 190 s); use the default "
+                "forward, or set DSK_ATTN_WS=1 to run it anyway (benchmarks/diag_attn_ws.py runs it under a watchdog)")
         block_m, block_n, warps, stages = config or WS_FWD_CONFIG
         if block_m > 64 and _TRITON_VERSION >= (3, 8):
             raise ValueError(f"window_attention_fwd(ws=True): a {block_m}-row query tile does not compile with "
@@ -353,8 +362,6 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     else:
         k_desc, v_desc = kp, vp  # unused
     if use_ws:
-        from deepseek_kernels.ops._registry import interpreting
-
         q_desc = TensorDescriptor.from_tensor(qp.view(T, Hq * D), [block_m, D])
         torch.library.wrap_triton(_window_attn_fwd_ws_kernel)[grid](
             q_desc, out, lse, cu_q, cu_k, k_desc, v_desc,
