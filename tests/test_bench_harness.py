@@ -77,6 +77,7 @@ def test_clock_sampler_records_each_round_while_it_runs():
 
     def probe():
         return {"sm_mhz": clock["mhz"], "power_w": 300.0 if clock["mhz"] > 1800 else 699.0,
+                "power_instant_w": 450.0 if clock["mhz"] > 1800 else 760.0,
                 "limits": [] if clock["mhz"] > 1800 else ["sw_power_cap"]}
 
     def fake_timer(fn, input_sets, *, reps, **kw):
@@ -93,9 +94,32 @@ def test_clock_sampler_records_each_round_while_it_runs():
     assert all(c["sm_mhz_min"] == 1500 and c["limited_fraction"] > 0.5 for c in ours)
     assert all(c["sm_mhz_mean"] > 1800 and c["power_w_max"] >= 300.0 for c in base)
     line = round_clock_summary({"ours_round_clocks": ours, "baseline_round_clocks": base})
-    assert line[0].startswith("ours 1500/") and "power max 699.0 W" in line[0]
+    assert all(c["power_instant_w_max"] == 760.0 for c in ours)
+    assert all(450.0 <= c["power_instant_w_mean"] <= 760.0 for c in ours + base)
+    assert line[0].startswith("ours 1500/") and "power max 699.0 W, instantaneous max 760.0 W" in line[0]
     assert ClockSampler(lambda: None).__enter__().__exit__(None, None, None) is False
     assert round_clock_summary({"ours_round_clocks": [None]}) == []
+    # a driver without the instantaneous field: the keys are absent, the line has no instantaneous part
+    plain = ClockSampler(lambda: {"sm_mhz": 1980, "power_w": 100.0, "limits": []}, interval_s=0.001)
+    with plain:
+        _time.sleep(0.01)
+    assert "power_instant_w_max" not in plain.summary()
+    assert "instantaneous" not in round_clock_summary({"ours_round_clocks": [plain.summary()]})[0]
+
+
+def test_instant_power_reads_the_nvml_field_in_watts():
+    """_instant_power_w: the field's milliwatts as watts; None for a field error or a library without it."""
+    from types import SimpleNamespace
+
+    from deepseek_kernels.bench.harness import _instant_power_w
+
+    def lib(ret, mw):
+        value = SimpleNamespace(nvmlReturn=ret, value=SimpleNamespace(uiVal=mw))
+        return SimpleNamespace(NVML_FI_DEV_POWER_INSTANT=186, nvmlDeviceGetFieldValues=lambda h, ids: [value])
+
+    assert _instant_power_w(lib(0, 712345), None) == 712.3
+    assert _instant_power_w(lib(3, 712345), None) is None
+    assert _instant_power_w(SimpleNamespace(), None) is None
 
 
 def test_rounds_record_the_probe_and_flag_clock_limits():

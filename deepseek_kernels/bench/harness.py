@@ -244,9 +244,14 @@ class ClockSampler:
         if not self.samples:
             return None
         mhz = [st["sm_mhz"] for st in self.samples]
-        return {"samples": len(mhz), "sm_mhz_min": min(mhz), "sm_mhz_mean": round(statistics.fmean(mhz)),
-                "power_w_max": max(st["power_w"] for st in self.samples),
-                "limited_fraction": round(sum(bool(st["limits"]) for st in self.samples) / len(mhz), 3)}
+        out = {"samples": len(mhz), "sm_mhz_min": min(mhz), "sm_mhz_mean": round(statistics.fmean(mhz)),
+               "power_w_max": max(st["power_w"] for st in self.samples),
+               "limited_fraction": round(sum(bool(st["limits"]) for st in self.samples) / len(mhz), 3)}
+        instant = [st["power_instant_w"] for st in self.samples if "power_instant_w" in st]
+        if instant:
+            out["power_instant_w_max"] = max(instant)
+            out["power_instant_w_mean"] = round(statistics.fmean(instant), 1)
+        return out
 
 
 def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
@@ -377,9 +382,29 @@ def clock_state(index: int = 0) -> dict | None:
         get_reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
         bits = get_reasons(h)
-        return {"sm_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
-                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000, 1),
-                "limits": [name for bit, name in CLOCK_LIMITS.items() if bits & bit]}
+        state = {"sm_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                 "power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000, 1),
+                 "limits": [name for bit, name in CLOCK_LIMITS.items() if bits & bit]}
+    except Exception:
+        return None
+    instant = _instant_power_w(pynvml, h)
+    if instant is not None:
+        state["power_instant_w"] = instant
+    return state
+
+
+def _instant_power_w(pynvml, handle) -> float | None:
+    """Instantaneous board power (W) where the driver has the field (NVML_FI_DEV_POWER_INSTANT: Hopper, driver
+    535+), else None. ``nvmlDeviceGetPowerUsage`` is averaged over about a second on these boards, so rounds of
+    ~10 ms read as near idle (session 12: 8192^3 int8 bursts read 127-158 W)."""
+    field = getattr(pynvml, "NVML_FI_DEV_POWER_INSTANT", None)
+    if field is None:
+        return None
+    try:
+        value = pynvml.nvmlDeviceGetFieldValues(handle, [field])[0]
+        if value.nvmlReturn != 0:
+            return None
+        return round(value.value.uiVal / 1000, 1)  # mW
     except Exception:
         return None
 
@@ -390,8 +415,10 @@ def round_clock_summary(row: dict) -> list[str]:
     for role in ("ours", "baseline"):
         rounds = [c for c in row.get(f"{role}_round_clocks") or [] if c]
         if rounds:
+            instant = [c["power_instant_w_max"] for c in rounds if "power_instant_w_max" in c]
             out.append(f"{role} " + ", ".join(f"{c['sm_mhz_min']}/{c['sm_mhz_mean']} MHz" for c in rounds)
-                       + f" (power max {max(c['power_w_max'] for c in rounds)} W)")
+                       + f" (power max {max(c['power_w_max'] for c in rounds)} W"
+                       + (f", instantaneous max {max(instant)} W)" if instant else ")"))
     return out
 
 
