@@ -273,9 +273,15 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-// Vector width of the reductions: 16 codes (one 16-byte load per shard) when every vector starts
-// on a 16-byte boundary of every buffer, else scalar.
-constexpr int kSumVec = 16;
+// Vector width of the sum + requantize kernel: 16 codes (one 16-byte load per shard) when every vector
+// starts on a 16-byte boundary of every buffer, else scalar. DSK_REDUCE_VEC=8 (a tune-comm variant, not yet
+// timed): 16 lanes per 128-code block instead of 8, twice the threads for a world-size-8 shard (W=8's
+// reduce runs one block per group of lanes in a single wave: latency-bound at ~40 % of copy).
+#ifndef DSK_REDUCE_VEC
+#define DSK_REDUCE_VEC 16
+#endif
+constexpr int kSumVec = DSK_REDUCE_VEC;
+static_assert(kSumVec == 8 || kSumVec == 16, "DSK_REDUCE_VEC: 8 or 16 codes per vector");
 
 template <typename OT, QFormat F, int VEC>
 cudaError_t launch_dequantize_sum(DequantizeSumArgs a, cudaStream_t stream) {
