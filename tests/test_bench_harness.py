@@ -67,6 +67,25 @@ def test_sustained_rounds_run_each_side_before_its_timing():
     assert calls["a"] >= 2 * 16 and calls["b"] >= 2 * 16
 
 
+def test_rested_rounds_idle_before_each_side(monkeypatch):
+    """With ``rest_s``, the GPU idles that long before every side's timing in every round (both start from a
+    rested power state); with ``sustain_s`` as well it refuses (the two exclude each other)."""
+    import deepseek_kernels.bench.harness as harness
+
+    log = []
+    monkeypatch.setattr(harness.time, "sleep", lambda s: log.append(("rest", s)))
+
+    def fake_timer(fn, input_sets, *, reps, **kw):
+        log.append(("timed", fn()))
+        return summarize([1.0] * reps)
+
+    time_interleaved({"a": lambda: "a", "b": lambda: "b"}, [()], reps=4, rounds=2, timer=fake_timer, rest_s=0.5)
+    assert log == [("rest", 0.5), ("timed", "a"), ("rest", 0.5), ("timed", "b"),
+                   ("rest", 0.5), ("timed", "b"), ("rest", 0.5), ("timed", "a")]
+    with pytest.raises(ValueError, match="sustain_s and rest_s"):
+        time_interleaved({"a": lambda: "a"}, [()], timer=fake_timer, rest_s=0.5, sustain_s=1.0)
+
+
 def test_clock_sampler_records_each_round_while_it_runs():
     """With a sampler, every timing round is wrapped in a ClockSampler whose background thread reads the
     probe while the round runs; each side's rows carry per-round min / mean clock, peak power and the

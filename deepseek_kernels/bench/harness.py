@@ -58,6 +58,11 @@ class Case:
     # own sustained (power-limited) steady state rather than in the short alternating bursts of the
     # default, whose clocks carry over from whatever ran just before (see time_interleaved).
     sustain_s: float = 0.0
+    # Seconds the GPU idles before each side's timing in every round: both are timed from the same rested
+    # power state, for compute-bound rows whose speed changes within tens of milliseconds of full load
+    # (session 12, int8 8192^3 in alternating rounds: ours 0.837 ms in its first round after idle, 1.016 ms
+    # right after the baseline's round, at the same reported SM clock; see NOTES). Not with sustain_s.
+    rest_s: float = 0.0
     # Sample the GPU's clock and power in a background thread *during* every timing round (ClockSampler):
     # for compute-bound rows near the power limit, where the state after a round says little about it.
     sample_clocks: bool = False
@@ -254,10 +259,17 @@ class ClockSampler:
         return out
 
 
+def rest(seconds: float) -> None:
+    """Waits for the GPU's queued work, then lets it idle for ``seconds``."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    time.sleep(seconds)
+
+
 def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, reps: int = 30,
                      rounds: int = TIMING_ROUNDS, timer: Callable = time_cuda,
                      probe: Callable[[], dict | None] | None = None, sustain_s: float = 0.0,
-                     sampler: Callable[[], ClockSampler] | None = None) -> dict[str, dict]:
+                     rest_s: float = 0.0, sampler: Callable[[], ClockSampler] | None = None) -> dict[str, dict]:
     """Times every implementation in ``rounds`` alternating chunks of ``reps / rounds`` calls
     (order reversed every other round: A B, B A, A B, ...) and pools each one's samples. A clock or
     power state that drifts during a case (e.g. after the previous case's large GEMMs) then weighs on
@@ -265,8 +277,12 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
     round, one call after that. Returns ``{name: summary}`` with the per-round medians added, and
     with ``probe`` (e.g. :func:`clock_state`) what it returned right after each round (``round_state``).
     ``sustain_s`` > 0: each side first runs back to back for that long in every round (:func:`sustain`),
-    so both are timed at their own steady state under the GPU's power limit. ``sampler``: a
-    :class:`ClockSampler` factory run around every timing (``round_clocks``: its summary per round)."""
+    so both are timed at their own steady state under the GPU's power limit. ``rest_s`` > 0: the GPU
+    idles that long (after a synchronize) before each side's timing, so both start from a rested power
+    state. ``sampler``: a :class:`ClockSampler` factory run around every timing (``round_clocks``: its
+    summary per round)."""
+    if sustain_s > 0 and rest_s > 0:
+        raise ValueError("time_interleaved: sustain_s and rest_s exclude each other (a sustained side is not rested)")
     names = list(impls)
     per = max(1, -(-reps // rounds))
     samples = {n: [] for n in names}
@@ -279,6 +295,8 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
             kw = {} if r == 0 else {"warmup": 1}
             if sustain_s > 0:
                 sustain(impls[n], input_sets, sustain_s)
+            if rest_s > 0:
+                rest(rest_s)
             if sampler is not None:
                 with sampler() as clocks:
                     t = timer(impls[n], input_sets, reps=per, **kw)
@@ -307,11 +325,13 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph,
-           **({"sustain_s": case.sustain_s} if case.sustain_s else {})}
+           **({"sustain_s": case.sustain_s} if case.sustain_s else {}),
+           **({"rest_s": case.rest_s} if case.rest_s else {})}
     impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
     times = time_interleaved({role: impl.fn for role, impl in impls.items()}, input_sets, reps=reps, rounds=rounds,
                              timer=time_cuda_graph if case.graph else time_cuda, probe=clock_state,
-                             sustain_s=case.sustain_s, sampler=ClockSampler if case.sample_clocks else None)
+                             sustain_s=case.sustain_s, rest_s=case.rest_s,
+                             sampler=ClockSampler if case.sample_clocks else None)
     for role, impl in impls.items():
         t = times[role]
         row[f"{role}_impl"] = impl.name + (" (CUDA graph)" if case.graph else "")
