@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.testing
 
-from deepseek_kernels.bench.harness import clock_state, time_cuda
+from deepseek_kernels.bench.harness import clock_state, rest, time_cuda
 from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
 
 from _tuning import bench_graphed_sets, save_json, sets_for  # benchmarks/ is on sys.path when a script in it runs
@@ -69,8 +69,14 @@ def main():
                     help="M > 16: run each config (and cuBLAS) back to back this long before timing it, in bursts "
                          "(the GPU at its power-limited steady state: session 10's 8192^3 int8 GEMM lost 20 %% to "
                          "the H200's 700 W cap, cuBLAS bf16 less); the clock state after each timing is recorded")
+    ap.add_argument("--rested", type=float, default=0.0, metavar="SECONDS",
+                    help="M > 16: let the GPU idle this long before each config (and cuBLAS), then time ~5 ms of calls "
+                         "(the speed from a rested GPU: session 12's 8192^3 int8 GEMM ran 0.84 ms for its first ~15 ms "
+                         "of load and 1.02 ms right after other heavy work)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.sustained > 0 and args.rested > 0:
+        ap.error("--sustained and --rested exclude each other")
     results = []
     for spec in args.shapes.split(";"):
         M, N, K = map(int, spec.split(","))
@@ -93,8 +99,12 @@ def main():
             call = lambda out, cfg, i=0: run(a, b_sets[i], a_s, b_s, out, cfg)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
         sustained = args.sustained > 0 and M > 16
+        rested = args.rested > 0 and M > 16
 
-        def timed(fn):  # ms per call: do_bench, or after a sustained run, bursts of calls
+        def timed(fn):  # ms per call: do_bench, or bursts of calls after a sustained run / a rest
+            if rested:
+                rest(args.rested)
+                return time_cuda(lambda: fn(), [()], warmup=2, reps=10)["ms"], clock_state()
             if not sustained:
                 return triton.testing.do_bench(fn, warmup=20, rep=100), None
             run_for(fn, args.sustained)
@@ -125,7 +135,7 @@ def main():
                 ms = bench_graphed_sets(lambda i: call(out, cfg, i), n_sets, rep=100)
             else:
                 ms, clock = timed(lambda: call(out, cfg))
-            rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms, **({"clock": clock} if sustained else {})})
+            rows.append({"config": cfg, "ms": ms, "vs_bf16": base / ms, **({"clock": clock} if clock else {})})
         ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
         for r in ok[:4]:
             c = r["config"]
@@ -138,7 +148,9 @@ def main():
         if bad:
             print(f"  {len(bad)} configs failed, e.g. {bad[0]}")
         results.append({"M": M, "N": N, "K": K, "cublas_bf16_ms": base, "weight_copies": n_sets, "rows": rows,
-                        **({"sustained_s": args.sustained, "cublas_clock": base_clock} if sustained else {})})
+                        **({"sustained_s": args.sustained} if sustained else {}),
+                        **({"rested_s": args.rested} if rested else {}),
+                        **({"cublas_clock": base_clock} if base_clock else {})})
     save_json(args.out, results)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8-rested | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -157,6 +157,12 @@ case "$step" in
       --out "$OUT/tune_int8_sustained.json"
     timeout 280 "$PY" benchmarks/tune_int8.py --tma --persistent --sustained 2 --shapes "8192,8192,8192;8192,4096,4096" \
       --out "$OUT/tune_int8_tma_sustained.json" ;;
+  tune-int8-rested)  # issue 5: M8192 N4096 K4096 reads 1.47-1.49x from a rested GPU (1.5x asked; 1.70x sustained):
+    # the plain and the persistent TMA kernel's tiles, each config timed for ~5 ms after 0.5 s of idle
+    timeout 200 "$PY" benchmarks/tune_int8.py --rested 0.5 --shapes "8192,4096,4096;8192,8192,8192" \
+      --out "$OUT/tune_int8_rested.json"
+    timeout 200 "$PY" benchmarks/tune_int8.py --tma --persistent --rested 0.5 --shapes "8192,4096,4096;8192,8192,8192" \
+      --out "$OUT/tune_int8_tma_rested.json" ;;
   tune-int8)
     # the persistent TMA kernel (the eager default at M, N >= 8192) on the two M8192 shapes below 1.5x,
     # then with the TMA-store epilogue (3 stages at most at 128x256: the 4-stage rows fail by design)
