@@ -63,6 +63,11 @@ def main():
             t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
                 x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
                 for sp in (2, 4, 8)}
+            # the gate/up kernel prefetching the down weights into L2 (session 12, opt-in gate_up.prefetch_down):
+            # the decode kernels alone with programmatic dependent launches, 0 = off, 1 = plain, 2 = evict_last
+            t_pf = {m: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, m=m: tk.sparse_ffn_decode(
+                x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, pdl=True,
+                config={"gate_up": {"prefetch_down": m}}), sets) for m in (0, 1, 2)}
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
             # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
@@ -89,6 +94,8 @@ def main():
                   f"{t_op['ms'] * 1e3:.1f}u (same bits: {fused_same})")
         print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
               + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
+        print("    decode kernels with PDL, down weights prefetched into L2 by gate/up off / plain / evict_last: "
+              + " / ".join(f"{t_pf[m]['ms'] * 1e3:.1f}" for m in (0, 1, 2)) + "u")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -106,6 +113,7 @@ def main():
                    router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
                    router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
                    decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
+                   decode_pdl_prefetch_down_ms={m: t["ms"] for m, t in t_pf.items()},
                    op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same)
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "

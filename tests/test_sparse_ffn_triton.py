@@ -359,6 +359,23 @@ def test_decode_launch_configs_agree(config, poisoned):
         tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"down": {"block_q": 8}})
 
 
+def test_decode_prefetch_down_is_a_hint(poisoned):
+    """``gate_up.prefetch_down`` (opt-in L2 prefetch of the down weights, Hopper only) changes no result: where
+    the bulk prefetch cannot run (the interpreter, a CPU tensor) the kernels run without it; a value other than
+    0, 1, 2 is an error naming the setting."""
+    x, wg, wu, wd, idx, w = _ffn_inputs((5, 40, 120, 8, 1, 3, False, None), torch.float32)
+    want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8)
+    for mode in (1, 2):
+        got = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8,
+                                   config={"gate_up": {"prefetch_down": mode}})
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="prefetch_down must be 0, 1 or 2"):
+        tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"gate_up": {"prefetch_down": 3}})
+    from deepseek_kernels.triton.sparse_ffn import _l2_prefetch_ok
+
+    assert not _l2_prefetch_ok(wd, 15)
+
+
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
     *c[:6], "empty" if c[6] else "full", str(c[7])))
 def test_decode_down_splits_match_reference(case, poisoned):
@@ -553,6 +570,33 @@ def test_decode_down_splits_on_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(graphed, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 8])
+def test_decode_prefetch_down_on_gpu(T):
+    """The gate/up kernel's L2 prefetch of the down weights (opt-in ``gate_up.prefetch_down`` 1 / 2) at the issue's
+    shapes: the bulk prefetch runs (the layout allows it on Hopper), the output has the bits of the plain kernels,
+    with programmatic dependent launches too and replayed from a CUDA graph."""
+    from deepseek_kernels.triton.sparse_ffn import _l2_prefetch_ok
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk L2 prefetch needs compute capability 9+")
+    assert _l2_prefetch_ok(wd, 224)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.15 * 64), gate="sigmoid", weighting="gate")
+    want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64)
+    for mode in (1, 2):
+        cfg = {"gate_up": {"prefetch_down": mode}}
+        for pdl in (False, True):
+            assert torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, config=cfg,
+                                                    pdl=pdl), want)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            graphed = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, config=cfg, pdl=True)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(graphed, want)
 
 
 @pytest.mark.gpu

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import chain_trigger, chain_wait, f32, launch_options, pdl_option, resolve_launch
+from deepseek_kernels.triton._common import (chain_trigger, chain_wait, f32, l2_prefetch, launch_options, pdl_option,
+                                             resolve_launch)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -918,22 +919,39 @@ def _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_
 
 @triton.jit
 def _sparse_ffn_decode_gate_up_kernel(
-    X, WG, WU, IDX, WT, H,
+    X, WG, WU, IDX, WT, H, WD,
     T, D, BS, S, K, NB,
-    stride_xt, stride_xd, stride_wf, stride_wd,
+    stride_xt, stride_xd, stride_wf, stride_wd, stride_dn,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH_DOWN: tl.constexpr = 0,
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
-    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread.
+    ``PREFETCH_DOWN`` 1 / 2 (opt-in, Hopper): first prefetch this program's share of block b's down-projection
+    weights (w_down [D, F] at WD, rows stride_dn apart) into L2 (2: with an evict_last policy), so the down
+    kernel after this one reads them from L2 while this kernel's own stream overlaps their HBM reads."""
     chain_wait(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
+        if PREFETCH_DOWN > 0:
+            _prefetch_down_block(WD, b, D, BS, stride_dn, PREFETCH_DOWN == 2)
         _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, n_mask, D, BS, stride_xt, stride_xd,
                              stride_wf, stride_wd, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, PDL)
+
+
+@triton.jit
+def _prefetch_down_block(WD, b, D, BS, stride_dn, EVICT_LAST: tl.constexpr, ROWS: tl.constexpr = 128):
+    """L2 prefetch of w_down[n, b*BS : (b+1)*BS] (one bulk prefetch of BS elements per row n) for this program's
+    equal share of the D rows among the num_programs(1) programs of block b (the rows past D clamp to the last)."""
+    per = tl.cdiv(D, tl.num_programs(1))
+    r0 = tl.program_id(1) * per
+    nbytes = BS * (WD.dtype.element_ty.primitive_bitwidth // 8)
+    for r in range(r0, tl.minimum(r0 + per, D), ROWS):
+        rows = tl.minimum(r + tl.arange(0, ROWS), D - 1)
+        l2_prefetch(WD + rows.to(tl.int64) * stride_dn + b * BS, nbytes, EVICT_LAST)
 
 
 @triton.jit
@@ -1131,7 +1149,9 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     history as commit 3d064ed): the 70-program grid is not held back by the SMs it leaves idle."""
     # H200, session 11 (tune_sparse_ffn.py --decode, 6-8 stages and one down K tile per block tried for the
     # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
-    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
+    # prefetch_down (opt-in, session 12, untimed): 1 / 2 = the gate/up programs first bulk-prefetch their blocks'
+    # down-projection rows into L2 (2: evict_last), overlapping the down kernel's HBM reads with gate/up's
+    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4, prefetch_down=0)
     # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
     # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
     # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
@@ -1168,13 +1188,31 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
     block_b = max(2, triton.next_power_of_2(n_blocks))
     max_used = min(n_blocks, shared_blocks + T * K)  # programs past the actual count exit at once
+    prefetch = int(gu.get("prefetch_down", 0))
+    if prefetch not in (0, 1, 2):
+        raise ValueError(f"sparse_ffn_decode: gate_up.prefetch_down must be 0, 1 or 2, got {prefetch}")
+    if prefetch and not _l2_prefetch_ok(w_down, BS):
+        prefetch = 0  # a hint: layouts a bulk prefetch cannot address (or no Hopper GPU) run without it
     triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
-        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
-        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
+        x, w_gate, w_up, idx, wt, h, w_down, T, D, BS, shared_blocks, K, n_blocks,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_down.stride(0),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **pdl_option(pdl),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, PREFETCH_DOWN=prefetch,
+        **launch_options(gu), **pdl_option(pdl),
     )
     return _decode_down(h, w_down, idx, out, shared_blocks, n_blocks, dn, direct, pdl)
+
+
+def _l2_prefetch_ok(w_down: torch.Tensor, block_size: int) -> bool:
+    """Whether the gate/up kernel can bulk-prefetch block rows of ``w_down [D, F]``: a Hopper+ GPU (not the
+    interpreter), contiguous rows, and every row piece a multiple of 16 bytes at a 16-byte aligned address."""
+    from deepseek_kernels.ops._registry import interpreting
+
+    if interpreting() or not w_down.is_cuda or torch.cuda.get_device_capability(w_down.device)[0] < 9:
+        return False
+    esize = w_down.element_size()
+    return (w_down.stride(1) == 1 and (block_size * esize) % 16 == 0 and (w_down.stride(0) * esize) % 16 == 0
+            and w_down.data_ptr() % 16 == 0)
 
 
 def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dict, direct: bool, pdl: bool):
