@@ -34,7 +34,7 @@ def compile_for(fn, args: dict, arch: int, **options):
         v = args[name] if name in args else p.default
         # what a real launch specializes on: ints equal to 1 become constants, ints that are
         # multiples of 16 and (16-byte aligned) pointers carry a divisibility hint
-        if p.is_constexpr or (type(v) is int and v == 1 and not p.do_not_specialize):
+        if p.is_constexpr or v is None or (type(v) is int and v == 1 and not p.do_not_specialize):
             sig[name] = "constexpr"
             constexprs[(i,)] = v
         elif isinstance(v, torch.Tensor):
@@ -144,6 +144,11 @@ def cases():
                 dict(rt, BLOCK_T=2, RANK_SELECT=True), dict(num_warps=4)))
     out.append(("sparse router select by rank, programmatic dependent launch", sf._sparse_ffn_router_kernel,
                 dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True), dict(num_warps=4, launch_pdl=True)))
+    # the router's L2 prefetch of the chosen blocks' gate/up rows (session 12, opt-in DECODE_PREFETCH_GATE_UP)
+    for mode in (1, 2):
+        out.append((f"sparse router select by rank, gate/up L2 prefetch {mode}, PDL", sf._sparse_ffn_router_kernel,
+                    dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True, WG=bf16, WU=bf16, BS=224, S=1, stride_gf=4096,
+                         PREFETCH_GATE_UP=mode), dict(num_warps=4, launch_pdl=True), "cp.async.bulk.prefetch.L2"))
     out.append(("sparse router, one kernel (logits + loop)", sf._sparse_ffn_router_kernel,
                 dict(rt, T=8192, SPLITS=0, BLOCK_T=32, RANK_SELECT=False), dict(num_warps=4)))
 
