@@ -381,6 +381,8 @@ def test_decode_prefetch_down_is_a_hint(poisoned):
     assert all(torch.equal(a, b) for a, b in zip(got_route, want_route))
     with pytest.raises(ValueError, match="prefetch mode must be 0, 1 or 2"):
         tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate", prefetch=(wg, wu, 1, 5))
+    with pytest.raises(ValueError, match="prefetch weights must be"):
+        tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate", prefetch=(wg[:100], wu[:100], 1, 1))
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(

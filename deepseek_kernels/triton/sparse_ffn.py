@@ -344,6 +344,10 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
             raise ValueError(f"sparse_ffn_route: the prefetch mode must be 0, 1 or 2, got {mode}")
         n_blocks = NR + shared_blocks
         bs = w_gate.shape[0] // n_blocks
+        if w_gate.dim() != 2 or w_gate.shape != w_up.shape or w_gate.shape[1] != D or bs * n_blocks != w_gate.shape[0] \
+                or bs == 0:
+            raise ValueError(f"sparse_ffn_route: prefetch weights must be [n_blocks * block, d_model] = [{n_blocks} * "
+                             f"block, {D}], got w_gate {tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}")
         if mode and w_up.stride() == w_gate.stride() and _l2_prefetch_ok(w_gate, D) and _l2_prefetch_ok(w_up, D):
             pf = dict(WG=w_gate, WU=w_up, BS=bs, S=shared_blocks, stride_gf=w_gate.stride(0), PREFETCH_GATE_UP=mode)
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
