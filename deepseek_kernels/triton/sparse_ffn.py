@@ -1304,13 +1304,14 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
 # tested, the same bits as the unfused path); benchmarks/diag_sparse_decode.py times both. If it wins on the
 # H200 (the selecting kernel took ~3-4 us of the 28.3 us one-token decode), set 2.
 FUSED_ROUTE_MAX_T = 0
+FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (the rank select is [T, NR, NR])
 # L2 prefetches along the decode chain (session 12, opt-in, not yet timed; 0 off, 1 plain, 2 evict_last): the
 # router kernel prefetches the chosen blocks' gate/up rows (eager decode calls: gated_sparse_ffn), the gate/up
-# kernel its blocks' down-projection rows (every decode: decode_launch_config's gate_up.prefetch_down), so the
-# next kernel's weights stream from HBM while the current one runs. benchmarks/diag_sparse_decode.py times them.
+# kernel its blocks' down-projection rows (every unfused decode: decode_launch_config's gate_up.prefetch_down),
+# so the next kernel's weights stream from HBM while the current one runs. benchmarks/diag_sparse_decode.py
+# times them.
 DECODE_PREFETCH_GATE_UP = 0
 DECODE_PREFETCH_DOWN = 0
-FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (the rank select is [T, NR, NR])
 
 
 def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
