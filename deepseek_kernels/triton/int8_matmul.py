@@ -5,6 +5,8 @@ per-row ``a_scale [M]``, per-column ``b_scale [N]``, optional ``bias [N]``; ``ou
 ``APPLY_EPILOGUE=False`` the raw int32 accumulator is stored (``int8_mm``).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -168,14 +170,16 @@ def persistent_tma_config(M: int, N: int, K: int, out_dtype) -> dict | None:
     8 warps, 4 stages, bf16 out): 8192^3 823/827 vs 927/897 us in session 5 (975 vs 939 in one session-6
     call: run-to-run spread of one kernel reaches ~10 %); M8192 N4096 K4096 223.5 vs 247.3 us and N14336
     K4096 803 vs 878 us (session 6); N4096 K14336 859 vs 823 us and 4096^3 118 vs 109 us (slower). Hence
-    M >= 8192 with N >= 8192, or N >= 4096 at K <= 8192. A 32-bit output's epilogue tile does not fit next
+    M >= 8192 with N >= 8192 (session 13: N4096 K4096 now takes the plain kernel's 128x128 one-warpgroup tile,
+    0.207 vs 0.225 ms from rest; see :func:`launch_config`). A 32-bit output's epilogue tile does not fit next
     to 4 stages (320 KiB of shared memory). Only eager calls take it (``ops.int8_matmul``); inside
     torch.compile the plain kernel runs (the same int32 sums and epilogue: the same bits,
     tests/test_int8_matmul.py)."""
     import torch
 
-    big = N >= 8192 or (N >= 4096 and K <= 8192)
-    if M >= 8192 and big and K >= 1024 and out_dtype in (torch.bfloat16, torch.float16):
+    if os.environ.get("DSK_INT8_PERSISTENT", "1") == "0":  # tuning aid: the plain kernel everywhere
+        return None
+    if M >= 8192 and N >= 8192 and K >= 1024 and out_dtype in (torch.bfloat16, torch.float16):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     return None
 
@@ -294,4 +298,14 @@ def launch_config(M: int, N: int, K: int) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if M <= 4096:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    override = os.environ.get("DSK_INT8_LARGE_TILE")  # tuning aid: "BLOCK_M,BLOCK_N,BLOCK_K,warps,stages"
+    if override:
+        try:
+            bm, bn, bk, warps, stages = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"DSK_INT8_LARGE_TILE must be five integers 'BLOCK_M,BLOCK_N,BLOCK_K,warps,stages', "
+                             f"got {override!r}") from None
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    # one warpgroup per 128x128 tile (session 13, M8192, suite rows rested / sustained): N4096 K4096 0.207 / 0.236 ms
+    # vs the persistent TMA kernel's 0.225 / 0.243; N4096 K14336 0.681 / 0.767 vs 128x256 w8's 0.755 / 0.852
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
