@@ -549,6 +549,7 @@ def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
             outs.append((xq, xs, dk.int8_matmul(xq, w, xs, ws, bias=bias, out_dtype=od)))
         return outs
 
+    _gemv_path(monkeypatch, False)  # the decode rows' C++ path would bypass DirectLaunch
     assert not _direct_launch(monkeypatch, False)
     want = results()
     assert _direct_launch(monkeypatch, True)
@@ -564,6 +565,7 @@ def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
 def test_direct_launch_unaligned_and_strided_operands(monkeypatch):
     """A pointer off 16-byte alignment takes Triton's launch (its compile assumes aligned pointers
     where it saw them); another row stride is another key. Results stay exact."""
+    _gemv_path(monkeypatch, False)  # the C++ decode path would take the aligned calls
     assert _direct_launch(monkeypatch, True)
     M, N, K = 5, 96, 64
     a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
@@ -589,12 +591,13 @@ def test_direct_launch_unaligned_and_strided_operands(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 16])
-def test_int8_linear_programmatic_dependent_launch(M):
+def test_int8_linear_programmatic_dependent_launch(M, monkeypatch):
     """DSK_PDL=1: the GEMM starts before its quantize kernel ends and waits for it (griddepcontrol).
     Fifty back-to-back calls on fresh inputs, eager and replayed from a CUDA graph, give the bits of
     the ordinary launches: a GEMM that read the codes too early would use the previous call's."""
     from deepseek_kernels.ops._registry import pdl_enabled, programmatic_launches
 
+    _gemv_path(monkeypatch, False)  # PDL chains the Triton launches; the C++ decode op has none
     N, K = 14336, 4096
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     ws = torch.rand(N, device="cuda") * 1e-3
@@ -608,6 +611,153 @@ def test_int8_linear_programmatic_dependent_launch(M):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             static_out = dk.int8_linear(static_x, w, ws)
+    for x, r in zip(xs, want):
+        static_x.copy_(x)
+        g.replay()
+        assert torch.equal(static_out, r)
+
+
+# ---- the C++ decode path (csrc/int8: int8_gemv, int8_linear_gemv) ------------------------------------
+
+
+def _gemv_path(monkeypatch, on: bool) -> bool:
+    """Turns the eager C++ decode path on or off (DSK_INT8_GEMV); whether it serves cuda:0 now."""
+    import importlib
+
+    ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
+    monkeypatch.setenv("DSK_INT8_GEMV", "1" if on else "0")
+    monkeypatch.setattr(ops, "_GEMV_READY", {})
+    return ops._gemv_ready(torch.empty(0, device="cuda"))
+
+
+def _needs_gemv(monkeypatch):
+    if not _gemv_path(monkeypatch, True):
+        pytest.skip("the CUDA extension's decode kernels are not available here")
+
+
+GEMV_SHAPES = [(1, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (3, 200, 1008), (9, 13, 48), (8, 64, 64),
+               (16, 1, 16), (5, 4096, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", GEMV_SHAPES, ids=str)
+def test_gemv_sums_are_exact_and_bits_equal_the_triton_op(M, N, K, monkeypatch):
+    """int8_gemv: exact int32 sums (fp32 output, unit scales: the sum rounded once to fp32, extremes
+    included), and for every output and bias dtype the bits of the Triton op (same epilogue order)."""
+    _needs_gemv(monkeypatch)
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    a[0], b[0] = 127, -127
+    ones_m, ones_n = torch.ones(M, 1, device="cuda"), torch.ones(N, device="cuda")
+    got = OPS.int8_gemv(a, b, ones_m, ones_n, None, torch.float32)
+    assert torch.equal(got.cpu(), int8_mm_ref(a.cpu(), b.cpu()).float())
+    sa, sb = torch.rand(M, 1, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3
+    for od in (torch.bfloat16, torch.float16, torch.float32):
+        for bd in (None, torch.float32, torch.bfloat16, torch.float16):
+            bias = None if bd is None else torch.randn(N, device="cuda").to(bd)
+            want = OPS.int8_matmul(a, b, sa, sb, bias, od)  # the dispatcher: the Triton kernel
+            assert torch.equal(OPS.int8_gemv(a, b, sa, sb, bias, od), want), (od, bd)
+            assert torch.equal(dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=od), want), (od, bd)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("extras", ["plain", "smooth+bias", "strided"])
+def test_int8_linear_gemv_bits_equal_the_two_triton_ops(M, dtype, extras, monkeypatch):
+    """int8_linear_gemv (quantize + GEMV from C++) gives the bits of the Triton quantize_per_token and
+    int8_matmul ops, non-finite rows included (NaN and Inf: scale NaN / Inf, codes 0)."""
+    _needs_gemv(monkeypatch)
+    N, K = 4096, 1024
+    x, w, ws, bias, smooth = _linear_inputs(M, N, K, extras, "cuda", dtype)
+    if M > 1:
+        x = x.clone()
+        x[..., 1, 3] = float("nan")
+        x[..., M - 1, 7] = float("inf")
+    out_dtype = dtype if dtype != torch.float32 else torch.float32
+    xq, xs = OPS.quantize_per_token(x.reshape(-1, K), smooth)
+    want = OPS.int8_matmul(xq, w, xs, ws, bias, out_dtype).reshape(*x.shape[:-1], N)
+    got = OPS.int8_linear_gemv(x.reshape(-1, K), w, ws, bias, smooth).reshape(*x.shape[:-1], N)
+    same_bits = dict(rtol=0, atol=0, equal_nan=True)  # the rows with NaN / Inf are NaN on both sides
+    torch.testing.assert_close(got, want, **same_bits)
+    assert got[..., 0, :].isfinite().all()
+    assert dk.explain("int8_linear", x, w, ws, bias=bias, smooth=smooth).startswith("cuda: deepseek_kernels._C")
+    torch.testing.assert_close(dk.int8_linear(x, w, ws, bias=bias, smooth=smooth), want, **same_bits)
+
+
+@pytest.mark.gpu
+def test_gemv_route_and_its_switch(monkeypatch):
+    """Eager aligned decode calls take the C++ op; M 17, K off a multiple of 16, an unaligned operand,
+    a float64 bias and DSK_INT8_GEMV=0 take the Triton path; every path gives the Triton op's bits."""
+    _needs_gemv(monkeypatch)
+    a = torch.randint(-127, 128, (4, 4096 + 32), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (300, 4096 + 32), dtype=torch.int8, device="cuda")
+    sa, sb = torch.rand(4, 1, device="cuda"), torch.rand(300, device="cuda")
+    assert dk.explain("int8_matmul", a, b, sa, sb).startswith("cuda: deepseek_kernels._C int8_gemv")
+    cases = {"unaligned rows": (a[:, 16:16 + 4095], b[:, 16:16 + 4095]),  # K 4095
+             "K off 16": (a[:, :4090], b[:, :4090]),
+             "unaligned start": (a[:, 8:8 + 4096], b[:, 8:8 + 4096]),
+             "aligned view": (a[:, 16:16 + 4096], b[:, 16:16 + 4096])}
+    for name, (av, bv) in cases.items():
+        path = dk.explain("int8_matmul", av, bv, sa, sb)
+        assert path.startswith("cuda: deepseek_kernels._C") == (name == "aligned view"), (name, path)
+        assert torch.equal(dk.int8_matmul(av, bv, sa, sb), OPS.int8_matmul(av, bv, sa, sb, None, torch.bfloat16))
+    big = torch.randint(-127, 128, (17, 4096), dtype=torch.int8, device="cuda")
+    assert dk.explain("int8_matmul", big, b[:, :4096], torch.rand(17, 1, device="cuda"), sb).startswith("triton")
+    bias64 = torch.randn(300, device="cuda", dtype=torch.float64)
+    assert dk.explain("int8_matmul", a, b, sa, sb, bias=bias64).startswith("triton")
+    assert not _gemv_path(monkeypatch, False)
+    assert dk.explain("int8_matmul", a, b, sa, sb).startswith("triton")
+
+
+@pytest.mark.gpu
+def test_gemv_ops_reject_bad_input_by_name(monkeypatch):
+    _needs_gemv(monkeypatch)
+    a = torch.randint(-127, 128, (4, 64), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (32, 64), dtype=torch.int8, device="cuda")
+    sa, sb = torch.rand(4, 1, device="cuda"), torch.rand(32, device="cuda")
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        OPS.int8_gemv(torch.zeros(17, 64, dtype=torch.int8, device="cuda"), b, torch.rand(17, device="cuda"), sb, None,
+                      torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        OPS.int8_gemv(a[:, :40], b[:, :40], sa, sb, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        OPS.int8_gemv(a, torch.zeros(32, 80, dtype=torch.int8, device="cuda")[:, 1:65], sa, sb, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        OPS.int8_gemv(a, b, torch.rand(5, device="cuda"), sb, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="b_scale must be float32"):
+        OPS.int8_gemv(a, b, sa, sb.half(), None, torch.bfloat16)
+    with pytest.raises(ValueError, match="bias must be a floating-point tensor"):
+        OPS.int8_gemv(a, b, sa, sb, torch.rand(31, device="cuda"), torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        OPS.int8_gemv(a, b, sa, sb, None, torch.int32)
+    with pytest.raises(ValueError, match="a_q must be int8"):
+        OPS.int8_gemv(a.float(), b, sa, sb, None, torch.bfloat16)
+    x = torch.randn(4, 64, device="cuda")
+    with pytest.raises(ValueError, match="smooth must be a floating-point tensor"):
+        OPS.int8_linear_gemv(x, b, sb, None, torch.rand(63, device="cuda"))
+    with pytest.raises(ValueError, match="weight_scale must be a float32 tensor"):
+        OPS.int8_linear_gemv(x, b, sb.double(), None, None)
+    with pytest.raises(ValueError, match="K mismatch"):
+        OPS.int8_linear_gemv(x[:, :48], b, sb, None, None)
+
+
+@pytest.mark.gpu
+def test_int8_linear_gemv_in_a_cuda_graph(monkeypatch):
+    """Eager decode calls take the C++ op; under CUDA-graph capture the Triton kernels run (the faster
+    GPU time): replays on fresh inputs give the eager call's bits."""
+    _needs_gemv(monkeypatch)
+    N, K = 14336, 4096
+    w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    ws = torch.rand(N, device="cuda") * 1e-3
+    xs = [torch.randn(2, K, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    want = [dk.int8_linear(x, w, ws) for x in xs]
+    assert dk.explain("int8_linear", xs[0], w, ws).startswith("cuda: deepseek_kernels._C")
+    static_x = xs[0].clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = dk.int8_linear(static_x, w, ws)
+        assert dk.explain("int8_linear", static_x, w, ws).startswith("triton")
     for x, r in zip(xs, want):
         static_x.copy_(x)
         g.replay()

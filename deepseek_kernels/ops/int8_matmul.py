@@ -7,14 +7,21 @@ the Triton interpreter, ``TRITON_INTERPRET=1``) they launch the Triton kernel of
 ``quantize_per_token`` runs a one-pass-per-row Triton kernel (bit-exact with the reference) on the
 same devices. Plain eager calls on CUDA tensors skip the dispatcher and launch the same kernels
 directly (``eager_fast_path``): at decode sizes the dispatcher costs more than the kernel.
-``explain`` says which path a call takes.
+Eager decode calls (M <= 16 rows, K a multiple of 16, 16-byte aligned int8 rows) take the CUDA
+extension's ``int8_gemv`` / ``int8_linear_gemv`` ops instead: the same arithmetic (the same bits)
+launched from C++, because Triton's Python launcher costs more host time per call than a decode
+GEMV takes on the GPU (``DSK_INT8_GEMV=0`` turns them off). While a CUDA graph captures, the Triton
+kernels run instead (host time does not count in a replay, and the Triton GEMV streams the weights
+faster: H200 session 13, 17.2 vs 19.2 us at M1 N14336 K4096). ``explain`` says which path a call takes.
 """
 
 import functools
+import os
 import types
 
 import torch
 
+from deepseek_kernels import _extension
 from deepseek_kernels.ops._registry import (
     TRITON_OP,
     define_triton_op,
@@ -77,6 +84,51 @@ def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
             raise ValueError(f"{name}: bias must be a floating-point tensor, got {bias.dtype}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"{name}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+# ---- the C++ decode path ---------------------------------------------------------------------------
+
+GEMV_MAX_M = 16  # the decode kernel's rows (one tensor-core MMA tile)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GEMV_READY: dict = {}  # device index -> whether the decode kernels run there (tests clear it)
+
+
+def _gemv_ready(t: torch.Tensor) -> bool:
+    """Whether the CUDA extension's decode kernels serve ``t``'s device: built, sm_80 or newer (int8
+    mma.sync), and not switched off (``DSK_INT8_GEMV=0``). Cached per device."""
+    idx = t.get_device()
+    ok = _GEMV_READY.get(idx)
+    if ok is None:
+        ok = (os.environ.get("DSK_INT8_GEMV", "1") != "0" and _extension.available()
+              and hasattr(torch.ops.deepseek_kernels, "int8_gemv")
+              and torch.cuda.get_device_capability(idx)[0] >= 8)
+        _GEMV_READY[idx] = ok
+    return ok
+
+
+def _gemv_rows_ok(t: torch.Tensor) -> bool:
+    """An int8 [rows, K] operand the decode kernel reads in 16-byte pieces."""
+    return (t.dtype == torch.int8 and t.dim() == 2 and t.shape[1] % 16 == 0 and t.shape[1] > 0 and t.stride(1) == 1
+            and (t.shape[0] == 1 or t.stride(0) % 16 == 0) and t.data_ptr() % 16 == 0)
+
+
+def _gemv_takes_matmul(a_q, b_q, bias) -> bool:
+    """Whether an eager-eligible int8_matmul call (CUDA tensors) takes the C++ decode kernel."""
+    return (a_q.dim() == 2 and 1 <= a_q.shape[0] <= GEMV_MAX_M and b_q.dim() == 2 and b_q.shape[0] >= 1
+            and _gemv_rows_ok(a_q) and _gemv_rows_ok(b_q) and a_q.shape[1] == b_q.shape[1]
+            and (bias is None or bias.dtype in _FLOAT_DTYPES) and _gemv_ready(a_q)
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _gemv_takes_linear(x, weight, weight_scale, bias, smooth) -> bool:
+    """Whether an eager-eligible int8_linear call (CUDA tensors) takes the C++ decode op."""
+    if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES or x.requires_grad or weight.dim() != 2:
+        return False
+    K = x.shape[-1]
+    return (weight.shape[1] == K and 1 <= x.numel() // max(K, 1) <= GEMV_MAX_M and _gemv_rows_ok(weight)
+            and weight_scale.dtype == torch.float32 and (bias is None or bias.dtype in _FLOAT_DTYPES)
+            and (smooth is None or smooth.dtype in _FLOAT_DTYPES) and _gemv_ready(x)
+            and not torch.cuda.is_current_stream_capturing())
 
 
 # ---- ops -----------------------------------------------------------------------------------------
@@ -198,6 +250,20 @@ if not TRITON_OP:
         return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
+if _extension.available() and hasattr(torch.ops.deepseek_kernels, "int8_gemv"):  # the C++ decode ops
+
+    @torch.library.register_fake("deepseek_kernels::int8_gemv")
+    def _(a_q, b_q, a_scale, b_scale, bias, out_dtype):
+        check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+        return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("deepseek_kernels::int8_linear_gemv")
+    def _(x, weight, weight_scale, bias, smooth):
+        _check_linear_args(x, weight, weight_scale, bias, smooth)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
 QUANTIZE_MAX_BLOCK_K = 16384  # the widest row tile of the per-token quantize kernel (16 warps)
 _QUANTIZE_LAUNCH = None  # DirectLaunch of the quantize kernel (created on first use)
 
@@ -304,6 +370,8 @@ def int8_matmul(
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
     if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
+        if _gemv_takes_matmul(a_q, b_q, bias):  # the op checks the rest (scales, out_dtype, devices)
+            return torch.ops.deepseek_kernels.int8_gemv.default(a_q, b_q, a_scale, b_scale, bias, out_dtype)
         return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
@@ -340,7 +408,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     ``[..., K]`` quantized per token on the fly (``smooth [K]`` divided in first): exactly
     ``int8_matmul(*quantize_per_token(x, smooth=smooth), ...)``. Output in x's dtype for bf16/fp16,
     else float32. (A one-launch kernel fusing both steps for M <= 16 was tried and measured 2x
-    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.)"""
+    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.) Eager decode
+    calls on CUDA take the extension's ``int8_linear_gemv`` (the same two steps, launched from C++)."""
+    if eager_fast_path(x, weight, weight_scale, bias, smooth) and _gemv_takes_linear(x, weight, weight_scale, bias,
+                                                                                      smooth):
+        out = torch.ops.deepseek_kernels.int8_linear_gemv.default(x.reshape(-1, x.shape[-1]), weight, weight_scale,
+                                                                   bias, smooth)  # the op checks the rest
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     _check_linear_args(x, weight, weight_scale, bias, smooth)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
@@ -370,7 +444,10 @@ def _describe_matmul(device: torch.device) -> str:
     return "reference: deepseek_kernels.reference.int8_matmul (tensors on the CPU)"
 
 
-def _explain_matmul(a_q, b_q, *args, **kwargs):
+def _explain_matmul(a_q, b_q, a_scale=None, b_scale=None, *args, bias=None, **kwargs):
+    if (b_scale is not None and eager_fast_path(a_q, b_q, a_scale, b_scale, bias)
+            and _gemv_takes_matmul(a_q, b_q, bias)):
+        return f"cuda: deepseek_kernels._C int8_gemv on {a_q.device} (the decode kernel, M <= {GEMV_MAX_M}, launched from C++)"
     return _describe_matmul(a_q.device)
 
 
@@ -395,7 +472,11 @@ def _describe_linear(device: torch.device) -> str:
     return "reference: quantize_per_token + int8_matmul references (tensors on the CPU)"
 
 
-def _explain_linear(x, weight, *args, **kwargs):
+def _explain_linear(x, weight, weight_scale=None, *args, bias=None, smooth=None, **kwargs):
+    if (weight_scale is not None and eager_fast_path(x, weight, weight_scale, bias, smooth)
+            and _gemv_takes_linear(x, weight, weight_scale, bias, smooth)):
+        return (f"cuda: deepseek_kernels._C int8_linear_gemv on {x.device} (quantize + decode GEMV, M <= {GEMV_MAX_M}, "
+                "two launches from C++)")
     return _describe_linear(x.device)
 
 

@@ -78,6 +78,7 @@ def cases(quick: bool = False) -> list[Case]:
         ))
     if not quick:
         out += _sustained_cases()
+        out += _decode_path_cases()
         out += _linear_decode_cases()
         out += _end_to_end_cases()
     return out
@@ -112,9 +113,45 @@ def _sustained_cases() -> list[Case]:
     return out
 
 
+def _triton_path(a, b, sa, sb, bias, x, w):
+    """int8_matmul's eager path before the C++ decode kernel: the Triton kernel, launched directly."""
+    from deepseek_kernels.ops.int8_matmul import _int8_matmul_impl
+
+    return _int8_matmul_impl(a, b, sa, sb, bias, torch.bfloat16, direct=True)
+
+
+def _gemv_op(a, b, sa, sb, bias, x, w):
+    """The extension's C++ decode op itself (eager int8_matmul takes it; under graph capture it does not)."""
+    return torch.ops.deepseek_kernels.int8_gemv.default(a, b, sa, sb, bias, torch.bfloat16)
+
+
+def _decode_path_cases() -> list[Case]:
+    """The extension's C++ decode op (``int8_gemv``: eager int8_matmul's path for M <= 16) vs the Triton
+    kernel's direct launch (the path under CUDA-graph capture), eager (host time included) and graphed
+    (the GPU time alone). Only where the decode kernel runs (the extension built, sm_80+)."""
+    from deepseek_kernels.ops.int8_matmul import _gemv_ready
+
+    if not (torch.cuda.is_available() and _gemv_ready(torch.empty(0, device="cuda"))):
+        return []
+    out = []
+    for M, N, K in [(1, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336)]:
+        for graph in (False, True):
+            out.append(Case(
+                name=f"M{M} N{N} K{K} C++ decode kernel vs Triton launch" + (" (graphed)" if graph else ""),
+                make_inputs=_inputs(M, N, K),
+                ours=Impl("int8_gemv (C++ op)", _gemv_op),
+                baseline=Impl("Triton kernel, direct launch", _triton_path),
+                bytes=N * K + M * K + 4 * (M + N) + 2 * N + 2 * M * N,
+                params={"M": M, "N": N, "K": K, "baseline": "triton"},
+                check=_check,
+                graph=graph,
+            ))
+    return out
+
+
 def _linear_decode_cases() -> list[Case]:
     """One decode linear as a model runs it: bf16 activations in, bf16 out, the per-token
-    quantization included (``int8_linear``: one fused launch for <= 16 rows) vs bf16 F.linear."""
+    quantization included (``int8_linear``: quantize + GEMM; eager <= 16 rows: the C++ decode op) vs bf16 F.linear."""
     N, K = 14336, 4096
     out = []
     for M in (1, 4, 16):
@@ -141,7 +178,7 @@ def _linear_decode_cases() -> list[Case]:
         for graph in (False, True):
             out.append(Case(
                 name=f"int8_linear M{M} N{N} K{K} (quantize incl.) vs bf16 linear" + (" (graphed)" if graph else ""),
-                make_inputs=make, ours=Impl("int8_linear (fused quantize + GEMM)", ours),
+                make_inputs=make, ours=Impl("int8_linear (quantize + GEMM)", ours),
                 baseline=Impl("cuBLAS bf16", base), bytes=N * K + 2 * M * K + 4 * N + 2 * M * N,
                 params={"M": M, "N": N, "K": K, "baseline": "bf16", "quantize_included": True},
                 check=check, graph=graph,

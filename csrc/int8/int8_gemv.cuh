@@ -1,0 +1,206 @@
+// Decode-sized W8A8 matmul (M <= 16 rows of activations) on the tensor cores, and the per-token
+// quantize that feeds it. Both exist for one reason: an eager decode step launches them from C++
+// (one torch op call) instead of through Triton's Python launcher, which costs more host time per
+// call than the kernels take on the GPU (benchmarks/NOTES.md, session 13).
+//
+// GEMV: out[m, n] = (sum_k a[m, k] * b[n, k]) * a_scale[m] * b_scale[n] (+ bias[n]), int32 sums,
+// the epilogue in fp32 with the Triton kernel's operation order (mul, then fma with the bias), so
+// the two paths give the same bits. One CTA owns 8 * SUB weight rows; its warps split K in steps of
+// 64 bytes and meet in shared memory. Each lane streams 16-byte pieces of the weight rows straight
+// into mma.sync.m16n8k32 operands: the sum over k does not care about the order of k, so lane
+// (g, t) feeds the 16 bytes at k + 16 t of weight row g (and of activation rows g and g + 8) as the
+// logical k slices {4t..4t+3, 16+4t..16+4t+3} of two consecutive MMAs.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace dsk {
+namespace gemv {
+
+enum class FType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+constexpr int kWarps = 8;         // warps per CTA (they split K)
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStepBytes = 64;    // K bytes per warp step: 4 lanes x 16 bytes
+constexpr int kLoadsPerLane = 16; // 16-byte weight loads in flight per lane per loop trip (SUB * UNROLL)
+constexpr int kMaxRows = 16;      // the MMA's M
+
+__device__ __forceinline__ float load_float(const void* p, FType t, int64_t i) {
+  switch (t) {
+    case FType::kF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case FType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_float(void* p, FType t, int64_t i, float v) {
+  switch (t) {
+    case FType::kF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case FType::kBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// 16 weight bytes, read once: no L1 allocation (the activations own L1).
+__device__ __forceinline__ uint4 load_stream(const int8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host side never launches this kernel below sm_80
+#endif
+}
+
+struct GemvArgs {
+  const int8_t* a;        // [M, K], rows `lda` bytes apart (16-byte aligned)
+  const int8_t* b;        // [N, K], rows `ldb` bytes apart (16-byte aligned)
+  const float* a_scale;   // [M]
+  const float* b_scale;   // [N]
+  const void* bias;       // [N] or nullptr
+  void* out;              // [M, N] contiguous
+  int64_t lda, ldb;
+  int M, N, K;            // K a multiple of 16
+  FType bias_t, out_t;
+};
+
+// SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL = kLoadsPerLane).
+template <int SUB, int UNROLL>
+__global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p) {
+  constexpr int kRows = 8 * SUB;
+  __shared__ int partial[kWarps][kMaxRows][kRows];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kRows;
+
+  const int8_t* brow[SUB];
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
+    brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
+  }
+  const bool lo = g < p.M, hi = g + 8 < p.M;  // activation rows g and g + 8 exist
+  const int8_t* arow_lo = p.a + static_cast<int64_t>(lo ? g : 0) * p.lda + t * 16;
+  const int8_t* arow_hi = p.a + static_cast<int64_t>(hi ? g + 8 : 0) * p.lda + t * 16;
+
+  int acc[SUB][4];
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0;
+
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int steps = (p.K + kStepBytes - 1) / kStepBytes;
+  for (int s0 = warp * UNROLL; s0 < steps; s0 += kWarps * UNROLL) {
+    uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int k = (s0 + u) * kStepBytes + t * 16;
+      const bool in = s0 + u < steps && k < p.K;
+#pragma unroll
+      for (int s = 0; s < SUB; ++s) w[u][s] = in ? load_stream(brow[s] + (s0 + u) * kStepBytes) : zero;
+      xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + (s0 + u) * kStepBytes)) : zero;
+      xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + (s0 + u) * kStepBytes)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+      for (int s = 0; s < SUB; ++s) {
+        mma_s8(acc[s], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[u][s].x, w[u][s].y);
+        mma_s8(acc[s], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[u][s].z, w[u][s].w);
+      }
+    }
+  }
+
+  // accumulator fragment: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int col = s * 8 + 2 * t;
+    partial[warp][g][col] = acc[s][0];
+    partial[warp][g][col + 1] = acc[s][1];
+    partial[warp][g + 8][col] = acc[s][2];
+    partial[warp][g + 8][col + 1] = acc[s][3];
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < p.M * kRows; i += kThreads) {
+    const int m = i / kRows, c = i % kRows, n = n0 + c;
+    if (n >= p.N) continue;
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][c];  // fixed order: deterministic
+    // Triton's epilogue, operation for operation: (acc * a_scale) * b_scale, fused with + bias
+    const float scaled = __fmul_rn(static_cast<float>(sum), p.a_scale[m]);
+    const float v = p.bias ? __fmaf_rn(scaled, p.b_scale[n], load_float(p.bias, p.bias_t, n))
+                           : __fmul_rn(scaled, p.b_scale[n]);
+    store_float(p.out, p.out_t, static_cast<int64_t>(m) * p.N + n, v);
+  }
+}
+
+// Per-token symmetric quantization of x [M, K] (rows `ldx` elements apart) into codes [M, K] (rows
+// `ldq` bytes apart) and scales [M], one CTA per row, with the reference's arithmetic (and the
+// Triton kernel's): xs = x / smooth (div.rn), scale = amax|xs| / 127 (NaN anywhere: NaN),
+// q = round-half-even(clamp(xs * (1 / scale), -127, 127)), 0 where that product is NaN.
+constexpr int kQuantThreads = 256;
+
+__device__ __forceinline__ float scaled_input(const void* x, FType xt, int64_t i, const void* smooth, FType st,
+                                              int k) {
+  const float v = load_float(x, xt, i);
+  return smooth ? __fdiv_rn(v, load_float(smooth, st, k)) : v;
+}
+
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void* x, FType xt, int64_t ldx,
+                                                                     const void* smooth, FType st, int8_t* q,
+                                                                     int64_t ldq, float* scale, int K) {
+  __shared__ float warp_amax[kQuantThreads / 32];
+  __shared__ int warp_nan[kQuantThreads / 32];
+  const int64_t row = blockIdx.x;
+  float amax = 0.0f;
+  int nan = 0;
+  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+    const float v = scaled_input(x, xt, row * ldx + k, smooth, st, k);
+    amax = fmaxf(amax, fabsf(v));  // fmaxf drops NaN: flagged separately
+    nan |= v != v;
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    nan |= __shfl_xor_sync(0xffffffffu, nan, d);
+  }
+  if (threadIdx.x % 32 == 0) {
+    warp_amax[threadIdx.x / 32] = amax;
+    warp_nan[threadIdx.x / 32] = nan;
+  }
+  __syncthreads();
+  amax = 0.0f;
+  nan = 0;
+#pragma unroll
+  for (int w = 0; w < kQuantThreads / 32; ++w) {
+    amax = fmaxf(amax, warp_amax[w]);
+    nan |= warp_nan[w];
+  }
+  const float s = __fdiv_rn(nan ? __int_as_float(0x7fc00000) : amax, 127.0f);
+  const float inv = s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
+  if (threadIdx.x == 0) scale[row] = s;
+  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+    const float y = __fmul_rn(scaled_input(x, xt, row * ldx + k, smooth, st, k), inv);
+    q[row * ldq + k] = y != y ? 0 : static_cast<int8_t>(rintf(fminf(fmaxf(y, -127.0f), 127.0f)));
+  }
+}
+
+}  // namespace gemv
+}  // namespace dsk

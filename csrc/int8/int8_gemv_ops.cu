@@ -1,0 +1,204 @@
+// Torch-facing wrappers of the decode-sized int8 kernels (int8_gemv.cuh): argument checks with
+// messages that name the argument, output allocation, device guard, stream, launch. Checks are
+// whole here (the Python fast path calls these ops without checking first).
+#include "int8/int8_gemv_ops.h"
+
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "int8/int8_gemv.cuh"
+
+namespace dsk {
+namespace {
+
+using gemv::FType;
+
+// Messages pass only strings to TORCH_CHECK (see csrc/quantization/blockwise_quant_ops.cpp).
+std::string shape_str(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+std::string dtype_str(at::ScalarType t) { return c10::toString(t); }
+
+bool float_type(at::ScalarType t, FType* out) {
+  switch (t) {
+    case at::kFloat: *out = FType::kF32; return true;
+    case at::kHalf: *out = FType::kF16; return true;
+    case at::kBFloat16: *out = FType::kBF16; return true;
+    default: return false;
+  }
+}
+
+void check_cuda(const char* op, const char* arg, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", arg, " must be on one device with the first operand (",
+                    device.str(), "), got ", t.device().str());
+}
+
+// An int8 [rows, K] operand the kernel reads in 16-byte pieces.
+void check_codes(const char* op, const char* arg, const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kChar, op, ": ", arg, " must be int8, got ", dtype_str(t.scalar_type()),
+                    "; quantize first (quantize_per_token / Int8Linear.from_float)");
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", arg, " must be 2-D ", what, ", got shape ", shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ", t.device().str());
+  const bool rows_ok = t.size(0) == 1 || t.stride(0) % 16 == 0;
+  TORCH_CHECK_VALUE(t.stride(1) == 1 && rows_ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ",
+                    arg, " must have unit stride along K and 16-byte aligned rows (strides ", shape_str(t.strides()),
+                    "); int8_matmul takes any layout");
+}
+
+// fp32 [n] or [n, 1] (`shapes` names them), made contiguous if it is not.
+at::Tensor scale_vector(const char* op, const char* arg, const at::Tensor& t, int64_t n, const char* shapes,
+                        const at::Device& device) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.numel() == n && t.dim() <= 2 && (t.dim() < 2 || t.size(1) == 1), op, ": ", arg,
+                    " must have shape ", shapes, " = ", std::to_string(n), ", got ", shape_str(t.sizes()));
+  check_cuda(op, arg, t, device);
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+// An optional floating-point vector [n]: (pointer or nullptr, its type), kept alive in `keep`.
+const void* float_vector(const char* op, const char* arg, const std::optional<at::Tensor>& t, int64_t n,
+                         const char* dim_name, const at::Device& device, FType* type, at::Tensor* keep) {
+  *type = FType::kF32;
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(float_type(t->scalar_type(), type) && t->dim() == 1 && t->size(0) == n, op, ": ", arg,
+                    " must be a floating-point tensor (float32, float16 or bfloat16) of shape [", dim_name, "] = (",
+                    std::to_string(n), ",), got ", dtype_str(t->scalar_type()), " ", shape_str(t->sizes()));
+  check_cuda(op, arg, *t, device);
+  *keep = t->is_contiguous() ? *t : t->contiguous();
+  return keep->data_ptr();
+}
+
+void check_rows(const char* op, const char* arg, int64_t M, int64_t K) {
+  TORCH_CHECK_VALUE(M >= 1 && M <= gemv::kMaxRows, op, ": ", arg, " must have 1 to 16 rows (decode sizes), got ",
+                    std::to_string(M), "; int8_matmul / int8_linear take any M");
+  TORCH_CHECK_VALUE(K > 0 && K % 16 == 0, op, ": K must be a positive multiple of 16, got ", std::to_string(K),
+                    "; int8_matmul / int8_linear take any K");
+}
+
+void check_arch(const char* op, const at::Device& device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  TORCH_CHECK(prop->major >= 8, op, ": needs an sm_80 or newer GPU (int8 mma.sync), got sm_",
+              std::to_string(prop->major), std::to_string(prop->minor));
+}
+
+template <int SUB, int UNROLL>
+cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
+  const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
+  gemv::int8_gemv_kernel<SUB, UNROLL><<<ctas, gemv::kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Rows per CTA: 64 while that still gives ~1.5 CTAs per SM, else 32 (about one per SM), else 16.
+cudaError_t launch_gemv(const gemv::GemvArgs& a, int sm_count, cudaStream_t stream) {
+  static_assert(8 * 2 == gemv::kLoadsPerLane && 4 * 4 == gemv::kLoadsPerLane && 2 * 8 == gemv::kLoadsPerLane);
+  if ((a.N + 63) / 64 >= sm_count * 3 / 2) return launch<8, 2>(a, stream);
+  if ((a.N + 31) / 32 >= sm_count * 3 / 4) return launch<4, 4>(a, stream);
+  return launch<2, 8>(a, stream);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Fills the GEMV's arguments from checked operands; returns the output.
+at::Tensor run_gemv(const char* op, const at::Tensor& a_q, const at::Tensor& b_q, const float* a_scale,
+                    const at::Tensor& b_scale, const void* bias, FType bias_t, at::ScalarType out_dtype,
+                    cudaStream_t stream) {
+  FType out_t;
+  float_type(out_dtype, &out_t);
+  const int64_t M = a_q.size(0), N = b_q.size(0), K = a_q.size(1);
+  at::Tensor out = at::empty({M, N}, a_q.options().dtype(out_dtype));
+  gemv::GemvArgs g;
+  g.a = a_q.data_ptr<int8_t>();
+  g.b = b_q.data_ptr<int8_t>();
+  g.a_scale = a_scale;
+  g.b_scale = b_scale.data_ptr<float>();
+  g.bias = bias;
+  g.bias_t = bias_t;
+  g.out = out.data_ptr();
+  g.out_t = out_t;
+  g.lda = M > 1 ? a_q.stride(0) : K;
+  g.ldb = N > 1 ? b_q.stride(0) : K;
+  g.M = static_cast<int>(M);
+  g.N = static_cast<int>(N);
+  g.K = static_cast<int>(K);
+  const int sms = at::cuda::getDeviceProperties(a_q.device().index())->multiProcessorCount;
+  check_launch(launch_gemv(g, sms, stream), op);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
+                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                          at::ScalarType out_dtype) {
+  const char* op = "int8_matmul (decode kernel)";
+  check_codes(op, "a_q", a_q, "[M, K]");
+  check_codes(op, "b_q", b_q, "[N, K]");
+  const at::Device device = a_q.device();
+  check_cuda(op, "b_q", b_q, device);
+  TORCH_CHECK_VALUE(a_q.size(1) == b_q.size(1), op, ": K mismatch: a_q is ", shape_str(a_q.sizes()),
+                    " ([M, K]) and b_q is ", shape_str(b_q.sizes()), " ([N, K])");
+  const int64_t M = a_q.size(0), N = b_q.size(0);
+  check_rows(op, "a_q", M, a_q.size(1));
+  TORCH_CHECK_VALUE(N >= 1, op, ": b_q must have at least one row, got ", shape_str(b_q.sizes()));
+  FType out_t;
+  TORCH_CHECK_VALUE(float_type(out_dtype, &out_t), op, ": out_dtype must be bfloat16, float16 or float32, got ",
+                    dtype_str(out_dtype));
+  const at::Tensor sa = scale_vector(op, "a_scale", a_scale, M, "[M, 1] or [M] with M", device);
+  const at::Tensor sb = scale_vector(op, "b_scale", b_scale, N, "[N] with N", device);
+  FType bias_t;
+  at::Tensor bias_keep;
+  const void* bias_ptr = float_vector(op, "bias", bias, N, "N", device, &bias_t, &bias_keep);
+  check_arch(op, device);
+  const c10::cuda::CUDAGuard guard(device);
+  return run_gemv(op, a_q, b_q, sa.data_ptr<float>(), sb, bias_ptr, bias_t, out_dtype,
+                  at::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth) {
+  const char* op = "int8_linear (decode kernel)";
+  FType x_t;
+  TORCH_CHECK_VALUE(float_type(x.scalar_type(), &x_t), op,
+                    ": x must be a floating-point tensor (float32, float16 or bfloat16) [M, K], got ",
+                    dtype_str(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device().str());
+  check_codes(op, "weight", weight, "[N, K]");
+  const at::Device device = x.device();
+  check_cuda(op, "weight", weight, device);
+  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), op, ": K mismatch: x is ", shape_str(x.sizes()),
+                    " ([M, K]) and weight is ", shape_str(weight.sizes()), " ([N, K])");
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  check_rows(op, "x", M, K);
+  TORCH_CHECK_VALUE(N >= 1, op, ": weight must have at least one row, got ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1, op,
+                    ": weight_scale must be a float32 tensor of shape [N] = (", std::to_string(N), ",), got ",
+                    dtype_str(weight_scale.scalar_type()), " ", shape_str(weight_scale.sizes()));
+  const at::Tensor sw = scale_vector(op, "weight_scale", weight_scale, N, "[N] with N", device);
+  FType bias_t, smooth_t;
+  at::Tensor bias_keep, smooth_keep;
+  const void* bias_ptr = float_vector(op, "bias", bias, N, "N", device, &bias_t, &bias_keep);
+  const void* smooth_ptr = float_vector(op, "smooth", smooth, K, "K", device, &smooth_t, &smooth_keep);
+  check_arch(op, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  const at::Tensor x2 = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));  // K % 16 == 0: rows 16-byte aligned
+  at::Tensor scales = at::empty({M}, x.options().dtype(at::kFloat));
+  gemv::quantize_rows_kernel<<<static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream>>>(
+      x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth_ptr, smooth_t, codes.data_ptr<int8_t>(), K,
+      scales.data_ptr<float>(), static_cast<int>(K));
+  check_launch(cudaGetLastError(), op);
+  const at::ScalarType out_dtype = x.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  return run_gemv(op, codes, weight, scales.data_ptr<float>(), sw, bias_ptr, bias_t, out_dtype, stream);
+}
+
+}  // namespace dsk
