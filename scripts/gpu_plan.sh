@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8-rested | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -128,6 +128,14 @@ case "$step" in
     for shape in 1,14336,4096 2048,4096,4096; do timeout 120 "$PY" benchmarks/diag_eager_overhead.py --shape "$shape"; done
     timeout 300 "$PY" -m deepseek_kernels.cli bench int8_matmul --filter "^M2048 N4096 K4096|graphed|^e2e" \
       --out "$OUT/int8_eager" ;;
+  tune-int8-gemv)  # issue 5: the C++ decode GEMV's variants (rows per CTA, register double buffer) vs the Triton
+    # GEMV, graphed and eager, each variant in its own process (needs the CUDA build: built here if missing)
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=line tests/test_int8_matmul.py -k "gemv or linear" \
+      | tail -3
+    DSK_INT8_GEMV_PIPE=1 timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=line tests/test_int8_matmul.py \
+      -k "gemv_sums or linear_gemv_bits" | tail -2
+    timeout 300 "$PY" benchmarks/tune_int8_gemv.py --out "$OUT/tune_int8_gemv.json" ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;

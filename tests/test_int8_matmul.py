@@ -762,3 +762,20 @@ def test_int8_linear_gemv_in_a_cuda_graph(monkeypatch):
         static_x.copy_(x)
         g.replay()
         assert torch.equal(static_out, r)
+
+
+@pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")
+def test_gemv_ops_have_fake_impls_for_tracing():
+    """The C++ decode ops' fake impls (torch.compile / export): output shapes and dtypes, and the
+    argument checks of the public functions, on meta tensors (no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.empty(3, 64, dtype=torch.int8), torch.empty(40, 64, dtype=torch.int8)
+        out = OPS.int8_gemv(a, b, torch.empty(3, 1), torch.empty(40), None, torch.float16)
+        assert out.shape == (3, 40) and out.dtype == torch.float16
+        x = torch.empty(2, 64, dtype=torch.bfloat16)
+        out = OPS.int8_linear_gemv(x, b, torch.empty(40), torch.empty(40, dtype=torch.bfloat16), None)
+        assert out.shape == (2, 40) and out.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="K mismatch"):
+            OPS.int8_gemv(a, b[:, :48], torch.empty(3, 1), torch.empty(40), None, torch.float16)

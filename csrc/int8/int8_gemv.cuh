@@ -26,7 +26,6 @@ enum class FType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 constexpr int kWarps = 8;         // warps per CTA (they split K)
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStepBytes = 64;    // K bytes per warp step: 4 lanes x 16 bytes
-constexpr int kLoadsPerLane = 16; // 16-byte weight loads in flight per lane per loop trip (SUB * UNROLL)
 constexpr int kMaxRows = 16;      // the MMA's M
 
 __device__ __forceinline__ float load_float(const void* p, FType t, int64_t i) {
@@ -79,8 +78,45 @@ struct GemvArgs {
   FType bias_t, out_t;
 };
 
-// SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL = kLoadsPerLane).
+// One loop trip's operands of one lane: UNROLL K steps of SUB weight pieces and two activation pieces.
 template <int SUB, int UNROLL>
+struct Trip {
+  uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
+};
+
+// The lane's operands of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K).
+template <int SUB, int UNROLL>
+__device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], const int8_t* arow_lo,
+                                          const int8_t* arow_hi, bool lo, bool hi, int s0, int steps, int k_lane,
+                                          int K) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int off = (s0 + u) * kStepBytes;
+    const bool in = s0 + u < steps && off + k_lane < K;
+#pragma unroll
+    for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : zero;
+    r.xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + off)) : zero;
+    r.xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + off)) : zero;
+  }
+}
+
+template <int SUB, int UNROLL>
+__device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNROLL>& r) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+    for (int s = 0; s < SUB; ++s) {
+      mma_s8(acc[s], r.xl[u].x, r.xh[u].x, r.xl[u].y, r.xh[u].y, r.w[u][s].x, r.w[u][s].y);
+      mma_s8(acc[s], r.xl[u].z, r.xh[u].z, r.xl[u].w, r.xh[u].w, r.w[u][s].z, r.w[u][s].w);
+    }
+  }
+}
+
+// SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL 16-byte weight loads
+// per lane). PIPE: the next trip's loads are issued before this trip's MMAs (two register buffers; the
+// launcher halves SUB * UNROLL to keep the registers of the plain form).
+template <int SUB, int UNROLL, bool PIPE>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p) {
   constexpr int kRows = 8 * SUB;
   __shared__ int partial[kWarps][kMaxRows][kRows];
@@ -103,26 +139,23 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
 #pragma unroll
   for (int s = 0; s < SUB; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0;
 
-  const uint4 zero = make_uint4(0, 0, 0, 0);
   const int steps = (p.K + kStepBytes - 1) / kStepBytes;
-  for (int s0 = warp * UNROLL; s0 < steps; s0 += kWarps * UNROLL) {
-    uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int k = (s0 + u) * kStepBytes + t * 16;
-      const bool in = s0 + u < steps && k < p.K;
-#pragma unroll
-      for (int s = 0; s < SUB; ++s) w[u][s] = in ? load_stream(brow[s] + (s0 + u) * kStepBytes) : zero;
-      xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + (s0 + u) * kStepBytes)) : zero;
-      xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + (s0 + u) * kStepBytes)) : zero;
+  constexpr int kStride = kWarps * UNROLL;  // K steps between a warp's trips
+  Trip<SUB, UNROLL> cur;
+  if constexpr (!PIPE) {
+    for (int s0 = warp * UNROLL; s0 < steps; s0 += kStride) {
+      load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
+      mma_trip(acc, cur);
     }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-#pragma unroll
-      for (int s = 0; s < SUB; ++s) {
-        mma_s8(acc[s], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[u][s].x, w[u][s].y);
-        mma_s8(acc[s], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[u][s].z, w[u][s].w);
-      }
+  } else {
+    Trip<SUB, UNROLL> nxt;
+    int s0 = warp * UNROLL;
+    load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
+    for (; s0 < steps; s0 += 2 * kStride) {  // trips past the end load zeros (they add nothing)
+      load_trip(nxt, brow, arow_lo, arow_hi, lo, hi, s0 + kStride, steps, t * 16, p.K);
+      mma_trip(acc, cur);
+      load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0 + 2 * kStride, steps, t * 16, p.K);
+      mma_trip(acc, nxt);
     }
   }
 
@@ -155,7 +188,8 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
 // `ldq` bytes apart) and scales [M], one CTA per row, with the reference's arithmetic (and the
 // Triton kernel's): xs = x / smooth (div.rn), scale = amax|xs| / 127 (NaN anywhere: NaN),
 // q = round-half-even(clamp(xs * (1 / scale), -127, 127)), 0 where that product is NaN.
-constexpr int kQuantThreads = 256;
+constexpr int kQuantThreads = 512;
+constexpr int kQuantVals = 32;  // values per thread held in registers: rows up to 16384 are read once
 
 __device__ __forceinline__ float scaled_input(const void* x, FType xt, int64_t i, const void* smooth, FType st,
                                               int k) {
@@ -163,19 +197,15 @@ __device__ __forceinline__ float scaled_input(const void* x, FType xt, int64_t i
   return smooth ? __fdiv_rn(v, load_float(smooth, st, k)) : v;
 }
 
-__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void* x, FType xt, int64_t ldx,
-                                                                     const void* smooth, FType st, int8_t* q,
-                                                                     int64_t ldq, float* scale, int K) {
+__device__ __forceinline__ int8_t code_of(float xs, float inv) {
+  const float y = __fmul_rn(xs, inv);
+  return y != y ? 0 : static_cast<int8_t>(rintf(fminf(fmaxf(y, -127.0f), 127.0f)));
+}
+
+// The row's (scale, 1 / scale) from each thread's |x| maximum and NaN flag (NaN anywhere: NaN).
+__device__ __forceinline__ float2 row_scale(float amax, int nan) {
   __shared__ float warp_amax[kQuantThreads / 32];
   __shared__ int warp_nan[kQuantThreads / 32];
-  const int64_t row = blockIdx.x;
-  float amax = 0.0f;
-  int nan = 0;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
-    const float v = scaled_input(x, xt, row * ldx + k, smooth, st, k);
-    amax = fmaxf(amax, fabsf(v));  // fmaxf drops NaN: flagged separately
-    nan |= v != v;
-  }
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) {
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
@@ -194,11 +224,44 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
     nan |= warp_nan[w];
   }
   const float s = __fdiv_rn(nan ? __int_as_float(0x7fc00000) : amax, 127.0f);
-  const float inv = s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
-  if (threadIdx.x == 0) scale[row] = s;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) {
-    const float y = __fmul_rn(scaled_input(x, xt, row * ldx + k, smooth, st, k), inv);
-    q[row * ldq + k] = y != y ? 0 : static_cast<int8_t>(rintf(fminf(fmaxf(y, -127.0f), 127.0f)));
+  return make_float2(s, s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f);
+}
+
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void* x, FType xt, int64_t ldx,
+                                                                     const void* smooth, FType st, int8_t* q,
+                                                                     int64_t ldq, float* scale, int K) {
+  const int64_t row = blockIdx.x;
+  float amax = 0.0f;  // fmaxf drops NaN: flagged separately
+  int nan = 0;
+  if (K <= kQuantThreads * kQuantVals) {  // one read: the row stays in registers (loads all in flight)
+    float v[kQuantVals];
+#pragma unroll
+    for (int j = 0; j < kQuantVals; ++j) {
+      const int k = j * kQuantThreads + threadIdx.x;
+      v[j] = k < K ? scaled_input(x, xt, row * ldx + k, smooth, st, k) : 0.0f;
+      amax = fmaxf(amax, fabsf(v[j]));
+      nan |= v[j] != v[j];
+    }
+    const float2 s = row_scale(amax, nan);
+    if (threadIdx.x == 0) scale[row] = s.x;
+#pragma unroll
+    for (int j = 0; j < kQuantVals; ++j) {
+      const int k = j * kQuantThreads + threadIdx.x;
+      if (k < K) q[row * ldq + k] = code_of(v[j], s.y);
+    }
+  } else {  // longer rows: read twice (the second read mostly from L2)
+#pragma unroll 8
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+      const float v = scaled_input(x, xt, row * ldx + k, smooth, st, k);
+      amax = fmaxf(amax, fabsf(v));
+      nan |= v != v;
+    }
+    const float2 s = row_scale(amax, nan);
+    if (threadIdx.x == 0) scale[row] = s.x;
+#pragma unroll 8
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) {
+      q[row * ldq + k] = code_of(scaled_input(x, xt, row * ldx + k, smooth, st, k), s.y);
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 // whole here (the Python fast path calls these ops without checking first).
 #include "int8/int8_gemv_ops.h"
 
+#include <cstdlib>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -86,19 +87,48 @@ void check_arch(const char* op, const at::Device& device) {
               std::to_string(prop->major), std::to_string(prop->minor));
 }
 
-template <int SUB, int UNROLL>
+template <int SUB, int UNROLL, bool PIPE>
 cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
-  gemv::int8_gemv_kernel<SUB, UNROLL><<<ctas, gemv::kThreads, 0, stream>>>(a);
+  gemv::int8_gemv_kernel<SUB, UNROLL, PIPE><<<ctas, gemv::kThreads, 0, stream>>>(a);
   return cudaGetLastError();
+}
+
+// Tuning switches, read once per process: DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset:
+// by N, below) and DSK_INT8_GEMV_PIPE=1 (the register double-buffered main loop). benchmarks/tune_int8_gemv.py
+// times each in its own process.
+struct GemvChoice {
+  int rows = 0;
+  bool pipe = false;
+};
+
+const GemvChoice& gemv_choice() {
+  static const GemvChoice choice = [] {
+    GemvChoice c;
+    if (const char* v = std::getenv("DSK_INT8_GEMV_ROWS"); v && *v) {
+      const std::string s(v);
+      TORCH_CHECK_VALUE(s == "16" || s == "32" || s == "64", "DSK_INT8_GEMV_ROWS must be 16, 32 or 64, got '", s, "'");
+      c.rows = std::stoi(s);
+    }
+    if (const char* v = std::getenv("DSK_INT8_GEMV_PIPE"); v && *v) {
+      const std::string s(v);
+      TORCH_CHECK_VALUE(s == "0" || s == "1", "DSK_INT8_GEMV_PIPE must be 0 or 1, got '", s, "'");
+      c.pipe = s == "1";
+    }
+    return c;
+  }();
+  return choice;
 }
 
 // Rows per CTA: 64 while that still gives ~1.5 CTAs per SM, else 32 (about one per SM), else 16.
 cudaError_t launch_gemv(const gemv::GemvArgs& a, int sm_count, cudaStream_t stream) {
-  static_assert(8 * 2 == gemv::kLoadsPerLane && 4 * 4 == gemv::kLoadsPerLane && 2 * 8 == gemv::kLoadsPerLane);
-  if ((a.N + 63) / 64 >= sm_count * 3 / 2) return launch<8, 2>(a, stream);
-  if ((a.N + 31) / 32 >= sm_count * 3 / 4) return launch<4, 4>(a, stream);
-  return launch<2, 8>(a, stream);
+  const GemvChoice& c = gemv_choice();
+  int rows = c.rows;
+  if (rows == 0) rows = (a.N + 63) / 64 >= sm_count * 3 / 2 ? 64 : (a.N + 31) / 32 >= sm_count * 3 / 4 ? 32 : 16;
+  // plain: SUB * UNROLL = 16 loads per trip; pipelined: 8 per buffer, two buffers
+  if (rows == 64) return c.pipe ? launch<8, 1, true>(a, stream) : launch<8, 2, false>(a, stream);
+  if (rows == 32) return c.pipe ? launch<4, 2, true>(a, stream) : launch<4, 4, false>(a, stream);
+  return c.pipe ? launch<2, 4, true>(a, stream) : launch<2, 8, false>(a, stream);
 }
 
 void check_launch(cudaError_t err, const char* op) {

@@ -1,0 +1,116 @@
+"""The C++ decode GEMV's launch variants (csrc/int8/int8_gemv.cuh) against the Triton GEMV, on the GPU.
+
+    python benchmarks/tune_int8_gemv.py [--out FILE.json]
+
+The variant is fixed per process (DSK_INT8_GEMV_ROWS: weight rows per CTA, DSK_INT8_GEMV_PIPE: the
+register double-buffered loop), so each runs in a child process of this script. Per shape each child
+checks the op's bits against the Triton op, then times, replayed from CUDA graphs over enough copies
+of the weights to defeat the L2: ``int8_gemv`` vs the Triton kernel (direct launch), and
+``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each.
+Prints one table; the parent needs no GPU work of its own.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SHAPES = [(1, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
+VARIANTS = [("", ""), ("64", ""), ("32", ""), ("16", ""), ("", "1"), ("64", "1"), ("32", "1"), ("16", "1")]
+
+
+def eager_us(fn, calls: int = 300) -> float:
+    """Microseconds per call of back-to-back eager calls (max of host and GPU time per call)."""
+    import time
+
+    import torch
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def child() -> None:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _tuning import bench_graphed_sets, sets_for
+
+    from deepseek_kernels.ops.int8_matmul import _gemv_ready, _int8_matmul_impl, _launch_quantize_per_token
+
+    assert _gemv_ready(torch.empty(0, device="cuda")), "the extension's decode kernels are not available"
+    ops = torch.ops.deepseek_kernels
+    rows = []
+    for M, N, K in SHAPES:
+        sets = sets_for(N * K)
+        ws = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
+        sw = torch.rand(N, device="cuda") * 1e-3
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = ops.quantize_per_token(x, None)
+        same = torch.equal(ops.int8_gemv(xq, ws[0], xs, sw, None, torch.bfloat16),
+                           ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16))
+        same_lin = torch.equal(ops.int8_linear_gemv(x, ws[0], sw, None, None),
+                               ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16))
+
+        def cpp(i):
+            return ops.int8_gemv.default(xq, ws[i], xs, sw, None, torch.bfloat16)
+
+        def tri(i):
+            return _int8_matmul_impl(xq, ws[i], xs, sw, None, torch.bfloat16, direct=True, check=False)
+
+        def cpp_lin(i):
+            return ops.int8_linear_gemv.default(x, ws[i], sw, None, None)
+
+        def tri_lin(i):
+            q, s = _launch_quantize_per_token(x, None, direct=True)
+            return _int8_matmul_impl(q, ws[i], s, sw, None, torch.bfloat16, direct=True, check=False)
+
+        us = {name: 1e3 * bench_graphed_sets(fn, sets) for name, fn in
+              (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))}
+        us.update({f"{name}_eager": eager_us(lambda fn=fn: fn(0)) for name, fn in
+                   (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))})
+        rows.append({"M": M, "N": N, "K": K, "same_bits": same, "same_bits_linear": same_lin,
+                     "weight_gbps": N * K / us["gemv"] / 1e3, **us})
+    print("RESULT " + json.dumps(rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child()
+        return
+    results = []
+    for rows, pipe in VARIANTS:
+        env = {**os.environ, "DSK_INT8_GEMV_ROWS": rows, "DSK_INT8_GEMV_PIPE": pipe}
+        label = f"rows={rows or 'auto'} pipe={pipe or '0'}"
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
+                              text=True, timeout=240)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
+            results.append({"variant": label, "error": proc.stderr[-2000:]})
+            continue
+        for r in json.loads(lines[-1][len("RESULT "):]):
+            results.append({"variant": label, **r})
+            print(f"{label:18s} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {'ok' if r['same_bits'] and r['same_bits_linear'] else 'DIFFER'}"
+                  f"  graphed gemv {r['gemv']:6.1f} us vs triton {r['triton']:6.1f} ({r['triton'] / r['gemv']:.2f}x),"
+                  f" linear {r['linear']:6.1f} vs {r['triton_linear']:6.1f}"
+                  f" | eager gemv {r['gemv_eager']:6.1f} vs {r['triton_eager']:6.1f},"
+                  f" linear {r['linear_eager']:6.1f} vs {r['triton_linear_eager']:6.1f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
