@@ -125,7 +125,8 @@ def _gemv_takes_linear(x, weight, weight_scale, bias, smooth) -> bool:
     if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES or x.requires_grad or weight.dim() != 2:
         return False
     K = x.shape[-1]
-    return (weight.shape[1] == K and 1 <= x.numel() // max(K, 1) <= GEMV_MAX_M and _gemv_rows_ok(weight)
+    return (weight.shape[1] == K and weight.shape[0] >= 1 and 1 <= x.numel() // max(K, 1) <= GEMV_MAX_M
+            and _gemv_rows_ok(weight)
             and weight_scale.dtype == torch.float32 and (bias is None or bias.dtype in _FLOAT_DTYPES)
             and (smooth is None or smooth.dtype in _FLOAT_DTYPES) and _gemv_ready(x)
             and not torch.cuda.is_current_stream_capturing())
