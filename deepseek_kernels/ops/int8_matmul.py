@@ -95,7 +95,10 @@ _GEMV_READY: dict = {}  # device index -> whether the decode kernels run there (
 
 def _gemv_ready(t: torch.Tensor) -> bool:
     """Whether the CUDA extension's decode kernels serve ``t``'s device: built, sm_80 or newer (int8
-    mma.sync), and not switched off (``DSK_INT8_GEMV=0``). Cached per device."""
+    mma.sync), and not switched off (``DSK_INT8_GEMV=0``). Cached per device; never for CPU tensors (the
+    interpreter tests force the eager path on them)."""
+    if not t.is_cuda:
+        return False
     idx = t.get_device()
     ok = _GEMV_READY.get(idx)
     if ok is None:
