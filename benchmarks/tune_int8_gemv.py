@@ -90,7 +90,7 @@ def main() -> None:
         return
     results = []
     for rows, pipe in VARIANTS:
-        env = {**os.environ, "DSK_INT8_GEMV_ROWS": rows, "DSK_INT8_GEMV_PIPE": pipe}
+        env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_ROWS": rows, "DSK_INT8_GEMV_PIPE": pipe}
         label = f"rows={rows or 'auto'} pipe={pipe or '0'}"
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
                               text=True, timeout=240)
