@@ -19,9 +19,6 @@ from deepseek_kernels.triton import sparse_ffn as tk
 from _tuning import kernel_times, print_kernel_times, save_json, sets_for
 
 
-PREFETCH_COMBOS = [(0, 0), (1, 0), (0, 1), (1, 1), (2, 2)]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.15)
@@ -52,7 +49,6 @@ def main():
             t_op = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
                 x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
             t_dense = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: swiglu_ffn_ref(x, wg, wu, wd), sets[:1])
-            plain_out = [dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio) for x, wr, wg, wu, wd, *_ in sets]
             # the router's variants: one kernel (the path before the split), split with 1 warp selecting
             t_route1 = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(
                 x, wr, k=k, gate="sigmoid", weighting="gate", splits=1, select="loop"), sets)
@@ -67,24 +63,6 @@ def main():
             t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
                 x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
                 for sp in (2, 4, 8)}
-            # the gate/up kernel prefetching the down weights into L2 (session 12, opt-in gate_up.prefetch_down):
-            # the decode kernels alone with programmatic dependent launches, 0 = off, 1 = plain, 2 = evict_last
-            t_pf = {m: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, m=m: tk.sparse_ffn_decode(
-                x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, pdl=True,
-                config={"gate_up": {"prefetch_down": m}}), sets) for m in (0, 1, 2)}
-            # the whole op with the decode chain's L2 prefetches (session 12, opt-in): (gate/up rows by the
-            # router, down rows by gate/up), 0 off / 1 plain / 2 evict_last; the same bits checked
-            t_chain, chain_same = {}, True
-            before = (tk.DECODE_PREFETCH_GATE_UP, tk.DECODE_PREFETCH_DOWN)
-            try:
-                for gu_mode, dn_mode in PREFETCH_COMBOS:
-                    tk.DECODE_PREFETCH_GATE_UP, tk.DECODE_PREFETCH_DOWN = gu_mode, dn_mode
-                    chain_same &= all(torch.equal(dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio), ref)
-                                      for (x, wr, wg, wu, wd, *_), ref in zip(sets, plain_out))
-                    t_chain[(gu_mode, dn_mode)] = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
-                        x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
-            finally:
-                tk.DECODE_PREFETCH_GATE_UP, tk.DECODE_PREFETCH_DOWN = before
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
             # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
@@ -111,11 +89,6 @@ def main():
                   f"{t_op['ms'] * 1e3:.1f}u (same bits: {fused_same})")
         print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
               + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
-        print("    whole op with L2 prefetches (gate/up rows by the router, down rows by gate/up; 0 off, 1 plain, "
-              "2 evict_last): " + ", ".join(f"{c} {t['ms'] * 1e3:.1f}u" for c, t in t_chain.items())
-              + f" (same bits: {chain_same})")
-        print("    decode kernels with PDL, down weights prefetched into L2 by gate/up off / plain / evict_last: "
-              + " / ".join(f"{t_pf[m]['ms'] * 1e3:.1f}" for m in (0, 1, 2)) + "u")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -133,9 +106,6 @@ def main():
                    router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
                    router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
                    decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
-                   decode_pdl_prefetch_down_ms={m: t["ms"] for m, t in t_pf.items()},
-                   op_prefetch_ms={f"gate_up{c[0]}_down{c[1]}": t["ms"] for c, t in t_chain.items()},
-                   op_prefetch_same_bits=chain_same,
                    op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same)
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "

@@ -34,7 +34,7 @@ def compile_for(fn, args: dict, arch: int, **options):
         v = args[name] if name in args else p.default
         # what a real launch specializes on: ints equal to 1 become constants, ints that are
         # multiples of 16 and (16-byte aligned) pointers carry a divisibility hint
-        if p.is_constexpr or v is None or (type(v) is int and v == 1 and not p.do_not_specialize):
+        if p.is_constexpr or (type(v) is int and v == 1 and not p.do_not_specialize):
             sig[name] = "constexpr"
             constexprs[(i,)] = v
         elif isinstance(v, torch.Tensor):
@@ -144,17 +144,12 @@ def cases():
                 dict(rt, BLOCK_T=2, RANK_SELECT=True), dict(num_warps=4)))
     out.append(("sparse router select by rank, programmatic dependent launch", sf._sparse_ffn_router_kernel,
                 dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True), dict(num_warps=4, launch_pdl=True)))
-    # the router's L2 prefetch of the chosen blocks' gate/up rows (session 12, opt-in DECODE_PREFETCH_GATE_UP)
-    for mode in (1, 2):
-        out.append((f"sparse router select by rank, gate/up L2 prefetch {mode}, PDL", sf._sparse_ffn_router_kernel,
-                    dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True, WG=bf16, WU=bf16, BS=224, S=1, stride_gf=4096,
-                         PREFETCH_GATE_UP=mode), dict(num_warps=4, launch_pdl=True), "cp.async.bulk.prefetch.L2"))
     out.append(("sparse router, one kernel (logits + loop)", sf._sparse_ffn_router_kernel,
                 dict(rt, T=8192, SPLITS=0, BLOCK_T=32, RANK_SELECT=False), dict(num_warps=4)))
 
-    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, WD=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
-               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, stride_dn=14336, DOT_PRECISION="tf32",
-               BLOCK_T=16, BLOCK_KS=16, BLOCK_B=64)
+    dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
+               stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,
+               BLOCK_KS=16, BLOCK_B=64)
     base = sf.decode_launch_config(1, 4096, 224)
     g = base["gate_up"]
     out.append(("sparse decode gate/up", sf._sparse_ffn_decode_gate_up_kernel,
@@ -163,12 +158,6 @@ def cases():
     out.append(("sparse decode gate/up, programmatic dependent launch", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"], PDL=True),
                 dict(num_warps=g["num_warps"], num_stages=g["num_stages"], launch_pdl=True)))
-    # the down-projection L2 prefetch (session 12, opt-in gate_up.prefetch_down 1 / 2): the bulk prefetch must be there
-    for mode in (1, 2):
-        out.append((f"sparse decode gate/up, down-weight L2 prefetch {mode}, PDL", sf._sparse_ffn_decode_gate_up_kernel,
-                    dict(dec, BLOCK_N=g["block_n"], BLOCK_K=g["block_k"], PDL=True, PREFETCH_DOWN=mode),
-                    dict(num_warps=g["num_warps"], num_stages=g["num_stages"], launch_pdl=True),
-                    "cp.async.bulk.prefetch.L2"))
     d = base["down"]
     down = dict(H=bf16, WD=bf16, IDX=i32, OUT=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64, NR=64, stride_wd=14336,
                 stride_wf=1, stride_ot=4096, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_N=d["block_n"],

@@ -359,32 +359,6 @@ def test_decode_launch_configs_agree(config, poisoned):
         tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"down": {"block_q": 8}})
 
 
-def test_decode_prefetch_down_is_a_hint(poisoned):
-    """``gate_up.prefetch_down`` (opt-in L2 prefetch of the down weights, Hopper only) changes no result: where
-    the bulk prefetch cannot run (the interpreter, a CPU tensor) the kernels run without it; a value other than
-    0, 1, 2 is an error naming the setting."""
-    x, wg, wu, wd, idx, w = _ffn_inputs((5, 40, 120, 8, 1, 3, False, None), torch.float32)
-    want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8)
-    for mode in (1, 2):
-        got = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8,
-                                   config={"gate_up": {"prefetch_down": mode}})
-        assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="prefetch_down must be 0, 1 or 2"):
-        tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=1, n_blocks=8, config={"gate_up": {"prefetch_down": 3}})
-    from deepseek_kernels.triton.sparse_ffn import _l2_prefetch_ok
-
-    assert not _l2_prefetch_ok(wd, 15)
-    # the router's prefetch of the chosen blocks' gate/up rows: the same routing; a bad mode is an error
-    wr = torch.randn(7, 40)
-    want_route = tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate")
-    got_route = tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate", prefetch=(wg, wu, 1, 2))
-    assert all(torch.equal(a, b) for a, b in zip(got_route, want_route))
-    with pytest.raises(ValueError, match="prefetch mode must be 0, 1 or 2"):
-        tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate", prefetch=(wg, wu, 1, 5))
-    with pytest.raises(ValueError, match="prefetch weights must be"):
-        tk.sparse_ffn_route(x, wr, k=3, gate="sigmoid", weighting="gate", prefetch=(wg[:100], wu[:100], 1, 1))
-
-
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
     *c[:6], "empty" if c[6] else "full", str(c[7])))
 def test_decode_down_splits_match_reference(case, poisoned):
@@ -579,74 +553,6 @@ def test_decode_down_splits_on_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(graphed, out)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 2, 8])
-def test_decode_prefetch_down_on_gpu(T):
-    """The gate/up kernel's L2 prefetch of the down weights (opt-in ``gate_up.prefetch_down`` 1 / 2) at the issue's
-    shapes: the bulk prefetch runs (the layout allows it on Hopper), the output has the bits of the plain kernels,
-    with programmatic dependent launches too and replayed from a CUDA graph."""
-    from deepseek_kernels.triton.sparse_ffn import _l2_prefetch_ok
-
-    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk L2 prefetch needs compute capability 9+")
-    assert _l2_prefetch_ok(wd, 224)
-    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.15 * 64), gate="sigmoid", weighting="gate")
-    want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64)
-    for mode in (1, 2):
-        cfg = {"gate_up": {"prefetch_down": mode}}
-        for pdl in (False, True):
-            assert torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, config=cfg,
-                                                    pdl=pdl), want)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            graphed = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64, config=cfg, pdl=True)
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(graphed, want)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 2, 8])
-def test_decode_chain_prefetches_on_gpu(T, monkeypatch):
-    """Both L2 prefetches of the decode chain on (DECODE_PREFETCH_GATE_UP: the router prefetches the chosen
-    blocks' gate/up rows; DECODE_PREFETCH_DOWN: gate/up prefetches the down rows), in every mode: eager
-    gated_sparse_ffn calls with programmatic dependent launches give the bits of the plain chain on thirty
-    fresh inputs, replayed from a CUDA graph too; with shared blocks as well."""
-    import deepseek_kernels as dk
-    from deepseek_kernels.ops._registry import programmatic_launches
-
-    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk L2 prefetch needs compute capability 9+")
-    xs = [torch.randn_like(x) for _ in range(30)]
-    wr_shared = wr[:62].contiguous()  # 2 shared blocks + 62 routed
-
-    def run(v, shared):
-        with torch.no_grad():
-            if shared:
-                return dk.gated_sparse_ffn(v, wr_shared, wg, wu, wd, active_ratio=0.15, shared_blocks=2)
-            return dk.gated_sparse_ffn(v, wr, wg, wu, wd, active_ratio=0.15)
-
-    with programmatic_launches(True):
-        for shared in (False, True):
-            want = [run(v, shared) for v in xs]
-            for mode in (1, 2):
-                monkeypatch.setattr(tk, "DECODE_PREFETCH_GATE_UP", mode)
-                monkeypatch.setattr(tk, "DECODE_PREFETCH_DOWN", mode)
-                assert all(torch.equal(run(v, shared), r) for v, r in zip(xs, want))
-                static_x = xs[0].clone()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    static_out = run(static_x, shared)
-                for v, r in list(zip(xs, want))[:5]:
-                    static_x.copy_(v)
-                    g.replay()
-                    assert torch.equal(static_out, r)
-                monkeypatch.setattr(tk, "DECODE_PREFETCH_GATE_UP", 0)
-                monkeypatch.setattr(tk, "DECODE_PREFETCH_DOWN", 0)
 
 
 @pytest.mark.gpu

@@ -448,10 +448,8 @@ def gated_sparse_ffn(
                 shared_blocks=shared_blocks, bias=bias, threshold=threshold, direct=True, pdl=pdl)
             out = out.reshape(*lead, d_model)
             return (out, SparseRouting(idx, weights, probs, k, shared_blocks)) if return_routing else out
-        # (the launcher checks the prefetched weights' shapes before it forms an address)
-        prefetch = (w_gate, w_up, shared_blocks, tk.DECODE_PREFETCH_GATE_UP) if tk.DECODE_PREFETCH_GATE_UP else None
         idx, weights, probs = tk.sparse_ffn_route(x2, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
-                                                  threshold=threshold, direct=True, pdl=pdl, prefetch=prefetch)
+                                                  threshold=threshold, direct=True, pdl=pdl)
         check_blocks_op_args(x2, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
         out = tk.sparse_ffn_decode(x2, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
                                    n_blocks=n_blocks, direct=True, pdl=pdl).reshape(*lead, d_model)

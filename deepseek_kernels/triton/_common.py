@@ -41,29 +41,6 @@ def chain_trigger(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
-def l2_prefetch(ptrs, nbytes, mask, EVICT_LAST: tl.constexpr):
-    """Hopper+: one ``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16; 16-byte aligned addresses)
-    from every address in ``ptrs`` where ``mask`` holds, into the L2 cache: fire and forget (no register waits
-    on it, no result changes, only where the bytes sit). ``EVICT_LAST``: under an L2 evict_last policy, so
-    streaming loads issued after it evict other lines first. GPU only (the interpreter has no inline PTX):
-    callers skip it there."""
-    size = tl.full(ptrs.shape, nbytes, tl.int32)
-    addr = ptrs.to(tl.int64, bitcast=True)
-    pred = mask.to(tl.int32)
-    if EVICT_LAST:
-        done = tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $3, 0; "
-            "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; } mov.u32 $0, 0;",
-            "=r,l,r,r", [addr, size, pred], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        done = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.u32 $0, 0;",
-            "=r,l,r,r", [addr, size, pred], dtype=tl.int32, is_pure=False, pack=1)
-    return done
-
-
 def pdl_option(pdl: bool) -> dict:
     """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
     return {"launch_pdl": True} if pdl else {}

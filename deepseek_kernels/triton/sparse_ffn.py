@@ -38,8 +38,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import (chain_trigger, chain_wait, f32, l2_prefetch, launch_options, pdl_option,
-                                             resolve_launch)
+from deepseek_kernels.triton._common import chain_trigger, chain_wait, f32, launch_options, pdl_option, resolve_launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -201,16 +200,12 @@ def _sparse_ffn_router_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
     RANK_SELECT: tl.constexpr,
     PDL: tl.constexpr = False,
-    WG=None, WU=None, BS=0, S=0, stride_gf=0, PREFETCH_GATE_UP: tl.constexpr = 0,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
     ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
-    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens).
-    ``PREFETCH_GATE_UP`` 1 / 2 (opt-in, decode, Hopper): then bulk-prefetch into L2 the gate and up rows
-    (WG / WU, rows stride_gf apart, BS rows per block, S shared blocks first) of every block the tokens
-    chose (2: evict_last), so the decode's gate/up kernel finds them in L2 or in flight."""
+    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
     chain_wait(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_NR)
@@ -223,31 +218,6 @@ def _sparse_ffn_router_kernel(
     p, idx, w_out = _route_tile(acc, BIAS, NR, f32(threshold), offs_n, K, SOFTMAX, NORMALISE, HAS_BIAS,
                                 HAS_THRESHOLD, BLOCK_T, BLOCK_NR, BLOCK_K, RANK_SELECT)
     _store_route(IDX, WOUT, PROBS, p, idx, w_out, T, NR, offs_t, offs_n, K, BLOCK_K)
-    if PREFETCH_GATE_UP > 0:
-        _prefetch_gate_up_blocks(WG, WU, idx, offs_t < T, D, BS, S, stride_gf, K, BLOCK_K, PREFETCH_GATE_UP == 2)
-
-
-@triton.jit
-def _prefetch_gate_up_blocks(WG, WU, idx, t_mask, D, BS, S, stride_gf, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                             EVICT_LAST: tl.constexpr, ROWS: tl.constexpr = 16):
-    """L2 prefetch of the BS gate and up rows (D elements each) of every block in ``idx`` [BLOCK_T, BLOCK_K]
-    (routed ids, -1 empty) of the tokens in ``t_mask``, and of the S shared blocks by program 0."""
-    nbytes = D * (WG.dtype.element_ty.primitive_bitwidth // 8)
-    cols = tl.arange(0, BLOCK_K)
-    slot = t_mask[:, None] & (cols[None, :] < K) & (idx >= 0)
-    first = (idx + S).to(tl.int64) * BS
-    for r0 in range(0, BS, ROWS):
-        r = r0 + tl.arange(0, ROWS)
-        rows = first[:, :, None] + r[None, None, :]
-        m = slot[:, :, None] & (r < BS)[None, None, :]
-        l2_prefetch(WG + rows * stride_gf, nbytes, m, EVICT_LAST)
-        l2_prefetch(WU + rows * stride_gf, nbytes, m, EVICT_LAST)
-    if tl.program_id(0) == 0:
-        for r0 in range(0, S * BS, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            m = rows < S * BS
-            l2_prefetch(WG + rows.to(tl.int64) * stride_gf, nbytes, m, EVICT_LAST)
-            l2_prefetch(WU + rows.to(tl.int64) * stride_gf, nbytes, m, EVICT_LAST)
 
 
 ROUTER_MAX_SPLITS = 16
@@ -300,8 +270,7 @@ def _split_plan(T: int, D: int, device: torch.device, block_t: int, block_d: int
 def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, gate: str, weighting: str,
                      bias: torch.Tensor | None = None, threshold: float | None = None,
                      block_t: int | None = None, block_d: int = 64, num_warps: int | None = None,
-                     direct: bool = False, splits: int | None = None, select: str = "auto", pdl: bool = False,
-                     prefetch: tuple | None = None):
+                     direct: bool = False, splits: int | None = None, select: str = "auto", pdl: bool = False):
     """Launcher of the fused router. Returns ``(idx int32 [T, k], weights fp32 [T, k], probs fp32 [T, NR])``.
     ``splits``: d_model slices of the logits GEMM (None: :func:`router_splits`; > 1 adds one launch,
     at most ROUTER_MAX_SPLITS). ``block_t`` / ``num_warps``: the token tile and warps of the router
@@ -311,10 +280,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     (one compare-and-count instead of k rounds of reductions; the logits always go through the
     split kernel then, and the selecting kernel takes 2 tokens per program); ``"loop"``: k rounds of
     arg-max; ``"auto"``: rank up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop.
-    ``pdl``: programmatic dependent launches (Hopper; ``deepseek_kernels.ops._registry.pdl_enabled``).
-    ``prefetch = (w_gate, w_up, shared_blocks, mode)`` (decode, opt-in; mode 1 plain, 2 evict_last): the
-    router kernel bulk-prefetches the chosen blocks' gate and up rows into L2 (where the layout and GPU allow:
-    :func:`_l2_prefetch_ok`; a hint, results unchanged)."""
+    ``pdl``: programmatic dependent launches (Hopper; ``deepseek_kernels.ops._registry.pdl_enabled``)."""
     if select not in ROUTER_SELECT:
         raise ValueError(f"sparse_ffn_route: select must be one of {ROUTER_SELECT}, got {select!r}")
     T, D = x.shape
@@ -337,19 +303,6 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     part = probs
     if use_part:
         part = _router_partial_logits(x, router_weight, splits, d_per_split, block_d, block_nr, direct, pdl)
-    pf = {}
-    if prefetch is not None:
-        w_gate, w_up, shared_blocks, mode = prefetch
-        if mode not in (0, 1, 2):
-            raise ValueError(f"sparse_ffn_route: the prefetch mode must be 0, 1 or 2, got {mode}")
-        n_blocks = NR + shared_blocks
-        bs = w_gate.shape[0] // n_blocks
-        if w_gate.dim() != 2 or w_gate.shape != w_up.shape or w_gate.shape[1] != D or bs * n_blocks != w_gate.shape[0] \
-                or bs == 0:
-            raise ValueError(f"sparse_ffn_route: prefetch weights must be [n_blocks * block, d_model] = [{n_blocks} * "
-                             f"block, {D}], got w_gate {tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}")
-        if mode and w_up.stride() == w_gate.stride() and _l2_prefetch_ok(w_gate, D) and _l2_prefetch_ok(w_up, D):
-            pf = dict(WG=w_gate, WU=w_up, BS=bs, S=shared_blocks, stride_gf=w_gate.stride(0), PREFETCH_GATE_UP=mode)
     triton_kernel(_sparse_ffn_router_kernel, direct)[grid](
         x, router_weight, bias if bias is not None else probs, idx, weights, probs, part,
         T, D, NR, float(threshold) if threshold is not None else 0.0,
@@ -358,7 +311,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
         BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, PDL=pdl, num_warps=num_warps,
-        **pf, **pdl_option(pdl),
+        **pdl_option(pdl),
     )
     return idx, weights, probs
 
@@ -965,40 +918,22 @@ def _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_
 
 @triton.jit
 def _sparse_ffn_decode_gate_up_kernel(
-    X, WG, WU, IDX, WT, H, WD,
+    X, WG, WU, IDX, WT, H,
     T, D, BS, S, K, NB,
-    stride_xt, stride_xd, stride_wf, stride_wd, stride_dn,
+    stride_xt, stride_xd, stride_wf, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH_DOWN: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
-    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread.
-    ``PREFETCH_DOWN`` 1 / 2 (opt-in, Hopper): first prefetch this program's share of block b's down-projection
-    weights (w_down [D, F] at WD, rows stride_dn apart) into L2 (2: with an evict_last policy), so the down
-    kernel after this one reads them from L2 while this kernel's own stream overlaps their HBM reads."""
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
     chain_wait(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
-        if PREFETCH_DOWN > 0:
-            _prefetch_down_block(WD, b, D, BS, stride_dn, PREFETCH_DOWN == 2)
         _decode_gate_up_rows(X, WG, WU, H, b, w_t, member, offs_t, offs_n, n_mask, D, BS, stride_xt, stride_xd,
                              stride_wf, stride_wd, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, PDL)
-
-
-@triton.jit
-def _prefetch_down_block(WD, b, D, BS, stride_dn, EVICT_LAST: tl.constexpr, ROWS: tl.constexpr = 128):
-    """L2 prefetch of w_down[n, b*BS : (b+1)*BS] (one bulk prefetch of BS elements per row n) for this program's
-    equal share of the D rows among the num_programs(1) programs of block b."""
-    per = tl.cdiv(D, tl.num_programs(1))
-    r0 = tl.program_id(1) * per
-    nbytes = BS * (WD.dtype.element_ty.primitive_bitwidth // 8)
-    r1 = tl.minimum(r0 + per, D)
-    for r in range(r0, r1, ROWS):
-        rows = r + tl.arange(0, ROWS)
-        l2_prefetch(WD + rows.to(tl.int64) * stride_dn + b * BS, nbytes, rows < r1, EVICT_LAST)
 
 
 @triton.jit
@@ -1196,10 +1131,7 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     history as commit 3d064ed): the 70-program grid is not held back by the SMs it leaves idle."""
     # H200, session 11 (tune_sparse_ffn.py --decode, 6-8 stages and one down K tile per block tried for the
     # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
-    # prefetch_down (opt-in, session 12, untimed): 1 / 2 = the gate/up programs first bulk-prefetch their blocks'
-    # down-projection rows into L2 (2: evict_last), overlapping the down kernel's HBM reads with gate/up's
-    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4,
-                   prefetch_down=DECODE_PREFETCH_DOWN)
+    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
     # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
     # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
     # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
@@ -1236,32 +1168,13 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     block_ks = max(2, triton.next_power_of_2(max(K, 1)))
     block_b = max(2, triton.next_power_of_2(n_blocks))
     max_used = min(n_blocks, shared_blocks + T * K)  # programs past the actual count exit at once
-    prefetch = int(gu.get("prefetch_down", 0))
-    if prefetch not in (0, 1, 2):
-        raise ValueError(f"sparse_ffn_decode: gate_up.prefetch_down must be 0, 1 or 2, got {prefetch}")
-    if prefetch and not _l2_prefetch_ok(w_down, BS):
-        prefetch = 0  # a hint: layouts a bulk prefetch cannot address (or no Hopper GPU) run without it
     triton_kernel(_sparse_ffn_decode_gate_up_kernel, direct)[(max(max_used, 1), triton.cdiv(BS, gu["block_n"]))](
-        x, w_gate, w_up, idx, wt, h, w_down, T, D, BS, shared_blocks, K, n_blocks,
-        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_down.stride(0),
+        x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, PREFETCH_DOWN=prefetch,
-        **launch_options(gu), **pdl_option(pdl),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **pdl_option(pdl),
     )
     return _decode_down(h, w_down, idx, out, shared_blocks, n_blocks, dn, direct, pdl)
-
-
-def _l2_prefetch_ok(w: torch.Tensor, piece: int) -> bool:
-    """Whether a kernel can bulk-prefetch pieces of ``piece`` elements from the rows of the 2-D weight ``w``
-    (w_down [D, F]: a block's slice of a row; w_gate / w_up [F, D]: whole rows): a Hopper+ GPU (not the
-    interpreter), contiguous rows, every piece a multiple of 16 bytes at a 16-byte aligned address."""
-    from deepseek_kernels.ops._registry import interpreting
-
-    if interpreting() or not w.is_cuda or torch.cuda.get_device_capability(w.device)[0] < 9:
-        return False
-    esize = w.element_size()
-    return (w.stride(1) == 1 and (piece * esize) % 16 == 0 and (w.stride(0) * esize) % 16 == 0
-            and w.data_ptr() % 16 == 0)
 
 
 def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dict, direct: bool, pdl: bool):
@@ -1305,13 +1218,6 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
 # H200 (the selecting kernel took ~3-4 us of the 28.3 us one-token decode), set 2.
 FUSED_ROUTE_MAX_T = 0
 FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (the rank select is [T, NR, NR])
-# L2 prefetches along the decode chain (session 12, opt-in, not yet timed; 0 off, 1 plain, 2 evict_last): the
-# router kernel prefetches the chosen blocks' gate/up rows (eager decode calls: gated_sparse_ffn), the gate/up
-# kernel its blocks' down-projection rows (every unfused decode: decode_launch_config's gate_up.prefetch_down),
-# so the next kernel's weights stream from HBM while the current one runs. benchmarks/diag_sparse_decode.py
-# times them.
-DECODE_PREFETCH_GATE_UP = 0
-DECODE_PREFETCH_DOWN = 0
 
 
 def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
