@@ -17,6 +17,22 @@ def bench(fn, warmup: int = 5, rep: int = 50) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
+def per_call_us(fn, n=200, wait=True):
+    """Microseconds per call: wall time to finish (``wait``), or the host time alone (the calls
+    queued without waiting for the GPU: the launch cost)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if wait:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
 def bench_graphed(fn, rep: int = 50) -> float:
     """Milliseconds of ``fn`` replayed from a CUDA graph (GPU time without the CPU launch cost:
     what a decode loop under torch.compile(mode="reduce-overhead") or a graphed runtime sees);

@@ -9,7 +9,6 @@ eager int8_linear call (top entries by own time). Prints a table.
 """
 
 import os
-import time
 
 import torch
 
@@ -19,23 +18,7 @@ from deepseek_kernels.ops.int8_matmul import quantize_launch
 from deepseek_kernels.triton import _direct
 from deepseek_kernels.triton.int8_matmul import _quantize_per_token_kernel
 
-from _tuning import print_host_profile  # benchmarks/ is on sys.path when a script in it runs
-
-
-def per_call_us(fn, n=200, wait=True):
-    """Microseconds per call: wall time to finish (``wait``), or the host time alone (the calls
-    queued without waiting for the GPU: the launch cost)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if wait:
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt / n * 1e6
+from _tuning import per_call_us, print_host_profile  # benchmarks/ is on sys.path when a script in it runs
 
 
 def graphed_us(fn, n=200):

@@ -20,27 +20,11 @@ SHAPES = [(1, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)
 VARIANTS = [("", ""), ("64", ""), ("32", ""), ("16", ""), ("", "1"), ("64", "1"), ("32", "1"), ("16", "1")]
 
 
-def eager_us(fn, calls: int = 300) -> float:
-    """Microseconds per call of back-to-back eager calls (max of host and GPU time per call)."""
-    import time
-
-    import torch
-
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
 def child() -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _tuning import bench_graphed_sets, sets_for
+    from _tuning import bench_graphed_sets, per_call_us, sets_for
 
     from deepseek_kernels.ops.int8_matmul import _gemv_ready, _int8_matmul_impl, _launch_quantize_per_token
 
@@ -73,7 +57,7 @@ def child() -> None:
 
         us = {name: 1e3 * bench_graphed_sets(fn, sets) for name, fn in
               (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))}
-        us.update({f"{name}_eager": eager_us(lambda fn=fn: fn(0)) for name, fn in
+        us.update({f"{name}_eager": per_call_us(lambda fn=fn: fn(0), n=300) for name, fn in
                    (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))})
         rows.append({"M": M, "N": N, "K": K, "same_bits": same, "same_bits_linear": same_lin,
                      "weight_gbps": N * K / us["gemv"] / 1e3, **us})

@@ -94,6 +94,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GEMV_READY: dict = {}  # device index -> whether the decode kernels run there (tests clear it)
 
 
+def _linear_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """int8_linear's output dtype: x's for bf16 / fp16, else float32."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _gemv_ready(t: torch.Tensor) -> bool:
     """Whether the CUDA extension's decode kernels serve ``t``'s device: switched on (``DSK_INT8_GEMV=1``),
     built, sm_80 or newer (int8 mma.sync). Cached per device; never for CPU tensors (the interpreter tests
@@ -265,8 +270,7 @@ if _extension.available() and hasattr(torch.ops.deepseek_kernels, "int8_gemv"): 
     @torch.library.register_fake("deepseek_kernels::int8_linear_gemv")
     def _(x, weight, weight_scale, bias, smooth):
         _check_linear_args(x, weight, weight_scale, bias, smooth)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=_linear_out_dtype(x))
 
 
 QUANTIZE_MAX_BLOCK_K = 16384  # the widest row tile of the per-token quantize kernel (16 warps)
@@ -422,7 +426,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
                                                                    bias, smooth)  # the op checks the rest
         return out.reshape(*x.shape[:-1], weight.shape[0])
     _check_linear_args(x, weight, weight_scale, bias, smooth)
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    out_dtype = _linear_out_dtype(x)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     if eager_fast_path(x2, weight, weight_scale, bias, smooth) and not x2.requires_grad:

@@ -344,9 +344,10 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
 
         if not interpreting() and os.environ.get("DSK_ATTN_WS") != "1":
             raise RuntimeError(
-                "window_attention_fwd(ws=True) is experimental and hung on the H200 (Triton 3.6, session 12: a "
-                "(128, 64, 4, 2) launch at S8192 B4 W4096 H32 neither finished nor failed in 190 s); use the default "
-                "forward, or set DSK_ATTN_WS=1 to run it anyway (benchmarks/diag_attn_ws.py runs it under a watchdog)")
+                "window_attention_fwd(ws=True) is experimental: on the H200 (Triton 3.6, sessions 12-13) its 128-row "
+                "tiles deadlock on the GPU and its 64-row tiles run 2.7x slower than the default forward; use the "
+                "default forward, or set DSK_ATTN_WS=1 to run it anyway (benchmarks/diag_attn_ws.py runs it under a "
+                "watchdog)")
         block_m, block_n, warps, stages = config or WS_FWD_CONFIG
         if block_m > 64 and _TRITON_VERSION >= (3, 8):
             raise ValueError(f"window_attention_fwd(ws=True): a {block_m}-row query tile does not compile with "

@@ -12,6 +12,7 @@ import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels.bench.harness import Case, Impl
+from deepseek_kernels.ops.int8_matmul import _gemv_ready, _int8_matmul_impl
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref
 
 NAME = "int8_matmul"
@@ -115,8 +116,6 @@ def _sustained_cases() -> list[Case]:
 
 def _triton_path(a, b, sa, sb, bias, x, w):
     """int8_matmul's eager path before the C++ decode kernel: the Triton kernel, launched directly."""
-    from deepseek_kernels.ops.int8_matmul import _int8_matmul_impl
-
     return _int8_matmul_impl(a, b, sa, sb, bias, torch.bfloat16, direct=True)
 
 
@@ -129,8 +128,6 @@ def _decode_path_cases() -> list[Case]:
     """The extension's C++ decode op (``int8_gemv``: eager int8_matmul's path for M <= 16) vs the Triton
     kernel's direct launch (the path under CUDA-graph capture), eager (host time included) and graphed
     (the GPU time alone). Only where the decode kernel runs (``DSK_INT8_GEMV=1``, the extension built, sm_80+)."""
-    from deepseek_kernels.ops.int8_matmul import _gemv_ready
-
     if not (torch.cuda.is_available() and _gemv_ready(torch.empty(0, device="cuda"))):
         return []
     out = []
