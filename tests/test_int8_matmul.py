@@ -687,8 +687,11 @@ def test_int8_linear_gemv_bits_equal_the_two_triton_ops(M, dtype, extras, monkey
 
 @pytest.mark.gpu
 def test_gemv_route_and_its_switch(monkeypatch):
-    """Eager aligned decode calls take the C++ op; M 17, K off a multiple of 16, an unaligned operand,
-    a float64 bias and DSK_INT8_GEMV=0 take the Triton path; every path gives the Triton op's bits."""
+    """Eager aligned decode calls take the C++ op (the default: DSK_INT8_GEMV unset); M 17, K off a multiple
+    of 16, an unaligned operand, a float64 bias and DSK_INT8_GEMV=0 take the Triton path; every path gives
+    the Triton op's bits."""
+    import importlib
+
     _needs_gemv(monkeypatch)
     a = torch.randint(-127, 128, (4, 4096 + 32), dtype=torch.int8, device="cuda")
     b = torch.randint(-127, 128, (300, 4096 + 32), dtype=torch.int8, device="cuda")
@@ -708,6 +711,9 @@ def test_gemv_route_and_its_switch(monkeypatch):
     assert dk.explain("int8_matmul", a, b, sa, sb, bias=bias64).startswith("triton")
     assert not _gemv_path(monkeypatch, False)
     assert dk.explain("int8_matmul", a, b, sa, sb).startswith("triton")
+    monkeypatch.delenv("DSK_INT8_GEMV")  # unset: the C++ path is the default where it is built
+    monkeypatch.setattr(importlib.import_module("deepseek_kernels.ops.int8_matmul"), "_GEMV_READY", {})
+    assert dk.explain("int8_matmul", a, b, sa, sb).startswith("cuda: deepseek_kernels._C int8_gemv")
 
 
 @pytest.mark.gpu

@@ -120,11 +120,13 @@ const GemvChoice& gemv_choice() {
   return choice;
 }
 
-// Rows per CTA: 64 while that still gives ~1.5 CTAs per SM, else 32 (about one per SM), else 16.
-cudaError_t launch_gemv(const gemv::GemvArgs& a, int sm_count, cudaStream_t stream) {
+// Rows per CTA, from the tuner on the H200 (session 14, benchmarks/NOTES.md): 16 for up to 8 activation rows,
+// 32 above (M16 N14336 K4096: 19.0 vs 20.1 us at 16 rows; M1: 17.5 vs 17.9 us, 18.7 at 64 rows). Plain loop:
+// the register double buffer lost at every shape and row count that won.
+cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream) {
   const GemvChoice& c = gemv_choice();
   int rows = c.rows;
-  if (rows == 0) rows = (a.N + 63) / 64 >= sm_count * 3 / 2 ? 64 : (a.N + 31) / 32 >= sm_count * 3 / 4 ? 32 : 16;
+  if (rows == 0) rows = a.M > 8 ? 32 : 16;
   // plain: SUB * UNROLL = 16 loads per trip; pipelined: 8 per buffer, two buffers
   if (rows == 64) return c.pipe ? launch<8, 1, true>(a, stream) : launch<8, 2, false>(a, stream);
   if (rows == 32) return c.pipe ? launch<4, 2, true>(a, stream) : launch<4, 4, false>(a, stream);
@@ -157,8 +159,7 @@ at::Tensor run_gemv(const char* op, const at::Tensor& a_q, const at::Tensor& b_q
   g.M = static_cast<int>(M);
   g.N = static_cast<int>(N);
   g.K = static_cast<int>(K);
-  const int sms = at::cuda::getDeviceProperties(a_q.device().index())->multiProcessorCount;
-  check_launch(launch_gemv(g, sms, stream), op);
+  check_launch(launch_gemv(g, stream), op);
   return out;
 }
 

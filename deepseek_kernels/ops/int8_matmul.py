@@ -7,13 +7,14 @@ the Triton interpreter, ``TRITON_INTERPRET=1``) they launch the Triton kernel of
 ``quantize_per_token`` runs a one-pass-per-row Triton kernel (bit-exact with the reference) on the
 same devices. Plain eager calls on CUDA tensors skip the dispatcher and launch the same kernels
 directly (``eager_fast_path``): at decode sizes the dispatcher costs more than the kernel.
-With ``DSK_INT8_GEMV=1`` (opt-in until its final form has run on the GPU: benchmarks/NOTES.md,
-session 13), eager decode calls (M <= 16 rows, K a multiple of 16, 16-byte aligned int8 rows) take the
+Where the CUDA extension is built (sm_80+; ``DSK_INT8_GEMV=0`` switches it off), eager decode calls
+(M <= 16 rows, K a multiple of 16, 16-byte aligned int8 rows) take the
 CUDA extension's ``int8_gemv`` / ``int8_linear_gemv`` ops instead: the same arithmetic (the same bits)
 launched from C++, because Triton's Python launcher costs more host time per call than a decode
 GEMV takes on the GPU. While a CUDA graph captures, the Triton
 kernels run instead (host time does not count in a replay, and the Triton GEMV streams the weights
-faster: H200 session 13, 17.2 vs 19.2 us at M1 N14336 K4096). ``explain`` says which path a call takes.
+faster: H200 session 14, 16.7 vs 17.5 us at M1 N14336 K4096; eager, the C++ op took 18.5 us per call
+against 23.5 us or more for the Triton launch). ``explain`` says which path a call takes.
 """
 
 import functools
@@ -100,7 +101,7 @@ def _linear_out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _gemv_ready(t: torch.Tensor) -> bool:
-    """Whether the CUDA extension's decode kernels serve ``t``'s device: switched on (``DSK_INT8_GEMV=1``),
+    """Whether the CUDA extension's decode kernels serve ``t``'s device: not switched off (``DSK_INT8_GEMV=0``),
     built, sm_80 or newer (int8 mma.sync). Cached per device; never for CPU tensors (the interpreter tests
     force the eager path on them)."""
     if not t.is_cuda:
@@ -108,7 +109,7 @@ def _gemv_ready(t: torch.Tensor) -> bool:
     idx = t.get_device()
     ok = _GEMV_READY.get(idx)
     if ok is None:
-        ok = (os.environ.get("DSK_INT8_GEMV", "0") == "1" and _extension.available()
+        ok = (os.environ.get("DSK_INT8_GEMV", "1") != "0" and _extension.available()
               and hasattr(torch.ops.deepseek_kernels, "int8_gemv")
               and torch.cuda.get_device_capability(idx)[0] >= 8)
         _GEMV_READY[idx] = ok
@@ -417,9 +418,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     ``[..., K]`` quantized per token on the fly (``smooth [K]`` divided in first): exactly
     ``int8_matmul(*quantize_per_token(x, smooth=smooth), ...)``. Output in x's dtype for bf16/fp16,
     else float32. (A one-launch kernel fusing both steps for M <= 16 was tried and measured 2x
-    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.) With
-    ``DSK_INT8_GEMV=1``, eager decode calls on CUDA take the extension's ``int8_linear_gemv`` (the same two
-    steps, launched from C++)."""
+    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.) Where the
+    extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take the extension's
+    ``int8_linear_gemv`` (the same two steps, launched from C++)."""
     if eager_fast_path(x, weight, weight_scale, bias, smooth) and _gemv_takes_linear(x, weight, weight_scale, bias,
                                                                                       smooth):
         out = torch.ops.deepseek_kernels.int8_linear_gemv.default(x.reshape(-1, x.shape[-1]), weight, weight_scale,

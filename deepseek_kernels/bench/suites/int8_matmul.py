@@ -127,7 +127,7 @@ def _gemv_op(a, b, sa, sb, bias, x, w):
 def _decode_path_cases() -> list[Case]:
     """The extension's C++ decode op (``int8_gemv``: eager int8_matmul's path for M <= 16) vs the Triton
     kernel's direct launch (the path under CUDA-graph capture), eager (host time included) and graphed
-    (the GPU time alone). Only where the decode kernel runs (``DSK_INT8_GEMV=1``, the extension built, sm_80+)."""
+    (the GPU time alone). Only where the decode kernel runs (the extension built, sm_80+, not ``DSK_INT8_GEMV=0``)."""
     if not (torch.cuda.is_available() and _gemv_ready(torch.empty(0, device="cuda"))):
         return []
     out = []

@@ -1,0 +1,75 @@
+"""Where an eager int8 decode call spends its host time, on the GPU (issue 5).
+
+    python benchmarks/diag_int8_route.py [--out FILE.json]
+
+For M1 / M4 / M16 N14336 K4096 in one process: the path ``explain`` names, then microseconds per call
+(wall time to finish and host time alone, see ``_tuning.per_call_us``) of ``dk.int8_linear`` and
+``dk.int8_matmul`` as users call them, of the extension's ops called directly, of the Triton launches
+directly, and of bf16 ``F.linear``; and the Python-side cost of each routing check alone.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tuning import per_call_us  # noqa: E402
+
+import deepseek_kernels as dk  # noqa: E402
+from deepseek_kernels.ops._registry import eager_fast_path  # noqa: E402
+
+
+im = importlib.import_module("deepseek_kernels.ops.int8_matmul")  # the module (the package re-exports a function)
+
+
+def _triton_pair(x, w, ws):
+    q, s = im._launch_quantize_per_token(x, None, direct=True)
+    return im._int8_matmul_impl(q, w, s, ws, None, torch.bfloat16, direct=True, check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    ops = torch.ops.deepseek_kernels
+    N, K = 14336, 4096
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    ws = torch.rand(N, device="cuda") * 1e-3
+    wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    print(f"DSK_INT8_GEMV={os.environ.get('DSK_INT8_GEMV', '(unset)')} gemv_ready={im._gemv_ready(w)}")
+    for M in (1, 4, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        xq, xs = dk.quantize_per_token(x)
+        fns = {
+            "dk.int8_linear": lambda: dk.int8_linear(x, w, ws),
+            "op int8_linear_gemv": lambda: ops.int8_linear_gemv.default(x, w, ws, None, None),
+            "triton quantize + matmul": lambda: _triton_pair(x, w, ws),
+            "dk.int8_matmul": lambda: dk.int8_matmul(xq, w, xs, ws),
+            "op int8_gemv": lambda: ops.int8_gemv.default(xq, w, xs, ws, None, torch.bfloat16),
+            "triton matmul": lambda: im._int8_matmul_impl(xq, w, xs, ws, None, torch.bfloat16, direct=True,
+                                                          check=False),
+            "bf16 F.linear": lambda: torch.nn.functional.linear(x, wb),
+            "check eager_fast_path": lambda: eager_fast_path(x, w, ws, None, None),
+            "check _gemv_takes_linear": lambda: im._gemv_takes_linear(x, w, ws, None, None),
+            "check is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
+        }
+        row = {"M": M, "explain_linear": dk.explain("int8_linear", x, w, ws),
+               "explain_matmul": dk.explain("int8_matmul", xq, w, xs, ws)}
+        for name, fn in fns.items():
+            row[name] = {"wall_us": per_call_us(fn, n=500), "host_us": per_call_us(fn, n=500, wait=False)}
+        rows.append(row)
+        print(f"M{M}: linear -> {row['explain_linear'][:60]} | matmul -> {row['explain_matmul'][:60]}")
+        for name in fns:
+            print(f"  {name:36s} wall {row[name]['wall_us']:7.1f} us  host {row[name]['host_us']:7.1f} us")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
