@@ -5,7 +5,9 @@
 For M1 / M4 / M16 N14336 K4096 in one process: the path ``explain`` names, then microseconds per call
 (wall time to finish and host time alone, see ``_tuning.per_call_us``) of ``dk.int8_linear`` and
 ``dk.int8_matmul`` as users call them, of the extension's ops called directly, of the Triton launches
-directly, and of bf16 ``F.linear``; and the Python-side cost of each routing check alone.
+directly, and of bf16 ``F.linear``; and the Python-side cost of each routing check alone. Then one
+transformer block of the int8 suite's end-to-end stack at 1 token (bf16 and after ``quantize_model``): per
+call of the block and of its modules, and a profiler table of the int8 block's CPU time by op.
 """
 
 import argparse
@@ -66,9 +68,42 @@ def main() -> None:
         print(f"M{M}: linear -> {row['explain_linear'][:60]} | matmul -> {row['explain_matmul'][:60]}")
         for name in fns:
             print(f"  {name:36s} wall {row[name]['wall_us']:7.1f} us  host {row[name]['host_us']:7.1f} us")
+    rows.append(_block_rows())
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def _block_rows() -> dict:
+    """Host and wall time of one block of the e2e stack at 1 token, whole and by module (eager, no_grad)."""
+    import copy
+
+    from deepseek_kernels.bench.suites.int8_matmul import D_MODEL, _Block
+
+    torch.manual_seed(0)
+    ref = _Block().to("cuda", torch.bfloat16)
+    q = copy.deepcopy(ref)
+    dk.quantize_model(q)
+    x = torch.randn(1, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    fns = {"block bf16": lambda: ref(x), "block int8": lambda: q(x),
+           "gate bf16 nn.Linear": lambda: ref.gate(x), "gate Int8Linear": lambda: q.gate(x),
+           "o Int8Linear (sliced input)": lambda: q.o(q.qkv(x)[..., :D_MODEL]),
+           "down Int8Linear": lambda: q.down(h), "silu * mul": lambda: torch.nn.functional.silu(h) * h}
+    row = {"block": True}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            row[name] = {"wall_us": per_call_us(fn, n=100), "host_us": per_call_us(fn, n=100, wait=False)}
+            print(f"  {name:36s} wall {row[name]['wall_us']:7.1f} us  host {row[name]['host_us']:7.1f} us")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                q(x)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    print(table)
+    row["profile"] = table
+    return row
 
 
 if __name__ == "__main__":
