@@ -10,6 +10,7 @@ from deepseek_kernels.bench.harness import (
     Impl,
     clock_limited_rounds,
     clock_state,
+    host_probe,
     round_clock_summary,
     run_case,
     summarize,
@@ -168,6 +169,14 @@ def test_clock_state_is_a_dict_or_none():
     """Without NVML or a GPU driver (CI) the probe answers None instead of raising."""
     st = clock_state()
     assert st is None or (isinstance(st["sm_mhz"], int) and isinstance(st["limits"], list))
+
+
+def test_host_probe_times_the_python_loop_and_launches_only_with_a_gpu():
+    probe = host_probe(n=20)
+    assert probe["python_loop_us"] > 0
+    assert ("launch_us" in probe) == torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert probe["launch_us"] > 0
 
 
 def test_summarize_percentiles():

@@ -82,8 +82,10 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
         from tqdm.auto import tqdm
 
         telemetry_before = harness.gpu_telemetry()
+        host_before = harness.host_probe()
         ceilings = {"copy_bytes_per_s": harness.measure_copy_bandwidth()}
-        print(f"== {name}: measured copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+        print(f"== {name}: measured copy bandwidth {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s; host probe "
+              f"{host_before} (eager rows are host-bound: see harness.host_probe)")
         rows = []
         cases = suite.cases(quick=quick)
         if pattern is not None:
@@ -98,7 +100,8 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
                 rows.append({"case": f"{case.name} (FAILED)", **case.params, "error": errors[-1]})
             torch.cuda.empty_cache()
         telemetry_after = harness.gpu_telemetry()
-        print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)})")
+        host_after = harness.host_probe()
+        print(f"\n{suite.TITLE}  ({torch.cuda.get_device_name(0)}; host probe after: {host_after})")
         print(report.format_table(rows))
         _print_row_notes("clock limits at the end of timing rounds (NVML; the times of those rounds ran slower "
                          "clocks):", rows, harness.clock_limited_rounds)
@@ -115,6 +118,7 @@ def run_suites(names: list[str] | None = None, *, out: str | None = None, quick:
             "case_filter": case_filter,
             "environment": harness.environment(),
             "gpu_telemetry": {"before": telemetry_before, "after": telemetry_after},
+            "host_probe": {"before": host_before, "after": host_after},
             "ceilings": ceilings,
             "accuracy": acc,
             "summary": summary,

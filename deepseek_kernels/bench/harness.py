@@ -484,6 +484,30 @@ def _s(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+def host_probe(n: int = 200) -> dict:
+    """How fast this process's host side runs right now: microseconds per iteration of a fixed Python loop
+    (CPU speed and contention) and per launch of a one-element CUDA kernel queued without waiting (the
+    launch cost eager decode rows pay per kernel). Recorded before and after each suite: eager rows are
+    host-bound, and the host's speed moved 2x between calls of one session (session 14: eager decode GEMV
+    rows 18.5 us in some calls, 32 us in others, graph-replayed rows unchanged)."""
+    t = time.perf_counter()
+    acc = 0
+    for i in range(100 * n):
+        acc += i & 7
+    out = {"python_loop_us": round((time.perf_counter() - t) / n * 1e6, 2)}
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        for _ in range(10):
+            x.add_(1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            x.add_(1)
+        out["launch_us"] = round((time.perf_counter() - t) / n * 1e6, 2)
+        torch.cuda.synchronize()
+    return out
+
+
 def environment() -> dict:
     from deepseek_kernels.info import collect
 
