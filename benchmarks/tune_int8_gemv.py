@@ -2,8 +2,8 @@
 
     python benchmarks/tune_int8_gemv.py [--out FILE.json]
 
-The variant is fixed per process (DSK_INT8_GEMV_ROWS: weight rows per CTA, DSK_INT8_GEMV_PIPE: the
-register double-buffered loop), so each runs in a child process of this script. Per shape each child
+The variant is fixed per process (DSK_INT8_GEMV_ROWS: weight rows per CTA; unset: the default rule),
+so each runs in a child process of this script. Per shape each child
 checks the op's bits against the Triton op, then times, replayed from CUDA graphs over enough copies
 of the weights to defeat the L2: ``int8_gemv`` vs the Triton kernel (direct launch), and
 ``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each.
@@ -16,8 +16,8 @@ import os
 import subprocess
 import sys
 
-SHAPES = [(1, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
-VARIANTS = [("", ""), ("64", ""), ("32", ""), ("16", ""), ("", "1"), ("64", "1"), ("32", "1"), ("16", "1")]
+SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
+VARIANTS = ["", "8", "16", "32", "64"]
 
 
 def child() -> None:
@@ -73,9 +73,9 @@ def main() -> None:
         child()
         return
     results = []
-    for rows, pipe in VARIANTS:
-        env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_ROWS": rows, "DSK_INT8_GEMV_PIPE": pipe}
-        label = f"rows={rows or 'auto'} pipe={pipe or '0'}"
+    for rows in VARIANTS:
+        env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_ROWS": rows}
+        label = f"rows={rows or 'auto'}"
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
                               text=True, timeout=240)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -85,7 +85,7 @@ def main() -> None:
             continue
         for r in json.loads(lines[-1][len("RESULT "):]):
             results.append({"variant": label, **r})
-            print(f"{label:18s} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {'ok' if r['same_bits'] and r['same_bits_linear'] else 'DIFFER'}"
+            print(f"{label:10s} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {'ok' if r['same_bits'] and r['same_bits_linear'] else 'DIFFER'}"
                   f"  graphed gemv {r['gemv']:6.1f} us vs triton {r['triton']:6.1f} ({r['triton'] / r['gemv']:.2f}x),"
                   f" linear {r['linear']:6.1f} vs {r['triton_linear']:6.1f}"
                   f" | eager gemv {r['gemv_eager']:6.1f} vs {r['triton_eager']:6.1f},"

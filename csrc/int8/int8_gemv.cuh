@@ -84,8 +84,9 @@ struct Trip {
   uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
 };
 
-// The lane's operands of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K).
-template <int SUB, int UNROLL>
+// The lane's operands of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K). HI: activation
+// rows 8..15 may exist (M > 8); without them the upper MMA operand is the constant zero (no registers).
+template <int SUB, int UNROLL, bool HI>
 __device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], const int8_t* arow_lo,
                                           const int8_t* arow_hi, bool lo, bool hi, int s0, int steps, int k_lane,
                                           int K) {
@@ -97,7 +98,11 @@ __device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* co
 #pragma unroll
     for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : zero;
     r.xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + off)) : zero;
-    r.xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + off)) : zero;
+    if constexpr (HI) {
+      r.xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + off)) : zero;
+    } else {
+      r.xh[u] = zero;
+    }
   }
 }
 
@@ -114,9 +119,9 @@ __device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNR
 }
 
 // SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL 16-byte weight loads
-// per lane). PIPE: the next trip's loads are issued before this trip's MMAs (two register buffers; the
-// launcher halves SUB * UNROLL to keep the registers of the plain form).
-template <int SUB, int UNROLL, bool PIPE>
+// per lane); HI: M > 8 (see load_trip). A register double-buffered loop (the next trip's loads issued
+// before this trip's MMAs) lost at every shape on the H200 (session 14) and was removed.
+template <int SUB, int UNROLL, bool HI>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p) {
   constexpr int kRows = 8 * SUB;
   __shared__ int partial[kWarps][kMaxRows][kRows];
@@ -131,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
     const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
     brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
   }
-  const bool lo = g < p.M, hi = g + 8 < p.M;  // activation rows g and g + 8 exist
+  const bool lo = g < p.M, hi = HI && g + 8 < p.M;  // activation rows g and g + 8 exist
   const int8_t* arow_lo = p.a + static_cast<int64_t>(lo ? g : 0) * p.lda + t * 16;
   const int8_t* arow_hi = p.a + static_cast<int64_t>(hi ? g + 8 : 0) * p.lda + t * 16;
 
@@ -142,21 +147,9 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   const int steps = (p.K + kStepBytes - 1) / kStepBytes;
   constexpr int kStride = kWarps * UNROLL;  // K steps between a warp's trips
   Trip<SUB, UNROLL> cur;
-  if constexpr (!PIPE) {
-    for (int s0 = warp * UNROLL; s0 < steps; s0 += kStride) {
-      load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
-      mma_trip(acc, cur);
-    }
-  } else {
-    Trip<SUB, UNROLL> nxt;
-    int s0 = warp * UNROLL;
-    load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
-    for (; s0 < steps; s0 += 2 * kStride) {  // trips past the end load zeros (they add nothing)
-      load_trip(nxt, brow, arow_lo, arow_hi, lo, hi, s0 + kStride, steps, t * 16, p.K);
-      mma_trip(acc, cur);
-      load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0 + 2 * kStride, steps, t * 16, p.K);
-      mma_trip(acc, nxt);
-    }
+  for (int s0 = warp * UNROLL; s0 < steps; s0 += kStride) {
+    load_trip<SUB, UNROLL, HI>(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
+    mma_trip(acc, cur);
   }
 
   // accumulator fragment: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8

@@ -87,50 +87,44 @@ void check_arch(const char* op, const at::Device& device) {
               std::to_string(prop->major), std::to_string(prop->minor));
 }
 
-template <int SUB, int UNROLL, bool PIPE>
+// One kernel launch: the M > 8 form only where activation rows 8..15 exist.
+template <int SUB, int UNROLL>
 cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
-  gemv::int8_gemv_kernel<SUB, UNROLL, PIPE><<<ctas, gemv::kThreads, 0, stream>>>(a);
+  if (a.M > 8) {
+    gemv::int8_gemv_kernel<SUB, UNROLL, true><<<ctas, gemv::kThreads, 0, stream>>>(a);
+  } else {
+    gemv::int8_gemv_kernel<SUB, UNROLL, false><<<ctas, gemv::kThreads, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 
-// Tuning switches, read once per process: DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset:
-// by N, below) and DSK_INT8_GEMV_PIPE=1 (the register double-buffered main loop). benchmarks/tune_int8_gemv.py
-// times each in its own process.
-struct GemvChoice {
-  int rows = 0;
-  bool pipe = false;
-};
-
-const GemvChoice& gemv_choice() {
-  static const GemvChoice choice = [] {
-    GemvChoice c;
-    if (const char* v = std::getenv("DSK_INT8_GEMV_ROWS"); v && *v) {
-      const std::string s(v);
-      TORCH_CHECK_VALUE(s == "16" || s == "32" || s == "64", "DSK_INT8_GEMV_ROWS must be 16, 32 or 64, got '", s, "'");
-      c.rows = std::stoi(s);
-    }
-    if (const char* v = std::getenv("DSK_INT8_GEMV_PIPE"); v && *v) {
-      const std::string s(v);
-      TORCH_CHECK_VALUE(s == "0" || s == "1", "DSK_INT8_GEMV_PIPE must be 0 or 1, got '", s, "'");
-      c.pipe = s == "1";
-    }
-    return c;
+// DSK_INT8_GEMV_ROWS (8, 16, 32 or 64 weight rows per CTA; unset: by M, below), read once per process: the
+// tuning switch benchmarks/tune_int8_gemv.py sets per child process.
+int gemv_rows_override() {
+  static const int rows = [] {
+    const char* v = std::getenv("DSK_INT8_GEMV_ROWS");
+    if (v == nullptr || *v == 0) return 0;
+    const std::string s(v);
+    TORCH_CHECK_VALUE(s == "8" || s == "16" || s == "32" || s == "64",
+                      "DSK_INT8_GEMV_ROWS must be 8, 16, 32 or 64, got '", s, "'");
+    return std::stoi(s);
   }();
-  return choice;
+  return rows;
 }
 
 // Rows per CTA, from the tuner on the H200 (session 14, benchmarks/NOTES.md): 16 for up to 8 activation rows,
-// 32 above (M16 N14336 K4096: 19.0 vs 20.1 us at 16 rows; M1: 17.5 vs 17.9 us, 18.7 at 64 rows). Plain loop:
-// the register double buffer lost at every shape and row count that won.
+// 32 above (M16 N14336 K4096: 19.0 vs 20.1 us at 16 rows; M1: 17.5 vs 17.9 us, 18.7 at 64 rows). Every form
+// streams 16 weight pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
 cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream) {
-  const GemvChoice& c = gemv_choice();
-  int rows = c.rows;
+  int rows = gemv_rows_override();
   if (rows == 0) rows = a.M > 8 ? 32 : 16;
-  // plain: SUB * UNROLL = 16 loads per trip; pipelined: 8 per buffer, two buffers
-  if (rows == 64) return c.pipe ? launch<8, 1, true>(a, stream) : launch<8, 2, false>(a, stream);
-  if (rows == 32) return c.pipe ? launch<4, 2, true>(a, stream) : launch<4, 4, false>(a, stream);
-  return c.pipe ? launch<2, 4, true>(a, stream) : launch<2, 8, false>(a, stream);
+  switch (rows) {
+    case 64: return launch<8, 2>(a, stream);
+    case 32: return launch<4, 4>(a, stream);
+    case 8: return launch<1, 16>(a, stream);
+    default: return launch<2, 8>(a, stream);
+  }
 }
 
 void check_launch(cudaError_t err, const char* op) {
