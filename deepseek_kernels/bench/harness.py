@@ -485,8 +485,8 @@ def _s(v):
 
 
 def host_probe(n: int = 200) -> dict:
-    """How fast this process's host side runs right now: microseconds per iteration of a fixed Python loop
-    (CPU speed and contention) and per launch of a one-element CUDA kernel queued without waiting (the
+    """How fast this process's host side runs right now: microseconds per 100 iterations of a fixed Python
+    loop (CPU speed and contention) and per launch of a one-element CUDA kernel queued without waiting (the
     launch cost eager decode rows pay per kernel). Recorded before and after each suite: eager rows are
     host-bound, and the host's speed moved 2x between calls of one session (session 14: eager decode GEMV
     rows 18.5 us in some calls, 32 us in others, graph-replayed rows unchanged)."""
