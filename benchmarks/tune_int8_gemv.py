@@ -6,7 +6,8 @@ The variant is fixed per process (DSK_INT8_GEMV_ROWS: weight rows per CTA; unset
 so each runs in a child process of this script. Per shape each child
 checks the op's bits against the Triton op, then times, replayed from CUDA graphs over enough copies
 of the weights to defeat the L2: ``int8_gemv`` vs the Triton kernel (direct launch), and
-``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each.
+``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each; at
+M = 1 also the one-launch linear kernel (DSK_INT8_LINEAR_ROW=1).
 Prints one table; the parent needs no GPU work of its own.
 """
 
@@ -59,6 +60,15 @@ def child() -> None:
               (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))}
         us.update({f"{name}_eager": per_call_us(lambda fn=fn: fn(0), n=300) for name, fn in
                    (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))})
+        if M == 1:  # the one-launch linear kernel (quantize inside the GEMV, DSK_INT8_LINEAR_ROW=1: read per call)
+            os.environ["DSK_INT8_LINEAR_ROW"] = "1"
+            try:
+                same_lin = same_lin and torch.equal(ops.int8_linear_gemv(x, ws[0], sw, None, None),
+                                                    ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16))
+                us["linear_row"] = 1e3 * bench_graphed_sets(cpp_lin, sets)
+                us["linear_row_eager"] = per_call_us(lambda: cpp_lin(0), n=300)
+            finally:
+                del os.environ["DSK_INT8_LINEAR_ROW"]
         rows.append({"M": M, "N": N, "K": K, "same_bits": same, "same_bits_linear": same_lin,
                      "weight_gbps": N * K / us["gemv"] / 1e3, **us})
     print("RESULT " + json.dumps(rows))
@@ -89,7 +99,9 @@ def main() -> None:
                   f"  graphed gemv {r['gemv']:6.1f} us vs triton {r['triton']:6.1f} ({r['triton'] / r['gemv']:.2f}x),"
                   f" linear {r['linear']:6.1f} vs {r['triton_linear']:6.1f}"
                   f" | eager gemv {r['gemv_eager']:6.1f} vs {r['triton_eager']:6.1f},"
-                  f" linear {r['linear_eager']:6.1f} vs {r['triton_linear_eager']:6.1f}", flush=True)
+                  f" linear {r['linear_eager']:6.1f} vs {r['triton_linear_eager']:6.1f}"
+                  + (f" | one-launch linear {r['linear_row']:5.1f} graphed, {r['linear_row_eager']:5.1f} eager"
+                     if "linear_row" in r else ""), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -686,6 +686,33 @@ def test_int8_linear_gemv_bits_equal_the_two_triton_ops(M, dtype, extras, monkey
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("K", [16, 1008, 4096, 14336, 32768, 32784], ids=str)  # 32784: past kRowMaxK (two launches)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("extras", ["plain", "smooth+bias", "strided"])
+def test_int8_linear_row_kernel_bits_equal_the_two_launches(K, dtype, extras, monkeypatch):
+    """DSK_INT8_LINEAR_ROW=1: one activation row quantized inside the GEMV (one launch) gives the bits of the
+    two-launch op and of the Triton ops, N off a multiple of 16 and non-finite rows included."""
+    _needs_gemv(monkeypatch)
+    N = 300
+    x, w, ws, bias, smooth = _linear_inputs(1, N, K, extras, "cuda", dtype)
+    x = x.reshape(1, K)
+    same_bits = dict(rtol=0, atol=0, equal_nan=True)
+    xq, xs = OPS.quantize_per_token(x, smooth)
+    triton = OPS.int8_matmul(xq, w, xs, ws, bias, dtype)
+    for row in ("0", "1"):
+        monkeypatch.setenv("DSK_INT8_LINEAR_ROW", row)
+        got = OPS.int8_linear_gemv(x, w, ws, bias, smooth)
+        torch.testing.assert_close(got, triton, **same_bits)
+        assert got.isfinite().all()
+    bad = x.clone()
+    bad[0, K - 1] = float("nan") if extras != "strided" else float("inf")
+    got = OPS.int8_linear_gemv(bad, w, ws, bias, smooth)  # DSK_INT8_LINEAR_ROW=1 still
+    assert got.isnan().all()
+    monkeypatch.setenv("DSK_INT8_LINEAR_ROW", "0")
+    torch.testing.assert_close(OPS.int8_linear_gemv(bad, w, ws, bias, smooth), got, **same_bits)
+
+
+@pytest.mark.gpu
 def test_gemv_route_and_its_switch(monkeypatch):
     """Eager aligned decode calls take the C++ op (the default: DSK_INT8_GEMV unset); M 17, K off a multiple
     of 16, an unaligned operand, a float64 bias and DSK_INT8_GEMV=0 take the Triton path; every path gives

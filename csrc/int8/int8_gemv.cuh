@@ -84,12 +84,10 @@ struct Trip {
   uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
 };
 
-// The lane's operands of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K). HI: activation
-// rows 8..15 may exist (M > 8); without them the upper MMA operand is the constant zero (no registers).
-template <int SUB, int UNROLL, bool HI>
-__device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], const int8_t* arow_lo,
-                                          const int8_t* arow_hi, bool lo, bool hi, int s0, int steps, int k_lane,
-                                          int K) {
+// The lane's weight pieces of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K).
+template <int SUB, int UNROLL>
+__device__ __forceinline__ void load_weights(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], int s0, int steps,
+                                             int k_lane, int K) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -97,9 +95,33 @@ __device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* co
     const bool in = s0 + u < steps && off + k_lane < K;
 #pragma unroll
     for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : zero;
-    r.xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + off)) : zero;
+  }
+}
+
+// 16 activation bytes: through the read-only path from global memory, or from shared memory (SHARED).
+template <bool SHARED>
+__device__ __forceinline__ uint4 load_act(const int8_t* p) {
+  if constexpr (SHARED) {
+    return *reinterpret_cast<const uint4*>(p);
+  } else {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+}
+
+// The lane's activation pieces of the same steps (row pointers already offset by the lane's 16 * t).
+// HI: activation rows 8..15 may exist (M > 8); without them the upper MMA operand is the constant zero
+// (no registers). SHARED: the rows are in shared memory (the one-row linear kernel's codes).
+template <int SUB, int UNROLL, bool HI, bool SHARED = false>
+__device__ __forceinline__ void load_acts(Trip<SUB, UNROLL>& r, const int8_t* arow_lo, const int8_t* arow_hi, bool lo,
+                                          bool hi, int s0, int steps, int k_lane, int K) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int off = (s0 + u) * kStepBytes;
+    const bool in = s0 + u < steps && off + k_lane < K;
+    r.xl[u] = in && lo ? load_act<SHARED>(arow_lo + off) : zero;
     if constexpr (HI) {
-      r.xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + off)) : zero;
+      r.xh[u] = in && hi ? load_act<SHARED>(arow_hi + off) : zero;
     } else {
       r.xh[u] = zero;
     }
@@ -118,8 +140,38 @@ __device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNR
   }
 }
 
+// The CTA's warps meet: each stores its accumulator fragments (c0, c1 at row g, cols 2t and 2t + 1; c2, c3 at
+// row g + 8), then out[m, n0 + c] = (sum over warps, in warp order: deterministic) * a_scale(m) * b_scale[n]
+// (+ bias[n]) with Triton's epilogue, operation for operation: (acc * a_scale) * b_scale, fused with + bias.
+template <int SUB, typename AScale>
+__device__ __forceinline__ void finish_rows(int (&partial)[kWarps][kMaxRows][8 * SUB], const int (&acc)[SUB][4],
+                                            int warp, int g, int t, int M, int n0, int N, AScale a_scale,
+                                            const float* b_scale, const void* bias, FType bias_t, void* out,
+                                            FType out_t) {
+  constexpr int kRows = 8 * SUB;
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int col = s * 8 + 2 * t;
+    partial[warp][g][col] = acc[s][0];
+    partial[warp][g][col + 1] = acc[s][1];
+    partial[warp][g + 8][col] = acc[s][2];
+    partial[warp][g + 8][col + 1] = acc[s][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < M * kRows; i += kThreads) {
+    const int m = i / kRows, c = i % kRows, n = n0 + c;
+    if (n >= N) continue;
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][c];
+    const float scaled = __fmul_rn(static_cast<float>(sum), a_scale(m));
+    const float v = bias ? __fmaf_rn(scaled, b_scale[n], load_float(bias, bias_t, n)) : __fmul_rn(scaled, b_scale[n]);
+    store_float(out, out_t, static_cast<int64_t>(m) * N + n, v);
+  }
+}
+
 // SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL 16-byte weight loads
-// per lane); HI: M > 8 (see load_trip). A register double-buffered loop (the next trip's loads issued
+// per lane); HI: M > 8 (see load_acts). A register double-buffered loop (the next trip's loads issued
 // before this trip's MMAs) lost at every shape on the H200 (session 14) and was removed.
 template <int SUB, int UNROLL, bool HI>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p) {
@@ -148,33 +200,13 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   constexpr int kStride = kWarps * UNROLL;  // K steps between a warp's trips
   Trip<SUB, UNROLL> cur;
   for (int s0 = warp * UNROLL; s0 < steps; s0 += kStride) {
-    load_trip<SUB, UNROLL, HI>(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
+    load_acts<SUB, UNROLL, HI>(cur, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
+    load_weights(cur, brow, s0, steps, t * 16, p.K);
     mma_trip(acc, cur);
   }
 
-  // accumulator fragment: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) {
-    const int col = s * 8 + 2 * t;
-    partial[warp][g][col] = acc[s][0];
-    partial[warp][g][col + 1] = acc[s][1];
-    partial[warp][g + 8][col] = acc[s][2];
-    partial[warp][g + 8][col + 1] = acc[s][3];
-  }
-  __syncthreads();
-
-  for (int i = threadIdx.x; i < p.M * kRows; i += kThreads) {
-    const int m = i / kRows, c = i % kRows, n = n0 + c;
-    if (n >= p.N) continue;
-    int sum = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][c];  // fixed order: deterministic
-    // Triton's epilogue, operation for operation: (acc * a_scale) * b_scale, fused with + bias
-    const float scaled = __fmul_rn(static_cast<float>(sum), p.a_scale[m]);
-    const float v = p.bias ? __fmaf_rn(scaled, p.b_scale[n], load_float(p.bias, p.bias_t, n))
-                           : __fmul_rn(scaled, p.b_scale[n]);
-    store_float(p.out, p.out_t, static_cast<int64_t>(m) * p.N + n, v);
-  }
+  finish_rows<SUB>(partial, acc, warp, g, t, p.M, n0, p.N, [&](int m) { return p.a_scale[m]; }, p.b_scale, p.bias,
+                   p.bias_t, p.out, p.out_t);
 }
 
 // Per-token symmetric quantization of x [M, K] (rows `ldx` elements apart) into codes [M, K] (rows
@@ -195,10 +227,11 @@ __device__ __forceinline__ int8_t code_of(float xs, float inv) {
   return y != y ? 0 : static_cast<int8_t>(rintf(fminf(fmaxf(y, -127.0f), 127.0f)));
 }
 
-// The row's (scale, 1 / scale) from each thread's |x| maximum and NaN flag (NaN anywhere: NaN).
+// The row's (scale, 1 / scale) from each of THREADS threads' |x| maximum and NaN flag (NaN anywhere: NaN).
+template <int THREADS>
 __device__ __forceinline__ float2 row_scale(float amax, int nan) {
-  __shared__ float warp_amax[kQuantThreads / 32];
-  __shared__ int warp_nan[kQuantThreads / 32];
+  __shared__ float warp_amax[THREADS / 32];
+  __shared__ int warp_nan[THREADS / 32];
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) {
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
@@ -212,7 +245,7 @@ __device__ __forceinline__ float2 row_scale(float amax, int nan) {
   amax = 0.0f;
   nan = 0;
 #pragma unroll
-  for (int w = 0; w < kQuantThreads / 32; ++w) {
+  for (int w = 0; w < THREADS / 32; ++w) {
     amax = fmaxf(amax, warp_amax[w]);
     nan |= warp_nan[w];
   }
@@ -235,7 +268,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
       amax = fmaxf(amax, fabsf(v[j]));
       nan |= v[j] != v[j];
     }
-    const float2 s = row_scale(amax, nan);
+    const float2 s = row_scale<kQuantThreads>(amax, nan);
     if (threadIdx.x == 0) scale[row] = s.x;
 #pragma unroll
     for (int j = 0; j < kQuantVals; ++j) {
@@ -249,13 +282,83 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
       amax = fmaxf(amax, fabsf(v));
       nan |= v != v;
     }
-    const float2 s = row_scale(amax, nan);
+    const float2 s = row_scale<kQuantThreads>(amax, nan);
     if (threadIdx.x == 0) scale[row] = s.x;
 #pragma unroll 8
     for (int k = threadIdx.x; k < K; k += kQuantThreads) {
       q[row * ldq + k] = code_of(scaled_input(x, xt, row * ldx + k, smooth, st, k), s.y);
     }
   }
+}
+
+// ---- int8_linear for one activation row (decode at batch 1): quantize + GEMV in one launch ----------
+//
+// Each CTA quantizes the row itself into shared memory with quantize_rows_kernel's arithmetic (so the same
+// codes and scale: the same bits as the two launches) and runs the GEMV's loop on those codes. The first
+// trip's weight loads are issued before the quantization, so its latency hides behind them; the row (at most
+// kRowMaxK elements) is read from L2 twice per CTA. One launch instead of two: an eager decode call pays one
+// kernel launch and two allocations less on the host.
+constexpr int kRowMaxK = 32768;  // dynamic shared memory for the codes: K bytes
+
+struct LinearRowArgs {
+  const void* x;          // [K] the activation row
+  const void* smooth;     // [K] or nullptr
+  const int8_t* b;        // [N, K], rows `ldb` bytes apart (16-byte aligned)
+  const float* b_scale;   // [N]
+  const void* bias;       // [N] or nullptr
+  void* out;              // [N]
+  int64_t ldb;
+  int N, K;               // K a multiple of 16, at most kRowMaxK
+  FType x_t, smooth_t, bias_t, out_t;
+};
+
+template <int SUB, int UNROLL>
+__global__ void __launch_bounds__(kThreads, 2) int8_linear_row_kernel(const LinearRowArgs p) {
+  constexpr int kRows = 8 * SUB;
+  __shared__ int partial[kWarps][kMaxRows][kRows];
+  extern __shared__ __align__(16) int8_t codes[];  // [K]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kRows;
+  const int8_t* brow[SUB];
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
+    brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
+  }
+  int acc[SUB][4];
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0;
+  const int steps = (p.K + kStepBytes - 1) / kStepBytes;
+  constexpr int kStride = kWarps * UNROLL;
+  int s0 = warp * UNROLL;
+  Trip<SUB, UNROLL> cur;
+  load_weights(cur, brow, s0, steps, t * 16, p.K);  // in flight during the quantization
+
+  float amax = 0.0f;  // fmaxf drops NaN: flagged separately
+  int nan = 0;
+#pragma unroll 4
+  for (int k = threadIdx.x; k < p.K; k += kThreads) {
+    const float v = scaled_input(p.x, p.x_t, k, p.smooth, p.smooth_t, k);
+    amax = fmaxf(amax, fabsf(v));
+    nan |= v != v;
+  }
+  const float2 sc = row_scale<kThreads>(amax, nan);
+#pragma unroll 4
+  for (int k = threadIdx.x; k < p.K; k += kThreads) {
+    codes[k] = code_of(scaled_input(p.x, p.x_t, k, p.smooth, p.smooth_t, k), sc.y);
+  }
+  __syncthreads();
+
+  const int8_t* arow = codes + t * 16;  // activation row 0 for the lanes with g == 0
+  for (bool first = true; s0 < steps; s0 += kStride, first = false) {
+    if (!first) load_weights(cur, brow, s0, steps, t * 16, p.K);
+    load_acts<SUB, UNROLL, false, true>(cur, arow, arow, g == 0, false, s0, steps, t * 16, p.K);
+    mma_trip(acc, cur);
+  }
+  finish_rows<SUB>(partial, acc, warp, g, t, 1, n0, p.N, [&](int) { return sc.x; }, p.b_scale, p.bias, p.bias_t,
+                   p.out, p.out_t);
 }
 
 }  // namespace gemv

@@ -127,6 +127,14 @@ cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream) {
   }
 }
 
+// DSK_INT8_LINEAR_ROW=1: int8_linear_gemv takes the one-launch kernel for one activation row (quantize inside
+// the GEMV, int8_linear_row_kernel). Opt-in until it has run on a GPU (written in session 14 after the
+// device time ran out); read on every call so tests can switch it.
+bool linear_row_kernel_on() {
+  const char* v = std::getenv("DSK_INT8_LINEAR_ROW");
+  return v != nullptr && v[0] == '1' && v[1] == 0;
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -216,13 +224,34 @@ at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
   const at::Tensor x2 = x.stride(1) == 1 ? x : x.contiguous();
+  const at::ScalarType out_dtype = x.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  if (M == 1 && K <= gemv::kRowMaxK && linear_row_kernel_on()) {
+    at::Tensor out = at::empty({1, N}, x.options().dtype(out_dtype));
+    gemv::LinearRowArgs r;
+    r.x = x2.data_ptr();
+    r.smooth = smooth_ptr;
+    r.b = weight.data_ptr<int8_t>();
+    r.b_scale = sw.data_ptr<float>();
+    r.bias = bias_ptr;
+    r.out = out.data_ptr();
+    r.ldb = N > 1 ? weight.stride(0) : K;
+    r.N = static_cast<int>(N);
+    r.K = static_cast<int>(K);
+    r.x_t = x_t;
+    r.smooth_t = smooth_t;
+    r.bias_t = bias_t;
+    float_type(out_dtype, &r.out_t);
+    const unsigned ctas = static_cast<unsigned>((N + 15) / 16);  // 16 weight rows per CTA, as the GEMV at M <= 8
+    gemv::int8_linear_row_kernel<2, 8><<<ctas, gemv::kThreads, static_cast<size_t>(K), stream>>>(r);
+    check_launch(cudaGetLastError(), op);
+    return out;
+  }
   at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));  // K % 16 == 0: rows 16-byte aligned
   at::Tensor scales = at::empty({M}, x.options().dtype(at::kFloat));
   gemv::quantize_rows_kernel<<<static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream>>>(
       x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth_ptr, smooth_t, codes.data_ptr<int8_t>(), K,
       scales.data_ptr<float>(), static_cast<int>(K));
   check_launch(cudaGetLastError(), op);
-  const at::ScalarType out_dtype = x.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
   return run_gemv(op, codes, weight, scales.data_ptr<float>(), sw, bias_ptr, bias_t, out_dtype, stream);
 }
 
