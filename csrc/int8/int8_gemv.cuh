@@ -84,10 +84,11 @@ struct Trip {
   uint4 w[UNROLL][SUB], xl[UNROLL], xh[UNROLL];
 };
 
-// The lane's weight pieces of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K).
+// The lane's operands of K steps s0 .. s0 + UNROLL - 1 (zeros past the last step or K).
 template <int SUB, int UNROLL>
-__device__ __forceinline__ void load_weights(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], int s0, int steps,
-                                             int k_lane, int K) {
+__device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], const int8_t* arow_lo,
+                                          const int8_t* arow_hi, bool lo, bool hi, int s0, int steps, int k_lane,
+                                          int K) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -95,36 +96,34 @@ __device__ __forceinline__ void load_weights(Trip<SUB, UNROLL>& r, const int8_t*
     const bool in = s0 + u < steps && off + k_lane < K;
 #pragma unroll
     for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : zero;
+    r.xl[u] = in && lo ? __ldg(reinterpret_cast<const uint4*>(arow_lo + off)) : zero;
+    r.xh[u] = in && hi ? __ldg(reinterpret_cast<const uint4*>(arow_hi + off)) : zero;
   }
 }
 
-// 16 activation bytes: through the read-only path from global memory, or from shared memory (SHARED).
-template <bool SHARED>
-__device__ __forceinline__ uint4 load_act(const int8_t* p) {
-  if constexpr (SHARED) {
-    return *reinterpret_cast<const uint4*>(p);
-  } else {
-    return __ldg(reinterpret_cast<const uint4*>(p));
-  }
-}
-
-// The lane's activation pieces of the same steps (row pointers already offset by the lane's 16 * t).
-// HI: activation rows 8..15 may exist (M > 8); without them the upper MMA operand is the constant zero
-// (no registers). SHARED: the rows are in shared memory (the one-row linear kernel's codes).
-template <int SUB, int UNROLL, bool HI, bool SHARED = false>
-__device__ __forceinline__ void load_acts(Trip<SUB, UNROLL>& r, const int8_t* arow_lo, const int8_t* arow_hi, bool lo,
-                                          bool hi, int s0, int steps, int k_lane, int K) {
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+// The one-row linear kernel's halves of load_trip: the weight pieces (issued early), then activation row 0
+// from shared memory (`arow`: the codes, offset by the lane's 16 * t; rows 8..15 are zero).
+template <int SUB, int UNROLL>
+__device__ __forceinline__ void load_weights(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], int s0, int steps,
+                                             int k_lane, int K) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int off = (s0 + u) * kStepBytes;
     const bool in = s0 + u < steps && off + k_lane < K;
-    r.xl[u] = in && lo ? load_act<SHARED>(arow_lo + off) : zero;
-    if constexpr (HI) {
-      r.xh[u] = in && hi ? load_act<SHARED>(arow_hi + off) : zero;
-    } else {
-      r.xh[u] = zero;
-    }
+#pragma unroll
+    for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int SUB, int UNROLL>
+__device__ __forceinline__ void load_shared_row(Trip<SUB, UNROLL>& r, const int8_t* arow, bool lo, int s0, int steps,
+                                                int k_lane, int K) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int off = (s0 + u) * kStepBytes;
+    const bool in = s0 + u < steps && off + k_lane < K;
+    r.xl[u] = in && lo ? *reinterpret_cast<const uint4*>(arow + off) : make_uint4(0, 0, 0, 0);
+    r.xh[u] = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -171,9 +170,9 @@ __device__ __forceinline__ void finish_rows(int (&partial)[kWarps][kMaxRows][8 *
 }
 
 // SUB: 8-row weight subtiles per CTA; UNROLL: K steps per loop trip (SUB * UNROLL 16-byte weight loads
-// per lane); HI: M > 8 (see load_acts). A register double-buffered loop (the next trip's loads issued
-// before this trip's MMAs) lost at every shape on the H200 (session 14) and was removed.
-template <int SUB, int UNROLL, bool HI>
+// per lane). A register double-buffered loop (the next trip's loads issued before this trip's MMAs) lost
+// at every shape on the H200 (session 14) and was removed.
+template <int SUB, int UNROLL>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p) {
   constexpr int kRows = 8 * SUB;
   __shared__ int partial[kWarps][kMaxRows][kRows];
@@ -188,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
     const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
     brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
   }
-  const bool lo = g < p.M, hi = HI && g + 8 < p.M;  // activation rows g and g + 8 exist
+  const bool lo = g < p.M, hi = g + 8 < p.M;  // activation rows g and g + 8 exist
   const int8_t* arow_lo = p.a + static_cast<int64_t>(lo ? g : 0) * p.lda + t * 16;
   const int8_t* arow_hi = p.a + static_cast<int64_t>(hi ? g + 8 : 0) * p.lda + t * 16;
 
@@ -200,8 +199,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   constexpr int kStride = kWarps * UNROLL;  // K steps between a warp's trips
   Trip<SUB, UNROLL> cur;
   for (int s0 = warp * UNROLL; s0 < steps; s0 += kStride) {
-    load_acts<SUB, UNROLL, HI>(cur, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
-    load_weights(cur, brow, s0, steps, t * 16, p.K);
+    load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
     mma_trip(acc, cur);
   }
 
@@ -354,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_linear_row_kernel(const Line
   const int8_t* arow = codes + t * 16;  // activation row 0 for the lanes with g == 0
   for (bool first = true; s0 < steps; s0 += kStride, first = false) {
     if (!first) load_weights(cur, brow, s0, steps, t * 16, p.K);
-    load_acts<SUB, UNROLL, false, true>(cur, arow, arow, g == 0, false, s0, steps, t * 16, p.K);
+    load_shared_row(cur, arow, g == 0, s0, steps, t * 16, p.K);
     mma_trip(acc, cur);
   }
   finish_rows<SUB>(partial, acc, warp, g, t, 1, n0, p.N, [&](int) { return sc.x; }, p.b_scale, p.bias, p.bias_t,

@@ -87,15 +87,10 @@ void check_arch(const char* op, const at::Device& device) {
               std::to_string(prop->major), std::to_string(prop->minor));
 }
 
-// One kernel launch: the M > 8 form only where activation rows 8..15 exist.
 template <int SUB, int UNROLL>
 cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
-  if (a.M > 8) {
-    gemv::int8_gemv_kernel<SUB, UNROLL, true><<<ctas, gemv::kThreads, 0, stream>>>(a);
-  } else {
-    gemv::int8_gemv_kernel<SUB, UNROLL, false><<<ctas, gemv::kThreads, 0, stream>>>(a);
-  }
+  gemv::int8_gemv_kernel<SUB, UNROLL><<<ctas, gemv::kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
