@@ -101,17 +101,18 @@ case "$step" in
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
   tune-sparse-decode)
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --decode --out "$OUT/tune_sparse_decode.json" ;;
-  tune-comm)  # the reduce (sum + requantize) kernel's launch knobs. Default since session 12: one cached vector per
-    # lane, 3 CTAs of 256 per SM (ptxas <= 80 registers, no spills; W=8 graphed 47.2 us = 67.7 % of copy, 70 % needs
-    # ~45.5). W=8's reduce still runs its 6400 blocks in one latency-bound wave (8 lanes per block): 8-code vectors
-    # give 16 lanes per block (twice the threads; ptxas 64-80 registers, 64 with 4 CTAs per SM, no spills).
-    # GPU tests of the 8-code build first, then one rebuild per variant, then the default build.
-    DSK_NVCC_EXTRA="-DDSK_REDUCE_VEC=8" build
+  tune-comm)  # issue 7: the reduce (sum + requantize) kernel at W=8 (one latency-bound wave: 9.7 us against 4.1 at
+    # copy speed, session 14; the graphed W=8 pipeline 47 us = 68 %, 70 % needs ~45.5). Variant: the residuals loaded
+    # before the shards' codes (DSK_REDUCE_PREFETCH_ERROR=1, 110 registers: 2 CTAs per SM), with 8 shards per step
+    # (128 registers); the 2-CTA cap alone as the control. GPU tests of the prefetch build first, then one rebuild
+    # per variant (the default first), then the default build again.
+    DSK_NVCC_EXTRA="-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2" build
     timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \
       tests/test_distributed.py > "$OUT/reduce_variant_tests.log" 2>&1
-    echo "tests with DSK_REDUCE_VEC=8: rc=$?"; tail -1 "$OUT/reduce_variant_tests.log"
-    DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" "-DDSK_REDUCE_VEC=8" \
-      "-DDSK_REDUCE_VEC=8 -DDSK_REDUCE_MIN_BLOCKS=4" "-DDSK_REDUCE_VEC=8 -DDSK_REDUCE_SHARDS_PER_STEP=8"
+    echo "tests with DSK_REDUCE_PREFETCH_ERROR=1: rc=$?"; tail -1 "$OUT/reduce_variant_tests.log"
+    DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" \
+      "-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2" \
+      "-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2 -DDSK_REDUCE_SHARDS_PER_STEP=8" "-DDSK_REDUCE_MIN_BLOCKS=2"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
   dequant-wide)  # issues 2 and 7: the dequantize kernel reading 16 codes per lane (DSK_DEQUANT_WIDE_CODES, off by
     # default until this has run): its GPU tests with the switch on, then both suites per variant, then the default build
