@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -137,6 +137,12 @@ case "$step" in
       | tail -3
     DSK_INT8_GEMV_ROWS=8 timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=line tests/test_int8_matmul.py \
       -k "gemv_sums or linear_gemv_bits" | tail -2 ;;
+  diag-int8-route)  # issue 5: where eager int8 decode spends host time (per layer, per module of one e2e block, a CPU
+    # profile), then the eager decode and e2e 1-token rows; the host probe is in the bench JSON
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    timeout 150 "$PY" benchmarks/diag_int8_route.py --out "$OUT/diag_int8_route.json" 2>&1 | tail -60
+    timeout 200 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/int8_route" \
+      --filter "^M(1|4|16) N[0-9]+ K[0-9]+ vs cuBLAS bf16$|int8_linear.*linear$|^e2e.*1 token" ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
@@ -183,6 +189,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-pdl|int8-power|tune-int8-rested|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
