@@ -127,6 +127,15 @@ __device__ __forceinline__ void load_shared_row(Trip<SUB, UNROLL>& r, const int8
   }
 }
 
+// Lane (g, t)'s weight rows n0 + 8 s + g of the CTA's subtiles, at its 16-byte piece t; rows past N repeat the
+// last one (never stored).
+template <int SUB>
+__device__ __forceinline__ void weight_rows(const int8_t* (&brow)[SUB], const int8_t* b, int64_t ldb, int N, int n0,
+                                            int g, int t) {
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) brow[s] = b + static_cast<int64_t>(min(n0 + s * 8 + g, N - 1)) * ldb + t * 16;
+}
+
 template <int SUB, int UNROLL>
 __device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNROLL>& r) {
 #pragma unroll
@@ -182,11 +191,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   const int n0 = blockIdx.x * kRows;
 
   const int8_t* brow[SUB];
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) {
-    const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
-    brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
-  }
+  weight_rows<SUB>(brow, p.b, p.ldb, p.N, n0, g, t);
   const bool lo = g < p.M, hi = g + 8 < p.M;  // activation rows g and g + 8 exist
   const int8_t* arow_lo = p.a + static_cast<int64_t>(lo ? g : 0) * p.lda + t * 16;
   const int8_t* arow_hi = p.a + static_cast<int64_t>(hi ? g + 8 : 0) * p.lda + t * 16;
@@ -320,11 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_linear_row_kernel(const Line
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * kRows;
   const int8_t* brow[SUB];
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) {
-    const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
-    brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
-  }
+  weight_rows<SUB>(brow, p.b, p.ldb, p.N, n0, g, t);
   int acc[SUB][4];
 #pragma unroll
   for (int s = 0; s < SUB; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0;
