@@ -53,7 +53,12 @@ DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (
                          (32, 128, 4, 4, 4),
                          # session 11: one K tile per block (block_k 256 >= BS 224) won at 1 token
                          (16, 256, 2, 3), (16, 256, 2, 6), (16, 256, 4, 4), (32, 256, 4, 4), (32, 256, 2, 4),
-                         (16, 256, 2, 4, 2), (32, 256, 4, 4, 2), (32, 256, 4, 4, 4)]}
+                         (16, 256, 2, 4, 2), (32, 256, 4, 4, 2), (32, 256, 4, 4, 4),
+                         # session 14: deeper pipelines of the one-K-tile form (at 1 token a column tile has ~10
+                         # tiles to load: 8 stages ask for 7 of them at once); wider column tiles. All fit the
+                         # shared memory (aot_compile_check sizes: 32x256 at 8 stages 168 KiB, 64x256 at 5 160 KiB).
+                         (32, 256, 4, 6), (32, 256, 4, 8), (32, 256, 8, 6), (64, 256, 4, 4), (64, 256, 4, 5),
+                         (64, 256, 8, 5)]}
 
 
 def tune_decode(args):
@@ -81,7 +86,7 @@ def tune_decode(args):
         print(f"== decode T{T} ratio {args.ratio} ({k}/{NB} blocks, {n} weight copies), graphed: dense "
               f"{dense * 1e3:.1f} us, default {default * 1e3:.1f} us ({dense / default:.2f}x dense)", flush=True)
         case = {"T": T, "weight_copies": n, "dense_ms": dense, "default_ms": default, "rows": [], "best": {}}
-        for kern in ("gate_up", "down"):
+        for kern in args.kernels.split(","):
             rows = []
             for bn, bk, nw, st, *split in DECODE_FULL[kern] if args.full else DECODE_FOCUS[kern]:
                 cfg = {kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st,
@@ -118,6 +123,7 @@ def main():
     ap.add_argument("--d-ff", type=int, default=14336)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     ap.add_argument("--decode", action="store_true", help="sweep the decode kernels (1 and 8 tokens) instead")
+    ap.add_argument("--kernels", default="gate_up,down", help="with --decode: which kernels' configs to sweep")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.ratio is None:

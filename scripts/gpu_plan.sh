@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -101,6 +101,9 @@ case "$step" in
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --out "$OUT/tune_sparse_ffn.json" ;;
   tune-sparse-decode)
     timeout 560 "$PY" benchmarks/tune_sparse_ffn.py --decode --out "$OUT/tune_sparse_decode.json" ;;
+  tune-sparse-down)  # issue 6: the down kernel's configs alone at 1 and 8 tokens (session 14 added 6-8 stage and
+    # 64-wide candidates of the one-K-tile form: the T1 down kernel moves 17.6 MB at 1.74 TB/s)
+    timeout 400 "$PY" benchmarks/tune_sparse_ffn.py --decode --kernels down --out "$OUT/tune_sparse_down.json" ;;
   tune-comm)  # issue 7: the reduce (sum + requantize) kernel at W=8 (one latency-bound wave: 9.7 us against 4.1 at
     # copy speed, session 14; the graphed W=8 pipeline 47 us = 68 %, 70 % needs ~45.5). Variant: the residuals loaded
     # before the shards' codes (DSK_REDUCE_PREFETCH_ERROR=1, 110 registers: 2 CTAs per SM), with 8 shards per step
@@ -189,6 +192,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
