@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -146,6 +146,16 @@ case "$step" in
     timeout 150 "$PY" benchmarks/diag_int8_route.py --out "$OUT/diag_int8_route.json" 2>&1 | tail -60
     timeout 200 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/int8_route" \
       --filter "^M(1|4|16) N[0-9]+ K[0-9]+ vs cuBLAS bf16$|int8_linear.*linear$|^e2e.*1 token" ;;
+  host-state)  # the eager rows' dependence on what ran before (session 14: ~2x slower after ~70 s of GPU tests in the
+    # same call): one eager decode row and the host probe, then the int8 GPU tests, then the same row again
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    row='^M1 N14336 K4096 vs cuBLAS bf16$|^M2048 N4096 K4096'
+    timeout 90 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/host_before" --filter "$row" \
+      | grep -E "host probe|^M"
+    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int8_matmul.py | tail -1
+    uptime
+    timeout 90 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/host_after" --filter "$row" \
+      | grep -E "host probe|^M" ;;
   tune-int8-small)  # the decode GEMVs (M <= 16), graphed
     timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
       --out "$OUT/tune_int8_small.json" ;;
@@ -192,6 +202,6 @@ case "$step" in
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|host-state|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
