@@ -420,7 +420,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     else float32. (A one-launch kernel fusing both steps for M <= 16 was tried and measured 2x
     slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.) Where the
     extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take the extension's
-    ``int8_linear_gemv`` (the same two steps, launched from C++)."""
+    ``int8_linear_gemv`` (the same two steps, launched from C++; one kernel for a single row with the
+    opt-in ``DSK_INT8_LINEAR_ROW=1``, not yet run on a GPU)."""
     if eager_fast_path(x, weight, weight_scale, bias, smooth) and _gemv_takes_linear(x, weight, weight_scale, bias,
                                                                                       smooth):
         out = torch.ops.deepseek_kernels.int8_linear_gemv.default(x.reshape(-1, x.shape[-1]), weight, weight_scale,
@@ -487,7 +488,7 @@ def _explain_linear(x, weight, weight_scale=None, *args, bias=None, smooth=None,
     if (weight_scale is not None and eager_fast_path(x, weight, weight_scale, bias, smooth)
             and _gemv_takes_linear(x, weight, weight_scale, bias, smooth)):
         return (f"cuda: deepseek_kernels._C int8_linear_gemv on {x.device} (quantize + decode GEMV, M <= {GEMV_MAX_M}, "
-                "two launches from C++)")
+                "launched from C++: two kernels, or one for a single row with DSK_INT8_LINEAR_ROW=1)")
     return _describe_linear(x.device)
 
 
