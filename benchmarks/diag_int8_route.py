@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tuning import per_call_us  # noqa: E402
 
 import deepseek_kernels as dk  # noqa: E402
+from deepseek_kernels import _extension  # noqa: E402
 from deepseek_kernels.ops._registry import eager_fast_path  # noqa: E402
 
 
@@ -50,9 +51,11 @@ def main() -> None:
         fns = {
             "dk.int8_linear": lambda: dk.int8_linear(x, w, ws),
             "op int8_linear_gemv": lambda: ops.int8_linear_gemv.default(x, w, ws, None, None),
+            "_C.int8_linear_eager": lambda: _extension._C.int8_linear_eager(x, w, ws, None, None),
             "triton quantize + matmul": lambda: _triton_pair(x, w, ws),
             "dk.int8_matmul": lambda: dk.int8_matmul(xq, w, xs, ws),
             "op int8_gemv": lambda: ops.int8_gemv.default(xq, w, xs, ws, None, torch.bfloat16),
+            "_C.int8_gemv_eager": lambda: _extension._C.int8_gemv_eager(xq, w, xs, ws, None, torch.bfloat16),
             "triton matmul": lambda: im._int8_matmul_impl(xq, w, xs, ws, None, torch.bfloat16, direct=True,
                                                           check=False),
             "bf16 F.linear": lambda: torch.nn.functional.linear(x, wb),

@@ -6,8 +6,10 @@ The variant is fixed per process (DSK_INT8_GEMV_ROWS: weight rows per CTA; unset
 so each runs in a child process of this script. Per shape each child
 checks the op's bits against the Triton op, then times, replayed from CUDA graphs over enough copies
 of the weights to defeat the L2: ``int8_gemv`` vs the Triton kernel (direct launch), and
-``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each; at
-M = 1 also the one-launch linear kernel (DSK_INT8_LINEAR_ROW=1).
+``int8_linear_gemv`` (quantize + GEMV) vs the Triton pair; plus the eager (host-bound) call of each, through
+the dispatcher (the ops), through the pybind11 entries (``_C.int8_gemv_eager`` / ``_C.int8_linear_eager``) and
+through the public functions (``int8_matmul`` / ``int8_linear``). (Session 14's one-launch linear kernel for one
+row lost here in session 15, 34.9 vs 20.7 us graphed, and was removed; so was the 8-row form, 23.9 vs 17.5 us.)
 Prints one table; the parent needs no GPU work of its own.
 """
 
@@ -18,7 +20,7 @@ import subprocess
 import sys
 
 SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
-VARIANTS = ["", "8", "16", "32", "64"]
+VARIANTS = ["", "16", "32", "64"]
 
 
 def child() -> None:
@@ -27,6 +29,8 @@ def child() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _tuning import bench_graphed_sets, per_call_us, sets_for
 
+    import deepseek_kernels as dk
+    from deepseek_kernels import _extension
     from deepseek_kernels.ops.int8_matmul import _gemv_ready, _int8_matmul_impl, _launch_quantize_per_token
 
     assert _gemv_ready(torch.empty(0, device="cuda")), "the extension's decode kernels are not available"
@@ -60,15 +64,12 @@ def child() -> None:
               (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))}
         us.update({f"{name}_eager": per_call_us(lambda fn=fn: fn(0), n=300) for name, fn in
                    (("gemv", cpp), ("triton", tri), ("linear", cpp_lin), ("triton_linear", tri_lin))})
-        if M == 1:  # the one-launch linear kernel (quantize inside the GEMV, DSK_INT8_LINEAR_ROW=1: read per call)
-            os.environ["DSK_INT8_LINEAR_ROW"] = "1"
-            try:
-                same_lin = same_lin and torch.equal(ops.int8_linear_gemv(x, ws[0], sw, None, None),
-                                                    ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16))
-                us["linear_row"] = 1e3 * bench_graphed_sets(cpp_lin, sets)
-                us["linear_row_eager"] = per_call_us(lambda: cpp_lin(0), n=300)
-            finally:
-                del os.environ["DSK_INT8_LINEAR_ROW"]
+        C = _extension._C
+        host = {"gemv_entry": lambda: C.int8_gemv_eager(xq, ws[0], xs, sw, None, torch.bfloat16),
+                "gemv_public": lambda: dk.int8_matmul(xq, ws[0], xs, sw),
+                "linear_entry": lambda: C.int8_linear_eager(x, ws[0], sw, None, None),
+                "linear_public": lambda: dk.int8_linear(x, ws[0], sw)}
+        us.update({f"{name}_eager": per_call_us(fn, n=300) for name, fn in host.items()})
         rows.append({"M": M, "N": N, "K": K, "same_bits": same, "same_bits_linear": same_lin,
                      "weight_gbps": N * K / us["gemv"] / 1e3, **us})
     print("RESULT " + json.dumps(rows))
@@ -100,8 +101,8 @@ def main() -> None:
                   f" linear {r['linear']:6.1f} vs {r['triton_linear']:6.1f}"
                   f" | eager gemv {r['gemv_eager']:6.1f} vs {r['triton_eager']:6.1f},"
                   f" linear {r['linear_eager']:6.1f} vs {r['triton_linear_eager']:6.1f}"
-                  + (f" | one-launch linear {r['linear_row']:5.1f} graphed, {r['linear_row_eager']:5.1f} eager"
-                     if "linear_row" in r else ""), flush=True)
+                  f" | entry / public gemv {r['gemv_entry_eager']:5.1f} / {r['gemv_public_eager']:5.1f},"
+                  f" linear {r['linear_entry_eager']:5.1f} / {r['linear_public_eager']:5.1f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

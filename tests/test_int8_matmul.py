@@ -626,7 +626,7 @@ def _gemv_path(monkeypatch, on: bool) -> bool:
 
     ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
     monkeypatch.setenv("DSK_INT8_GEMV", "1" if on else "0")
-    monkeypatch.setattr(ops, "_GEMV_READY", {})
+    monkeypatch.setattr(ops, "_GEMV_EXT", [])
     return ops._gemv_ready(torch.empty(0, device="cuda"))
 
 
@@ -686,30 +686,58 @@ def test_int8_linear_gemv_bits_equal_the_two_triton_ops(M, dtype, extras, monkey
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K", [16, 1008, 4096, 14336, 32768, 32784], ids=str)  # 32784: past kRowMaxK (two launches)
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (4, 1, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("extras", ["plain", "smooth+bias", "strided"])
-def test_int8_linear_row_kernel_bits_equal_the_two_launches(K, dtype, extras, monkeypatch):
-    """DSK_INT8_LINEAR_ROW=1: one activation row quantized inside the GEMV (one launch) gives the bits of the
-    two-launch op and of the Triton ops, N off a multiple of 16 and non-finite rows included."""
+def test_int8_linear_eager_entry_takes_any_leading_dims(lead, dtype, monkeypatch):
+    """The pybind11 entry (int8_linear_eager, what dk.int8_linear calls eagerly) flattens x [..., K] itself and
+    returns [..., N] with the Triton ops' bits, N off a multiple of 16 and a strided x included."""
     _needs_gemv(monkeypatch)
-    N = 300
-    x, w, ws, bias, smooth = _linear_inputs(1, N, K, extras, "cuda", dtype)
-    x = x.reshape(1, K)
-    same_bits = dict(rtol=0, atol=0, equal_nan=True)
-    xq, xs = OPS.quantize_per_token(x, smooth)
-    triton = OPS.int8_matmul(xq, w, xs, ws, bias, dtype)
-    for row in ("0", "1"):
-        monkeypatch.setenv("DSK_INT8_LINEAR_ROW", row)
-        got = OPS.int8_linear_gemv(x, w, ws, bias, smooth)
-        torch.testing.assert_close(got, triton, **same_bits)
-        assert got.isfinite().all()
-    bad = x.clone()
-    bad[0, K - 1] = float("nan") if extras != "strided" else float("inf")
-    got = OPS.int8_linear_gemv(bad, w, ws, bias, smooth)  # DSK_INT8_LINEAR_ROW=1 still
-    assert got.isnan().all()
-    monkeypatch.setenv("DSK_INT8_LINEAR_ROW", "0")
-    torch.testing.assert_close(OPS.int8_linear_gemv(bad, w, ws, bias, smooth), got, **same_bits)
+    from deepseek_kernels import _extension
+
+    N, K = 300, 1024
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    ws, bias = torch.rand(N, device="cuda") * 1e-2, torch.randn(N, device="cuda", dtype=dtype)
+    smooth = torch.rand(K, device="cuda", dtype=dtype) + 0.5
+    x = torch.randn(*lead, 2 * K, device="cuda", dtype=dtype)[..., ::2]  # strided along K
+    got = _extension._C.int8_linear_eager(x, w, ws, bias, smooth)
+    assert got is not None and got.shape == (*lead, N) and got.dtype == dtype
+    xq, xs = OPS.quantize_per_token(x.reshape(-1, K), smooth)
+    want = OPS.int8_matmul(xq, w, xs, ws, bias, dtype).reshape(*lead, N)
+    assert torch.equal(got, want)
+    assert torch.equal(dk.int8_linear(x, w, ws, bias=bias, smooth=smooth), want)
+
+
+@pytest.mark.gpu
+def test_eager_entries_decline_without_launching_or_raising(monkeypatch):
+    """int8_gemv_eager / int8_linear_eager return None (the caller's general path then runs, and raises the clear
+    errors) for operands the decode kernels do not take: 17 rows, K off 16, wrong scale shapes, a weight on the
+    CPU, an x needing grad, a stream capturing a CUDA graph (test_int8_linear_gemv_in_a_cuda_graph); dk.int8_linear still names the bad
+    argument."""
+    _needs_gemv(monkeypatch)
+    from deepseek_kernels import _extension
+
+    C = _extension._C
+    K, N = 64, 32
+    x = torch.randn(4, K, device="cuda")
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    ws = torch.rand(N, device="cuda")
+    assert C.int8_linear_eager(x, w, ws, None, None) is not None
+    declined = {"17 rows": (torch.randn(17, K, device="cuda"), w, ws), "K off 16": (x[:, :40], w[:, :40], ws),
+                "scale shape": (x, w, torch.rand(N + 1, device="cuda")), "scale dtype": (x, w, ws.double()),
+                "weight on cpu": (x, w.cpu(), ws), "grad": (x.clone().requires_grad_(), w, ws)}
+    for name, (xx, ww, ss) in declined.items():
+        assert C.int8_linear_eager(xx, ww, ss, None, None) is None, name
+    xq = torch.randint(-127, 128, (4, K), dtype=torch.int8, device="cuda")
+    sa = torch.rand(4, 1, device="cuda")
+    assert C.int8_gemv_eager(xq, w, sa, ws, None, torch.bfloat16) is not None
+    assert C.int8_gemv_eager(xq, w, sa[:3], ws, None, torch.bfloat16) is None
+    assert C.int8_gemv_eager(xq, w, sa, ws, None, torch.int32) is None
+    with torch.no_grad():  # no grad wanted: the fast path takes it
+        assert C.int8_linear_eager(x.clone().requires_grad_(), w, ws, None, None) is not None
+    with pytest.raises(ValueError, match="weight_scale"):
+        dk.int8_linear(x, w, torch.rand(N + 1, device="cuda"))
+    with pytest.raises(ValueError, match="a_scale"):
+        dk.int8_matmul(xq, w, sa[:3], ws)
 
 
 @pytest.mark.gpu
@@ -739,7 +767,7 @@ def test_gemv_route_and_its_switch(monkeypatch):
     assert not _gemv_path(monkeypatch, False)
     assert dk.explain("int8_matmul", a, b, sa, sb).startswith("triton")
     monkeypatch.delenv("DSK_INT8_GEMV")  # unset: the C++ path is the default where it is built
-    monkeypatch.setattr(importlib.import_module("deepseek_kernels.ops.int8_matmul"), "_GEMV_READY", {})
+    monkeypatch.setattr(importlib.import_module("deepseek_kernels.ops.int8_matmul"), "_GEMV_EXT", [])
     assert dk.explain("int8_matmul", a, b, sa, sb).startswith("cuda: deepseek_kernels._C int8_gemv")
 
 
@@ -791,10 +819,26 @@ def test_int8_linear_gemv_in_a_cuda_graph(monkeypatch):
     with torch.cuda.graph(g):
         static_out = dk.int8_linear(static_x, w, ws)
         assert dk.explain("int8_linear", static_x, w, ws).startswith("triton")
+        from deepseek_kernels import _extension
+        assert _extension._C.int8_linear_eager(static_x, w, ws, None, None) is None  # declined: nothing launched
     for x, r in zip(xs, want):
         static_x.copy_(x)
         g.replay()
         assert torch.equal(static_out, r)
+
+
+@pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")
+def test_eager_entries_decline_cpu_tensors():
+    """The pybind11 eager entries return None for CPU operands (no GPU needed): int8_linear / int8_matmul on the
+    CPU run the reference."""
+    from deepseek_kernels import _extension
+
+    x, w, ws = torch.randn(2, 64), torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.rand(32)
+    assert _extension._C.int8_linear_eager(x, w, ws, None, None) is None
+    assert not _extension._C.int8_linear_eager_ok(x, w, ws, None, None)
+    xq, sa = torch.randint(-127, 128, (2, 64), dtype=torch.int8), torch.rand(2, 1)
+    assert _extension._C.int8_gemv_eager(xq, w, sa, ws, None, torch.bfloat16) is None
+    assert not _extension._C.int8_gemv_eager_ok(xq, w, sa, ws, None, torch.bfloat16)
 
 
 @pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")

@@ -101,32 +101,6 @@ __device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* co
   }
 }
 
-// The one-row linear kernel's halves of load_trip: the weight pieces (issued early), then activation row 0
-// from shared memory (`arow`: the codes, offset by the lane's 16 * t; rows 8..15 are zero).
-template <int SUB, int UNROLL>
-__device__ __forceinline__ void load_weights(Trip<SUB, UNROLL>& r, const int8_t* const (&brow)[SUB], int s0, int steps,
-                                             int k_lane, int K) {
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const int off = (s0 + u) * kStepBytes;
-    const bool in = s0 + u < steps && off + k_lane < K;
-#pragma unroll
-    for (int s = 0; s < SUB; ++s) r.w[u][s] = in ? load_stream(brow[s] + off) : make_uint4(0, 0, 0, 0);
-  }
-}
-
-template <int SUB, int UNROLL>
-__device__ __forceinline__ void load_shared_row(Trip<SUB, UNROLL>& r, const int8_t* arow, bool lo, int s0, int steps,
-                                                int k_lane, int K) {
-#pragma unroll
-  for (int u = 0; u < UNROLL; ++u) {
-    const int off = (s0 + u) * kStepBytes;
-    const bool in = s0 + u < steps && off + k_lane < K;
-    r.xl[u] = in && lo ? *reinterpret_cast<const uint4*>(arow + off) : make_uint4(0, 0, 0, 0);
-    r.xh[u] = make_uint4(0, 0, 0, 0);
-  }
-}
-
 // Lane (g, t)'s weight rows n0 + 8 s + g of the CTA's subtiles, at its 16-byte piece t; rows past N repeat the
 // last one (never stored).
 template <int SUB>
@@ -292,72 +266,6 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
       q[row * ldq + k] = code_of(scaled_input(x, xt, row * ldx + k, smooth, st, k), s.y);
     }
   }
-}
-
-// ---- int8_linear for one activation row (decode at batch 1): quantize + GEMV in one launch ----------
-//
-// Each CTA quantizes the row itself into shared memory with quantize_rows_kernel's arithmetic (so the same
-// codes and scale: the same bits as the two launches) and runs the GEMV's loop on those codes. The first
-// trip's weight loads are issued before the quantization, so its latency hides behind them; the row (at most
-// kRowMaxK elements) is read from L2 twice per CTA. One launch instead of two: an eager decode call pays one
-// kernel launch and two allocations less on the host.
-constexpr int kRowMaxK = 32768;  // dynamic shared memory for the codes: K bytes
-
-struct LinearRowArgs {
-  const void* x;          // [K] the activation row
-  const void* smooth;     // [K] or nullptr
-  const int8_t* b;        // [N, K], rows `ldb` bytes apart (16-byte aligned)
-  const float* b_scale;   // [N]
-  const void* bias;       // [N] or nullptr
-  void* out;              // [N]
-  int64_t ldb;
-  int N, K;               // K a multiple of 16, at most kRowMaxK
-  FType x_t, smooth_t, bias_t, out_t;
-};
-
-template <int SUB, int UNROLL>
-__global__ void __launch_bounds__(kThreads, 2) int8_linear_row_kernel(const LinearRowArgs p) {
-  constexpr int kRows = 8 * SUB;
-  __shared__ int partial[kWarps][kMaxRows][kRows];
-  extern __shared__ __align__(16) int8_t codes[];  // [K]
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * kRows;
-  const int8_t* brow[SUB];
-  weight_rows<SUB>(brow, p.b, p.ldb, p.N, n0, g, t);
-  int acc[SUB][4];
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0;
-  const int steps = (p.K + kStepBytes - 1) / kStepBytes;
-  constexpr int kStride = kWarps * UNROLL;
-  int s0 = warp * UNROLL;
-  Trip<SUB, UNROLL> cur;
-  load_weights(cur, brow, s0, steps, t * 16, p.K);  // in flight during the quantization
-
-  float amax = 0.0f;  // fmaxf drops NaN: flagged separately
-  int nan = 0;
-#pragma unroll 4
-  for (int k = threadIdx.x; k < p.K; k += kThreads) {
-    const float v = scaled_input(p.x, p.x_t, k, p.smooth, p.smooth_t, k);
-    amax = fmaxf(amax, fabsf(v));
-    nan |= v != v;
-  }
-  const float2 sc = row_scale<kThreads>(amax, nan);
-#pragma unroll 4
-  for (int k = threadIdx.x; k < p.K; k += kThreads) {
-    codes[k] = code_of(scaled_input(p.x, p.x_t, k, p.smooth, p.smooth_t, k), sc.y);
-  }
-  __syncthreads();
-
-  const int8_t* arow = codes + t * 16;  // activation row 0 for the lanes with g == 0
-  for (bool first = true; s0 < steps; s0 += kStride, first = false) {
-    if (!first) load_weights(cur, brow, s0, steps, t * 16, p.K);
-    load_shared_row(cur, arow, g == 0, s0, steps, t * 16, p.K);
-    mma_trip(acc, cur);
-  }
-  finish_rows<SUB>(partial, acc, warp, g, t, 1, n0, p.N, [&](int) { return sc.x; }, p.b_scale, p.bias, p.bias_t,
-                   p.out, p.out_t);
 }
 
 }  // namespace gemv

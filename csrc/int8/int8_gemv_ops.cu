@@ -5,9 +5,12 @@
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/GradMode.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "int8/int8_gemv.cuh"
@@ -94,70 +97,106 @@ cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// DSK_INT8_GEMV_ROWS (8, 16, 32 or 64 weight rows per CTA; unset: by M, below), read once per process: the
+// DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M, below), read once per process: the
 // tuning switch benchmarks/tune_int8_gemv.py sets per child process.
 int gemv_rows_override() {
   static const int rows = [] {
     const char* v = std::getenv("DSK_INT8_GEMV_ROWS");
     if (v == nullptr || *v == 0) return 0;
     const std::string s(v);
-    TORCH_CHECK_VALUE(s == "8" || s == "16" || s == "32" || s == "64",
-                      "DSK_INT8_GEMV_ROWS must be 8, 16, 32 or 64, got '", s, "'");
+    TORCH_CHECK_VALUE(s == "16" || s == "32" || s == "64", "DSK_INT8_GEMV_ROWS must be 16, 32 or 64, got '", s, "'");
     return std::stoi(s);
   }();
   return rows;
 }
 
-// Rows per CTA, from the tuner on the H200 (session 14, benchmarks/NOTES.md): 16 for up to 8 activation rows,
-// 32 above (M16 N14336 K4096: 19.0 vs 20.1 us at 16 rows; M1: 17.5 vs 17.9 us, 18.7 at 64 rows). Every form
-// streams 16 weight pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
+// Rows per CTA, from the tuner on the H200 (sessions 14 and 15, benchmarks/NOTES.md): 16 for up to 8 activation
+// rows, 32 above (M16 N14336 K4096 graphed: 19.0-19.2 vs 19.9-20.1 us at 16 rows; M1: 17.5 vs 17.9-18.0 us, 18.7
+// at 64 rows; 8 rows per CTA, SUB 1 x UNROLL 16, lost everywhere: 23.9 us at M1). Every form streams 16 weight
+// pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
 cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream) {
   int rows = gemv_rows_override();
   if (rows == 0) rows = a.M > 8 ? 32 : 16;
   switch (rows) {
     case 64: return launch<8, 2>(a, stream);
     case 32: return launch<4, 4>(a, stream);
-    case 8: return launch<1, 16>(a, stream);
     default: return launch<2, 8>(a, stream);
   }
-}
-
-// DSK_INT8_LINEAR_ROW=1: int8_linear_gemv takes the one-launch kernel for one activation row (quantize inside
-// the GEMV, int8_linear_row_kernel). Opt-in until it has run on a GPU (written in session 14 after the
-// device time ran out); read on every call so tests can switch it.
-bool linear_row_kernel_on() {
-  const char* v = std::getenv("DSK_INT8_LINEAR_ROW");
-  return v != nullptr && v[0] == '1' && v[1] == 0;
 }
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Fills the GEMV's arguments from checked operands; returns the output.
-at::Tensor run_gemv(const char* op, const at::Tensor& a_q, const at::Tensor& b_q, const float* a_scale,
-                    const at::Tensor& b_scale, const void* bias, FType bias_t, at::ScalarType out_dtype,
-                    cudaStream_t stream) {
-  FType out_t;
-  float_type(out_dtype, &out_t);
-  const int64_t M = a_q.size(0), N = b_q.size(0), K = a_q.size(1);
-  at::Tensor out = at::empty({M, N}, a_q.options().dtype(out_dtype));
+// The GEMV on checked operands: a [M, K] int8 rows `lda` bytes apart, b [N, K] rows `ldb` apart; out [M, N].
+void run_gemv(const char* op, const int8_t* a, int64_t lda, const at::Tensor& b_q, const float* a_scale,
+              const float* b_scale, const void* bias, FType bias_t, int64_t M, int64_t K, void* out, FType out_t,
+              cudaStream_t stream) {
+  const int64_t N = b_q.size(0);
   gemv::GemvArgs g;
-  g.a = a_q.data_ptr<int8_t>();
+  g.a = a;
   g.b = b_q.data_ptr<int8_t>();
   g.a_scale = a_scale;
-  g.b_scale = b_scale.data_ptr<float>();
+  g.b_scale = b_scale;
   g.bias = bias;
   g.bias_t = bias_t;
-  g.out = out.data_ptr();
+  g.out = out;
   g.out_t = out_t;
-  g.lda = M > 1 ? a_q.stride(0) : K;
+  g.lda = M > 1 ? lda : K;
   g.ldb = N > 1 ? b_q.stride(0) : K;
   g.M = static_cast<int>(M);
   g.N = static_cast<int>(N);
   g.K = static_cast<int>(K);
   check_launch(launch_gemv(g, stream), op);
+}
+
+// int8_linear's two steps on checked operands: x2 [M, K] (unit stride along K), weight [N, K], sw fp32 [N]
+// contiguous; the output [*out_shape] in x's dtype. One workspace holds the codes [M, K] and the scales [M]
+// (K % 16 == 0: the scales start 16-byte aligned): two host allocations per call, not three.
+at::Tensor run_linear(const char* op, const at::Tensor& x2, FType x_t, const at::Tensor& weight, const at::Tensor& sw,
+                      const void* bias, FType bias_t, const void* smooth, FType smooth_t, at::IntArrayRef out_shape,
+                      cudaStream_t stream) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  at::Tensor out = at::empty(out_shape, x2.options());
+  at::Tensor work = at::empty({M * K + 4 * M}, x2.options().dtype(at::kChar));
+  int8_t* codes = work.data_ptr<int8_t>();
+  float* scales = reinterpret_cast<float*>(codes + M * K);
+  gemv::quantize_rows_kernel<<<static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream>>>(
+      x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth, smooth_t, codes, K, scales, static_cast<int>(K));
+  check_launch(cudaGetLastError(), op);
+  run_gemv(op, codes, K, weight, scales, sw.data_ptr<float>(), bias, bias_t, M, K, out.data_ptr(), x_t, stream);
   return out;
+}
+
+// ---- the eager fast path's predicates: true exactly when the checked ops below would accept the operands
+// and take the decode kernels (so a false never hides an error: the caller's general path raises it) ----
+
+bool rows_ok(const at::Tensor& t) {  // int8 [rows, K], 16-byte pieces
+  return t.scalar_type() == at::kChar && t.dim() == 2 && t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) % 16 == 0) &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+bool on(const at::Tensor& t, const at::Device& device) { return t.device() == device; }
+
+bool vector_ok(const std::optional<at::Tensor>& t, int64_t n, const at::Device& device, FType* type) {
+  *type = FType::kF32;
+  return !t.has_value() || (float_type(t->scalar_type(), type) && t->dim() == 1 && t->size(0) == n && on(*t, device));
+}
+
+bool scale_ok(const at::Tensor& t, int64_t n, const at::Device& device) {
+  return t.scalar_type() == at::kFloat && t.numel() == n && t.dim() >= 1 && t.dim() <= 2 &&
+         (t.dim() < 2 || t.size(1) == 1) && on(t, device);
+}
+
+bool wants_grad(const at::Tensor& t) { return t.requires_grad() && c10::GradMode::is_enabled(); }
+bool wants_grad(const std::optional<at::Tensor>& t) { return t.has_value() && wants_grad(*t); }
+
+// A plain eager launch on `device`: sm_80 or newer, its current stream not capturing a CUDA graph (under
+// capture the Triton kernels are as fast or faster: benchmarks/NOTES.md, session 14).
+bool eager_launch_ok(const at::Device& device) {
+  if (at::cuda::getDeviceProperties(device.index())->major < 8) return false;
+  const c10::cuda::CUDAGuard guard(device);
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
 }  // namespace
@@ -172,8 +211,8 @@ at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at
   check_cuda(op, "b_q", b_q, device);
   TORCH_CHECK_VALUE(a_q.size(1) == b_q.size(1), op, ": K mismatch: a_q is ", shape_str(a_q.sizes()),
                     " ([M, K]) and b_q is ", shape_str(b_q.sizes()), " ([N, K])");
-  const int64_t M = a_q.size(0), N = b_q.size(0);
-  check_rows(op, "a_q", M, a_q.size(1));
+  const int64_t M = a_q.size(0), N = b_q.size(0), K = a_q.size(1);
+  check_rows(op, "a_q", M, K);
   TORCH_CHECK_VALUE(N >= 1, op, ": b_q must have at least one row, got ", shape_str(b_q.sizes()));
   FType out_t;
   TORCH_CHECK_VALUE(float_type(out_dtype, &out_t), op, ": out_dtype must be bfloat16, float16 or float32, got ",
@@ -185,8 +224,10 @@ at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at
   const void* bias_ptr = float_vector(op, "bias", bias, N, "N", device, &bias_t, &bias_keep);
   check_arch(op, device);
   const c10::cuda::CUDAGuard guard(device);
-  return run_gemv(op, a_q, b_q, sa.data_ptr<float>(), sb, bias_ptr, bias_t, out_dtype,
-                  at::cuda::getCurrentCUDAStream(device.index()).stream());
+  at::Tensor out = at::empty({M, N}, a_q.options().dtype(out_dtype));
+  run_gemv(op, a_q.data_ptr<int8_t>(), a_q.stride(0), b_q, sa.data_ptr<float>(), sb.data_ptr<float>(), bias_ptr,
+           bias_t, M, K, out.data_ptr(), out_t, at::cuda::getCurrentCUDAStream(device.index()).stream());
+  return out;
 }
 
 at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
@@ -217,37 +258,62 @@ at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, 
   check_arch(op, device);
 
   const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
   const at::Tensor x2 = x.stride(1) == 1 ? x : x.contiguous();
-  const at::ScalarType out_dtype = x.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
-  if (M == 1 && K <= gemv::kRowMaxK && linear_row_kernel_on()) {
-    at::Tensor out = at::empty({1, N}, x.options().dtype(out_dtype));
-    gemv::LinearRowArgs r;
-    r.x = x2.data_ptr();
-    r.smooth = smooth_ptr;
-    r.b = weight.data_ptr<int8_t>();
-    r.b_scale = sw.data_ptr<float>();
-    r.bias = bias_ptr;
-    r.out = out.data_ptr();
-    r.ldb = N > 1 ? weight.stride(0) : K;
-    r.N = static_cast<int>(N);
-    r.K = static_cast<int>(K);
-    r.x_t = x_t;
-    r.smooth_t = smooth_t;
-    r.bias_t = bias_t;
-    float_type(out_dtype, &r.out_t);
-    const unsigned ctas = static_cast<unsigned>((N + 15) / 16);  // 16 weight rows per CTA, as the GEMV at M <= 8
-    gemv::int8_linear_row_kernel<2, 8><<<ctas, gemv::kThreads, static_cast<size_t>(K), stream>>>(r);
-    check_launch(cudaGetLastError(), op);
-    return out;
-  }
-  at::Tensor codes = at::empty({M, K}, x.options().dtype(at::kChar));  // K % 16 == 0: rows 16-byte aligned
-  at::Tensor scales = at::empty({M}, x.options().dtype(at::kFloat));
-  gemv::quantize_rows_kernel<<<static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream>>>(
-      x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth_ptr, smooth_t, codes.data_ptr<int8_t>(), K,
-      scales.data_ptr<float>(), static_cast<int>(K));
-  check_launch(cudaGetLastError(), op);
-  return run_gemv(op, codes, weight, scales.data_ptr<float>(), sw, bias_ptr, bias_t, out_dtype, stream);
+  return run_linear(op, x2, x_t, weight, sw, bias_ptr, bias_t, smooth_ptr, smooth_t, {M, N},
+                    at::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+bool int8_gemv_eager_ok(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
+                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  if (!a_q.is_cuda() || !rows_ok(a_q) || !rows_ok(b_q)) return false;
+  const at::Device device = a_q.device();
+  const int64_t M = a_q.size(0), N = b_q.size(0), K = a_q.size(1);
+  FType out_t, bias_t;
+  return M >= 1 && M <= gemv::kMaxRows && K > 0 && K % 16 == 0 && b_q.size(1) == K && N >= 1 && on(b_q, device) &&
+         float_type(out_dtype, &out_t) && scale_ok(a_scale, M, device) && scale_ok(b_scale, N, device) &&
+         vector_ok(bias, N, device, &bias_t) && !wants_grad(a_scale) && !wants_grad(b_scale) && !wants_grad(bias) &&
+         eager_launch_ok(device);
+}
+
+bool int8_linear_eager_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth) {
+  FType x_t, bias_t, smooth_t;
+  if (!x.is_cuda() || !float_type(x.scalar_type(), &x_t) || x.dim() < 1 || !rows_ok(weight)) return false;
+  const at::Device device = x.device();
+  const int64_t K = x.size(-1), N = weight.size(0);
+  if (K <= 0 || K % 16 != 0 || weight.size(1) != K || N < 1 || !on(weight, device)) return false;
+  const int64_t M = x.numel() / K;
+  return M >= 1 && M <= gemv::kMaxRows && weight_scale.dim() == 1 && scale_ok(weight_scale, N, device) &&
+         vector_ok(bias, N, device, &bias_t) && vector_ok(smooth, K, device, &smooth_t) && !wants_grad(x) &&
+         !wants_grad(bias) && !wants_grad(smooth) && eager_launch_ok(device);
+}
+
+std::optional<at::Tensor> int8_gemv_eager(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
+                                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                                          at::ScalarType out_dtype) {
+  if (!int8_gemv_eager_ok(a_q, b_q, a_scale, b_scale, bias, out_dtype)) return std::nullopt;
+  return int8_gemv_cuda(a_q, b_q, a_scale, b_scale, bias, out_dtype);  // its checks pass: cheap in C++
+}
+
+std::optional<at::Tensor> int8_linear_eager(const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& smooth) {
+  if (!int8_linear_eager_ok(x, weight, weight_scale, bias, smooth)) return std::nullopt;
+  FType x_t, bias_t, smooth_t;
+  float_type(x.scalar_type(), &x_t);
+  const at::Device device = x.device();
+  const int64_t K = x.size(-1), N = weight.size(0);
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor x2 = x.reshape({x.numel() / K, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const at::Tensor sw = weight_scale.is_contiguous() ? weight_scale : weight_scale.contiguous();
+  at::Tensor bias_keep, smooth_keep;  // the op's checks again (cheap): pointers of contiguous vectors
+  const void* bias_ptr = float_vector("int8_linear", "bias", bias, N, "N", device, &bias_t, &bias_keep);
+  const void* smooth_ptr = float_vector("int8_linear", "smooth", smooth, K, "K", device, &smooth_t, &smooth_keep);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return run_linear("int8_linear (decode kernel)", x2, x_t, weight, sw, bias_ptr, bias_t, smooth_ptr, smooth_t,
+                    out_shape, at::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
 }  // namespace dsk

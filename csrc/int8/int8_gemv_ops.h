@@ -12,10 +12,25 @@ at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at
                           const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                           at::ScalarType out_dtype);
 
-// quantize_per_token(x [M, K], smooth) then int8_gemv with weight [N, K] and weight_scale [N]: two launches
-// from one call, or one (quantize inside the GEMV) for a single row with DSK_INT8_LINEAR_ROW=1; the same
-// bits either way; the output in x's dtype (float32 for float32).
+// quantize_per_token(x [M, K], smooth) then int8_gemv with weight [N, K] and weight_scale [N]: two launches from
+// one call; the output in x's dtype (float32 for float32).
 at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth);
+
+// The eager fast paths of int8_matmul and int8_linear (bound with pybind11 in csrc/bindings.cpp, called from
+// Python without the dispatcher): the ops above when the operands qualify for the decode kernels (M <= 16 rows,
+// K % 16 == 0, 16-byte aligned int8 rows, one device, sm_80+, nothing needing grad, no CUDA-graph capture on
+// the current stream; *_eager_ok says whether they do), else nullopt and nothing launched: the caller takes
+// its general path, which also raises the errors. int8_linear_eager takes x [..., K] and returns [..., N].
+bool int8_gemv_eager_ok(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
+                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+bool int8_linear_eager_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth);
+std::optional<at::Tensor> int8_gemv_eager(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
+                                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
+                                          at::ScalarType out_dtype);
+std::optional<at::Tensor> int8_linear_eager(const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& smooth);
 
 }  // namespace dsk

@@ -55,7 +55,8 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.weight_scale, bias=self.bias, smooth=self.smooth).to(x.dtype)
+        out = int8_linear(x, self.weight, self.weight_scale, bias=self.bias, smooth=self.smooth)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -100,7 +100,10 @@ def eager_fast_path(*tensors) -> bool:
     the result is the same kernel, run the same way."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    return all(t is None or (type(t) is torch.Tensor and t.is_cuda) for t in tensors)
+    for t in tensors:  # a loop, not all(generator): ~1 us less per call, which decode calls feel
+        if t is not None and (type(t) is not torch.Tensor or not t.is_cuda):
+            return False
+    return True
 
 
 def triton_kernel(fn, direct: bool = False):

@@ -92,7 +92,7 @@ def check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> None:
 
 GEMV_MAX_M = 16  # the decode kernel's rows (one tensor-core MMA tile)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_GEMV_READY: dict = {}  # device index -> whether the decode kernels run there (tests clear it)
+_GEMV_EXT: list = []  # [the extension module, or None where its decode paths are off]; tests clear it
 
 
 def _linear_out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,46 +100,35 @@ def _linear_out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _gemv_ready(t: torch.Tensor) -> bool:
-    """Whether the CUDA extension's decode kernels serve ``t``'s device: not switched off (``DSK_INT8_GEMV=0``),
-    built, sm_80 or newer (int8 mma.sync). Cached per device; never for CPU tensors (the interpreter tests
-    force the eager path on them)."""
-    if not t.is_cuda:
-        return False
-    idx = t.get_device()
-    ok = _GEMV_READY.get(idx)
-    if ok is None:
+def _gemv_ext():
+    """The CUDA extension module when its eager decode paths may serve calls (built, not switched off with
+    ``DSK_INT8_GEMV=0``), else None. Read once (tests clear ``_GEMV_EXT``)."""
+    if not _GEMV_EXT:
         ok = (os.environ.get("DSK_INT8_GEMV", "1") != "0" and _extension.available()
-              and hasattr(torch.ops.deepseek_kernels, "int8_gemv")
-              and torch.cuda.get_device_capability(idx)[0] >= 8)
-        _GEMV_READY[idx] = ok
-    return ok
+              and hasattr(_extension._C, "int8_linear_eager"))
+        _GEMV_EXT.append(_extension._C if ok else None)
+    return _GEMV_EXT[0]
 
 
-def _gemv_rows_ok(t: torch.Tensor) -> bool:
-    """An int8 [rows, K] operand the decode kernel reads in 16-byte pieces."""
-    return (t.dtype == torch.int8 and t.dim() == 2 and t.shape[1] % 16 == 0 and t.shape[1] > 0 and t.stride(1) == 1
-            and (t.shape[0] == 1 or t.stride(0) % 16 == 0) and t.data_ptr() % 16 == 0)
+def _gemv_ready(t: torch.Tensor) -> bool:
+    """Whether the extension's decode kernels serve ``t``'s device: on (:func:`_gemv_ext`), a CUDA tensor, sm_80
+    or newer (int8 mma.sync). Never for CPU tensors (the interpreter tests force the Triton path on them)."""
+    return t.is_cuda and _gemv_ext() is not None and torch.cuda.get_device_capability(t.device)[0] >= 8
 
 
-def _gemv_takes_matmul(a_q, b_q, bias) -> bool:
-    """Whether an eager-eligible int8_matmul call (CUDA tensors) takes the C++ decode kernel."""
-    return (a_q.dim() == 2 and 1 <= a_q.shape[0] <= GEMV_MAX_M and b_q.dim() == 2 and b_q.shape[0] >= 1
-            and _gemv_rows_ok(a_q) and _gemv_rows_ok(b_q) and a_q.shape[1] == b_q.shape[1]
-            and (bias is None or bias.dtype in _FLOAT_DTYPES) and _gemv_ready(a_q)
-            and not torch.cuda.is_current_stream_capturing())
+def _gemv_takes_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> bool:
+    """Whether an eager-eligible int8_matmul call (CUDA tensors) takes the C++ decode kernel: the extension's own
+    predicate (the one ``int8_gemv_eager`` applies), so what explain says is what runs."""
+    ext = _gemv_ext()
+    return ext is not None and out_dtype in _FLOAT_DTYPES and ext.int8_gemv_eager_ok(a_q, b_q, a_scale, b_scale, bias,
+                                                                                        out_dtype)
 
 
 def _gemv_takes_linear(x, weight, weight_scale, bias, smooth) -> bool:
-    """Whether an eager-eligible int8_linear call (CUDA tensors) takes the C++ decode op."""
-    if x.dim() < 1 or x.dtype not in _FLOAT_DTYPES or x.requires_grad or weight.dim() != 2:
-        return False
-    K = x.shape[-1]
-    return (weight.shape[1] == K and weight.shape[0] >= 1 and 1 <= x.numel() // max(K, 1) <= GEMV_MAX_M
-            and _gemv_rows_ok(weight)
-            and weight_scale.dtype == torch.float32 and (bias is None or bias.dtype in _FLOAT_DTYPES)
-            and (smooth is None or smooth.dtype in _FLOAT_DTYPES) and _gemv_ready(x)
-            and not torch.cuda.is_current_stream_capturing())
+    """Whether an eager-eligible int8_linear call (CUDA tensors) takes the C++ decode kernels (``int8_linear_eager``'s
+    predicate)."""
+    ext = _gemv_ext()
+    return ext is not None and ext.int8_linear_eager_ok(x, weight, weight_scale, bias, smooth)
 
 
 # ---- ops -----------------------------------------------------------------------------------------
@@ -380,8 +369,11 @@ def int8_matmul(
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
     if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
-        if _gemv_takes_matmul(a_q, b_q, bias):  # the op checks the rest (scales, out_dtype, devices)
-            return torch.ops.deepseek_kernels.int8_gemv.default(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+        ext = _gemv_ext()
+        if ext is not None and out_dtype in _FLOAT_DTYPES:  # decode sizes: the C++ kernel, launched by one call
+            out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+            if out is not None:
+                return out
         return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
@@ -417,16 +409,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     """``x W^T + b`` with ``W`` int8 ``[N, K]`` (per-channel ``weight_scale [N]`` fp32) and ``x``
     ``[..., K]`` quantized per token on the fly (``smooth [K]`` divided in first): exactly
     ``int8_matmul(*quantize_per_token(x, smooth=smooth), ...)``. Output in x's dtype for bf16/fp16,
-    else float32. (A one-launch kernel fusing both steps for M <= 16 was tried and measured 2x
-    slower than the two launches under a CUDA graph on the H200: benchmarks/NOTES.md.) Where the
-    extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take the extension's
-    ``int8_linear_gemv`` (the same two steps, launched from C++; one kernel for a single row with the
-    opt-in ``DSK_INT8_LINEAR_ROW=1``, not yet run on a GPU)."""
-    if eager_fast_path(x, weight, weight_scale, bias, smooth) and _gemv_takes_linear(x, weight, weight_scale, bias,
-                                                                                      smooth):
-        out = torch.ops.deepseek_kernels.int8_linear_gemv.default(x.reshape(-1, x.shape[-1]), weight, weight_scale,
-                                                                   bias, smooth)  # the op checks the rest
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+    else float32. (Kernels fusing both steps for M <= 16, in Triton and in CUDA C++, measured slower than
+    the two launches on the H200: 2x under a CUDA graph, and 34.9 vs 20.7 us for one row: benchmarks/NOTES.md.)
+    Where the extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take its
+    ``int8_linear_eager``: the same two steps (``int8_linear_gemv``'s kernels), checked and launched by one
+    call into C++."""
+    if eager_fast_path(x, weight, weight_scale, bias, smooth):
+        ext = _gemv_ext()
+        if ext is not None:
+            out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth)
+            if out is not None:
+                return out
     _check_linear_args(x, weight, weight_scale, bias, smooth)
     out_dtype = _linear_out_dtype(x)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
@@ -458,7 +451,7 @@ def _describe_matmul(device: torch.device) -> str:
 
 def _explain_matmul(a_q, b_q, a_scale=None, b_scale=None, *args, bias=None, **kwargs):
     if (b_scale is not None and eager_fast_path(a_q, b_q, a_scale, b_scale, bias)
-            and _gemv_takes_matmul(a_q, b_q, bias)):
+            and _gemv_takes_matmul(a_q, b_q, a_scale, b_scale, bias, kwargs.get("out_dtype", torch.bfloat16))):
         return f"cuda: deepseek_kernels._C int8_gemv on {a_q.device} (the decode kernel, M <= {GEMV_MAX_M}, launched from C++)"
     return _describe_matmul(a_q.device)
 
@@ -488,7 +481,7 @@ def _explain_linear(x, weight, weight_scale=None, *args, bias=None, smooth=None,
     if (weight_scale is not None and eager_fast_path(x, weight, weight_scale, bias, smooth)
             and _gemv_takes_linear(x, weight, weight_scale, bias, smooth)):
         return (f"cuda: deepseek_kernels._C int8_linear_gemv on {x.device} (quantize + decode GEMV, M <= {GEMV_MAX_M}, "
-                "launched from C++: two kernels, or one for a single row with DSK_INT8_LINEAR_ROW=1)")
+                "two kernels launched from C++)")
     return _describe_linear(x.device)
 
 
