@@ -37,7 +37,14 @@ def _triton_pair(x, w, ws):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
+    ap.add_argument("--stack-only", action="store_true", help="only the 4-block stack's rows (_stack_rows)")
     args = ap.parse_args()
+    if args.stack_only:
+        rows = [_stack_rows()]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     ops = torch.ops.deepseek_kernels
     N, K = 14336, 4096
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
@@ -106,6 +113,26 @@ def _block_rows() -> dict:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
     print(table)
     row["profile"] = table
+    return row
+
+
+def _stack_rows() -> dict:
+    """The int8 suite's 4-block e2e stack at 1 token, eager, timed three ways in one process: a loop of calls
+    (wall, host) and the suite's own timer (bursts between CUDA events, inputs rotating). Session 15: one block
+    measured 124 us of wall time per call in the loop, but the suite's e2e row 240 us per block."""
+    from deepseek_kernels.bench.harness import time_cuda
+    from deepseek_kernels.bench.suites.int8_matmul import D_MODEL, _stacks
+
+    ref, q, _ = _stacks()
+    sets = [(torch.randn(1, D_MODEL, device="cuda", dtype=torch.bfloat16),) for _ in range(4)]
+    row = {"stack": True}
+    with torch.no_grad():
+        for name, m in (("bf16", ref), ("int8", q)):
+            x = sets[0][0]
+            row[name] = {"loop_wall_us": per_call_us(lambda: m(x), n=200),
+                         "loop_host_us": per_call_us(lambda: m(x), n=200, wait=False),
+                         "harness_us": 1e3 * time_cuda(m, sets)["ms"]}
+            print(f"  stack {name}: " + "  ".join(f"{k} {v:7.1f}" for k, v in row[name].items()), flush=True)
     return row
 
 
