@@ -104,18 +104,17 @@ case "$step" in
   tune-sparse-down)  # issue 6: the down kernel's configs alone at 1 and 8 tokens (session 14 added 6-8 stage and
     # 64-wide candidates of the one-K-tile form: the T1 down kernel moves 17.6 MB at 1.74 TB/s)
     timeout 400 "$PY" benchmarks/tune_sparse_ffn.py --decode --kernels down --out "$OUT/tune_sparse_down.json" ;;
-  tune-comm)  # issue 7: the reduce (sum + requantize) kernel at W=8 (one latency-bound wave: 9.7 us against 4.1 at
-    # copy speed, session 14; the graphed W=8 pipeline 47 us = 68 %, 70 % needs ~45.5). Variant: the residuals loaded
-    # before the shards' codes (DSK_REDUCE_PREFETCH_ERROR=1, 110 registers: 2 CTAs per SM), with 8 shards per step
-    # (128 registers); the 2-CTA cap alone as the control. GPU tests of the prefetch build first, then one rebuild
-    # per variant (the default first), then the default build again.
-    DSK_NVCC_EXTRA="-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2" build
+  tune-comm)  # issue 7: compile-time variants of the comm kernels against the default build, all in one call:
+    #   scripts/gpu_plan.sh tune-comm "-DFLAG=1 ..." ["-D..." ...]
+    # the comm GPU tests on the first variant's build, then the comm_hook suite per build (the default first),
+    # then the default build again. Session 15 timed the reduce kernel's early residual loads (W=8 graphed 66.3 %
+    # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %).
+    [ $# -ge 1 ] || { echo "usage: scripts/gpu_plan.sh tune-comm \"-DFLAG=1 ...\" [...]"; exit 1; }
+    DSK_NVCC_EXTRA="$1" build
     timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \
-      tests/test_distributed.py > "$OUT/reduce_variant_tests.log" 2>&1
-    echo "tests with DSK_REDUCE_PREFETCH_ERROR=1: rc=$?"; tail -1 "$OUT/reduce_variant_tests.log"
-    DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" \
-      "-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2" \
-      "-DDSK_REDUCE_PREFETCH_ERROR=1 -DDSK_REDUCE_MIN_BLOCKS=2 -DDSK_REDUCE_SHARDS_PER_STEP=8" "-DDSK_REDUCE_MIN_BLOCKS=2"
+      tests/test_distributed.py > "$OUT/comm_variant_tests.log" 2>&1
+    echo "tests with $1: rc=$?"; tail -1 "$OUT/comm_variant_tests.log"
+    DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" "$@"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
   dequant-wide)  # issues 2 and 7: the dequantize kernel reading 16 codes per lane (DSK_DEQUANT_WIDE_CODES, off by
     # default until this has run): its GPU tests with the switch on, then both suites per variant, then the default build

@@ -24,12 +24,6 @@ namespace quant {
 #ifndef DSK_REDUCE_SHARDS_PER_STEP
 #define DSK_REDUCE_SHARDS_PER_STEP 4
 #endif
-// 1: the sum + requantize kernel loads its cached vectors' residuals before the shards' codes (a tune-comm
-// variant, not yet run on a GPU: W=8's reduce is one latency-bound wave, 9.7 us against 4.1 at copy speed,
-// session 14). Its registers want DSK_REDUCE_MIN_BLOCKS=2 (see test_cuda_resources.py).
-#ifndef DSK_REDUCE_PREFETCH_ERROR
-#define DSK_REDUCE_PREFETCH_ERROR 0
-#endif
 constexpr int kShardsPerStep = DSK_REDUCE_SHARDS_PER_STEP;
 
 // ---- dequantize + sum (elementwise) ------------------------------------------------------------
@@ -165,22 +159,17 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
   const float world = static_cast<float>(a.world);
 
   // y of vector j of block b: the sum over shards, averaged, plus the residual.
-  auto average = [&](float (&y)[VEC]) {
+  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
     if (a.average) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = __fdiv_rn(y[i], world);
     }
-  };
-  auto load_error = [&](const BlockCoords& b, int j) {
-    return *reinterpret_cast<const Pack<ET, VEC>*>(static_cast<const ET*>(a.error) + index_of(b) + j * VEC);
-  };
-  auto add_error = [](float (&y)[VEC], const Pack<ET, VEC>& ev) {
+    if constexpr (kHasError) {
+      const ET* e = static_cast<const ET*>(a.error) + index_of(b) + j * VEC;
+      const Pack<ET, VEC> ev = *reinterpret_cast<const Pack<ET, VEC>*>(e);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
-  };
-  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
-    average(y);
-    if constexpr (kHasError) add_error(y, load_error(b, j));
+      for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
+    }
   };
   // The uncached vectors: one at a time, shards in order.
   auto y_of = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
@@ -197,20 +186,6 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int i = 0; i < VEC; ++i) m = max(m, abs_bits(y[i]));
     return m;
   };
-
-  // With DSK_REDUCE_PREFETCH_ERROR the cached vectors' residuals are loaded first, in flight with the shards'
-  // codes, instead of after the sums (one dependent round trip to memory fewer per lane).
-  constexpr bool kPrefetchError = kHasError && DSK_REDUCE_PREFETCH_ERROR;
-  Pack<ET, VEC> ev[kPrefetchError ? R : 1][kPrefetchError ? K : 1];
-  if constexpr (kPrefetchError) {
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (lane + k * group < c[u].nv) ev[u][k] = load_error(c[u], lane + k * group);
-      }
-    }
-  }
 
   // Pass 1: sums of the cached vectors, kShardsPerStep shards of loads in flight at a time.
   float ys[R][K][VEC];
@@ -254,12 +229,7 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int k = 0; k < K; ++k) {
       const int j = lane + k * group;
       if (j < c[u].nv) {
-        if constexpr (kPrefetchError) {
-          average(ys[u][k]);
-          add_error(ys[u][k], ev[u][k]);
-        } else {
-          finish(c[u], j, ys[u][k]);
-        }
+        finish(c[u], j, ys[u][k]);
         m[u] = max(m[u], y_absmax_bits(ys[u][k]));
       }
     }
