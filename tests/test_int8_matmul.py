@@ -738,6 +738,10 @@ def test_eager_entries_decline_without_launching_or_raising(monkeypatch):
         dk.int8_linear(x, w, torch.rand(N + 1, device="cuda"))
     with pytest.raises(ValueError, match="a_scale"):
         dk.int8_matmul(xq, w, sa[:3], ws)
+    with pytest.raises(ValueError, match="weight_scale"):  # a missing operand reaches the named error too
+        dk.int8_linear(x, w, None)
+    with pytest.raises(TypeError, match="a_scale"):
+        dk.int8_matmul(xq, w, None, ws)
 
 
 @pytest.mark.gpu
