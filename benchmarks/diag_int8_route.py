@@ -38,9 +38,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--stack-only", action="store_true", help="only the 4-block stack's rows (_stack_rows)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="with --stack-only: also both stacks under torch.compile(mode='reduce-overhead')")
     args = ap.parse_args()
     if args.stack_only:
-        rows = [_stack_rows()]
+        rows = [_stack_rows(args.compiled)]
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
@@ -116,10 +118,12 @@ def _block_rows() -> dict:
     return row
 
 
-def _stack_rows() -> dict:
+def _stack_rows(compiled: bool = False) -> dict:
     """The int8 suite's 4-block e2e stack at 1 token, eager, timed three ways in one process: a loop of calls
     (wall, host) and the suite's own timer (bursts between CUDA events, inputs rotating). Session 15: one block
-    measured 124 us of wall time per call in the loop, but the suite's e2e row 240 us per block."""
+    measured 124 us of wall time per call in the loop, but the suite's e2e row 240 us per block. ``compiled``:
+    both stacks also under ``torch.compile(mode="reduce-overhead")`` (inductor + CUDA-graph trees, what a user gets
+    from one line), by the suite's timer."""
     from deepseek_kernels.bench.harness import time_cuda
     from deepseek_kernels.bench.suites.int8_matmul import D_MODEL, _stacks
 
@@ -133,6 +137,13 @@ def _stack_rows() -> dict:
                          "loop_host_us": per_call_us(lambda: m(x), n=200, wait=False),
                          "harness_us": 1e3 * time_cuda(m, sets)["ms"]}
             print(f"  stack {name}: " + "  ".join(f"{k} {v:7.1f}" for k, v in row[name].items()), flush=True)
+        if compiled:
+            for name, m in (("bf16 compiled", ref), ("int8 compiled", q)):
+                fn = torch.compile(m, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                for s_ in sets * 3:  # compile, record the CUDA graph, replay
+                    fn(*s_)
+                row[name] = {"harness_us": 1e3 * time_cuda(fn, sets)["ms"]}
+                print(f"  stack {name}: harness_us {row[name]['harness_us']:7.1f}", flush=True)
     return row
 
 

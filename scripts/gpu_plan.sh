@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -143,6 +143,11 @@ case "$step" in
     timeout 150 "$PY" benchmarks/diag_int8_route.py --out "$OUT/diag_int8_route.json" 2>&1 | tail -60
     timeout 200 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/int8_route" \
       --filter "^M(1|4|16) N[0-9]+ K[0-9]+ vs cuBLAS bf16$|int8_linear.*linear$|^e2e.*1 token" ;;
+  int8-compiled)  # issue 5: quantize_model's layers under torch.compile(mode="reduce-overhead") (GPU test: same bits as
+    # eager), then the 4-block stack at 1 token eager and compiled, bf16 and int8 (diag_int8_route.py --stack-only --compiled)
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py -k "reduce_overhead or eager_entries" | tail -3
+    timeout 300 "$PY" benchmarks/diag_int8_route.py --stack-only --compiled --out "$OUT/int8_compiled.json" ;;
   host-state)  # the eager rows' dependence on what ran before (session 14: ~2x slower after ~70 s of GPU tests in the
     # same call): one eager decode row and the host probe, then the int8 GPU tests, then the same row again
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }

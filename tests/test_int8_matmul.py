@@ -831,6 +831,23 @@ def test_int8_linear_gemv_in_a_cuda_graph(monkeypatch):
         assert torch.equal(static_out, r)
 
 
+@pytest.mark.gpu
+def test_quantized_model_under_torch_compile_reduce_overhead():
+    """quantize_model's layers under torch.compile(mode="reduce-overhead") (inductor + CUDA-graph trees: the one-line
+    way to decode without per-call host time) give the eager model's bits on fresh inputs at decode sizes and above:
+    the compiled graph runs the registered Triton ops, eager calls the C++ decode kernels (same bits) or the same
+    Triton kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).to("cuda", torch.bfloat16)  # ReLU: exact
+    quantize_model(model)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for M in (1, 1, 1, 16, 16, 16, 40):  # repeats: warm-up, recording, then replays of the CUDA graph
+            x = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16)
+            got = compiled(x).clone()  # a replay's output is overwritten by the next replay
+            assert torch.equal(got, model(x)), M
+
+
 @pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")
 def test_eager_entries_decline_cpu_tensors():
     """The pybind11 eager entries return None for CPU operands (no GPU needed): int8_linear / int8_matmul on the
