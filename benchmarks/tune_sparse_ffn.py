@@ -58,7 +58,11 @@ DECODE_FOCUS = {"gate_up": [(32, 256, 4, 3), (32, 128, 4, 4), (32, 128, 4, 6), (
                          # tiles to load: 8 stages ask for 7 of them at once); wider column tiles. All fit the
                          # shared memory (aot_compile_check sizes: 32x256 at 8 stages 168 KiB, 64x256 at 5 160 KiB).
                          (32, 256, 4, 6), (32, 256, 4, 8), (32, 256, 8, 6), (64, 256, 4, 4), (64, 256, 4, 5),
-                         (64, 256, 8, 5)]}
+                         (64, 256, 8, 5),
+                         # session 15: wide column tiles for the neuron-major layout (--down-layout: a tile row is
+                         # BLOCK_N contiguous outputs there), alone and in slices to keep ~128 programs at T1
+                         (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4, 2),
+                         (128, 64, 4, 4, 4), (128, 128, 4, 3, 4)]}
 
 
 def tune_decode(args):
@@ -69,8 +73,15 @@ def tune_decode(args):
     torch.manual_seed(0)
     wg, wu = ((torch.randn(F_, D, device=dev) / D**0.5).to(dt) for _ in range(2))
     wd = (torch.randn(D, F_, device=dev) / F_**0.5).to(dt)
+    # --down-layout neuron-major: the sparse kernels read w_down stored [d_ff, d_model] (through .t(), the same
+    # values): each used block's down slice is one contiguous 1.8 MB slab instead of 4096 row pieces of 448 bytes
+    # spread over 117 MB (the T1 down kernel moves 17.6 MB at 1.74 TB/s, gate/up's contiguous slabs 2.75 TB/s).
+    # The dense baseline keeps nn.Linear's layout.
+    wd_dense = wd
+    if args.down_layout == "neuron-major":
+        wd = wd.t().contiguous().t()
     kw = dict(shared_blocks=0, n_blocks=NB)
-    result = {"ratio": args.ratio, "k": k, "cases": []}
+    result = {"ratio": args.ratio, "k": k, "down_layout": args.down_layout, "cases": []}
     for T in (1, 8):
         x = torch.randn(T, D, device=dev, dtype=dt)
         idx = torch.rand(T, NB, device=dev).topk(k, dim=-1).indices.to(torch.int32)
@@ -79,11 +90,14 @@ def tune_decode(args):
         # rather than from the L2 the previous replay left (the bench harness rotates its inputs too)
         used = torch.unique(idx).numel() / NB * 3 * F_ * D * wg.element_size()
         n = sets_for(int(used))
-        ws = [(wg, wu, wd)] + [(wg.clone(), wu.clone(), wd.clone()) for _ in range(n - 1)]
-        dense = bench_graphed_sets(lambda i: swiglu_ffn_ref(x, *ws[i]), min(n, sets_for(3 * F_ * D * 2)))
+        ws = [(wg, wu, wd)] + [(wg.clone(), wu.clone(), wd.clone()) for _ in range(n - 1)]  # clone keeps strides
+        wds = [t[2] for t in ws] if wd is wd_dense else [wd_dense] + [wd_dense.clone() for _ in range(n - 1)]
+        dense = bench_graphed_sets(lambda i: swiglu_ffn_ref(x, ws[i][0], ws[i][1], wds[i]),
+                                   min(n, sets_for(3 * F_ * D * 2)))
         ref = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, **kw)
         default = bench_graphed_sets(lambda i: tk.sparse_ffn_decode(x, *ws[i], idx, w, **kw), n)
-        print(f"== decode T{T} ratio {args.ratio} ({k}/{NB} blocks, {n} weight copies), graphed: dense "
+        print(f"== decode T{T} ratio {args.ratio} ({k}/{NB} blocks, {n} weight copies, w_down {args.down_layout}), "
+              f"graphed: dense "
               f"{dense * 1e3:.1f} us, default {default * 1e3:.1f} us ({dense / default:.2f}x dense)", flush=True)
         case = {"T": T, "weight_copies": n, "dense_ms": dense, "default_ms": default, "rows": [], "best": {}}
         for kern in args.kernels.split(","):
@@ -124,6 +138,9 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     ap.add_argument("--decode", action="store_true", help="sweep the decode kernels (1 and 8 tokens) instead")
     ap.add_argument("--kernels", default="gate_up,down", help="with --decode: which kernels' configs to sweep")
+    ap.add_argument("--down-layout", choices=("out-major", "neuron-major"), default="out-major",
+                    help="with --decode: w_down as nn.Linear stores it ([d_model, d_ff]) or neuron-major (its transpose "
+                         "stored, read through .t())")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.ratio is None:

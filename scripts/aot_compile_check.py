@@ -171,10 +171,21 @@ def cases():
     # the deepest pipelines tune_sparse_ffn.py --decode tries (session 9): they must fit the shared memory
     out.append(("sparse decode down, 16x128, 8 stages", sf._sparse_ffn_decode_down_kernel,
                 dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=2, num_stages=8)))
+    # w_down neuron-major (tune_sparse_ffn.py --down-layout, session 15: stride_wd 1, a tile row = BLOCK_N
+    # contiguous outputs) with the widest tiles the tuner tries: they must fit the shared memory
+    nm = dict(down, stride_wd=1, stride_wf=4096)
+    out.append(("sparse decode down, neuron-major w_down, 128x128, 3 stages", sf._sparse_ffn_decode_down_kernel,
+                dict(nm, BLOCK_N=128, BLOCK_K=128), dict(num_warps=8, num_stages=3)))
+    out.append(("sparse decode down, neuron-major w_down, 64x256, 5 stages", sf._sparse_ffn_decode_down_kernel,
+                dict(nm, BLOCK_N=64, BLOCK_K=256), dict(num_warps=4, num_stages=5)))
     # the split down projection (session 10, opt-in down.splits) and its finish kernel
     split = {k: v for k, v in down.items() if k not in ("OUT", "NR", "stride_ot")}
     out.append(("sparse decode down split, 16x128, 4 stages", sf._sparse_ffn_decode_down_split_kernel,
                 dict(split, PART=f32, BLOCK_N=16, BLOCK_K=128), dict(num_warps=2, num_stages=4)))
+    out.append(("sparse decode down split, neuron-major w_down, 128x128, 3 stages",
+                sf._sparse_ffn_decode_down_split_kernel,
+                dict(split, stride_wd=1, stride_wf=4096, PART=f32, BLOCK_N=128, BLOCK_K=128),
+                dict(num_warps=4, num_stages=3)))
     out.append(("sparse decode down finish, 4 slices", sf._sparse_ffn_decode_down_finish_kernel,
                 dict(PART=f32, IDX=i32, OUT=bf16, T=1, D=4096, K=10, NR=64, stride_ot=4096, SPLITS=4, BLOCK_T=16,
                      BLOCK_N=256, BLOCK_KS=16), dict(num_warps=4)))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -104,6 +104,11 @@ case "$step" in
   tune-sparse-down)  # issue 6: the down kernel's configs alone at 1 and 8 tokens (session 14 added 6-8 stage and
     # 64-wide candidates of the one-K-tile form: the T1 down kernel moves 17.6 MB at 1.74 TB/s)
     timeout 400 "$PY" benchmarks/tune_sparse_ffn.py --decode --kernels down --out "$OUT/tune_sparse_down.json" ;;
+  tune-sparse-down-nm)  # issue 6: the down kernel's configs with w_down neuron-major (each used block's down slice
+    # one contiguous slab; session 15's reading of the T1 down kernel's 1.74 TB/s) against nn.Linear's layout, one call
+    timeout 280 "$PY" benchmarks/tune_sparse_ffn.py --decode --kernels down --down-layout neuron-major \
+      --out "$OUT/tune_sparse_down_nm.json"
+    timeout 280 "$PY" benchmarks/tune_sparse_ffn.py --decode --kernels down --out "$OUT/tune_sparse_down.json" ;;
   tune-comm)  # issue 7: compile-time variants of the comm kernels against the default build, all in one call:
     #   scripts/gpu_plan.sh tune-comm "-DFLAG=1 ..." ["-D..." ...]
     # the comm GPU tests on the first variant's build, then the comm_hook suite per build (the default first),

@@ -382,6 +382,22 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
+@pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: "T{}-D{}-F{}-NB{}-S{}".format(*c[:5]))
+def test_decode_reads_w_down_in_either_layout(case, poisoned):
+    """The decode kernels take w_down [d_model, d_ff] by its strides: a neuron-major copy (the same values stored
+    [d_ff, d_model], seen through .t(): each block's down slice one contiguous slab, what tune_sparse_ffn.py
+    --down-layout neuron-major times) gives the same bits as nn.Linear's layout, in one kernel and in slices, with
+    column tiles wider than d_model."""
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    wd_nm = wd.t().contiguous().t()
+    assert wd_nm.stride() == (1, D) and torch.equal(wd_nm, wd)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    for cfg in (None, {"down": {"block_n": 64, "block_k": 16}}, {"down": {"block_n": 32, "block_k": 32, "splits": 3}}):
+        want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, config=cfg, **kw)
+        assert torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd_nm, idx, w, config=cfg, **kw), want), cfg
+
+
 @pytest.mark.parametrize("T,S,gate,weighting,extra,splits", [
     (1, 0, "sigmoid", "gate", None, 1),
     (2, 0, "sigmoid", "gate", None, 3),
