@@ -398,6 +398,21 @@ def test_decode_reads_w_down_in_either_layout(case, poisoned):
         assert torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd_nm, idx, w, config=cfg, **kw), want), cfg
 
 
+def test_prefill_reads_w_down_in_either_layout(poisoned):
+    """The prefill forward and backward kernels take w_down by its strides too (a module storing it neuron-major for
+    serving would train and prefill unchanged): the same output and gradients, bit for bit."""
+    x, wg, wu, wd, idx, w = _ffn_inputs((9, 32, 128, 8, 1, 3, True, None), torch.float32)
+    wd_nm = wd.t().contiguous().t()
+    kw = dict(shared_blocks=1, n_blocks=8)
+    out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, save_act=True, **kw)
+    out_nm, act_nm, _ = tk.sparse_ffn_fwd(x, wg, wu, wd_nm, idx, w, save_act=True, **kw)
+    assert torch.equal(out_nm, out)
+    go = torch.randn_like(out)
+    for a, b in zip(tk.sparse_ffn_bwd(go, x, wg, wu, wd_nm, idx, w, act_nm, **kw),
+                    tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("T,S,gate,weighting,extra,splits", [
     (1, 0, "sigmoid", "gate", None, 1),
     (2, 0, "sigmoid", "gate", None, 3),
