@@ -101,15 +101,6 @@ __device__ __forceinline__ void load_trip(Trip<SUB, UNROLL>& r, const int8_t* co
   }
 }
 
-// Lane (g, t)'s weight rows n0 + 8 s + g of the CTA's subtiles, at its 16-byte piece t; rows past N repeat the
-// last one (never stored).
-template <int SUB>
-__device__ __forceinline__ void weight_rows(const int8_t* (&brow)[SUB], const int8_t* b, int64_t ldb, int N, int n0,
-                                            int g, int t) {
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) brow[s] = b + static_cast<int64_t>(min(n0 + s * 8 + g, N - 1)) * ldb + t * 16;
-}
-
 template <int SUB, int UNROLL>
 __device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNROLL>& r) {
 #pragma unroll
@@ -119,36 +110,6 @@ __device__ __forceinline__ void mma_trip(int (&acc)[SUB][4], const Trip<SUB, UNR
       mma_s8(acc[s], r.xl[u].x, r.xh[u].x, r.xl[u].y, r.xh[u].y, r.w[u][s].x, r.w[u][s].y);
       mma_s8(acc[s], r.xl[u].z, r.xh[u].z, r.xl[u].w, r.xh[u].w, r.w[u][s].z, r.w[u][s].w);
     }
-  }
-}
-
-// The CTA's warps meet: each stores its accumulator fragments (c0, c1 at row g, cols 2t and 2t + 1; c2, c3 at
-// row g + 8), then out[m, n0 + c] = (sum over warps, in warp order: deterministic) * a_scale(m) * b_scale[n]
-// (+ bias[n]) with Triton's epilogue, operation for operation: (acc * a_scale) * b_scale, fused with + bias.
-template <int SUB, typename AScale>
-__device__ __forceinline__ void finish_rows(int (&partial)[kWarps][kMaxRows][8 * SUB], const int (&acc)[SUB][4],
-                                            int warp, int g, int t, int M, int n0, int N, AScale a_scale,
-                                            const float* b_scale, const void* bias, FType bias_t, void* out,
-                                            FType out_t) {
-  constexpr int kRows = 8 * SUB;
-#pragma unroll
-  for (int s = 0; s < SUB; ++s) {
-    const int col = s * 8 + 2 * t;
-    partial[warp][g][col] = acc[s][0];
-    partial[warp][g][col + 1] = acc[s][1];
-    partial[warp][g + 8][col] = acc[s][2];
-    partial[warp][g + 8][col + 1] = acc[s][3];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < M * kRows; i += kThreads) {
-    const int m = i / kRows, c = i % kRows, n = n0 + c;
-    if (n >= N) continue;
-    int sum = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][c];
-    const float scaled = __fmul_rn(static_cast<float>(sum), a_scale(m));
-    const float v = bias ? __fmaf_rn(scaled, b_scale[n], load_float(bias, bias_t, n)) : __fmul_rn(scaled, b_scale[n]);
-    store_float(out, out_t, static_cast<int64_t>(m) * N + n, v);
   }
 }
 
@@ -165,7 +126,11 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   const int n0 = blockIdx.x * kRows;
 
   const int8_t* brow[SUB];
-  weight_rows<SUB>(brow, p.b, p.ldb, p.N, n0, g, t);
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int n = min(n0 + s * 8 + g, p.N - 1);  // rows past N repeat the last one; never stored
+    brow[s] = p.b + static_cast<int64_t>(n) * p.ldb + t * 16;
+  }
   const bool lo = g < p.M, hi = g + 8 < p.M;  // activation rows g and g + 8 exist
   const int8_t* arow_lo = p.a + static_cast<int64_t>(lo ? g : 0) * p.lda + t * 16;
   const int8_t* arow_hi = p.a + static_cast<int64_t>(hi ? g + 8 : 0) * p.lda + t * 16;
@@ -182,8 +147,29 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
     mma_trip(acc, cur);
   }
 
-  finish_rows<SUB>(partial, acc, warp, g, t, p.M, n0, p.N, [&](int m) { return p.a_scale[m]; }, p.b_scale, p.bias,
-                   p.bias_t, p.out, p.out_t);
+  // accumulator fragment: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8
+#pragma unroll
+  for (int s = 0; s < SUB; ++s) {
+    const int col = s * 8 + 2 * t;
+    partial[warp][g][col] = acc[s][0];
+    partial[warp][g][col + 1] = acc[s][1];
+    partial[warp][g + 8][col] = acc[s][2];
+    partial[warp][g + 8][col + 1] = acc[s][3];
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < p.M * kRows; i += kThreads) {
+    const int m = i / kRows, c = i % kRows, n = n0 + c;
+    if (n >= p.N) continue;
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][c];  // fixed order: deterministic
+    // Triton's epilogue, operation for operation: (acc * a_scale) * b_scale, fused with + bias
+    const float scaled = __fmul_rn(static_cast<float>(sum), p.a_scale[m]);
+    const float v = p.bias ? __fmaf_rn(scaled, p.b_scale[n], load_float(p.bias, p.bias_t, n))
+                           : __fmul_rn(scaled, p.b_scale[n]);
+    store_float(p.out, p.out_t, static_cast<int64_t>(m) * p.N + n, v);
+  }
 }
 
 // Per-token symmetric quantization of x [M, K] (rows `ldx` elements apart) into codes [M, K] (rows
@@ -204,11 +190,10 @@ __device__ __forceinline__ int8_t code_of(float xs, float inv) {
   return y != y ? 0 : static_cast<int8_t>(rintf(fminf(fmaxf(y, -127.0f), 127.0f)));
 }
 
-// The row's (scale, 1 / scale) from each of THREADS threads' |x| maximum and NaN flag (NaN anywhere: NaN).
-template <int THREADS>
+// The row's (scale, 1 / scale) from each thread's |x| maximum and NaN flag (NaN anywhere: NaN).
 __device__ __forceinline__ float2 row_scale(float amax, int nan) {
-  __shared__ float warp_amax[THREADS / 32];
-  __shared__ int warp_nan[THREADS / 32];
+  __shared__ float warp_amax[kQuantThreads / 32];
+  __shared__ int warp_nan[kQuantThreads / 32];
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) {
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
@@ -222,7 +207,7 @@ __device__ __forceinline__ float2 row_scale(float amax, int nan) {
   amax = 0.0f;
   nan = 0;
 #pragma unroll
-  for (int w = 0; w < THREADS / 32; ++w) {
+  for (int w = 0; w < kQuantThreads / 32; ++w) {
     amax = fmaxf(amax, warp_amax[w]);
     nan |= warp_nan[w];
   }
@@ -245,7 +230,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
       amax = fmaxf(amax, fabsf(v[j]));
       nan |= v[j] != v[j];
     }
-    const float2 s = row_scale<kQuantThreads>(amax, nan);
+    const float2 s = row_scale(amax, nan);
     if (threadIdx.x == 0) scale[row] = s.x;
 #pragma unroll
     for (int j = 0; j < kQuantVals; ++j) {
@@ -259,7 +244,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void
       amax = fmaxf(amax, fabsf(v));
       nan |= v != v;
     }
-    const float2 s = row_scale<kQuantThreads>(amax, nan);
+    const float2 s = row_scale(amax, nan);
     if (threadIdx.x == 0) scale[row] = s.x;
 #pragma unroll 8
     for (int k = threadIdx.x; k < K; k += kQuantThreads) {
