@@ -851,8 +851,8 @@ def test_quantized_model_under_torch_compile_reduce_overhead():
 
 @pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")
 def test_eager_entries_decline_cpu_tensors():
-    """The pybind11 eager entries return None for CPU operands (no GPU needed): int8_linear / int8_matmul on the
-    CPU run the reference."""
+    """The pybind11 eager entries return None for CPU operands and for a missing required operand (no GPU needed):
+    int8_linear / int8_matmul on the CPU run the reference."""
     from deepseek_kernels import _extension
 
     x, w, ws = torch.randn(2, 64), torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.rand(32)
@@ -861,6 +861,9 @@ def test_eager_entries_decline_cpu_tensors():
     xq, sa = torch.randint(-127, 128, (2, 64), dtype=torch.int8), torch.rand(2, 1)
     assert _extension._C.int8_gemv_eager(xq, w, sa, ws, None, torch.bfloat16) is None
     assert not _extension._C.int8_gemv_eager_ok(xq, w, sa, ws, None, torch.bfloat16)
+    # a missing required operand: None too (the general path then names it)
+    assert _extension._C.int8_linear_eager(x, w, None, None, None) is None
+    assert _extension._C.int8_gemv_eager(xq, w, None, ws, None, torch.bfloat16) is None
 
 
 @pytest.mark.skipif(not hasattr(OPS, "int8_gemv"), reason="the CUDA extension is not built")

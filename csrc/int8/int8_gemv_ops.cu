@@ -168,8 +168,11 @@ at::Tensor run_linear(const char* op, const at::Tensor& x2, FType x_t, const at:
   return out;
 }
 
-// ---- the eager fast path's predicates: true exactly when the checked ops below would accept the operands
-// and take the decode kernels (so a false never hides an error: the caller's general path raises it) ----
+// ---- the eager entries' predicates: true exactly when the checked ops below would accept the operands and take
+// the decode kernels, so a false never hides an error (the caller's general path raises it). None for a required
+// operand: false. They read no device state; launchable() does, under the caller's device guard. ----
+
+using OptTensor = std::optional<at::Tensor>;
 
 bool rows_ok(const at::Tensor& t) {  // int8 [rows, K], 16-byte pieces
   return t.scalar_type() == at::kChar && t.dim() == 2 && t.stride(1) == 1 && (t.size(0) == 1 || t.stride(0) % 16 == 0) &&
@@ -178,7 +181,7 @@ bool rows_ok(const at::Tensor& t) {  // int8 [rows, K], 16-byte pieces
 
 bool on(const at::Tensor& t, const at::Device& device) { return t.device() == device; }
 
-bool vector_ok(const std::optional<at::Tensor>& t, int64_t n, const at::Device& device, FType* type) {
+bool vector_ok(const OptTensor& t, int64_t n, const at::Device& device, FType* type) {
   *type = FType::kF32;
   return !t.has_value() || (float_type(t->scalar_type(), type) && t->dim() == 1 && t->size(0) == n && on(*t, device));
 }
@@ -188,16 +191,52 @@ bool scale_ok(const at::Tensor& t, int64_t n, const at::Device& device) {
          (t.dim() < 2 || t.size(1) == 1) && on(t, device);
 }
 
-bool wants_grad(const at::Tensor& t) { return t.requires_grad() && c10::GradMode::is_enabled(); }
-bool wants_grad(const std::optional<at::Tensor>& t) { return t.has_value() && wants_grad(*t); }
+bool wants_grad(const OptTensor& t) { return t.has_value() && t->requires_grad() && c10::GradMode::is_enabled(); }
 
-// A plain eager launch on `device`: sm_80 or newer, its current stream not capturing a CUDA graph (under
-// capture the Triton kernels are as fast or faster: benchmarks/NOTES.md, session 14).
-bool eager_launch_ok(const at::Device& device) {
-  if (at::cuda::getDeviceProperties(device.index())->major < 8) return false;
-  const c10::cuda::CUDAGuard guard(device);
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+// The types the kernels take, found by the predicates.
+struct Types {
+  FType x = FType::kF32, out = FType::kF32, bias = FType::kF32, smooth = FType::kF32;
+};
+
+bool gemv_qualifies(const OptTensor& a_q, const OptTensor& b_q, const OptTensor& a_scale, const OptTensor& b_scale,
+                    const OptTensor& bias, at::ScalarType out_dtype, Types* ty) {
+  if (!a_q || !b_q || !a_scale || !b_scale || !a_q->is_cuda() || !rows_ok(*a_q) || !rows_ok(*b_q)) return false;
+  const at::Device device = a_q->device();
+  const int64_t M = a_q->size(0), N = b_q->size(0), K = a_q->size(1);
+  return M >= 1 && M <= gemv::kMaxRows && K > 0 && K % 16 == 0 && b_q->size(1) == K && N >= 1 && on(*b_q, device) &&
+         float_type(out_dtype, &ty->out) && scale_ok(*a_scale, M, device) && scale_ok(*b_scale, N, device) &&
+         vector_ok(bias, N, device, &ty->bias) && !wants_grad(a_scale) && !wants_grad(b_scale) && !wants_grad(bias);
 }
+
+bool linear_qualifies(const OptTensor& x, const OptTensor& weight, const OptTensor& weight_scale, const OptTensor& bias,
+                      const OptTensor& smooth, Types* ty) {
+  if (!x || !weight || !weight_scale || !x->is_cuda() || !float_type(x->scalar_type(), &ty->x) || x->dim() < 1 ||
+      !rows_ok(*weight))
+    return false;
+  const at::Device device = x->device();
+  const int64_t K = x->size(-1), N = weight->size(0);
+  if (K <= 0 || K % 16 != 0 || weight->size(1) != K || N < 1 || !on(*weight, device)) return false;
+  const int64_t M = x->numel() / K;
+  return M >= 1 && M <= gemv::kMaxRows && weight_scale->dim() == 1 && scale_ok(*weight_scale, N, device) &&
+         vector_ok(bias, N, device, &ty->bias) && vector_ok(smooth, K, device, &ty->smooth) && !wants_grad(x) &&
+         !wants_grad(bias) && !wants_grad(smooth);
+}
+
+// Under a guard for `device`: sm_80 or newer, and its current stream not capturing a CUDA graph (under capture
+// the Triton kernels run: as fast or faster there, benchmarks/NOTES.md, session 14).
+bool launchable(const at::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->major >= 8 &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
+
+// A qualified 1-d vector's data, made contiguous in `keep` if it is not (nullptr for none).
+const void* vector_data(const OptTensor& t, at::Tensor* keep) {
+  if (!t.has_value()) return nullptr;
+  *keep = t->is_contiguous() ? *t : t->contiguous();
+  return keep->data_ptr();
+}
+
+at::Tensor contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 }  // namespace
 
@@ -263,57 +302,57 @@ at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, 
                     at::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
-bool int8_gemv_eager_ok(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
-                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  if (!a_q.is_cuda() || !rows_ok(a_q) || !rows_ok(b_q)) return false;
-  const at::Device device = a_q.device();
-  const int64_t M = a_q.size(0), N = b_q.size(0), K = a_q.size(1);
-  FType out_t, bias_t;
-  return M >= 1 && M <= gemv::kMaxRows && K > 0 && K % 16 == 0 && b_q.size(1) == K && N >= 1 && on(b_q, device) &&
-         float_type(out_dtype, &out_t) && scale_ok(a_scale, M, device) && scale_ok(b_scale, N, device) &&
-         vector_ok(bias, N, device, &bias_t) && !wants_grad(a_scale) && !wants_grad(b_scale) && !wants_grad(bias) &&
-         eager_launch_ok(device);
+bool int8_gemv_eager_ok(const OptTensor& a_q, const OptTensor& b_q, const OptTensor& a_scale, const OptTensor& b_scale,
+                        const OptTensor& bias, at::ScalarType out_dtype) {
+  Types ty;
+  if (!gemv_qualifies(a_q, b_q, a_scale, b_scale, bias, out_dtype, &ty)) return false;
+  const c10::cuda::CUDAGuard guard(a_q->device());
+  return launchable(a_q->device());
 }
 
-bool int8_linear_eager_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth) {
-  FType x_t, bias_t, smooth_t;
-  if (!x.is_cuda() || !float_type(x.scalar_type(), &x_t) || x.dim() < 1 || !rows_ok(weight)) return false;
-  const at::Device device = x.device();
-  const int64_t K = x.size(-1), N = weight.size(0);
-  if (K <= 0 || K % 16 != 0 || weight.size(1) != K || N < 1 || !on(weight, device)) return false;
-  const int64_t M = x.numel() / K;
-  return M >= 1 && M <= gemv::kMaxRows && weight_scale.dim() == 1 && scale_ok(weight_scale, N, device) &&
-         vector_ok(bias, N, device, &bias_t) && vector_ok(smooth, K, device, &smooth_t) && !wants_grad(x) &&
-         !wants_grad(bias) && !wants_grad(smooth) && eager_launch_ok(device);
+bool int8_linear_eager_ok(const OptTensor& x, const OptTensor& weight, const OptTensor& weight_scale,
+                          const OptTensor& bias, const OptTensor& smooth) {
+  Types ty;
+  if (!linear_qualifies(x, weight, weight_scale, bias, smooth, &ty)) return false;
+  const c10::cuda::CUDAGuard guard(x->device());
+  return launchable(x->device());
 }
 
-std::optional<at::Tensor> int8_gemv_eager(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
-                                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
-                                          at::ScalarType out_dtype) {
-  if (!int8_gemv_eager_ok(a_q, b_q, a_scale, b_scale, bias, out_dtype)) return std::nullopt;
-  return int8_gemv_cuda(a_q, b_q, a_scale, b_scale, bias, out_dtype);  // its checks pass: cheap in C++
-}
-
-std::optional<at::Tensor> int8_linear_eager(const at::Tensor& x, const at::Tensor& weight,
-                                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
-                                            const std::optional<at::Tensor>& smooth) {
-  if (!int8_linear_eager_ok(x, weight, weight_scale, bias, smooth)) return std::nullopt;
-  FType x_t, bias_t, smooth_t;
-  float_type(x.scalar_type(), &x_t);
-  const at::Device device = x.device();
-  const int64_t K = x.size(-1), N = weight.size(0);
+OptTensor int8_gemv_eager(const OptTensor& a_q, const OptTensor& b_q, const OptTensor& a_scale, const OptTensor& b_scale,
+                          const OptTensor& bias, at::ScalarType out_dtype) {
+  Types ty;
+  if (!gemv_qualifies(a_q, b_q, a_scale, b_scale, bias, out_dtype, &ty)) return std::nullopt;
+  const at::Device device = a_q->device();
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor x2 = x.reshape({x.numel() / K, K});
+  if (!launchable(device)) return std::nullopt;
+  const int64_t M = a_q->size(0), N = b_q->size(0), K = a_q->size(1);
+  const at::Tensor sa = contiguous(*a_scale), sb = contiguous(*b_scale);
+  at::Tensor bias_keep;
+  const void* bias_ptr = vector_data(bias, &bias_keep);
+  at::Tensor out = at::empty({M, N}, a_q->options().dtype(out_dtype));
+  run_gemv("int8_matmul (decode kernel)", a_q->data_ptr<int8_t>(), a_q->stride(0), *b_q, sa.data_ptr<float>(),
+           sb.data_ptr<float>(), bias_ptr, ty.bias, M, K, out.data_ptr(), ty.out,
+           at::cuda::getCurrentCUDAStream(device.index()).stream());
+  return out;
+}
+
+OptTensor int8_linear_eager(const OptTensor& x, const OptTensor& weight, const OptTensor& weight_scale,
+                            const OptTensor& bias, const OptTensor& smooth) {
+  Types ty;
+  if (!linear_qualifies(x, weight, weight_scale, bias, smooth, &ty)) return std::nullopt;
+  const at::Device device = x->device();
+  const c10::cuda::CUDAGuard guard(device);
+  if (!launchable(device)) return std::nullopt;
+  const int64_t K = x->size(-1), N = weight->size(0);
+  at::Tensor x2 = x->reshape({x->numel() / K, K});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const at::Tensor sw = weight_scale.is_contiguous() ? weight_scale : weight_scale.contiguous();
-  at::Tensor bias_keep, smooth_keep;  // the op's checks again (cheap): pointers of contiguous vectors
-  const void* bias_ptr = float_vector("int8_linear", "bias", bias, N, "N", device, &bias_t, &bias_keep);
-  const void* smooth_ptr = float_vector("int8_linear", "smooth", smooth, K, "K", device, &smooth_t, &smooth_keep);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  at::Tensor bias_keep, smooth_keep;
+  const void* bias_ptr = vector_data(bias, &bias_keep);
+  const void* smooth_ptr = vector_data(smooth, &smooth_keep);
+  std::vector<int64_t> out_shape(x->sizes().begin(), x->sizes().end());
   out_shape.back() = N;
-  return run_linear("int8_linear (decode kernel)", x2, x_t, weight, sw, bias_ptr, bias_t, smooth_ptr, smooth_t,
-                    out_shape, at::cuda::getCurrentCUDAStream(device.index()).stream());
+  return run_linear("int8_linear (decode kernel)", x2, ty.x, *weight, contiguous(*weight_scale), bias_ptr, ty.bias,
+                    smooth_ptr, ty.smooth, out_shape, at::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
 }  // namespace dsk

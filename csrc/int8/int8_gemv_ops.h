@@ -21,16 +21,21 @@ at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, 
 // Python without the dispatcher): the ops above when the operands qualify for the decode kernels (M <= 16 rows,
 // K % 16 == 0, 16-byte aligned int8 rows, one device, sm_80+, nothing needing grad, no CUDA-graph capture on
 // the current stream; *_eager_ok says whether they do), else nullopt and nothing launched: the caller takes
-// its general path, which also raises the errors. int8_linear_eager takes x [..., K] and returns [..., N].
-bool int8_gemv_eager_ok(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
-                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
-bool int8_linear_eager_ok(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth);
-std::optional<at::Tensor> int8_gemv_eager(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
-                                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
-                                          at::ScalarType out_dtype);
-std::optional<at::Tensor> int8_linear_eager(const at::Tensor& x, const at::Tensor& weight,
-                                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+// its general path, which also raises the errors (a None for a required operand included). int8_linear_eager
+// takes x [..., K] and returns [..., N].
+bool int8_gemv_eager_ok(const std::optional<at::Tensor>& a_q, const std::optional<at::Tensor>& b_q,
+                        const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& b_scale,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+bool int8_linear_eager_ok(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& weight_scale, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& smooth);
+std::optional<at::Tensor> int8_gemv_eager(const std::optional<at::Tensor>& a_q, const std::optional<at::Tensor>& b_q,
+                                          const std::optional<at::Tensor>& a_scale,
+                                          const std::optional<at::Tensor>& b_scale,
+                                          const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
+std::optional<at::Tensor> int8_linear_eager(const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& weight_scale,
+                                            const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& smooth);
 
 }  // namespace dsk
