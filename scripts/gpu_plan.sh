@@ -148,10 +148,12 @@ case "$step" in
     timeout 150 "$PY" benchmarks/diag_int8_route.py --out "$OUT/diag_int8_route.json" 2>&1 | tail -60
     timeout 200 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/int8_route" \
       --filter "^M(1|4|16) N[0-9]+ K[0-9]+ vs cuBLAS bf16$|int8_linear.*linear$|^e2e.*1 token" ;;
-  int8-compiled)  # issue 5: quantize_model's layers under torch.compile(mode="reduce-overhead") (GPU test: same bits as
-    # eager), then the 4-block stack at 1 token eager and compiled, bf16 and int8 (diag_int8_route.py --stack-only --compiled)
+  int8-compiled)  # issue 5: the extension's int8 GPU tests (the eager entries as restructured after session 15's last
+    # GPU call) and quantize_model's layers under torch.compile(mode="reduce-overhead") (same bits as eager), then
+    # the 4-block stack at 1 token eager and compiled, bf16 and int8 (diag_int8_route.py --stack-only --compiled)
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
-    timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py -k "reduce_overhead or eager_entries" | tail -3
+    timeout 250 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py \
+      -k "gemv or linear or eager or reduce_overhead" | tail -3
     timeout 300 "$PY" benchmarks/diag_int8_route.py --stack-only --compiled --out "$OUT/int8_compiled.json" ;;
   host-state)  # the eager rows' dependence on what ran before (session 14: ~2x slower after ~70 s of GPU tests in the
     # same call): one eager decode row and the host probe, then the int8 GPU tests, then the same row again
