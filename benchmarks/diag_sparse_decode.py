@@ -3,7 +3,6 @@ kernels, the whole op, next to the dense SwiGLU FFN, each replayed from a CUDA g
 harness's timer (several calls per graph, input copies cycled past the L2).
 
     python benchmarks/diag_sparse_decode.py [--ratio 0.15] [--tokens 1,2,8] [--out results.json]
-    python benchmarks/diag_sparse_decode.py --chain [...]   # only the PDL chain's launch variants
 
 bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's decode shape).
 """
@@ -25,9 +24,6 @@ def main():
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--tokens", default="1,2,8")
     ap.add_argument("--out")
-    ap.add_argument("--chain", action="store_true",
-                    help="only router + decode as programmatic launches with each chain variant (session 16: "
-                         "gate/up's early trigger, the down kernel's w_down prefetch before its wait)")
     args = ap.parse_args()
     D, F_, NB, dt = 4096, 14336, 64, torch.bfloat16
     k = n_active(args.ratio, NB)
@@ -45,9 +41,6 @@ def main():
             wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
             idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="loop")
             sets.append((x, wr, wg, wu, wd, idx, w))
-        if args.chain:
-            rows.append(chain_variants(T, k, args.ratio, sets))
-            continue
         with torch.no_grad():
             t_route = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid",
                                                                             weighting="gate"), sets)
@@ -118,42 +111,6 @@ def main():
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)
     save_json(args.out, rows)
-
-
-CHAIN_VARIANTS = {
-    "default": None,
-    "early trigger": {"gate_up": {"early_trigger": True}},
-    "prefetch": {"down": {"prefetch": True}},
-    "early trigger + prefetch": {"gate_up": {"early_trigger": True}, "down": {"prefetch": True}},
-}
-
-
-def chain_variants(T, k, ratio, sets):
-    """Router + decode kernels as programmatic dependent launches (graphed), per CHAIN_VARIANTS entry, next
-    to the whole op (its defaults) and the dense FFN; every variant checked for the default's bits first."""
-    def chain(cfg):
-        return lambda x, wr, wg, wu, wd, *_: tk.sparse_ffn_decode(
-            x, wg, wu, wd, *tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", pdl=True)[:2],
-            shared_blocks=0, n_blocks=64, pdl=True, config=cfg)
-
-    with torch.no_grad():
-        want = [chain(None)(*st) for st in sets]
-        same = {name: all(torch.equal(chain(cfg)(*st), r) for st, r in zip(sets, want))
-                for name, cfg in CHAIN_VARIANTS.items()}
-        # two rounds, variants alternating, so a drift of the machine shows as a spread, not a winner
-        times = {name: [] for name in CHAIN_VARIANTS}
-        for _ in range(2):
-            for name, cfg in CHAIN_VARIANTS.items():
-                times[name].append(time_cuda_graph(chain(cfg), sets)["ms"] * 1e3)
-        t_op = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
-            x, wr, wg, wu, wd, active_ratio=ratio), sets)["ms"] * 1e3
-        t_dense = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: swiglu_ffn_ref(x, wg, wu, wd), sets[:1])["ms"] * 1e3
-    print(f"T{T}: op (defaults) {t_op:.1f} us, dense {t_dense:.1f} us; router + decode chain, graphed, PDL:")
-    for name in CHAIN_VARIANTS:
-        best = min(times[name])
-        print(f"    {name:<26} {' / '.join(f'{v:.1f}' for v in times[name])} us  (vs dense {t_dense / best:.2f}x, "
-              f"same bits: {same[name]})")
-    return dict(T=T, ratio=ratio, k=k, op_us=t_op, dense_us=t_dense, chain_us=times, chain_same_bits=same)
 
 
 if __name__ == "__main__":

@@ -41,17 +41,6 @@ def chain_trigger(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
-def l2_prefetch(ptrs, nbytes):
-    """Hopper+: one ``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16; 16-byte aligned addresses)
-    from every address in ``ptrs`` into the L2 cache: fire and forget (nothing waits on it; only where the
-    bytes sit changes). GPU only (the interpreter has no inline PTX): callers keep it off there."""
-    size = tl.full(ptrs.shape, nbytes, tl.int32)
-    addr = ptrs.to(tl.int64, bitcast=True)
-    return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
-                                     "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
 def pdl_option(pdl: bool) -> dict:
     """The launch option of a programmatic dependent launch (only when on: the compile is unchanged otherwise)."""
     return {"launch_pdl": True} if pdl else {}

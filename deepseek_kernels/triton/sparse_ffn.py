@@ -38,8 +38,7 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import (chain_trigger, chain_wait, f32, l2_prefetch, launch_options, pdl_option,
-                                              resolve_launch)
+from deepseek_kernels.triton._common import chain_trigger, chain_wait, f32, launch_options, pdl_option, resolve_launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -924,17 +923,12 @@ def _sparse_ffn_decode_gate_up_kernel(
     stride_xt, stride_xd, stride_wf, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False, EARLY_TRIGGER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
-    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread.
-    ``EARLY_TRIGGER`` (with PDL): the down kernel may launch as soon as every program has waited
-    (not after its main loop), so its programs prefetch their weights while this kernel streams
-    (for a one-wave grid: the dependents launch only once every program of this one is resident)."""
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
     chain_wait(PDL)
-    if EARLY_TRIGGER:
-        chain_trigger(PDL)  # the later trigger in _decode_gate_up_rows is then a no-op
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
     if active:
@@ -1051,45 +1045,20 @@ def _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_o
 
 
 @triton.jit
-def _decode_down_prefetch(WD, IDX, T, D, BS, S, K, NB, stride_wd, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr, PARTS: tl.constexpr):
-    """L2 prefetches of w_down[n, b*BS : (b+1)*BS] for the rows n of program_id(0)'s columns and every used
-    block b, each piece in PARTS equal parts (one prefetch per thread: BLOCK_N * PARTS = the program's
-    threads; unit stride along F, sizes and alignment checked by the launcher). Reads only IDX, which the
-    router wrote before the gate/up kernel's programs got past their wait, so it may run before this
-    kernel's own wait (the gate/up kernel triggers after its wait)."""
-    used, rank, n_used = _decode_used_blocks(IDX, T, S, K, NB, BLOCK_T, BLOCK_KS, BLOCK_B)
-    i = tl.arange(0, BLOCK_N * PARTS)
-    rows = tl.minimum(tl.program_id(0) * BLOCK_N + i // PARTS, D - 1).to(tl.int64)
-    part = BS // PARTS
-    offs = rows * stride_wd + (i % PARTS) * part
-    nbytes = part * (WD.dtype.element_ty.primitive_bitwidth // 8)
-    offs_b = tl.arange(0, BLOCK_B)
-    for j in range(0, n_used):
-        b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)
-        l2_prefetch(WD + offs + b * BS, nbytes)
-
-
-@triton.jit
 def _sparse_ffn_decode_down_kernel(
     H, WD, IDX, OUT,
     T, D, BS, S, K, NB, NR,
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
     combine). The used blocks are found once up front, then one flat loop runs over (used block,
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
-    A token with an id outside [-1, NR) gets a NaN row.
-    ``PREFETCH`` > 0 (with PDL, w_down [D, F] with unit stride along F): before waiting for the gate/up
-    kernel, the program asks L2 for its rows' used-block pieces, each in PREFETCH parts
-    (:func:`_decode_down_prefetch`)."""
-    if PREFETCH > 0:
-        _decode_down_prefetch(WD, IDX, T, D, BS, S, K, NB, stride_wd, BLOCK_T, BLOCK_N, BLOCK_KS, BLOCK_B, PREFETCH)
+    A token with an id outside [-1, NR) gets a NaN row."""
     chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
@@ -1162,16 +1131,13 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     history as commit 3d064ed): the 70-program grid is not held back by the SMs it leaves idle."""
     # H200, session 11 (tune_sparse_ffn.py --decode, 6-8 stages and one down K tile per block tried for the
     # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
-    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4, early_trigger=False)
+    gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
     # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
     # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
     # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
     # tokens (8 tokens 93.9 vs 108.9 us at block_k 128); with block_k 256 one kernel is as fast (85.8 vs 86.1 us).
     block_k = min(256, max(16, triton.next_power_of_2(block_size)))
-    # prefetch (with PDL, one down kernel): the down kernel's programs ask L2 for their w_down pieces before
-    # waiting for gate/up; only useful with gate_up.early_trigger (else they launch after gate/up's main loop).
-    return {"gate_up": gate_up,
-            "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=1, prefetch=False)}
+    return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=1)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -1206,24 +1172,9 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         x, w_gate, w_up, idx, wt, h, T, D, BS, shared_blocks, K, n_blocks,
         x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, EARLY_TRIGGER=pdl and bool(gu["early_trigger"]),
-        **launch_options(gu), **pdl_option(pdl),
+        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **launch_options(gu), **pdl_option(pdl),
     )
     return _decode_down(h, w_down, idx, out, shared_blocks, n_blocks, dn, direct, pdl)
-
-
-def _prefetch_parts(w_down: torch.Tensor, block_size: int, block_n: int, num_warps: int) -> int:
-    """The PREFETCH value of the down kernel: in how many parts :func:`_decode_down_prefetch` fetches each
-    w_down piece of ``block_size`` elements (so that BLOCK_N * parts covers the program's threads once),
-    or 0 where it cannot: w_down without unit stride along F, or pieces / parts that are not multiples of
-    16 bytes at 16-byte aligned addresses (what ``cp.async.bulk.prefetch`` takes)."""
-    esize = w_down.element_size()
-    if w_down.stride(1) != 1 or (w_down.stride(0) * esize) % 16 or w_down.data_ptr() % 16:
-        return 0
-    parts = max(1, 32 * num_warps // block_n)
-    while parts > 1 and (block_size % parts or (block_size // parts * esize) % 16):
-        parts //= 2
-    return parts if (block_size // parts * esize) % 16 == 0 else 0
 
 
 def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dict, direct: bool, pdl: bool):
@@ -1243,9 +1194,7 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
             h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
             w_down.stride(0), w_down.stride(1), out.stride(0),
             DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl,
-            PREFETCH=_prefetch_parts(w_down, BS, dn["block_n"], dn["num_warps"]) if pdl and dn["prefetch"] else 0,
-            **dn_opts,
+            BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
         )
         return out
     part = torch.empty(splits, block_t, D, dtype=torch.float32, device=out.device)
