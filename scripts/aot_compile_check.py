@@ -289,25 +289,33 @@ def cases():
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
                 dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
                      SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
-    c = sf.bwd_launch_config(8192, D_, BS_)
-    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
-    opts = dict(num_warps=c["num_warps"])
+    # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
+    bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
+
+    def bwd_entry(kern):
+        k = kc[kern]
+        return dict(num_warps=k["num_warps"], **({} if k["num_stages"] is None else {"num_stages": k["num_stages"]}))
+
+    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=bm)
     out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
                 dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                      OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
-                     stride_wd=64 * BS_, stride_wf=1), opts))
+                     stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"]),
+                bwd_entry("dact")))
     out.append(("sparse FFN bwd dx", sf._sparse_ffn_bwd_dx_kernel,
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
-                     BS=BS_, NB=64, stride_wf=D_, stride_wd=1), opts))
-    n = c["block_n"]
+                     BS=BS_, NB=64, stride_wf=D_, stride_wd=1, BLOCK_N=kc["dx"]["block_n"],
+                     BLOCK_K=kc["dx"]["block_k"]), bwd_entry("dx")))
+    n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
                 dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,
                      stride_xd=1, stride_gf=D_, stride_gd=1, DOT_PRECISION="tf32", BLOCK_N=n, BLOCK_D=n,
-                     BLOCK_K=c["block_k"]), opts))
+                     BLOCK_K=kc["dw_gate_up"]["block_k"]), bwd_entry("dw_gate_up")))
+    n = kc["dw_down"]["block_n"]
     out.append(("sparse FFN bwd dW down", sf._sparse_ffn_bwd_dw_down_kernel,
                 dict(DO=bf16, HW=bf16, SORTED_TOK=i32, OFFSETS=i32, DWD=bf16, D=D_, BS=BS_, stride_dot=D_,
                      stride_dod=1, stride_wd=64 * BS_, stride_wf=1, DOT_PRECISION="tf32", BLOCK_D=n, BLOCK_N=n,
-                     BLOCK_K=c["block_k"]), opts))
+                     BLOCK_K=kc["dw_down"]["block_k"]), bwd_entry("dw_down")))
 
     from deepseek_kernels.triton import window_decode as wd
 

@@ -773,15 +773,18 @@ def _sparse_ffn_bwd_dw_down_kernel(
 
 
 def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
-    """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are the
-    H200 sweep's winners: 7.56 ms against 8.57 ms for the first guess at T8192, 30 % active)."""
+    """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are H200
+    sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
+    5.87 ms against 7.36 with 128-row tiles and dx 256 columns wide (session 16,
+    ``benchmarks/diag_sparse_train.py --sweep``): dx's K is only the block's 2 x 224 neurons, so its
+    64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85."""
     if tokens * block_size <= 4096:
         return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
     if tokens < 4096:
         return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
-    return dict(block_m=64, block_n=64, block_k=64, num_warps=4, dact=wide, dw_gate_up=dict(wide),
-                dx=dict(block_n=64, block_k=32, num_warps=4, num_stages=4),
+    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=wide, dw_gate_up=dict(wide),
+                dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
                 dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
 
 

@@ -1,0 +1,164 @@
+"""Where the sparse FFN's training step spends its GPU time: forward + backward of ``gated_sparse_ffn`` at
+T8192 (the issue's shape: bf16, d_model 4096, d_ff 14336, 64 blocks) per kernel (torch.profiler), each
+grouped GEMM's useful TFLOP/s, next to the dense SwiGLU FFN's kernels (cuBLAS) in the same process.
+
+    python benchmarks/diag_sparse_train.py [--ratios 0.3,0.5] [--tokens 8192] [--out results.json]
+    python benchmarks/diag_sparse_train.py --sweep [--ratios 0.3]   # wide-tile configs of the short-K kernels
+
+Useful FLOPs per kernel (P = tokens x active blocks, BS = d_ff / n_blocks): forward gate/up 4 P D BS, down
+2 P D BS; backward dact (dO . w_down slice) 2 P D BS, dx 4 P D BS, dW gate/up 4 P D BS, dW down 2 P D BS.
+"""
+
+import argparse
+
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.reference.sparse_ffn import n_active, swiglu_ffn_ref
+
+from _tuning import bench, kernel_times, save_json
+
+# kernel-name fragment -> multiple of P * D * BS useful FLOPs (None: memory-bound, no FLOPs)
+KERNELS = {"_sparse_ffn_gate_up_kernel": 4, "_sparse_ffn_down_kernel": 2, "_sparse_ffn_bwd_dact_kernel": 2,
+           "_sparse_ffn_bwd_dx_kernel": 4, "_sparse_ffn_bwd_dw_gate_up_kernel": 4,
+           "_sparse_ffn_bwd_dw_down_kernel": 2}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.3,0.5")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true", help="time SWEEP's configs (forward / backward alone) instead")
+    ap.add_argument("--sweep2", action="store_true", help="with --sweep: the second round (SWEEP2)")
+    args = ap.parse_args()
+    if args.sweep:
+        save_json(args.out, sweep(args))
+        return
+    T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
+    BS = F_ // NB
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device="cuda", dtype=dt, requires_grad=True)
+    wr = (torch.randn(NB, D, device="cuda") * D**-0.5).to(dt).requires_grad_()
+    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt).requires_grad_() for _ in range(2))
+    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt).requires_grad_()
+    dout = torch.randn(T, D, device="cuda", dtype=dt)
+    params = (x, wr, wg, wu, wd)
+
+    def dense_step():
+        for p in params:
+            p.grad = None
+        swiglu_ffn_ref(x, wg, wu, wd).backward(dout)
+
+    rows = []
+    dense_ms = bench(dense_step, rep=20)
+    dense_k = kernel_times(dense_step, steps=3)
+    print(f"dense fwd+bwd {dense_ms:.3f} ms ({6 * T * D * F_ * 3 / dense_ms / 1e9:.0f} TF/s); its kernels:")
+    for name, us in sorted(dense_k.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"   {name[:70]:70s} {us:9.1f} us")
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        k = n_active(ratio, NB)
+        P = T * k
+
+        def step(ratio=ratio):
+            for p in params:
+                p.grad = None
+            dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=ratio).backward(dout)
+
+        ms = bench(step, rep=20)
+        per = kernel_times(step, steps=3)
+        print(f"ratio {ratio} (k {k}, P {P}): fwd+bwd {ms:.3f} ms vs dense {dense_ms:.3f} = {dense_ms / ms:.2f}x; "
+              f"kernels {sum(per.values()) / 1e3:.3f} ms:")
+        kern = {}
+        for name, us in sorted(per.items(), key=lambda kv: -kv[1]):
+            mult = next((m for frag, m in KERNELS.items() if frag in name), None)
+            tf = mult * P * D * BS / us / 1e6 if mult else None
+            kern[name] = dict(us=us, tflops=tf)
+            print(f"   {name[:70]:70s} {us:9.1f} us" + (f"  {tf:6.0f} TF/s" if tf else ""))
+        rows.append(dict(T=T, ratio=ratio, k=k, P=P, ms=ms, dense_ms=dense_ms, kernels=kern,
+                         dense_kernels_us=dense_k))
+    save_json(args.out, rows)
+
+
+# Session 16: the per-kernel profile put the backward's dx (K = 2 x 224, 64x64 tiles: ~32 FLOP per byte of L2
+# traffic, ~18 GB per step) at 203 TF/s and the forward's down (K = 224) at 247: wider tiles, a 128-row M tile
+# for the backward (block_m is shared by dact and dx: the grouping's row tiles), and dact over all 224 neurons in
+# one 256-wide tile (the gathered dO rows read once instead of twice).
+SWEEP = {
+    "bwd": [{}, {"block_m": 128}] + [
+        {"block_m": bm, kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+        for bm, kern, bn, bk, nw, st in (
+            (64, "dx", 128, 32, 4, 4), (64, "dx", 256, 32, 8, 3), (64, "dx", 128, 32, 8, 4),
+            (128, "dx", 128, 32, 8, 4), (128, "dx", 128, 64, 8, 3), (128, "dx", 256, 32, 8, 3),
+            (128, "dx", 256, 32, 8, 4), (128, "dx", 256, 64, 8, 2),
+            (64, "dact", 256, 64, 8, 3), (64, "dact", 256, 32, 8, 4), (128, "dact", 256, 64, 8, 3),
+            (128, "dact", 128, 64, 8, 4))],
+    "fwd": [{}] + [{"down": dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+                   for bn, bk, nw, st in ((256, 32, 8, 3), (256, 32, 8, 4), (256, 64, 8, 3), (128, 32, 8, 4),
+                                          (128, 32, 4, 4), (128, 128, 8, 2))],
+}
+
+
+# The second round around the first round's winners (block_m 128 + dx 256x32 w8 st4: backward 7.36 -> 5.88 ms;
+# down 128x32 w8 st4: forward 2.96 -> 2.88 ms): dact and the two weight-gradient kernels with that base.
+_DX = dict(block_n=256, block_k=32, num_warps=8, num_stages=4)
+SWEEP2 = {
+    "bwd": [{"block_m": 128, "dx": _DX}] + [
+        {"block_m": 128, "dx": _DX, kern: dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+        for kern, bn, bk, nw, st in (
+            ("dx", 256, 16, 8, 6), ("dx", 256, 32, 8, 3),
+            ("dact", 128, 64, 8, 4), ("dact", 128, 32, 8, 4), ("dact", 128, 64, 8, 3), ("dact", 64, 64, 4, 4),
+            ("dw_gate_up", 128, 64, 8, 4), ("dw_gate_up", 128, 32, 8, 4), ("dw_gate_up", 64, 128, 4, 3),
+            ("dw_gate_up", 128, 128, 8, 2),
+            ("dw_down", 128, 128, 8, 3), ("dw_down", 128, 32, 8, 4), ("dw_down", 128, 64, 8, 4),
+            ("dw_down", 64, 64, 4, 4))],
+    "fwd": [{}] + [{"down": dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st)}
+                   for bn, bk, nw, st in ((128, 32, 8, 4), (128, 32, 8, 5), (128, 16, 8, 8), (128, 32, 8, 3))],
+}
+
+
+def sweep(args):
+    """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
+    config, each checked against the default config's results first (relative error < 1e-2)."""
+    from deepseek_kernels.triton import sparse_ffn as tk
+
+    from _tuning import rel
+
+    T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device="cuda", dtype=dt)
+    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
+    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
+    go = torch.randn(T, D, device="cuda", dtype=dt)
+    rows = []
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        k = n_active(ratio, NB)
+        idx = torch.rand(T, NB, device="cuda").topk(k, dim=-1).indices.to(torch.int32)
+        w = torch.rand(T, k, device="cuda") + 0.1
+        kw = dict(shared_blocks=0, n_blocks=NB)
+        ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+        ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+        for kind, configs in (SWEEP2 if args.sweep2 else SWEEP).items():
+            for cfg in configs:
+                try:
+                    if kind == "fwd":
+                        def fn(cfg=cfg):
+                            return tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
+                        err = rel(fn()[0], ref)
+                    else:
+                        def fn(cfg=cfg):
+                            return tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+                        err = max(rel(a, b) for a, b in zip(fn(), ref_b))
+                    row = dict(ratio=ratio, kind=kind, config=cfg, err=err)
+                    if err < 1e-2:
+                        row["ms"] = bench(fn, rep=30)
+                except Exception as e:  # e.g. out of shared memory
+                    row = dict(ratio=ratio, kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
+                rows.append(row)
+                print(f"ratio {ratio} {kind} {cfg}: " + (f"{row['ms']:.3f} ms" if "ms" in row else
+                                                        row.get("error", f"error {row.get('err'):.2e}")), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
