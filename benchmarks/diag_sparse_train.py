@@ -31,7 +31,6 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--sweep", action="store_true", help="time SWEEP's configs (forward / backward alone) instead")
     ap.add_argument("--sweep2", action="store_true", help="with --sweep: the second round (SWEEP2)")
-    ap.add_argument("--sweep3", action="store_true", help="with --sweep: the third round (SWEEP3)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -118,19 +117,6 @@ SWEEP2 = {
 }
 
 
-# The third round: the weight-gradient kernels' neuron tile over the whole block (256 >= 224: the gathered x / dO
-# rows read once per model-column tile instead of twice) with narrower model-column tiles (block_d).
-SWEEP3 = {
-    "bwd": [{}] + [{kern: dict(block_n=bn, block_d=bd, block_k=bk, num_warps=nw, num_stages=st)}
-                   for kern, bn, bd, bk, nw, st in (
-                       ("dw_gate_up", 256, 64, 64, 8, 3), ("dw_gate_up", 256, 64, 64, 8, 4),
-                       ("dw_gate_up", 256, 64, 32, 8, 4), ("dw_gate_up", 256, 32, 64, 8, 4),
-                       ("dw_down", 256, 64, 64, 8, 3), ("dw_down", 256, 128, 64, 8, 3),
-                       ("dw_down", 256, 64, 64, 8, 4), ("dw_down", 256, 128, 32, 8, 4))],
-    "fwd": [],
-}
-
-
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -152,7 +138,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        for kind, configs in (SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2 else SWEEP).items():
+        for kind, configs in (SWEEP2 if args.sweep2 else SWEEP).items():
             for cfg in configs:
                 try:
                     if kind == "fwd":

@@ -778,19 +778,14 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     5.87 ms against 7.36 with 128-row tiles and dx 256 columns wide (session 16,
     ``benchmarks/diag_sparse_train.py --sweep``): dx's K is only the block's 2 x 224 neurons, so its
     64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85."""
-    # the weight-gradient kernels' tiles: block_n neurons x block_d model columns (block_d None: = block_n)
     if tokens * block_size <= 4096:
-        base = dict(block_m=16, block_n=16, block_k=16, num_warps=4)
-    elif tokens < 4096:
-        base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
-    else:
-        wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
-        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=wide, dw_gate_up=dict(wide),
-                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
-                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
-    for kern in ("dw_gate_up", "dw_down"):
-        base[kern] = {"block_d": None, **base.get(kern, {})}
-    return base
+        return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
+    if tokens < 4096:
+        return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+    wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
+    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=wide, dw_gate_up=dict(wide),
+                dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
+                dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
 
 
 def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -847,17 +842,15 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
-    gu_d = dwgu["block_d"] or gu_n
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_d))](
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
-        BLOCK_N=gu_n, BLOCK_D=gu_d, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **launch_options(dwgu),
+        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
-    dn_d = dwdn["block_d"] or dn_n
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, dn_d), triton.cdiv(BS, dn_n))](
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, dn_n), triton.cdiv(BS, dn_n))](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1),
-        BLOCK_D=dn_d, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **launch_options(dwdn),
+        BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **launch_options(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
