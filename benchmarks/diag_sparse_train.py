@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--sweep", action="store_true", help="time SWEEP's configs (forward / backward alone) instead")
     ap.add_argument("--sweep2", action="store_true", help="with --sweep: the second round (SWEEP2)")
+    ap.add_argument("--sweep3", action="store_true", help="with --sweep: the third round (SWEEP3)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -117,6 +118,16 @@ SWEEP2 = {
 }
 
 
+# The third round: dact's epilogue in two column halves (its one-piece epilogue spills ~1.8 KB per thread).
+_DACT = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
+SWEEP3 = {
+    "bwd": [{}, {"dact": dict(_DACT, split_epilogue=True)},
+            {"dact": dict(_DACT, num_stages=4, block_k=64, split_epilogue=True)},
+            {"dact": dict(_DACT, num_stages=2, split_epilogue=True)}, {}],
+    "fwd": [],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -138,7 +149,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        for kind, configs in (SWEEP2 if args.sweep2 else SWEEP).items():
+        for kind, configs in (SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2 else SWEEP).items():
             for cfg in configs:
                 try:
                     if kind == "fwd":

@@ -250,8 +250,8 @@ def test_large_batch_defaults_are_per_kernel():
                                config={"down": {"block_k": 32}})
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
-    assert bm == 64 and kc["dact"]["block_n"] == 128 and kc["dx"] == dict(block_n=64, block_k=32, num_warps=4,
-                                                                          num_stages=4)
+    assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"]
+    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4)
     # below 4096 tokens: the shared first guess for every kernel
     bm, kc = tk.resolve_config(tk.launch_config(1000, 4096, 224), tk.FWD_KERNELS)
     assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())
@@ -276,6 +276,13 @@ def test_per_kernel_launch_configs_give_the_same_results(poisoned):
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=bwd_cfg, **kw)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
         assert rel(a, b) < 1e-5, name
+    # dact's epilogue in two column halves: the same da / du / w_p h elements (the same bits for every
+    # gradient but dweights, whose per-row sum now adds two half sums)
+    split = {**bwd_cfg, "dact": dict(block_n=32, block_k=16, split_epilogue=True)}
+    got_split = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=split, **kw)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down"), got_split, got):
+        assert torch.equal(a, b), name
+    assert rel(got_split[4], got[4]) < 1e-6
     with pytest.raises(ValueError, match="unknown kernel"):
         tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"gateup": {}}, **kw)
     with pytest.raises(ValueError, match="unknown key"):

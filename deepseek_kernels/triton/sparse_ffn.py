@@ -636,9 +636,12 @@ def _sparse_ffn_bwd_dact_kernel(
     D, BS, NB, P,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr = False,
 ):
     """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
-    DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight)."""
+    DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight).
+    ``SPLIT_EPILOGUE``: the epilogue in two column halves (half the live registers: the 128 x 128 tile's
+    one-piece epilogue spills ~1.8 KB per thread on sm_90)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.load(TILE_BLOCK + pid_m)
@@ -658,22 +661,37 @@ def _sparse_ffn_bwd_dact_kernel(
             w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
-        mask = r_mask[:, None] & n_mask[None, :]
-        act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
-        a = tl.load(act, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(act + BS, mask=mask, other=0.0).to(tl.float32)
         wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
-        s = tl.sigmoid(a)
-        silu = a * s
-        h = silu * u
-        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, tl.sum(tl.where(mask, acc * h, 0.0), 1), mask=r_mask)
-        dh = acc * wp[:, None]
-        da = dh * u * s * (1 + a * (1 - s))
-        du = dh * silu
-        dact = DACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
-        tl.store(dact, da.to(DACT.dtype.element_ty), mask=mask)
-        tl.store(dact + BS, du.to(DACT.dtype.element_ty), mask=mask)
-        tl.store(HW + rows64[:, None] * BS + offs_n[None, :], (h * wp[:, None]).to(HW.dtype.element_ty), mask=mask)
+        if SPLIT_EPILOGUE:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            part = _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, half, wp, BS)
+            part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, half + BLOCK_N // 2, wp, BS)
+        else:
+            part = _dact_epilogue(acc, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS)
+        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, part, mask=r_mask)
+
+
+@triton.jit
+def _dact_epilogue(g, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS):
+    """The SwiGLU derivative of g [rows, offs_n] (= dO . w_down slice): stores da, du and w_p * h, returns
+    the rows' partial dweight sum over these columns."""
+    mask = r_mask[:, None] & (offs_n < BS)[None, :]
+    act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+    a = tl.load(act, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(act + BS, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    silu = a * s
+    h = silu * u
+    part = tl.sum(tl.where(mask, g * h, 0.0), 1)
+    dh = g * wp[:, None]
+    da = dh * u * s * (1 + a * (1 - s))
+    du = dh * silu
+    dact = DACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+    tl.store(dact, da.to(DACT.dtype.element_ty), mask=mask)
+    tl.store(dact + BS, du.to(DACT.dtype.element_ty), mask=mask)
+    tl.store(HW + rows64[:, None] * BS + offs_n[None, :], (h * wp[:, None]).to(HW.dtype.element_ty), mask=mask)
+    return part
 
 
 @triton.jit
@@ -777,15 +795,22 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
     5.87 ms against 7.36 with 128-row tiles and dx 256 columns wide (session 16,
     ``benchmarks/diag_sparse_train.py --sweep``): dx's K is only the block's 2 x 224 neurons, so its
-    64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85."""
+    64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85. Then dact's
+    epilogue in two column halves (255 registers + ~1.8 KB of spills per thread -> 194, none): backward
+    6.02 -> 5.70 ms at ratio 0.3, 10.05 -> 9.47 at 0.5 (``--sweep3``)."""
     if tokens * block_size <= 4096:
-        return dict(block_m=16, block_n=16, block_k=16, num_warps=4)
-    if tokens < 4096:
-        return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
-    wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
-    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=wide, dw_gate_up=dict(wide),
-                dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
-                dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
+        base = dict(block_m=16, block_n=16, block_k=16, num_warps=4)
+    elif tokens < 4096:
+        base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+    else:
+        wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=dict(wide, split_epilogue=True),
+                    dw_gate_up=dict(wide),
+                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
+                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
+    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32)
+    base["dact"] = {"split_epilogue": False, **base.get("dact", {})}
+    return base
 
 
 def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -827,7 +852,8 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
-        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec, **launch_options(da),
+        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
+        SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
