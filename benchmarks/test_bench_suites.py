@@ -5,6 +5,7 @@ Skipped without a GPU."""
 import pytest
 import torch
 
+from deepseek_kernels.bench.harness import case_bytes
 from deepseek_kernels.bench.suites import SUITES
 
 pytestmark = pytest.mark.gpu
@@ -24,5 +25,5 @@ def test_bench(benchmark, suite, case_name, impl):
         fn(*inputs)
         torch.cuda.synchronize()
 
-    benchmark.extra_info.update(case.params, bytes=case.bytes)
+    benchmark.extra_info.update(case.params, bytes=case_bytes(case, [inputs]))
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)

@@ -8,6 +8,7 @@ from deepseek_kernels.bench.harness import (
     Case,
     ClockSampler,
     Impl,
+    case_bytes,
     clock_limited_rounds,
     clock_state,
     host_probe,
@@ -304,3 +305,35 @@ def test_plot_of_no_rows_is_skipped(tmp_path):
     rows = [{"case": "a", "ours_gbps": 100.0, "baseline_gbps": 50.0, "speedup": 2.0}]
     assert plot(tmp_path / "one.png", "one row", rows, ceilings) is True
     assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_case_bytes_average_input_dependent_counts():
+    """``bytes_of`` (bytes that depend on the inputs) is averaged over the rotated input sets and replaces
+    ``bytes``; without it a row counts ``bytes``."""
+    sets = [(torch.zeros(3),), (torch.zeros(6),)]
+    fixed = Case("fixed", lambda: sets[0], Impl("a", lambda x: x), bytes=100)
+    assert case_bytes(fixed, sets) == 100
+    per_input = Case("per input", lambda: sets[0], Impl("a", lambda x: x), bytes=100,
+                     bytes_of=lambda inputs: 10 * inputs[0].numel())
+    assert case_bytes(per_input, sets) == 45
+    assert case_bytes(Case("none", lambda: sets[0], Impl("a", lambda x: x)), sets) is None
+
+
+def test_sparse_decode_rows_count_the_blocks_the_tokens_use():
+    """The sparse FFN suite's decode rows count the weight slices of the blocks any token uses (tokens
+    share blocks): k blocks for one token or for repeated tokens, the routing's distinct blocks for many."""
+    from deepseek_kernels.bench.suites.sparse_ffn import _decode_bytes
+    from deepseek_kernels.reference.sparse_ffn import route_ref
+
+    T, D, F_, NB, k = 8, 32, 256, 16, 3
+    BS = F_ // NB
+    g = torch.Generator().manual_seed(0)
+    wr, wg = torch.randn(NB, D, generator=g), torch.randn(F_, D, generator=g)
+    fixed = 2 * (NB * D + 2 * T * D)
+    count = _decode_bytes(k)
+    same = torch.randn(1, D, generator=g).expand(T, D)
+    assert count((same, wr, wg)) == 2 * 3 * D * BS * k + fixed
+    x = torch.randn(T, D, generator=g)
+    used = torch.unique(route_ref(x, wr, k=k)[0]).numel()
+    assert k < used < T * k  # this draw shares some blocks
+    assert count((x, wr, wg)) == 2 * 3 * D * BS * used + fixed

@@ -66,6 +66,9 @@ class Case:
     # Sample the GPU's clock and power in a background thread *during* every timing round (ClockSampler):
     # for compute-bound rows near the power limit, where the state after a round says little about it.
     sample_clocks: bool = False
+    # Bytes that depend on the inputs (e.g. the weight blocks a routing touches): ``bytes_of(inputs)`` per
+    # input set, averaged over the rotated sets; replaces ``bytes`` when given.
+    bytes_of: Callable[[tuple], int] | None = None
 
 
 def compiled_baseline(fn: Callable) -> Callable:
@@ -315,6 +318,13 @@ def time_interleaved(impls: dict[str, Callable], input_sets: list[tuple], *, rep
     return {n: {**summarize(samples[n]), "round_ms": round_ms[n], **extra[n]} for n in names}
 
 
+def case_bytes(case: Case, input_sets) -> int | None:
+    """The bytes a row counts: ``case.bytes_of`` averaged over the input sets (rounded), else ``case.bytes``."""
+    if case.bytes_of is None:
+        return case.bytes
+    return round(sum(case.bytes_of(s) for s in input_sets) / len(input_sets))
+
+
 def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING_ROUNDS) -> dict:
     """Times ours and the baseline of ``case`` side by side (interleaved: :func:`time_interleaved`);
     returns one result row."""
@@ -324,7 +334,8 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
         # Drop the check's temporaries so they do not shape where the timed outputs land.
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-    row = {"case": case.name, **case.params, "bytes": case.bytes, "flops": case.flops, "graph": case.graph,
+    nbytes = case_bytes(case, input_sets)
+    row = {"case": case.name, **case.params, "bytes": nbytes, "flops": case.flops, "graph": case.graph,
            **({"sustain_s": case.sustain_s} if case.sustain_s else {}),
            **({"rest_s": case.rest_s} if case.rest_s else {})}
     impls = {role: impl for role, impl in (("ours", case.ours), ("baseline", case.baseline)) if impl is not None}
@@ -341,10 +352,10 @@ def run_case(case: Case, ceilings: dict, *, reps: int = 30, rounds: int = TIMING
         for key in ("calls_per_replay", "calls_per_sample", "round_state", "round_clocks"):
             if key in t:
                 row[f"{role}_{key}"] = t[key]
-        if case.bytes:
-            row[f"{role}_gbps"] = case.bytes / (t["ms"] * 1e-3) / 1e9
+        if nbytes:
+            row[f"{role}_gbps"] = nbytes / (t["ms"] * 1e-3) / 1e9
             if ceilings.get("copy_bytes_per_s"):
-                row[f"{role}_pct_copy"] = 100 * case.bytes / (t["ms"] * 1e-3) / ceilings["copy_bytes_per_s"]
+                row[f"{role}_pct_copy"] = 100 * nbytes / (t["ms"] * 1e-3) / ceilings["copy_bytes_per_s"]
         if case.flops:
             row[f"{role}_tflops"] = case.flops / (t["ms"] * 1e-3) / 1e12
             if ceilings.get("bf16_flops_per_s"):
