@@ -494,3 +494,30 @@ def test_eager_decode_fast_path_gives_the_ops_bits(monkeypatch):
         got, got_r = dk.gated_sparse_ffn(x, wr, wg, wu, wd, **kw)
     assert calls and torch.equal(got, want)
     assert torch.equal(got_r.idx, want_r.idx) and torch.equal(got_r.weights, want_r.weights)
+
+
+
+def test_bf16_router_backward_matches_the_fp32_math_to_bf16_rounding():
+    """In bf16 the router's backward runs bf16 GEMMs (fp32 accumulation) like a bf16 nn.Linear would, instead of
+    casting x to fp32: on the same saved tensors its x and router-weight gradients equal the fp32 math's up to
+    bf16 rounding."""
+    from types import SimpleNamespace
+
+    from deepseek_kernels.ops.sparse_ffn import _route_backward
+    from deepseek_kernels.reference.sparse_ffn import route_ref
+
+    g = torch.Generator().manual_seed(3)
+    T, D, NR, k = 37, 64, 16, 4
+    x = torch.randn(T, D, generator=g).bfloat16()
+    wr = (torch.randn(NR, D, generator=g) / D**0.5).bfloat16()
+    idx, weights, probs = route_ref(x, wr, k=k)
+    gw = torch.randn(T, k, generator=g)
+    for gate in ("sigmoid", "softmax"):
+        ctx = SimpleNamespace(saved_tensors=(x, wr, idx, weights.float(), probs.float()), weighting="gate", gate=gate)
+        dx, dwr, *_ = _route_backward(ctx, gw, None, None)
+        assert dx.dtype == dwr.dtype == torch.bfloat16
+        ctx32 = SimpleNamespace(saved_tensors=(x.float(), wr.float(), idx, weights.float(), probs.float()),
+                                weighting="gate", gate=gate)
+        dx32, dwr32, *_ = _route_backward(ctx32, gw, None, None)  # fp32 inputs: the fp32 math
+        for a, b in ((dx, dx32), (dwr, dwr32)):
+            assert ((a.float() - b).norm() / b.norm()).item() < 1e-2
