@@ -8,6 +8,7 @@ import torch
 
 from deepseek_kernels.reference.sparse_ffn import gated_sparse_ffn_ref, route_ref, sparse_ffn_blocks_ref
 from deepseek_kernels.triton import sparse_ffn as tk
+from deepseek_kernels.triton._common import big_shared_memory
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -252,6 +253,10 @@ def test_large_batch_defaults_are_per_kernel():
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"]
     assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4)
+    # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
+    assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
+    assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
+    assert big_shared_memory(torch.device("cpu"))
     # below 4096 tokens: the shared first guess for every kernel
     bm, kc = tk.resolve_config(tk.launch_config(1000, 4096, 224), tk.FWD_KERNELS)
     assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())

@@ -61,6 +61,25 @@ def sm_count(device) -> int:
     return _sm_count_of(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_per_sm_of(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor
+
+
+def big_shared_memory(device) -> bool:
+    """Whether a ``device``'s SMs hold ~200 KB of shared memory or more (Hopper's 228 KB; A100's 164 KB do
+    not): the tile shapes tuned on the H200 that need it stay off elsewhere. True off CUDA (the interpreter
+    has no limit)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _smem_per_sm_of(index) >= 200 * 1024
+
+
 def resolve_launch(what: str, defaults: dict, config: dict | None = None, **scalars) -> dict:
     """Per-kernel launch settings: ``defaults`` (kernel name -> its settings dict), then each
     non-None scalar override (e.g. ``num_warps=8``) for every kernel that has that setting, then

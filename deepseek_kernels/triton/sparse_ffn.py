@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import chain_trigger, chain_wait, f32, launch_options, pdl_option, resolve_launch
+from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, launch_options, pdl_option,
+                                              resolve_launch)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -514,16 +515,17 @@ def _sparse_ffn_combine_kernel(
 # ---- launcher ----------------------------------------------------------------------------------------
 
 
-def launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
     """Tile shapes: ``block_m`` (rows of one block per tile, shared: the grouping depends on it),
     the ``block_n/block_k/num_warps`` of every kernel, and per-kernel entries that override them
     (``num_stages`` None: Triton's default); see :func:`resolve_config`. Large batches use the
     H200 sweep's winners (``benchmarks/tune_sparse_ffn.py``, T8192 D4096 F14336, 64 blocks, 30 %
     active: forward 2.91 ms against 3.76 ms for the 64-wide first guess; dense 3.93 ms); small ones
-    keep small tiles, since a block's rows are few."""
+    keep small tiles, since a block's rows are few. ``wide=False`` (GPUs with less shared memory per SM
+    than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too."""
     if tokens * block_size <= 4096:
         return dict(block_m=16, block_n=16, block_k=32, num_warps=4)
-    if tokens < 4096:
+    if tokens < 4096 or not wide:
         return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     wide = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
     return dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=wide, down=dict(wide))
@@ -569,7 +571,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
-    block_m, kc = resolve_config(launch_config(T, D, BS), FWD_KERNELS, block_m=block_m, block_n=block_n,
+    block_m, kc = resolve_config(launch_config(T, D, BS, wide=big_shared_memory(x.device)), FWD_KERNELS, block_m=block_m, block_n=block_n,
                                  block_k=block_k, num_warps=num_warps, config=config)
     gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
     blocks, w_full = full_routing(idx, weights, shared_blocks)
@@ -790,17 +792,18 @@ def _sparse_ffn_bwd_dw_down_kernel(
     tl.store(DWD + off, acc.to(DWD.dtype.element_ty), mask=d_mask[:, None] & n_mask[None, :])
 
 
-def bwd_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
     """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are H200
     sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
     5.87 ms against 7.36 with 128-row tiles and dx 256 columns wide (session 16,
     ``benchmarks/diag_sparse_train.py --sweep``): dx's K is only the block's 2 x 224 neurons, so its
     64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85. Then dact's
     epilogue in two column halves (255 registers + ~1.8 KB of spills per thread -> 194, none): backward
-    6.02 -> 5.70 ms at ratio 0.3, 10.05 -> 9.47 at 0.5 (``--sweep3``)."""
+    6.02 -> 5.70 ms at ratio 0.3, 10.05 -> 9.47 at 0.5 (``--sweep3``). ``wide=False``: as for
+    :func:`launch_config` (dact, dx and dW gate/up take 192-197 KB of shared memory at T >= 4096)."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=16, num_warps=4)
-    elif tokens < 4096:
+    elif tokens < 4096 or not wide:
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     else:
         wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
@@ -824,7 +827,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     T, D = x.shape
     F_ = w_gate.shape[0]
     BS = F_ // n_blocks
-    block_m, kc = resolve_config(bwd_launch_config(T, D, BS), BWD_KERNELS, block_m=block_m, block_n=block_n,
+    block_m, kc = resolve_config(bwd_launch_config(T, D, BS, wide=big_shared_memory(x.device)), BWD_KERNELS, block_m=block_m, block_n=block_n,
                                  block_k=block_k, num_warps=num_warps, config=config)
     # dact tiles the block's neurons, so its block_n also sets the dweights partial-sum rows and
     # the neuron tiling of the dW kernels (they share hw/dact's layout, not the grid)
