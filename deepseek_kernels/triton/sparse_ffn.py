@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, launch_options, pdl_option,
-                                              resolve_launch)
+from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, launch_options,
+                                              pdl_option, resolve_launch)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -527,8 +527,8 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         return dict(block_m=16, block_n=16, block_k=32, num_warps=4)
     if tokens < 4096 or not wide:
         return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
-    wide = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=wide, down=dict(wide))
+    big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=big, down=dict(big))
 
 
 FWD_KERNELS = ("gate_up", "down", "combine")
@@ -571,8 +571,8 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
-    block_m, kc = resolve_config(launch_config(T, D, BS, wide=big_shared_memory(x.device)), FWD_KERNELS, block_m=block_m, block_n=block_n,
-                                 block_k=block_k, num_warps=num_warps, config=config)
+    block_m, kc = resolve_config(launch_config(T, D, BS, wide=big_shared_memory(x.device)), FWD_KERNELS,
+                                 block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
     blocks, w_full = full_routing(idx, weights, shared_blocks)
     KT = blocks.shape[1]
@@ -806,9 +806,9 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     elif tokens < 4096 or not wide:
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     else:
-        wide = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
-        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=dict(wide, split_epilogue=True),
-                    dw_gate_up=dict(wide),
+        big = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=dict(big, split_epilogue=True),
+                    dw_gate_up=dict(big),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
     # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32)
@@ -827,8 +827,8 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     T, D = x.shape
     F_ = w_gate.shape[0]
     BS = F_ // n_blocks
-    block_m, kc = resolve_config(bwd_launch_config(T, D, BS, wide=big_shared_memory(x.device)), BWD_KERNELS, block_m=block_m, block_n=block_n,
-                                 block_k=block_k, num_warps=num_warps, config=config)
+    block_m, kc = resolve_config(bwd_launch_config(T, D, BS, wide=big_shared_memory(x.device)), BWD_KERNELS,
+                                 block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     # dact tiles the block's neurons, so its block_n also sets the dweights partial-sum rows and
     # the neuron tiling of the dW kernels (they share hw/dact's layout, not the grid)
     dev, dt = x.device, x.dtype
