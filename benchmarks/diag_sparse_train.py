@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time SWEEP's configs (forward / backward alone) instead")
     ap.add_argument("--sweep2", action="store_true", help="with --sweep: the second round (SWEEP2)")
     ap.add_argument("--sweep3", action="store_true", help="with --sweep: the third round (SWEEP3)")
+    ap.add_argument("--sweep4", action="store_true", help="with --sweep: the fourth round (SWEEP4)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -128,6 +129,16 @@ SWEEP3 = {
 }
 
 
+# The fourth round (prepared in session 16, not yet run): the forward's down projection as the persistent TMA
+# kernel (down.tma; K tiles of 32 divide the 224-neuron blocks), one or two programs per SM.
+SWEEP4 = {
+    "bwd": [],
+    "fwd": [{}] + [{"down": dict(block_n=bn, block_k=32, num_warps=nw, num_stages=st, tma=True, programs=pr)}
+                   for bn, nw, st, pr in ((128, 8, 4, None), (128, 8, 3, None), (256, 8, 3, None), (128, 4, 4, None),
+                                          (128, 8, 4, 264), (128, 4, 3, 264))] + [{}],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -149,7 +160,8 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        for kind, configs in (SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2 else SWEEP).items():
+        sets = SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2 else SWEEP
+        for kind, configs in sets.items():
             for cfg in configs:
                 try:
                     if kind == "fwd":

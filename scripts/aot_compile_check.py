@@ -289,6 +289,14 @@ def cases():
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
                 dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
                      SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
+    # the persistent TMA down projection (opt-in down.tma, session 16) at the forward's large-batch tiles, with the
+    # K tile of 32 that divides the 224-neuron blocks
+    for bn, bk, nw, st in ((128, 32, 8, 4), (256, 32, 8, 3), (128, 32, 4, 4)) if BS_ % 32 == 0 else ():
+        out.append((f"sparse FFN down GEMM, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sparse_ffn_down_tma_kernel,
+                    dict(h_desc=f"tensordesc<bf16[128, {bk}]>", wd_desc=f"tensordesc<bf16[{bn}, {bk}]>", Y=bf16,
+                         TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_,
+                         DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132),
+                    dict(num_warps=nw, num_stages=st)))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
     bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -74,6 +74,15 @@ case "$step" in
       --filter graphed --out "$OUT/graphed" ;;
   diag-sparse-decode)
     timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
+  sparse-train)  # issue 6 training (session 16): the persistent TMA down kernel's GPU tests, the per-kernel profile of
+    # fwd+bwd at T8192 (ratio 0.3), then SWEEP4 (down.tma configs vs the pointer kernel, forward alone)
+    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sparse_ffn_triton.py \
+      -k "down_tma or forward_backward" | tail -2
+    out_abs=$(cd "$OUT" && pwd)
+    (cd benchmarks && timeout 120 "$PY" diag_sparse_train.py --ratios 0.3 --out "$out_abs/diag_sparse_train.json" \
+      | grep -vi warning | head -16)
+    (cd benchmarks && timeout 240 "$PY" diag_sparse_train.py --sweep --sweep4 --ratios 0.3,0.5 \
+      --out "$out_abs/sweep4.json" | grep -vi warning) ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)

@@ -245,7 +245,8 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3) == kc["down"]
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
+    assert kc["down"] == dict(kc["gate_up"], tma=False, programs=None)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
                                config={"down": {"block_k": 32}})
@@ -260,6 +261,31 @@ def test_large_batch_defaults_are_per_kernel():
     # below 4096 tokens: the shared first guess for every kernel
     bm, kc = tk.resolve_config(tk.launch_config(1000, 4096, 224), tk.FWD_KERNELS)
     assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
+    """down.tma (opt-in): the persistent TMA down projection gives the pointer kernel's forward; h rows of the
+    next block (and unwritten rows past the last block: NaN here) only reach rows it does not store; a column
+    tile past D and a K tile per 16 neurons; fewer programs than tiles (each walks several)."""
+    T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3  # blocks of 16 neurons
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    want, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    cfg = {"block_m": 16, "down": dict(block_n=32, block_k=16, tma=True, programs=3)}
+    h = torch.zeros(1, F_ // NB, dtype=dtype)
+    assert tk._down_tma_ok(h, wd, 16) and not tk._down_tma_ok(h, wd, 32)  # 16 neurons: K tiles of 16 only
+    assert not tk._down_tma_ok(h, wd.t().contiguous().t(), 16)  # neuron-major w_down: the pointer kernel
+    launches = []
+    real = tk._down_tma
+    monkeypatch.setattr(tk, "_down_tma", lambda *a: (launches.append(1), real(*a)))
+    got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
+    assert launches == [1] and not got.isnan().any()
+    assert rel(got, want) < TOL[dtype]
+    # block_k 32 does not divide the 16-neuron blocks: the pointer kernel runs, the same result
+    cfg["down"]["block_k"] = 32
+    assert rel(tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0], want) < TOL[dtype]
+    assert launches == [1]
 
 
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):
@@ -543,6 +569,23 @@ def test_forward_backward_on_gpu(dtype):
     gated_sparse_ffn_ref(*refs, active_ratio=0.3, shared_blocks=2).backward(go.float())
     for a, b in zip(ours, refs):
         assert rel(a.grad, b.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 7])
+def test_down_tma_on_gpu(programs):
+    """down.tma on the GPU (bf16, 4097 tokens: the large-batch tiles; 224-neuron blocks in K tiles of 32):
+    the pointer kernel's forward within bf16 rounding, run to run identical."""
+    x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 14336, 64, torch.bfloat16)
+    k = round(0.3 * 64)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    want, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    cfg = {"down": dict(block_n=128, block_k=32, num_warps=8, num_stages=4, tma=True, programs=programs)}
+    assert tk._down_tma_ok(torch.empty(1, 224, device="cuda", dtype=torch.bfloat16), wd, 32)
+    got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
+    assert rel(got, want) < 1e-2
+    assert torch.equal(got, tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0])
 
 
 @pytest.mark.gpu

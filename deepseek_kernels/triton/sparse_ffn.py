@@ -330,6 +330,7 @@ class Grouping:
     offsets: torch.Tensor      # int32 [n_blocks + 1]: rows of block b are [offsets[b], offsets[b+1])
     tile_block: torch.Tensor   # int32 [n_tiles]: block of each BLOCK_M row tile (n_blocks: no tile)
     tile_start: torch.Tensor   # int32 [n_tiles]: first row of each tile
+    tile_count: torch.Tensor   # int32 [1]: how many of the n_tiles are real (the rest have tile_block n_blocks)
     block_m: int
 
 
@@ -376,7 +377,7 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     first_tile = tile_end[b] - tiles[b]
     tile_start = offsets[b] + (t_ids - first_tile) * block_m
     return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block.to(torch.int32),
-                    tile_start.to(torch.int32), block_m)
+                    tile_start.to(torch.int32), tile_end[-1:].to(torch.int32), block_m)
 
 
 # ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
@@ -480,6 +481,76 @@ def _sparse_ffn_down_kernel(
                      mask=r_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _sparse_ffn_down_tma_kernel(
+    h_desc, wd_desc, Y, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+    D, BS,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    """:func:`_sparse_ffn_down_kernel` (deterministic form) as a persistent kernel with TMA loads (Hopper+;
+    opt-in ``down.tma``, session 16: K is only BS = 224, so a plain tile's pipeline barely fills before its
+    epilogue). NUM_PROGRAMS programs walk the real (row tile, column tile) pairs, the column tiles of a row
+    tile consecutively (its h rows and the block's w_down slice stay in L2), the tile loop flattened with the
+    K loop so the next tile's loads overlap this tile's stores. h rows past the block's end (the next
+    block's, or past P: zeros) are computed and not stored; BS is a multiple of BLOCK_K (the launcher
+    checks), so no K tile reaches into the next block's w_down columns."""
+    n_col = tl.cdiv(D, BLOCK_N)
+    total = tl.load(TILE_COUNT) * n_col
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
+        pid_m = t // n_col
+        pid_n = t - pid_m * n_col
+        b = tl.load(TILE_BLOCK + pid_m)
+        start = tl.load(TILE_START + pid_m)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, BS, BLOCK_K):
+            a = h_desc.load([start, k0])
+            w = wd_desc.load([pid_n * BLOCK_N, b * BS + k0])
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        rows = start + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < tl.load(OFFSETS + b + 1))[:, None] & (offs_n < D)[None, :]
+        tl.store(Y + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
+    """Whether the persistent TMA down kernel can run: Hopper+ (or the interpreter), Triton's host-side
+    descriptors, w_down [D, F] with unit stride along F, 16-byte aligned rows and bases, BS a multiple of
+    the K tile, and not while torch.compile traces (descriptors through wrap_triton are untried)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    from deepseek_kernels.ops._registry import interpreting
+
+    if torch.compiler.is_compiling():
+        return False
+    if not interpreting() and not (h.is_cuda and torch.cuda.get_device_capability(h.device)[0] >= 9):
+        return False
+    es = h.element_size()
+    BS = h.shape[1]
+    return (w_down.stride(1) == 1 and BS % block_k == 0 and (BS * es) % 16 == 0 and (w_down.stride(0) * es) % 16 == 0
+            and h.data_ptr() % 16 == 0 and w_down.data_ptr() % 16 == 0)
+
+
+def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
+    """Launches :func:`_sparse_ffn_down_tma_kernel` on one program per SM (``dn["programs"]`` if set)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from deepseek_kernels.triton._common import sm_count
+
+    D, BS = w_down.shape[0], h.shape[1]
+    bm = grouping.block_m
+    programs = dn.get("programs") or (sm_count(h.device) if h.is_cuda else 4)
+    h_desc = TensorDescriptor.from_tensor(h, [bm, dn["block_k"]])
+    wd_desc = TensorDescriptor.from_tensor(w_down, [dn["block_n"], dn["block_k"]])
+    _sparse_ffn_down_tma_kernel[(programs,)](
+        h_desc, wd_desc, y, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, BS,
+        DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], NUM_PROGRAMS=programs,
+        **launch_options(dn),
+    )
+
+
 # ---- 5. weighted combine -----------------------------------------------------------------------------
 
 
@@ -522,13 +593,18 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     H200 sweep's winners (``benchmarks/tune_sparse_ffn.py``, T8192 D4096 F14336, 64 blocks, 30 %
     active: forward 2.91 ms against 3.76 ms for the 64-wide first guess; dense 3.93 ms); small ones
     keep small tiles, since a block's rows are few. ``wide=False`` (GPUs with less shared memory per SM
-    than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too."""
+    than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too. ``down.tma``
+    (opt-in): the deterministic down projection as :func:`_sparse_ffn_down_tma_kernel` on ``down.programs``
+    programs (None: one per SM) where :func:`_down_tma_ok`."""
     if tokens * block_size <= 4096:
-        return dict(block_m=16, block_n=16, block_k=32, num_warps=4)
-    if tokens < 4096 or not wide:
-        return dict(block_m=64, block_n=64, block_k=64, num_warps=4)
-    big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=big, down=dict(big))
+        base = dict(block_m=16, block_n=16, block_k=32, num_warps=4)
+    elif tokens < 4096 or not wide:
+        base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
+    else:
+        big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=big, down=dict(big))
+    base["down"] = {"tma": False, "programs": None, **base.get("down", {})}
+    return base
 
 
 FWD_KERNELS = ("gate_up", "down", "combine")
@@ -597,11 +673,14 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     else:
         y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
         w_sorted, tok = w_full.reshape(-1)[grouping.order].contiguous(), grouping.sorted_tok
-    torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, dn["block_n"]))](
-        h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
-        w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
-        DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **launch_options(dn),
-    )
+    if deterministic and dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
+        _down_tma(h, w_down, y, grouping, dn, prec)
+    else:
+        torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, dn["block_n"]))](
+            h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
+            w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
+            DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **launch_options(dn),
+        )
     if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
         bad = (grouping.inv == -2).any(1, keepdim=True)
         return torch.where(bad, float("nan"), y).to(x.dtype), act, grouping
