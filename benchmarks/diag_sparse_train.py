@@ -129,10 +129,11 @@ SWEEP3 = {
 }
 
 
-# The fourth round (prepared in session 16, not yet run): the forward's down projection as the persistent TMA
-# kernel (down.tma; K tiles of 32 divide the 224-neuron blocks), one or two programs per SM.
+# The fourth round (prepared in session 16, not yet run): the forward's down projection and the backward's dx as
+# persistent TMA kernels (down.tma / dx.tma; K tiles of 32 divide the 224-neuron blocks), one or two programs per SM.
 SWEEP4 = {
-    "bwd": [],
+    "bwd": [{}] + [{"dx": dict(block_n=bn, block_k=32, num_warps=8, num_stages=st, tma=True)}
+                   for bn, st in ((256, 3), (256, 4), (128, 4))] + [{}],
     "fwd": [{}] + [{"down": dict(block_n=bn, block_k=32, num_warps=nw, num_stages=st, tma=True, programs=pr)}
                    for bn, nw, st, pr in ((128, 8, 4, None), (128, 8, 3, None), (256, 8, 3, None), (128, 4, 4, None),
                                           (128, 8, 4, 264), (128, 4, 3, 264))] + [{}],

@@ -316,6 +316,13 @@ def cases():
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
                      BS=BS_, NB=64, stride_wf=D_, stride_wd=1, BLOCK_N=kc["dx"]["block_n"],
                      BLOCK_K=kc["dx"]["block_k"]), bwd_entry("dx")))
+    # the persistent TMA dx (opt-in dx.tma, session 16) at dx's tiles and a narrower one
+    for bn, bk, nw, st in ((256, 32, 8, 4), (256, 32, 8, 3), (128, 32, 8, 4)) if BS_ % 32 == 0 else ():
+        out.append((f"sparse FFN bwd dx, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sparse_ffn_bwd_dx_tma_kernel,
+                    dict(act_desc=f"tensordesc<bf16[{bm}, {bk}]>", wg_desc=f"tensordesc<bf16[{bk}, {bn}]>",
+                         wu_desc=f"tensordesc<bf16[{bk}, {bn}]>", DXR=bf16, TILE_BLOCK=i32, TILE_START=i32,
+                         OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
     n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
                 dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,

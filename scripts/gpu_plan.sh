@@ -74,10 +74,10 @@ case "$step" in
       --filter graphed --out "$OUT/graphed" ;;
   diag-sparse-decode)
     timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
-  sparse-train)  # issue 6 training (session 16): the persistent TMA down kernel's GPU tests, the per-kernel profile of
-    # fwd+bwd at T8192 (ratio 0.3), then SWEEP4 (down.tma configs vs the pointer kernel, forward alone)
+  sparse-train)  # issue 6 training (session 16): the persistent TMA down / dx kernels' GPU tests, the per-kernel profile
+    # of fwd+bwd at T8192 (ratio 0.3), then SWEEP4 (down.tma / dx.tma configs vs the pointer kernels)
     timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sparse_ffn_triton.py \
-      -k "down_tma or forward_backward" | tail -2
+      -k "down_tma or dx_tma or forward_backward" | tail -2
     out_abs=$(cd "$OUT" && pwd)
     (cd benchmarks && timeout 120 "$PY" diag_sparse_train.py --ratios 0.3 --out "$out_abs/diag_sparse_train.json" \
       | grep -vi warning | head -16)

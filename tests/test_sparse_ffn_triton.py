@@ -253,7 +253,7 @@ def test_large_batch_defaults_are_per_kernel():
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"]
-    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4)
+    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4, tma=False, programs=None)
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
     assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
@@ -286,6 +286,32 @@ def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch
     cfg["down"]["block_k"] = 32
     assert rel(tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0], want) < TOL[dtype]
     assert launches == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
+    """dx.tma (opt-in): the persistent TMA dx kernel gives the pointer kernel's gradients (K tiles of 8 and
+    16 over 16-neuron blocks: da never reads du's columns; a column tile past D; 3 programs)."""
+    T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    go = torch.randn(T, D).to(dtype)
+    cfg = {"block_m": 16, "dx": dict(block_n=32, block_k=16)}
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    launches = []
+    real = tk._dx_tma
+    monkeypatch.setattr(tk, "_dx_tma", lambda *a: (launches.append(1), real(*a)))
+    for bk in (8, 16):
+        cfg["dx"] = dict(block_n=32, block_k=bk, tma=True, programs=3)
+        got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+        for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
+            assert not a.isnan().any() and rel(a, b) < TOL[dtype], name
+    assert launches == [1, 1]
+    # a K tile that does not divide the blocks: the pointer kernel
+    cfg["dx"]["block_k"] = 32
+    tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    assert launches == [1, 1]
 
 
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):
@@ -586,6 +612,22 @@ def test_down_tma_on_gpu(programs):
     got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
     assert rel(got, want) < 1e-2
     assert torch.equal(got, tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0])
+
+
+@pytest.mark.gpu
+def test_dx_tma_on_gpu():
+    """dx.tma on the GPU (bf16, 4097 tokens, 224-neuron blocks in K tiles of 32): the pointer kernel's
+    gradients within bf16 rounding, run to run identical."""
+    x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    go = torch.randn_like(x)
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    cfg = {"dx": dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True)}
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    assert rel(got[0], want[0]) < 1e-2
+    assert torch.equal(got[0], tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)[0])
 
 
 @pytest.mark.gpu

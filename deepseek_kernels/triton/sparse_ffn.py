@@ -513,10 +513,11 @@ def _sparse_ffn_down_tma_kernel(
         tl.store(Y + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
-    """Whether the persistent TMA down kernel can run: Hopper+ (or the interpreter), Triton's host-side
-    descriptors, w_down [D, F] with unit stride along F, 16-byte aligned rows and bases, BS a multiple of
-    the K tile, and not while torch.compile traces (descriptors through wrap_triton are untried)."""
+def _tma_gemm_ok(x: torch.Tensor, block_size: int, block_k: int, row_strides, tensors) -> bool:
+    """Whether a persistent TMA kernel of the grouped GEMMs can run on ``x``'s device: Hopper+ (or the
+    interpreter), Triton's host-side descriptors, not while torch.compile traces (descriptors through
+    wrap_triton are untried), the block size a multiple of the K tile (no K tile crosses into the next
+    block), every descriptor's row stride (elements, ``row_strides``) and base (``tensors``) 16-byte aligned."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
@@ -525,23 +526,34 @@ def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
 
     if torch.compiler.is_compiling():
         return False
-    if not interpreting() and not (h.is_cuda and torch.cuda.get_device_capability(h.device)[0] >= 9):
+    if not interpreting() and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return False
-    es = h.element_size()
-    BS = h.shape[1]
-    return (w_down.stride(1) == 1 and BS % block_k == 0 and (BS * es) % 16 == 0 and (w_down.stride(0) * es) % 16 == 0
-            and h.data_ptr() % 16 == 0 and w_down.data_ptr() % 16 == 0)
+    es = x.element_size()
+    return (block_size % block_k == 0 and all((r * es) % 16 == 0 for r in row_strides)
+            and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def _default_programs(x: torch.Tensor) -> int:
+    """One program per SM (4 under the interpreter)."""
+    from deepseek_kernels.triton._common import sm_count
+
+    return sm_count(x.device) if x.is_cuda else 4
+
+
+def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
+    """Whether the persistent TMA down kernel can run (:func:`_tma_gemm_ok`; w_down [D, F] with unit stride
+    along F)."""
+    return w_down.stride(1) == 1 and _tma_gemm_ok(h, h.shape[1], block_k, (h.shape[1], w_down.stride(0)),
+                                                  (h, w_down))
 
 
 def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
     """Launches :func:`_sparse_ffn_down_tma_kernel` on one program per SM (``dn["programs"]`` if set)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from deepseek_kernels.triton._common import sm_count
-
     D, BS = w_down.shape[0], h.shape[1]
     bm = grouping.block_m
-    programs = dn.get("programs") or (sm_count(h.device) if h.is_cuda else 4)
+    programs = dn["programs"] or _default_programs(h)
     h_desc = TensorDescriptor.from_tensor(h, [bm, dn["block_k"]])
     wd_desc = TensorDescriptor.from_tensor(w_down, [dn["block_n"], dn["block_k"]])
     _sparse_ffn_down_tma_kernel[(programs,)](
@@ -808,6 +820,61 @@ def _sparse_ffn_bwd_dx_kernel(
 
 
 @triton.jit
+def _sparse_ffn_bwd_dx_tma_kernel(
+    act_desc, wg_desc, wu_desc, DXR, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+    D, BS,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    """:func:`_sparse_ffn_bwd_dx_kernel` as a persistent kernel with TMA loads (Hopper+; opt-in ``dx.tma``,
+    session 16; the same walk as :func:`_sparse_ffn_down_tma_kernel`): ``act_desc`` views DACT as [P, 2 BS]
+    (da | du), ``wg_desc`` / ``wu_desc`` the [F, D] weights. BS is a multiple of BLOCK_K (the launcher
+    checks), so a da tile never reaches into du's columns nor a weight tile into the next block's rows."""
+    n_col = tl.cdiv(D, BLOCK_N)
+    total = tl.load(TILE_COUNT) * n_col
+    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
+        pid_m = t // n_col
+        pid_n = t - pid_m * n_col
+        b = tl.load(TILE_BLOCK + pid_m)
+        start = tl.load(TILE_START + pid_m)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, BS, BLOCK_K):
+            da = act_desc.load([start, k0])
+            du = act_desc.load([start, BS + k0])
+            acc = tl.dot(da, wg_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(du, wu_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
+        rows = start + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < tl.load(OFFSETS + b + 1))[:, None] & (offs_n < D)[None, :]
+        tl.store(DXR + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(DXR.dtype.element_ty), mask=mask)
+
+
+def _dx_tma_ok(dact: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, block_k: int) -> bool:
+    """Whether :func:`_sparse_ffn_bwd_dx_tma_kernel` can run (as :func:`_tma_gemm_ok`; dact [P, 2, BS]
+    contiguous, w_gate / w_up [F, D] with unit stride along D)."""
+    BS = dact.shape[2]
+    return (dact.is_contiguous() and w_gate.stride(1) == 1 and w_up.stride() == w_gate.stride()
+            and _tma_gemm_ok(dact, BS, block_k, (2 * BS, w_gate.stride(0)), (dact, w_gate, w_up)))
+
+
+def _dx_tma(dact, w_gate, w_up, dx_rows, g: "Grouping", dxc: dict, prec: str) -> None:
+    """Launches :func:`_sparse_ffn_bwd_dx_tma_kernel` on one program per SM (``dxc["programs"]`` if set)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    P, _, BS = dact.shape
+    D = w_gate.shape[1]
+    bm, bn, bk = g.block_m, dxc["block_n"], dxc["block_k"]
+    programs = dxc["programs"] or _default_programs(dact)
+    act_desc = TensorDescriptor.from_tensor(dact.view(P, 2 * BS), [bm, bk])
+    wg_desc = TensorDescriptor.from_tensor(w_gate, [bk, bn])
+    wu_desc = TensorDescriptor.from_tensor(w_up, [bk, bn])
+    _sparse_ffn_bwd_dx_tma_kernel[(programs,)](
+        act_desc, wg_desc, wu_desc, dx_rows, g.tile_block, g.tile_start, g.offsets, g.tile_count, D, BS,
+        DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=programs, **launch_options(dxc),
+    )
+
+
+@triton.jit
 def _sparse_ffn_bwd_dw_gate_up_kernel(
     DACT, X, SORTED_TOK, OFFSETS, DWG, DWU,
     D, BS,
@@ -890,8 +957,10 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
                     dw_gate_up=dict(big),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
-    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32)
+    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma (opt-in):
+    # the persistent TMA form of dx on dx.programs programs (None: one per SM) where _dx_tma_ok
     base["dact"] = {"split_epilogue": False, **base.get("dact", {})}
+    base["dx"] = {"tma": False, "programs": None, **base.get("dx", {})}
     return base
 
 
@@ -938,11 +1007,14 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
-        dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
-        w_gate.stride(0), w_gate.stride(1),
-        BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"], DOT_PRECISION=prec, **launch_options(dxc),
-    )
+    if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
+        _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
+    else:
+        torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
+            dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
+            w_gate.stride(0), w_gate.stride(1), BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"],
+            DOT_PRECISION=prec, **launch_options(dxc),
+        )
     dx = torch.empty(T, D, dtype=dt, device=dev)
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
