@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--sweep2", action="store_true", help="with --sweep: the second round (SWEEP2)")
     ap.add_argument("--sweep3", action="store_true", help="with --sweep: the third round (SWEEP3)")
     ap.add_argument("--sweep4", action="store_true", help="with --sweep: the fourth round (SWEEP4)")
+    ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -140,6 +141,21 @@ SWEEP4 = {
 }
 
 
+# The fifth round (prepared in session 16, not yet run): tile orders. The 2-D grids run the row tiles of one
+# column tile together, so every column tile re-reads the row tiles' A operand from HBM (down: h 32 times,
+# ~2.2 GB a step; dx: dact 16 times; gate/up and dact: the gathered rows twice); the weight-gradient grids stream
+# every block's activations once per model-column tile (dW gate/up: dact 32 times, ~4.5 GB). cols_first and
+# d_group reorder the programs (same bits) so those operands are read once (or once per group) while the shared
+# operand stays in L2.
+_COLS = {"cols_first": True}
+SWEEP5 = {
+    "fwd": [{}, {"gate_up": _COLS}, {"down": _COLS}, {"gate_up": _COLS, "down": _COLS}, {}],
+    "bwd": [{}, {"dact": _COLS}, {"dx": _COLS}] + [{kern: {"d_group": g}} for kern in ("dw_gate_up", "dw_down")
+                                                   for g in (4, 8, 16)]
+           + [{"dact": _COLS, "dx": _COLS, "dw_gate_up": {"d_group": 8}, "dw_down": {"d_group": 8}}, {}],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -161,7 +177,8 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2 else SWEEP
+        sets = (SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+                else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:
                 try:

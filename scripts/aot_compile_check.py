@@ -334,6 +334,16 @@ def cases():
                      stride_dod=1, stride_wd=64 * BS_, stride_wf=1, DOT_PRECISION="tf32", BLOCK_D=n, BLOCK_N=n,
                      BLOCK_K=kc["dw_down"]["block_k"]), bwd_entry("dw_down")))
 
+    # session 16's tile orders (opt-in): the same kernels with the column tiles of a row tile together
+    # (cols_first) and the weight-gradient kernels walking groups of 8 model-column tiles (d_group)
+    named = {e[0]: e for e in out}
+    for name in ("sparse FFN gate/up GEMM + SwiGLU", "sparse FFN down GEMM", "sparse FFN bwd dact", "sparse FFN bwd dx"):
+        _, fn, args, opts = named[name][:4]
+        out.append((name + ", cols_first", fn, dict(args, COLS_FIRST=True), opts))
+    for name in ("sparse FFN bwd dW gate/up", "sparse FFN bwd dW down"):
+        _, fn, args, opts = named[name][:4]
+        out.append((name + ", d_group 8", fn, dict(args, NB=64, D_GROUP=8), opts))
+
     from deepseek_kernels.triton import window_decode as wd
 
     wsplit = dict(Q=bf16, K=bf16, V=bf16, POS=i64, SEQLENS=i64, LENGTHS=i64, O_PART=f32, ML_PART=f32,

@@ -245,7 +245,7 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=False)
     assert kc["down"] == dict(kc["gate_up"], tma=False, programs=None)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
@@ -253,7 +253,8 @@ def test_large_batch_defaults_are_per_kernel():
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"]
-    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4, tma=False, programs=None)
+    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4, tma=False, programs=None,
+                            cols_first=False)
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
     assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
@@ -312,6 +313,31 @@ def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
     cfg["dx"]["block_k"] = 32
     tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
     assert launches == [1, 1]
+
+
+def test_tile_orders_give_the_same_bits(poisoned):
+    """cols_first (the column tiles of a row tile together) and d_group (the weight-gradient kernels walking a
+    group of model-column tiles for every block) only reorder the programs: every output bit is the same.
+    Model columns in 3 tiles and d_group 2: the last group has a program past D that stores nothing."""
+    case = (29, 48, 120, 8, 2, 3, True, None)  # 15-neuron blocks: every tile masks
+    T, D, F_, NB, S, k, _, _ = case
+    x, wg, wu, wd, idx, w = _ffn_inputs(case, torch.float32)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    base = {"block_m": 16, "gate_up": dict(block_n=8), "down": dict(block_n=16)}
+    out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=base, **kw)
+    cols = {"block_m": 16, "gate_up": dict(block_n=8, cols_first=True), "down": dict(block_n=16, cols_first=True)}
+    out2, act2, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cols, **kw)
+    assert torch.equal(out2, out)
+    torch.testing.assert_close(act2, act, rtol=0, atol=0, equal_nan=True)  # empty slots' rows: never written
+    go = torch.randn(T, D)
+    bwd = {"block_m": 16, "dact": dict(block_n=8), "dx": dict(block_n=16), "dw_gate_up": dict(block_n=16),
+           "dw_down": dict(block_n=16)}
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=bwd, **kw)
+    ordered = {"block_m": 16, "dact": dict(block_n=8, cols_first=True), "dx": dict(block_n=16, cols_first=True),
+               "dw_gate_up": dict(block_n=16, d_group=2), "dw_down": dict(block_n=16, d_group=2)}
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
+        assert torch.equal(a, b), name
 
 
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):

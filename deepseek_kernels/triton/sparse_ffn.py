@@ -411,17 +411,53 @@ def _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(n_col, COLS_FIRST: tl.constexpr):
+    """(row tile, column tile) of this program. The 2-D grid runs the row tiles of one column tile together
+    (program_id(0) is the row tile); ``COLS_FIRST`` (a 1-D grid of n_tiles * n_col programs) runs the column
+    tiles of one row tile together instead, so the row tile's A operand is read from HBM once rather than
+    once per column tile (session 16's reading: the down projection re-read h 32 times, dx dact 16 times)."""
+    if COLS_FIRST:
+        pid = tl.program_id(0)
+        return pid // n_col, pid % n_col
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
+def _dw_tile_ids(NB, n_n, n_d, D_GROUP: tl.constexpr):
+    """(block, neuron tile, model-column tile) of a weight-gradient program. ``D_GROUP`` == 0: the 3-D grid
+    (block fastest: every block's activations stream once per model-column tile); > 0: a 1-D grid walking
+    D_GROUP model-column tiles for every block and neuron tile before the next D_GROUP, so a block's
+    activation slice is read once per group while the group's x / dO columns stay in L2."""
+    if D_GROUP == 0:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid = tl.program_id(0)
+    per_group = NB * n_n * D_GROUP
+    g = pid // per_group
+    r = pid - g * per_group
+    b = r // (n_n * D_GROUP)
+    r = r - b * (n_n * D_GROUP)
+    return b, r // D_GROUP, g * D_GROUP + r % D_GROUP
+
+
+def _grid(n_tiles: int, n_col: int, cols_first: bool) -> tuple:
+    return (n_tiles * n_col,) if cols_first else (n_tiles, n_col)
+
+
+def _dw_grid(n_blocks: int, n_n: int, n_d: int, d_group: int) -> tuple:
+    return (n_blocks * n_n * triton.cdiv(n_d, d_group) * d_group,) if d_group else (n_blocks, n_n, n_d)
+
+
+@triton.jit
 def _sparse_ffn_gate_up_kernel(
     X, WG, WU, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
     D, BS, NB,
     stride_xt, stride_xd, stride_wf, stride_wd,
     SAVE_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS_FIRST: tl.constexpr = False,
 ):
     """For the rows of one block b: a = x[tok] . w_gate[b*BS + n]^T, u likewise with w_up,
-    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS]). ``COLS_FIRST``: :func:`_tile_ids`."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
         rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
@@ -450,13 +486,13 @@ def _sparse_ffn_down_kernel(
     stride_wd, stride_wf,
     ATOMIC_COMBINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    COLS_FIRST: tl.constexpr = False,
 ):
     """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D].
     With ATOMIC_COMBINE the combine is fused instead: Y is the fp32 output [T, D] (zeroed) and each
     row adds w_p * y[p] to Y[tok_p] with fp32 atomics (no y in memory; summation order, hence the
-    last bits, vary from run to run)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    last bits, vary from run to run). ``COLS_FIRST``: :func:`_tile_ids`."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(D, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
         rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
@@ -615,7 +651,9 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     else:
         big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=big, down=dict(big))
-    base["down"] = {"tma": False, "programs": None, **base.get("down", {})}
+    # cols_first: the 1-D tile order of _tile_ids (opt-in, session 16, not yet timed)
+    base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
+    base["down"] = {"tma": False, "programs": None, "cols_first": False, **base.get("down", {})}
     return base
 
 
@@ -673,11 +711,12 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         return out.zero_(), act, grouping
     n_tiles = grouping.tile_block.numel()
     prec = _dot_precision(x.dtype)
-    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[(n_tiles, triton.cdiv(BS, gu["block_n"]))](
+    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[_grid(n_tiles, triton.cdiv(BS, gu["block_n"]),
+                                                                gu["cols_first"])](
         x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
         grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        **launch_options(gu),
+        COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
     )
     if deterministic:
         y = torch.empty(P, D, dtype=x.dtype, device=x.device)
@@ -688,10 +727,12 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     if deterministic and dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
         _down_tma(h, w_down, y, grouping, dn, prec)
     else:
-        torch.library.wrap_triton(_sparse_ffn_down_kernel)[(n_tiles, triton.cdiv(D, dn["block_n"]))](
+        torch.library.wrap_triton(_sparse_ffn_down_kernel)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
+                                                                 dn["cols_first"])](
             h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
             w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
-            DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], **launch_options(dn),
+            DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+            COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
         )
     if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
         bad = (grouping.inv == -2).any(1, keepdim=True)
@@ -729,14 +770,13 @@ def _sparse_ffn_bwd_dact_kernel(
     D, BS, NB, P,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr = False,
+    SPLIT_EPILOGUE: tl.constexpr = False, COLS_FIRST: tl.constexpr = False,
 ):
     """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
     DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight).
     ``SPLIT_EPILOGUE``: the epilogue in two column halves (half the live registers: the 128 x 128 tile's
-    one-piece epilogue spills ~1.8 KB per thread on sm_90)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    one-piece epilogue spills ~1.8 KB per thread on sm_90). ``COLS_FIRST``: :func:`_tile_ids`."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
         rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
@@ -793,10 +833,11 @@ def _sparse_ffn_bwd_dx_kernel(
     D, BS, NB,
     stride_wf, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    COLS_FIRST: tl.constexpr = False,
 ):
-    """B2: dx_rows[p, n] = sum_k da[p, k] w_gate[b*BS + k, n] + du[p, k] w_up[b*BS + k, n] -> DXR [P, D]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """B2: dx_rows[p, n] = sum_k da[p, k] w_gate[b*BS + k, n] + du[p, k] w_up[b*BS + k, n] -> DXR [P, D].
+    ``COLS_FIRST``: :func:`_tile_ids`."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(D, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
         rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
@@ -880,12 +921,14 @@ def _sparse_ffn_bwd_dw_gate_up_kernel(
     D, BS,
     stride_xt, stride_xd, stride_gf, stride_gd,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
 ):
-    """B3: for block b = program_id(0): dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up
-    with du) over the block's rows, in row order. DWG and DWU share strides."""
-    b = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """B3: for block b: dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up with du) over the
+    block's rows, in row order. DWG and DWU share strides. Tile order: :func:`_dw_tile_ids` (NB: the
+    block count, needed with D_GROUP)."""
+    b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_mask = offs_n < BS
     d_mask = offs_d < D
     lo = tl.load(OFFSETS + b)
@@ -914,12 +957,16 @@ def _sparse_ffn_bwd_dw_down_kernel(
     D, BS,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
 ):
-    """B4: for block b = program_id(0): dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the
-    block's rows, in row order."""
-    b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """B4: for block b: dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the block's rows, in row
+    order. Tile order: :func:`_dw_tile_ids` (the 3-D grid is (block, model-column tile, neuron tile))."""
+    if D_GROUP == 0:
+        b, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    else:
+        b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = offs_d < D
     n_mask = offs_n < BS
     lo = tl.load(OFFSETS + b)
@@ -959,8 +1006,11 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
     # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma (opt-in):
     # the persistent TMA form of dx on dx.programs programs (None: one per SM) where _dx_tma_ok
-    base["dact"] = {"split_epilogue": False, **base.get("dact", {})}
-    base["dx"] = {"tma": False, "programs": None, **base.get("dx", {})}
+    # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids (opt-in, session 16, not yet timed)
+    base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
+    base["dx"] = {"tma": False, "programs": None, "cols_first": False, **base.get("dx", {})}
+    for kern in ("dw_gate_up", "dw_down"):
+        base[kern] = {"d_group": 0, **base.get(kern, {})}
     return base
 
 
@@ -999,21 +1049,23 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
     prec = _dot_precision(dt)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[(n_tiles, n_ntiles)](
+    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
         grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
         BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
-        SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, **launch_options(da),
+        SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
+        **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
         _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
     else:
-        torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[(n_tiles, triton.cdiv(D, dxc["block_n"]))](
+        torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[_grid(n_tiles, triton.cdiv(D, dxc["block_n"]),
+                                                                   dxc["cols_first"])](
             dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
             w_gate.stride(0), w_gate.stride(1), BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"],
-            DOT_PRECISION=prec, **launch_options(dxc),
+            DOT_PRECISION=prec, COLS_FIRST=bool(dxc["cols_first"]), **launch_options(dxc),
         )
     dx = torch.empty(T, D, dtype=dt, device=dev)
     block_t = 16
@@ -1022,15 +1074,20 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))](
+    gu_g = int(dwgu["d_group"])
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
+            _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
-        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, **launch_options(dwgu),
+        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, NB=n_blocks if gu_g else 0,
+        D_GROUP=gu_g, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[(n_blocks, triton.cdiv(D, dn_n), triton.cdiv(BS, dn_n))](
+    dn_g = int(dwdn["d_group"])
+    grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
-        dwd.stride(0), dwd.stride(1),
-        BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec, **launch_options(dwdn),
+        dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
+        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
