@@ -292,9 +292,10 @@ def cases():
     # the persistent TMA down projection (opt-in down.tma, session 16) at the forward's large-batch tiles, with the
     # K tile of 32 that divides the 224-neuron blocks
     for bn, bk, nw, st in ((128, 32, 8, 4), (256, 32, 8, 3), (128, 32, 4, 4)) if BS_ % 32 == 0 else ():
-        out.append((f"sparse FFN down GEMM, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sparse_ffn_down_tma_kernel,
-                    dict(h_desc=f"tensordesc<bf16[128, {bk}]>", wd_desc=f"tensordesc<bf16[{bn}, {bk}]>", Y=bf16,
-                         TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_,
+        desc = f"tensordesc<bf16[{bn}, {bk}]>"
+        out.append((f"sparse FFN down GEMM, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
+                    dict(a_desc=f"tensordesc<bf16[128, {bk}]>", w_desc=desc, w2_desc=desc, OUT=bf16, TILE_BLOCK=i32,
+                         TILE_START=i32, OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, W_NK=True, DUAL=False,
                          DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132),
                     dict(num_warps=nw, num_stages=st)))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
@@ -318,11 +319,11 @@ def cases():
                      BLOCK_K=kc["dx"]["block_k"]), bwd_entry("dx")))
     # the persistent TMA dx (opt-in dx.tma, session 16) at dx's tiles and a narrower one
     for bn, bk, nw, st in ((256, 32, 8, 4), (256, 32, 8, 3), (128, 32, 8, 4)) if BS_ % 32 == 0 else ():
-        out.append((f"sparse FFN bwd dx, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sparse_ffn_bwd_dx_tma_kernel,
-                    dict(act_desc=f"tensordesc<bf16[{bm}, {bk}]>", wg_desc=f"tensordesc<bf16[{bk}, {bn}]>",
-                         wu_desc=f"tensordesc<bf16[{bk}, {bn}]>", DXR=bf16, TILE_BLOCK=i32, TILE_START=i32,
-                         OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn,
-                         BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
+        out.append((f"sparse FFN bwd dx, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
+                    dict(a_desc=f"tensordesc<bf16[{bm}, {bk}]>", w_desc=f"tensordesc<bf16[{bk}, {bn}]>",
+                         w2_desc=f"tensordesc<bf16[{bk}, {bn}]>", OUT=bf16, TILE_BLOCK=i32, TILE_START=i32,
+                         OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, W_NK=False, DUAL=True, DOT_PRECISION="tf32",
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
     n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
                 dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,

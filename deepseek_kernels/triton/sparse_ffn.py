@@ -518,19 +518,23 @@ def _sparse_ffn_down_kernel(
 
 
 @triton.jit
-def _sparse_ffn_down_tma_kernel(
-    h_desc, wd_desc, Y, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+def _sorted_rows_tma_kernel(
+    a_desc, w_desc, w2_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
     D, BS,
+    W_NK: tl.constexpr, DUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
-    """:func:`_sparse_ffn_down_kernel` (deterministic form) as a persistent kernel with TMA loads (Hopper+;
-    opt-in ``down.tma``, session 16: K is only BS = 224, so a plain tile's pipeline barely fills before its
-    epilogue). NUM_PROGRAMS programs walk the real (row tile, column tile) pairs, the column tiles of a row
-    tile consecutively (its h rows and the block's w_down slice stay in L2), the tile loop flattened with the
-    K loop so the next tile's loads overlap this tile's stores. h rows past the block's end (the next
-    block's, or past P: zeros) are computed and not stored; BS is a multiple of BLOCK_K (the launcher
-    checks), so no K tile reaches into the next block's w_down columns."""
+    """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16, opt-in):
+    OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with ``DUAL``). The forward's down
+    projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k] tiles, ``W_NK``) and the backward's dx
+    (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up [F, D] read as [k, n] tiles, ``DUAL``).
+    K is only BS (224), so a plain tile's pipeline barely fills before its epilogue: NUM_PROGRAMS programs walk
+    the real (row tile, column tile) pairs, a row tile's column tiles consecutively (its A rows and the block's
+    weights stay in L2), the tile loop flattened with the K loop so the next tile's loads overlap this tile's
+    stores. A rows past the block's end (the next block's, or past P: zeros) are computed and not stored; BS is
+    a multiple of BLOCK_K (the launcher checks), so no K tile reaches into the next block's weights or, with
+    DUAL, from the first half of A into the second."""
     n_col = tl.cdiv(D, BLOCK_N)
     total = tl.load(TILE_COUNT) * n_col
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
@@ -540,13 +544,19 @@ def _sparse_ffn_down_tma_kernel(
         start = tl.load(TILE_START + pid_m)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, BS, BLOCK_K):
-            a = h_desc.load([start, k0])
-            w = wd_desc.load([pid_n * BLOCK_N, b * BS + k0])
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            a = a_desc.load([start, k0])
+            if W_NK:
+                acc = tl.dot(a, tl.trans(w_desc.load([pid_n * BLOCK_N, b * BS + k0])), acc,
+                             input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, w_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
+            if DUAL:
+                a2 = a_desc.load([start, BS + k0])
+                acc = tl.dot(a2, w2_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
         rows = start + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < tl.load(OFFSETS + b + 1))[:, None] & (offs_n < D)[None, :]
-        tl.store(Y + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _tma_gemm_ok(x: torch.Tensor, block_size: int, block_k: int, row_strides, tensors) -> bool:
@@ -584,7 +594,7 @@ def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
 
 
 def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
-    """Launches :func:`_sparse_ffn_down_tma_kernel` on one program per SM (``dn["programs"]`` if set)."""
+    """Launches :func:`_sorted_rows_tma_kernel` on one program per SM (``dn["programs"]`` if set)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     D, BS = w_down.shape[0], h.shape[1]
@@ -592,10 +602,10 @@ def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
     programs = dn["programs"] or _default_programs(h)
     h_desc = TensorDescriptor.from_tensor(h, [bm, dn["block_k"]])
     wd_desc = TensorDescriptor.from_tensor(w_down, [dn["block_n"], dn["block_k"]])
-    _sparse_ffn_down_tma_kernel[(programs,)](
-        h_desc, wd_desc, y, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, BS,
-        DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"], NUM_PROGRAMS=programs,
-        **launch_options(dn),
+    _sorted_rows_tma_kernel[(programs,)](
+        h_desc, wd_desc, wd_desc, y, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count,
+        D, BS, W_NK=True, DUAL=False, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+        NUM_PROGRAMS=programs, **launch_options(dn),
     )
 
 
@@ -642,7 +652,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     active: forward 2.91 ms against 3.76 ms for the 64-wide first guess; dense 3.93 ms); small ones
     keep small tiles, since a block's rows are few. ``wide=False`` (GPUs with less shared memory per SM
     than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too. ``down.tma``
-    (opt-in): the deterministic down projection as :func:`_sparse_ffn_down_tma_kernel` on ``down.programs``
+    (opt-in): the deterministic down projection as :func:`_sorted_rows_tma_kernel` on ``down.programs``
     programs (None: one per SM) where :func:`_down_tma_ok`."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=32, num_warps=4)
@@ -860,38 +870,8 @@ def _sparse_ffn_bwd_dx_kernel(
                  mask=r_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _sparse_ffn_bwd_dx_tma_kernel(
-    act_desc, wg_desc, wu_desc, DXR, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-    D, BS,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
-):
-    """:func:`_sparse_ffn_bwd_dx_kernel` as a persistent kernel with TMA loads (Hopper+; opt-in ``dx.tma``,
-    session 16; the same walk as :func:`_sparse_ffn_down_tma_kernel`): ``act_desc`` views DACT as [P, 2 BS]
-    (da | du), ``wg_desc`` / ``wu_desc`` the [F, D] weights. BS is a multiple of BLOCK_K (the launcher
-    checks), so a da tile never reaches into du's columns nor a weight tile into the next block's rows."""
-    n_col = tl.cdiv(D, BLOCK_N)
-    total = tl.load(TILE_COUNT) * n_col
-    for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
-        pid_m = t // n_col
-        pid_n = t - pid_m * n_col
-        b = tl.load(TILE_BLOCK + pid_m)
-        start = tl.load(TILE_START + pid_m)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, BS, BLOCK_K):
-            da = act_desc.load([start, k0])
-            du = act_desc.load([start, BS + k0])
-            acc = tl.dot(da, wg_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(du, wu_desc.load([b * BS + k0, pid_n * BLOCK_N]), acc, input_precision=DOT_PRECISION)
-        rows = start + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < tl.load(OFFSETS + b + 1))[:, None] & (offs_n < D)[None, :]
-        tl.store(DXR + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(DXR.dtype.element_ty), mask=mask)
-
-
 def _dx_tma_ok(dact: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, block_k: int) -> bool:
-    """Whether :func:`_sparse_ffn_bwd_dx_tma_kernel` can run (as :func:`_tma_gemm_ok`; dact [P, 2, BS]
+    """Whether :func:`_sorted_rows_tma_kernel` can run (as :func:`_tma_gemm_ok`; dact [P, 2, BS]
     contiguous, w_gate / w_up [F, D] with unit stride along D)."""
     BS = dact.shape[2]
     return (dact.is_contiguous() and w_gate.stride(1) == 1 and w_up.stride() == w_gate.stride()
@@ -899,7 +879,7 @@ def _dx_tma_ok(dact: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blo
 
 
 def _dx_tma(dact, w_gate, w_up, dx_rows, g: "Grouping", dxc: dict, prec: str) -> None:
-    """Launches :func:`_sparse_ffn_bwd_dx_tma_kernel` on one program per SM (``dxc["programs"]`` if set)."""
+    """Launches :func:`_sorted_rows_tma_kernel` on one program per SM (``dxc["programs"]`` if set)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     P, _, BS = dact.shape
@@ -909,9 +889,10 @@ def _dx_tma(dact, w_gate, w_up, dx_rows, g: "Grouping", dxc: dict, prec: str) ->
     act_desc = TensorDescriptor.from_tensor(dact.view(P, 2 * BS), [bm, bk])
     wg_desc = TensorDescriptor.from_tensor(w_gate, [bk, bn])
     wu_desc = TensorDescriptor.from_tensor(w_up, [bk, bn])
-    _sparse_ffn_bwd_dx_tma_kernel[(programs,)](
+    _sorted_rows_tma_kernel[(programs,)](
         act_desc, wg_desc, wu_desc, dx_rows, g.tile_block, g.tile_start, g.offsets, g.tile_count, D, BS,
-        DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=programs, **launch_options(dxc),
+        W_NK=False, DUAL=True, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=programs,
+        **launch_options(dxc),
     )
 
 
