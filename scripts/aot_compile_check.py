@@ -295,7 +295,7 @@ def cases():
         desc = f"tensordesc<bf16[{bn}, {bk}]>"
         out.append((f"sparse FFN down GEMM, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
                     dict(a_desc=f"tensordesc<bf16[128, {bk}]>", w_desc=desc, w2_desc=desc, OUT=bf16, TILE_BLOCK=i32,
-                         TILE_START=i32, OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, W_NK=True, DUAL=False,
+                         TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, W_NK=True, DUAL=False,
                          DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132),
                     dict(num_warps=nw, num_stages=st)))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
@@ -322,7 +322,7 @@ def cases():
         out.append((f"sparse FFN bwd dx, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
                     dict(a_desc=f"tensordesc<bf16[{bm}, {bk}]>", w_desc=f"tensordesc<bf16[{bk}, {bn}]>",
                          w2_desc=f"tensordesc<bf16[{bk}, {bn}]>", OUT=bf16, TILE_BLOCK=i32, TILE_START=i32,
-                         OFFSETS=i32, TILE_COUNT=i32, D=D_, BS=BS_, W_NK=False, DUAL=True, DOT_PRECISION="tf32",
+                         OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, W_NK=False, DUAL=True, DOT_PRECISION="tf32",
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
     n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,

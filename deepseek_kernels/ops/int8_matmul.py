@@ -414,7 +414,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     Where the extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take its
     ``int8_linear_eager``: the same two steps (``int8_linear_gemv``'s kernels), checked and launched by one
     call into C++."""
-    if eager_fast_path(x, weight, weight_scale, bias, smooth):
+    fast = eager_fast_path(x, weight, weight_scale, bias, smooth)
+    if fast:
         ext = _gemv_ext()
         if ext is not None:
             out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth)
@@ -424,7 +425,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     out_dtype = _linear_out_dtype(x)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
-    if eager_fast_path(x2, weight, weight_scale, bias, smooth) and not x2.requires_grad:
+    if fast and not x2.requires_grad:  # x2 is a view of x: the same answer as for x
         # a plain eager call on a GPU: the same two kernels, launched directly after the one check
         # above (the public functions would check and dispatch again: ~20 us of CPU each on the
         # H200's host, more than a decode-sized kernel takes)

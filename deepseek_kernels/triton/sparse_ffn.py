@@ -330,7 +330,7 @@ class Grouping:
     offsets: torch.Tensor      # int32 [n_blocks + 1]: rows of block b are [offsets[b], offsets[b+1])
     tile_block: torch.Tensor   # int32 [n_tiles]: block of each BLOCK_M row tile (n_blocks: no tile)
     tile_start: torch.Tensor   # int32 [n_tiles]: first row of each tile
-    tile_count: torch.Tensor   # int32 [1]: how many of the n_tiles are real (the rest have tile_block n_blocks)
+    tile_count: torch.Tensor   # int64 [1]: how many of the n_tiles are real (the rest have tile_block n_blocks)
     block_m: int
 
 
@@ -377,7 +377,7 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     first_tile = tile_end[b] - tiles[b]
     tile_start = offsets[b] + (t_ids - first_tile) * block_m
     return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block.to(torch.int32),
-                    tile_start.to(torch.int32), tile_end[-1:].to(torch.int32), block_m)
+                    tile_start.to(torch.int32), tile_end[-1:], block_m)  # tile_count: a view, no extra launch
 
 
 # ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
@@ -536,7 +536,7 @@ def _sorted_rows_tma_kernel(
     a multiple of BLOCK_K (the launcher checks), so no K tile reaches into the next block's weights or, with
     DUAL, from the first half of A into the second."""
     n_col = tl.cdiv(D, BLOCK_N)
-    total = tl.load(TILE_COUNT) * n_col
+    total = tl.load(TILE_COUNT).to(tl.int32) * n_col
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
         pid_m = t // n_col
         pid_n = t - pid_m * n_col
