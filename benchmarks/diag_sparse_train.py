@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--sweep3", action="store_true", help="with --sweep: the third round (SWEEP3)")
     ap.add_argument("--sweep4", action="store_true", help="with --sweep: the fourth round (SWEEP4)")
     ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
+    ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -156,6 +157,27 @@ SWEEP5 = {
 }
 
 
+# The sixth round (session 17), around the fourth and fifth rounds' winners at T8192: forward gate/up cols_first
+# (3.04 -> 2.83 ms at ratio 0.3) and the persistent TMA down on 264 programs (2.87 -> 2.41); backward dx
+# cols_first (-0.2 ms), dW gate/up d_group 4-8 (-0.2), all four orders together 5.71 -> 5.28 (0.3) and 9.56 ->
+# 8.70 (0.5) although dact cols_first alone lost; dx.tma 256x32 st3 -0.14.
+def _tma(bn, nw, st, pr):
+    return dict(block_n=bn, block_k=32, num_warps=nw, num_stages=st, tma=True, programs=pr)
+
+
+_DWG = {"dw_gate_up": {"d_group": 4}, "dw_down": {"d_group": 8}}
+SWEEP6 = {
+    "fwd": [{}, {"gate_up": _COLS}] + [{"gate_up": _COLS, "down": _tma(*c)} for c in (
+        (128, 4, 3, 264), (128, 4, 4, 264), (128, 8, 4, 264), (128, 4, 3, 396), (128, 4, 3, 528), (256, 8, 3, 132),
+        (256, 8, 3, 264))] + [{"down": _tma(128, 4, 3, 264)}, {}],
+    "bwd": [{}, {"dx": _COLS, **_DWG}, {"dact": _COLS, "dx": _COLS, **_DWG},
+            {"dact": _COLS, "dx": _COLS, "dw_gate_up": {"d_group": 8}, "dw_down": {"d_group": 8}},
+            {"dact": _COLS, "dx": _COLS, "dw_gate_up": {"d_group": 2}, "dw_down": {"d_group": 8}}]
+           + [{"dact": _COLS, "dx": _tma(256, 8, 3, pr), **_DWG} for pr in (None, 264)]
+           + [{"dx": _tma(256, 8, 3, None), **_DWG}, {}],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -177,7 +199,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+        sets = (SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
                 else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:

@@ -245,16 +245,18 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=False)
-    assert kc["down"] == dict(kc["gate_up"], tma=False, programs=None)
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True)
+    assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs=None,
+                              programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
                                config={"down": {"block_k": 32}})
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
-    assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"]
-    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=4, tma=False, programs=None,
-                            cols_first=False)
+    assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"] and kc["dact"]["cols_first"]
+    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, programs=None,
+                            programs_per_sm=1, cols_first=True)
+    assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
     assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
@@ -625,23 +627,28 @@ def test_forward_backward_on_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 7])
-def test_down_tma_on_gpu(programs):
+def test_down_tma_on_gpu(programs, monkeypatch):
     """down.tma on the GPU (bf16, 4097 tokens: the large-batch tiles; 224-neuron blocks in K tiles of 32):
-    the pointer kernel's forward within bf16 rounding, run to run identical."""
+    the pointer kernel's forward within bf16 rounding, run to run identical; the defaults take it."""
     x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 14336, 64, torch.bfloat16)
     k = round(0.3 * 64)
     idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
     kw = dict(shared_blocks=0, n_blocks=64)
-    want, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    want, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"down": {"tma": False}}, **kw)
     cfg = {"down": dict(block_n=128, block_k=32, num_warps=8, num_stages=4, tma=True, programs=programs)}
     assert tk._down_tma_ok(torch.empty(1, 224, device="cuda", dtype=torch.bfloat16), wd, 32)
     got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
     assert rel(got, want) < 1e-2
     assert torch.equal(got, tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0])
+    calls = []
+    orig = tk._down_tma
+    monkeypatch.setattr(tk, "_down_tma", lambda *a: calls.append(1) or orig(*a))
+    default, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    assert calls and rel(default, want) < 1e-2
 
 
 @pytest.mark.gpu
-def test_dx_tma_on_gpu():
+def test_dx_tma_on_gpu(monkeypatch):
     """dx.tma on the GPU (bf16, 4097 tokens, 224-neuron blocks in K tiles of 32): the pointer kernel's
     gradients within bf16 rounding, run to run identical."""
     x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 14336, 64, torch.bfloat16)
@@ -649,11 +656,16 @@ def test_dx_tma_on_gpu():
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
     go = torch.randn_like(x)
-    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config={"dx": {"tma": False}}, **kw)
     cfg = {"dx": dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True)}
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
     assert rel(got[0], want[0]) < 1e-2
     assert torch.equal(got[0], tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)[0])
+    calls = []
+    orig = tk._dx_tma
+    monkeypatch.setattr(tk, "_dx_tma", lambda *a: calls.append(1) or orig(*a))
+    default = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    assert calls and all(rel(a, b) < 1e-2 for a, b in zip(default, want))
 
 
 @pytest.mark.gpu

@@ -579,11 +579,14 @@ def _tma_gemm_ok(x: torch.Tensor, block_size: int, block_k: int, row_strides, te
             and all(t.data_ptr() % 16 == 0 for t in tensors))
 
 
-def _default_programs(x: torch.Tensor) -> int:
-    """One program per SM (4 under the interpreter)."""
+def _programs(x: torch.Tensor, cfg: dict) -> int:
+    """A persistent kernel's program count: ``cfg["programs"]`` if set, else ``cfg["programs_per_sm"]`` per SM
+    (4 programs under the interpreter)."""
     from deepseek_kernels.triton._common import sm_count
 
-    return sm_count(x.device) if x.is_cuda else 4
+    if cfg["programs"]:
+        return int(cfg["programs"])
+    return int(cfg["programs_per_sm"]) * sm_count(x.device) if x.is_cuda else 4
 
 
 def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
@@ -594,12 +597,12 @@ def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
 
 
 def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
-    """Launches :func:`_sorted_rows_tma_kernel` on one program per SM (``dn["programs"]`` if set)."""
+    """Launches :func:`_sorted_rows_tma_kernel` on :func:`_programs` programs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     D, BS = w_down.shape[0], h.shape[1]
     bm = grouping.block_m
-    programs = dn["programs"] or _default_programs(h)
+    programs = _programs(h, dn)
     h_desc = TensorDescriptor.from_tensor(h, [bm, dn["block_k"]])
     wd_desc = TensorDescriptor.from_tensor(w_down, [dn["block_n"], dn["block_k"]])
     _sorted_rows_tma_kernel[(programs,)](
@@ -651,19 +654,27 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     H200 sweep's winners (``benchmarks/tune_sparse_ffn.py``, T8192 D4096 F14336, 64 blocks, 30 %
     active: forward 2.91 ms against 3.76 ms for the 64-wide first guess; dense 3.93 ms); small ones
     keep small tiles, since a block's rows are few. ``wide=False`` (GPUs with less shared memory per SM
-    than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too. ``down.tma``
-    (opt-in): the deterministic down projection as :func:`_sorted_rows_tma_kernel` on ``down.programs``
-    programs (None: one per SM) where :func:`_down_tma_ok`."""
+    than Hopper: :func:`big_shared_memory`): the mid-size tiles for large batches too. ``down.tma``: the
+    deterministic down projection as :func:`_sorted_rows_tma_kernel` on ``down.programs`` programs (None:
+    ``down.programs_per_sm`` per SM) where :func:`_down_tma_ok` (else the plain kernel with the same tiles).
+    ``cols_first``: the 1-D tile order of :func:`_tile_ids` (a row tile's column tiles run together, so its
+    A rows are read from HBM once instead of once per column tile).
+
+    Session 17 (H200, ``benchmarks/diag_sparse_train.py --sweep6``, T8192): gate/up in cols_first order and
+    the down projection as the persistent TMA kernel (128 x 32 tiles, 4 warps, 4 stages, 2 programs per SM):
+    forward 2.87 -> 2.35 ms at ratio 0.3, 4.86 -> 4.09 at 0.5."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=32, num_warps=4)
     elif tokens < 4096 or not wide:
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     else:
         big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
-        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=big, down=dict(big))
-    # cols_first: the 1-D tile order of _tile_ids (opt-in, session 16, not yet timed)
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
+                    down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs_per_sm=2,
+                              cols_first=True))
     base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
-    base["down"] = {"tma": False, "programs": None, "cols_first": False, **base.get("down", {})}
+    base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
+                    **base.get("down", {})}
     return base
 
 
@@ -879,13 +890,13 @@ def _dx_tma_ok(dact: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blo
 
 
 def _dx_tma(dact, w_gate, w_up, dx_rows, g: "Grouping", dxc: dict, prec: str) -> None:
-    """Launches :func:`_sorted_rows_tma_kernel` on one program per SM (``dxc["programs"]`` if set)."""
+    """Launches :func:`_sorted_rows_tma_kernel` on :func:`_programs` programs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     P, _, BS = dact.shape
     D = w_gate.shape[1]
     bm, bn, bk = g.block_m, dxc["block_n"], dxc["block_k"]
-    programs = dxc["programs"] or _default_programs(dact)
+    programs = _programs(dact, dxc)
     act_desc = TensorDescriptor.from_tensor(dact.view(P, 2 * BS), [bm, bk])
     wg_desc = TensorDescriptor.from_tensor(w_gate, [bk, bn])
     wu_desc = TensorDescriptor.from_tensor(w_up, [bk, bn])
@@ -973,23 +984,28 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     ``benchmarks/diag_sparse_train.py --sweep``): dx's K is only the block's 2 x 224 neurons, so its
     64 x 64 tiles moved ~32 FLOP per byte of L2 traffic (203 TF/s); 128 x 256 moves ~85. Then dact's
     epilogue in two column halves (255 registers + ~1.8 KB of spills per thread -> 194, none): backward
-    6.02 -> 5.70 ms at ratio 0.3, 10.05 -> 9.47 at 0.5 (``--sweep3``). ``wide=False``: as for
-    :func:`launch_config` (dact, dx and dW gate/up take 192-197 KB of shared memory at T >= 4096)."""
+    6.02 -> 5.70 ms at ratio 0.3, 10.05 -> 9.47 at 0.5 (``--sweep3``). Then tile orders and the persistent
+    TMA dx (session 17, ``--sweep6``): dact in cols_first order, dx as :func:`_sorted_rows_tma_kernel` (256 x 32,
+    3 stages, one program per SM; the plain kernel in cols_first order where TMA cannot run), the dW grids in
+    ``d_group`` order (4 model-column tiles per group for dW gate/up, 8 for dW down): 5.67 -> 5.29 ms at 0.3,
+    9.46 -> 8.69 at 0.5. ``wide=False``: as for :func:`launch_config` (dact, dx and dW gate/up take
+    192-197 KB of shared memory at T >= 4096)."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=16, num_warps=4)
     elif tokens < 4096 or not wide:
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     else:
         big = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
-        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, dact=dict(big, split_epilogue=True),
-                    dw_gate_up=dict(big),
-                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=4),
-                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3))
-    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma (opt-in):
-    # the persistent TMA form of dx on dx.programs programs (None: one per SM) where _dx_tma_ok
-    # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids (opt-in, session 16, not yet timed)
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4,
+                    dact=dict(big, split_epilogue=True, cols_first=True),
+                    dw_gate_up=dict(big, d_group=4),
+                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, cols_first=True),
+                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
+    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
+    # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
+    # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
     base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
-    base["dx"] = {"tma": False, "programs": None, "cols_first": False, **base.get("dx", {})}
+    base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
     return base
