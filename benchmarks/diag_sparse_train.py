@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--sweep4", action="store_true", help="with --sweep: the fourth round (SWEEP4)")
     ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
     ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
+    ap.add_argument("--sweep7", action="store_true", help="with --sweep: the seventh round (SWEEP7)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -178,6 +179,24 @@ SWEEP6 = {
 }
 
 
+# The seventh round (session 17) on the new defaults: the weight-gradient kernels' tiles in d_group order (dW
+# gate/up 1707 us = 335 TF/s, the largest kernel after the TMA pair), dact's, and the gate/up forward's K tile.
+def _t(bn, bk, nw, st, d_group=None, **kw):
+    return dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=st, **kw, **({"d_group": d_group} if d_group else {}))
+
+
+SWEEP7 = {
+    "fwd": [{}] + [{"gate_up": _t(*c, cols_first=True)} for c in ((128, 64, 8, 4), (128, 32, 8, 5), (64, 64, 4, 4))]
+           + [{}],
+    "bwd": [{}] + [{"dw_gate_up": _t(*c)} for c in (
+        (128, 64, 8, 4, 4), (128, 64, 8, 3, 4), (128, 128, 8, 3, 2), (128, 128, 8, 3, 16), (64, 128, 4, 3, 8))]
+           + [{"dw_down": _t(*c)} for c in ((128, 128, 8, 3, 8), (128, 64, 8, 4, 8), (128, 64, 8, 3, 16),
+                                            (128, 32, 8, 5, 8))]
+           + [{"dact": _t(*c, split_epilogue=True, cols_first=True)} for c in ((128, 64, 8, 4), (128, 128, 8, 2))]
+           + [{}],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -199,7 +218,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+        sets = (SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
                 else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:

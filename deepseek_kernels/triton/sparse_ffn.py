@@ -1370,11 +1370,14 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     # first time): 1 token 27.7 -> 23.9 us, 8 tokens 90.7 -> 85.8 us for the two kernels, graphed.
     gate_up = dict(block_n=32, block_k=128, num_warps=4, num_stages=8 if tokens <= 2 else 4)
     # down: one K tile per used block where the block fits in 256 neurons (BS 224: 256 wide, masked).
-    # splits > 1 (opt-in): the (used block, K tile) pairs of a column tile in that many slices, fp32 partials
-    # summed in slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3
-    # tokens (8 tokens 93.9 vs 108.9 us at block_k 128); with block_k 256 one kernel is as fast (85.8 vs 86.1 us).
+    # splits > 1: the (used block, K tile) pairs of a column tile in that many slices, fp32 partials summed in
+    # slice order by a finish kernel (deterministic). Session 10 made 2 slices the default from 3 tokens (8
+    # tokens 93.9 vs 108.9 us at block_k 128); session 11 measured one kernel as fast with block_k 256 (85.8 vs
+    # 86.1 us), but sessions 15 and 17 measured 2 slices faster again at 8 tokens (86.2 vs 92.5 us; 89.3 vs
+    # 95.1) and at 4 (62.2 vs 66.5): the 128 column tiles alone leave the SMs' load queues short.
     block_k = min(256, max(16, triton.next_power_of_2(block_size)))
-    return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=1)}
+    return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4,
+                                             splits=2 if tokens >= 3 else 1)}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
