@@ -47,6 +47,17 @@ def test_gated_sparse_ffn_compiled_with_threshold():
              x, wr, wg, wu, wd)
 
 
+def test_gated_sparse_ffn_compiled_large_batch():
+    """4100 tokens: the large-batch defaults (tile orders; the persistent TMA down / dx kernels eagerly, the
+    plain kernels where torch.compile traces the op) against the eager op."""
+    T, D, F_, NB = 4100, 256, 2048, 16
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    wr = torch.randn(NB, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    wg, wu = (torch.randn(F_, D, device="cuda", dtype=torch.bfloat16) / D**0.5 for _ in range(2))
+    wd = torch.randn(D, F_, device="cuda", dtype=torch.bfloat16) / F_**0.5
+    _compare(lambda x, wr, wg, wu, wd: dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.3), x, wr, wg, wu, wd)
+
+
 def test_decode_ops_compiled():
     from deepseek_kernels.decode import RollingKVCache
     from deepseek_kernels.hierarchical_decode import HierarchicalKVCache
