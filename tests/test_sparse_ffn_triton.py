@@ -266,6 +266,23 @@ def test_large_batch_defaults_are_per_kernel():
     assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())
 
 
+def test_tma_kernels_decline_tracing_stand_ins():
+    """While torch.compile traces the op its tensors are fake (no data pointer): the TMA checks decline (the
+    plain kernels run) instead of raising; real tensors of the same shapes are accepted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def args():
+        h, wd = torch.empty(8, 224, dtype=torch.float16), torch.empty(64, 448, dtype=torch.float16)
+        dact, wg = torch.empty(8, 2, 224, dtype=torch.float16), torch.empty(448, 64, dtype=torch.float16)
+        return (h, wd, 32), (dact, wg, wg.clone(), 32)
+
+    real_down, real_dx = args()
+    with FakeTensorMode():
+        fake_down, fake_dx = args()
+    assert tk._down_tma_ok(*real_down) and tk._dx_tma_ok(*real_dx)  # CPU: under the interpreter (conftest)
+    assert not tk._down_tma_ok(*fake_down) and not tk._dx_tma_ok(*fake_dx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
     """down.tma (opt-in): the persistent TMA down projection gives the pointer kernel's forward; h rows of the

@@ -80,6 +80,16 @@ def big_shared_memory(device) -> bool:
     return _smem_per_sm_of(index) >= 200 * 1024
 
 
+def tracing_stand_in(t) -> bool:
+    """Whether ``t`` is a stand-in torch.compile traces with (a fake or functional tensor: what a
+    ``triton_op``'s body sees while dynamo and inductor trace it). Such a tensor has no data pointer, so
+    a launcher that needs one (a host-side TMA descriptor, an alignment check) takes its plain path."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, FunctionalTensor) or is_fake(t)
+
+
 def resolve_launch(what: str, defaults: dict, config: dict | None = None, **scalars) -> dict:
     """Per-kernel launch settings: ``defaults`` (kernel name -> its settings dict), then each
     non-None scalar override (e.g. ``num_warps=8``) for every kernel that has that setting, then

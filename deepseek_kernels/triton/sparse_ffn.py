@@ -562,15 +562,17 @@ def _sorted_rows_tma_kernel(
 def _tma_gemm_ok(x: torch.Tensor, block_size: int, block_k: int, row_strides, tensors) -> bool:
     """Whether a persistent TMA kernel of the grouped GEMMs can run on ``x``'s device: Hopper+ (or the
     interpreter), Triton's host-side descriptors, not while torch.compile traces (descriptors through
-    wrap_triton are untried), the block size a multiple of the K tile (no K tile crosses into the next
-    block), every descriptor's row stride (elements, ``row_strides``) and base (``tensors``) 16-byte aligned."""
+    wrap_triton are untried; nor while its fake or functional tensors pass through the op: no data pointer),
+    the block size a multiple of the K tile (no K tile crosses into the next block), every descriptor's row
+    stride (elements, ``row_strides``) and base (``tensors``) 16-byte aligned."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
     from deepseek_kernels.ops._registry import interpreting
+    from deepseek_kernels.triton._common import tracing_stand_in
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(tracing_stand_in(t) for t in (x, *tensors)):
         return False
     if not interpreting() and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return False
