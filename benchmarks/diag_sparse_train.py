@@ -4,6 +4,7 @@ grouped GEMM's useful TFLOP/s, next to the dense SwiGLU FFN's kernels (cuBLAS) i
 
     python benchmarks/diag_sparse_train.py [--ratios 0.3,0.5] [--tokens 8192] [--out results.json]
     python benchmarks/diag_sparse_train.py --sweep [--ratios 0.3]   # wide-tile configs of the short-K kernels
+    ncu ... python benchmarks/diag_sparse_train.py --once --ratios 0.3   # one fwd+bwd: each kernel launched once
 
 Useful FLOPs per kernel (P = tokens x active blocks, BS = d_ff / n_blocks): forward gate/up 4 P D BS, down
 2 P D BS; backward dact (dO . w_down slice) 2 P D BS, dx 4 P D BS, dW gate/up 4 P D BS, dW down 2 P D BS.
@@ -21,7 +22,9 @@ from _tuning import bench, kernel_times, save_json
 # kernel-name fragment -> multiple of P * D * BS useful FLOPs (None: memory-bound, no FLOPs)
 KERNELS = {"_sparse_ffn_gate_up_kernel": 4, "_sparse_ffn_down_kernel": 2, "_sparse_ffn_bwd_dact_kernel": 2,
            "_sparse_ffn_bwd_dx_kernel": 4, "_sparse_ffn_bwd_dw_gate_up_kernel": 4,
-           "_sparse_ffn_bwd_dw_down_kernel": 2}
+           "_sparse_ffn_bwd_dw_down_kernel": 2,
+           # the persistent TMA kernel runs twice per step under one name: the forward's down (2) and dx (4)
+           "_sorted_rows_tma_kernel": 6}
 
 
 def main():
@@ -36,6 +39,8 @@ def main():
     ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
     ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
     ap.add_argument("--sweep7", action="store_true", help="with --sweep: the seventh round (SWEEP7)")
+    ap.add_argument("--once", action="store_true",
+                    help="one fwd+bwd of the first ratio and nothing else (under ncu: every kernel launched once)")
     args = ap.parse_args()
     if args.sweep:
         save_json(args.out, sweep(args))
@@ -49,6 +54,10 @@ def main():
     wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt).requires_grad_()
     dout = torch.randn(T, D, device="cuda", dtype=dt)
     params = (x, wr, wg, wu, wd)
+    if args.once:
+        dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=float(args.ratios.split(",")[0])).backward(dout)
+        torch.cuda.synchronize()
+        return
 
     def dense_step():
         for p in params:
