@@ -39,7 +39,6 @@ def main():
     ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
     ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
     ap.add_argument("--sweep7", action="store_true", help="with --sweep: the seventh round (SWEEP7)")
-    ap.add_argument("--sweep8", action="store_true", help="with --sweep: the eighth round (SWEEP8)")
     ap.add_argument("--once", action="store_true",
                     help="one fwd+bwd of the first ratio and nothing else (under ncu: every kernel launched once)")
     args = ap.parse_args()
@@ -207,21 +206,6 @@ SWEEP7 = {
 }
 
 
-# The eighth round (session 17): Nsight Compute put the persistent TMA down kernel at 80 % of L2 throughput
-# (9-ncu_sparse_train.txt): every 128-row tile re-reads its block's w_down slice (1.8 MB) from L2, ~2.2 GB a
-# step. 256-row tiles (tile_m: the tile list cut anew from the grouping's offsets) halve that; dx likewise
-# re-reads the gate / up slices per row tile.
-def _tall(bn, nw, st, pr=None):
-    return dict(_tma(bn, nw, st, pr), tile_m=256)
-
-
-SWEEP8 = {
-    "fwd": [{}] + [{"down": _tall(*c)} for c in ((128, 8, 3, 132), (128, 8, 4, 132), (128, 8, 3, 264),
-                                                 (256, 8, 3, 132))] + [{}],
-    "bwd": [{}] + [{"dx": _tall(*c)} for c in ((128, 8, 3), (128, 8, 4))] + [{}],
-}
-
-
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -243,7 +227,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP8 if args.sweep8 else SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+        sets = (SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
                 else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:

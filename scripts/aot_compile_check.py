@@ -289,15 +289,14 @@ def cases():
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
                 dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
                      SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
-    # the persistent TMA down projection (the default since session 17: 128x32 w4 s4) and variants, with the K tile
-    # of 32 that divides the 224-neuron blocks; 256-row tiles (tile_m) for the session-17 sweep
-    for bm_, bn, bk, nw, st in ((128, 128, 32, 8, 4), (128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (256, 128, 32, 8, 3),
-                                (256, 128, 32, 8, 4)) if BS_ % 32 == 0 else ():
+    # the persistent TMA down projection (opt-in down.tma, session 16) at the forward's large-batch tiles, with the
+    # K tile of 32 that divides the 224-neuron blocks
+    for bn, bk, nw, st in ((128, 32, 8, 4), (256, 32, 8, 3), (128, 32, 4, 4)) if BS_ % 32 == 0 else ():
         desc = f"tensordesc<bf16[{bn}, {bk}]>"
-        out.append((f"sparse FFN down GEMM, persistent TMA {bm_}x{bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
-                    dict(a_desc=f"tensordesc<bf16[{bm_}, {bk}]>", w_desc=desc, w2_desc=desc, OUT=bf16, TILE_BLOCK=i32,
+        out.append((f"sparse FFN down GEMM, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
+                    dict(a_desc=f"tensordesc<bf16[128, {bk}]>", w_desc=desc, w2_desc=desc, OUT=bf16, TILE_BLOCK=i32,
                          TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, W_NK=True, DUAL=False,
-                         DOT_PRECISION="tf32", BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132),
+                         DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132),
                     dict(num_warps=nw, num_stages=st)))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
     bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
@@ -318,14 +317,13 @@ def cases():
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
                      BS=BS_, NB=64, stride_wf=D_, stride_wd=1, BLOCK_N=kc["dx"]["block_n"],
                      BLOCK_K=kc["dx"]["block_k"]), bwd_entry("dx")))
-    # the persistent TMA dx (the default since session 17: 256x32 w8 s3) and variants; 256-row tiles (tile_m)
-    for bm_, bn, bk, nw, st in ((bm, 256, 32, 8, 4), (bm, 256, 32, 8, 3), (bm, 128, 32, 8, 4), (256, 128, 32, 8, 3),
-                                (256, 128, 32, 8, 4)) if BS_ % 32 == 0 else ():
-        out.append((f"sparse FFN bwd dx, persistent TMA {bm_}x{bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
-                    dict(a_desc=f"tensordesc<bf16[{bm_}, {bk}]>", w_desc=f"tensordesc<bf16[{bk}, {bn}]>",
+    # the persistent TMA dx (opt-in dx.tma, session 16) at dx's tiles and a narrower one
+    for bn, bk, nw, st in ((256, 32, 8, 4), (256, 32, 8, 3), (128, 32, 8, 4)) if BS_ % 32 == 0 else ():
+        out.append((f"sparse FFN bwd dx, persistent TMA {bn}x{bk} w{nw} s{st}", sf._sorted_rows_tma_kernel,
+                    dict(a_desc=f"tensordesc<bf16[{bm}, {bk}]>", w_desc=f"tensordesc<bf16[{bk}, {bn}]>",
                          w2_desc=f"tensordesc<bf16[{bk}, {bn}]>", OUT=bf16, TILE_BLOCK=i32, TILE_START=i32,
                          OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, W_NK=False, DUAL=True, DOT_PRECISION="tf32",
-                         BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
     n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
                 dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,

@@ -247,7 +247,7 @@ def test_large_batch_defaults_are_per_kernel():
     assert bm == 128
     assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True)
     assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs=None,
-                              programs_per_sm=2, tile_m=None, cols_first=True)
+                              programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
                                config={"down": {"block_k": 32}})
@@ -255,7 +255,7 @@ def test_large_batch_defaults_are_per_kernel():
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"] and kc["dact"]["cols_first"]
     assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, programs=None,
-                            programs_per_sm=1, tile_m=None, cols_first=True)
+                            programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
@@ -287,8 +287,7 @@ def test_tma_kernels_decline_tracing_stand_ins():
 def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
     """down.tma (opt-in): the persistent TMA down projection gives the pointer kernel's forward; h rows of the
     next block (and unwritten rows past the last block: NaN here) only reach rows it does not store; a column
-    tile past D and a K tile per 16 neurons; fewer programs than tiles (each walks several); row tiles of the
-    grouping's 16 rows and taller ones (``tile_m`` 32: the tile list cut anew, rows of the next block masked)."""
+    tile past D and a K tile per 16 neurons; fewer programs than tiles (each walks several)."""
     T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3  # blocks of 16 neurons
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
     kw = dict(shared_blocks=S, n_blocks=NB)
@@ -300,15 +299,13 @@ def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch
     launches = []
     real = tk._down_tma
     monkeypatch.setattr(tk, "_down_tma", lambda *a: (launches.append(1), real(*a)))
-    for tile_m in (None, 32):
-        cfg["down"]["tile_m"] = tile_m
-        got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
-        assert not got.isnan().any() and rel(got, want) < TOL[dtype], tile_m
-    assert launches == [1, 1]
+    got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
+    assert launches == [1] and not got.isnan().any()
+    assert rel(got, want) < TOL[dtype]
     # block_k 32 does not divide the 16-neuron blocks: the pointer kernel runs, the same result
     cfg["down"]["block_k"] = 32
     assert rel(tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0], want) < TOL[dtype]
-    assert launches == [1, 1]
+    assert launches == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -325,36 +322,16 @@ def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
     launches = []
     real = tk._dx_tma
     monkeypatch.setattr(tk, "_dx_tma", lambda *a: (launches.append(1), real(*a)))
-    for bk, tile_m in ((8, None), (16, None), (16, 32)):  # tile_m 32: taller row tiles than the grouping's
-        cfg["dx"] = dict(block_n=32, block_k=bk, tma=True, programs=3, tile_m=tile_m)
+    for bk in (8, 16):
+        cfg["dx"] = dict(block_n=32, block_k=bk, tma=True, programs=3)
         got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
         for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
-            assert not a.isnan().any() and rel(a, b) < TOL[dtype], (name, bk, tile_m)
-    assert launches == [1, 1, 1]
+            assert not a.isnan().any() and rel(a, b) < TOL[dtype], name
+    assert launches == [1, 1]
     # a K tile that does not divide the blocks: the pointer kernel
     cfg["dx"]["block_k"] = 32
     tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
-    assert launches == [1, 1, 1]
-
-
-@pytest.mark.parametrize("block_m, tile_m", [(16, 16), (16, 32), (16, 64), (32, 128)])
-def test_retile_covers_every_row_once(block_m, tile_m):
-    """retile: the same sorted rows and offsets, each block's rows cut into tile_m-row tiles that cover them
-    once (first rows offsets[b] + i * tile_m), then padding tiles of no block; empty blocks get no tile."""
-    blocks = torch.randint(0, 7, (203, 3), dtype=torch.int32)
-    blocks[:, 0] = torch.where(blocks[:, 0] == 3, 2, blocks[:, 0])  # block 3 rarer
-    blocks[blocks == 5] = 6  # block 5 empty
-    blocks[::7, 2] = -1  # empty slots
-    g = tk.group_pairs(blocks, 7, block_m)
-    r = tk.retile(g, tile_m)
-    assert r.block_m == tile_m and r.sorted_tok is g.sorted_tok and torch.equal(r.offsets, g.offsets)
-    counts = (g.offsets[1:] - g.offsets[:-1]).tolist()
-    want = [(b, g.offsets[b].item() + i * tile_m) for b in range(7) for i in range(-(-counts[b] // tile_m))]
-    n = int(r.tile_count.item())
-    assert n == len(want) and list(zip(r.tile_block[:n].tolist(), r.tile_start[:n].tolist())) == want
-    assert (r.tile_block[n:] == 7).all() and r.tile_block.numel() >= n
-    if tile_m == block_m:
-        assert r is g
+    assert launches == [1, 1]
 
 
 def test_tile_orders_give_the_same_bits(poisoned):

@@ -31,7 +31,7 @@ inference): :func:`sparse_ffn_decode`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -368,35 +368,16 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     pos = torch.empty(P, dtype=torch.int64, device=dev)
     pos[order] = torch.arange(P, device=dev)
     inv = torch.where(in_range, pos, torch.where(flat == -1, -1, -2)).reshape(T, KT)
-    tile_block, tile_start, tile_count = _row_tiles(offsets, P, block_m)
-    return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block, tile_start, tile_count, block_m)
-
-
-def _row_tiles(offsets: torch.Tensor, P: int, block_m: int):
-    """``(tile_block, tile_start, tile_count)`` of :class:`Grouping` for the blocks' row ranges ``offsets``
-    (``[n_blocks + 1]``, P rows in all) cut into tiles of ``block_m`` rows; sync-free (the tile list has a
-    static length, the real count stays on the device)."""
-    n_blocks = offsets.numel() - 1
-    offsets = offsets.long()
-    tiles = torch.div(offsets[1:] - offsets[:-1] + block_m - 1, block_m, rounding_mode="floor")
+    tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
     tile_end = torch.cumsum(tiles, 0)
     n_tiles = -(-P // block_m) + n_blocks  # static upper bound of sum(tiles)
-    t_ids = torch.arange(n_tiles, device=offsets.device)
+    t_ids = torch.arange(n_tiles, device=dev)
     tile_block = torch.searchsorted(tile_end, t_ids, right=True)
     b = tile_block.clamp_max(n_blocks - 1)
     first_tile = tile_end[b] - tiles[b]
     tile_start = offsets[b] + (t_ids - first_tile) * block_m
-    return tile_block.to(torch.int32), tile_start.to(torch.int32), tile_end[-1:]  # tile_count: a view
-
-
-def retile(g: Grouping, block_m: int) -> Grouping:
-    """``g`` with its row tiles cut ``block_m`` rows long (same sorted rows and offsets): a kernel that takes
-    taller tiles than the grouping's other kernels (the persistent TMA kernels' ``tile_m``)."""
-    if block_m == g.block_m:
-        return g
-    tile_block, tile_start, tile_count = _row_tiles(g.offsets, g.sorted_tok.numel(), block_m)
-    return replace(g, tile_block=tile_block, tile_start=tile_start, tile_count=tile_count,
-                               block_m=block_m)
+    return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block.to(torch.int32),
+                    tile_start.to(torch.int32), tile_end[-1:], block_m)  # tile_count: a view, no extra launch
 
 
 # ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
@@ -622,7 +603,6 @@ def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     D, BS = w_down.shape[0], h.shape[1]
-    grouping = retile(grouping, dn["tile_m"] or grouping.block_m)
     bm = grouping.block_m
     programs = _programs(h, dn)
     h_desc = TensorDescriptor.from_tensor(h, [bm, dn["block_k"]])
@@ -695,7 +675,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs_per_sm=2,
                               cols_first=True))
     base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
-    base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "tile_m": None, "cols_first": False,
+    base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
     return base
 
@@ -917,7 +897,6 @@ def _dx_tma(dact, w_gate, w_up, dx_rows, g: "Grouping", dxc: dict, prec: str) ->
 
     P, _, BS = dact.shape
     D = w_gate.shape[1]
-    g = retile(g, dxc["tile_m"] or g.block_m)
     bm, bn, bk = g.block_m, dxc["block_n"], dxc["block_k"]
     programs = _programs(dact, dxc)
     act_desc = TensorDescriptor.from_tensor(dact.view(P, 2 * BS), [bm, bk])
@@ -1028,8 +1007,7 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
     base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
-    base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "tile_m": None, "cols_first": False,
-                  **base.get("dx", {})}
+    base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
     return base
