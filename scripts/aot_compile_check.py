@@ -279,13 +279,22 @@ def cases():
                      HQ=32, D=D, NSPLIT=33, BLOCK_SPLIT=64, BLOCK_D=D), dict(num_warps=4)))
     # sparse FFN training GEMMs (T=8192, d_model 4096, d_ff 14336, 64 blocks: BS=224) at the default tiles
     D_, BS_, P_ = 4096, 224, 8192 * 19
-    c = sf.launch_config(8192, D_, BS_)
-    gemm = dict(DOT_PRECISION="tf32", BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], BLOCK_K=c["block_k"])
-    opts = dict(num_warps=c["num_warps"])
+    # the forward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
+    fbm, fkc = sf.resolve_config(sf.launch_config(8192, D_, BS_), sf.FWD_KERNELS)
+
+    def fwd_entry(kern):
+        k = fkc[kern]
+        return (dict(DOT_PRECISION="tf32", BLOCK_M=fbm, BLOCK_N=k["block_n"], BLOCK_K=k["block_k"]),
+                dict(num_warps=k["num_warps"], **({} if k["num_stages"] is None else {"num_stages": k["num_stages"]})))
+
+    gemm, opts = fwd_entry("gate_up")
     out.append(("sparse FFN gate/up GEMM + SwiGLU", sf._sparse_ffn_gate_up_kernel,
                 dict(gemm, X=bf16, WG=bf16, WU=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                      OFFSETS=i32, D=D_, BS=BS_, NB=64, stride_xt=D_, stride_xd=1, stride_wf=D_, stride_wd=1,
                      SAVE_ACT=True), opts))
+    out.append(("sparse FFN gate/up GEMM + SwiGLU, split epilogue", sf._sparse_ffn_gate_up_kernel,
+                dict(out[-1][2], SPLIT_EPILOGUE=True), opts))
+    gemm, opts = fwd_entry("down")  # the plain kernel (where the persistent TMA one cannot run) at down's tiles
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
                 dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
                      SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))

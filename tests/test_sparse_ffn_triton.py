@@ -245,7 +245,8 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True)
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True,
+                                 split_epilogue=False)
     assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs=None,
                               programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
@@ -371,6 +372,10 @@ def test_per_kernel_launch_configs_give_the_same_results(poisoned):
                "down": dict(block_n=16, block_k=32, num_warps=2), "combine": dict(block_n=32)}
     out2, act2, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=fwd_cfg, **kw)
     assert rel(out2, out) < 1e-5
+    # gate/up's epilogue in two column halves: the same h and saved pre-activations, bit for bit
+    split_fwd = {**fwd_cfg, "gate_up": dict(fwd_cfg["gate_up"], split_epilogue=True)}
+    out3, act3, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=split_fwd, **kw)
+    assert torch.equal(out3, out2) and torch.equal(act3, act2)
     go = torch.randn(T, D)
     want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
     bwd_cfg = {"block_m": 32, "dact": dict(block_n=32, block_k=16), "dx": dict(block_n=16, block_k=32),

@@ -454,9 +454,11 @@ def _sparse_ffn_gate_up_kernel(
     stride_xt, stride_xd, stride_wf, stride_wd,
     SAVE_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS_FIRST: tl.constexpr = False,
+    SPLIT_EPILOGUE: tl.constexpr = False,
 ):
     """For the rows of one block b: a = x[tok] . w_gate[b*BS + n]^T, u likewise with w_up,
-    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS]). ``COLS_FIRST``: :func:`_tile_ids`."""
+    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS]). ``COLS_FIRST``: :func:`_tile_ids`.
+    ``SPLIT_EPILOGUE``: the epilogue in two column halves (fewer live registers next to the two accumulators)."""
     pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
@@ -466,14 +468,27 @@ def _sparse_ffn_gate_up_kernel(
         n_mask = offs_n < BS
         acc_g, acc_u = _gate_up_dots(X, WG, WU, tok, r_mask, b * BS + offs_n, n_mask, D, stride_xt, stride_xd,
                                      stride_wf, stride_wd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
-        out_mask = r_mask[:, None] & n_mask[None, :]
         rows64 = rows.to(tl.int64)
-        tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=out_mask)
-        if SAVE_ACT:
-            act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
-            tl.store(act, acc_g.to(ACT.dtype.element_ty), mask=out_mask)
-            tl.store(act + BS, acc_u.to(ACT.dtype.element_ty), mask=out_mask)
+        if SPLIT_EPILOGUE:
+            g_lo, g_hi = tl.split(tl.permute(tl.reshape(acc_g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            u_lo, u_hi = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            _gate_up_epilogue(g_lo, u_lo, H, ACT, rows64, r_mask, half, BS, SAVE_ACT)
+            _gate_up_epilogue(g_hi, u_hi, H, ACT, rows64, r_mask, half + BLOCK_N // 2, BS, SAVE_ACT)
+        else:
+            _gate_up_epilogue(acc_g, acc_u, H, ACT, rows64, r_mask, offs_n, BS, SAVE_ACT)
+
+
+@triton.jit
+def _gate_up_epilogue(g, u, H, ACT, rows64, r_mask, offs_n, BS, SAVE_ACT: tl.constexpr):
+    """h = silu(g) * u -> H [rows, offs_n] (and g, u -> ACT with ``SAVE_ACT``)."""
+    mask = r_mask[:, None] & (offs_n < BS)[None, :]
+    h = g * tl.sigmoid(g) * u
+    tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=mask)
+    if SAVE_ACT:
+        act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+        tl.store(act, g.to(ACT.dtype.element_ty), mask=mask)
+        tl.store(act + BS, u.to(ACT.dtype.element_ty), mask=mask)
 
 
 # ---- 4. down grouped GEMM ---------------------------------------------------------------------------
@@ -674,7 +689,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs_per_sm=2,
                               cols_first=True))
-    base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
+    base["gate_up"] = {"cols_first": False, "split_epilogue": False, **base.get("gate_up", {})}
     base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
     return base
@@ -739,7 +754,8 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
         grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
+        COLS_FIRST=bool(gu["cols_first"]), SPLIT_EPILOGUE=bool(gu["split_epilogue"]) and gu["block_n"] >= 32,
+        **launch_options(gu),
     )
     if deterministic:
         y = torch.empty(P, D, dtype=x.dtype, device=x.device)
