@@ -286,7 +286,7 @@ def test_tma_kernels_decline_tracing_stand_ins():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
-    """down.tma (opt-in): the persistent TMA down projection gives the pointer kernel's forward; h rows of the
+    """down.tma (the T >= 4096 default on Hopper): the persistent TMA down projection gives the pointer kernel's forward; h rows of the
     next block (and unwritten rows past the last block: NaN here) only reach rows it does not store; a column
     tile past D and a K tile per 16 neurons; fewer programs than tiles (each walks several)."""
     T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3  # blocks of 16 neurons
@@ -311,7 +311,7 @@ def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
-    """dx.tma (opt-in): the persistent TMA dx kernel gives the pointer kernel's gradients (K tiles of 8 and
+    """dx.tma (the T >= 4096 default on Hopper): the persistent TMA dx kernel gives the pointer kernel's gradients (K tiles of 8 and
     16 over 16-neuron blocks: da never reads du's columns; a column tile past D; 3 programs)."""
     T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
@@ -476,7 +476,7 @@ def test_decode_launch_configs_agree(config, poisoned):
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-k{}-{}-{}".format(
     *c[:6], "empty" if c[6] else "full", str(c[7])))
 def test_decode_down_splits_match_reference(case, poisoned):
-    """The down projection in slices (opt-in ``down.splits``: fp32 partials per slice of the (used
+    """The down projection in slices (``down.splits``, the default from 3 tokens: fp32 partials per slice of the (used
     block, K tile) pairs, summed in slice order by a finish kernel): the reference's result for slice
     counts below, at and above the number of pairs (empty slices write zeros), run to run identical."""
     T, D, F_, NB, S, k, empty_slots, dtype = case
@@ -724,7 +724,7 @@ def test_router_split_path_on_gpu(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8])
 def test_decode_down_splits_on_gpu(T):
-    """The split down projection (opt-in) at the issue's shapes in bf16: close to the fp32 reference,
+    """The split down projection at the issue's shapes in bf16: close to the fp32 reference,
     run to run identical, and capturable in a CUDA graph."""
     x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
     k = round(0.15 * 64)

@@ -540,7 +540,7 @@ def _sorted_rows_tma_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
-    """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16, opt-in):
+    """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16, the T >= 4096 default since session 17):
     OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with ``DUAL``). The forward's down
     projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k] tiles, ``W_NK``) and the backward's dx
     (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up [F, D] read as [k, n] tiles, ``DUAL``).
@@ -1403,7 +1403,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                       direct: bool = False, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """Forward for ``T <= DECODE_MAX_TOKENS`` tokens, reading only the used blocks' weight slices:
     ``x [T, D]``, routed ``idx/weights [T, k]`` -> ``out [T, D]`` in x's dtype. No grouping, no
-    host sync, two launches (three with the down projection in slices: ``down.splits``, opt-in);
+    host sync, two launches (three with the down projection in slices: ``down.splits``, from 3 tokens);
     ``direct``: plain kernel launches, for eager calls. ``config``: per
     kernel overrides, e.g. ``{"down": {"block_k": 64, "num_stages": 4}}`` (see :func:`decode_launch_config`).
     ``pdl``: every kernel a programmatic dependent launch of the one before (see :func:`sparse_ffn_route`)."""
