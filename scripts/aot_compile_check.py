@@ -353,6 +353,8 @@ def cases():
     for name in ("sparse FFN bwd dW gate/up", "sparse FFN bwd dW down"):
         _, fn, args, opts = named[name][:4]
         out.append((name + ", d_group 8", fn, dict(args, NB=64, D_GROUP=8), opts))
+    _, fn, args, opts = named["sparse FFN bwd dW gate/up"][:4]
+    out.append(("sparse FFN bwd dW gate/up, persistent", fn, dict(args, NB=64, D_GROUP=4, NUM_PROGRAMS=132), opts))
 
     from deepseek_kernels.triton import window_decode as wd
 

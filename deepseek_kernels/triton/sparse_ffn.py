@@ -430,7 +430,12 @@ def _dw_tile_ids(NB, n_n, n_d, D_GROUP: tl.constexpr):
     activation slice is read once per group while the group's x / dO columns stay in L2."""
     if D_GROUP == 0:
         return tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pid = tl.program_id(0)
+    return _dw_group_ids(tl.program_id(0), NB, n_n, D_GROUP)
+
+
+@triton.jit
+def _dw_group_ids(pid, NB, n_n, D_GROUP: tl.constexpr):
+    """(block, neuron tile, model-column tile) of work item ``pid`` in ``d_group`` order (:func:`_dw_tile_ids`)."""
     per_group = NB * n_n * D_GROUP
     g = pid // per_group
     r = pid - g * per_group
@@ -931,12 +936,31 @@ def _sparse_ffn_bwd_dw_gate_up_kernel(
     D, BS,
     stride_xt, stride_xd, stride_gf, stride_gd,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0, NUM_PROGRAMS: tl.constexpr = 0,
 ):
     """B3: for block b: dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up with du) over the
     block's rows, in row order. DWG and DWU share strides. Tile order: :func:`_dw_tile_ids` (NB: the
-    block count, needed with D_GROUP)."""
-    b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
+    block count, needed with D_GROUP). ``NUM_PROGRAMS`` > 0 (needs D_GROUP > 0): a persistent kernel, that many
+    programs walking the tiles in ``d_group`` order with the tile and row loops flattened, so the next tile's
+    first loads overlap this tile's stores (the plain grid's CTA idles through its prologue and epilogue)."""
+    n_n = tl.cdiv(BS, BLOCK_N)
+    if NUM_PROGRAMS == 0:
+        b, pid_n, pid_d = _dw_tile_ids(NB, n_n, tl.cdiv(D, BLOCK_D), D_GROUP)
+        _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS, stride_xt, stride_xd,
+                         stride_gf, stride_gd, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_K)
+    else:
+        total = NB * n_n * tl.cdiv(tl.cdiv(D, BLOCK_D), D_GROUP) * D_GROUP
+        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
+            b, pid_n, pid_d = _dw_group_ids(t, NB, n_n, D_GROUP)
+            _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS, stride_xt, stride_xd,
+                             stride_gf, stride_gd, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_K)
+
+
+@triton.jit
+def _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS,
+                     stride_xt, stride_xd, stride_gf, stride_gd,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (block, neuron tile, model-column tile) of :func:`_sparse_ffn_bwd_dw_gate_up_kernel`."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_mask = offs_n < BS
@@ -1026,6 +1050,9 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
+    # dw_gate_up.persistent (opt-in, session 17, not yet timed): the kernel on dw_gate_up.programs programs (None:
+    # programs_per_sm per SM) walking its tiles in d_group order
+    base["dw_gate_up"] = {"persistent": False, "programs": None, "programs_per_sm": 1, **base["dw_gate_up"]}
     return base
 
 
@@ -1090,11 +1117,15 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     )
     gu_n = dwgu["block_n"]
     gu_g = int(dwgu["d_group"])
+    gu_programs = 0
+    if dwgu["persistent"]:  # the tiles in d_group order (1 if unset) on gu_programs programs
+        gu_g = max(gu_g, 1)
+        gu_programs = _programs(x, dwgu)
     torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
-            _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
+            (gu_programs,) if gu_programs else _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
         BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, NB=n_blocks if gu_g else 0,
-        D_GROUP=gu_g, **launch_options(dwgu),
+        D_GROUP=gu_g, NUM_PROGRAMS=gu_programs, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
     dn_g = int(dwdn["d_group"])
