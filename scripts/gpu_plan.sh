@@ -75,7 +75,8 @@ case "$step" in
   diag-sparse-decode)
     timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
   sparse-train)  # issue 6 training (session 17): SWEEP9 (gate/up's split epilogue and the persistent dW gate/up,
-    # opt-in, untimed; ratios 0.3 / 0.5), then the per-kernel profile at ratio 0.3; SWEEP9's configs are checked against the default's results first
+    # opt-in, untimed; ratios 0.3 / 0.5), then the per-kernel profile at ratio 0.3; SWEEP9's configs are checked
+    # against the default config's results first
     out_abs=$(cd "$OUT" && pwd)
     (cd benchmarks && timeout 200 "$PY" diag_sparse_train.py --sweep --sweep9 --ratios 0.3,0.5 \
       --out "$out_abs/sweep9.json" | grep -vi warning)
