@@ -317,11 +317,13 @@ def cases():
     gemm = dict(DOT_PRECISION="tf32", BLOCK_M=bm)
     out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
                 dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                     OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
+                     OFFSETS=i32, TILE_COUNT=i64, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
                      stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"],
                      SPLIT_EPILOGUE=kc["dact"]["split_epilogue"]), bwd_entry("dact")))
     out.append(("sparse FFN bwd dact, one-piece epilogue", sf._sparse_ffn_bwd_dact_kernel,
                 dict(out[-1][2], SPLIT_EPILOGUE=False), bwd_entry("dact")))
+    out.append(("sparse FFN bwd dact, persistent", sf._sparse_ffn_bwd_dact_kernel,
+                dict(out[-2][2], NUM_PROGRAMS=132), bwd_entry("dact")))
     out.append(("sparse FFN bwd dx", sf._sparse_ffn_bwd_dx_kernel,
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
                      BS=BS_, NB=64, stride_wf=D_, stride_wd=1, BLOCK_N=kc["dx"]["block_n"],

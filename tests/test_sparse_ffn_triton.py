@@ -337,9 +337,9 @@ def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
 
 def test_tile_orders_give_the_same_bits(poisoned):
     """cols_first (the column tiles of a row tile together), d_group (the weight-gradient kernels walking a
-    group of model-column tiles for every block) and the persistent dW gate/up kernel only reorder the work:
-    every output bit is the same. Model columns in 3 tiles and d_group 2: the last group has a program past D
-    that stores nothing."""
+    group of model-column tiles for every block) and the persistent dact / dW gate/up kernels only reorder the
+    work: every output bit is the same. Model columns in 3 tiles and d_group 2: the last group has a program past
+    D that stores nothing."""
     case = (29, 48, 120, 8, 2, 3, True, None)  # 15-neuron blocks: every tile masks
     T, D, F_, NB, S, k, _, _ = case
     x, wg, wu, wd, idx, w = _ffn_inputs(case, torch.float32)
@@ -359,9 +359,10 @@ def test_tile_orders_give_the_same_bits(poisoned):
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
         assert torch.equal(a, b), name
-    # dW gate/up as a persistent kernel: 3 programs (each walks several tiles, the last group's program past D
-    # among them) and 64 (more programs than the 2 x 2 x 8 = 32 tiles), d_group 2 and unset (1)
+    # dact and dW gate/up as persistent kernels: 3 programs (each walks several tiles; for dW gate/up the last
+    # group's program past D among them) and 64 (more programs than tiles), d_group 2 and unset (1)
     for programs, d_group in ((3, 2), (64, 0)):
+        ordered["dact"] = dict(block_n=8, persistent=True, programs=programs)
         ordered["dw_gate_up"] = dict(block_n=16, d_group=d_group, persistent=True, programs=programs)
         got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
         for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):

@@ -809,44 +809,67 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
 
 @triton.jit
 def _sparse_ffn_bwd_dact_kernel(
-    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
     DACT, HW, DWP,
     D, BS, NB, P,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr = False, COLS_FIRST: tl.constexpr = False,
+    SPLIT_EPILOGUE: tl.constexpr = False, COLS_FIRST: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 0,
 ):
     """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
     DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight).
     ``SPLIT_EPILOGUE``: the epilogue in two column halves (half the live registers: the 128 x 128 tile's
-    one-piece epilogue spills ~1.8 KB per thread on sm_90). ``COLS_FIRST``: :func:`_tile_ids`."""
-    pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
-    b = tl.load(TILE_BLOCK + pid_m)
-    if b < NB:
-        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
-        rows64 = rows.to(tl.int64)
-        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < BS
-        f = (b * BS + offs_n).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < D
-            go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
-                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
-        wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
-        if SPLIT_EPILOGUE:
-            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            part = _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, half, wp, BS)
-            part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, half + BLOCK_N // 2, wp, BS)
-        else:
-            part = _dact_epilogue(acc, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS)
-        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, part, mask=r_mask)
+    one-piece epilogue spills ~1.8 KB per thread on sm_90). ``COLS_FIRST``: :func:`_tile_ids`.
+    ``NUM_PROGRAMS`` > 0: a persistent kernel, that many programs walking the real tiles (``TILE_COUNT``) in
+    cols_first order with the tile and K loops flattened (the next tile's loads overlap this tile's epilogue)."""
+    n_col = tl.cdiv(BS, BLOCK_N)
+    if NUM_PROGRAMS == 0:
+        pid_m, pid_n = _tile_ids(n_col, COLS_FIRST)
+        b = tl.load(TILE_BLOCK + pid_m)
+        if b < NB:  # else a padding tile
+            _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP, b, pid_m, pid_n,
+                       D, BS, P, stride_dot, stride_dod, stride_wd, stride_wf,
+                       DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_EPILOGUE)
+    else:  # only the real tiles
+        total = tl.load(TILE_COUNT).to(tl.int32) * n_col
+        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
+            pid_m = t // n_col
+            _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP,
+                       tl.load(TILE_BLOCK + pid_m), pid_m, t - pid_m * n_col, D, BS, P,
+                       stride_dot, stride_dod, stride_wd, stride_wf, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                       SPLIT_EPILOGUE)
+
+
+@triton.jit
+def _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP, b, pid_m, pid_n,
+               D, BS, P, stride_dot, stride_dod, stride_wd, stride_wf,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SPLIT_EPILOGUE: tl.constexpr):
+    """One (row tile, neuron tile) of :func:`_sparse_ffn_bwd_dact_kernel`, of block ``b < n_blocks``."""
+    rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < BS
+    f = (b * BS + offs_n).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < D
+        go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
+    wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+    if SPLIT_EPILOGUE:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        part = _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, half, wp, BS)
+        part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, half + BLOCK_N // 2, wp, BS)
+    else:
+        part = _dact_epilogue(acc, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS)
+    tl.store(DWP + pid_n.to(tl.int64) * P + rows64, part, mask=r_mask)
 
 
 @triton.jit
@@ -1046,12 +1069,14 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
-    base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
+    base["dact"] = {"split_epilogue": False, "cols_first": False, "persistent": False, "programs": None,
+                    "programs_per_sm": 1, **base.get("dact", {})}
     base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
-    # dw_gate_up.persistent (opt-in, session 17, not yet timed): the kernel on dw_gate_up.programs programs (None:
-    # programs_per_sm per SM) walking its tiles in d_group order
+    # dact.persistent / dw_gate_up.persistent (opt-in, session 17, not yet timed): the kernel on .programs programs
+    # (None: .programs_per_sm per SM) walking its tiles (dact: the real ones in cols_first order; dW gate/up: in
+    # d_group order)
     base["dw_gate_up"] = {"persistent": False, "programs": None, "programs_per_sm": 1, **base["dw_gate_up"]}
     return base
 
@@ -1091,13 +1116,15 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
     prec = _dot_precision(dt)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
-        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
+    da_programs = _programs(x, da) if da["persistent"] else 0
+    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[
+            (da_programs,) if da_programs else _grid(n_tiles, n_ntiles, da["cols_first"])](
+        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets, g.tile_count,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
         BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
         SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
-        **launch_options(da),
+        NUM_PROGRAMS=da_programs, **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
