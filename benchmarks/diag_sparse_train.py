@@ -209,16 +209,17 @@ SWEEP7 = {
 
 # The ninth round (session 17, written after the GPU time ran out): gate/up's SwiGLU epilogue in two column halves
 # (Nsight Compute: 255 registers and spill traffic; ptxas sm_90a: 255 registers + 12 B of spills -> 219, none), and
-# dact and dW gate/up as persistent kernels (Nsight Compute: its CTA idles on its own loads, issue slots 18 % busy; the
-# flattened tile loop overlaps the next tile's loads with this tile's stores; ptxas 202 registers, no spills).
+# dact and the dW kernels as persistent kernels (Nsight Compute: their CTA idles on its own loads, dW gate/up's
+# issue slots 18 % busy; the flattened tile loop overlaps the next tile's loads with this tile's stores).
 _PDW = {"persistent": True}
 SWEEP9 = {
     "fwd": [{}, {"gate_up": {"split_epilogue": True}}, {"gate_up": {"split_epilogue": True, "num_stages": 4}},
             {"gate_up": {"split_epilogue": True, "block_k": 32, "num_stages": 5}}, {}],
-    "bwd": [{}, {"dw_gate_up": _PDW}, {"dw_gate_up": dict(_PDW, d_group=8)}, {"dw_gate_up": dict(_PDW, block_k=64, num_stages=3)},
-            {"dw_gate_up": dict(_PDW, block_k=64, num_stages=4)},
+    "bwd": [{}, {"dw_gate_up": _PDW}, {"dw_gate_up": dict(_PDW, d_group=8)},
+            {"dw_gate_up": dict(_PDW, block_k=64, num_stages=3)}, {"dw_gate_up": dict(_PDW, block_k=64, num_stages=4)},
             # dact persistent (ptxas: 255 registers, 168 B of spills: the flattened loop holds the epilogue's state)
-            {"dact": _PDW}, {"dact": dict(_PDW, num_stages=2)}, {"dact": _PDW, "dw_gate_up": _PDW}, {}],
+            {"dact": _PDW}, {"dact": dict(_PDW, num_stages=2)}, {"dw_down": _PDW},
+            {"dw_down": dict(_PDW, programs_per_sm=2)}, {"dact": _PDW, "dw_gate_up": _PDW, "dw_down": _PDW}, {}],
 }
 
 

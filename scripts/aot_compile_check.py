@@ -317,8 +317,8 @@ def cases():
     gemm = dict(DOT_PRECISION="tf32", BLOCK_M=bm)
     out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
                 dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                     OFFSETS=i32, TILE_COUNT=i64, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
-                     stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"],
+                     OFFSETS=i32, TILE_COUNT=i64, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_,
+                     stride_dot=D_, stride_dod=1, stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"],
                      SPLIT_EPILOGUE=kc["dact"]["split_epilogue"]), bwd_entry("dact")))
     out.append(("sparse FFN bwd dact, one-piece epilogue", sf._sparse_ffn_bwd_dact_kernel,
                 dict(out[-1][2], SPLIT_EPILOGUE=False), bwd_entry("dact")))
@@ -357,6 +357,8 @@ def cases():
         out.append((name + ", d_group 8", fn, dict(args, NB=64, D_GROUP=8), opts))
     _, fn, args, opts = named["sparse FFN bwd dW gate/up"][:4]
     out.append(("sparse FFN bwd dW gate/up, persistent", fn, dict(args, NB=64, D_GROUP=4, NUM_PROGRAMS=132), opts))
+    _, fn, args, opts = named["sparse FFN bwd dW down"][:4]
+    out.append(("sparse FFN bwd dW down, persistent", fn, dict(args, NB=64, D_GROUP=8, NUM_PROGRAMS=132), opts))
 
     from deepseek_kernels.triton import window_decode as wd
 

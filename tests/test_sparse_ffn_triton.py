@@ -286,9 +286,10 @@ def test_tma_kernels_decline_tracing_stand_ins():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
-    """down.tma (the T >= 4096 default on Hopper): the persistent TMA down projection gives the pointer kernel's forward; h rows of the
-    next block (and unwritten rows past the last block: NaN here) only reach rows it does not store; a column
-    tile past D and a K tile per 16 neurons; fewer programs than tiles (each walks several)."""
+    """down.tma (the T >= 4096 default on Hopper): the persistent TMA down projection gives the pointer
+    kernel's forward; h rows of the next block (and unwritten rows past the last block: NaN here) only reach
+    rows it does not store; a column tile past D and a K tile per 16 neurons; fewer programs than tiles (each
+    walks several)."""
     T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3  # blocks of 16 neurons
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
     kw = dict(shared_blocks=S, n_blocks=NB)
@@ -311,8 +312,9 @@ def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
-    """dx.tma (the T >= 4096 default on Hopper): the persistent TMA dx kernel gives the pointer kernel's gradients (K tiles of 8 and
-    16 over 16-neuron blocks: da never reads du's columns; a column tile past D; 3 programs)."""
+    """dx.tma (the T >= 4096 default on Hopper): the persistent TMA dx kernel gives the pointer kernel's
+    gradients (K tiles of 8 and 16 over 16-neuron blocks: da never reads du's columns; a column tile past D;
+    3 programs)."""
     T, D, F_, NB, S, k = 29, 40, 128, 8, 2, 3
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, True, None), dtype)
     kw = dict(shared_blocks=S, n_blocks=NB)
@@ -337,7 +339,7 @@ def test_dx_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch):
 
 def test_tile_orders_give_the_same_bits(poisoned):
     """cols_first (the column tiles of a row tile together), d_group (the weight-gradient kernels walking a
-    group of model-column tiles for every block) and the persistent dact / dW gate/up kernels only reorder the
+    group of model-column tiles for every block) and the persistent dact / dW kernels only reorder the
     work: every output bit is the same. Model columns in 3 tiles and d_group 2: the last group has a program past
     D that stores nothing."""
     case = (29, 48, 120, 8, 2, 3, True, None)  # 15-neuron blocks: every tile masks
@@ -359,11 +361,12 @@ def test_tile_orders_give_the_same_bits(poisoned):
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
         assert torch.equal(a, b), name
-    # dact and dW gate/up as persistent kernels: 3 programs (each walks several tiles; for dW gate/up the last
-    # group's program past D among them) and 64 (more programs than tiles), d_group 2 and unset (1)
+    # dact and the dW kernels as persistent kernels: 3 programs (each walks several tiles; for the dW kernels the
+    # last group's program past D among them) and 64 (more programs than tiles), d_group 2 and unset (1)
     for programs, d_group in ((3, 2), (64, 0)):
         ordered["dact"] = dict(block_n=8, persistent=True, programs=programs)
-        ordered["dw_gate_up"] = dict(block_n=16, d_group=d_group, persistent=True, programs=programs)
+        for kern in ("dw_gate_up", "dw_down"):
+            ordered[kern] = dict(block_n=16, d_group=d_group, persistent=True, programs=programs)
         got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
         for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
             assert torch.equal(a, b), (name, programs, d_group)

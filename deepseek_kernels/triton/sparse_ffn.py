@@ -545,10 +545,11 @@ def _sorted_rows_tma_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
-    """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16, the T >= 4096 default since session 17):
-    OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with ``DUAL``). The forward's down
-    projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k] tiles, ``W_NK``) and the backward's dx
-    (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up [F, D] read as [k, n] tiles, ``DUAL``).
+    """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16; the
+    T >= 4096 default since session 17): OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] .
+    W2_b with ``DUAL``). The forward's down projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k]
+    tiles, ``W_NK``) and the backward's dx (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up
+    [F, D] read as [k, n] tiles, ``DUAL``).
     K is only BS (224), so a plain tile's pipeline barely fills before its epilogue: NUM_PROGRAMS programs walk
     the real (row tile, column tile) pairs, a row tile's column tiles consecutively (its A rows and the block's
     weights stay in L2), the tile loop flattened with the K loop so the next tile's loads overlap this tile's
@@ -1014,14 +1015,32 @@ def _sparse_ffn_bwd_dw_down_kernel(
     D, BS,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0, NUM_PROGRAMS: tl.constexpr = 0,
 ):
     """B4: for block b: dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the block's rows, in row
-    order. Tile order: :func:`_dw_tile_ids` (the 3-D grid is (block, model-column tile, neuron tile))."""
-    if D_GROUP == 0:
-        b, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    order. Tile order: :func:`_dw_tile_ids` (the 3-D grid is (block, model-column tile, neuron tile)).
+    ``NUM_PROGRAMS`` > 0 (needs D_GROUP > 0): persistent, as :func:`_sparse_ffn_bwd_dw_gate_up_kernel`."""
+    n_n = tl.cdiv(BS, BLOCK_N)
+    if NUM_PROGRAMS == 0:
+        if D_GROUP == 0:
+            b, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        else:
+            b, pid_n, pid_d = _dw_tile_ids(NB, n_n, tl.cdiv(D, BLOCK_D), D_GROUP)
+        _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod, stride_wd,
+                      stride_wf, DOT_PRECISION, BLOCK_D, BLOCK_N, BLOCK_K)
     else:
-        b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
+        total = NB * n_n * tl.cdiv(tl.cdiv(D, BLOCK_D), D_GROUP) * D_GROUP
+        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
+            b, pid_n, pid_d = _dw_group_ids(t, NB, n_n, D_GROUP)
+            _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod,
+                          stride_wd, stride_wf, DOT_PRECISION, BLOCK_D, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod, stride_wd,
+                  stride_wf, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One (block, neuron tile, model-column tile) of :func:`_sparse_ffn_bwd_dw_down_kernel`."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = offs_d < D
@@ -1074,10 +1093,11 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
-    # dact.persistent / dw_gate_up.persistent (opt-in, session 17, not yet timed): the kernel on .programs programs
-    # (None: .programs_per_sm per SM) walking its tiles (dact: the real ones in cols_first order; dW gate/up: in
+    # dact / dw_gate_up / dw_down.persistent (opt-in, session 17, not yet timed): the kernel on .programs programs
+    # (None: .programs_per_sm per SM) walking its tiles (dact: the real ones in cols_first order; the dW kernels: in
     # d_group order)
-    base["dw_gate_up"] = {"persistent": False, "programs": None, "programs_per_sm": 1, **base["dw_gate_up"]}
+    for kern in ("dw_gate_up", "dw_down"):
+        base[kern] = {"persistent": False, "programs": None, "programs_per_sm": 1, **base[kern]}
     return base
 
 
@@ -1156,11 +1176,16 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     )
     dn_n = dwdn["block_n"]
     dn_g = int(dwdn["d_group"])
+    dn_programs = 0
+    if dwdn["persistent"]:
+        dn_g = max(dn_g, 1)
+        dn_programs = _programs(x, dwdn)
     grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[
+            (dn_programs,) if dn_programs else grid if dn_g else (grid[0], grid[2], grid[1])](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
-        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
+        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, NUM_PROGRAMS=dn_programs, **launch_options(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
