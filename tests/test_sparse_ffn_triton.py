@@ -703,6 +703,27 @@ def test_dx_tma_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_persistent_variants_on_gpu():
+    """The opt-in persistent dact / dW kernels and gate/up's split epilogue on the GPU (bf16, 4097 tokens: the
+    large-batch tiles): the default kernels' results within bf16 rounding (the same per-tile arithmetic: CPU tests
+    check the bits), run to run identical."""
+    x, wr, wg, wu, wd = _gpu_inputs(4097, 1024, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    want_out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    got_out, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"gate_up": {"split_epilogue": True}}, **kw)
+    assert rel(got_out, want_out) < 1e-2
+    go = torch.randn_like(x)
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
+    cfg = {k: {"persistent": True} for k in ("dact", "dw_gate_up", "dw_down")}
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
+        assert rel(a, b) < 1e-2, name
+    again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
 def test_fp32_on_gpu_is_not_tf32():
     import deepseek_kernels as dk
 
