@@ -452,6 +452,17 @@ def _dw_grid(n_blocks: int, n_n: int, n_d: int, d_group: int) -> tuple:
     return (n_blocks * n_n * triton.cdiv(n_d, d_group) * d_group,) if d_group else (n_blocks, n_n, n_d)
 
 
+def _dw_schedule(x: torch.Tensor, cfg: dict, n_blocks: int, n_n: int, n_d: int) -> tuple:
+    """``(grid, D_GROUP, NUM_PROGRAMS)`` of a weight-gradient kernel from its config: the 3-D grid (block,
+    neuron tile, model-column tile), the ``d_group`` 1-D grid, or with ``persistent`` :func:`_programs` programs
+    walking the tiles in ``d_group`` order (1 if unset)."""
+    d_group = int(cfg["d_group"])
+    if cfg["persistent"]:
+        programs = _programs(x, cfg)
+        return (programs,), max(d_group, 1), programs
+    return _dw_grid(n_blocks, n_n, n_d, d_group), d_group, 0
+
+
 @triton.jit
 def _sparse_ffn_gate_up_kernel(
     X, WG, WU, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
@@ -1169,26 +1180,17 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
-    gu_g = int(dwgu["d_group"])
-    gu_programs = 0
-    if dwgu["persistent"]:  # the tiles in d_group order (1 if unset) on gu_programs programs
-        gu_g = max(gu_g, 1)
-        gu_programs = _programs(x, dwgu)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
-            (gu_programs,) if gu_programs else _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
+    grid, gu_g, gu_programs = _dw_schedule(x, dwgu, n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[grid](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
         BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, NB=n_blocks if gu_g else 0,
         D_GROUP=gu_g, NUM_PROGRAMS=gu_programs, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
-    dn_g = int(dwdn["d_group"])
-    dn_programs = 0
-    if dwdn["persistent"]:
-        dn_g = max(dn_g, 1)
-        dn_programs = _programs(x, dwdn)
-    grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[
-            (dn_programs,) if dn_programs else grid if dn_g else (grid[0], grid[2], grid[1])](
+    grid, dn_g, dn_programs = _dw_schedule(x, dwdn, n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n))
+    if len(grid) == 3:  # dW down's 3-D grid is (block, model-column tile, neuron tile)
+        grid = (grid[0], grid[2], grid[1])
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
         NB=n_blocks if dn_g else 0, D_GROUP=dn_g, NUM_PROGRAMS=dn_programs, **launch_options(dwdn),
