@@ -39,7 +39,6 @@ def main():
     ap.add_argument("--sweep5", action="store_true", help="with --sweep: the fifth round (SWEEP5)")
     ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
     ap.add_argument("--sweep7", action="store_true", help="with --sweep: the seventh round (SWEEP7)")
-    ap.add_argument("--sweep9", action="store_true", help="with --sweep: the ninth round (SWEEP9)")
     ap.add_argument("--once", action="store_true",
                     help="one fwd+bwd of the first ratio and nothing else (under ncu: every kernel launched once)")
     args = ap.parse_args()
@@ -207,22 +206,6 @@ SWEEP7 = {
 }
 
 
-# The ninth round (session 17, written after the GPU time ran out): gate/up's SwiGLU epilogue in two column halves
-# (Nsight Compute: 255 registers and spill traffic; ptxas sm_90a: 255 registers + 12 B of spills -> 219, none), and
-# dact and the dW kernels as persistent kernels (Nsight Compute: their CTA idles on its own loads, dW gate/up's
-# issue slots 18 % busy; the flattened tile loop overlaps the next tile's loads with this tile's stores).
-_PDW = {"persistent": True}
-SWEEP9 = {
-    "fwd": [{}, {"gate_up": {"split_epilogue": True}}, {"gate_up": {"split_epilogue": True, "num_stages": 4}},
-            {"gate_up": {"split_epilogue": True, "block_k": 32, "num_stages": 5}}, {}],
-    "bwd": [{}, {"dw_gate_up": _PDW}, {"dw_gate_up": dict(_PDW, d_group=8)},
-            {"dw_gate_up": dict(_PDW, block_k=64, num_stages=3)}, {"dw_gate_up": dict(_PDW, block_k=64, num_stages=4)},
-            # dact persistent (ptxas: 255 registers, 168 B of spills: the flattened loop holds the epilogue's state)
-            {"dact": _PDW}, {"dact": dict(_PDW, num_stages=2)}, {"dw_down": _PDW},
-            {"dw_down": dict(_PDW, programs_per_sm=2)}, {"dact": _PDW, "dw_gate_up": _PDW, "dw_down": _PDW}, {}],
-}
-
-
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -244,7 +227,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP9 if args.sweep9 else SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+        sets = (SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
                 else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:

@@ -292,12 +292,10 @@ def cases():
                 dict(gemm, X=bf16, WG=bf16, WU=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                      OFFSETS=i32, D=D_, BS=BS_, NB=64, stride_xt=D_, stride_xd=1, stride_wf=D_, stride_wd=1,
                      SAVE_ACT=True), opts))
-    out.append(("sparse FFN gate/up GEMM + SwiGLU, split epilogue", sf._sparse_ffn_gate_up_kernel,
-                dict(out[-1][2], SPLIT_EPILOGUE=True), opts))
     gemm, opts = fwd_entry("down")  # the plain kernel (where the persistent TMA one cannot run) at down's tiles
     out.append(("sparse FFN down GEMM", sf._sparse_ffn_down_kernel,
-                dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, WSORT=f32,
-                     SORTED_TOK=i32, D=D_, BS=BS_, NB=64, stride_wd=64 * BS_, stride_wf=1, ATOMIC_COMBINE=False), opts))
+                dict(gemm, H=bf16, WD=bf16, Y=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_, BS=BS_, NB=64,
+                     stride_wd=64 * BS_, stride_wf=1), opts))
     # the persistent TMA down projection (opt-in down.tma, session 16) at the forward's large-batch tiles, with the
     # K tile of 32 that divides the 224-neuron blocks
     for bn, bk, nw, st in ((128, 32, 8, 4), (256, 32, 8, 3), (128, 32, 4, 4)) if BS_ % 32 == 0 else ():
@@ -317,13 +315,11 @@ def cases():
     gemm = dict(DOT_PRECISION="tf32", BLOCK_M=bm)
     out.append(("sparse FFN bwd dact", sf._sparse_ffn_bwd_dact_kernel,
                 dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                     OFFSETS=i32, TILE_COUNT=i64, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_,
-                     stride_dot=D_, stride_dod=1, stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"],
+                     OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_, stride_dot=D_, stride_dod=1,
+                     stride_wd=64 * BS_, stride_wf=1, BLOCK_N=kc["dact"]["block_n"], BLOCK_K=kc["dact"]["block_k"],
                      SPLIT_EPILOGUE=kc["dact"]["split_epilogue"]), bwd_entry("dact")))
     out.append(("sparse FFN bwd dact, one-piece epilogue", sf._sparse_ffn_bwd_dact_kernel,
                 dict(out[-1][2], SPLIT_EPILOGUE=False), bwd_entry("dact")))
-    out.append(("sparse FFN bwd dact, persistent", sf._sparse_ffn_bwd_dact_kernel,
-                dict(out[-2][2], NUM_PROGRAMS=132), bwd_entry("dact")))
     out.append(("sparse FFN bwd dx", sf._sparse_ffn_bwd_dx_kernel,
                 dict(gemm, DACT=bf16, WG=bf16, WU=bf16, DXR=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, D=D_,
                      BS=BS_, NB=64, stride_wf=D_, stride_wd=1, BLOCK_N=kc["dx"]["block_n"],
@@ -355,10 +351,6 @@ def cases():
     for name in ("sparse FFN bwd dW gate/up", "sparse FFN bwd dW down"):
         _, fn, args, opts = named[name][:4]
         out.append((name + ", d_group 8", fn, dict(args, NB=64, D_GROUP=8), opts))
-    _, fn, args, opts = named["sparse FFN bwd dW gate/up"][:4]
-    out.append(("sparse FFN bwd dW gate/up, persistent", fn, dict(args, NB=64, D_GROUP=4, NUM_PROGRAMS=132), opts))
-    _, fn, args, opts = named["sparse FFN bwd dW down"][:4]
-    out.append(("sparse FFN bwd dW down, persistent", fn, dict(args, NB=64, D_GROUP=8, NUM_PROGRAMS=132), opts))
 
     from deepseek_kernels.triton import window_decode as wd
 

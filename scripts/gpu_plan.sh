@@ -74,16 +74,12 @@ case "$step" in
       --filter graphed --out "$OUT/graphed" ;;
   diag-sparse-decode)
     timeout 300 "$PY" benchmarks/diag_sparse_decode.py --out "$OUT/diag_sparse_decode.json" ;;
-  sparse-train)  # issue 6 training (session 17): SWEEP9 (gate/up's split epilogue and the persistent dact / dW
-    # kernels, opt-in, untimed; ratios 0.3 / 0.5; each config checked against the default config's results first),
-    # the per-kernel profile at ratio 0.3, then the variants' GPU test
+  sparse-train)  # issue 6 training: the per-kernel profile of fwd+bwd at T8192 (ratios 0.3 / 0.5, and the dense
+    # FFN's kernels), then the sparse file's GPU tests
     out_abs=$(cd "$OUT" && pwd)
-    (cd benchmarks && timeout 200 "$PY" diag_sparse_train.py --sweep --sweep9 --ratios 0.3,0.5 \
-      --out "$out_abs/sweep9.json" | grep -vi warning)
-    (cd benchmarks && timeout 90 "$PY" diag_sparse_train.py --ratios 0.3 --out "$out_abs/diag_sparse_train.json" \
-      | grep -vi warning | head -16)
-    timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sparse_ffn_triton.py \
-      -k "persistent_variants" | tail -2 ;;
+    (cd benchmarks && timeout 150 "$PY" diag_sparse_train.py --ratios 0.3,0.5 --out "$out_abs/diag_sparse_train.json" \
+      | grep -vi warning | head -30)
+    timeout 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sparse_ffn_triton.py | tail -2 ;;
   ncu-sparse-train)  # issue 6 training: Nsight Compute on each grouped-GEMM kernel of one fwd+bwd at T8192 ratio 0.3
     # (speed of light, memory and compute workload, warp stall reasons, occupancy; clocks left alone: METHOD.md)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)

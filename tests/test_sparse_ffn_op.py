@@ -225,7 +225,7 @@ def test_opcheck():
     torch.library.opcheck(OPS.sparse_ffn_route.default, (x, wr, None, 2, "sigmoid", "none", 0.4))
     idx, w, _ = route_ref(x.detach(), wr.detach(), k=3, gate="sigmoid", weighting="gate")
     w = w.float().requires_grad_(True)
-    torch.library.opcheck(OPS.sparse_ffn_blocks_fwd.default, (x, wg, wu, wd, idx, w, 1, 8, True, True))
+    torch.library.opcheck(OPS.sparse_ffn_blocks_fwd.default, (x, wg, wu, wd, idx, w, 1, 8, True))
     act = torch.randn(7 * 4, 2, 8)
     torch.library.opcheck(OPS.sparse_ffn_blocks_bwd.default,
                           (torch.randn(7, 16), x.detach(), wg.detach(), wu.detach(), wd.detach(), idx, w.detach(), act,
@@ -304,13 +304,13 @@ def test_bad_input_straight_through_torch_ops():
     idx = torch.zeros(4, 2, dtype=torch.int32)
     w = torch.ones(4, 2)
     with pytest.raises(ValueError, match="must be divisible by n_blocks"):
-        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx, w, 0, 7, False, True)
+        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx, w, 0, 7, False)
     with pytest.raises(ValueError, match="idx entries must be routed block ids"):
-        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx + 8, w, 0, 8, False, True)
+        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx + 8, w, 0, 8, False)
     with pytest.raises(ValueError, match="idx must be int32"):
-        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx.long(), w, 0, 8, False, True)
+        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx.long(), w, 0, 8, False)
     with pytest.raises(ValueError, match="dtype mismatch: w_down"):
-        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd.half(), idx, w, 0, 8, False, True)
+        OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd.half(), idx, w, 0, 8, False)
 
 
 # ---- the module ------------------------------------------------------------------------------------------
@@ -462,17 +462,6 @@ def test_grouped_mm_benchmark_baseline_computes_the_same_layer():
     assert rel(out, ref) < 1e-5
     grads = torch.autograd.grad(out, ts, torch.randn_like(out))
     assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, ts))
-
-
-def test_atomic_combine_option(path):
-    """deterministic=False (fused combine with fp32 atomics on the Triton path) computes the same layer."""
-    x, wr, wg, wu, wd = make(23, 24, 64, 8, S=1, router_scale=3.0)
-    ref = gated_sparse_ffn_ref(x.double(), wr.double(), wg.double(), wu.double(), wd.double(), active_ratio=0.5,
-                               shared_blocks=1)
-    for t in (x, wg):
-        t.requires_grad_(True)
-    out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.5, shared_blocks=1, deterministic=False)
-    assert rel(out, ref) < 1e-5
 
 
 def test_eager_decode_fast_path_gives_the_ops_bits(monkeypatch):

@@ -56,8 +56,6 @@ class GatedSparseFFN(nn.Module):
         bias_update_rate: the bias step ``u`` of ``bias += u * sign(mean_load - load)``.
         aux_loss_coef: ``alpha`` of ``aux_loss = alpha * sum_i f_i * P_i`` with ``f_i`` the share of
             routed slots given to block ``i`` times ``n_routed`` and ``P_i`` its mean normalised gate.
-        deterministic: ``False`` lets the Triton forward fuse the weighted combine into the down GEMM
-            with fp32 atomics (less memory traffic, last bits vary between runs).
 
     Observed after each forward: :attr:`last_load` (fraction of tokens routed to each routed
     block), :attr:`activation_ratio` (active blocks per token / n_blocks, shared included), and
@@ -66,10 +64,9 @@ class GatedSparseFFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, n_blocks: int = 64, active_ratio: float = 0.3,
                  shared_blocks: int = 0, gate: str = "sigmoid", weighting: str = "gate", balance: str | None = "bias",
-                 bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2, deterministic: bool = True,
+                 bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2,
                  device=None, dtype=None):
         super().__init__()
-        self.deterministic = bool(deterministic)  # False: fused atomic combine (see gated_sparse_ffn)
         name = "GatedSparseFFN"
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
             raise ValueError(f"{name}: n_blocks must be an int >= 1, got {n_blocks!r}")
@@ -137,8 +134,7 @@ class GatedSparseFFN(nn.Module):
         out, routing = gated_sparse_ffn(
             x, self.router.weight, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
             active_ratio=self.active_ratio, shared_blocks=self.shared_blocks, gate=self.gate,
-            weighting=self.weighting, bias=self.selection_bias, threshold=self.threshold, return_routing=True,
-            deterministic=self.deterministic)
+            weighting=self.weighting, bias=self.selection_bias, threshold=self.threshold, return_routing=True)
         counts = self._observe(routing)
         self.aux_loss = None
         if self.balance == "aux" and self.training and routing.probs is not None:

@@ -8,8 +8,8 @@ Two registered ops, composed by the public function (so autograd sums x's two gr
   kernel; CPU: ``route_ref``. Backward (closed form, torch): through the normalised gates and the
   probs to the logits, then ``dx = dlogits . W_r``, ``dW_r = dlogits^T . x``.
 * ``deepseek_kernels::sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks,
-  n_blocks, save_act, deterministic)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in the
-  block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
+  n_blocks, save_act)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in
+  the block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
   combine; without ``save_act`` and for at most 16 tokens, the two decode kernels instead (gather
   GEMV over the used blocks' weight slices, combine fused into the down product). CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
   Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``. Triton: grouped GEMMs with the SwiGLU
@@ -279,7 +279,7 @@ def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor |
 @define_triton_op("deepseek_kernels::sparse_ffn_blocks_fwd")
 def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int,
-                   save_act: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   save_act: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
     if _use_triton(x):
         from deepseek_kernels.triton.sparse_ffn import DECODE_MAX_TOKENS, sparse_ffn_decode, sparse_ffn_fwd
@@ -289,7 +289,7 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
                                     n_blocks=n_blocks)
             return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks)
         out, act, _ = sparse_ffn_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
-                                     n_blocks=n_blocks, save_act=save_act, deterministic=deterministic)
+                                     n_blocks=n_blocks, save_act=save_act)
         return out, act
     return _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
 
@@ -326,7 +326,7 @@ if not TRITON_OP:
                 x.new_empty((T, k), dtype=torch.int32))
 
     @_blocks_fwd_op.register_fake
-    def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act, deterministic):
+    def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act):
         check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
         P = x.shape[0] * (shared_blocks + idx.shape[1]) if save_act else 0
         return torch.empty_like(x), x.new_empty((P, 2, w_gate.shape[0] // n_blocks))
@@ -368,7 +368,7 @@ def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
 
 
 def _blocks_setup_context(ctx, inputs, output):
-    x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act, _deterministic = inputs
+    x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act = inputs
     _, act = output
     ctx.save_for_backward(x, w_gate, w_up, w_down, idx, weights, act)
     ctx.shared_blocks, ctx.n_blocks, ctx.save_act = shared_blocks, n_blocks, save_act
@@ -381,7 +381,7 @@ def _blocks_backward(ctx, grad_out, _grad_act):
         raise RuntimeError(f"{NAME}: backward needs the activations, but the forward ran with save_act=False")
     dx, dwg, dwu, dwd, dweights = torch.ops.deepseek_kernels.sparse_ffn_blocks_bwd(
         grad_out.contiguous(), x, w_gate, w_up, w_down, idx, weights, act, ctx.shared_blocks, ctx.n_blocks)
-    return dx, dwg, dwu, dwd, None, dweights, None, None, None, None
+    return dx, dwg, dwu, dwd, None, dweights, None, None, None
 
 
 torch.library.register_autograd("deepseek_kernels::sparse_ffn_route", _route_backward,
@@ -412,7 +412,6 @@ def gated_sparse_ffn(
     x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
     active_ratio: float, shared_blocks: int = 0, gate: str = "sigmoid", weighting: str = "gate",
     bias: torch.Tensor | None = None, threshold: float | None = None, return_routing: bool = False,
-    deterministic: bool = True,
 ):
     """Routed neuron-block SwiGLU FFN, differentiable in x, router_weight and the three FFN weights.
 
@@ -423,9 +422,7 @@ def gated_sparse_ffn(
     selection only; ``threshold``: only blocks whose gate exceeds it, at most that many). Chosen blocks
     are scaled by their gate normalised over the chosen blocks (``weighting="gate"``) or by 1
     (``"none"``). Returns ``out [..., d_model]`` (and a :class:`SparseRouting` with ``return_routing``).
-    ``deterministic=False`` lets the Triton forward fuse the weighted combine into the down GEMM with
-    fp32 atomics (less memory traffic; the output's last bits then vary between runs). The backward
-    and the decode path are deterministic either way.
+    Forward, backward and decode are deterministic (no atomics: the same inputs give the same bits).
     Exact definition: ``deepseek_kernels.reference.sparse_ffn``.
     """
     check_args(x, router_weight, w_gate, w_up, w_down, active_ratio=active_ratio, shared_blocks=shared_blocks,
@@ -468,7 +465,7 @@ def gated_sparse_ffn(
         weights = x2.new_empty((x2.shape[0], 0), dtype=torch.float32)
         probs = None
     out, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x2, w_gate, w_up, w_down, idx, weights, shared_blocks,
-                                                             n_blocks, save_act, bool(deterministic))
+                                                             n_blocks, save_act)
     out = out.reshape(*lead, d_model)
     if return_routing:
         return out, SparseRouting(idx, weights, probs, k, shared_blocks)

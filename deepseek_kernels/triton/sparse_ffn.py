@@ -21,9 +21,9 @@ Pipeline (one call of :func:`sparse_ffn_fwd`):
    writes ``h [P, BS]`` and, for the backward, the pre-activations ``act [P, 2, BS]``.
 4. ``_sparse_ffn_down_kernel``: grouped GEMM ``y[p] = h[p] . w_down[:, block]^T`` -> ``[P, D]``.
 5. ``_sparse_ffn_combine_kernel``: ``out[t] = sum_j weight[t, j] * y[inv[t, j]]`` in fp32, a
-   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped. Opt-in
-   (``deterministic=False``): steps 4 and 5 fused, the down GEMM adding ``weight * y`` into an fp32
-   output with atomics, so y never reaches memory (not bit-reproducible).
+   gather (deterministic, no atomics); empty slots (``inv = -1``) are skipped. (Steps 4 and 5 fused
+   with fp32 atomics, so that y never reaches memory, measured 1.5x slower on the H200 in session 18:
+   3.59 against 2.39 ms for the T8192 forward at ratio 0.3; removed.)
 
 Backward: the kernels after :func:`sparse_ffn_fwd` (B1-B4, deterministic). Decode (<= 16 tokens,
 inference): :func:`sparse_ffn_decode`.
@@ -430,12 +430,7 @@ def _dw_tile_ids(NB, n_n, n_d, D_GROUP: tl.constexpr):
     activation slice is read once per group while the group's x / dO columns stay in L2."""
     if D_GROUP == 0:
         return tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    return _dw_group_ids(tl.program_id(0), NB, n_n, D_GROUP)
-
-
-@triton.jit
-def _dw_group_ids(pid, NB, n_n, D_GROUP: tl.constexpr):
-    """(block, neuron tile, model-column tile) of work item ``pid`` in ``d_group`` order (:func:`_dw_tile_ids`)."""
+    pid = tl.program_id(0)
     per_group = NB * n_n * D_GROUP
     g = pid // per_group
     r = pid - g * per_group
@@ -452,17 +447,6 @@ def _dw_grid(n_blocks: int, n_n: int, n_d: int, d_group: int) -> tuple:
     return (n_blocks * n_n * triton.cdiv(n_d, d_group) * d_group,) if d_group else (n_blocks, n_n, n_d)
 
 
-def _dw_schedule(x: torch.Tensor, cfg: dict, n_blocks: int, n_n: int, n_d: int) -> tuple:
-    """``(grid, D_GROUP, NUM_PROGRAMS)`` of a weight-gradient kernel from its config: the 3-D grid (block,
-    neuron tile, model-column tile), the ``d_group`` 1-D grid, or with ``persistent`` :func:`_programs` programs
-    walking the tiles in ``d_group`` order (1 if unset)."""
-    d_group = int(cfg["d_group"])
-    if cfg["persistent"]:
-        programs = _programs(x, cfg)
-        return (programs,), max(d_group, 1), programs
-    return _dw_grid(n_blocks, n_n, n_d, d_group), d_group, 0
-
-
 @triton.jit
 def _sparse_ffn_gate_up_kernel(
     X, WG, WU, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
@@ -470,11 +454,9 @@ def _sparse_ffn_gate_up_kernel(
     stride_xt, stride_xd, stride_wf, stride_wd,
     SAVE_ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS_FIRST: tl.constexpr = False,
-    SPLIT_EPILOGUE: tl.constexpr = False,
 ):
     """For the rows of one block b: a = x[tok] . w_gate[b*BS + n]^T, u likewise with w_up,
-    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS]). ``COLS_FIRST``: :func:`_tile_ids`.
-    ``SPLIT_EPILOGUE``: the epilogue in two column halves (fewer live registers next to the two accumulators)."""
+    h = silu(a) * u -> H [P, BS] (and a, u -> ACT [P, 2, BS]). ``COLS_FIRST``: :func:`_tile_ids`."""
     pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
@@ -484,34 +466,14 @@ def _sparse_ffn_gate_up_kernel(
         n_mask = offs_n < BS
         acc_g, acc_u = _gate_up_dots(X, WG, WU, tok, r_mask, b * BS + offs_n, n_mask, D, stride_xt, stride_xd,
                                      stride_wf, stride_wd, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if SPLIT_EPILOGUE:
-            rows64 = rows.to(tl.int64)
-            g_lo, g_hi = tl.split(tl.permute(tl.reshape(acc_g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            u_lo, u_hi = tl.split(tl.permute(tl.reshape(acc_u, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            _gate_up_epilogue(g_lo, u_lo, H, ACT, rows64, r_mask, half, BS, SAVE_ACT)
-            _gate_up_epilogue(g_hi, u_hi, H, ACT, rows64, r_mask, half + BLOCK_N // 2, BS, SAVE_ACT)
-        else:  # the one-piece epilogue as GPU-timed through session 17 (the same PTX)
-            h = acc_g * tl.sigmoid(acc_g) * acc_u
-            out_mask = r_mask[:, None] & n_mask[None, :]
-            rows64 = rows.to(tl.int64)
-            tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=out_mask)
-            if SAVE_ACT:
-                act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
-                tl.store(act, acc_g.to(ACT.dtype.element_ty), mask=out_mask)
-                tl.store(act + BS, acc_u.to(ACT.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _gate_up_epilogue(g, u, H, ACT, rows64, r_mask, offs_n, BS, SAVE_ACT: tl.constexpr):
-    """h = silu(g) * u -> H [rows, offs_n] (and g, u -> ACT with ``SAVE_ACT``)."""
-    mask = r_mask[:, None] & (offs_n < BS)[None, :]
-    h = g * tl.sigmoid(g) * u
-    tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=mask)
-    if SAVE_ACT:
-        act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
-        tl.store(act, g.to(ACT.dtype.element_ty), mask=mask)
-        tl.store(act + BS, u.to(ACT.dtype.element_ty), mask=mask)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        out_mask = r_mask[:, None] & n_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        tl.store(H + rows64[:, None] * BS + offs_n[None, :], h.to(H.dtype.element_ty), mask=out_mask)
+        if SAVE_ACT:
+            act = ACT + rows64[:, None] * (2 * BS) + offs_n[None, :]
+            tl.store(act, acc_g.to(ACT.dtype.element_ty), mask=out_mask)
+            tl.store(act + BS, acc_u.to(ACT.dtype.element_ty), mask=out_mask)
 
 
 # ---- 4. down grouped GEMM ---------------------------------------------------------------------------
@@ -519,17 +481,14 @@ def _gate_up_epilogue(g, u, H, ACT, rows64, r_mask, offs_n, BS, SAVE_ACT: tl.con
 
 @triton.jit
 def _sparse_ffn_down_kernel(
-    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS, WSORT, SORTED_TOK,
+    H, WD, Y, TILE_BLOCK, TILE_START, OFFSETS,
     D, BS, NB,
     stride_wd, stride_wf,
-    ATOMIC_COMBINE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     COLS_FIRST: tl.constexpr = False,
 ):
     """For the rows of one block b: y[p, n] = sum_k h[p, k] * w_down[n, b*BS + k] -> Y [P, D].
-    With ATOMIC_COMBINE the combine is fused instead: Y is the fp32 output [T, D] (zeroed) and each
-    row adds w_p * y[p] to Y[tok_p] with fp32 atomics (no y in memory; summation order, hence the
-    last bits, vary from run to run). ``COLS_FIRST``: :func:`_tile_ids`."""
+    ``COLS_FIRST``: :func:`_tile_ids`."""
     pid_m, pid_n = _tile_ids(tl.cdiv(D, BLOCK_N), COLS_FIRST)
     b = tl.load(TILE_BLOCK + pid_m)
     if b < NB:
@@ -545,14 +504,8 @@ def _sparse_ffn_down_kernel(
             w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        if ATOMIC_COMBINE:
-            wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
-            tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
-            tl.atomic_add(Y + tok[:, None] * D + offs_n[None, :], acc * wp[:, None],
-                          mask=r_mask[:, None] & n_mask[None, :], sem="relaxed")
-        else:
-            tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                     mask=r_mask[:, None] & n_mask[None, :])
+        tl.store(Y + rows64[:, None] * D + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=r_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -564,16 +517,15 @@ def _sorted_rows_tma_kernel(
     NUM_PROGRAMS: tl.constexpr,
 ):
     """A grouped GEMM over the sorted rows as a persistent kernel with TMA loads (Hopper+; session 16; the
-    T >= 4096 default since session 17): OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] .
-    W2_b with ``DUAL``). The forward's down projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k]
-    tiles, ``W_NK``) and the backward's dx (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up
-    [F, D] read as [k, n] tiles, ``DUAL``).
-    K is only BS (224), so a plain tile's pipeline barely fills before its epilogue: NUM_PROGRAMS programs walk
-    the real (row tile, column tile) pairs, a row tile's column tiles consecutively (its A rows and the block's
-    weights stay in L2), the tile loop flattened with the K loop so the next tile's loads overlap this tile's
-    stores. A rows past the block's end (the next block's, or past P: zeros) are computed and not stored; BS is
-    a multiple of BLOCK_K (the launcher checks), so no K tile reaches into the next block's weights or, with
-    DUAL, from the first half of A into the second."""
+    T >= 4096 default since session 17): OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b
+    with ``DUAL``). The forward's down projection (``down.tma``: A = h, W = w_down [D, F] read as [n, k] tiles,
+    ``W_NK``) and the backward's dx (``dx.tma``: A = dact viewed [P, 2 BS], W / W2 = w_gate / w_up [F, D] read as
+    [k, n] tiles, ``DUAL``). K is only BS (224), so a plain tile's pipeline barely fills before its epilogue:
+    NUM_PROGRAMS programs walk the real (row tile, column tile) pairs, a row tile's column tiles consecutively (its
+    A rows and the block's weights stay in L2), the tile loop flattened with the K loop so the next tile's loads
+    overlap this tile's stores. A rows past the block's end (the next block's, or past P: zeros) are computed and
+    not stored; BS is a multiple of BLOCK_K (the launcher checks), so no K tile reaches into the next block's
+    weights or, with DUAL, from the first half of A into the second."""
     n_col = tl.cdiv(D, BLOCK_N)
     total = tl.load(TILE_COUNT).to(tl.int32) * n_col
     for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
@@ -713,7 +665,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs_per_sm=2,
                               cols_first=True))
-    base["gate_up"] = {"cols_first": False, "split_epilogue": False, **base.get("gate_up", {})}
+    base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
     base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
     return base
@@ -745,17 +697,13 @@ def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
 
 def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
-                   save_act: bool = True, deterministic: bool = True, block_m: int | None = None,
+                   save_act: bool = True, block_m: int | None = None,
                    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
                    config: dict | None = None):
     """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
     ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
-    layout; empty [0, 2, BS] without save_act), grouping)``.
-
-    ``deterministic=True`` (default): the down GEMM writes ``y [P, D]`` and the combine kernel gathers
-    it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic). ``False``: the
-    weighted combine is fused into the down GEMM with fp32 atomics into a [T, D] fp32 buffer, cast
-    afterwards (no y; results vary in the last bits between runs)."""
+    layout; empty [0, 2, BS] without save_act), grouping)``. The down GEMM writes ``y [P, D]`` and the
+    combine kernel gathers it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
@@ -778,28 +726,18 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
         grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
         SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        COLS_FIRST=bool(gu["cols_first"]), SPLIT_EPILOGUE=bool(gu["split_epilogue"]) and gu["block_n"] >= 32,
-        **launch_options(gu),
+        COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
     )
-    if deterministic:
-        y = torch.empty(P, D, dtype=x.dtype, device=x.device)
-        w_sorted = tok = y  # unused
-    else:
-        y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
-        w_sorted, tok = w_full.reshape(-1)[grouping.order].contiguous(), grouping.sorted_tok
-    if deterministic and dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
+    y = torch.empty(P, D, dtype=x.dtype, device=x.device)
+    if dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
         _down_tma(h, w_down, y, grouping, dn, prec)
     else:
         torch.library.wrap_triton(_sparse_ffn_down_kernel)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
                                                                  dn["cols_first"])](
-            h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, w_sorted, tok, D, BS, n_blocks,
-            w_down.stride(0), w_down.stride(1), ATOMIC_COMBINE=not deterministic,
-            DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
+            h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
+            w_down.stride(0), w_down.stride(1), DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
             COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
         )
-    if not deterministic:  # tokens with an invalid block id: NaN rows, as the gather combine gives
-        bad = (grouping.inv == -2).any(1, keepdim=True)
-        return torch.where(bad, float("nan"), y).to(x.dtype), act, grouping
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
@@ -828,67 +766,44 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
 
 @triton.jit
 def _sparse_ffn_bwd_dact_kernel(
-    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
     DACT, HW, DWP,
     D, BS, NB, P,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr = False, COLS_FIRST: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 0,
+    SPLIT_EPILOGUE: tl.constexpr = False, COLS_FIRST: tl.constexpr = False,
 ):
     """B1: g = dO[tok] . w_down[:, block]^T with the SwiGLU derivative in the epilogue ->
     DACT [P, 2, BS] (da, du), HW [P, BS] (w_p * h) and DWP [n_tiles_n, P] (partial dweight).
     ``SPLIT_EPILOGUE``: the epilogue in two column halves (half the live registers: the 128 x 128 tile's
-    one-piece epilogue spills ~1.8 KB per thread on sm_90). ``COLS_FIRST``: :func:`_tile_ids`.
-    ``NUM_PROGRAMS`` > 0: a persistent kernel, that many programs walking the real tiles (``TILE_COUNT``) in
-    cols_first order with the tile and K loops flattened (the next tile's loads overlap this tile's epilogue)."""
-    n_col = tl.cdiv(BS, BLOCK_N)
-    if NUM_PROGRAMS == 0:
-        pid_m, pid_n = _tile_ids(n_col, COLS_FIRST)
-        b = tl.load(TILE_BLOCK + pid_m)
-        if b < NB:  # else a padding tile
-            _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP, b, pid_m, pid_n,
-                       D, BS, P, stride_dot, stride_dod, stride_wd, stride_wf,
-                       DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_EPILOGUE)
-    else:  # only the real tiles
-        total = tl.load(TILE_COUNT).to(tl.int32) * n_col
-        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
-            pid_m = t // n_col
-            _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP,
-                       tl.load(TILE_BLOCK + pid_m), pid_m, t - pid_m * n_col, D, BS, P,
-                       stride_dot, stride_dod, stride_wd, stride_wf, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-                       SPLIT_EPILOGUE)
-
-
-@triton.jit
-def _dact_tile(DO, WD, ACT, WSORT, SORTED_TOK, TILE_START, OFFSETS, DACT, HW, DWP, b, pid_m, pid_n,
-               D, BS, P, stride_dot, stride_dod, stride_wd, stride_wf,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_EPILOGUE: tl.constexpr):
-    """One (row tile, neuron tile) of :func:`_sparse_ffn_bwd_dact_kernel`, of block ``b < n_blocks``."""
-    rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < BS
-    f = (b * BS + offs_n).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < D
-        go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
-                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
-    wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
-    if SPLIT_EPILOGUE:
-        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        part = _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, half, wp, BS)
-        part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, half + BLOCK_N // 2, wp, BS)
-    else:
-        part = _dact_epilogue(acc, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS)
-    tl.store(DWP + pid_n.to(tl.int64) * P + rows64, part, mask=r_mask)
+    one-piece epilogue spills ~1.8 KB per thread on sm_90). ``COLS_FIRST``: :func:`_tile_ids`."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(BS, BLOCK_N), COLS_FIRST)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < BS
+        f = (b * BS + offs_n).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(go, w, acc, input_precision=DOT_PRECISION)
+        wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+        if SPLIT_EPILOGUE:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            part = _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, half, wp, BS)
+            part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, half + BLOCK_N // 2, wp, BS)
+        else:
+            part = _dact_epilogue(acc, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS)
+        tl.store(DWP + pid_n.to(tl.int64) * P + rows64, part, mask=r_mask)
 
 
 @triton.jit
@@ -978,31 +893,12 @@ def _sparse_ffn_bwd_dw_gate_up_kernel(
     D, BS,
     stride_xt, stride_xd, stride_gf, stride_gd,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0, NUM_PROGRAMS: tl.constexpr = 0,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
 ):
     """B3: for block b: dW_gate[b*BS + n, d] = sum_p da[p, n] x[tok_p, d] (and dW_up with du) over the
     block's rows, in row order. DWG and DWU share strides. Tile order: :func:`_dw_tile_ids` (NB: the
-    block count, needed with D_GROUP). ``NUM_PROGRAMS`` > 0 (needs D_GROUP > 0): a persistent kernel, that many
-    programs walking the tiles in ``d_group`` order with the tile and row loops flattened, so the next tile's
-    first loads overlap this tile's stores (the plain grid's CTA idles through its prologue and epilogue)."""
-    n_n = tl.cdiv(BS, BLOCK_N)
-    if NUM_PROGRAMS == 0:
-        b, pid_n, pid_d = _dw_tile_ids(NB, n_n, tl.cdiv(D, BLOCK_D), D_GROUP)
-        _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS, stride_xt, stride_xd,
-                         stride_gf, stride_gd, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_K)
-    else:
-        total = NB * n_n * tl.cdiv(tl.cdiv(D, BLOCK_D), D_GROUP) * D_GROUP
-        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
-            b, pid_n, pid_d = _dw_group_ids(t, NB, n_n, D_GROUP)
-            _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS, stride_xt, stride_xd,
-                             stride_gf, stride_gd, DOT_PRECISION, BLOCK_N, BLOCK_D, BLOCK_K)
-
-
-@triton.jit
-def _dw_gate_up_tile(DACT, X, SORTED_TOK, OFFSETS, DWG, DWU, b, pid_n, pid_d, D, BS,
-                     stride_xt, stride_xd, stride_gf, stride_gd,
-                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (block, neuron tile, model-column tile) of :func:`_sparse_ffn_bwd_dw_gate_up_kernel`."""
+    block count, needed with D_GROUP)."""
+    b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_mask = offs_n < BS
@@ -1033,32 +929,14 @@ def _sparse_ffn_bwd_dw_down_kernel(
     D, BS,
     stride_dot, stride_dod, stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0, NUM_PROGRAMS: tl.constexpr = 0,
+    NB: tl.constexpr = 0, D_GROUP: tl.constexpr = 0,
 ):
     """B4: for block b: dW_down[d, b*BS + n] = sum_p dO[tok_p, d] hw[p, n] over the block's rows, in row
-    order. Tile order: :func:`_dw_tile_ids` (the 3-D grid is (block, model-column tile, neuron tile)).
-    ``NUM_PROGRAMS`` > 0 (needs D_GROUP > 0): persistent, as :func:`_sparse_ffn_bwd_dw_gate_up_kernel`."""
-    n_n = tl.cdiv(BS, BLOCK_N)
-    if NUM_PROGRAMS == 0:
-        if D_GROUP == 0:
-            b, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        else:
-            b, pid_n, pid_d = _dw_tile_ids(NB, n_n, tl.cdiv(D, BLOCK_D), D_GROUP)
-        _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod, stride_wd,
-                      stride_wf, DOT_PRECISION, BLOCK_D, BLOCK_N, BLOCK_K)
+    order. Tile order: :func:`_dw_tile_ids` (the 3-D grid is (block, model-column tile, neuron tile))."""
+    if D_GROUP == 0:
+        b, pid_d, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     else:
-        total = NB * n_n * tl.cdiv(tl.cdiv(D, BLOCK_D), D_GROUP) * D_GROUP
-        for t in tl.range(tl.program_id(0), total, NUM_PROGRAMS, flatten=True):
-            b, pid_n, pid_d = _dw_group_ids(t, NB, n_n, D_GROUP)
-            _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod,
-                          stride_wd, stride_wf, DOT_PRECISION, BLOCK_D, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _dw_down_tile(DO, HW, SORTED_TOK, OFFSETS, DWD, b, pid_n, pid_d, D, BS, stride_dot, stride_dod, stride_wd,
-                  stride_wf, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """One (block, neuron tile, model-column tile) of :func:`_sparse_ffn_bwd_dw_down_kernel`."""
+        b, pid_n, pid_d = _dw_tile_ids(NB, tl.cdiv(BS, BLOCK_N), tl.cdiv(D, BLOCK_D), D_GROUP)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_mask = offs_d < D
@@ -1106,15 +984,10 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
-    base["dact"] = {"split_epilogue": False, "cols_first": False, "persistent": False, "programs": None,
-                    "programs_per_sm": 1, **base.get("dact", {})}
+    base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
     base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
-    # dact / dw_gate_up / dw_down.persistent (opt-in, session 17, not yet timed): the kernel on .programs programs
-    # (None: .programs_per_sm per SM) walking its tiles (dact: the real ones in cols_first order; the dW kernels: in
-    # d_group order)
     for kern in ("dw_gate_up", "dw_down"):
-        base[kern] = {"d_group": 0, "persistent": False, "programs": None, "programs_per_sm": 1,
-                      **base.get(kern, {})}
+        base[kern] = {"d_group": 0, **base.get(kern, {})}
     return base
 
 
@@ -1153,15 +1026,13 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
     prec = _dot_precision(dt)
-    da_programs = _programs(x, da) if da["persistent"] else 0
-    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[
-            (da_programs,) if da_programs else _grid(n_tiles, n_ntiles, da["cols_first"])](
-        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets, g.tile_count,
+    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
+        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
         dact, hw, dwp, D, BS, n_blocks, P,
         grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
         BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
         SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
-        NUM_PROGRAMS=da_programs, **launch_options(da),
+        **launch_options(da),
     )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
@@ -1180,20 +1051,20 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
-    grid, gu_g, gu_programs = _dw_schedule(x, dwgu, n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n))
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[grid](
+    gu_g = int(dwgu["d_group"])
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
+            _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
         dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
         BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, NB=n_blocks if gu_g else 0,
-        D_GROUP=gu_g, NUM_PROGRAMS=gu_programs, **launch_options(dwgu),
+        D_GROUP=gu_g, **launch_options(dwgu),
     )
     dn_n = dwdn["block_n"]
-    grid, dn_g, dn_programs = _dw_schedule(x, dwdn, n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n))
-    if len(grid) == 3:  # dW down's 3-D grid is (block, model-column tile, neuron tile)
-        grid = (grid[0], grid[2], grid[1])
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid](
+    dn_g = int(dwdn["d_group"])
+    grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
+    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
         grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
         dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
-        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, NUM_PROGRAMS=dn_programs, **launch_options(dwdn),
+        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
     )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0

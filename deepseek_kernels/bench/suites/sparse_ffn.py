@@ -42,9 +42,9 @@ def _inputs(T, D, F_, NB, grad):
     return make
 
 
-def _ours(ratio, backward, deterministic=True):
+def _ours(ratio, backward):
     def fwd(x, wr, wg, wu, wd, dout):
-        return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=ratio, deterministic=deterministic)
+        return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=ratio)
 
     def fwd_bwd(x, wr, wg, wu, wd, dout):
         return torch.autograd.grad(fwd(x, wr, wg, wu, wd, dout), (x, wr, wg, wu, wd), dout)
@@ -146,21 +146,6 @@ def cases(quick: bool = False) -> list[Case]:
                             "pass": pas, "baseline": vs},
                     check=None if backward else _check(ratio),
                 ))
-    # the forward with the weighted combine fused into the down GEMM (fp32 atomics; the backward is
-    # deterministic either way): what the deterministic combine's 2 x P x D bytes cost
-    for T, ratio in ([] if quick else [(8192, 0.3), (8192, 0.5)]):
-        k = n_active(ratio, NB)
-        for backward in (False, True):
-            pas = "fwd+bwd" if backward else "fwd"
-            out.append(Case(
-                name=f"{pas} T{T} ratio{ratio} ({k}/{NB} blocks) deterministic=False vs dense",
-                make_inputs=_inputs(T, D, F_, NB, backward),
-                ours=Impl("deepseek_kernels (deterministic=False)", _ours(ratio, backward, deterministic=False)),
-                baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(backward)),
-                flops=flops(T, D, F_, k, NB, NB, backward=backward),
-                params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
-                        "pass": pas, "baseline": "dense", "deterministic": False},
-            ))
     for T in (() if quick else (1, 8)):
         ratio = 0.15
         k = n_active(ratio, NB)
