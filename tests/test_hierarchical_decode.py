@@ -14,6 +14,9 @@ from deepseek_kernels.hierarchical_decode import (
 from deepseek_kernels.reference.hierarchical_attention import hierarchical_attention_ref
 from tests.tolerances import REL_TOL, rel_error
 
+# conftest.py: on a machine with a GPU (interpreter off) the unmarked tests run on CUDA
+KERNEL_TESTS_ON_CUDA = True
+
 
 @pytest.fixture
 def torch_path(monkeypatch):

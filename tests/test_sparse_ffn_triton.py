@@ -10,6 +10,9 @@ from deepseek_kernels.reference.sparse_ffn import gated_sparse_ffn_ref, route_re
 from deepseek_kernels.triton import sparse_ffn as tk
 from deepseek_kernels.triton._common import big_shared_memory
 
+# conftest.py: on a machine with a GPU (interpreter off) the unmarked tests run on CUDA
+KERNEL_TESTS_ON_CUDA = True
+
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -493,6 +496,23 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
+def test_decode_stages_fit_the_shared_memory(monkeypatch):
+    """The decode defaults cut their pipeline stages to the device's shared memory per program for the operand
+    size (fp32: twice bf16's bytes); bf16 keeps the tuned stages; off CUDA nothing changes."""
+    from deepseek_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "_smem_per_block_of", lambda index: 232448)  # the H200's opt-in limit
+    cuda = torch.device("cuda", 0)
+    tuned = tk.decode_launch_config(1, 4096, 224)
+    assert tk.decode_launch_config(1, 4096, 224, 2, cuda) == tuned and tuned["gate_up"]["num_stages"] == 8
+    fp32 = tk.decode_launch_config(1, 4096, 224, 4, cuda)
+    gu, dn = fp32["gate_up"], fp32["down"]
+    assert gu["num_stages"] == 232448 // ((16 + 2 * 32) * 128 * 4) == 5  # 8 stages would need 320 KB
+    assert dn["num_stages"] == 4 and (16 + 32) * 256 * 4 * dn["num_stages"] <= 232448
+    assert tk.decode_launch_config(1, 4096, 224, 4, torch.device("cpu")) == tuned
+    assert _common.fit_stages(3, 10**6, cuda) == 1  # never below one stage
+
+
 @pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: "T{}-D{}-F{}-NB{}-S{}".format(*c[:5]))
 def test_decode_reads_w_down_in_either_layout(case, poisoned):
     """The decode kernels take w_down [d_model, d_ff] by its strides: a neuron-major copy (the same values stored
@@ -695,6 +715,34 @@ def test_fp32_on_gpu_is_not_tf32():
     out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.3)
     ref = gated_sparse_ffn_ref(x.double(), wr.double(), wg.double(), wu.double(), wd.double(), active_ratio=0.3)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 8, 4097])
+def test_fp32_at_the_bf16_tuned_tile_sizes_on_gpu(T):
+    """fp32 where the defaults were tuned for bf16: the decode (1-2 tokens: 8 gate/up stages, 280 KB of shared
+    memory in fp32; session 18's device-generic run hit OutOfResources there) and the large-batch forward +
+    backward (dact's 197 KB bf16 tiles) must fit the H200 and match the fp64 reference."""
+    import deepseek_kernels as dk
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 256, 2048, 64, torch.float32)
+    args = [t.double() for t in (x, wr, wg, wu, wd)]
+    if T <= tk.DECODE_MAX_TOKENS:
+        with torch.no_grad():
+            assert dk.explain("gated_sparse_ffn", x).startswith("triton")
+            out = dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
+        assert rel(out, gated_sparse_ffn_ref(*args, active_ratio=0.15)) < 1e-5
+        return
+    ts = [t.requires_grad_(True) for t in (x, wr, wg, wu, wd)]
+    out = dk.gated_sparse_ffn(*ts, active_ratio=0.3)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ts, go)
+    refs = [t.detach().requires_grad_(True) for t in args]
+    ref = gated_sparse_ffn_ref(*refs, active_ratio=0.3)
+    want = torch.autograd.grad(ref, refs, go.double())
+    assert rel(out, ref) < 1e-5
+    for name, g, r in zip(("x", "router", "w_gate", "w_up", "w_down"), grads, want):
+        assert rel(g, r) < 1e-4, name
 
 
 @pytest.mark.gpu

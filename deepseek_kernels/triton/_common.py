@@ -80,6 +80,26 @@ def big_shared_memory(device) -> bool:
     return _smem_per_sm_of(index) >= 200 * 1024
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_per_block_of(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def fit_stages(stages: int, stage_bytes: int, device) -> int:
+    """The most software-pipeline stages, at most ``stages``, whose ``stage_bytes`` of shared memory each fit in
+    what one program may use on a CUDA ``device`` (``stages * stage_bytes`` against the opt-in limit per block:
+    Triton keeps ``stages - 1`` buffers in flight plus room for its epilogue). Unchanged off CUDA (the
+    interpreter has no limit). Tiles tuned for 2-byte operands need this for fp32 ones (twice the bytes)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return stages
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(stages, _smem_per_block_of(index) // max(1, stage_bytes)))
+
+
 def tracing_stand_in(t) -> bool:
     """Whether ``t`` is a stand-in torch.compile traces with (a fake or functional tensor: what a
     ``triton_op``'s body sees while dynamo and inductor trace it). Such a tensor has no data pointer, so

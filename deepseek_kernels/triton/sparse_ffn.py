@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
-from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, launch_options,
-                                              pdl_option, resolve_launch)
+from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, fit_stages,
+                                              launch_options, pdl_option, resolve_launch)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -688,6 +688,13 @@ def resolve_config(base: dict, kernels, *, block_m=None, block_n=None, block_k=N
     return bm, resolve_launch("sparse FFN", defaults, config, block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
+def _wide_tiles(x: torch.Tensor) -> bool:
+    """Whether the large-batch tiles (tuned on the H200 for bf16: 150-200 KB of shared memory per program) can
+    run: on GPUs with Hopper's shared memory (:func:`big_shared_memory`) and, on CUDA, for 2-byte operands only
+    (fp32 doubles every tile's bytes: dact's 197 KB become 394). Elsewhere the mid-size tiles."""
+    return big_shared_memory(x.device) and (x.device.type != "cuda" or x.element_size() <= 2)
+
+
 def _same_strides(w_gate: torch.Tensor, w_up: torch.Tensor):
     """The gate/up kernels walk both weights with w_gate's strides: make them agree."""
     if w_up.stride() != w_gate.stride():
@@ -707,7 +714,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
-    block_m, kc = resolve_config(launch_config(T, D, BS, wide=big_shared_memory(x.device)), FWD_KERNELS,
+    block_m, kc = resolve_config(launch_config(T, D, BS, wide=_wide_tiles(x)), FWD_KERNELS,
                                  block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
     blocks, w_full = full_routing(idx, weights, shared_blocks)
@@ -1002,7 +1009,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     T, D = x.shape
     F_ = w_gate.shape[0]
     BS = F_ // n_blocks
-    block_m, kc = resolve_config(bwd_launch_config(T, D, BS, wide=big_shared_memory(x.device)), BWD_KERNELS,
+    block_m, kc = resolve_config(bwd_launch_config(T, D, BS, wide=_wide_tiles(x)), BWD_KERNELS,
                                  block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     # dact tiles the block's neurons, so its block_n also sets the dweights partial-sum rows and
     # the neuron tiling of the dW kernels (they share hw/dact's layout, not the grid)
@@ -1331,11 +1338,13 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
 
-def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
+def decode_launch_config(tokens: int, d_model: int, block_size: int, itemsize: int = 2, device=None) -> dict:
     """Per-kernel launch settings of the decode kernels, tuned on the H200
     (``benchmarks/tune_sparse_ffn.py --decode``, D4096, 64 blocks of 224, 15 % active, graphed):
     1 token 23.9 us (the first untuned guess: 54.5 us), 8 tokens 85.8 us (was 224 us). The K tile of
     the down projection matters most (32 -> 128: 2x at 8 tokens; 256 = one tile per block of 224: -7 %).
+    With a CUDA ``device`` the stages are cut to what fits its shared memory for operands of ``itemsize``
+    bytes (:func:`fit_stages`): 1-2 tokens' 8 gate/up stages take 280 KB in fp32, past the H200's 227 KB.
 
     No gate/up split over d_model: an opt-in (``gate_up.split``: the GEMM in d_model slices, fp32
     partials summed by a finish kernel that wrote h) lost everywhere on the H200
@@ -1356,8 +1365,12 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int) -> dict:
     # 86.1 us), but sessions 15 and 17 measured 2 slices faster again at 8 tokens (86.2 vs 92.5 us; 89.3 vs
     # 95.1) and at 4 (62.2 vs 66.5): the 128 column tiles alone leave the SMs' load queues short.
     block_k = min(256, max(16, triton.next_power_of_2(block_size)))
-    return {"gate_up": gate_up, "down": dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4,
-                                             splits=2 if tokens >= 3 else 1)}
+    down = dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=2 if tokens >= 3 else 1)
+    if device is not None:  # per stage: the 16-row x / h tile and the weight tiles (gate and up: two)
+        for c, weights in ((gate_up, 2), (down, 1)):
+            c["num_stages"] = fit_stages(c["num_stages"], (16 + weights * c["block_n"]) * c["block_k"] * itemsize,
+                                         device)
+    return {"gate_up": gate_up, "down": down}
 
 
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -1374,7 +1387,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
     BS = w_gate.shape[0] // n_blocks
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS), config)
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), x.device), config)
     gu, dn = kc["gate_up"], kc["down"]
     K = idx.shape[1]
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
@@ -1457,7 +1470,7 @@ def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate
     BS = w_gate.shape[0] // n_blocks
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS), config)
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), x.device), config)
     gu = kc["gate_up"]
     block_d = 64
     splits, d_per_split = _split_plan(T, D, x.device, 32, block_d, splits)
