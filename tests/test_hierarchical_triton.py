@@ -91,7 +91,7 @@ def test_backward_matches_reference(case):
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
     for name, g, w in zip("q k v".split(), got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5) or (g.double() - w).abs().max() < 1e-6, name
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3) or (g.double() - w).abs().max() < f32_tol(q, 1e-6), name
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[-1] != 0] + [(1, 301, 2, 1, 16, 16, 16, 5, None)],
@@ -110,7 +110,7 @@ def test_summary_tiles_packed_across_levels(case):
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
     for name, g, w in zip("q k v".split(), got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5) or (g.double() - w).abs().max() < 1e-6, name
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3) or (g.double() - w).abs().max() < f32_tol(q, 1e-6), name
 
 
 def test_summary_tiles_packed_across_levels_varlen():
@@ -128,7 +128,7 @@ def test_summary_tiles_packed_across_levels_varlen():
                                     **kw)[0]
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **{k_: v_ for k_, v_ in kw.items() if k_ != "max_seqlen"})[0]
-    assert rel_error(dq, want) < f32_tol(q, 1e-5)
+    assert rel_error(dq, want) < f32_tol(q, 1e-5, 5e-3)
 
 
 @pytest.mark.parametrize("block_n", [32, 64])
@@ -143,7 +143,7 @@ def test_key_tiles_wider_than_a_block(block_n):
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
     for g, w in zip(got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5)
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3)
 
 
 @pytest.mark.parametrize("config", [
@@ -168,7 +168,7 @@ def test_backward_per_kernel_configs(config):
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
     for name, g, w in zip("q k v".split(), got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5), name
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3), name
     with pytest.raises(ValueError, match="unknown kernel"):
         hierarchical_attention_bwd(do, q, k, v, out, lse, config={"dx": {}}, **kw)
     with pytest.raises(ValueError, match="unknown key"):
@@ -192,7 +192,7 @@ def test_backward_default_tiles_at_many_levels():
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), compute_dtype=torch.float64,
                                           **kw)
     for name, g, w in zip("q k v".split(), got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5), name
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3), name
 
 
 def test_varlen_forward_and_backward():
@@ -209,7 +209,7 @@ def test_varlen_forward_and_backward():
     want = hierarchical_attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), cu_seqlens=cu,
                                           compute_dtype=torch.float64, **kw)
     for g, w in zip(got, want):
-        assert rel_error(g, w) < f32_tol(q, 1e-5)
+        assert rel_error(g, w) < f32_tol(q, 1e-5, 5e-3)
 
 
 def test_strided_inputs():

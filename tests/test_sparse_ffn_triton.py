@@ -425,7 +425,7 @@ def test_invalid_block_ids_poison_only_their_tokens(poisoned):
     write memory, and its token's output (and dx) must be NaN, never a plausible value."""
     T, D, F_, NB = 9, 16, 64, 8
     x, wg, wu, wd = torch.randn(T, D), torch.randn(F_, D) / 4, torch.randn(F_, D) / 4, torch.randn(D, F_) / 8
-    idx = torch.randint(0, NB - 1, (T, 2), dtype=torch.int32)
+    idx = torch.randint(0, NB - 2, (T, 2), dtype=torch.int32)  # routed ids 0..6 (7 routed blocks), +1 below
     idx[:, 1] = idx[:, 0] + 1
     w = torch.rand(T, 2)
     idx[2, 1], idx[5, 0] = NB - 1, -7  # shared_blocks=1: 7 routed blocks, so id 7 is out of range
