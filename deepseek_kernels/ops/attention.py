@@ -104,9 +104,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink
 
         return window_attention_fwd(q, k, v, window=window, sinks=sinks, causal=causal, softmax_scale=softmax_scale,
                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
-    out, lse = window_attention_ref(q, k, v, window=window, sinks=sinks, causal=causal, softmax_scale=softmax_scale,
-                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
-    return out.contiguous(), lse.contiguous()
+    return torch.ops.deepseek_kernels.window_attention_fwd_ref(q, k, v, window, sinks, causal, softmax_scale,
+                                                               cu_seqlens_q, cu_seqlens_k)
 
 
 @define_triton_op("deepseek_kernels::window_attention_bwd")
@@ -120,19 +119,57 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return window_attention_bwd(grad_out, q, k, v, out, lse, window=window, sinks=sinks, causal=causal,
                                     softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
-    return window_attention_bwd_ref(grad_out, q, k, v, window=window, sinks=sinks, causal=causal,
-                                    softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return torch.ops.deepseek_kernels.window_attention_bwd_ref(grad_out, q, k, v, window, sinks, causal, softmax_scale,
+                                                               cu_seqlens_q, cu_seqlens_k)
+
+
+# The reference (the CPU path without the interpreter) as opaque ops of their own. On a machine with a GPU the
+# ops above are triton_ops, whose bodies fake-tensor propagation and torch.compile trace; the reference's loop
+# over sequences reads cu_seqlens' values (data-dependent: tracing a packed CPU call failed, session 18's
+# device-generic run). Behind these ops tracing sees only their fake impls, and compiled graphs call them whole.
+@torch.library.custom_op("deepseek_kernels::window_attention_fwd_ref", mutates_args=())
+def _fwd_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, causal: bool,
+                softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None,
+                cu_seqlens_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = window_attention_ref(q, k, v, window=window, sinks=sinks, causal=causal, softmax_scale=softmax_scale,
+                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("deepseek_kernels::window_attention_bwd_ref", mutates_args=())
+def _bwd_ref_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
+                causal: bool, softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None,
+                cu_seqlens_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = window_attention_bwd_ref(grad_out, q, k, v, window=window, sinks=sinks, causal=causal,
+                                          softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
+                                          cu_seqlens_k=cu_seqlens_k)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _fwd_fake(q, cu_seqlens_q):
+    """(out, lse) of the forward: lse [B, Hq, S] dense, [Hq, total] packed."""
+    if cu_seqlens_q is None:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@_fwd_ref_op.register_fake
+def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k):
+    return _fwd_fake(q, cu_seqlens_q)
+
+
+@_bwd_ref_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 if not TRITON_OP:
 
     @_fwd_op.register_fake
     def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, deterministic=True):
-        if cu_seqlens_q is None:
-            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-        else:
-            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-        return torch.empty_like(q), lse
+        return _fwd_fake(q, cu_seqlens_q)
 
     @_bwd_op.register_fake
     def _(grad_out, q, k, v, out, lse, *args):

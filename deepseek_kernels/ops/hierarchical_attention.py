@@ -9,7 +9,7 @@ are in ``deepseek_kernels/reference/hierarchical_attention.py``.
 import torch
 
 from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
-from deepseek_kernels.ops.attention import check_cu_seqlens, check_qkv, resolve_max_seqlen
+from deepseek_kernels.ops.attention import _fwd_fake, check_cu_seqlens, check_qkv, resolve_max_seqlen
 from deepseek_kernels.reference.hierarchical_attention import (
     check_config,
     hierarchical_attention_bwd_ref,
@@ -42,9 +42,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, bloc
 
         return hierarchical_attention_fwd(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
                                           softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    out, lse = hierarchical_attention_ref(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
-                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, return_lse=True)
-    return out.contiguous(), lse.contiguous()
+    return torch.ops.deepseek_kernels.hierarchical_attention_fwd_ref(q, k, v, window, block, levels, sinks,
+                                                                     softmax_scale, cu_seqlens)
 
 
 @define_triton_op("deepseek_kernels::hierarchical_attention_bwd")
@@ -58,19 +57,44 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return hierarchical_attention_bwd(grad_out, q, k, v, out, lse, window=window, block=block, levels=levels,
                                           sinks=sinks, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                                           max_seqlen=max_seqlen)
-    return hierarchical_attention_bwd_ref(grad_out, q, k, v, window=window, block=block, levels=levels, sinks=sinks,
-                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+    return torch.ops.deepseek_kernels.hierarchical_attention_bwd_ref(grad_out, q, k, v, window, block, levels, sinks,
+                                                                     softmax_scale, cu_seqlens)
+
+
+# The reference (the CPU path without the interpreter) as opaque ops, as ops/attention.py does for the window
+# ops: tracing a triton_op body must not run the reference's data-dependent loop over cu_seqlens.
+@torch.library.custom_op("deepseek_kernels::hierarchical_attention_fwd_ref", mutates_args=())
+def _fwd_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int, levels: int, sinks: int,
+                softmax_scale: float | None, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = hierarchical_attention_ref(q, k, v, window=window, block=block, levels=levels, sinks=sinks,
+                                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@torch.library.custom_op("deepseek_kernels::hierarchical_attention_bwd_ref", mutates_args=())
+def _bwd_ref_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int,
+                levels: int, sinks: int, softmax_scale: float | None,
+                cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = hierarchical_attention_bwd_ref(grad_out, q, k, v, window=window, block=block, levels=levels,
+                                                sinks=sinks, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fwd_ref_op.register_fake
+def _(q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens):
+    return _fwd_fake(q, cu_seqlens)
+
+
+@_bwd_ref_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 if not TRITON_OP:
 
     @_fwd_op.register_fake
     def _(q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens, max_seqlen):
-        if cu_seqlens is None:
-            lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-        else:
-            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-        return torch.empty_like(q), lse
+        return _fwd_fake(q, cu_seqlens)
 
     @_bwd_op.register_fake
     def _(grad_out, q, k, v, out, lse, *args):
