@@ -160,9 +160,12 @@ def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k)
     return _fwd_fake(q, cu_seqlens_q)
 
 
-@_bwd_ref_op.register_fake
-def _(grad_out, q, k, v, *args):
+def _grads_fake(grad_out, q, k, v, *args):
+    """(dq, dk, dv) of a backward op (the ops' and the reference ops' arguments start alike)."""
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_bwd_ref_op.register_fake(_grads_fake)
 
 
 if not TRITON_OP:
@@ -171,9 +174,7 @@ if not TRITON_OP:
     def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, deterministic=True):
         return _fwd_fake(q, cu_seqlens_q)
 
-    @_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, *args):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _bwd_op.register_fake(_grads_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,7 +9,7 @@ are in ``deepseek_kernels/reference/hierarchical_attention.py``.
 import torch
 
 from deepseek_kernels.ops._registry import TRITON_OP, define_triton_op, interpreting, register_explainer, use_triton
-from deepseek_kernels.ops.attention import _fwd_fake, check_cu_seqlens, check_qkv, resolve_max_seqlen
+from deepseek_kernels.ops.attention import _fwd_fake, _grads_fake, check_cu_seqlens, check_qkv, resolve_max_seqlen
 from deepseek_kernels.reference.hierarchical_attention import (
     check_config,
     hierarchical_attention_bwd_ref,
@@ -85,9 +85,7 @@ def _(q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens):
     return _fwd_fake(q, cu_seqlens)
 
 
-@_bwd_ref_op.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+_bwd_ref_op.register_fake(_grads_fake)
 
 
 if not TRITON_OP:
@@ -96,9 +94,7 @@ if not TRITON_OP:
     def _(q, k, v, window, block, levels, sinks, softmax_scale, cu_seqlens, max_seqlen):
         return _fwd_fake(q, cu_seqlens)
 
-    @_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, *args):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _bwd_op.register_fake(_grads_fake)
 
 
 def _setup_context(ctx, inputs, output):
