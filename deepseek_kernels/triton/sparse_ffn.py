@@ -742,8 +742,8 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         torch.library.wrap_triton(_sparse_ffn_down_kernel)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
                                                                  dn["cols_first"])](
             h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
-            w_down.stride(0), w_down.stride(1), DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
+            w_down.stride(0), w_down.stride(1), DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"],
+            BLOCK_K=dn["block_k"], COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
         )
     block_t = 16
     torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
