@@ -166,17 +166,18 @@ def test_bad_configuration():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("D,Hq,Hkv,sinks,step", [(128, 32, 8, 4, 1), (64, 8, 8, 0, 4), (128, 16, 2, 1, 3)],
                          ids=lambda x: str(x))
 def test_gpu_decode_reproduces_the_full_forward(dtype, D, Hq, Hkv, sinks, step):
+    """The decode kernels at D=64/128 (float32: TF32 dots, twice the bytes per tile) reproduce the full forward."""
     B, S, W, block, prompt = 2, 3000, 256, 64, 2800  # 5 levels; 200 steps cross groups of every level
     q, k, v = (torch.randn(B, S, h, D, device="cuda", dtype=dtype) for h in (Hq, Hkv, Hkv))
     full = hierarchical_attention_ref(q, k, v, window=W, block=block, sinks=sinks)
     cache = HierarchicalKVCache(B, Hkv, D, window=W, block=block, max_seqlen=S, sinks=sinks, max_step=step,
                                 dtype=dtype, device="cuda")
     out = _decode_all(q, k, v, cache, prompt, step)
-    assert rel_error(out, full[:, prompt:]) < REL_TOL[dtype]
+    assert rel_error(out, full[:, prompt:]) < kernel_rel_tol(dtype, q)
 
 
 @pytest.mark.gpu
