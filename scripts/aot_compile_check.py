@@ -363,6 +363,65 @@ def cases():
     out.append(("window decode combine", wd._decode_combine_kernel,
                 dict(O_PART=f32, ML_PART=f32, OUT=bf16, stride_ob=H * D, stride_ot=H * D, stride_oh=D, T=1, HQ=32,
                      NSPLIT=33, HEAD_DIM=D, BLOCK_D=D, BLOCK_S=64), dict(num_warps=4)))
+    out += float32_cases({e[0]: e for e in out}, f32, bf16)
+    return out
+
+
+def float32_cases(named: dict, f32, bf16) -> list:
+    """float32 inputs at the tiles the launchers choose for them: twice bf16's bytes per tile in shared memory
+    (session 18's device-generic run found the sparse decode's 8 bf16-tuned stages at 280 KB in fp32). Each entry
+    is a bf16 entry above with float32 operands (and full-precision dots where the launcher asks for them)."""
+    from deepseek_kernels.triton import _common
+    from deepseek_kernels.triton import sparse_ffn as sf
+    from deepseek_kernels.triton import window_attention as wa
+
+    def as_f32(args: dict, **tiles) -> dict:
+        prec = {k: "ieee" for k in ("DOT_PRECISION", "PREC") if k in args}
+        return {**{k: f32 if v is bf16 else v for k, v in args.items()}, **prec, **tiles}
+
+    out = []
+    # the sparse decode at one token (its deepest pipelines), stages fitted to the H200's 227 KB per program
+    real = _common._smem_per_block_of
+    _common._smem_per_block_of = lambda index: 232448
+    try:
+        cfg = sf.decode_launch_config(1, 4096, 224, 4, torch.device("cuda", 0))
+    finally:
+        _common._smem_per_block_of = real
+    for name, kern in (("sparse decode gate/up", "gate_up"), ("sparse decode down", "down")):
+        _, fn, args, _opts = named[name][:4]
+        c = cfg[kern]
+        out.append((f"{name}, float32 ({c['num_stages']} stages)", fn,
+                    as_f32(args, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"]),
+                    dict(num_warps=c["num_warps"], num_stages=c["num_stages"])))
+    # sparse FFN training at T8192 in float32: the mid-size tiles (the wide ones are for 2-byte operands)
+    fbm, fkc = sf.resolve_config(sf.launch_config(8192, 4096, 224, wide=False), sf.FWD_KERNELS)
+    bbm, bkc = sf.resolve_config(sf.bwd_launch_config(8192, 4096, 224, wide=False), sf.BWD_KERNELS)
+    for name, kern, bm, kc, tiles in (
+            ("sparse FFN gate/up GEMM + SwiGLU", "gate_up", fbm, fkc, ("BLOCK_N", "BLOCK_K")),
+            ("sparse FFN down GEMM", "down", fbm, fkc, ("BLOCK_N", "BLOCK_K")),
+            ("sparse FFN bwd dact", "dact", bbm, bkc, ("BLOCK_N", "BLOCK_K")),
+            ("sparse FFN bwd dx", "dx", bbm, bkc, ("BLOCK_N", "BLOCK_K")),
+            ("sparse FFN bwd dW gate/up", "dw_gate_up", None, bkc, ("BLOCK_N", "BLOCK_D", "BLOCK_K")),
+            ("sparse FFN bwd dW down", "dw_down", None, bkc, ("BLOCK_D", "BLOCK_N", "BLOCK_K"))):
+        _, fn, args, _opts = named[name][:4]
+        c = kc[kern]
+        t = {k: c["block_k"] if k == "BLOCK_K" else c["block_n"] for k in tiles}
+        if bm is not None:
+            t["BLOCK_M"] = bm
+        if "SPLIT_EPILOGUE" in args:
+            t["SPLIT_EPILOGUE"] = bool(c.get("split_epilogue")) and c["block_n"] >= 32
+        out.append((f"{name}, float32 (mid-size tiles)", fn, as_f32(args, **t),
+                    dict(num_warps=c["num_warps"], **({} if c["num_stages"] is None else {"num_stages": c["num_stages"]}))))
+    # attention: the window forward at its float32 tiles, the hierarchical kernels and both decodes at their defaults
+    bm, bn, w, st = wa.SMALL_CONFIG
+    _, fn, args, _opts = named["window attention fwd (tuned wide-window tiles)"][:4]
+    out.append(("window attention fwd, float32", fn, as_f32(args, K_DESC=f32, V_DESC=f32, BLOCK_M=bm, BLOCK_N=bn),
+                dict(num_warps=w, num_stages=st)))
+    for name in ("hierarchical fwd (default tiles)", "hierarchical bwd dq, 2 stages", "hierarchical bwd dkdv, bcast=True",
+                 "hierarchical bwd dsum, summary tile 16", "hierarchical decode attention (default: 2 stages)",
+                 "window decode split"):
+        _, fn, args, opts = named[name][:4]
+        out.append((f"{name}, float32", fn, as_f32(args), opts))
     return out
 
 
