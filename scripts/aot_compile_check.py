@@ -410,16 +410,17 @@ def float32_cases(named: dict, f32, bf16) -> list:
             t["BLOCK_M"] = bm
         if "SPLIT_EPILOGUE" in args:
             t["SPLIT_EPILOGUE"] = bool(c.get("split_epilogue")) and c["block_n"] >= 32
+        stages = {} if c["num_stages"] is None else {"num_stages": c["num_stages"]}
         out.append((f"{name}, float32 (mid-size tiles)", fn, as_f32(args, **t),
-                    dict(num_warps=c["num_warps"], **({} if c["num_stages"] is None else {"num_stages": c["num_stages"]}))))
+                    dict(num_warps=c["num_warps"], **stages)))
     # attention: the window forward at its float32 tiles, the hierarchical kernels and both decodes at their defaults
     bm, bn, w, st = wa.SMALL_CONFIG
     _, fn, args, _opts = named["window attention fwd (tuned wide-window tiles)"][:4]
     out.append(("window attention fwd, float32", fn, as_f32(args, K_DESC=f32, V_DESC=f32, BLOCK_M=bm, BLOCK_N=bn),
                 dict(num_warps=w, num_stages=st)))
-    for name in ("hierarchical fwd (default tiles)", "hierarchical bwd dq, 2 stages", "hierarchical bwd dkdv, bcast=True",
-                 "hierarchical bwd dsum, summary tile 16", "hierarchical decode attention (default: 2 stages)",
-                 "window decode split"):
+    for name in ("hierarchical fwd (default tiles)", "hierarchical bwd dq, 2 stages",
+                 "hierarchical bwd dkdv, bcast=True", "hierarchical bwd dsum, summary tile 16",
+                 "hierarchical decode attention (default: 2 stages)", "window decode split"):
         _, fn, args, opts = named[name][:4]
         out.append((f"{name}, float32", fn, as_f32(args), opts))
     return out
