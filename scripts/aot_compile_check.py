@@ -371,7 +371,6 @@ def float32_cases(named: dict, f32, bf16) -> list:
     """float32 inputs at the tiles the launchers choose for them: twice bf16's bytes per tile in shared memory
     (session 18's device-generic run found the sparse decode's 8 bf16-tuned stages at 280 KB in fp32). Each entry
     is a bf16 entry above with float32 operands (and full-precision dots where the launcher asks for them)."""
-    from deepseek_kernels.triton import _common
     from deepseek_kernels.triton import sparse_ffn as sf
     from deepseek_kernels.triton import window_attention as wa
 
@@ -381,12 +380,7 @@ def float32_cases(named: dict, f32, bf16) -> list:
 
     out = []
     # the sparse decode at one token (its deepest pipelines), stages fitted to the H200's 227 KB per program
-    real = _common._smem_per_block_of
-    _common._smem_per_block_of = lambda index: 232448
-    try:
-        cfg = sf.decode_launch_config(1, 4096, 224, 4, torch.device("cuda", 0))
-    finally:
-        _common._smem_per_block_of = real
+    cfg = sf.decode_launch_config(1, 4096, 224, 4, max_shared=232448)
     for name, kern in (("sparse decode gate/up", "gate_up"), ("sparse decode down", "down")):
         _, fn, args, _opts = named[name][:4]
         c = cfg[kern]

@@ -505,21 +505,21 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
-def test_decode_stages_fit_the_shared_memory(monkeypatch):
-    """The decode defaults cut their pipeline stages to the device's shared memory per program for the operand
-    size (fp32: twice bf16's bytes); bf16 keeps the tuned stages; off CUDA nothing changes."""
+def test_decode_stages_fit_the_shared_memory():
+    """The decode defaults cut their pipeline stages to a device's shared memory per program for the operand
+    size (fp32: twice bf16's bytes); bf16 keeps the tuned stages; without a limit (off CUDA) nothing changes."""
     from deepseek_kernels.triton import _common
 
-    monkeypatch.setattr(_common, "_smem_per_block_of", lambda index: 232448)  # the H200's opt-in limit
-    cuda = torch.device("cuda", 0)
+    h200 = 232448  # the H200's opt-in limit per block
     tuned = tk.decode_launch_config(1, 4096, 224)
-    assert tk.decode_launch_config(1, 4096, 224, 2, cuda) == tuned and tuned["gate_up"]["num_stages"] == 8
-    fp32 = tk.decode_launch_config(1, 4096, 224, 4, cuda)
+    assert tk.decode_launch_config(1, 4096, 224, 2, h200) == tuned and tuned["gate_up"]["num_stages"] == 8
+    fp32 = tk.decode_launch_config(1, 4096, 224, 4, h200)
     gu, dn = fp32["gate_up"], fp32["down"]
-    assert gu["num_stages"] == 232448 // ((16 + 2 * 32) * 128 * 4) == 5  # 8 stages would need 320 KB
-    assert dn["num_stages"] == 4 and (16 + 32) * 256 * 4 * dn["num_stages"] <= 232448
-    assert tk.decode_launch_config(1, 4096, 224, 4, torch.device("cpu")) == tuned
-    assert _common.fit_stages(3, 10**6, cuda) == 1  # never below one stage
+    assert gu["num_stages"] == h200 // ((16 + 2 * 32) * 128 * 4) == 5  # 8 stages would need 320 KB
+    assert dn["num_stages"] == 4 and (16 + 32) * 256 * 4 * dn["num_stages"] <= h200
+    assert _common.shared_memory_limit(torch.device("cpu")) is None
+    assert tk.decode_launch_config(1, 4096, 224, 4, None) == tuned
+    assert _common.fit_stages(3, 10**6, h200) == 1  # never below one stage
 
 
 @pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: "T{}-D{}-F{}-NB{}-S{}".format(*c[:5]))

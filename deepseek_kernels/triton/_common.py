@@ -47,25 +47,22 @@ def pdl_option(pdl: bool) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
+def _props_of(index: int):
     import torch
 
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(index)
+
+
+def _props(device):
+    """A CUDA ``device``'s properties (cached: the query is not free, and launchers ask on every call)."""
+    import torch
+
+    return _props_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (cached: the property query is not free)."""
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count_of(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_per_sm_of(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor
+    """Streaming multiprocessors of a CUDA ``device``."""
+    return _props(device).multi_processor_count
 
 
 def big_shared_memory(device) -> bool:
@@ -76,28 +73,23 @@ def big_shared_memory(device) -> bool:
 
     if torch.device(device).type != "cuda":
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _smem_per_sm_of(index) >= 200 * 1024
+    return _props(device).shared_memory_per_multiprocessor >= 200 * 1024
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_per_block_of(index: int) -> int:
-    import torch
+def shared_memory_limit(device) -> int | None:
+    """Shared memory one program may use on a CUDA ``device`` (the opt-in limit per block: 232448 B on the
+    H200); None off CUDA (the interpreter has no limit)."""
+    return _props(device).shared_memory_per_block_optin if device.type == "cuda" else None
 
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
-
-def fit_stages(stages: int, stage_bytes: int, device) -> int:
+def fit_stages(stages: int, stage_bytes: int, limit: int | None) -> int:
     """The most software-pipeline stages, at most ``stages``, whose ``stage_bytes`` of shared memory each fit in
-    what one program may use on a CUDA ``device`` (``stages * stage_bytes`` against the opt-in limit per block:
-    Triton keeps ``stages - 1`` buffers in flight plus room for its epilogue). Unchanged off CUDA (the
-    interpreter has no limit). Tiles tuned for 2-byte operands need this for fp32 ones (twice the bytes)."""
-    import torch
-
-    if torch.device(device).type != "cuda":
+    ``limit`` bytes (:func:`shared_memory_limit`; ``stages * stage_bytes``: Triton keeps ``stages - 1`` buffers
+    in flight plus room for its epilogue). ``limit`` None: unchanged. Tiles tuned for 2-byte operands need this
+    for fp32 ones (twice the bytes)."""
+    if limit is None:
         return stages
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(stages, _smem_per_block_of(index) // max(1, stage_bytes)))
+    return max(1, min(stages, limit // max(1, stage_bytes)))
 
 
 def tracing_stand_in(t) -> bool:

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
 from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, fit_stages,
-                                              launch_options, pdl_option, resolve_launch)
+                                              launch_options, pdl_option, resolve_launch, shared_memory_limit)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -1338,13 +1338,15 @@ def _sparse_ffn_decode_down_finish_kernel(PART, IDX, OUT, T, D, K, NR, stride_ot
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
 
-def decode_launch_config(tokens: int, d_model: int, block_size: int, itemsize: int = 2, device=None) -> dict:
+def decode_launch_config(tokens: int, d_model: int, block_size: int, itemsize: int = 2,
+                         max_shared: int | None = None) -> dict:
     """Per-kernel launch settings of the decode kernels, tuned on the H200
     (``benchmarks/tune_sparse_ffn.py --decode``, D4096, 64 blocks of 224, 15 % active, graphed):
     1 token 23.9 us (the first untuned guess: 54.5 us), 8 tokens 85.8 us (was 224 us). The K tile of
     the down projection matters most (32 -> 128: 2x at 8 tokens; 256 = one tile per block of 224: -7 %).
-    With a CUDA ``device`` the stages are cut to what fits its shared memory for operands of ``itemsize``
-    bytes (:func:`fit_stages`): 1-2 tokens' 8 gate/up stages take 280 KB in fp32, past the H200's 227 KB.
+    With ``max_shared`` (a device's :func:`shared_memory_limit`) the stages are cut to what fits it for operands
+    of ``itemsize`` bytes (:func:`fit_stages`): 1-2 tokens' 8 gate/up stages take 280 KB in fp32, past the
+    H200's 227 KB.
 
     No gate/up split over d_model: an opt-in (``gate_up.split``: the GEMM in d_model slices, fp32
     partials summed by a finish kernel that wrote h) lost everywhere on the H200
@@ -1366,10 +1368,9 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int, itemsize: i
     # 95.1) and at 4 (62.2 vs 66.5): the 128 column tiles alone leave the SMs' load queues short.
     block_k = min(256, max(16, triton.next_power_of_2(block_size)))
     down = dict(block_n=32, block_k=block_k, num_warps=4, num_stages=4, splits=2 if tokens >= 3 else 1)
-    if device is not None:  # per stage: the 16-row x / h tile and the weight tiles (gate and up: two)
-        for c, weights in ((gate_up, 2), (down, 1)):
-            c["num_stages"] = fit_stages(c["num_stages"], (16 + weights * c["block_n"]) * c["block_k"] * itemsize,
-                                         device)
+    for c, weights in ((gate_up, 2), (down, 1)):  # per stage: the 16-row x / h tile, the weight tile(s)
+        c["num_stages"] = fit_stages(c["num_stages"], (16 + weights * c["block_n"]) * c["block_k"] * itemsize,
+                                     max_shared)
     return {"gate_up": gate_up, "down": down}
 
 
@@ -1387,7 +1388,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
     BS = w_gate.shape[0] // n_blocks
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), x.device), config)
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), shared_memory_limit(x.device)), config)
     gu, dn = kc["gate_up"], kc["down"]
     K = idx.shape[1]
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
@@ -1470,7 +1471,7 @@ def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate
     BS = w_gate.shape[0] // n_blocks
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), x.device), config)
+    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), shared_memory_limit(x.device)), config)
     gu = kc["gate_up"]
     block_d = 64
     splits, d_per_split = _split_plan(T, D, x.device, 32, block_d, splits)
