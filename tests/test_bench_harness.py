@@ -228,12 +228,18 @@ def test_eager_samples_are_bursts_timing_max_of_host_and_gpu():
         while time.perf_counter() - t < 1e-3:
             pass
 
-    one = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    one[0].record()
-    x.mul_(1.0)
-    one[1].record()
-    torch.cuda.synchronize()
-    kernel_ms = one[0].elapsed_time(one[1])
+    def one_call_ms():
+        one = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        one[0].record()
+        x.mul_(1.0)
+        one[1].record()
+        torch.cuda.synchronize()
+        return one[0].elapsed_time(one[1])
+
+    # the kernel's own time: the best of a few single calls after a warm-up (one cold call read 0.21 ms for a
+    # 0.13 ms kernel on the H200 while other test processes shared the GPU, session 19)
+    one_call_ms()
+    kernel_ms = min(one_call_ms() for _ in range(5))
     assert kernel_ms < 0.5, kernel_ms  # the premise: the kernel is much shorter than the host work
     burst = time_cuda(host_bound, [()], warmup=2, reps=6, calls_per_sample=8)
     assert burst["calls_per_sample"] == 8

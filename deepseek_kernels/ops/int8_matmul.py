@@ -404,6 +404,52 @@ def _check_linear_args(x, weight, weight_scale, bias, smooth) -> None:
         raise ValueError(f"{name}: weight must be on {x.device} like x, got {weight.device}")
 
 
+def _linear_direct(x2: torch.Tensor, weight, weight_scale, bias, smooth, out_dtype) -> torch.Tensor:
+    """Checked operands, ``x2 [M, K]`` on CUDA: the per-token quantize and the GEMM launched directly (no
+    dispatcher; a programmatic dependent launch chain on sm_90, :func:`pdl_enabled`)."""
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if smooth is not None and smooth.stride(-1) != 1:
+        smooth = smooth.contiguous()
+    pdl = pdl_enabled(x2, "int8_linear")
+    x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl=pdl)
+    return _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False, pdl=pdl)
+
+
+@torch.library.custom_op("deepseek_kernels::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    smooth: torch.Tensor | None) -> torch.Tensor:
+    """``int8_linear`` of ``x [M, K]`` as one op: what the dispatcher and torch.compile run. A plain custom op on
+    purpose, opaque to inductor: inductor (torch 2.11) launches the kernels it traces from a triton_op without
+    their launch options, so a compiled quantize -> GEMM pair loses its programmatic dependent launch (H200
+    session 19: the 4-block stack at 1 token compiled took 369 us either way, graphed eager 352). On CUDA the
+    extension's decode kernels (eager, M <= 16) or the same two Triton launches as the eager path; elsewhere the
+    ``quantize_per_token`` and ``int8_matmul`` ops (the interpreter's kernels or the reference)."""
+    _check_linear_op_args(x, weight, weight_scale, bias, smooth)
+    out_dtype = _linear_out_dtype(x)
+    if not x.is_cuda:
+        x_q, x_scale = torch.ops.deepseek_kernels.quantize_per_token(x, smooth)
+        return torch.ops.deepseek_kernels.int8_matmul(x_q, weight, x_scale, weight_scale, bias, out_dtype)
+    ext = _gemv_ext()
+    if ext is not None:
+        out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth)  # None: not a decode call, or capturing
+        if out is not None:
+            return out
+    return _linear_direct(x, weight, weight_scale, bias, smooth, out_dtype)
+
+
+def _check_linear_op_args(x, weight, weight_scale, bias, smooth) -> None:
+    _check_linear_args(x, weight, weight_scale, bias, smooth)
+    if x.dim() != 2:
+        raise ValueError(f"int8_linear: the op takes x as [M, K] (the function flattens leading dims), got {tuple(x.shape)}")
+
+
+@_int8_linear_op.register_fake
+def _(x, weight, weight_scale, bias, smooth):
+    _check_linear_op_args(x, weight, weight_scale, bias, smooth)
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=_linear_out_dtype(x))
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                 bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with ``W`` int8 ``[N, K]`` (per-channel ``weight_scale [N]`` fp32) and ``x``
@@ -413,7 +459,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     the two launches on the H200: 2x under a CUDA graph, and 34.9 vs 20.7 us for one row: benchmarks/NOTES.md.)
     Where the extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take its
     ``int8_linear_eager``: the same two steps (``int8_linear_gemv``'s kernels), checked and launched by one
-    call into C++."""
+    call into C++. Everything else (torch.compile, modes, autograd) goes through the ``int8_linear`` op."""
     fast = eager_fast_path(x, weight, weight_scale, bias, smooth)
     if fast:
         ext = _gemv_ext()
@@ -422,24 +468,14 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             if out is not None:
                 return out
     _check_linear_args(x, weight, weight_scale, bias, smooth)
-    out_dtype = _linear_out_dtype(x)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     if fast and not x2.requires_grad:  # x2 is a view of x: the same answer as for x
         # a plain eager call on a GPU: the same two kernels, launched directly after the one check
-        # above (the public functions would check and dispatch again: ~20 us of CPU each on the
-        # H200's host, more than a decode-sized kernel takes)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        if smooth is not None and smooth.stride(-1) != 1:
-            smooth = smooth.contiguous()
-        pdl = pdl_enabled(x2, "int8_linear")
-        x_q, x_scale = _launch_quantize_per_token(x2, smooth, direct=True, pdl=pdl)
-        out = _int8_matmul_impl(x_q, weight, x_scale, weight_scale, bias, out_dtype, direct=True, check=False,
-                                pdl=pdl)
-        return out.reshape(*lead, N)
-    x_q, x_scale = quantize_per_token(x2, smooth=smooth)
-    return int8_matmul(x_q, weight, x_scale, weight_scale, bias=bias, out_dtype=out_dtype).reshape(*lead, N)
+        # above (the op would check and dispatch again: ~20 us of CPU on the H200's host, more than a
+        # decode-sized kernel takes)
+        return _linear_direct(x2, weight, weight_scale, bias, smooth, _linear_out_dtype(x)).reshape(*lead, N)
+    return torch.ops.deepseek_kernels.int8_linear(x2, weight, weight_scale, bias, smooth).reshape(*lead, N)
 
 
 def _describe_matmul(device: torch.device) -> str:
