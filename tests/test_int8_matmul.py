@@ -194,6 +194,64 @@ def test_int8_linear_op_takes_2d_x_and_checks_its_arguments():
         OPS.int8_linear(torch.randn(3, 64), w, ws.double(), None, None)
 
 
+def _straight_through_grads(x, w, ws, bias, smooth, grad):
+    """fp64 gradients of the unquantized layer (x / smooth) @ (W * scale)^T + bias: what int8_linear's backward
+    (quantization passed straight through) must give."""
+    xr = x.detach().double().requires_grad_()
+    br = None if bias is None else bias.detach().double().requires_grad_()
+    xs = xr if smooth is None else xr / smooth.double()
+    y = xs @ (w.double() * ws.double()[:, None]).t()
+    if br is not None:
+        y = y + br
+    y.backward(grad.double())
+    return xr.grad, None if br is None else br.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_linear_backward_passes_gradients_straight_through(dtype, smoothed):
+    """int8_linear is differentiable in x and bias (training the layers around a quantized one): dx = dy @ (W *
+    scale) / smooth, dbias = sum dy; eager and torch.compile agree."""
+    torch.manual_seed(0)
+    w, ws = rand_i8(24, 64), torch.rand(24) + 0.1
+    smooth = torch.rand(64) + 0.5 if smoothed else None
+    bias = torch.randn(24, requires_grad=True)
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    y = dk.int8_linear(x, w, ws, bias=bias, smooth=smooth)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    dx_ref, db_ref = _straight_through_grads(x, w, ws, bias, smooth, grad.float())
+    assert x.grad.dtype == dtype and bias.grad.dtype == bias.dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(x.grad.double(), dx_ref, rtol=tol, atol=tol * dx_ref.abs().max().item())
+    assert torch.allclose(bias.grad.double(), db_ref, rtol=tol, atol=tol * db_ref.abs().max().item())
+    eager = (x.grad.clone(), bias.grad.clone())
+    x.grad = bias.grad = None
+    compiled = torch.compile(lambda x: dk.int8_linear(x, w, ws, bias=bias, smooth=smooth), fullgraph=True)
+    compiled(x).backward(grad)
+    assert torch.equal(x.grad, eager[0])  # the same matmul; inductor may sum dbias in another order
+    assert torch.allclose(bias.grad, eager[1], rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
+
+
+def test_layers_before_an_int8linear_train():
+    """A float layer before a frozen Int8Linear gets the gradient it would get through the dequantized weight."""
+    torch.manual_seed(0)
+    first, lin = nn.Linear(32, 64), nn.Linear(64, 16)
+    q = Int8Linear.from_float(lin)
+    x = torch.randn(7, 32)
+    loss = q(torch.relu(first(x))).square().sum()
+    loss.backward()
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+    ref_first = nn.Linear(32, 64)
+    ref_first.load_state_dict(first.state_dict())
+    dq = (q.weight.float() * q.weight_scale[:, None])
+    h = torch.relu(ref_first(x))
+    # the forward's output is the quantized one; the backward goes through the dequantized weight
+    y = q(h.detach()).detach() + (h @ dq.t() + q.bias) - (h @ dq.t() + q.bias).detach()
+    y.square().sum().backward()
+    assert torch.allclose(first.weight.grad, ref_first.weight.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_input_raises_clear_errors():
     a, b = rand_i8(4, 64), rand_i8(8, 64)
     sa, sb = torch.rand(4, 1), torch.rand(8)
@@ -852,6 +910,25 @@ def test_int8_linear_gemv_in_a_cuda_graph(monkeypatch):
         static_x.copy_(x)
         g.replay()
         assert torch.equal(static_out, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_int8_linear_backward_on_gpu(M):
+    """Gradients through int8_linear on CUDA bf16 (the forward's kernels, the backward's dequantized matmul) match
+    the straight-through formula, eager and compiled."""
+    torch.manual_seed(0)
+    w, ws = rand_i8(512, 256).cuda(), (torch.rand(512) + 0.1).cuda() / 127
+    smooth = (torch.rand(256) + 0.5).cuda()
+    x = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = dk.int8_linear(x, w, ws, smooth=smooth)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    dx_ref, _ = _straight_through_grads(x, w, ws, None, smooth, grad.float())
+    assert torch.allclose(x.grad.double(), dx_ref, rtol=2e-2, atol=2e-2 * dx_ref.abs().max().item())
+    eager, x.grad = x.grad.clone(), None
+    torch.compile(lambda x: dk.int8_linear(x, w, ws, smooth=smooth), fullgraph=True)(x).backward(grad)
+    assert torch.equal(x.grad, eager)
 
 
 @pytest.mark.gpu

@@ -450,6 +450,35 @@ def _(x, weight, weight_scale, bias, smooth):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=_linear_out_dtype(x))
 
 
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, weight, weight_scale, bias, smooth = inputs
+    ctx.save_for_backward(weight, weight_scale, smooth)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _int8_linear_backward(ctx, grad):
+    """Gradients through the frozen int8 weight, for training layers around quantized ones (adapters, the
+    layers before): the per-token activation quantization passes gradients straight through (its rounding
+    has no useful derivative), so ``dx = (dy @ (W * weight_scale)) / smooth``, with the weight dequantized in
+    dy's dtype (int8 codes are exact there); ``dbias = sum(dy)``. The weight, its scales and ``smooth`` get
+    none (int8 weights are not trained)."""
+    weight, weight_scale, smooth = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        w = weight.to(grad.dtype) * weight_scale.to(grad.dtype)[:, None]
+        dx = grad @ w
+        if smooth is not None:
+            dx = dx / smooth.to(dx.dtype)
+        dx = dx.to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        dbias = grad.sum(0).to(ctx.bias_dtype)
+    return dx, None, None, dbias, None
+
+
+_int8_linear_op.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup_context)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                 bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with ``W`` int8 ``[N, K]`` (per-channel ``weight_scale [N]`` fp32) and ``x``
@@ -459,7 +488,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     the two launches on the H200: 2x under a CUDA graph, and 34.9 vs 20.7 us for one row: benchmarks/NOTES.md.)
     Where the extension is built (unless ``DSK_INT8_GEMV=0``), eager decode calls on CUDA take its
     ``int8_linear_eager``: the same two steps (``int8_linear_gemv``'s kernels), checked and launched by one
-    call into C++. Everything else (torch.compile, modes, autograd) goes through the ``int8_linear`` op."""
+    call into C++. Everything else (torch.compile, modes, autograd) goes through the ``int8_linear`` op.
+    Differentiable in ``x`` (and ``bias``) with the quantization passed straight through: see
+    :func:`_int8_linear_backward`."""
     fast = eager_fast_path(x, weight, weight_scale, bias, smooth)
     if fast:
         ext = _gemv_ext()
