@@ -928,7 +928,8 @@ def test_int8_linear_backward_on_gpu(M):
     assert torch.allclose(x.grad.double(), dx_ref, rtol=2e-2, atol=2e-2 * dx_ref.abs().max().item())
     eager, x.grad = x.grad.clone(), None
     torch.compile(lambda x: dk.int8_linear(x, w, ws, smooth=smooth), fullgraph=True)(x).backward(grad)
-    assert torch.equal(x.grad, eager)
+    # inductor fuses the backward's casts and division (bf16 intermediates may round differently): 1 ulp apart
+    assert torch.allclose(x.grad.float(), eager.float(), rtol=8e-3, atol=1e-3 * eager.float().abs().max().item())
 
 
 @pytest.mark.gpu
