@@ -1374,6 +1374,14 @@ def decode_launch_config(tokens: int, d_model: int, block_size: int, itemsize: i
     return {"gate_up": gate_up, "down": down}
 
 
+def _decode_launch(x: torch.Tensor, block_size: int, config: dict | None) -> dict:
+    """The decode kernels' settings for ``x [T, D]`` (:func:`decode_launch_config`, stages fitted to x's device
+    and dtype) with a caller's ``config`` overrides."""
+    T, D = x.shape
+    default = decode_launch_config(T, D, block_size, x.element_size(), shared_memory_limit(x.device))
+    return resolve_launch("sparse FFN decode", default, config)
+
+
 def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
                       direct: bool = False, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
@@ -1388,7 +1396,7 @@ def sparse_ffn_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     if T > DECODE_MAX_TOKENS:
         raise ValueError(f"sparse_ffn_decode: at most {DECODE_MAX_TOKENS} tokens, got {T}")
     BS = w_gate.shape[0] // n_blocks
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), shared_memory_limit(x.device)), config)
+    kc = _decode_launch(x, BS, config)
     gu, dn = kc["gate_up"], kc["down"]
     K = idx.shape[1]
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
@@ -1471,7 +1479,7 @@ def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate
     BS = w_gate.shape[0] // n_blocks
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    kc = resolve_launch("sparse FFN decode", decode_launch_config(T, D, BS, x.element_size(), shared_memory_limit(x.device)), config)
+    kc = _decode_launch(x, BS, config)
     gu = kc["gate_up"]
     block_d = 64
     splits, d_per_split = _split_plan(T, D, x.device, 32, block_d, splits)
