@@ -34,9 +34,14 @@ TORCH_LIBRARY(deepseek_kernels, m) {
       "Tensor(a!)? error, Tensor? key=None) -> (Tensor, Tensor)");
   // Decode-sized W8A8 matmul (M <= 16, K % 16 == 0, 16-byte aligned int8 rows): int8_matmul's result
   // from one C++ launch (the eager fast path of int8_matmul takes it; CUDA only).
-  m.def("int8_gemv(Tensor a_q, Tensor b_q, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // pdl: a programmatic dependent launch chain on sm_90+ (csrc/int8/int8_gemv_ops.h); the same result.
+  m.def(
+      "int8_gemv(Tensor a_q, Tensor b_q, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype, "
+      "bool pdl=False) -> Tensor");
   // quantize_per_token + int8_gemv in one call (int8_linear's eager decode path; CUDA only).
-  m.def("int8_linear_gemv(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor? smooth) -> Tensor");
+  m.def(
+      "int8_linear_gemv(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor? smooth, bool pdl=False) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
@@ -62,8 +67,14 @@ PYBIND11_MODULE(_C, m) {
   // The eager decode paths of int8_matmul / int8_linear: one pybind11 call instead of Python checks plus a
   // dispatcher call (tens of microseconds of host time per call on the H200's host, more than the kernels take;
   // benchmarks/NOTES.md, session 15). None when the operands do not qualify: nothing launched.
-  m.def("int8_gemv_eager", &dsk::int8_gemv_eager, "int8_matmul's decode kernel, or None");
-  m.def("int8_linear_eager", &dsk::int8_linear_eager, "int8_linear's decode kernels, or None");
+  namespace py = pybind11;
+  m.def("int8_gemv_eager", &dsk::int8_gemv_eager, "int8_matmul's decode kernel, or None", py::arg("a_q"),
+        py::arg("b_q"), py::arg("a_scale"), py::arg("b_scale"), py::arg("bias"), py::arg("out_dtype"),
+        py::arg("pdl") = false);
+  m.def("int8_linear_eager", &dsk::int8_linear_eager, "int8_linear's decode kernels, or None", py::arg("x"),
+        py::arg("weight"), py::arg("weight_scale"), py::arg("bias"), py::arg("smooth"), py::arg("pdl") = false);
+  m.def("int8_gemv_prefetch_bytes", &dsk::int8_gemv_prefetch_bytes,
+        "bytes of each weight row the decode GEMV prefetches into L2 before its grid-dependency wait");
   m.def("int8_gemv_eager_ok", &dsk::int8_gemv_eager_ok, "whether int8_gemv_eager launches for these operands");
   m.def("int8_linear_eager_ok", &dsk::int8_linear_eager_ok, "whether int8_linear_eager launches for these operands");
 }

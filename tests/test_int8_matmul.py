@@ -678,7 +678,7 @@ def test_int8_linear_programmatic_dependent_launch(M, monkeypatch):
     the ordinary launches: a GEMM that read the codes too early would use the previous call's."""
     from deepseek_kernels.ops._registry import pdl_enabled, programmatic_launches
 
-    _gemv_path(monkeypatch, False)  # PDL chains the Triton launches; the C++ decode op has none
+    _gemv_path(monkeypatch, False)  # the Triton pair (the C++ one: test_int8_linear_gemv_programmatic_chain_is_exact)
     N, K = 14336, 4096
     w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     ws = torch.rand(N, device="cuda") * 1e-3
@@ -696,6 +696,72 @@ def test_int8_linear_programmatic_dependent_launch(M, monkeypatch):
         static_x.copy_(x)
         g.replay()
         assert torch.equal(static_out, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpp", [False, True], ids=["triton", "cpp"])
+@pytest.mark.parametrize("M,N,K", [(1, 14336, 4096), (16, 4100, 80), (5, 300, 1008)], ids=str)
+def test_decode_matmul_prefetch_before_the_wait_is_safe(cpp, M, N, K, monkeypatch):
+    """A decode int8_matmul launched programmatically starts before the kernel before it ends, and the C++
+    GEMV prefetches its weight rows into L2 before it waits for that kernel. Here that kernel writes the very
+    weights (a per-token quantize of N rows, itself a programmatic launch that lets the next kernel start at
+    once): a GEMM that used bytes fetched before the wait would use the previous iteration's codes. Thirty
+    chained calls on fresh data, eager and replayed from a CUDA graph (which runs the Triton kernel), give the
+    bits of plain launches, on the Triton kernel and on the C++ one."""
+    from deepseek_kernels.ops._registry import pdl_enabled, programmatic_launches
+    from deepseek_kernels.ops.int8_matmul import _launch_quantize_per_token
+
+    if cpp:
+        _needs_gemv(monkeypatch)
+        from deepseek_kernels import _extension
+
+        assert _extension._C.int8_gemv_prefetch_bytes() > 0
+    else:
+        _gemv_path(monkeypatch, False)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launches need sm_90")
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+    sa = torch.rand(M, 1, device="cuda") * 1e-3
+    xs = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(30)]
+
+    def step(x, pdl):
+        b, sb = _launch_quantize_per_token(x, None, direct=True, pdl=pdl)
+        return dk.int8_matmul(a, b, sa, sb.reshape(-1))
+
+    with programmatic_launches(False):
+        want = [step(x, False) for x in xs]
+        b, sb = OPS.quantize_per_token(xs[-1], None)
+        assert torch.equal(want[-1], OPS.int8_matmul(a, b, sa, sb.reshape(-1), None, torch.bfloat16))
+    with programmatic_launches(True):
+        assert pdl_enabled(a, "int8_matmul")
+        assert all(torch.equal(step(x, True), r) for x, r in zip(xs, want))
+        static_x = xs[0].clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = step(static_x, True)
+    for x, r in zip(xs, want):
+        static_x.copy_(x)
+        g.replay()
+        assert torch.equal(static_out, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_int8_linear_gemv_programmatic_chain_is_exact(M, monkeypatch):
+    """The C++ decode pair (quantize -> GEMV) as a programmatic launch chain (``pdl=True``: the GEMV
+    prefetches weights, then waits for the codes) gives the bits of plain launches, call after call."""
+    _needs_gemv(monkeypatch)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launches need sm_90")
+    N, K = 14336, 4096
+    w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    ws = torch.rand(N, device="cuda") * 1e-3
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(40)]
+    want = [OPS.int8_linear_gemv(x, w, ws, None, None, False) for x in xs]
+    got = [OPS.int8_linear_gemv(x, w, ws, None, None, True) for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    xq, xs0 = OPS.quantize_per_token(xs[0], None)
+    assert torch.equal(OPS.int8_gemv(xq, w, xs0, ws, None, torch.bfloat16, True), want[0])
 
 
 # ---- the C++ decode path (csrc/int8: int8_gemv, int8_linear_gemv) ------------------------------------

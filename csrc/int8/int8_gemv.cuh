@@ -75,8 +75,38 @@ struct GemvArgs {
   void* out;              // [M, N] contiguous
   int64_t lda, ldb;
   int M, N, K;            // K a multiple of 16
+  int prefetch;           // bytes at the start of each of the CTA's weight rows prefetched into L2 before the
+                          // grid-dependency wait (a multiple of 16, <= K; 0: none)
+  bool early_trigger;     // the grid fits on the GPU at once: let the next kernel launch at the start, not
+                          // after the main loop (see chain_trigger)
   FType bias_t, out_t;
 };
+
+// For kernels that may be programmatic dependent launches (sm_90+; without the launch attribute both are no-ops).
+// chain_wait: wait for the kernel before this one in the stream (its memory visible). chain_trigger: let the next
+// one launch (it does once every CTA of this one has triggered or exited). Triggered at the start, the next
+// kernel's CTAs become resident as soon as there is room and wait there: good when this grid fits on the GPU at
+// once, harmful when later CTAs of this grid still need those slots (benchmarks/NOTES.md, session 11).
+__device__ __forceinline__ void chain_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void chain_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// `bytes` (a multiple of 16) from the 16-byte aligned `p` into L2, no registers involved: a hint with no effect
+// on what any load returns, so it may run before the grid-dependency wait (the weights' first bytes arrive
+// while the kernel before still runs). sm_90+; nothing elsewhere.
+__device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
 
 // One loop trip's operands of one lane: UNROLL K steps of SUB weight pieces and two activation pieces.
 template <int SUB, int UNROLL>
@@ -125,6 +155,13 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * kRows;
 
+  // the weights are no kernel's output here: their first bytes may stream in before the wait
+  if (p.prefetch > 0 && threadIdx.x < kRows && n0 + static_cast<int>(threadIdx.x) < p.N) {
+    prefetch_l2(p.b + static_cast<int64_t>(n0 + threadIdx.x) * p.ldb, p.prefetch);
+  }
+  chain_wait();
+  if (p.early_trigger) chain_trigger();
+
   const int8_t* brow[SUB];
 #pragma unroll
   for (int s = 0; s < SUB; ++s) {
@@ -146,6 +183,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
     load_trip(cur, brow, arow_lo, arow_hi, lo, hi, s0, steps, t * 16, p.K);
     mma_trip(acc, cur);
   }
+  if (!p.early_trigger) chain_trigger();
 
   // accumulator fragment: c0, c1 at (row g, cols 2t, 2t + 1), c2, c3 at row g + 8
 #pragma unroll
@@ -218,6 +256,8 @@ __device__ __forceinline__ float2 row_scale(float amax, int nan) {
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const void* x, FType xt, int64_t ldx,
                                                                      const void* smooth, FType st, int8_t* q,
                                                                      int64_t ldq, float* scale, int K) {
+  chain_wait();
+  chain_trigger();  // one CTA per activation row: a decode-sized grid
   const int64_t row = blockIdx.x;
   float amax = 0.0f;  // fmaxf drops NaN: flagged separately
   int nan = 0;

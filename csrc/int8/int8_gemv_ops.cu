@@ -3,8 +3,12 @@
 // whole here (the Python fast path calls these ops without checking first).
 #include "int8/int8_gemv_ops.h"
 
+#include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -90,11 +94,44 @@ void check_arch(const char* op, const at::Device& device) {
               std::to_string(prop->major), std::to_string(prop->minor));
 }
 
+// A kernel launch on `stream`, as a programmatic dependent launch of the kernel before it when `pdl` (the kernels
+// call chain_wait before touching anything another kernel writes).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_chained(void (*kernel)(KArgs...), unsigned grid, unsigned block, cudaStream_t stream, bool pdl,
+                           Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// How many CTAs of `kernel` the device holds at once (SMs x resident CTAs per SM), per device, asked once.
+template <typename Kernel>
+int64_t resident_ctas(Kernel kernel, int threads) {
+  static std::array<int64_t, 64> cache{};  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) return 0;
+    cache[device] = static_cast<int64_t>(per_sm) * at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  }
+  return cache[device];
+}
+
 template <int SUB, int UNROLL>
-cudaError_t launch(const gemv::GemvArgs& a, cudaStream_t stream) {
+cudaError_t launch(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
-  gemv::int8_gemv_kernel<SUB, UNROLL><<<ctas, gemv::kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  auto* kernel = gemv::int8_gemv_kernel<SUB, UNROLL>;
+  a.early_trigger = ctas <= resident_ctas(kernel, gemv::kThreads);
+  return launch_chained(kernel, ctas, gemv::kThreads, stream, pdl, a);
 }
 
 // DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M, below), read once per process: the
@@ -114,14 +151,44 @@ int gemv_rows_override() {
 // rows, 32 above (M16 N14336 K4096 graphed: 19.0-19.2 vs 19.9-20.1 us at 16 rows; M1: 17.5 vs 17.9-18.0 us, 18.7
 // at 64 rows; 8 rows per CTA, SUB 1 x UNROLL 16, lost everywhere: 23.9 us at M1). Every form streams 16 weight
 // pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
-cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream) {
+cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream, bool pdl) {
   int rows = gemv_rows_override();
   if (rows == 0) rows = a.M > 8 ? 32 : 16;
   switch (rows) {
-    case 64: return launch<8, 2>(a, stream);
-    case 32: return launch<4, 4>(a, stream);
-    default: return launch<2, 8>(a, stream);
+    case 64: return launch<8, 2>(a, stream, pdl);
+    case 32: return launch<4, 4>(a, stream, pdl);
+    default: return launch<2, 8>(a, stream, pdl);
   }
+}
+
+// Bytes of each weight row the GEMV prefetches into L2 before its grid-dependency wait, when it is a programmatic
+// dependent launch (DSK_INT8_PREFETCH: a multiple of 16, 0 for none; read once per process: a tuning switch, like
+// DSK_INT8_GEMV_ROWS). Without the launch attribute the wait returns at once and a prefetch would gain nothing.
+constexpr int kDefaultPrefetch = 1024;
+
+int prefetch_setting() {
+  static const int bytes = [] {
+    const char* v = std::getenv("DSK_INT8_PREFETCH");
+    if (v == nullptr || *v == 0) return kDefaultPrefetch;
+    const std::string s(v);
+    int n = -1;
+    try {
+      size_t used = 0;
+      n = std::stoi(s, &used);
+      if (used != s.size()) n = -1;
+    } catch (const std::exception&) {
+      n = -1;
+    }
+    TORCH_CHECK_VALUE(n >= 0 && n % 16 == 0, "DSK_INT8_PREFETCH must be a non-negative multiple of 16 (bytes), got '",
+                      s, "'");
+    return n;
+  }();
+  return bytes;
+}
+
+// A programmatic dependent launch where asked for and the device has one (sm_90+).
+bool chain_ok(bool pdl, const at::Device& device) {
+  return pdl && at::cuda::getDeviceProperties(device.index())->major >= 9;
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -131,7 +198,7 @@ void check_launch(cudaError_t err, const char* op) {
 // The GEMV on checked operands: a [M, K] int8 rows `lda` bytes apart, b [N, K] rows `ldb` apart; out [M, N].
 void run_gemv(const char* op, const int8_t* a, int64_t lda, const at::Tensor& b_q, const float* a_scale,
               const float* b_scale, const void* bias, FType bias_t, int64_t M, int64_t K, void* out, FType out_t,
-              cudaStream_t stream) {
+              cudaStream_t stream, bool pdl) {
   const int64_t N = b_q.size(0);
   gemv::GemvArgs g;
   g.a = a;
@@ -147,7 +214,9 @@ void run_gemv(const char* op, const int8_t* a, int64_t lda, const at::Tensor& b_
   g.M = static_cast<int>(M);
   g.N = static_cast<int>(N);
   g.K = static_cast<int>(K);
-  check_launch(launch_gemv(g, stream), op);
+  g.prefetch = pdl ? static_cast<int>(std::min<int64_t>(prefetch_setting(), K)) : 0;  // K % 16 == 0
+  g.early_trigger = false;
+  check_launch(launch_gemv(g, stream, pdl), op);
 }
 
 // int8_linear's two steps on checked operands: x2 [M, K] (unit stride along K), weight [N, K], sw fp32 [N]
@@ -155,16 +224,17 @@ void run_gemv(const char* op, const int8_t* a, int64_t lda, const at::Tensor& b_
 // (K % 16 == 0: the scales start 16-byte aligned): two host allocations per call, not three.
 at::Tensor run_linear(const char* op, const at::Tensor& x2, FType x_t, const at::Tensor& weight, const at::Tensor& sw,
                       const void* bias, FType bias_t, const void* smooth, FType smooth_t, at::IntArrayRef out_shape,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, bool pdl) {
   const int64_t M = x2.size(0), K = x2.size(1);
   at::Tensor out = at::empty(out_shape, x2.options());
   at::Tensor work = at::empty({M * K + 4 * M}, x2.options().dtype(at::kChar));
   int8_t* codes = work.data_ptr<int8_t>();
   float* scales = reinterpret_cast<float*>(codes + M * K);
-  gemv::quantize_rows_kernel<<<static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream>>>(
-      x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth, smooth_t, codes, K, scales, static_cast<int>(K));
-  check_launch(cudaGetLastError(), op);
-  run_gemv(op, codes, K, weight, scales, sw.data_ptr<float>(), bias, bias_t, M, K, out.data_ptr(), x_t, stream);
+  check_launch(launch_chained(gemv::quantize_rows_kernel, static_cast<unsigned>(M), gemv::kQuantThreads, stream, pdl,
+                              x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth, smooth_t, codes, K, scales,
+                              static_cast<int>(K)),
+               op);
+  run_gemv(op, codes, K, weight, scales, sw.data_ptr<float>(), bias, bias_t, M, K, out.data_ptr(), x_t, stream, pdl);
   return out;
 }
 
@@ -240,9 +310,11 @@ at::Tensor contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.co
 
 }  // namespace
 
+int int8_gemv_prefetch_bytes() { return prefetch_setting(); }
+
 at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
                           const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
-                          at::ScalarType out_dtype) {
+                          at::ScalarType out_dtype, bool pdl) {
   const char* op = "int8_matmul (decode kernel)";
   check_codes(op, "a_q", a_q, "[M, K]");
   check_codes(op, "b_q", b_q, "[N, K]");
@@ -265,12 +337,14 @@ at::Tensor int8_gemv_cuda(const at::Tensor& a_q, const at::Tensor& b_q, const at
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({M, N}, a_q.options().dtype(out_dtype));
   run_gemv(op, a_q.data_ptr<int8_t>(), a_q.stride(0), b_q, sa.data_ptr<float>(), sb.data_ptr<float>(), bias_ptr,
-           bias_t, M, K, out.data_ptr(), out_t, at::cuda::getCurrentCUDAStream(device.index()).stream());
+           bias_t, M, K, out.data_ptr(), out_t, at::cuda::getCurrentCUDAStream(device.index()).stream(),
+           chain_ok(pdl, device));
   return out;
 }
 
 at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth) {
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
+                                 bool pdl) {
   const char* op = "int8_linear (decode kernel)";
   FType x_t;
   TORCH_CHECK_VALUE(float_type(x.scalar_type(), &x_t), op,
@@ -299,7 +373,7 @@ at::Tensor int8_linear_gemv_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor x2 = x.stride(1) == 1 ? x : x.contiguous();
   return run_linear(op, x2, x_t, weight, sw, bias_ptr, bias_t, smooth_ptr, smooth_t, {M, N},
-                    at::cuda::getCurrentCUDAStream(device.index()).stream());
+                    at::cuda::getCurrentCUDAStream(device.index()).stream(), chain_ok(pdl, device));
 }
 
 bool int8_gemv_eager_ok(const OptTensor& a_q, const OptTensor& b_q, const OptTensor& a_scale, const OptTensor& b_scale,
@@ -319,7 +393,7 @@ bool int8_linear_eager_ok(const OptTensor& x, const OptTensor& weight, const Opt
 }
 
 OptTensor int8_gemv_eager(const OptTensor& a_q, const OptTensor& b_q, const OptTensor& a_scale, const OptTensor& b_scale,
-                          const OptTensor& bias, at::ScalarType out_dtype) {
+                          const OptTensor& bias, at::ScalarType out_dtype, bool pdl) {
   Types ty;
   if (!gemv_qualifies(a_q, b_q, a_scale, b_scale, bias, out_dtype, &ty)) return std::nullopt;
   const at::Device device = a_q->device();
@@ -332,12 +406,12 @@ OptTensor int8_gemv_eager(const OptTensor& a_q, const OptTensor& b_q, const OptT
   at::Tensor out = at::empty({M, N}, a_q->options().dtype(out_dtype));
   run_gemv("int8_matmul (decode kernel)", a_q->data_ptr<int8_t>(), a_q->stride(0), *b_q, sa.data_ptr<float>(),
            sb.data_ptr<float>(), bias_ptr, ty.bias, M, K, out.data_ptr(), ty.out,
-           at::cuda::getCurrentCUDAStream(device.index()).stream());
+           at::cuda::getCurrentCUDAStream(device.index()).stream(), chain_ok(pdl, device));
   return out;
 }
 
 OptTensor int8_linear_eager(const OptTensor& x, const OptTensor& weight, const OptTensor& weight_scale,
-                            const OptTensor& bias, const OptTensor& smooth) {
+                            const OptTensor& bias, const OptTensor& smooth, bool pdl) {
   Types ty;
   if (!linear_qualifies(x, weight, weight_scale, bias, smooth, &ty)) return std::nullopt;
   const at::Device device = x->device();
@@ -352,7 +426,8 @@ OptTensor int8_linear_eager(const OptTensor& x, const OptTensor& weight, const O
   std::vector<int64_t> out_shape(x->sizes().begin(), x->sizes().end());
   out_shape.back() = N;
   return run_linear("int8_linear (decode kernel)", x2, ty.x, *weight, contiguous(*weight_scale), bias_ptr, ty.bias,
-                    smooth_ptr, ty.smooth, out_shape, at::cuda::getCurrentCUDAStream(device.index()).stream());
+                    smooth_ptr, ty.smooth, out_shape, at::cuda::getCurrentCUDAStream(device.index()).stream(),
+                    chain_ok(pdl, device));
 }
 
 }  // namespace dsk

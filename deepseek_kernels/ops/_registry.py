@@ -119,8 +119,11 @@ _pdl: str | None = None  # "auto", "on" or "off"; None: read DSK_PDL on the next
 # the 4-block int8 stack at 1 token 370.8 -> 353.3 us; the sparse FFN decode chain T1 30.9 -> 29.3 us, T8
 # 99.5 -> 98.3 us once its kernels let the next one launch after their main loop (chain_trigger) rather than
 # at their start (then T8 lost 91.4 -> 110.7 us: waiting programs held SMs the kernel before still needed).
-AUTO_PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
-PDL_CHAINS = frozenset({"int8_linear", "sparse_decode"})
+# int8_matmul at decode sizes (session 20, benchmarks/diag_int8_prefetch.py, graphed N14336 K4096): the Triton
+# kernel M1 / M16 17.1 / 17.3 -> 16.3 / 16.6 us; the C++ one (eager) with its L2 weight prefetch 18.5 / 20.2 ->
+# 17.3 / 18.7 us.
+AUTO_PDL_CHAINS = frozenset({"int8_linear", "int8_matmul", "sparse_decode"})
+PDL_CHAINS = frozenset({"int8_linear", "int8_matmul", "sparse_decode"})
 
 
 def pdl_enabled(x: torch.Tensor, chain: str) -> bool:
@@ -128,8 +131,9 @@ def pdl_enabled(x: torch.Tensor, chain: str) -> bool:
     griddepcontrol: each kernel waits for the one before it at its start and lets the next one launch
     early, at its start (int8_linear) or after its main loop (sparse decode: ``_common.chain_trigger``),
     so the next kernel's programs are resident before this one ends: a launch gap hidden per kernel
-    boundary). ``chain``: ``"int8_linear"`` (quantize -> GEMM) or ``"sparse_decode"`` (router
-    -> gate/up -> down). ``DSK_PDL``: ``auto`` (default: the chains in :data:`AUTO_PDL_CHAINS`, measured
+    boundary). ``chain``: ``"int8_linear"`` (quantize -> GEMM), ``"int8_matmul"`` (a decode-sized
+    GEMM, M <= 16, after whatever kernel came before; its weights start streaming before that one ends)
+    or ``"sparse_decode"`` (router -> gate/up -> down). ``DSK_PDL``: ``auto`` (default: the chains in :data:`AUTO_PDL_CHAINS`, measured
     faster; today every chain), ``1`` (every chain), ``0`` (none); read once (:func:`refresh_pdl` rereads;
     :func:`programmatic_launches` overrides it in a block). Needs compute capability 9.0+ and a CUDA
     tensor. The same bits either way."""

@@ -159,7 +159,7 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
     everything else, and every call inside torch.compile, the plain kernel (the same bits). Eager
     launches with 16-byte aligned operands repeat through :class:`DirectLaunch` (same kernel, less
     host time). ``pdl``: the plain kernel as a programmatic dependent launch of the kernel before it
-    (``int8_linear``'s quantize; see :func:`pdl_enabled`)."""
+    (see :func:`pdl_enabled`)."""
     global _MATMUL_LAUNCH
     from deepseek_kernels.triton import int8_matmul as tk
 
@@ -253,12 +253,12 @@ if not TRITON_OP:
 if _extension.available() and hasattr(torch.ops.deepseek_kernels, "int8_gemv"):  # the C++ decode ops
 
     @torch.library.register_fake("deepseek_kernels::int8_gemv")
-    def _(a_q, b_q, a_scale, b_scale, bias, out_dtype):
+    def _(a_q, b_q, a_scale, b_scale, bias, out_dtype, pdl=False):
         check_matmul_args(a_q, b_q, a_scale, b_scale, bias, out_dtype)
         return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake("deepseek_kernels::int8_linear_gemv")
-    def _(x, weight, weight_scale, bias, smooth):
+    def _(x, weight, weight_scale, bias, smooth, pdl=False):
         _check_linear_args(x, weight, weight_scale, bias, smooth)
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=_linear_out_dtype(x))
 
@@ -369,12 +369,14 @@ def int8_matmul(
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
     if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
+        # decode sizes: a programmatic dependent launch (its weights start streaming before the kernel before ends)
+        pdl = a_q.dim() == 2 and a_q.shape[0] <= GEMV_MAX_M and pdl_enabled(a_q, "int8_matmul")
         ext = _gemv_ext()
         if ext is not None and out_dtype in _FLOAT_DTYPES:  # decode sizes: checked and launched by one C++ call
-            out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+            out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype, pdl)
             if out is not None:
                 return out
-        return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
+        return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True, pdl=pdl)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 
@@ -432,7 +434,8 @@ def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         return torch.ops.deepseek_kernels.int8_matmul(x_q, weight, x_scale, weight_scale, bias, out_dtype)
     ext = _gemv_ext()
     if ext is not None:
-        out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth)  # None: not a decode call, or capturing
+        # None: not a decode call, or capturing
+        out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth, pdl_enabled(x, "int8_linear"))
         if out is not None:
             return out
     return _linear_direct(x, weight, weight_scale, bias, smooth, out_dtype)
@@ -495,7 +498,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     if fast:
         ext = _gemv_ext()
         if ext is not None:
-            out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth)
+            out = ext.int8_linear_eager(x, weight, weight_scale, bias, smooth, pdl_enabled(x, "int8_linear"))
             if out is not None:
                 return out
     _check_linear_args(x, weight, weight_scale, bias, smooth)
