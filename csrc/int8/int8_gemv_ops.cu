@@ -134,7 +134,7 @@ cudaError_t launch(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   return launch_chained(kernel, ctas, gemv::kThreads, stream, pdl, a);
 }
 
-// DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M, below), read once per process: the
+// DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M and N, below), read once per process: the
 // tuning switch benchmarks/tune_int8_gemv.py sets per child process.
 int gemv_rows_override() {
   static const int rows = [] {
@@ -147,13 +147,19 @@ int gemv_rows_override() {
   return rows;
 }
 
-// Rows per CTA, from the tuner on the H200 (sessions 14 and 15, benchmarks/NOTES.md): 16 for up to 8 activation
-// rows, 32 above (M16 N14336 K4096 graphed: 19.0-19.2 vs 19.9-20.1 us at 16 rows; M1: 17.5 vs 17.9-18.0 us, 18.7
-// at 64 rows; 8 rows per CTA, SUB 1 x UNROLL 16, lost everywhere: 23.9 us at M1). Every form streams 16 weight
-// pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
+// Rows per CTA, from the tuners on the H200 (benchmarks/NOTES.md): 32 above 8 activation rows (sessions 14-15, M16
+// N14336 K4096 graphed: 19.0-19.2 vs 19.9-20.1 us at 16 rows), and, since the kernels chain (session 20,
+// diag_int8_prefetch.py, graphed, programmatic launches), also for fewer rows when 32-row CTAs still fill every SM
+// twice over (M1 / M4 N14336 K4096: 16.6 / 16.6 us vs 17.3 / 17.5 at 16 rows, where plain launches had favoured 16
+// rows, 17.5 vs 17.9-18.0 us; M1 N4096 K14336, 128 CTAs of 32 rows: 17.9 vs 16.9 us). 64 rows lost everywhere (M1
+// N14336 K4096: 19.1 us); 8 rows per CTA, SUB 1 x UNROLL 16, too (session 15: 23.9 us at M1). Every form streams 16
+// weight pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
 cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream, bool pdl) {
   int rows = gemv_rows_override();
-  if (rows == 0) rows = a.M > 8 ? 32 : 16;
+  if (rows == 0) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    rows = a.M > 8 || a.N >= 64 * sms ? 32 : 16;
+  }
   switch (rows) {
     case 64: return launch<8, 2>(a, stream, pdl);
     case 32: return launch<4, 4>(a, stream, pdl);

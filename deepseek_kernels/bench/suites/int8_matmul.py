@@ -12,6 +12,7 @@ import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels.bench.harness import Case, Impl
+from deepseek_kernels.ops._registry import pdl_enabled
 from deepseek_kernels.ops.int8_matmul import _gemv_ready, _int8_matmul_impl
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref
 
@@ -115,13 +116,16 @@ def _sustained_cases() -> list[Case]:
 
 
 def _triton_path(a, b, sa, sb, bias, x, w):
-    """int8_matmul's eager path before the C++ decode kernel: the Triton kernel, launched directly."""
-    return _int8_matmul_impl(a, b, sa, sb, bias, torch.bfloat16, direct=True)
+    """int8_matmul's eager path before the C++ decode kernel: the Triton kernel, launched directly (as a
+    programmatic dependent launch where int8_matmul makes it one)."""
+    return _int8_matmul_impl(a, b, sa, sb, bias, torch.bfloat16, direct=True, pdl=pdl_enabled(a, "int8_matmul"))
 
 
 def _gemv_op(a, b, sa, sb, bias, x, w):
-    """The extension's C++ decode op itself (eager int8_matmul takes it; under graph capture it does not)."""
-    return torch.ops.deepseek_kernels.int8_gemv.default(a, b, sa, sb, bias, torch.bfloat16)
+    """The extension's C++ decode op itself, launched as int8_matmul launches it (eager int8_matmul takes it;
+    under graph capture it does not)."""
+    return torch.ops.deepseek_kernels.int8_gemv.default(a, b, sa, sb, bias, torch.bfloat16,
+                                                        pdl_enabled(a, "int8_matmul"))
 
 
 def _decode_path_cases() -> list[Case]:
