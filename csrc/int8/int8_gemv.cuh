@@ -210,6 +210,120 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(const GemvArgs p
   }
 }
 
+// ---- the shared-memory pipelined form (opt-in: DSK_INT8_GEMV_PIPE=1, csrc/int8/int8_gemv_ops.cu) ----
+// The Triton decode kernel's structure in CUDA C++: each CTA owns kPipeRows weight rows and walks K in tiles of
+// kPipeTileK bytes, STAGES tiles in flight through cp.async (no registers held while the bytes travel), the 16
+// activation rows riding along in the same stages. Its warps split the rows (8 each) rather than K, so no
+// cross-warp sum. Shared-memory rows are kPipeTileK bytes; a 16-byte chunk c of row r sits at chunk
+// c ^ ((r & 1) << 2): the 8 lanes of a quarter warp (rows g, g + 1 x 4 chunks) then hit 8 distinct bank groups.
+constexpr int kPipeWarps = 4;
+constexpr int kPipeThreads = 32 * kPipeWarps;
+constexpr int kPipeRows = 8 * kPipeWarps;            // weight rows per CTA
+constexpr int kPipeTileK = 256;                      // K bytes per stage
+constexpr int kPipeChunks = kPipeTileK / 16;         // 16-byte chunks per row and stage
+constexpr int kPipeStageRows = kPipeRows + kMaxRows;  // weight rows, then the activation rows
+constexpr int kPipeStageBytes = kPipeStageRows * kPipeTileK;
+
+__device__ __forceinline__ int pipe_chunk(int row, int c) { return c ^ ((row & 1) << 2); }
+
+// 16 bytes global -> shared, zero-filled where !valid (src-size 0: nothing read).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// K tile `tile` of the CTA's weight rows (from n0) and of the activation rows into `stage`.
+__device__ __forceinline__ void pipe_load_tile(uint8_t* stage, const GemvArgs& p, int n0, int tile) {
+  constexpr int kTotal = kPipeStageRows * kPipeChunks;
+  for (int i = threadIdx.x; i < kTotal; i += kPipeThreads) {
+    const int row = i / kPipeChunks, c = i % kPipeChunks;
+    const int k = tile * kPipeTileK + c * 16;
+    const int8_t* src;
+    bool valid = k < p.K;
+    if (row < kPipeRows) {
+      src = p.b + static_cast<int64_t>(min(n0 + row, p.N - 1)) * p.ldb + k;  // rows past N repeat the last
+    } else {
+      const int m = row - kPipeRows;
+      valid = valid && m < p.M;
+      src = p.a + static_cast<int64_t>(min(m, p.M - 1)) * p.lda + k;
+    }
+    cp_async_16(stage + row * kPipeTileK + pipe_chunk(row, c) * 16, valid ? src : p.b, valid);
+  }
+}
+
+template <int STAGES>
+__global__ void __launch_bounds__(kPipeThreads) int8_gemv_pipe_kernel(const GemvArgs p) {
+  extern __shared__ __align__(16) uint8_t pipe_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kPipeRows;
+
+  if (p.prefetch > 0 && threadIdx.x < kPipeRows && n0 + static_cast<int>(threadIdx.x) < p.N) {
+    prefetch_l2(p.b + static_cast<int64_t>(n0 + threadIdx.x) * p.ldb, p.prefetch);
+  }
+  chain_wait();  // before any load into shared memory: the kernel before may write the weights too
+  if (p.early_trigger) chain_trigger();
+
+  const int tiles = (p.K + kPipeTileK - 1) / kPipeTileK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < tiles) pipe_load_tile(pipe_smem + s * kPipeStageBytes, p, n0, s);
+    cp_async_commit();  // empty groups keep the count uniform
+  }
+  const bool hi = p.M > 8;  // activation rows 8..15 exist
+  const int wrow = warp * 8 + g;
+  int acc[4] = {0, 0, 0, 0};
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile's stage is complete for every thread; the stage loaded next was consumed by all
+    const int next = tile + STAGES - 1;
+    if (next < tiles) pipe_load_tile(pipe_smem + (next % STAGES) * kPipeStageBytes, p, n0, next);
+    cp_async_commit();
+    const uint8_t* stage = pipe_smem + (tile % STAGES) * kPipeStageBytes;
+#pragma unroll
+    for (int step = 0; step < kPipeChunks / 4; ++step) {
+      const int c = step * 4 + t;
+      const uint4 w = *reinterpret_cast<const uint4*>(stage + wrow * kPipeTileK + pipe_chunk(wrow, c) * 16);
+      const int xr = kPipeRows + g;
+      const uint4 xl = *reinterpret_cast<const uint4*>(stage + xr * kPipeTileK + pipe_chunk(xr, c) * 16);
+      uint4 xh = make_uint4(0, 0, 0, 0);
+      if (hi) xh = *reinterpret_cast<const uint4*>(stage + (xr + 8) * kPipeTileK + pipe_chunk(xr + 8, c) * 16);
+      mma_s8(acc, xl.x, xh.x, xl.y, xh.y, w.x, w.y);
+      mma_s8(acc, xl.z, xh.z, xl.w, xh.w, w.z, w.w);
+    }
+  }
+  cp_async_wait<0>();
+  if (!p.early_trigger) chain_trigger();
+
+  // accumulator fragment: c0, c1 at (activation row g, weight rows 2t, 2t + 1 of the warp's 8), c2, c3 at row g + 8
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int m = g + (j >= 2 ? 8 : 0);
+    const int n = n0 + warp * 8 + 2 * t + (j & 1);
+    if (m >= p.M || n >= p.N) continue;
+    const float scaled = __fmul_rn(static_cast<float>(acc[j]), p.a_scale[m]);
+    const float v = p.bias ? __fmaf_rn(scaled, p.b_scale[n], load_float(p.bias, p.bias_t, n))
+                           : __fmul_rn(scaled, p.b_scale[n]);
+    store_float(p.out, p.out_t, static_cast<int64_t>(m) * p.N + n, v);
+  }
+}
+
 // Per-token symmetric quantization of x [M, K] (rows `ldx` elements apart) into codes [M, K] (rows
 // `ldq` bytes apart) and scales [M], one CTA per row, with the reference's arithmetic (and the
 // Triton kernel's): xs = x / smooth (div.rn), scale = amax|xs| / 127 (NaN anywhere: NaN),

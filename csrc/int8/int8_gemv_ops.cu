@@ -97,12 +97,12 @@ void check_arch(const char* op, const at::Device& device) {
 // A kernel launch on `stream`, as a programmatic dependent launch of the kernel before it when `pdl` (the kernels
 // call chain_wait before touching anything another kernel writes).
 template <typename... KArgs, typename... Args>
-cudaError_t launch_chained(void (*kernel)(KArgs...), unsigned grid, unsigned block, cudaStream_t stream, bool pdl,
-                           Args&&... args) {
+cudaError_t launch_chained(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                           bool pdl, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(block);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -112,15 +112,16 @@ cudaError_t launch_chained(void (*kernel)(KArgs...), unsigned grid, unsigned blo
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-// How many CTAs of `kernel` the device holds at once (SMs x resident CTAs per SM), per device, asked once.
-template <typename Kernel>
-int64_t resident_ctas(Kernel kernel, int threads) {
+// How many CTAs of `Kernel` (with `smem` bytes of dynamic shared memory) the device holds at once (SMs x resident
+// CTAs per SM), per device, asked once per kernel (the kernel is a template argument: one cache each).
+template <auto Kernel>
+int64_t resident_ctas(int threads, size_t smem = 0) {
   static std::array<int64_t, 64> cache{};  // 0: not asked yet
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 0;
   if (cache[device] == 0) {
     int per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) return 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem) != cudaSuccess) return 0;
     cache[device] = static_cast<int64_t>(per_sm) * at::cuda::getDeviceProperties(device)->multiProcessorCount;
   }
   return cache[device];
@@ -130,8 +131,35 @@ template <int SUB, int UNROLL>
 cudaError_t launch(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
   auto* kernel = gemv::int8_gemv_kernel<SUB, UNROLL>;
-  a.early_trigger = ctas <= resident_ctas(kernel, gemv::kThreads);
-  return launch_chained(kernel, ctas, gemv::kThreads, stream, pdl, a);
+  a.early_trigger = ctas <= resident_ctas<gemv::int8_gemv_kernel<SUB, UNROLL>>(gemv::kThreads);
+  return launch_chained(kernel, ctas, gemv::kThreads, 0, stream, pdl, a);
+}
+
+template <int STAGES>
+cudaError_t launch_pipe(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
+  const int ctas = (a.N + gemv::kPipeRows - 1) / gemv::kPipeRows;
+  auto* kernel = gemv::int8_gemv_pipe_kernel<STAGES>;
+  constexpr int smem = STAGES * gemv::kPipeStageBytes;
+  if (smem > 48 * 1024) {  // above the default limit: opt in (per device; cheap, and this is a tuning variant)
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  a.early_trigger = ctas <= resident_ctas<gemv::int8_gemv_pipe_kernel<STAGES>>(gemv::kPipeThreads, smem);
+  return launch_chained(kernel, ctas, gemv::kPipeThreads, smem, stream, pdl, a);
+}
+
+// DSK_INT8_GEMV_PIPE (unset or 0: off; 3, 4, 6 or 8: the shared-memory pipelined GEMV with that many stages), read
+// once per process: a tuning switch (benchmarks/diag_int8_prefetch.py passes it to its children).
+int gemv_pipe_stages() {
+  static const int stages = [] {
+    const char* v = std::getenv("DSK_INT8_GEMV_PIPE");
+    if (v == nullptr || *v == 0) return 0;
+    const std::string s(v);
+    TORCH_CHECK_VALUE(s == "0" || s == "3" || s == "4" || s == "6" || s == "8",
+                      "DSK_INT8_GEMV_PIPE must be 0, 3, 4, 6 or 8 (stages), got '", s, "'");
+    return std::stoi(s);
+  }();
+  return stages;
 }
 
 // DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M and N, below), read once per process: the
@@ -155,6 +183,13 @@ int gemv_rows_override() {
 // N14336 K4096: 19.1 us); 8 rows per CTA, SUB 1 x UNROLL 16, too (session 15: 23.9 us at M1). Every form streams 16
 // weight pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
 cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream, bool pdl) {
+  switch (gemv_pipe_stages()) {
+    case 3: return launch_pipe<3>(a, stream, pdl);
+    case 4: return launch_pipe<4>(a, stream, pdl);
+    case 6: return launch_pipe<6>(a, stream, pdl);
+    case 8: return launch_pipe<8>(a, stream, pdl);
+    default: break;
+  }
   int rows = gemv_rows_override();
   if (rows == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -236,8 +271,8 @@ at::Tensor run_linear(const char* op, const at::Tensor& x2, FType x_t, const at:
   at::Tensor work = at::empty({M * K + 4 * M}, x2.options().dtype(at::kChar));
   int8_t* codes = work.data_ptr<int8_t>();
   float* scales = reinterpret_cast<float*>(codes + M * K);
-  check_launch(launch_chained(gemv::quantize_rows_kernel, static_cast<unsigned>(M), gemv::kQuantThreads, stream, pdl,
-                              x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth, smooth_t, codes, K, scales,
+  check_launch(launch_chained(gemv::quantize_rows_kernel, static_cast<unsigned>(M), gemv::kQuantThreads, 0, stream,
+                              pdl, x2.data_ptr(), x_t, M > 1 ? x2.stride(0) : K, smooth, smooth_t, codes, K, scales,
                               static_cast<int>(K)),
                op);
   run_gemv(op, codes, K, weight, scales, sw.data_ptr<float>(), bias, bias_t, M, K, out.data_ptr(), x_t, stream, pdl);
