@@ -68,6 +68,22 @@ def save_json(path: str | None, result) -> None:
             json.dump(result, f, indent=1, default=str)
 
 
+def child_rows(script: str, env: dict, label: str, timeout: float) -> list[dict] | None:
+    """Runs ``script --child`` with ``env`` (a tuning variant fixed per process) and returns the rows it printed
+    as one ``RESULT <json>`` line; None, after printing the child's error, when it failed."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--child"], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of ``a`` against ``b`` (Frobenius norms, float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()

@@ -19,8 +19,10 @@ switches (``DSK_INT8_GEMV_ROWS``, ``DSK_INT8_GEMV_PIPE``) pass through from the 
 import argparse
 import json
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tuning import child_rows, save_json  # noqa: E402
 
 SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336)]
 DEFAULT_SETTINGS = "off,0,512,1024,2048,4096"
@@ -29,7 +31,6 @@ DEFAULT_SETTINGS = "off,0,512,1024,2048,4096"
 def child() -> None:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _tuning import bench_graphed_sets, per_call_us, sets_for
 
     import deepseek_kernels as dk
@@ -99,14 +100,11 @@ def main() -> None:
             else:
                 env.update(DSK_PDL="1", DSK_INT8_PREFETCH=setting)
             label = "no PDL" if setting == "off" else f"PDL+{setting}"
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env,
-                                  capture_output=True, text=True, timeout=300)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-                results.append({"setting": label, "round": rnd, "error": proc.stderr[-3000:]})
+            rows = child_rows(__file__, env, label, timeout=300)
+            if rows is None:
+                results.append({"setting": label, "round": rnd, "error": "the child failed (printed above)"})
                 continue
-            for r in json.loads(lines[-1][len("RESULT "):]):
+            for r in rows:
                 results.append({"setting": label, "round": rnd, **r})
                 bits = "ok" if not r["bits_differ"] else "DIFFER " + ",".join(r["bits_differ"])
                 print(f"{label:9s} r{rnd} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {bits:4s} copy {r['copy_tbps']:.2f} TB/s"
@@ -116,10 +114,7 @@ def main() -> None:
                       f" linear_cpp {r['linear_cpp']:5.1f} ({r['linear_cpp_pct_copy']:4.1f})"
                       f" read {r['read']:5.1f} ({r['read_pct_copy']:4.1f})"
                       f" | eager matmul {r['matmul_eager']:5.1f} linear {r['linear_eager']:5.1f}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    save_json(args.out, results)
 
 
 if __name__ == "__main__":

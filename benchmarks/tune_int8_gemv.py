@@ -16,8 +16,10 @@ Prints one table; the parent needs no GPU work of its own.
 import argparse
 import json
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tuning import child_rows, save_json  # noqa: E402
 
 SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
 VARIANTS = ["", "16", "32", "64"]
@@ -26,7 +28,6 @@ VARIANTS = ["", "16", "32", "64"]
 def child() -> None:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _tuning import bench_graphed_sets, per_call_us, sets_for
 
     import deepseek_kernels as dk
@@ -87,14 +88,11 @@ def main() -> None:
     for rows in VARIANTS:
         env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_ROWS": rows}
         label = f"rows={rows or 'auto'}"
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, capture_output=True,
-                              text=True, timeout=240)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
-            results.append({"variant": label, "error": proc.stderr[-2000:]})
+        rows = child_rows(__file__, env, label, timeout=240)
+        if rows is None:
+            results.append({"variant": label, "error": "the child failed (printed above)"})
             continue
-        for r in json.loads(lines[-1][len("RESULT "):]):
+        for r in rows:
             results.append({"variant": label, **r})
             print(f"{label:10s} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {'ok' if r['same_bits'] and r['same_bits_linear'] else 'DIFFER'}"
                   f"  graphed gemv {r['gemv']:6.1f} us vs triton {r['triton']:6.1f} ({r['triton'] / r['gemv']:.2f}x),"
@@ -103,10 +101,7 @@ def main() -> None:
                   f" linear {r['linear_eager']:6.1f} vs {r['triton_linear_eager']:6.1f}"
                   f" | entry / public gemv {r['gemv_entry_eager']:5.1f} / {r['gemv_public_eager']:5.1f},"
                   f" linear {r['linear_entry_eager']:5.1f} / {r['linear_public_eager']:5.1f}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    save_json(args.out, results)
 
 
 if __name__ == "__main__":
