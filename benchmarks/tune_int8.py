@@ -1,6 +1,6 @@
 """Sweep the Triton W8A8 kernel's launch shapes on this GPU, next to cuBLAS bf16 on the same shape.
 
-    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--tma] [--out tune.json]
+    python benchmarks/tune_int8.py [--shapes "1,14336,4096;16,4096,14336"] [--tma] [--pdl] [--out tune.json]
 
 ``--tma`` sweeps the experimental TMA-descriptor kernel (``_int8_matmul_tma_kernel``) instead, for
 M > 16; ``--tma --persistent`` its persistent variant (one program per SM walking the tiles);
@@ -27,6 +27,7 @@ import triton
 import triton.testing
 
 from deepseek_kernels.bench.harness import clock_state, rest, time_cuda
+from deepseek_kernels.triton._common import pdl_option
 from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel
 
 from _tuning import bench_graphed_sets, save_json, sets_for  # benchmarks/ is on sys.path when a script in it runs
@@ -48,13 +49,16 @@ def run_for(fn, seconds: float) -> None:
         torch.cuda.synchronize()
 
 
-def run(a, b, a_s, b_s, out, cfg):
+def run(a, b, a_s, b_s, out, cfg, pdl=False):
+    """One launch of the plain kernel with ``cfg``; ``pdl``: as a programmatic dependent launch of the call before
+    (how ``int8_matmul`` launches decode sizes on Hopper since session 20)."""
     M, K = a.shape
     N = b.shape[0]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     even = dict(EVEN_MN=M % cfg["BLOCK_M"] == 0 and N % cfg["BLOCK_N"] == 0, EVEN_K=K % cfg["BLOCK_K"] == 0)
     _int8_matmul_kernel[grid](a, b, out, a_s, b_s, a_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                              out.stride(0), out.stride(1), APPLY_EPILOGUE=True, HAS_BIAS=False, **even, **cfg)
+                              out.stride(0), out.stride(1), APPLY_EPILOGUE=True, HAS_BIAS=False, **even, **cfg,
+                              PDL=pdl, **pdl_option(pdl))
     return out
 
 
@@ -73,6 +77,9 @@ def main():
                     help="M > 16: let the GPU idle this long before each config (and cuBLAS), then time ~5 ms of calls "
                          "(the speed from a rested GPU: session 12's 8192^3 int8 GEMM ran 0.84 ms for its first ~15 ms "
                          "of load and 1.02 ms right after other heavy work)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="M <= 16: every call a programmatic dependent launch of the one before (int8_matmul's decode "
+                         "launches on Hopper; the graphed calls then overlap their ramp and tail)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.sustained > 0 and args.rested > 0:
@@ -96,7 +103,8 @@ def main():
             call = lambda out, cfg, i=0: launch_tma(a, b_sets[i], out, a_s, b_s, None, cfg,  # noqa: E731
                                                     persistent_programs=sms, tma_store=args.tma_store) or out
         else:
-            call = lambda out, cfg, i=0: run(a, b_sets[i], a_s, b_s, out, cfg)  # noqa: E731
+            pdl = args.pdl and M <= 16
+            call = lambda out, cfg, i=0: run(a, b_sets[i], a_s, b_s, out, cfg, pdl)  # noqa: E731
         ref = ((a.double() @ b.double().T) * a_s.double()[:, None] * b_s.double()[None, :]).to(torch.bfloat16)
         sustained = args.sustained > 0 and M > 16
         rested = args.rested > 0 and M > 16

@@ -189,8 +189,8 @@ case "$step" in
     uptime
     timeout 90 "$PY" -m deepseek_kernels.cli bench int8_matmul --no-plot --out "$OUT/host_after" --filter "$row" \
       | grep -E "host probe|^M" ;;
-  tune-int8-small)  # the decode GEMVs (M <= 16), graphed
-    timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" \
+  tune-int8-small)  # the decode GEMVs (M <= 16), graphed; TUNE_ARGS=--pdl as int8_matmul launches them on Hopper
+    timeout 560 "$PY" benchmarks/tune_int8.py --shapes "1,14336,4096;16,14336,4096;1,4096,14336" ${TUNE_ARGS:-} \
       --out "$OUT/tune_int8_small.json" ;;
   comm-ab)  # issue 7: the comm_hook suite's W=2 rows for an older tree (exported by scripts/ab_tree.sh REV into .ab/REV,
     # carried to the device) and for this tree, built and timed in one call, old / new / old
