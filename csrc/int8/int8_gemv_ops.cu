@@ -94,6 +94,25 @@ void check_arch(const char* op, const at::Device& device) {
               std::to_string(prop->major), std::to_string(prop->minor));
 }
 
+// An integer tuning switch from the environment (callers read it once per process): `fallback` when `name` is unset
+// or empty, else its value, which must satisfy `ok` (an error names the variable and what it takes otherwise).
+template <typename Ok>
+int env_int(const char* name, int fallback, Ok ok, const char* expected) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  const std::string s(v);
+  int n = 0;
+  bool parsed = false;
+  try {
+    size_t used = 0;
+    n = std::stoi(s, &used);
+    parsed = used == s.size();
+  } catch (const std::exception&) {
+  }
+  TORCH_CHECK_VALUE(parsed && ok(n), name, " must be ", expected, ", got '", s, "'");
+  return n;
+}
+
 // A kernel launch on `stream`, as a programmatic dependent launch of the kernel before it when `pdl` (the kernels
 // call chain_wait before touching anything another kernel writes).
 template <typename... KArgs, typename... Args>
@@ -130,48 +149,38 @@ int64_t resident_ctas(int threads, size_t smem = 0) {
 template <int SUB, int UNROLL>
 cudaError_t launch(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   const int ctas = (a.N + 8 * SUB - 1) / (8 * SUB);
-  auto* kernel = gemv::int8_gemv_kernel<SUB, UNROLL>;
-  a.early_trigger = ctas <= resident_ctas<gemv::int8_gemv_kernel<SUB, UNROLL>>(gemv::kThreads);
+  constexpr auto kernel = gemv::int8_gemv_kernel<SUB, UNROLL>;
+  a.early_trigger = ctas <= resident_ctas<kernel>(gemv::kThreads);
   return launch_chained(kernel, ctas, gemv::kThreads, 0, stream, pdl, a);
 }
 
 template <int STAGES>
 cudaError_t launch_pipe(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   const int ctas = (a.N + gemv::kPipeRows - 1) / gemv::kPipeRows;
-  auto* kernel = gemv::int8_gemv_pipe_kernel<STAGES>;
+  constexpr auto kernel = gemv::int8_gemv_pipe_kernel<STAGES>;
   constexpr int smem = STAGES * gemv::kPipeStageBytes;
   if (smem > 48 * 1024) {  // above the default limit: opt in (per device; cheap, and this is a tuning variant)
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  a.early_trigger = ctas <= resident_ctas<gemv::int8_gemv_pipe_kernel<STAGES>>(gemv::kPipeThreads, smem);
+  a.early_trigger = ctas <= resident_ctas<kernel>(gemv::kPipeThreads, smem);
   return launch_chained(kernel, ctas, gemv::kPipeThreads, smem, stream, pdl, a);
 }
 
 // DSK_INT8_GEMV_PIPE (unset or 0: off; 3, 4, 6 or 8: the shared-memory pipelined GEMV with that many stages), read
 // once per process: a tuning switch (benchmarks/diag_int8_prefetch.py passes it to its children).
 int gemv_pipe_stages() {
-  static const int stages = [] {
-    const char* v = std::getenv("DSK_INT8_GEMV_PIPE");
-    if (v == nullptr || *v == 0) return 0;
-    const std::string s(v);
-    TORCH_CHECK_VALUE(s == "0" || s == "3" || s == "4" || s == "6" || s == "8",
-                      "DSK_INT8_GEMV_PIPE must be 0, 3, 4, 6 or 8 (stages), got '", s, "'");
-    return std::stoi(s);
-  }();
+  static const int stages = env_int(
+      "DSK_INT8_GEMV_PIPE", 0, [](int n) { return n == 0 || n == 3 || n == 4 || n == 6 || n == 8; },
+      "0, 3, 4, 6 or 8 (stages)");
   return stages;
 }
 
 // DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M and N, below), read once per process: the
 // tuning switch benchmarks/tune_int8_gemv.py sets per child process.
 int gemv_rows_override() {
-  static const int rows = [] {
-    const char* v = std::getenv("DSK_INT8_GEMV_ROWS");
-    if (v == nullptr || *v == 0) return 0;
-    const std::string s(v);
-    TORCH_CHECK_VALUE(s == "16" || s == "32" || s == "64", "DSK_INT8_GEMV_ROWS must be 16, 32 or 64, got '", s, "'");
-    return std::stoi(s);
-  }();
+  static const int rows =
+      env_int("DSK_INT8_GEMV_ROWS", 0, [](int n) { return n == 16 || n == 32 || n == 64; }, "16, 32 or 64");
   return rows;
 }
 
@@ -208,22 +217,8 @@ cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream, bool pdl) 
 constexpr int kDefaultPrefetch = 1024;
 
 int prefetch_setting() {
-  static const int bytes = [] {
-    const char* v = std::getenv("DSK_INT8_PREFETCH");
-    if (v == nullptr || *v == 0) return kDefaultPrefetch;
-    const std::string s(v);
-    int n = -1;
-    try {
-      size_t used = 0;
-      n = std::stoi(s, &used);
-      if (used != s.size()) n = -1;
-    } catch (const std::exception&) {
-      n = -1;
-    }
-    TORCH_CHECK_VALUE(n >= 0 && n % 16 == 0, "DSK_INT8_PREFETCH must be a non-negative multiple of 16 (bytes), got '",
-                      s, "'");
-    return n;
-  }();
+  static const int bytes = env_int("DSK_INT8_PREFETCH", kDefaultPrefetch, [](int n) { return n >= 0 && n % 16 == 0; },
+                                   "a non-negative multiple of 16 (bytes)");
   return bytes;
 }
 

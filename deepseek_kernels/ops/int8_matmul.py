@@ -369,11 +369,11 @@ def int8_matmul(
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
     if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
-        # decode sizes: a programmatic dependent launch (its weights start streaming before the kernel before ends)
+        # decode sizes: a programmatic dependent launch (its weights start streaming before the kernel before
+        # ends), checked and launched by one C++ call (larger M skips that pybind11 call: it would decline)
         decode = a_q.dim() == 2 and a_q.shape[0] <= GEMV_MAX_M
         pdl = decode and pdl_enabled(a_q, "int8_matmul")
         ext = _gemv_ext()
-        # decode sizes: checked and launched by one C++ call (larger M skips the pybind11 call: it would decline)
         if decode and ext is not None and out_dtype in _FLOAT_DTYPES:
             out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype, pdl)
             if out is not None:
