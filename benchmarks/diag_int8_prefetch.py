@@ -13,7 +13,7 @@ in session 20), the C++ ``int8_gemv`` op,
 ``int8_matmul`` / ``int8_linear`` (the C++ entries). Also the ceilings: the device-to-device copy bandwidth
 (1 GiB) and a pure read of the same weight bytes (``torch.sum`` of them viewed as int32, graphed the same
 way: a poor ceiling, 15 % of copy in session 20), as % of copy. Prints one table. The C++ kernel's own
-switches (``DSK_INT8_GEMV_ROWS``, ``DSK_INT8_GEMV_PIPE``) pass through from the environment to the children.
+switch ``DSK_INT8_GEMV_ROWS`` passes through from the environment to the children.
 """
 
 import argparse

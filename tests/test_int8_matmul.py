@@ -807,46 +807,6 @@ def test_gemv_sums_are_exact_and_bits_equal_the_triton_op(M, N, K, monkeypatch):
             assert torch.equal(dk.int8_matmul(a, b, sa, sb, bias=bias, out_dtype=od), want), (od, bd)
 
 
-_PIPE_CHILD = """
-import sys, torch
-import deepseek_kernels as dk
-from deepseek_kernels.ops.int8_matmul import _gemv_ready
-if not _gemv_ready(torch.empty(0, device="cuda")):
-    sys.exit(3)
-OPS = torch.ops.deepseek_kernels
-shapes = [(1, 14336, 4096), (16, 14336, 4096), (9, 13, 48), (3, 200, 1008), (16, 300, 4112), (5, 4096, 4096), (16, 1, 16)]
-for M, N, K in shapes:
-    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
-    b = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
-    a[0], b[0] = 127, -127
-    exact = OPS.int8_gemv(a, b, torch.ones(M, 1, device="cuda"), torch.ones(N, device="cuda"), None, torch.float32)
-    assert torch.equal(exact, OPS.int8_mm(a, b).float()), (M, N, K)
-    sa, sb = torch.rand(M, 1, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3
-    for od, bias in ((torch.bfloat16, None), (torch.float16, torch.randn(N, device="cuda").half())):
-        want = OPS.int8_matmul(a, b, sa, sb, bias, od)
-        for pdl in (False, True):
-            assert torch.equal(OPS.int8_gemv(a, b, sa, sb, bias, od, pdl), want), (M, N, K, od, pdl)
-print("PIPE OK")
-"""
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("stages", ["4", "8"])
-def test_pipelined_gemv_variant_bits_equal_the_triton_op(stages):
-    """The opt-in shared-memory pipelined GEMV (``DSK_INT8_GEMV_PIPE``, read once per process: so in a child
-    process) gives exact int32 sums and the Triton op's bits: odd N and K, a K tail shorter than a stage, M 1 to
-    16, bias or none, plain and programmatic launches."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_PIPE": stages}
-    proc = subprocess.run([sys.executable, "-c", _PIPE_CHILD], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 3:
-        pytest.skip("the CUDA extension's decode kernels are not available here")
-    assert proc.returncode == 0 and "PIPE OK" in proc.stdout, proc.stderr[-3000:]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

@@ -154,28 +154,6 @@ cudaError_t launch(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
   return launch_chained(kernel, ctas, gemv::kThreads, 0, stream, pdl, a);
 }
 
-template <int STAGES>
-cudaError_t launch_pipe(gemv::GemvArgs a, cudaStream_t stream, bool pdl) {
-  const int ctas = (a.N + gemv::kPipeRows - 1) / gemv::kPipeRows;
-  constexpr auto kernel = gemv::int8_gemv_pipe_kernel<STAGES>;
-  constexpr int smem = STAGES * gemv::kPipeStageBytes;
-  if (smem > 48 * 1024) {  // above the default limit: opt in (per device; cheap, and this is a tuning variant)
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
-  a.early_trigger = ctas <= resident_ctas<kernel>(gemv::kPipeThreads, smem);
-  return launch_chained(kernel, ctas, gemv::kPipeThreads, smem, stream, pdl, a);
-}
-
-// DSK_INT8_GEMV_PIPE (unset or 0: off; 3, 4, 6 or 8: the shared-memory pipelined GEMV with that many stages), read
-// once per process: a tuning switch (benchmarks/diag_int8_prefetch.py passes it to its children).
-int gemv_pipe_stages() {
-  static const int stages = env_int(
-      "DSK_INT8_GEMV_PIPE", 0, [](int n) { return n == 0 || n == 3 || n == 4 || n == 6 || n == 8; },
-      "0, 3, 4, 6 or 8 (stages)");
-  return stages;
-}
-
 // DSK_INT8_GEMV_ROWS (16, 32 or 64 weight rows per CTA; unset: by M and N, below), read once per process: the
 // tuning switch benchmarks/tune_int8_gemv.py sets per child process.
 int gemv_rows_override() {
@@ -192,13 +170,6 @@ int gemv_rows_override() {
 // N14336 K4096: 19.1 us); 8 rows per CTA, SUB 1 x UNROLL 16, too (session 15: 23.9 us at M1). Every form streams 16
 // weight pieces of 16 bytes per lane and loop trip (8 x SUB rows x UNROLL K steps).
 cudaError_t launch_gemv(const gemv::GemvArgs& a, cudaStream_t stream, bool pdl) {
-  switch (gemv_pipe_stages()) {
-    case 3: return launch_pipe<3>(a, stream, pdl);
-    case 4: return launch_pipe<4>(a, stream, pdl);
-    case 6: return launch_pipe<6>(a, stream, pdl);
-    case 8: return launch_pipe<8>(a, stream, pdl);
-    default: break;
-  }
   int rows = gemv_rows_override();
   if (rows == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
