@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-pipe | int8-host |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -232,13 +232,6 @@ case "$step" in
       --out "$OUT/tune_int8_tma_persistent.json"
     timeout 270 "$PY" benchmarks/tune_int8.py --tma --persistent --tma-store \
       --shapes "8192,8192,8192;8192,4096,4096;8192,14336,4096" --out "$OUT/tune_int8_tma_store.json" ;;
-  int8-pipe)  # issue 5: the pipelined C++ GEMV (DSK_INT8_GEMV_PIPE) tested, then timed against the default kernel
-    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
-    timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_int8_matmul.py -k "pipelined or gemv"
-    for stages in 0 4 8; do
-      echo "== DSK_INT8_GEMV_PIPE=$stages"
-      DSK_INT8_GEMV_PIPE=$stages timeout 100 "$PY" benchmarks/diag_int8_prefetch.py --settings 1024 --out "$OUT/pipe$stages.json"
-    done ;;
   int8-host)  # issue 5: the eager M2048 N4096 K4096 row (1.66x in one call, 1.42x in the next: session 20): host
     # time per call against GPU time, then the M2048 rows again
     "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
@@ -256,6 +249,12 @@ for M, N, K in ((2048, 4096, 4096), (2048, 14336, 4096)):
           f" graphed {1e3 * bench_graphed(call):.1f} (GPU time; the weights stay in L2 here)")
 PY
     timeout 300 "$PY" -m deepseek_kernels.cli bench int8_matmul --filter "M2048" --out "$OUT" ;;
+  int8-burst)  # issue 5: host vs GPU time of the eager M2048 rows on the suite's own inputs, the burst timer at 1-64
+    # calls per sample, and ours' host functions by cProfile (session 21: host ~= GPU time there)
+    "$PY" -c "import deepseek_kernels._C" 2>/dev/null || { t0=$SECONDS; build; echo "build: $((SECONDS - t0)) s"; }
+    for shape in 2048,4096,4096 2048,14336,4096; do
+      timeout 150 "$PY" benchmarks/diag_int8_burst.py --shape "$shape" --out "$OUT/burst_${shape//,/_}.json"
+    done ;;
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)

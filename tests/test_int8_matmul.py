@@ -643,6 +643,44 @@ def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_direct_launch_repeats_feed_a_launch_enter_hook(monkeypatch):
+    """A repeat through DirectLaunch skips building Triton's launch metadata only while no enter hook is set: with
+    one set (profilers set one), each repeat passes the hook the kernel's metadata, as Triton's own launch does."""
+    import importlib
+
+    from triton import knobs
+
+    ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
+    _gemv_path(monkeypatch, False)
+    assert _direct_launch(monkeypatch, True)
+    M, N, K = 40, 96, 64
+    a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sa, sb = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda")
+    want = dk.int8_matmul(a, b, sa, sb)  # the first launch of this key (a miss: Triton's own launch)
+    seen = []
+
+    def hook(metadata):
+        seen.append(None if metadata is None else metadata.get()["name"])
+
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton 3.8: a HookChain
+        chain.add(hook)
+        cleanup = lambda: chain.remove(hook)  # noqa: E731
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+        cleanup = lambda: None  # noqa: E731
+    try:
+        hits = ops._MATMUL_LAUNCH.hits
+        got = dk.int8_matmul(a, b, sa, sb)
+        assert ops._MATMUL_LAUNCH.hits == hits + 1, "the repeat did not go through DirectLaunch"
+    finally:
+        cleanup()
+    assert seen and seen[-1] is not None and "int8_matmul" in seen[-1], seen
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 def test_direct_launch_unaligned_and_strided_operands(monkeypatch):
     """A pointer off 16-byte alignment takes Triton's launch (its compile assumes aligned pointers
     where it saw them); another row stride is another key. Results stay exact."""

@@ -179,16 +179,18 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
             bias if bias is not None else dummy,
             M, N, K,
             a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), out.stride(0), out.stride(1))
-    constexprs = dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL=pdl)
-    options = {**options, **pdl_option(pdl)}
     if direct and aligned(a_q, b_q, out, a_scale, b_scale, bias):
         if _MATMUL_LAUNCH is None:
             _MATMUL_LAUNCH = DirectLaunch(tk._int8_matmul_kernel)
         # what the compile specializes on beyond the shape (M, N, K -> cfg, grid): strides, dtypes, flags
         key = (M, N, K, args[9:], out.dtype, None if bias is None else bias.dtype, apply_epilogue, pdl)
-        _MATMUL_LAUNCH(key, grid, args, constexprs, **options)
+        if _MATMUL_LAUNCH.launch_cached(key, grid, args):  # a repeat: no constexpr dict to build
+            return
+        _MATMUL_LAUNCH(key, grid, args, dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL=pdl),
+                       **options, **pdl_option(pdl))
         return
-    triton_kernel(tk._int8_matmul_kernel, direct)[grid](*args, **constexprs, **options)
+    triton_kernel(tk._int8_matmul_kernel, direct)[grid](*args, APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None,
+                                                       **cfg, PDL=pdl, **options, **pdl_option(pdl))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -288,13 +290,17 @@ def _launch_quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None, di
     scale = torch.empty((M, 1), dtype=torch.float32, device=x2.device)
     if M and K:
         args = (x2, smooth if smooth is not None else x2, q, scale, K, x2.stride(0), K)
-        launch = quantize_launch(K)
-        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"], PDL=pdl)
-        options = {"num_warps": launch["num_warps"], **pdl_option(pdl)}
-        if direct and aligned(x2, smooth, q, scale):
+        cached = direct and aligned(x2, smooth, q, scale)
+        if cached:
             if _QUANTIZE_LAUNCH is None:
                 _QUANTIZE_LAUNCH = DirectLaunch(_quantize_per_token_kernel)
             key = (K, x2.stride(0), x2.dtype, None if smooth is None else smooth.dtype, pdl)
+            if _QUANTIZE_LAUNCH.launch_cached(key, (M,), args):  # a repeat: no constexpr dict to build
+                return q, scale
+        launch = quantize_launch(K)
+        constexprs = dict(HAS_SMOOTH=smooth is not None, BLOCK_K=launch["BLOCK_K"], PDL=pdl)
+        options = {"num_warps": launch["num_warps"], **pdl_option(pdl)}
+        if cached:
             _QUANTIZE_LAUNCH(key, (M,), args, constexprs, **options)
         else:
             triton_kernel(_quantize_per_token_kernel, direct)[(M,)](*args, **constexprs, **options)
@@ -371,14 +377,15 @@ def int8_matmul(
     if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
         # decode sizes: a programmatic dependent launch (its weights start streaming before the kernel before
         # ends), checked and launched by one C++ call (larger M skips that pybind11 call: it would decline)
-        decode = a_q.dim() == 2 and a_q.shape[0] <= GEMV_MAX_M
-        pdl = decode and pdl_enabled(a_q, "int8_matmul")
-        ext = _gemv_ext()
-        if decode and ext is not None and out_dtype in _FLOAT_DTYPES:
-            out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype, pdl)
-            if out is not None:
-                return out
-        return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True, pdl=pdl)
+        if a_q.dim() == 2 and a_q.shape[0] <= GEMV_MAX_M:
+            pdl = pdl_enabled(a_q, "int8_matmul")
+            ext = _gemv_ext()
+            if ext is not None and out_dtype in _FLOAT_DTYPES:
+                out = ext.int8_gemv_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype, pdl)
+                if out is not None:
+                    return out
+            return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True, pdl=pdl)
+        return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
 

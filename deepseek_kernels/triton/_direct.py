@@ -86,32 +86,56 @@ class DirectLaunch:
     def __init__(self, fn):
         self.fn = fn
         self.tail_names: tuple | None = None  # the parameters after the runtime args (set on first use)
-        self.cache: dict = {}
+        self.cache: dict = {}  # (device, key) -> (CompiledKernel, the constexpr values after the runtime args)
         self.hits = 0  # counters for tests and diagnostics
         self.misses = 0
+
+    def launch_cached(self, key, grid, args: tuple) -> bool:
+        """Launches ``args`` with the kernel, constexprs and options remembered for ``key`` and returns True, or
+        returns False (nothing launched) when ``key`` has not been launched on this device yet, or direct
+        launches are off: then call the launcher itself. Lets a caller build its constexpr dict and options
+        only on a miss (tens of dict entries per call: microseconds that a large eager GEMM's host side
+        feels on a slow host)."""
+        if not enabled():
+            return False
+        driver = _driver
+        device = driver.active.get_current_device()
+        entry = self.cache.get((device, key))
+        if entry is None:
+            return False
+        self._run(entry, grid, args, device)
+        return True
 
     def __call__(self, key, grid, args: tuple, constexprs: dict, **options) -> None:
         if not enabled():
             self.fn[grid](*args, **constexprs, **options)
             return
-        knobs, driver = _knobs, _driver
-        device = driver.active.get_current_device()
+        device = _driver.active.get_current_device()
         full_key = (device, key)
-        kernel = self.cache.get(full_key)
-        if kernel is None:
+        entry = self.cache.get(full_key)
+        if entry is None:
             self.misses += 1
             kernel = self.fn[grid](*args, **constexprs, **options)
+            if self.tail_names is None:
+                self.tail_names = tuple(p.name for p in self.fn.params[len(args):])
             if len(self.cache) >= _MAX_ENTRIES:
                 self.cache.clear()
-            self.cache[full_key] = kernel
+            self.cache[full_key] = (kernel, tuple(constexprs[name] for name in self.tail_names))
             return
+        self._run(entry, grid, args, device)
+
+    def _run(self, entry, grid, args, device) -> None:
+        kernel, tail = entry
         self.hits += 1
-        if self.tail_names is None:
-            self.tail_names = tuple(p.name for p in self.fn.params[len(args):])
-        values = args + tuple(constexprs[name] for name in self.tail_names)
-        stream = driver.active.get_current_stream(device)
+        values = args + tail
+        stream = _driver.active.get_current_stream(device)
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *values),
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+        runtime = _knobs.runtime
+        enter = runtime.launch_enter_hook
+        # launch_metadata only feeds the enter hook: skip building it when no hook is set (None on older Triton, an
+        # empty HookChain on 3.8, whose launch_metadata builds a LazyDict regardless)
+        quiet = enter is None or getattr(enter, "calls", None) == []
+        metadata = None if quiet else kernel.launch_metadata(grid, stream, *values)
+        kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, metadata,
+                   enter, runtime.launch_exit_hook, *values)
