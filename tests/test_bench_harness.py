@@ -315,6 +315,28 @@ def test_plot_of_no_rows_is_skipped(tmp_path):
     assert (tmp_path / "one.png").stat().st_size > 0
 
 
+def test_plot_puts_compute_and_bandwidth_rows_in_their_own_panels(tmp_path):
+    """A suite with GEMM rows (TFLOP/s) and GEMV rows (GB/s) gets one panel per unit: the int8 suite's
+    decode rows drew as empty bars on the TFLOP/s axis before (session 21). Rows with no rate plot the
+    speedup."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from deepseek_kernels.bench.report import plot
+
+    ceilings = {"copy_bytes_per_s": 4.2e12, "bf16_flops_per_s": 7.5e14}
+    gemm = {"case": "gemm", "ours_tflops": 1300.0, "baseline_tflops": 800.0, "speedup": 1.62,
+            "baseline_impl": "cuBLAS bf16"}
+    gemv = {"case": "gemv", "ours_gbps": 3500.0, "baseline_gbps": 1900.0, "speedup": 1.84,
+            "baseline_impl": "cuBLAS bf16"}
+    heights = {}
+    for name, rows in (("mixed", [gemm, gemv]), ("gemm", [gemm]), ("gemv", [gemv]),
+                       ("bare", [{"case": "e2e", "speedup": 1.5}])):
+        assert plot(tmp_path / f"{name}.png", name, rows, ceilings) is True
+        heights[name] = imread(tmp_path / f"{name}.png").shape[0]
+    assert heights["mixed"] == 2 * heights["gemm"] == 2 * heights["gemv"] == 2 * heights["bare"]
+
+
 def test_case_bytes_average_input_dependent_counts():
     """``bytes_of`` (bytes that depend on the inputs) is averaged over the rotated input sets and replaces
     ``bytes``; without it a row counts ``bytes``."""
