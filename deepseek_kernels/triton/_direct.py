@@ -81,7 +81,8 @@ class DirectLaunch:
     """``launch(key, grid, args, constexprs, **options)`` runs ``fn[grid](*args, **constexprs, **options)``:
     ``args`` are the leading (runtime) parameters in order, ``constexprs`` name every remaining
     parameter, ``options`` are launch options (num_warps, num_stages). ``key`` must determine the
-    constexprs and options as well as the specialization (see the module docstring)."""
+    constexprs and options as well as the specialization (see the module docstring).
+    ``launch.launch_cached(key, grid, args)`` repeats a key already launched without them."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -98,8 +99,7 @@ class DirectLaunch:
         feels on a slow host)."""
         if not enabled():
             return False
-        driver = _driver
-        device = driver.active.get_current_device()
+        device = _driver.active.get_current_device()
         entry = self.cache.get((device, key))
         if entry is None:
             return False
