@@ -69,6 +69,10 @@ def main() -> None:
     print("\n".join(line for line in text.splitlines() if line.strip())[:4000])
     result["cprofile_top"] = text
     result["host_probe_after"] = host_probe()
+    from deepseek_kernels import _extension
+    if _extension.available() and hasattr(_extension._C, "int8_matmul_cubin_launches"):
+        result["cubin_launches"] = _extension._C.int8_matmul_cubin_launches()  # ours' calls launched from C++
+        print("ours' calls launched from C++ (int8_matmul_cubin_eager):", result["cubin_launches"])
     print("host probe before / after:", result["host_probe"], result["host_probe_after"])
     save_json(args.out, result)
 

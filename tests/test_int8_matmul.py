@@ -631,6 +631,7 @@ def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
         return outs
 
     _gemv_path(monkeypatch, False)  # the decode rows' C++ path would bypass DirectLaunch
+    _cubin_path(monkeypatch, False)  # and the C++ launch of the compiled GEMM above 16 rows
     assert not _direct_launch(monkeypatch, False)
     want = results()
     assert _direct_launch(monkeypatch, True)
@@ -640,6 +641,201 @@ def test_direct_launch_repeats_equal_the_jit_launch(M, N, K, monkeypatch):
         assert torch.equal(gq, wq) and torch.equal(gs, ws_) and torch.equal(go, wo)
     assert ops._MATMUL_LAUNCH.hits >= hits + 2 * len(cases)  # the 2nd and 3rd rounds repeat every key
     assert ops._QUANTIZE_LAUNCH.hits > 0
+
+
+def _cubin_path(monkeypatch, on: bool):
+    """Turns the C++ launch of the compiled GEMM (eager, M > 16) on or off; the extension module when on."""
+    import importlib
+
+    ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
+    monkeypatch.setenv("DSK_INT8_CUBIN", "1" if on else "0")
+    monkeypatch.setattr(ops, "_CUBIN_EXT", [])
+    return ops._cubin_ext()
+
+
+_SYNTH_PTX = """
+.visible .entry gemm(
+\t.param .u64 .ptr .global .align 1 gemm_param_0,
+{rest}
+)
+.maxntid 256, 1, 1
+"""
+
+
+def _ptx(types):
+    lines = [f"\t.param .u64 .ptr .global .align 1 gemm_param_{i}," for i in range(1, 6)]
+    lines += [f"\t.param .{t} gemm_param_{6 + i}," for i, t in enumerate(types)]
+    return _SYNTH_PTX.format(rest="\n".join(lines).rstrip(","))
+
+
+def test_cubin_params_follow_the_ptx_entry():
+    """The C++ launch's parameter list comes from the PTX entry: the six pointers, the integers Triton kept (those
+    equal to 1 are constants), 64 bits for a value outside int32, at most two trailing 64-bit pointers (Triton's
+    scratch). Any other layout is declined (the key keeps Triton's launcher), never misread."""
+    from deepseek_kernels.ops.int8_matmul import cubin_params
+
+    ints = (300, 200, 1000, 1000, 1, 1000, 1, 200, 1)  # M, N, K, strides of a_q and b_q, then out's (N, 1)
+    kept = [10, 11, 12, 13, 15, 17]  # 32-bit M, N, K, a_q.stride(0), b_q.stride(0), out.stride(0)
+    assert cubin_params(_ptx(["u32"] * 6 + ["u64", "u64"]), "gemm", ints) == list(range(6)) + kept + [30, 30]
+    assert cubin_params(_ptx(["u32"] * 6), "gemm", ints) == list(range(6)) + kept
+    assert cubin_params(_ptx(["u32"] * 6 + ["u64"]), "gemm", ints) == list(range(6)) + kept + [30]
+    wide = (300, 200, 1000, 2**31 + 16, 1, 1000, 1, 200, 1)  # a row stride past int32: a 64-bit parameter
+    assert cubin_params(_ptx(["u32"] * 3 + ["u64"] + ["u32"] * 2 + ["u64"] * 2), "gemm", wide) == (
+        list(range(6)) + [10, 11, 12, 23, 15, 17, 30, 30])
+    assert cubin_params(_ptx(["u32"] * 9 + ["u64"] * 2), "gemm", ints) is None  # the 1s kept: declined
+    assert cubin_params(_ptx(["u32"] * 6 + ["u64"] * 3), "gemm", ints) is None  # three trailing pointers
+    assert cubin_params(_ptx(["u32"] * 5), "gemm", ints) is None  # too few
+    assert cubin_params(_ptx(["u32"] * 6), "other", ints) is None  # another entry
+
+
+_COMPILE_CHILD = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deepseek_kernels.ops.int8_matmul import cubin_params
+from deepseek_kernels.triton.int8_matmul import _int8_matmul_kernel as kernel
+
+names = [p.name for p in kernel.params]
+flags = dict(APPLY_EPILOGUE=True, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, EVEN_MN=False,
+             EVEN_K=False, PDL=False)
+ones = {"stride_ak", "stride_bk", "stride_on"}
+types = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*bf16", "bias_ptr": "*bf16", "a_scale_ptr": "*fp32",
+         "b_scale_ptr": "*fp32"}
+signature = {n: "constexpr" if n in flags or n in ones else types.get(n, "i32") for n in names}
+constants = {(i,): flags[n] if n in flags else 1 for i, n in enumerate(names) if n in flags or n in ones}
+try:
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+except Exception as e:
+    print(json.dumps({"skip": f"{type(e).__name__}: {e}"[:300]}))
+    sys.exit(0)
+print(json.dumps({"params": cubin_params(compiled.asm["ptx"], compiled.name, (300, 200, 1000, 1000, 1, 1000, 1, 200, 1))}))
+"""
+
+
+def test_cubin_params_of_a_real_triton_compile():
+    """The same reading of the PTX this Triton emits for the GEMM, compiled for sm_90 without a GPU (in a child
+    process with the interpreter off; the integers equal to 1 given as the constants Triton's specialization makes
+    them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:  # an older Triton's ASTSource / compile signature
+        pytest.skip(f"this Triton does not compile for sm_90 without a GPU here ({result['skip']})")
+    params = result["params"]
+    assert params is not None and params[:12] == list(range(6)) + [10, 11, 12, 13, 15, 17], params
+    assert params[12:] == [30] * (len(params) - 12) and len(params) <= 14, params
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(17, 96, 64), (300, 200, 1000), (2048, 4096, 4096)], ids=str)
+def test_cubin_launch_repeats_equal_the_triton_launch(M, N, K, monkeypatch):
+    """Eager int8_matmul above 16 rows: the first call of a key goes through Triton and registers the compiled
+    kernel; repeats (fresh data, every out dtype and bias dtype) launch it from C++ and give the bits of Triton's
+    own launch; a strided a_q is its own key; an a_q off 16 bytes or b_scale as [N, 1] is declined (Triton's
+    path, still exact)."""
+    ext = _cubin_path(monkeypatch, True)
+    if ext is None:
+        pytest.skip("the CUDA extension's C++ GEMM launch is not available here")
+    assert _direct_launch(monkeypatch, True)
+
+    def operands(strided=False):
+        a = torch.randint(-127, 128, (M, 2 * K if strided else K), device="cuda", dtype=torch.int8)
+        a = a[:, :K] if strided else a
+        b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        return a, b, torch.rand(M, 1, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3
+
+    calls = []
+    for od in (torch.bfloat16, torch.float16, torch.float32):
+        for bd in (None, torch.float32, od):
+            for strided in (False, True):
+                bias = None if bd is None else torch.linspace(-1, 1, N, device="cuda").to(bd)
+                calls += [(operands(strided), bias, od) for _ in range(2)]
+
+    launches = ext.int8_matmul_cubin_launches()
+    got = [dk.int8_matmul(*ops_, bias=bias, out_dtype=od) for ops_, bias, od in calls]
+    keys = {(od, None if bias is None else bias.dtype, a.stride(0)) for (a, *_), bias, od in calls}
+    assert ext.int8_matmul_cubin_launches() - launches == len(calls) - len(keys)  # all but each key's first call
+    _cubin_path(monkeypatch, False)
+    want = [dk.int8_matmul(*ops_, bias=bias, out_dtype=od) for ops_, bias, od in calls]  # Triton's launcher
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), i
+    assert ulp_close(got[0].cpu(), int8_matmul_ref(*(t.cpu() for t in calls[0][0]), None, torch.float64))
+
+    ext = _cubin_path(monkeypatch, True)
+    a, b, sa, sb = operands()
+    dk.int8_matmul(a, b, sa, sb)  # registered (or already)
+    launches = ext.int8_matmul_cubin_launches()
+    buf = torch.empty(M * K + 16, device="cuda", dtype=torch.int8)
+    a_off = buf[1:1 + M * K].view(M, K)
+    a_off.copy_(a)
+    for args in ((a_off, b, sa, sb), (a, b, sa, sb.view(N, 1))):
+        assert torch.equal(dk.int8_matmul(*args), dk.int8_matmul(a, b, sa, sb))
+    assert ext.int8_matmul_cubin_launches() - launches == 2  # only the two reference calls took the C++ launch
+
+
+@pytest.mark.gpu
+def test_cubin_launch_errors_graphs_and_hooks(monkeypatch):
+    """Bad operands still raise int8_matmul's errors (the C++ launch declines them); a registered key captured in a
+    CUDA graph replays the launch; with a launch-enter hook set (a profiler), calls keep Triton's launcher."""
+    import importlib
+
+    from triton import knobs
+
+    ops = importlib.import_module("deepseek_kernels.ops.int8_matmul")
+    ext = _cubin_path(monkeypatch, True)
+    if ext is None:
+        pytest.skip("the CUDA extension's C++ GEMM launch is not available here")
+    assert _direct_launch(monkeypatch, True)
+    M, N, K = 40, 96, 128
+    a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sa, sb = torch.rand(M, 1, device="cuda"), torch.rand(N, device="cuda")
+    want = dk.int8_matmul(a, b, sa, sb)
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        dk.int8_matmul(a, b, torch.rand(M + 1, 1, device="cuda"), sb)
+    with pytest.raises(ValueError, match="K mismatch"):
+        dk.int8_matmul(a, b[:, :64], sa, sb)
+    with pytest.raises(ValueError, match="out_dtype"):
+        dk.int8_matmul(a, b, sa, sb, out_dtype=torch.int32)
+
+    out = torch.empty_like(want)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dk.int8_matmul(a, b, sa, sb)
+        graph = torch.cuda.CUDAGraph()
+        launches = ext.int8_matmul_cubin_launches()
+        with torch.cuda.graph(graph, stream=stream):
+            out.copy_(dk.int8_matmul(a, b, sa, sb))
+    torch.cuda.current_stream().wait_stream(stream)
+    assert ext.int8_matmul_cubin_launches() == launches + 1
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+    chain = knobs.runtime.launch_enter_hook
+    seen = []
+    if hasattr(chain, "add"):
+        chain.add(seen.append)
+        cleanup = lambda: chain.remove(seen.append)  # noqa: E731
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", seen.append)
+        cleanup = lambda: None  # noqa: E731
+    try:
+        launches, hits = ext.int8_matmul_cubin_launches(), ops._MATMUL_LAUNCH.hits
+        assert torch.equal(dk.int8_matmul(a, b, sa, sb), want)
+        assert ext.int8_matmul_cubin_launches() == launches and ops._MATMUL_LAUNCH.hits == hits + 1 and seen
+    finally:
+        cleanup()
 
 
 @pytest.mark.gpu

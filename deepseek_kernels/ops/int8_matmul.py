@@ -14,11 +14,15 @@ launched from C++, because Triton's Python launcher costs more host time per cal
 GEMV takes on the GPU. While a CUDA graph captures, the Triton
 kernels run instead (host time does not count in a replay, and the Triton GEMV streams the weights
 faster: H200 session 14, 16.7 vs 17.5 us at M1 N14336 K4096; eager, the C++ op took 18.5 us per call
-against 23.5 us or more for the Triton launch). ``explain`` says which path a call takes.
+against 23.5 us or more for the Triton launch). Eager calls above 16 rows launch the Triton GEMM: the first
+call of a problem key through Triton, which compiles it, the repeats from C++ (``int8_matmul_cubin_eager``: the
+same compiled kernel, checked, allocated and launched in one pybind11 call; ``DSK_INT8_CUBIN=0`` keeps them on
+Triton's launcher). ``explain`` says which path a call takes.
 """
 
 import functools
 import os
+import re
 import types
 
 import torch
@@ -34,6 +38,7 @@ from deepseek_kernels.ops._registry import (
     triton_kernel,
 )
 from deepseek_kernels.triton._common import pdl_option
+from deepseek_kernels.triton import _direct
 from deepseek_kernels.triton._direct import DirectLaunch, aligned
 from deepseek_kernels.reference.int8_matmul import int8_matmul_ref, int8_mm_ref, quantize_per_token_ref
 
@@ -131,6 +136,92 @@ def _gemv_takes_linear(x, weight, weight_scale, bias, smooth) -> bool:
     return ext is not None and ext.int8_linear_eager_ok(x, weight, weight_scale, bias, smooth)
 
 
+# ---- the C++ launch of the compiled GEMM (eager calls above decode sizes) ---------------------------------------
+
+_CUBIN_EXT: list = []  # [the extension module, or None where its cubin launcher is off]; tests clear it
+_CUBIN_TRIED: dict = {}  # (device index, DirectLaunch key) -> registered with the C++ launcher (False: declined)
+_CUBIN_MAX_KEYS = 4096  # past this both registries start over (shapes churn)
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # csrc/int8/triton_launch.h
+_PTX_BYTES = {"u64": 8, "b64": 8, "s64": 8, "u32": 4, "b32": 4, "s32": 4}
+
+
+def _cubin_ext():
+    """The extension module when eager int8_matmul calls above 16 rows may repeat through its C++ launch of the
+    compiled Triton GEMM (built with it, not switched off with ``DSK_INT8_CUBIN=0``), else None. Read once (tests
+    clear ``_CUBIN_EXT``)."""
+    if not _CUBIN_EXT:
+        ok = (os.environ.get("DSK_INT8_CUBIN", "1") != "0" and _extension.available()
+              and hasattr(_extension._C, "int8_matmul_cubin_eager"))
+        _CUBIN_EXT.append(_extension._C if ok else None)
+    return _CUBIN_EXT[0]
+
+
+def cubin_params(ptx: str, name: str, ints: tuple) -> list[int] | None:
+    """The parameter codes (csrc/int8/triton_launch.h) of the compiled GEMM ``name`` whose PTX is ``ptx``, launched
+    with ``ints`` = (M, N, K, a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), N, 1) after its six
+    pointers; None where the PTX entry's parameters are not the expected ones. Expected: the six pointers (64-bit),
+    each integer Triton did not specialize away (Triton turns integers equal to 1 into constants) as 32 bits, or 64
+    for values outside int32 (Triton's i32 / i64 rule), then at most two 64-bit pointers Triton appends (its global
+    and profile scratch), which the C++ launch passes as null. Derived from the PTX rather than from a Triton
+    version's conventions, so a Triton that lays the parameters out otherwise is declined, never misread."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    if m is None:
+        return None
+    sizes = [_PTX_BYTES.get(t) for t in re.findall(r"\.param\s+\.(\w+)", m.group(1))]
+    codes, want = list(range(6)), [8] * 6
+    for i, v in enumerate(ints):
+        if v == 1:
+            continue
+        wide = not -2**31 <= v < 2**31
+        codes.append((20 if wide else 10) + i)
+        want.append(8 if wide else 4)
+    extra = sizes[len(want):]
+    if sizes[:len(want)] != want or len(extra) > 2 or any(b != 8 for b in extra):
+        return None
+    return codes + [30] * len(extra)
+
+
+def _register_cubin(kernel, a_q, b_q, out, bias, grid, launch_key) -> bool:
+    """Registers the compiled GEMM ``kernel`` (launched by Triton for operands like these, the epilogue on, no
+    programmatic launch; ``launch_key`` its DirectLaunch key) with the extension's C++ launcher; False where it does
+    not qualify (then the key keeps Triton's launcher). Once per key and device: the answer is remembered."""
+    ext = _cubin_ext()
+    if len(_CUBIN_TRIED) >= _CUBIN_MAX_KEYS:
+        _CUBIN_TRIED.clear()
+        ext.int8_matmul_cubin_clear()
+    _CUBIN_TRIED[(out.device.index, launch_key)] = ok = _register(ext, kernel, a_q, b_q, out, bias, grid)
+    return ok
+
+
+def _register(ext, kernel, a_q, b_q, out, bias, grid) -> bool:
+    md = getattr(kernel, "metadata", None)
+    if ext is None or md is None or out.dtype not in _DTYPE_CODES or not out.is_contiguous():
+        return False
+    if out.device.index != _direct._driver.active.get_current_device():  # Triton loaded it for the current device
+        return False
+    if bias is not None and bias.dtype not in _DTYPE_CODES:
+        return False
+    if (getattr(md, "num_ctas", 1) != 1 or getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0)
+            or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False)
+            or tuple(getattr(md, "cluster_dims", None) or (1, 1, 1)) != (1, 1, 1)):
+        return False
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    ints = (M, N, K, a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), N, 1)
+    try:
+        ptx = kernel.asm["ptx"]
+        name = getattr(kernel, "name", None) or md.name
+    except (AttributeError, KeyError, TypeError):
+        return False
+    params = cubin_params(ptx, name, ints)
+    if params is None:
+        return False
+    key = [*ints[:7], _DTYPE_CODES[out.dtype], -1 if bias is None else _DTYPE_CODES[bias.dtype]]
+    ext.int8_matmul_cubin_register(out.device.index, key, int(kernel.function), grid[0], 32 * md.num_warps,
+                                   md.shared, params)
+    return True
+
+
 # ---- ops -----------------------------------------------------------------------------------------
 
 
@@ -184,10 +275,16 @@ def _launch(a_q, b_q, out, a_scale, b_scale, bias, apply_epilogue: bool, direct:
             _MATMUL_LAUNCH = DirectLaunch(tk._int8_matmul_kernel)
         # what the compile specializes on beyond the shape (M, N, K -> cfg, grid): strides, dtypes, flags
         key = (M, N, K, args[9:], out.dtype, None if bias is None else bias.dtype, apply_epilogue, pdl)
+        # eager repeats above decode sizes: from C++ once the compiled kernel is registered (public int8_matmul)
+        cubin = apply_epilogue and not pdl and M > GEMV_MAX_M and _cubin_ext() is not None
         if _MATMUL_LAUNCH.launch_cached(key, grid, args):  # a repeat: no constexpr dict to build
+            if cubin and (out.device.index, key) not in _CUBIN_TRIED:  # compiled while the C++ launch was off
+                _register_cubin(_MATMUL_LAUNCH.kernel_for(key), a_q, b_q, out, bias, grid, key)
             return
-        _MATMUL_LAUNCH(key, grid, args, dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg, PDL=pdl),
-                       **options, **pdl_option(pdl))
+        kernel = _MATMUL_LAUNCH(key, grid, args, dict(APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None, **cfg,
+                                                      PDL=pdl), **options, **pdl_option(pdl))
+        if cubin and kernel is not None:
+            _register_cubin(kernel, a_q, b_q, out, bias, grid, key)
         return
     triton_kernel(tk._int8_matmul_kernel, direct)[grid](*args, APPLY_EPILOGUE=apply_epilogue, HAS_BIAS=bias is not None,
                                                        **cfg, PDL=pdl, **options, **pdl_option(pdl))
@@ -374,7 +471,8 @@ def int8_matmul(
         out = int8_matmul(a_q.reshape(-1, a_q.shape[-1]), b_q, a_scale.reshape(-1, 1), b_scale, bias=bias,
                           out_dtype=out_dtype)
         return out.reshape(*lead, out.shape[-1])
-    if eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
+    operands = isinstance(a_q, torch.Tensor) and isinstance(b_q, torch.Tensor)
+    if operands and eager_fast_path(a_q, b_q, a_scale, b_scale, bias):
         # decode sizes: a programmatic dependent launch (its weights start streaming before the kernel before
         # ends), checked and launched by one C++ call (larger M skips that pybind11 call: it would decline)
         if a_q.dim() == 2 and a_q.shape[0] <= GEMV_MAX_M:
@@ -385,6 +483,13 @@ def int8_matmul(
                 if out is not None:
                     return out
             return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True, pdl=pdl)
+        # larger M: the compiled Triton GEMM launched from C++ once its key is registered (None before, or where
+        # the operands do not qualify); Triton's launcher stays where a launch hook (a profiler) wants to see it
+        ext = _cubin_ext()
+        if ext is not None and out_dtype in _FLOAT_DTYPES and _direct.enabled() and _direct.hooks_quiet():
+            out = ext.int8_matmul_cubin_eager(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+            if out is not None:
+                return out
         return _int8_matmul_impl(a_q, b_q, a_scale, b_scale, bias, out_dtype, direct=True)
     return torch.ops.deepseek_kernels.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
 
@@ -523,7 +628,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 def _describe_matmul(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"triton: deepseek_kernels.triton.int8_matmul on {device} (validated on the H200; launch shapes tuned for M<=16 and M>128)"
+        repeats = "; eager repeats above 16 rows launch the compiled kernel from C++" if _cubin_ext() is not None else ""
+        return (f"triton: deepseek_kernels.triton.int8_matmul on {device} (validated on the H200; launch shapes tuned for "
+                f"M<=16 and M>128{repeats})")
     if interpreting():
         return "triton: deepseek_kernels.triton.int8_matmul under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.int8_matmul (tensors on the CPU)"

@@ -77,6 +77,14 @@ def aligned(*tensors) -> bool:
     return bits & 15 == 0
 
 
+def hooks_quiet() -> bool:
+    """Whether no Triton launch-enter hook is set (None on older Triton, an empty HookChain on 3.8): launches that
+    bypass Triton's launcher (the C++ ones) may then skip the hook without anyone missing it. Call after
+    :func:`enabled` returned True."""
+    enter = _knobs.runtime.launch_enter_hook
+    return enter is None or getattr(enter, "calls", None) == []
+
+
 class DirectLaunch:
     """``launch(key, grid, args, constexprs, **options)`` runs ``fn[grid](*args, **constexprs, **options)``:
     ``args`` are the leading (runtime) parameters in order, ``constexprs`` name every remaining
@@ -106,10 +114,16 @@ class DirectLaunch:
         self._run(entry, grid, args, device)
         return True
 
-    def __call__(self, key, grid, args: tuple, constexprs: dict, **options) -> None:
+    def kernel_for(self, key):
+        """The CompiledKernel remembered for ``key`` on the current device, or None."""
+        entry = self.cache.get((_driver.active.get_current_device(), key)) if enabled() else None
+        return None if entry is None else entry[0]
+
+    def __call__(self, key, grid, args: tuple, constexprs: dict, **options):
+        """Launches; returns the CompiledKernel when this call compiled or looked it up (a miss), else None."""
         if not enabled():
             self.fn[grid](*args, **constexprs, **options)
-            return
+            return None
         device = _driver.active.get_current_device()
         full_key = (device, key)
         entry = self.cache.get(full_key)
@@ -121,8 +135,9 @@ class DirectLaunch:
             if len(self.cache) >= _MAX_ENTRIES:
                 self.cache.clear()
             self.cache[full_key] = (kernel, tuple(constexprs[name] for name in self.tail_names))
-            return
+            return kernel
         self._run(entry, grid, args, device)
+        return None
 
     def _run(self, entry, grid, args, device) -> None:
         kernel, tail = entry
@@ -133,9 +148,8 @@ class DirectLaunch:
         g2 = grid[2] if len(grid) > 2 else 1
         runtime = _knobs.runtime
         enter = runtime.launch_enter_hook
-        # launch_metadata only feeds the enter hook: skip building it when no hook is set (None on older Triton, an
-        # empty HookChain on 3.8, whose launch_metadata builds a LazyDict regardless)
-        quiet = enter is None or getattr(enter, "calls", None) == []
-        metadata = None if quiet else kernel.launch_metadata(grid, stream, *values)
+        # launch_metadata only feeds the enter hook: skip building it when no hook is set (3.8 builds a LazyDict
+        # even for an empty HookChain)
+        metadata = None if hooks_quiet() else kernel.launch_metadata(grid, stream, *values)
         kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, metadata,
                    enter, runtime.launch_exit_hook, *values)
