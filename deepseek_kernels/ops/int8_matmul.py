@@ -194,6 +194,8 @@ def _register_cubin(kernel, a_q, b_q, out, bias, grid, launch_key) -> bool:
 
 
 def _register(ext, kernel, a_q, b_q, out, bias, grid) -> bool:
+    """:func:`_register_cubin`'s work: whether ``kernel`` qualifies (a plain one-CTA launch without scratch memory,
+    loaded for the current device, a PTX parameter list :func:`cubin_params` reads) and, if so, its registration."""
     md = getattr(kernel, "metadata", None)
     if ext is None or md is None or out.dtype not in _DTYPE_CODES or not out.is_contiguous():
         return False
