@@ -84,6 +84,29 @@ def child_rows(script: str, env: dict, label: str, timeout: float) -> list[dict]
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def variant_rows(script: str, env: dict, label: str, timeout: float, results: list, **tags) -> list[dict]:
+    """:func:`child_rows` for one variant, recorded in ``results``: each row with ``tags``, or one error entry
+    when the child failed. Returns the rows (empty on failure) for the caller to print."""
+    rows = child_rows(script, env, label, timeout)
+    if rows is None:
+        results.append({**tags, "error": "the child failed (printed above)"})
+        return []
+    results.extend({**tags, **r} for r in rows)
+    return rows
+
+
+def decode_operands(M: int, N: int, K: int):
+    """A decode GEMV's operands on the GPU: (sets, weights, weight_scale, x, x_q, x_scale) with ``sets`` int8 weight
+    copies [N, K] (enough to defeat the L2 when cycled, :func:`sets_for`), fp32 scales [N], x [M, K] bf16 and its
+    per-token quantization."""
+    sets = sets_for(N * K)
+    ws = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
+    sw = torch.rand(N, device="cuda") * 1e-3
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    xq, xs = torch.ops.deepseek_kernels.quantize_per_token(x, None)
+    return sets, ws, sw, x, xq, xs
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of ``a`` against ``b`` (Frobenius norms, float32)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()

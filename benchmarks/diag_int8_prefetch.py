@@ -22,7 +22,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tuning import child_rows, save_json  # noqa: E402
+from _tuning import save_json, variant_rows  # noqa: E402
 
 # the last: an lm_head-sized GEMV, whose grid takes several waves (the early trigger's untested case)
 SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (1, 128256, 4096)]
@@ -32,7 +32,7 @@ DEFAULT_SETTINGS = "off,0,512,1024,2048,4096"
 def child() -> None:
     import torch
 
-    from _tuning import bench_graphed_sets, per_call_us, sets_for
+    from _tuning import bench_graphed_sets, decode_operands, per_call_us
 
     import deepseek_kernels as dk
     from deepseek_kernels.bench.harness import measure_copy_bandwidth
@@ -45,11 +45,7 @@ def child() -> None:
     copy = measure_copy_bandwidth()
     rows = []
     for M, N, K in SHAPES:
-        sets = sets_for(N * K)
-        ws = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
-        sw = torch.rand(N, device="cuda") * 1e-3
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        xq, xs = ops.quantize_per_token(x, None)
+        sets, ws, sw, x, xq, xs = decode_operands(M, N, K)
         with programmatic_launches(False):
             want = ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16)  # the Triton kernel, plain launch
         checks = {
@@ -101,12 +97,7 @@ def main() -> None:
             else:
                 env.update(DSK_PDL="1", DSK_INT8_PREFETCH=setting)
             label = "no PDL" if setting == "off" else f"PDL+{setting}"
-            rows = child_rows(__file__, env, label, timeout=300)
-            if rows is None:
-                results.append({"setting": label, "round": rnd, "error": "the child failed (printed above)"})
-                continue
-            for r in rows:
-                results.append({"setting": label, "round": rnd, **r})
+            for r in variant_rows(__file__, env, label, 300, results, setting=label, round=rnd):
                 bits = "ok" if not r["bits_differ"] else "DIFFER " + ",".join(r["bits_differ"])
                 print(f"{label:9s} r{rnd} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {bits:4s} copy {r['copy_tbps']:.2f} TB/s"
                       f" | graphed us (% copy): matmul {r['matmul']:5.1f} ({r['matmul_pct_copy']:4.1f})"

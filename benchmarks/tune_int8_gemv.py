@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tuning import child_rows, save_json  # noqa: E402
+from _tuning import save_json, variant_rows  # noqa: E402
 
 SHAPES = [(1, 14336, 4096), (4, 14336, 4096), (16, 14336, 4096), (1, 4096, 14336), (4, 4096, 4096)]
 VARIANTS = ["", "16", "32", "64"]
@@ -28,7 +28,7 @@ VARIANTS = ["", "16", "32", "64"]
 def child() -> None:
     import torch
 
-    from _tuning import bench_graphed_sets, per_call_us, sets_for
+    from _tuning import bench_graphed_sets, decode_operands, per_call_us
 
     import deepseek_kernels as dk
     from deepseek_kernels import _extension
@@ -38,11 +38,7 @@ def child() -> None:
     ops = torch.ops.deepseek_kernels
     rows = []
     for M, N, K in SHAPES:
-        sets = sets_for(N * K)
-        ws = [torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda") for _ in range(sets)]
-        sw = torch.rand(N, device="cuda") * 1e-3
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        xq, xs = ops.quantize_per_token(x, None)
+        sets, ws, sw, x, xq, xs = decode_operands(M, N, K)
         same = torch.equal(ops.int8_gemv(xq, ws[0], xs, sw, None, torch.bfloat16),
                            ops.int8_matmul(xq, ws[0], xs, sw, None, torch.bfloat16))
         same_lin = torch.equal(ops.int8_linear_gemv(x, ws[0], sw, None, None),
@@ -88,12 +84,7 @@ def main() -> None:
     for rows in VARIANTS:
         env = {**os.environ, "DSK_INT8_GEMV": "1", "DSK_INT8_GEMV_ROWS": rows}
         label = f"rows={rows or 'auto'}"
-        rows = child_rows(__file__, env, label, timeout=240)
-        if rows is None:
-            results.append({"variant": label, "error": "the child failed (printed above)"})
-            continue
-        for r in rows:
-            results.append({"variant": label, **r})
+        for r in variant_rows(__file__, env, label, 240, results, variant=label):
             print(f"{label:10s} M{r['M']:<3d} N{r['N']:<6d} K{r['K']:<6d} bits {'ok' if r['same_bits'] and r['same_bits_linear'] else 'DIFFER'}"
                   f"  graphed gemv {r['gemv']:6.1f} us vs triton {r['triton']:6.1f} ({r['triton'] / r['gemv']:.2f}x),"
                   f" linear {r['linear']:6.1f} vs {r['triton_linear']:6.1f}"
