@@ -135,8 +135,8 @@ def pdl_enabled(x: torch.Tensor, chain: str) -> bool:
     GEMM, M <= 16, after whatever kernel came before; its weights start streaming before that one ends)
     or ``"sparse_decode"`` (router -> gate/up -> down). ``DSK_PDL``: ``auto`` (default: the chains in
     :data:`AUTO_PDL_CHAINS`, measured faster; today every chain), ``1`` (every chain), ``0`` (none); read
-    once (:func:`refresh_pdl` rereads; :func:`programmatic_launches` overrides it in a block). Needs compute capability 9.0+ and a CUDA
-    tensor. The same bits either way."""
+    once (:func:`refresh_pdl` rereads; :func:`programmatic_launches` overrides it in a block). Needs
+    compute capability 9.0+ and a CUDA tensor. The same bits either way."""
     if chain not in PDL_CHAINS:
         raise ValueError(f"pdl_enabled: chain must be one of {sorted(PDL_CHAINS)}, got {chain!r}")
     setting = pdl_setting()

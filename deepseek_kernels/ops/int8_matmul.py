@@ -203,8 +203,9 @@ def _register(ext, kernel, a_q, b_q, out, bias, grid) -> bool:
         return False
     if bias is not None and bias.dtype not in _DTYPE_CODES:
         return False
-    if (getattr(md, "num_ctas", 1) != 1 or getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0)
-            or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False)
+    if (getattr(md, "num_ctas", 1) != 1 or getattr(md, "global_scratch_size", 0)
+            or getattr(md, "profile_scratch_size", 0) or getattr(md, "launch_cooperative_grid", False)
+            or getattr(md, "launch_pdl", False)
             or tuple(getattr(md, "cluster_dims", None) or (1, 1, 1)) != (1, 1, 1)):
         return False
     M, K = a_q.shape
@@ -630,7 +631,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 def _describe_matmul(device: torch.device) -> str:
     if device.type == "cuda":
-        repeats = "; eager repeats above 16 rows launch the compiled kernel from C++" if _cubin_ext() is not None else ""
+        repeats = "; eager repeats above 16 rows launch the compiled kernel from C++" if _cubin_ext() else ""
         return (f"triton: deepseek_kernels.triton.int8_matmul on {device} (validated on the H200; launch shapes tuned for "
                 f"M<=16 and M>128{repeats})")
     if interpreting():
