@@ -3,9 +3,11 @@
     DSK_QUANT_VECTORS_PER_THREAD=4 python benchmarks/tune_quantization.py [quantization|comm_hook]
 
 ``quantization`` (default): the blockwise quantize/dequantize cases. ``comm_hook``: the fused hook
-pipeline per 25 MiB bucket (eager and CUDA-graph rows), whose reduce kernels take the compile-time
-knobs ``DSK_REDUCE_SHARDS_PER_STEP`` / ``DSK_REDUCE_ROUNDS`` (benchmarks/tune_variants.sh rebuilds
-per variant: ``DSK_TUNE_SUITE=comm_hook benchmarks/tune_variants.sh "-DDSK_REDUCE_ROUNDS=2"``)."""
+pipeline per 25 MiB bucket (eager and CUDA-graph rows). Its sum + requantize kernel takes the run-time
+knobs ``DSK_REDUCE_FORM=wide|narrow`` (else chosen by size) and ``DSK_REDUCE_CTA=256`` (the
+256-thread CTAs used until session 22), and compile-time ones (``DSK_REDUCE_NARROW_VEC``,
+``DSK_REDUCE_ROUNDS``, ...; benchmarks/tune_variants.sh rebuilds per variant:
+``DSK_TUNE_SUITE=comm_hook benchmarks/tune_variants.sh "-DDSK_REDUCE_NARROW_VEC=8"``)."""
 
 import os
 import sys

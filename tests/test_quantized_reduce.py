@@ -443,3 +443,22 @@ def test_bad_key_raises_clear_error():
             _into(x, "int8", key=bad)
         with pytest.raises((ValueError, TypeError), match=needle):
             dk.requantize_sum_blockwise(q, s, 128, stochastic=True, seed=1, key=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["wide", "narrow"])
+def test_cuda_forced_reduce_forms_match_reference(form):
+    """The sum + requantize kernel picks its launch form by size (narrow: 4-code vectors, 8 shards per
+    step, for shards under one wave; wide: 16-code vectors otherwise), so the cases above reach each form
+    only at some sizes. The benchmark knob DSK_REDUCE_FORM (read once per process) forces one form on
+    every case: rerun the kernel-vs-reference cases in a child process with each."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DSK_REDUCE_FORM": form}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", __file__,
+                          "-k", "test_cuda_requantize_sum_matches_reference"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-2000:]

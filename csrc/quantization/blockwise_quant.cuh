@@ -293,12 +293,12 @@ struct BlockCoords {
 // A CTA owns kRounds * (groups per CTA) consecutive blocks; in round u, group i takes block
 // base + u * groups + i, so every round of a CTA reads one contiguous span (coalesced), and each
 // lane has kRounds independent blocks' loads in flight before its first reduction.
-template <int VEC, int kRounds, bool kFlat>
+template <int VEC, int kRounds, bool kFlat, int kCta = kThreads>
 __device__ __forceinline__ BlockCoords block_coords(int64_t rows, int64_t cols, int64_t block,
                                                     int log2_group, int round) {
   BlockCoords c;
   const int64_t nblocks = (cols + block - 1) / block;
-  const int64_t groups = kThreads >> log2_group;
+  const int64_t groups = kCta >> log2_group;
   c.gid = (static_cast<int64_t>(blockIdx.x) * kRounds + round) * groups + (threadIdx.x >> log2_group);
   const int64_t total = rows * nblocks;
   if (c.gid >= total) {

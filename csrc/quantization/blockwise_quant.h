@@ -58,6 +58,8 @@ struct DequantizeSumArgs {
 // leaves registers). Writes codes `out_q` [rows, cols] and `out_scales` [rows, nblocks]; with
 // `error` given, quantizes sum + error and updates the residual in place, exactly as
 // quantize_blockwise does (requantize_sum_blockwise_ref).
+enum class ReduceForm : int { kAuto = 0, kWide = 1, kNarrow = 2 };
+
 struct RequantizeSumArgs {
   const uint8_t* q = nullptr;
   const float* scales = nullptr;
@@ -70,6 +72,10 @@ struct RequantizeSumArgs {
   bool stochastic = false;
   uint32_t key = 0;
   const uint32_t* key_ptr = nullptr;  // optional: the key from device memory (as in QuantizeArgs)
+  // Launch form (blockwise_reduce.cuh): chosen by size unless a benchmark knob fixes it.
+  ReduceForm form = ReduceForm::kAuto;
+  int sm_count = 0;    // SMs of the device (the size rule's unit); 0: the wide form
+  int cta_threads = 0;  // 256: 256-thread CTAs (the form until session 21); otherwise 64
 };
 
 // murmur3's 32-bit finalizer. The stochastic-rounding stream is a hash of (key, logical element

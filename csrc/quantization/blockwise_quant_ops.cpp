@@ -3,6 +3,9 @@
 #include "quantization/blockwise_quant_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include <string>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -298,6 +301,9 @@ std::tuple<at::Tensor, at::Tensor> requantize_sum_blockwise_cuda(const at::Tenso
   a.stochastic = stochastic;
   a.key = stochastic_key(static_cast<uint64_t>(seed));
   a.key_ptr = key_ptr;
+  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.cta_threads = tuning_reduce_cta();
+  a.form = static_cast<ReduceForm>(tuning_reduce_form());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
   switch (f) {
@@ -386,6 +392,25 @@ int tuning_vectors_per_thread() {
   static const int v = [] {
     const char* s = std::getenv("DSK_QUANT_VECTORS_PER_THREAD");
     return s ? std::atoi(s) : 0;
+  }();
+  return v;
+}
+
+int tuning_reduce_form() {
+  static const int v = [] {
+    const char* s = std::getenv("DSK_REDUCE_FORM");
+    if (s == nullptr) return 0;
+    const std::string f(s);
+    return f == "wide" ? 1 : f == "narrow" ? 2 : 0;
+  }();
+  return v;
+}
+
+int tuning_reduce_cta() {
+  static const int v = [] {
+    const char* s = std::getenv("DSK_REDUCE_CTA");
+    const int c = s ? std::atoi(s) : 0;
+    return c == 256 ? c : 0;
   }();
   return v;
 }

@@ -36,5 +36,9 @@ void quantize_blockwise_into_cuda(const at::Tensor& x, c10::string_view fmt, int
                                   const at::Tensor& scales_out, const std::optional<at::Tensor>& key);
 
 int tuning_vectors_per_thread();
+// Benchmark-only knobs of the sum + requantize kernel, read once: DSK_REDUCE_FORM=wide|narrow (else chosen
+// by size) and DSK_REDUCE_CTA=256 (256-thread CTAs, the form until session 21; else 64).
+int tuning_reduce_form();
+int tuning_reduce_cta();
 
 }  // namespace dsk

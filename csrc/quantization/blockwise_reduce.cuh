@@ -13,7 +13,8 @@
 // dequantize (W*S in, 4*W*S out) -> mean (4*W*S in, 4*S out) -> quantize (4*S in, S out).
 //
 // Memory parallelism: a rank's shard is small (S = L / W elements), so there are few lanes per
-// byte read; each lane issues the loads of kShardsPerStep shards before it adds any of them.
+// byte read; each lane issues the loads of several shards (kShardsPerStep, or the sum + requantize
+// kernel's WS) before it adds any of them.
 #pragma once
 
 #include "blockwise_quant.cuh"
@@ -25,6 +26,22 @@ namespace quant {
 #define DSK_REDUCE_SHARDS_PER_STEP 4
 #endif
 constexpr int kShardsPerStep = DSK_REDUCE_SHARDS_PER_STEP;
+
+// acc / W, bit for bit a true division (__fdiv_rn). For a power-of-two W the product with the exact
+// reciprocal 2^-k is the same number: both are the one real value acc * 2^-k rounded to nearest even
+// (also where it lands among the subnormals), and one multiply replaces the division's instruction
+// sequence (W=8's reduce runs a single wave in which every lane's instructions count).
+struct Average {
+  float by;  // 1/W for a power of two, else W
+  bool pow2;
+  __device__ __forceinline__ explicit Average(int64_t w) {
+    pow2 = w > 0 && (w & (w - 1)) == 0;
+    by = pow2 ? __frcp_rn(static_cast<float>(w)) : static_cast<float>(w);
+  }
+  __device__ __forceinline__ float operator()(float acc) const {
+    return pow2 ? __fmul_rn(acc, by) : __fdiv_rn(acc, by);
+  }
+};
 
 // ---- dequantize + sum (elementwise) ------------------------------------------------------------
 //
@@ -86,13 +103,13 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const float world = static_cast<float>(a.world);
+  const Average mean(a.world);
 #pragma unroll
   for (int u = 0; u < R; ++u) {
     if (v0 + u * kThreads < nvec) {
       if (a.average) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[u][i] = __fdiv_rn(acc[u][i], world);
+        for (int i = 0; i < VEC; ++i) acc[u][i] = mean(acc[u][i]);
       }
       store_floats<OT, VEC>(static_cast<OT*>(a.out) + elem[u], acc[u]);
     }
@@ -137,32 +154,37 @@ __device__ __forceinline__ void accumulate(const Pack<uint8_t, VEC>& codes, floa
 #ifndef DSK_REDUCE_MIN_BLOCKS
 #define DSK_REDUCE_MIN_BLOCKS 3
 #endif
+// Smaller CTAs keep the same register budget per thread: the cap scales to DSK_REDUCE_MIN_BLOCKS * 256
+// threads per SM (at most 32 CTAs, the SM's limit).
+constexpr int reduce_min_blocks(int cta) {
+  return DSK_REDUCE_MIN_BLOCKS * kThreads / cta > 32 ? 32 : DSK_REDUCE_MIN_BLOCKS * kThreads / cta;
+}
 #if DSK_REDUCE_MIN_BLOCKS > 0
-#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads, DSK_REDUCE_MIN_BLOCKS)
+#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kCta, reduce_min_blocks(kCta))
 #else
-#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kThreads)
+#define DSK_REDUCE_LAUNCH_BOUNDS __launch_bounds__(kCta)
 #endif
 
-template <typename ET, bool kHasError, QFormat F, int VEC, bool kFlat>
+// kCta threads per CTA (kThreads, or fewer where the grid is a single uneven wave: see the launcher).
+template <typename ET, bool kHasError, QFormat F, int VEC, int WS, bool kFlat, int kCta>
 __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     requantize_sum_kernel(const RequantizeSumArgs a, const int group, const int log2_group) {
   constexpr int R = kSumRounds;
   constexpr int K = kSumCached;
-  constexpr int WS = kShardsPerStep;
   const int lane = threadIdx.x & (group - 1);
   const int64_t numel = a.rows * a.cols;
   const int64_t shard_scales = a.rows * ((a.cols + a.block - 1) / a.block);
   BlockCoords c[R];
 #pragma unroll
-  for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat>(a.rows, a.cols, a.block, log2_group, u);
+  for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat, kCta>(a.rows, a.cols, a.block, log2_group, u);
   auto index_of = [&](const BlockCoords& b) { return b.row * a.cols + b.col0; };
-  const float world = static_cast<float>(a.world);
+  const Average mean(a.world);
 
   // y of vector j of block b: the sum over shards, averaged, plus the residual.
   auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
     if (a.average) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) y[i] = __fdiv_rn(y[i], world);
+      for (int i = 0; i < VEC; ++i) y[i] = mean(y[i]);
     }
     if constexpr (kHasError) {
       const ET* e = static_cast<const ET*>(a.error) + index_of(b) + j * VEC;
@@ -187,7 +209,7 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     return m;
   };
 
-  // Pass 1: sums of the cached vectors, kShardsPerStep shards of loads in flight at a time.
+  // Pass 1: sums of the cached vectors, WS shards of loads in flight at a time.
   float ys[R][K][VEC];
   for (int64_t w0 = 0; w0 < a.world; w0 += WS) {
     Pack<uint8_t, VEC> cv[WS][R][K];
@@ -273,16 +295,6 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
 
 // ---- launchers ----------------------------------------------------------------------------------
 
-// Vector width of the sum + requantize kernel: 16 codes (one 16-byte load per shard) when every vector
-// starts on a 16-byte boundary of every buffer, else scalar. DSK_REDUCE_VEC=8 (a tune-comm variant, not yet
-// timed): 16 lanes per 128-code block instead of 8, twice the threads for a world-size-8 shard (W=8's
-// reduce runs one block per group of lanes in a single wave: latency-bound at ~40 % of copy).
-#ifndef DSK_REDUCE_VEC
-#define DSK_REDUCE_VEC 16
-#endif
-constexpr int kSumVec = DSK_REDUCE_VEC;
-static_assert(kSumVec == 8 || kSumVec == 16, "DSK_REDUCE_VEC: 8 or 16 codes per vector");
-
 template <typename OT, QFormat F, int VEC>
 cudaError_t launch_dequantize_sum(DequantizeSumArgs a, cudaStream_t stream) {
   bool flat = false;
@@ -320,7 +332,43 @@ cudaError_t dequantize_sum_dispatch(const DequantizeSumArgs& a, cudaStream_t str
   }
 }
 
-template <typename ET, bool kHasError, QFormat F, int VEC>
+// Launch forms of the sum + requantize kernel, chosen per call (H200, session 22: the DDP hook's graphed
+// pipeline per 25 MiB fp32 bucket, int8, % of copy speed at W=2 / W=8, each a few runs):
+//   256-thread CTAs, 16 codes per vector, 4 shards per step (the form until session 21)  74.6 / 68.1-68.8
+//    64-thread CTAs, 16 codes per vector, 4 shards per step ("wide")                     75.9-76.2 / 69.1-69.4
+//    64-thread CTAs,  8 codes per vector, 8 shards per step                              72.9-73.0 / 69.5-70.1
+//    64-thread CTAs,  4 codes per vector, 8 shards per step ("narrow")                   (wide) / 70.1-70.4
+// A W=8 shard (51200 vectors of 16 codes) is less than one wave of lanes that each sum 8 shards: it is
+// latency-bound, so smaller CTAs (spread evenly over the SMs: 200 CTAs of 256 threads put 2 on some SMs
+// and 1 on others) and more lanes, each with all 8 shards' loads in flight, finish it sooner. A W=2 shard
+// is bandwidth-bound, where the wide form's fewer, fuller lanes win. Narrow up to kNarrowVectorsPerSm
+// 16-code vectors per SM (W=8 at 25 MiB: 388 per SM of the H200's 132; W=2: 1551).
+constexpr int kNarrowVectorsPerSm = 512;
+#ifndef DSK_REDUCE_NARROW_VEC
+#define DSK_REDUCE_NARROW_VEC 4
+#endif
+constexpr int kNarrowVec = DSK_REDUCE_NARROW_VEC;  // codes per vector of the narrow form (4 or 8)
+static_assert(kNarrowVec == 4 || kNarrowVec == 8, "DSK_REDUCE_NARROW_VEC: 4 or 8");
+
+template <typename ET, bool kHasError, QFormat F, int VEC, int WS, int kCta>
+cudaError_t launch_requantize_sum_cta(const RequantizeSumArgs& a, bool flat, int64_t groups, int log2_group,
+                                      cudaStream_t stream) {
+  const int64_t per_cta = (kCta >> log2_group) * kSumRounds;
+  const int64_t grid = (groups + per_cta - 1) / per_cta;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (flat) {
+    requantize_sum_kernel<ET, kHasError, F, VEC, WS, true, kCta>
+        <<<static_cast<unsigned>(grid), kCta, 0, stream>>>(a, 1 << log2_group, log2_group);
+  } else {
+    requantize_sum_kernel<ET, kHasError, F, VEC, WS, false, kCta>
+        <<<static_cast<unsigned>(grid), kCta, 0, stream>>>(a, 1 << log2_group, log2_group);
+  }
+  return cudaGetLastError();
+}
+
+// VEC codes per vector (16 or kNarrowVec where every vector starts on a 16-byte boundary of every buffer, else 1),
+// WS shards per step; 64-thread CTAs for the vector forms unless the benchmark knob asks for 256.
+template <typename ET, bool kHasError, QFormat F, int VEC, int WS>
 cudaError_t launch_requantize_sum(RequantizeSumArgs a, cudaStream_t stream) {
   bool flat = false;
   if (a.cols % a.block == 0) {
@@ -332,25 +380,24 @@ cudaError_t launch_requantize_sum(RequantizeSumArgs a, cudaStream_t stream) {
   const int64_t groups = a.rows * nblocks;
   if (groups == 0 || a.world == 0) return cudaSuccess;
   const int log2_group = pick_log2_group(a.block, VEC, kSumCached);
-  const int64_t per_cta = (kThreads >> log2_group) * kSumRounds;
-  const int64_t grid = (groups + per_cta - 1) / per_cta;
-  if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  if (flat) {
-    requantize_sum_kernel<ET, kHasError, F, VEC, true>
-        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, 1 << log2_group, log2_group);
+  if constexpr (VEC == 1) {
+    return launch_requantize_sum_cta<ET, kHasError, F, VEC, WS, kThreads>(a, flat, groups, log2_group, stream);
   } else {
-    requantize_sum_kernel<ET, kHasError, F, VEC, false>
-        <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, 1 << log2_group, log2_group);
+    return a.cta_threads == kThreads
+               ? launch_requantize_sum_cta<ET, kHasError, F, VEC, WS, kThreads>(a, flat, groups, log2_group, stream)
+               : launch_requantize_sum_cta<ET, kHasError, F, VEC, WS, 64>(a, flat, groups, log2_group, stream);
   }
-  return cudaGetLastError();
 }
 
 template <typename ET, bool kHasError, QFormat F>
 cudaError_t requantize_sum_typed(const RequantizeSumArgs& a, cudaStream_t stream) {
-  const bool wide = a.cols % kSumVec == 0 && aligned16(a.q) && aligned16(a.out_q) &&
-                    (!kHasError || aligned16(a.error));
-  return wide ? launch_requantize_sum<ET, kHasError, F, kSumVec>(a, stream)
-              : launch_requantize_sum<ET, kHasError, F, 1>(a, stream);
+  const bool wide = a.cols % 16 == 0 && aligned16(a.q) && aligned16(a.out_q) && (!kHasError || aligned16(a.error));
+  if (!wide) return launch_requantize_sum<ET, kHasError, F, 1, kShardsPerStep>(a, stream);
+  const bool narrow = a.form == ReduceForm::kNarrow ||
+                      (a.form == ReduceForm::kAuto && a.sm_count > 0 &&
+                       a.rows * a.cols / 16 <= int64_t{kNarrowVectorsPerSm} * a.sm_count);
+  return narrow ? launch_requantize_sum<ET, kHasError, F, kNarrowVec, 8>(a, stream)
+                : launch_requantize_sum<ET, kHasError, F, 16, 4>(a, stream);
 }
 
 template <QFormat F>
