@@ -2,10 +2,10 @@
 // allocation, device guard and stream. The kernels themselves live in blockwise_quant_*.cu.
 #include "quantization/blockwise_quant_ops.h"
 
+#include <string>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-
-#include <string>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
