@@ -137,11 +137,12 @@ case "$step" in
     #   scripts/gpu_plan.sh tune-comm "-DFLAG=1 ..." ["-D..." ...]
     # the comm GPU tests on the first variant's build, then the comm_hook suite per build (the default first),
     # then the default build again. Session 15 timed the reduce kernel's early residual loads (W=8 graphed 66.3 %
-    # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %).
+    # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %). Session 23's:
+    # "-DDSK_SR_ONE_DECODE=1" (fp8 stochastic rounding with one decode per element; the suite has fp8 graph rows).
     [ $# -ge 1 ] || { echo "usage: scripts/gpu_plan.sh tune-comm \"-DFLAG=1 ...\" [...]"; exit 1; }
     DSK_NVCC_EXTRA="$1" build
-    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \
-      tests/test_distributed.py > "$OUT/comm_variant_tests.log" 2>&1
+    timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \
+      tests/test_distributed.py tests/test_quantization.py > "$OUT/comm_variant_tests.log" 2>&1
     echo "tests with $1: rc=$?"; tail -1 "$OUT/comm_variant_tests.log"
     DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" "$@"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
