@@ -138,7 +138,8 @@ case "$step" in
     # the comm GPU tests on the first variant's build, then the comm_hook suite per build (the default first),
     # then the default build again. Session 15 timed the reduce kernel's early residual loads (W=8 graphed 66.3 %
     # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %). Session 23's:
-    # "-DDSK_SR_ONE_DECODE=1" (fp8 stochastic rounding with one decode per element; the suite has fp8 graph rows).
+    # "-DDSK_SR_ONE_DECODE=1" (fp8 stochastic rounding with one decode per element; the suite has fp8 graph rows),
+    # "-DDSK_REDUCE_EARLY_ERROR=1" (the narrow reduce form loads residuals before the codes) and both.
     [ $# -ge 1 ] || { echo "usage: scripts/gpu_plan.sh tune-comm \"-DFLAG=1 ...\" [...]"; exit 1; }
     DSK_NVCC_EXTRA="$1" build
     timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \

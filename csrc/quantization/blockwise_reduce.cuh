@@ -133,6 +133,11 @@ constexpr int kSumRounds = DSK_REDUCE_ROUNDS;
 #define DSK_REDUCE_CACHED 1
 #endif
 constexpr int kSumCached = DSK_REDUCE_CACHED;
+// Residuals loaded before the codes in the narrow form (see requantize_sum_kernel); off by default until timed
+// (session 22 wrote it after the device time ran out; session 15's early loads in the 16-code form spilled and lost).
+#ifndef DSK_REDUCE_EARLY_ERROR
+#define DSK_REDUCE_EARLY_ERROR 0
+#endif
 
 // acc (+)= d_w for one vector of one shard.
 template <QFormat F, int VEC>
@@ -180,15 +185,17 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
   auto index_of = [&](const BlockCoords& b) { return b.row * a.cols + b.col0; };
   const Average mean(a.world);
 
-  // y of vector j of block b: the sum over shards, averaged, plus the residual.
-  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
+  auto load_error = [&](const BlockCoords& b, int j) {
+    return *reinterpret_cast<const Pack<ET, VEC>*>(static_cast<const ET*>(a.error) + index_of(b) + j * VEC);
+  };
+  // y of vector j of block b: the sum over shards, averaged, plus the residual (`pre`: already loaded).
+  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC], const Pack<ET, VEC>* pre) {
     if (a.average) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = mean(y[i]);
     }
     if constexpr (kHasError) {
-      const ET* e = static_cast<const ET*>(a.error) + index_of(b) + j * VEC;
-      const Pack<ET, VEC> ev = *reinterpret_cast<const Pack<ET, VEC>*>(e);
+      const Pack<ET, VEC> ev = pre != nullptr ? *pre : load_error(b, j);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
     }
@@ -200,7 +207,7 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
       const Pack<uint8_t, VEC> cv = *reinterpret_cast<const Pack<uint8_t, VEC>*>(a.q + w * numel + off);
       accumulate<F, VEC>(cv, a.scales[w * shard_scales + b.gid], w == 0, y);
     }
-    finish(b, j, y);
+    finish(b, j, y, nullptr);
   };
   auto y_absmax_bits = [](const float (&y)[VEC]) {
     uint32_t m = 0;
@@ -208,6 +215,20 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int i = 0; i < VEC; ++i) m = max(m, abs_bits(y[i]));
     return m;
   };
+
+  // With DSK_REDUCE_EARLY_ERROR, the narrow form loads its cached vectors' residuals before the shards' codes:
+  // in W=8's single latency-bound wave that is one dependent round trip to memory fewer per lane.
+  constexpr bool kEarly = kHasError && DSK_REDUCE_EARLY_ERROR != 0 && VEC < 16 && VEC > 1;
+  Pack<ET, VEC> early[kEarly ? R : 1][kEarly ? K : 1];
+  if constexpr (kEarly) {
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (lane + k * group < c[u].nv) early[u][k] = load_error(c[u], lane + k * group);
+      }
+    }
+  }
 
   // Pass 1: sums of the cached vectors, WS shards of loads in flight at a time.
   float ys[R][K][VEC];
@@ -251,7 +272,11 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int k = 0; k < K; ++k) {
       const int j = lane + k * group;
       if (j < c[u].nv) {
-        finish(c[u], j, ys[u][k]);
+        if constexpr (kEarly) {
+          finish(c[u], j, ys[u][k], &early[u][k]);
+        } else {
+          finish(c[u], j, ys[u][k], nullptr);
+        }
         m[u] = max(m[u], y_absmax_bits(ys[u][k]));
       }
     }
