@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | dequant-wide | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -137,9 +137,9 @@ case "$step" in
     #   scripts/gpu_plan.sh tune-comm "-DFLAG=1 ..." ["-D..." ...]
     # the comm GPU tests on the first variant's build, then the comm_hook suite per build (the default first),
     # then the default build again. Session 15 timed the reduce kernel's early residual loads (W=8 graphed 66.3 %
-    # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %). Session 23's:
-    # "-DDSK_SR_ONE_DECODE=1" (fp8 stochastic rounding with one decode per element; the suite has fp8 graph rows),
-    # "-DDSK_REDUCE_EARLY_ERROR=1" (the narrow reduce form loads residuals before the codes) and both.
+    # vs 68.0 % default, W=2 65.9 vs 73.1 %: removed) and the 2-CTA cap alone (68.1 / 69.3 %). Session 23 timed
+    # (and removed) fp8 stochastic rounding with one decode per element, the narrow form's early residual loads and
+    # the dequantize kernel at 16 codes per lane (benchmarks/NOTES.md).
     [ $# -ge 1 ] || { echo "usage: scripts/gpu_plan.sh tune-comm \"-DFLAG=1 ...\" [...]"; exit 1; }
     DSK_NVCC_EXTRA="$1" build
     timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantized_reduce.py \
@@ -147,15 +147,6 @@ case "$step" in
     echo "tests with $1: rc=$?"; tail -1 "$OUT/comm_variant_tests.log"
     DSK_TUNE_SUITE=comm_hook timeout 400 bash benchmarks/tune_variants.sh "" "$@"
     build ;;  # tune_variants.sh leaves the last variant installed: back to the default build
-  dequant-wide)  # issues 2 and 7: the dequantize kernel reading 16 codes per lane (DSK_DEQUANT_WIDE_CODES, off by
-    # default until this has run): its GPU tests with the switch on, then both suites per variant, then the default build
-    DSK_NVCC_EXTRA="-DDSK_DEQUANT_WIDE_CODES=1" build
-    timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_quantization.py \
-      tests/test_quantized_reduce.py tests/test_distributed.py > "$OUT/dequant_wide_tests.log" 2>&1
-    echo "tests with DSK_DEQUANT_WIDE_CODES=1: rc=$?"; tail -1 "$OUT/dequant_wide_tests.log"
-    DSK_TUNE_SUITE="quantization comm_hook" timeout 400 bash benchmarks/tune_variants.sh "" \
-      "-DDSK_DEQUANT_WIDE_CODES=1" "-DDSK_DEQUANT_WIDE_CODES=1 -DDSK_DEQUANT_ROUNDS=2"
-    build ;;
   diag-int8-eager)  # issue 5: host vs kernel time of eager int8 calls at decode and at M2048 N4096 K4096 (0.64x in
     # session 9's suite, 56 us kernel-alone in session 3's sweep), then the int8 suite's rows that hinge on it
     for shape in 1,14336,4096 2048,4096,4096; do timeout 120 "$PY" benchmarks/diag_eager_overhead.py --shape "$shape"; done
@@ -260,6 +251,6 @@ PY
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|dequant-wide|comm-ab REV|diag-int8-eager|diag-int8-route|host-state|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|comm-ab REV|diag-int8-eager|diag-int8-route|host-state|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac

@@ -64,14 +64,6 @@ __device__ __forceinline__ float uniform01(uint32_t key, int64_t index) {
   return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
 }
 
-// Stochastic rounding that returns each code's value with it (Format::round_stochastic with `value`): for fp8 one
-// decode per element instead of four (the nearest code, both neighbours, then the chosen code again for the
-// residual), the same bits. Off by default until timed on a GPU (benchmarks/NOTES.md, session 22): the GPU tests
-// compare every stochastic path with the reference bit for bit, and `tune-comm "-DDSK_SR_ONE_DECODE=1"` times it.
-#ifndef DSK_SR_ONE_DECODE
-#define DSK_SR_ONE_DECODE 0
-#endif
-
 template <QFormat F>
 struct Format;
 
@@ -88,13 +80,6 @@ struct Format<QFormat::kInt8> {
   __device__ __forceinline__ static uint8_t round_stochastic(float v, float u) {
     const float lo = floorf(v);
     const int c = static_cast<int>(lo) + (u < __fsub_rn(v, lo) ? 1 : 0);
-    return static_cast<uint8_t>(static_cast<int8_t>(c));
-  }
-  // The same code, and its value (decode of it) in `value`.
-  __device__ __forceinline__ static uint8_t round_stochastic(float v, float u, float& value) {
-    const float lo = floorf(v);
-    const int c = static_cast<int>(lo) + (u < __fsub_rn(v, lo) ? 1 : 0);
-    value = static_cast<float>(c);  // |c| <= 127 (v is clamped): decode's int8 round trip is exact
     return static_cast<uint8_t>(static_cast<int8_t>(c));
   }
 };
@@ -119,23 +104,6 @@ struct Fp8Format {
     const uint8_t hi_bits = cf < mag ? static_cast<uint8_t>(c + 1) : c;
     const float lo = decode(lo_bits), hi = decode(hi_bits);
     const uint8_t bits = __fmul_rn(u, __fsub_rn(hi, lo)) < __fsub_rn(mag, lo) ? hi_bits : lo_bits;
-    return signbit(v) ? static_cast<uint8_t>(bits | 0x80u) : bits;
-  }
-  // The same code with one decode fewer, and its value in `value` (what decode(code) gives, so the caller
-  // needs no decode either): the nearest code c is one of the two neighbours, so only the other one is
-  // decoded. Where c is exact (cf == mag) the other is c's upper neighbour (possibly NaN or Inf past the
-  // largest finite code): u * (hi - lo) < 0 never holds then, and c is kept, as the two-decode form does.
-  __device__ __forceinline__ static uint8_t round_stochastic(float v, float u, float& value) {
-    const float mag = fabsf(v);
-    const uint8_t c = round_nearest(mag);
-    const float cf = decode(c);
-    const bool c_is_hi = cf > mag;
-    const uint8_t other_bits = c_is_hi ? static_cast<uint8_t>(c - 1) : static_cast<uint8_t>(c + 1);
-    const float other = decode(other_bits);
-    const float lo = c_is_hi ? other : cf, hi = c_is_hi ? cf : other;
-    const bool up = __fmul_rn(u, __fsub_rn(hi, lo)) < __fsub_rn(mag, lo);
-    const uint8_t bits = up == c_is_hi ? c : other_bits;
-    value = signbit(v) ? -(up ? hi : lo) : (up ? hi : lo);
     return signbit(v) ? static_cast<uint8_t>(bits | 0x80u) : bits;
   }
 };
@@ -301,18 +269,8 @@ __device__ __forceinline__ void encode_store(const float (&y)[VEC], float scale,
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const float vc = fminf(fmaxf(v[i], -Fmt::kMax), Fmt::kMax);
-#if DSK_SR_ONE_DECODE
-      // the code's value comes with it (the same bits; one fp8 decode per element instead of four)
-      if (stochastic) {
-        codes[i] = Fmt::round_stochastic(vc, uniform01(key, index + i), decoded[i]);
-      } else {
-        codes[i] = Fmt::round_nearest(vc);
-        decoded[i] = Fmt::decode(codes[i]);
-      }
-#else
       codes[i] = stochastic ? Fmt::round_stochastic(vc, uniform01(key, index + i)) : Fmt::round_nearest(vc);
       decoded[i] = Fmt::decode(codes[i]);
-#endif
     }
     store_codes<VEC>(q, codes);
   }
@@ -408,15 +366,6 @@ __device__ __forceinline__ void scale_of(uint32_t amax_bits, float qmax, float& 
 #endif
 #ifndef DSK_DEQUANT_ROUNDS
 #define DSK_DEQUANT_ROUNDS 4
-#endif
-// Codes per lane and round of the dequantize kernel: 0 = one 16-byte vector of output (8 codes for
-// 16-bit outputs, 4 for fp32: 8- and 4-byte code loads); 1 = 16 codes (one 16-byte code load, two or
-// four 16-byte stores) where rows are whole multiples of 16 and the buffers 16-byte aligned. An
-// experiment (benchmarks/NOTES.md, session 9): the reduce kernels already read 16 codes per load;
-// dequantize ran at 85 % of copy in the quantization suite (torch.compile 97 %) and 81 % in the DDP
-// hook's pipeline. Not yet run on a GPU: `scripts/gpu_plan.sh dequant-wide` tests and times it.
-#ifndef DSK_DEQUANT_WIDE_CODES
-#define DSK_DEQUANT_WIDE_CODES 0
 #endif
 template <bool kHasError>
 __host__ __device__ constexpr int quantize_rounds() { return kHasError ? DSK_QUANT_EF_ROUNDS : DSK_QUANT_ROUNDS; }
@@ -569,10 +518,9 @@ __device__ __forceinline__ void decode_codes(const Pack<uint8_t, VEC>& c, float 
   }
 }
 
-// Dequantization is elementwise: each lane owns whole vectors (VEC codes: 16 bytes of output, or
-// 16 codes with DSK_DEQUANT_WIDE_CODES), kRounds of them spread kThreads apart so every round of a
-// CTA is one contiguous span; the scale of a vector comes from a shift (power-of-two blocks over
-// whole rows) or from its row and column.
+// Dequantization is elementwise: each lane owns whole vectors (VEC codes: 16 bytes of output),
+// kRounds of them spread kThreads apart so every round of a CTA is one contiguous span; the scale of a
+// vector comes from a shift (power-of-two blocks over whole rows) or from its row and column.
 template <typename OT, QFormat F, int VEC, bool kShift>
 __global__ void __launch_bounds__(kThreads)
     blockwise_dequantize_kernel(const DequantizeArgs a, const int log2_block) {
@@ -726,10 +674,6 @@ cudaError_t launch_dequantize(DequantizeArgs a, cudaStream_t stream) {
 template <typename OT, QFormat F>
 cudaError_t dequantize_typed(const DequantizeArgs& a, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(OT);
-  if constexpr (DSK_DEQUANT_WIDE_CODES != 0) {
-    // 16 codes per vector: a vector never straddles two blocks (block % 16 == 0, rows of whole vectors)
-    if (a.cols % 16 == 0 && aligned16(a.out) && aligned16(a.q)) return launch_dequantize<OT, F, 16>(a, stream);
-  }
   const bool wide = a.cols % VEC == 0 && aligned16(a.out) && reinterpret_cast<uintptr_t>(a.q) % VEC == 0;
   return wide ? launch_dequantize<OT, F, VEC>(a, stream) : launch_dequantize<OT, F, 1>(a, stream);
 }

@@ -52,6 +52,9 @@ struct DequantizeSumArgs {
   DType out_dtype = DType::kF32;
   int64_t world = 0, rows = 0, cols = 0, block = 0;
   bool average = false;
+  // Filled by the launcher from `world` (set_average in blockwise_reduce.cuh): 1/W for a power of two, else W.
+  float average_by = 1.f;
+  bool average_pow2 = false;
 };
 
 // The same sum, re-quantized in the format of `q` with the same block (one kernel: the sum never
@@ -65,6 +68,8 @@ struct RequantizeSumArgs {
   const float* scales = nullptr;
   int64_t world = 0, rows = 0, cols = 0, block = 0;
   bool average = false;
+  float average_by = 1.f;       // filled by the launcher from `world`, as in DequantizeSumArgs
+  bool average_pow2 = false;
   void* error = nullptr;        // optional residual [rows, cols] contiguous, read + written
   DType error_dtype = DType::kNone;
   uint8_t* out_q = nullptr;

@@ -30,18 +30,20 @@ constexpr int kShardsPerStep = DSK_REDUCE_SHARDS_PER_STEP;
 // acc / W, bit for bit a true division (__fdiv_rn). For a power-of-two W the product with the exact
 // reciprocal 2^-k is the same number: both are the one real value acc * 2^-k rounded to nearest even
 // (also where it lands among the subnormals), and one multiply replaces the division's instruction
-// sequence (W=8's reduce runs a single wave in which every lane's instructions count).
-struct Average {
-  float by;  // 1/W for a power of two, else W
-  bool pow2;
-  __device__ __forceinline__ explicit Average(int64_t w) {
-    pow2 = w > 0 && (w & (w - 1)) == 0;
-    by = pow2 ? __frcp_rn(static_cast<float>(w)) : static_cast<float>(w);
-  }
-  __device__ __forceinline__ float operator()(float acc) const {
-    return pow2 ? __fmul_rn(acc, by) : __fdiv_rn(acc, by);
-  }
-};
+// sequence (W=8's reduce runs a single wave in which every lane's instructions count). The launchers
+// fill `average_by` / `average_pow2` on the host (set_average), so the kernels read them from the
+// parameter bank where used instead of holding two registers through the kernel (session 22's form
+// did, and the e5m2 wide kernels with 16-bit residuals spilled 8 bytes for it).
+template <typename Args>
+void set_average(Args& a) {
+  a.average_pow2 = a.world > 0 && (a.world & (a.world - 1)) == 0;
+  a.average_by = a.average_pow2 ? 1.0f / static_cast<float>(a.world) : static_cast<float>(a.world);
+}
+
+template <typename Args>
+__device__ __forceinline__ float average(const Args& a, float acc) {
+  return a.average_pow2 ? __fmul_rn(acc, a.average_by) : __fdiv_rn(acc, a.average_by);
+}
 
 // ---- dequantize + sum (elementwise) ------------------------------------------------------------
 //
@@ -103,13 +105,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const Average mean(a.world);
 #pragma unroll
   for (int u = 0; u < R; ++u) {
     if (v0 + u * kThreads < nvec) {
       if (a.average) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[u][i] = mean(acc[u][i]);
+        for (int i = 0; i < VEC; ++i) acc[u][i] = average(a, acc[u][i]);
       }
       store_floats<OT, VEC>(static_cast<OT*>(a.out) + elem[u], acc[u]);
     }
@@ -133,11 +134,6 @@ constexpr int kSumRounds = DSK_REDUCE_ROUNDS;
 #define DSK_REDUCE_CACHED 1
 #endif
 constexpr int kSumCached = DSK_REDUCE_CACHED;
-// Residuals loaded before the codes in the narrow form (see requantize_sum_kernel); off by default until timed
-// (session 22 wrote it after the device time ran out; session 15's early loads in the 16-code form spilled and lost).
-#ifndef DSK_REDUCE_EARLY_ERROR
-#define DSK_REDUCE_EARLY_ERROR 0
-#endif
 
 // acc (+)= d_w for one vector of one shard.
 template <QFormat F, int VEC>
@@ -183,19 +179,18 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
 #pragma unroll
   for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat, kCta>(a.rows, a.cols, a.block, log2_group, u);
   auto index_of = [&](const BlockCoords& b) { return b.row * a.cols + b.col0; };
-  const Average mean(a.world);
 
   auto load_error = [&](const BlockCoords& b, int j) {
     return *reinterpret_cast<const Pack<ET, VEC>*>(static_cast<const ET*>(a.error) + index_of(b) + j * VEC);
   };
-  // y of vector j of block b: the sum over shards, averaged, plus the residual (`pre`: already loaded).
-  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC], const Pack<ET, VEC>* pre) {
+  // y of vector j of block b: the sum over shards, averaged, plus the residual.
+  auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
     if (a.average) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) y[i] = mean(y[i]);
+      for (int i = 0; i < VEC; ++i) y[i] = average(a, y[i]);
     }
     if constexpr (kHasError) {
-      const Pack<ET, VEC> ev = pre != nullptr ? *pre : load_error(b, j);
+      const Pack<ET, VEC> ev = load_error(b, j);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
     }
@@ -207,7 +202,7 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
       const Pack<uint8_t, VEC> cv = *reinterpret_cast<const Pack<uint8_t, VEC>*>(a.q + w * numel + off);
       accumulate<F, VEC>(cv, a.scales[w * shard_scales + b.gid], w == 0, y);
     }
-    finish(b, j, y, nullptr);
+    finish(b, j, y);
   };
   auto y_absmax_bits = [](const float (&y)[VEC]) {
     uint32_t m = 0;
@@ -215,20 +210,6 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int i = 0; i < VEC; ++i) m = max(m, abs_bits(y[i]));
     return m;
   };
-
-  // With DSK_REDUCE_EARLY_ERROR, the narrow form loads its cached vectors' residuals before the shards' codes:
-  // in W=8's single latency-bound wave that is one dependent round trip to memory fewer per lane.
-  constexpr bool kEarly = kHasError && DSK_REDUCE_EARLY_ERROR != 0 && VEC < 16 && VEC > 1;
-  Pack<ET, VEC> early[kEarly ? R : 1][kEarly ? K : 1];
-  if constexpr (kEarly) {
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (lane + k * group < c[u].nv) early[u][k] = load_error(c[u], lane + k * group);
-      }
-    }
-  }
 
   // Pass 1: sums of the cached vectors, WS shards of loads in flight at a time.
   float ys[R][K][VEC];
@@ -272,11 +253,7 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
     for (int k = 0; k < K; ++k) {
       const int j = lane + k * group;
       if (j < c[u].nv) {
-        if constexpr (kEarly) {
-          finish(c[u], j, ys[u][k], &early[u][k]);
-        } else {
-          finish(c[u], j, ys[u][k], nullptr);
-        }
+        finish(c[u], j, ys[u][k]);
         m[u] = max(m[u], y_absmax_bits(ys[u][k]));
       }
     }
@@ -330,6 +307,7 @@ cudaError_t launch_dequantize_sum(DequantizeSumArgs a, cudaStream_t stream) {
   }
   const int64_t nvec = a.rows * a.cols / VEC;
   if (nvec == 0 || a.world == 0) return cudaSuccess;
+  set_average(a);
   const DequantLaunch l = dequant_launch(nvec, a.block);
   if (l.grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (flat && l.pow2) {
@@ -404,6 +382,7 @@ cudaError_t launch_requantize_sum(RequantizeSumArgs a, cudaStream_t stream) {
   const int64_t nblocks = (a.cols + a.block - 1) / a.block;
   const int64_t groups = a.rows * nblocks;
   if (groups == 0 || a.world == 0) return cudaSuccess;
+  set_average(a);
   const int log2_group = pick_log2_group(a.block, VEC, kSumCached);
   if constexpr (VEC == 1) {
     return launch_requantize_sum_cta<ET, kHasError, F, VEC, WS, kThreads>(a, flat, groups, log2_group, stream);
