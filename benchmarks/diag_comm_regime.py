@@ -1,7 +1,7 @@
 """Issue 7: one graphed hook pipeline per event pair (the GPU idles between calls) vs bursts of back-to-back replays."""
 from deepseek_kernels.bench import harness
 from deepseek_kernels.bench.suites import comm_hook
-c = [c for c in comm_hook.cases() if c.name == "int8 W=2 CUDA graph"][0]
+c = [c for c in comm_hook.cases() if c.name == "int8 W=2 CUDA graph per bucket"][0]
 sets = harness.rotated_inputs(c.make_inputs)
 for rep in range(2):
     for g in (1, None):
