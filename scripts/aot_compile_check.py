@@ -139,13 +139,15 @@ def cases():
               NORMALISE=True, HAS_BIAS=False, HAS_THRESHOLD=False, SPLITS=16, DOT_PRECISION="tf32", BLOCK_D=64,
               BLOCK_NR=64, BLOCK_K=16)
     out.append(("sparse router select, loop (after a split)", sf._sparse_ffn_router_kernel,
-                dict(rt, BLOCK_T=16, RANK_SELECT=False), dict(num_warps=4)))
-    out.append(("sparse router select, by rank (the decode default)", sf._sparse_ffn_router_kernel,
-                dict(rt, BLOCK_T=2, RANK_SELECT=True), dict(num_warps=4)))
-    out.append(("sparse router select by rank, programmatic dependent launch", sf._sparse_ffn_router_kernel,
-                dict(rt, BLOCK_T=2, RANK_SELECT=True, PDL=True), dict(num_warps=4, launch_pdl=True)))
+                dict(rt, BLOCK_T=16, SELECT=0), dict(num_warps=4)))
+    out.append(("sparse router select, by rank", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=2, SELECT=1), dict(num_warps=4)))
+    out.append(("sparse router select, by sorting (the decode default)", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=2, SELECT=2), dict(num_warps=4)))
+    out.append(("sparse router select by sorting, programmatic dependent launch", sf._sparse_ffn_router_kernel,
+                dict(rt, BLOCK_T=2, SELECT=2, PDL=True), dict(num_warps=4, launch_pdl=True)))
     out.append(("sparse router, one kernel (logits + loop)", sf._sparse_ffn_router_kernel,
-                dict(rt, T=8192, SPLITS=0, BLOCK_T=32, RANK_SELECT=False), dict(num_warps=4)))
+                dict(rt, T=8192, SPLITS=0, BLOCK_T=32, SELECT=0), dict(num_warps=4)))
 
     dec = dict(X=bf16, WG=bf16, WU=bf16, IDX=i32, WT=f32, H=bf16, T=1, D=4096, BS=224, S=0, K=10, NB=64,
                stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16,

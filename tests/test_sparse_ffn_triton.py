@@ -84,28 +84,31 @@ def test_router_split_logits_match_reference(case, splits, poisoned):
             tk.sparse_ffn_route(x, wr, splits=bad, **kw)
 
 
+@pytest.mark.parametrize("select", ["rank", "sort"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "T{}-D{}-NR{}-k{}-{}-{}-bias{}-thr{}".format(*c))
-def test_router_rank_select_matches_reference(case, dtype, poisoned):
+def test_router_rank_select_matches_reference(case, dtype, select, poisoned):
     """select="rank" (top-k by one compare-and-count, 2 tokens per program, logits from the split
-    kernel even in one slice): the reference's idx, weights and probs, and the loop's idx."""
+    kernel even in one slice) and select="sort" (the same from one sort of (score, index) keys): the
+    reference's idx, weights and probs, and the loop's idx."""
     T, D, NR, k, gate, weighting, with_bias, threshold = case
     x = torch.randn(T, D).to(dtype)
     wr = (torch.randn(NR, D) * 2 / D**0.5).to(dtype)
     bias = torch.randn(NR) * 0.05 if with_bias else None
     kw = dict(k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold)
     for splits in (1, 2):
-        idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", splits=splits, block_d=16, **kw)
+        idx, w, p = tk.sparse_ffn_route(x, wr, select=select, splits=splits, block_d=16, **kw)
         ri, rw, rp = route_ref(x, wr, **kw)
         assert torch.equal(idx, ri)
         assert (w - rw).abs().max() < 1e-6 and (p - rp).abs().max() < 1e-6
     assert torch.equal(idx, tk.sparse_ffn_route(x, wr, select="loop", **kw)[0])
     assert torch.equal(idx, tk.sparse_ffn_route(x, wr, **kw)[0])  # "auto": either selection
     with pytest.raises(ValueError, match="select must be one of"):
-        tk.sparse_ffn_route(x, wr, select="sort", **kw)
+        tk.sparse_ffn_route(x, wr, select="heap", **kw)
 
 
-def test_router_rank_select_ties_and_nan_rows(poisoned):
+@pytest.mark.parametrize("select", ["rank", "sort"])
+def test_router_rank_select_ties_and_nan_rows(select, poisoned):
     """Equal scores go to the lower block; a token whose logits are NaN gets the reference's routing
     (torch.sort puts NaN first and a NaN slot is empty), its neighbours are unaffected."""
     x = torch.randn(5, 16)
@@ -113,7 +116,7 @@ def test_router_rank_select_ties_and_nan_rows(poisoned):
     wr[7] = wr[3] = torch.randn(16)
     x[2, 4] = float("nan")
     kw = dict(k=4, gate="sigmoid", weighting="gate")
-    idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", **kw)
+    idx, w, p = tk.sparse_ffn_route(x, wr, select=select, **kw)
     ri, rw, rp = route_ref(x, wr, **kw)
     assert torch.equal(idx, ri)
     ok = torch.arange(5) != 2
@@ -122,9 +125,32 @@ def test_router_rank_select_ties_and_nan_rows(poisoned):
     # one NaN score among finite ones (a NaN in the selection bias): it sorts first, so slot 0 is empty
     bias = torch.zeros(10)
     bias[5] = float("nan")
-    idx, _, _ = tk.sparse_ffn_route(x[ok], wr, select="rank", bias=bias, **kw)
+    idx, _, _ = tk.sparse_ffn_route(x[ok], wr, select=select, bias=bias, **kw)
     ri, _, _ = route_ref(x[ok], wr, bias=bias, **kw)
     assert torch.equal(idx, ri) and (idx[:, 0] == -1).all() and (idx[:, 1:] >= 0).all()
+
+
+@pytest.mark.parametrize("select", ["rank", "sort"])
+def test_router_select_signed_zeros_infinities_and_nans(select, poisoned):
+    """Scores set through the selection bias on zero logits (sigmoid gate 0.5 everywhere): many equal +0.0 scores
+    (the lower index first), +inf and large finite scores lead, -inf never selects (an empty slot), NaN sorts
+    first and leaves its slot empty, negative-signed NaN bits too. The reference's idx and weights."""
+    NR, k = 12, 6
+    x = torch.zeros(3, 16)
+    wr = torch.zeros(NR, 16)
+    nan_neg = torch.tensor([0xFFC00000], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].item()
+    biases = [
+        [-0.5, -0.5, -0.5, -0.5, 0.0, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5],  # eleven scores of 0.5 - 0.5 = 0
+        [float("-inf")] * 9 + [1.0, float("inf"), 2.0],  # only 3 selectable: 3 empty slots
+        [0.1, float("nan"), -1.0, nan_neg, 3.0, float("-inf"), 0.2, 0.2, -0.0, 0.0, 1e30, -1e30],
+    ]
+    for b in biases:
+        bias = torch.tensor(b, dtype=torch.float32)
+        kw = dict(k=k, gate="sigmoid", weighting="gate", bias=bias)
+        idx, w, _ = tk.sparse_ffn_route(x, wr, select=select, **kw)
+        ri, rw, _ = route_ref(x, wr, **kw)
+        assert torch.equal(idx, ri), (b, idx, ri)
+        assert (w - rw).abs().max() < 1e-6
 
 
 def test_router_kernel_ties_go_to_the_lower_index(poisoned):
@@ -561,7 +587,7 @@ def test_prefill_reads_w_down_in_either_layout(poisoned):
 ])
 def test_route_decode_fused_matches_route_then_decode(T, S, gate, weighting, extra, splits):
     """The router's selection fused into the gate/up kernel (sparse_ffn_route_decode): idx, weights,
-    probs and the output are the bits of sparse_ffn_route (rank select, same slices) followed by
+    probs and the output are the bits of sparse_ffn_route (sort select, same slices) followed by
     sparse_ffn_decode, and the reference's result; shared blocks, softmax / sigmoid gates, bias and
     threshold (some tokens then take fewer blocks: empty slots) included."""
     D, NR, k = 48, 10, 3
@@ -574,7 +600,7 @@ def test_route_decode_fused_matches_route_then_decode(T, S, gate, weighting, ext
     kw = dict(k=k, gate=gate, weighting=weighting,
               bias=torch.randn(NR) * 0.1 if extra == "bias" else None,
               threshold=0.5 if extra == "threshold" else None)
-    idx, w, p = tk.sparse_ffn_route(x, wr, select="rank", splits=splits, **kw)
+    idx, w, p = tk.sparse_ffn_route(x, wr, select="sort", splits=splits, **kw)
     want = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NR + S)
     out, idx2, w2, p2 = tk.sparse_ffn_route_decode(x, wr, wg, wu, wd, shared_blocks=S, splits=splits, **kw)
     assert torch.equal(idx2, idx) and torch.equal(w2, w) and torch.equal(p2, p)
@@ -766,13 +792,16 @@ def test_router_split_path_on_gpu(T):
     _, _, rp = route_ref(x, wr, k=k, gate="sigmoid", weighting="gate")
     loop = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="loop")
     rank = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")
-    for idx, w, p in (loop, rank):
+    by_sort = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="sort")
+    for idx, w, p in (loop, rank, by_sort):
         assert (p - rp).abs().max() < 1e-5
         picked = rp.gather(1, idx.long())
         assert (picked - rp.topk(k, dim=1).values).abs().max() < 1e-5
         assert torch.allclose(w, picked / picked.sum(1, keepdim=True), atol=1e-5)
     # the same logits (same split kernel and slices when the split counts agree): the same choice
-    assert torch.equal(loop[0], rank[0])
+    # (the normalised weights of rank and sort may differ in the last bit: their sums are reduced in other orders)
+    assert torch.equal(loop[0], rank[0]) and torch.equal(rank[0], by_sort[0])
+    assert (rank[1] - by_sort[1]).abs().max() < 1e-6
 
 
 @pytest.mark.gpu

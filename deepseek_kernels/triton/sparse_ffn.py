@@ -120,6 +120,29 @@ def _select_topk_by_rank(p, sel, offs_n, K: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
+def _select_topk_by_sort(p, sel, offs_n, K: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same top-k as :func:`_select_topk_by_rank` through one ``tl.topk`` of int64 keys: the high word orders
+    the scores (fp32 bits made monotone as int32; -0.0 counted as +0.0, every NaN as the largest key, as
+    torch.sort descending puts NaN first), the low word ``BLOCK_NR - 1 - n`` breaks ties towards the lower index.
+    A slot is empty (-1) where its entry is NaN or -inf, or past K. Sorting the BLOCK_NR keys of a token is a
+    bitonic network within the token's lanes instead of a [T, NR, NR] compare-and-count."""
+    s = tl.where(sel == 0.0, 0.0, sel)  # -0.0 -> +0.0: equal scores tie on the index
+    bits = s.to(tl.int32, bitcast=True)
+    hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    hi = tl.where(sel != sel, 0x7FFFFFFF, hi)
+    key = (hi.to(tl.int64) << 32) | (BLOCK_NR - 1 - offs_n)[None, :].to(tl.int64)
+    top = tl.topk(key, BLOCK_K, dim=1)  # [T, BLOCK_K], largest first
+    top_hi = (top >> 32).to(tl.int32)
+    n = BLOCK_NR - 1 - (top & 0xFFFFFFFF).to(tl.int32)
+    cols = tl.arange(0, BLOCK_K)
+    # -inf maps to 0xFF800000 ^ 0x7FFFFFFF = -2139095041; NaN to 0x7FFFFFFF
+    valid = (top_hi > -2139095041) & (top_hi != 0x7FFFFFFF) & (cols < K)[None, :]
+    idx = tl.where(valid, n, -1)
+    g = tl.where(valid, tl.gather(p, tl.where(valid, n, 0), 1), 0.0)
+    return idx, g
+
+
+@triton.jit
 def _sum_partial_logits(PART, T, offs_t, offs_n, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_NR: tl.constexpr):
     """The logits of tokens offs_t: the SPLITS partial slices of the split kernel summed in slice order
@@ -134,11 +157,11 @@ def _sum_partial_logits(PART, T, offs_t, offs_n, SPLITS: tl.constexpr, BLOCK_T: 
 @triton.jit
 def _route_tile(acc, BIAS, NR, threshold, offs_n, K: tl.constexpr, SOFTMAX: tl.constexpr,
                 NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr, RANK_SELECT: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr, SELECT: tl.constexpr):
     """Logits [BLOCK_T, BLOCK_NR] -> (probs, idx int32 [BLOCK_T, BLOCK_K] (-1: empty slot), weights):
-    the gate (softmax or sigmoid), the selection score (+ bias, threshold), the top-K (by rank or by
-    K rounds of arg-max, lowest index first among equals) and the weights (gate normalised over the
-    chosen blocks, or 1)."""
+    the gate (softmax or sigmoid), the selection score (+ bias, threshold), the top-K (SELECT: 0 K rounds
+    of arg-max, 1 by rank, 2 by sorting keys; lowest index first among equals in each) and the weights
+    (gate normalised over the chosen blocks, or 1)."""
     n_mask = offs_n < NR
     if SOFTMAX:
         logits = tl.where(n_mask[None, :], acc, float("-inf"))
@@ -155,8 +178,10 @@ def _route_tile(acc, BIAS, NR, threshold, offs_n, K: tl.constexpr, SOFTMAX: tl.c
     sel = tl.where(n_mask[None, :], sel, float("-inf"))
 
     cols = tl.arange(0, BLOCK_K)
-    if RANK_SELECT:
+    if SELECT == 1:
         idx, g = _select_topk_by_rank(p, sel, offs_n, K, BLOCK_K)
+    elif SELECT == 2:
+        idx, g = _select_topk_by_sort(p, sel, offs_n, K, BLOCK_NR, BLOCK_K)
     else:
         idx = tl.full((BLOCK_T, BLOCK_K), -1, dtype=tl.int32)
         g = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -199,14 +224,14 @@ def _sparse_ffn_router_kernel(
     K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALISE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANK_SELECT: tl.constexpr,
+    SELECT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
     ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
-    ``RANK_SELECT``: the top-k by rank (:func:`_select_topk_by_rank`) instead of K rounds of
-    reductions (it needs the logits from PART: its [BLOCK_T, NR, NR] tile wants few tokens)."""
+    ``SELECT``: 0 K rounds of reductions, 1 the top-k by rank (:func:`_select_topk_by_rank`: it needs the
+    logits from PART, its [BLOCK_T, NR, NR] tile wants few tokens), 2 by sorting (:func:`_select_topk_by_sort`)."""
     chain_wait(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_NR)
@@ -217,7 +242,7 @@ def _sparse_ffn_router_kernel(
                              DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
     chain_trigger(PDL)
     p, idx, w_out = _route_tile(acc, BIAS, NR, f32(threshold), offs_n, K, SOFTMAX, NORMALISE, HAS_BIAS,
-                                HAS_THRESHOLD, BLOCK_T, BLOCK_NR, BLOCK_K, RANK_SELECT)
+                                HAS_THRESHOLD, BLOCK_T, BLOCK_NR, BLOCK_K, SELECT)
     _store_route(IDX, WOUT, PROBS, p, idx, w_out, T, NR, offs_t, offs_n, K, BLOCK_K)
 
 
@@ -238,10 +263,15 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
     return max(1, min(triton.cdiv(D, block_d), ROUTER_MAX_SPLITS, triton.cdiv(sm_count(device), t_tiles)))
 
 
-ROUTER_SELECT = ("auto", "loop", "rank")
+ROUTER_SELECT = ("auto", "loop", "rank", "sort")
 # "auto" takes the rank selection up to this many tokens. H200, session 10 (diag_sparse_decode.py, router
 # only, 64 blocks, 15 % active): T=1 6.4 us rank vs 8.2 loop (16 splits), T=8 6.6 vs 9.0; larger T not timed yet.
 RANK_SELECT_MAX_T = 16
+# What "auto" takes up to RANK_SELECT_MAX_T tokens: "rank" or "sort" (the same blocks in the same slots; the
+# normalised weights can differ in the last bit: their sum is reduced in another order). H200, session 23
+# (benchmarks/diag_router_select.py, graphed, split kernel included): router T1 / T2 / T8 4.3 / 4.3 / 4.4 us
+# sorting vs 6.1-6.4 / 6.4-6.5 / 6.6 by rank; the decode op T1 26.1-26.9 vs 28.3 us, T8 81.5-82.0 vs 83.6-84.3.
+SMALL_T_SELECT = "sort"
 
 
 def _router_partial_logits(x, router_weight, splits: int, d_per_split: int, block_d: int, block_nr: int,
@@ -280,7 +310,8 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     kernel path 26.2 us, benchmarks/diag_sparse_decode.py). ``select="rank"``: the top-k by rank
     (one compare-and-count instead of k rounds of reductions; the logits always go through the
     split kernel then, and the selecting kernel takes 2 tokens per program); ``"loop"``: k rounds of
-    arg-max; ``"auto"``: rank up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop.
+    arg-max; ``"sort"``: the same top-k from one bitonic sort of (score, index) keys per token (``tl.topk``);
+    ``"auto"``: SMALL_T_SELECT (sort) up to RANK_SELECT_MAX_T tokens (where it was timed faster), else loop.
     ``pdl``: programmatic dependent launches (Hopper; ``deepseek_kernels.ops._registry.pdl_enabled``)."""
     if select not in ROUTER_SELECT:
         raise ValueError(f"sparse_ffn_route: select must be one of {ROUTER_SELECT}, got {select!r}")
@@ -294,7 +325,9 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     if T == 0:
         return idx, weights, probs
     splits, d_per_split = _split_plan(T, D, x.device, block_t or 32, block_d, splits)
-    rank = select == "rank" or (select == "auto" and T <= RANK_SELECT_MAX_T)
+    if select == "auto":
+        select = SMALL_T_SELECT if T <= RANK_SELECT_MAX_T else "loop"
+    rank = select in ("rank", "sort")  # a whole token's scores per program: the logits from the split kernel
     use_part = splits > 1 or rank  # the logits from the split kernel (one slice is fine)
     block_t = block_t or (2 if rank else 16 if use_part else 32)
     num_warps = num_warps or 4
@@ -311,7 +344,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), RANK_SELECT=rank, PDL=pdl, num_warps=num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), SELECT=ROUTER_SELECT.index(select) - 1, PDL=pdl, num_warps=num_warps,
         **pdl_option(pdl),
     )
     return idx, weights, probs
@@ -1186,8 +1219,8 @@ def _sparse_ffn_decode_route_gate_up_kernel(
     PDL: tl.constexpr = False,
 ):
     """The router's selection and the gate/up projection in one kernel, for T <= BLOCK_TS tokens: every
-    program sums the split kernel's partial logits (PART, a few KB from L2) and selects the top-K by rank
-    itself, so the selecting kernel of :func:`sparse_ffn_route` and its kernel boundary go away. Program
+    program sums the split kernel's partial logits (PART, a few KB from L2) and selects the top-K (by sorting,
+    as :func:`sparse_ffn_route`'s default for few tokens) itself, so the selecting kernel of :func:`sparse_ffn_route` and its kernel boundary go away. Program
     (0, 0) stores idx, weights and probs (the down kernel and the caller read them). Then, as
     :func:`_sparse_ffn_decode_gate_up_kernel`: block b = the program_id(0)-th used block, neurons of
     program_id(1). The same sums in the same order as the two kernels: the same bits."""
@@ -1196,7 +1229,7 @@ def _sparse_ffn_decode_route_gate_up_kernel(
     offs_r = tl.arange(0, BLOCK_NR)
     acc = _sum_partial_logits(PART, T, offs_ts, offs_r, SPLITS, BLOCK_TS, BLOCK_NR)
     p, idx, w_route = _route_tile(acc, BIAS, NR, f32(threshold), offs_r, K, SOFTMAX, NORMALISE, HAS_BIAS,
-                                  HAS_THRESHOLD, BLOCK_TS, BLOCK_NR, BLOCK_KS, True)
+                                  HAS_THRESHOLD, BLOCK_TS, BLOCK_NR, BLOCK_KS, 2)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         _store_route(IDX, WOUT, PROBS, p, idx, w_route, T, NR, offs_ts, offs_r, K, BLOCK_KS)
     # the used blocks (shared ones always) from the selection in registers, as _decode_used_blocks
@@ -1459,7 +1492,7 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
 # tested, the same bits as the unfused path); benchmarks/diag_sparse_decode.py times both. If it wins on the
 # H200 (the selecting kernel took ~3-4 us of the 28.3 us one-token decode), set 2.
 FUSED_ROUTE_MAX_T = 0
-FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (the rank select is [T, NR, NR])
+FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (as the router kernel's for few tokens)
 
 
 def sparse_ffn_route_decode(x: torch.Tensor, router_weight: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
