@@ -1488,9 +1488,9 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
 
 
 # Tokens up to which gated_sparse_ffn's eager decode may fuse the router's selection into the gate/up
-# kernel (sparse_ffn_route_decode): 0 = never. Written in session 11 after the GPU time ran out (interpreter-
-# tested, the same bits as the unfused path); benchmarks/diag_sparse_decode.py times both. If it wins on the
-# H200 (the selecting kernel took ~3-4 us of the 28.3 us one-token decode), set 2.
+# kernel (sparse_ffn_route_decode): 0 = never. The same bits as the unfused path (GPU-tested);
+# benchmarks/diag_sparse_decode.py times both. H200: session 12 (rank select) T1 28.0 vs 28.5 us, T2 43.1 vs
+# 42.6; session 23 (sort select, 1.7 us as its own kernel) T1 27.1 vs 26.4, T2 40.4 vs 40.5: left off.
 FUSED_ROUTE_MAX_T = 0
 FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (as the router kernel's for few tokens)
 
