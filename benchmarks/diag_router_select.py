@@ -18,7 +18,8 @@ from deepseek_kernels.bench.harness import time_cuda_graph
 from deepseek_kernels.reference.sparse_ffn import n_active, swiglu_ffn_ref
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import save_json, sets_for
+from _tuning import save_json
+from diag_sparse_decode import decode_sets
 
 
 def main():
@@ -33,14 +34,7 @@ def main():
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):
         torch.manual_seed(T)
-        n = sets_for(int(min(1.0, T * k / NB) * 3 * F_ * D * 2))
-        sets = []
-        for _ in range(n):
-            x = torch.randn(T, D, device="cuda", dtype=dt)
-            wr = torch.randn(NB, D, device="cuda", dtype=dt) * D**-0.5
-            wg, wu = (torch.randn(F_, D, device="cuda", dtype=dt) * D**-0.5 for _ in range(2))
-            wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
-            sets.append((x, wr, wg, wu, wd))
+        sets = decode_sets(T, k, D, F_, NB, dt)
         with torch.no_grad():
             picks = {s: [tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select=s)[:2]
                          for x, wr, *_ in sets] for s in ("rank", "sort")}

@@ -19,6 +19,19 @@ from deepseek_kernels.triton import sparse_ffn as tk
 from _tuning import kernel_times, print_kernel_times, save_json, sets_for
 
 
+def decode_sets(T: int, k: int, D: int, F_: int, NB: int, dt: torch.dtype) -> list[tuple]:
+    """(x, router, w_gate, w_up, w_down) on the GPU, in enough copies that consecutive calls read the weights from
+    HBM (a token uses ~k/NB of them: :func:`_tuning.sets_for`)."""
+    sets = []
+    for _ in range(sets_for(int(min(1.0, T * k / NB) * 3 * F_ * D * 2))):
+        x = torch.randn(T, D, device="cuda", dtype=dt)
+        wr = torch.randn(NB, D, device="cuda", dtype=dt) * D**-0.5
+        wg, wu = (torch.randn(F_, D, device="cuda", dtype=dt) * D**-0.5 for _ in range(2))
+        wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
+        sets.append((x, wr, wg, wu, wd))
+    return sets
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.15)
@@ -31,16 +44,11 @@ def main():
     print(f"{'T':>3} {'router':>9} {'decode kernels':>15} {'whole op':>9} {'dense':>9} {'op vs dense':>12}")
     for T in (int(t) for t in args.tokens.split(",")):
         torch.manual_seed(0)
-        # enough weight copies that consecutive calls read HBM (a token uses ~k/NB of the weights)
-        n = sets_for(int(min(1.0, T * k / NB) * 3 * F_ * D * 2))
         sets = []
-        for _ in range(n):
-            x = torch.randn(T, D, device="cuda", dtype=dt)
-            wr = torch.randn(NB, D, device="cuda", dtype=dt) * D**-0.5
-            wg, wu = (torch.randn(F_, D, device="cuda", dtype=dt) * D**-0.5 for _ in range(2))
-            wd = torch.randn(D, F_, device="cuda", dtype=dt) * F_**-0.5
+        for x, wr, wg, wu, wd in decode_sets(T, k, D, F_, NB, dt):
             idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="loop")
             sets.append((x, wr, wg, wu, wd, idx, w))
+        n = len(sets)
         with torch.no_grad():
             t_route = time_cuda_graph(lambda x, wr, *_: tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid",
                                                                             weighting="gate"), sets)

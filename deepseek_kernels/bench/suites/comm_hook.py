@@ -153,34 +153,18 @@ def cases(quick: bool = False) -> list[Case]:
             unfused = lambda *i, state=state, plan=plan: unfused_pipeline(state, plan, *i)  # noqa: E731
             params = {"fmt": fmt, "world": world, "bucket_mib": n * 4 / 2**20, "block": BLOCK,
                       "unfused_bytes": unfused_bytes(plan)}
-            out.append(Case(
-                name=f"{fmt} W={world}",
-                make_inputs=make_inputs,
-                ours=Impl("fused (3 kernels)", fused),
-                baseline=Impl("unfused (~10 torch ops)", unfused),
-                bytes=fused_bytes(plan),
-                params=params,
-                check=check,
-            ))
-            # GPU time per bucket, buckets back to back in one graph (issue 7's target is read here)
-            out.append(Case(
-                name=f"{fmt} W={world} graphed",
-                make_inputs=make_inputs,
-                ours=Impl("fused (3 kernels)", fused),
-                baseline=Impl("unfused (~10 torch ops)", unfused),
-                bytes=fused_bytes(plan),
-                params=params,
-                graph=True,
-            ))
-            # one graph launch per bucket: the same kernels plus a graph launch's head each
-            out.append(Case(
-                name=f"{fmt} W={world} CUDA graph per bucket",
-                make_inputs=make_inputs,
-                ours=Impl("fused, a CUDA-graph replay per bucket", GraphReplay(fused)),
-                baseline=Impl("fused, eager", fused),
-                bytes=fused_bytes(plan),
-                params={**params, "graph_per_bucket": True},
-            ))
+            ours, theirs = Impl("fused (3 kernels)", fused), Impl("unfused (~10 torch ops)", unfused)
+            common = dict(make_inputs=make_inputs, bytes=fused_bytes(plan))
+            out += [
+                # eager calls (host time included), checked against the reference first
+                Case(name=f"{fmt} W={world}", ours=ours, baseline=theirs, params=params, check=check, **common),
+                # GPU time per bucket, buckets back to back in one graph (issue 7's target is read here)
+                Case(name=f"{fmt} W={world} graphed", ours=ours, baseline=theirs, params=params, graph=True, **common),
+                # one graph launch per bucket: the same kernels plus a graph launch's head each
+                Case(name=f"{fmt} W={world} CUDA graph per bucket",
+                     ours=Impl("fused, a CUDA-graph replay per bucket", GraphReplay(fused)),
+                     baseline=Impl("fused, eager", fused), params={**params, "graph_per_bucket": True}, **common),
+            ]
     return out
 
 
