@@ -3,6 +3,7 @@ kernels, the whole op, next to the dense SwiGLU FFN, each replayed from a CUDA g
 harness's timer (several calls per graph, input copies cycled past the L2).
 
     python benchmarks/diag_sparse_decode.py [--ratio 0.15] [--tokens 1,2,8] [--out results.json]
+    python benchmarks/diag_sparse_decode.py --once --tokens 1   # four eager op calls, nothing timed (for ncu)
 
 bf16, d_model 4096, d_ff 14336, 64 blocks (the bench suite's decode shape).
 """
@@ -36,10 +37,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--tokens", default="1,2,8")
+    ap.add_argument("--once", action="store_true", help="four eager calls of the op per token count, for Nsight Compute")
     ap.add_argument("--out")
     args = ap.parse_args()
     D, F_, NB, dt = 4096, 14336, 64, torch.bfloat16
     k = n_active(args.ratio, NB)
+    if args.once:
+        for T in (int(t) for t in args.tokens.split(",")):
+            x, wr, wg, wu, wd = decode_sets(T, k, D, F_, NB, dt)[0]
+            with torch.no_grad():
+                for _ in range(4):
+                    dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio)
+        torch.cuda.synchronize()
+        return
     rows = []
     print(f"{'T':>3} {'router':>9} {'decode kernels':>15} {'whole op':>9} {'dense':>9} {'op vs dense':>12}")
     for T in (int(t) for t in args.tokens.split(",")):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -87,6 +87,17 @@ case "$step" in
     (cd benchmarks && timeout 150 "$PY" diag_sparse_train.py --ratios 0.3,0.5 --out "$out_abs/diag_sparse_train.json" \
       | grep -vi warning | head -30)
     timeout 300 "$PY" -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sparse_ffn_triton.py | tail -2 ;;
+  ncu-sparse-decode)  # issue 6 decode: Nsight Compute on the T1 decode kernels (the last two of four eager calls) with
+    # source-level stall sampling, to see where the down kernel's 4 warps wait (NOTES session 23)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
+    out_abs=$(cd "$OUT" && pwd)
+    (cd benchmarks && timeout 300 "$ncu" --clock-control none -k 'regex:_sparse_ffn_' --launch-skip 8 -c 8 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+      --section Occupancy --section SourceCounters --import-source yes \
+      "$PY" diag_sparse_decode.py --once --tokens 1 > "$out_abs/ncu_sparse_decode.txt" 2>&1; echo "ncu rc=$?")
+    grep -E "^  _|Duration|DRAM Throughput|L2 Hit Rate|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall" \
+      "$out_abs/ncu_sparse_decode.txt" | head -80 ;;
   ncu-sparse-train)  # issue 6 training: Nsight Compute on each grouped-GEMM kernel of one fwd+bwd at T8192 ratio 0.3
     # (speed of light, memory and compute workload, warp stall reasons, occupancy; clocks left alone: METHOD.md)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -251,6 +262,6 @@ PY
   bench)
     SKIP_TESTS=1 OUT_DIR="$OUT" timeout 570 bash scripts/gpu_check.sh "$@" ;;
   *)
-    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|comm-ab REV|diag-int8-eager|diag-int8-route|host-state|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
+    echo "usage: scripts/gpu_plan.sh tests|tests-generic|graphed|diag-sparse-decode|ncu-sparse-decode|diag-comm-kernels|diag-hier-kernels|diag-hier-variants|tune-hier|tune-hier-131k|tune-hier-512k|tune-hier-decode|tune-attn-tma|tune-attn-ws|tune-sparse|tune-sparse-decode|tune-sparse-down|tune-comm|comm-ab REV|diag-int8-eager|diag-int8-route|host-state|diag-pdl|int8-power|tune-int8-rested|tune-int8-gemv|tune-int8|tune-int8-small|bench [suite ...]" >&2
     exit 2 ;;
 esac
