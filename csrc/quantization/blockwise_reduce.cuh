@@ -180,9 +180,6 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
   for (int u = 0; u < R; ++u) c[u] = block_coords<VEC, R, kFlat, kCta>(a.rows, a.cols, a.block, log2_group, u);
   auto index_of = [&](const BlockCoords& b) { return b.row * a.cols + b.col0; };
 
-  auto load_error = [&](const BlockCoords& b, int j) {
-    return *reinterpret_cast<const Pack<ET, VEC>*>(static_cast<const ET*>(a.error) + index_of(b) + j * VEC);
-  };
   // y of vector j of block b: the sum over shards, averaged, plus the residual.
   auto finish = [&](const BlockCoords& b, int j, float (&y)[VEC]) {
     if (a.average) {
@@ -190,7 +187,8 @@ __global__ void DSK_REDUCE_LAUNCH_BOUNDS
       for (int i = 0; i < VEC; ++i) y[i] = average(a, y[i]);
     }
     if constexpr (kHasError) {
-      const Pack<ET, VEC> ev = load_error(b, j);
+      const ET* e = static_cast<const ET*>(a.error) + index_of(b) + j * VEC;
+      const Pack<ET, VEC> ev = *reinterpret_cast<const Pack<ET, VEC>*>(e);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) y[i] = __fadd_rn(y[i], to_f32(ev.v[i]));
     }

@@ -264,8 +264,10 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
 
 
 ROUTER_SELECT = ("auto", "loop", "rank", "sort")
-# "auto" takes the rank selection up to this many tokens. H200, session 10 (diag_sparse_decode.py, router
-# only, 64 blocks, 15 % active): T=1 6.4 us rank vs 8.2 loop (16 splits), T=8 6.6 vs 9.0; larger T not timed yet.
+_SELECT_CODE = {"loop": 0, "rank": 1, "sort": 2}  # the router kernel's SELECT
+# "auto" takes a whole-token selection (SMALL_T_SELECT) up to this many tokens. H200, session 10
+# (diag_sparse_decode.py, router only, 64 blocks, 15 % active): T=1 6.4 us rank vs 8.2 loop (16 splits), T=8 6.6
+# vs 9.0; larger T not timed yet.
 RANK_SELECT_MAX_T = 16
 # What "auto" takes up to RANK_SELECT_MAX_T tokens: "rank" or "sort" (the same blocks in the same slots; the
 # normalised weights can differ in the last bit: their sum is reduced in another order). H200, session 23
@@ -327,9 +329,9 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     splits, d_per_split = _split_plan(T, D, x.device, block_t or 32, block_d, splits)
     if select == "auto":
         select = SMALL_T_SELECT if T <= RANK_SELECT_MAX_T else "loop"
-    rank = select in ("rank", "sort")  # a whole token's scores per program: the logits from the split kernel
-    use_part = splits > 1 or rank  # the logits from the split kernel (one slice is fine)
-    block_t = block_t or (2 if rank else 16 if use_part else 32)
+    whole_token = select in ("rank", "sort")  # a token's scores compared at once: 2 tokens per program
+    use_part = splits > 1 or whole_token  # the logits from the split kernel (one slice is fine)
+    block_t = block_t or (2 if whole_token else 16 if use_part else 32)
     num_warps = num_warps or 4
     block_nr = max(16, triton.next_power_of_2(NR))
     prec = _dot_precision(x.dtype)
@@ -344,7 +346,7 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), SELECT=ROUTER_SELECT.index(select) - 1, PDL=pdl, num_warps=num_warps,
+        BLOCK_K=max(2, triton.next_power_of_2(k)), SELECT=_SELECT_CODE[select], PDL=pdl, num_warps=num_warps,
         **pdl_option(pdl),
     )
     return idx, weights, probs
@@ -1219,9 +1221,9 @@ def _sparse_ffn_decode_route_gate_up_kernel(
     PDL: tl.constexpr = False,
 ):
     """The router's selection and the gate/up projection in one kernel, for T <= BLOCK_TS tokens: every
-    program sums the split kernel's partial logits (PART, a few KB from L2) and selects the top-K (by sorting,
-    as :func:`sparse_ffn_route`'s default for few tokens) itself, so the selecting kernel of :func:`sparse_ffn_route` and its kernel boundary go away. Program
-    (0, 0) stores idx, weights and probs (the down kernel and the caller read them). Then, as
+    program sums the split kernel's partial logits (PART, a few KB from L2) and selects the top-K itself (by
+    sorting, as :func:`sparse_ffn_route` does for few tokens), so the selecting kernel and its kernel boundary
+    go away. Program (0, 0) stores idx, weights and probs (the down kernel and the caller read them). Then, as
     :func:`_sparse_ffn_decode_gate_up_kernel`: block b = the program_id(0)-th used block, neurons of
     program_id(1). The same sums in the same order as the two kernels: the same bits."""
     chain_wait(PDL)
@@ -1229,7 +1231,7 @@ def _sparse_ffn_decode_route_gate_up_kernel(
     offs_r = tl.arange(0, BLOCK_NR)
     acc = _sum_partial_logits(PART, T, offs_ts, offs_r, SPLITS, BLOCK_TS, BLOCK_NR)
     p, idx, w_route = _route_tile(acc, BIAS, NR, f32(threshold), offs_r, K, SOFTMAX, NORMALISE, HAS_BIAS,
-                                  HAS_THRESHOLD, BLOCK_TS, BLOCK_NR, BLOCK_KS, 2)
+                                  HAS_THRESHOLD, BLOCK_TS, BLOCK_NR, BLOCK_KS, 2)  # 2: by sorting
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         _store_route(IDX, WOUT, PROBS, p, idx, w_route, T, NR, offs_ts, offs_r, K, BLOCK_KS)
     # the used blocks (shared ones always) from the selection in registers, as _decode_used_blocks
