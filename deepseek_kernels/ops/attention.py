@@ -146,6 +146,25 @@ def _bwd_ref_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
+# The Gluon Hopper forward (deepseek_kernels/triton/window_attention_sm90.py) as an opaque op: the
+# window_attention_fwd triton_op's body calls it for the calls it supports on an sm_90 GPU. torch.compile traces
+# the triton_op's body (its Triton launches through wrap_triton) and keeps this op whole: inductor does not
+# take Gluon kernels as user-defined Triton kernels.
+@torch.library.custom_op("deepseek_kernels::window_attention_fwd_sm90", mutates_args=())
+def _fwd_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
+                 softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from deepseek_kernels.triton.window_attention_sm90 import window_attention_fwd_sm90
+
+    return window_attention_fwd_sm90(q, k, v, window=window, sinks=sinks, softmax_scale=softmax_scale)
+
+
+@_fwd_sm90_op.register_fake
+def _(q, k, v, window, sinks, softmax_scale):
+    B, S, Hq, D = q.shape  # lse: a [B, Hq, S] view of a [Hq, B * S] buffer, as the kernel returns it
+    lse = q.new_empty((Hq, B * S), dtype=torch.float32).view(Hq, B, S).transpose(0, 1)
+    return q.new_empty((B, S, Hq, D)), lse
+
+
 def _fwd_fake(q, cu_seqlens_q):
     """(out, lse) of the forward: lse [B, Hq, S] dense, [Hq, total] packed."""
     if cu_seqlens_q is None:

@@ -316,7 +316,7 @@ def _config(table: dict, block_d: int, dtype: torch.dtype, override):
 def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q: int | None = None, config: tuple | None = None, tma: bool | None = None,
-                         ws: bool | None = None):
+                         ws: bool | None = None, sm90: bool | None = None):
     """Forward pass. Dense ``q [B, Sq, Hq, D]`` / ``k, v [B, Sk, Hkv, D]`` or packed ``[T, H, D]``
     with ``cu_seqlens_*``. Returns ``(out, lse)``: out like q, lse ``[B, Hq, Sq]`` (dense) or
     ``[Hq, T]`` (packed), float32. ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)``
@@ -324,7 +324,20 @@ def window_attention_fwd(q, k, v, *, window: int, sinks: int = 0, causal: bool =
     (Hopper+; experimental, off by default until measured: ``benchmarks/tune_attention.py --tma``);
     ignored where the layout does not allow it (see :func:`_tma_ok`). ``ws``: the warp-specialized
     one-loop kernel (:func:`_window_attn_fwd_ws_kernel`; TMA layouts only, experimental: its default
-    launch shape is WS_FWD_CONFIG, ``config`` overrides it; 4 warps for the specialization)."""
+    launch shape is WS_FWD_CONFIG, ``config`` overrides it; 4 warps for the specialization). ``sm90``: the
+    Gluon Hopper forward (``window_attention_sm90``), by default (None) for every call it supports on an
+    sm_90 GPU unless ``config``, ``tma`` or ``ws`` ask for the Triton kernel or ``DSK_ATTN_SM90=0`` is set;
+    False never, True always (a ValueError where it does not apply)."""
+    if sm90 or (sm90 is None and config is None and not tma and not ws and os.environ.get("DSK_ATTN_SM90") != "0"):
+        from deepseek_kernels.triton import window_attention_sm90
+
+        if window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                                           cu_seqlens_k=cu_seqlens_k):
+            return torch.ops.deepseek_kernels.window_attention_fwd_sm90(q, k, v, window, sinks, softmax_scale)
+        if sm90:
+            raise ValueError("window_attention_fwd(sm90=True): the Hopper forward takes causal calls on the dense "
+                             "layout with Sq == Sk, head dim 64 or 128, bf16/fp16, on an sm_90 GPU with Gluon "
+                             "(Triton >= 3.6); this call is not one (see window_attention_sm90.supported)")
     dense = cu_seqlens_q is None
     qp, kp, vp, cu_q, cu_k, max_q, _ = _flatten(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None)
     qp, kp, vp = _unit_stride(qp, kp, vp)

@@ -1,0 +1,146 @@
+"""The Gluon Hopper window forward (``window_attention_sm90``) on this GPU: correct, then timed.
+
+    python benchmarks/diag_attn_sm90.py [--out diag_attn_sm90.json] [--timeout 240] [--steps check,time]
+        [--configs 128x128x2,128x64x3]
+
+Each step runs in a child process under a watchdog (``faulthandler`` dumps the Python stack a few seconds
+before the parent kills it), so a kernel that never ends (producer and consumers disagreeing on a barrier
+phase) shows where it stopped instead of eating the call. Steps:
+
+- ``check``: fresh random inputs, odd lengths (1, 17, 300, 1000, 4097), windows 1 / 17 / 128 / 1000 / longer
+  than the sequence, sinks 0 / 4, GQA 1 / 4 / 8, head dims 64 / 128, bf16 and fp16, against the float32
+  reference (output and lse), every output element written (the output buffer is poisoned with NaN first);
+- ``time``: S8192 B4 and S32768 B1 at W1024 / W4096 (H32, and GQA 32/8): the Gluon forward, the Triton
+  forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of useful work.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHECK_CASES = [  # (B, S, Hq, Hkv, D, W, sinks)
+    (2, 1, 4, 4, 128, 16, 0), (2, 17, 4, 1, 128, 1, 0), (1, 300, 8, 2, 64, 17, 4), (2, 1000, 4, 4, 128, 128, 0),
+    (1, 1000, 8, 1, 128, 1000, 4), (1, 4097, 4, 4, 128, 1000, 0), (1, 4097, 8, 2, 64, 5000, 4),
+    (2, 555, 4, 4, 64, 129, 0), (1, 2048, 4, 4, 128, 4096, 130), (3, 384, 2, 2, 128, 255, 1),
+]
+TIME_CASES = [  # (S, B, W, Hq, Hkv)
+    (8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 32), (32768, 1, 4096, 32, 8),
+    (32768, 1, 1024, 32, 32),
+]
+
+
+def child_check(configs) -> dict:
+    import torch
+
+    from deepseek_kernels.reference.attention import window_attention_ref
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    rows, worst = [], 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        for B, S, Hq, Hkv, D, W, sinks in CHECK_CASES:
+            q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype)
+            k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+            ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks,
+                                                return_lse=True)
+            for cfg in [None] + [c for c in configs if c[0] != 0]:
+                if cfg is not None and D == 64 and cfg[2] > 3:
+                    continue
+                out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, config=cfg)
+                torch.cuda.synchronize()
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                lse_err = (lse - ref_lse).abs().max().item()
+                nan = bool(out.isnan().any()) or bool(lse.isnan().any())
+                ok = err < 1e-2 and lse_err < 1e-2 and not nan
+                worst = max(worst, err)
+                rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "config": cfg,
+                             "rel_err": err, "lse_err": lse_err, "nan": nan, "ok": ok})
+                print(f"{str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34}{str(cfg):<18} rel {err:.2e} "
+                      f"lse {lse_err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    return {"rows": rows, "worst_rel_err": worst, "all_ok": all(r["ok"] for r in rows)}
+
+
+def child_time(configs) -> dict:
+    import torch
+    from _tuning import bench
+
+    from deepseek_kernels.bench.suites.attention import _flex
+    from deepseek_kernels.reference.attention import attended_pairs, flops
+    from deepseek_kernels.triton import window_attention as wa
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    rows = []
+    D = 128
+    for S, B, W, Hq, Hkv in TIME_CASES:
+        torch.manual_seed(0)
+        q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        f = flops(B, Hq, D, attended_pairs(S, S, window=W))
+        flex = _flex(W, 0, S, Hq, Hq != Hkv)
+        ref, _ = wa.window_attention_fwd(q, k, v, window=W, sm90=False)
+        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
+        for cfg in [None] + configs:
+            name = "sm90" if cfg is None else "sm90 " + "x".join(map(str, cfg))
+            out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            ms = bench(lambda cfg=cfg: s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg), warmup=10, rep=100)
+            row[name] = {"ms": ms, "tflops": f / ms * 1e-9, "rel_err_vs_triton": err}
+        ms = bench(lambda: wa.window_attention_fwd(q, k, v, window=W, sm90=False), warmup=10, rep=100)
+        row["triton"] = {"ms": ms, "tflops": f / ms * 1e-9}
+        flex(q, k, v)
+        ms = bench(lambda: flex(q, k, v), warmup=10, rep=100)
+        row["flex"] = {"ms": ms, "tflops": f / ms * 1e-9}
+        # the sm90 row once more after the others (drift check)
+        ms = bench(lambda: s9.window_attention_fwd_sm90(q, k, v, window=W), warmup=10, rep=100)
+        row["sm90 again"] = {"ms": ms, "tflops": f / ms * 1e-9}
+        rows.append(row)
+        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
+            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
+            flush=True)
+    return {"rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per step")
+    ap.add_argument("--steps", default="check,time")
+    ap.add_argument("--configs", default="", help="extra (BLOCK_M x BLOCK_N x STAGES) launch shapes to time")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
+    if args.child:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.timeout - 5, exit=True)
+        fn = {"check": child_check, "time": child_time}[args.child]
+        print("RESULT " + json.dumps(fn(configs)), flush=True)
+        return
+    results, failed = {}, False
+    for step in args.steps.split(","):
+        cmd = [sys.executable, __file__, "--timeout", str(args.timeout), "--configs", args.configs, "--child", step]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            text, status = proc.stdout + proc.stderr, f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired as e:
+            text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
+            status = "killed at the timeout"
+        result = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None)
+        print(f"== {step}: {'ok' if result else status} in {time.perf_counter() - t0:.1f} s", flush=True)
+        print("\n".join(ln for ln in text.splitlines() if not ln.startswith("RESULT "))[-6000:], flush=True)
+        results[step] = result or {"status": status, "log_tail": text[-3000:]}
+        failed |= result is None or (step == "check" and not result["all_ok"])
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(f"wrote {args.out}")
+    if failed:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
