@@ -50,9 +50,18 @@ def compile_for(fn, args: dict, arch: int, **options):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # a host descriptor object: the type a launch gives it
+            from triton.runtime.jit import mangle_type
+
+            sig[name] = mangle_type(v)
         else:
             raise TypeError(f"{fn.__name__}: {name}={v!r}")
-    src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    else:
+        src = ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -121,6 +130,21 @@ def cases():
     store = dict(tma, out_ptr="tensordesc<bf16[128, 256]>", TMA_STORE=True, NUM_PROGRAMS=132)
     out.append(("int8 TMA persistent GEMM, TMA store (experiment)", im._int8_matmul_tma_persistent_kernel, store,
                 dict(num_warps=8, num_stages=3)))
+
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    if s9.HAVE_GLUON:  # the Gluon Hopper window forward: warp-specialized (setmaxnreg), wgmma, within 227 KiB
+        for D, dt in ((128, torch.bfloat16), (64, torch.float16)):
+            bm, bn, st = s9.CONFIG[D]
+            x = torch.empty(1, 256, 2, D, dtype=dt)
+            args = dict(q_desc=s9._descriptor(x, bm // 2), k_desc=s9._descriptor(x, bn), v_desc=s9._descriptor(x, bn),
+                        o_desc=s9._descriptor(x, bm // 2), LSE=f32, stride_lh=256, seq_len=256, qk_scale=0.1,
+                        window=4096, sinks=0, HQ=2, REP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
+                        CONSUMER_REGS=s9.CONSUMER_REGS)
+            for pp in (True, False):
+                out.append((f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}", s9._window_attn_fwd_sm90_kernel,
+                            dict(args, PINGPONG=pp), dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg",
+                            "wgmma.mma_async"))
 
     qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
                HAS_SMOOTH=False)

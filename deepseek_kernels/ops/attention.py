@@ -153,9 +153,15 @@ def _bwd_ref_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 @torch.library.custom_op("deepseek_kernels::window_attention_fwd_sm90", mutates_args=())
 def _fwd_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
                  softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from deepseek_kernels.triton.window_attention_sm90 import window_attention_fwd_sm90
+    from deepseek_kernels.triton import window_attention_sm90
 
-    return window_attention_fwd_sm90(q, k, v, window=window, sinks=sinks, softmax_scale=softmax_scale)
+    if not window_attention_sm90.aligned(q, k, v):  # TMA needs 16-byte aligned bases: the Triton forward, same function
+        from deepseek_kernels.triton.window_attention import window_attention_fwd
+
+        out, lse = window_attention_fwd(q, k, v, window=window, sinks=sinks, softmax_scale=softmax_scale, sm90=False)
+        return out.contiguous(), lse
+    return window_attention_sm90.window_attention_fwd_sm90(q, k, v, window=window, sinks=sinks,
+                                                           softmax_scale=softmax_scale)
 
 
 @_fwd_sm90_op.register_fake
@@ -252,7 +258,9 @@ def window_attention(
 
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + deterministic bwd; launch shapes tuned on the H200 for D=128)"
+        return (f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + deterministic bwd; launch shapes "
+                f"tuned on the H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon "
+                f"kernel of deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off)")
     if interpreting():
         return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"

@@ -1,0 +1,111 @@
+"""The Gluon Hopper window forward (``deepseek_kernels/triton/window_attention_sm90.py``): against the
+float32 reference on an sm_90 GPU (skipped elsewhere), the op's dispatch to it, its backward through the
+Triton kernels with the lse it returns, opcheck; on any machine, the error when it is forced on a call it
+does not take. Its compile for sm_90 is checked without a GPU by tests/test_aot_compile.py."""
+
+import pytest
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels.reference.attention import window_attention_ref
+from deepseek_kernels.triton import window_attention_sm90 as s9
+from deepseek_kernels.triton.window_attention import window_attention_fwd
+
+from tolerances import REL_TOL, rel_error
+
+
+def _sm90() -> bool:
+    return s9.HAVE_GLUON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Gluon")
+
+CASES = [  # (B, S, Hq, Hkv, D, window, sinks): odd lengths, window 1 / wider than S, sinks, GQA 1 / 4 / 8
+    (2, 1, 4, 4, 128, 16, 0), (2, 17, 4, 1, 128, 1, 0), (1, 300, 8, 2, 64, 17, 4), (2, 1000, 4, 4, 128, 128, 0),
+    (1, 1000, 8, 1, 128, 1000, 4), (1, 4097, 4, 4, 128, 1000, 0), (1, 4097, 8, 2, 64, 5000, 4),
+    (2, 555, 4, 4, 64, 129, 0), (1, 2048, 4, 4, 128, 4096, 130), (3, 384, 2, 2, 128, 255, 1),
+]
+
+
+def _qkv(B, S, Hq, Hkv, D, dtype, requires_grad=False):
+    mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    return mk(Hq), mk(Hkv), mk(Hkv)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "free"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+def test_matches_reference(case, dtype, pingpong):
+    B, S, Hq, Hkv, D, W, sinks = case
+    q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
+    out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, pingpong=pingpong)
+    ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (B, Hq, S)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_error(out, ref) < REL_TOL[dtype]
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_op_dispatches_to_the_hopper_forward(monkeypatch):
+    q, k, v = _qkv(2, 700, 8, 2, 128, torch.bfloat16)
+    direct, direct_lse = s9.window_attention_fwd_sm90(q, k, v, window=256, sinks=2)
+    out, lse = dk.window_attention(q, k, v, window=256, sinks=2, return_lse=True)
+    assert torch.equal(out, direct) and torch.equal(lse, direct_lse)
+    # DSK_ATTN_SM90=0: the Triton forward, same function
+    monkeypatch.setenv("DSK_ATTN_SM90", "0")
+    tri, tri_lse = dk.window_attention(q, k, v, window=256, sinks=2, return_lse=True)
+    assert rel_error(tri, out) < REL_TOL[torch.bfloat16]
+    torch.testing.assert_close(tri_lse, lse, rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_backward_with_its_lse():
+    """The backward (Triton kernels) reads the lse this forward returns: gradients match the reference's."""
+    q, k, v = _qkv(1, 600, 4, 2, 64, torch.float16, requires_grad=True)
+    do = torch.randn_like(q)
+    dq, dk_, dv = torch.autograd.grad(dk.window_attention(q, k, v, window=100, sinks=3), (q, k, v), do)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=100, sinks=3), (qr, kr, vr), do.float())
+    for got, ref in zip((dq, dk_, dv), want):
+        assert rel_error(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_opcheck():
+    q, k, v = _qkv(1, 200, 4, 4, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.deepseek_kernels.window_attention_fwd_sm90, (q, k, v, 64, 0, None))
+
+
+def test_forcing_it_on_a_call_it_does_not_take_raises():
+    q = torch.randn(1, 32, 2, 64, device="cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="sm90=True"):
+        window_attention_fwd(q, q, q, window=8, causal=False, sm90=True)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_misaligned_base_takes_the_triton_forward():
+    """A view whose base is not 16-byte aligned (TMA cannot describe it) still gives the right answer."""
+    B, S, H, D = 1, 130, 2, 64
+    flat = torch.randn(3 * B * S * H * D + 1, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (flat[1 + i * B * S * H * D:1 + (i + 1) * B * S * H * D].view(B, S, H, D) for i in range(3))
+    assert not s9.aligned(q)
+    out = dk.window_attention(q, k, v, window=40)
+    ref = window_attention_ref(q.float(), k.float(), v.float(), window=40)
+    assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_compiled_fullgraph_uses_it():
+    q, k, v = _qkv(2, 300, 4, 2, 128, torch.bfloat16)
+    f = torch.compile(lambda q, k, v: dk.window_attention(q, k, v, window=64, sinks=2), fullgraph=True)
+    out = f(q, k, v)
+    direct, _ = s9.window_attention_fwd_sm90(q, k, v, window=64, sinks=2)
+    assert torch.equal(out, direct)
