@@ -1,6 +1,7 @@
 """The Gluon Hopper window forward (``window_attention_sm90``) on this GPU: correct, then timed.
 
-    python benchmarks/diag_attn_sm90.py [--out diag_attn_sm90.json] [--timeout 240] [--steps check,time]
+    python benchmarks/diag_attn_sm90.py [--out diag_attn_sm90.json] [--timeout 240]
+        [--steps check,time,check_bwd,time_bwd]
         [--configs 128x128x2,128x64x3]
 
 Each step runs in a child process under a watchdog (``faulthandler`` dumps the Python stack a few seconds
@@ -11,7 +12,10 @@ phase) shows where it stopped instead of eating the call. Steps:
   than the sequence, sinks 0 / 4, GQA 1 / 4 / 8, head dims 64 / 128, bf16 and fp16, against the float32
   reference (output and lse), every output element written (the output buffer is poisoned with NaN first);
 - ``time``: S8192 B4 and S32768 B1 at W1024 / W4096 (H32, and GQA 32/8): the Gluon forward, the Triton
-  forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of useful work.
+  forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of useful work;
+- ``check_bwd``: the Gluon backward's dq / dk / dv against float32 autograd of the reference;
+- ``time_bwd``: fwd + bwd through the op with the Gluon backward on and off, FlexAttention, and the two
+  backwards alone (TF/s: 2.5x the forward's useful FLOPs).
 """
 
 import argparse
@@ -101,6 +105,86 @@ def child_time(configs) -> dict:
     return {"rows": rows}
 
 
+BWD_CHECK = [  # (B, S, Hq, Hkv, D, W, sinks)
+    (2, 17, 4, 1, 128, 1, 0), (1, 300, 8, 2, 64, 17, 4), (2, 1000, 4, 4, 128, 128, 0), (1, 1000, 8, 1, 128, 1000, 4),
+    (1, 4097, 4, 2, 128, 1000, 0), (2, 555, 4, 4, 64, 129, 0), (1, 700, 4, 4, 128, 4096, 130),
+]
+BWD_TIME = [(8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 8)]
+
+
+def child_check_bwd(configs) -> dict:
+    """The Gluon backward against float32 autograd of the reference (dq, dk, dv), bf16 and fp16."""
+    import torch
+
+    from deepseek_kernels.reference.attention import window_attention_ref
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for B, S, Hq, Hkv, D, W, sinks in BWD_CHECK:
+            q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype)
+            k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+            do = torch.randn_like(q)
+            out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks)
+            grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks)
+            torch.cuda.synchronize()
+            qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+            want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=W, sinks=sinks), (qr, kr, vr),
+                                       do.float())
+            errs = [((g.float() - w).norm() / w.norm()).item() for g, w in zip(grads, want)]
+            tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+            ok = all(e < tol for e in errs) and not any(bool(g.isnan().any()) for g in grads)
+            rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "rel_err": errs, "ok": ok})
+            print(f"bwd {str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34} dq {errs[0]:.2e} dk {errs[1]:.2e} "
+                  f"dv {errs[2]:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+    return {"rows": rows, "all_ok": all(r["ok"] for r in rows)}
+
+
+def child_time_bwd(configs) -> dict:
+    """fwd + bwd through the op (autograd), Gluon backward on / off, and FlexAttention; the two backwards alone."""
+    import torch
+    from _tuning import bench
+
+    import deepseek_kernels as dk
+    from deepseek_kernels.bench.suites.attention import _flex
+    from deepseek_kernels.reference.attention import attended_pairs, flops
+    from deepseek_kernels.triton import window_attention as wa
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    rows = []
+    D = 128
+    for S, B, W, Hq, Hkv in BWD_TIME:
+        torch.manual_seed(0)
+        mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+        q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
+        do = torch.randn_like(q)
+        f_fwd = flops(B, Hq, D, attended_pairs(S, S, window=W))
+        f = f_fwd * 3.5
+        flex = _flex(W, 0, S, Hq, Hq != Hkv)
+        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
+
+        def fwd_bwd(sm90_bwd):
+            os.environ["DSK_ATTN_SM90_BWD"] = sm90_bwd
+            return lambda: torch.autograd.grad(dk.window_attention(q, k, v, window=W), (q, k, v), do)
+
+        for name, fn in (("fwd+bwd gluon bwd", fwd_bwd("1")), ("fwd+bwd triton bwd", fwd_bwd("0")),
+                         ("fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do))):
+            fn()
+            ms = bench(fn, warmup=5, rep=30)
+            row[name] = {"ms": ms, "tflops": f / ms * 1e-9}
+        out, lse = s9.window_attention_fwd_sm90(q.detach(), k.detach(), v.detach(), window=W)
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        for name, fn in (("bwd gluon", lambda: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W)),
+                         ("bwd triton", lambda: wa.window_attention_bwd(do, qd, kd, vd, out, lse, window=W, sm90=False))):
+            ms = bench(fn, warmup=5, rep=30)
+            row[name] = {"ms": ms, "tflops": (f - f_fwd) / ms * 1e-9}
+        rows.append(row)
+        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
+            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
+            flush=True)
+    return {"rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
@@ -114,7 +198,7 @@ def main():
         import faulthandler
 
         faulthandler.dump_traceback_later(args.timeout - 5, exit=True)
-        fn = {"check": child_check, "time": child_time}[args.child]
+        fn = {"check": child_check, "time": child_time, "check_bwd": child_check_bwd, "time_bwd": child_time_bwd}[args.child]
         print("RESULT " + json.dumps(fn(configs)), flush=True)
         return
     results, failed = {}, False
@@ -132,7 +216,7 @@ def main():
         print(f"== {step}: {'ok' if result else status} in {time.perf_counter() - t0:.1f} s", flush=True)
         print("\n".join(ln for ln in text.splitlines() if not ln.startswith("RESULT "))[-6000:], flush=True)
         results[step] = result or {"status": status, "log_tail": text[-3000:]}
-        failed |= result is None or (step == "check" and not result["all_ok"])
+        failed |= result is None or (step.startswith("check") and not result["all_ok"])
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)

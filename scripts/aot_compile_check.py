@@ -145,6 +145,21 @@ def cases():
                 out.append((f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}", s9._window_attn_fwd_sm90_kernel,
                             dict(args, PINGPONG=pp), dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg",
                             "wgmma.mma_async"))
+            bm, bn, st = s9.BWD_DQ_CONFIG[D]
+            dq = dict(q_desc=s9._descriptor(x, bm // 2), do_desc=s9._descriptor(x, bm // 2), k_desc=s9._descriptor(x, bn),
+                      v_desc=s9._descriptor(x, bn), dq_desc=s9._descriptor(x, bm // 2), LSE=f32, DELTA=f32, stride_lh=256,
+                      seq_len=256, qk_scale=0.1, sm_scale=0.1, window=4096, sinks=0, HQ=2, REP=1, HEAD_DIM=D, BLOCK_M=bm,
+                      BLOCK_N=bn, STAGES=st, PINGPONG=True, CONSUMER_REGS=s9.CONSUMER_REGS)
+            out.append((f"window attention bwd dQ sm90 (Gluon) D{D}", s9._bwd_dq_kernel, dq,
+                        dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
+            bn, bm, st = s9.BWD_DKDV_CONFIG[D]
+            kv = dict(q_desc=s9._descriptor(x, bm), do_desc=s9._descriptor(x, bm), k_desc=s9._descriptor(x, bn // 2),
+                      v_desc=s9._descriptor(x, bn // 2), dk_desc=s9._descriptor(x, bn // 2),
+                      dv_desc=s9._descriptor(x, bn // 2), LSE=f32, DELTA=f32, stride_lh=256, seq_len=256, qk_scale=0.1,
+                      sm_scale=0.1, window=4096, sinks=0, HKV=2, REP=1, HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st,
+                      PINGPONG=True, CONSUMER_REGS=s9.CONSUMER_REGS)
+            out.append((f"window attention bwd dK/dV sm90 (Gluon) D{D}", s9._bwd_dkdv_kernel, kv,
+                        dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
 
     qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
                HAS_SMOOTH=False)

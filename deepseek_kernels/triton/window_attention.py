@@ -680,17 +680,34 @@ def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, wind
     )
 
 
+# The Gluon Hopper backward (window_attention_sm90.window_attention_bwd_sm90) for the deterministic backward of the
+# calls the Hopper forward takes; DSK_ATTN_SM90_BWD=1 / 0 overrides this default.
+SM90_BWD_DEFAULT = False
+
+
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                          config_dkdv: tuple | None = None, config_dq: tuple | None = None,
-                         deterministic: bool = True):
+                         deterministic: bool = True, sm90: bool | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`window_attention_fwd` given ``do`` and its ``out``/``lse``.
 
     ``deterministic=True``: two kernels, no atomics (GQA heads summed inside the dK/dV program;
     dQ by its own kernel, which recomputes S and dP: 7 matmuls per tile pair). ``False``: one
     kernel computes dK, dV and adds each tile's dQ into an fp32 accumulator with atomics (5
-    matmuls; the order of the additions, hence the last bits of dQ, varies between runs)."""
+    matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``sm90``: the Gluon
+    Hopper backward for the deterministic backward of the calls the Hopper forward takes (None: by
+    ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD``, unless a ``config_*`` asks for the Triton kernels)."""
+    if sm90 is None:
+        sm90 = (config_dkdv is None and config_dq is None
+                and os.environ.get("DSK_ATTN_SM90_BWD", "1" if SM90_BWD_DEFAULT else "0") == "1")
+    if deterministic and sm90:
+        from deepseek_kernels.triton import window_attention_sm90
+
+        if window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                                           cu_seqlens_k=cu_seqlens_k):
+            return torch.ops.deepseek_kernels.window_attention_bwd_sm90(do, q, k, v, out, lse, window, sinks,
+                                                                        softmax_scale)
     qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

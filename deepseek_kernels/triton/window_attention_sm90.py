@@ -40,6 +40,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); absent on older Tritons and CPU-only
         mbarrier,
         tma,
         warpgroup_mma,
+        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -331,3 +332,316 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
     return out, lse.view(Hq, B, S).transpose(0, 1)
+
+
+# ---- backward -----------------------------------------------------------------------------------------
+#
+# Deterministic, two kernels as the Triton backward (window_attention.py), on the forward's machinery (a TMA
+# producer warp, two consumer warpgroups, optional ping-pong):
+#   _bwd_dq_kernel:   per query tile (two 64-row halves), over the forward's key tiles: S = Q K^T and
+#       dP = dO V^T issued together, P = exp2(S * scale - lse), dS = P (dP - delta), dQ += dS K.
+#   _bwd_dkdv_kernel: per key tile (two 64-key halves), over the query tiles that see it (every query head of
+#       the GQA group): S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+# delta = rowsum(dO * O) comes from the Triton kernel launch_delta. Each product's operands are in shared
+# memory except P / dS, which stay in registers as wgmma's A operand.
+
+BWD_DQ_CONFIG = {64: (128, 64, 4), 128: (128, 64, 4)}  # (BLOCK_M, BLOCK_N, STAGES)
+# (BLOCK_N keys, BLOCK_M queries, STAGES); at D=128 64-query tiles spill in the consumers (ptxas: 192 B), 32 do not
+BWD_DKDV_CONFIG = {64: (128, 64, 3), 128: (128, 32, 4)}
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty,
+                     b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr):
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [b, m0 + w * HALF_M, q_col], q_bar, q_bufs.index(w))
+            tma.async_copy_global_to_shared(do_desc, [b, m0 + w * HALF_M, q_col], q_bar, do_bufs.index(w))
+        for i in range(n_tiles):
+            slot = i % STAGES
+            start_n = _tile_start(i, n_sink, start, BLOCK_N)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, start_n, kv_col], ready.index(slot), k_bufs.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [b, start_n, kv_col], ready.index(slot), v_bufs.index(slot))
+
+    @gluon.jit
+    def _dq_consumer(q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
+                     b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink, n_tiles,
+                     full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        dtype: gl.constexpr = q_bufs.dtype
+        r0 = m0 + WG * HALF_M
+        pos = r0 + gl.arange(0, HALF_M, layout=row_s)
+        row_ok = pos < seq_len
+        lse = gl.load(LSE + h * stride_lh + b * seq_len + pos, mask=row_ok, other=float("-inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # rows that see nothing: p = 0
+        delta = gl.load(DELTA + h * stride_lh + b * seq_len + pos, mask=row_ok, other=0.0)
+        s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+        dq_tok = warpgroup_mma_init(gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout))
+
+        mbarrier.wait(q_bar, 0)
+        q = q_bufs.index(WG).reshape([HALF_M, HEAD_DIM])
+        do = do_bufs.index(WG).reshape([HALF_M, HEAD_DIM])
+        for i in range(n_tiles):
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            k_smem = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+            _take_turn(turn, i, WG, PINGPONG)
+            s_tok = warpgroup_mma(q, k_smem.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do, v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                                   use_acc=False, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            dq, s, dp = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok])
+            _barrier()  # the previous tile's dQ product is done: its slot goes back to the producer
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            start_n = _tile_start(i, n_sink, start, BLOCK_N)
+            if (start_n < full_lo) | (start_n >= full_hi):
+                j = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+                p_ = gl.expand_dims(pos, 1)
+                p = gl.where(((j > p_ - window) | (j < sinks)) & (j <= p_), p, 0.0)
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), ds_layout), k_smem, dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq_tok])
+        _barrier()
+        mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+        q.store((dq * sm_scale).to(dtype))  # the query half is free: stage dQ there for a clipping TMA store
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dq_desc, [b, r0, q_col], q_bufs.index(WG))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _dq_consumer1(q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
+                      b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink, n_tiles,
+                      full_lo, full_hi, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, PINGPONG: gl.constexpr, unused: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dq_consumer(q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
+                     b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink, n_tiles,
+                     full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG)
+
+    @gluon.jit(do_not_specialize=["stride_lh", "seq_len", "window", "sinks", "HQ", "REP"])
+    def _bwd_dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, LSE, DELTA, stride_lh, seq_len, qk_scale, sm_scale,
+                       window, sinks, HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        WG0: gl.constexpr = 0
+        m0 = gl.program_id(0) * BLOCK_M
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HQ
+        h = pid_bh % HQ
+        q_col = h * HEAD_DIM
+        kv_col = (h // REP) * HEAD_DIM
+        pos_hi = gl.minimum(m0 + BLOCK_M, seq_len) - 1
+        start = (gl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        sink_end = gl.minimum(gl.minimum(sinks, start), seq_len)
+        full_lo = gl.cdiv(gl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N
+        n_sink = gl.cdiv(sink_end, BLOCK_N)
+        n_tiles = n_sink + gl.cdiv(pos_hi + 1 - start, BLOCK_N)
+
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        gl.warp_specialize([
+            (_dq_consumer, (q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
+                            b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink,
+                            n_tiles, full_lo, full_hi, WG0, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG)),
+            (_dq_consumer1, (q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
+                             b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink,
+                             n_tiles, full_lo, full_hi, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, WG0)),
+            (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty,
+                            b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
+    def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty,
+                       b, n0, kvh, REP, q_lo, n_qt, n_tiles, HALF_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(k_desc, [b, n0 + w * HALF_N, kvh * HEAD_DIM], kv_bar, k_bufs.index(w))
+            tma.async_copy_global_to_shared(v_desc, [b, n0 + w * HALF_N, kvh * HEAD_DIM], kv_bar, v_bufs.index(w))
+        for t in range(n_tiles):
+            slot = t % STAGES
+            r = t // n_qt
+            m = q_lo + (t - r * n_qt) * BLOCK_M
+            col = (kvh * REP + r) * HEAD_DIM
+            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, m, col], ready.index(slot), q_bufs.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [b, m, col], ready.index(slot), do_bufs.index(slot))
+
+    @gluon.jit
+    def _dkdv_consumer(q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE, DELTA,
+                       b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh, qk_scale, sm_scale,
+                       window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr,
+                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_l: gl.constexpr = gl.SliceLayout(0, st_layout)
+        dtype: gl.constexpr = q_bufs.dtype
+        kr0 = n0 + WG * HALF_N
+        kpos = gl.expand_dims(kr0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout)), 1)
+        st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
+        dk_tok = warpgroup_mma_init(gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout))
+        dv_tok = warpgroup_mma_init(gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout))
+
+        mbarrier.wait(kv_bar, 0)
+        k = k_bufs.index(WG).reshape([HALF_N, HEAD_DIM])
+        v = v_bufs.index(WG).reshape([HALF_N, HEAD_DIM])
+        for t in range(n_tiles):
+            slot = t % STAGES
+            r = t // n_qt
+            m = q_lo + (t - r * n_qt) * BLOCK_M
+            h = kvh * REP + r
+            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+            q = q_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            do = do_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            _take_turn(turn, t, WG, PINGPONG)
+            st_tok = warpgroup_mma(k, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            qi = m + gl.arange(0, BLOCK_M, layout=col_l)
+            q_ok = qi < seq_len
+            lse = gl.load(LSE + h * stride_lh + b * seq_len + qi, mask=q_ok, other=float("-inf"))
+            lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 0)
+            delta = gl.expand_dims(gl.load(DELTA + h * stride_lh + b * seq_len + qi, mask=q_ok, other=0.0), 0)
+            dk, dv, st, dpt = warpgroup_mma_wait(0, deps=[dk_tok, dv_tok, st_tok, dpt_tok])
+            _barrier()  # the previous tile's dK / dV products are done: its slot goes back to the producer
+            mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
+            pt = gl.exp2(st * qk_scale - lse2)
+            if (m < full_lo) | (m >= full_hi):
+                i_ = gl.expand_dims(qi, 0)
+                pt = gl.where((kpos <= i_) & ((kpos > i_ - window) | (kpos < sinks)), pt, 0.0)
+            dst = pt * (dpt - delta)
+            dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do, dv, is_async=True)
+            dk_tok = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q, dk, is_async=True)
+        dk, dv = warpgroup_mma_wait(0, deps=[dk_tok, dv_tok])
+        _barrier()
+        mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+        k.store((dk * sm_scale).to(dtype))  # K / V halves are free: stage dK / dV there for clipping TMA stores
+        v.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [b, kr0, kvh * HEAD_DIM], k_bufs.index(WG))
+        tma.async_copy_shared_to_global(dv_desc, [b, kr0, kvh * HEAD_DIM], v_bufs.index(WG))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _dkdv_consumer1(q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE, DELTA,
+                        b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh, qk_scale,
+                        sm_scale, window, sinks, HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                        STAGES: gl.constexpr, PINGPONG: gl.constexpr, unused: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dkdv_consumer(q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE, DELTA,
+                       b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh, qk_scale, sm_scale,
+                       window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES, PINGPONG)
+
+    @gluon.jit(do_not_specialize=["stride_lh", "seq_len", "window", "sinks", "HKV", "REP"])
+    def _bwd_dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, stride_lh, seq_len, qk_scale,
+                         sm_scale, window, sinks, HKV, REP, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr):
+        HALF_N: gl.constexpr = BLOCK_N // 2
+        WG0: gl.constexpr = 0
+        n0 = gl.program_id(0) * BLOCK_N
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HKV
+        kvh = pid_bh % HKV
+        # queries that see keys [n0, n0 + BLOCK_N) (causal, Sq == Sk): [n0, n0 + BLOCK_N - 1 + window), all later
+        # ones when sink keys are among them; every pair is visible in the query tiles [full_lo, full_hi)
+        q_lo = (n0 // BLOCK_M) * BLOCK_M
+        if n0 < sinks:
+            q_hi = seq_len
+            full_lo = 0
+            full_hi = 0
+        else:
+            q_hi = gl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
+            full_lo = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+            full_hi = gl.minimum(((n0 + window) // BLOCK_M) * BLOCK_M, (seq_len // BLOCK_M) * BLOCK_M)
+        n_qt = gl.cdiv(q_hi - q_lo, BLOCK_M)
+        n_tiles = REP * n_qt
+
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        gl.warp_specialize([
+            (_dkdv_consumer, (q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE,
+                              DELTA, b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh,
+                              qk_scale, sm_scale, window, sinks, WG0, HEAD_DIM, HALF_N, BLOCK_M, STAGES, PINGPONG)),
+            (_dkdv_consumer1, (q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE,
+                               DELTA, b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh,
+                               qk_scale, sm_scale, window, sinks, HEAD_DIM, HALF_N, BLOCK_M, STAGES, PINGPONG, WG0)),
+            (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty,
+                              b, n0, kvh, REP, q_lo, n_qt, n_tiles, HALF_N, BLOCK_M, HEAD_DIM, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int = 0,
+                              softmax_scale: float | None = None, pingpong: bool | None = None,
+                              config_dq: tuple | None = None, config_dkdv: tuple | None = None):
+    """Gradients ``(dq, dk, dv)`` of the causal dense forward (calls :func:`supported` takes), given ``do``, the
+    forward's ``out`` and ``lse`` ([B, Hq, S], any strides). Deterministic (no atomics)."""
+    from deepseek_kernels.triton.window_attention import launch_delta
+
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    do, out = do.contiguous(), out.contiguous()
+    lsep = lse.transpose(0, 1).reshape(Hq, B * S).contiguous()
+    delta = torch.empty(Hq, B * S, device=q.device, dtype=torch.float32)
+    launch_delta(out.view(B * S, Hq, D), do.view(B * S, Hq, D), delta)
+    dq = torch.empty(B, S, Hq, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
+    dv = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    pp = PINGPONG if pingpong is None else pingpong
+    bm, bn, st = config_dq or BWD_DQ_CONFIG[D]
+    _bwd_dq_kernel[(triton.cdiv(S, bm), B * Hq)](
+        _descriptor(q, bm // 2), _descriptor(do, bm // 2), _descriptor(k, bn), _descriptor(v, bn),
+        _descriptor(dq, bm // 2), lsep, delta, lsep.stride(0), S, scale * LOG2E, scale, window, sinks, Hq, Hq // Hkv,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, PINGPONG=pp, CONSUMER_REGS=CONSUMER_REGS,
+        num_warps=4, maxnreg=MAXNREG,
+    )
+    bn, bm, st = config_dkdv or BWD_DKDV_CONFIG[D]
+    _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * Hkv)](
+        _descriptor(q, bm), _descriptor(do, bm), _descriptor(k, bn // 2), _descriptor(v, bn // 2),
+        _descriptor(dk, bn // 2), _descriptor(dv, bn // 2), lsep, delta, lsep.stride(0), S, scale * LOG2E, scale,
+        window, sinks, Hkv, Hq // Hkv,
+        HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, PINGPONG=pp, CONSUMER_REGS=CONSUMER_REGS,
+        num_warps=4, maxnreg=MAXNREG,
+    )
+    return dq, dk, dv
