@@ -1,7 +1,7 @@
 """The Gluon Hopper window forward (``window_attention_sm90``) on this GPU: correct, then timed.
 
     python benchmarks/diag_attn_sm90.py [--out diag_attn_sm90.json] [--timeout 240]
-        [--steps check,time,check_bwd,time_bwd]
+        [--steps check,time,check_bwd,time_bwd,tune_bwd]
         [--configs 128x128x2,128x64x3]
 
 Each step runs in a child process under a watchdog (``faulthandler`` dumps the Python stack a few seconds
@@ -15,7 +15,8 @@ phase) shows where it stopped instead of eating the call. Steps:
   forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of useful work;
 - ``check_bwd``: the Gluon backward's dq / dk / dv against float32 autograd of the reference;
 - ``time_bwd``: fwd + bwd through the op with the Gluon backward on and off, FlexAttention, and the two
-  backwards alone (TF/s: 2.5x the forward's useful FLOPs).
+  backwards alone (TF/s: 2.5x the forward's useful FLOPs);
+- ``tune_bwd``: the Gluon backward's launch shapes and ping-pong at S8192 B4 W4096, next to the Triton backward.
 """
 
 import argparse
@@ -132,8 +133,11 @@ def child_check_bwd(configs) -> dict:
             want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=W, sinks=sinks), (qr, kr, vr),
                                        do.float())
             errs = [((g.float() - w).norm() / w.norm()).item() for g, w in zip(grads, want)]
+            abs_errs = [(g.float() - w).abs().max().item() for g, w in zip(grads, want)]
             tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
-            ok = all(e < tol for e in errs) and not any(bool(g.isnan().any()) for g in grads)
+            # window 1: dq = dk = 0 exactly in the reference (each query sees only its own key), so relative
+            # errors are meaningless there; the absolute error is the check
+            ok = all(e < tol or a < 1e-2 for e, a in zip(errs, abs_errs)) and not any(bool(g.isnan().any()) for g in grads)
             rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "rel_err": errs, "ok": ok})
             print(f"bwd {str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34} dq {errs[0]:.2e} dk {errs[1]:.2e} "
                   f"dv {errs[2]:.2e} {'ok' if ok else 'FAIL'}", flush=True)
@@ -185,6 +189,39 @@ def child_time_bwd(configs) -> dict:
     return {"rows": rows}
 
 
+def child_tune_bwd(configs) -> dict:
+    """The Gluon backward's launch shapes at S8192 B4 W4096 H32 D128 (the whole backward timed; one kernel's
+    shape varied at a time, so differences are that kernel's), ping-pong on / off, the Triton backward."""
+    import torch
+    from _tuning import bench
+
+    from deepseek_kernels.reference.attention import attended_pairs, flops
+    from deepseek_kernels.triton import window_attention as wa
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    S, B, W, H, D = 8192, 4, 4096, 32, 128
+    q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W)
+    f = flops(B, H, D, attended_pairs(S, S, window=W)) * 2.5
+    variants = [("default", {}), ("no pingpong", {"pingpong": False}),
+                ("dq 128x128x2", {"config_dq": (128, 128, 2)}), ("dq 128x64x3", {"config_dq": (128, 64, 3)}),
+                ("dkdv 128x64x3 (spills)", {"config_dkdv": (128, 64, 3)}), ("dkdv 128x32x3", {"config_dkdv": (128, 32, 3)}),
+                ("dkdv 128x16x6", {"config_dkdv": (128, 16, 6)})]
+    rows = {}
+    for name, kw in variants:
+        try:
+            ms = bench(lambda kw=kw: s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, **kw), warmup=5,
+                       rep=30)
+            rows[name] = {"ms": ms, "tflops": f / ms * 1e-9}
+        except Exception as e:  # a shape that does not compile or fit: reported, the others still run
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(name, rows[name], flush=True)
+    ms = bench(lambda: wa.window_attention_bwd(do, q, k, v, out, lse, window=W, sm90=False), warmup=5, rep=30)
+    rows["triton"] = {"ms": ms, "tflops": f / ms * 1e-9}
+    print("triton", rows["triton"], flush=True)
+    return {"rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
@@ -198,7 +235,8 @@ def main():
         import faulthandler
 
         faulthandler.dump_traceback_later(args.timeout - 5, exit=True)
-        fn = {"check": child_check, "time": child_time, "check_bwd": child_check_bwd, "time_bwd": child_time_bwd}[args.child]
+        fn = {"check": child_check, "time": child_time, "check_bwd": child_check_bwd, "time_bwd": child_time_bwd,
+              "tune_bwd": child_tune_bwd}[args.child]
         print("RESULT " + json.dumps(fn(configs)), flush=True)
         return
     results, failed = {}, False

@@ -132,7 +132,10 @@ def test_backward_kernels_match_reference(case, dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
         assert got.shape == ref.shape and not got.isnan().any(), name
-        assert rel_error(got, ref) < tol, (name, rel_error(got, ref))
+        if ref.abs().max() == 0:  # window 1: each query sees only its own key, dq = dk = 0 exactly
+            assert got.abs().max() < 1e-2, name
+        else:
+            assert rel_error(got, ref) < tol, (name, rel_error(got, ref))
 
 
 @pytest.mark.gpu

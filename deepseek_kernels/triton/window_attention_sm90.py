@@ -345,7 +345,11 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
 # delta = rowsum(dO * O) comes from the Triton kernel launch_delta. Each product's operands are in shared
 # memory except P / dS, which stay in registers as wgmma's A operand.
 
-BWD_DQ_CONFIG = {64: (128, 64, 4), 128: (128, 64, 4)}  # (BLOCK_M, BLOCK_N, STAGES)
+# Measured on the H200 (session 24, S8192 B4 W4096 H32 D128, the whole backward): ping-pong off 13.4 ms vs on 16.1;
+# dQ 128x128x2 -0.3 ms vs 128x64x4; dK/dV 128x32x4 best (64-query tiles spill, 16 are slower). The Triton
+# backward took 12.3 ms in the same run: this one stays off by default (window_attention.SM90_BWD_DEFAULT).
+BWD_DQ_CONFIG = {64: (128, 64, 4), 128: (128, 128, 2)}  # (BLOCK_M, BLOCK_N, STAGES)
+BWD_PINGPONG = False
 # (BLOCK_N keys, BLOCK_M queries, STAGES); at D=128 64-query tiles spill in the consumers (ptxas: 192 B), 32 do not
 BWD_DKDV_CONFIG = {64: (128, 64, 3), 128: (128, 32, 4)}
 
@@ -628,7 +632,7 @@ def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int 
     dk = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
     dv = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    pp = PINGPONG if pingpong is None else pingpong
+    pp = BWD_PINGPONG if pingpong is None else pingpong
     bm, bn, st = config_dq or BWD_DQ_CONFIG[D]
     _bwd_dq_kernel[(triton.cdiv(S, bm), B * Hq)](
         _descriptor(q, bm // 2), _descriptor(do, bm // 2), _descriptor(k, bn), _descriptor(v, bn),
