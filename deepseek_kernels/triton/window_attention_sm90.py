@@ -104,6 +104,38 @@ if HAVE_GLUON:
         return start_n
 
     @gluon.jit
+    def _query_program(HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+        """A (query tile, batch x query head) program's first row, batch, head, and its head's columns in the
+        ``[B, S, H * D]`` views of q and of k / v."""
+        m0 = gl.program_id(0) * BLOCK_M
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HQ
+        h = pid_bh % HQ
+        return m0, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
+
+    @gluon.jit
+    def _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Key tiles of the query rows [m0, m0 + BLOCK_M) (causal, Sq == Sk): ``n_sink`` sink tiles from key 0,
+        then the window's tiles from ``start``, ``n_tiles`` in all; tiles starting in [full_lo, full_hi) hold
+        only visible pairs (empty when every window tile needs the mask)."""
+        pos_hi = gl.minimum(m0 + BLOCK_M, seq_len) - 1
+        start = (gl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        sink_end = gl.minimum(gl.minimum(sinks, start), seq_len)
+        full_lo = gl.cdiv(gl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N
+        n_sink = gl.cdiv(sink_end, BLOCK_N)
+        n_tiles = n_sink + gl.cdiv(pos_hi + 1 - start, BLOCK_N)
+        return start, n_sink, n_tiles, full_lo, full_hi
+
+    @gluon.jit
+    def _barrier_array(n: gl.constexpr, count: gl.constexpr):
+        """``n`` mbarriers, each completing a phase after ``count`` arrivals."""
+        bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(n):
+            mbarrier.init(bars.index(i), count=count)
+        return bars
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                   b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
@@ -257,40 +289,18 @@ if HAVE_GLUON:
                                      CONSUMER_REGS: gl.constexpr):
         HALF_M: gl.constexpr = BLOCK_M // 2
         WG0: gl.constexpr = 0
-        m0 = gl.program_id(0) * BLOCK_M
-        pid_bh = gl.program_id(1)
-        b = pid_bh // HQ
-        h = pid_bh % HQ
-        q_col = h * HEAD_DIM
-        kv_col = (h // REP) * HEAD_DIM
-        # key tiles of rows [m0, m0 + BLOCK_M) (causal, Sq == Sk): sinks [0, sink_end), window [start, end),
-        # the mask-free interior [full_lo, full_hi) (empty when every window tile needs the mask)
-        pos_hi = gl.minimum(m0 + BLOCK_M, seq_len) - 1
-        start = (gl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        sink_end = gl.minimum(gl.minimum(sinks, start), seq_len)
-        end = pos_hi + 1
-        full_lo = gl.cdiv(gl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
-        full_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N
-        n_sink = gl.cdiv(sink_end, BLOCK_N)
-        n_tiles = n_sink + gl.cdiv(end - start, BLOCK_N)
+        m0, b, h, q_col, kv_col = _query_program(HQ, REP, HEAD_DIM, BLOCK_M)
+        start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        q_bar = _barrier_array(1, 1).index(0)
+        k_ready = _barrier_array(STAGES, 1)  # the producer's expect
+        v_ready = _barrier_array(STAGES, 1)
+        k_empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
+        v_empty = _barrier_array(STAGES, 2)
+        turn = _barrier_array(2, 1)
 
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
@@ -439,34 +449,17 @@ if HAVE_GLUON:
                        STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         HALF_M: gl.constexpr = BLOCK_M // 2
         WG0: gl.constexpr = 0
-        m0 = gl.program_id(0) * BLOCK_M
-        pid_bh = gl.program_id(1)
-        b = pid_bh // HQ
-        h = pid_bh % HQ
-        q_col = h * HEAD_DIM
-        kv_col = (h // REP) * HEAD_DIM
-        pos_hi = gl.minimum(m0 + BLOCK_M, seq_len) - 1
-        start = (gl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-        sink_end = gl.minimum(gl.minimum(sinks, start), seq_len)
-        full_lo = gl.cdiv(gl.maximum(pos_hi - window + 1, 0), BLOCK_N) * BLOCK_N
-        full_hi = ((m0 + 1) // BLOCK_N) * BLOCK_N
-        n_sink = gl.cdiv(sink_end, BLOCK_N)
-        n_tiles = n_sink + gl.cdiv(pos_hi + 1 - start, BLOCK_N)
+        m0, b, h, q_col, kv_col = _query_program(HQ, REP, HEAD_DIM, BLOCK_M)
+        start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [2] + do_desc.block_type.shape, do_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        q_bar = _barrier_array(1, 1).index(0)
+        ready = _barrier_array(STAGES, 1)
+        empty = _barrier_array(STAGES, 2)
+        turn = _barrier_array(2, 1)
         gl.warp_specialize([
             (_dq_consumer, (q_bufs, do_bufs, k_bufs, v_bufs, q_bar, ready, empty, turn, dq_desc, LSE, DELTA,
                             b, h, m0, q_col, seq_len, stride_lh, qk_scale, sm_scale, window, sinks, start, n_sink,
@@ -593,16 +586,10 @@ if HAVE_GLUON:
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        kv_bar = _barrier_array(1, 1).index(0)
+        ready = _barrier_array(STAGES, 1)
+        empty = _barrier_array(STAGES, 2)
+        turn = _barrier_array(2, 1)
         gl.warp_specialize([
             (_dkdv_consumer, (q_bufs, do_bufs, k_bufs, v_bufs, kv_bar, ready, empty, turn, dk_desc, dv_desc, LSE,
                               DELTA, b, n0, kvh, REP, q_lo, n_qt, n_tiles, full_lo, full_hi, seq_len, stride_lh,
