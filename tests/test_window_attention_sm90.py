@@ -9,7 +9,7 @@ import torch
 import deepseek_kernels as dk
 from deepseek_kernels.reference.attention import window_attention_ref
 from deepseek_kernels.triton import window_attention_sm90 as s9
-from deepseek_kernels.triton.window_attention import window_attention_fwd
+from deepseek_kernels.triton.window_attention import window_attention_bwd, window_attention_fwd
 
 from tolerances import REL_TOL, rel_error
 
@@ -86,6 +86,11 @@ def test_forcing_it_on_a_call_it_does_not_take_raises():
     q = torch.randn(1, 32, 2, 64, device="cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="sm90=True"):
         window_attention_fwd(q, q, q, window=8, causal=False, sm90=True)
+    lse = torch.zeros(1, 2, 32, device=q.device)
+    with pytest.raises(ValueError, match="sm90=True"):
+        window_attention_bwd(q, q, q, q, q, lse, window=8, causal=False, sm90=True)
+    with pytest.raises(ValueError, match="sm90=True"):
+        window_attention_bwd(q, q, q, q, q, lse, window=8, deterministic=False, sm90=True)
 
 
 @pytest.mark.gpu

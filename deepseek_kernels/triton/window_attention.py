@@ -697,17 +697,23 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
     kernel computes dK, dV and adds each tile's dQ into an fp32 accumulator with atomics (5
     matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``sm90``: the Gluon
     Hopper backward for the deterministic backward of the calls the Hopper forward takes (None: by
-    ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD``, unless a ``config_*`` asks for the Triton kernels)."""
+    ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD``, unless a ``config_*`` asks for the Triton kernels; True: a
+    ValueError where it does not apply)."""
+    forced = sm90 is True
     if sm90 is None:
         sm90 = (config_dkdv is None and config_dq is None
                 and os.environ.get("DSK_ATTN_SM90_BWD", "1" if SM90_BWD_DEFAULT else "0") == "1")
-    if deterministic and sm90:
+    if sm90:
         from deepseek_kernels.triton import window_attention_sm90
 
-        if window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
-                                           cu_seqlens_k=cu_seqlens_k):
+        if deterministic and window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                                                             cu_seqlens_k=cu_seqlens_k):
             return torch.ops.deepseek_kernels.window_attention_bwd_sm90(do, q, k, v, out, lse, window, sinks,
                                                                         softmax_scale)
+        if forced:
+            raise ValueError("window_attention_bwd(sm90=True): the Hopper backward is deterministic and takes the "
+                             "calls the Hopper forward takes (causal, dense, Sq == Sk, head dim 64 or 128, bf16/fp16, "
+                             "sm_90); this call is not one")
     qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
