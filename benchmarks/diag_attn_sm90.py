@@ -50,8 +50,10 @@ def child_check(configs) -> dict:
             k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
             ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks,
                                                 return_lse=True)
-            for cfg, pp in [(None, True), (None, False)] + [(c, None) for c in configs]:
-                out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, config=cfg, pingpong=pp)
+            for cfg, pp, per in [(None, True, False), (None, False, False), (None, None, True)] + [
+                    (c, None, False) for c in configs]:
+                out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, config=cfg, pingpong=pp,
+                                                        persistent=per)
                 torch.cuda.synchronize()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 lse_err = (lse - ref_lse).abs().max().item()
@@ -59,8 +61,10 @@ def child_check(configs) -> dict:
                 ok = err < 1e-2 and lse_err < 1e-2 and not nan
                 worst = max(worst, err)
                 rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "config": cfg, "pingpong": pp,
+                             "persistent": per,
                              "rel_err": err, "lse_err": lse_err, "nan": nan, "ok": ok})
-                print(f"{str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34}{str(cfg):<14}{str(pp):<6} rel {err:.2e} "
+                print(f"{str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34}{str(cfg):<14}{str(pp):<6}{str(per):<6} "
+                      f"rel {err:.2e} "
                       f"lse {lse_err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return {"rows": rows, "worst_rel_err": worst, "all_ok": all(r["ok"] for r in rows)}
 
@@ -84,11 +88,14 @@ def child_time(configs) -> dict:
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
         ref, _ = wa.window_attention_fwd(q, k, v, window=W, sm90=False)
         row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
-        for cfg, pp in [(None, None), (None, False)] + [(c, None) for c in configs]:
-            name = ("sm90" if cfg is None else "sm90 " + "x".join(map(str, cfg))) + (" no-pingpong" if pp is False else "")
-            out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg, pingpong=pp)
+        for cfg, pp, per in [(None, None, False), (None, False, False), (None, None, True)] + [
+                (c, None, False) for c in configs]:
+            name = (("sm90" if cfg is None else "sm90 " + "x".join(map(str, cfg)))
+                    + (" no-pingpong" if pp is False else "") + (" persistent" if per else ""))
+            out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg, pingpong=pp, persistent=per)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = bench(lambda cfg=cfg, pp=pp: s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg, pingpong=pp),
+            ms = bench(lambda cfg=cfg, pp=pp, per=per: s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg,
+                                                                                   pingpong=pp, persistent=per),
                        warmup=10, rep=100)
             row[name] = {"ms": ms, "tflops": f / ms * 1e-9, "rel_err_vs_triton": err}
         ms = bench(lambda: wa.window_attention_fwd(q, k, v, window=W, sm90=False), warmup=10, rep=100)
@@ -97,7 +104,7 @@ def child_time(configs) -> dict:
         ms = bench(lambda: flex(q, k, v), warmup=10, rep=100)
         row["flex"] = {"ms": ms, "tflops": f / ms * 1e-9}
         # the sm90 row once more after the others (drift check)
-        ms = bench(lambda: s9.window_attention_fwd_sm90(q, k, v, window=W), warmup=10, rep=100)
+        ms = bench(lambda: s9.window_attention_fwd_sm90(q, k, v, window=W, persistent=False), warmup=10, rep=100)
         row["sm90 again"] = {"ms": ms, "tflops": f / ms * 1e-9}
         rows.append(row)
         print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(

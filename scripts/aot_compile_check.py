@@ -139,12 +139,12 @@ def cases():
             x = torch.empty(1, 256, 2, D, dtype=dt)
             args = dict(q_desc=s9._descriptor(x, bm // 2), k_desc=s9._descriptor(x, bn), v_desc=s9._descriptor(x, bn),
                         o_desc=s9._descriptor(x, bm // 2), LSE=f32, stride_lh=256, seq_len=256, qk_scale=0.1,
-                        window=4096, sinks=0, HQ=2, REP=1, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=st,
-                        CONSUMER_REGS=s9.CONSUMER_REGS)
-            for pp in (True, False):
-                out.append((f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}", s9._window_attn_fwd_sm90_kernel,
-                            dict(args, PINGPONG=pp), dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg",
-                            "wgmma.mma_async"))
+                        window=4096, sinks=0, HQ=2, REP=1, N_M=2, TOTAL=8, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+                        STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
+            for pp, persistent in ((True, False), (False, False), (True, True)):
+                out.append((f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}" + (" persistent" if persistent else ""),
+                            s9._window_attn_fwd_sm90_kernel, dict(args, PINGPONG=pp, PERSISTENT=persistent),
+                            dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
             bm, bn, st = s9.BWD_DQ_CONFIG[D]
             dq = dict(q_desc=s9._descriptor(x, bm // 2), do_desc=s9._descriptor(x, bm // 2), k_desc=s9._descriptor(x, bn),
                       v_desc=s9._descriptor(x, bn), dq_desc=s9._descriptor(x, bm // 2), LSE=f32, DELTA=f32, stride_lh=256,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -126,6 +126,15 @@ case "$step" in
   tune-attn-tma)
     timeout 560 "$PY" benchmarks/tune_attention.py --tma --fwd-only --shapes "8192,4,4096,32,32" \
       --out "$OUT/tune_attention_tma.json" ;;
+  attn-sm90)  # issue 3: the Gluon forward's GPU tests (incl. the persistent grid, written after session 24's last
+    # call), then diag_attn_sm90 check + time (one-tile / no ping-pong / persistent rows, Triton forward, FlexAttention);
+    # each diag step in a child under a watchdog
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider --tb=short tests/test_window_attention_sm90.py | tail -4
+    timeout 330 "$PY" benchmarks/diag_attn_sm90.py --steps check,time --timeout 160 --out "$OUT/diag_attn_sm90.json" \
+      | grep -v " ok$" | tail -20 ;;
+  attn-sm90-bwd)  # issue 3: the Gluon backward (off by default) checked, timed and its launch shapes swept
+    timeout 500 "$PY" benchmarks/diag_attn_sm90.py --steps check_bwd,time_bwd,tune_bwd --timeout 160 \
+      --out "$OUT/diag_attn_sm90_bwd.json" | grep -v " ok$" | tail -20 ;;
   tune-attn-ws)  # issue 3: the warp-specialized one-loop forward (ws=True). Session 12: its first launch at
     # (128, 64, 4, 2) never finished (190 s). diag_attn_ws.py runs each step in a child under a watchdog (a hang
     # prints its Python stack: compiler or synchronize); only if the full-shape steps finish, the tuner's sweep.

@@ -50,6 +50,20 @@ def test_matches_reference(case, dtype, pingpong):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("case", CASES[::2] + [(3, 1500, 4, 2, 128, 700, 3)],
+                         ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+def test_persistent_matches_one_tile_programs(case):
+    """The persistent grid (each program over many tiles, the K/V ring and ping-pong turns running on across
+    them) computes what one tile per program does, bit for bit."""
+    B, S, Hq, Hkv, D, W, sinks = case
+    q, k, v = _qkv(B, S, Hq, Hkv, D, torch.bfloat16)
+    out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, persistent=True)
+    want, want_lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, persistent=False)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.gpu
+@needs_sm90
 def test_op_dispatches_to_the_hopper_forward(monkeypatch):
     q, k, v = _qkv(2, 700, 8, 2, 128, torch.bfloat16)
     direct, direct_lse = s9.window_attention_fwd_sm90(q, k, v, window=256, sinks=2)

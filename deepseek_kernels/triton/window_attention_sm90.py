@@ -20,7 +20,9 @@ Same function as ``_window_attn_fwd_kernel`` in ``window_attention.py`` (semanti
   a TMA store that clips the rows past the end.
 
 Key tiles are visited as in the Triton forward: the sink tiles before the window, then the window;
-only tiles on the diagonal, on the window's far edge or among the sinks evaluate the mask.
+only tiles on the diagonal, on the window's far edge or among the sinks evaluate the mask. By default a
+program handles one query tile; ``persistent=True`` launches one program per SM that loops over tiles
+(the producer loading the next tile during the current one's epilogue; not yet timed).
 
 ``supported()`` says which calls take this path (the op falls back to the Triton forward for the
 rest: packed varlen, ``causal=False``, ``Sq != Sk``, head dims other than 64 / 128, float32,
@@ -60,6 +62,7 @@ CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer's keeps 24, the consumers 240
 CONSUMER_REGS = 240
 PINGPONG = True  # the consumers take turns issuing their products: +1-3 % on the forward
+PERSISTENT = False  # one program per SM over many tiles: written after session 24's last GPU call, not yet timed
 
 
 def supported(q, k, v, *, causal: bool, cu_seqlens_q, cu_seqlens_k) -> bool:
@@ -80,6 +83,12 @@ def supported(q, k, v, *, causal: bool, cu_seqlens_q, cu_seqlens_k) -> bool:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int):
     return torch.cuda.get_device_capability(index)
+
+
+def _sm_count(device: torch.device) -> int:
+    from deepseek_kernels.triton._common import sm_count
+
+    return sm_count(device)
 
 
 def _tma_layout_ok(t: torch.Tensor) -> bool:
@@ -114,6 +123,15 @@ if HAVE_GLUON:
         b = pid_bh // HQ
         h = pid_bh % HQ
         return m0, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
+
+    @gluon.jit
+    def _tile_coords(tile, N_M, HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+        """:func:`_query_program` for tile ``tile`` of a persistent program (query tiles fastest, then heads,
+        then the batch: consecutive tiles share K/V in L2)."""
+        bh = tile // N_M
+        b = bh // HQ
+        h = bh - b * HQ
+        return (tile - bh * N_M) * BLOCK_M, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
 
     @gluon.jit
     def _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -194,9 +212,23 @@ if HAVE_GLUON:
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                   full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        """One warpgroup (4 warps) of a one-tile program: its query half, then the output through that half."""
+        _consume_tile(q_bufs, q_bufs, k_bufs, v_bufs, q_bar, 0, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                      o_desc, LSE, 0, 0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink,
+                      n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, False)
+
+    @gluon.jit
+    def _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_ready, k_empty, v_empty,
+                      turn, o_desc, LSE, it0, ev0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
+                      n_sink, n_tiles, full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                      PERSISTENT: gl.constexpr):
         """One warpgroup (4 warps): scores, softmax and the output update for rows
-        [m0 + WG * HALF_M, + HALF_M) of the query tile; releases each K / V slot once (empty barriers count
-        both warpgroups)."""
+        [m0 + WG * HALF_M, + HALF_M) of one query tile; releases each K / V slot once (empty barriers count
+        both warpgroups). ``it0`` / ``ev0``: the K/V ring iterations and ping-pong turns of the program's
+        earlier tiles (0 for a one-tile program). ``PERSISTENT``: the query half is released (``q_empty``) once
+        its last product is done, and the output goes out through ``o_bufs`` (the previous tile's store
+        finished first); else through the query half itself."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -214,30 +246,32 @@ if HAVE_GLUON:
         m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([HALF_M], gl.float32, row_s)
 
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, q_phase)
         q = q_smem.reshape([HALF_M, HEAD_DIM])
 
         # tile 0: scores, softmax; its K slot is released at once
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn, 0, WG, PINGPONG)
-        s_tok = warpgroup_mma(q, k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+        slot0 = it0 % STAGES
+        mbarrier.wait(k_ready.index(slot0), (it0 // STAGES) & 1)
+        _take_turn(turn, ev0, WG, PINGPONG)
+        s_tok = warpgroup_mma(q, k_bufs.index(slot0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=[s_tok])
         _barrier()
-        mbarrier.arrive(k_empty.index(0), count=1)
+        mbarrier.arrive(k_empty.index(slot0), count=1)
         start_n = _tile_start(0, n_sink, start, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks, qk_scale,
                                            BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for i in range(1, n_tiles):
-            slot = i % STAGES
-            prev = (i - 1) % STAGES
+            g = it0 + i
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
             # S_i = Q K_i^T and O += P_{i-1} V_{i-1}, both in flight
-            mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
-            _take_turn(turn, i, WG, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
+            _take_turn(turn, ev0 + i, WG, PINGPONG)
             s_tok = warpgroup_mma(q, k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
@@ -253,23 +287,37 @@ if HAVE_GLUON:
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        _take_turn(turn, n_tiles, WG, PINGPONG)
+        if PERSISTENT:  # every product reading the query half is done: the producer may load the next tile's
+            mbarrier.arrive(q_empty, count=1)
+        g_last = it0 + n_tiles - 1
+        last = g_last % STAGES
+        mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
+        _take_turn(turn, ev0 + n_tiles, WG, PINGPONG)
         o_tok = warpgroup_mma(p_op, v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
+        if PERSISTENT:
+            _barrier()
+            mbarrier.arrive(v_empty.index(last), count=1)
 
-        # epilogue: out = acc / l through the (now free) query tile and a clipping TMA store; lse in natural log
+        # epilogue: out = acc / l through shared memory and a clipping TMA store; lse in natural log
         seen = l_i > 0
         l_safe = gl.where(seen, l_i, 1.0)
         out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-        q.store(out.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, r0, q_col], q_smem)
+        if PERSISTENT:
+            o_smem = o_bufs.index(WG)
+            tma.store_wait(0)  # the previous tile's output left o_smem
+            o_smem.reshape([HALF_M, HEAD_DIM]).store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [b, r0, q_col], o_smem)
+        else:  # the query half is free
+            q.store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [b, r0, q_col], q_smem)
         lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         gl.store(LSE + h * stride_lh + b * seq_len + pos, lse, mask=pos < seq_len)
-        tma.store_wait(0)
+        if not PERSISTENT:
+            tma.store_wait(0)
 
     @gluon.jit
     def _consumer1(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
@@ -282,13 +330,116 @@ if HAVE_GLUON:
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                   full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG)
 
+    @gluon.jit
+    def _producer_persistent(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
+                             k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """:func:`_producer` over a persistent program's tiles: the next tile's query halves as soon as both
+        consumers are past their last product on the current ones, the K/V ring running on across tiles."""
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        it = 0
+        tc = 0
+        for tile in range(gl.program_id(0), TOTAL, gl.num_programs(0)):
+            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M)
+            start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
+            mbarrier.wait(q_empty, (tc & 1) ^ 1)
+            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, m0, q_col], q_bar, q_bufs.index(0))
+            tma.async_copy_global_to_shared(q_desc, [b, m0 + HALF_M, q_col], q_bar, q_bufs.index(1))
+            for i in range(n_tiles):
+                g = it + i
+                slot = g % STAGES
+                phase = (g // STAGES) & 1
+                start_n = _tile_start(i, n_sink, start, BLOCK_N)
+                mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, start_n, kv_col], k_ready.index(slot), k_bufs.index(slot))
+                mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [b, start_n, kv_col], v_ready.index(slot), v_bufs.index(slot))
+            it += n_tiles
+            tc += 1
+
+    @gluon.jit
+    def _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
+                             WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        """One consumer warpgroup over a persistent program's tiles (the producer's order)."""
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        it = 0
+        ev = 0
+        tc = 0
+        for tile in range(gl.program_id(0), TOTAL, gl.num_programs(0)):
+            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M)
+            start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
+            _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, tc & 1, q_empty, k_ready, v_ready, k_empty, v_empty,
+                          turn, o_desc, LSE, it, ev, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
+                          n_sink, n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, True)
+            it += n_tiles
+            ev += n_tiles + 1
+            tc += 1
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer_persistent1(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
+                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, PINGPONG: gl.constexpr, unused: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
+                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG)
+
     # the integer arguments are not specialized (on == 1 or % 16 == 0): a warp-specialized Gluon compile takes
     # seconds, and every new specialization would pay it again
-    @gluon.jit(do_not_specialize=["stride_lh", "seq_len", "window", "sinks", "HQ", "REP"])
+    @gluon.jit(do_not_specialize=["stride_lh", "seq_len", "window", "sinks", "HQ", "REP", "N_M", "TOTAL"])
     def _window_attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window,
-                                     sinks, HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                                     sinks, HQ, REP, N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                                     CONSUMER_REGS: gl.constexpr):
+                                     CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr):
+        """One query tile per program, or with ``PERSISTENT`` a grid of at most one program per SM, each over
+        tiles ``pid, pid + nprog, ...`` of the ``TOTAL = N_M x B x HQ`` (query tile, batch x head) tiles, so
+        that the producer loads the next tile while the consumers finish the current one."""
+        if PERSISTENT:
+            _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
+                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS)
+        else:
+            _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
+                          HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS)
+
+    @gluon.jit
+    def _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
+                        N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        WG0: gl.constexpr = 0
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = _barrier_array(1, 1).index(0)
+        q_empty = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
+        k_ready = _barrier_array(STAGES, 1)
+        v_ready = _barrier_array(STAGES, 1)
+        k_empty = _barrier_array(STAGES, 2)
+        v_empty = _barrier_array(STAGES, 2)
+        turn = _barrier_array(2, 1)
+        gl.warp_specialize([
+            (_consumer_persistent, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                                    v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
+                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
+            (_consumer_persistent1, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                                     v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
+                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, WG0)),
+            (_producer_persistent, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
+                                    k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM, BLOCK_M,
+                                    BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
+    def _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         HALF_M: gl.constexpr = BLOCK_M // 2
         WG0: gl.constexpr = 0
         m0, b, h, q_col, kv_col = _query_program(HQ, REP, HEAD_DIM, BLOCK_M)
@@ -326,22 +477,27 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 
 def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_scale: float | None = None,
-                              config: tuple | None = None, pingpong: bool | None = None):
+                              config: tuple | None = None, pingpong: bool | None = None,
+                              persistent: bool | None = None):
     """Causal forward on the dense layout (see :func:`supported`). Returns ``(out, lse)`` as
     ``window_attention_fwd`` does: out ``[B, S, Hq, D]``, lse ``[B, Hq, S]`` float32 (a view of a
-    ``[Hq, B * S]`` buffer). ``config = (BLOCK_M, BLOCK_N, STAGES)`` overrides the launch shape."""
+    ``[Hq, B * S]`` buffer). ``config = (BLOCK_M, BLOCK_N, STAGES)`` overrides the launch shape; ``persistent``
+    (default ``PERSISTENT``): one program per SM looping over the tiles (32 KB more shared memory at D=128)."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     block_m, block_n, stages = config or CONFIG[D]
+    persistent = PERSISTENT if persistent is None else persistent
     out = torch.empty(B, S, Hq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, B * S, device=q.device, dtype=torch.float32)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    grid = (triton.cdiv(S, block_m), B * Hq)
+    n_m = triton.cdiv(S, block_m)
+    total = n_m * B * Hq
+    grid = (min(total, _sm_count(q.device)),) if persistent else (n_m, B * Hq)
     _window_attn_fwd_sm90_kernel[grid](
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
-        lse, lse.stride(0), S, scale * LOG2E, window, sinks, Hq, Hq // Hkv,
+        lse, lse.stride(0), S, scale * LOG2E, window, sinks, Hq, Hq // Hkv, n_m, total,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PINGPONG=PINGPONG if pingpong is None else pingpong,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, PERSISTENT=persistent, num_warps=4, maxnreg=MAXNREG,
     )
     return out, lse.view(Hq, B, S).transpose(0, 1)
 
