@@ -34,6 +34,8 @@ import functools
 import torch
 import triton
 
+from deepseek_kernels.triton._common import sm_count
+
 try:  # Gluon's Hopper API (Triton >= 3.5); absent on older Tritons and CPU-only builds
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -84,11 +86,6 @@ def supported(q, k, v, *, causal: bool, cu_seqlens_q, cu_seqlens_k) -> bool:
 def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
-
-def _sm_count(device: torch.device) -> int:
-    from deepseek_kernels.triton._common import sm_count
-
-    return sm_count(device)
 
 
 def _tma_layout_ok(t: torch.Tensor) -> bool:
@@ -156,6 +153,25 @@ if HAVE_GLUON:
         return bars
 
     @gluon.jit
+    def _visible(j, p, window, sinks):
+        """Causal window with sinks: query position ``p`` sees key ``j`` (reference/attention.py)."""
+        return ((j > p - window) | (j < sinks)) & (j <= p)
+
+    @gluon.jit
+    def _release(bar, pred=True):
+        """One arrival on ``bar`` for the partition, once all its warps got here (past their reads of a slot)."""
+        _barrier()
+        mbarrier.arrive(bar, count=1, pred=pred)
+
+    @gluon.jit
+    def _lse2_delta(LSE, DELTA, offset, idx, ok):
+        """The forward's lse in the exp2 domain (+inf for rows that saw no key: their p is 0) and delta, at rows
+        ``offset + idx`` where ``ok``."""
+        lse = gl.load(LSE + offset + idx, mask=ok, other=float("-inf"))
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        return lse2, gl.load(DELTA + offset + idx, mask=ok, other=0.0)
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                   b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
@@ -186,8 +202,7 @@ if HAVE_GLUON:
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             j = gl.expand_dims(cols, 0)
             p_ = gl.expand_dims(pos, 1)
-            vis = ((j > p_ - window) | (j < sinks)) & (j <= p_)
-            s = gl.where(vis, s, float("-inf"))
+            s = gl.where(_visible(j, p_, window, sinks), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
@@ -257,8 +272,7 @@ if HAVE_GLUON:
                               use_acc=False, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         s = warpgroup_mma_wait(0, deps=[s_tok])
-        _barrier()
-        mbarrier.arrive(k_empty.index(slot0), count=1)
+        _release(k_empty.index(slot0))
         start_n = _tile_start(0, n_sink, start, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks, qk_scale,
                                            BLOCK_N, s_layout)
@@ -281,8 +295,7 @@ if HAVE_GLUON:
             p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
                                                qk_scale, BLOCK_N, s_layout)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
-            _barrier()  # the warpgroup's four warps are past K_i and V_{i-1}
-            mbarrier.arrive(k_empty.index(slot), count=1)
+            _release(k_empty.index(slot))  # the warpgroup's four warps are past K_i and V_{i-1}
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -297,8 +310,7 @@ if HAVE_GLUON:
         _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         if PERSISTENT:
-            _barrier()
-            mbarrier.arrive(v_empty.index(last), count=1)
+            _release(v_empty.index(last))
 
         # epilogue: out = acc / l through shared memory and a clipping TMA store; lse in natural log
         seen = l_i > 0
@@ -492,7 +504,7 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     n_m = triton.cdiv(S, block_m)
     total = n_m * B * Hq
-    grid = (min(total, _sm_count(q.device)),) if persistent else (n_m, B * Hq)
+    grid = (min(total, sm_count(q.device)),) if persistent else (n_m, B * Hq)
     _window_attn_fwd_sm90_kernel[grid](
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
         lse, lse.stride(0), S, scale * LOG2E, window, sinks, Hq, Hq // Hkv, n_m, total,
@@ -553,10 +565,7 @@ if HAVE_GLUON:
         dtype: gl.constexpr = q_bufs.dtype
         r0 = m0 + WG * HALF_M
         pos = r0 + gl.arange(0, HALF_M, layout=row_s)
-        row_ok = pos < seq_len
-        lse = gl.load(LSE + h * stride_lh + b * seq_len + pos, mask=row_ok, other=float("-inf"))
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # rows that see nothing: p = 0
-        delta = gl.load(DELTA + h * stride_lh + b * seq_len + pos, mask=row_ok, other=0.0)
+        lse2, delta = _lse2_delta(LSE, DELTA, h * stride_lh + b * seq_len, pos, pos < seq_len)
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
         dq_tok = warpgroup_mma_init(gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout))
 
@@ -573,19 +582,18 @@ if HAVE_GLUON:
                                    use_acc=False, is_async=True)
             _pass_turn(turn, WG, PINGPONG)
             dq, s, dp = warpgroup_mma_wait(0, deps=[dq_tok, s_tok, dp_tok])
-            _barrier()  # the previous tile's dQ product is done: its slot goes back to the producer
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            # the previous tile's dQ product is done: its slot goes back to the producer
+            _release(empty.index((i + STAGES - 1) % STAGES), i > 0)
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             start_n = _tile_start(i, n_sink, start, BLOCK_N)
             if (start_n < full_lo) | (start_n >= full_hi):
                 j = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
                 p_ = gl.expand_dims(pos, 1)
-                p = gl.where(((j > p_ - window) | (j < sinks)) & (j <= p_), p, 0.0)
+                p = gl.where(_visible(j, p_, window, sinks), p, 0.0)
             ds = p * (dp - gl.expand_dims(delta, 1))
             dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), ds_layout), k_smem, dq, is_async=True)
         dq = warpgroup_mma_wait(0, deps=[dq_tok])
-        _barrier()
-        mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+        _release(empty.index((n_tiles - 1) % STAGES))
         q.store((dq * sm_scale).to(dtype))  # the query half is free: stage dQ there for a clipping TMA store
         fence_async_shared()
         tma.async_copy_shared_to_global(dq_desc, [b, r0, q_col], q_bufs.index(WG))
@@ -681,23 +689,21 @@ if HAVE_GLUON:
             dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
             _pass_turn(turn, WG, PINGPONG)
             qi = m + gl.arange(0, BLOCK_M, layout=col_l)
-            q_ok = qi < seq_len
-            lse = gl.load(LSE + h * stride_lh + b * seq_len + qi, mask=q_ok, other=float("-inf"))
-            lse2 = gl.expand_dims(gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), 0)
-            delta = gl.expand_dims(gl.load(DELTA + h * stride_lh + b * seq_len + qi, mask=q_ok, other=0.0), 0)
+            lse2, delta = _lse2_delta(LSE, DELTA, h * stride_lh + b * seq_len, qi, qi < seq_len)
+            lse2 = gl.expand_dims(lse2, 0)
+            delta = gl.expand_dims(delta, 0)
             dk, dv, st, dpt = warpgroup_mma_wait(0, deps=[dk_tok, dv_tok, st_tok, dpt_tok])
-            _barrier()  # the previous tile's dK / dV products are done: its slot goes back to the producer
-            mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
+            # the previous tile's dK / dV products are done: its slot goes back to the producer
+            _release(empty.index((t + STAGES - 1) % STAGES), t > 0)
             pt = gl.exp2(st * qk_scale - lse2)
             if (m < full_lo) | (m >= full_hi):
                 i_ = gl.expand_dims(qi, 0)
-                pt = gl.where((kpos <= i_) & ((kpos > i_ - window) | (kpos < sinks)), pt, 0.0)
+                pt = gl.where(_visible(kpos, i_, window, sinks), pt, 0.0)
             dst = pt * (dpt - delta)
             dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do, dv, is_async=True)
             dk_tok = warpgroup_mma(gl.convert_layout(dst.to(dtype), op_layout), q, dk, is_async=True)
         dk, dv = warpgroup_mma_wait(0, deps=[dk_tok, dv_tok])
-        _barrier()
-        mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+        _release(empty.index((n_tiles - 1) % STAGES))
         k.store((dk * sm_scale).to(dtype))  # K / V halves are free: stage dK / dV there for clipping TMA stores
         v.store(dv.to(dtype))
         fence_async_shared()
