@@ -1,7 +1,7 @@
 """The Gluon Hopper window forward (``window_attention_sm90``) on this GPU: correct, then timed.
 
     python benchmarks/diag_attn_sm90.py [--out diag_attn_sm90.json] [--timeout 240]
-        [--steps check,time,check_bwd,time_bwd,tune_bwd]
+        [--steps check,time,check_bwd,time_bwd,tune_bwd,check_fused,time_fused]
         [--configs 128x128x2,128x64x3]
 
 Each step runs in a child process under a watchdog (``faulthandler`` dumps the Python stack a few seconds
@@ -16,6 +16,9 @@ phase) shows where it stopped instead of eating the call. Steps:
 - ``check_bwd``: the Gluon backward's dq / dk / dv against float32 autograd of the reference;
 - ``time_bwd``: fwd + bwd through the op with the Gluon backward on and off, FlexAttention, and the two
   backwards alone (TF/s: 2.5x the forward's useful FLOPs);
+- ``check_fused`` / ``time_fused``: the one-kernel backward (deterministic=False: dQ by TMA reduce-adds) checked,
+  then timed next to the other backwards and, through the op, fwd + bwd next to FlexAttention (``--configs``:
+  extra (BLOCK_N x BLOCK_M x STAGES) shapes of it);
 - ``tune_bwd``: the Gluon backward's launch shapes and ping-pong at S8192 B4 W4096, next to the Triton backward.
 """
 
@@ -120,7 +123,12 @@ BWD_CHECK = [  # (B, S, Hq, Hkv, D, W, sinks)
 BWD_TIME = [(8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 8)]
 
 
-def child_check_bwd(configs) -> dict:
+def child_check_fused(configs) -> dict:
+    """:func:`child_check_bwd` for the one-kernel backward (deterministic=False, head dim 128)."""
+    return child_check_bwd(configs, deterministic=False)
+
+
+def child_check_bwd(configs, deterministic=True) -> dict:
     """The Gluon backward against float32 autograd of the reference (dq, dk, dv), bf16 and fp16."""
     import torch
 
@@ -130,11 +138,14 @@ def child_check_bwd(configs) -> dict:
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
         for B, S, Hq, Hkv, D, W, sinks in BWD_CHECK:
+            if not deterministic and D not in s9.BWD_FUSED_CONFIG:
+                continue
             q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype)
             k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
             do = torch.randn_like(q)
             out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks)
-            grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks)
+            grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks,
+                                                 deterministic=deterministic)
             torch.cuda.synchronize()
             qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
             want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=W, sinks=sinks), (qr, kr, vr),
@@ -196,6 +207,57 @@ def child_time_bwd(configs) -> dict:
     return {"rows": rows}
 
 
+def child_time_fused(configs) -> dict:
+    """The backwards alone (the one-kernel Gluon, the two-kernel Gluon, the Triton deterministic and atomic ones)
+    and fwd + bwd through the op with deterministic=False / True next to FlexAttention (TF/s: 2.5x / 3.5x the
+    forward's useful FLOPs)."""
+    import torch
+    from _tuning import bench
+
+    import deepseek_kernels as dk
+    from deepseek_kernels.bench.suites.attention import _flex
+    from deepseek_kernels.reference.attention import attended_pairs, flops
+    from deepseek_kernels.triton import window_attention as wa
+    from deepseek_kernels.triton import window_attention_sm90 as s9
+
+    rows = []
+    D = 128
+    extra = [("fused " + "x".join(map(str, c)), {"config_fused": c, "deterministic": False}) for c in configs]
+    for S, B, W, Hq, Hkv in BWD_TIME:
+        torch.manual_seed(0)
+        mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+        q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
+        do = torch.randn_like(q)
+        f_fwd = flops(B, Hq, D, attended_pairs(S, S, window=W))
+        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        out, lse = s9.window_attention_fwd_sm90(qd, kd, vd, window=W)
+        for name, kw in [("bwd gluon fused", {"deterministic": False}), ("bwd gluon 2 kernels", {})] + extra:
+            fn = lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw)  # noqa: E731
+            fn()
+            ms = bench(fn, warmup=5, rep=30)
+            row[name] = {"ms": ms, "tflops": 2.5 * f_fwd / ms * 1e-9}
+        for name, det in (("bwd triton", True), ("bwd triton atomic", False)):
+            fn = lambda det=det: wa.window_attention_bwd(do, qd, kd, vd, out, lse, window=W, sm90=False,  # noqa: E731
+                                                         deterministic=det)
+            ms = bench(fn, warmup=5, rep=30)
+            row[name] = {"ms": ms, "tflops": 2.5 * f_fwd / ms * 1e-9}
+        flex = _flex(W, 0, S, Hq, Hq != Hkv)
+        for name, fn in (
+                ("fwd+bwd op nondet", lambda: torch.autograd.grad(dk.window_attention(q, k, v, window=W, deterministic=False),
+                                                                  (q, k, v), do)),
+                ("fwd+bwd op det", lambda: torch.autograd.grad(dk.window_attention(q, k, v, window=W), (q, k, v), do)),
+                ("fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do))):
+            fn()
+            ms = bench(fn, warmup=5, rep=30)
+            row[name] = {"ms": ms, "tflops": 3.5 * f_fwd / ms * 1e-9}
+        rows.append(row)
+        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
+            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
+            flush=True)
+    return {"rows": rows}
+
+
 def child_tune_bwd(configs) -> dict:
     """The Gluon backward's launch shapes at S8192 B4 W4096 H32 D128 (the whole backward timed; one kernel's
     shape varied at a time, so differences are that kernel's), ping-pong on / off, the Triton backward."""
@@ -243,7 +305,7 @@ def main():
 
         faulthandler.dump_traceback_later(args.timeout - 5, exit=True)
         fn = {"check": child_check, "time": child_time, "check_bwd": child_check_bwd, "time_bwd": child_time_bwd,
-              "tune_bwd": child_tune_bwd}[args.child]
+              "tune_bwd": child_tune_bwd, "check_fused": child_check_fused, "time_fused": child_time_fused}[args.child]
         print("RESULT " + json.dumps(fn(configs)), flush=True)
         return
     results, failed = {}, False

@@ -160,6 +160,19 @@ def cases():
                       PINGPONG=True, CONSUMER_REGS=s9.CONSUMER_REGS)
             out.append((f"window attention bwd dK/dV sm90 (Gluon) D{D}", s9._bwd_dkdv_kernel, kv,
                         dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
+            if D in s9.BWD_FUSED_CONFIG:  # the one-kernel backward (dQ by TMA reduce-adds)
+                bn, bm, st, overlap = s9.BWD_FUSED_CONFIG[D]
+                acc = torch.empty(1, 256, 2, D, dtype=torch.float32)
+                fu = dict(q_desc=s9._descriptor(x, bm), do_desc=s9._descriptor(x, bm), k_desc=s9._descriptor(x, bn),
+                          v_desc=s9._descriptor(x, bn), dk_desc=s9._descriptor(x, bn // 2),
+                          dv_desc=s9._descriptor(x, bn // 2), dq_desc=s9._descriptor_f32(acc, bm, D // 2),
+                          lse_desc=s9._row_descriptor(torch.empty(2, 256), bm),
+                          delta_desc=s9._row_descriptor(torch.empty(2, 256), bm), seq_len=256, NB=1, qk_scale=0.1, sm_scale=0.1, window=4096, sinks=0,
+                          HKV=2, REP=1, HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
+                for ov in (0, 1, 2):
+                    out.append((f"window attention bwd fused sm90 (Gluon, TMA reduce dQ) D{D} overlap={ov}",
+                                s9._bwd_fused_kernel, dict(fu, OVERLAP=ov), dict(num_warps=4, maxnreg=s9.MAXNREG),
+                                "setmaxnreg", "wgmma.mma_async", "cp.reduce.async.bulk.tensor"))
 
     qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
                HAS_SMOOTH=False)
@@ -465,6 +478,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     ap.add_argument("--only", nargs="*", help="substrings of the kernel names to compile")
+    ap.add_argument("--verbose", action="store_true", help="print a failing kernel's whole error")
     ap.add_argument("--usage", action="store_true", help="also print registers and spills (ptxas -v)")
     ap.add_argument("--max-shared", type=int, default=232448,
                     help="shared memory a block may use, bytes (H100/H200: 227 KiB); a launch would fail above it")
@@ -488,6 +502,10 @@ def main() -> int:
         except Exception as e:  # report every kernel, not just the first failure
             failed += 1
             msg = str(e).strip().splitlines()
+            if args.verbose:
+                import traceback
+
+                traceback.print_exception(e)
             print(f"  FAIL  {name:<48} {type(e).__name__}: {(msg[-1] if msg else '')[:300]}")
     return 1 if failed else 0
 

@@ -138,14 +138,17 @@ BWD_CASES = [  # (B, S, Hq, Hkv, D, window, sinks)
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-kernels", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
-def test_backward_kernels_match_reference(case, dtype):
+def test_backward_kernels_match_reference(case, dtype, deterministic):
     B, S, Hq, Hkv, D, W, sinks = case
+    if not deterministic and D not in s9.BWD_FUSED_CONFIG:
+        pytest.skip(f"the one-kernel backward takes head dims {sorted(s9.BWD_FUSED_CONFIG)}")
     q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
     do = torch.randn_like(q)
     out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks)
-    grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks)
+    grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks, deterministic=deterministic)
     qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=W, sinks=sinks), (qr, kr, vr), do.float())
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
@@ -172,3 +175,25 @@ def test_op_backward_through_the_hopper_kernels(monkeypatch):
     compiled = torch.autograd.grad(f(q, k, v), (q, k, v), do)
     for a, b in zip(compiled, direct):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
+    """window_attention(deterministic=False) at head dim 128 runs the one-kernel Gluon backward (dQ by TMA
+    reduce-adds): its gradients are the direct call's up to the order of the dQ additions, and match the
+    deterministic ones; a head dim it does not take (64) still works (the Triton atomic backward)."""
+    monkeypatch.delenv("DSK_ATTN_SM90_FUSED", raising=False)
+    for D in (128, 64):
+        q, k, v = _qkv(2, 700, 8, 2, D, torch.bfloat16, requires_grad=True)
+        do = torch.randn_like(q)
+        fast = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2, deterministic=False), (q, k, v), do)
+        exact = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2), (q, k, v), do)
+        for name, a, b in zip(("dq", "dk", "dv"), fast, exact):
+            assert rel_error(a, b.float()) < 1e-2, name
+        if D in s9.BWD_FUSED_CONFIG:
+            out, lse = s9.window_attention_fwd_sm90(q.detach(), k.detach(), v.detach(), window=300, sinks=2)
+            direct = s9.window_attention_bwd_sm90(do, q.detach(), k.detach(), v.detach(), out, lse, window=300, sinks=2,
+                                                  deterministic=False)
+            torch.testing.assert_close(fast[0], direct[0], rtol=1e-2, atol=1e-2)  # dq: the additions' order varies
+            assert torch.equal(fast[1], direct[1]) and torch.equal(fast[2], direct[2])  # dk, dv: no atomics

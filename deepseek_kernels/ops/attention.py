@@ -173,22 +173,22 @@ def _(q, k, v, window, sinks, softmax_scale):
 
 @torch.library.custom_op("deepseek_kernels::window_attention_bwd_sm90", mutates_args=())
 def _bwd_sm90_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, window: int, sinks: int,
-                 softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, window: int, sinks: int, softmax_scale: float | None,
+                 deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from deepseek_kernels.triton import window_attention_sm90
 
     if not window_attention_sm90.aligned(q, k, v):  # TMA needs 16-byte aligned bases: the Triton backward
         from deepseek_kernels.triton.window_attention import window_attention_bwd
 
         dq, dk, dv = window_attention_bwd(grad_out, q, k, v, out, lse, window=window, sinks=sinks,
-                                          softmax_scale=softmax_scale, sm90=False)
+                                          softmax_scale=softmax_scale, deterministic=deterministic, sm90=False)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     return window_attention_sm90.window_attention_bwd_sm90(grad_out, q, k, v, out, lse, window=window, sinks=sinks,
-                                                           softmax_scale=softmax_scale)
+                                                           softmax_scale=softmax_scale, deterministic=deterministic)
 
 
 @_bwd_sm90_op.register_fake
-def _(grad_out, q, k, v, out, lse, window, sinks, softmax_scale):
+def _(grad_out, q, k, v, out, lse, window, sinks, softmax_scale, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

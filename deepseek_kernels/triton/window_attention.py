@@ -683,6 +683,9 @@ def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, wind
 # The Gluon Hopper backward (window_attention_sm90.window_attention_bwd_sm90) for the deterministic backward of the
 # calls the Hopper forward takes; DSK_ATTN_SM90_BWD=1 / 0 overrides this default.
 SM90_BWD_DEFAULT = False
+# Its one-kernel form (dQ by TMA reduce-adds) for deterministic=False at head dim 128; DSK_ATTN_SM90_FUSED=1 / 0
+# overrides this default.
+SM90_FUSED_DEFAULT = True
 
 
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
@@ -696,24 +699,27 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
     dQ by its own kernel, which recomputes S and dP: 7 matmuls per tile pair). ``False``: one
     kernel computes dK, dV and adds each tile's dQ into an fp32 accumulator with atomics (5
     matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``sm90``: the Gluon
-    Hopper backward for the deterministic backward of the calls the Hopper forward takes (None: by
-    ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD``, unless a ``config_*`` asks for the Triton kernels; True: a
+    Hopper backward for the calls the Hopper forward takes, deterministic (two kernels) or not (one kernel, dQ
+    by TMA reduce-adds; head dim 128) (None: by ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD`` and
+    ``SM90_FUSED_DEFAULT`` / ``DSK_ATTN_SM90_FUSED``, unless a ``config_*`` asks for the Triton kernels; True: a
     ValueError where it does not apply)."""
     forced = sm90 is True
     if sm90 is None:
-        sm90 = (config_dkdv is None and config_dq is None
-                and os.environ.get("DSK_ATTN_SM90_BWD", "1" if SM90_BWD_DEFAULT else "0") == "1")
+        var, default = ("DSK_ATTN_SM90_BWD", SM90_BWD_DEFAULT) if deterministic else \
+            ("DSK_ATTN_SM90_FUSED", SM90_FUSED_DEFAULT)
+        sm90 = config_dkdv is None and config_dq is None and os.environ.get(var, "1" if default else "0") == "1"
     if sm90:
         from deepseek_kernels.triton import window_attention_sm90
 
-        if deterministic and window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
-                                                             cu_seqlens_k=cu_seqlens_k):
+        if window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                                           cu_seqlens_k=cu_seqlens_k) and (
+                deterministic or q.shape[-1] in window_attention_sm90.BWD_FUSED_CONFIG):
             return torch.ops.deepseek_kernels.window_attention_bwd_sm90(do, q, k, v, out, lse, window, sinks,
-                                                                        softmax_scale)
+                                                                        softmax_scale, deterministic)
         if forced:
-            raise ValueError("window_attention_bwd(sm90=True): the Hopper backward is deterministic and takes the "
-                             "calls the Hopper forward takes (causal, dense, Sq == Sk, head dim 64 or 128, bf16/fp16, "
-                             "sm_90); this call is not one")
+            raise ValueError("window_attention_bwd(sm90=True): the Hopper backward takes the calls the Hopper forward "
+                             "takes (causal, dense, Sq == Sk, head dim 64 or 128, bf16/fp16, sm_90; head dim 128 "
+                             "with deterministic=False); this call is not one")
     qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

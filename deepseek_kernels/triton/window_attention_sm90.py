@@ -766,11 +766,279 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+# ---- the one-kernel backward (deterministic=False): FlashAttention-3's layout ----------------------------
+#
+# Per key tile of BLOCK_N keys (two 64-key halves, one per consumer warpgroup), over the query tiles of BLOCK_M
+# rows and the GQA heads that see it: S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q as
+# the deterministic dK/dV kernel does, and in the same step dQ = dS K: each warpgroup writes its half of dS^T
+# (bf16) to shared memory, the two meet at an mbarrier, and warpgroup w multiplies the whole dS [BLOCK_M, BLOCK_N]
+# by K's head-dim columns [w * D / 2, (w + 1) * D / 2). Its [BLOCK_M, D / 2] share goes into an fp32 dQ
+# accumulator in global memory by a TMA reduce-add (cp.reduce.async.bulk.tensor): 5 products per tile pair
+# instead of the deterministic backward's 7. The order of the additions into a dQ row varies run to run.
+BWD_FUSED_CONFIG = {128: (128, 64, 2, 0)}  # (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO, OVERLAP)
+
+if HAVE_GLUON:
+    _tma_reduce_add = getattr(tma, "async_atomic_add", None)
+    if _tma_reduce_add is None:  # Triton 3.6 (the H200's) builds the op but has no Gluon wrapper for it
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            """Add ``src`` (shared memory) into the box of ``tensor_desc`` at ``coord`` through TMA."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
+
+    @gluon.jit
+    def _fused_producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_buf, v_buf,
+                        lse_bufs, delta_bufs, kv_bar, ready, empty, b, n0, kvh, REP, q_lo, n_qt, n_tiles, NB,
+                        BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: the key tile's K and V once, then Q, dO, lse and delta of each (head, query tile) step into a
+        ring (lse / delta through TMA too: the consumers read them from shared memory, no address registers)."""
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, n0, kvh * HEAD_DIM], kv_bar, k_buf)
+        tma.async_copy_global_to_shared(v_desc, [b, n0, kvh * HEAD_DIM], kv_bar, v_buf)
+        for t in range(n_tiles):
+            slot = t % STAGES
+            r = t // n_qt
+            m = q_lo + (t - r * n_qt) * BLOCK_M
+            h = kvh * REP + r
+            mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(slot), q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                            + lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, m, h * HEAD_DIM], ready.index(slot), q_bufs.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [b, m, h * HEAD_DIM], ready.index(slot), do_bufs.index(slot))
+            tma.async_copy_global_to_shared(lse_desc, [h * NB + b, m], ready.index(slot), lse_bufs.index(slot))
+            tma.async_copy_global_to_shared(delta_desc, [h * NB + b, m], ready.index(slot), delta_bufs.index(slot))
+
+    @gluon.jit
+    def _fused_scores(t, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """Step ``t``'s S^T = K Q^T and dP^T = V dO^T, issued once its Q / dO have landed."""
+        slot = t % STAGES
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        q = q_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do = do_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        return st_tok, dpt_tok
+
+    @gluon.jit
+    def _fused_step(t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
+                    ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
+                    kpos, qk_scale, sm_scale, window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                    LAST: gl.constexpr):
+        """Step ``t`` of a consumer warpgroup (its S^T / dP^T already issued): P^T and dS^T, the dV / dK products,
+        dS^T's half into shared memory, dQ's share once both halves are in, reduce-added into global memory, and
+        (unless ``LAST``) step t + 1's S^T / dP^T: ``OVERLAP`` 1 issues both before dQ's share is waited for (64 more
+        accumulator registers live there: ptxas spills 512 B), 2 only S^T, 0 both after."""
+        HALF_D: gl.constexpr = HEAD_DIM // 2
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_l: gl.constexpr = gl.SliceLayout(0, st_zero.type.layout)
+        dtype: gl.constexpr = q_bufs.dtype
+        slot = t % STAGES
+        r = t // n_qt
+        m = q_lo + (t - r * n_qt) * BLOCK_M
+        h = kvh * REP + r
+        q = q_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do = do_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok])
+        # rows past the sequence read zeros (the pad, or TMA's fill past it): their Q / dO rows are zeros and
+        # their dQ rows fall outside the reduce's box, so whatever P / dS they get adds nothing
+        vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # the unswizzled [1, BLOCK_M] box as a vector
+        lse = lse_bufs.index(slot)._reinterpret(gl.float32, [BLOCK_M], vec).load(col_l)
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        if (m < full_lo) | (m >= full_hi):
+            qi = m + gl.arange(0, BLOCK_M, layout=col_l)
+            pt = gl.where(_visible(kpos, gl.expand_dims(qi, 0), window, sinks), pt, 0.0)
+        delta = delta_bufs.index(slot)._reinterpret(gl.float32, [BLOCK_M], vec).load(col_l)
+        dst = (pt * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+        dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do, dv, is_async=True)
+        dk_tok = warpgroup_mma(gl.convert_layout(dst, op_layout), q, dk, is_async=True)
+        # this warpgroup's half of dS^T into the step's dS slot; both halves in, dQ's share is dS K[:, cols]
+        ds = ds_bufs.index(t % 2)
+        ds.slice(WG * HALF_N, HALF_N, dim=0).store(dst)
+        fence_async_shared()
+        _release(ds_ready.index(t % 2))
+        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])  # (frees P^T / dS^T's registers)
+        _release(empty.index(slot))  # Q / dO of this step are read
+        dq_tok = warpgroup_mma(ds.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        nslot = (t + 1) % STAGES
+        if LAST or OVERLAP == 0:
+            dq = warpgroup_mma_wait(0, deps=[dq_tok])
+        elif OVERLAP == 1:
+            st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
+            dq = warpgroup_mma_wait(2, deps=[dq_tok])
+        else:  # S^T only: 32 accumulator registers more, not 64
+            mbarrier.wait(ready.index(nslot), ((t + 1) // STAGES) & 1)
+            st_tok = warpgroup_mma(k, q_bufs.index(nslot).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
+                                   use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(1, deps=[dq_tok])
+        tma.store_wait(0)  # the previous step's reduce has left dq_smem
+        dq_smem.reshape([BLOCK_M, HALF_D]).store(dq * sm_scale)
+        fence_async_shared()
+        _barrier()
+        _tma_reduce_add(dq_desc, [b, m, h * HEAD_DIM + WG * HALF_D], dq_smem)
+        if not LAST:
+            if OVERLAP == 0:
+                st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM,
+                                                STAGES)
+            elif OVERLAP == 2:
+                dpt_tok = warpgroup_mma(v, do_bufs.index(nslot).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
+                                        use_acc=False, is_async=True)
+        return st_tok, dpt_tok, dk, dv
+
+    @gluon.jit
+    def _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
+                        dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
+                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+        """Warpgroup WG: keys [n0 + WG * HALF_N, + HALF_N) for dK / dV, head-dim columns
+        [WG * HALF_D, + HALF_D) of every step's dQ."""
+        HALF_D: gl.constexpr = HEAD_DIM // 2
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, HALF_D, 16])
+        dtype: gl.constexpr = q_bufs.dtype
+        BLOCK_N: gl.constexpr = 2 * HALF_N
+        kr0 = n0 + WG * HALF_N
+        kpos = gl.expand_dims(kr0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout)), 1)
+        st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, st_layout)
+        dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, dq_layout)
+        dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
+
+        mbarrier.wait(kv_bar, 0)
+        k_all = k_buf.reshape([BLOCK_N, HEAD_DIM])
+        k = k_all.slice(WG * HALF_N, HALF_N, dim=0)
+        v = v_buf.reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF_N, HALF_N, dim=0)
+        k_cols = k_all.slice(WG * HALF_D, HALF_D, dim=1)
+        dq_smem = dq_buf.index(WG)
+        # software-pipelined: step t's dQ product and step t + 1's S^T / dP^T are in flight together
+        st_tok, dpt_tok = _fused_scores(0, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
+        for t in range(n_tiles - 1):
+            st_tok, dpt_tok, dk, dv = _fused_step(
+                t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem, ready,
+                empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
+                kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, OVERLAP, False)
+        st_tok, dpt_tok, dk, dv = _fused_step(
+            n_tiles - 1, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
+            ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
+            kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, OVERLAP, True)
+        # K's rows are read by both warpgroups' dQ products: stage dK there only once both are done
+        _release(done)
+        mbarrier.wait(done, 0)
+        k.store((dk * sm_scale).to(dtype))
+        v.store(dv.to(dtype))
+        fence_async_shared()
+        _barrier()
+        tma.async_copy_shared_to_global(dk_desc, [b, kr0, kvh * HEAD_DIM], k_buf.slice(WG * HALF_N, HALF_N, dim=1))
+        tma.async_copy_shared_to_global(dv_desc, [b, kr0, kvh * HEAD_DIM], v_buf.slice(WG * HALF_N, HALF_N, dim=1))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _fused_consumer1(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
+                         dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
+                         full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM: gl.constexpr,
+                         HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                         unused: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
+                        dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
+                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES,
+                        OVERLAP)
+
+    @gluon.jit
+    def _key_program(seq_len, window, sinks, HKV, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+        """A (key tile, batch x kv head) program's first key, batch, kv head, and the query tiles that see its keys
+        (causal, Sq == Sk): from ``q_lo``, ``n_qt`` of them; every pair is visible in the query tiles
+        [full_lo, full_hi) (sink keys are seen by every later query)."""
+        n0 = gl.program_id(0) * BLOCK_N
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HKV
+        kvh = pid_bh % HKV
+        q_lo = (n0 // BLOCK_M) * BLOCK_M
+        if n0 < sinks:
+            q_hi = seq_len
+            full_lo = 0
+            full_hi = 0
+        else:
+            q_hi = gl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
+            full_lo = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+            full_hi = gl.minimum(((n0 + window) // BLOCK_M) * BLOCK_M, (seq_len // BLOCK_M) * BLOCK_M)
+        return n0, b, kvh, q_lo, gl.cdiv(q_hi - q_lo, BLOCK_M), full_lo, full_hi
+
+    @gluon.jit(do_not_specialize=["seq_len", "NB", "window", "sinks", "HKV", "REP"])
+    def _bwd_fused_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc, seq_len,
+                          NB, qk_scale, sm_scale, window, sinks, HKV, REP, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr):
+        HALF_N: gl.constexpr = BLOCK_N // 2
+        WG0: gl.constexpr = 0
+        n0, b, kvh, q_lo, n_qt, full_lo, full_hi = _key_program(seq_len, window, sinks, HKV, BLOCK_N, BLOCK_M)
+        n_tiles = REP * n_qt
+
+        k_buf = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
+        v_buf = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
+        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        dq_buf = gl.allocate_shared_memory(dq_desc.dtype, [2] + dq_desc.block_type.shape, dq_desc.layout)
+        lse_raw = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+        delta_raw = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+        kv_bar = _barrier_array(1, 1).index(0)
+        ready = _barrier_array(STAGES, 1)
+        empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
+        ds_ready = _barrier_array(2, 2)
+        done = _barrier_array(1, 2).index(0)
+        gl.warp_specialize([
+            (_fused_consumer, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
+                               dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
+                               full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG0, HEAD_DIM, HALF_N,
+                               BLOCK_M, STAGES, OVERLAP)),
+            (_fused_consumer1, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
+                                dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
+                                full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM, HALF_N,
+                                BLOCK_M, STAGES, OVERLAP, WG0)),
+            (_fused_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_buf, v_buf,
+                               lse_raw, delta_raw, kv_bar, ready, empty, b, n0, kvh, REP, q_lo, n_qt, n_tiles, NB,
+                               BLOCK_M, HEAD_DIM, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descriptor_f32(t: torch.Tensor, rows: int, cols: int):
+    """3-D TMA descriptor over the fp32 ``t [B, S, H, D]`` viewed as ``[B, S, H * D]``, one ``[1, rows, cols]`` box."""
+    B, S, H, D = t.shape
+    block = [1, rows, cols]
+    return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], block,
+                            gl.NVMMASharedLayout.get_default_for(block, gl.float32))
+
+
+def _row_descriptor(t: torch.Tensor, cols: int):
+    """2-D TMA descriptor over the contiguous fp32 ``t [R, L]`` (L a multiple of 4), one ``[1, cols]`` box, unswizzled
+    (the kernel reads the box back as a plain vector)."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [1, cols], layout)
+
+
 def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int = 0,
                               softmax_scale: float | None = None, pingpong: bool | None = None,
-                              config_dq: tuple | None = None, config_dkdv: tuple | None = None):
+                              config_dq: tuple | None = None, config_dkdv: tuple | None = None,
+                              deterministic: bool = True, config_fused: tuple | None = None):
     """Gradients ``(dq, dk, dv)`` of the causal dense forward (calls :func:`supported` takes), given ``do``, the
-    forward's ``out`` and ``lse`` ([B, Hq, S], any strides). Deterministic (no atomics)."""
+    forward's ``out`` and ``lse`` ([B, Hq, S], any strides). ``deterministic``: two kernels, no atomics; else one
+    kernel adding dQ into an fp32 accumulator by TMA reduce-adds (head dim 128; the last bits of dq vary run to
+    run)."""
     from deepseek_kernels.triton.window_attention import launch_delta
 
     B, S, Hq, D = q.shape
@@ -783,6 +1051,28 @@ def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int 
     dk = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
     dv = torch.empty(B, S, Hkv, D, device=q.device, dtype=q.dtype)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
+    if not deterministic:
+        if D not in BWD_FUSED_CONFIG:
+            raise ValueError(f"window_attention_bwd_sm90(deterministic=False): head dim {D} is not one of "
+                             f"{sorted(BWD_FUSED_CONFIG)}")
+        bn, bm, st, overlap = config_fused or BWD_FUSED_CONFIG[D]
+        dq_acc = torch.zeros(B, S, Hq, D, device=q.device, dtype=torch.float32)
+        # lse / delta as [Hq * B, S rounded up to 4] (zero pad): the kernel reads [1, BLOCK_M] boxes of them through
+        # TMA, whose boxes must start 16-byte aligned in the row (an [Hq, B * S] view's rows at b * S need not:
+        # B2 S17 raised an illegal instruction, H200 session 25)
+        s_pad = triton.cdiv(S, 4) * 4
+        lse_rows = torch.zeros(Hq * B, s_pad, device=q.device, dtype=torch.float32)
+        delta_rows = torch.zeros(Hq * B, s_pad, device=q.device, dtype=torch.float32)
+        lse_rows.view(Hq, B, s_pad)[:, :, :S] = lsep.view(Hq, B, S)
+        delta_rows.view(Hq, B, s_pad)[:, :, :S] = delta.view(Hq, B, S)
+        _bwd_fused_kernel[(triton.cdiv(S, bn), B * Hkv)](
+            _descriptor(q, bm), _descriptor(do, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(dk, bn // 2),
+            _descriptor(dv, bn // 2), _descriptor_f32(dq_acc, bm, D // 2), _row_descriptor(lse_rows, bm),
+            _row_descriptor(delta_rows, bm), S, B, scale * LOG2E, scale, window, sinks, Hkv, Hq // Hkv,
+            HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, OVERLAP=overlap, CONSUMER_REGS=CONSUMER_REGS,
+            num_warps=4, maxnreg=MAXNREG,
+        )
+        return dq_acc.to(q.dtype), dk, dv
     pp = BWD_PINGPONG if pingpong is None else pingpong
     bm, bn, st = config_dq or BWD_DQ_CONFIG[D]
     _bwd_dq_kernel[(triton.cdiv(S, bm), B * Hq)](
