@@ -161,7 +161,7 @@ def cases():
             out.append((f"window attention bwd dK/dV sm90 (Gluon) D{D}", s9._bwd_dkdv_kernel, kv,
                         dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
             if D in s9.BWD_FUSED_CONFIG:  # the one-kernel backward (dQ by TMA reduce-adds)
-                bn, bm, st, overlap = s9.BWD_FUSED_CONFIG[D]
+                bn, bm, st = s9.BWD_FUSED_CONFIG[D]
                 acc = torch.empty(1, 256, 2, D, dtype=torch.float32)
                 fu = dict(q_desc=s9._descriptor(x, bm), do_desc=s9._descriptor(x, bm), k_desc=s9._descriptor(x, bn),
                           v_desc=s9._descriptor(x, bn), dk_desc=s9._descriptor(x, bn // 2),
@@ -169,10 +169,9 @@ def cases():
                           lse_desc=s9._row_descriptor(torch.empty(2, 256), bm),
                           delta_desc=s9._row_descriptor(torch.empty(2, 256), bm), seq_len=256, NB=1, qk_scale=0.1, sm_scale=0.1, window=4096, sinks=0,
                           HKV=2, REP=1, HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
-                for ov in (0, 1, 2):
-                    out.append((f"window attention bwd fused sm90 (Gluon, TMA reduce dQ) D{D} overlap={ov}",
-                                s9._bwd_fused_kernel, dict(fu, OVERLAP=ov), dict(num_warps=4, maxnreg=s9.MAXNREG),
-                                "setmaxnreg", "wgmma.mma_async", "cp.reduce.async.bulk.tensor"))
+                out.append((f"window attention bwd fused sm90 (Gluon, TMA reduce dQ) D{D}", s9._bwd_fused_kernel, fu,
+                            dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async",
+                            "cp.reduce.async.bulk.tensor"))
 
     qpt = dict(x_ptr=bf16, smooth_ptr=bf16, q_ptr=i8, scale_ptr=f32, K=4096, stride_xm=4096, stride_qm=4096,
                HAS_SMOOTH=False)

@@ -145,6 +145,26 @@ if HAVE_GLUON:
         return start, n_sink, n_tiles, full_lo, full_hi
 
     @gluon.jit
+    def _key_program(seq_len, window, sinks, HKV, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+        """A (key tile, batch x kv head) program's first key, batch, kv head, and the query tiles that see its keys
+        (causal, Sq == Sk): from ``q_lo``, ``n_qt`` of them; every pair is visible in the query tiles
+        [full_lo, full_hi) (sink keys are seen by every later query)."""
+        n0 = gl.program_id(0) * BLOCK_N
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HKV
+        kvh = pid_bh % HKV
+        q_lo = (n0 // BLOCK_M) * BLOCK_M
+        if n0 < sinks:
+            q_hi = seq_len
+            full_lo = 0
+            full_hi = 0
+        else:
+            q_hi = gl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
+            full_lo = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+            full_hi = gl.minimum(((n0 + window) // BLOCK_M) * BLOCK_M, (seq_len // BLOCK_M) * BLOCK_M)
+        return n0, b, kvh, q_lo, gl.cdiv(q_hi - q_lo, BLOCK_M), full_lo, full_hi
+
+    @gluon.jit
     def _barrier_array(n: gl.constexpr, count: gl.constexpr):
         """``n`` mbarriers, each completing a phase after ``count`` arrivals."""
         bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
@@ -728,22 +748,7 @@ if HAVE_GLUON:
                          CONSUMER_REGS: gl.constexpr):
         HALF_N: gl.constexpr = BLOCK_N // 2
         WG0: gl.constexpr = 0
-        n0 = gl.program_id(0) * BLOCK_N
-        pid_bh = gl.program_id(1)
-        b = pid_bh // HKV
-        kvh = pid_bh % HKV
-        # queries that see keys [n0, n0 + BLOCK_N) (causal, Sq == Sk): [n0, n0 + BLOCK_N - 1 + window), all later
-        # ones when sink keys are among them; every pair is visible in the query tiles [full_lo, full_hi)
-        q_lo = (n0 // BLOCK_M) * BLOCK_M
-        if n0 < sinks:
-            q_hi = seq_len
-            full_lo = 0
-            full_hi = 0
-        else:
-            q_hi = gl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
-            full_lo = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-            full_hi = gl.minimum(((n0 + window) // BLOCK_M) * BLOCK_M, (seq_len // BLOCK_M) * BLOCK_M)
-        n_qt = gl.cdiv(q_hi - q_lo, BLOCK_M)
+        n0, b, kvh, q_lo, n_qt, full_lo, full_hi = _key_program(seq_len, window, sinks, HKV, BLOCK_N, BLOCK_M)
         n_tiles = REP * n_qt
 
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
@@ -775,7 +780,7 @@ if HAVE_GLUON:
 # by K's head-dim columns [w * D / 2, (w + 1) * D / 2). Its [BLOCK_M, D / 2] share goes into an fp32 dQ
 # accumulator in global memory by a TMA reduce-add (cp.reduce.async.bulk.tensor): 5 products per tile pair
 # instead of the deterministic backward's 7. The order of the additions into a dQ row varies run to run.
-BWD_FUSED_CONFIG = {128: (128, 64, 2, 0)}  # (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO, OVERLAP)
+BWD_FUSED_CONFIG = {128: (128, 64, 2)}  # (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO / lse / delta)
 
 if HAVE_GLUON:
     _tma_reduce_add = getattr(tma, "async_atomic_add", None)
@@ -828,12 +833,13 @@ if HAVE_GLUON:
     def _fused_step(t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
                     ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
                     kpos, qk_scale, sm_scale, window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                    LAST: gl.constexpr):
+                    HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, LAST: gl.constexpr):
         """Step ``t`` of a consumer warpgroup (its S^T / dP^T already issued): P^T and dS^T, the dV / dK products,
-        dS^T's half into shared memory, dQ's share once both halves are in, reduce-added into global memory, and
-        (unless ``LAST``) step t + 1's S^T / dP^T: ``OVERLAP`` 1 issues both before dQ's share is waited for (64 more
-        accumulator registers live there: ptxas spills 512 B), 2 only S^T, 0 both after."""
+        dS^T's half into shared memory, dQ's share once both halves are in, reduce-added into global memory, then
+        (unless ``LAST``) step t + 1's S^T / dP^T. Measured and dropped on the H200 (session 25, S8192 B4 W4096):
+        issuing step t + 1's S^T / dP^T before waiting for dQ's share (64 more accumulator registers live: ptxas
+        spills 512 B; 14.9 vs 11.6 ms), S^T alone early (a tie), and each warpgroup adding dS[:, its keys]
+        K[its keys, :] with no dS exchange (twice the reduce traffic; 9.3 vs 8.1 ms)."""
         HALF_D: gl.constexpr = HEAD_DIM // 2
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HEAD_DIM, 16])
@@ -869,36 +875,21 @@ if HAVE_GLUON:
         dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])  # (frees P^T / dS^T's registers)
         _release(empty.index(slot))  # Q / dO of this step are read
         dq_tok = warpgroup_mma(ds.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
-        nslot = (t + 1) % STAGES
-        if LAST or OVERLAP == 0:
-            dq = warpgroup_mma_wait(0, deps=[dq_tok])
-        elif OVERLAP == 1:
-            st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
-            dq = warpgroup_mma_wait(2, deps=[dq_tok])
-        else:  # S^T only: 32 accumulator registers more, not 64
-            mbarrier.wait(ready.index(nslot), ((t + 1) // STAGES) & 1)
-            st_tok = warpgroup_mma(k, q_bufs.index(nslot).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
-                                   use_acc=False, is_async=True)
-            dq = warpgroup_mma_wait(1, deps=[dq_tok])
+        dq = warpgroup_mma_wait(0, deps=[dq_tok])
         tma.store_wait(0)  # the previous step's reduce has left dq_smem
         dq_smem.reshape([BLOCK_M, HALF_D]).store(dq * sm_scale)
         fence_async_shared()
         _barrier()
         _tma_reduce_add(dq_desc, [b, m, h * HEAD_DIM + WG * HALF_D], dq_smem)
         if not LAST:
-            if OVERLAP == 0:
-                st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM,
-                                                STAGES)
-            elif OVERLAP == 2:
-                dpt_tok = warpgroup_mma(v, do_bufs.index(nslot).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
-                                        use_acc=False, is_async=True)
+            st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
         return st_tok, dpt_tok, dk, dv
 
     @gluon.jit
     def _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                         dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                         full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """Warpgroup WG: keys [n0 + WG * HALF_N, + HALF_N) for dK / dV, head-dim columns
         [WG * HALF_D, + HALF_D) of every step's dQ."""
         HALF_D: gl.constexpr = HEAD_DIM // 2
@@ -923,17 +914,16 @@ if HAVE_GLUON:
         v = v_buf.reshape([BLOCK_N, HEAD_DIM]).slice(WG * HALF_N, HALF_N, dim=0)
         k_cols = k_all.slice(WG * HALF_D, HALF_D, dim=1)
         dq_smem = dq_buf.index(WG)
-        # software-pipelined: step t's dQ product and step t + 1's S^T / dP^T are in flight together
         st_tok, dpt_tok = _fused_scores(0, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
         for t in range(n_tiles - 1):
             st_tok, dpt_tok, dk, dv = _fused_step(
                 t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem, ready,
                 empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
-                kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, OVERLAP, False)
+                kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, False)
         st_tok, dpt_tok, dk, dv = _fused_step(
             n_tiles - 1, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
             ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
-            kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, OVERLAP, True)
+            kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, True)
         # K's rows are read by both warpgroups' dQ products: stage dK there only once both are done
         _release(done)
         mbarrier.wait(done, 0)
@@ -949,39 +939,16 @@ if HAVE_GLUON:
     def _fused_consumer1(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                          dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                          full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM: gl.constexpr,
-                         HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                         unused: gl.constexpr):
+                         HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, unused: gl.constexpr):
         WG1: gl.constexpr = 1
         _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                         dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
-                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES,
-                        OVERLAP)
-
-    @gluon.jit
-    def _key_program(seq_len, window, sinks, HKV, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
-        """A (key tile, batch x kv head) program's first key, batch, kv head, and the query tiles that see its keys
-        (causal, Sq == Sk): from ``q_lo``, ``n_qt`` of them; every pair is visible in the query tiles
-        [full_lo, full_hi) (sink keys are seen by every later query)."""
-        n0 = gl.program_id(0) * BLOCK_N
-        pid_bh = gl.program_id(1)
-        b = pid_bh // HKV
-        kvh = pid_bh % HKV
-        q_lo = (n0 // BLOCK_M) * BLOCK_M
-        if n0 < sinks:
-            q_hi = seq_len
-            full_lo = 0
-            full_hi = 0
-        else:
-            q_hi = gl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
-            full_lo = gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-            full_hi = gl.minimum(((n0 + window) // BLOCK_M) * BLOCK_M, (seq_len // BLOCK_M) * BLOCK_M)
-        return n0, b, kvh, q_lo, gl.cdiv(q_hi - q_lo, BLOCK_M), full_lo, full_hi
+                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES)
 
     @gluon.jit(do_not_specialize=["seq_len", "NB", "window", "sinks", "HKV", "REP"])
     def _bwd_fused_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc, seq_len,
                           NB, qk_scale, sm_scale, window, sinks, HKV, REP, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr):
+                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         HALF_N: gl.constexpr = BLOCK_N // 2
         WG0: gl.constexpr = 0
         n0, b, kvh, q_lo, n_qt, full_lo, full_hi = _key_program(seq_len, window, sinks, HKV, BLOCK_N, BLOCK_M)
@@ -1005,11 +972,11 @@ if HAVE_GLUON:
             (_fused_consumer, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                                dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                                full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG0, HEAD_DIM, HALF_N,
-                               BLOCK_M, STAGES, OVERLAP)),
+                               BLOCK_M, STAGES)),
             (_fused_consumer1, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                                 dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                                 full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM, HALF_N,
-                                BLOCK_M, STAGES, OVERLAP, WG0)),
+                                BLOCK_M, STAGES, WG0)),
             (_fused_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_buf, v_buf,
                                lse_raw, delta_raw, kv_bar, ready, empty, b, n0, kvh, REP, q_lo, n_qt, n_tiles, NB,
                                BLOCK_M, HEAD_DIM, STAGES)),
@@ -1055,7 +1022,7 @@ def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int 
         if D not in BWD_FUSED_CONFIG:
             raise ValueError(f"window_attention_bwd_sm90(deterministic=False): head dim {D} is not one of "
                              f"{sorted(BWD_FUSED_CONFIG)}")
-        bn, bm, st, overlap = config_fused or BWD_FUSED_CONFIG[D]
+        bn, bm, st = config_fused or BWD_FUSED_CONFIG[D]
         dq_acc = torch.zeros(B, S, Hq, D, device=q.device, dtype=torch.float32)
         # lse / delta as [Hq * B, S rounded up to 4] (zero pad): the kernel reads [1, BLOCK_M] boxes of them through
         # TMA, whose boxes must start 16-byte aligned in the row (an [Hq, B * S] view's rows at b * S need not:
@@ -1069,8 +1036,7 @@ def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int 
             _descriptor(q, bm), _descriptor(do, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(dk, bn // 2),
             _descriptor(dv, bn // 2), _descriptor_f32(dq_acc, bm, D // 2), _row_descriptor(lse_rows, bm),
             _row_descriptor(delta_rows, bm), S, B, scale * LOG2E, scale, window, sinks, Hkv, Hq // Hkv,
-            HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, OVERLAP=overlap, CONSUMER_REGS=CONSUMER_REGS,
-            num_warps=4, maxnreg=MAXNREG,
+            HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
         )
         return dq_acc.to(q.dtype), dk, dv
     pp = BWD_PINGPONG if pingpong is None else pingpong
