@@ -162,6 +162,18 @@ def child_check_bwd(configs, deterministic=True) -> dict:
     return {"rows": rows, "all_ok": all(r["ok"] for r in rows)}
 
 
+def _timing_inputs(S, B, W, Hq, Hkv, D):
+    """Seeded bf16 q, k, v (requiring grad), dO, and the forward's useful FLOPs of one timing shape."""
+    import torch
+
+    from deepseek_kernels.reference.attention import attended_pairs, flops
+
+    torch.manual_seed(0)
+    mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
+    return q, k, v, torch.randn_like(q), flops(B, Hq, D, attended_pairs(S, S, window=W))
+
+
 def child_time_bwd(configs) -> dict:
     """fwd + bwd through the op (autograd), Gluon backward on / off, and FlexAttention; the two backwards alone."""
     import torch
@@ -169,18 +181,13 @@ def child_time_bwd(configs) -> dict:
 
     import deepseek_kernels as dk
     from deepseek_kernels.bench.suites.attention import _flex
-    from deepseek_kernels.reference.attention import attended_pairs, flops
     from deepseek_kernels.triton import window_attention as wa
     from deepseek_kernels.triton import window_attention_sm90 as s9
 
     rows = []
     D = 128
     for S, B, W, Hq, Hkv in BWD_TIME:
-        torch.manual_seed(0)
-        mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
-        q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
-        do = torch.randn_like(q)
-        f_fwd = flops(B, Hq, D, attended_pairs(S, S, window=W))
+        q, k, v, do, f_fwd = _timing_inputs(S, B, W, Hq, Hkv, D)
         f = f_fwd * 3.5
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
         row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
@@ -216,7 +223,6 @@ def child_time_fused(configs) -> dict:
 
     import deepseek_kernels as dk
     from deepseek_kernels.bench.suites.attention import _flex
-    from deepseek_kernels.reference.attention import attended_pairs, flops
     from deepseek_kernels.triton import window_attention as wa
     from deepseek_kernels.triton import window_attention_sm90 as s9
 
@@ -224,11 +230,7 @@ def child_time_fused(configs) -> dict:
     D = 128
     extra = [("fused " + "x".join(map(str, c)), {"config_fused": c, "deterministic": False}) for c in configs]
     for S, B, W, Hq, Hkv in BWD_TIME:
-        torch.manual_seed(0)
-        mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
-        q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
-        do = torch.randn_like(q)
-        f_fwd = flops(B, Hq, D, attended_pairs(S, S, window=W))
+        q, k, v, do, f_fwd = _timing_inputs(S, B, W, Hq, Hkv, D)
         row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out, lse = s9.window_attention_fwd_sm90(qd, kd, vd, window=W)
