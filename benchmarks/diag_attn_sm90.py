@@ -110,9 +110,7 @@ def child_time(configs) -> dict:
         ms = bench(lambda: s9.window_attention_fwd_sm90(q, k, v, window=W, persistent=False), warmup=10, rep=100)
         row["sm90 again"] = {"ms": ms, "tflops": f / ms * 1e-9}
         rows.append(row)
-        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
-            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
-            flush=True)
+        _print_row(row)
     return {"rows": rows}
 
 
@@ -174,10 +172,23 @@ def _timing_inputs(S, B, W, Hq, Hkv, D):
     return q, k, v, torch.randn_like(q), flops(B, Hq, D, attended_pairs(S, S, window=W))
 
 
+def _time_into(row, name, fn, flop):
+    """``fn`` run once (compile), then timed into ``row[name]`` (ms and TF/s of ``flop`` useful FLOPs)."""
+    from _tuning import bench
+
+    fn()
+    ms = bench(fn, warmup=5, rep=30)
+    row[name] = {"ms": ms, "tflops": flop / ms * 1e-9}
+
+
+def _print_row(row):
+    print(f"S{row['S']} B{row['B']} W{row['W']} H{row['Hq']}/{row['Hkv']}: " + ", ".join(
+        f"{k} {v['ms']:.3f} ms {v['tflops']:.0f} TF/s" for k, v in row.items() if isinstance(v, dict)), flush=True)
+
+
 def child_time_bwd(configs) -> dict:
     """fwd + bwd through the op (autograd), Gluon backward on / off, and FlexAttention; the two backwards alone."""
     import torch
-    from _tuning import bench
 
     import deepseek_kernels as dk
     from deepseek_kernels.bench.suites.attention import _flex
@@ -198,19 +209,14 @@ def child_time_bwd(configs) -> dict:
 
         for name, fn in (("fwd+bwd gluon bwd", fwd_bwd("1")), ("fwd+bwd triton bwd", fwd_bwd("0")),
                          ("fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do))):
-            fn()
-            ms = bench(fn, warmup=5, rep=30)
-            row[name] = {"ms": ms, "tflops": f / ms * 1e-9}
+            _time_into(row, name, fn, f)
         out, lse = s9.window_attention_fwd_sm90(q.detach(), k.detach(), v.detach(), window=W)
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         for name, fn in (("bwd gluon", lambda: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W)),
                          ("bwd triton", lambda: wa.window_attention_bwd(do, qd, kd, vd, out, lse, window=W, sm90=False))):
-            ms = bench(fn, warmup=5, rep=30)
-            row[name] = {"ms": ms, "tflops": (f - f_fwd) / ms * 1e-9}
+            _time_into(row, name, fn, f - f_fwd)
         rows.append(row)
-        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
-            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
-            flush=True)
+        _print_row(row)
     return {"rows": rows}
 
 
@@ -219,7 +225,6 @@ def child_time_fused(configs) -> dict:
     and fwd + bwd through the op with deterministic=False / True next to FlexAttention (TF/s: 2.5x / 3.5x the
     forward's useful FLOPs)."""
     import torch
-    from _tuning import bench
 
     import deepseek_kernels as dk
     from deepseek_kernels.bench.suites.attention import _flex
@@ -235,28 +240,18 @@ def child_time_fused(configs) -> dict:
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out, lse = s9.window_attention_fwd_sm90(qd, kd, vd, window=W)
         for name, kw in [("bwd gluon fused", {"deterministic": False}), ("bwd gluon 2 kernels", {})] + extra:
-            fn = lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw)  # noqa: E731
-            fn()
-            ms = bench(fn, warmup=5, rep=30)
-            row[name] = {"ms": ms, "tflops": 2.5 * f_fwd / ms * 1e-9}
+            _time_into(row, name, lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw),
+                       2.5 * f_fwd)
         for name, det in (("bwd triton", True), ("bwd triton atomic", False)):
-            fn = lambda det=det: wa.window_attention_bwd(do, qd, kd, vd, out, lse, window=W, sm90=False,  # noqa: E731
-                                                         deterministic=det)
-            ms = bench(fn, warmup=5, rep=30)
-            row[name] = {"ms": ms, "tflops": 2.5 * f_fwd / ms * 1e-9}
+            _time_into(row, name, lambda det=det: wa.window_attention_bwd(
+                do, qd, kd, vd, out, lse, window=W, sm90=False, deterministic=det), 2.5 * f_fwd)
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
-        for name, fn in (
-                ("fwd+bwd op nondet", lambda: torch.autograd.grad(dk.window_attention(q, k, v, window=W, deterministic=False),
-                                                                  (q, k, v), do)),
-                ("fwd+bwd op det", lambda: torch.autograd.grad(dk.window_attention(q, k, v, window=W), (q, k, v), do)),
-                ("fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do))):
-            fn()
-            ms = bench(fn, warmup=5, rep=30)
-            row[name] = {"ms": ms, "tflops": 3.5 * f_fwd / ms * 1e-9}
+        for name, det in (("fwd+bwd op nondet", False), ("fwd+bwd op det", True)):
+            _time_into(row, name, lambda det=det: torch.autograd.grad(
+                dk.window_attention(q, k, v, window=W, deterministic=det), (q, k, v), do), 3.5 * f_fwd)
+        _time_into(row, "fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do), 3.5 * f_fwd)
         rows.append(row)
-        print(f"S{S} B{B} W{W} H{Hq}/{Hkv}: " + ", ".join(
-            f"{k_} {v_['ms']:.3f} ms {v_['tflops']:.0f} TF/s" for k_, v_ in row.items() if isinstance(v_, dict)),
-            flush=True)
+        _print_row(row)
     return {"rows": rows}
 
 
