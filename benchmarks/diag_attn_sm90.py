@@ -239,16 +239,21 @@ def child_time_fused(configs) -> dict:
         row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out, lse = s9.window_attention_fwd_sm90(qd, kd, vd, window=W)
-        for name, kw in [("bwd gluon fused", {"deterministic": False}), ("bwd gluon 2 kernels", {})] + extra:
+        for name, kw in [("bwd gluon fused", {"deterministic": False, "pipe": False}),
+                         ("bwd gluon fused pipe", {"deterministic": False, "pipe": True}),
+                         ("bwd gluon 2 kernels", {})] + extra:
             _time_into(row, name, lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw),
                        2.5 * f_fwd)
         for name, det in (("bwd triton", True), ("bwd triton atomic", False)):
             _time_into(row, name, lambda det=det: wa.window_attention_bwd(
                 do, qd, kd, vd, out, lse, window=W, sm90=False, deterministic=det), 2.5 * f_fwd)
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
-        for name, det in (("fwd+bwd op nondet", False), ("fwd+bwd op det", True)):
+        for name, det, pipe in (("fwd+bwd op nondet", False, False), ("fwd+bwd op nondet pipe", False, True),
+                                ("fwd+bwd op det", True, False)):
+            s9.BWD_FUSED_PIPE = pipe
             _time_into(row, name, lambda det=det: torch.autograd.grad(
                 dk.window_attention(q, k, v, window=W, deterministic=det), (q, k, v), do), 3.5 * f_fwd)
+        s9.BWD_FUSED_PIPE = False
         _time_into(row, "fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do), 3.5 * f_fwd)
         rows.append(row)
         _print_row(row)

@@ -137,22 +137,41 @@ def test_max_seqlen_below_the_longest_sequence_is_an_error():
 
 
 def test_atomic_dq_backward_through_the_op():
-    """deterministic=False (one kernel, dQ by atomics) gives the same gradients as the default."""
+    """deterministic=False (one kernel, dQ by atomics) gives the same gradients as deterministic=True."""
     torch.manual_seed(4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (torch.randn(2, 37, h, 16, device=dev, requires_grad=True) for h in (4, 2, 2))
     do = torch.randn(2, 37, 4, 16, device=dev)
-    g_det = torch.autograd.grad(dk.window_attention(q, k, v, window=9, sinks=2), (q, k, v), do)
+    g_det = torch.autograd.grad(dk.window_attention(q, k, v, window=9, sinks=2, deterministic=True), (q, k, v), do)
     g_atomic = torch.autograd.grad(dk.window_attention(q, k, v, window=9, sinks=2, deterministic=False), (q, k, v), do)
     for a, b in zip(g_det, g_atomic):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
-def test_default_backward_is_bitwise_reproducible_on_gpu():
+def test_deterministic_backward_is_bitwise_reproducible_on_gpu():
     q, k, v = (torch.randn(1, 3000, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
     do = torch.randn(1, 3000, 8, 128, device="cuda", dtype=torch.bfloat16)
-    runs = [torch.autograd.grad(dk.window_attention(q, k, v, window=700), (q, k, v), do) for _ in range(3)]
+    runs = [torch.autograd.grad(dk.window_attention(q, k, v, window=700, deterministic=True), (q, k, v), do)
+            for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+
+def test_default_backward_is_the_deterministic_one_where_the_fused_kernel_does_not_apply():
+    """deterministic=None (the default) takes the one-kernel Gluon backward only where it applies (sm_90, bf16 /
+    fp16, head dim 128, ...: tests/test_window_attention_sm90.py); elsewhere (here fp32, head dim 16, on any
+    device) it is the deterministic backward, bit for bit."""
+    from deepseek_kernels.triton import window_attention as wa
+
+    torch.manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(1, 40, h, 16, device=dev, requires_grad=True) for h in (4, 2, 2))
+    assert not wa._fused_takes(q, k, v, True, None, None)
+    do = torch.randn(1, 40, 4, 16, device=dev)
+    a = torch.autograd.grad(dk.window_attention(q, k, v, window=7), (q, k, v), do)
+    b = torch.autograd.grad(dk.window_attention(q, k, v, window=7, deterministic=True), (q, k, v), do)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

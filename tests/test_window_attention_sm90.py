@@ -138,17 +138,18 @@ BWD_CASES = [  # (B, S, Hq, Hkv, D, window, sinks)
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("deterministic", [True, False], ids=["two-kernels", "fused"])
+@pytest.mark.parametrize("variant", [{"deterministic": True}, {"deterministic": False, "pipe": False},
+                                     {"deterministic": False, "pipe": True}], ids=["two-kernels", "fused", "fused-pipe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
-def test_backward_kernels_match_reference(case, dtype, deterministic):
+def test_backward_kernels_match_reference(case, dtype, variant):
     B, S, Hq, Hkv, D, W, sinks = case
-    if not deterministic and D not in s9.BWD_FUSED_CONFIG:
+    if not variant["deterministic"] and D not in s9.BWD_FUSED_CONFIG:
         pytest.skip(f"the one-kernel backward takes head dims {sorted(s9.BWD_FUSED_CONFIG)}")
     q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
     do = torch.randn_like(q)
     out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks)
-    grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks, deterministic=deterministic)
+    grads = s9.window_attention_bwd_sm90(do, q, k, v, out, lse, window=W, sinks=sinks, **variant)
     qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(window_attention_ref(qr, kr, vr, window=W, sinks=sinks), (qr, kr, vr), do.float())
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
@@ -166,12 +167,13 @@ def test_op_backward_through_the_hopper_kernels(monkeypatch):
     monkeypatch.setenv("DSK_ATTN_SM90_BWD", "1")
     q, k, v = _qkv(2, 600, 8, 2, 128, torch.bfloat16, requires_grad=True)
     do = torch.randn_like(q)
-    got = torch.autograd.grad(dk.window_attention(q, k, v, window=200, sinks=1), (q, k, v), do)
+    got = torch.autograd.grad(dk.window_attention(q, k, v, window=200, sinks=1, deterministic=True), (q, k, v), do)
     out, lse = s9.window_attention_fwd_sm90(q.detach(), k.detach(), v.detach(), window=200, sinks=1)
     direct = s9.window_attention_bwd_sm90(do, q.detach(), k.detach(), v.detach(), out, lse, window=200, sinks=1)
     for a, b in zip(got, direct):
         assert torch.equal(a, b)
-    f = torch.compile(lambda q, k, v: dk.window_attention(q, k, v, window=200, sinks=1), fullgraph=True)
+    f = torch.compile(lambda q, k, v: dk.window_attention(q, k, v, window=200, sinks=1, deterministic=True),
+                      fullgraph=True)
     compiled = torch.autograd.grad(f(q, k, v), (q, k, v), do)
     for a, b in zip(compiled, direct):
         assert torch.equal(a, b)
@@ -188,7 +190,8 @@ def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
         q, k, v = _qkv(2, 700, 8, 2, D, torch.bfloat16, requires_grad=True)
         do = torch.randn_like(q)
         fast = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2, deterministic=False), (q, k, v), do)
-        exact = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2), (q, k, v), do)
+        exact = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2, deterministic=True), (q, k, v),
+                                    do)
         for name, a, b in zip(("dq", "dk", "dv"), fast, exact):
             assert rel_error(a, b.float()) < 1e-2, name
         if D in s9.BWD_FUSED_CONFIG:
@@ -197,3 +200,31 @@ def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
                                                   deterministic=False)
             torch.testing.assert_close(fast[0], direct[0], rtol=1e-2, atol=1e-2)  # dq: the additions' order varies
             assert torch.equal(fast[1], direct[1]) and torch.equal(fast[2], direct[2])  # dk, dv: no atomics
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_op_default_backward_is_the_fused_kernel_where_it_applies(monkeypatch):
+    """window_attention's default (deterministic=None) runs the one-kernel Gluon backward at head dim 128 and the
+    deterministic backward at head dim 64 or with DSK_ATTN_SM90_FUSED=0 (the Hopper backward's calls recorded)."""
+    calls = []
+    real = s9.window_attention_bwd_sm90
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("deterministic", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s9, "window_attention_bwd_sm90", spy)
+    for D, env, want in ((128, None, [False]), (64, None, []), (128, "0", [])):
+        if env is None:
+            monkeypatch.delenv("DSK_ATTN_SM90_FUSED", raising=False)
+        else:
+            monkeypatch.setenv("DSK_ATTN_SM90_FUSED", env)
+        calls.clear()
+        q, k, v = _qkv(1, 300, 4, 2, D, torch.bfloat16, requires_grad=True)
+        do = torch.randn_like(q)
+        got = torch.autograd.grad(dk.window_attention(q, k, v, window=100), (q, k, v), do)
+        want_grads = torch.autograd.grad(dk.window_attention(q, k, v, window=100, deterministic=True), (q, k, v), do)
+        assert calls == want, (D, env, calls)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want_grads):
+            assert rel_error(a, b.float()) < 1e-2, (D, env, name)

@@ -283,3 +283,22 @@ def test_float32_inputs_are_accurate_on_gpu():
     out, lse = window_attention_fwd(q, k, v, window=100, sinks=1)
     ref = window_attention_ref(q.double(), k.double(), v.double(), window=100, sinks=1, compute_dtype=torch.float64)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("B, S, H", [(1, 1, 2), (2, 17, 3), (3, 130, 1)])
+def test_fused_prep_writes_padded_rows_and_zeroes_the_accumulator(B, S, H):
+    """The one-kernel Hopper backward's preparation pass (interpreter on CPU here): delta = rowsum(dO * O) and the
+    forward's lse (a strided [B, H, S] view) into [H * B, S_PAD] rows, the pad zero, and dq_acc all zeros (its
+    buffer comes from torch.empty: every element must be written)."""
+    from deepseek_kernels.triton.window_attention import launch_fused_prep
+
+    D = 16
+    out, do = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    lse = torch.randn(H, B * S).view(H, B, S).transpose(0, 1)  # the forward's layout: [B, H, S] of [H, B * S]
+    s_pad = (S + 3) // 4 * 4
+    dq_acc, lse_rows, delta_rows = launch_fused_prep(out, do, lse, s_pad)
+    assert dq_acc.shape == (B, S, H, D) and dq_acc.dtype == torch.float32 and torch.equal(dq_acc, torch.zeros_like(dq_acc))
+    want_delta = (out * do).sum(-1).permute(2, 0, 1).reshape(H * B, S)  # row h * B + b
+    torch.testing.assert_close(delta_rows[:, :S], want_delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lse_rows[:, :S], lse.transpose(0, 1).reshape(H * B, S))
+    assert not lse_rows[:, S:].any() and not delta_rows[:, S:].any()

@@ -33,14 +33,15 @@ class WindowedAttention(nn.Module):
         mode: ``"window"`` (token-exact sliding window, :func:`deepseek_kernels.window_attention`) or
         ``"hierarchical"`` (local window plus pooled far context,
         :func:`deepseek_kernels.hierarchical_attention` with ``block`` and ``levels``).
-        deterministic: ``mode="window"`` backward; ``False`` accumulates dQ with atomics (faster,
-        not bitwise reproducible), see :func:`deepseek_kernels.window_attention`.
+        deterministic: ``mode="window"`` backward: ``True`` bitwise reproducible, ``False`` dQ accumulated
+        by atomics / TMA reduce-adds, ``None`` (default) the faster of the two for the call, see
+        :func:`deepseek_kernels.window_attention`.
     ``forward(x [B, S, hidden], position_ids=None)`` -> ``[B, S, hidden]``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, window: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, sinks: int = 0, rope_theta: float | None = 10000.0, bias: bool = False,
-                 mode: str = "window", block: int = 64, levels: int | None = None, deterministic: bool = True,
+                 mode: str = "window", block: int = 64, levels: int | None = None, deterministic: bool | None = None,
                  device=None, dtype=None):
         super().__init__()
         if mode not in ("window", "hierarchical"):

@@ -97,7 +97,7 @@ def resolve_max_seqlen(name: str, arg: str, given, cu: torch.Tensor, cu_arg: str
 @define_triton_op("deepseek_kernels::window_attention_fwd")
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, causal: bool,
             softmax_scale: float | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-            max_seqlen_q: int | None, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            max_seqlen_q: int | None, deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # `deterministic` only matters to the backward (saved for it by the autograd context)
     if use_triton(q):
         from deepseek_kernels.triton.window_attention import window_attention_fwd
@@ -112,7 +112,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, window: int, sinks: int, causal: bool, softmax_scale: float | None,
             cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int | None,
-            max_seqlen_k: int | None, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            max_seqlen_k: int | None, deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(q):
         from deepseek_kernels.triton.window_attention import window_attention_bwd
 
@@ -217,7 +217,7 @@ _bwd_ref_op.register_fake(_grads_fake)
 if not TRITON_OP:
 
     @_fwd_op.register_fake
-    def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, deterministic=True):
+    def _(q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, deterministic=None):
         return _fwd_fake(q, cu_seqlens_q)
 
     _bwd_op.register_fake(_grads_fake)
@@ -248,7 +248,7 @@ def window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, sinks: int = 0, causal: bool = True,
     softmax_scale: float | None = None, cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-    return_lse: bool = False, deterministic: bool = True,
+    return_lse: bool = False, deterministic: bool | None = None,
 ):
     """Token-exact sliding-window attention (FlashAttention layout), differentiable in q, k, v.
 
@@ -260,11 +260,13 @@ def window_attention(
     ``[B, Hq, Sq]`` (``[Hq, total]`` packed; not differentiable). Exact definition:
     ``deepseek_kernels.reference.attention``.
 
-    ``deterministic`` (backward only): ``True`` (default) gives bit-identical gradients run to run
-    (two kernels, no atomics); ``False`` lets one kernel accumulate dQ in fp32 (fewer matmuls; dQ's last
-    bits vary between runs): on the H200 at head dim 128 the Gluon kernel of ``window_attention_sm90``
-    adds each tile's dQ by a TMA reduce-add (the backward ~1.5x faster than the deterministic one), else
-    the Triton kernel with atomics.
+    ``deterministic`` (backward only): ``True`` gives bit-identical gradients run to run (two kernels, no
+    atomics); ``False`` lets one kernel accumulate dQ in fp32 (fewer matmuls; dQ's last bits vary between runs):
+    on the H200 at head dim 128 the Gluon kernel of ``window_attention_sm90`` adds each tile's dQ by a TMA
+    reduce-add (the backward ~1.5x faster than the deterministic one), else the Triton kernel with atomics.
+    ``None`` (default) picks the faster one for the call: that Gluon kernel where it applies (sm_90, the causal
+    dense calls the Hopper forward takes, head dim 128), else the deterministic kernels (the Triton atomics
+    measured slower than them on the H200). Pass ``True`` where training must be bitwise reproducible.
     """
     check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)
     if cu_seqlens_q is not None:
@@ -275,7 +277,8 @@ def window_attention(
                               else (cu_seqlens_k, "cu_seqlens_k"))
             resolve_max_seqlen(name, "max_seqlen_k", max_seqlen_k, cu_k, cu_k_arg)
     out, lse = torch.ops.deepseek_kernels.window_attention_fwd(
-        q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, bool(deterministic))
+        q, k, v, window, sinks, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        None if deterministic is None else bool(deterministic))
     return (out, lse) if return_lse else out
 
 

@@ -547,6 +547,51 @@ def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_
 
 
 @triton.jit
+def _fused_prep_kernel(O, DO, LSE, DQ_ACC, LSE_ROWS, DELTA_ROWS, S, S_PAD, NB, HQ,
+                       stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+                       stride_lb, stride_lh, stride_ls, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Everything the one-kernel Hopper backward needs before it runs, in one pass over (batch, head, rows):
+    delta = rowsum(dO * O) and the forward's lse into zero-padded ``[HQ * NB, S_PAD]`` rows (row h * NB + b;
+    columns S .. S_PAD - 1 get 0), and the fp32 dQ accumulator ``[NB, S, HQ, HEAD_DIM]`` (contiguous) zeroed."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = offs_t < S
+    rows = offs_t[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + rows * stride_os + h * stride_oh + offs_d[None, :], mask=in_seq[:, None],
+                other=0.0)
+    do = tl.load(DO + b * stride_dob + rows * stride_dos + h * stride_doh + offs_d[None, :], mask=in_seq[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_t.to(tl.int64) * stride_ls, mask=in_seq, other=0.0)
+    out_row = (h * NB + b) * S_PAD
+    in_pad = offs_t < S_PAD
+    tl.store(DELTA_ROWS + out_row + offs_t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=in_pad)
+    tl.store(LSE_ROWS + out_row + offs_t, lse, mask=in_pad)
+    zero = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    tl.store(DQ_ACC + ((b * S + rows) * HQ + h) * HEAD_DIM + offs_d[None, :], zero, mask=in_seq[:, None])
+
+
+def launch_fused_prep(out, do, lse, s_pad: int):
+    """``(dq_acc, lse_rows, delta_rows)`` for :func:`window_attention_sm90.window_attention_bwd_sm90`'s one-kernel
+    backward, by :func:`_fused_prep_kernel`: ``out``, ``do`` ``[B, S, Hq, D]`` (unit stride in D, D a power of 2),
+    ``lse`` ``[B, Hq, S]`` (any strides)."""
+    B, S, Hq, D = out.shape
+    dq_acc = torch.empty(B, S, Hq, D, device=out.device, dtype=torch.float32)
+    lse_rows = torch.empty(Hq * B, s_pad, device=out.device, dtype=torch.float32)
+    delta_rows = torch.empty_like(lse_rows)
+    block_t = max(1, min(64, 8192 // D))
+    torch.library.wrap_triton(_fused_prep_kernel)[(triton.cdiv(s_pad, block_t), B * Hq)](
+        out, do, lse, dq_acc, lse_rows, delta_rows, S, s_pad, B, Hq,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), HEAD_DIM=D, BLOCK_T=block_t, num_warps=4,
+    )
+    return dq_acc, lse_rows, delta_rows
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, pos, kT_ptrs, vT_ptrs, k_len, lo, hi, stride_kt, stride_vt,
               qk_scale, window, sinks, CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
                PREC: tl.constexpr):
@@ -688,22 +733,36 @@ SM90_BWD_DEFAULT = False
 SM90_FUSED_DEFAULT = True
 
 
+def _fused_takes(q, k, v, causal, cu_seqlens_q, cu_seqlens_k) -> bool:
+    """Whether the one-kernel Gluon backward (deterministic=False on sm_90) takes this call."""
+    if os.environ.get("DSK_ATTN_SM90_FUSED", "1" if SM90_FUSED_DEFAULT else "0") != "1":
+        return False
+    from deepseek_kernels.triton import window_attention_sm90
+
+    return q.shape[-1] in window_attention_sm90.BWD_FUSED_CONFIG and window_attention_sm90.supported(
+        q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+
+
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
                          softmax_scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
                          max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                          config_dkdv: tuple | None = None, config_dq: tuple | None = None,
-                         deterministic: bool = True, sm90: bool | None = None):
+                         deterministic: bool | None = True, sm90: bool | None = None):
     """Gradients ``(dq, dk, dv)`` of :func:`window_attention_fwd` given ``do`` and its ``out``/``lse``.
 
     ``deterministic=True``: two kernels, no atomics (GQA heads summed inside the dK/dV program;
     dQ by its own kernel, which recomputes S and dP: 7 matmuls per tile pair). ``False``: one
     kernel computes dK, dV and adds each tile's dQ into an fp32 accumulator with atomics (5
-    matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``sm90``: the Gluon
-    Hopper backward for the calls the Hopper forward takes, deterministic (two kernels) or not (one kernel, dQ
+    matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``None``: ``False`` where
+    the one-kernel Gluon backward takes the call, else ``True`` (the faster of the two on the H200). ``sm90``: the
+    Gluon Hopper backward for the calls the Hopper forward takes, deterministic (two kernels) or not (one kernel, dQ
     by TMA reduce-adds; head dim 128) (None: by ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD`` and
     ``SM90_FUSED_DEFAULT`` / ``DSK_ATTN_SM90_FUSED``, unless a ``config_*`` asks for the Triton kernels; True: a
     ValueError where it does not apply)."""
     forced = sm90 is True
+    if deterministic is None:
+        deterministic = not (sm90 is not False and config_dkdv is None and config_dq is None
+                             and _fused_takes(q, k, v, causal, cu_seqlens_q, cu_seqlens_k))
     if sm90 is None:
         var, default = ("DSK_ATTN_SM90_BWD", SM90_BWD_DEFAULT) if deterministic else \
             ("DSK_ATTN_SM90_FUSED", SM90_FUSED_DEFAULT)

@@ -77,16 +77,16 @@ def cases(quick: bool = False) -> list[Case]:
                         flops=flops(B, Hq, D, pairs), params={**params, "pass": "fwd"}, check=check))
         out.append(Case(f"fwd+bwd {tag}", make, Impl("deepseek_kernels", ours_bwd), Impl("FlexAttention", flex_bwd),
                         flops=flops(B, Hq, D, pairs, backward=True), params={**params, "pass": "fwd+bwd"}))
-        # the non-deterministic backward (one kernel, dQ added by TMA reduce-adds on sm_90, by atomics elsewhere;
-        # FlashAttention's default) next to the default deterministic one
-        def ours_bwd_atomic(q, k, v, do, W=W):
-            out = dk.window_attention(q, k, v, window=W, deterministic=False)
+        # the deterministic backward (two kernels, no atomics: bitwise reproducible) next to the default (one
+        # kernel, dQ added by TMA reduce-adds on sm_90; FlashAttention's default)
+        def ours_bwd_det(q, k, v, do, W=W):
+            out = dk.window_attention(q, k, v, window=W, deterministic=True)
             return torch.autograd.grad(out, (q, k, v), do)
 
-        out.append(Case(f"fwd+bwd {tag} atomic dQ", make, Impl("deepseek_kernels (deterministic=False)",
-                                                                ours_bwd_atomic),
+        out.append(Case(f"fwd+bwd {tag} deterministic", make, Impl("deepseek_kernels (deterministic=True)",
+                                                                   ours_bwd_det),
                         Impl("FlexAttention", flex_bwd), flops=flops(B, Hq, D, pairs, backward=True),
-                        params={**params, "pass": "fwd+bwd", "deterministic": False}))
+                        params={**params, "pass": "fwd+bwd", "deterministic": True}))
     out += decode_cases(quick)
     return out
 
