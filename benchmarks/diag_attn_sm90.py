@@ -119,6 +119,7 @@ BWD_CHECK = [  # (B, S, Hq, Hkv, D, W, sinks)
     (1, 4097, 4, 2, 128, 1000, 0), (2, 555, 4, 4, 64, 129, 0), (1, 700, 4, 4, 128, 4096, 130),
 ]
 BWD_TIME = [(8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 8)]
+FUSED_TIME = [(S, B, W, Hq, Hkv, 128) for S, B, W, Hq, Hkv in BWD_TIME] + [(8192, 4, 4096, 32, 32, 64)]
 
 
 def child_check_fused(configs) -> dict:
@@ -182,7 +183,7 @@ def _time_into(row, name, fn, flop):
 
 
 def _print_row(row):
-    print(f"S{row['S']} B{row['B']} W{row['W']} H{row['Hq']}/{row['Hkv']}: " + ", ".join(
+    print(f"S{row['S']} B{row['B']} W{row['W']} H{row['Hq']}/{row['Hkv']} D{row.get('D', 128)}: " + ", ".join(
         f"{k} {v['ms']:.3f} ms {v['tflops']:.0f} TF/s" for k, v in row.items() if isinstance(v, dict)), flush=True)
 
 
@@ -232,28 +233,22 @@ def child_time_fused(configs) -> dict:
     from deepseek_kernels.triton import window_attention_sm90 as s9
 
     rows = []
-    D = 128
     extra = [("fused " + "x".join(map(str, c)), {"config_fused": c, "deterministic": False}) for c in configs]
-    for S, B, W, Hq, Hkv in BWD_TIME:
+    for S, B, W, Hq, Hkv, D in FUSED_TIME:
         q, k, v, do, f_fwd = _timing_inputs(S, B, W, Hq, Hkv, D)
-        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
+        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D}
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         out, lse = s9.window_attention_fwd_sm90(qd, kd, vd, window=W)
-        for name, kw in [("bwd gluon fused", {"deterministic": False, "pipe": False}),
-                         ("bwd gluon fused pipe", {"deterministic": False, "pipe": True}),
-                         ("bwd gluon 2 kernels", {})] + extra:
+        for name, kw in [("bwd gluon fused", {"deterministic": False}), ("bwd gluon 2 kernels", {})] + extra:
             _time_into(row, name, lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw),
                        2.5 * f_fwd)
         for name, det in (("bwd triton", True), ("bwd triton atomic", False)):
             _time_into(row, name, lambda det=det: wa.window_attention_bwd(
                 do, qd, kd, vd, out, lse, window=W, sm90=False, deterministic=det), 2.5 * f_fwd)
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
-        for name, det, pipe in (("fwd+bwd op nondet", False, False), ("fwd+bwd op nondet pipe", False, True),
-                                ("fwd+bwd op det", True, False)):
-            s9.BWD_FUSED_PIPE = pipe
+        for name, det in (("fwd+bwd op nondet", False), ("fwd+bwd op det", True)):
             _time_into(row, name, lambda det=det: torch.autograd.grad(
                 dk.window_attention(q, k, v, window=W, deterministic=det), (q, k, v), do), 3.5 * f_fwd)
-        s9.BWD_FUSED_PIPE = False
         _time_into(row, "fwd+bwd flex", lambda: torch.autograd.grad(flex(q, k, v), (q, k, v), do), 3.5 * f_fwd)
         rows.append(row)
         _print_row(row)

@@ -168,13 +168,8 @@ def cases():
                           dv_desc=s9._descriptor(x, bn // 2), dq_desc=s9._descriptor_f32(acc, bm, D // 2),
                           lse_desc=s9._row_descriptor(torch.empty(2, 256), bm),
                           delta_desc=s9._row_descriptor(torch.empty(2, 256), bm), seq_len=256, NB=1, qk_scale=0.1, sm_scale=0.1, window=4096, sinks=0,
-                          HKV=2, REP=1, HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, PIPE=s9.BWD_FUSED_PIPE,
-                          CONSUMER_REGS=s9.CONSUMER_REGS)
+                          HKV=2, REP=1, HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
                 out.append((f"window attention bwd fused sm90 (Gluon, TMA reduce dQ) D{D}", s9._bwd_fused_kernel, fu,
-                            dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async",
-                            "cp.reduce.async.bulk.tensor"))
-                out.append((f"window attention bwd fused sm90, dQ one step behind{' (the default)' if s9.BWD_FUSED_PIPE else ''} D{D}",
-                            s9._bwd_fused_kernel, dict(fu, PIPE=not s9.BWD_FUSED_PIPE),
                             dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async",
                             "cp.reduce.async.bulk.tensor"))
 

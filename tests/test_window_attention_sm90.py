@@ -138,8 +138,7 @@ BWD_CASES = [  # (B, S, Hq, Hkv, D, window, sinks)
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("variant", [{"deterministic": True}, {"deterministic": False, "pipe": False},
-                                     {"deterministic": False, "pipe": True}], ids=["two-kernels", "fused", "fused-pipe"])
+@pytest.mark.parametrize("variant", [{"deterministic": True}, {"deterministic": False}], ids=["two-kernels", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
 def test_backward_kernels_match_reference(case, dtype, variant):
@@ -182,11 +181,11 @@ def test_op_backward_through_the_hopper_kernels(monkeypatch):
 @pytest.mark.gpu
 @needs_sm90
 def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
-    """window_attention(deterministic=False) at head dim 128 runs the one-kernel Gluon backward (dQ by TMA
+    """window_attention(deterministic=False) at head dims 128 and 64 runs the one-kernel Gluon backward (dQ by TMA
     reduce-adds): its gradients are the direct call's up to the order of the dQ additions, and match the
-    deterministic ones; a head dim it does not take (64) still works (the Triton atomic backward)."""
+    deterministic ones; a head dim the Hopper kernels do not take (32) still works (the Triton atomic backward)."""
     monkeypatch.delenv("DSK_ATTN_SM90_FUSED", raising=False)
-    for D in (128, 64):
+    for D in (128, 64, 32):
         q, k, v = _qkv(2, 700, 8, 2, D, torch.bfloat16, requires_grad=True)
         do = torch.randn_like(q)
         fast = torch.autograd.grad(dk.window_attention(q, k, v, window=300, sinks=2, deterministic=False), (q, k, v), do)
@@ -205,8 +204,9 @@ def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
 @pytest.mark.gpu
 @needs_sm90
 def test_op_default_backward_is_the_fused_kernel_where_it_applies(monkeypatch):
-    """window_attention's default (deterministic=None) runs the one-kernel Gluon backward at head dim 128 and the
-    deterministic backward at head dim 64 or with DSK_ATTN_SM90_FUSED=0 (the Hopper backward's calls recorded)."""
+    """window_attention's default (deterministic=None) runs the one-kernel Gluon backward at head dims 128 and 64,
+    and the deterministic (Triton) backward at a head dim the Hopper kernels do not take (32) or with
+    DSK_ATTN_SM90_FUSED=0 (the Hopper backward's calls recorded)."""
     calls = []
     real = s9.window_attention_bwd_sm90
 
@@ -215,7 +215,7 @@ def test_op_default_backward_is_the_fused_kernel_where_it_applies(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(s9, "window_attention_bwd_sm90", spy)
-    for D, env, want in ((128, None, [False]), (64, None, []), (128, "0", [])):
+    for D, env, want in ((128, None, [False]), (64, None, [False]), (32, None, []), (128, "0", [])):
         if env is None:
             monkeypatch.delenv("DSK_ATTN_SM90_FUSED", raising=False)
         else:

@@ -262,10 +262,10 @@ def window_attention(
 
     ``deterministic`` (backward only): ``True`` gives bit-identical gradients run to run (two kernels, no
     atomics); ``False`` lets one kernel accumulate dQ in fp32 (fewer matmuls; dQ's last bits vary between runs):
-    on the H200 at head dim 128 the Gluon kernel of ``window_attention_sm90`` adds each tile's dQ by a TMA
+    on the H200 (head dims 64 and 128) the Gluon kernel of ``window_attention_sm90`` adds each tile's dQ by a TMA
     reduce-add (the backward ~1.5x faster than the deterministic one), else the Triton kernel with atomics.
     ``None`` (default) picks the faster one for the call: that Gluon kernel where it applies (sm_90, the causal
-    dense calls the Hopper forward takes, head dim 128), else the deterministic kernels (the Triton atomics
+    dense calls the Hopper forward takes: head dims 64 and 128), else the deterministic kernels (the Triton atomics
     measured slower than them on the H200). Pass ``True`` where training must be bitwise reproducible.
     """
     check_args(q, k, v, window, sinks, cu_seqlens_q, cu_seqlens_k)

@@ -728,7 +728,7 @@ def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, wind
 # The Gluon Hopper backward (window_attention_sm90.window_attention_bwd_sm90) for the deterministic backward of the
 # calls the Hopper forward takes; DSK_ATTN_SM90_BWD=1 / 0 overrides this default.
 SM90_BWD_DEFAULT = False
-# Its one-kernel form (dQ by TMA reduce-adds) for deterministic=False at head dim 128; DSK_ATTN_SM90_FUSED=1 / 0
+# Its one-kernel form (dQ by TMA reduce-adds) for deterministic=False (head dims 64, 128); DSK_ATTN_SM90_FUSED=1 / 0
 # overrides this default.
 SM90_FUSED_DEFAULT = True
 
@@ -756,7 +756,7 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
     matmuls; the order of the additions, hence the last bits of dQ, varies between runs). ``None``: ``False`` where
     the one-kernel Gluon backward takes the call, else ``True`` (the faster of the two on the H200). ``sm90``: the
     Gluon Hopper backward for the calls the Hopper forward takes, deterministic (two kernels) or not (one kernel, dQ
-    by TMA reduce-adds; head dim 128) (None: by ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD`` and
+    by TMA reduce-adds; head dims in ``BWD_FUSED_CONFIG``) (None: by ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD`` and
     ``SM90_FUSED_DEFAULT`` / ``DSK_ATTN_SM90_FUSED``, unless a ``config_*`` asks for the Triton kernels; True: a
     ValueError where it does not apply)."""
     forced = sm90 is True
@@ -777,8 +777,8 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
                                                                         softmax_scale, deterministic)
         if forced:
             raise ValueError("window_attention_bwd(sm90=True): the Hopper backward takes the calls the Hopper forward "
-                             "takes (causal, dense, Sq == Sk, head dim 64 or 128, bf16/fp16, sm_90; head dim 128 "
-                             "with deterministic=False); this call is not one")
+                             "takes (causal, dense, Sq == Sk, head dim 64 or 128, bf16/fp16, sm_90), with "
+                             "deterministic=False those of BWD_FUSED_CONFIG's head dims; this call is not one")
     qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, max_k = _bwd_inputs(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

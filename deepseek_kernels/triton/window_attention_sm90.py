@@ -780,8 +780,9 @@ if HAVE_GLUON:
 # by K's head-dim columns [w * D / 2, (w + 1) * D / 2). Its [BLOCK_M, D / 2] share goes into an fp32 dQ
 # accumulator in global memory by a TMA reduce-add (cp.reduce.async.bulk.tensor): 5 products per tile pair
 # instead of the deterministic backward's 7. The order of the additions into a dQ row varies run to run.
-BWD_FUSED_CONFIG = {128: (128, 64, 2)}  # (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO / lse / delta)
-BWD_FUSED_PIPE = False  # dQ one step behind the dV / dK products (_fused_step_pipe): written session 26, not yet timed
+# (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO / lse / delta). H200, session 26: D64 5.54 ms vs 7.94 for the
+# Triton deterministic backward (S8192 B4 W4096); 198 KB of shared memory at D128, 116 KB at D64.
+BWD_FUSED_CONFIG = {64: (128, 64, 2), 128: (128, 64, 2)}
 
 if HAVE_GLUON:
     _tma_reduce_add = getattr(tma, "async_atomic_add", None)
@@ -875,7 +876,9 @@ if HAVE_GLUON:
         (unless ``LAST``) step t + 1's S^T / dP^T. Measured and dropped on the H200 (session 25, S8192 B4 W4096):
         issuing step t + 1's S^T / dP^T before waiting for dQ's share (64 more accumulator registers live: ptxas
         spills 512 B; 14.9 vs 11.6 ms), S^T alone early (a tie), and each warpgroup adding dS[:, its keys]
-        K[its keys, :] with no dS exchange (twice the reduce traffic; 9.3 vs 8.1 ms)."""
+        K[its keys, :] with no dS exchange (twice the reduce traffic; 9.3 vs 8.1 ms); session 26: dQ one step
+        behind (step t issuing its dV / dK products and step t - 1's dQ product in a row, 3 dS slots; ptxas spilled
+        132 B): 8.33 vs 8.40 ms, 10.09 vs 10.23 (S32768 GQA), a tie."""
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HEAD_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -905,55 +908,12 @@ if HAVE_GLUON:
         return st_tok, dpt_tok, dk, dv
 
     @gluon.jit
-    def _fused_step_pipe(t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs,
-                         dq_smem, ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt,
-                         full_lo, full_hi, kpos, qk_scale, sm_scale, window, sinks, WG: gl.constexpr,
-                         HEAD_DIM: gl.constexpr, HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                         FIRST: gl.constexpr, LAST: gl.constexpr):
-        """:func:`_fused_step` with dQ one step behind: step ``t`` issues its dV / dK products and, right behind
-        them, the dQ product of step t - 1 (whose dS^T halves are both in by now), so the tensor cores get three
-        products in a row and no wait between them; the warpgroups may drift a step apart. dS^T has 3 slots: this
-        warpgroup writes slot t % 3 only after the other one stored step t - 1's half, i.e. after it finished step
-        t - 2 (and its dQ product of step t - 3, the slot's previous reader)."""
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_DIM, 16])
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        dtype: gl.constexpr = q_bufs.dtype
-        slot = t % STAGES
-        m, h = _fused_coords(t, kvh, REP, q_lo, n_qt, BLOCK_M)
-        q = q_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
-        do = do_bufs.index(slot).reshape([BLOCK_M, HEAD_DIM])
-        st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok])
-        pt, dst = _fused_probs(st, dpt, lse_bufs.index(slot), delta_bufs.index(slot), m, full_lo, full_hi, kpos,
-                               qk_scale, window, sinks, BLOCK_M, dtype)
-        dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), op_layout), do, dv, is_async=True)
-        dk_tok = warpgroup_mma(gl.convert_layout(dst, op_layout), q, dk, is_async=True)
-        if not FIRST:  # step t - 1's halves are both in: the other warpgroup is past step t - 2
-            mbarrier.wait(ds_ready.index((t - 1) % 3), ((t - 1) // 3) & 1)
-        ds_bufs.index(t % 3).slice(WG * HALF_N, HALF_N, dim=0).store(dst)
-        fence_async_shared()
-        _release(ds_ready.index(t % 3))
-        if FIRST:
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
-            _release(empty.index(slot))  # Q / dO of this step are read
-        else:
-            dq_tok = warpgroup_mma(ds_bufs.index((t - 1) % 3).permute((1, 0)), k_cols, dq_zero, use_acc=False,
-                                   is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
-            _release(empty.index(slot))
-            mp, hp = _fused_coords(t - 1, kvh, REP, q_lo, n_qt, BLOCK_M)
-            _fused_dq_out(dq, dq_smem, dq_desc, b, mp, hp, sm_scale, WG, HEAD_DIM, BLOCK_M)
-        if not LAST:
-            st_tok, dpt_tok = _fused_scores(t + 1, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
-        return st_tok, dpt_tok, dk, dv
-
-    @gluon.jit
     def _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                         dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                         full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr):
+                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """Warpgroup WG: keys [n0 + WG * HALF_N, + HALF_N) for dK / dV, head-dim columns
-        [WG * HALF_D, + HALF_D) of every step's dQ (``PIPE``: one step behind, :func:`_fused_step_pipe`)."""
+        [WG * HALF_D, + HALF_D) of every step's dQ."""
         HALF_D: gl.constexpr = HEAD_DIM // 2
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
@@ -977,46 +937,15 @@ if HAVE_GLUON:
         k_cols = k_all.slice(WG * HALF_D, HALF_D, dim=1)
         dq_smem = dq_buf.index(WG)
         st_tok, dpt_tok = _fused_scores(0, q_bufs, do_bufs, k, v, ready, st_zero, BLOCK_M, HEAD_DIM, STAGES)
-        if PIPE:
-            if n_tiles == 1:
-                st_tok, dpt_tok, dk, dv = _fused_step_pipe(
-                    0, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
-                    ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
-                    kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, True, True)
-            else:
-                st_tok, dpt_tok, dk, dv = _fused_step_pipe(
-                    0, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
-                    ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
-                    kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, True, False)
-                for t in range(1, n_tiles - 1):
-                    st_tok, dpt_tok, dk, dv = _fused_step_pipe(
-                        t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs,
-                        dq_smem, ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt,
-                        full_lo, full_hi, kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M,
-                        STAGES, False, False)
-                st_tok, dpt_tok, dk, dv = _fused_step_pipe(
-                    n_tiles - 1, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs,
-                    dq_smem, ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt,
-                    full_lo, full_hi, kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M,
-                    STAGES, False, True)
-            # the last step's dQ
-            t_end = n_tiles - 1
-            mbarrier.wait(ds_ready.index(t_end % 3), (t_end // 3) & 1)
-            dq_tok = warpgroup_mma(ds_bufs.index(t_end % 3).permute((1, 0)), k_cols, dq_zero, use_acc=False,
-                                   is_async=True)
-            dq = warpgroup_mma_wait(0, deps=[dq_tok])
-            m_end, h_end = _fused_coords(t_end, kvh, REP, q_lo, n_qt, BLOCK_M)
-            _fused_dq_out(dq, dq_smem, dq_desc, b, m_end, h_end, sm_scale, WG, HEAD_DIM, BLOCK_M)
-        else:
-            for t in range(n_tiles - 1):
-                st_tok, dpt_tok, dk, dv = _fused_step(
-                    t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
-                    ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
-                    kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, False)
+        for t in range(n_tiles - 1):
             st_tok, dpt_tok, dk, dv = _fused_step(
-                n_tiles - 1, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs,
-                dq_smem, ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo,
-                full_hi, kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, True)
+                t, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs, dq_smem,
+                ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo, full_hi,
+                kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, False)
+        st_tok, dpt_tok, dk, dv = _fused_step(
+            n_tiles - 1, st_tok, dpt_tok, dk, dv, st_zero, dq_zero, q_bufs, do_bufs, k, v, k_cols, ds_bufs,
+            dq_smem, ready, empty, ds_ready, dq_desc, lse_bufs, delta_bufs, b, kvh, REP, q_lo, n_qt, full_lo,
+            full_hi, kpos, qk_scale, sm_scale, window, sinks, WG, HEAD_DIM, HALF_N, BLOCK_M, STAGES, True)
         # K's rows are read by both warpgroups' dQ products: stage dK there only once both are done
         _release(done)
         mbarrier.wait(done, 0)
@@ -1032,17 +961,16 @@ if HAVE_GLUON:
     def _fused_consumer1(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                          dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                          full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM: gl.constexpr,
-                         HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr):
+                         HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, unused: gl.constexpr):
         WG1: gl.constexpr = 1
         _fused_consumer(q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                         dk_desc, dv_desc, dq_desc, lse_bufs, delta_bufs, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
-                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES,
-                        PIPE)
+                        full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG1, HEAD_DIM, HALF_N, BLOCK_M, STAGES)
 
     @gluon.jit(do_not_specialize=["seq_len", "NB", "window", "sinks", "HKV", "REP"])
     def _bwd_fused_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc, seq_len,
                           NB, qk_scale, sm_scale, window, sinks, HKV, REP, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         HALF_N: gl.constexpr = BLOCK_N // 2
         WG0: gl.constexpr = 0
         n0, b, kvh, q_lo, n_qt, full_lo, full_hi = _key_program(seq_len, window, sinks, HKV, BLOCK_N, BLOCK_M)
@@ -1053,25 +981,24 @@ if HAVE_GLUON:
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
-        DS_SLOTS: gl.constexpr = 3 if PIPE else 2
-        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [DS_SLOTS, BLOCK_N, BLOCK_M], ds_layout)
+        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         dq_buf = gl.allocate_shared_memory(dq_desc.dtype, [2] + dq_desc.block_type.shape, dq_desc.layout)
         lse_raw = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape, lse_desc.layout)
         delta_raw = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape, delta_desc.layout)
         kv_bar = _barrier_array(1, 1).index(0)
         ready = _barrier_array(STAGES, 1)
         empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
-        ds_ready = _barrier_array(DS_SLOTS, 2)
+        ds_ready = _barrier_array(2, 2)
         done = _barrier_array(1, 2).index(0)
         gl.warp_specialize([
             (_fused_consumer, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                                dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                                full_lo, full_hi, qk_scale, sm_scale, window, sinks, WG0, HEAD_DIM, HALF_N,
-                               BLOCK_M, STAGES, PIPE)),
+                               BLOCK_M, STAGES)),
             (_fused_consumer1, (q_bufs, do_bufs, k_buf, v_buf, ds_bufs, dq_buf, kv_bar, ready, empty, ds_ready, done,
                                 dk_desc, dv_desc, dq_desc, lse_raw, delta_raw, b, n0, kvh, REP, q_lo, n_qt, n_tiles,
                                 full_lo, full_hi, qk_scale, sm_scale, window, sinks, HEAD_DIM, HALF_N,
-                                BLOCK_M, STAGES, PIPE)),
+                                BLOCK_M, STAGES, WG0)),
             (_fused_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_bufs, do_bufs, k_buf, v_buf,
                                lse_raw, delta_raw, kv_bar, ready, empty, b, n0, kvh, REP, q_lo, n_qt, n_tiles, NB,
                                BLOCK_M, HEAD_DIM, STAGES)),
@@ -1096,12 +1023,11 @@ def _row_descriptor(t: torch.Tensor, cols: int):
 def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int = 0,
                               softmax_scale: float | None = None, pingpong: bool | None = None,
                               config_dq: tuple | None = None, config_dkdv: tuple | None = None,
-                              deterministic: bool = True, config_fused: tuple | None = None,
-                              pipe: bool | None = None):
+                              deterministic: bool = True, config_fused: tuple | None = None):
     """Gradients ``(dq, dk, dv)`` of the causal dense forward (calls :func:`supported` takes), given ``do``, the
     forward's ``out`` and ``lse`` ([B, Hq, S], any strides). ``deterministic``: two kernels, no atomics; else one
-    kernel adding dQ into an fp32 accumulator by TMA reduce-adds (head dim 128; the last bits of dq vary run to
-    run; ``pipe``: dQ one step behind, None: ``BWD_FUSED_PIPE``)."""
+    kernel adding dQ into an fp32 accumulator by TMA reduce-adds (head dims in ``BWD_FUSED_CONFIG``; the last bits of dq vary run to
+    run)."""
     from deepseek_kernels.triton.window_attention import launch_delta, launch_fused_prep
 
     B, S, Hq, D = q.shape
@@ -1123,8 +1049,8 @@ def window_attention_bwd_sm90(do, q, k, v, out, lse, *, window: int, sinks: int 
             _descriptor(q, bm), _descriptor(do, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(dk, bn // 2),
             _descriptor(dv, bn // 2), _descriptor_f32(dq_acc, bm, D // 2), _row_descriptor(lse_rows, bm),
             _row_descriptor(delta_rows, bm), S, B, scale * LOG2E, scale, window, sinks, Hkv, Hq // Hkv,
-            HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, PIPE=BWD_FUSED_PIPE if pipe is None else pipe,
-            CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
+            HEAD_DIM=D, BLOCK_N=bn, BLOCK_M=bm, STAGES=st, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+            maxnreg=MAXNREG,
         )
         return dq_acc.to(q.dtype), dk, dv
     lsep = lse.transpose(0, 1).reshape(Hq, B * S).contiguous()
