@@ -243,6 +243,11 @@ def child_time_fused(configs) -> dict:
             try:
                 _time_into(row, name, lambda kw=kw: s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W,
                                                                                  **kw), 2.5 * f_fwd)
+                if "config_fused" in kw:  # against the default shape's gradients
+                    got = s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, **kw)
+                    want = s9.window_attention_bwd_sm90(do, qd, kd, vd, out, lse, window=W, deterministic=False)
+                    row[name]["rel_err"] = [((g.float() - w.float()).norm() / w.float().norm()).item()
+                                            for g, w in zip(got, want)]
             except Exception as e:  # an extra shape that does not compile or fit this head dim: reported
                 row[name + " error"] = f"{type(e).__name__}: {str(e)[:160]}"
         for name, det in (("bwd triton", True), ("bwd triton atomic", False)):
