@@ -780,9 +780,10 @@ if HAVE_GLUON:
 # by K's head-dim columns [w * D / 2, (w + 1) * D / 2). Its [BLOCK_M, D / 2] share goes into an fp32 dQ
 # accumulator in global memory by a TMA reduce-add (cp.reduce.async.bulk.tensor): 5 products per tile pair
 # instead of the deterministic backward's 7. The order of the additions into a dQ row varies run to run.
-# (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO / lse / delta). H200, session 26: D64 5.54 ms vs 7.94 for the
-# Triton deterministic backward (S8192 B4 W4096); 198 KB of shared memory at D128, 116 KB at D64.
-BWD_FUSED_CONFIG = {64: (128, 64, 2), 128: (128, 64, 2)}
+# (BLOCK_N keys, BLOCK_M queries, STAGES of Q / dO / lse / delta). H200, session 26 (S8192 B4 W4096, the whole
+# backward): D128 128x64x2 8.16 ms vs 128x64x3 8.79 (128x128 does not fit); D64 128x128x2 4.87 ms vs 128x64x2 5.52,
+# 128x64x3 5.53, the Triton deterministic backward 7.99. Shared memory: 198 KB at D128.
+BWD_FUSED_CONFIG = {64: (128, 128, 2), 128: (128, 64, 2)}
 
 if HAVE_GLUON:
     _tma_reduce_add = getattr(tma, "async_atomic_add", None)
