@@ -284,9 +284,11 @@ def window_attention(
 
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return (f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + deterministic bwd; launch shapes "
-                f"tuned on the H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon "
-                f"kernel of deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off)")
+        return (f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + bwd; launch shapes tuned on the "
+                f"H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon kernel of "
+                f"deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off), and its default backward "
+                f"(deterministic=None) the one-kernel Gluon backward with dQ by TMA reduce-adds (DSK_ATTN_SM90_FUSED=0 "
+                f"or deterministic=True: the deterministic Triton kernels)")
     if interpreting():
         return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"
