@@ -112,7 +112,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sink
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, window: int, sinks: int, causal: bool, softmax_scale: float | None,
             cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int | None,
-            max_seqlen_k: int | None, deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            max_seqlen_k: int | None,
+            deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(q):
         from deepseek_kernels.triton.window_attention import window_attention_bwd
 
@@ -284,11 +285,11 @@ def window_attention(
 
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return (f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + bwd; launch shapes tuned on the "
-                f"H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon kernel of "
-                f"deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off), and its default backward "
-                f"(deterministic=None) the one-kernel Gluon backward with dQ by TMA reduce-adds (DSK_ATTN_SM90_FUSED=0 "
-                f"or deterministic=True: the deterministic Triton kernels)")
+        return (f"triton: deepseek_kernels.triton.window_attention on {device} (fwd + bwd; launch shapes tuned on "
+                f"the H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon "
+                f"kernel of deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off), and its "
+                f"default backward (deterministic=None) the one-kernel Gluon backward with dQ by TMA reduce-adds "
+                f"(DSK_ATTN_SM90_FUSED=0 or deterministic=True: the deterministic Triton kernels)")
     if interpreting():
         return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"
