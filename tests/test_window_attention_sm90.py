@@ -204,9 +204,9 @@ def test_op_fused_backward_is_the_default_for_deterministic_false(monkeypatch):
 @pytest.mark.gpu
 @needs_sm90
 def test_op_default_backward_is_the_fused_kernel_where_it_applies(monkeypatch):
-    """window_attention's default (deterministic=None) runs the one-kernel Gluon backward at head dims 128 and 64,
-    and the deterministic (Triton) backward at a head dim the Hopper kernels do not take (32) or with
-    DSK_ATTN_SM90_FUSED=0 (the Hopper backward's calls recorded)."""
+    """window_attention's default (deterministic=None) runs the one-kernel Gluon backward at head dims 128 and 64;
+    with DSK_ATTN_SM90_FUSED=0 the deterministic two-kernel Gluon one, and at a head dim the Hopper kernels do not
+    take (32) the Triton kernels (the Hopper backward's calls recorded)."""
     calls = []
     real = s9.window_attention_bwd_sm90
 
@@ -215,16 +215,17 @@ def test_op_default_backward_is_the_fused_kernel_where_it_applies(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(s9, "window_attention_bwd_sm90", spy)
-    for D, env, want in ((128, None, [False]), (64, None, [False]), (32, None, []), (128, "0", [])):
+    monkeypatch.delenv("DSK_ATTN_SM90_BWD", raising=False)
+    for D, env, want in ((128, None, [False]), (64, None, [False]), (32, None, []), (128, "0", [True])):
         if env is None:
             monkeypatch.delenv("DSK_ATTN_SM90_FUSED", raising=False)
         else:
             monkeypatch.setenv("DSK_ATTN_SM90_FUSED", env)
-        calls.clear()
         q, k, v = _qkv(1, 300, 4, 2, D, torch.bfloat16, requires_grad=True)
         do = torch.randn_like(q)
-        got = torch.autograd.grad(dk.window_attention(q, k, v, window=100), (q, k, v), do)
         want_grads = torch.autograd.grad(dk.window_attention(q, k, v, window=100, deterministic=True), (q, k, v), do)
+        calls.clear()
+        got = torch.autograd.grad(dk.window_attention(q, k, v, window=100), (q, k, v), do)
         assert calls == want, (D, env, calls)
         for name, a, b in zip(("dq", "dk", "dv"), got, want_grads):
             assert rel_error(a, b.float()) < 1e-2, (D, env, name)

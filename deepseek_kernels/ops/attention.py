@@ -289,7 +289,8 @@ def _describe(device: torch.device) -> str:
                 f"the H200 for D=128); on sm_90 the causal dense forward with D 64/128 in bf16/fp16 runs the Gluon "
                 f"kernel of deepseek_kernels.triton.window_attention_sm90 (DSK_ATTN_SM90=0 turns it off), and its "
                 f"default backward (deterministic=None) the one-kernel Gluon backward with dQ by TMA reduce-adds "
-                f"(DSK_ATTN_SM90_FUSED=0 or deterministic=True: the deterministic Triton kernels)")
+                f"(deterministic=True or DSK_ATTN_SM90_FUSED=0: two deterministic Gluon kernels; DSK_ATTN_SM90_BWD=0: "
+                f"the Triton ones)")
     if interpreting():
         return "triton: deepseek_kernels.triton.window_attention under the Triton interpreter (TRITON_INTERPRET=1)"
     return "reference: deepseek_kernels.reference.attention (tensors on the CPU)"

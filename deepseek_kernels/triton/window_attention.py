@@ -726,8 +726,10 @@ def _launch_dq(qp, kp, vp, op_, dop, lsep, delta, cu_q, cu_k, max_q, dq, *, wind
 
 
 # The Gluon Hopper backward (window_attention_sm90.window_attention_bwd_sm90) for the deterministic backward of the
-# calls the Hopper forward takes; DSK_ATTN_SM90_BWD=1 / 0 overrides this default.
-SM90_BWD_DEFAULT = False
+# calls the Hopper forward takes; DSK_ATTN_SM90_BWD=1 / 0 overrides this default. H200, session 26 (diag time_fused,
+# three runs, the whole backward): S8192 B4 W4096 12.15-12.34 ms vs 12.53-12.72 for the Triton kernels, S32768 GQA
+# 15.07-15.17 vs 15.34-15.56, W1024 4.60-4.67 vs 4.66-4.70, D64 7.31-7.32 vs 7.96-7.99: on by default since.
+SM90_BWD_DEFAULT = True
 # Its one-kernel form (dQ by TMA reduce-adds) for deterministic=False (head dims 64, 128); DSK_ATTN_SM90_FUSED=1 / 0
 # overrides this default.
 SM90_FUSED_DEFAULT = True

@@ -547,7 +547,8 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
 
 # Measured on the H200 (session 24, S8192 B4 W4096 H32 D128, the whole backward): ping-pong off 13.4 ms vs on 16.1;
 # dQ 128x128x2 -0.3 ms vs 128x64x4; dK/dV 128x32x4 best (64-query tiles spill, 16 are slower). The Triton
-# backward took 12.3 ms in the same run: this one stays off by default (window_attention.SM90_BWD_DEFAULT).
+# backward took 12.3 ms in the same run. Session 26 measured it 1-3 % faster than the Triton backward at D128 and
+# 9 % at D64 (window_attention.SM90_BWD_DEFAULT): the default deterministic backward on sm_90 since.
 BWD_DQ_CONFIG = {64: (128, 64, 4), 128: (128, 128, 2)}  # (BLOCK_M, BLOCK_N, STAGES)
 BWD_PINGPONG = False
 # (BLOCK_N keys, BLOCK_M queries, STAGES); at D=128 64-query tiles spill in the consumers (ptxas: 192 B), 32 do not
