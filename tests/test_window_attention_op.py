@@ -164,12 +164,13 @@ def test_default_backward_is_the_deterministic_one_where_the_fused_kernel_does_n
     """deterministic=None (the default) takes the one-kernel Gluon backward only where it applies (sm_90, bf16 /
     fp16, head dim 128, ...: tests/test_window_attention_sm90.py); elsewhere (here fp32, head dim 16, on any
     device) it is the deterministic backward, bit for bit."""
-    from deepseek_kernels.triton import window_attention as wa
+    from deepseek_kernels.triton import window_attention_sm90 as s9
 
     torch.manual_seed(5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (torch.randn(1, 40, h, 16, device=dev, requires_grad=True) for h in (4, 2, 2))
-    assert not wa._fused_takes(q, k, v, True, None, None)
+    assert 16 not in s9.BWD_FUSED_CONFIG and not s9.supported(q, k, v, causal=True, cu_seqlens_q=None,
+                                                               cu_seqlens_k=None)
     do = torch.randn(1, 40, 4, 16, device=dev)
     a = torch.autograd.grad(dk.window_attention(q, k, v, window=7), (q, k, v), do)
     b = torch.autograd.grad(dk.window_attention(q, k, v, window=7, deterministic=True), (q, k, v), do)

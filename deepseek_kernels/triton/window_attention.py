@@ -735,14 +735,8 @@ SM90_BWD_DEFAULT = True
 SM90_FUSED_DEFAULT = True
 
 
-def _fused_takes(q, k, v, causal, cu_seqlens_q, cu_seqlens_k) -> bool:
-    """Whether the one-kernel Gluon backward (deterministic=False on sm_90) takes this call."""
-    if os.environ.get("DSK_ATTN_SM90_FUSED", "1" if SM90_FUSED_DEFAULT else "0") != "1":
-        return False
-    from deepseek_kernels.triton import window_attention_sm90
-
-    return q.shape[-1] in window_attention_sm90.BWD_FUSED_CONFIG and window_attention_sm90.supported(
-        q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+def _env_on(var: str, default: bool) -> bool:
+    return os.environ.get(var, "1" if default else "0") == "1"
 
 
 def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, causal: bool = True,
@@ -761,20 +755,23 @@ def window_attention_bwd(do, q, k, v, out, lse, *, window: int, sinks: int = 0, 
     by TMA reduce-adds; head dims in ``BWD_FUSED_CONFIG``) (None: by ``SM90_BWD_DEFAULT`` / ``DSK_ATTN_SM90_BWD`` and
     ``SM90_FUSED_DEFAULT`` / ``DSK_ATTN_SM90_FUSED``, unless a ``config_*`` asks for the Triton kernels; True: a
     ValueError where it does not apply)."""
-    forced = sm90 is True
-    if deterministic is None:
-        deterministic = not (sm90 is not False and config_dkdv is None and config_dq is None
-                             and _fused_takes(q, k, v, causal, cu_seqlens_q, cu_seqlens_k))
-    if sm90 is None:
-        var, default = ("DSK_ATTN_SM90_BWD", SM90_BWD_DEFAULT) if deterministic else \
-            ("DSK_ATTN_SM90_FUSED", SM90_FUSED_DEFAULT)
-        sm90 = config_dkdv is None and config_dq is None and os.environ.get(var, "1" if default else "0") == "1"
-    if sm90:
-        from deepseek_kernels.triton import window_attention_sm90
+    from deepseek_kernels.triton import window_attention_sm90
 
-        if window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
-                                           cu_seqlens_k=cu_seqlens_k) and (
-                deterministic or q.shape[-1] in window_attention_sm90.BWD_FUSED_CONFIG):
+    forced = sm90 is True
+    if sm90 is None and (config_dkdv is not None or config_dq is not None):
+        sm90 = False  # a launch shape asks for the Triton kernels
+    # one check per call: the Hopper kernels take it (either form), the one-kernel form takes it
+    hopper = sm90 is not False and window_attention_sm90.supported(q, k, v, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                                                                   cu_seqlens_k=cu_seqlens_k)
+    fused = hopper and q.shape[-1] in window_attention_sm90.BWD_FUSED_CONFIG
+    if deterministic is None:
+        deterministic = not (fused and config_dkdv is None and config_dq is None
+                             and _env_on("DSK_ATTN_SM90_FUSED", SM90_FUSED_DEFAULT))
+    if sm90 is None:
+        sm90 = _env_on("DSK_ATTN_SM90_BWD", SM90_BWD_DEFAULT) if deterministic else \
+            _env_on("DSK_ATTN_SM90_FUSED", SM90_FUSED_DEFAULT)
+    if sm90:
+        if hopper and (deterministic or fused):
             return torch.ops.deepseek_kernels.window_attention_bwd_sm90(do, q, k, v, out, lse, window, sinks,
                                                                         softmax_scale, deterministic)
         if forced:
