@@ -36,8 +36,13 @@ CHECK_CASES = [  # (B, S, Hq, Hkv, D, W, sinks)
 ]
 TIME_CASES = [  # (S, B, W, Hq, Hkv)
     (8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 32), (32768, 1, 4096, 32, 8),
-    (32768, 1, 1024, 32, 32),
+    (32768, 1, 1024, 32, 32), (131072, 1, 4096, 32, 32),
 ]
+# forward variants (keyword arguments of window_attention_fwd_sm90) checked and timed next to the default
+FWD_VARIANTS = [("sm90", {}), ("rescale>8", {"rescale": 8.0}), ("reverse", {"reverse": True}),
+                ("rescale>8 reverse", {"rescale": 8.0, "reverse": True})]
+FWD_CHECK_ONLY = [("no-pingpong", {"pingpong": False}), ("persistent", {"persistent": True}),
+                  ("persistent rescale>8", {"persistent": True, "rescale": 8.0})]
 
 
 def child_check(configs) -> dict:
@@ -53,21 +58,18 @@ def child_check(configs) -> dict:
             k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
             ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks,
                                                 return_lse=True)
-            for cfg, pp, per in [(None, True, False), (None, False, False), (None, None, True)] + [
-                    (c, None, False) for c in configs]:
-                out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, config=cfg, pingpong=pp,
-                                                        persistent=per)
+            for name, kw in FWD_VARIANTS + FWD_CHECK_ONLY + [("x".join(map(str, c)), {"config": c})
+                                                              for c in configs]:
+                out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, **kw)
                 torch.cuda.synchronize()
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 lse_err = (lse - ref_lse).abs().max().item()
                 nan = bool(out.isnan().any()) or bool(lse.isnan().any())
                 ok = err < 1e-2 and lse_err < 1e-2 and not nan
                 worst = max(worst, err)
-                rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "config": cfg, "pingpong": pp,
-                             "persistent": per,
+                rows.append({"case": [B, S, Hq, Hkv, D, W, sinks], "dtype": str(dtype), "variant": name,
                              "rel_err": err, "lse_err": lse_err, "nan": nan, "ok": ok})
-                print(f"{str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34}{str(cfg):<14}{str(pp):<6}{str(per):<6} "
-                      f"rel {err:.2e} "
+                print(f"{str(dtype):<15}{str((B, S, Hq, Hkv, D, W, sinks)):<34}{name:<22} rel {err:.2e} "
                       f"lse {lse_err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     return {"rows": rows, "worst_rel_err": worst, "all_ok": all(r["ok"] for r in rows)}
 
@@ -91,24 +93,20 @@ def child_time(configs) -> dict:
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
         ref, _ = wa.window_attention_fwd(q, k, v, window=W, sm90=False)
         row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
-        for cfg, pp, per in [(None, None, False), (None, False, False), (None, None, True)] + [
-                (c, None, False) for c in configs]:
-            name = (("sm90" if cfg is None else "sm90 " + "x".join(map(str, cfg)))
-                    + (" no-pingpong" if pp is False else "") + (" persistent" if per else ""))
-            out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg, pingpong=pp, persistent=per)
+        for name, kw in FWD_VARIANTS + [("sm90 " + "x".join(map(str, c)), {"config": c}) for c in configs]:
+            out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, **kw)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = bench(lambda cfg=cfg, pp=pp, per=per: s9.window_attention_fwd_sm90(q, k, v, window=W, config=cfg,
-                                                                                   pingpong=pp, persistent=per),
-                       warmup=10, rep=100)
+            ms = bench(lambda kw=kw: s9.window_attention_fwd_sm90(q, k, v, window=W, **kw), warmup=10, rep=100)
             row[name] = {"ms": ms, "tflops": f / ms * 1e-9, "rel_err_vs_triton": err}
         ms = bench(lambda: wa.window_attention_fwd(q, k, v, window=W, sm90=False), warmup=10, rep=100)
         row["triton"] = {"ms": ms, "tflops": f / ms * 1e-9}
         flex(q, k, v)
         ms = bench(lambda: flex(q, k, v), warmup=10, rep=100)
         row["flex"] = {"ms": ms, "tflops": f / ms * 1e-9}
-        # the sm90 row once more after the others (drift check)
-        ms = bench(lambda: s9.window_attention_fwd_sm90(q, k, v, window=W, persistent=False), warmup=10, rep=100)
-        row["sm90 again"] = {"ms": ms, "tflops": f / ms * 1e-9}
+        # the variants once more after the others, in reverse order (drift check)
+        for name, kw in FWD_VARIANTS[::-1]:
+            ms = bench(lambda kw=kw: s9.window_attention_fwd_sm90(q, k, v, window=W, **kw), warmup=10, rep=100)
+            row[name + " again"] = {"ms": ms, "tflops": f / ms * 1e-9}
         rows.append(row)
         _print_row(row)
     return {"rows": rows}

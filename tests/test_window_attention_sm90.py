@@ -50,6 +50,29 @@ def test_matches_reference(case, dtype, pingpong):
 
 @pytest.mark.gpu
 @needs_sm90
+@pytest.mark.parametrize("growing", [False, True], ids=["randn", "growing-logits"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+def test_conditional_rescale_and_reverse_order_match_reference(case, dtype, growing):
+    """``rescale > 0`` (a row's max moves only when a tile's exceeds it by more than 2^rescale) and the
+    reversed tile order: against the reference, and with keys scaled up along the sequence (the scores grow
+    by far more than 2^8 over a window: some tiles move the max, others keep a stale one). The tile order
+    changes nothing: bit for bit the forward order."""
+    B, S, Hq, Hkv, D, W, sinks = case
+    q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
+    if growing:
+        k = k * torch.linspace(1, 12, S, device="cuda", dtype=torch.float32).to(dtype)[None, :, None, None]
+    out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, rescale=8.0, reverse=True)
+    ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks, return_lse=True)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_error(out, ref) < REL_TOL[dtype]
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-3)
+    want, want_lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, rescale=8.0, reverse=False)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.gpu
+@needs_sm90
 @pytest.mark.parametrize("case", CASES[::2] + [(3, 1500, 4, 2, 128, 700, 3)],
                          ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
 def test_persistent_matches_one_tile_programs(case):

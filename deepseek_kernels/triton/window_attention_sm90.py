@@ -64,7 +64,15 @@ CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer's keeps 24, the consumers 240
 CONSUMER_REGS = 240
 PINGPONG = True  # the consumers take turns issuing their products: +1-3 % on the forward
-PERSISTENT = False  # one program per SM over many tiles: written after session 24's last GPU call, not yet timed
+PERSISTENT = False  # one program per SM over many tiles: bit-equal, not faster (session 25)
+# Conditional rescale (FlashAttention-4): a row's running max moves only when a tile's exceeds it by more than
+# RESCALE (log2 units; p stays below 2^RESCALE, well inside bf16 / fp16), so most tiles skip acc *= alpha;
+# 0 = the max follows every tile. REVERSE: the last query tile of each head first (the longest tiles start first,
+# the short ones of the window's ramp fill the last wave). H200, session 27 (two readings each, same process):
+# both together 2.88 vs 2.99 ms at S8192 B4 W4096, 3.53 vs 3.71 at S32768 W4096, 3.53 vs 3.65 GQA 32/8, 15.16 vs
+# 16.17 at S131072; either alone was within the noise of the default.
+RESCALE = 8.0
+REVERSE = True
 
 
 def supported(q, k, v, *, causal: bool, cu_seqlens_q, cu_seqlens_k) -> bool:
@@ -112,10 +120,14 @@ if HAVE_GLUON:
         return start_n
 
     @gluon.jit
-    def _query_program(HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+    def _query_program(HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr = False):
         """A (query tile, batch x query head) program's first row, batch, head, and its head's columns in the
-        ``[B, S, H * D]`` views of q and of k / v."""
-        m0 = gl.program_id(0) * BLOCK_M
+        ``[B, S, H * D]`` views of q and of k / v. ``REVERSE``: the last query tile first (the tiles past the
+        window's ramp, the longest, start first and the short ones fill the last wave)."""
+        if REVERSE:
+            m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+        else:
+            m0 = gl.program_id(0) * BLOCK_M
         pid_bh = gl.program_id(1)
         b = pid_bh // HQ
         h = pid_bh % HQ
@@ -214,21 +226,30 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks, qk_scale,
-                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, RESCALE: gl.constexpr):
         """Online-softmax step on one tile of raw scores: returns p = exp2(s * qk_scale - m) (one FMA and
-        one exp2 per score), the rescale factor of the running output and the new running max (scaled)
-        and sum. Tiles outside [full_lo, full_hi) are masked."""
+        one exp2 per score), the rescale factor of the running output, the new running max (scaled) and
+        sum, and whether any row's max moved (the output needs ``acc *= alpha`` only then). Tiles outside
+        [full_lo, full_hi) are masked. ``RESCALE > 0``: a row keeps its old max unless the tile's exceeds
+        it by more than ``RESCALE`` (log2 units), so p stays below 2^RESCALE and most tiles move no max
+        (FlashAttention-4's conditional rescale); ``RESCALE == 0``: the max follows every tile."""
         if (start_n < full_lo) | (start_n >= full_hi):
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             j = gl.expand_dims(cols, 0)
             p_ = gl.expand_dims(pos, 1)
             s = gl.where(_visible(j, p_, window, sinks), s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_tile = gl.max(s, 1) * qk_scale
+        if RESCALE > 0:
+            m_new = gl.where(m_tile > m_i + RESCALE, m_tile, m_i)  # -inf + RESCALE stays -inf
+            moved = gl.max((m_new != m_i).to(gl.int32), 0) > 0
+        else:
+            m_new = gl.maximum(m_i, m_tile)
+            moved = True
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
-        return p, alpha, m_new, l_i
+        return p, alpha, m_new, l_i, moved
 
     @gluon.jit
     def _take_turn(turn, event, WG: gl.constexpr, PINGPONG: gl.constexpr):
@@ -246,18 +267,18 @@ if HAVE_GLUON:
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                   full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr):
         """One warpgroup (4 warps) of a one-tile program: its query half, then the output through that half."""
         _consume_tile(q_bufs, q_bufs, k_bufs, v_bufs, q_bar, 0, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                       o_desc, LSE, 0, 0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink,
-                      n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, False)
+                      n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, False, RESCALE)
 
     @gluon.jit
     def _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_ready, k_empty, v_empty,
                       turn, o_desc, LSE, it0, ev0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
                       n_sink, n_tiles, full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                       HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                      PERSISTENT: gl.constexpr):
+                      PERSISTENT: gl.constexpr, RESCALE: gl.constexpr):
         """One warpgroup (4 warps): scores, softmax and the output update for rows
         [m0 + WG * HALF_M, + HALF_M) of one query tile; releases each K / V slot once (empty barriers count
         both warpgroups). ``it0`` / ``ev0``: the K/V ring iterations and ping-pong turns of the program's
@@ -294,8 +315,8 @@ if HAVE_GLUON:
         s = warpgroup_mma_wait(0, deps=[s_tok])
         _release(k_empty.index(slot0))
         start_n = _tile_start(0, n_sink, start, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks, qk_scale,
-                                           BLOCK_N, s_layout)
+        p, alpha, m_i, l_i, moved = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
+                                                  qk_scale, BLOCK_N, s_layout, RESCALE)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for i in range(1, n_tiles):
@@ -312,12 +333,13 @@ if HAVE_GLUON:
             _pass_turn(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(1, deps=[s_tok])  # the scores are done; the update may still run
             start_n = _tile_start(i, n_sink, start, BLOCK_N)
-            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
-                                               qk_scale, BLOCK_N, s_layout)
+            p, alpha, m_i, l_i, moved = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
+                                                      qk_scale, BLOCK_N, s_layout, RESCALE)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             _release(k_empty.index(slot))  # the warpgroup's four warps are past K_i and V_{i-1}
             mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            if moved:
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         if PERSISTENT:  # every product reading the query half is done: the producer may load the next tile's
@@ -355,12 +377,12 @@ if HAVE_GLUON:
     def _consumer1(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                    b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                    full_lo, full_hi, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, unused: gl.constexpr):
+                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, unused: gl.constexpr):
         """The second warpgroup (a worker partition: same signature as the producer's)."""
         WG1: gl.constexpr = 1
         _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                  full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG)
+                  full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE)
 
     @gluon.jit
     def _producer_persistent(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
@@ -396,7 +418,7 @@ if HAVE_GLUON:
     def _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                             STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                             STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr):
         """One consumer warpgroup over a persistent program's tiles (the producer's order)."""
         HALF_M: gl.constexpr = BLOCK_M // 2
         it = 0
@@ -407,7 +429,8 @@ if HAVE_GLUON:
             start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
             _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, tc & 1, q_empty, k_ready, v_ready, k_empty, v_empty,
                           turn, o_desc, LSE, it, ev, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
-                          n_sink, n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, True)
+                          n_sink, n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, True,
+                          RESCALE)
             it += n_tiles
             ev += n_tiles + 1
             tc += 1
@@ -417,11 +440,12 @@ if HAVE_GLUON:
     def _consumer_persistent1(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                               turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, PINGPONG: gl.constexpr, unused: gl.constexpr):
+                              STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr,
+                              unused: gl.constexpr):
         WG1: gl.constexpr = 1
         _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
-                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG)
+                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE)
 
     # the integer arguments are not specialized (on == 1 or % 16 == 0): a warp-specialized Gluon compile takes
     # seconds, and every new specialization would pay it again
@@ -429,21 +453,23 @@ if HAVE_GLUON:
     def _window_attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window,
                                      sinks, HQ, REP, N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                                     CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr):
+                                     CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, RESCALE: gl.constexpr,
+                                     REVERSE: gl.constexpr):
         """One query tile per program, or with ``PERSISTENT`` a grid of at most one program per SM, each over
         tiles ``pid, pid + nprog, ...`` of the ``TOTAL = N_M x B x HQ`` (query tile, batch x head) tiles, so
         that the producer loads the next tile while the consumers finish the current one."""
         if PERSISTENT:
             _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
-                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS)
+                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE)
         else:
             _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
-                          HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS)
+                          HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE, REVERSE)
 
     @gluon.jit
     def _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                         N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        RESCALE: gl.constexpr):
         WG0: gl.constexpr = 0
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape, o_desc.layout)
@@ -459,10 +485,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer_persistent, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                     v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
+                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE)),
             (_consumer_persistent1, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                      v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, WG0)),
+                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, WG0)),
             (_producer_persistent, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
                                     k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM, BLOCK_M,
                                     BLOCK_N, STAGES)),
@@ -471,10 +497,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, RESCALE: gl.constexpr,
+                      REVERSE: gl.constexpr):
         HALF_M: gl.constexpr = BLOCK_M // 2
         WG0: gl.constexpr = 0
-        m0, b, h, q_col, kv_col = _query_program(HQ, REP, HEAD_DIM, BLOCK_M)
+        m0, b, h, q_col, kv_col = _query_program(HQ, REP, HEAD_DIM, BLOCK_M, REVERSE)
         start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
 
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
@@ -490,10 +517,10 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                          b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                         full_lo, full_hi, WG0, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG)),
+                         full_lo, full_hi, WG0, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE)),
             (_consumer1, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                           b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                          full_lo, full_hi, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, WG0)),
+                          full_lo, full_hi, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE, WG0)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                          b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -510,11 +537,13 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_scale: float | None = None,
                               config: tuple | None = None, pingpong: bool | None = None,
-                              persistent: bool | None = None):
+                              persistent: bool | None = None, rescale: float | None = None,
+                              reverse: bool | None = None):
     """Causal forward on the dense layout (see :func:`supported`). Returns ``(out, lse)`` as
     ``window_attention_fwd`` does: out ``[B, S, Hq, D]``, lse ``[B, Hq, S]`` float32 (a view of a
     ``[Hq, B * S]`` buffer). ``config = (BLOCK_M, BLOCK_N, STAGES)`` overrides the launch shape; ``persistent``
-    (default ``PERSISTENT``): one program per SM looping over the tiles (32 KB more shared memory at D=128)."""
+    (default ``PERSISTENT``): one program per SM looping over the tiles (32 KB more shared memory at D=128);
+    ``rescale`` / ``reverse``: see ``RESCALE`` / ``REVERSE``."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     block_m, block_n, stages = config or CONFIG[D]
@@ -529,7 +558,8 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
         lse, lse.stride(0), S, scale * LOG2E, window, sinks, Hq, Hq // Hkv, n_m, total,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PINGPONG=PINGPONG if pingpong is None else pingpong,
-        CONSUMER_REGS=CONSUMER_REGS, PERSISTENT=persistent, num_warps=4, maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, PERSISTENT=persistent, RESCALE=float(RESCALE if rescale is None else rescale),
+        REVERSE=REVERSE if reverse is None else reverse, num_warps=4, maxnreg=MAXNREG,
     )
     return out, lse.view(Hq, B, S).transpose(0, 1)
 
