@@ -143,7 +143,7 @@ def cases():
                         STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
             for pp, persistent, rescale, reverse in ((True, False, 0.0, False), (False, False, 0.0, False),
                                                      (True, True, 0.0, False), (True, False, 8.0, True),
-                                                     (True, True, 8.0, False)):
+                                                     (True, True, 8.0, True)):
                 name = (f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}" + (" persistent" if persistent else "")
                         + (f" rescale>{rescale:g}" if rescale else "") + (" reverse" if reverse else ""))
                 out.append((name, s9._window_attn_fwd_sm90_kernel,

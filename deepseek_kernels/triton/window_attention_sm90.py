@@ -21,8 +21,10 @@ Same function as ``_window_attn_fwd_kernel`` in ``window_attention.py`` (semanti
 
 Key tiles are visited as in the Triton forward: the sink tiles before the window, then the window;
 only tiles on the diagonal, on the window's far edge or among the sinks evaluate the mask. By default a
-program handles one query tile; ``persistent=True`` launches one program per SM that loops over tiles
-(the producer loading the next tile during the current one's epilogue; not yet timed).
+program handles one query tile; where the window is short (``PERSISTENT_MAX_WINDOW``) one program per SM
+loops over the tiles (the producer loading the next tile during the current one's epilogue). Each head's
+last query tile goes first, and a row's running max moves only when a tile's exceeds it by more than
+``RESCALE`` (log2 units), so most tiles skip rescaling the output.
 
 ``supported()`` says which calls take this path (the op falls back to the Triton forward for the
 rest: packed varlen, ``causal=False``, ``Sq != Sk``, head dims other than 64 / 128, float32,
@@ -64,7 +66,12 @@ CONFIG = {64: (128, 128, 3), 128: (128, 128, 2)}
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer's keeps 24, the consumers 240
 CONSUMER_REGS = 240
 PINGPONG = True  # the consumers take turns issuing their products: +1-3 % on the forward
-PERSISTENT = False  # one program per SM over many tiles: bit-equal, not faster (session 25)
+# One program per SM looping over the tiles (the producer loads the next tile's Q / K / V during the current one's
+# epilogue) where the window spans at most PERSISTENT_MAX_WINDOW keys: there a tile is short (9 key tiles at
+# W1024) and its prologue / epilogue weigh. H200, session 27 (two readings each, same process): S32768 W1024
+# 1.150 / 1.142 vs 1.209 / 1.222 ms, S131072 W1024 4.69 / 4.62 vs 4.99 / 4.96, S8192 B4 W1024 1.125 / 1.126 vs
+# 1.093 / 1.176 (a tie); at W4096 it lost (S8192 2.99 / 3.03 vs 2.82 / 2.91, S131072 16.5 / 14.9 vs 14.9 / 14.8).
+PERSISTENT_MAX_WINDOW = 1024
 # Conditional rescale (FlashAttention-4): a row's running max moves only when a tile's exceeds it by more than
 # RESCALE (log2 units; p stays below 2^RESCALE, well inside bf16 / fp16), so most tiles skip acc *= alpha;
 # 0 = the max follows every tile. REVERSE: the last query tile of each head first (the longest tiles start first,
@@ -134,13 +141,16 @@ if HAVE_GLUON:
         return m0, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
 
     @gluon.jit
-    def _tile_coords(tile, N_M, HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+    def _tile_coords(tile, N_M, HQ, REP, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
         """:func:`_query_program` for tile ``tile`` of a persistent program (query tiles fastest, then heads,
-        then the batch: consecutive tiles share K/V in L2)."""
+        then the batch: consecutive tiles share K/V in L2; ``REVERSE``: each head's last query tile first)."""
         bh = tile // N_M
         b = bh // HQ
         h = bh - b * HQ
-        return (tile - bh * N_M) * BLOCK_M, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
+        mt = tile - bh * N_M
+        if REVERSE:
+            mt = N_M - 1 - mt
+        return mt * BLOCK_M, b, h, h * HEAD_DIM, (h // REP) * HEAD_DIM
 
     @gluon.jit
     def _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -387,14 +397,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_persistent(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
                              k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                             REVERSE: gl.constexpr):
         """:func:`_producer` over a persistent program's tiles: the next tile's query halves as soon as both
         consumers are past their last product on the current ones, the K/V ring running on across tiles."""
         HALF_M: gl.constexpr = BLOCK_M // 2
         it = 0
         tc = 0
         for tile in range(gl.program_id(0), TOTAL, gl.num_programs(0)):
-            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M)
+            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M, REVERSE)
             start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
             mbarrier.wait(q_empty, (tc & 1) ^ 1)
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -418,14 +429,15 @@ if HAVE_GLUON:
     def _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                             STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr):
+                             STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr,
+                             REVERSE: gl.constexpr):
         """One consumer warpgroup over a persistent program's tiles (the producer's order)."""
         HALF_M: gl.constexpr = BLOCK_M // 2
         it = 0
         ev = 0
         tc = 0
         for tile in range(gl.program_id(0), TOTAL, gl.num_programs(0)):
-            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M)
+            m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M, REVERSE)
             start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
             _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, tc & 1, q_empty, k_ready, v_ready, k_empty, v_empty,
                           turn, o_desc, LSE, it, ev, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
@@ -441,11 +453,11 @@ if HAVE_GLUON:
                               turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr,
-                              unused: gl.constexpr):
+                              REVERSE: gl.constexpr, unused: gl.constexpr):
         WG1: gl.constexpr = 1
         _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
-                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE)
+                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, REVERSE)
 
     # the integer arguments are not specialized (on == 1 or % 16 == 0): a warp-specialized Gluon compile takes
     # seconds, and every new specialization would pay it again
@@ -460,7 +472,8 @@ if HAVE_GLUON:
         that the producer loads the next tile while the consumers finish the current one."""
         if PERSISTENT:
             _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
-                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE)
+                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE,
+                            REVERSE)
         else:
             _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                           HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE, REVERSE)
@@ -469,7 +482,7 @@ if HAVE_GLUON:
     def _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                         N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        RESCALE: gl.constexpr):
+                        RESCALE: gl.constexpr, REVERSE: gl.constexpr):
         WG0: gl.constexpr = 0
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape, o_desc.layout)
@@ -485,13 +498,15 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer_persistent, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                     v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE)),
+                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE,
+                                    REVERSE)),
             (_consumer_persistent1, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                      v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, WG0)),
+                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, REVERSE,
+                                     WG0)),
             (_producer_persistent, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
                                     k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM, BLOCK_M,
-                                    BLOCK_N, STAGES)),
+                                    BLOCK_N, STAGES, REVERSE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
     @gluon.jit
@@ -542,12 +557,14 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
     """Causal forward on the dense layout (see :func:`supported`). Returns ``(out, lse)`` as
     ``window_attention_fwd`` does: out ``[B, S, Hq, D]``, lse ``[B, Hq, S]`` float32 (a view of a
     ``[Hq, B * S]`` buffer). ``config = (BLOCK_M, BLOCK_N, STAGES)`` overrides the launch shape; ``persistent``
-    (default ``PERSISTENT``): one program per SM looping over the tiles (32 KB more shared memory at D=128);
+    (default: where ``min(window, S) <= PERSISTENT_MAX_WINDOW``): one program per SM looping over the tiles
+    (32 KB more shared memory at D=128);
     ``rescale`` / ``reverse``: see ``RESCALE`` / ``REVERSE``."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     block_m, block_n, stages = config or CONFIG[D]
-    persistent = PERSISTENT if persistent is None else persistent
+    if persistent is None:
+        persistent = min(window, S) <= PERSISTENT_MAX_WINDOW
     out = torch.empty(B, S, Hq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, B * S, device=q.device, dtype=torch.float32)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
