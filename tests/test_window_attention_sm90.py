@@ -130,6 +130,14 @@ def test_forcing_it_on_a_call_it_does_not_take_raises():
         window_attention_bwd(q, q, q, q, q, lse, window=8, deterministic=False, sm90=True)
 
 
+def test_persistent_grid_is_the_default_only_for_short_windows():
+    """The persistent forward grid won at W1024 and lost at W4096 on the H200 (session 27): the default picks it
+    by the keys a query sees, the window or the whole sequence when that is shorter."""
+    assert s9.PERSISTENT_MAX_WINDOW == 1024
+    assert s9.use_persistent(1024, 131072) and s9.use_persistent(1, 8192) and s9.use_persistent(4096, 1000)
+    assert not s9.use_persistent(1025, 8192) and not s9.use_persistent(4096, 32768)
+
+
 @pytest.mark.gpu
 @needs_sm90
 def test_misaligned_base_takes_the_triton_forward():

@@ -72,6 +72,11 @@ PINGPONG = True  # the consumers take turns issuing their products: +1-3 % on th
 # 1.150 / 1.142 vs 1.209 / 1.222 ms, S131072 W1024 4.69 / 4.62 vs 4.99 / 4.96, S8192 B4 W1024 1.125 / 1.126 vs
 # 1.093 / 1.176 (a tie); at W4096 it lost (S8192 2.99 / 3.03 vs 2.82 / 2.91, S131072 16.5 / 14.9 vs 14.9 / 14.8).
 PERSISTENT_MAX_WINDOW = 1024
+
+
+def use_persistent(window: int, seq_len: int) -> bool:
+    """The forward's default grid: persistent where the keys a query sees (window, at most the sequence) are few."""
+    return min(window, seq_len) <= PERSISTENT_MAX_WINDOW
 # Conditional rescale (FlashAttention-4): a row's running max moves only when a tile's exceeds it by more than
 # RESCALE (log2 units; p stays below 2^RESCALE, well inside bf16 / fp16), so most tiles skip acc *= alpha;
 # 0 = the max follows every tile. REVERSE: the last query tile of each head first (the longest tiles start first,
@@ -563,8 +568,7 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     block_m, block_n, stages = config or CONFIG[D]
-    if persistent is None:
-        persistent = min(window, S) <= PERSISTENT_MAX_WINDOW
+    persistent = use_persistent(window, S) if persistent is None else persistent
     out = torch.empty(B, S, Hq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(Hq, B * S, device=q.device, dtype=torch.float32)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
