@@ -27,6 +27,16 @@ CASES = [  # (B, S, Hq, Hkv, D, window, sinks): odd lengths, window 1 / wider th
 ]
 
 
+def _case_id(c) -> str:
+    return "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c)
+
+
+def _each_case_and_dtype(test):
+    """Parametrize ``test`` over CASES x (bf16, fp16)."""
+    test = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)(test)
+    return pytest.mark.parametrize("case", CASES, ids=_case_id)(test)
+
+
 def _qkv(B, S, Hq, Hkv, D, dtype, requires_grad=False):
     mk = lambda h: torch.randn(B, S, h, D, device="cuda", dtype=dtype, requires_grad=requires_grad)  # noqa: E731
     return mk(Hq), mk(Hkv), mk(Hkv)
@@ -35,8 +45,7 @@ def _qkv(B, S, Hq, Hkv, D, dtype, requires_grad=False):
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("pingpong", [True, False], ids=["pingpong", "free"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+@_each_case_and_dtype
 def test_matches_reference(case, dtype, pingpong):
     B, S, Hq, Hkv, D, W, sinks = case
     q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
@@ -51,8 +60,7 @@ def test_matches_reference(case, dtype, pingpong):
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("growing", [False, True], ids=["randn", "growing-logits"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+@_each_case_and_dtype
 def test_conditional_rescale_and_reverse_order_match_reference(case, dtype, growing):
     """``rescale > 0`` (a row's max moves only when a tile's exceeds it by more than 2^rescale) and the
     reversed tile order: against the reference, and with keys scaled up along the sequence (the scores grow
@@ -74,7 +82,7 @@ def test_conditional_rescale_and_reverse_order_match_reference(case, dtype, grow
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("case", CASES[::2] + [(3, 1500, 4, 2, 128, 700, 3)],
-                         ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+                         ids=_case_id)
 def test_persistent_matches_one_tile_programs(case):
     """The persistent grid (each program over many tiles, the K/V ring and ping-pong turns running on across
     them) computes what one tile per program does, bit for bit."""
@@ -171,7 +179,7 @@ BWD_CASES = [  # (B, S, Hq, Hkv, D, window, sinks)
 @needs_sm90
 @pytest.mark.parametrize("variant", [{"deterministic": True}, {"deterministic": False}], ids=["two-kernels", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "B{}-S{}-H{}/{}-D{}-W{}-s{}".format(*c))
+@pytest.mark.parametrize("case", BWD_CASES, ids=_case_id)
 def test_backward_kernels_match_reference(case, dtype, variant):
     B, S, Hq, Hkv, D, W, sinks = case
     if not variant["deterministic"] and D not in s9.BWD_FUSED_CONFIG:

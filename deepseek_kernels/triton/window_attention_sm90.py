@@ -73,10 +73,6 @@ PINGPONG = True  # the consumers take turns issuing their products: +1-3 % on th
 # 1.093 / 1.176 (a tie); at W4096 it lost (S8192 2.99 / 3.03 vs 2.82 / 2.91, S131072 16.5 / 14.9 vs 14.9 / 14.8).
 PERSISTENT_MAX_WINDOW = 1024
 
-
-def use_persistent(window: int, seq_len: int) -> bool:
-    """The forward's default grid: persistent where the keys a query sees (window, at most the sequence) are few."""
-    return min(window, seq_len) <= PERSISTENT_MAX_WINDOW
 # Conditional rescale (FlashAttention-4): a row's running max moves only when a tile's exceeds it by more than
 # RESCALE (log2 units; p stays below 2^RESCALE, well inside bf16 / fp16), so most tiles skip acc *= alpha;
 # 0 = the max follows every tile. REVERSE: the last query tile of each head first (the longest tiles start first,
@@ -85,6 +81,11 @@ def use_persistent(window: int, seq_len: int) -> bool:
 # 16.17 at S131072; either alone was within the noise of the default.
 RESCALE = 8.0
 REVERSE = True
+
+
+def use_persistent(window: int, seq_len: int) -> bool:
+    """The forward's default grid: persistent where the keys a query sees (window, at most the sequence) are few."""
+    return min(window, seq_len) <= PERSISTENT_MAX_WINDOW
 
 
 def supported(q, k, v, *, causal: bool, cu_seqlens_q, cu_seqlens_k) -> bool:
