@@ -10,9 +10,11 @@ phase) shows where it stopped instead of eating the call. Steps:
 
 - ``check``: fresh random inputs, odd lengths (1, 17, 300, 1000, 4097), windows 1 / 17 / 128 / 1000 / longer
   than the sequence, sinks 0 / 4, GQA 1 / 4 / 8, head dims 64 / 128, bf16 and fp16, against the float32
-  reference (output and lse), every output element written (the output buffer is poisoned with NaN first);
-- ``time``: S8192 B4 and S32768 B1 at W1024 / W4096 (H32, and GQA 32/8): the Gluon forward, the Triton
-  forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of useful work;
+  reference (output and lse), for the default forward and each variant (``FWD_VARIANTS``, ``FWD_CHECK_ONLY``);
+- ``time``: S8192 B4, S32768 B1 and S131072 B1 at W1024 / W4096 (H32, and GQA 32/8; D128, and D64 at W4096):
+  the Gluon forward and its variants (``FWD_VARIANTS``, each timed twice, the second pass in reverse order),
+  the Triton forward (``sm90=False``) and FlexAttention (compiled, block mask) in the same process, TF/s of
+  useful work;
 - ``check_bwd``: the Gluon backward's dq / dk / dv against float32 autograd of the reference;
 - ``time_bwd``: fwd + bwd through the op with the Gluon backward on and off, FlexAttention, and the two
   backwards alone (TF/s: 2.5x the forward's useful FLOPs);
@@ -34,14 +36,16 @@ CHECK_CASES = [  # (B, S, Hq, Hkv, D, W, sinks)
     (1, 1000, 8, 1, 128, 1000, 4), (1, 4097, 4, 4, 128, 1000, 0), (1, 4097, 8, 2, 64, 5000, 4),
     (2, 555, 4, 4, 64, 129, 0), (1, 2048, 4, 4, 128, 4096, 130), (3, 384, 2, 2, 128, 255, 1),
 ]
-TIME_CASES = [  # (S, B, W, Hq, Hkv)
+TIME_CASES = [  # (S, B, W, Hq, Hkv[, D = 128])
     (8192, 4, 1024, 32, 32), (8192, 4, 4096, 32, 32), (32768, 1, 4096, 32, 32), (32768, 1, 4096, 32, 8),
-    (32768, 1, 1024, 32, 32), (131072, 1, 1024, 32, 32), (131072, 1, 4096, 32, 32),
+    (32768, 1, 1024, 32, 32), (131072, 1, 1024, 32, 32), (131072, 1, 4096, 32, 32), (8192, 4, 4096, 32, 32, 64),
+    (32768, 1, 4096, 32, 32, 64),
 ]
 # forward variants (keyword arguments of window_attention_fwd_sm90) checked and timed next to the default
-FWD_VARIANTS = [("sm90", {}), ("persistent", {"persistent": True})]
+FWD_VARIANTS = [("sm90", {}), ("rowsum", {"rowsum": True})]
 FWD_CHECK_ONLY = [("no-pingpong", {"pingpong": False}), ("every-tile rescale", {"rescale": 0.0}),
-                  ("persistent forward order", {"persistent": True, "reverse": False})]
+                  ("persistent forward order", {"persistent": True, "reverse": False}),
+                  ("persistent rowsum", {"persistent": True, "rowsum": True})]
 
 
 def child_check(configs) -> dict:
@@ -83,15 +87,15 @@ def child_time(configs) -> dict:
     from deepseek_kernels.triton import window_attention_sm90 as s9
 
     rows = []
-    D = 128
-    for S, B, W, Hq, Hkv in TIME_CASES:
+    for S, B, W, Hq, Hkv, *rest in TIME_CASES:
+        D = rest[0] if rest else 128
         torch.manual_seed(0)
         q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         f = flops(B, Hq, D, attended_pairs(S, S, window=W))
         flex = _flex(W, 0, S, Hq, Hq != Hkv)
         ref, _ = wa.window_attention_fwd(q, k, v, window=W, sm90=False)
-        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv}
+        row = {"S": S, "B": B, "W": W, "Hq": Hq, "Hkv": Hkv, "D": D}
         for name, kw in FWD_VARIANTS + [("sm90 " + "x".join(map(str, c)), {"config": c}) for c in configs]:
             out, _ = s9.window_attention_fwd_sm90(q, k, v, window=W, **kw)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
