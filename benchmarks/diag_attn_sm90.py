@@ -42,10 +42,9 @@ TIME_CASES = [  # (S, B, W, Hq, Hkv[, D = 128])
     (32768, 1, 4096, 32, 32, 64),
 ]
 # forward variants (keyword arguments of window_attention_fwd_sm90) checked and timed next to the default
-FWD_VARIANTS = [("sm90", {}), ("rowsum", {"rowsum": True})]
+FWD_VARIANTS = [("sm90", {}), ("persistent", {"persistent": True})]
 FWD_CHECK_ONLY = [("no-pingpong", {"pingpong": False}), ("every-tile rescale", {"rescale": 0.0}),
-                  ("persistent forward order", {"persistent": True, "reverse": False}),
-                  ("persistent rowsum", {"persistent": True, "rowsum": True})]
+                  ("persistent forward order", {"persistent": True, "reverse": False})]
 
 
 def child_check(configs) -> dict:

@@ -141,15 +141,13 @@ def cases():
                         o_desc=s9._descriptor(x, bm // 2), LSE=f32, stride_lh=256, seq_len=256, qk_scale=0.1,
                         window=4096, sinks=0, HQ=2, REP=1, N_M=2, TOTAL=8, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
                         STAGES=st, CONSUMER_REGS=s9.CONSUMER_REGS)
-            for pp, persistent, rescale, reverse, rowsum in (
-                    (True, False, 0.0, False, False), (False, False, 0.0, False, False), (True, True, 0.0, False, False),
-                    (True, False, 8.0, True, False), (True, True, 8.0, True, False), (True, False, 8.0, True, True)):
+            for pp, persistent, rescale, reverse in ((True, False, 0.0, False), (False, False, 0.0, False),
+                                                     (True, True, 0.0, False), (True, False, 8.0, True),
+                                                     (True, True, 8.0, True)):
                 name = (f"window attention fwd sm90 (Gluon) D{D} pingpong={pp}" + (" persistent" if persistent else "")
-                        + (f" rescale>{rescale:g}" if rescale else "") + (" reverse" if reverse else "")
-                        + (" rowsum" if rowsum else ""))
+                        + (f" rescale>{rescale:g}" if rescale else "") + (" reverse" if reverse else ""))
                 out.append((name, s9._window_attn_fwd_sm90_kernel,
-                            dict(args, PINGPONG=pp, PERSISTENT=persistent, RESCALE=rescale, REVERSE=reverse,
-                                 ROWSUM=rowsum),
+                            dict(args, PINGPONG=pp, PERSISTENT=persistent, RESCALE=rescale, REVERSE=reverse),
                             dict(num_warps=4, maxnreg=s9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
             bm, bn, st = s9.BWD_DQ_CONFIG[D]
             dq = dict(q_desc=s9._descriptor(x, bm // 2), do_desc=s9._descriptor(x, bm // 2), k_desc=s9._descriptor(x, bn),

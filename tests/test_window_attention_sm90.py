@@ -81,22 +81,6 @@ def test_conditional_rescale_and_reverse_order_match_reference(case, dtype, grow
 
 @pytest.mark.gpu
 @needs_sm90
-@pytest.mark.parametrize("persistent", [False, True], ids=["one-tile", "persistent"])
-@_each_case_and_dtype
-def test_row_sums_by_the_tensor_cores_match_reference(case, dtype, persistent):
-    """``rowsum=True``: the softmax denominators as P times a tile of ones on the tensor cores (the sum of the
-    rounded P the numerator uses: lse within 4e-3 of the exact one)."""
-    B, S, Hq, Hkv, D, W, sinks = case
-    q, k, v = _qkv(B, S, Hq, Hkv, D, dtype)
-    out, lse = s9.window_attention_fwd_sm90(q, k, v, window=W, sinks=sinks, rowsum=True, persistent=persistent)
-    ref, ref_lse = window_attention_ref(q.float(), k.float(), v.float(), window=W, sinks=sinks, return_lse=True)
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert rel_error(out, ref) < REL_TOL[dtype]
-    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=4e-3)
-
-
-@pytest.mark.gpu
-@needs_sm90
 @pytest.mark.parametrize("case", CASES[::2] + [(3, 1500, 4, 2, 128, 700, 3)],
                          ids=_case_id)
 def test_persistent_matches_one_tile_programs(case):

@@ -81,10 +81,6 @@ PERSISTENT_MAX_WINDOW = 1024
 # 16.17 at S131072; either alone was within the noise of the default.
 RESCALE = 8.0
 REVERSE = True
-# The row sums of P by the tensor cores (P times a [BLOCK_N, 8] tile of ones next to P V) instead of 64 FADDs per
-# thread per tile on the CUDA cores: the head-dim-64 forward is instruction-issue-bound (session 27). Written
-# after session 27's last GPU call: not yet run on a GPU.
-ROWSUM = False
 
 
 def use_persistent(window: int, seq_len: int) -> bool:
@@ -205,12 +201,6 @@ if HAVE_GLUON:
         return bars
 
     @gluon.jit
-    def _ones_buffer(dtype: gl.constexpr, BLOCK_N: gl.constexpr):
-        """[8, BLOCK_N] in shared memory for the forward's ROWSUM (the consumers fill it with ones): permuted, the
-        K-major B operand of P [64, BLOCK_N] x ones [BLOCK_N, 8], the row sums of P in every column."""
-        return gl.allocate_shared_memory(dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype))
-
-    @gluon.jit
     def _visible(j, p, window, sinks):
         """Causal window with sinks: query position ``p`` sees key ``j`` (reference/attention.py)."""
         return ((j > p - window) | (j < sinks)) & (j <= p)
@@ -252,11 +242,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks, qk_scale,
-                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr):
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, RESCALE: gl.constexpr):
         """Online-softmax step on one tile of raw scores: returns p = exp2(s * qk_scale - m) (one FMA and
         one exp2 per score), the rescale factor of the running output, the new running max (scaled) and
         sum, and whether any row's max moved (the output needs ``acc *= alpha`` only then). Tiles outside
-        [full_lo, full_hi) are masked (``ROWSUM``: the sum is left to the caller). ``RESCALE > 0``: a row keeps its old max unless the tile's exceeds
+        [full_lo, full_hi) are masked. ``RESCALE > 0``: a row keeps its old max unless the tile's exceeds
         it by more than ``RESCALE`` (log2 units), so p stays below 2^RESCALE and most tiles move no max
         (FlashAttention-4's conditional rescale); ``RESCALE == 0``: the max follows every tile."""
         if (start_n < full_lo) | (start_n >= full_hi):
@@ -274,8 +264,7 @@ if HAVE_GLUON:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
-        if not ROWSUM:  # (else the row sum comes from the tensor cores: P times a tile of ones)
-            l_i = l_i * alpha + gl.sum(p, 1)
+        l_i = l_i * alpha + gl.sum(p, 1)
         return p, alpha, m_new, l_i, moved
 
     @gluon.jit
@@ -291,21 +280,21 @@ if HAVE_GLUON:
             mbarrier.arrive(turn.index(1 - WG), count=1)
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, ones, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
+    def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                   full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr):
         """One warpgroup (4 warps) of a one-tile program: its query half, then the output through that half."""
-        _consume_tile(q_bufs, q_bufs, k_bufs, v_bufs, ones, q_bar, 0, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+        _consume_tile(q_bufs, q_bufs, k_bufs, v_bufs, q_bar, 0, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
                       o_desc, LSE, 0, 0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink,
-                      n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, False, RESCALE, ROWSUM)
+                      n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, False, RESCALE)
 
     @gluon.jit
-    def _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_phase, q_empty, k_ready, v_ready, k_empty, v_empty,
+    def _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_phase, q_empty, k_ready, v_ready, k_empty, v_empty,
                       turn, o_desc, LSE, it0, ev0, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
                       n_sink, n_tiles, full_lo, full_hi, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
                       HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                      PERSISTENT: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr):
+                      PERSISTENT: gl.constexpr, RESCALE: gl.constexpr):
         """One warpgroup (4 warps): scores, softmax and the output update for rows
         [m0 + WG * HALF_M, + HALF_M) of one query tile; releases each K / V slot once (empty barriers count
         both warpgroups). ``it0`` / ``ev0``: the K/V ring iterations and ping-pong turns of the program's
@@ -328,18 +317,6 @@ if HAVE_GLUON:
         acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
         m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([HALF_M], gl.float32, row_s)
-        # ROWSUM: the row sums of P accumulate in acc_l (every column the same) as P times ones [BLOCK_N, 8]
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, 8, 16])
-        pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
-        acc_l = gl.zeros([HALF_M, 8], gl.float32, l_layout)
-        if ROWSUM:
-            if it0 == 0:  # (a persistent program's first tile) both warpgroups write the same ones
-                ones_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-                ones.store(gl.full([8, BLOCK_N], 1.0, q_bufs.dtype, ones_layout))
-                fence_async_shared()
-                _barrier()
-        ones_b = ones.permute((1, 0))
 
         mbarrier.wait(q_bar, q_phase)
         q = q_smem.reshape([HALF_M, HEAD_DIM])
@@ -355,7 +332,7 @@ if HAVE_GLUON:
         _release(k_empty.index(slot0))
         start_n = _tile_start(0, n_sink, start, BLOCK_N)
         p, alpha, m_i, l_i, moved = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
-                                                  qk_scale, BLOCK_N, s_layout, RESCALE, ROWSUM)
+                                                  qk_scale, BLOCK_N, s_layout, RESCALE)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for i in range(1, n_tiles):
@@ -369,26 +346,16 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(q, k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             o_tok = warpgroup_mma(p_op, v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            if ROWSUM:
-                l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_b, acc_l, is_async=True)
             _pass_turn(turn, WG, PINGPONG)
-            if ROWSUM:
-                s = warpgroup_mma_wait(2, deps=[s_tok])
-            else:
-                s = warpgroup_mma_wait(1, deps=[s_tok])  # the scores are done; the update may still run
+            s = warpgroup_mma_wait(1, deps=[s_tok])  # the scores are done; the update may still run
             start_n = _tile_start(i, n_sink, start, BLOCK_N)
             p, alpha, m_i, l_i, moved = _softmax_tile(s, m_i, l_i, pos, start_n, full_lo, full_hi, window, sinks,
-                                                      qk_scale, BLOCK_N, s_layout, RESCALE, ROWSUM)
-            if ROWSUM:
-                acc, acc_l = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
-            else:
-                acc = warpgroup_mma_wait(0, deps=[o_tok])
+                                                      qk_scale, BLOCK_N, s_layout, RESCALE)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
             _release(k_empty.index(slot))  # the warpgroup's four warps are past K_i and V_{i-1}
             mbarrier.arrive(v_empty.index(prev), count=1)
             if moved:
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-                if ROWSUM:
-                    acc_l = acc_l * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         if PERSISTENT:  # every product reading the query half is done: the producer may load the next tile's
@@ -398,14 +365,8 @@ if HAVE_GLUON:
         mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
         _take_turn(turn, ev0 + n_tiles, WG, PINGPONG)
         o_tok = warpgroup_mma(p_op, v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        if ROWSUM:
-            l_tok = warpgroup_mma(gl.convert_layout(p_op, pl_layout), ones_b, acc_l, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
-        if ROWSUM:
-            acc, acc_l = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
-            l_i = gl.convert_layout(gl.max(acc_l, 1), row_s)
-        else:
-            acc = warpgroup_mma_wait(0, deps=[o_tok])
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
         if PERSISTENT:
             _release(v_empty.index(last))
 
@@ -429,15 +390,15 @@ if HAVE_GLUON:
             tma.store_wait(0)
 
     @gluon.jit
-    def _consumer1(q_bufs, k_bufs, v_bufs, ones, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
+    def _consumer1(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                    b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
                    full_lo, full_hi, HEAD_DIM: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr, unused: gl.constexpr):
+                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, unused: gl.constexpr):
         """The second warpgroup (a worker partition: same signature as the producer's)."""
         WG1: gl.constexpr = 1
-        _consumer(q_bufs, k_bufs, v_bufs, ones, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
+        _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                   b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                  full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM)
+                  full_lo, full_hi, WG1, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE)
 
     @gluon.jit
     def _producer_persistent(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
@@ -471,10 +432,10 @@ if HAVE_GLUON:
             tc += 1
 
     @gluon.jit
-    def _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+    def _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                              WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                             STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr,
+                             STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr,
                              REVERSE: gl.constexpr):
         """One consumer warpgroup over a persistent program's tiles (the producer's order)."""
         HALF_M: gl.constexpr = BLOCK_M // 2
@@ -484,25 +445,25 @@ if HAVE_GLUON:
         for tile in range(gl.program_id(0), TOTAL, gl.num_programs(0)):
             m0, b, h, q_col, kv_col = _tile_coords(tile, N_M, HQ, REP, HEAD_DIM, BLOCK_M, REVERSE)
             start, n_sink, n_tiles, full_lo, full_hi = _key_tile_plan(m0, seq_len, window, sinks, BLOCK_M, BLOCK_N)
-            _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, tc & 1, q_empty, k_ready, v_ready, k_empty, v_empty,
+            _consume_tile(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, tc & 1, q_empty, k_ready, v_ready, k_empty, v_empty,
                           turn, o_desc, LSE, it, ev, b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start,
                           n_sink, n_tiles, full_lo, full_hi, WG, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, True,
-                          RESCALE, ROWSUM)
+                          RESCALE)
             it += n_tiles
             ev += n_tiles + 1
             tc += 1
         tma.store_wait(0)
 
     @gluon.jit
-    def _consumer_persistent1(q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+    def _consumer_persistent1(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                               turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr,
+                              STAGES: gl.constexpr, PINGPONG: gl.constexpr, RESCALE: gl.constexpr,
                               REVERSE: gl.constexpr, unused: gl.constexpr):
         WG1: gl.constexpr = 1
-        _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+        _consumer_persistent(q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                              turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP, N_M, TOTAL,
-                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM, REVERSE)
+                             WG1, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, REVERSE)
 
     # the integer arguments are not specialized (on == 1 or % 16 == 0): a warp-specialized Gluon compile takes
     # seconds, and every new specialization would pay it again
@@ -510,30 +471,29 @@ if HAVE_GLUON:
     def _window_attn_fwd_sm90_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window,
                                      sinks, HQ, REP, N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                                     CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr,
+                                     CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, RESCALE: gl.constexpr,
                                      REVERSE: gl.constexpr):
         """One query tile per program, or with ``PERSISTENT`` a grid of at most one program per SM, each over
         tiles ``pid, pid + nprog, ...`` of the ``TOTAL = N_M x B x HQ`` (query tile, batch x head) tiles, so
         that the producer loads the next tile while the consumers finish the current one."""
         if PERSISTENT:
             _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
-                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE, ROWSUM,
+                            N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE,
                             REVERSE)
         else:
             _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
-                          HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE, ROWSUM, REVERSE)
+                          HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, CONSUMER_REGS, RESCALE, REVERSE)
 
     @gluon.jit
     def _fwd_persistent(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                         N_M, TOTAL, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         STAGES: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        RESCALE: gl.constexpr, ROWSUM: gl.constexpr, REVERSE: gl.constexpr):
+                        RESCALE: gl.constexpr, REVERSE: gl.constexpr):
         WG0: gl.constexpr = 0
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         o_bufs = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape, o_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        ones = _ones_buffer(v_desc.dtype, BLOCK_N)
         q_bar = _barrier_array(1, 1).index(0)
         q_empty = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         k_ready = _barrier_array(STAGES, 1)
@@ -542,13 +502,13 @@ if HAVE_GLUON:
         v_empty = _barrier_array(STAGES, 2)
         turn = _barrier_array(2, 1)
         gl.warp_specialize([
-            (_consumer_persistent, (q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_empty, k_ready, v_ready, k_empty,
+            (_consumer_persistent, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                     v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM,
+                                    N_M, TOTAL, WG0, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE,
                                     REVERSE)),
-            (_consumer_persistent1, (q_bufs, o_bufs, k_bufs, v_bufs, ones, q_bar, q_empty, k_ready, v_ready, k_empty,
+            (_consumer_persistent1, (q_bufs, o_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                                      v_empty, turn, o_desc, LSE, seq_len, stride_lh, qk_scale, window, sinks, HQ, REP,
-                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM, REVERSE,
+                                     N_M, TOTAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, PINGPONG, RESCALE, REVERSE,
                                      WG0)),
             (_producer_persistent, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
                                     k_empty, v_empty, seq_len, window, sinks, HQ, REP, N_M, TOTAL, HEAD_DIM, BLOCK_M,
@@ -558,7 +518,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _fwd_one_tile(q_desc, k_desc, v_desc, o_desc, LSE, stride_lh, seq_len, qk_scale, window, sinks, HQ, REP,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, RESCALE: gl.constexpr, ROWSUM: gl.constexpr,
+                      PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, RESCALE: gl.constexpr,
                       REVERSE: gl.constexpr):
         HALF_M: gl.constexpr = BLOCK_M // 2
         WG0: gl.constexpr = 0
@@ -568,7 +528,6 @@ if HAVE_GLUON:
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-        ones = _ones_buffer(v_desc.dtype, BLOCK_N)
         q_bar = _barrier_array(1, 1).index(0)
         k_ready = _barrier_array(STAGES, 1)  # the producer's expect
         v_ready = _barrier_array(STAGES, 1)
@@ -577,12 +536,12 @@ if HAVE_GLUON:
         turn = _barrier_array(2, 1)
 
         gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, ones, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                          b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                         full_lo, full_hi, WG0, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM)),
-            (_consumer1, (q_bufs, k_bufs, v_bufs, ones, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
+                         full_lo, full_hi, WG0, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE)),
+            (_consumer1, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, turn, o_desc, LSE,
                           b, h, m0, q_col, seq_len, stride_lh, qk_scale, window, sinks, start, n_sink, n_tiles,
-                          full_lo, full_hi, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE, ROWSUM, WG0)),
+                          full_lo, full_hi, HEAD_DIM, HALF_M, BLOCK_N, STAGES, PINGPONG, RESCALE, WG0)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
                          b, m0, q_col, kv_col, start, n_sink, n_tiles, HALF_M, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -600,13 +559,13 @@ def _descriptor(t: torch.Tensor, rows: int):
 def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_scale: float | None = None,
                               config: tuple | None = None, pingpong: bool | None = None,
                               persistent: bool | None = None, rescale: float | None = None,
-                              reverse: bool | None = None, rowsum: bool | None = None):
+                              reverse: bool | None = None):
     """Causal forward on the dense layout (see :func:`supported`). Returns ``(out, lse)`` as
     ``window_attention_fwd`` does: out ``[B, S, Hq, D]``, lse ``[B, Hq, S]`` float32 (a view of a
     ``[Hq, B * S]`` buffer). ``config = (BLOCK_M, BLOCK_N, STAGES)`` overrides the launch shape; ``persistent``
     (default: where ``min(window, S) <= PERSISTENT_MAX_WINDOW``): one program per SM looping over the tiles
     (32 KB more shared memory at D=128);
-    ``rescale`` / ``reverse`` / ``rowsum``: see ``RESCALE`` / ``REVERSE`` / ``ROWSUM``."""
+    ``rescale`` / ``reverse``: see ``RESCALE`` / ``REVERSE``."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     block_m, block_n, stages = config or CONFIG[D]
@@ -622,8 +581,7 @@ def window_attention_fwd_sm90(q, k, v, *, window: int, sinks: int = 0, softmax_s
         lse, lse.stride(0), S, scale * LOG2E, window, sinks, Hq, Hq // Hkv, n_m, total,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PINGPONG=PINGPONG if pingpong is None else pingpong,
         CONSUMER_REGS=CONSUMER_REGS, PERSISTENT=persistent, RESCALE=float(RESCALE if rescale is None else rescale),
-        REVERSE=REVERSE if reverse is None else reverse, ROWSUM=ROWSUM if rowsum is None else rowsum, num_warps=4,
-        maxnreg=MAXNREG,
+        REVERSE=REVERSE if reverse is None else reverse, num_warps=4, maxnreg=MAXNREG,
     )
     return out, lse.view(Hq, B, S).transpose(0, 1)
 
