@@ -81,6 +81,20 @@ def main():
             t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
                 x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
                 for sp in (2, 4, 8)}
+            # the down projection loading all 16 h rows (before DECODE_MASK_H_ROWS), against the default
+            masked = tk.DECODE_MASK_H_ROWS
+            try:
+                tk.DECODE_MASK_H_ROWS = not masked
+                t_dec_other = time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w: tk.sparse_ffn_decode(
+                    x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), sets)
+                t_op_other = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
+                    x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
+                other_out = [tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+                             for x, wr, wg, wu, wd, idx, w in sets]
+            finally:
+                tk.DECODE_MASK_H_ROWS = masked
+            mask_same = all(torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), o)
+                            for (x, wr, wg, wu, wd, idx, w), o in zip(sets, other_out))
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
             # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
@@ -107,6 +121,9 @@ def main():
                   f"{t_op['ms'] * 1e3:.1f}u (same bits: {fused_same})")
         print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
               + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
+        print(f"    h rows masked={masked} (default): decode kernels {t_dec['ms'] * 1e3:.1f}u, op {t_op['ms'] * 1e3:.1f}u; "
+              f"masked={not masked}: {t_dec_other['ms'] * 1e3:.1f}u, op {t_op_other['ms'] * 1e3:.1f}u "
+              f"(same bits: {mask_same})")
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -124,7 +141,9 @@ def main():
                    router_split_w1_ms=t_route_w1["ms"], router_rank_ms=t_rank[4]["ms"],
                    router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
                    decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
-                   op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same)
+                   op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same,
+                   h_rows_masked=masked, decode_other_mask_ms=t_dec_other["ms"], op_other_mask_ms=t_op_other["ms"],
+                   mask_same_bits=mask_same)
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

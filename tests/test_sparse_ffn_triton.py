@@ -531,6 +531,21 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
+@pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: "T{}-NB{}-S{}".format(c[0], c[3], c[4]))
+def test_decode_masked_h_rows_give_the_same_bits(case, poisoned, monkeypatch):
+    """The down projection skips the loads of h's padding rows (tokens >= T of the dot's 16; DECODE_MASK_H_ROWS):
+    the bits of the kernel that loads all 16 rows, in one kernel and in slices."""
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    assert tk.DECODE_MASK_H_ROWS
+    for cfg in ({"down": {"splits": 1}}, {"down": {"splits": 2, "block_k": 16}}):
+        masked = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+        monkeypatch.setattr(tk, "DECODE_MASK_H_ROWS", False)
+        full = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+        monkeypatch.setattr(tk, "DECODE_MASK_H_ROWS", True)
+        assert torch.isfinite(masked).all() and torch.equal(masked, full)
+
+
 def test_decode_stages_fit_the_shared_memory():
     """The decode defaults cut their pipeline stages to a device's shared memory per program for the operand
     size (fp32: twice bf16's bytes); bf16 keeps the tuned stages; without a limit (off CUDA) nothing changes."""
@@ -824,6 +839,21 @@ def test_decode_down_splits_on_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(graphed, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 8])
+def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
+    """DECODE_MASK_H_ROWS at the issue's shapes in bf16 (one down kernel up to 2 tokens, slices from 3): the bits
+    of the down kernels that load all 16 h rows, and close to the fp32 reference."""
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.15 * 64), gate="sigmoid", weighting="gate")
+    masked = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64)
+    monkeypatch.setattr(tk, "DECODE_MASK_H_ROWS", False)
+    full = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=64)
+    assert torch.equal(masked, full)
+    ref = sparse_ffn_blocks_ref(x.float(), wg.float(), wu.float(), wd.float(), idx, w, n_blocks=64)
+    assert rel(masked, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -1126,6 +1126,10 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 
 DECODE_MAX_TOKENS = 16
 DECODE_MAX_DOWN_SPLITS = 16
+# The down projection's h tile has the dot's 16 rows whatever T is (rows >= T hold zeros): with this on, those
+# rows' loads are masked off, so a 1-token program reads 1/16 of the h bytes it read before (per K tile of 224
+# neurons: 448 B instead of 7 KB from L2, next to 14 KB of w_down). The same bits either way.
+DECODE_MASK_H_ROWS = True
 
 
 @triton.jit
@@ -1271,11 +1275,12 @@ def _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd, stride_wf,
+def _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd, stride_wf,
                        DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, MASK_ROWS: tl.constexpr):
     """sum over the flat (used block j, K tile) pairs i in [start, stop) of H[b_j, t, tile] . w_down[n, b_j tile],
-    in ascending order, as a [BLOCK_T, BLOCK_N] fp32 tile."""
+    in ascending order, as a [BLOCK_T, BLOCK_N] fp32 tile. ``MASK_ROWS``: the h rows of tokens >= T (zeros, the
+    padding of the dot's 16 rows) are not loaded (see :data:`DECODE_MASK_H_ROWS`)."""
     offs_b = tl.arange(0, BLOCK_B)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for i in range(start, stop):
@@ -1283,8 +1288,10 @@ def _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k
         b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)  # the j-th used block
         offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < BS
-        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :],
-                    mask=k_mask[None, :], other=0.0)
+        h_mask = k_mask[None, :]
+        if MASK_ROWS:  # h's rows past the T tokens are zeros: skip their loads
+            h_mask = h_mask & (offs_t[:, None] < T)
+        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :], mask=h_mask, other=0.0)
         w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
@@ -1310,7 +1317,7 @@ def _sparse_ffn_decode_down_kernel(
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False,
+    MASK_ROWS: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
@@ -1321,8 +1328,8 @@ def _sparse_ffn_decode_down_kernel(
     chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
-    acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
-                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    acc = _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
+                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B, MASK_ROWS)
     chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
@@ -1334,7 +1341,7 @@ def _sparse_ffn_decode_down_split_kernel(
     stride_wd, stride_wf,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    PDL: tl.constexpr = False,
+    MASK_ROWS: tl.constexpr = True, PDL: tl.constexpr = False,
 ):
     """The down projection's (used block, K tile) pairs of columns program_id(0) in program_id(1)'s
     slice of num_programs(1) equal slices: PART[s, t, n] (fp32; every slice written, an empty one
@@ -1348,8 +1355,8 @@ def _sparse_ffn_decode_down_split_kernel(
     per = tl.cdiv(total, tl.num_programs(1))
     start = tl.program_id(1) * per
     stop = tl.minimum(start + per, total)
-    acc = _decode_down_pairs(H, WD, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS,
-                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B)
+    acc = _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS,
+                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B, MASK_ROWS)
     chain_trigger(PDL)
     tl.store(PART + ((tl.program_id(1) * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :], acc,
              mask=n_mask[None, :])
@@ -1471,14 +1478,14 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
             h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
             w_down.stride(0), w_down.stride(1), out.stride(0),
             DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
+            BLOCK_KS=block_ks, BLOCK_B=block_b, MASK_ROWS=DECODE_MASK_H_ROWS, PDL=pdl, **dn_opts,
         )
         return out
     part = torch.empty(splits, block_t, D, dtype=torch.float32, device=out.device)
     triton_kernel(_sparse_ffn_decode_down_split_kernel, direct)[(triton.cdiv(D, dn["block_n"]), splits)](
         h, w_down, idx, part, T, D, BS, shared_blocks, K, n_blocks, w_down.stride(0), w_down.stride(1),
         DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-        BLOCK_KS=block_ks, BLOCK_B=block_b, PDL=pdl, **dn_opts,
+        BLOCK_KS=block_ks, BLOCK_B=block_b, MASK_ROWS=DECODE_MASK_H_ROWS, PDL=pdl, **dn_opts,
     )
     finish_n = 256
     triton_kernel(_sparse_ffn_decode_down_finish_kernel, direct)[(triton.cdiv(D, finish_n),)](
