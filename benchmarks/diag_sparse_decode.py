@@ -81,20 +81,30 @@ def main():
             t_split = {sp: time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w, sp=sp: tk.sparse_ffn_decode(
                 x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
                 for sp in (2, 4, 8)}
-            # the down projection loading all 16 h rows (before DECODE_MASK_H_ROWS), against the default
-            masked = tk.DECODE_MASK_H_ROWS
-            try:
-                tk.DECODE_MASK_H_ROWS = not masked
-                t_dec_other = time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w: tk.sparse_ffn_decode(
-                    x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), sets)
-                t_op_other = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
-                    x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
-                other_out = [tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
-                             for x, wr, wg, wu, wd, idx, w in sets]
-            finally:
-                tk.DECODE_MASK_H_ROWS = masked
-            mask_same = all(torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), o)
-                            for (x, wr, wg, wu, wd, idx, w), o in zip(sets, other_out))
+            # down-kernel variants against the default: all 16 h rows loaded (before DECODE_MASK_H_ROWS), and
+            # 0 / 1 / 2 w_down tiles loaded before the PDL wait (DECODE_DOWN_EARLY_W); each timed as the decode
+            # kernels and as the whole op, with a same-bits check
+            base_out = [tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
+                        for x, wr, wg, wu, wd, idx, w in sets]
+            variants = {}
+            for name, attr, value in (("h rows unmasked", "DECODE_MASK_H_ROWS", False),
+                                      ("early w 0", "DECODE_DOWN_EARLY_W", 0), ("early w 1", "DECODE_DOWN_EARLY_W", 1),
+                                      ("early w 2", "DECODE_DOWN_EARLY_W", 2)):
+                before = getattr(tk, attr)
+                try:
+                    setattr(tk, attr, value)
+                    v_dec = time_cuda_graph(lambda x, wr, wg, wu, wd, idx, w: tk.sparse_ffn_decode(
+                        x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB), sets)
+                    v_op = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
+                        x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
+                    v_same = all(torch.equal(tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB),
+                                             o) for (x, wr, wg, wu, wd, idx, w), o in zip(sets, base_out))
+                finally:
+                    setattr(tk, attr, before)
+                variants[name] = {"decode_ms": v_dec["ms"], "op_ms": v_op["ms"], "same_bits": v_same}
+            # the default once more (drift check)
+            t_op_again = time_cuda_graph(lambda x, wr, wg, wu, wd, *_: dk.gated_sparse_ffn(
+                x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
             # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
@@ -121,9 +131,10 @@ def main():
                   f"{t_op['ms'] * 1e3:.1f}u (same bits: {fused_same})")
         print(f"    decode kernels: default {t_dec['ms'] * 1e3:.1f}u, down in 2 / 4 / 8 slices "
               + " / ".join(f"{t_split[sp]['ms'] * 1e3:.1f}" for sp in (2, 4, 8)) + "u")
-        print(f"    h rows masked={masked} (default): decode kernels {t_dec['ms'] * 1e3:.1f}u, op {t_op['ms'] * 1e3:.1f}u; "
-              f"masked={not masked}: {t_dec_other['ms'] * 1e3:.1f}u, op {t_op_other['ms'] * 1e3:.1f}u "
-              f"(same bits: {mask_same})")
+        print(f"    down variants (default: decode kernels {t_dec['ms'] * 1e3:.1f}u, op {t_op['ms'] * 1e3:.1f}u, "
+              f"again {t_op_again['ms'] * 1e3:.1f}u): " + "; ".join(
+                  f"{n} {v['decode_ms'] * 1e3:.1f}u / op {v['op_ms'] * 1e3:.1f}u (same bits: {v['same_bits']})"
+                  for n, v in variants.items()))
         # each kernel's device time (eager calls under the profiler, cycling the weight copies)
         it = iter(range(10**9))
 
@@ -142,8 +153,8 @@ def main():
                    router_rank_w1_ms=t_rank[1]["ms"], router_rank_same_idx=same,
                    decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
                    op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same,
-                   h_rows_masked=masked, decode_other_mask_ms=t_dec_other["ms"], op_other_mask_ms=t_op_other["ms"],
-                   mask_same_bits=mask_same)
+                   down_variants=variants, op_again_ms=t_op_again["ms"],
+                   defaults={"DECODE_MASK_H_ROWS": tk.DECODE_MASK_H_ROWS, "DECODE_DOWN_EARLY_W": tk.DECODE_DOWN_EARLY_W})
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

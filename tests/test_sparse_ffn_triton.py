@@ -546,6 +546,32 @@ def test_decode_masked_h_rows_give_the_same_bits(case, poisoned, monkeypatch):
         assert torch.isfinite(masked).all() and torch.equal(masked, full)
 
 
+@pytest.mark.parametrize("case", DECODE_CASES[:2] + [(2, 32, 96, 2, 0, 1, False, torch.float32)],
+                         ids=lambda c: "T{}-NB{}-S{}-BS{}".format(c[0], c[3], c[4], c[2] // c[3]))
+def test_decode_down_early_w_tiles_give_the_same_bits(case, poisoned, monkeypatch):
+    """The one-kernel down projection with its first 1 or 2 w_down tiles loaded up front (DECODE_DOWN_EARLY_W, the
+    PDL prefetch): the bits of the plain loop, with several K tiles per block (48 neurons in 16-wide tiles) and
+    with fewer pairs than early tiles (one used block of one K tile)."""
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    for cfg in ({"down": {"splits": 1}}, {"down": {"splits": 1, "block_k": 16}}):
+        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+        plain = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+        for early in (1, 2):
+            monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
+            out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+            assert torch.isfinite(out).all() and torch.equal(out, plain), (cfg, early)
+    # a single used block with a single K tile: fewer pairs than early tiles
+    idx1 = torch.full_like(idx, -1)
+    idx1[:, 0] = 1
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+    plain = tk.sparse_ffn_decode(x, wg, wu, wd, idx1, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": 1}})
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 2)
+    out = tk.sparse_ffn_decode(x, wg, wu, wd, idx1, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": 1}})
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx1, w.double(), n_blocks=NB)
+    assert torch.equal(out, plain) and rel(out, ref) < TOL[dtype]
+
+
 def test_decode_stages_fit_the_shared_memory():
     """The decode defaults cut their pipeline stages to a device's shared memory per program for the operand
     size (fp32: twice bf16's bytes); bf16 keeps the tuned stages; without a limit (off CUDA) nothing changes."""
@@ -854,6 +880,39 @@ def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
     assert torch.equal(masked, full)
     ref = sparse_ffn_blocks_ref(x.float(), wg.float(), wu.float(), wd.float(), idx, w, n_blocks=64)
     assert rel(masked, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
+    """DECODE_DOWN_EARLY_W 1 / 2 with programmatic dependent launches (the w_down tiles load while gate/up still
+    runs; h only after the wait): thirty back-to-back decode calls on fresh inputs, eager and graphed, give the
+    bits of launches without PDL (an h read before gate/up's stores landed would differ)."""
+    import deepseek_kernels as dk
+    from deepseek_kernels.ops._registry import programmatic_launches
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    xs = [torch.randn_like(x) for _ in range(30)]
+
+    def run(x):
+        with torch.no_grad():
+            return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
+
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+    with programmatic_launches(False):
+        want = [run(v) for v in xs]
+    for early in (1, 2):
+        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
+        with programmatic_launches(True):
+            assert all(torch.equal(run(v), r) for v, r in zip(xs, want)), early
+            static_x = xs[0].clone()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_out = run(static_x)
+        for v, r in zip(xs, want):
+            static_x.copy_(v)
+            g.replay()
+            assert torch.equal(static_out, r), early
 
 
 @pytest.mark.gpu

@@ -1128,8 +1128,16 @@ DECODE_MAX_TOKENS = 16
 DECODE_MAX_DOWN_SPLITS = 16
 # The down projection's h tile has the dot's 16 rows whatever T is (rows >= T hold zeros): with this on, those
 # rows' loads are masked off, so a 1-token program reads 1/16 of the h bytes it read before (per K tile of 224
-# neurons: 448 B instead of 7 KB from L2, next to 14 KB of w_down). The same bits either way.
+# neurons: 448 B instead of 7 KB from L2, next to 14 KB of w_down). The same bits either way. H200, session 28: no
+# time difference measured (1 token: 23.1 vs 24.0 us in one run, 23.3 vs 23.3 in three more with another order;
+# the diag's readings move ~0.7 us with their position in the run).
 DECODE_MASK_H_ROWS = True
+# The one-kernel down projection (up to 2 tokens): how many of its first (used block, K tile) w_down tiles it loads
+# before its programmatic-dependent-launch wait for gate/up (0, 1 or 2; without PDL they just load first). H200,
+# session 28 (benchmarks/diag_sparse_decode.py, graphed, three runs, same bits): 2 tokens decode kernels 38.4 ->
+# 35.9 us (op 41.7 -> 39.1), 1 token 24.0 -> 23.4 (op unchanged, 26.4 / 26.5); 2 tiles 37.1 / 24.0 (their 64
+# registers delay the loop). The loop's own first loads still wait for the peeled tile's h load and dot.
+DECODE_DOWN_EARLY_W = 1
 
 
 @triton.jit
@@ -1275,25 +1283,39 @@ def _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd, stride_wf,
-                       DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """sum over the flat (used block j, K tile) pairs i in [start, stop) of H[b_j, t, tile] . w_down[n, b_j tile],
-    in ascending order, as a [BLOCK_T, BLOCK_N] fp32 tile. ``MASK_ROWS``: the h rows of tokens >= T (zeros, the
-    padding of the dot's 16 rows) are not loaded (see :data:`DECODE_MASK_H_ROWS`)."""
-    offs_b = tl.arange(0, BLOCK_B)
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+def _decode_down_w(WD, offs_n, n_mask, used, rank, i, valid, k_tiles, BS, stride_wd, stride_wf,
+                   BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Pair i's (used block j, K tile) w_down tile [BLOCK_K, BLOCK_N] (zeros where ``valid`` is false), its block
+    and neurons."""
+    j = i // k_tiles
+    b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)  # the j-th used block
+    offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = (offs_k < BS) & valid
+    w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    return w, b, offs_k, k_mask
+
+
+@triton.jit
+def _decode_down_h(H, T, b, offs_t, offs_k, k_mask, BS, BLOCK_T: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """h[b, t, offs_k] of the dot's BLOCK_T rows (``MASK_ROWS``: rows >= T, zeros, not loaded)."""
+    h_mask = k_mask[None, :]
+    if MASK_ROWS:
+        h_mask = h_mask & (offs_t[:, None] < T)
+    return tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :], mask=h_mask, other=0.0)
+
+
+@triton.jit
+def _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd,
+                       stride_wf, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_B: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """acc [BLOCK_T, BLOCK_N] fp32 plus, over the flat (used block j, K tile) pairs i in [start, stop) in ascending
+    order, H[b_j, t, tile] . w_down[n, b_j tile]. ``MASK_ROWS``: the h rows of tokens >= T (zeros, the padding of
+    the dot's 16 rows) are not loaded (see :data:`DECODE_MASK_H_ROWS`)."""
     for i in range(start, stop):
-        j = i // k_tiles
-        b = tl.sum(tl.where(used & (rank == j), offs_b, 0), 0)  # the j-th used block
-        offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < BS
-        h_mask = k_mask[None, :]
-        if MASK_ROWS:  # h's rows past the T tokens are zeros: skip their loads
-            h_mask = h_mask & (offs_t[:, None] < T)
-        h = tl.load(H + (b * BLOCK_T + offs_t[:, None]).to(tl.int64) * BS + offs_k[None, :], mask=h_mask, other=0.0)
-        w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w, b, offs_k, k_mask = _decode_down_w(WD, offs_n, n_mask, used, rank, i, True, k_tiles, BS, stride_wd,
+                                              stride_wf, BLOCK_K, BLOCK_B)
+        h = _decode_down_h(H, T, b, offs_t, offs_k, k_mask, BS, BLOCK_T, MASK_ROWS)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -1317,19 +1339,40 @@ def _sparse_ffn_decode_down_kernel(
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    MASK_ROWS: tl.constexpr = True, PDL: tl.constexpr = False,
+    MASK_ROWS: tl.constexpr = True, EARLY_W: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
     combine). The used blocks are found once up front, then one flat loop runs over (used block,
     K tile) pairs, so the weight loads pipeline across blocks (a loop over all NB blocks with a
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
-    A token with an id outside [-1, NR) gets a NaN row."""
-    chain_wait(PDL)
+    A token with an id outside [-1, NR) gets a NaN row.
+
+    ``EARLY_W`` (1 or 2; 0 = off): the first pairs' w_down tiles are loaded into registers before the
+    programmatic-dependent-launch wait, while gate/up finishes. Safe: w_down is a weight, and idx was written by
+    the router kernel, which every gate/up program waited for before letting this kernel launch."""
+    if EARLY_W == 0:
+        chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
-    acc = _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, 0, n_used * k_tiles, k_tiles, BS,
-                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B, MASK_ROWS)
+    total = n_used * k_tiles
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    if EARLY_W >= 1:
+        w0, b0, k0, m0 = _decode_down_w(WD, offs_n, n_mask, used, rank, 0, total > 0, k_tiles, BS, stride_wd,
+                                        stride_wf, BLOCK_K, BLOCK_B)
+    if EARLY_W >= 2:
+        w1, b1, k1, m1 = _decode_down_w(WD, offs_n, n_mask, used, rank, 1, total > 1, k_tiles, BS, stride_wd,
+                                        stride_wf, BLOCK_K, BLOCK_B)
+    if EARLY_W > 0:
+        chain_wait(PDL)
+    if EARLY_W >= 1:
+        acc = tl.dot(_decode_down_h(H, T, b0, offs_t, k0, m0, BS, BLOCK_T, MASK_ROWS), w0, acc,
+                     input_precision=DOT_PRECISION)
+    if EARLY_W >= 2:
+        acc = tl.dot(_decode_down_h(H, T, b1, offs_t, k1, m1, BS, BLOCK_T, MASK_ROWS), w1, acc,
+                     input_precision=DOT_PRECISION)
+    acc = _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, tl.minimum(EARLY_W, total), total,
+                             k_tiles, BS, stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K, BLOCK_B, MASK_ROWS)
     chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
@@ -1355,8 +1398,9 @@ def _sparse_ffn_decode_down_split_kernel(
     per = tl.cdiv(total, tl.num_programs(1))
     start = tl.program_id(1) * per
     stop = tl.minimum(start + per, total)
-    acc = _decode_down_pairs(H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS,
-                             stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_B, MASK_ROWS)
+    acc = _decode_down_pairs(tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), H, WD, T, offs_t, offs_n, n_mask, used,
+                             rank, start, stop, k_tiles, BS, stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K,
+                             BLOCK_B, MASK_ROWS)
     chain_trigger(PDL)
     tl.store(PART + ((tl.program_id(1) * BLOCK_T + offs_t[:, None]) * D).to(tl.int64) + offs_n[None, :], acc,
              mask=n_mask[None, :])
@@ -1478,7 +1522,8 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
             h, w_down, idx, out, T, D, BS, shared_blocks, K, n_blocks, n_blocks - shared_blocks,
             w_down.stride(0), w_down.stride(1), out.stride(0),
             DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
-            BLOCK_KS=block_ks, BLOCK_B=block_b, MASK_ROWS=DECODE_MASK_H_ROWS, PDL=pdl, **dn_opts,
+            BLOCK_KS=block_ks, BLOCK_B=block_b, MASK_ROWS=DECODE_MASK_H_ROWS, EARLY_W=DECODE_DOWN_EARLY_W, PDL=pdl,
+            **dn_opts,
         )
         return out
     part = torch.empty(splits, block_t, D, dtype=torch.float32, device=out.device)
