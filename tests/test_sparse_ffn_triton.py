@@ -882,6 +882,23 @@ def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
     assert rel(masked, ref) < TOL[torch.bfloat16]
 
 
+def _assert_pdl_gives_the_bits(run, xs, want):
+    """With programmatic dependent launches on, ``run`` on each input of ``xs``, eager and replayed from one CUDA
+    graph, gives the bits in ``want`` (computed without them)."""
+    from deepseek_kernels.ops._registry import programmatic_launches
+
+    with programmatic_launches(True):
+        assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
+        static_x = xs[0].clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = run(static_x)
+    for v, r in zip(xs, want):
+        static_x.copy_(v)
+        g.replay()
+        assert torch.equal(static_out, r)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2])
 def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
@@ -903,16 +920,7 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
         want = [run(v) for v in xs]
     for early in (1, 2):
         monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
-        with programmatic_launches(True):
-            assert all(torch.equal(run(v), r) for v, r in zip(xs, want)), early
-            static_x = xs[0].clone()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = run(static_x)
-        for v, r in zip(xs, want):
-            static_x.copy_(v)
-            g.replay()
-            assert torch.equal(static_out, r), early
+        _assert_pdl_gives_the_bits(run, xs, want)
 
 
 @pytest.mark.gpu
@@ -936,15 +944,7 @@ def test_decode_programmatic_dependent_launch_on_gpu(T):
         want = [run(v) for v in xs]
     with programmatic_launches(True):
         assert pdl_enabled(x, "sparse_decode")
-        assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
-        static_x = xs[0].clone()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = run(static_x)
-    for v, r in zip(xs, want):
-        static_x.copy_(v)
-        g.replay()
-        assert torch.equal(static_out, r)
+    _assert_pdl_gives_the_bits(run, xs, want)
 
 
 @pytest.mark.gpu
