@@ -9,6 +9,7 @@ import torch
 from deepseek_kernels.reference.sparse_ffn import gated_sparse_ffn_ref, route_ref, sparse_ffn_blocks_ref
 from deepseek_kernels.triton import sparse_ffn as tk
 from deepseek_kernels.triton._common import big_shared_memory
+from pdl_utils import assert_pdl_gives_the_bits
 
 # conftest.py: on a machine with a GPU (interpreter off) the unmarked tests run on CUDA
 KERNEL_TESTS_ON_CUDA = True
@@ -882,23 +883,6 @@ def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
     assert rel(masked, ref) < TOL[torch.bfloat16]
 
 
-def _assert_pdl_gives_the_bits(run, xs, want):
-    """With programmatic dependent launches on, ``run`` on each input of ``xs``, eager and replayed from one CUDA
-    graph, gives the bits in ``want`` (computed without them)."""
-    from deepseek_kernels.ops._registry import programmatic_launches
-
-    with programmatic_launches(True):
-        assert all(torch.equal(run(v), r) for v, r in zip(xs, want))
-        static_x = xs[0].clone()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            static_out = run(static_x)
-    for v, r in zip(xs, want):
-        static_x.copy_(v)
-        g.replay()
-        assert torch.equal(static_out, r)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2])
 def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
@@ -920,7 +904,7 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
         want = [run(v) for v in xs]
     for early in (1, 2):
         monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
-        _assert_pdl_gives_the_bits(run, xs, want)
+        assert_pdl_gives_the_bits(run, xs, want)
 
 
 @pytest.mark.gpu
@@ -944,7 +928,7 @@ def test_decode_programmatic_dependent_launch_on_gpu(T):
         want = [run(v) for v in xs]
     with programmatic_launches(True):
         assert pdl_enabled(x, "sparse_decode")
-    _assert_pdl_gives_the_bits(run, xs, want)
+    assert_pdl_gives_the_bits(run, xs, want)
 
 
 @pytest.mark.gpu
