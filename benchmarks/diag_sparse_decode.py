@@ -82,14 +82,14 @@ def main():
                 x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": sp}}), sets)
                 for sp in (2, 4, 8)}
             # down-kernel variants against the default: all 16 h rows loaded (before DECODE_MASK_H_ROWS), and
-            # 0 / 1 / 2 w_down tiles loaded before the PDL wait (DECODE_DOWN_EARLY_W); each timed as the decode
+            # the first w_down tile loaded before the PDL wait or not (DECODE_DOWN_EARLY_W); each timed as the decode
             # kernels and as the whole op, with a same-bits check
             base_out = [tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=0, n_blocks=NB)
                         for x, wr, wg, wu, wd, idx, w in sets]
             variants = {}
             for name, attr, value in (("h rows unmasked", "DECODE_MASK_H_ROWS", False),
-                                      ("early w 0", "DECODE_DOWN_EARLY_W", 0), ("early w 1", "DECODE_DOWN_EARLY_W", 1),
-                                      ("early w 2", "DECODE_DOWN_EARLY_W", 2)):
+                                      ("early w off", "DECODE_DOWN_EARLY_W", False),
+                                      ("early w on", "DECODE_DOWN_EARLY_W", True)):
                 before = getattr(tk, attr)
                 try:
                     setattr(tk, attr, value)

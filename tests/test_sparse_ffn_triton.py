@@ -550,24 +550,23 @@ def test_decode_masked_h_rows_give_the_same_bits(case, poisoned, monkeypatch):
 @pytest.mark.parametrize("case", DECODE_CASES[:2] + [(2, 32, 96, 2, 0, 1, False, torch.float32)],
                          ids=lambda c: "T{}-NB{}-S{}-BS{}".format(c[0], c[3], c[4], c[2] // c[3]))
 def test_decode_down_early_w_tiles_give_the_same_bits(case, poisoned, monkeypatch):
-    """The one-kernel down projection with its first 1 or 2 w_down tiles loaded up front (DECODE_DOWN_EARLY_W, the
-    PDL prefetch): the bits of the plain loop, with several K tiles per block (48 neurons in 16-wide tiles) and
-    with fewer pairs than early tiles (one used block of one K tile)."""
+    """The one-kernel down projection with its first w_down tile loaded up front (DECODE_DOWN_EARLY_W, the PDL
+    prefetch): the bits of the plain loop, with several K tiles per block (48 neurons in 16-wide tiles) and with a
+    single pair (one used block of one K tile)."""
     T, D, F_, NB, S, k, empty_slots, dtype = case
     x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
     for cfg in ({"down": {"splits": 1}}, {"down": {"splits": 1, "block_k": 16}}):
-        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", False)
         plain = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
-        for early in (1, 2):
-            monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
-            out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
-            assert torch.isfinite(out).all() and torch.equal(out, plain), (cfg, early)
-    # a single used block with a single K tile: fewer pairs than early tiles
+        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", True)
+        out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+        assert torch.isfinite(out).all() and torch.equal(out, plain), cfg
+    # a single used block with a single K tile: one pair in all
     idx1 = torch.full_like(idx, -1)
     idx1[:, 0] = 1
-    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", False)
     plain = tk.sparse_ffn_decode(x, wg, wu, wd, idx1, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": 1}})
-    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 2)
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", True)
     out = tk.sparse_ffn_decode(x, wg, wu, wd, idx1, w, shared_blocks=0, n_blocks=NB, config={"down": {"splits": 1}})
     ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx1, w.double(), n_blocks=NB)
     assert torch.equal(out, plain) and rel(out, ref) < TOL[dtype]
@@ -886,7 +885,7 @@ def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2])
 def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
-    """DECODE_DOWN_EARLY_W 1 / 2 with programmatic dependent launches (the w_down tiles load while gate/up still
+    """DECODE_DOWN_EARLY_W with programmatic dependent launches (the first w_down tile loads while gate/up still
     runs; h only after the wait): thirty back-to-back decode calls on fresh inputs, eager and graphed, give the
     bits of launches without PDL (an h read before gate/up's stores landed would differ)."""
     import deepseek_kernels as dk
@@ -899,12 +898,11 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
         with torch.no_grad():
             return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
 
-    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", 0)
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", False)
     with programmatic_launches(False):
         want = [run(v) for v in xs]
-    for early in (1, 2):
-        monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
-        assert_pdl_gives_the_bits(run, xs, want)
+    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", True)
+    assert_pdl_gives_the_bits(run, xs, want)
 
 
 @pytest.mark.gpu

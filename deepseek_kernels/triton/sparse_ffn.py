@@ -1132,12 +1132,12 @@ DECODE_MAX_DOWN_SPLITS = 16
 # time difference measured (1 token: 23.1 vs 24.0 us in one run, 23.3 vs 23.3 in three more with another order;
 # the diag's readings move ~0.7 us with their position in the run).
 DECODE_MASK_H_ROWS = True
-# The one-kernel down projection (up to 2 tokens): how many of its first (used block, K tile) w_down tiles it loads
-# before its programmatic-dependent-launch wait for gate/up (0, 1 or 2; without PDL they just load first). H200,
-# session 28 (benchmarks/diag_sparse_decode.py, graphed, three runs, same bits): 2 tokens decode kernels 38.4 ->
-# 35.9 us (op 41.7 -> 39.1), 1 token 24.0 -> 23.4 (op unchanged, 26.4 / 26.5); 2 tiles 37.1 / 24.0 (their 64
-# registers delay the loop). The loop's own first loads still wait for the peeled tile's h load and dot.
-DECODE_DOWN_EARLY_W = 1
+# The one-kernel down projection (up to 2 tokens) loads its first (used block, K tile) w_down tile before its
+# programmatic-dependent-launch wait for gate/up (without PDL it just loads first). H200, session 28
+# (benchmarks/diag_sparse_decode.py, graphed, three runs, same bits): 2 tokens decode kernels 38.4 -> 35.9 us (op
+# 41.7 -> 39.1), 1 token 24.0 -> 23.4 (op unchanged, 26.4 / 26.5). Measured and dropped: 2 tiles (37.1 / 24.0 us:
+# their 64 registers delay the loop), the early tiles as the last pairs (1 token 26.8 vs 24.4).
+DECODE_DOWN_EARLY_W = True
 
 
 @triton.jit
@@ -1339,7 +1339,7 @@ def _sparse_ffn_decode_down_kernel(
     stride_wd, stride_wf, stride_ot,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
-    MASK_ROWS: tl.constexpr = True, EARLY_W: tl.constexpr = 0, PDL: tl.constexpr = False,
+    MASK_ROWS: tl.constexpr = True, EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
@@ -1348,31 +1348,25 @@ def _sparse_ffn_decode_down_kernel(
     membership test per block serialised ~64 dependent checks and ~7 unpipelined tiles per block).
     A token with an id outside [-1, NR) gets a NaN row.
 
-    ``EARLY_W`` (1 or 2; 0 = off): the first pairs' w_down tiles are loaded into registers before the
-    programmatic-dependent-launch wait, while gate/up finishes. Safe: w_down is a weight, and idx was written by
+    ``EARLY_W``: the first pair's w_down tile is loaded into registers before the programmatic-dependent-launch
+    wait, while gate/up finishes. Safe: w_down is a weight, and idx was written by
     the router kernel, which every gate/up program waited for before letting this kernel launch."""
-    if EARLY_W == 0:
+    if not EARLY_W:
         chain_wait(PDL)
     offs_t, offs_n, n_mask, used, rank, n_used, k_tiles = _decode_down_tile(IDX, T, D, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                             BLOCK_K, BLOCK_KS, BLOCK_B)
     total = n_used * k_tiles
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    if EARLY_W >= 1:
+    start = total * 0
+    if EARLY_W:  # pair 0's w_down tile before the wait, its h after it
         w0, b0, k0, m0 = _decode_down_w(WD, offs_n, n_mask, used, rank, 0, total > 0, k_tiles, BS, stride_wd,
                                         stride_wf, BLOCK_K, BLOCK_B)
-    if EARLY_W >= 2:
-        w1, b1, k1, m1 = _decode_down_w(WD, offs_n, n_mask, used, rank, 1, total > 1, k_tiles, BS, stride_wd,
-                                        stride_wf, BLOCK_K, BLOCK_B)
-    if EARLY_W > 0:
         chain_wait(PDL)
-    if EARLY_W >= 1:
         acc = tl.dot(_decode_down_h(H, T, b0, offs_t, k0, m0, BS, BLOCK_T, MASK_ROWS), w0, acc,
                      input_precision=DOT_PRECISION)
-    if EARLY_W >= 2:
-        acc = tl.dot(_decode_down_h(H, T, b1, offs_t, k1, m1, BS, BLOCK_T, MASK_ROWS), w1, acc,
-                     input_precision=DOT_PRECISION)
-    acc = _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, tl.minimum(EARLY_W, total), total,
-                             k_tiles, BS, stride_wd, stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K, BLOCK_B, MASK_ROWS)
+        start = tl.minimum(total, 1)
+    acc = _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, start, total, k_tiles, BS, stride_wd,
+                             stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K, BLOCK_B, MASK_ROWS)
     chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
