@@ -89,7 +89,11 @@ def main():
             variants = {}
             for name, attr, value in (("h rows unmasked", "DECODE_MASK_H_ROWS", False),
                                       ("early w off", "DECODE_DOWN_EARLY_W", False),
-                                      ("early w on", "DECODE_DOWN_EARLY_W", True)):
+                                      ("early w on", "DECODE_DOWN_EARLY_W", True),
+                                      # the router split kernel's weight tile before its PDL wait (the decode
+                                      # kernels' row is unchanged by it: read the op's)
+                                      ("router early w on", "ROUTER_EARLY_W", True),
+                                      ("router early w off", "ROUTER_EARLY_W", False)):
                 before = getattr(tk, attr)
                 try:
                     setattr(tk, attr, value)
@@ -107,21 +111,21 @@ def main():
                 x, wr, wg, wu, wd, active_ratio=args.ratio), sets)
             same = all(torch.equal(tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate", select="rank")[0],
                                    idx) for x, wr, *_, idx, _w in sets)
-            # the router's selection fused into the gate/up kernel (session 11, opt-in FUSED_ROUTE_MAX_T)
+            # the router's selection fused into the gate/up kernel (session 11, FUSED_ROUTE_TOKENS)
             t_fused, fused_same = None, None
             if T <= tk.FUSED_ROUTE_BLOCK_TS:
                 def op(x, wr, wg, wu, wd, *_):
                     return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=args.ratio)
 
-                before = tk.FUSED_ROUTE_MAX_T
+                before = tk.FUSED_ROUTE_TOKENS
                 try:
-                    tk.FUSED_ROUTE_MAX_T = 0
+                    tk.FUSED_ROUTE_TOKENS = ()
                     plain = [op(*st) for st in sets]
-                    tk.FUSED_ROUTE_MAX_T = tk.FUSED_ROUTE_BLOCK_TS
+                    tk.FUSED_ROUTE_TOKENS = tuple(range(1, tk.FUSED_ROUTE_BLOCK_TS + 1))
                     fused_same = all(torch.equal(op(*st), r) for st, r in zip(sets, plain))
                     t_fused = time_cuda_graph(op, sets)
                 finally:
-                    tk.FUSED_ROUTE_MAX_T = before
+                    tk.FUSED_ROUTE_TOKENS = before
         print(f"    router: default {t_route['ms'] * 1e3:.1f}u, loop ({tk.router_splits(T, D, sets[0][0].device)} splits) "
               f"{t_loop['ms'] * 1e3:.1f}u, one kernel {t_route1['ms'] * 1e3:.1f}u, split + 1-warp select {t_route_w1['ms'] * 1e3:.1f}u, "
               f"rank select 4 / 1 warps {t_rank[4]['ms'] * 1e3:.1f} / {t_rank[1]['ms'] * 1e3:.1f}u "
@@ -154,7 +158,8 @@ def main():
                    decode_down_splits_ms={sp: t["ms"] for sp, t in t_split.items()},
                    op_fused_route_ms=t_fused["ms"] if t_fused else None, fused_route_same_bits=fused_same,
                    down_variants=variants, op_again_ms=t_op_again["ms"],
-                   defaults={"DECODE_MASK_H_ROWS": tk.DECODE_MASK_H_ROWS, "DECODE_DOWN_EARLY_W": tk.DECODE_DOWN_EARLY_W})
+                   defaults={"DECODE_MASK_H_ROWS": tk.DECODE_MASK_H_ROWS, "DECODE_DOWN_EARLY_W": tk.DECODE_DOWN_EARLY_W,
+                             "ROUTER_EARLY_W": tk.ROUTER_EARLY_W})
         rows.append(row)
         print(f"{T:>3} {t_route['ms'] * 1e3:8.1f}u {t_dec['ms'] * 1e3:14.1f}u {t_op['ms'] * 1e3:8.1f}u "
               f"{t_dense['ms'] * 1e3:8.1f}u {t_dense['ms'] / t_op['ms']:11.2f}x", flush=True)

@@ -193,6 +193,13 @@ def cases():
               threshold=0.0, stride_xt=4096, stride_xd=1, stride_wn=4096, stride_wd=1, K=10, SOFTMAX=False,
               NORMALISE=True, HAS_BIAS=False, HAS_THRESHOLD=False, SPLITS=16, DOT_PRECISION="tf32", BLOCK_D=64,
               BLOCK_NR=64, BLOCK_K=16)
+    split = dict(X=bf16, WR=bf16, PART=f32, T=1, D=4096, NR=64, d_per_split=256, stride_xt=4096, stride_xd=1,
+                 stride_wn=4096, stride_wd=1, DOT_PRECISION="tf32", BLOCK_T=16, BLOCK_NR=64, BLOCK_NRS=16)
+    out.append(("sparse router split logits, 64-wide d tiles", sf._sparse_ffn_router_split_kernel,
+                dict(split, BLOCK_D=64), dict(num_warps=4)))
+    out.append(("sparse router split logits, weight tile before the PDL wait (the decode default)",
+                sf._sparse_ffn_router_split_kernel, dict(split, BLOCK_D=256, PDL=True, EARLY_W=True),
+                dict(num_warps=4, launch_pdl=True)))
     out.append(("sparse router select, loop (after a split)", sf._sparse_ffn_router_kernel,
                 dict(rt, BLOCK_T=16, SELECT=0), dict(num_warps=4)))
     out.append(("sparse router select, by rank", sf._sparse_ffn_router_kernel,
@@ -253,7 +260,7 @@ def cases():
                 dict(dec, BLOCK_N=32, BLOCK_K=128), dict(num_warps=4, num_stages=8)))
     out.append(("sparse decode gate/up, 32x256, 4 stages", sf._sparse_ffn_decode_gate_up_kernel,
                 dict(dec, BLOCK_N=32, BLOCK_K=256), dict(num_warps=4, num_stages=4)))
-    # the router's selection fused into gate/up (session 11, opt-in FUSED_ROUTE_MAX_T)
+    # the router's selection fused into gate/up (session 11, FUSED_ROUTE_TOKENS, on at 2 tokens since session 29)
     fused = dict(PART=f32, BIAS=f32, IDX=i32, WOUT=f32, PROBS=f32, X=bf16, WG=bf16, WU=bf16, H=bf16, T=1, D=4096,
                  BS=224, S=0, NR=64, threshold=0.0, stride_xt=4096, stride_xd=1, stride_wf=4096, stride_wd=1, K=10,
                  SOFTMAX=False, NORMALISE=True, HAS_BIAS=False, HAS_THRESHOLD=False, SPLITS=16, DOT_PRECISION="tf32",

@@ -85,6 +85,28 @@ def test_router_split_logits_match_reference(case, splits, poisoned):
             tk.sparse_ffn_route(x, wr, splits=bad, **kw)
 
 
+@pytest.mark.parametrize("splits", [3, 7])
+@pytest.mark.parametrize("case", [c for c in ROUTER_CASES if c[1] >= 24], ids=lambda c: "T{}-D{}-NR{}-k{}".format(*c[:4]))
+def test_router_split_early_weight_tile_matches_reference(case, splits, poisoned, monkeypatch):
+    """ROUTER_EARLY_W: each slice's router-weight tile loaded in one piece (before the PDL wait on a GPU), the slice
+    one dot (uneven last slice, a tile wider than its slice): the routing of the loop over BLOCK_D tiles and of the
+    reference; a slice wider than ROUTER_EARLY_W_MAX_D keeps the loop."""
+    T, D, NR, k, gate, weighting, with_bias, threshold = case
+    x = torch.randn(T, D)
+    wr = torch.randn(NR, D) * 2 / D**0.5
+    bias = torch.randn(NR) * 0.05 if with_bias else None
+    kw = dict(k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold, block_d=16, splits=splits)
+    monkeypatch.setattr(tk, "ROUTER_EARLY_W", False)
+    loop = tk.sparse_ffn_route(x, wr, **kw)
+    monkeypatch.setattr(tk, "ROUTER_EARLY_W", True)
+    early = tk.sparse_ffn_route(x, wr, **kw)
+    ri, rw, rp = route_ref(x, wr, k=k, gate=gate, weighting=weighting, bias=bias, threshold=threshold)
+    assert torch.equal(early[0], ri) and torch.equal(early[0], loop[0])
+    assert (early[1] - rw).abs().max() < 1e-6 and (early[2] - rp).abs().max() < 1e-6
+    monkeypatch.setattr(tk, "ROUTER_EARLY_W_MAX_D", 8)
+    assert all(torch.equal(a, b) for a, b in zip(tk.sparse_ffn_route(x, wr, **kw), loop))
+
+
 @pytest.mark.parametrize("select", ["rank", "sort"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "T{}-D{}-NR{}-k{}-{}-{}-bias{}-thr{}".format(*c))
@@ -907,6 +929,29 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8])
+def test_router_early_weight_tile_under_pdl_on_gpu(T, monkeypatch):
+    """ROUTER_EARLY_W with programmatic dependent launches (the router-weight tile loads before the split kernel's
+    wait, x after it): thirty back-to-back decode calls on fresh inputs, eager and graphed, give the bits of
+    plain launches without it (an x read before the kernel before had written it would differ)."""
+    import deepseek_kernels as dk
+    from deepseek_kernels.ops._registry import programmatic_launches
+
+    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
+    xs = [torch.randn_like(x) for _ in range(30)]
+
+    def run(x):
+        with torch.no_grad():
+            return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
+
+    monkeypatch.setattr(tk, "ROUTER_EARLY_W", False)
+    with programmatic_launches(False):
+        want = [run(v) for v in xs]
+    monkeypatch.setattr(tk, "ROUTER_EARLY_W", True)
+    assert_pdl_gives_the_bits(run, xs, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8])
 def test_decode_programmatic_dependent_launch_on_gpu(T):
     """DSK_PDL=1: router, gate/up and down (and the finish kernel at 8 tokens) each wait for the kernel
     before them and let the next one launch early. Thirty back-to-back decode calls on fresh inputs,
@@ -959,7 +1004,7 @@ def test_decode_on_gpu(T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2])
 def test_decode_fused_route_on_gpu(T, monkeypatch):
-    """The router's selection fused into the gate/up kernel (FUSED_ROUTE_MAX_T): at the issue's shapes,
+    """The router's selection fused into the gate/up kernel (FUSED_ROUTE_TOKENS): at the issue's shapes,
     thirty fresh inputs give the bits of the unfused path (output and routing), eager and graphed."""
     import deepseek_kernels as dk
 
@@ -970,9 +1015,9 @@ def test_decode_fused_route_on_gpu(T, monkeypatch):
         with torch.no_grad():
             return dk.gated_sparse_ffn(v, wr, wg, wu, wd, active_ratio=0.15, return_routing=True)
 
-    monkeypatch.setattr(tk, "FUSED_ROUTE_MAX_T", 0)
+    monkeypatch.setattr(tk, "FUSED_ROUTE_TOKENS", ())
     want = [run(v) for v in xs]
-    monkeypatch.setattr(tk, "FUSED_ROUTE_MAX_T", 2)
+    monkeypatch.setattr(tk, "FUSED_ROUTE_TOKENS", (1, 2))
     for v, (out, r) in zip(xs, want):
         got, rg = run(v)
         assert torch.equal(got, out) and torch.equal(rg.idx, r.idx) and torch.equal(rg.weights, r.weights)

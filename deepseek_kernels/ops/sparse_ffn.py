@@ -443,7 +443,7 @@ def gated_sparse_ffn(
 
         check_route_op_args(x2, router_weight, bias, k, gate, weighting)
         pdl = pdl_enabled(x2, "sparse_decode")
-        if x2.shape[0] <= min(tk.FUSED_ROUTE_MAX_T, tk.FUSED_ROUTE_BLOCK_TS):
+        if x2.shape[0] in tk.FUSED_ROUTE_TOKENS and x2.shape[0] <= tk.FUSED_ROUTE_BLOCK_TS:
             # the router's selection inside the gate/up kernel: one launch fewer, the same bits
             check_block_weights(x2, w_gate, w_up, w_down, shared_blocks, n_blocks)
             out, idx, weights, probs = tk.sparse_ffn_route_decode(

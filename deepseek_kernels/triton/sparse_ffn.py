@@ -75,19 +75,34 @@ def _sparse_ffn_router_split_kernel(
     stride_xt, stride_xd, stride_wn, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr,
     BLOCK_NRS: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False,
 ):
     """Few tokens: the logits GEMM split over d_model slices (program_id(1)) and router rows
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
     walking all of it is a chain of dependent loads). PART[s, t, n] = fp32 partial logits of slice s;
-    the router kernel sums the slices in order."""
-    chain_wait(PDL)
+    the router kernel sums the slices in order.
+
+    ``EARLY_W`` (the launcher checks that a slice is one BLOCK_D tile): the slice's router-weight tile is loaded
+    before the programmatic-dependent-launch wait (a weight: nothing before this kernel writes it), x after it,
+    then one dot over the slice."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
     d_lo = s * d_per_split
-    acc = _router_logits(X, WR, T, D, NR, d_lo, tl.minimum(d_lo + d_per_split, D), stride_xt, stride_xd,
-                         stride_wn, stride_wd, offs_t, offs_n, DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NRS)
+    d_hi = tl.minimum(d_lo + d_per_split, D)
+    if EARLY_W:
+        offs_d = d_lo + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_hi
+        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
+                    mask=d_mask[:, None] & (offs_n < NR)[None, :], other=0.0)
+        chain_wait(PDL)
+        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
+                     mask=(offs_t < T)[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(xt, w, input_precision=DOT_PRECISION)
+    else:
+        chain_wait(PDL)
+        acc = _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn, stride_wd, offs_t,
+                             offs_n, DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NRS)
     chain_trigger(PDL)
     tl.store(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :], acc,
              mask=offs_t[:, None] < T)
@@ -263,6 +278,15 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
     return max(1, min(triton.cdiv(D, block_d), ROUTER_MAX_SPLITS, triton.cdiv(sm_count(device), t_tiles)))
 
 
+# With programmatic dependent launches, the split kernel loads its slice's router-weight tile before its wait, so
+# the load overlaps the tail of the kernel before it (as the decode's down kernel does with its first w_down
+# tile), where a slice is at most ROUTER_EARLY_W_MAX_D columns (one tile of 16 router rows; 1-8 tokens at d_model
+# 4096 split 16 ways: 256). Without PDL the slice is still one tile. Same bits. H200, session 29
+# (benchmarks/ab_sparse_decode_flag.py, graphed op, 6 alternating rounds): 1 token 24.9 / 24.9 / 24.9 / 26.0 /
+# 25.9 / 26.0 us vs 25.4 / 25.5 / 25.5 / 25.5 / 26.4 / 26.4 (faster in 5 of 6 rounds; the readings of both jump
+# ~1 us together mid-run), 2 tokens 38.5-38.6 vs 38.8-39.0 in every round.
+ROUTER_EARLY_W = True
+ROUTER_EARLY_W_MAX_D = 256
 ROUTER_SELECT = ("auto", "loop", "rank", "sort")
 _SELECT_CODE = {"loop": 0, "rank": 1, "sort": 2}  # the router kernel's SELECT
 # "auto" takes a whole-token selection (SMALL_T_SELECT) up to this many tokens. H200, session 10
@@ -282,11 +306,14 @@ def _router_partial_logits(x, router_weight, splits: int, d_per_split: int, bloc
     T, D = x.shape
     split_block_t = 16  # the split kernel's token tile (its tl.dot wants >= 16 rows)
     part = torch.empty(splits, T, block_nr, dtype=torch.float32, device=x.device)
+    early = ROUTER_EARLY_W and d_per_split <= ROUTER_EARLY_W_MAX_D  # without PDL: the slice as one tile
+    if early:
+        block_d = max(16, triton.next_power_of_2(d_per_split))  # the slice in one tile
     triton_kernel(_sparse_ffn_router_split_kernel, direct)[(triton.cdiv(T, split_block_t), splits, block_nr // 16)](
         x, router_weight, part, T, D, router_weight.shape[0], d_per_split,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_NRS=16, PDL=pdl, num_warps=4, **pdl_option(pdl),
+        BLOCK_NRS=16, PDL=pdl, EARLY_W=early, num_warps=4, **pdl_option(pdl),
     )
     return part
 
@@ -1535,11 +1562,14 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
     return out
 
 
-# Tokens up to which gated_sparse_ffn's eager decode may fuse the router's selection into the gate/up
-# kernel (sparse_ffn_route_decode): 0 = never. The same bits as the unfused path (GPU-tested);
-# benchmarks/diag_sparse_decode.py times both. H200: session 12 (rank select) T1 28.0 vs 28.5 us, T2 43.1 vs
-# 42.6; session 23 (sort select, 1.7 us as its own kernel) T1 27.1 vs 26.4, T2 40.4 vs 40.5: left off.
-FUSED_ROUTE_MAX_T = 0
+# The token counts (at most FUSED_ROUTE_BLOCK_TS) at which gated_sparse_ffn's eager decode fuses the router's
+# selection into the gate/up kernel (sparse_ffn_route_decode); empty = never. The same bits as the unfused path
+# (GPU-tested); benchmarks/diag_sparse_decode.py times both, benchmarks/ab_sparse_decode_flag.py A/Bs them.
+# H200, graphed op: session 12 (rank select) T1 28.0 vs 28.5 us, T2 43.1 vs 42.6; session 23 (sort select, 1.7
+# us as its own kernel) T1 27.1 vs 26.4, T2 40.4 vs 40.5; session 29 (the down kernel's early w_down tile since
+# session 28): T1 27.1 vs 25.6 us (diag), T2 36.9 vs 38.0 us (medians of 4 alternating rounds, 36.9 / 36.9 /
+# 36.9 / 37.9 vs 37.8 / 38.1 / 38.0 / 38.0): on at 2 tokens only.
+FUSED_ROUTE_TOKENS = (2,)
 FUSED_ROUTE_BLOCK_TS = 2  # the selection's token tile in the fused kernel (as the router kernel's for few tokens)
 
 
