@@ -928,11 +928,13 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 8])
-def test_router_early_weight_tile_under_pdl_on_gpu(T, monkeypatch):
-    """ROUTER_EARLY_W with programmatic dependent launches (the router-weight tile loads before the split kernel's
-    wait, x after it): thirty back-to-back decode calls on fresh inputs, eager and graphed, give the bits of
-    plain launches without it (an x read before the kernel before had written it would differ)."""
+@pytest.mark.parametrize("flag", ["ROUTER_EARLY_W", "ROUTER_EARLY_TRIGGER"])
+@pytest.mark.parametrize("T", [1, 2, 8])
+def test_router_early_weight_tile_under_pdl_on_gpu(T, flag, monkeypatch):
+    """ROUTER_EARLY_W (the router-weight tile loads before the split kernel's wait, x after it) and
+    ROUTER_EARLY_TRIGGER (both router kernels let the next kernel launch as they start) with programmatic dependent
+    launches: thirty back-to-back decode calls on fresh inputs, eager and graphed, give the bits of plain launches
+    without either (an input read before the kernel before had written it would differ)."""
     import deepseek_kernels as dk
     from deepseek_kernels.ops._registry import programmatic_launches
 
@@ -944,9 +946,10 @@ def test_router_early_weight_tile_under_pdl_on_gpu(T, monkeypatch):
             return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
 
     monkeypatch.setattr(tk, "ROUTER_EARLY_W", False)
+    monkeypatch.setattr(tk, "ROUTER_EARLY_TRIGGER", False)
     with programmatic_launches(False):
         want = [run(v) for v in xs]
-    monkeypatch.setattr(tk, "ROUTER_EARLY_W", True)
+    monkeypatch.setattr(tk, flag, True)
     assert_pdl_gives_the_bits(run, xs, want)
 
 

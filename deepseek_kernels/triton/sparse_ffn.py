@@ -75,7 +75,7 @@ def _sparse_ffn_router_split_kernel(
     stride_xt, stride_xd, stride_wn, stride_wd,
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr,
     BLOCK_NRS: tl.constexpr,
-    PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY_W: tl.constexpr = False, EARLY_TRIGGER: tl.constexpr = False,
 ):
     """Few tokens: the logits GEMM split over d_model slices (program_id(1)) and router rows
     (program_id(2), BLOCK_NRS rows each), so the router weight streams through many SMs (one program
@@ -84,7 +84,9 @@ def _sparse_ffn_router_split_kernel(
 
     ``EARLY_W`` (the launcher checks that a slice is one BLOCK_D tile): the slice's router-weight tile is loaded
     before the programmatic-dependent-launch wait (a weight: nothing before this kernel writes it), x after it,
-    then one dot over the slice."""
+    then one dot over the slice. ``EARLY_TRIGGER``: the next kernel may launch at once (see :data:`ROUTER_EARLY_TRIGGER`)."""
+    if EARLY_TRIGGER:
+        chain_trigger(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(2) * BLOCK_NRS + tl.arange(0, BLOCK_NRS)
     s = tl.program_id(1)
@@ -103,7 +105,8 @@ def _sparse_ffn_router_split_kernel(
         chain_wait(PDL)
         acc = _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn, stride_wd, offs_t,
                              offs_n, DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NRS)
-    chain_trigger(PDL)
+    if not EARLY_TRIGGER:
+        chain_trigger(PDL)
     tl.store(PART + (s * T + offs_t[:, None]).to(tl.int64) * BLOCK_NR + offs_n[None, :], acc,
              mask=offs_t[:, None] < T)
 
@@ -240,13 +243,16 @@ def _sparse_ffn_router_kernel(
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_K: tl.constexpr,
     SELECT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, EARLY_TRIGGER: tl.constexpr = False,
 ):
     """x [T, D], router [NR, D] -> idx int32 [T, K], weights fp32 [T, K], probs fp32 [T, NR].
     ``SPLITS`` > 0: the logits are the sum of the SPLITS partial slices in PART (split kernel),
     loaded unrolled (independent loads, summed in slice order: deterministic); 0: computed here.
     ``SELECT``: 0 K rounds of reductions, 1 the top-k by rank (:func:`_select_topk_by_rank`: it needs the
-    logits from PART, its [BLOCK_T, NR, NR] tile wants few tokens), 2 by sorting (:func:`_select_topk_by_sort`)."""
+    logits from PART, its [BLOCK_T, NR, NR] tile wants few tokens), 2 by sorting (:func:`_select_topk_by_sort`).
+    ``EARLY_TRIGGER``: the next kernel may launch at once (see :data:`ROUTER_EARLY_TRIGGER`)."""
+    if EARLY_TRIGGER:
+        chain_trigger(PDL)
     chain_wait(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_NR)
@@ -255,7 +261,8 @@ def _sparse_ffn_router_kernel(
     else:
         acc = _router_logits(X, WR, T, D, NR, 0, D, stride_xt, stride_xd, stride_wn, stride_wd, offs_t, offs_n,
                              DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_NR)
-    chain_trigger(PDL)
+    if not EARLY_TRIGGER:
+        chain_trigger(PDL)
     p, idx, w_out = _route_tile(acc, BIAS, NR, f32(threshold), offs_n, K, SOFTMAX, NORMALISE, HAS_BIAS,
                                 HAS_THRESHOLD, BLOCK_T, BLOCK_NR, BLOCK_K, SELECT)
     _store_route(IDX, WOUT, PROBS, p, idx, w_out, T, NR, offs_t, offs_n, K, BLOCK_K)
@@ -287,6 +294,15 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
 # ~1 us together mid-run), 2 tokens 38.5-38.6 vs 38.8-39.0 in every round.
 ROUTER_EARLY_W = True
 ROUTER_EARLY_W_MAX_D = 256
+# With programmatic dependent launches and at most ROUTER_EARLY_TRIGGER_MAX_T tokens (grids far smaller than the
+# GPU: 64 split programs, 1-8 selecting ones), both router kernels let the next kernel launch as they start
+# instead of after their loads: its programs take free SMs and wait there (griddepcontrol.wait still waits for this
+# kernel's end and its stores), so its launch latency overlaps this kernel. Same bits (PDL ordering only). H200,
+# session 29 (benchmarks/ab_sparse_decode_flag.py, graphed op, 6 alternating rounds): 2 tokens 37.3-37.4 vs
+# 37.7-37.8 us in every round; 1 token a tie (25.1 / 25.1 / 25.1 / 25.8 / 25.8 / 25.8 vs 25.0 / 25.1 / 25.1 /
+# 25.1 / 26.1 / 26.2: both jump ~1 us mid-run, at different rounds).
+ROUTER_EARLY_TRIGGER = True
+ROUTER_EARLY_TRIGGER_MAX_T = 16
 ROUTER_SELECT = ("auto", "loop", "rank", "sort")
 _SELECT_CODE = {"loop": 0, "rank": 1, "sort": 2}  # the router kernel's SELECT
 # "auto" takes a whole-token selection (SMALL_T_SELECT) up to this many tokens. H200, session 10
@@ -298,6 +314,11 @@ RANK_SELECT_MAX_T = 16
 # (benchmarks/diag_router_select.py, graphed, split kernel included): router T1 / T2 / T8 4.3 / 4.3 / 4.4 us
 # sorting vs 6.1-6.4 / 6.4-6.5 / 6.6 by rank; the decode op T1 26.1-26.9 vs 28.3 us, T8 81.5-82.0 vs 83.6-84.3.
 SMALL_T_SELECT = "sort"
+
+
+def _router_early_trigger(T: int) -> bool:
+    """Whether the router kernels of a T-token call trigger their dependents' launch as they start."""
+    return ROUTER_EARLY_TRIGGER and T <= ROUTER_EARLY_TRIGGER_MAX_T
 
 
 def _router_partial_logits(x, router_weight, splits: int, d_per_split: int, block_d: int, block_nr: int,
@@ -313,7 +334,8 @@ def _router_partial_logits(x, router_weight, splits: int, d_per_split: int, bloc
         x, router_weight, part, T, D, router_weight.shape[0], d_per_split,
         x.stride(0), x.stride(1), router_weight.stride(0), router_weight.stride(1),
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_T=split_block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_NRS=16, PDL=pdl, EARLY_W=early, num_warps=4, **pdl_option(pdl),
+        BLOCK_NRS=16, PDL=pdl, EARLY_W=early, EARLY_TRIGGER=_router_early_trigger(T), num_warps=4,
+        **pdl_option(pdl),
     )
     return part
 
@@ -373,8 +395,8 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
         K=k, SOFTMAX=gate == "softmax", NORMALISE=weighting == "gate", HAS_BIAS=bias is not None,
         HAS_THRESHOLD=threshold is not None, SPLITS=splits if use_part else 0, DOT_PRECISION=prec,
         BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NR=block_nr,
-        BLOCK_K=max(2, triton.next_power_of_2(k)), SELECT=_SELECT_CODE[select], PDL=pdl, num_warps=num_warps,
-        **pdl_option(pdl),
+        BLOCK_K=max(2, triton.next_power_of_2(k)), SELECT=_SELECT_CODE[select], PDL=pdl,
+        EARLY_TRIGGER=_router_early_trigger(T), num_warps=num_warps, **pdl_option(pdl),
     )
     return idx, weights, probs
 
