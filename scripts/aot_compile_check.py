@@ -233,6 +233,9 @@ def cases():
     out.append(("sparse decode down, programmatic dependent launch, first w tile before the wait",
                 sf._sparse_ffn_decode_down_kernel, dict(down, PDL=True, EARLY_W=True),
                 dict(num_warps=d["num_warps"], num_stages=d["num_stages"], launch_pdl=True)))
+    out.append(("sparse decode down, programmatic dependent launch, first w tile before the wait, blocks by mask",
+                sf._sparse_ffn_decode_down_kernel, dict(down, PDL=True, EARLY_W=True, BY_MASK=True),
+                dict(num_warps=d["num_warps"], num_stages=d["num_stages"], launch_pdl=True)))
     out.append(("sparse decode down, 128-wide K tiles, 4 stages", sf._sparse_ffn_decode_down_kernel,
                 dict(down, BLOCK_N=16, BLOCK_K=128), dict(num_warps=4, num_stages=4)))
     # the deepest pipelines tune_sparse_ffn.py --decode tries (session 9): they must fit the shared memory

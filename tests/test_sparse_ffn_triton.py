@@ -554,6 +554,29 @@ def test_decode_down_splits_match_reference(case, poisoned):
             tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config={"down": {"splits": bad}})
 
 
+@pytest.mark.parametrize("case", DECODE_CASES + [(2, 32, 384, 8, 1, 2, True, torch.float32)],
+                         ids=lambda c: "T{}-D{}-F{}-NB{}-S{}-{}".format(*c[:5], str(c[7])))
+def test_decode_down_blocks_by_mask_give_the_same_bits(case, poisoned, monkeypatch):
+    """DECODE_DOWN_BY_MASK (each pair's block the lowest set bit of a mask of the used blocks): the bits of the
+    reduction per pair, with one and several K tiles per block, with and without the early first tile, over 8 and
+    64 blocks (the last block always used: bit 63 of the mask at 64)."""
+    T, D, F_, NB, S, k, empty_slots, dtype = case
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, F_, NB, S, k, empty_slots, None), dtype)
+    if not (idx == NB - S - 1).any():
+        idx[0, 0] = NB - S - 1
+    ref = sparse_ffn_blocks_ref(x.double(), wg.double(), wu.double(), wd.double(), idx, w.double(), n_blocks=NB,
+                                shared_blocks=S)
+    for cfg in ({"down": {"splits": 1}}, {"down": {"splits": 1, "block_k": 16}}):
+        for early in (True, False):
+            monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", early)
+            monkeypatch.setattr(tk, "DECODE_DOWN_BY_MASK", False)
+            plain = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+            monkeypatch.setattr(tk, "DECODE_DOWN_BY_MASK", True)
+            out = tk.sparse_ffn_decode(x, wg, wu, wd, idx, w, shared_blocks=S, n_blocks=NB, config=cfg)
+            assert torch.isfinite(out).all() and torch.equal(out, plain), (cfg, early)
+            assert rel(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("case", DECODE_CASES[:3], ids=lambda c: "T{}-NB{}-S{}".format(c[0], c[3], c[4]))
 def test_decode_masked_h_rows_give_the_same_bits(case, poisoned, monkeypatch):
     """The down projection skips the loads of h's padding rows (tokens >= T of the dot's 16; DECODE_MASK_H_ROWS):
@@ -928,13 +951,14 @@ def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("flag", ["ROUTER_EARLY_W", "ROUTER_EARLY_TRIGGER"])
+@pytest.mark.parametrize("flag", ["ROUTER_EARLY_W", "ROUTER_EARLY_TRIGGER", "DECODE_DOWN_BY_MASK"])
 @pytest.mark.parametrize("T", [1, 2, 8])
-def test_router_early_weight_tile_under_pdl_on_gpu(T, flag, monkeypatch):
-    """ROUTER_EARLY_W (the router-weight tile loads before the split kernel's wait, x after it) and
-    ROUTER_EARLY_TRIGGER (both router kernels let the next kernel launch as they start) with programmatic dependent
-    launches: thirty back-to-back decode calls on fresh inputs, eager and graphed, give the bits of plain launches
-    without either (an input read before the kernel before had written it would differ)."""
+def test_decode_chain_variants_under_pdl_on_gpu(T, flag, monkeypatch):
+    """ROUTER_EARLY_W (the router-weight tile loads before the split kernel's wait, x after it),
+    ROUTER_EARLY_TRIGGER (both router kernels let the next kernel launch as they start) and DECODE_DOWN_BY_MASK
+    (the down kernel's blocks from a bit mask) with programmatic dependent launches: thirty back-to-back decode
+    calls on fresh inputs, eager and graphed, give the bits of plain launches without any of them (an input read
+    before the kernel before had written it would differ)."""
     import deepseek_kernels as dk
     from deepseek_kernels.ops._registry import programmatic_launches
 
@@ -947,6 +971,7 @@ def test_router_early_weight_tile_under_pdl_on_gpu(T, flag, monkeypatch):
 
     monkeypatch.setattr(tk, "ROUTER_EARLY_W", False)
     monkeypatch.setattr(tk, "ROUTER_EARLY_TRIGGER", False)
+    monkeypatch.setattr(tk, "DECODE_DOWN_BY_MASK", False)
     with programmatic_launches(False):
         want = [run(v) for v in xs]
     monkeypatch.setattr(tk, flag, True)

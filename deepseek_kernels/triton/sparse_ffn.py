@@ -1187,6 +1187,12 @@ DECODE_MASK_H_ROWS = True
 # 41.7 -> 39.1), 1 token 24.0 -> 23.4 (op unchanged, 26.4 / 26.5). Measured and dropped: 2 tiles (37.1 / 24.0 us:
 # their 64 registers delay the loop), the early tiles as the last pairs (1 token 26.8 vs 24.4).
 DECODE_DOWN_EARLY_W = True
+# The one-kernel down projection finds each (used block, K tile) pair's block as the lowest set bit of a 64-bit
+# mask of the used blocks (scalar arithmetic) instead of a reduction over all blocks per pair (shared memory and a
+# barrier in every loop iteration); up to 64 blocks. Same pairs, same order, same bits. H200, session 29
+# (benchmarks/ab_sparse_decode_flag.py, graphed op, 6 alternating rounds): 2 tokens 36.8-36.9 vs 37.0-37.2 us in
+# every round, 1 token within 0.1 us but for one round where its readings jumped ~0.6 us before the other's.
+DECODE_DOWN_BY_MASK = True
 
 
 @triton.jit
@@ -1247,7 +1253,9 @@ def _sparse_ffn_decode_gate_up_kernel(
 ):
     """Block b = the program_id(0)-th used block (ascending; programs past the last used block
     exit), neurons n of program_id(1): H[b, t, n] = weight(t, b) * silu(x[t] . w_gate[b*BS + n]) *
-    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread."""
+    (x[t] . w_up[b*BS + n]) for all T tokens. H of unused blocks stays unwritten and unread.
+    The down kernel may launch once every program has finished its dot loop: triggered at the start instead, it
+    lost 1.5 us at one token (H200, session 29: 26.4 vs 24.9 us, graphed op; 2 tokens a tie), as in session 12."""
     chain_wait(PDL)
     active, b, offs_t, w_t, member, offs_n, n_mask = _decode_program_tile(IDX, WT, T, BS, S, K, NB, BLOCK_T, BLOCK_N,
                                                                           BLOCK_KS, BLOCK_B)
@@ -1357,16 +1365,41 @@ def _decode_down_h(H, T, b, offs_t, offs_k, k_mask, BS, BLOCK_T: tl.constexpr, M
 @triton.jit
 def _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, start, stop, k_tiles, BS, stride_wd,
                        stride_wf, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_B: tl.constexpr, MASK_ROWS: tl.constexpr):
+                       BLOCK_B: tl.constexpr, MASK_ROWS: tl.constexpr, BY_MASK: tl.constexpr = False, rem=0):
     """acc [BLOCK_T, BLOCK_N] fp32 plus, over the flat (used block j, K tile) pairs i in [start, stop) in ascending
     order, H[b_j, t, tile] . w_down[n, b_j tile]. ``MASK_ROWS``: the h rows of tokens >= T (zeros, the padding of
-    the dot's 16 rows) are not loaded (see :data:`DECODE_MASK_H_ROWS`)."""
+    the dot's 16 rows) are not loaded (see :data:`DECODE_MASK_H_ROWS`). ``BY_MASK``: each pair's block is the lowest
+    set bit of ``rem`` (an int64 mask of the used blocks from pair ``start``'s on, :func:`_used_mask`), cleared after
+    the block's last K tile: scalar arithmetic instead of a reduction over the BLOCK_B blocks per pair."""
     for i in range(start, stop):
-        w, b, offs_k, k_mask = _decode_down_w(WD, offs_n, n_mask, used, rank, i, True, k_tiles, BS, stride_wd,
-                                              stride_wf, BLOCK_K, BLOCK_B)
+        if BY_MASK:
+            b = _lowest_bit(rem)
+            offs_k = (i % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < BS
+            w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            rem = tl.where((i + 1) % k_tiles == 0, rem & (rem - 1), rem)
+        else:
+            w, b, offs_k, k_mask = _decode_down_w(WD, offs_n, n_mask, used, rank, i, True, k_tiles, BS, stride_wd,
+                                                  stride_wf, BLOCK_K, BLOCK_B)
         h = _decode_down_h(H, T, b, offs_t, offs_k, k_mask, BS, BLOCK_T, MASK_ROWS)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _used_mask(used, BLOCK_B: tl.constexpr):
+    """int64 mask with bit b set for each used block b (BLOCK_B <= 64)."""
+    bits = tl.full((BLOCK_B,), 1, tl.int64) << tl.arange(0, BLOCK_B).to(tl.int64)
+    return tl.sum(tl.where(used, bits, 0), 0)  # distinct bits: the sum is their OR
+
+
+@triton.jit
+def _lowest_bit(m):
+    """The index of the lowest set bit of the int64 scalar ``m`` (!= 0), from the exponent of the float of m & -m
+    (a power of two, exact in fp32; -2^63 for bit 63 has the same exponent)."""
+    low = (m & -m).to(tl.float32)
+    return ((low.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
 
 
 @triton.jit
@@ -1389,6 +1422,7 @@ def _sparse_ffn_decode_down_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KS: tl.constexpr, BLOCK_B: tl.constexpr,
     MASK_ROWS: tl.constexpr = True, EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False,
+    BY_MASK: tl.constexpr = False,
 ):
     """Columns n of program_id(0): out[t, n] = sum over the used blocks b of H[b, t] . w_down[n, b-slice],
     in ascending block order (each output element owned by one program: deterministic, no y, no
@@ -1407,6 +1441,9 @@ def _sparse_ffn_decode_down_kernel(
     total = n_used * k_tiles
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     start = total * 0
+    rem = tl.zeros((), dtype=tl.int64)
+    if BY_MASK:
+        rem = _used_mask(used, BLOCK_B)
     if EARLY_W:  # pair 0's w_down tile before the wait, its h after it
         w0, b0, k0, m0 = _decode_down_w(WD, offs_n, n_mask, used, rank, 0, total > 0, k_tiles, BS, stride_wd,
                                         stride_wf, BLOCK_K, BLOCK_B)
@@ -1414,8 +1451,10 @@ def _sparse_ffn_decode_down_kernel(
         acc = tl.dot(_decode_down_h(H, T, b0, offs_t, k0, m0, BS, BLOCK_T, MASK_ROWS), w0, acc,
                      input_precision=DOT_PRECISION)
         start = tl.minimum(total, 1)
+        if BY_MASK:  # pair 0 was block b0's last K tile: the loop starts at the next block
+            rem = tl.where((start > 0) & (k_tiles == 1), rem & (rem - 1), rem)
     acc = _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, start, total, k_tiles, BS, stride_wd,
-                             stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K, BLOCK_B, MASK_ROWS)
+                             stride_wf, DOT_PRECISION, BLOCK_T, BLOCK_K, BLOCK_B, MASK_ROWS, BY_MASK, rem)
     chain_trigger(PDL)
     _decode_store_rows(acc, IDX, OUT, T, K, NR, offs_t, offs_n, n_mask, stride_ot, BLOCK_KS)
 
@@ -1566,7 +1605,7 @@ def _decode_down(h, w_down, idx, out, shared_blocks: int, n_blocks: int, dn: dic
             w_down.stride(0), w_down.stride(1), out.stride(0),
             DOT_PRECISION=prec, BLOCK_T=block_t, BLOCK_N=dn["block_n"], BLOCK_K=dn["block_k"],
             BLOCK_KS=block_ks, BLOCK_B=block_b, MASK_ROWS=DECODE_MASK_H_ROWS, EARLY_W=DECODE_DOWN_EARLY_W, PDL=pdl,
-            **dn_opts,
+            BY_MASK=DECODE_DOWN_BY_MASK and block_b <= 64, **dn_opts,
         )
         return out
     part = torch.empty(splits, block_t, D, dtype=torch.float32, device=out.device)
