@@ -927,38 +927,19 @@ def test_decode_masked_h_rows_on_gpu(T, monkeypatch):
     assert rel(masked, ref) < TOL[torch.bfloat16]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 2])
-def test_decode_down_early_w_under_pdl_on_gpu(T, monkeypatch):
-    """DECODE_DOWN_EARLY_W with programmatic dependent launches (the first w_down tile loads while gate/up still
-    runs; h only after the wait): thirty back-to-back decode calls on fresh inputs, eager and graphed, give the
-    bits of launches without PDL (an h read before gate/up's stores landed would differ)."""
-    import deepseek_kernels as dk
-    from deepseek_kernels.ops._registry import programmatic_launches
-
-    x, wr, wg, wu, wd = _gpu_inputs(T, 4096, 14336, 64, torch.bfloat16)
-    xs = [torch.randn_like(x) for _ in range(30)]
-
-    def run(x):
-        with torch.no_grad():
-            return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
-
-    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", False)
-    with programmatic_launches(False):
-        want = [run(v) for v in xs]
-    monkeypatch.setattr(tk, "DECODE_DOWN_EARLY_W", True)
-    assert_pdl_gives_the_bits(run, xs, want)
+FLAGS_UNDER_PDL = ("ROUTER_EARLY_W", "ROUTER_EARLY_TRIGGER", "DECODE_DOWN_EARLY_W", "DECODE_DOWN_BY_MASK")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("flag", ["ROUTER_EARLY_W", "ROUTER_EARLY_TRIGGER", "DECODE_DOWN_BY_MASK"])
+@pytest.mark.parametrize("flag", FLAGS_UNDER_PDL)
 @pytest.mark.parametrize("T", [1, 2, 8])
 def test_decode_chain_variants_under_pdl_on_gpu(T, flag, monkeypatch):
-    """ROUTER_EARLY_W (the router-weight tile loads before the split kernel's wait, x after it),
-    ROUTER_EARLY_TRIGGER (both router kernels let the next kernel launch as they start) and DECODE_DOWN_BY_MASK
-    (the down kernel's blocks from a bit mask) with programmatic dependent launches: thirty back-to-back decode
-    calls on fresh inputs, eager and graphed, give the bits of plain launches without any of them (an input read
-    before the kernel before had written it would differ)."""
+    """Each decode-chain switch with programmatic dependent launches: ROUTER_EARLY_W (the router-weight tile loads
+    before the split kernel's wait, x after it), ROUTER_EARLY_TRIGGER (both router kernels let the next kernel
+    launch as they start), DECODE_DOWN_EARLY_W (the first w_down tile loads while gate/up still runs; h only after
+    the wait), DECODE_DOWN_BY_MASK (the down kernel's blocks from a bit mask). Thirty back-to-back decode calls on
+    fresh inputs, eager and graphed, give the bits of plain launches with all of them off (an input read before
+    the kernel before had written it would differ)."""
     import deepseek_kernels as dk
     from deepseek_kernels.ops._registry import programmatic_launches
 
@@ -969,9 +950,8 @@ def test_decode_chain_variants_under_pdl_on_gpu(T, flag, monkeypatch):
         with torch.no_grad():
             return dk.gated_sparse_ffn(x, wr, wg, wu, wd, active_ratio=0.15)
 
-    monkeypatch.setattr(tk, "ROUTER_EARLY_W", False)
-    monkeypatch.setattr(tk, "ROUTER_EARLY_TRIGGER", False)
-    monkeypatch.setattr(tk, "DECODE_DOWN_BY_MASK", False)
+    for name in FLAGS_UNDER_PDL:
+        monkeypatch.setattr(tk, name, False)
     with programmatic_launches(False):
         want = [run(v) for v in xs]
     monkeypatch.setattr(tk, flag, True)
