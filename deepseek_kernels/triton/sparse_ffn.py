@@ -287,8 +287,8 @@ def router_splits(T: int, D: int, device: torch.device, block_t: int = 32, block
 
 # With programmatic dependent launches, the split kernel loads its slice's router-weight tile before its wait, so
 # the load overlaps the tail of the kernel before it (as the decode's down kernel does with its first w_down
-# tile), where a slice is at most ROUTER_EARLY_W_MAX_D columns (one tile of 16 router rows; 1-8 tokens at d_model
-# 4096 split 16 ways: 256). Without PDL the slice is still one tile. Same bits. H200, session 29
+# tile), where a slice is at most ROUTER_EARLY_W_MAX_D columns (one tile of 16 router rows; up to 256 tokens at
+# d_model 4096 the logits split 16 ways: 256). Without PDL the slice is still one tile. Same bits. H200, session 29
 # (benchmarks/ab_sparse_decode_flag.py, graphed op, 6 alternating rounds): 1 token 24.9 / 24.9 / 24.9 / 26.0 /
 # 25.9 / 26.0 us vs 25.4 / 25.5 / 25.5 / 25.5 / 26.4 / 26.4 (faster in 5 of 6 rounds; the readings of both jump
 # ~1 us together mid-run), 2 tokens 38.5-38.6 vs 38.8-39.0 in every round.
