@@ -61,12 +61,24 @@ def _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn,
     for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_hi
-        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
-                     mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
-                    mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(xt, w, acc, input_precision=DOT_PRECISION)
+        xt = _router_x_tile(X, stride_xt, stride_xd, offs_t, offs_d, t_mask, d_mask)
+        acc = tl.dot(xt, _router_w_tile(WR, stride_wn, stride_wd, offs_n, offs_d, n_mask, d_mask), acc,
+                     input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _router_w_tile(WR, stride_wn, stride_wd, offs_n, offs_d, n_mask, d_mask):
+    """router[offs_n, offs_d]^T as [len(offs_d), len(offs_n)], zeros outside the masks."""
+    return tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
+                   mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _router_x_tile(X, stride_xt, stride_xd, offs_t, offs_d, t_mask, d_mask):
+    """x[offs_t, offs_d], zeros outside the masks."""
+    return tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
+                   mask=t_mask[:, None] & d_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -95,12 +107,10 @@ def _sparse_ffn_router_split_kernel(
     if EARLY_W:
         offs_d = d_lo + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_hi
-        w = tl.load(WR + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd,
-                    mask=d_mask[:, None] & (offs_n < NR)[None, :], other=0.0)
+        w = _router_w_tile(WR, stride_wn, stride_wd, offs_n, offs_d, offs_n < NR, d_mask)
         chain_wait(PDL)
-        xt = tl.load(X + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :] * stride_xd,
-                     mask=(offs_t < T)[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(xt, w, input_precision=DOT_PRECISION)
+        acc = tl.dot(_router_x_tile(X, stride_xt, stride_xd, offs_t, offs_d, offs_t < T, d_mask), w,
+                     input_precision=DOT_PRECISION)
     else:
         chain_wait(PDL)
         acc = _router_logits(X, WR, T, D, NR, d_lo, d_hi, stride_xt, stride_xd, stride_wn, stride_wd, offs_t,
@@ -1346,11 +1356,19 @@ def _decode_down_w(WD, offs_n, n_mask, used, rank, i, valid, k_tiles, BS, stride
     and neurons."""
     j = i // k_tiles
     b = tl.sum(tl.where(used & (rank == j), tl.arange(0, BLOCK_B), 0), 0)  # the j-th used block
-    offs_k = (i - j * k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w, offs_k, k_mask = _decode_down_w_of(WD, b, i - j * k_tiles, offs_n, n_mask, valid, BS, stride_wd, stride_wf,
+                                          BLOCK_K)
+    return w, b, offs_k, k_mask
+
+
+@triton.jit
+def _decode_down_w_of(WD, b, kt, offs_n, n_mask, valid, BS, stride_wd, stride_wf, BLOCK_K: tl.constexpr):
+    """Block b's K tile kt of w_down as [BLOCK_K, BLOCK_N] (zeros where ``valid`` is false), its neurons and mask."""
+    offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = (offs_k < BS) & valid
     w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
                 mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-    return w, b, offs_k, k_mask
+    return w, offs_k, k_mask
 
 
 @triton.jit
@@ -1374,10 +1392,8 @@ def _decode_down_pairs(acc, H, WD, T, offs_t, offs_n, n_mask, used, rank, start,
     for i in range(start, stop):
         if BY_MASK:
             b = _lowest_bit(rem)
-            offs_k = (i % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < BS
-            w = tl.load(WD + offs_n[None, :].to(tl.int64) * stride_wd + (b * BS + offs_k)[:, None] * stride_wf,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w, offs_k, k_mask = _decode_down_w_of(WD, b, i % k_tiles, offs_n, n_mask, True, BS, stride_wd,
+                                                  stride_wf, BLOCK_K)
             rem = tl.where((i + 1) % k_tiles == 0, rem & (rem - 1), rem)
         else:
             w, b, offs_k, k_mask = _decode_down_w(WD, offs_n, n_mask, used, rank, i, True, k_tiles, BS, stride_wd,
