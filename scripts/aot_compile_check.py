@@ -401,6 +401,15 @@ def cases():
                          w2_desc=f"tensordesc<bf16[{bk}, {bn}]>", OUT=bf16, TILE_BLOCK=i32, TILE_START=i32,
                          OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, W_NK=False, DUAL=True, DOT_PRECISION="tf32",
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=132), dict(num_warps=nw, num_stages=st)))
+    # the full-block dact (dact.full_block, the T >= 4096 default since session 30): a block's 224 neurons as
+    # accumulators of 128 + 64 + 32 columns
+    n0, n1, n2 = sf.k_pieces(BS_) or (0, 0, 0)
+    for bk, nw, st in ((64, 8, 3), (64, 8, 4)) if n0 else ():
+        out.append((f"sparse FFN bwd dact, full block k{bk} w{nw} s{st}", sf._sparse_ffn_bwd_dact_full_kernel,
+                    dict(gemm, DO=bf16, WD=bf16, ACT=bf16, WSORT=f32, SORTED_TOK=i32, TILE_BLOCK=i32,
+                         TILE_START=i32, OFFSETS=i32, DACT=bf16, HW=bf16, DWP=f32, D=D_, BS=BS_, NB=64, P=P_,
+                         stride_dot=D_, stride_dod=1, stride_wd=64 * BS_, stride_wf=1, N0=n0, N1=n1, N2=n2,
+                         BLOCK_K=bk), dict(num_warps=nw, num_stages=st)))
     n = kc["dw_gate_up"]["block_n"]
     out.append(("sparse FFN bwd dW gate/up", sf._sparse_ffn_bwd_dw_gate_up_kernel,
                 dict(DACT=bf16, X=bf16, SORTED_TOK=i32, OFFSETS=i32, DWG=bf16, DWU=bf16, D=D_, BS=BS_, stride_xt=D_,

@@ -306,6 +306,7 @@ def test_large_batch_defaults_are_per_kernel():
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"] and kc["dact"]["cols_first"]
+    assert kc["dact"]["full_block"] and kc["dact"]["block_k"] == 64 and kc["dact"]["num_stages"] == 3
     assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, programs=None,
                             programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
@@ -365,6 +366,12 @@ def test_down_tma_kernel_matches_the_pointer_kernel(dtype, poisoned, monkeypatch
     cfg["down"]["block_k"] = 32
     assert rel(tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0], want) < TOL[dtype]
     assert launches == [1]
+
+
+def test_k_pieces():
+    assert tk.k_pieces(224) == (128, 64, 32) and tk.k_pieces(112) == (64, 32, 16) and tk.k_pieces(48) == (32, 16, 0)
+    assert tk.k_pieces(256) == (256, 0, 0)
+    assert tk.k_pieces(240) is None and tk.k_pieces(24) is None and tk.k_pieces(0) is None  # 4 pieces; a piece of 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -452,6 +459,40 @@ def test_per_kernel_launch_configs_give_the_same_results(poisoned):
         tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"gateup": {}}, **kw)
     with pytest.raises(ValueError, match="unknown key"):
         tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config={"dx": {"BLOCK_N": 16}}, **kw)
+
+
+@pytest.mark.parametrize("bs", [48, 112])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_full_block_dact_matches_the_tiled_kernel(bs, dtype, poisoned):
+    """dact.full_block (the T >= 4096 default): every neuron of a block in one program as power-of-2 accumulators
+    (48 = 32 + 16, 112 = 64 + 32 + 16) gives the tiled kernel's gradients (dx, dW_gate / dW_up from the same
+    da / du, dW_down from the same w_p h, dweights from one row of partial sums). Empty slots and shared blocks
+    included."""
+    T, D, NB, S, k = 29, 40, 8, 2, 3
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, NB * bs, NB, S, k, True, None), dtype)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    go = torch.randn(T, D).to(dtype)
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config={"block_m": 16, "dact": dict(block_n=16,
+                                                                                                  block_k=16)}, **kw)
+    cfg = {"block_m": 16, "dact": dict(block_n=16, block_k=16, full_block=True)}
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
+        assert not a.isnan().any() and rel(a, b) < TOL[dtype], name
+
+
+def test_full_block_dact_falls_back_without_a_split(poisoned):
+    """24-neuron blocks have no split into powers of 2 >= 16: full_block takes the tiled kernel (same bits)."""
+    T, D, NB, S, k = 19, 24, 8, 0, 2
+    x, wg, wu, wd, idx, w = _ffn_inputs((T, D, NB * 24, NB, S, k, False, None), torch.float32)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+    go = torch.randn(T, D)
+    tiled = {"block_m": 16, "dact": dict(block_n=16, block_k=16)}
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=tiled, **kw)
+    full = {"block_m": 16, "dact": dict(block_n=16, block_k=16, full_block=True)}
+    for a, b in zip(tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=full, **kw), want):
+        assert torch.equal(a, b)
 
 
 def test_backward_is_deterministic_and_unused_blocks_get_zero_weight_grads(poisoned):

@@ -644,6 +644,16 @@ def _sorted_rows_tma_kernel(
         tl.store(OUT + rows.to(tl.int64)[:, None] * D + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
+def k_pieces(bs: int) -> tuple | None:
+    """``bs`` as at most three powers of 2, each >= 16, largest first, padded with zeros (224 -> (128, 64, 32)):
+    the accumulator widths of :func:`_sparse_ffn_bwd_dact_full_kernel`, so a block's 224 neurons take no padded MMA columns. None if
+    ``bs`` has no such split."""
+    bits = [1 << i for i in range(bs.bit_length() - 1, -1, -1) if bs >> i & 1]
+    if not bits or len(bits) > 3 or bits[-1] < 16:
+        return None
+    return tuple(bits + [0] * (3 - len(bits)))
+
+
 def _tma_gemm_ok(x: torch.Tensor, block_size: int, block_k: int, row_strides, tensors) -> bool:
     """Whether a persistent TMA kernel of the grouped GEMMs can run on ``x``'s device: Hopper+ (or the
     interpreter), Triton's host-side descriptors, not while torch.compile traces (descriptors through
@@ -930,6 +940,69 @@ def _dact_epilogue(g, ACT, DACT, HW, rows64, r_mask, offs_n, wp, BS):
 
 
 @triton.jit
+def _wd_piece(WD, offs_k, k_mask, f0, N: tl.constexpr, stride_wd, stride_wf):
+    """w_down[offs_k, f0 : f0 + N] (a [BLOCK_K, N] piece of a block's columns)."""
+    f = (f0 + tl.arange(0, N)).to(tl.int64)
+    return tl.load(WD + offs_k[:, None].to(tl.int64) * stride_wd + f[None, :] * stride_wf, mask=k_mask[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _sparse_ffn_bwd_dact_full_kernel(
+    DO, WD, ACT, WSORT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+    DACT, HW, DWP,
+    D, BS, NB, P,
+    stride_dot, stride_dod, stride_wd, stride_wf,
+    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """B1 (:func:`_sparse_ffn_bwd_dact_kernel`) with one program per row tile over all of the block's BS neurons,
+    as up to three accumulators of power-of-2 widths N0 + N1 + N2 = BS (:func:`k_pieces`; 224 = 128 + 64 + 32):
+    no padded MMA columns (two 128-wide tiles compute 256 for 224) and the gathered dO rows are read once per row
+    tile instead of once per neuron tile. The epilogue runs piece by piece; DWP has one row."""
+    pid_m = tl.program_id(0)
+    b = tl.load(TILE_BLOCK + pid_m)
+    if b < NB:
+        rows, r_mask = _tile_rows(b, pid_m, TILE_START, OFFSETS, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        tok = tl.load(SORTED_TOK + rows, mask=r_mask, other=0).to(tl.int64)
+        f0 = b * BS
+        acc0 = tl.zeros((BLOCK_M, N0), dtype=tl.float32)
+        if N1 > 0:
+            acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
+        if N2 > 0:
+            acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < D
+            go = tl.load(DO + tok[:, None] * stride_dot + offs_k[None, :] * stride_dod,
+                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc0 = tl.dot(go, _wd_piece(WD, offs_k, k_mask, f0, N0, stride_wd, stride_wf), acc0,
+                          input_precision=DOT_PRECISION)
+            if N1 > 0:
+                acc1 = tl.dot(go, _wd_piece(WD, offs_k, k_mask, f0 + N0, N1, stride_wd, stride_wf), acc1,
+                              input_precision=DOT_PRECISION)
+            if N2 > 0:
+                acc2 = tl.dot(go, _wd_piece(WD, offs_k, k_mask, f0 + N0 + N1, N2, stride_wd, stride_wf), acc2,
+                              input_precision=DOT_PRECISION)
+        # the narrow pieces first (each epilogue's temporaries live next to the accumulators not yet done), the
+        # widest in two halves (a one-piece 128-column epilogue spills: see SPLIT_EPILOGUE)
+        wp = tl.load(WSORT + rows, mask=r_mask, other=0.0)
+        part = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if N2 > 0:
+            part += _dact_epilogue(acc2, ACT, DACT, HW, rows64, r_mask, N0 + N1 + tl.arange(0, N2), wp, BS)
+        if N1 > 0:
+            part += _dact_epilogue(acc1, ACT, DACT, HW, rows64, r_mask, N0 + tl.arange(0, N1), wp, BS)
+        if N0 >= 32:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, N0 // 2)), (0, 2, 1)))
+            part += _dact_epilogue(lo, ACT, DACT, HW, rows64, r_mask, tl.arange(0, N0 // 2), wp, BS)
+            part += _dact_epilogue(hi, ACT, DACT, HW, rows64, r_mask, N0 // 2 + tl.arange(0, N0 // 2), wp, BS)
+        else:
+            part += _dact_epilogue(acc0, ACT, DACT, HW, rows64, r_mask, tl.arange(0, N0), wp, BS)
+        tl.store(DWP + rows64, part, mask=r_mask)
+
+
+@triton.jit
 def _sparse_ffn_bwd_dx_kernel(
     DACT, WG, WU, DXR, TILE_BLOCK, TILE_START, OFFSETS,
     D, BS, NB,
@@ -1069,7 +1142,10 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     TMA dx (session 17, ``--sweep6``): dact in cols_first order, dx as :func:`_sorted_rows_tma_kernel` (256 x 32,
     3 stages, one program per SM; the plain kernel in cols_first order where TMA cannot run), the dW grids in
     ``d_group`` order (4 model-column tiles per group for dW gate/up, 8 for dW down): 5.67 -> 5.29 ms at 0.3,
-    9.46 -> 8.69 at 0.5. ``wide=False``: as for :func:`launch_config` (dact, dx and dW gate/up take
+    9.46 -> 8.69 at 0.5. Then dact over all of a block's neurons in one program (``full_block``, session 30:
+    :func:`_sparse_ffn_bwd_dact_full_kernel`, K tiles of 64; the tiled settings stay for blocks without a
+    power-of-2 split): 5.27-5.37 -> 5.19-5.22 ms at 0.3, 8.59-8.74 -> 8.44-8.51 at 0.5 (``--sweep8``, three
+    readings each). ``wide=False``: as for :func:`launch_config` (dact, dx and dW gate/up take
     192-197 KB of shared memory at T >= 4096)."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=16, num_warps=4)
@@ -1078,14 +1154,15 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     else:
         big = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4,
-                    dact=dict(big, split_epilogue=True, cols_first=True),
+                    dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64),
                     dw_gate_up=dict(big, d_group=4),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, cols_first=True),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
-    # split_epilogue: dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
+    # full_block: dact as _sparse_ffn_bwd_dact_full_kernel where k_pieces(BS) splits the block; split_epilogue:
+    # the tiled dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
-    base["dact"] = {"split_epilogue": False, "cols_first": False, **base.get("dact", {})}
+    base["dact"] = {"split_epilogue": False, "cols_first": False, "full_block": False, **base.get("dact", {})}
     base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
@@ -1122,19 +1199,27 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     w_sorted = w_full.reshape(-1)[g.order].contiguous()
     n_tiles = g.tile_block.numel()
     da, dxc, cb, dwgu, dwdn = (kc[n] for n in BWD_KERNELS)
-    n_ntiles = triton.cdiv(BS, da["block_n"])
+    pieces = k_pieces(BS)
+    da_full = bool(da["full_block"]) and pieces is not None
+    n_ntiles = 1 if da_full else triton.cdiv(BS, da["block_n"])
     dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
     prec = _dot_precision(dt)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
-        grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
-        dact, hw, dwp, D, BS, n_blocks, P,
-        grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1),
-        BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
-        SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
-        **launch_options(da),
-    )
+    dact_args = (grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
+                 dact, hw, dwp, D, BS, n_blocks, P,
+                 grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1))
+    if da_full:
+        torch.library.wrap_triton(_sparse_ffn_bwd_dact_full_kernel)[(n_tiles,)](
+            *dact_args, N0=pieces[0], N1=pieces[1], N2=pieces[2], DOT_PRECISION=prec, BLOCK_M=block_m,
+            BLOCK_K=da["block_k"], **launch_options(da),
+        )
+    else:
+        torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
+            *dact_args, BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
+            SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
+            **launch_options(da),
+        )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
     if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
         _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
