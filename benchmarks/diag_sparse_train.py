@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--sweep6", action="store_true", help="with --sweep: the sixth round (SWEEP6)")
     ap.add_argument("--sweep7", action="store_true", help="with --sweep: the seventh round (SWEEP7)")
     ap.add_argument("--sweep8", action="store_true", help="with --sweep: the eighth round (SWEEP8)")
+    ap.add_argument("--sweep9", action="store_true", help="with --sweep: the ninth round (SWEEP9)")
     ap.add_argument("--once", action="store_true",
                     help="one fwd+bwd of the first ratio and nothing else (under ncu: every kernel launched once)")
     args = ap.parse_args()
@@ -226,6 +227,18 @@ SWEEP8 = {
 }
 
 
+# The ninth round (session 30): the down projection and dx as the Gluon warp-specialized kernel
+# (sparse_ffn_sm90.py: a TMA producer warp, two consumer warpgroups sharing each weight tile).
+def _g9(bn, st):
+    return dict(block_n=bn, block_k=32, num_warps=4, num_stages=st, tma=True, sm90=True)
+
+
+SWEEP9 = {
+    "fwd": [{}] + [{"down": _g9(bn, st)} for bn, st in ((256, 6), (256, 8), (128, 8), (128, 12))] + [{}],
+    "bwd": [{}] + [{"dx": _g9(bn, st)} for bn, st in ((256, 6), (256, 8), (128, 8), (128, 12))] + [{}],
+}
+
+
 def sweep(args):
     """Forward and backward of the Triton path alone (``tk.sparse_ffn_fwd`` / ``tk.sparse_ffn_bwd``) per SWEEP
     config, each checked against the default config's results first (relative error < 1e-2)."""
@@ -247,7 +260,7 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP8 if args.sweep8 else SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
+        sets = (SWEEP9 if args.sweep9 else SWEEP8 if args.sweep8 else SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
                 else SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:

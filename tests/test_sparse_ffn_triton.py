@@ -298,7 +298,7 @@ def test_large_batch_defaults_are_per_kernel():
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
     assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True)
-    assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs=None,
+    assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True, programs=None,
                               programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
@@ -307,7 +307,7 @@ def test_large_batch_defaults_are_per_kernel():
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"] and kc["dact"]["cols_first"]
     assert kc["dact"]["full_block"] and kc["dact"]["block_k"] == 64 and kc["dact"]["num_stages"] == 3
-    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, programs=None,
+    assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, programs=None,
                             programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
@@ -846,6 +846,48 @@ def test_down_tma_on_gpu(programs, monkeypatch):
     monkeypatch.setattr(tk, "_down_tma", lambda *a: calls.append(1) or orig(*a))
     default, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
     assert calls and rel(default, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["down", "dx"])
+@pytest.mark.parametrize("T", [4097, 300])
+def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
+    """The Gluon forms of the down projection and dx (``sm90``, the T >= 4096 defaults on sm_90): the pointer
+    kernels' results within bf16 rounding, every output row written (outputs start as NaN), run to run identical;
+    at 4097 tokens through the defaults, at 300 (blocks of a few rows: row tiles mostly past their block's end)
+    with 128-row tiles asked for; also 128-wide tiles with a deeper ring (10 slots)."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
+        pytest.skip("the Gluon kernels are for sm_90")
+    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    calls = []
+    orig = g9.sorted_rows_gemm_sm90
+    monkeypatch.setattr(g9, "sorted_rows_gemm_sm90", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype") == torch.bfloat16 else real_empty(*a, **k))
+    cfg = {"block_m": 128, kernel: dict(block_k=32, tma=True, sm90=True)} if T < 4096 else {}
+    plain = {kernel: {"tma": False}}
+    go = torch.randn_like(x)
+
+    act = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)[1]
+
+    def run(config):
+        if kernel == "down":
+            return tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=config, **kw)[0]
+        return tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=config, **kw)[0]
+
+    want = run(plain)
+    n0 = len(calls)
+    got = run(cfg)
+    assert len(calls) == n0 + 1 and not got.isnan().any() and rel(got, want) < 1e-2
+    assert torch.equal(got, run(cfg))
+    monkeypatch.setattr(g9, "CONFIG", dict(block_n=128, block_k=32, stages=10))
+    narrow = run(cfg)
+    assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
 
 
 @pytest.mark.gpu

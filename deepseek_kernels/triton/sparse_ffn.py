@@ -686,6 +686,21 @@ def _programs(x: torch.Tensor, cfg: dict) -> int:
     return int(cfg["programs_per_sm"]) * sm_count(x.device) if x.is_cuda else 4
 
 
+def _sm90_ok(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
+    """Whether the Gluon form (``sparse_ffn_sm90``, ``down.sm90`` / ``dx.sm90``) of a persistent TMA kernel can
+    run, besides the TMA layout checks (:func:`_tma_gemm_ok` at its K step): an sm_90 GPU, 2-byte operands, the
+    128-row tiles."""
+    from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return sparse_ffn_sm90.supported(a, w, block_m, _sm90_block_k())
+
+
+def _sm90_block_k() -> int:
+    from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return sparse_ffn_sm90.CONFIG["block_k"]
+
+
 def _down_tma_ok(h: torch.Tensor, w_down: torch.Tensor, block_k: int) -> bool:
     """Whether the persistent TMA down kernel can run (:func:`_tma_gemm_ok`; w_down [D, F] with unit stride
     along F)."""
@@ -759,7 +774,9 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
 
     Session 17 (H200, ``benchmarks/diag_sparse_train.py --sweep6``, T8192): gate/up in cols_first order and
     the down projection as the persistent TMA kernel (128 x 32 tiles, 4 warps, 4 stages, 2 programs per SM):
-    forward 2.87 -> 2.35 ms at ratio 0.3, 4.86 -> 4.09 at 0.5."""
+    forward 2.87 -> 2.35 ms at ratio 0.3, 4.86 -> 4.09 at 0.5. ``down.sm90`` (session 30): on sm_90 the down
+    projection runs as the warp-specialized Gluon kernel of ``sparse_ffn_sm90`` (its own tiles:
+    ``sparse_ffn_sm90.CONFIG``) where it can; the settings here stay for the Triton TMA kernel elsewhere."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=32, num_warps=4)
     elif tokens < 4096 or not wide:
@@ -767,10 +784,10 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     else:
         big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
-                    down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, programs_per_sm=2,
-                              cols_first=True))
+                    down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True,
+                              programs_per_sm=2, cols_first=True))
     base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
-    base["down"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
+    base["down"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
     return base
 
@@ -840,7 +857,11 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
     )
     y = torch.empty(P, D, dtype=x.dtype, device=x.device)
-    if dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
+    if dn["tma"] and dn["sm90"] and _sm90_ok(h, w_down, block_m) and _down_tma_ok(h, w_down, _sm90_block_k()):
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.sorted_rows_gemm_sm90(h, w_down, None, y, grouping, bs=BS, w_nk=True, **g9.CONFIG)
+    elif dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
         _down_tma(h, w_down, y, grouping, dn, prec)
     else:
         torch.library.wrap_triton(_sparse_ffn_down_kernel)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
@@ -1156,14 +1177,16 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4,
                     dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64),
                     dw_gate_up=dict(big, d_group=4),
-                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, cols_first=True),
+                    dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, cols_first=True),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
+    # dx.sm90: on sm_90 dx as the Gluon kernel of sparse_ffn_sm90 (session 30; its own tiles) where it can run;
     # full_block: dact as _sparse_ffn_bwd_dact_full_kernel where k_pieces(BS) splits the block; split_epilogue:
     # the tiled dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
     base["dact"] = {"split_epilogue": False, "cols_first": False, "full_block": False, **base.get("dact", {})}
-    base["dx"] = {"tma": False, "programs": None, "programs_per_sm": 1, "cols_first": False, **base.get("dx", {})}
+    base["dx"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
+                  **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
     return base
@@ -1221,7 +1244,12 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
             **launch_options(da),
         )
     dx_rows = torch.empty(P, D, dtype=dt, device=dev)
-    if dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
+    if (dxc["tma"] and dxc["sm90"] and _sm90_ok(dact, w_gate, block_m)
+            and _dx_tma_ok(dact, w_gate, w_up, _sm90_block_k())):
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.sorted_rows_gemm_sm90(dact.view(P, 2 * BS), w_gate, w_up, dx_rows, g, bs=BS, w_nk=False, **g9.CONFIG)
+    elif dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
         _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
     else:
         torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[_grid(n_tiles, triton.cdiv(D, dxc["block_n"]),

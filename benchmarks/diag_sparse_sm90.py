@@ -1,0 +1,76 @@
+"""The sparse FFN's short-K grouped GEMMs alone (T8192, bf16, d_model 4096, d_ff 14336, 64 blocks, ratio 0.3): the
+persistent Triton TMA kernel against the Gluon warp-specialized form (``sparse_ffn_sm90``) and its variants (ring
+depth, tile width, products in flight, the epilogue's stores off), same inputs, do_bench.
+
+    python benchmarks/diag_sparse_sm90.py [--ratio 0.3] [--out results.json]
+"""
+
+import argparse
+
+import torch
+
+from deepseek_kernels.reference.sparse_ffn import n_active
+from deepseek_kernels.triton import sparse_ffn as tk
+from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+from _tuning import bench, rel, save_json
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
+    BS = F_ // NB
+    torch.manual_seed(0)
+    k = n_active(args.ratio, NB)
+    idx = torch.rand(T, NB, device="cuda").topk(k, dim=-1).indices.to(torch.int32)
+    blocks, _ = tk.full_routing(idx, torch.ones(T, k, device="cuda"), 0)
+    g = tk.group_pairs(blocks, NB, 128)
+    P = T * k
+    h = torch.randn(P, BS, device="cuda", dtype=dt)
+    act = torch.randn(P, 2 * BS, device="cuda", dtype=dt)
+    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
+    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
+    y = torch.empty(P, D, device="cuda", dtype=dt)
+    rows = []
+    for kind in ("down", "dx"):
+        flops = (2 if kind == "down" else 4) * P * D * BS
+        a, w, w2, w_nk = (h, wd, None, True) if kind == "down" else (act, wg, wu, False)
+        if kind == "down":
+            cfg = dict(block_n=128, block_k=32, num_warps=4, num_stages=4, programs=None, programs_per_sm=2)
+            def base():
+                tk._down_tma(h, wd, y, g, cfg, "tf32")
+        else:
+            cfg = dict(block_n=256, block_k=32, num_warps=8, num_stages=3, programs=None, programs_per_sm=1)
+            def base():
+                tk._dx_tma(act.view(P, 2, BS), wg, wu, y, g, cfg, "tf32")
+        base()
+        ref = y.clone()
+        ms = bench(base, rep=30)
+        rows.append(dict(kind=kind, variant="triton tma", ms=ms, tflops=flops / ms / 1e9))
+        print(f"{kind:5s} triton tma                 {ms:7.3f} ms {flops / ms / 1e9:6.0f} TF/s", flush=True)
+        for bn, st, tma_store in ((256, 6, True), (256, 6, False), (256, 5, True), (128, 10, True)):
+            name = f"gluon {bn} s{st}" + (" tma store" if tma_store else "")
+
+            def fn(bn=bn, st=st, tma_store=tma_store):
+                g9.sorted_rows_gemm_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, block_n=bn, block_k=32, stages=st,
+                                         tma_store=tma_store)
+            try:
+                y.zero_()
+                fn()
+                err = rel(y, ref)
+                ms = bench(fn, rep=30)
+                row = dict(kind=kind, variant=name, ms=ms, tflops=flops / ms / 1e9, err=err)
+            except Exception as e:
+                row = dict(kind=kind, variant=name, error=str(e)[:120])
+            rows.append(row)
+            print(f"{kind:5s} {row['variant']:26s} " + (f"{row['ms']:7.3f} ms {row['tflops']:6.0f} TF/s err {row['err']:.1e}"
+                                                       if "ms" in row else row["error"]), flush=True)
+    save_json(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Hopper (sm_90) form of the sparse FFN's two short-K grouped GEMMs over the block-sorted rows, written in Gluon:
+the forward's down projection (``y = h . w_down[:, block]^T``, K = the block's BS neurons) and the backward's dx
+(``dx_rows = da . w_gate[block] + du . w_up[block]``, K = 2 BS). Same function as ``_sorted_rows_tma_kernel`` in
+``sparse_ffn.py`` (the persistent Triton TMA kernel); what differs is how the H200 runs it:
+
+- a producer warp issues every load through TMA into a ring of ``STAGES`` shared-memory slots (the row tile's A
+  operand as two 64-row halves and the weight tile), each slot with a ready and an empty mbarrier, running ahead
+  across output tiles, so the next tile's operands arrive while the consumers finish the current one;
+- two consumer warpgroups (4 warps each, one 64-row half of a 128-row tile each) share each weight tile and
+  issue asynchronous wgmma with one product in flight, releasing a slot as soon as the product that read it is
+  done, then convert their half of the output tile and store it (rows past the block's end are not stored).
+
+A Triton kernel issues loads and products from the same warps, so with K only 224 (7 steps of 32) its pipeline
+barely fills before each tile's epilogue (Nsight Compute, session 17: one CTA per SM, warps waiting on their own
+loads most of the time). ``supported()`` says which calls can take this path.
+"""
+
+import torch
+import triton
+
+from deepseek_kernels.triton._common import sm_count
+
+try:  # Gluon's Hopper API (Triton >= 3.5)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BLOCK_M = 128  # the grouping's row tile (two 64-row halves, one per consumer warpgroup)
+# Output tiles 128 x 256, K steps of 32 (224-neuron blocks: 7 steps, 14 for dx), a ring of 6 slots (24 KB each).
+# H200, session 30 (benchmarks/diag_sparse_sm90.py, T8192 ratio 0.3, do_bench): down 0.602 ms (474 TF/s) vs the
+# Triton TMA kernel's 0.655 (436), dx 0.953 (600) vs 1.311-1.561 (366-436); 128-wide tiles (12 slots) 0.68 / 1.10,
+# 8 slots or 3 products in flight a tie. Without the stores the main loop runs at 754 / 776 TF/s: the down
+# projection's epilogue (y, 1.27 GB) is what is left, unhidden while both warpgroups store.
+CONFIG = dict(block_n=256, block_k=32, stages=6)
+MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer keeps 24, the consumers 240
+CONSUMER_REGS = 240
+
+
+def supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_k: int) -> bool:
+    """Whether the Gluon kernel can run: Gluon present, an sm_90 CUDA device, 2-byte operands, 128-row tiles."""
+    if not (HAVE_GLUON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and w.dtype == a.dtype):
+        return False
+    return torch.cuda.get_device_capability(a.device) == (9, 0) and block_m == BLOCK_M and block_k % 16 == 0
+
+
+if HAVE_GLUON:
+    # the attention forward's mbarrier helpers: n barriers of a count; one arrival per warpgroup past a barrier
+    from deepseek_kernels.triton.window_attention_sm90 import _barrier_array, _release
+
+    @gluon.jit
+    def _work(t, n_col, TILE_BLOCK, TILE_START):
+        """(block, first sorted row, first output column index) of work item ``t`` (row tile t // n_col)."""
+        pid_m = t // n_col
+        return gl.load(TILE_BLOCK + pid_m), gl.load(TILE_START + pid_m), t - pid_m * n_col
+
+    @gluon.jit
+    def _producer(a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, BS,
+                  W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """One warp: for every work item of this program and every K step, the two A halves and the weight tile
+        into slot ``it % STAGES`` once both consumers released it. DUAL: steps >= BS / BLOCK_K read A's second
+        half-row block (du) and w2 (w_up)."""
+        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+        n_col = gl.cdiv(D, BLOCK_N)
+        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
+        ks = BS // BLOCK_K
+        n_steps = 2 * ks if DUAL else ks
+        nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            n0 = pid_n * BLOCK_N
+            for s in range(n_steps):
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, nbytes)
+                tma.async_copy_global_to_shared(a_desc, [start, s * BLOCK_K], bar, a_bufs.index(2 * slot))
+                tma.async_copy_global_to_shared(a_desc, [start + HALF_M, s * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
+                if W_NK:  # w [D, F]: an [n, k] tile
+                    tma.async_copy_global_to_shared(w_desc, [n0, b * BS + s * BLOCK_K], bar, b_bufs.index(slot))
+                elif s < ks:  # w [F, D]: a [k, n] tile
+                    tma.async_copy_global_to_shared(w_desc, [b * BS + s * BLOCK_K, n0], bar, b_bufs.index(slot))
+                else:
+                    tma.async_copy_global_to_shared(w2_desc, [b * BS + (s - ks) * BLOCK_K, n0], bar,
+                                                    b_bufs.index(slot))
+                it += 1
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+                  D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+        """One warpgroup: rows [WG * 64, + 64) of every work item's tile, K steps as async wgmma with one in
+        flight (a slot is released once the product that read it is done), then the rows of the block stored."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        o_smem = o_bufs.index(WG)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        # 8 consecutive outputs (16 bytes) per thread, a warp over 4 rows x 64 columns
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        n_col = gl.cdiv(D, BLOCK_N)
+        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
+        ks = BS // BLOCK_K
+        n_steps = 2 * ks if DUAL else ks
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+            for s in range(n_steps):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                if W_NK:
+                    w_tile = b_bufs.index(slot).permute((1, 0))
+                else:
+                    w_tile = b_bufs.index(slot)
+                acc = warpgroup_mma(a_bufs.index(2 * slot + WG), w_tile, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
+                if s > 0:
+                    _release(empty.index((it - 1) % STAGES))
+                it += 1
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _release(empty.index((it - 1) % STAGES))
+            r0 = start + WG * HALF_M
+            hi = gl.load(OFFSETS + b + 1)
+            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: an asynchronous store
+                tma.store_wait(0)  # the previous tile's store has left o_smem
+                o_smem.store(acc.to(out_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [r0, pid_n * BLOCK_N], o_smem)
+            else:  # the block's last rows: masked stores (the rows after belong to the next block's tile)
+                out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
+                rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+                cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+                mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+                ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+                gl.store(ptrs, out, mask=mask)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                   TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+        """The second warpgroup (a worker partition)."""
+        WG1: gl.constexpr = 1
+        _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
+
+    # D stays specialized: its divisibility by 16 is what lets the epilogue store 16 bytes per thread (without it,
+    # session 30's first build stored 2 bytes at a time and took 3.0 ms where its main loop alone took 0.38)
+    @gluon.jit
+    def _sorted_rows_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                                      TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True):
+        """OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with DUAL) for every real row
+        tile of the grouping, as a persistent program per SM walking (row tile, column tile) work items (a row
+        tile's column tiles consecutively, as the Triton kernel). W_NK: w is [D, F] (the down projection's
+        w_down, read as [n, k] tiles); else [F, D] (dx's w_gate / w_up, [k, n] tiles). ``TMA_STORE``: a half tile
+        whose rows all belong to the block leaves through shared memory and an asynchronous TMA store (out_desc,
+        [64, BLOCK_N] boxes), so the warpgroup goes on to the next tile's products; the block's last rows take
+        masked stores."""
+        WG0: gl.constexpr = 0
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 if TMA_STORE else 1] + out_desc.block_type.shape,
+                                           out_desc.layout)
+        ready = _barrier_array(STAGES, 1)  # the producer's expect + the TMA bytes
+        empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
+        gl.warp_specialize([
+            (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+            (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+            (_producer, (a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT,
+                         D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _desc(t: torch.Tensor, block: list):
+    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
+                          bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True) -> None:
+    """``out [P, D]`` for the grouping's row tiles (see the kernel): ``a [P, BS]`` (or ``[P, 2 BS]`` with
+    ``w2``), ``w`` ``[D, F]`` if ``w_nk`` else ``[F, D]`` (and ``w2`` likewise). The caller checked
+    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases)."""
+    D = out.shape[1]
+    half = BLOCK_M // 2
+    w_block = [block_n, block_k] if w_nk else [block_k, block_n]
+    w_desc = _desc(w, w_block)
+    _sorted_rows_gemm_sm90_kernel[(sm_count(a.device),)](
+        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
+        out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
+        DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
+        TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
+    )
