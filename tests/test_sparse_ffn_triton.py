@@ -836,16 +836,15 @@ def test_down_tma_on_gpu(programs, monkeypatch):
     idx, w, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
     kw = dict(shared_blocks=0, n_blocks=64)
     want, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"down": {"tma": False}}, **kw)
-    cfg = {"down": dict(block_n=128, block_k=32, num_warps=8, num_stages=4, tma=True, programs=programs)}
+    cfg = {"down": dict(block_n=128, block_k=32, num_warps=8, num_stages=4, tma=True, sm90=False, programs=programs)}
     assert tk._down_tma_ok(torch.empty(1, 224, device="cuda", dtype=torch.bfloat16), wd, 32)
+    calls = _count_tma_launches(monkeypatch, "_down_tma")
     got, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)
-    assert rel(got, want) < 1e-2
+    assert calls == ["triton"] and rel(got, want) < 1e-2
     assert torch.equal(got, tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=cfg, **kw)[0])
-    calls = []
-    orig = tk._down_tma
-    monkeypatch.setattr(tk, "_down_tma", lambda *a: calls.append(1) or orig(*a))
+    calls.clear()
     default, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
-    assert calls and rel(default, want) < 1e-2
+    assert calls == [_default_tma_kernel()] and rel(default, want) < 1e-2
 
 
 @pytest.mark.gpu
@@ -900,15 +899,33 @@ def test_dx_tma_on_gpu(monkeypatch):
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
     go = torch.randn_like(x)
     want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config={"dx": {"tma": False}}, **kw)
-    cfg = {"dx": dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True)}
+    cfg = {"dx": dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=False)}
+    calls = _count_tma_launches(monkeypatch, "_dx_tma")
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)
-    assert rel(got[0], want[0]) < 1e-2
+    assert calls == ["triton"] and rel(got[0], want[0]) < 1e-2
     assert torch.equal(got[0], tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=cfg, **kw)[0])
-    calls = []
-    orig = tk._dx_tma
-    monkeypatch.setattr(tk, "_dx_tma", lambda *a: calls.append(1) or orig(*a))
+    calls.clear()
     default = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-    assert calls and all(rel(a, b) < 1e-2 for a, b in zip(default, want))
+    assert calls == [_default_tma_kernel()] and all(rel(a, b) < 1e-2 for a, b in zip(default, want))
+
+
+def _count_tma_launches(monkeypatch, triton_launcher: str) -> list:
+    """Records which persistent kernel each launch takes: "triton" (``triton_launcher`` of sparse_ffn) or "gluon"
+    (``sparse_ffn_sm90.sorted_rows_gemm_sm90``)."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    calls = []
+    orig_t, orig_g = getattr(tk, triton_launcher), g9.sorted_rows_gemm_sm90
+    monkeypatch.setattr(tk, triton_launcher, lambda *a: calls.append("triton") or orig_t(*a))
+    monkeypatch.setattr(g9, "sorted_rows_gemm_sm90", lambda *a, **k: calls.append("gluon") or orig_g(*a, **k))
+    return calls
+
+
+def _default_tma_kernel() -> str:
+    """The large-batch default's persistent kernel on this GPU: the Gluon one on sm_90 (where Gluon exists)."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    return "gluon" if g9.HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0) else "triton"
 
 
 @pytest.mark.gpu
