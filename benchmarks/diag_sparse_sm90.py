@@ -67,8 +67,9 @@ def main():
             except Exception as e:
                 row = dict(kind=kind, variant=name, error=str(e)[:120])
             rows.append(row)
-            print(f"{kind:5s} {row['variant']:26s} " + (f"{row['ms']:7.3f} ms {row['tflops']:6.0f} TF/s err {row['err']:.1e}"
-                                                       if "ms" in row else row["error"]), flush=True)
+            shown = (f"{row['ms']:7.3f} ms {row['tflops']:6.0f} TF/s err {row['err']:.1e}" if "ms" in row
+                     else row["error"])
+            print(f"{kind:5s} {row['variant']:26s} {shown}", flush=True)
     save_json(args.out, rows)
 
 

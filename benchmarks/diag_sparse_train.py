@@ -211,32 +211,25 @@ SWEEP7 = {
 # The eighth round (session 30). Measured in call 2 (T8192 ratio 0.3) and dropped: the forward's down projection with
 # the row tile's h loaded once per (row tile, column group) in K pieces 128 + 64 + 32 (one 8-warp program per SM,
 # 160-205 KB of shared memory): 2.47-2.84 ms vs the TMA kernel's 2.33 (2 programs per SM overlap one's stores with
-# the other's products; this loop could not). Kept as options: the backward's dact and dW down over a block's 224
-# neurons in one program (full_block: accumulators of 128 + 64 + 32 columns): dact 5.19-5.22 vs 5.27-5.37 ms,
-# dW down 64x64 w4 5.25 (the 128-row forms lost). Here: those again, and the combine kernels' tiles.
+# the other's products; this loop could not); dW down over a block's 224 neurons in one program: 5.20-5.81 vs
+# 5.22-5.30 ms (removed); the combine's column tiles (128-512 wide): within the forward's drift. Kept: dact over
+# whole blocks (dact.full_block, now the default): 5.19-5.22 vs 5.27-5.37 ms at 0.3, 8.44-8.51 vs 8.59-8.74 at 0.5.
 def _cb(bn, nw):
     return {"combine": dict(block_n=bn, num_warps=nw)}
 
 
-_DA_FULL = {"dact": _t(128, 64, 8, 4, full_block=True)}
-_DWD_FULL = {"dw_down": _t(64, 64, 4, 4, 8, full_block=True)}
+_DA_TILED = {"dact": {"full_block": False}}
 SWEEP8 = {
     "fwd": [{}] + [_cb(bn, nw) for bn, nw in ((128, 4), (256, 4), (256, 8), (512, 8))] + [{}],
-    "bwd": [{}, _DA_FULL, _DWD_FULL, {**_DA_FULL, **_DWD_FULL}, {"dact": _t(128, 64, 8, 3, full_block=True)},
-            {**_DA_FULL, **_DWD_FULL, **_cb(256, 8)}, {**_cb(256, 4)}, {}],
+    "bwd": [{}, _DA_TILED, {"dact": _t(128, 64, 8, 4, full_block=True)}, _DA_TILED, {}],
 }
 
 
-# The ninth round (session 30): the down projection and dx as the Gluon warp-specialized kernel
-# (sparse_ffn_sm90.py: a TMA producer warp, two consumer warpgroups sharing each weight tile).
-def _g9(bn, st):
-    return dict(block_n=bn, block_k=32, num_warps=4, num_stages=st, tma=True, sm90=True)
-
-
-SWEEP9 = {
-    "fwd": [{}] + [{"down": _g9(bn, st)} for bn, st in ((256, 6), (256, 8), (128, 8), (128, 12))] + [{}],
-    "bwd": [{}] + [{"dx": _g9(bn, st)} for bn, st in ((256, 6), (256, 8), (128, 8), (128, 12))] + [{}],
-}
+# The ninth round (session 30): the down projection and dx as the Gluon warp-specialized kernel (sparse_ffn_sm90.py,
+# its tiles in sparse_ffn_sm90.CONFIG; benchmarks/diag_sparse_sm90.py times its variants) against the Triton TMA
+# kernel, in the whole forward / backward.
+_NO_G9 = {"down": {"sm90": False}}
+SWEEP9 = {"fwd": [{}, _NO_G9, {}, _NO_G9], "bwd": [{}, {"dx": {"sm90": False}}, {}, {"dx": {"sm90": False}}]}
 
 
 def sweep(args):
@@ -260,8 +253,9 @@ def sweep(args):
         kw = dict(shared_blocks=0, n_blocks=NB)
         ref, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
         ref_b = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)
-        sets = (SWEEP9 if args.sweep9 else SWEEP8 if args.sweep8 else SWEEP7 if args.sweep7 else SWEEP6 if args.sweep6 else SWEEP5 if args.sweep5 else SWEEP4 if args.sweep4 else SWEEP3 if args.sweep3 else SWEEP2 if args.sweep2
-                else SWEEP)
+        rounds = ((args.sweep9, SWEEP9), (args.sweep8, SWEEP8), (args.sweep7, SWEEP7), (args.sweep6, SWEEP6),
+                  (args.sweep5, SWEEP5), (args.sweep4, SWEEP4), (args.sweep3, SWEEP3), (args.sweep2, SWEEP2))
+        sets = next((cfgs for on, cfgs in rounds if on), SWEEP)
         for kind, configs in sets.items():
             for cfg in configs:
                 try:

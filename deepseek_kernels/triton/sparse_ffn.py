@@ -646,8 +646,8 @@ def _sorted_rows_tma_kernel(
 
 def k_pieces(bs: int) -> tuple | None:
     """``bs`` as at most three powers of 2, each >= 16, largest first, padded with zeros (224 -> (128, 64, 32)):
-    the accumulator widths of :func:`_sparse_ffn_bwd_dact_full_kernel`, so a block's 224 neurons take no padded MMA columns. None if
-    ``bs`` has no such split."""
+    the accumulator widths of :func:`_sparse_ffn_bwd_dact_full_kernel`, so a block's 224 neurons take no padded
+    MMA columns. None if ``bs`` has no such split."""
     bits = [1 << i for i in range(bs.bit_length() - 1, -1, -1) if bs >> i & 1]
     if not bits or len(bits) > 3 or bits[-1] < 16:
         return None

@@ -8,7 +8,9 @@ the forward's down projection (``y = h . w_down[:, block]^T``, K = the block's B
   across output tiles, so the next tile's operands arrive while the consumers finish the current one;
 - two consumer warpgroups (4 warps each, one 64-row half of a 128-row tile each) share each weight tile and
   issue asynchronous wgmma with one product in flight, releasing a slot as soon as the product that read it is
-  done, then convert their half of the output tile and store it (rows past the block's end are not stored).
+  done; a half tile whose rows all belong to the block leaves through shared memory by an asynchronous TMA store
+  (the warpgroup goes on to the next tile meanwhile), the block's last rows by masked 16-byte stores (the rows
+  after them belong to the next block's first tile, computed by another program).
 
 A Triton kernel issues loads and products from the same warps, so with K only 224 (7 steps of 32) its pipeline
 barely fills before each tile's epilogue (Nsight Compute, session 17: one CTA per SM, warps waiting on their own
@@ -16,7 +18,6 @@ loads most of the time). ``supported()`` says which calls can take this path.
 """
 
 import torch
-import triton
 
 from deepseek_kernels.triton._common import sm_count
 
@@ -38,10 +39,11 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 BLOCK_M = 128  # the grouping's row tile (two 64-row halves, one per consumer warpgroup)
 # Output tiles 128 x 256, K steps of 32 (224-neuron blocks: 7 steps, 14 for dx), a ring of 6 slots (24 KB each).
-# H200, session 30 (benchmarks/diag_sparse_sm90.py, T8192 ratio 0.3, do_bench): down 0.602 ms (474 TF/s) vs the
-# Triton TMA kernel's 0.655 (436), dx 0.953 (600) vs 1.311-1.561 (366-436); 128-wide tiles (12 slots) 0.68 / 1.10,
-# 8 slots or 3 products in flight a tie. Without the stores the main loop runs at 754 / 776 TF/s: the down
-# projection's epilogue (y, 1.27 GB) is what is left, unhidden while both warpgroups store.
+# H200, session 30 (benchmarks/diag_sparse_sm90.py, T8192 ratio 0.3, do_bench): down 0.582 ms (491 TF/s) vs the
+# Triton TMA kernel's 0.657 (434), dx 0.909 (628) vs 1.292 (442); with masked stores for every tile 0.637 / 0.991;
+# 5 slots 0.608 / 0.945; 128-wide tiles (10-12 slots) 0.63-0.69 / 1.06-1.10; 8 slots or 3 products in flight a
+# tie. The main loop alone (stores off) ran at 754 / 776 TF/s: the down projection's output (y, 1.27 GB) is what
+# is left, both warpgroups storing at the same time.
 CONFIG = dict(block_n=256, block_k=32, stages=6)
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer keeps 24, the consumers 240
 CONSUMER_REGS = 240
