@@ -70,6 +70,16 @@ def main():
             shown = (f"{row['ms']:7.3f} ms {row['tflops']:6.0f} TF/s err {row['err']:.1e}" if "ms" in row
                      else row["error"])
             print(f"{kind:5s} {row['variant']:26s} {shown}", flush=True)
+    # the forward's gate/up (gathered x rows): the Triton kernel at its tuned tiles vs the Gluon cp.async form
+    # (opt-in gate_up.sm90), timed as the whole forward (the rest is the same)
+    x = torch.randn(T, D, device="cuda", dtype=dt)
+    for name, cfg in (("triton", {"gate_up": {"sm90": False}}), ("gluon cp.async", {"gate_up": {"sm90": True}})):
+        def fn(cfg=cfg):
+            return tk.sparse_ffn_fwd(x, wg, wu, wd, idx, torch.ones(T, k, device="cuda"), shared_blocks=0,
+                                     n_blocks=NB, config=cfg)
+        ms_all = bench(fn, rep=20)
+        rows.append(dict(kind="fwd (gate/up variant)", variant=name, ms=ms_all))
+        print(f"fwd   gate/up {name:18s} whole forward {ms_all:7.3f} ms", flush=True)
     save_json(args.out, rows)
 
 

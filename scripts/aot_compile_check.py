@@ -394,6 +394,16 @@ def cases():
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
                              CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
+    if g9.HAVE_GLUON:  # the gathered gate/up (opt-in gate_up.sm90, written after session 30's device time)
+        c = g9.GATE_UP_CONFIG
+        wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
+        wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])
+        out.append(("sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather)", g9._gate_up_sm90_kernel,
+                    dict(w_desc_g=wdesc, w_desc_u=wdesc, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32,
+                         TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_, SAVE_ACT=True,
+                         BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
+                         PRODUCER_REGS=g9.PRODUCER_REGS),
+                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
     bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
 

@@ -297,7 +297,7 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True)
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True, sm90=False)
     assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True, programs=None,
                               programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
@@ -887,6 +887,38 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     monkeypatch.setattr(g9, "CONFIG", dict(block_n=128, block_k=32, stages=10))
     narrow = run(cfg)
     assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4097, 300])
+def test_gate_up_sm90_on_gpu(T, monkeypatch):
+    """The gathered Gluon gate/up (opt-in ``gate_up.sm90``; written after session 30's device time, first run here):
+    h and the saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written
+    (outputs start as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end
+    past their block."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
+        pytest.skip("the Gluon kernels are for sm_90")
+    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    calls = []
+    orig = g9.gate_up_sm90
+    monkeypatch.setattr(g9, "gate_up_sm90", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype") == torch.bfloat16 else real_empty(*a, **k))
+    plain = {"block_m": 128, "gate_up": {"sm90": False}}
+    gluon = {"block_m": 128, "gate_up": {"sm90": True}}
+    want, want_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=plain, **kw)
+    got, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
+    assert calls == [1] and not got.isnan().any() and not act.isnan().any()
+    assert rel(got, want) < 1e-2 and rel(act, want_act) < 1e-2
+    again, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
+    assert torch.equal(got, again)
+    no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
+    assert torch.equal(no_act, got) and len(calls) == 3
 
 
 @pytest.mark.gpu

@@ -695,6 +695,19 @@ def _sm90_ok(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
     return sparse_ffn_sm90.supported(a, w, block_m, _sm90_block_k())
 
 
+def _gate_up_sm90_ok(x, w_gate, w_up, block_m: int, bs: int) -> bool:
+    """Whether the gathered Gluon gate/up (``gate_up.sm90``, opt-in: not yet GPU-run) can run: as :func:`_sm90_ok`,
+    outside torch.compile's tracing (no data pointers there), and the layouts of
+    ``sparse_ffn_sm90.gate_up_layout_ok``."""
+    from deepseek_kernels.triton import sparse_ffn_sm90
+    from deepseek_kernels.triton._common import tracing_stand_in
+
+    if torch.compiler.is_compiling() or any(tracing_stand_in(t) for t in (x, w_gate, w_up)):
+        return False
+    return (sparse_ffn_sm90.supported(x, w_gate, block_m, 16)
+            and sparse_ffn_sm90.gate_up_layout_ok(x, w_gate, w_up, bs))
+
+
 def _sm90_block_k() -> int:
     from deepseek_kernels.triton import sparse_ffn_sm90
 
@@ -786,7 +799,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True,
                               programs_per_sm=2, cols_first=True))
-    base["gate_up"] = {"cols_first": False, **base.get("gate_up", {})}
+    base["gate_up"] = {"cols_first": False, "sm90": False, **base.get("gate_up", {})}
     base["down"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
     return base
@@ -849,13 +862,18 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         return out.zero_(), act, grouping
     n_tiles = grouping.tile_block.numel()
     prec = _dot_precision(x.dtype)
-    torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[_grid(n_tiles, triton.cdiv(BS, gu["block_n"]),
-                                                                gu["cols_first"])](
-        x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block, grouping.tile_start,
-        grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1),
-        SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"], BLOCK_K=gu["block_k"],
-        COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
-    )
+    if gu["sm90"] and _gate_up_sm90_ok(x, w_gate, w_up, block_m, BS):
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.gate_up_sm90(x, w_gate, w_up, h, act if save_act else None, grouping, bs=BS, **g9.GATE_UP_CONFIG)
+    else:
+        torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[_grid(n_tiles, triton.cdiv(BS, gu["block_n"]),
+                                                                    gu["cols_first"])](
+            x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block,
+            grouping.tile_start, grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0),
+            w_gate.stride(1), SAVE_ACT=save_act, DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=gu["block_n"],
+            BLOCK_K=gu["block_k"], COLS_FIRST=bool(gu["cols_first"]), **launch_options(gu),
+        )
     y = torch.empty(P, D, dtype=x.dtype, device=x.device)
     if dn["tma"] and dn["sm90"] and _sm90_ok(h, w_down, block_m) and _down_tma_ok(h, w_down, _sm90_block_k()):
         from deepseek_kernels.triton import sparse_ffn_sm90 as g9

@@ -210,3 +210,159 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
         TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
     )
+
+
+# ---- the forward's gate/up GEMM with gathered x rows (opt-in ``gate_up.sm90``; written in session 30 after the
+# device time ran out: AOT-compiled for sm_90, not yet run on a GPU) -------------------------------------------------
+#
+# h[p, n] = silu(x[tok_p] . w_gate[b*BS + n]) * (x[tok_p] . w_up[b*BS + n]) over the rows p of block b, as the Triton
+# _sparse_ffn_gate_up_kernel computes it. The A operand is gathered (each row of the tile is another token's x row),
+# which TMA cannot do on Hopper: a 4-warp producer partition issues cp.async copies of the tile's rows (rows past
+# the block's end read zeros) and each of its threads arrives on the slot's ready barrier once its copies land
+# (cp.async.mbarrier.arrive.noinc); the weight tiles come by TMA. Work items are (row tile, 128-neuron column
+# tile): two per block row tile (224 = 128 + 96; the second tile's last 32 columns read the next block's weights
+# and are not stored).
+
+GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
+PRODUCER_REGS = 56  # the cp.async producer's address tensors; (2 x 224 + 56) x 128 <= 64K registers
+GATHER_CONSUMER_REGS = 224
+
+if HAVE_GLUON:
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+
+    @gluon.jit
+    def _gather_producer(w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                         TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
+                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Four warps: per work item and K step, the gathered x rows of both 64-row halves by cp.async (every
+        thread arrives on the slot's ready barrier when its copies are done) and the two weight tiles by TMA."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
+        col_l: gl.constexpr = gl.SliceLayout(0, ld_layout)
+        n_col = gl.cdiv(BS, BLOCK_N)
+        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
+        w_bytes: gl.constexpr = w_desc_g.block_type.nbytes + w_desc_u.block_type.nbytes
+        cols = gl.arange(0, BLOCK_K, layout=col_l)
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            hi = gl.load(OFFSETS + b + 1)
+            r0 = start + gl.arange(0, HALF_M, layout=row_l)
+            r1 = r0 + HALF_M
+            ok0 = r0 < hi
+            ok1 = r1 < hi
+            x0 = X + gl.expand_dims(gl.load(SORTED_TOK + r0, mask=ok0, other=0).to(gl.int64) * stride_xt, 1)
+            x1 = X + gl.expand_dims(gl.load(SORTED_TOK + r1, mask=ok1, other=0).to(gl.int64) * stride_xt, 1)
+            m0 = gl.expand_dims(ok0, 1)
+            m1 = gl.expand_dims(ok1, 1)
+            f0 = b * BS + pid_n * BLOCK_N
+            for k0 in range(0, D, BLOCK_K):  # (columns past D read zeros: the row's end is not the next row)
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, w_bytes)
+                tma.async_copy_global_to_shared(w_desc_g, [f0, k0], bar, bg_bufs.index(slot))
+                tma.async_copy_global_to_shared(w_desc_u, [f0, k0], bar, bu_bufs.index(slot))
+                kc = gl.expand_dims(k0 + cols, 0)
+                k_ok = kc < D
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), x0 + kc, mask=m0 & k_ok)
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), x1 + kc, mask=m1 & k_ok)
+                async_copy.mbarrier_arrive(bar, increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS, WG: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
+                          BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
+        step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
+        neurons."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        n_col = gl.cdiv(BS, BLOCK_N)
+        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            acc_g = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+            acc_u = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+            for k0 in range(0, D, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                a = a_bufs.index(2 * slot + WG)
+                acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
+                acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
+                acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
+                if k0 > 0:
+                    _release(empty.index((it - 1) % STAGES))
+                it += 1
+            acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
+            _release(empty.index((it - 1) % STAGES))
+            rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+            cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            mask = gl.expand_dims(rows < gl.load(OFFSETS + b + 1), 1) & gl.expand_dims(cols < BS, 0)
+            rows64 = gl.expand_dims(rows.to(gl.int64), 1)
+            c2 = gl.expand_dims(cols, 0)
+            h = acc_g * (1.0 / (1.0 + gl.exp(-acc_g))) * acc_u
+            gl.store(H + rows64 * BS + c2, gl.convert_layout(h.to(H.dtype.element_ty), out_layout), mask=mask)
+            if SAVE_ACT:
+                act = ACT + rows64 * (2 * BS) + c2
+                gl.store(act, gl.convert_layout(acc_g.to(ACT.dtype.element_ty), out_layout), mask=mask)
+                gl.store(act + BS, gl.convert_layout(acc_u.to(ACT.dtype.element_ty), out_layout), mask=mask)
+
+    @gluon.jit
+    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                           TILE_COUNT, D, BS, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                           STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES)
+
+    @gluon.jit
+    def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+                             D, BS, stride_xt, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent."""
+        WG0: gl.constexpr = 0
+        BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
+        HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], X.dtype.element_ty)
+        a_bufs = gl.allocate_shared_memory(X.dtype.element_ty, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
+        bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES] + w_desc_g.block_type.shape, w_desc_g.layout)
+        bu_bufs = gl.allocate_shared_memory(w_desc_u.dtype, [STAGES] + w_desc_u.block_type.shape, w_desc_u.layout)
+        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the weights' expect + one cp.async arrival per producer thread
+        empty = _barrier_array(STAGES, 2)
+        gl.warp_specialize([
+            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES)),
+            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES)),
+            (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def gate_up_layout_ok(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bs: int) -> bool:
+    """The gathered gate/up kernel's layout needs: x, w_gate and w_up with unit stride along D and 16-byte aligned
+    rows and bases (16-byte cp.async copies, TMA weight tiles), the same weight strides, blocks of a multiple of 8
+    neurons (16-byte stores of h and act)."""
+    es = x.element_size()
+    return (x.stride(1) == 1 and w_gate.stride(1) == 1 and w_up.stride() == w_gate.stride() and bs % 8 == 0
+            and all((t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, w_gate, w_up)))
+
+
+def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
+                 grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
+    """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
+    (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
+    w_block = [block_n, block_k]
+    _gate_up_sm90_kernel[(sm_count(x.device),)](
+        _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
+        grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], bs, x.stride(0),
+        SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
