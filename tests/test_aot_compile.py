@@ -21,10 +21,14 @@ def test_kernels_compile_for_sm90():
     assert proc.stdout.count("  ok  ") >= 27, proc.stdout
     # the Gluon Hopper window forward (both ping-pong settings, one-tile and persistent, the conditional rescale and
     # the reversed tile order) and backward (dQ, dK/dV), D 128
-    # and 64, and the one-kernel backward (dQ by TMA reduce-adds: the PTX must hold them), where this Triton has Gluon
+    # and 64, and the one-kernel backward (dQ by TMA reduce-adds: the PTX must hold them), and the sparse FFN's
+    # Gluon kernels, where this Triton has Gluon
     from deepseek_kernels.triton.window_attention_sm90 import HAVE_GLUON
 
     if HAVE_GLUON:
         assert sum("ok    window attention fwd sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 10, proc.stdout
-        assert sum(ln.startswith("  ok") and "sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 14, proc.stdout
+        assert sum(ln.startswith("  ok") and "sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 18, proc.stdout
         assert "ok    window attention bwd fused sm90 (Gluon, TMA reduce dQ) D128" in proc.stdout, proc.stdout
+        # the sparse FFN's Gluon kernels: down / dx (two tile widths each) and the gathered gate/up
+        assert sum(ln.startswith("  ok") and "GEMM sm90 (Gluon" in ln for ln in proc.stdout.splitlines()) == 5, \
+            proc.stdout
