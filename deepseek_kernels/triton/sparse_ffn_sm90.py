@@ -293,6 +293,9 @@ if HAVE_GLUON:
             for k0 in range(0, D, BLOCK_K):
                 slot = it % STAGES
                 mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                # cp.async writes through the generic proxy, wgmma reads through the async one: order them (as
+                # Triton's own pipeliner does between its cp.async waits and wgmma)
+                fence_async_shared()
                 a = a_bufs.index(2 * slot + WG)
                 acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
                 acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
