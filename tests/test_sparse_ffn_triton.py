@@ -847,6 +847,26 @@ def test_down_tma_on_gpu(programs, monkeypatch):
     assert calls == [_default_tma_kernel()] and rel(default, want) < 1e-2
 
 
+def _sm90_case(T, monkeypatch, launcher: str):
+    """The Gluon kernels' GPU tests' setup (skipped off sm_90): T tokens routed at ratio 0.3 over 64 blocks of 224
+    neurons (d_model 1024), ``sparse_ffn_sm90.<launcher>`` counted into ``calls``, and every bf16 ``torch.empty``
+    filled with NaN, so an output element no kernel writes shows. Returns (module, calls, (x, w_gate, w_up,
+    w_down, idx, weights))."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
+        pytest.skip("the Gluon kernels are for sm_90")
+    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
+    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    calls = []
+    orig = getattr(g9, launcher)
+    monkeypatch.setattr(g9, launcher, lambda *a, **k: calls.append(1) or orig(*a, **k))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype") == torch.bfloat16 else real_empty(*a, **k))
+    return g9, calls, (x, wg, wu, wd, idx, w)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["down", "dx"])
 @pytest.mark.parametrize("T", [4097, 300])
@@ -855,19 +875,8 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     kernels' results within bf16 rounding, every output row written (outputs start as NaN), run to run identical;
     at 4097 tokens through the defaults, at 300 (blocks of a few rows: row tiles mostly past their block's end)
     with 128-row tiles asked for; also 128-wide tiles with a deeper ring (10 slots)."""
-    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
-
-    if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
-        pytest.skip("the Gluon kernels are for sm_90")
-    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
-    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "sorted_rows_gemm_sm90")
     kw = dict(shared_blocks=0, n_blocks=64)
-    calls = []
-    orig = g9.sorted_rows_gemm_sm90
-    monkeypatch.setattr(g9, "sorted_rows_gemm_sm90", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
-                        if k.get("dtype") == torch.bfloat16 else real_empty(*a, **k))
     cfg = {"block_m": 128, kernel: dict(block_k=32, tma=True, sm90=True)} if T < 4096 else {}
     plain = {kernel: {"tma": False}}
     go = torch.randn_like(x)
@@ -896,19 +905,8 @@ def test_gate_up_sm90_on_gpu(T, monkeypatch):
     h and the saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written
     (outputs start as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end
     past their block."""
-    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
-
-    if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
-        pytest.skip("the Gluon kernels are for sm_90")
-    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
-    idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90")
     kw = dict(shared_blocks=0, n_blocks=64)
-    calls = []
-    orig = g9.gate_up_sm90
-    monkeypatch.setattr(g9, "gate_up_sm90", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
-                        if k.get("dtype") == torch.bfloat16 else real_empty(*a, **k))
     plain = {"block_m": 128, "gate_up": {"sm90": False}}
     gluon = {"block_m": 128, "gate_up": {"sm90": True}}
     want, want_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=plain, **kw)
