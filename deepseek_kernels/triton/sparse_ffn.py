@@ -692,7 +692,7 @@ def _sm90_ok(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
     128-row tiles."""
     from deepseek_kernels.triton import sparse_ffn_sm90
 
-    return sparse_ffn_sm90.supported(a, w, block_m, _sm90_block_k())
+    return sparse_ffn_sm90.supported(a, w, block_m)
 
 
 def _gate_up_sm90_ok(x, w_gate, w_up, block_m: int, bs: int) -> bool:
@@ -704,8 +704,7 @@ def _gate_up_sm90_ok(x, w_gate, w_up, block_m: int, bs: int) -> bool:
 
     if torch.compiler.is_compiling() or any(tracing_stand_in(t) for t in (x, w_gate, w_up)):
         return False
-    return (sparse_ffn_sm90.supported(x, w_gate, block_m, 16)
-            and sparse_ffn_sm90.gate_up_layout_ok(x, w_gate, w_up, bs))
+    return sparse_ffn_sm90.supported(x, w_gate, block_m) and sparse_ffn_sm90.gate_up_layout_ok(x, w_gate, w_up, bs)
 
 
 def _sm90_block_k() -> int:

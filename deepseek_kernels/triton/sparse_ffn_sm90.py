@@ -49,11 +49,11 @@ MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer
 CONSUMER_REGS = 240
 
 
-def supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_k: int) -> bool:
-    """Whether the Gluon kernel can run: Gluon present, an sm_90 CUDA device, 2-byte operands, 128-row tiles."""
+def supported(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
+    """Whether the Gluon kernels can run: Gluon present, an sm_90 CUDA device, 2-byte operands, 128-row tiles."""
     if not (HAVE_GLUON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and w.dtype == a.dtype):
         return False
-    return torch.cuda.get_device_capability(a.device) == (9, 0) and block_m == BLOCK_M and block_k % 16 == 0
+    return torch.cuda.get_device_capability(a.device) == (9, 0) and block_m == BLOCK_M
 
 
 if HAVE_GLUON:
