@@ -20,6 +20,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--skip-gemms", action="store_true", help="only the gathered kernels' rows (gate/up, dact)")
     ap.add_argument("--out")
     args = ap.parse_args()
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
@@ -36,7 +37,7 @@ def main():
     wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
     y = torch.empty(P, D, device="cuda", dtype=dt)
     rows = []
-    for kind in ("down", "dx"):
+    for kind in () if args.skip_gemms else ("down", "dx"):
         flops = (2 if kind == "down" else 4) * P * D * BS
         a, w, w2, w_nk = (h, wd, None, True) if kind == "down" else (act, wg, wu, False)
         if kind == "down":
@@ -80,6 +81,20 @@ def main():
         ms_all = bench(fn, rep=20)
         rows.append(dict(kind="fwd (gate/up variant)", variant=name, ms=ms_all))
         print(f"fwd   gate/up {name:18s} whole forward {ms_all:7.3f} ms", flush=True)
+    # the backward's dact (gathered dO rows): the Triton full-block kernel vs the Gluon cp.async form (dact.sm90),
+    # timed as the whole backward, with the gradients compared
+    w1 = torch.rand(T, k, device="cuda") + 0.5
+    _, act_t, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w1, shared_blocks=0, n_blocks=NB)
+    go = torch.randn(T, D, device="cuda", dtype=dt)
+    outs = {}
+    for name, cfg in (("triton full block", {"dact": {"sm90": False}}), ("gluon cp.async", {"dact": {"sm90": True}})):
+        def fn(cfg=cfg):
+            return tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w1, act_t, shared_blocks=0, n_blocks=NB, config=cfg)
+        outs[name] = fn()
+        ms_all = bench(fn, rep=20)
+        err = max(rel(a, b) for a, b in zip(outs[name], outs["triton full block"]))
+        rows.append(dict(kind="bwd (dact variant)", variant=name, ms=ms_all, err=err))
+        print(f"bwd   dact {name:21s} whole backward {ms_all:7.3f} ms err {err:.1e}", flush=True)
     save_json(args.out, rows)
 
 

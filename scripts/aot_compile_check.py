@@ -404,6 +404,15 @@ def cases():
                          BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
                          PRODUCER_REGS=g9.PRODUCER_REGS),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+    if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31)
+        c = g9.DACT_CONFIG
+        wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
+        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather)", g9._dact_sm90_kernel,
+                    dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
+                         DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
+                         OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
+                         STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS),
+                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
     bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
 

@@ -297,7 +297,7 @@ def test_large_batch_defaults_are_per_kernel():
     keep the shared settings, and a scalar override still applies to every kernel."""
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS)
     assert bm == 128
-    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True, sm90=False)
+    assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True, sm90=True)
     assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True, programs=None,
                               programs_per_sm=2, cols_first=True)
     assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
@@ -307,6 +307,7 @@ def test_large_batch_defaults_are_per_kernel():
     bm, kc = tk.resolve_config(tk.bwd_launch_config(8192, 4096, 224), tk.BWD_KERNELS)
     assert bm == 128 and kc["dact"]["block_n"] == 128 and kc["dact"]["split_epilogue"] and kc["dact"]["cols_first"]
     assert kc["dact"]["full_block"] and kc["dact"]["block_k"] == 64 and kc["dact"]["num_stages"] == 3
+    assert kc["dact"]["sm90"]
     assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, programs=None,
                             programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
@@ -901,10 +902,10 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [4097, 300])
 def test_gate_up_sm90_on_gpu(T, monkeypatch):
-    """The gathered Gluon gate/up (opt-in ``gate_up.sm90``; written after session 30's device time, first run here):
-    h and the saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written
-    (outputs start as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end
-    past their block."""
+    """The gathered Gluon gate/up (``gate_up.sm90``, the T >= 4096 default on sm_90 since session 31): h and the
+    saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written (outputs start
+    as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end past their
+    block."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90")
     kw = dict(shared_blocks=0, n_blocks=64)
     plain = {"block_m": 128, "gate_up": {"sm90": False}}
@@ -917,6 +918,30 @@ def test_gate_up_sm90_on_gpu(T, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4097, 300])
+def test_dact_sm90_on_gpu(T, monkeypatch):
+    """The gathered Gluon dact (``dact.sm90``, session 31): every gradient (dx, dW gate/up/down, dweights) of the
+    backward with the Triton full-block dact within bf16 rounding, dact and hw written for every row and neuron
+    (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
+    their block. Gate weights not 1, so a w_p mix-up shows."""
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90")
+    kw = dict(shared_blocks=0, n_blocks=64)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
+    go = torch.randn_like(x)
+    plain = {"block_m": 128, "dact": {"sm90": False, "full_block": True}}
+    gluon = {"block_m": 128, "dact": {"sm90": True}}
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=plain, **kw)
+    assert calls == []
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    assert calls == [1]
+    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

@@ -696,15 +696,29 @@ def _sm90_ok(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
 
 
 def _gate_up_sm90_ok(x, w_gate, w_up, block_m: int, bs: int) -> bool:
-    """Whether the gathered Gluon gate/up (``gate_up.sm90``, opt-in: not yet GPU-run) can run: as :func:`_sm90_ok`,
-    outside torch.compile's tracing (no data pointers there), and the layouts of
-    ``sparse_ffn_sm90.gate_up_layout_ok``."""
+    """Whether the gathered Gluon gate/up (``gate_up.sm90``) can run: as :func:`_sm90_ok`, outside torch.compile's
+    tracing (no data pointers there), and the layouts of ``sparse_ffn_sm90.gate_up_layout_ok``."""
     from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return (_not_tracing(x, w_gate, w_up) and sparse_ffn_sm90.supported(x, w_gate, block_m)
+            and sparse_ffn_sm90.gate_up_layout_ok(x, w_gate, w_up, bs))
+
+
+def _dact_sm90_ok(grad_out, w_down, act, block_m: int, bs: int) -> bool:
+    """Whether the gathered Gluon dact (``dact.sm90``) can run: as :func:`_gate_up_sm90_ok`, with the layouts of
+    ``sparse_ffn_sm90.dact_layout_ok``."""
+    from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return (_not_tracing(grad_out, w_down, act) and sparse_ffn_sm90.supported(grad_out, w_down, block_m)
+            and sparse_ffn_sm90.dact_layout_ok(grad_out, w_down, act, bs, sparse_ffn_sm90.DACT_CONFIG["block_n"]))
+
+
+def _not_tracing(*tensors) -> bool:
+    """Not under torch.compile's tracing, no fake or meta stand-in among ``tensors`` (the Gluon launches read data
+    pointers)."""
     from deepseek_kernels.triton._common import tracing_stand_in
 
-    if torch.compiler.is_compiling() or any(tracing_stand_in(t) for t in (x, w_gate, w_up)):
-        return False
-    return sparse_ffn_sm90.supported(x, w_gate, block_m) and sparse_ffn_sm90.gate_up_layout_ok(x, w_gate, w_up, bs)
+    return not torch.compiler.is_compiling() and not any(tracing_stand_in(t) for t in tensors)
 
 
 def _sm90_block_k() -> int:
@@ -795,7 +809,7 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         base = dict(block_m=64, block_n=64, block_k=64, num_warps=4)
     else:
         big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
-        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True),
+        base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True, sm90=True),
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True,
                               programs_per_sm=2, cols_first=True))
     base["gate_up"] = {"cols_first": False, "sm90": False, **base.get("gate_up", {})}
@@ -1192,7 +1206,7 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     else:
         big = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4,
-                    dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64),
+                    dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64, sm90=True),
                     dw_gate_up=dict(big, d_group=4),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, cols_first=True),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
@@ -1201,7 +1215,8 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     # the tiled dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
     # cols_first / d_group: the tile orders of _tile_ids / _dw_tile_ids
-    base["dact"] = {"split_epilogue": False, "cols_first": False, "full_block": False, **base.get("dact", {})}
+    base["dact"] = {"split_epilogue": False, "cols_first": False, "full_block": False, "sm90": False,
+                    **base.get("dact", {})}
     base["dx"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                   **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
@@ -1240,8 +1255,9 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     n_tiles = g.tile_block.numel()
     da, dxc, cb, dwgu, dwdn = (kc[n] for n in BWD_KERNELS)
     pieces = k_pieces(BS)
-    da_full = bool(da["full_block"]) and pieces is not None
-    n_ntiles = 1 if da_full else triton.cdiv(BS, da["block_n"])
+    da_sm90 = bool(da["sm90"]) and _dact_sm90_ok(grad_out, w_down, act, block_m, BS)
+    da_full = not da_sm90 and bool(da["full_block"]) and pieces is not None
+    n_ntiles = 1 if da_full or da_sm90 else triton.cdiv(BS, da["block_n"])
     dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
     hw = torch.empty(P, BS, dtype=dt, device=dev)
     dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
@@ -1249,7 +1265,11 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     dact_args = (grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
                  dact, hw, dwp, D, BS, n_blocks, P,
                  grad_out.stride(0), grad_out.stride(1), w_down.stride(0), w_down.stride(1))
-    if da_full:
+    if da_sm90:
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.dact_sm90(grad_out, w_down, act, w_sorted, dact, hw, dwp, g, bs=BS, **g9.DACT_CONFIG)
+    elif da_full:
         torch.library.wrap_triton(_sparse_ffn_bwd_dact_full_kernel)[(n_tiles,)](
             *dact_args, N0=pieces[0], N1=pieces[1], N2=pieces[2], DOT_PRECISION=prec, BLOCK_M=block_m,
             BLOCK_K=da["block_k"], **launch_options(da),

@@ -231,19 +231,25 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
     @gluon.jit
-    def _gather_producer(w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+    def _gather_producer(w_desc0, w_desc1, X, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                          TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        """Four warps: per work item and K step, the gathered x rows of both 64-row halves by cp.async (every
-        thread arrives on the slot's ready barrier when its copies are done) and the two weight tiles by TMA."""
+                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr):
+        """Four warps: per work item and K step, the gathered X rows of both 64-row halves by cp.async (every
+        thread arrives on the slot's ready barrier when its copies are done) and two weight tiles by TMA. Gate/up
+        (not W_KN): items are (row tile, BLOCK_N-neuron column tile), the tiles ``w_gate / w_up [f0 +: BLOCK_N,
+        k0 +: BLOCK_K]``; dact (W_KN, ``w_desc0 = w_desc1`` over w_down [D, F]): one item per row tile, the tiles
+        ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
         col_l: gl.constexpr = gl.SliceLayout(0, ld_layout)
-        n_col = gl.cdiv(BS, BLOCK_N)
+        if W_KN:
+            n_col = 1
+        else:
+            n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        w_bytes: gl.constexpr = w_desc_g.block_type.nbytes + w_desc_u.block_type.nbytes
+        w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -263,8 +269,12 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
                 mbarrier.expect(bar, w_bytes)
-                tma.async_copy_global_to_shared(w_desc_g, [f0, k0], bar, bg_bufs.index(slot))
-                tma.async_copy_global_to_shared(w_desc_u, [f0, k0], bar, bu_bufs.index(slot))
+                if W_KN:
+                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
+                    tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
+                else:
+                    tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, b0_bufs.index(slot))
+                    tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, b1_bufs.index(slot))
                 kc = gl.expand_dims(k0 + cols, 0)
                 k_ok = kc < D
                 async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), x0 + kc, mask=m0 & k_ok)
@@ -331,6 +341,7 @@ if HAVE_GLUON:
                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent."""
         WG0: gl.constexpr = 0
+        W_KN: gl.constexpr = False
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
         HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], X.dtype.element_ty)
@@ -345,7 +356,7 @@ if HAVE_GLUON:
             (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                                   TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES)),
             (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES)),
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -367,5 +378,167 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], bs, x.stride(0),
         SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
+
+
+# ---- the backward's dact with gathered dO rows (opt-in ``dact.sm90``; written in session 31) ---------------------
+#
+# g[p, n] = dO[tok_p] . w_down[:, b*BS + n] over the rows p of block b (K = d_model), then the SwiGLU derivative of
+# _sparse_ffn_bwd_dact_full_kernel's epilogue: da, du and w_p * h stored, the row's dweight partial sum(g * h). The
+# gathered A operand comes as in the gate/up kernel (the same producer, W_KN: w_down [D, F] read as [k, n] tiles);
+# one work item per row tile covers the block's BS <= 256 neurons as two 128-column accumulators per warpgroup
+# (224 = 128 + 96: the second's last 32 columns read the next block's weights and are not stored), so each
+# gathered dO row is read once per row tile.
+
+DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _halves(x):
+        """x [M, N] -> its column halves (a register split: in the MMA layout a thread holds columns c and c + N/2)."""
+        M: gl.constexpr = x.type.shape[0]
+        N: gl.constexpr = x.type.shape[1]
+        return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
+
+    @gluon.jit
+    def _dact_piece(g, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr, out_layout: gl.constexpr):
+        """The SwiGLU derivative of one accumulator piece ``g`` (rows ``r0 +: M``, block columns ``c0 +: N``),
+        computed in g's own register layout (indices and w_p loaded in it): da, du and w_p * h stored through
+        ``out_layout`` (16 bytes per thread); returns the rows' partial sum of g * h."""
+        layout: gl.constexpr = g.type.layout
+        M: gl.constexpr = g.type.shape[0]
+        N: gl.constexpr = g.type.shape[1]
+        rows = r0 + gl.arange(0, M, layout=gl.SliceLayout(1, layout))
+        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+        r_ok = rows < hi
+        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(cols < BS, 0)
+        act = ACT + gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
+        a = gl.load(act, mask=mask, other=0.0).to(gl.float32)
+        u = gl.load(act + BS, mask=mask, other=0.0).to(gl.float32)
+        wp = gl.expand_dims(gl.load(WSORT + rows, mask=r_ok, other=0.0).to(gl.float32), 1)
+        s = 1.0 / (1.0 + gl.exp(-a))
+        silu = a * s
+        h = silu * u
+        part = gl.sum(gl.where(mask, g * h, 0.0), axis=1)
+        dh = g * wp
+        dt = DACT.dtype.element_ty
+        da = gl.convert_layout((dh * u * s * (1.0 + a * (1.0 - s))).to(dt), out_layout)
+        du = gl.convert_layout((dh * silu).to(dt), out_layout)
+        hw = gl.convert_layout((h * wp).to(HW.dtype.element_ty), out_layout)
+        o_rows = (r0 + gl.arange(0, M, layout=gl.SliceLayout(1, out_layout))).to(gl.int64)
+        o_cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, out_layout))
+        o_mask = gl.expand_dims(o_rows < hi, 1) & gl.expand_dims(o_cols < BS, 0)
+        o_act = gl.expand_dims(o_rows * (2 * BS), 1) + gl.expand_dims(o_cols, 0)
+        gl.store(DACT + o_act, da, mask=o_mask)
+        gl.store(DACT + o_act + BS, du, mask=o_mask)
+        gl.store(HW + gl.expand_dims(o_rows * BS, 1) + gl.expand_dims(o_cols, 0), hw, mask=o_mask)
+        return part, rows, r_ok
+
+    @gluon.jit
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                       OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr):
+        """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
+        columns as async wgmma (one step's pair in flight), then the epilogue (the second, narrower piece first)
+        and the rows' dweight partial sums."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        total = gl.load(TILE_COUNT).to(gl.int32)
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
+            acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+            acc1 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+            for k0 in range(0, D, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+                a = a_bufs.index(2 * slot + WG)
+                acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
+                if k0 > 0:
+                    _release(empty.index((it - 1) % STAGES))
+                it += 1
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+            _release(empty.index((it - 1) % STAGES))
+            r0 = start + WG * HALF_M
+            hi = gl.load(OFFSETS + b + 1)
+            Q: gl.constexpr = BLOCK_N // 4
+            # in 32-column pieces (a register split of the accumulators), the second accumulator's first (its 96
+            # columns: the narrower), so at most one piece's temporaries live next to the other accumulator
+            h0, h1 = _halves(acc1)
+            q0, q1 = _halves(h1)
+            part, rows, r_ok = _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + 3 * Q, BS, out_layout)
+            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + 2 * Q, BS, out_layout)[0]
+            q0, q1 = _halves(h0)
+            part += _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + Q, BS, out_layout)[0]
+            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)[0]
+            h0, h1 = _halves(acc0)
+            q0, q1 = _halves(h1)
+            part += _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, 3 * Q, BS, out_layout)[0]
+            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, 2 * Q, BS, out_layout)[0]
+            q0, q1 = _halves(h0)
+            part += _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, Q, BS, out_layout)[0]
+            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)[0]
+            gl.store(DWP + rows, part, mask=r_ok)
+
+    @gluon.jit
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                        OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES)
+
+    @gluon.jit
+    def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """The backward's dact (see above) over the grouping's real row tiles, persistent."""
+        WG0: gl.constexpr = 0
+        W_KN: gl.constexpr = True
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+        HALF_M: gl.constexpr = 64
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], DO.dtype.element_ty)
+        a_bufs = gl.allocate_shared_memory(DO.dtype.element_ty, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
+        b0_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        b1_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the weights' expect + one cp.async arrival per producer thread
+        empty = _barrier_array(STAGES, 2)
+        gl.warp_specialize([
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES)),
+            (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, bs: int, block_n: int) -> bool:
+    """The gathered dact kernel's layout needs: grad_out and w_down [D, F] with unit inner strides and 16-byte
+    aligned rows and bases (cp.async rows, TMA weight tiles), act contiguous, blocks of a multiple of 8 neurons
+    and at most two column tiles."""
+    es = grad_out.element_size()
+    return (grad_out.stride(1) == 1 and w_down.stride(1) == 1 and act.is_contiguous() and bs % 8 == 0
+            and bs <= 2 * block_n and w_down.dtype == grad_out.dtype
+            and all((t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (grad_out, w_down)))
+
+
+def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
+              dact: torch.Tensor, hw: torch.Tensor, dwp: torch.Tensor, grouping, *, bs: int, block_n: int,
+              block_k: int, stages: int) -> None:
+    """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
+    row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
+    BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
+    _dact_sm90_kernel[(sm_count(grad_out.device),)](
+        _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
+        grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
+        grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
