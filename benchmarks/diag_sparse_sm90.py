@@ -72,7 +72,7 @@ def main():
                      else row["error"])
             print(f"{kind:5s} {row['variant']:26s} {shown}", flush=True)
     # the forward's gate/up (gathered x rows): the Triton kernel at its tuned tiles vs the Gluon cp.async form
-    # (opt-in gate_up.sm90), timed as the whole forward (the rest is the same)
+    # (gate_up.sm90), timed as the whole forward (the rest is the same)
     x = torch.randn(T, D, device="cuda", dtype=dt)
     for name, cfg in (("triton", {"gate_up": {"sm90": False}}), ("gluon cp.async", {"gate_up": {"sm90": True}})):
         def fn(cfg=cfg):

@@ -394,7 +394,7 @@ def cases():
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
                              CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
-    if g9.HAVE_GLUON:  # the gathered gate/up (opt-in gate_up.sm90, written after session 30's device time)
+    if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31)
         c = g9.GATE_UP_CONFIG
         wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
         wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])

@@ -29,6 +29,8 @@ def test_kernels_compile_for_sm90():
         assert sum("ok    window attention fwd sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 10, proc.stdout
         assert sum(ln.startswith("  ok") and "sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 18, proc.stdout
         assert "ok    window attention bwd fused sm90 (Gluon, TMA reduce dQ) D128" in proc.stdout, proc.stdout
-        # the sparse FFN's Gluon kernels: down / dx (two tile widths each) and the gathered gate/up
+        # the sparse FFN's Gluon kernels: down / dx (two tile widths each) and the gathered gate/up, and the gathered
+        # dact
         assert sum(ln.startswith("  ok") and "GEMM sm90 (Gluon" in ln for ln in proc.stdout.splitlines()) == 5, \
             proc.stdout
+        assert "ok    sparse FFN bwd dact sm90 (Gluon, cp.async gather)" in proc.stdout, proc.stdout

@@ -802,7 +802,9 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
     the down projection as the persistent TMA kernel (128 x 32 tiles, 4 warps, 4 stages, 2 programs per SM):
     forward 2.87 -> 2.35 ms at ratio 0.3, 4.86 -> 4.09 at 0.5. ``down.sm90`` (session 30): on sm_90 the down
     projection runs as the warp-specialized Gluon kernel of ``sparse_ffn_sm90`` (its own tiles:
-    ``sparse_ffn_sm90.CONFIG``) where it can; the settings here stay for the Triton TMA kernel elsewhere."""
+    ``sparse_ffn_sm90.CONFIG``) where it can; the settings here stay for the Triton TMA kernel elsewhere.
+    ``gate_up.sm90`` (session 31): gate/up as the Gluon kernel with gathered x rows (cp.async producer,
+    ``sparse_ffn_sm90.GATE_UP_CONFIG``): whole forward 2.227 -> 2.113 ms at ratio 0.3."""
     if tokens * block_size <= 4096:
         base = dict(block_m=16, block_n=16, block_k=32, num_warps=4)
     elif tokens < 4096 or not wide:
@@ -1211,6 +1213,7 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, cols_first=True),
                     dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
     # dx.sm90: on sm_90 dx as the Gluon kernel of sparse_ffn_sm90 (session 30; its own tiles) where it can run;
+    # dact.sm90: dact as its gathered Gluon kernel (session 31; sparse_ffn_sm90.DACT_CONFIG) where it can run;
     # full_block: dact as _sparse_ffn_bwd_dact_full_kernel where k_pieces(BS) splits the block; split_epilogue:
     # the tiled dact's SwiGLU-derivative epilogue in two column halves (block_n >= 32); dx.tma: the
     # persistent TMA form of dx on dx.programs programs (None: dx.programs_per_sm per SM) where _dx_tma_ok;
