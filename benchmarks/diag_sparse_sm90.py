@@ -20,7 +20,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--skip-gemms", action="store_true", help="only the gathered kernels' rows (gate/up, dact)")
+    ap.add_argument("--skip-gemms", action="store_true",
+                    help="only the gathered kernels' rows (gate/up, dact, dW gate/up, dW down)")
     ap.add_argument("--out")
     args = ap.parse_args()
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
@@ -87,7 +88,10 @@ def main():
     _, act_t, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w1, shared_blocks=0, n_blocks=NB)
     go = torch.randn(T, D, device="cuda", dtype=dt)
     outs = {}
-    for name, cfg in (("triton full block", {"dact": {"sm90": False}}), ("gluon cp.async", {"dact": {"sm90": True}})):
+    for name, cfg in (("triton full block", {"dact": {"sm90": False}}), ("gluon cp.async", {"dact": {"sm90": True}}),
+                      ("gluon + gluon dW g/u", {"dact": {"sm90": True}, "dw_gate_up": {"sm90": True}}),
+                      ("gluon + gluon dW both", {"dact": {"sm90": True}, "dw_gate_up": {"sm90": True},
+                                                 "dw_down": {"sm90": True}})):
         def fn(cfg=cfg):
             return tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w1, act_t, shared_blocks=0, n_blocks=NB, config=cfg)
         outs[name] = fn()
@@ -95,6 +99,16 @@ def main():
         err = max(rel(a, b) for a, b in zip(outs[name], outs["triton full block"]))
         rows.append(dict(kind="bwd (dact variant)", variant=name, ms=ms_all, err=err))
         print(f"bwd   dact {name:21s} whole backward {ms_all:7.3f} ms err {err:.1e}", flush=True)
+    # the same backward's kernels one by one (torch.profiler), every Gluon kernel on
+    from _tuning import kernel_times
+
+    def bwd_all():
+        tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w1, act_t, shared_blocks=0, n_blocks=NB,
+                          config={"dw_gate_up": {"sm90": True}, "dw_down": {"sm90": True}})
+
+    for kname, us in sorted(kernel_times(bwd_all).items(), key=lambda kv: -kv[1])[:8]:
+        rows.append(dict(kind="bwd kernel", variant=kname[:60], us=us))
+        print(f"bwd   kernel {kname[:60]:60s} {us:8.1f} us", flush=True)
     save_json(args.out, rows)
 
 

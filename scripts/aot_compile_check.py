@@ -413,6 +413,22 @@ def cases():
                          OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
                          STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+    if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
+        c = g9.DW_GATE_UP_CONFIG
+        dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)
+        out.append(("sparse FFN bwd dW gate/up sm90 (Gluon, cp.async gather)", g9._dw_gate_up_sm90_kernel,
+                    dict(a_desc=g9._desc(dact_t, [c["block_k"], 64]), X=bf16, DWG=bf16, DWU=bf16, SORTED_TOK=i32,
+                         OFFSETS=i32, NB=64, D=D_, stride_xt=D_, stride_wf=D_, BS=BS_, BLOCK_N=c["block_n"],
+                         STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS),
+                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+    if g9.HAVE_GLUON:  # the gathered dW down (dw_down.sm90, session 31)
+        c = g9.DW_DOWN_CONFIG
+        hw_t = torch.empty(256, BS_, dtype=torch.bfloat16)
+        out.append(("sparse FFN bwd dW down sm90 (Gluon, cp.async gather)", g9._dw_down_sm90_kernel,
+                    dict(hw_desc=g9._desc(hw_t, [c["block_k"], 128]), DO=bf16, DWD=bf16, SORTED_TOK=i32,
+                         OFFSETS=i32, NB=64, D=D_, stride_dot=D_, stride_wd=64 * BS_, BS=BS_, STAGES=c["stages"],
+                         CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS),
+                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     # the backward kernels with their resolved per-kernel defaults at T8192 (tiles, warps, stages)
     bm, kc = sf.resolve_config(sf.bwd_launch_config(8192, D_, BS_), sf.BWD_KERNELS)
 

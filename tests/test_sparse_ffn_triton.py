@@ -311,6 +311,7 @@ def test_large_batch_defaults_are_per_kernel():
     assert kc["dx"] == dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, programs=None,
                             programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
+    assert kc["dw_gate_up"]["sm90"] and kc["dw_down"]["sm90"]
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
     assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
@@ -318,6 +319,26 @@ def test_large_batch_defaults_are_per_kernel():
     # below 4096 tokens: the shared first guess for every kernel
     bm, kc = tk.resolve_config(tk.launch_config(1000, 4096, 224), tk.FWD_KERNELS)
     assert bm == 64 and all(c["block_n"] == 64 and c["num_stages"] is None for c in kc.values())
+
+
+def test_zero_tail_rows_kernel():
+    """The rows of empty slots (sorted after the last block, written by no kernel) become zeros in dact and hw before
+    the Gluon dW kernels read them as K rows; the blocks' rows stay as they were, and with no empty slot nothing
+    is written."""
+    from deepseek_kernels.ops._registry import interpreting
+
+    dev = "cpu" if interpreting() else "cuda"
+    P, BS, NB = 150, 24, 4
+    for start in (97, P):
+        dact = torch.randn(P, 2, BS, device=dev, dtype=torch.float16)
+        dact[start:] = float("nan")
+        hw = torch.randn(P, BS, device=dev, dtype=torch.float16)
+        hw[start:] = float("inf")
+        keep_d, keep_h = dact[:start].clone(), hw[:start].clone()
+        offsets = torch.tensor([0, 10, 40, 60, start], device=dev, dtype=torch.int32)
+        tk._zero_tail_rows_kernel[((P + 63) // 64,)](dact, hw, offsets, P, NB, BS, BLOCK_R=64, BLOCK_C=64)
+        assert torch.equal(dact[:start], keep_d) and torch.equal(hw[:start], keep_h)
+        assert (dact[start:] == 0).all() and (hw[start:] == 0).all()
 
 
 def test_tma_kernels_decline_tracing_stand_ins():
@@ -940,6 +961,45 @@ def test_dact_sm90_on_gpu(T, monkeypatch):
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
         assert not a.isnan().any(), name
         assert rel(a, b) < 1e-2, (name, rel(a, b))
+    again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["4097", "300", "empty_blocks", "empty_slots"])
+@pytest.mark.parametrize("kernel", ["dw_gate_up", "dw_down"])
+def test_dw_sm90_on_gpu(kernel, case, monkeypatch):
+    """The gathered Gluon dW kernels (``dw_gate_up.sm90``, ``dw_down.sm90``, session 31): every gradient of the
+    backward with the Triton dW kernel within bf16 rounding, every element written (the outputs start as NaN), run
+    to run identical; 300 tokens: blocks of ~90 rows (K steps mostly past the block's end); empty_blocks: every
+    token routed to blocks 0-18, so 45 blocks have no rows and their weight gradients must be zeros; empty_slots:
+    a third of the tokens with 5 empty slots (as the threshold mode leaves them), whose sorted rows after the last
+    block no kernel writes (NaN here, from the NaN-filled torch.empty) while the last block's final K step reads
+    them."""
+    T = 300 if case == "300" else 4097
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, f"{kernel}_sm90")
+    if case == "empty_blocks":
+        idx = torch.arange(idx.shape[1], device="cuda", dtype=idx.dtype).expand_as(idx).contiguous()
+    if case == "empty_slots":
+        idx = idx.clone()
+        idx[::3, -5:] = -1
+        w = torch.where(idx >= 0, w, 0.0)
+    kw = dict(shared_blocks=0, n_blocks=64)
+    _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
+    go = torch.randn_like(x)
+    plain = {"block_m": 128, kernel: {"sm90": False}}
+    gluon = {"block_m": 128, kernel: {"sm90": True}}
+    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=plain, **kw)
+    assert calls == []
+    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    assert calls == [1]
+    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    if case == "empty_blocks":
+        used = idx.shape[1] * (wg.shape[0] // 64)  # neurons of blocks 0-18
+        for dw in (got[1], got[2], got[3].t()):
+            assert dw[used:].abs().max() == 0 and dw[:used].abs().max() > 0
     again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 

@@ -713,6 +713,24 @@ def _dact_sm90_ok(grad_out, w_down, act, block_m: int, bs: int) -> bool:
             and sparse_ffn_sm90.dact_layout_ok(grad_out, w_down, act, bs, sparse_ffn_sm90.DACT_CONFIG["block_n"]))
 
 
+def _dw_gate_up_sm90_ok(dact, x, dwg, dwu, block_m: int) -> bool:
+    """Whether the gathered Gluon dW gate/up (``dw_gate_up.sm90``) can run: as :func:`_gate_up_sm90_ok`, with the
+    layouts of ``sparse_ffn_sm90.dw_gate_up_layout_ok``."""
+    from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return (_not_tracing(dact, x, dwg) and sparse_ffn_sm90.supported(x, dwg, block_m)
+            and sparse_ffn_sm90.dw_gate_up_layout_ok(dact, x, dwg, dwu))
+
+
+def _dw_down_sm90_ok(grad_out, hw, dwd, block_m: int) -> bool:
+    """Whether the gathered Gluon dW down (``dw_down.sm90``) can run: as :func:`_gate_up_sm90_ok`, with the
+    layouts of ``sparse_ffn_sm90.dw_down_layout_ok``."""
+    from deepseek_kernels.triton import sparse_ffn_sm90
+
+    return (_not_tracing(grad_out, hw, dwd) and sparse_ffn_sm90.supported(grad_out, dwd, block_m)
+            and sparse_ffn_sm90.dw_down_layout_ok(grad_out, hw, dwd))
+
+
 def _not_tracing(*tensors) -> bool:
     """Not under torch.compile's tracing, no fake or meta stand-in among ``tensors`` (the Gluon launches read data
     pointers)."""
@@ -1185,6 +1203,26 @@ def _sparse_ffn_bwd_dw_down_kernel(
     tl.store(DWD + off, acc.to(DWD.dtype.element_ty), mask=d_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _zero_tail_rows_kernel(DACT, HW, OFFSETS, P, NB, BS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zeros the rows [offsets[NB], P) of dact [P, 2 BS] and hw [P, BS]: the rows of empty slots (threshold
+    mode, invalid ids), which no kernel writes. The Gluon dW kernels read a block's rows in whole K steps by TMA,
+    so the last block's final step reaches them (as the K operand: garbage there, even times a zero x row, would
+    be NaN in every gradient); the pointer kernels mask them instead."""
+    r0 = tl.program_id(0) * BLOCK_R
+    start = tl.load(OFFSETS + NB)
+    if r0 + BLOCK_R > start:
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_ok = (rows >= start) & (rows < P)
+        rows64 = rows.to(tl.int64)
+        zero = tl.zeros((BLOCK_R, BLOCK_C), dtype=DACT.dtype.element_ty)
+        for c0 in range(0, 2 * BS, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = r_ok[:, None] & (cols < 2 * BS)[None, :]
+            tl.store(DACT + rows64[:, None] * (2 * BS) + cols[None, :], zero, mask=mask)
+            tl.store(HW + rows64[:, None] * BS + cols[None, :], zero, mask=mask & (cols < BS)[None, :])
+
+
 def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
     """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are H200
     sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
@@ -1209,9 +1247,9 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
         big = dict(block_n=128, block_k=128, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4,
                     dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64, sm90=True),
-                    dw_gate_up=dict(big, d_group=4),
+                    dw_gate_up=dict(big, d_group=4, sm90=True),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, cols_first=True),
-                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8))
+                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8, sm90=True))
     # dx.sm90: on sm_90 dx as the Gluon kernel of sparse_ffn_sm90 (session 30; its own tiles) where it can run;
     # dact.sm90: dact as its gathered Gluon kernel (session 31; sparse_ffn_sm90.DACT_CONFIG) where it can run;
     # full_block: dact as _sparse_ffn_bwd_dact_full_kernel where k_pieces(BS) splits the block; split_epilogue:
@@ -1224,6 +1262,8 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
                   **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
         base[kern] = {"d_group": 0, **base.get(kern, {})}
+    base["dw_gate_up"] = {"sm90": False, **base["dw_gate_up"]}
+    base["dw_down"] = {"sm90": False, **base["dw_down"]}
     return base
 
 
@@ -1306,20 +1346,37 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     )
     gu_n = dwgu["block_n"]
     gu_g = int(dwgu["d_group"])
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
-            _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
-        dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0), dwg.stride(1),
-        BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec, NB=n_blocks if gu_g else 0,
-        D_GROUP=gu_g, **launch_options(dwgu),
-    )
+    dwgu_sm90 = dwgu["sm90"] and _dw_gate_up_sm90_ok(dact, x, dwg, dwu, block_m)
+    dwdn_sm90 = dwdn["sm90"] and _dw_down_sm90_ok(grad_out, hw, dwd, block_m)
+    if dwgu_sm90 or dwdn_sm90:
+        block_r = 64
+        torch.library.wrap_triton(_zero_tail_rows_kernel)[(triton.cdiv(P, block_r),)](
+            dact, hw, g.offsets, P, n_blocks, BS, BLOCK_R=block_r, BLOCK_C=64,
+        )
+    if dwgu_sm90:
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.dw_gate_up_sm90(dact, x, dwg, dwu, g, n_blocks, **g9.DW_GATE_UP_CONFIG)
+    else:
+        torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
+                _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
+            dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0),
+            dwg.stride(1), BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec,
+            NB=n_blocks if gu_g else 0, D_GROUP=gu_g, **launch_options(dwgu),
+        )
     dn_n = dwdn["block_n"]
     dn_g = int(dwdn["d_group"])
-    grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
-    torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
-        grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
-        dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
-        NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
-    )
+    if dwdn_sm90:
+        from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+        g9.dw_down_sm90(grad_out, hw, dwd, g, n_blocks, **g9.DW_DOWN_CONFIG)
+    else:
+        grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
+        torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
+            grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
+            dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
+            NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
+        )
     dweight_sorted = dwp.sum(0)
     valid = g.inv >= 0
     dweights = torch.where(valid, dweight_sorted[g.inv.clamp_min(0)], 0.0)[:, shared_blocks:]

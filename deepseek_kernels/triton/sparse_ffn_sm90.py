@@ -548,3 +548,292 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
+
+
+# ---- the backward's dW gate/up with gathered x rows along K (opt-in ``dw_gate_up.sm90``; session 31) -------------
+#
+# dW_gate[b*BS + n, d] = sum over the rows p of block b of da[p, n] x[tok_p, d] (dW_up with du), as
+# _sparse_ffn_bwd_dw_gate_up_kernel computes it. Work items are (block, d tile of BLOCK_N, 128-neuron tile), the
+# neuron tiles of a d tile consecutive (they share the gathered x tile, so the second reads it from L2); K runs over
+# the block's rows in steps of BLOCK_K. Per K step the producer brings da and du for the item's neurons by TMA
+# (dact viewed as [P, 2 BS]: four [BLOCK_K, 64] boxes, one per consumer warpgroup and product; rows past the block's
+# end read the next block's rows, which meet zeros in x) and gathers the x rows [BLOCK_K, BLOCK_N] by cp.async (rows
+# past the end read zeros); each consumer warpgroup multiplies its 64 neurons' da^T and du^T (an M-major A
+# operand: the permuted [BLOCK_K, 64] box) by the shared x tile into two [64, BLOCK_N] accumulators.
+
+DW_GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dw_work(t, n_d, N_M: gl.constexpr):
+        """(block, d tile, neuron tile) of work item ``t`` (neuron tiles fastest)."""
+        pid_m = t % N_M
+        t2 = t // N_M
+        return t2 // n_d, t2 % n_d, pid_m
+
+    @gluon.jit
+    def _dw_producer(a_desc, X, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_xt,
+                     BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Four warps: per work item and K step, the four dact boxes by TMA and the gathered x rows by cp.async."""
+        N_M: gl.constexpr = (BS + 127) // 128
+        HALF: gl.constexpr = 64
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 8 rows x 128 columns per pass
+        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ld_layout))
+        a_bytes: gl.constexpr = 4 * a_desc.block_type.nbytes
+        n_d = gl.cdiv(D, BLOCK_N)
+        total = NB * n_d * N_M
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, pid_m = _dw_work(t, n_d, N_M)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            n0 = pid_m * 128
+            kc = gl.expand_dims(pid_d * BLOCK_N + cols, 0)
+            k_ok = kc < D
+            for r0 in range(lo, hi, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, a_bytes)
+                tma.async_copy_global_to_shared(a_desc, [r0, n0], bar, a_bufs.index(4 * slot))
+                tma.async_copy_global_to_shared(a_desc, [r0, n0 + HALF], bar, a_bufs.index(4 * slot + 1))
+                tma.async_copy_global_to_shared(a_desc, [r0, BS + n0], bar, a_bufs.index(4 * slot + 2))
+                tma.async_copy_global_to_shared(a_desc, [r0, BS + n0 + HALF], bar, a_bufs.index(4 * slot + 3))
+                rows = r0 + gl.arange(0, BLOCK_K, layout=row_l)
+                ok = rows < hi
+                xr = X + gl.expand_dims(gl.load(SORTED_TOK + rows, mask=ok, other=0).to(gl.int64) * stride_xt, 1)
+                async_copy.async_copy_global_to_shared(b_bufs.index(slot), xr + kc, mask=gl.expand_dims(ok, 1) & k_ok)
+                async_copy.mbarrier_arrive(bar, increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _dw_consumer(a_bufs, b_bufs, ready, empty, DWG, DWU, OFFSETS, NB, D, stride_wf, WG: gl.constexpr,
+                     BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: neurons [WG * 64, + 64) of every work item's 128, both products as async wgmma (one
+        step's pair in flight), then dW_gate and dW_up stored for the block's neurons (zeros for an empty block)."""
+        N_M: gl.constexpr = (BS + 127) // 128
+        HALF: gl.constexpr = 64
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        n_d = gl.cdiv(D, BLOCK_N)
+        total = NB * n_d * N_M
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, pid_m = _dw_work(t, n_d, N_M)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            acc_g = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+            acc_u = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+            for r0 in range(lo, hi, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                fence_async_shared()  # cp.async wrote x through the generic proxy (see _gate_up_consumer)
+                xt = b_bufs.index(slot)
+                acc_g = warpgroup_mma(a_bufs.index(4 * slot + WG).permute((1, 0)), xt, acc_g, is_async=True)
+                acc_u = warpgroup_mma(a_bufs.index(4 * slot + 2 + WG).permute((1, 0)), xt, acc_u, is_async=True)
+                acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
+                if r0 > lo:
+                    _release(empty.index((it + STAGES - 1) % STAGES))
+                it += 1
+            acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
+            _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+            neurons = pid_m * 128 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+            cols = pid_d * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            mask = gl.expand_dims(neurons < BS, 1) & gl.expand_dims(cols < D, 0)
+            off = gl.expand_dims((b * BS + neurons).to(gl.int64) * stride_wf, 1) + gl.expand_dims(cols, 0)
+            gl.store(DWG + off, gl.convert_layout(acc_g.to(DWG.dtype.element_ty), out_layout), mask=mask)
+            gl.store(DWU + off, gl.convert_layout(acc_u.to(DWU.dtype.element_ty), out_layout), mask=mask)
+
+    @gluon.jit
+    def _dw_consumer1(a_bufs, b_bufs, ready, empty, DWG, DWU, OFFSETS, NB, D, stride_wf, BS: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dw_consumer(a_bufs, b_bufs, ready, empty, DWG, DWU, OFFSETS, NB, D, stride_wf, WG1, BS, BLOCK_N, BLOCK_K,
+                     STAGES)
+
+    @gluon.jit
+    def _dw_gate_up_sm90_kernel(a_desc, X, DWG, DWU, SORTED_TOK, OFFSETS, NB, D, stride_xt, stride_wf,
+                                BS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """The backward's dW gate/up (see above) over every (block, d tile, neuron tile), persistent."""
+        WG0: gl.constexpr = 0
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], X.dtype.element_ty)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [4 * STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(X.dtype.element_ty, [STAGES, BLOCK_K, BLOCK_N], b_layout)
+        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the dact boxes' expect + one cp.async arrival per producer thread
+        empty = _barrier_array(STAGES, 2)
+        gl.warp_specialize([
+            (_dw_consumer, (a_bufs, b_bufs, ready, empty, DWG, DWU, OFFSETS, NB, D, stride_wf, WG0, BS, BLOCK_N,
+                            BLOCK_K, STAGES)),
+            (_dw_consumer1, (a_bufs, b_bufs, ready, empty, DWG, DWU, OFFSETS, NB, D, stride_wf, BS, BLOCK_N,
+                             BLOCK_K, STAGES)),
+            (_dw_producer, (a_desc, X, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_xt, BS,
+                            BLOCK_N, BLOCK_K, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dw_gate_up_layout_ok(dact: torch.Tensor, x: torch.Tensor, dwg: torch.Tensor, dwu: torch.Tensor) -> bool:
+    """The gathered dW gate/up kernel's layout needs: dact [P, 2, BS] contiguous with 16-byte aligned rows (TMA
+    boxes of its [P, 2 BS] view), x with unit stride along D and 16-byte aligned rows and base (cp.async), dW gate
+    and dW up with unit inner stride and the same strides."""
+    es = x.element_size()
+    return (dact.is_contiguous() and (dact.shape[1] * dact.shape[2] * es) % 16 == 0 and dact.data_ptr() % 16 == 0
+            and x.stride(1) == 1 and (x.stride(0) * es) % 16 == 0 and x.data_ptr() % 16 == 0
+            and dwg.stride(1) == 1 and dwu.stride() == dwg.stride() and dact.dtype == x.dtype)
+
+
+def dw_gate_up_sm90(dact: torch.Tensor, x: torch.Tensor, dwg: torch.Tensor, dwu: torch.Tensor, grouping,
+                    n_blocks: int, *, block_n: int, block_k: int, stages: int) -> None:
+    """``dwg / dwu [F, D]`` from ``dact [P, 2, BS]`` and the gathered rows of ``x [T, D]`` (the caller checked
+    :func:`supported` and :func:`dw_gate_up_layout_ok`)."""
+    P, _, bs = dact.shape
+    D = x.shape[1]
+    total = n_blocks * -(-D // block_n) * -(-bs // 128)
+    _dw_gate_up_sm90_kernel[(min(sm_count(x.device), total),)](
+        _desc(dact.view(P, 2 * bs), [block_k, 64]), x, dwg, dwu, grouping.sorted_tok, grouping.offsets, n_blocks, D,
+        x.stride(0), dwg.stride(0), BS=bs, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
+
+
+# ---- the backward's dW down with gathered dO rows along K (opt-in ``dw_down.sm90``; session 31) -------------------
+#
+# dW_down[d, b*BS + n] = sum over the rows p of block b of dO[tok_p, d] hw[p, n], as _sparse_ffn_bwd_dw_down_kernel
+# computes it. Work items are (block, 128-column d tile); K runs over the block's rows. Per K step the producer
+# gathers the dO rows' two 64-column halves by cp.async ([BLOCK_K, 64] each, one per consumer warpgroup: its M-major
+# A operand, permuted) and brings hw [BLOCK_K, 128] twice by TMA (the block's neurons 0-127 and 128-255: columns past
+# BS read zeros; rows past the block's end read the next block's rows, which meet zero dO rows); each consumer
+# warpgroup keeps two [64, 128] accumulators (224 = 128 + 96 neurons stored).
+
+DW_DOWN_CONFIG = dict(block_k=64, stages=4)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dwd_producer(hw_desc, DO, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_dot,
+                      BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Four warps: per work item and K step, the gathered dO halves by cp.async and the two hw boxes by TMA."""
+        HALF: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = hw_desc.block_type.shape[1]
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16 rows x 64 columns per pass
+        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
+        cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, ld_layout))
+        b_bytes: gl.constexpr = 2 * hw_desc.block_type.nbytes
+        n_d = gl.cdiv(D, 2 * HALF)
+        total = NB * n_d
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, _ = _dw_work(t, n_d, 1)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            c0 = gl.expand_dims(pid_d * 2 * HALF + cols, 0)
+            c1 = c0 + HALF
+            for r0 in range(lo, hi, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, b_bytes)
+                tma.async_copy_global_to_shared(hw_desc, [r0, 0], bar, b_bufs.index(2 * slot))
+                tma.async_copy_global_to_shared(hw_desc, [r0, BLOCK_N], bar, b_bufs.index(2 * slot + 1))
+                rows = r0 + gl.arange(0, BLOCK_K, layout=row_l)
+                r_ok = rows < hi
+                ok = gl.expand_dims(r_ok, 1)
+                dr = DO + gl.expand_dims(gl.load(SORTED_TOK + rows, mask=r_ok, other=0).to(gl.int64) * stride_dot, 1)
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), dr + c0, mask=ok & (c0 < D))
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), dr + c1, mask=ok & (c1 < D))
+                async_copy.mbarrier_arrive(bar, increment_count=False)
+                it += 1
+
+    @gluon.jit
+    def _dwd_consumer(a_bufs, b_bufs, ready, empty, DWD, OFFSETS, NB, D, stride_wd, WG: gl.constexpr,
+                      BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: d columns [WG * 64, + 64) of every work item's 128, the block's neurons as two 128-wide
+        async wgmma products (one step's pair in flight), then dW_down stored (zeros for an empty block)."""
+        HALF: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = b_bufs.type.shape[2]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        n_d = gl.cdiv(D, 2 * HALF)
+        total = NB * n_d
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, _ = _dw_work(t, n_d, 1)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            acc0 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+            acc1 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+            for r0 in range(lo, hi, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                fence_async_shared()  # cp.async wrote dO through the generic proxy (see _gate_up_consumer)
+                a = a_bufs.index(2 * slot + WG).permute((1, 0))
+                acc0 = warpgroup_mma(a, b_bufs.index(2 * slot), acc0, is_async=True)
+                acc1 = warpgroup_mma(a, b_bufs.index(2 * slot + 1), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
+                if r0 > lo:
+                    _release(empty.index((it + STAGES - 1) % STAGES))
+                it += 1
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+            _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+            d = pid_d * 2 * HALF + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+            n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+            d_ok = gl.expand_dims(d < D, 1)
+            off = gl.expand_dims(d.to(gl.int64) * stride_wd, 1) + gl.expand_dims(b * BS + n, 0)
+            dt = DWD.dtype.element_ty
+            gl.store(DWD + off, gl.convert_layout(acc0.to(dt), out_layout), mask=d_ok & gl.expand_dims(n < BS, 0))
+            gl.store(DWD + off + BLOCK_N, gl.convert_layout(acc1.to(dt), out_layout),
+                     mask=d_ok & gl.expand_dims(n + BLOCK_N < BS, 0))
+
+    @gluon.jit
+    def _dwd_consumer1(a_bufs, b_bufs, ready, empty, DWD, OFFSETS, NB, D, stride_wd, BS: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dwd_consumer(a_bufs, b_bufs, ready, empty, DWD, OFFSETS, NB, D, stride_wd, WG1, BS, BLOCK_K, STAGES)
+
+    @gluon.jit
+    def _dw_down_sm90_kernel(hw_desc, DO, DWD, SORTED_TOK, OFFSETS, NB, D, stride_dot, stride_wd, BS: gl.constexpr,
+                             STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """The backward's dW down (see above) over every (block, d tile), persistent."""
+        WG0: gl.constexpr = 0
+        BLOCK_K: gl.constexpr = hw_desc.block_type.shape[0]
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], DO.dtype.element_ty)
+        a_bufs = gl.allocate_shared_memory(DO.dtype.element_ty, [2 * STAGES, BLOCK_K, 64], a_layout)
+        b_bufs = gl.allocate_shared_memory(hw_desc.dtype, [2 * STAGES] + hw_desc.block_type.shape, hw_desc.layout)
+        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the hw boxes' expect + one cp.async arrival per producer thread
+        empty = _barrier_array(STAGES, 2)
+        gl.warp_specialize([
+            (_dwd_consumer, (a_bufs, b_bufs, ready, empty, DWD, OFFSETS, NB, D, stride_wd, WG0, BS, BLOCK_K,
+                             STAGES)),
+            (_dwd_consumer1, (a_bufs, b_bufs, ready, empty, DWD, OFFSETS, NB, D, stride_wd, BS, BLOCK_K, STAGES)),
+            (_dwd_producer, (hw_desc, DO, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_dot,
+                             BLOCK_K, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dw_down_layout_ok(grad_out: torch.Tensor, hw: torch.Tensor, dwd: torch.Tensor) -> bool:
+    """The gathered dW down kernel's layout needs: grad_out with unit stride along D and 16-byte aligned rows and
+    base (cp.async), hw [P, BS] contiguous with 16-byte rows (TMA), BS <= 256 (two 128-neuron boxes), dW down with
+    unit inner stride."""
+    es = grad_out.element_size()
+    return (grad_out.stride(1) == 1 and (grad_out.stride(0) * es) % 16 == 0 and grad_out.data_ptr() % 16 == 0
+            and hw.is_contiguous() and (hw.shape[1] * es) % 16 == 0 and hw.data_ptr() % 16 == 0
+            and hw.shape[1] <= 256 and dwd.stride(1) == 1 and hw.dtype == grad_out.dtype)
+
+
+def dw_down_sm90(grad_out: torch.Tensor, hw: torch.Tensor, dwd: torch.Tensor, grouping, n_blocks: int, *,
+                 block_k: int, stages: int) -> None:
+    """``dwd [D, F]`` from the gathered rows of ``grad_out [T, D]`` and ``hw [P, BS]`` (the caller checked
+    :func:`supported` and :func:`dw_down_layout_ok`)."""
+    bs = hw.shape[1]
+    D = grad_out.shape[1]
+    total = n_blocks * -(-D // 128)
+    _dw_down_sm90_kernel[(min(sm_count(grad_out.device), total),)](
+        _desc(hw, [block_k, 128]), grad_out, dwd, grouping.sorted_tok, grouping.offsets, n_blocks, D,
+        grad_out.stride(0), dwd.stride(0), BS=bs, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
