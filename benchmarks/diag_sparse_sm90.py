@@ -82,16 +82,20 @@ def main():
         ms_all = bench(fn, rep=20)
         rows.append(dict(kind="fwd (gate/up variant)", variant=name, ms=ms_all))
         print(f"fwd   gate/up {name:18s} whole forward {ms_all:7.3f} ms", flush=True)
-    # the backward's dact (gathered dO rows): the Triton full-block kernel vs the Gluon cp.async form (dact.sm90),
-    # timed as the whole backward, with the gradients compared
+    # the backward's gathered kernels: the Triton kernels vs the Gluon cp.async forms (dact.sm90, then
+    # dw_gate_up.sm90 and dw_down.sm90 added), timed as the whole backward, with the gradients compared
     w1 = torch.rand(T, k, device="cuda") + 0.5
     _, act_t, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w1, shared_blocks=0, n_blocks=NB)
     go = torch.randn(T, D, device="cuda", dtype=dt)
     outs = {}
-    for name, cfg in (("triton full block", {"dact": {"sm90": False}}), ("gluon cp.async", {"dact": {"sm90": True}}),
-                      ("gluon + gluon dW g/u", {"dact": {"sm90": True}, "dw_gate_up": {"sm90": True}}),
-                      ("gluon + gluon dW both", {"dact": {"sm90": True}, "dw_gate_up": {"sm90": True},
-                                                 "dw_down": {"sm90": True}})):
+
+    def bwd_cfg(dact, dw_gu, dw_dn):
+        return {"dact": {"sm90": dact}, "dw_gate_up": {"sm90": dw_gu}, "dw_down": {"sm90": dw_dn}}
+
+    for name, cfg in (("triton full block", bwd_cfg(False, False, False)),
+                      ("gluon cp.async", bwd_cfg(True, False, False)),
+                      ("gluon + gluon dW g/u", bwd_cfg(True, True, False)),
+                      ("gluon + gluon dW both", bwd_cfg(True, True, True))):
         def fn(cfg=cfg):
             return tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w1, act_t, shared_blocks=0, n_blocks=NB, config=cfg)
         outs[name] = fn()
