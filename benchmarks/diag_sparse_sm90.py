@@ -22,6 +22,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--skip-gemms", action="store_true",
                     help="only the gathered kernels' rows (gate/up, dact, dW gate/up, dW down)")
+    ap.add_argument("--sweep-dw", action="store_true",
+                    help="also the dW kernels' ring shapes (DW_GATE_UP_CONFIG / DW_DOWN_CONFIG), whole backward")
     ap.add_argument("--out")
     args = ap.parse_args()
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
@@ -103,6 +105,21 @@ def main():
         err = max(rel(a, b) for a, b in zip(outs[name], outs["triton full block"]))
         rows.append(dict(kind="bwd (dact variant)", variant=name, ms=ms_all, err=err))
         print(f"bwd   dact {name:21s} whole backward {ms_all:7.3f} ms err {err:.1e}", flush=True)
+    if args.sweep_dw:
+        base_gu, base_dn = dict(g9.DW_GATE_UP_CONFIG), dict(g9.DW_DOWN_CONFIG)
+        for gu, dn in ((dict(block_n=128, block_k=32, stages=8), dict(block_k=32, stages=8)),
+                       (dict(block_n=128, block_k=64, stages=3), dict(block_k=64, stages=3)),
+                       (dict(block_n=64, block_k=64, stages=5), None)):
+            g9.DW_GATE_UP_CONFIG, g9.DW_DOWN_CONFIG = gu, dn or base_dn
+            fn = lambda: tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w1, act_t, shared_blocks=0, n_blocks=NB)
+            try:
+                err = max(rel(a, b) for a, b in zip(fn(), outs["triton full block"]))
+                ms_all = bench(fn, rep=20)
+                rows.append(dict(kind="bwd (dW rings)", variant=f"{gu} / {dn}", ms=ms_all, err=err))
+                print(f"bwd   dW rings {gu} / {dn}: whole backward {ms_all:7.3f} ms err {err:.1e}", flush=True)
+            except Exception as e:
+                print(f"bwd   dW rings {gu} / {dn}: {type(e).__name__}: {str(e)[:150]}", flush=True)
+        g9.DW_GATE_UP_CONFIG, g9.DW_DOWN_CONFIG = base_gu, base_dn
     # the same backward's kernels one by one (torch.profiler), every Gluon kernel on
     from _tuning import kernel_times
 
