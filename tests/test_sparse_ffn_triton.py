@@ -952,17 +952,25 @@ def test_dact_sm90_on_gpu(T, monkeypatch):
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    plain = {"block_m": 128, "dact": {"sm90": False, "full_block": True}}
-    gluon = {"block_m": 128, "dact": {"sm90": True}}
-    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=plain, **kw)
+    _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, "dact",
+                        plain={"sm90": False, "full_block": True})
+
+
+def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict):
+    """The backward with ``kernel``'s Gluon form against its ``plain`` settings (128-row tiles both): the Gluon
+    launcher (counted into ``calls``) runs once, every gradient (dx, dW gate/up/down, dweights) written (no NaN
+    from the poisoned outputs) and within bf16 rounding, run to run identical. Returns the Gluon run's gradients."""
+    want = tk.sparse_ffn_bwd(*args, config={"block_m": 128, kernel: plain}, **kw)
     assert calls == []
-    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    gluon = {"block_m": 128, kernel: {"sm90": True}}
+    got = tk.sparse_ffn_bwd(*args, config=gluon, **kw)
     assert calls == [1]
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
         assert not a.isnan().any(), name
         assert rel(a, b) < 1e-2, (name, rel(a, b))
-    again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
+    again = tk.sparse_ffn_bwd(*args, config=gluon, **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+    return got
 
 
 @pytest.mark.gpu
@@ -987,21 +995,11 @@ def test_dw_sm90_on_gpu(kernel, case, monkeypatch):
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    plain = {"block_m": 128, kernel: {"sm90": False}}
-    gluon = {"block_m": 128, kernel: {"sm90": True}}
-    want = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=plain, **kw)
-    assert calls == []
-    got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
-    assert calls == [1]
-    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
-        assert not a.isnan().any(), name
-        assert rel(a, b) < 1e-2, (name, rel(a, b))
+    got = _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, kernel, plain={"sm90": False})
     if case == "empty_blocks":
         used = idx.shape[1] * (wg.shape[0] // 64)  # neurons of blocks 0-18
         for dw in (got[1], got[2], got[3].t()):
             assert dw[used:].abs().max() == 0 and dw[:used].abs().max() > 0
-    again = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=gluon, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 @pytest.mark.gpu

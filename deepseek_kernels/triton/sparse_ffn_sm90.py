@@ -575,6 +575,38 @@ if HAVE_GLUON:
         return t2 // n_d, t2 % n_d, pid_m
 
     @gluon.jit
+    def _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc0, acc1, WG: gl.constexpr, SHARED_B: gl.constexpr,
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """A dW consumer's K loop over the block's rows [lo, hi): per step two async wgmma with one step's pair in
+        flight, each slot released once the products that read it are done. SHARED_B (dW gate/up): the products
+        take this warpgroup's da and du boxes (``a_bufs[4 s + WG]``, ``[4 s + 2 + WG]``, permuted: M-major) and the
+        shared x tile ``b_bufs[s]``; else (dW down): this warpgroup's dO half ``a_bufs[2 s + WG]`` and the two hw
+        boxes ``b_bufs[2 s]``, ``[2 s + 1]``. Returns (acc0, acc1, it)."""
+        for r0 in range(lo, hi, BLOCK_K):
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            fence_async_shared()  # cp.async wrote the gathered rows through the generic proxy (see _gate_up_consumer)
+            if SHARED_B:
+                a0 = a_bufs.index(4 * slot + WG).permute((1, 0))
+                a1 = a_bufs.index(4 * slot + 2 + WG).permute((1, 0))
+                b0 = b_bufs.index(slot)
+                b1 = b0
+            else:
+                a0 = a_bufs.index(2 * slot + WG).permute((1, 0))
+                a1 = a0
+                b0 = b_bufs.index(2 * slot)
+                b1 = b_bufs.index(2 * slot + 1)
+            acc0 = warpgroup_mma(a0, b0, acc0, is_async=True)
+            acc1 = warpgroup_mma(a1, b1, acc1, is_async=True)
+            acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
+            if r0 > lo:
+                _release(empty.index((it + STAGES - 1) % STAGES))
+            it += 1
+        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+        return acc0, acc1, it
+
+    @gluon.jit
     def _dw_producer(a_desc, X, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_xt,
                      BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """Four warps: per work item and K step, the four dact boxes by TMA and the gathered x rows by cp.async."""
@@ -629,19 +661,8 @@ if HAVE_GLUON:
             hi = gl.load(OFFSETS + b + 1)
             acc_g = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc_u = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
-            for r0 in range(lo, hi, BLOCK_K):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # cp.async wrote x through the generic proxy (see _gate_up_consumer)
-                xt = b_bufs.index(slot)
-                acc_g = warpgroup_mma(a_bufs.index(4 * slot + WG).permute((1, 0)), xt, acc_g, is_async=True)
-                acc_u = warpgroup_mma(a_bufs.index(4 * slot + 2 + WG).permute((1, 0)), xt, acc_u, is_async=True)
-                acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
-                if r0 > lo:
-                    _release(empty.index((it + STAGES - 1) % STAGES))
-                it += 1
-            acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
-            _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+            acc_g, acc_u, it = _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc_g, acc_u, WG, True, BLOCK_K,
+                                          STAGES)
             neurons = pid_m * 128 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
             cols = pid_d * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
             mask = gl.expand_dims(neurons < BS, 1) & gl.expand_dims(cols < D, 0)
@@ -770,19 +791,8 @@ if HAVE_GLUON:
             hi = gl.load(OFFSETS + b + 1)
             acc0 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
-            for r0 in range(lo, hi, BLOCK_K):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # cp.async wrote dO through the generic proxy (see _gate_up_consumer)
-                a = a_bufs.index(2 * slot + WG).permute((1, 0))
-                acc0 = warpgroup_mma(a, b_bufs.index(2 * slot), acc0, is_async=True)
-                acc1 = warpgroup_mma(a, b_bufs.index(2 * slot + 1), acc1, is_async=True)
-                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
-                if r0 > lo:
-                    _release(empty.index((it + STAGES - 1) % STAGES))
-                it += 1
-            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
-            _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+            acc0, acc1, it = _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc0, acc1, WG, False, BLOCK_K,
+                                        STAGES)
             d = pid_d * 2 * HALF + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
             n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
             d_ok = gl.expand_dims(d < D, 1)
