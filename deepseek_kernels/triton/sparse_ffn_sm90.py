@@ -235,6 +235,18 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
     @gluon.jit
+    def _gather_ring(dtype: gl.constexpr, w_desc0, w_desc1, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """The shared memory of the gathered-A kernels: per slot the two 64-row A halves [64, BLOCK_K] (written by
+        cp.async) and two weight tiles (TMA), a ready barrier (the weights' expect + one cp.async arrival per
+        producer thread) and an empty one (one arrival per consumer warpgroup)."""
+        HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], dtype)
+        a_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
+        b0_bufs = gl.allocate_shared_memory(w_desc0.dtype, [STAGES] + w_desc0.block_type.shape, w_desc0.layout)
+        b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape, w_desc1.layout)
+        return a_bufs, b0_bufs, b1_bufs, _barrier_array(STAGES, 1 + 4 * 32), _barrier_array(STAGES, 2)
+
+    @gluon.jit
     def _gather_producer(w_desc0, w_desc1, X, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                          TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
                          BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr):
@@ -347,13 +359,7 @@ if HAVE_GLUON:
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
-        HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], X.dtype.element_ty)
-        a_bufs = gl.allocate_shared_memory(X.dtype.element_ty, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
-        bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES] + w_desc_g.block_type.shape, w_desc_g.layout)
-        bu_bufs = gl.allocate_shared_memory(w_desc_u.dtype, [STAGES] + w_desc_u.block_type.shape, w_desc_u.layout)
-        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the weights' expect + one cp.async arrival per producer thread
-        empty = _barrier_array(STAGES, 2)
+        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                                  TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES)),
@@ -509,13 +515,7 @@ if HAVE_GLUON:
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-        HALF_M: gl.constexpr = 64
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], DO.dtype.element_ty)
-        a_bufs = gl.allocate_shared_memory(DO.dtype.element_ty, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
-        b0_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        b1_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the weights' expect + one cp.async arrival per producer thread
-        empty = _barrier_array(STAGES, 2)
+        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES)),
