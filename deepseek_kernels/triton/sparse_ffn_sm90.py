@@ -393,8 +393,8 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 
 
 # ---- the backward's dact with gathered dO rows (``dact.sm90``, the T >= 4096 default on sm_90, session 31: H200,
-# T8192 ratio 0.3, 0.69 ms (416 TF/s) in the step's profile; the whole backward 4.796 -> 4.739 ms against the Triton
-# full-block kernel, same run). ptxas: 124 B of spills in one consumer's epilogue (2.9 KB with 128-column pieces) ---
+# T8192 ratio 0.3, 0.69 ms (416 TF/s) in the step's profile; the whole backward against the Triton full-block kernel
+# -57, +3 and -87 us in three runs: a small gain at most). ptxas: 124 B of spills in one consumer's epilogue ----------
 #
 # g[p, n] = dO[tok_p] . w_down[:, b*BS + n] over the rows p of block b (K = d_model), then the SwiGLU derivative of
 # _sparse_ffn_bwd_dact_full_kernel's epilogue: da, du and w_p * h stored, the row's dweight partial sum(g * h). The
