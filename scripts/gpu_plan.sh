@@ -99,15 +99,16 @@ case "$step" in
     grep -E "^  _|Duration|DRAM Throughput|L2 Hit Rate|Achieved Occupancy|Warp Cycles Per Issued|Stall|stall" \
       "$out_abs/ncu_sparse_decode.txt" | head -80 ;;
   ncu-sparse-train)  # issue 6 training: Nsight Compute on each grouped-GEMM kernel of one fwd+bwd at T8192 ratio 0.3
-    # (speed of light, memory and compute workload, warp stall reasons, occupancy; clocks left alone: METHOD.md)
+    # (speed of light, memory and compute workload, warp stall reasons, occupancy; clocks left alone: METHOD.md);
+    # on sm_90 the Gluon kernels of sparse_ffn_sm90 (session 31: the gathered ones at 388-416 TF/s, gate/up at 590)
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
     [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
     (cd benchmarks && timeout 400 "$ncu" --clock-control none --target-processes all \
-      -k 'regex:_sparse_ffn_(gate_up|bwd_dact|bwd_dw_gate_up|bwd_dw_down)_kernel|_sorted_rows_tma_kernel' -c 6 \
+      -k 'regex:_sparse_ffn_(gate_up|bwd_dact|bwd_dw_gate_up|bwd_dw_down)_kernel|_sorted_rows_tma_kernel|_sm90_kernel' -c 6 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
       "$PY" diag_sparse_train.py --once --ratios 0.3 > "$OUT/ncu_sparse_train.txt" 2>&1; echo "ncu rc=$?")
-    grep -E "^  _|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Issued Ipc|No Eligible" \
+    grep -E "^  _|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L2 Hit Rate|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Issued Ipc|No Eligible" \
       "$OUT/ncu_sparse_train.txt" | head -120 ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
