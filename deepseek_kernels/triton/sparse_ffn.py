@@ -1262,9 +1262,7 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     base["dx"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                   **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
-        base[kern] = {"d_group": 0, **base.get(kern, {})}
-    base["dw_gate_up"] = {"sm90": False, **base["dw_gate_up"]}
-    base["dw_down"] = {"sm90": False, **base["dw_down"]}
+        base[kern] = {"d_group": 0, "sm90": False, **base.get(kern, {})}
     return base
 
 
