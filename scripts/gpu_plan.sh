@@ -107,6 +107,7 @@ case "$step" in
       -k 'regex:_sparse_ffn_(gate_up|bwd_dact|bwd_dw_gate_up|bwd_dw_down)_kernel|_sorted_rows_tma_kernel|_sm90_kernel' -c 6 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section SourceCounters \
       "$PY" diag_sparse_train.py --once --ratios 0.3 > "$OUT/ncu_sparse_train.txt" 2>&1; echo "ncu rc=$?")
     grep -E "^  _|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L2 Hit Rate|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Issued Ipc|No Eligible" \
       "$OUT/ncu_sparse_train.txt" | head -120 ;;

@@ -575,6 +575,13 @@ if HAVE_GLUON:
         return t2 // n_d, t2 % n_d, pid_m
 
     @gluon.jit
+    def _row_ids(SORTED_TOK, r0, hi, BLOCK_K: gl.constexpr, row_l: gl.constexpr):
+        """Which of the sorted rows ``r0 +: BLOCK_K`` come before ``hi``, and their token ids (0 past ``hi``)."""
+        rows = r0 + gl.arange(0, BLOCK_K, layout=row_l)
+        ok = rows < hi
+        return ok, gl.load(SORTED_TOK + rows, mask=ok, other=0)
+
+    @gluon.jit
     def _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc0, acc1, WG: gl.constexpr, SHARED_B: gl.constexpr,
                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """A dW consumer's K loop over the block's rows [lo, hi): per step two async wgmma with one step's pair in
@@ -626,7 +633,11 @@ if HAVE_GLUON:
             n0 = pid_m * 128
             kc = gl.expand_dims(pid_d * BLOCK_N + cols, 0)
             k_ok = kc < D
+            ok, tok = _row_ids(SORTED_TOK, lo, hi, BLOCK_K, row_l)
             for r0 in range(lo, hi, BLOCK_K):
+                # the next step's row ids, in flight while this step waits for its slot (session 31's form loaded
+                # them here and waited on the load before each step's copies: 388 TF/s)
+                ok_n, tok_n = _row_ids(SORTED_TOK, r0 + BLOCK_K, hi, BLOCK_K, row_l)
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
@@ -635,11 +646,10 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(a_desc, [r0, n0 + HALF], bar, a_bufs.index(4 * slot + 1))
                 tma.async_copy_global_to_shared(a_desc, [r0, BS + n0], bar, a_bufs.index(4 * slot + 2))
                 tma.async_copy_global_to_shared(a_desc, [r0, BS + n0 + HALF], bar, a_bufs.index(4 * slot + 3))
-                rows = r0 + gl.arange(0, BLOCK_K, layout=row_l)
-                ok = rows < hi
-                xr = X + gl.expand_dims(gl.load(SORTED_TOK + rows, mask=ok, other=0).to(gl.int64) * stride_xt, 1)
+                xr = X + gl.expand_dims(tok.to(gl.int64) * stride_xt, 1)
                 async_copy.async_copy_global_to_shared(b_bufs.index(slot), xr + kc, mask=gl.expand_dims(ok, 1) & k_ok)
                 async_copy.mbarrier_arrive(bar, increment_count=False)
+                ok, tok = ok_n, tok_n
                 it += 1
 
     @gluon.jit
@@ -756,20 +766,21 @@ if HAVE_GLUON:
             hi = gl.load(OFFSETS + b + 1)
             c0 = gl.expand_dims(pid_d * 2 * HALF + cols, 0)
             c1 = c0 + HALF
+            r_ok, tok = _row_ids(SORTED_TOK, lo, hi, BLOCK_K, row_l)
             for r0 in range(lo, hi, BLOCK_K):
+                r_ok_n, tok_n = _row_ids(SORTED_TOK, r0 + BLOCK_K, hi, BLOCK_K, row_l)  # as in _dw_producer
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
                 mbarrier.expect(bar, b_bytes)
                 tma.async_copy_global_to_shared(hw_desc, [r0, 0], bar, b_bufs.index(2 * slot))
                 tma.async_copy_global_to_shared(hw_desc, [r0, BLOCK_N], bar, b_bufs.index(2 * slot + 1))
-                rows = r0 + gl.arange(0, BLOCK_K, layout=row_l)
-                r_ok = rows < hi
                 ok = gl.expand_dims(r_ok, 1)
-                dr = DO + gl.expand_dims(gl.load(SORTED_TOK + rows, mask=r_ok, other=0).to(gl.int64) * stride_dot, 1)
+                dr = DO + gl.expand_dims(tok.to(gl.int64) * stride_dot, 1)
                 async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), dr + c0, mask=ok & (c0 < D))
                 async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), dr + c1, mask=ok & (c1 < D))
                 async_copy.mbarrier_arrive(bar, increment_count=False)
+                r_ok, tok = r_ok_n, tok_n
                 it += 1
 
     @gluon.jit
