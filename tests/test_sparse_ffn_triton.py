@@ -211,6 +211,83 @@ def test_grouping_covers_every_pair_once():
     assert torch.all(covered == 1)
 
 
+ROUTE_PAIRS_CASES = [
+    # (T, k routed, n_blocks, shared, block_m, what)
+    (23, 5, 9, 0, 4, "plain"),
+    (1, 1, 8, 0, 16, "one pair"),
+    (300, 19, 64, 0, 128, "the issue's 64 blocks, several chunks"),
+    (37, 6, 12, 2, 8, "shared blocks"),
+    (50, 3, 8, 0, 16, "empty and invalid ids"),
+    (40, 4, 64, 0, 16, "all tokens in one block"),
+    (17, 0, 8, 3, 4, "shared blocks only"),
+    (0, 4, 8, 1, 16, "no tokens"),
+    (9, 2, 300, 0, 16, "300 blocks (512 buckets)"),
+]
+
+
+@pytest.mark.parametrize("case", ROUTE_PAIRS_CASES, ids=lambda c: c[-1].replace(" ", "_"))
+def test_route_pairs_kernels_equal_the_torch_grouping(case, poisoned):
+    """route_pairs (three kernels) against full_routing + group_pairs (torch): every field bit for bit, the
+    weights in flat and sorted order; the count / place programs' chunks split ties across them."""
+    T, k, NB, S, bm, what = case
+    gen = torch.Generator(device="cpu").manual_seed(T * 1000 + k)
+    NR = NB - S
+    from deepseek_kernels.ops._registry import interpreting
+
+    dev = "cpu" if interpreting() else "cuda"  # CPU tensors under the interpreter, else the GPU's
+    idx = torch.stack([torch.randperm(NR, generator=gen, device="cpu")[:k] for _ in range(T)]
+                      or [torch.empty(0, k, device="cpu")])
+    idx = idx.to(torch.int32).reshape(T, k).to(dev)
+    w = torch.rand(T, k, generator=gen, device="cpu").to(dev)
+    if what == "empty and invalid ids":
+        idx[::3, -1] = -1
+        idx[1::7, 0] = NR + 5  # past the routed blocks
+        idx[2::11, 1] = -9  # below -1
+    if what == "all tokens in one block":
+        idx[:, 0] = 7
+        idx[:, 1:] = -1
+    g, w_full, w_sorted = tk.route_pairs(idx, w, S, NB, bm)
+    blocks, w_ref = tk.full_routing(idx, w, S)
+    ref = tk.group_pairs(blocks, NB, bm)
+    for name in ("sorted_tok", "order", "inv", "offsets", "tile_block", "tile_start", "tile_count"):
+        got, want = getattr(g, name), getattr(ref, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert torch.equal(w_full, w_ref)
+    assert torch.equal(w_sorted, w_ref.reshape(-1)[ref.order])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grads", ["weights", "probs", "both"])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_route_backward_kernel_matches_the_torch_form(gate, grads, dtype, monkeypatch):
+    """The router's backward with dlogits from _route_bwd_kernel against the torch form it replaced: dx and the
+    router weight's gradient, empty slots included, from the weights' gradient, the probs' (aux loss) or both."""
+    from types import SimpleNamespace
+
+    from deepseek_kernels.ops import sparse_ffn as ops_sf
+
+    T, NR, k, D = 37, 12, 4, 16
+    x = torch.randn(T, D).to(dtype)
+    wr = torch.randn(NR, D).to(dtype)
+    logits = x.float() @ wr.float().t()
+    probs = torch.sigmoid(logits) if gate == "sigmoid" else torch.softmax(logits, -1)
+    idx = torch.topk(probs, k).indices.to(torch.int32)
+    idx[::5, -1] = -1  # empty slots
+    chosen = probs.gather(1, idx.long().clamp_min(0)) * (idx >= 0)
+    weights = chosen / chosen.sum(-1, keepdim=True)
+    gw = torch.randn(T, k) if grads != "probs" else None
+    gp = torch.randn(T, NR) if grads != "weights" else None
+    ctx = SimpleNamespace(saved_tensors=(x, wr, idx, weights, probs), gate=gate, weighting="gate")
+    assert ops_sf._use_triton(probs)  # the kernel path (the interpreter on CPU, CUDA on a GPU)
+    got = ops_sf._route_backward(ctx, gw, gp, None)
+    monkeypatch.setattr(ops_sf, "_use_triton", lambda t: False)
+    want = ops_sf._route_backward(ctx, gw, gp, None)
+    for a, b in zip(got[:2], want[:2]):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), (rel(a, b), grads)
+        assert b.abs().max() > 0
+
+
 FFN_CASES = [
     # (T, D, d_ff, n_blocks, shared, k, threshold-like empty slots, tiles)
     (1, 16, 64, 8, 0, 1, False, None),

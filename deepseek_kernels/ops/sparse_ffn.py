@@ -266,10 +266,11 @@ def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor |
               weighting: str, threshold: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_route_op_args(x, router_weight, bias, k, gate, weighting)
     if _use_triton(x):
+        from deepseek_kernels.triton._common import plain_eager
         from deepseek_kernels.triton.sparse_ffn import sparse_ffn_route
 
         idx, weights, probs = sparse_ffn_route(x, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
-                                               threshold=threshold)
+                                               threshold=threshold, direct=plain_eager(x))
         return weights, probs, idx
     idx, weights, probs = route_ref(x, router_weight, k=k, gate=gate, weighting=weighting, bias=bias,
                                     threshold=threshold)
@@ -342,6 +343,18 @@ def _route_setup_context(ctx, inputs, output):
 
 def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
     x, router_weight, idx, weights, probs = ctx.saved_tensors
+    bf16 = x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
+    from deepseek_kernels.triton._common import plain_eager
+
+    if _use_triton(probs) and plain_eager(probs):
+        # dlogits in one kernel (the torch form below is ~15 small launches: host time in eager); while
+        # torch.compile traces this backward, the torch form, which inductor fuses itself
+        from deepseek_kernels.triton.sparse_ffn import route_backward_logits
+
+        dlogits = route_backward_logits(probs, idx, weights, grad_weights if ctx.weighting == "gate" else None,
+                                        grad_probs, ctx.gate, torch.bfloat16 if bf16 else torch.float32,
+                                        direct=True)
+        return _router_input_grads(dlogits, x, router_weight, bf16)
     dp = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
     if grad_weights is not None and ctx.weighting == "gate":
         # weights_j = p_j / S over the chosen (valid) slots: dp_j += (dw_j - sum_i dw_i w_i) / S
@@ -356,12 +369,16 @@ def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
         dlogits = dp * probs * (1 - probs)
     else:
         dlogits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
-    if x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16:
+    return _router_input_grads(dlogits.to(torch.bfloat16) if bf16 else dlogits, x, router_weight, bf16)
+
+
+def _router_input_grads(dlogits, x, router_weight, bf16: bool):
+    """(dx, d router_weight, None x 5) from the router's dlogits [T, NR] (bf16 when ``bf16``, else fp32)."""
+    if bf16:
         # what a bf16 nn.Linear router's backward does: bf16 operands, fp32 accumulation, results in bf16 (as
         # before); no fp32 copy of x ([T, d_model]) and no fp32 GEMMs (H200, T8192: ~0.33 ms of the 9.2 ms step,
         # session 16's diag_sparse_train profile: the copy ~0.1 ms, two fp32 GEMMs ~0.23 ms)
-        dl = dlogits.to(torch.bfloat16)
-        return dl @ router_weight, dl.t() @ x, None, None, None, None, None
+        return dlogits @ router_weight, dlogits.t() @ x, None, None, None, None, None
     dx = (dlogits @ router_weight.float()).to(x.dtype)
     dwr = (dlogits.t() @ x.float()).to(router_weight.dtype)
     return dx, dwr, None, None, None, None, None

@@ -2,6 +2,7 @@
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -100,6 +101,13 @@ def tracing_stand_in(t) -> bool:
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     return isinstance(t, FunctionalTensor) or is_fake(t)
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether an op body runs on real tensors outside torch.compile's tracing: then its Triton kernels may launch
+    directly (``ops._registry.triton_kernel(fn, direct=True)``), without ``wrap_triton``'s higher-order-op
+    dispatch, which costs host time per launch in eager."""
+    return not torch.compiler.is_compiling() and not any(tracing_stand_in(t) for t in tensors)
 
 
 def resolve_launch(what: str, defaults: dict, config: dict | None = None, **scalars) -> dict:

@@ -39,7 +39,8 @@ import triton.language as tl
 
 from deepseek_kernels.ops._registry import triton_kernel
 from deepseek_kernels.triton._common import (big_shared_memory, chain_trigger, chain_wait, f32, fit_stages,
-                                              launch_options, pdl_option, resolve_launch, shared_memory_limit)
+                                              launch_options, pdl_option, plain_eager, resolve_launch,
+                                              shared_memory_limit)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -411,6 +412,66 @@ def sparse_ffn_route(x: torch.Tensor, router_weight: torch.Tensor, *, k: int, ga
     return idx, weights, probs
 
 
+@triton.jit
+def _route_bwd_kernel(PROBS, IDX, WTS, GW, GP, DL, T, NR, K, HAS_GW: tl.constexpr, HAS_GP: tl.constexpr,
+                      SOFTMAX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NR: tl.constexpr):
+    """The router's dlogits [T, NR] from the gate values ``probs`` and the gradients of the normalised weights
+    (``GW``, weighting "gate") and of ``probs`` (``GP``, e.g. an aux loss): with S the sum of the chosen slots'
+    probs, dp = GP + scatter over the chosen blocks of (dw_j - sum_i dw_i w_i) / S, then the gate's derivative
+    (sigmoid: dp p (1 - p); softmax: p (dp - sum dp p)). One program per BLOCK_T tokens, all NR blocks."""
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cs = tl.arange(0, BLOCK_NR)
+    t_ok = ts < T
+    rows = ts.to(tl.int64)
+    m = t_ok[:, None] & (cs < NR)[None, :]
+    tile = rows[:, None] * NR + cs[None, :]
+    p = tl.load(PROBS + tile, mask=m, other=0.0)
+    if HAS_GP:
+        dp = tl.load(GP + tile, mask=m, other=0.0).to(tl.float32)
+    else:
+        dp = tl.zeros((BLOCK_T, BLOCK_NR), dtype=tl.float32)
+    if HAS_GW:
+        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for j in range(K):
+            c = tl.load(IDX + rows * K + j, mask=t_ok, other=-1)
+            total += tl.load(PROBS + rows * NR + c, mask=t_ok & (c >= 0), other=0.0)
+            dot += (tl.load(GW + rows * K + j, mask=t_ok, other=0.0).to(tl.float32)
+                    * tl.load(WTS + rows * K + j, mask=t_ok, other=0.0))
+        inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        for j in range(K):
+            c = tl.load(IDX + rows * K + j, mask=t_ok, other=-1)  # -1: an empty slot, no block
+            d = (tl.load(GW + rows * K + j, mask=t_ok, other=0.0).to(tl.float32) - dot) * inv_total
+            dp += tl.where(cs[None, :] == c[:, None], d[:, None], 0.0)
+    if SOFTMAX:
+        dl = p * (dp - tl.sum(dp * p, 1)[:, None])
+    else:
+        dl = dp * p * (1.0 - p)
+    tl.store(DL + tile, dl.to(DL.dtype.element_ty), mask=m)
+
+
+def route_backward_logits(probs: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                          grad_weights: torch.Tensor | None, grad_probs: torch.Tensor | None, gate: str,
+                          out_dtype: torch.dtype, direct: bool = False) -> torch.Tensor:
+    """The router's dlogits ``[T, NR]`` in ``out_dtype`` in one kernel (the torch form in
+    ``ops.sparse_ffn._route_backward`` is ~15 small launches). ``grad_weights``: None unless weighting "gate"."""
+    T, NR = probs.shape
+    K = idx.shape[1]
+    probs = probs.contiguous()
+    dl = torch.empty(T, NR, dtype=out_dtype, device=probs.device)
+    if T == 0:
+        return dl
+    gw = None if grad_weights is None or K == 0 else grad_weights.contiguous()
+    gp = None if grad_probs is None else grad_probs.contiguous()
+    block_nr = triton.next_power_of_2(NR)
+    block_t = max(1, min(64, 4096 // block_nr))
+    triton_kernel(_route_bwd_kernel, direct)[(triton.cdiv(T, block_t),)](
+        probs, idx.contiguous(), weights.contiguous(), probs if gw is None else gw, probs if gp is None else gp, dl,
+        T, NR, K, HAS_GW=gw is not None, HAS_GP=gp is not None, SOFTMAX=gate == "softmax", BLOCK_T=block_t,
+        BLOCK_NR=block_nr)
+    return dl
+
+
 # ---- 2. grouping ---------------------------------------------------------------------------------
 
 
@@ -472,6 +533,157 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
     tile_start = offsets[b] + (t_ids - first_tile) * block_m
     return Grouping(sorted_tok, order, inv, offsets.to(torch.int32), tile_block.to(torch.int32),
                     tile_start.to(torch.int32), tile_end[-1:], block_m)  # tile_count: a view, no extra launch
+
+
+# ---- 2b. the same grouping in three kernels (the CUDA / interpreter path) -----------------------------------
+#
+# group_pairs' torch form is ~40 small launches (argsort's passes, searchsorted, index ops), each a dispatcher
+# round trip, plus full_routing's ~8, and a training step groups twice (the backward recomputes the grouping):
+# ~90 launches of host time for ~60 us of device work (session 31, benchmarks/diag_sparse_host.py: the step
+# host-bound at ratio 0.15, and at 0.3 once the GEMMs got faster). ``route_pairs`` gives the same Grouping bit
+# for bit, plus the pairs' weights in flat and sorted order, by a stable counting sort over the n_blocks + 1
+# buckets (the blocks, then the empty / invalid slots; buckets past those hold the last chunk's padding):
+#   count: program c counts the bucket of each pair in [c * CHUNK, + CHUNK), SUB pairs at a time;
+#   scan:  one program: bucket totals -> offsets (the exclusive prefix sum), each chunk's first position per
+#          bucket (BASE, in place over the counts), and the row-tile table (tile_block, tile_start, tile_count);
+#   place: program c walks its pairs again in order: a pair's position is its chunk's base for its bucket plus
+#          the number of earlier pairs of the chunk in that bucket (a cumulative sum over a one-hot [SUB, NBP]
+#          tile), which keeps the sort stable; it writes order, sorted_tok, inv, w_full and w_sorted.
+
+GROUP_CHUNK = 1024  # pairs per count / place program
+GROUP_MAX_BUCKETS = 1024  # n_blocks + 2 above this: the torch form (one-hot tiles of [SUB, NBP] per step)
+
+
+@triton.jit
+def _pair_keys(IDX, WTS, p, T, K, NB, SHARED: tl.constexpr, PAD: tl.constexpr):
+    """For flat pairs ``p = t * KT + j`` (KT = SHARED + K, as full_routing lays them out): the bucket (the block,
+    NB for an empty or invalid slot, PAD past the T * KT pairs), the inv code of a slot outside every block (-1
+    empty, -2 invalid id), the weight (1 for a shared block), the token, whether p is a pair."""
+    KT = SHARED + K
+    live = p < T * KT
+    t = p // KT
+    j = p - t * KT
+    routed = live & (j >= SHARED)
+    r_off = t.to(tl.int64) * K + (j - SHARED)
+    v = tl.load(IDX + r_off, mask=routed, other=0)
+    w = tl.load(WTS + r_off, mask=routed, other=1.0).to(tl.float32)
+    in_range = (j < SHARED) | ((v >= 0) & (v < NB - SHARED))
+    blk = tl.where(j < SHARED, j, v + SHARED)
+    key = tl.where(live, tl.where(in_range, blk, NB), PAD)
+    code = tl.where(v == -1, -1, -2)
+    return key, code, w, t, live
+
+
+@triton.jit
+def _group_count_kernel(IDX, WTS, HIST, T, K, NB, SHARED: tl.constexpr, NBP: tl.constexpr, CHUNK: tl.constexpr,
+                        SUB: tl.constexpr):
+    """HIST[c, b]: how many pairs of chunk c fall in bucket b."""
+    c = tl.program_id(0)
+    buckets = tl.arange(0, NBP)
+    counts = tl.zeros([NBP], dtype=tl.int32)
+    for s in range(0, CHUNK, SUB):
+        p = c * CHUNK + s + tl.arange(0, SUB)
+        key, _, _, _, _ = _pair_keys(IDX, WTS, p, T, K, NB, SHARED, NBP - 1)
+        counts += tl.sum((key[:, None] == buckets[None, :]).to(tl.int32), 0)
+    tl.store(HIST + c * NBP + buckets, counts)
+
+
+@triton.jit
+def _group_scan_kernel(HIST, OFFSETS, TILE_BLOCK, TILE_START, TILE_COUNT, n_chunks, n_tiles, NB,
+                       BLOCK_M: tl.constexpr, NBP: tl.constexpr, ROWS: tl.constexpr):
+    """One program: the offsets, each chunk's first position per bucket (written over HIST) and the row-tile
+    table, with group_pairs' values (searchsorted(tile_end, t, right=True) for a tile's block)."""
+    buckets = tl.arange(0, NBP)
+    total = tl.zeros([NBP], dtype=tl.int32)
+    for c0 in range(0, n_chunks, ROWS):
+        cs = c0 + tl.arange(0, ROWS)
+        total += tl.sum(tl.load(HIST + cs[:, None] * NBP + buckets[None, :], mask=(cs < n_chunks)[:, None],
+                                other=0), 0)
+    first = tl.cumsum(total, 0) - total  # the first sorted position of each bucket
+    tl.store(OFFSETS + buckets, first, mask=buckets <= NB)
+    run = first
+    for c0 in range(0, n_chunks, ROWS):
+        cs = c0 + tl.arange(0, ROWS)
+        ptr = HIST + cs[:, None] * NBP + buckets[None, :]
+        m = (cs < n_chunks)[:, None]
+        h = tl.load(ptr, mask=m, other=0)
+        tl.store(ptr, run[None, :] + tl.cumsum(h, 0) - h, mask=m)
+        run += tl.sum(h, 0)
+    is_blk = buckets < NB
+    tiles = tl.where(is_blk, (total + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end = tl.cumsum(tiles, 0)
+    first_tile = tile_end - tiles
+    tl.store(TILE_COUNT, tl.sum(tiles, 0).to(tl.int64))
+    for t0 in range(0, n_tiles, ROWS):
+        ts = t0 + tl.arange(0, ROWS)
+        tb = tl.sum(((tile_end[None, :] <= ts[:, None]) & is_blk[None, :]).to(tl.int32), 1)
+        sel = buckets[None, :] == tl.minimum(tb, NB - 1)[:, None]
+        ft = tl.sum(tl.where(sel, first_tile[None, :], 0), 1)
+        off = tl.sum(tl.where(sel, first[None, :], 0), 1)
+        tl.store(TILE_BLOCK + ts, tb, mask=ts < n_tiles)
+        tl.store(TILE_START + ts, off + (ts - ft) * BLOCK_M, mask=ts < n_tiles)
+
+
+@triton.jit
+def _group_place_kernel(IDX, WTS, BASE, ORDER, SORTED_TOK, INV, W_FULL, W_SORTED, T, K, NB, SHARED: tl.constexpr,
+                        NBP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Every pair of chunk c at its sorted position (see above)."""
+    c = tl.program_id(0)
+    buckets = tl.arange(0, NBP)
+    run = tl.load(BASE + c * NBP + buckets)
+    for s in range(0, CHUNK, SUB):
+        p = c * CHUNK + s + tl.arange(0, SUB)
+        key, code, w, t, live = _pair_keys(IDX, WTS, p, T, K, NB, SHARED, NBP - 1)
+        hot = (key[:, None] == buckets[None, :]).to(tl.int32)
+        pos = tl.sum(hot * (run[None, :] + tl.cumsum(hot, 0) - 1), 1)
+        run += tl.sum(hot, 0)
+        tl.store(ORDER + pos, p.to(tl.int64), mask=live)
+        tl.store(SORTED_TOK + pos, t, mask=live)
+        tl.store(W_SORTED + pos, w, mask=live)
+        tl.store(INV + p, tl.where(key < NB, pos, code).to(tl.int64), mask=live)
+        tl.store(W_FULL + p, w, mask=live)
+
+
+def route_pairs(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int, block_m: int,
+                direct: bool = False):
+    """``full_routing`` + ``group_pairs`` in three kernels: ``(grouping, w_full [T, KT], w_sorted [P])`` (fp32
+    weights in flat and sorted order), the torch forms' values bit for bit. ``direct``: plain launches (an
+    opaque op's body), else through ``wrap_triton`` (traceable)."""
+    T, K = idx.shape
+    KT = shared_blocks + K
+    P = T * KT
+    nbp = triton.next_power_of_2(n_blocks + 2)
+    if nbp > GROUP_MAX_BUCKETS or P >= 2**31 - GROUP_CHUNK:
+        blocks, w_full = full_routing(idx, weights, shared_blocks)
+        g = group_pairs(blocks, n_blocks, block_m)
+        return g, w_full, w_full.reshape(-1)[g.order]
+    dev = idx.device
+    idx, weights = idx.contiguous(), weights.contiguous()
+    n_chunks = triton.cdiv(P, GROUP_CHUNK)
+    n_tiles = -(-P // block_m) + n_blocks
+    sub = max(1, min(GROUP_CHUNK, 4096 // nbp))
+    hist = torch.empty(max(n_chunks, 1), nbp, dtype=torch.int32, device=dev)
+    order = torch.empty(P, dtype=torch.int64, device=dev)
+    sorted_tok = torch.empty(P, dtype=torch.int32, device=dev)
+    inv = torch.empty(T, KT, dtype=torch.int64, device=dev)
+    w_full = torch.empty(T, KT, dtype=torch.float32, device=dev)
+    w_sorted = torch.empty(P, dtype=torch.float32, device=dev)
+    offsets = torch.empty(n_blocks + 1, dtype=torch.int32, device=dev)
+    tile_block = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    tile_start = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    tile_count = torch.empty(1, dtype=torch.int64, device=dev)
+    if n_chunks:
+        triton_kernel(_group_count_kernel, direct)[(n_chunks,)](
+            idx, weights, hist, T, K, n_blocks, SHARED=shared_blocks, NBP=nbp, CHUNK=GROUP_CHUNK, SUB=sub)
+    triton_kernel(_group_scan_kernel, direct)[(1,)](
+        hist, offsets, tile_block, tile_start, tile_count, n_chunks, n_tiles, n_blocks, BLOCK_M=block_m, NBP=nbp,
+        ROWS=sub, num_warps=8)
+    if n_chunks:
+        triton_kernel(_group_place_kernel, direct)[(n_chunks,)](
+            idx, weights, hist, order, sorted_tok, inv, w_full, w_sorted, T, K, n_blocks, SHARED=shared_blocks,
+            NBP=nbp, CHUNK=GROUP_CHUNK, SUB=sub)
+    return (Grouping(sorted_tok, order, inv, offsets, tile_block, tile_start, tile_count, block_m), w_full,
+            w_sorted)
 
 
 # ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
@@ -884,10 +1096,10 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     block_m, kc = resolve_config(launch_config(T, D, BS, wide=_wide_tiles(x)), FWD_KERNELS,
                                  block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
-    blocks, w_full = full_routing(idx, weights, shared_blocks)
-    KT = blocks.shape[1]
+    direct = plain_eager(x)  # plain launches in eager (wrap_triton only while torch.compile traces)
+    grouping, w_full, _ = route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct)
+    KT = shared_blocks + idx.shape[1]
     P = T * KT
-    grouping = group_pairs(blocks, n_blocks, block_m)
     h = torch.empty(P, BS, dtype=x.dtype, device=x.device)
     act = torch.empty((P if save_act else 0), 2, BS, dtype=x.dtype, device=x.device)
     out = torch.empty(T, D, dtype=x.dtype, device=x.device)
@@ -900,7 +1112,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
 
         g9.gate_up_sm90(x, w_gate, w_up, h, act if save_act else None, grouping, bs=BS, **g9.GATE_UP_CONFIG)
     else:
-        torch.library.wrap_triton(_sparse_ffn_gate_up_kernel)[_grid(n_tiles, triton.cdiv(BS, gu["block_n"]),
+        triton_kernel(_sparse_ffn_gate_up_kernel, direct)[_grid(n_tiles, triton.cdiv(BS, gu["block_n"]),
                                                                     gu["cols_first"])](
             x, w_gate, w_up, h, act if save_act else h, grouping.sorted_tok, grouping.tile_block,
             grouping.tile_start, grouping.offsets, D, BS, n_blocks, x.stride(0), x.stride(1), w_gate.stride(0),
@@ -915,14 +1127,14 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     elif dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
         _down_tma(h, w_down, y, grouping, dn, prec)
     else:
-        torch.library.wrap_triton(_sparse_ffn_down_kernel)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
+        triton_kernel(_sparse_ffn_down_kernel, direct)[_grid(n_tiles, triton.cdiv(D, dn["block_n"]),
                                                                  dn["cols_first"])](
             h, w_down, y, grouping.tile_block, grouping.tile_start, grouping.offsets, D, BS, n_blocks,
             w_down.stride(0), w_down.stride(1), DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"],
             BLOCK_K=dn["block_k"], COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
         )
     block_t = 16
-    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+    triton_kernel(_sparse_ffn_combine_kernel, direct)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
         WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
@@ -1223,6 +1435,22 @@ def _zero_tail_rows_kernel(DACT, HW, OFFSETS, P, NB, BS, BLOCK_R: tl.constexpr, 
             tl.store(HW + rows64[:, None] * BS + cols[None, :], zero, mask=mask & (cols < BS)[None, :])
 
 
+@triton.jit
+def _dweights_kernel(DWP, INV, DW, T, K, P, SHARED: tl.constexpr, N_TILES: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """dweights[t, j] = sum over the dact kernels' neuron tiles n of DWP[n, inv[t, SHARED + j]] (in n order), 0 for
+    a slot outside every block (inv < 0: its DWP row was never written)."""
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    js = tl.arange(0, BLOCK_K)
+    m = (ts < T)[:, None] & (js < K)[None, :]
+    inv = tl.load(INV + ts[:, None].to(tl.int64) * (SHARED + K) + SHARED + js[None, :], mask=m, other=-1)
+    ok = m & (inv >= 0)
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for n in tl.static_range(N_TILES):
+        acc += tl.load(DWP + n * P + inv, mask=ok, other=0.0)
+    tl.store(DW + ts[:, None].to(tl.int64) * K + js[None, :], acc, mask=m)
+
+
 def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
     """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are H200
     sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
@@ -1282,10 +1510,11 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     # dact tiles the block's neurons, so its block_n also sets the dweights partial-sum rows and
     # the neuron tiling of the dW kernels (they share hw/dact's layout, not the grid)
     dev, dt = x.device, x.dtype
-    blocks, w_full = full_routing(idx, weights, shared_blocks)
-    KT = blocks.shape[1]
+    # an opaque op's body (never traced): every Triton kernel launched directly, without wrap_triton's
+    # higher-order-op dispatch in eager (host time per launch)
+    g, w_full, w_sorted = route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct=True)
+    KT = shared_blocks + idx.shape[1]
     P = T * KT
-    g = group_pairs(blocks, n_blocks, block_m)
     dwg = torch.empty(F_, D, dtype=dt, device=dev)
     dwu = torch.empty(F_, D, dtype=dt, device=dev)
     dwd = torch.empty(D, F_, dtype=dt, device=dev)
@@ -1293,7 +1522,6 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         return (torch.zeros_like(x), dwg.zero_(), dwu.zero_(), dwd.zero_(),
                 torch.zeros(T, idx.shape[1], dtype=torch.float32, device=dev))
     grad_out = grad_out.to(dt)
-    w_sorted = w_full.reshape(-1)[g.order].contiguous()
     n_tiles = g.tile_block.numel()
     da, dxc, cb, dwgu, dwdn = (kc[n] for n in BWD_KERNELS)
     pieces = k_pieces(BS)
@@ -1302,7 +1530,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     n_ntiles = 1 if da_full or da_sm90 else triton.cdiv(BS, da["block_n"])
     dact = torch.empty(P, 2, BS, dtype=dt, device=dev)
     hw = torch.empty(P, BS, dtype=dt, device=dev)
-    dwp = torch.zeros(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots stay 0
+    dwp = torch.empty(n_ntiles, P, dtype=torch.float32, device=dev)  # rows of empty slots: never read
     prec = _dot_precision(dt)
     dact_args = (grad_out, w_down, act, w_sorted, g.sorted_tok, g.tile_block, g.tile_start, g.offsets,
                  dact, hw, dwp, D, BS, n_blocks, P,
@@ -1312,12 +1540,12 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 
         g9.dact_sm90(grad_out, w_down, act, w_sorted, dact, hw, dwp, g, bs=BS, **g9.DACT_CONFIG)
     elif da_full:
-        torch.library.wrap_triton(_sparse_ffn_bwd_dact_full_kernel)[(n_tiles,)](
+        triton_kernel(_sparse_ffn_bwd_dact_full_kernel, True)[(n_tiles,)](
             *dact_args, N0=pieces[0], N1=pieces[1], N2=pieces[2], DOT_PRECISION=prec, BLOCK_M=block_m,
             BLOCK_K=da["block_k"], **launch_options(da),
         )
     else:
-        torch.library.wrap_triton(_sparse_ffn_bwd_dact_kernel)[_grid(n_tiles, n_ntiles, da["cols_first"])](
+        triton_kernel(_sparse_ffn_bwd_dact_kernel, True)[_grid(n_tiles, n_ntiles, da["cols_first"])](
             *dact_args, BLOCK_M=block_m, BLOCK_N=da["block_n"], BLOCK_K=da["block_k"], DOT_PRECISION=prec,
             SPLIT_EPILOGUE=bool(da["split_epilogue"]) and da["block_n"] >= 32, COLS_FIRST=bool(da["cols_first"]),
             **launch_options(da),
@@ -1331,7 +1559,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     elif dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
         _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
     else:
-        torch.library.wrap_triton(_sparse_ffn_bwd_dx_kernel)[_grid(n_tiles, triton.cdiv(D, dxc["block_n"]),
+        triton_kernel(_sparse_ffn_bwd_dx_kernel, True)[_grid(n_tiles, triton.cdiv(D, dxc["block_n"]),
                                                                    dxc["cols_first"])](
             dact, w_gate, w_up, dx_rows, g.tile_block, g.tile_start, g.offsets, D, BS, n_blocks,
             w_gate.stride(0), w_gate.stride(1), BLOCK_M=block_m, BLOCK_N=dxc["block_n"], BLOCK_K=dxc["block_k"],
@@ -1339,7 +1567,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         )
     dx = torch.empty(T, D, dtype=dt, device=dev)
     block_t = 16
-    torch.library.wrap_triton(_sparse_ffn_combine_kernel)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+    triton_kernel(_sparse_ffn_combine_kernel, True)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
         WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
@@ -1349,7 +1577,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     dwdn_sm90 = dwdn["sm90"] and _dw_down_sm90_ok(grad_out, hw, dwd, block_m)
     if dwgu_sm90 or dwdn_sm90:
         block_r = 64
-        torch.library.wrap_triton(_zero_tail_rows_kernel)[(triton.cdiv(P, block_r),)](
+        triton_kernel(_zero_tail_rows_kernel, True)[(triton.cdiv(P, block_r),)](
             dact, hw, g.offsets, P, n_blocks, BS, BLOCK_R=block_r, BLOCK_C=64,
         )
     if dwgu_sm90:
@@ -1357,7 +1585,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 
         g9.dw_gate_up_sm90(dact, x, dwg, dwu, g, n_blocks, **g9.DW_GATE_UP_CONFIG)
     else:
-        torch.library.wrap_triton(_sparse_ffn_bwd_dw_gate_up_kernel)[
+        triton_kernel(_sparse_ffn_bwd_dw_gate_up_kernel, True)[
                 _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
             dact, x, g.sorted_tok, g.offsets, dwg, dwu, D, BS, x.stride(0), x.stride(1), dwg.stride(0),
             dwg.stride(1), BLOCK_N=gu_n, BLOCK_D=gu_n, BLOCK_K=dwgu["block_k"], DOT_PRECISION=prec,
@@ -1371,15 +1599,19 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
         g9.dw_down_sm90(grad_out, hw, dwd, g, n_blocks, **g9.DW_DOWN_CONFIG)
     else:
         grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
-        torch.library.wrap_triton(_sparse_ffn_bwd_dw_down_kernel)[grid if dn_g else (grid[0], grid[2], grid[1])](
+        triton_kernel(_sparse_ffn_bwd_dw_down_kernel, True)[grid if dn_g else (grid[0], grid[2], grid[1])](
             grad_out, hw, g.sorted_tok, g.offsets, dwd, D, BS, grad_out.stride(0), grad_out.stride(1),
             dwd.stride(0), dwd.stride(1), BLOCK_D=dn_n, BLOCK_N=dn_n, BLOCK_K=dwdn["block_k"], DOT_PRECISION=prec,
             NB=n_blocks if dn_g else 0, D_GROUP=dn_g, **launch_options(dwdn),
         )
-    dweight_sorted = dwp.sum(0)
-    valid = g.inv >= 0
-    dweights = torch.where(valid, dweight_sorted[g.inv.clamp_min(0)], 0.0)[:, shared_blocks:]
-    return dx, dwg, dwu, dwd, dweights.contiguous()
+    K = idx.shape[1]
+    dweights = torch.empty(T, K, dtype=torch.float32, device=dev)
+    if T * K:
+        block_t = 64
+        triton_kernel(_dweights_kernel, True)[(triton.cdiv(T, block_t),)](
+            dwp, g.inv, dweights, T, K, P, SHARED=shared_blocks, N_TILES=n_ntiles, BLOCK_T=block_t,
+            BLOCK_K=triton.next_power_of_2(K))
+    return dx, dwg, dwu, dwd, dweights
 
 
 # ---- decode (a few tokens) ------------------------------------------------------------------------------
