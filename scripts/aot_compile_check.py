@@ -476,15 +476,17 @@ def cases():
                      BLOCK_K=kc["dw_down"]["block_k"]), bwd_entry("dw_down")))
 
     # the grouping's counting sort (route_pairs, session 32) at the shape and the dweights gather
-    nbp, sub = 128, 4096 // 128
-    keys = dict(IDX=i32, WTS=f32, T=8192, K=19, NB=64, SHARED=0, NBP=nbp, CHUNK=sf.GROUP_CHUNK, SUB=sub)
+    nbp = 128
+    ch = sf.GROUP_TILE // nbp
+    keys = dict(IDX=i32, WTS=f32, T=8192, K=19, NB=64, SHARED=0, NBP=nbp, CHUNK=ch)
     out.append(("sparse FFN grouping count", sf._group_count_kernel, dict(keys, HIST=i32), dict(num_warps=4)))
     out.append(("sparse FFN grouping scan", sf._group_scan_kernel,
-                dict(HIST=i32, OFFSETS=i32, TILE_BLOCK=i32, TILE_START=i32, TILE_COUNT=i64, n_chunks=152,
-                     n_tiles=1280, NB=64, BLOCK_M=bm, NBP=nbp, ROWS=sub), dict(num_warps=8)))
-    out.append(("sparse FFN grouping place", sf._group_place_kernel,
-                dict(keys, BASE=i32, ORDER=i64, SORTED_TOK=i32, INV=i64, W_FULL=f32, W_SORTED=f32),
+                dict(HIST=i32, TOTAL=i32, n_chunks=P_ // ch, NBP=nbp, BLOCK_C=sf.GROUP_SCAN_CHUNKS),
                 dict(num_warps=4)))
+    out.append(("sparse FFN grouping place", sf._group_place_kernel,
+                dict(keys, BASE=i32, TOTAL=i32, ORDER=i64, SORTED_TOK=i32, INV=i64, W_FULL=f32, W_SORTED=f32,
+                     OFFSETS=i32, TILE_BLOCK=i32, TILE_START=i32, TILE_COUNT=i64, n_chunks=P_ // ch, n_tiles=1280,
+                     BLOCK_M=bm), dict(num_warps=4)))
     out.append(("sparse FFN router backward (dlogits)", sf._route_bwd_kernel,
                 dict(PROBS=f32, IDX=i32, WTS=f32, GW=f32, GP=f32, DL=bf16, T=8192, NR=64, K=19, HAS_GW=True,
                      HAS_GP=False, SOFTMAX=False, BLOCK_T=64, BLOCK_NR=64), dict(num_warps=4)))

@@ -216,6 +216,7 @@ ROUTE_PAIRS_CASES = [
     (23, 5, 9, 0, 4, "plain"),
     (1, 1, 8, 0, 16, "one pair"),
     (300, 19, 64, 0, 128, "the issue's 64 blocks, several chunks"),
+    (1800, 19, 64, 0, 128, "over 1024 chunks (two scan steps)"),
     (37, 6, 12, 2, 8, "shared blocks"),
     (50, 3, 8, 0, 16, "empty and invalid ids"),
     (40, 4, 64, 0, 16, "all tokens in one block"),

@@ -539,19 +539,24 @@ def group_pairs(blocks: torch.Tensor, n_blocks: int, block_m: int) -> Grouping:
 #
 # group_pairs' torch form is ~40 small launches (argsort's passes, searchsorted, index ops), each a dispatcher
 # round trip, plus full_routing's ~8, and a training step groups twice (the backward recomputes the grouping):
-# ~90 launches of host time for ~60 us of device work (session 31, benchmarks/diag_sparse_host.py: the step
-# host-bound at ratio 0.15, and at 0.3 once the GEMMs got faster). ``route_pairs`` gives the same Grouping bit
-# for bit, plus the pairs' weights in flat and sorted order, by a stable counting sort over the n_blocks + 1
-# buckets (the blocks, then the empty / invalid slots; buckets past those hold the last chunk's padding):
-#   count: program c counts the bucket of each pair in [c * CHUNK, + CHUNK), SUB pairs at a time;
-#   scan:  one program: bucket totals -> offsets (the exclusive prefix sum), each chunk's first position per
-#          bucket (BASE, in place over the counts), and the row-tile table (tile_block, tile_start, tile_count);
-#   place: program c walks its pairs again in order: a pair's position is its chunk's base for its bucket plus
-#          the number of earlier pairs of the chunk in that bucket (a cumulative sum over a one-hot [SUB, NBP]
-#          tile), which keeps the sort stable; it writes order, sorted_tok, inv, w_full and w_sorted.
+# ~90 launches of host time for ~0.1 ms of device work per grouping. ``route_pairs`` gives the same Grouping
+# bit for bit, plus the pairs' weights in flat and sorted order, by a stable counting sort over NBP buckets
+# (the blocks, then bucket NB for the empty / invalid slots; buckets past those hold the last chunk's padding),
+# in chunks of CHUNK consecutive pairs, every step a parallel grid:
+#   count: program c counts its chunk's pairs per bucket (a one-hot [CHUNK, NBP] tile summed over pairs);
+#   scan:  program b runs the exclusive prefix sum of bucket b's counts over the chunks (in place: each
+#          chunk's first position within the bucket) and writes the bucket's total;
+#   place: program c gives each of its pairs its position, the bucket's offset (the exclusive prefix sum of
+#          the totals) + its chunk's base + how many earlier pairs of the chunk share the bucket (a cumulative
+#          sum over the one-hot tile: the sort stays stable), and writes order, sorted_tok, inv, w_full,
+#          w_sorted; the last programs write offsets and the row-tile table from the totals.
+# Session 32's first form (1024-pair chunks looped in 32-pair steps, one program for the scan and the tile
+# table) cost 0.57 ms of device time per training step on the H200 (two groupings: count 141, scan 111, place
+# 316 us): its few programs waited on their own dependent steps.
 
-GROUP_CHUNK = 1024  # pairs per count / place program
-GROUP_MAX_BUCKETS = 1024  # n_blocks + 2 above this: the torch form (one-hot tiles of [SUB, NBP] per step)
+GROUP_TILE = 4096  # elements of a program's one-hot [CHUNK, NBP] tile: CHUNK = GROUP_TILE // NBP pairs
+GROUP_MAX_BUCKETS = 1024  # n_blocks + 2 above this: the torch form
+GROUP_SCAN_CHUNKS = 1024  # chunks per step of a bucket's prefix sum
 
 
 @triton.jit
@@ -575,73 +580,65 @@ def _pair_keys(IDX, WTS, p, T, K, NB, SHARED: tl.constexpr, PAD: tl.constexpr):
 
 
 @triton.jit
-def _group_count_kernel(IDX, WTS, HIST, T, K, NB, SHARED: tl.constexpr, NBP: tl.constexpr, CHUNK: tl.constexpr,
-                        SUB: tl.constexpr):
+def _group_count_kernel(IDX, WTS, HIST, T, K, NB, SHARED: tl.constexpr, NBP: tl.constexpr, CHUNK: tl.constexpr):
     """HIST[c, b]: how many pairs of chunk c fall in bucket b."""
     c = tl.program_id(0)
+    key, _, _, _, _ = _pair_keys(IDX, WTS, c * CHUNK + tl.arange(0, CHUNK), T, K, NB, SHARED, NBP - 1)
     buckets = tl.arange(0, NBP)
-    counts = tl.zeros([NBP], dtype=tl.int32)
-    for s in range(0, CHUNK, SUB):
-        p = c * CHUNK + s + tl.arange(0, SUB)
-        key, _, _, _, _ = _pair_keys(IDX, WTS, p, T, K, NB, SHARED, NBP - 1)
-        counts += tl.sum((key[:, None] == buckets[None, :]).to(tl.int32), 0)
-    tl.store(HIST + c * NBP + buckets, counts)
+    tl.store(HIST + c * NBP + buckets, tl.sum((key[:, None] == buckets[None, :]).to(tl.int32), 0))
 
 
 @triton.jit
-def _group_scan_kernel(HIST, OFFSETS, TILE_BLOCK, TILE_START, TILE_COUNT, n_chunks, n_tiles, NB,
-                       BLOCK_M: tl.constexpr, NBP: tl.constexpr, ROWS: tl.constexpr):
-    """One program: the offsets, each chunk's first position per bucket (written over HIST) and the row-tile
-    table, with group_pairs' values (searchsorted(tile_end, t, right=True) for a tile's block)."""
-    buckets = tl.arange(0, NBP)
-    total = tl.zeros([NBP], dtype=tl.int32)
-    for c0 in range(0, n_chunks, ROWS):
-        cs = c0 + tl.arange(0, ROWS)
-        total += tl.sum(tl.load(HIST + cs[:, None] * NBP + buckets[None, :], mask=(cs < n_chunks)[:, None],
-                                other=0), 0)
-    first = tl.cumsum(total, 0) - total  # the first sorted position of each bucket
-    tl.store(OFFSETS + buckets, first, mask=buckets <= NB)
-    run = first
-    for c0 in range(0, n_chunks, ROWS):
-        cs = c0 + tl.arange(0, ROWS)
-        ptr = HIST + cs[:, None] * NBP + buckets[None, :]
-        m = (cs < n_chunks)[:, None]
-        h = tl.load(ptr, mask=m, other=0)
-        tl.store(ptr, run[None, :] + tl.cumsum(h, 0) - h, mask=m)
+def _group_scan_kernel(HIST, TOTAL, n_chunks, NBP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program b: HIST[:, b] -> its exclusive prefix sum over the chunks (in place), TOTAL[b] its sum."""
+    b = tl.program_id(0)
+    run = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), 0)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ptr = HIST + cs.to(tl.int64) * NBP + b
+        h = tl.load(ptr, mask=cs < n_chunks, other=0)
+        tl.store(ptr, run + tl.cumsum(h, 0) - h, mask=cs < n_chunks)
         run += tl.sum(h, 0)
-    is_blk = buckets < NB
-    tiles = tl.where(is_blk, (total + BLOCK_M - 1) // BLOCK_M, 0)
-    tile_end = tl.cumsum(tiles, 0)
-    first_tile = tile_end - tiles
-    tl.store(TILE_COUNT, tl.sum(tiles, 0).to(tl.int64))
-    for t0 in range(0, n_tiles, ROWS):
-        ts = t0 + tl.arange(0, ROWS)
+    tl.store(TOTAL + b, run)
+
+
+@triton.jit
+def _group_place_kernel(IDX, WTS, BASE, TOTAL, ORDER, SORTED_TOK, INV, W_FULL, W_SORTED, OFFSETS, TILE_BLOCK,
+                        TILE_START, TILE_COUNT, T, K, NB, n_chunks, n_tiles, SHARED: tl.constexpr,
+                        NBP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Programs below n_chunks: every pair of their chunk at its sorted position (see above). The others: the
+    offsets (the first) and CHUNK row tiles each of the tile table, with group_pairs' values (a tile's block is
+    searchsorted(tile_end, t, right=True), its start offsets[b] + (t - b's first tile) * BLOCK_M, b clamped)."""
+    c = tl.program_id(0)
+    buckets = tl.arange(0, NBP)
+    total = tl.load(TOTAL + buckets)
+    first = tl.cumsum(total, 0) - total  # each bucket's first sorted position
+    if c < n_chunks:
+        p = c * CHUNK + tl.arange(0, CHUNK)
+        key, code, w, t, live = _pair_keys(IDX, WTS, p, T, K, NB, SHARED, NBP - 1)
+        hot = (key[:, None] == buckets[None, :]).to(tl.int32)
+        start = first + tl.load(BASE + c * NBP + buckets)
+        pos = tl.sum(hot * (start[None, :] + tl.cumsum(hot, 0) - 1), 1)
+        tl.store(ORDER + pos, p.to(tl.int64), mask=live)
+        tl.store(SORTED_TOK + pos, t, mask=live)
+        tl.store(W_SORTED + pos, w, mask=live)
+        tl.store(INV + p, tl.where(key < NB, pos, code).to(tl.int64), mask=live)
+        tl.store(W_FULL + p, w, mask=live)
+    else:
+        is_blk = buckets < NB
+        tiles = tl.where(is_blk, (total + BLOCK_M - 1) // BLOCK_M, 0)
+        tile_end = tl.cumsum(tiles, 0)
+        first_tile = tile_end - tiles
+        if c == n_chunks:
+            tl.store(OFFSETS + buckets, first, mask=buckets <= NB)
+            tl.store(TILE_COUNT, tl.sum(tiles, 0).to(tl.int64))
+        ts = (c - n_chunks) * CHUNK + tl.arange(0, CHUNK)
         tb = tl.sum(((tile_end[None, :] <= ts[:, None]) & is_blk[None, :]).to(tl.int32), 1)
         sel = buckets[None, :] == tl.minimum(tb, NB - 1)[:, None]
         ft = tl.sum(tl.where(sel, first_tile[None, :], 0), 1)
         off = tl.sum(tl.where(sel, first[None, :], 0), 1)
         tl.store(TILE_BLOCK + ts, tb, mask=ts < n_tiles)
         tl.store(TILE_START + ts, off + (ts - ft) * BLOCK_M, mask=ts < n_tiles)
-
-
-@triton.jit
-def _group_place_kernel(IDX, WTS, BASE, ORDER, SORTED_TOK, INV, W_FULL, W_SORTED, T, K, NB, SHARED: tl.constexpr,
-                        NBP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
-    """Every pair of chunk c at its sorted position (see above)."""
-    c = tl.program_id(0)
-    buckets = tl.arange(0, NBP)
-    run = tl.load(BASE + c * NBP + buckets)
-    for s in range(0, CHUNK, SUB):
-        p = c * CHUNK + s + tl.arange(0, SUB)
-        key, code, w, t, live = _pair_keys(IDX, WTS, p, T, K, NB, SHARED, NBP - 1)
-        hot = (key[:, None] == buckets[None, :]).to(tl.int32)
-        pos = tl.sum(hot * (run[None, :] + tl.cumsum(hot, 0) - 1), 1)
-        run += tl.sum(hot, 0)
-        tl.store(ORDER + pos, p.to(tl.int64), mask=live)
-        tl.store(SORTED_TOK + pos, t, mask=live)
-        tl.store(W_SORTED + pos, w, mask=live)
-        tl.store(INV + p, tl.where(key < NB, pos, code).to(tl.int64), mask=live)
-        tl.store(W_FULL + p, w, mask=live)
 
 
 def route_pairs(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int, block_m: int,
@@ -653,16 +650,18 @@ def route_pairs(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_
     KT = shared_blocks + K
     P = T * KT
     nbp = triton.next_power_of_2(n_blocks + 2)
-    if nbp > GROUP_MAX_BUCKETS or P >= 2**31 - GROUP_CHUNK:
+    if nbp > GROUP_MAX_BUCKETS or P >= 2**31 - GROUP_TILE:
         blocks, w_full = full_routing(idx, weights, shared_blocks)
         g = group_pairs(blocks, n_blocks, block_m)
         return g, w_full, w_full.reshape(-1)[g.order]
     dev = idx.device
     idx, weights = idx.contiguous(), weights.contiguous()
-    n_chunks = triton.cdiv(P, GROUP_CHUNK)
+    chunk = GROUP_TILE // nbp
+    n_chunks = triton.cdiv(P, chunk)
     n_tiles = -(-P // block_m) + n_blocks
-    sub = max(1, min(GROUP_CHUNK, 4096 // nbp))
     hist = torch.empty(max(n_chunks, 1), nbp, dtype=torch.int32, device=dev)
+    total = torch.zeros(nbp, dtype=torch.int32, device=dev) if n_chunks == 0 else torch.empty(
+        nbp, dtype=torch.int32, device=dev)
     order = torch.empty(P, dtype=torch.int64, device=dev)
     sorted_tok = torch.empty(P, dtype=torch.int32, device=dev)
     inv = torch.empty(T, KT, dtype=torch.int64, device=dev)
@@ -674,14 +673,11 @@ def route_pairs(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_
     tile_count = torch.empty(1, dtype=torch.int64, device=dev)
     if n_chunks:
         triton_kernel(_group_count_kernel, direct)[(n_chunks,)](
-            idx, weights, hist, T, K, n_blocks, SHARED=shared_blocks, NBP=nbp, CHUNK=GROUP_CHUNK, SUB=sub)
-    triton_kernel(_group_scan_kernel, direct)[(1,)](
-        hist, offsets, tile_block, tile_start, tile_count, n_chunks, n_tiles, n_blocks, BLOCK_M=block_m, NBP=nbp,
-        ROWS=sub, num_warps=8)
-    if n_chunks:
-        triton_kernel(_group_place_kernel, direct)[(n_chunks,)](
-            idx, weights, hist, order, sorted_tok, inv, w_full, w_sorted, T, K, n_blocks, SHARED=shared_blocks,
-            NBP=nbp, CHUNK=GROUP_CHUNK, SUB=sub)
+            idx, weights, hist, T, K, n_blocks, SHARED=shared_blocks, NBP=nbp, CHUNK=chunk)
+        triton_kernel(_group_scan_kernel, direct)[(nbp,)](hist, total, n_chunks, NBP=nbp, BLOCK_C=GROUP_SCAN_CHUNKS)
+    triton_kernel(_group_place_kernel, direct)[(n_chunks + triton.cdiv(n_tiles, chunk),)](
+        idx, weights, hist, total, order, sorted_tok, inv, w_full, w_sorted, offsets, tile_block, tile_start,
+        tile_count, T, K, n_blocks, n_chunks, n_tiles, SHARED=shared_blocks, NBP=nbp, CHUNK=chunk, BLOCK_M=block_m)
     return (Grouping(sorted_tok, order, inv, offsets, tile_block, tile_start, tile_count, block_m), w_full,
             w_sorted)
 
