@@ -10,12 +10,13 @@ Pipeline (one call of :func:`sparse_ffn_fwd`):
    reference's stable sort), normalised gates. One program owns BLOCK_T tokens and all NR blocks.
    Few tokens (decode): ``_sparse_ffn_router_split_kernel`` first computes the logits in d_model
    slices on many SMs, and the router kernel sums them (fixed order) instead of the GEMM.
-2. Grouping (:func:`group_pairs`, torch index ops, no host sync): every (token, block) pair,
-   shared blocks included, is sorted by block (stable argsort); ``offsets`` delimit the blocks'
-   row ranges and a tile table maps program ids to (block, first row). The grid is the static upper
-   bound ``cdiv(P, BLOCK_M) + n_blocks`` tiles; programs past the last tile exit at once. A
-   histogram + scan kernel would save a few small launches; at 8k tokens x 20 pairs the sort is a
-   small share of the GEMM time, so it stays in torch for now.
+2. Grouping (:func:`route_pairs`: a stable counting sort in three kernels, no host sync; the torch
+   form :func:`full_routing` + :func:`group_pairs` gives the same bits and serves the CPU path):
+   every (token, block) pair, shared blocks included, is sorted by block; ``offsets`` delimit the
+   blocks' row ranges and a tile table maps program ids to (block, first row). The grid is the
+   static upper bound ``cdiv(P, BLOCK_M) + n_blocks`` tiles; programs past the last tile exit at
+   once. (The torch form's ~50 small launches per grouping made the training step host-bound on
+   the H200, session 32.)
 3. ``_sparse_ffn_gate_up_kernel``: grouped GEMM over the active blocks, x rows gathered by token
    id (no permuted copy of x), gate and up accumulated side by side, SwiGLU in the epilogue;
    writes ``h [P, BS]`` and, for the backward, the pre-activations ``act [P, 2, BS]``.
