@@ -342,10 +342,10 @@ def _route_setup_context(ctx, inputs, output):
 
 
 def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
-    x, router_weight, idx, weights, probs = ctx.saved_tensors
-    bf16 = x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
     from deepseek_kernels.triton._common import plain_eager
 
+    x, router_weight, idx, weights, probs = ctx.saved_tensors
+    bf16 = x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
     if _use_triton(probs) and plain_eager(probs):
         # dlogits in one kernel (the torch form below is ~15 small launches: host time in eager); while
         # torch.compile traces this backward, the torch form, which inductor fuses itself
