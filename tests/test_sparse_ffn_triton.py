@@ -1034,13 +1034,14 @@ def test_dact_sm90_on_gpu(T, monkeypatch):
                         plain={"sm90": False, "full_block": True})
 
 
-def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict):
-    """The backward with ``kernel``'s Gluon form against its ``plain`` settings (128-row tiles both): the Gluon
-    launcher (counted into ``calls``) runs once, every gradient (dx, dW gate/up/down, dweights) written (no NaN
-    from the poisoned outputs) and within bf16 rounding, run to run identical. Returns the Gluon run's gradients."""
+def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict, gluon_cfg: dict | None = None):
+    """The backward with ``kernel``'s Gluon form (``{"sm90": True}`` or ``gluon_cfg``) against its ``plain``
+    settings (128-row tiles both): the Gluon launcher (counted into ``calls``) runs once, every gradient (dx, dW
+    gate/up/down, dweights) written (no NaN from the poisoned outputs) and within bf16 rounding, run to run
+    identical. Returns the Gluon run's gradients."""
     want = tk.sparse_ffn_bwd(*args, config={"block_m": 128, kernel: plain}, **kw)
     assert calls == []
-    gluon = {"block_m": 128, kernel: {"sm90": True}}
+    gluon = {"block_m": 128, kernel: gluon_cfg or {"sm90": True}}
     got = tk.sparse_ffn_bwd(*args, config=gluon, **kw)
     assert calls == [1]
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), got, want):
@@ -1054,16 +1055,17 @@ def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["4097", "300", "empty_blocks", "empty_slots"])
 @pytest.mark.parametrize("kernel", ["dw_gate_up", "dw_down"])
-def test_dw_sm90_on_gpu(kernel, case, monkeypatch):
-    """The gathered Gluon dW kernels (``dw_gate_up.sm90``, ``dw_down.sm90``, session 31): every gradient of the
-    backward with the Triton dW kernel within bf16 rounding, every element written (the outputs start as NaN), run
-    to run identical; 300 tokens: blocks of ~90 rows (K steps mostly past the block's end); empty_blocks: every
-    token routed to blocks 0-18, so 45 blocks have no rows and their weight gradients must be zeros; empty_slots:
-    a third of the tokens with 5 empty slots (as the threshold mode leaves them), whose sorted rows after the last
-    block no kernel writes (NaN here, from the NaN-filled torch.empty) while the last block's final K step reads
-    them."""
+@pytest.mark.parametrize("pieces", [False, True], ids=["two_tiles", "pieces"])
+def test_dw_sm90_on_gpu(kernel, case, pieces, monkeypatch):
+    """The gathered Gluon dW kernels (``dw_gate_up.sm90``, ``dw_down.sm90``, session 31; with ``pieces``, session
+    32's form with the neurons on N as 128 + 64 + 32): every gradient of the backward with the Triton dW kernel
+    within bf16 rounding, every element written (the outputs start as NaN), run to run identical; 300 tokens:
+    blocks of ~90 rows (K steps mostly past the block's end); empty_blocks: every token routed to blocks 0-18, so
+    45 blocks have no rows and their weight gradients must be zeros; empty_slots: a third of the tokens with 5
+    empty slots (as the threshold mode leaves them), whose sorted rows after the last block no kernel writes (NaN
+    here, from the NaN-filled torch.empty) while the last block's final K step reads them."""
     T = 300 if case == "300" else 4097
-    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, f"{kernel}_sm90")
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dw_pieces_sm90" if pieces else f"{kernel}_sm90")
     if case == "empty_blocks":
         idx = torch.arange(idx.shape[1], device="cuda", dtype=idx.dtype).expand_as(idx).contiguous()
     if case == "empty_slots":
@@ -1073,7 +1075,8 @@ def test_dw_sm90_on_gpu(kernel, case, monkeypatch):
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    got = _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, kernel, plain={"sm90": False})
+    got = _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, kernel, plain={"sm90": False},
+                              gluon_cfg={"sm90": True, "pieces": pieces})
     if case == "empty_blocks":
         used = idx.shape[1] * (wg.shape[0] // 64)  # neurons of blocks 0-18
         for dw in (got[1], got[2], got[3].t()):

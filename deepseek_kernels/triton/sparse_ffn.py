@@ -1448,6 +1448,13 @@ def _dweights_kernel(DWP, INV, DW, T, K, P, SHARED: tl.constexpr, N_TILES: tl.co
     tl.store(DW + ts[:, None].to(tl.int64) * K + js[None, :], acc, mask=m)
 
 
+# The dW kernels' sm90 forms with the block's neurons on N as 128 + 64 + 32 (sparse_ffn_sm90._dw_pieces_sm90_kernel:
+# no padded MMA columns, 12.5 % less tensor work than the two-tile forms at 224-neuron blocks). Session 32, written
+# after the device time ran out: compiled for sm_90 (Triton 3.6), its GPU test and A/B
+# (benchmarks/ab_sparse_train_flag.py sparse_ffn.DW_PIECES) not yet run; off until they are.
+DW_PIECES = False
+
+
 def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
     """Tile shapes of the backward kernels (as :func:`launch_config`; the large-batch entries are H200
     sweeps' winners at T8192, 30 % active: 7.56 ms against 8.57 ms for the first guess (session 5), then
@@ -1487,7 +1494,8 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
     base["dx"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                   **base.get("dx", {})}
     for kern in ("dw_gate_up", "dw_down"):
-        base[kern] = {"d_group": 0, "sm90": False, **base.get(kern, {})}
+        # pieces (with sm90): sparse_ffn_sm90's _dw_pieces_sm90_kernel (DW_PIECES)
+        base[kern] = {"d_group": 0, "sm90": False, "pieces": DW_PIECES, **base.get(kern, {})}
     return base
 
 
@@ -1580,7 +1588,11 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     if dwgu_sm90:
         from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-        g9.dw_gate_up_sm90(dact, x, dwg, dwu, g, n_blocks, **g9.DW_GATE_UP_CONFIG)
+        if dwgu["pieces"] and g9.dw_pieces_ok(BS):
+            g9.dw_pieces_sm90(dact.view(P, 2 * BS), x, dwg, dwu, g, n_blocks, bs=BS, n_prod=2, transposed=True,
+                              **g9.DW_PIECES_CONFIG)
+        else:
+            g9.dw_gate_up_sm90(dact, x, dwg, dwu, g, n_blocks, **g9.DW_GATE_UP_CONFIG)
     else:
         triton_kernel(_sparse_ffn_bwd_dw_gate_up_kernel, True)[
                 _dw_grid(n_blocks, triton.cdiv(BS, gu_n), triton.cdiv(D, gu_n), gu_g)](
@@ -1593,7 +1605,11 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     if dwdn_sm90:
         from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-        g9.dw_down_sm90(grad_out, hw, dwd, g, n_blocks, **g9.DW_DOWN_CONFIG)
+        if dwdn["pieces"] and g9.dw_pieces_ok(BS):
+            g9.dw_pieces_sm90(hw, grad_out, dwd, dwd, g, n_blocks, bs=BS, n_prod=1, transposed=False,
+                              **g9.DW_PIECES_CONFIG)
+        else:
+            g9.dw_down_sm90(grad_out, hw, dwd, g, n_blocks, **g9.DW_DOWN_CONFIG)
     else:
         grid = _dw_grid(n_blocks, triton.cdiv(BS, dn_n), triton.cdiv(D, dn_n), dn_g)
         triton_kernel(_sparse_ffn_bwd_dw_down_kernel, True)[grid if dn_g else (grid[0], grid[2], grid[1])](

@@ -861,3 +861,219 @@ def dw_down_sm90(grad_out: torch.Tensor, hw: torch.Tensor, dwd: torch.Tensor, gr
         grad_out.stride(0), dwd.stride(0), BS=bs, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
+
+
+# ---- the dW kernels with the block's neurons on N in power-of-2 pieces (``dw_gate_up.pieces`` / ``dw_down.pieces``,
+# opt-in; session 32, written after the device time ran out: compiled for sm_90 on Triton 3.6, not yet run on a GPU) --
+#
+# Both kernels above compute 256 neuron columns for a block's 224 (dW gate/up: its second 128-neuron tile holds 96;
+# dW down: its second 128-wide hw box past BS reads zeros): 12.5 % of their MMA work. Gluon's tensors have
+# power-of-2 shapes, so a block's BS neurons go on N as up to three products of N0 + N1 + N2 = BS (``k_pieces``:
+# 224 = 128 + 64 + 32), with the model columns on M: work items (block, 128-column d tile, product q), the products
+# of a d tile consecutive (dW gate/up: q = gate, up; they share the gathered rows, the second from L2; dW down:
+# one). Per K step the producer gathers the rows' two 64-column halves (one per consumer warpgroup: its M-major A
+# operand, as in the dW down kernel above) and brings the product's B operand (dact viewed as [P, 2 BS] at columns
+# q * BS + piece, or hw [P, BS]) as up to three TMA boxes; each consumer keeps three accumulators [64, N_i]
+# (64 + 32 + 16 registers per thread at 224, fewer than the 128 of the two-tile forms). dW gate/up is stored
+# transposed (its rows are neurons). Rows past a block's end: as above (zeros in the gathered rows; the empty
+# slots' rows after the last block zeroed by the caller).
+
+DW_PIECES_CONFIG = dict(block_k=64, stages=4)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dwp_producer(bd0, bd1, bd2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D,
+                      stride_xt, BS: gl.constexpr, N_PROD: gl.constexpr, NP: gl.constexpr, B_BYTES: gl.constexpr,
+                      BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """Four warps: per work item and K step, the gathered rows' two 64-column halves by cp.async and the
+        product's NP B boxes by TMA."""
+        HALF: gl.constexpr = 64
+        N0: gl.constexpr = bd0.block_type.shape[1]
+        N1: gl.constexpr = bd1.block_type.shape[1]
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16 rows x 64 columns per pass
+        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
+        cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, ld_layout))
+        n_d = gl.cdiv(D, 2 * HALF)
+        total = NB * n_d * N_PROD
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, q = _dw_work(t, n_d, N_PROD)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            c0 = gl.expand_dims(pid_d * 2 * HALF + cols, 0)
+            c1 = c0 + HALF
+            col = q * BS  # the product's first column of the B tensor
+            r_ok, tok = _row_ids(SORTED_TOK, lo, hi, BLOCK_K, row_l)
+            for r0 in range(lo, hi, BLOCK_K):
+                r_ok_n, tok_n = _row_ids(SORTED_TOK, r0 + BLOCK_K, hi, BLOCK_K, row_l)  # as in _dw_producer
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(slot)
+                mbarrier.expect(bar, B_BYTES)  # the NP boxes' bytes
+                tma.async_copy_global_to_shared(bd0, [r0, col], bar, b0_bufs.index(slot))
+                if NP > 1:
+                    tma.async_copy_global_to_shared(bd1, [r0, col + N0], bar, b1_bufs.index(slot))
+                if NP > 2:
+                    tma.async_copy_global_to_shared(bd2, [r0, col + N0 + N1], bar, b2_bufs.index(slot))
+                ok = gl.expand_dims(r_ok, 1)
+                xr = X + gl.expand_dims(tok.to(gl.int64) * stride_xt, 1)
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), xr + c0, mask=ok & (c0 < D))
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), xr + c1, mask=ok & (c1 < D))
+                async_copy.mbarrier_arrive(bar, increment_count=False)
+                r_ok, tok = r_ok_n, tok_n
+                it += 1
+
+    @gluon.jit
+    def _dwp_k_loop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, lo, hi, it, acc0, acc1, acc2, WG: gl.constexpr,
+                    NP: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """A consumer's K loop over the block's rows [lo, hi): per step NP async wgmma (this warpgroup's 64 model
+        columns, M-major, times each B piece), one step's products in flight, each slot released once the
+        products that read it are done. Returns (acc0, acc1, acc2, it)."""
+        for r0 in range(lo, hi, BLOCK_K):
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            fence_async_shared()  # cp.async wrote the gathered rows through the generic proxy (see _gate_up_consumer)
+            a = a_bufs.index(2 * slot + WG).permute((1, 0))
+            acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
+            if NP == 1:
+                acc0 = warpgroup_mma_wait(1, deps=(acc0,))
+            elif NP == 2:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            else:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                acc2 = warpgroup_mma(a, b2_bufs.index(slot), acc2, is_async=True)
+                acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
+            if r0 > lo:
+                _release(empty.index((it + STAGES - 1) % STAGES))
+            it += 1
+        if NP == 1:
+            acc0 = warpgroup_mma_wait(0, deps=(acc0,))
+        elif NP == 2:
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        else:
+            acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
+        _release(empty.index((it + STAGES - 1) % STAGES), pred=hi > lo)
+        return acc0, acc1, acc2, it
+
+    @gluon.jit
+    def _dwp_store(acc, DW, b, d0, n0, D, stride_w, BS: gl.constexpr, TRANSPOSED: gl.constexpr):
+        """acc [64, N]: model columns d0 +: 64 by block b's neurons n0 +: N, into DW [D, F] at [d, b BS + n]
+        (dW down), or TRANSPOSED into DW [F, D] at [b BS + n, d] (dW gate / up)."""
+        N: gl.constexpr = acc.type.shape[1]
+        t_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])  # 8 consecutive model columns
+        n_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])  # 8 consecutive neurons
+        if TRANSPOSED:
+            v = gl.convert_layout(acc.to(DW.dtype.element_ty), t_layout)
+            d = d0 + gl.arange(0, 64, layout=gl.SliceLayout(1, t_layout))
+            f = b * BS + n0 + gl.arange(0, N, layout=gl.SliceLayout(0, t_layout))
+            mask = gl.expand_dims(d < D, 1) & gl.expand_dims(f < (b + 1) * BS, 0)
+            gl.store(DW + gl.expand_dims(d, 1) + gl.expand_dims(f.to(gl.int64) * stride_w, 0), v, mask=mask)
+        else:
+            v = gl.convert_layout(acc.to(DW.dtype.element_ty), n_layout)
+            d = d0 + gl.arange(0, 64, layout=gl.SliceLayout(1, n_layout))
+            f = b * BS + n0 + gl.arange(0, N, layout=gl.SliceLayout(0, n_layout))
+            mask = gl.expand_dims(d < D, 1) & gl.expand_dims(f < (b + 1) * BS, 0)
+            gl.store(DW + gl.expand_dims(d.to(gl.int64) * stride_w, 1) + gl.expand_dims(f, 0), v, mask=mask)
+
+    @gluon.jit
+    def _dwp_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w,
+                      WG: gl.constexpr, BS: gl.constexpr, N_PROD: gl.constexpr, NP: gl.constexpr,
+                      TRANSPOSED: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup: model columns [WG * 64, + 64) of every work item's 128, the NP products as async wgmma,
+        then the piece accumulators stored into DW0 (q = 0) or DW1 (q = 1); zeros for an empty block."""
+        HALF: gl.constexpr = 64
+        N0: gl.constexpr = b0_bufs.type.shape[2]
+        N1: gl.constexpr = b1_bufs.type.shape[2]
+        N2: gl.constexpr = b2_bufs.type.shape[2]
+        l0: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N0, 16])
+        l1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N1, 16])
+        l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N2, 16])
+        n_d = gl.cdiv(D, 2 * HALF)
+        total = NB * n_d * N_PROD
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, pid_d, q = _dw_work(t, n_d, N_PROD)
+            lo = gl.load(OFFSETS + b)
+            hi = gl.load(OFFSETS + b + 1)
+            acc0 = gl.zeros([HALF, N0], gl.float32, l0)
+            acc1 = gl.zeros([HALF, N1], gl.float32, l1)
+            acc2 = gl.zeros([HALF, N2], gl.float32, l2)
+            acc0, acc1, acc2, it = _dwp_k_loop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, lo, hi, it, acc0, acc1,
+                                               acc2, WG, NP, BLOCK_K, STAGES)
+            d0 = pid_d * 2 * HALF + WG * HALF
+            if q == 0:
+                _dwp_store(acc0, DW0, b, d0, 0, D, stride_w, BS, TRANSPOSED)
+                if NP > 1:
+                    _dwp_store(acc1, DW0, b, d0, N0, D, stride_w, BS, TRANSPOSED)
+                if NP > 2:
+                    _dwp_store(acc2, DW0, b, d0, N0 + N1, D, stride_w, BS, TRANSPOSED)
+            else:
+                _dwp_store(acc0, DW1, b, d0, 0, D, stride_w, BS, TRANSPOSED)
+                if NP > 1:
+                    _dwp_store(acc1, DW1, b, d0, N0, D, stride_w, BS, TRANSPOSED)
+                if NP > 2:
+                    _dwp_store(acc2, DW1, b, d0, N0 + N1, D, stride_w, BS, TRANSPOSED)
+
+    @gluon.jit
+    def _dwp_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w,
+                       BS: gl.constexpr, N_PROD: gl.constexpr, NP: gl.constexpr, TRANSPOSED: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dwp_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w, WG1, BS,
+                      N_PROD, NP, TRANSPOSED, BLOCK_K, STAGES)
+
+    @gluon.jit
+    def _dw_pieces_sm90_kernel(bd0, bd1, bd2, X, DW0, DW1, SORTED_TOK, OFFSETS, NB, D, stride_xt, stride_w,
+                               BS: gl.constexpr, N_PROD: gl.constexpr, NP: gl.constexpr, B_BYTES: gl.constexpr,
+                               TRANSPOSED: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               PRODUCER_REGS: gl.constexpr):
+        """dW gate/up (N_PROD 2, TRANSPOSED) or dW down (N_PROD 1) over every (block, d tile, product), the
+        block's neurons as NP pieces on N (see above), persistent."""
+        WG0: gl.constexpr = 0
+        BLOCK_K: gl.constexpr = bd0.block_type.shape[0]
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, 64], X.dtype.element_ty)
+        a_bufs = gl.allocate_shared_memory(X.dtype.element_ty, [2 * STAGES, BLOCK_K, 64], a_layout)
+        b0_bufs = gl.allocate_shared_memory(bd0.dtype, [STAGES] + bd0.block_type.shape, bd0.layout)
+        b1_bufs = gl.allocate_shared_memory(bd1.dtype, [STAGES] + bd1.block_type.shape, bd1.layout)
+        b2_bufs = gl.allocate_shared_memory(bd2.dtype, [STAGES] + bd2.block_type.shape, bd2.layout)
+        ready = _barrier_array(STAGES, 1 + 4 * 32)  # the B boxes' expect + one cp.async arrival per producer thread
+        empty = _barrier_array(STAGES, 2)
+        gl.warp_specialize([
+            (_dwp_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w, WG0,
+                             BS, N_PROD, NP, TRANSPOSED, BLOCK_K, STAGES)),
+            (_dwp_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w, BS,
+                              N_PROD, NP, TRANSPOSED, BLOCK_K, STAGES)),
+            (_dwp_producer, (bd0, bd1, bd2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK, OFFSETS,
+                             NB, D, stride_xt, BS, N_PROD, NP, B_BYTES, BLOCK_K, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dw_pieces_ok(bs: int) -> bool:
+    """Whether the pieces kernel covers blocks of ``bs`` neurons: up to three power-of-2 pieces of 16 to 256."""
+    from deepseek_kernels.triton.sparse_ffn import k_pieces
+
+    pieces = k_pieces(bs)
+    return pieces is not None and max(pieces) <= 256
+
+
+def dw_pieces_sm90(b_src: torch.Tensor, rows_src: torch.Tensor, dw0: torch.Tensor, dw1: torch.Tensor, grouping,
+                   n_blocks: int, *, bs: int, n_prod: int, transposed: bool, block_k: int, stages: int) -> None:
+    """dW gate/up (``b_src`` = dact viewed as [P, 2 BS], ``rows_src`` = x, ``n_prod`` 2, ``transposed``: dw0 / dw1
+    = dW gate / dW up [F, D]) or dW down (``b_src`` = hw [P, BS], ``rows_src`` = grad_out, ``n_prod`` 1: dw0 = dw1
+    = dW down [D, F]) by :func:`_dw_pieces_sm90_kernel` (the caller checked :func:`supported`, the layouts as for
+    the two-tile kernels, and :func:`dw_pieces_ok`)."""
+    from deepseek_kernels.triton.sparse_ffn import k_pieces
+
+    pieces = [n for n in k_pieces(bs) if n]
+    np_ = len(pieces)
+    boxes = pieces + [16] * (3 - np_)  # an absent piece: a small descriptor (and ring) the kernel never loads
+    D = rows_src.shape[1]
+    total = n_blocks * -(-D // 128) * n_prod
+    _dw_pieces_sm90_kernel[(min(sm_count(rows_src.device), total),)](
+        _desc(b_src, [block_k, boxes[0]]), _desc(b_src, [block_k, boxes[1]]), _desc(b_src, [block_k, boxes[2]]),
+        rows_src, dw0, dw1, grouping.sorted_tok, grouping.offsets, n_blocks, D, rows_src.stride(0), dw0.stride(0),
+        BS=bs, N_PROD=n_prod, NP=np_, B_BYTES=block_k * bs * b_src.element_size(), TRANSPOSED=transposed,
+        STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
