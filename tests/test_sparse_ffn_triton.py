@@ -230,11 +230,11 @@ ROUTE_PAIRS_CASES = [
 def test_route_pairs_kernels_equal_the_torch_grouping(case, poisoned):
     """route_pairs (three kernels) against full_routing + group_pairs (torch): every field bit for bit, the
     weights in flat and sorted order; the count / place programs' chunks split ties across them."""
+    from deepseek_kernels.ops._registry import interpreting
+
     T, k, NB, S, bm, what = case
     gen = torch.Generator(device="cpu").manual_seed(T * 1000 + k)
     NR = NB - S
-    from deepseek_kernels.ops._registry import interpreting
-
     dev = "cpu" if interpreting() else "cuda"  # CPU tensors under the interpreter, else the GPU's
     idx = torch.stack([torch.randperm(NR, generator=gen, device="cpu")[:k] for _ in range(T)]
                       or [torch.empty(0, k, device="cpu")])
