@@ -748,6 +748,17 @@ DW_DOWN_CONFIG = dict(block_k=64, stages=4)
 if HAVE_GLUON:
 
     @gluon.jit
+    def _gather_halves(X, a_bufs, slot, bar, tok, r_ok, c0, c1, stride_xt, D):
+        """The rows ``tok`` of X (where ``r_ok``; zeros elsewhere) at columns c0 and c1 (its two 64-column halves)
+        into slot ``slot``'s two A buffers by cp.async; every producer thread arrives on ``bar`` once its copies
+        land."""
+        ok = gl.expand_dims(r_ok, 1)
+        xr = X + gl.expand_dims(tok.to(gl.int64) * stride_xt, 1)
+        async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), xr + c0, mask=ok & (c0 < D))
+        async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), xr + c1, mask=ok & (c1 < D))
+        async_copy.mbarrier_arrive(bar, increment_count=False)
+
+    @gluon.jit
     def _dwd_producer(hw_desc, DO, a_bufs, b_bufs, ready, empty, SORTED_TOK, OFFSETS, NB, D, stride_dot,
                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """Four warps: per work item and K step, the gathered dO halves by cp.async and the two hw boxes by TMA."""
@@ -775,11 +786,7 @@ if HAVE_GLUON:
                 mbarrier.expect(bar, b_bytes)
                 tma.async_copy_global_to_shared(hw_desc, [r0, 0], bar, b_bufs.index(2 * slot))
                 tma.async_copy_global_to_shared(hw_desc, [r0, BLOCK_N], bar, b_bufs.index(2 * slot + 1))
-                ok = gl.expand_dims(r_ok, 1)
-                dr = DO + gl.expand_dims(tok.to(gl.int64) * stride_dot, 1)
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), dr + c0, mask=ok & (c0 < D))
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), dr + c1, mask=ok & (c1 < D))
-                async_copy.mbarrier_arrive(bar, increment_count=False)
+                _gather_halves(DO, a_bufs, slot, bar, tok, r_ok, c0, c1, stride_dot, D)
                 r_ok, tok = r_ok_n, tok_n
                 it += 1
 
@@ -916,11 +923,7 @@ if HAVE_GLUON:
                     tma.async_copy_global_to_shared(bd1, [r0, col + N0], bar, b1_bufs.index(slot))
                 if NP > 2:
                     tma.async_copy_global_to_shared(bd2, [r0, col + N0 + N1], bar, b2_bufs.index(slot))
-                ok = gl.expand_dims(r_ok, 1)
-                xr = X + gl.expand_dims(tok.to(gl.int64) * stride_xt, 1)
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), xr + c0, mask=ok & (c0 < D))
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot + 1), xr + c1, mask=ok & (c1 < D))
-                async_copy.mbarrier_arrive(bar, increment_count=False)
+                _gather_halves(X, a_bufs, slot, bar, tok, r_ok, c0, c1, stride_xt, D)
                 r_ok, tok = r_ok_n, tok_n
                 it += 1
 
