@@ -568,11 +568,13 @@ DW_GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
 if HAVE_GLUON:
 
     @gluon.jit
-    def _dw_work(t, n_d, N_M: gl.constexpr):
-        """(block, d tile, neuron tile) of work item ``t`` (neuron tiles fastest)."""
+    def _dw_work(t, n_d, N_M: gl.constexpr, OFFSETS):
+        """(block, d tile, neuron tile or product, the block's first and end sorted rows) of work item ``t`` (the
+        last index fastest)."""
         pid_m = t % N_M
         t2 = t // N_M
-        return t2 // n_d, t2 % n_d, pid_m
+        b = t2 // n_d
+        return b, t2 % n_d, pid_m, gl.load(OFFSETS + b), gl.load(OFFSETS + b + 1)
 
     @gluon.jit
     def _row_ids(SORTED_TOK, r0, hi, BLOCK_K: gl.constexpr, row_l: gl.constexpr):
@@ -627,9 +629,7 @@ if HAVE_GLUON:
         total = NB * n_d * N_M
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, pid_m = _dw_work(t, n_d, N_M)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, pid_m, lo, hi = _dw_work(t, n_d, N_M, OFFSETS)
             n0 = pid_m * 128
             kc = gl.expand_dims(pid_d * BLOCK_N + cols, 0)
             k_ok = kc < D
@@ -666,9 +666,7 @@ if HAVE_GLUON:
         total = NB * n_d * N_M
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, pid_m = _dw_work(t, n_d, N_M)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, pid_m, lo, hi = _dw_work(t, n_d, N_M, OFFSETS)
             acc_g = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc_u = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc_g, acc_u, it = _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc_g, acc_u, WG, True, BLOCK_K,
@@ -772,9 +770,7 @@ if HAVE_GLUON:
         total = NB * n_d
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, _ = _dw_work(t, n_d, 1)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, _, lo, hi = _dw_work(t, n_d, 1, OFFSETS)
             c0 = gl.expand_dims(pid_d * 2 * HALF + cols, 0)
             c1 = c0 + HALF
             r_ok, tok = _row_ids(SORTED_TOK, lo, hi, BLOCK_K, row_l)
@@ -804,9 +800,7 @@ if HAVE_GLUON:
         total = NB * n_d
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, _ = _dw_work(t, n_d, 1)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, _, lo, hi = _dw_work(t, n_d, 1, OFFSETS)
             acc0 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
             acc0, acc1, it = _dw_k_loop(a_bufs, b_bufs, ready, empty, lo, hi, it, acc0, acc1, WG, False, BLOCK_K,
@@ -905,9 +899,7 @@ if HAVE_GLUON:
         total = NB * n_d * N_PROD
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, q = _dw_work(t, n_d, N_PROD)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, q, lo, hi = _dw_work(t, n_d, N_PROD, OFFSETS)
             c0 = gl.expand_dims(pid_d * 2 * HALF + cols, 0)
             c1 = c0 + HALF
             col = q * BS  # the product's first column of the B tensor
@@ -981,6 +973,18 @@ if HAVE_GLUON:
             gl.store(DW + gl.expand_dims(d.to(gl.int64) * stride_w, 1) + gl.expand_dims(f, 0), v, mask=mask)
 
     @gluon.jit
+    def _dwp_store_pieces(acc0, acc1, acc2, DW, b, d0, D, stride_w, BS: gl.constexpr, NP: gl.constexpr,
+                          TRANSPOSED: gl.constexpr):
+        """The NP piece accumulators (neurons 0 +: N0, N0 +: N1, N0 + N1 +: N2) through :func:`_dwp_store`."""
+        N0: gl.constexpr = acc0.type.shape[1]
+        N1: gl.constexpr = acc1.type.shape[1]
+        _dwp_store(acc0, DW, b, d0, 0, D, stride_w, BS, TRANSPOSED)
+        if NP > 1:
+            _dwp_store(acc1, DW, b, d0, N0, D, stride_w, BS, TRANSPOSED)
+        if NP > 2:
+            _dwp_store(acc2, DW, b, d0, N0 + N1, D, stride_w, BS, TRANSPOSED)
+
+    @gluon.jit
     def _dwp_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w,
                       WG: gl.constexpr, BS: gl.constexpr, N_PROD: gl.constexpr, NP: gl.constexpr,
                       TRANSPOSED: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
@@ -997,9 +1001,7 @@ if HAVE_GLUON:
         total = NB * n_d * N_PROD
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, pid_d, q = _dw_work(t, n_d, N_PROD)
-            lo = gl.load(OFFSETS + b)
-            hi = gl.load(OFFSETS + b + 1)
+            b, pid_d, q, lo, hi = _dw_work(t, n_d, N_PROD, OFFSETS)
             acc0 = gl.zeros([HALF, N0], gl.float32, l0)
             acc1 = gl.zeros([HALF, N1], gl.float32, l1)
             acc2 = gl.zeros([HALF, N2], gl.float32, l2)
@@ -1007,17 +1009,9 @@ if HAVE_GLUON:
                                                acc2, WG, NP, BLOCK_K, STAGES)
             d0 = pid_d * 2 * HALF + WG * HALF
             if q == 0:
-                _dwp_store(acc0, DW0, b, d0, 0, D, stride_w, BS, TRANSPOSED)
-                if NP > 1:
-                    _dwp_store(acc1, DW0, b, d0, N0, D, stride_w, BS, TRANSPOSED)
-                if NP > 2:
-                    _dwp_store(acc2, DW0, b, d0, N0 + N1, D, stride_w, BS, TRANSPOSED)
+                _dwp_store_pieces(acc0, acc1, acc2, DW0, b, d0, D, stride_w, BS, NP, TRANSPOSED)
             else:
-                _dwp_store(acc0, DW1, b, d0, 0, D, stride_w, BS, TRANSPOSED)
-                if NP > 1:
-                    _dwp_store(acc1, DW1, b, d0, N0, D, stride_w, BS, TRANSPOSED)
-                if NP > 2:
-                    _dwp_store(acc2, DW1, b, d0, N0 + N1, D, stride_w, BS, TRANSPOSED)
+                _dwp_store_pieces(acc0, acc1, acc2, DW1, b, d0, D, stride_w, BS, NP, TRANSPOSED)
 
     @gluon.jit
     def _dwp_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, DW0, DW1, OFFSETS, NB, D, stride_w,
