@@ -111,8 +111,8 @@ case "$step" in
       "$PY" diag_sparse_train.py --once --ratios 0.3 > "$OUT/ncu_sparse_train.txt" 2>&1; echo "ncu rc=$?")
     grep -E "^  _|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L2 Hit Rate|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Issued Ipc|No Eligible" \
       "$OUT/ncu_sparse_train.txt" | head -120 ;;
-  sparse-pieces)  # issue 6: session 32's dW kernels with the neurons on N in pieces (sparse_ffn.DW_PIECES, opt-in):
-    # their GPU tests, then an A/B against the two-tile forms on the training backward (T8192, ratio 0.3)
+  sparse-pieces)  # issue 6: session 32's dW kernels with the neurons on N in pieces (sparse_ffn.DW_PIECES, the default
+    # since session 33): their GPU tests, then an A/B against the two-tile forms on the training backward (T8192, 0.3)
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py -k "test_dw_sm90" 2>&1 | tail -3
     (cd benchmarks && timeout 200 "$PY" ab_sparse_train_flag.py sparse_ffn.DW_PIECES --rounds 6 \
       --out "$OUT/ab_dw_pieces.json") ;;

@@ -390,6 +390,7 @@ def test_large_batch_defaults_are_per_kernel():
                             programs_per_sm=1, cols_first=True)
     assert kc["dw_gate_up"]["d_group"] == 4 and kc["dw_down"]["d_group"] == 8
     assert kc["dw_gate_up"]["sm90"] and kc["dw_down"]["sm90"]
+    assert kc["dw_gate_up"]["pieces"] and kc["dw_down"]["pieces"]  # session 33: the pieces forms by default
     # GPUs with less shared memory per SM than Hopper: the mid-size tiles at every batch size
     assert tk.launch_config(8192, 4096, 224, wide=False) == tk.launch_config(1000, 4096, 224)
     assert tk.bwd_launch_config(8192, 4096, 224, wide=False) == tk.bwd_launch_config(1000, 4096, 224)
@@ -1058,7 +1059,7 @@ def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict, gluon_cfg: di
 @pytest.mark.parametrize("pieces", [False, True], ids=["two_tiles", "pieces"])
 def test_dw_sm90_on_gpu(kernel, case, pieces, monkeypatch):
     """The gathered Gluon dW kernels (``dw_gate_up.sm90``, ``dw_down.sm90``, session 31; with ``pieces``, session
-    32's form with the neurons on N as 128 + 64 + 32): every gradient of the backward with the Triton dW kernel
+    32's form with the neurons on N as 128 + 64 + 32, the default since session 33): every gradient of the backward with the Triton dW kernel
     within bf16 rounding, every element written (the outputs start as NaN), run to run identical; 300 tokens:
     blocks of ~90 rows (K steps mostly past the block's end); empty_blocks: every token routed to blocks 0-18, so
     45 blocks have no rows and their weight gradients must be zeros; empty_slots: a third of the tokens with 5

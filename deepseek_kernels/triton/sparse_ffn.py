@@ -1449,10 +1449,11 @@ def _dweights_kernel(DWP, INV, DW, T, K, P, SHARED: tl.constexpr, N_TILES: tl.co
 
 
 # The dW kernels' sm90 forms with the block's neurons on N as 128 + 64 + 32 (sparse_ffn_sm90._dw_pieces_sm90_kernel:
-# no padded MMA columns, 12.5 % less tensor work than the two-tile forms at 224-neuron blocks). Session 32, written
-# after the device time ran out: compiled for sm_90 (Triton 3.6), its GPU test and A/B
-# (benchmarks/ab_sparse_train_flag.py sparse_ffn.DW_PIECES) not yet run; off until they are.
-DW_PIECES = False
+# no padded MMA columns, 12.5 % less tensor work than the two-tile forms at 224-neuron blocks), where dw_pieces_ok(BS)
+# (the two-tile forms serve the other block sizes). Session 33, H200, T8192 ratio 0.3
+# (benchmarks/ab_sparse_train_flag.py sparse_ffn.DW_PIECES, six alternating rounds): whole backward 3.910 -> 3.655 ms,
+# the same bits.
+DW_PIECES = True
 
 
 def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True) -> dict:
