@@ -530,6 +530,29 @@ def test_tile_orders_give_the_same_bits(poisoned):
         assert torch.equal(a, b), name
 
 
+def test_combine_unroll_gives_the_same_bits(poisoned, monkeypatch):
+    """The combine's slots per loop step (``COMBINE_UNROLL``) only change which loads are in flight together: the
+    forward's output and dx are the same bits for 1, 3, 4 and 8 slots per step, with 2 shared + 3 routed slots
+    (5: no step count divides it), empty slots and an out-of-range id (its token NaN at every setting)."""
+    case = (29, 48, 120, 8, 2, 3, True, None)
+    T, D, F_, NB, S, k, _, _ = case
+    x, wg, wu, wd, idx, w = _ffn_inputs(case, torch.float32)
+    idx = idx.clone()
+    idx[4, 1] = NB  # out of range (NB - S routed blocks)
+    kw = dict(shared_blocks=S, n_blocks=NB)
+    go = torch.randn(T, D)
+    runs = []
+    for unroll in (1, 3, 4, 8):
+        monkeypatch.setattr(tk, "COMBINE_UNROLL", unroll)
+        out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
+        dx = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)[0]
+        runs.append((out, dx))
+    assert torch.isnan(runs[0][0][4]).all() and torch.isfinite(runs[0][0][:4]).all()
+    for out, dx in runs[1:]:
+        torch.testing.assert_close(out, runs[0][0], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(dx, runs[0][1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):
     """What the tuner writes: a different tile shape per kernel (and block_m) must not change the
     forward beyond rounding, nor the backward's gradients; unknown kernels or keys are errors."""
@@ -948,16 +971,16 @@ def test_down_tma_on_gpu(programs, monkeypatch):
     assert calls == [_default_tma_kernel()] and rel(default, want) < 1e-2
 
 
-def _sm90_case(T, monkeypatch, launcher: str):
-    """The Gluon kernels' GPU tests' setup (skipped off sm_90): T tokens routed at ratio 0.3 over 64 blocks of 224
-    neurons (d_model 1024), ``sparse_ffn_sm90.<launcher>`` counted into ``calls``, and every bf16 ``torch.empty``
+def _sm90_case(T, monkeypatch, launcher: str, bs: int = 224):
+    """The Gluon kernels' GPU tests' setup (skipped off sm_90): T tokens routed at ratio 0.3 over 64 blocks of
+    ``bs`` neurons (d_model 1024), ``sparse_ffn_sm90.<launcher>`` counted into ``calls``, and every bf16 ``torch.empty``
     filled with NaN, so an output element no kernel writes shows. Returns (module, calls, (x, w_gate, w_up,
     w_down, idx, weights))."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
     if torch.cuda.get_device_capability() != (9, 0) or not g9.HAVE_GLUON:
         pytest.skip("the Gluon kernels are for sm_90")
-    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 14336, 64, torch.bfloat16)
+    x, wr, wg, wu, wd = _gpu_inputs(T, 1024, 64 * bs, 64, torch.bfloat16)
     idx, w, _ = tk.sparse_ffn_route(x, wr, k=round(0.3 * 64), gate="sigmoid", weighting="gate")
     calls = []
     orig = getattr(g9, launcher)
@@ -999,14 +1022,22 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
 
 
+# (tokens, block size, the tail pieces on): 224-neuron blocks' last column tile as 64 + 32 (gate/up; dact's second
+# part likewise) or padded to 128; 192: one piece of 64; 176: 32 + 16
+_TAIL_CASES = [(4097, 224, True), (300, 224, True), (4097, 224, False), (4097, 192, True), (300, 176, True)]
+_TAIL_IDS = ["4097", "300", "4097-padded", "4097-bs192", "300-bs176"]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [4097, 300])
-def test_gate_up_sm90_on_gpu(T, monkeypatch):
+@pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
+def test_gate_up_sm90_on_gpu(T, bs, tail, monkeypatch):
     """The gathered Gluon gate/up (``gate_up.sm90``, the T >= 4096 default on sm_90 since session 31): h and the
     saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written (outputs start
     as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end past their
-    block."""
-    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90")
+    block. A block's last column tile as pieces of its real neurons (``TAIL_PIECES``, session 33) or padded."""
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90", bs)
+    monkeypatch.setattr(g9, "TAIL_PIECES", tail)
+    assert (g9.tail_pieces(bs % 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     plain = {"block_m": 128, "gate_up": {"sm90": False}}
     gluon = {"block_m": 128, "gate_up": {"sm90": True}}
@@ -1021,18 +1052,31 @@ def test_gate_up_sm90_on_gpu(T, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [4097, 300])
-def test_dact_sm90_on_gpu(T, monkeypatch):
+@pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
+def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     """The gathered Gluon dact (``dact.sm90``, session 31): every gradient (dx, dW gate/up/down, dweights) of the
     backward with the Triton full-block dact within bf16 rounding, dact and hw written for every row and neuron
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
-    their block. Gate weights not 1, so a w_p mix-up shows."""
-    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90")
+    their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded."""
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
+    monkeypatch.setattr(g9, "TAIL_PIECES", tail)
+    assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
     _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, "dact",
                         plain={"sm90": False, "full_block": True})
+
+
+def test_tail_pieces():
+    """The tail widths the Gluon gate/up and dact kernels take (their GPU tests run each kind)."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    assert g9.tail_pieces(96) == (64, 32) and g9.tail_pieces(64) == (64, 0) and g9.tail_pieces(48) == (32, 16)
+    assert g9.tail_pieces(128) == (128, 0)
+    # three pieces, a piece under 16, nothing, or more than a tile: the padded tile
+    assert g9.tail_pieces(112) == (0, 0) and g9.tail_pieces(72) == (0, 0) and g9.tail_pieces(0) == (0, 0)
+    assert g9.tail_pieces(-32) == (0, 0) and g9.tail_pieces(160) == (0, 0)
 
 
 def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict, gluon_cfg: dict | None = None):
