@@ -172,6 +172,27 @@ def test_forward_and_gradients_match_reference(case, path):
         assert rel(a.grad, b.grad) < 1e-4, (name, rel(a.grad, b.grad))
 
 
+def test_a_loss_on_one_routing_output_alone(path):
+    """The ops' unused outputs' gradients arrive as None (set_materialize_grads(False): no zeros of act's
+    [P, 2, BS] shape written per step): a loss on the probs alone (the aux-loss path, the FFN output unused) and
+    a loss on the output alone give the reference's gradients."""
+    x, wr, wg, wu, wd = make(12, 16, 64, 8, router_scale=3.0)
+    for on_probs in (True, False):
+        ours = [t.clone().requires_grad_(True) for t in (x, wr, wg, wu, wd)]
+        out, routing = dk.gated_sparse_ffn(*ours, active_ratio=0.375, return_routing=True)
+        ((routing.probs ** 2).sum() if on_probs else out.sum()).backward()
+        refs = [t.detach().double().requires_grad_(True) for t in (x, wr, wg, wu, wd)]
+        if on_probs:
+            (route_ref(refs[0], refs[1], k=3)[2] ** 2).sum().backward()
+        else:
+            gated_sparse_ffn_ref(*refs, active_ratio=0.375).sum().backward()
+        for name, a, b in zip(("x", "router_weight", "w_gate", "w_up", "w_down"), ours, refs):
+            if b.grad is None:  # the FFN weights under the probs' loss
+                assert a.grad is None or a.grad.abs().max() == 0, name
+            else:
+                assert rel(a.grad, b.grad) < 1e-4, (on_probs, name, rel(a.grad, b.grad))
+
+
 def test_router_gets_gradient_only_through_gate_weighting():
     x, wr, wg, wu, wd = make(9, 16, 64, 8, router_scale=3.0)
     wr.requires_grad_(True)

@@ -339,11 +339,14 @@ def _route_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, router_weight, idx, weights, probs)
     ctx.gate, ctx.weighting = gate, weighting
     ctx.mark_non_differentiable(idx)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as a tensor of zeros
 
 
 def _route_backward(ctx, grad_weights, grad_probs, _grad_idx):
     from deepseek_kernels.triton._common import plain_eager
 
+    if grad_weights is None and grad_probs is None:
+        return None, None, None, None, None, None, None
     x, router_weight, idx, weights, probs = ctx.saved_tensors
     bf16 = x.dtype == torch.bfloat16 and router_weight.dtype == torch.bfloat16
     if _use_triton(probs) and plain_eager(probs):
@@ -390,9 +393,14 @@ def _blocks_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_gate, w_up, w_down, idx, weights, act)
     ctx.shared_blocks, ctx.n_blocks, ctx.save_act = shared_blocks, n_blocks, save_act
     ctx.mark_non_differentiable(act)
+    # act's gradient (never used) arrives as None rather than as zeros of act's shape: [P, 2, BS], written every
+    # step (H200, T8192 ratio 0.3: a 139 MB fill, ~42 us of the training step's profile, session 32)
+    ctx.set_materialize_grads(False)
 
 
 def _blocks_backward(ctx, grad_out, _grad_act):
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None, None
     x, w_gate, w_up, w_down, idx, weights, act = ctx.saved_tensors
     if not ctx.save_act:
         raise RuntimeError(f"{NAME}: backward needs the activations, but the forward ran with save_act=False")
