@@ -394,21 +394,6 @@ def cases():
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
                              CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
-        # the same with the block's weight tile resident in shared memory (RESIDENT_W, session 33)
-        c = g9.RESIDENT_W_CONFIG
-        for w_nk in (True, False):
-            a_t, w_t = (h, wdn) if w_nk else (act, wgu)
-            n_steps = (1 if w_nk else 2) * BS_ // c["block_k"]
-            bn = g9.resident_w_block_n(n_steps * c["block_k"])
-            w_box = [bn, c["block_k"]] if w_nk else [c["block_k"], bn]
-            out.append((f"sparse FFN {'down' if w_nk else 'bwd dx'} GEMM sm90 (Gluon, resident W) {bn}x{c['block_k']} "
-                        f"s{c['stages']}", g9._resident_w_gemm_sm90_kernel,
-                        dict(a_desc=g9._desc(a_t, [64, c["block_k"]]), w_desc=g9._desc(w_t, w_box),
-                             w2_desc=g9._desc(w_t, w_box),
-                             out_desc=g9._desc(torch.empty(256, D_, dtype=torch.bfloat16), [64, bn]), OUT=bf16,
-                             OFFSETS=i32, NB=64, D=D_, BS=BS_, N_STEPS=n_steps, W_NK=w_nk, BLOCK_N=bn,
-                             BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.CONSUMER_REGS),
-                        dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
     if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31)
         c = g9.GATE_UP_CONFIG
         wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)

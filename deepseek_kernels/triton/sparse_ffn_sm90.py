@@ -104,26 +104,6 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _rows_store(acc, o_smem, out_desc, OUT, r0, hi, n0, D, TMA_STORE: gl.constexpr, out_layout: gl.constexpr):
-        """A warpgroup's output rows ``r0 +: M`` (columns ``n0 +: N``) of the block whose rows end at ``hi``: all
-        rows in the block by an asynchronous TMA store through ``o_smem`` (once the warpgroup's previous store has
-        left it), else masked stores (the rows after belong to the next block's tile)."""
-        M: gl.constexpr = acc.type.shape[0]
-        N: gl.constexpr = acc.type.shape[1]
-        if TMA_STORE and r0 + M <= hi:
-            tma.store_wait(0)
-            o_smem.store(acc.to(out_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [r0, n0], o_smem)
-        else:
-            out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
-            rows = r0 + gl.arange(0, M, layout=gl.SliceLayout(1, out_layout))
-            cols = n0 + gl.arange(0, N, layout=gl.SliceLayout(0, out_layout))
-            mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
-            ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=mask)
-
-    @gluon.jit
     def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                   D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
@@ -157,8 +137,20 @@ if HAVE_GLUON:
                 it += 1
             acc = warpgroup_mma_wait(0, deps=(acc,))
             _release(empty.index((it - 1) % STAGES))
-            _rows_store(acc, o_smem, out_desc, OUT, start + WG * HALF_M, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, D,
-                        TMA_STORE, out_layout)
+            r0 = start + WG * HALF_M
+            hi = gl.load(OFFSETS + b + 1)
+            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: an asynchronous store
+                tma.store_wait(0)  # the previous tile's store has left o_smem
+                o_smem.store(acc.to(out_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [r0, pid_n * BLOCK_N], o_smem)
+            else:  # the block's last rows: masked stores (the rows after belong to the next block's tile)
+                out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
+                rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+                cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+                mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+                ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+                gl.store(ptrs, out, mask=mask)
         tma.store_wait(0)
 
     @gluon.jit
@@ -211,13 +203,7 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
                           bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True) -> None:
     """``out [P, D]`` for the grouping's row tiles (see the kernel): ``a [P, BS]`` (or ``[P, 2 BS]`` with
     ``w2``), ``w`` ``[D, F]`` if ``w_nk`` else ``[F, D]`` (and ``w2`` likewise). The caller checked
-    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases). With
-    RESIDENT_W, by :func:`resident_w_gemm_sm90` where the block's weight tile fits (its own tiles)."""
-    k_total = (2 if w2 is not None else 1) * bs
-    if RESIDENT_W and resident_w_block_n(k_total, a.element_size()) and bs % RESIDENT_W_CONFIG["block_k"] == 0:
-        resident_w_gemm_sm90(a, w, w2, out, grouping, grouping.offsets.numel() - 1, bs=bs, w_nk=w_nk,
-                             **RESIDENT_W_CONFIG)
-        return
+    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases)."""
     D = out.shape[1]
     half = BLOCK_M // 2
     w_block = [block_n, block_k] if w_nk else [block_k, block_n]
@@ -227,171 +213,6 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
         TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
-    )
-
-
-# ---- the same two GEMMs with the block's weight tile resident in shared memory (``RESIDENT_W``, session 33) ----------
-#
-# Nsight Compute on the kernel above (session 32, T8192 ratio 0.3, the down projection): L2 throughput 84 % of peak,
-# DRAM 53 %, tensor pipe 56 %: it is L2-bound. Each (row tile, column tile) work item reads its A rows [128, K] and
-# its weight tile [K, BLOCK_N] through L2 (down: 56 + 112 KB for 64 KB of output, 5.25 bytes read per output element
-# with 2 written), and with stores off its main loop alone ran at 754 TF/s. Here a work unit is (block, column
-# tile): the producer brings the unit's whole weight tile once (K x BLOCK_N, at most 112 KB: down 224 x 256, dx
-# 448 x 128) into shared memory, then streams the A halves of every row tile of the block through a ring, so each
-# output element costs K x 2 / BLOCK_N bytes of A (down 1.75) and nearly nothing of W. Units go round-robin over
-# the persistent programs in block-major order (the programs at work share a few blocks' A rows in L2). The
-# weight tile is single-buffered: the producer loads the next unit's once both consumers release it (after their
-# unit's last product), while they store that unit's last row tile.
-
-RESIDENT_W = True
-RESIDENT_W_BYTES = 112 * 1024  # the weight tile's shared memory
-
-
-if HAVE_GLUON:
-
-    @gluon.jit
-    def _rw_unit(u, n_col, OFFSETS):
-        """(block, first output column index, the block's first and end sorted rows) of work unit ``u``."""
-        b = u // n_col
-        return b, u - b * n_col, gl.load(OFFSETS + b), gl.load(OFFSETS + b + 1)
-
-    @gluon.jit
-    def _rw_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, ready, empty, w_ready, w_empty, OFFSETS, NB, D, BS,
-                     N_STEPS: gl.constexpr, W_NK: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """One warp: per work unit with rows, the weight tile's K steps into ``w_bufs`` once the consumers released
-        the last unit's (``w_empty``), then per row tile and K step the two A halves into the ring."""
-        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
-        n_col = gl.cdiv(D, BLOCK_N)
-        ks = BS // BLOCK_K
-        a_bytes: gl.constexpr = 2 * a_desc.block_type.nbytes
-        w_bytes: gl.constexpr = N_STEPS * w_desc.block_type.nbytes
-        it = 0
-        nu = 0  # units with rows so far (the weight barriers' phase)
-        for u in range(gl.program_id(0), NB * n_col, gl.num_programs(0)):
-            b, pid_n, lo, hi = _rw_unit(u, n_col, OFFSETS)
-            if hi > lo:
-                n0 = pid_n * BLOCK_N
-                mbarrier.wait(w_empty, (nu & 1) ^ 1)
-                mbarrier.expect(w_ready, w_bytes)
-                for s in range(N_STEPS):
-                    if W_NK:  # w [D, F]: [n, k] tiles
-                        tma.async_copy_global_to_shared(w_desc, [n0, b * BS + s * BLOCK_K], w_ready, w_bufs.index(s))
-                    elif s < ks:  # w [F, D]: [k, n] tiles
-                        tma.async_copy_global_to_shared(w_desc, [b * BS + s * BLOCK_K, n0], w_ready, w_bufs.index(s))
-                    else:
-                        tma.async_copy_global_to_shared(w2_desc, [b * BS + (s - ks) * BLOCK_K, n0], w_ready,
-                                                        w_bufs.index(s))
-                for r0 in range(lo, hi, 2 * HALF_M):
-                    for s in range(N_STEPS):
-                        slot = it % STAGES
-                        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-                        bar = ready.index(slot)
-                        mbarrier.expect(bar, a_bytes)
-                        tma.async_copy_global_to_shared(a_desc, [r0, s * BLOCK_K], bar, a_bufs.index(2 * slot))
-                        tma.async_copy_global_to_shared(a_desc, [r0 + HALF_M, s * BLOCK_K], bar,
-                                                        a_bufs.index(2 * slot + 1))
-                        it += 1
-                nu += 1
-
-    @gluon.jit
-    def _rw_consumer(a_bufs, w_bufs, o_bufs, ready, empty, w_ready, w_empty, out_desc, OUT, OFFSETS, NB, D, BS,
-                     WG: gl.constexpr, N_STEPS: gl.constexpr, W_NK: gl.constexpr, BLOCK_N: gl.constexpr,
-                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
-        """One warpgroup: rows [WG * 64, + 64) of every row tile of every unit, K steps as async wgmma against
-        the resident weight tile (one in flight; an A slot released once the product that read it is done), the
-        weight tile released after the unit's last product, then the rows stored as in :func:`_consumer`."""
-        HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        o_smem = o_bufs.index(WG)
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        n_col = gl.cdiv(D, BLOCK_N)
-        it = 0
-        nu = 0
-        for u in range(gl.program_id(0), NB * n_col, gl.num_programs(0)):
-            b, pid_n, lo, hi = _rw_unit(u, n_col, OFFSETS)
-            if hi > lo:
-                mbarrier.wait(w_ready, nu & 1)
-                for r0 in range(lo, hi, 2 * HALF_M):
-                    acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
-                    for s in range(N_STEPS):
-                        slot = it % STAGES
-                        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                        if W_NK:
-                            w_tile = w_bufs.index(s).permute((1, 0))
-                        else:
-                            w_tile = w_bufs.index(s)
-                        acc = warpgroup_mma(a_bufs.index(2 * slot + WG), w_tile, acc, is_async=True)
-                        acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
-                        if s > 0:
-                            _release(empty.index((it - 1) % STAGES))
-                        it += 1
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _release(empty.index((it - 1) % STAGES))
-                    if r0 + 2 * HALF_M >= hi:  # the unit's last product is done: the weight tile may go
-                        _release(w_empty)
-                    _rows_store(acc, o_smem, out_desc, OUT, r0 + WG * HALF_M, hi, pid_n * BLOCK_N, D, TMA_STORE,
-                                out_layout)
-                nu += 1
-        tma.store_wait(0)
-
-    @gluon.jit
-    def _rw_consumer1(a_bufs, w_bufs, o_bufs, ready, empty, w_ready, w_empty, out_desc, OUT, OFFSETS, NB, D, BS,
-                      N_STEPS: gl.constexpr, W_NK: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                      STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
-        WG1: gl.constexpr = 1
-        _rw_consumer(a_bufs, w_bufs, o_bufs, ready, empty, w_ready, w_empty, out_desc, OUT, OFFSETS, NB, D, BS, WG1,
-                     N_STEPS, W_NK, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
-
-    @gluon.jit
-    def _resident_w_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, OFFSETS, NB, D, BS, N_STEPS: gl.constexpr,
-                                     W_NK: gl.constexpr, BLOCK_N: gl.constexpr,
-                                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                     TMA_STORE: gl.constexpr = True):
-        """As :func:`_sorted_rows_gemm_sm90_kernel`, over work units (block, column tile) with the unit's weight
-        tile (N_STEPS K steps) resident in shared memory (see above)."""
-        WG0: gl.constexpr = 0
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [N_STEPS] + w_desc.block_type.shape, w_desc.layout)
-        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-        ready = _barrier_array(STAGES, 1)
-        empty = _barrier_array(STAGES, 2)
-        w_ready = _barrier_array(1, 1).index(0)  # the producer's expect + the weight tile's bytes
-        w_empty = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
-        gl.warp_specialize([
-            (_rw_consumer, (a_bufs, w_bufs, o_bufs, ready, empty, w_ready, w_empty, out_desc, OUT, OFFSETS, NB, D,
-                            BS, WG0, N_STEPS, W_NK, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
-            (_rw_consumer1, (a_bufs, w_bufs, o_bufs, ready, empty, w_ready, w_empty, out_desc, OUT, OFFSETS, NB, D,
-                             BS, N_STEPS, W_NK, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
-            (_rw_producer, (a_desc, w_desc, w2_desc, a_bufs, w_bufs, ready, empty, w_ready, w_empty, OFFSETS, NB, D,
-                            BS, N_STEPS, W_NK, BLOCK_N, BLOCK_K, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, 24])
-
-
-def resident_w_block_n(k_total: int, itemsize: int = 2) -> int:
-    """The widest column tile (256, 128 or 64) whose weight tile (``k_total`` x it) fits RESIDENT_W_BYTES; 0 if none."""
-    return next((bn for bn in (256, 128, 64) if k_total * bn * itemsize <= RESIDENT_W_BYTES), 0)
-
-
-RESIDENT_W_CONFIG = dict(block_k=32, stages=4)
-
-
-def resident_w_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping,
-                         n_blocks: int, *, bs: int, w_nk: bool, block_k: int, stages: int) -> None:
-    """As :func:`sorted_rows_gemm_sm90` by :func:`_resident_w_gemm_sm90_kernel` (the caller checked what that
-    one needs and that :func:`resident_w_block_n` of the K extent is not 0)."""
-    D = out.shape[1]
-    n_steps = (2 if w2 is not None else 1) * (bs // block_k)
-    block_n = resident_w_block_n(n_steps * block_k, a.element_size())
-    half = BLOCK_M // 2
-    w_block = [block_n, block_k] if w_nk else [block_k, block_n]
-    w_desc = _desc(w, w_block)
-    units = n_blocks * -(-D // block_n)
-    _resident_w_gemm_sm90_kernel[(min(sm_count(a.device), units),)](
-        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
-        out, grouping.offsets, n_blocks, D, bs, N_STEPS=n_steps, W_NK=w_nk, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
 
 
