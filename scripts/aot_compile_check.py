@@ -402,7 +402,7 @@ def cases():
                     dict(w_desc_g=wdesc, w_desc_u=wdesc, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32,
                          TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_, SAVE_ACT=True,
                          BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
-                         PRODUCER_REGS=g9.PRODUCER_REGS, **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ % c["block_n"])))),
+                         PRODUCER_REGS=g9.PRODUCER_REGS, **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31)
         c = g9.DACT_CONFIG

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab33 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -116,13 +116,11 @@ case "$step" in
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py -k "test_dw_sm90" 2>&1 | tail -3
     (cd benchmarks && timeout 200 "$PY" ab_sparse_train_flag.py sparse_ffn.DW_PIECES --rounds 6 \
       --out "$OUT/ab_dw_pieces.json") ;;
-  sparse-ab33)  # issue 6, session 33: the GPU tests of the changed kernels, then A/Bs of the new switches (resident
-    # weight tiles for down / dx, the tail pieces of gate/up / dact, the combine's unrolled slots) on the T8192 step
+  sparse-ab34)  # issue 6, session 34: the GPU tests of the sparse FFN kernels, then A/Bs of session 33's tail pieces of
+    # gate/up / dact (TAIL_PIECES) on the T8192 step
     timeout 260 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
       -k "sm90 or combine or tail or on_gpu" > "$OUT/tests_sparse.txt" 2>&1
-    for spec in "sparse_ffn_sm90.TAIL_PIECES:False;True:--fwd" "sparse_ffn_sm90.TAIL_PIECES:False;True:" \
-        "sparse_ffn.COMBINE_UNROLL:1;4:--fwd" "sparse_ffn.COMBINE_UNROLL:1;4:" \
-        "sparse_ffn_sm90.RESIDENT_W:False;True:--fwd" "sparse_ffn_sm90.RESIDENT_W:False;True:"; do
+    for spec in "sparse_ffn_sm90.TAIL_PIECES:False;True:--fwd" "sparse_ffn_sm90.TAIL_PIECES:False;True:"; do
       IFS=: read -r flag vals mode <<< "$spec"
       (cd benchmarks && timeout 90 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" $mode --rounds 6 \
         --out "$OUT/ab_${flag##*.}${mode:+_fwd}.json" 2>&1 | tail -3)

@@ -530,29 +530,6 @@ def test_tile_orders_give_the_same_bits(poisoned):
         assert torch.equal(a, b), name
 
 
-def test_combine_unroll_gives_the_same_bits(poisoned, monkeypatch):
-    """The combine's slots per loop step (``COMBINE_UNROLL``) only change which loads are in flight together: the
-    forward's output and dx are the same bits for 1, 3, 4 and 8 slots per step, with 2 shared + 3 routed slots
-    (5: no step count divides it), empty slots and an out-of-range id (its token NaN at every setting)."""
-    case = (29, 48, 120, 8, 2, 3, True, None)
-    T, D, F_, NB, S, k, _, _ = case
-    x, wg, wu, wd, idx, w = _ffn_inputs(case, torch.float32)
-    idx = idx.clone()
-    idx[4, 1] = NB  # out of range (NB - S routed blocks)
-    kw = dict(shared_blocks=S, n_blocks=NB)
-    go = torch.randn(T, D)
-    runs = []
-    for unroll in (1, 3, 4, 8):
-        monkeypatch.setattr(tk, "COMBINE_UNROLL", unroll)
-        out, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, **kw)
-        dx = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, **kw)[0]
-        runs.append((out, dx))
-    assert torch.isnan(runs[0][0][4]).all() and torch.isfinite(runs[0][0][:4]).all()
-    for out, dx in runs[1:]:
-        torch.testing.assert_close(out, runs[0][0], rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(dx, runs[0][1], rtol=0, atol=0, equal_nan=True)
-
-
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):
     """What the tuner writes: a different tile shape per kernel (and block_m) must not change the
     forward beyond rounding, nor the backward's gradients; unknown kernels or keys are errors."""
@@ -1068,15 +1045,22 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
                         plain={"sm90": False, "full_block": True})
 
 
-def test_tail_pieces():
+def test_tail_pieces(monkeypatch):
     """The tail widths the Gluon gate/up and dact kernels take (their GPU tests run each kind)."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
+    monkeypatch.setattr(g9, "TAIL_PIECES", True)
     assert g9.tail_pieces(96) == (64, 32) and g9.tail_pieces(64) == (64, 0) and g9.tail_pieces(48) == (32, 16)
     assert g9.tail_pieces(128) == (128, 0)
     # three pieces, a piece under 16, nothing, or more than a tile: the padded tile
     assert g9.tail_pieces(112) == (0, 0) and g9.tail_pieces(72) == (0, 0) and g9.tail_pieces(0) == (0, 0)
     assert g9.tail_pieces(-32) == (0, 0) and g9.tail_pieces(160) == (0, 0)
+    # gate/up: pieces only where a block spans more than one 128-column tile
+    assert g9.gate_up_pieces(224, 128) == (64, 32) and g9.gate_up_pieces(176, 128) == (32, 16)
+    assert g9.gate_up_pieces(96, 128) == (0, 0) and g9.gate_up_pieces(32, 128) == (0, 0)
+    assert g9.gate_up_pieces(256, 128) == (0, 0)
+    monkeypatch.setattr(g9, "TAIL_PIECES", False)
+    assert g9.tail_pieces(96) == (0, 0) and g9.gate_up_pieces(224, 128) == (0, 0)
 
 
 def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict, gluon_cfg: dict | None = None):
@@ -1110,6 +1094,8 @@ def test_dw_sm90_on_gpu(kernel, case, pieces, monkeypatch):
     empty slots (as the threshold mode leaves them), whose sorted rows after the last block no kernel writes (NaN
     here, from the NaN-filled torch.empty) while the last block's final K step reads them."""
     T = 300 if case == "300" else 4097
+    # the other dW kernel as its two-tile form, so that only ``kernel`` can launch the pieces kernel counted here
+    monkeypatch.setattr(tk, "DW_PIECES", False)
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dw_pieces_sm90" if pieces else f"{kernel}_sm90")
     if case == "empty_blocks":
         idx = torch.arange(idx.shape[1], device="cuda", dtype=idx.dtype).expand_as(idx).contiguous()

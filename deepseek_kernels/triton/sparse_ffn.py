@@ -980,39 +980,30 @@ def _down_tma(h, w_down, y, grouping: "Grouping", dn: dict, prec: str) -> None:
 # ---- 5. weighted combine -----------------------------------------------------------------------------
 
 
-# The combine's slots per loop step (unrolled: the step's inv loads, then its row loads, all in flight at once). At
-# T8192 the combine reads P x D rows (1.27 GB at ratio 0.3) once per pass; one slot per step left each thread one
-# 16-byte row load in flight behind its dependent inv load (H200: ~3.5 TB/s).
-COMBINE_UNROLL = 4
-
-
 @triton.jit
 def _sparse_ffn_combine_kernel(
     Y, INV, W, OUT, T, D, KT,
     stride_ot,
-    WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr = 1,
+    WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum in slot order, UNROLL
-    slots per loop step; W = 1 without WEIGHTED). A token with an invalid block id (INV = -2) gets a NaN row."""
+    """out[t, n] = sum_j W[t, j] * Y[INV[t, j], n] over the slots with INV >= 0 (fp32 sum; W = 1
+    without WEIGHTED). A token with an invalid block id (INV = -2) gets a NaN row."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     t_mask = offs_t < T
     n_mask = offs_n < D
-    slot0 = offs_t.to(tl.int64) * KT
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     n_bad = tl.zeros((BLOCK_T,), dtype=tl.int32)
-    for j0 in range(0, KT, UNROLL):
-        for u in tl.static_range(UNROLL):
-            s_mask = t_mask & (j0 + u < KT)
-            pos = tl.load(INV + slot0 + j0 + u, mask=s_mask, other=-1)
-            n_bad += (pos == -2).to(tl.int32)
-            valid = pos >= 0
-            y = tl.load(Y + pos[:, None] * D + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
-            if WEIGHTED:
-                w = tl.load(W + slot0 + j0 + u, mask=s_mask, other=0.0)
-                acc += w[:, None] * y.to(tl.float32)
-            else:
-                acc += y.to(tl.float32)
+    for j in range(KT):
+        pos = tl.load(INV + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=-1)
+        n_bad += (pos == -2).to(tl.int32)
+        valid = pos >= 0
+        y = tl.load(Y + pos[:, None] * D + offs_n[None, :], mask=valid[:, None] & n_mask[None, :], other=0.0)
+        if WEIGHTED:
+            w = tl.load(W + offs_t.to(tl.int64) * KT + j, mask=t_mask, other=0.0)
+            acc += w[:, None] * y.to(tl.float32)
+        else:
+            acc += y.to(tl.float32)
     acc = tl.where(n_bad[:, None] > 0, float("nan"), acc)
     tl.store(OUT + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=t_mask[:, None] & n_mask[None, :])
@@ -1142,7 +1133,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     block_t = 16
     triton_kernel(_sparse_ffn_combine_kernel, direct)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], UNROLL=COMBINE_UNROLL, **launch_options(cb),
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     return out, act, grouping
 
@@ -1584,7 +1575,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     block_t = 16
     triton_kernel(_sparse_ffn_combine_kernel, True)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
         dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
-        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], UNROLL=COMBINE_UNROLL, **launch_options(cb),
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
     gu_g = int(dwgu["d_group"])

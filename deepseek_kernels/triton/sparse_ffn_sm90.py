@@ -459,12 +459,19 @@ def tail_pieces(r: int) -> tuple:
     return bits[0], bits[1] if len(bits) > 1 else 0
 
 
+def gate_up_pieces(bs: int, block_n: int) -> tuple:
+    """(R0, R1) of the gathered gate/up kernel for blocks of ``bs`` neurons: the last column tile's pieces where a
+    block spans more than one tile; a block narrower than one tile keeps the padded tile (Triton 3.6 fails an LLVM
+    assertion in ConvertTritonGPUToLLVM compiling the kernel whose every tile is pieces, session 34)."""
+    return tail_pieces(bs % block_n) if bs > block_n else (0, 0)
+
+
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
                  grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
     """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
     (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
     w_block = [block_n, block_k]
-    r0, r1 = tail_pieces(bs % block_n)
+    r0, r1 = gate_up_pieces(bs, block_n)
     _gate_up_sm90_kernel[(sm_count(x.device),)](
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
