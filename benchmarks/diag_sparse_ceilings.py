@@ -1,0 +1,72 @@
+"""Memory ceilings of the sparse FFN's row traffic on this GPU: how fast it can write, copy and sum the [P, D]
+row buffers (y, dx_rows) that the down / dx GEMMs write and the combine reads, next to the combine kernel itself.
+
+    python benchmarks/diag_sparse_ceilings.py [--tokens 8192] [--ratios 0.3,0.5] [--out FILE.json]
+
+bf16, d_model 4096, 64 blocks of d_ff 14336; P = tokens x active blocks. Rows of the table:
+- write: ``y.fill_`` of [P, D] (the down GEMM's output traffic alone);
+- copy: [P, D] -> [P, D] (read + write);
+- token-major sum: ``y.view(T, k, D).sum(1)`` (the combine's reads if a token's rows were adjacent);
+- combine: the library's combine kernel over the real router's grouping (rows in block order).
+"""
+
+import argparse
+
+import torch
+import triton
+
+from deepseek_kernels.reference.sparse_ffn import n_active
+from deepseek_kernels.triton import sparse_ffn as tk
+
+from _tuning import save_json
+
+
+def _ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--ratios", default="0.3,0.5")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    T, D, NB, dt = args.tokens, 4096, 64, torch.bfloat16
+    torch.manual_seed(0)
+    rows = []
+    print(f"{'ratio':>5} {'case':<22} {'ms':>8} {'GB moved':>9} {'TB/s':>6}")
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        k = n_active(ratio, NB)
+        P = T * k
+        y = torch.randn(P, D, device="cuda", dtype=dt)
+        y2 = torch.empty_like(y)
+        nbytes = y.numel() * y.element_size()
+        x = torch.randn(T, D, device="cuda", dtype=dt)
+        router = (torch.randn(NB, D, device="cuda") * D**-0.5).to(dt)
+        idx, weights, _ = tk.sparse_ffn_route(x, router, k=k, gate="sigmoid", weighting="gate")
+        g, w_full, _ = tk.route_pairs(idx, weights, 0, NB, 128)
+        out = torch.empty(T, D, device="cuda", dtype=dt)
+        cb = {"block_n": 64, "num_warps": 4, "num_stages": None}
+        block_t = 16
+
+        def combine():
+            tk._sparse_ffn_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+                y, g.inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t,
+                BLOCK_N=cb["block_n"], num_warps=cb["num_warps"])
+
+        cases = [("write (fill)", lambda: y2.fill_(1.0), nbytes),
+                 ("copy", lambda: y2.copy_(y), 2 * nbytes),
+                 ("token-major sum", lambda: torch.sum(y.view(T, k, D), 1, out=out), nbytes + out.numel() * 2),
+                 ("combine kernel", combine, nbytes + out.numel() * 2)]
+        for name, fn, moved in cases:
+            ms = _ms(fn)
+            rows.append(dict(ratio=ratio, k=k, P=P, case=name, ms=ms, bytes=moved, tb_s=moved / ms / 1e9))
+            print(f"{ratio:>5} {name:<22} {ms:8.3f} {moved / 1e9:9.2f} {moved / ms / 1e9:6.2f}")
+        del y, y2
+        torch.cuda.empty_cache()
+    if args.out:
+        save_json(args.out, {"tokens": T, "d_model": D, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
