@@ -18,6 +18,7 @@ from deepseek_kernels.reference.sparse_ffn import (
     sparse_ffn_blocks_ref,
     swiglu_ffn_ref,
 )
+from deepseek_kernels.triton import sparse_ffn as tk
 
 OPS = torch.ops.deepseek_kernels
 
@@ -248,9 +249,47 @@ def test_opcheck():
     w = w.float().requires_grad_(True)
     torch.library.opcheck(OPS.sparse_ffn_blocks_fwd.default, (x, wg, wu, wd, idx, w, 1, 8, True))
     act = torch.randn(7 * 4, 2, 8)
-    torch.library.opcheck(OPS.sparse_ffn_blocks_bwd.default,
-                          (torch.randn(7, 16), x.detach(), wg.detach(), wu.detach(), wd.detach(), idx, w.detach(), act,
-                           1, 8))
+    # the backward without a plan (it groups again) and with the forward op's plan
+    plan = OPS.sparse_ffn_blocks_fwd(x.detach(), wg.detach(), wu.detach(), wd.detach(), idx, w.detach(), 1, 8,
+                                     True)[2]
+    for p, bm in ((plan.new_empty(0), 0), (plan, tk.fwd_block_m(x, wg, 8))):
+        torch.library.opcheck(OPS.sparse_ffn_blocks_bwd.default,
+                              (torch.randn(7, 16), x.detach(), wg.detach(), wu.detach(), wd.detach(), idx, w.detach(),
+                               act, p, 1, 8, bm))
+
+
+def test_the_backward_uses_the_forwards_grouping(monkeypatch):
+    """A training step groups once (Triton path): the forward op packs route_pairs' result into its plan output and
+    the backward op unpacks it instead of grouping again; its gradients are the regrouping backward's, bit for bit
+    (shared blocks, an empty slot, 29 tokens)."""
+    x, wr, wg, wu, wd = make(29, 16, 64, 8, S=1)
+    idx, w, _ = route_ref(x, wr, k=3, gate="sigmoid", weighting="gate")
+    idx = idx.clone()
+    idx[5, 2] = -1
+    w = torch.where(idx >= 0, w.float(), 0.0)
+    out, act, plan = OPS.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx, w, 1, 8, True)
+    bm = tk.fwd_block_m(x, wg, 8)
+    assert plan.dtype == torch.int32 and plan.numel() == tk.plan_numel(29, 4, 8, bm)
+    g, w_full, w_sorted = tk.unpack_plan(plan, 29, 4, 8, bm)
+    g2, w_full2, w_sorted2 = tk.route_pairs(idx, w, 1, 8, bm)
+    for name in ("sorted_tok", "inv", "offsets", "tile_block", "tile_start", "tile_count"):
+        assert torch.equal(getattr(g, name), getattr(g2, name)), name
+    assert torch.equal(w_full, w_full2) and torch.equal(w_sorted, w_sorted2)
+    go = torch.randn(29, 16)
+    args = (go, x, wg, wu, wd, idx, w, act)
+    regrouped = OPS.sparse_ffn_blocks_bwd(*args, plan.new_empty(0), 1, 8, 0)
+    calls = []
+    real = tk.route_pairs
+    monkeypatch.setattr(tk, "route_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reused = OPS.sparse_ffn_blocks_bwd(*args, plan, 1, 8, bm)
+    assert calls == []  # no second grouping
+    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down", "dweights"), reused, regrouped):
+        assert torch.equal(a, b), name
+    # a plan grouped at another row tile is not used (the backward groups again)
+    OPS.sparse_ffn_blocks_bwd(*args, tk.pack_plan(*tk.route_pairs(idx, w, 1, 8, 2 * bm)), 1, 8, 2 * bm)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="grouping plan"):
+        tk.unpack_plan(plan[:-1], 29, 4, 8, bm)
 
 
 def test_fake_tensors():

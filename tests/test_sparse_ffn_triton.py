@@ -1321,7 +1321,7 @@ def test_decode_on_gpu(T):
     # the eager call launched the kernels directly; the registered ops give the same bits
     k = round(0.15 * 64)
     weights, _, idx = torch.ops.deepseek_kernels.sparse_ffn_route(x, wr, None, k, "sigmoid", "gate", None)
-    op_out, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx, weights, 0, 64, False)
+    op_out, _, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x, wg, wu, wd, idx, weights, 0, 64, False)
     assert torch.equal(out, op_out)
     # and the decode step can be captured in a CUDA graph (no host sync) and replayed
     g = torch.cuda.CUDAGraph()

@@ -8,11 +8,13 @@ Two registered ops, composed by the public function (so autograd sums x's two gr
   kernel; CPU: ``route_ref``. Backward (closed form, torch): through the normalised gates and the
   probs to the logits, then ``dx = dlogits . W_r``, ``dW_r = dlogits^T . x``.
 * ``deepseek_kernels::sparse_ffn_blocks_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks,
-  n_blocks, save_act)`` -> ``(out [T, D], act [P, 2, BS])`` with ``act`` the gate/up pre-activations in
-  the block-grouped layout. Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
+  n_blocks, save_act)`` -> ``(out [T, D], act [P, 2, BS], plan int32)`` with ``act`` the gate/up
+  pre-activations in the block-grouped layout and ``plan`` the grouping packed for the backward (with
+  ``save_act``; else empty: ``sparse_ffn.pack_plan``). Triton: grouped gate/up GEMM with SwiGLU fused, grouped down GEMM, weighted
   combine; without ``save_act`` and for at most 16 tokens, the two decode kernels instead (gather
   GEMV over the used blocks' weight slices, combine fused into the down product). CPU: the dense products gathered into the grouped layout (a slow, exact fallback).
-  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd``. Triton: grouped GEMMs with the SwiGLU
+  Backward: ``deepseek_kernels::sparse_ffn_blocks_bwd`` (given the forward's plan, it does not group again).
+  Triton: grouped GEMMs with the SwiGLU
   derivative fused (dx through w_down/w_gate/w_up, dW of each block's slices over its tokens, the
   routing-weight gradient), no host sync, deterministic. CPU: torch over the grouped layout (one
   matmul per block and projection, one host sync).
@@ -280,19 +282,42 @@ def _route_op(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor |
 @define_triton_op("deepseek_kernels::sparse_ffn_blocks_fwd")
 def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int,
-                   save_act: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   save_act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
+    no_plan = x.new_empty(0, dtype=torch.int32)
     if _use_triton(x):
-        from deepseek_kernels.triton.sparse_ffn import DECODE_MAX_TOKENS, sparse_ffn_decode, sparse_ffn_fwd
+        from deepseek_kernels.triton._common import plain_eager
+        from deepseek_kernels.triton.sparse_ffn import (
+            DECODE_MAX_TOKENS,
+            fwd_block_m,
+            pack_plan,
+            route_pairs,
+            sparse_ffn_decode,
+            sparse_ffn_fwd,
+        )
 
         if not save_act and x.shape[0] <= DECODE_MAX_TOKENS:  # decode: read only the used blocks' slices
             out = sparse_ffn_decode(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
                                     n_blocks=n_blocks)
-            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks)
+            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks), no_plan
+        # training: the grouping is made here and packed for the backward op, which then need not group again
+        routed = route_pairs(idx, weights, shared_blocks, n_blocks, fwd_block_m(x, w_gate, n_blocks),
+                             plain_eager(x)) if save_act else None
         out, act, _ = sparse_ffn_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
-                                     n_blocks=n_blocks, save_act=save_act)
-        return out, act
-    return _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
+                                     n_blocks=n_blocks, save_act=save_act, routed=routed)
+        return out, act, (pack_plan(*routed) if save_act else no_plan)
+    out, act = _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
+    return out, act, (_torch_plan(x, w_gate, idx, weights, shared_blocks, n_blocks) if save_act else no_plan)
+
+
+def _torch_plan(x, w_gate, idx, weights, shared_blocks, n_blocks):
+    """The plan of the torch path (its backward groups on its own; the plan's shape must not depend on the path:
+    a graph compiled on the torch path runs the op on the Triton one under the interpreter)."""
+    from deepseek_kernels.triton.sparse_ffn import fwd_block_m, full_routing, group_pairs, pack_plan
+
+    blocks, w_full = full_routing(idx, weights, shared_blocks)
+    g = group_pairs(blocks, n_blocks, fwd_block_m(x, w_gate, n_blocks))
+    return pack_plan(g, w_full, w_full.reshape(-1)[g.order])
 
 
 # An opaque custom op (never traced): the CPU fallback loops over blocks on the host (data-dependent
@@ -300,19 +325,23 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
 @torch.library.custom_op("deepseek_kernels::sparse_ffn_blocks_bwd", mutates_args=())
 def _blocks_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor,
-                   shared_blocks: int, n_blocks: int
+                   plan: torch.Tensor, shared_blocks: int, n_blocks: int, plan_block_m: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``plan``: the forward op's packed grouping (grouped at ``plan_block_m``), or empty: group again."""
     if _use_triton(x):
-        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_bwd
+        from deepseek_kernels.triton.sparse_ffn import sparse_ffn_bwd, unpack_plan
 
+        routed = None
+        if plan.numel():
+            routed = unpack_plan(plan, x.shape[0], shared_blocks + idx.shape[1], n_blocks, plan_block_m)
         dx, dwg, dwu, dwd, dweights = sparse_ffn_bwd(grad_out, x, w_gate, w_up, w_down, idx, weights, act,
-                                                     shared_blocks=shared_blocks, n_blocks=n_blocks)
+                                                     shared_blocks=shared_blocks, n_blocks=n_blocks, routed=routed)
         return dx, dwg, dwu, dwd, dweights.to(weights.dtype)
     return _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shared_blocks, n_blocks)
 
 
 @_blocks_bwd_op.register_fake
-def _(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shared_blocks, n_blocks):
+def _(grad_out, x, w_gate, w_up, w_down, idx, weights, act, plan, shared_blocks, n_blocks, plan_block_m):
     return (torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down),
             torch.empty_like(weights))
 
@@ -329,8 +358,15 @@ if not TRITON_OP:
     @_blocks_fwd_op.register_fake
     def _(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act):
         check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
-        P = x.shape[0] * (shared_blocks + idx.shape[1]) if save_act else 0
-        return torch.empty_like(x), x.new_empty((P, 2, w_gate.shape[0] // n_blocks))
+        T, KT = x.shape[0], shared_blocks + idx.shape[1]
+        P = T * KT if save_act else 0
+        n_plan = 0
+        if save_act:
+            from deepseek_kernels.triton.sparse_ffn import fwd_block_m, plan_numel
+
+            n_plan = plan_numel(T, KT, n_blocks, fwd_block_m(x, w_gate, n_blocks))
+        return (torch.empty_like(x), x.new_empty((P, 2, w_gate.shape[0] // n_blocks)),
+                x.new_empty(n_plan, dtype=torch.int32))
 
 
 def _route_setup_context(ctx, inputs, output):
@@ -389,23 +425,29 @@ def _router_input_grads(dlogits, x, router_weight, bf16: bool):
 
 def _blocks_setup_context(ctx, inputs, output):
     x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act = inputs
-    _, act = output
-    ctx.save_for_backward(x, w_gate, w_up, w_down, idx, weights, act)
+    _, act, plan = output
+    ctx.save_for_backward(x, w_gate, w_up, w_down, idx, weights, act, plan)
     ctx.shared_blocks, ctx.n_blocks, ctx.save_act = shared_blocks, n_blocks, save_act
-    ctx.mark_non_differentiable(act)
+    ctx.plan_block_m = 0
+    if plan.numel():  # the row tile the forward grouped with (the plan's tile table depends on it)
+        from deepseek_kernels.triton.sparse_ffn import fwd_block_m
+
+        ctx.plan_block_m = fwd_block_m(x, w_gate, n_blocks)
+    ctx.mark_non_differentiable(act, plan)
     # act's gradient (never used) arrives as None rather than as zeros of act's shape: [P, 2, BS], written every
     # step (H200, T8192 ratio 0.3: a 139 MB fill, ~42 us of the training step's profile, session 32)
     ctx.set_materialize_grads(False)
 
 
-def _blocks_backward(ctx, grad_out, _grad_act):
+def _blocks_backward(ctx, grad_out, _grad_act, _grad_plan):
     if grad_out is None:
         return None, None, None, None, None, None, None, None, None
-    x, w_gate, w_up, w_down, idx, weights, act = ctx.saved_tensors
+    x, w_gate, w_up, w_down, idx, weights, act, plan = ctx.saved_tensors
     if not ctx.save_act:
         raise RuntimeError(f"{NAME}: backward needs the activations, but the forward ran with save_act=False")
     dx, dwg, dwu, dwd, dweights = torch.ops.deepseek_kernels.sparse_ffn_blocks_bwd(
-        grad_out.contiguous(), x, w_gate, w_up, w_down, idx, weights, act, ctx.shared_blocks, ctx.n_blocks)
+        grad_out.contiguous(), x, w_gate, w_up, w_down, idx, weights, act, plan, ctx.shared_blocks, ctx.n_blocks,
+        ctx.plan_block_m)
     return dx, dwg, dwu, dwd, None, dweights, None, None, None
 
 
@@ -489,8 +531,8 @@ def gated_sparse_ffn(
         idx = x2.new_empty((x2.shape[0], 0), dtype=torch.int32)
         weights = x2.new_empty((x2.shape[0], 0), dtype=torch.float32)
         probs = None
-    out, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x2, w_gate, w_up, w_down, idx, weights, shared_blocks,
-                                                             n_blocks, save_act)
+    out, _, _ = torch.ops.deepseek_kernels.sparse_ffn_blocks_fwd(x2, w_gate, w_up, w_down, idx, weights,
+                                                                shared_blocks, n_blocks, save_act)
     out = out.reshape(*lead, d_model)
     if return_routing:
         return out, SparseRouting(idx, weights, probs, k, shared_blocks)

@@ -683,6 +683,55 @@ def route_pairs(idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_
             w_sorted)
 
 
+# ---- 2c. the forward's grouping kept for the backward ----------------------------------------------------
+#
+# A training step would group twice (the backward's sparse_ffn_bwd recomputes the forward's grouping from idx: on
+# the H200 at T8192 ratio 0.3, ~0.09 ms of device time and a dozen launches and allocations per grouping). The op
+# layer instead packs the forward's route_pairs result into one int32 tensor, the "plan", which autograd saves
+# for the backward op: inv (int64 [T, KT]) and tile_count (int64 [1]) first (8-byte aligned), then w_full and
+# w_sorted (fp32 bits), sorted_tok, offsets, tile_block and tile_start. Its size follows from the shapes and the
+# forward's block_m alone (:func:`plan_numel`), so fake tensors know it; the backward uses it only when its own
+# block_m is the forward's.
+
+
+def plan_numel(T: int, KT: int, n_blocks: int, block_m: int) -> int:
+    """int32 elements of a grouping plan (see above) for ``T`` tokens of ``KT`` slots at row tiles of ``block_m``."""
+    P = T * KT
+    n_tiles = -(-P // block_m) + n_blocks
+    return 2 * P + 2 + 3 * P + (n_blocks + 1) + 2 * n_tiles
+
+
+def pack_plan(grouping: Grouping, w_full: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:
+    """``route_pairs``' result as one int32 tensor (one copy of a few MB; see above)."""
+    i32 = torch.int32
+    g = grouping
+    parts = (g.inv.reshape(-1).view(i32), g.tile_count.reshape(-1).view(i32), w_full.reshape(-1).view(i32),
+             w_sorted.reshape(-1).view(i32), g.sorted_tok.to(i32), g.offsets.to(i32), g.tile_block.to(i32),
+             g.tile_start.to(i32))
+    return torch.cat(parts)
+
+
+def unpack_plan(plan: torch.Tensor, T: int, KT: int, n_blocks: int, block_m: int):
+    """``(grouping, w_full, w_sorted)`` as views of a plan made by :func:`pack_plan` (``grouping.order`` None: only
+    the torch form of the grouping has it)."""
+    P = T * KT
+    n_tiles = -(-P // block_m) + n_blocks
+    if plan.dtype != torch.int32 or plan.dim() != 1 or plan.numel() != plan_numel(T, KT, n_blocks, block_m):
+        raise ValueError(f"grouping plan: expected int32 [{plan_numel(T, KT, n_blocks, block_m)}] for T={T}, "
+                         f"KT={KT}, n_blocks={n_blocks}, block_m={block_m}; got {plan.dtype} {list(plan.shape)}")
+    inv, tile_count, w_full, w_sorted, sorted_tok, offsets, tile_block, tile_start = torch.split(
+        plan, [2 * P, 2, P, P, P, n_blocks + 1, n_tiles, n_tiles])
+    g = Grouping(sorted_tok, None, inv.view(torch.int64).view(T, KT), offsets, tile_block, tile_start,
+                 tile_count.view(torch.int64), block_m)
+    return g, w_full.view(torch.float32).view(T, KT), w_sorted.view(torch.float32)
+
+
+def fwd_block_m(x: torch.Tensor, w_gate: torch.Tensor, n_blocks: int) -> int:
+    """The row tile :func:`sparse_ffn_fwd` groups with by default (its launch config's block_m)."""
+    T, D = x.shape
+    return launch_config(T, D, w_gate.shape[0] // n_blocks, wide=_wide_tiles(x))["block_m"]
+
+
 # ---- 3. gate/up grouped GEMM + SwiGLU --------------------------------------------------------------
 
 
@@ -1082,11 +1131,13 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
                    idx: torch.Tensor, weights: torch.Tensor, *, shared_blocks: int, n_blocks: int,
                    save_act: bool = True, block_m: int | None = None,
                    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
-                   config: dict | None = None):
+                   config: dict | None = None, routed: tuple | None = None):
     """FFN part for a given routing: ``x [T, D]``, routed ``idx/weights [T, k]`` ->
     ``(out [T, D] in x.dtype, act [T*(shared+k), 2, BS] in x.dtype (pre-activations in the grouped
     layout; empty [0, 2, BS] without save_act), grouping)``. The down GEMM writes ``y [P, D]`` and the
-    combine kernel gathers it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic)."""
+    combine kernel gathers it per token (bit-reproducible; y costs 2 * P * D * itemsize bytes of traffic).
+    ``routed``: :func:`route_pairs`' ``(grouping, w_full, w_sorted)`` for this idx / weights at this call's
+    block_m, made by the caller (else computed here)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     BS = w_gate.shape[0] // n_blocks
@@ -1094,7 +1145,10 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
                                  block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, config=config)
     gu, dn, cb = kc["gate_up"], kc["down"], kc["combine"]
     direct = plain_eager(x)  # plain launches in eager (wrap_triton only while torch.compile traces)
-    grouping, w_full, _ = route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct)
+    if routed is not None and routed[0].block_m != block_m:
+        raise ValueError(f"sparse_ffn_fwd: routed was grouped at block_m={routed[0].block_m}, this call tiles rows "
+                         f"by {block_m}")
+    grouping, w_full, _ = routed or route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct)
     KT = shared_blocks + idx.shape[1]
     P = T * KT
     h = torch.empty(P, BS, dtype=x.dtype, device=x.device)
@@ -1503,10 +1557,13 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
 def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                    w_down: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, act: torch.Tensor, *,
                    shared_blocks: int, n_blocks: int, block_m: int | None = None, block_n: int | None = None,
-                   block_k: int | None = None, num_warps: int | None = None, config: dict | None = None):
+                   block_k: int | None = None, num_warps: int | None = None, config: dict | None = None,
+                   routed: tuple | None = None):
     """Backward of :func:`sparse_ffn_fwd` (no host sync, deterministic): ``grad_out [T, D]`` and the
     forward's ``act`` -> ``(dx [T, D], dW_gate, dW_up [F, D], dW_down [D, F]`` in x's dtype,
-    ``dweights`` fp32 ``[T, k])``. The grouping is recomputed from ``idx`` (the forward's, bit for bit)."""
+    ``dweights`` fp32 ``[T, k])``. ``routed``: the forward's ``(grouping, w_full, w_sorted)`` (e.g. from
+    :func:`unpack_plan`), used where it was grouped at this call's block_m; else the grouping is recomputed from
+    ``idx`` (the forward's, bit for bit)."""
     w_gate, w_up = _same_strides(w_gate, w_up)
     T, D = x.shape
     F_ = w_gate.shape[0]
@@ -1518,7 +1575,10 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
     dev, dt = x.device, x.dtype
     # an opaque op's body (never traced): every Triton kernel launched directly, without wrap_triton's
     # higher-order-op dispatch in eager (host time per launch)
-    g, w_full, w_sorted = route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct=True)
+    if routed is not None and routed[0].block_m == block_m:
+        g, w_full, w_sorted = routed
+    else:
+        g, w_full, w_sorted = route_pairs(idx, weights, shared_blocks, n_blocks, block_m, direct=True)
     KT = shared_blocks + idx.shape[1]
     P = T * KT
     dwg = torch.empty(F_, D, dtype=dt, device=dev)
