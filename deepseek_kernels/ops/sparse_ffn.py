@@ -187,20 +187,24 @@ def _grouping(idx, weights, shared_blocks, n_blocks, block_m=16):
 
 
 def _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act):
-    """Traceable CPU fallback: the reference output, and the dense pre-activations gathered into the
-    grouped layout for ``act``."""
+    """Traceable CPU fallback: the reference output, the dense pre-activations gathered into the grouped layout
+    for ``act``, and the grouping packed as the Triton path packs it (its backward groups on its own, but the
+    plan's shape must not depend on the path: a graph compiled on the torch path runs the op on the Triton one
+    under the interpreter)."""
+    from deepseek_kernels.triton.sparse_ffn import fwd_block_m, pack_plan
+
     out = sparse_ffn_blocks_ref(x, w_gate, w_up, w_down, idx, weights, n_blocks=n_blocks, shared_blocks=shared_blocks)
     BS = w_gate.shape[0] // n_blocks
     if not save_act:
-        return out, x.new_empty(0, 2, BS)
+        return out, x.new_empty(0, 2, BS), x.new_empty(0, dtype=torch.int32)
     T = x.shape[0]
-    blocks, _, g = _grouping(idx, weights, shared_blocks, n_blocks)
+    blocks, w_full, g = _grouping(idx, weights, shared_blocks, n_blocks, fwd_block_m(x, w_gate, n_blocks))
     xf = x.float()
     a = (xf @ w_gate.float().t()).to(x.dtype).view(T, n_blocks, BS)
     u = (xf @ w_up.float().t()).to(x.dtype).view(T, n_blocks, BS)
     blk = blocks.reshape(-1)[g.order].long().clamp(0, n_blocks - 1)  # empty slots sort last: unused rows
     tok = g.sorted_tok.long()
-    return out, torch.stack([a[tok, blk], u[tok, blk]], dim=1)
+    return out, torch.stack([a[tok, blk], u[tok, blk]], dim=1), pack_plan(g, w_full, w_full.reshape(-1)[g.order])
 
 
 def _blocks_bwd_torch(grad_out, x, w_gate, w_up, w_down, idx, weights, act, shared_blocks, n_blocks):
@@ -284,7 +288,6 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
                    idx: torch.Tensor, weights: torch.Tensor, shared_blocks: int, n_blocks: int,
                    save_act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_blocks_op_args(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks)
-    no_plan = x.new_empty(0, dtype=torch.int32)
     if _use_triton(x):
         from deepseek_kernels.triton._common import plain_eager
         from deepseek_kernels.triton.sparse_ffn import (
@@ -299,25 +302,14 @@ def _blocks_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
         if not save_act and x.shape[0] <= DECODE_MAX_TOKENS:  # decode: read only the used blocks' slices
             out = sparse_ffn_decode(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
                                     n_blocks=n_blocks)
-            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks), no_plan
+            return out, x.new_empty(0, 2, w_gate.shape[0] // n_blocks), x.new_empty(0, dtype=torch.int32)
         # training: the grouping is made here and packed for the backward op, which then need not group again
         routed = route_pairs(idx, weights, shared_blocks, n_blocks, fwd_block_m(x, w_gate, n_blocks),
                              plain_eager(x)) if save_act else None
         out, act, _ = sparse_ffn_fwd(x, w_gate, w_up, w_down, idx, weights, shared_blocks=shared_blocks,
                                      n_blocks=n_blocks, save_act=save_act, routed=routed)
-        return out, act, (pack_plan(*routed) if save_act else no_plan)
-    out, act = _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
-    return out, act, (_torch_plan(x, w_gate, idx, weights, shared_blocks, n_blocks) if save_act else no_plan)
-
-
-def _torch_plan(x, w_gate, idx, weights, shared_blocks, n_blocks):
-    """The plan of the torch path (its backward groups on its own; the plan's shape must not depend on the path:
-    a graph compiled on the torch path runs the op on the Triton one under the interpreter)."""
-    from deepseek_kernels.triton.sparse_ffn import fwd_block_m, full_routing, group_pairs, pack_plan
-
-    blocks, w_full = full_routing(idx, weights, shared_blocks)
-    g = group_pairs(blocks, n_blocks, fwd_block_m(x, w_gate, n_blocks))
-    return pack_plan(g, w_full, w_full.reshape(-1)[g.order])
+        return out, act, (pack_plan(*routed) if save_act else x.new_empty(0, dtype=torch.int32))
+    return _blocks_fwd_torch(x, w_gate, w_up, w_down, idx, weights, shared_blocks, n_blocks, save_act)
 
 
 # An opaque custom op (never traced): the CPU fallback loops over blocks on the host (data-dependent
