@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -136,6 +136,11 @@ case "$step" in
       2>&1 | grep -v Warning | grep -v warn_once | tail -40)
     timeout 130 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd\+bwd T8192 ratio0\.[35].*dense" \
       --out "$OUT/suite" 2>&1 | grep -E "^fwd" | head -12 ;;
+  sparse-red35)  # issue 6, session 35: fp32 reductions in L2 (v4 red / atomic) against bf16 rows + combine, then
+    # the whole sparse suite's forward rows at this tree
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    (cd benchmarks && timeout 120 "$PY" diag_sparse_red.py --out "$out_abs/diag_sparse_red.json" 2>&1 | grep -v Warn | tail -40)
+    timeout 330 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$OUT/suite" 2>&1 | grep -E "^fwd" | head -30 ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)
