@@ -7,7 +7,9 @@ bf16, d_model 4096, 64 blocks of d_ff 14336; P = tokens x active blocks. Rows of
 - write: ``y.fill_`` of [P, D] (the down GEMM's output traffic alone);
 - copy: [P, D] -> [P, D] (read + write);
 - token-major sum: ``y.view(T, k, D).sum(1)`` (the combine's reads if a token's rows were adjacent);
-- combine: the library's combine kernel over the real router's grouping (rows in block order).
+- combine: the library's combine kernel over the real router's grouping (rows in block order);
+- combine, token-major rows: the same kernel with each token's k rows adjacent (what a down GEMM storing its rows
+  at their token's slots would leave).
 """
 
 import argparse
@@ -34,7 +36,7 @@ def main():
     T, D, NB, dt = args.tokens, 4096, 64, torch.bfloat16
     torch.manual_seed(0)
     rows = []
-    print(f"{'ratio':>5} {'case':<22} {'ms':>8} {'GB moved':>9} {'TB/s':>6}")
+    print(f"{'ratio':>5} {'case':<26} {'ms':>8} {'GB moved':>9} {'TB/s':>6}")
     for ratio in (float(r) for r in args.ratios.split(",")):
         k = n_active(ratio, NB)
         P = T * k
@@ -54,14 +56,22 @@ def main():
                 y, g.inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t,
                 BLOCK_N=cb["block_n"], num_warps=cb["num_warps"])
 
+        inv_tm = torch.arange(P, device="cuda", dtype=g.inv.dtype).view(T, k)
+
+        def combine_tm():
+            tk._sparse_ffn_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+                y, inv_tm, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t,
+                BLOCK_N=cb["block_n"], num_warps=cb["num_warps"])
+
         cases = [("write (fill)", lambda: y2.fill_(1.0), nbytes),
                  ("copy", lambda: y2.copy_(y), 2 * nbytes),
                  ("token-major sum", lambda: torch.sum(y.view(T, k, D), 1, out=out), nbytes + out.numel() * 2),
-                 ("combine kernel", combine, nbytes + out.numel() * 2)]
+                 ("combine kernel", combine, nbytes + out.numel() * 2),
+                 ("combine, token-major rows", combine_tm, nbytes + out.numel() * 2)]
         for name, fn, moved in cases:
             ms = _ms(fn)
             rows.append(dict(ratio=ratio, k=k, P=P, case=name, ms=ms, bytes=moved, tb_s=moved / ms / 1e9))
-            print(f"{ratio:>5} {name:<22} {ms:8.3f} {moved / 1e9:9.2f} {moved / ms / 1e9:6.2f}")
+            print(f"{ratio:>5} {name:<26} {ms:8.3f} {moved / 1e9:9.2f} {moved / ms / 1e9:6.2f}")
         del y, y2
         torch.cuda.empty_cache()
     if args.out:

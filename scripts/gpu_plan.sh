@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -141,6 +141,11 @@ case "$step" in
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     (cd benchmarks && timeout 120 "$PY" diag_sparse_red.py --out "$out_abs/diag_sparse_red.json" 2>&1 | grep -v Warn | tail -40)
     timeout 330 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$OUT/suite" 2>&1 | grep -E "^fwd" | head -30 ;;
+  sparse-l2-35)  # issue 6, session 35: are the gathered kernels waiting on DRAM (tile orders, L2-resident rows);
+    # the combine over token-major rows
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    (cd benchmarks && timeout 200 "$PY" diag_sparse_gather_l2.py --out "$out_abs/diag_sparse_gather_l2.json" 2>&1 | grep -v Warn | tail -30
+     timeout 100 "$PY" diag_sparse_ceilings.py --out "$out_abs/diag_sparse_ceilings.json" 2>&1 | grep -v Warn | tail -14) ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)
