@@ -378,7 +378,8 @@ def test_large_batch_defaults_are_per_kernel():
     assert kc["gate_up"] == dict(block_n=128, block_k=64, num_warps=8, num_stages=3, cols_first=True, sm90=True)
     assert kc["down"] == dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True, programs=None,
                               programs_per_sm=2, cols_first=True)
-    assert kc["combine"] == dict(block_n=64, block_k=64, num_warps=4, num_stages=None)
+    # the combine sums whole 4096-column token rows per program (session 35)
+    assert kc["combine"] == dict(block_n=4096, block_k=64, num_warps=4, num_stages=None)
     bm, kc = tk.resolve_config(tk.launch_config(8192, 4096, 224), tk.FWD_KERNELS, num_warps=2,
                                config={"down": {"block_k": 32}})
     assert all(c["num_warps"] == 2 for c in kc.values()) and kc["down"]["block_k"] == 32
@@ -528,6 +529,46 @@ def test_tile_orders_give_the_same_bits(poisoned):
     got = tk.sparse_ffn_bwd(go, x, wg, wu, wd, idx, w, act, config=ordered, **kw)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), got, want):
         assert torch.equal(a, b), name
+
+
+def test_combine_tiles():
+    """(tokens, columns) per combine program: whole rows up to 4096 columns, tokens filling 4096 outputs (<= 16);
+    a config's block_n keeps its width."""
+    assert tk.combine_tiles(4096) == (1, 4096) and tk.combine_tiles(7168) == (1, 4096)
+    assert tk.combine_tiles(512) == (8, 512) and tk.combine_tiles(40) == (16, 64) and tk.combine_tiles(1) == (16, 16)
+    assert tk.combine_tiles(4096, 64) == (16, 64) and tk.combine_tiles(100, 2048) == (2, 2048)
+    _, kc = tk.resolve_config(tk.bwd_launch_config(8192, 7168, 256), tk.BWD_KERNELS)
+    assert kc["combine"]["block_n"] == 4096 and kc["combine"]["num_warps"] == 4
+
+
+@pytest.mark.parametrize("d", [40, 64])
+@pytest.mark.parametrize("tiles", [(1, 64), (2, 32), (16, 64)], ids=lambda t: "{}x{}".format(*t))
+@pytest.mark.parametrize("weighted", [True, False])
+def test_combine_kernel_at_every_tile_shape(d, tiles, weighted, poisoned):
+    """The combine at one token per program (the large-batch tiles: whole rows), a few, and 16: the weighted
+    (or plain) sum of each token's rows in fp32, an empty slot (-1) skipped, an invalid block id (-2) a NaN row,
+    every output written (poisoned memory)."""
+    import triton
+
+    T, KT = 7, 3
+    P = T * KT
+    y = torch.randn(P, d)
+    inv = torch.randperm(P).view(T, KT)
+    inv[1, 2] = -1
+    inv[4, 0] = -2
+    w = torch.rand(T, KT)
+    out = torch.empty(T, d)
+    bt, bn = tiles
+    tk._sparse_ffn_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bn))](
+        y, inv, w, out, T, d, KT, out.stride(0), WEIGHTED=weighted, BLOCK_T=bt, BLOCK_N=bn)
+    want = torch.zeros(T, d)
+    for t in range(T):
+        for j in range(KT):
+            if inv[t, j] >= 0:
+                want[t] += (w[t, j] if weighted else 1.0) * y[inv[t, j]]
+    assert torch.isnan(out[4]).all()
+    keep = torch.arange(T) != 4
+    torch.testing.assert_close(out[keep], want[keep], rtol=1e-6, atol=1e-6)
 
 
 def test_per_kernel_launch_configs_give_the_same_results(poisoned):

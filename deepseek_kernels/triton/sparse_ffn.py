@@ -1058,6 +1058,25 @@ def _sparse_ffn_combine_kernel(
              mask=t_mask[:, None] & n_mask[None, :])
 
 
+# The combine's tiles: each program sums COMBINE_ELEMS outputs, whole token rows where d_model <= COMBINE_ELEMS
+# (one row of 4096 columns per program at the issue's shape), else the widest power-of-2 column tiles. H200, session
+# 35 (benchmarks/diag_sparse_ceilings.py --sweep, T8192 D4096, the real router's grouping): 16 tokens x 64 columns
+# 0.373 / 0.736 ms at ratio 0.3 / 0.5 (3.60 / 3.01 TB/s of y read), 4 x 1024 0.369 / 0.591, 2 x 1024 0.351 / 0.559,
+# 1 x 4096 0.327 / 0.523 (4.10 / 4.23 TB/s; 8 warps 0.341 / 0.546). A row tile of 128 bytes per program read each
+# y row in 64 pieces at 64 different times; a whole 8 KB row streams. The order of y's rows (by block or by token)
+# made no difference at any tile.
+COMBINE_ELEMS = 4096
+COMBINE_ROWS = True  # False: the large-batch tiles before session 35 (16 tokens x 64 columns), for A/B runs
+
+
+def combine_tiles(d_model: int, block_n: int | None = None) -> tuple:
+    """(tokens, columns) per combine program: ``block_n`` columns if given (a config's), else whole rows up to
+    COMBINE_ELEMS; as many tokens as fill COMBINE_ELEMS outputs, at most 16."""
+    if block_n is None:
+        block_n = min(triton.next_power_of_2(max(d_model, 16)), COMBINE_ELEMS) if COMBINE_ROWS else 64
+    return max(1, min(16, COMBINE_ELEMS // block_n)), block_n
+
+
 # ---- launcher ----------------------------------------------------------------------------------------
 
 
@@ -1089,7 +1108,8 @@ def launch_config(tokens: int, d_model: int, block_size: int, wide: bool = True)
         big = dict(block_n=128, block_k=64, num_warps=8, num_stages=3)
         base = dict(block_m=128, block_n=64, block_k=64, num_warps=4, gate_up=dict(big, cols_first=True, sm90=True),
                     down=dict(block_n=128, block_k=32, num_warps=4, num_stages=4, tma=True, sm90=True,
-                              programs_per_sm=2, cols_first=True))
+                              programs_per_sm=2, cols_first=True),
+                    combine=dict(block_n=combine_tiles(d_model)[1], num_warps=4))
     base["gate_up"] = {"cols_first": False, "sm90": False, **base.get("gate_up", {})}
     base["down"] = {"tma": False, "sm90": False, "programs": None, "programs_per_sm": 1, "cols_first": False,
                     **base.get("down", {})}
@@ -1184,10 +1204,10 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
             w_down.stride(0), w_down.stride(1), DOT_PRECISION=prec, BLOCK_M=block_m, BLOCK_N=dn["block_n"],
             BLOCK_K=dn["block_k"], COLS_FIRST=bool(dn["cols_first"]), **launch_options(dn),
         )
-    block_t = 16
-    triton_kernel(_sparse_ffn_combine_kernel, direct)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+    block_t, block_n = combine_tiles(D, cb["block_n"])
+    triton_kernel(_sparse_ffn_combine_kernel, direct)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
         y, grouping.inv, w_full.contiguous(), out, T, D, KT, out.stride(0),
-        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
+        WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=block_n, **launch_options(cb),
     )
     return out, act, grouping
 
@@ -1536,7 +1556,8 @@ def bwd_launch_config(tokens: int, d_model: int, block_size: int, wide: bool = T
                     dact=dict(big, split_epilogue=True, cols_first=True, full_block=True, block_k=64, sm90=True),
                     dw_gate_up=dict(big, d_group=4, sm90=True),
                     dx=dict(block_n=256, block_k=32, num_warps=8, num_stages=3, tma=True, sm90=True, cols_first=True),
-                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8, sm90=True))
+                    dw_down=dict(block_n=128, block_k=64, num_warps=8, num_stages=3, d_group=8, sm90=True),
+                    combine=dict(block_n=combine_tiles(d_model)[1], num_warps=4))
     # dx.sm90: on sm_90 dx as the Gluon kernel of sparse_ffn_sm90 (session 30; its own tiles) where it can run;
     # dact.sm90, dw_gate_up.sm90, dw_down.sm90: those kernels as their gathered Gluon forms (session 31;
     # sparse_ffn_sm90.DACT_CONFIG / DW_GATE_UP_CONFIG / DW_DOWN_CONFIG) where they can run: backward 4.80 -> 4.40 ms;
@@ -1632,10 +1653,10 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
             DOT_PRECISION=prec, COLS_FIRST=bool(dxc["cols_first"]), **launch_options(dxc),
         )
     dx = torch.empty(T, D, dtype=dt, device=dev)
-    block_t = 16
-    triton_kernel(_sparse_ffn_combine_kernel, True)[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
+    block_t, block_n = combine_tiles(D, cb["block_n"])
+    triton_kernel(_sparse_ffn_combine_kernel, True)[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
         dx_rows, g.inv, w_full, dx, T, D, KT, dx.stride(0),
-        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=cb["block_n"], **launch_options(cb),
+        WEIGHTED=False, BLOCK_T=block_t, BLOCK_N=block_n, **launch_options(cb),
     )
     gu_n = dwgu["block_n"]
     gu_g = int(dwgu["d_group"])
