@@ -156,6 +156,12 @@ case "$step" in
       tag=$(echo "$args" | tr -d ' -')
       timeout 110 "$PY" ab_sparse_train_flag.py sparse_ffn.COMBINE_ROWS --values "False;True" $args --rounds 6 \
         --out "$out_abs/ab_COMBINE_ROWS_$tag.json" 2>&1 | grep -v Warn | tail -3
+    done
+    # the down / dx kernel's warpgroups staggered by a few K steps (sparse_ffn_sm90.STAGGER)
+    for args in "0;2|--ratio 0.3 --fwd" "0;4|--ratio 0.3 --fwd" "0;3|--ratio 0.3"; do
+      vals=${args%%|*}; rest=${args#*|}; tag=$(echo "$vals$rest" | tr -d ' ;-')
+      timeout 110 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.STAGGER --values "$vals" $rest --rounds 6 \
+        --out "$out_abs/ab_STAGGER_$tag.json" 2>&1 | grep -v Warn | tail -3
     done ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;

@@ -49,6 +49,9 @@ BLOCK_M = 128  # the grouping's row tile (two 64-row halves, one per consumer wa
 # tie. The main loop alone (stores off) ran at 754 / 776 TF/s: the down projection's output (y, 1.27 GB) is what
 # is left, both warpgroups storing at the same time.
 CONFIG = dict(block_n=256, block_k=32, stages=6)
+# Warpgroup 1 starts STAGGER K steps after warpgroup 0 (0: together), so their epilogues (the tile to shared memory
+# and its TMA store: the tensor cores idle while both run it) fall at different times. Session 35: measuring.
+STAGGER = 0
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer keeps 24, the consumers 240
 CONSUMER_REGS = 240
 
@@ -104,11 +107,13 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                  D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+    def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                  TILE_COUNT, D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, STAGGER: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item's tile, K steps as async wgmma with one in
-        flight (a slot is released once the product that read it is done), then the rows of the block stored."""
+        flight (a slot is released once the product that read it is done), then the rows of the block stored.
+        STAGGER > 0: warpgroup 1 starts once warpgroup 0 has issued its first min(STAGGER, steps) products, so
+        the two run that far apart and one's epilogue overlaps the other's last products."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         o_smem = o_bufs.index(WG)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -119,6 +124,8 @@ if HAVE_GLUON:
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         ks = BS // BLOCK_K
         n_steps = 2 * ks if DUAL else ks
+        if STAGGER > 0 and WG == 1 and gl.program_id(0) < total:
+            mbarrier.wait(start_bar, 0)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
@@ -131,6 +138,9 @@ if HAVE_GLUON:
                 else:
                     w_tile = b_bufs.index(slot)
                 acc = warpgroup_mma(a_bufs.index(2 * slot + WG), w_tile, acc, is_async=True)
+                if STAGGER > 0 and WG == 0:
+                    if it == gl.minimum(n_steps, STAGGER) - 1:
+                        mbarrier.arrive(start_bar, count=1)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
                 if s > 0:
                     _release(empty.index((it - 1) % STAGES))
@@ -154,13 +164,13 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+    def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                    TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, STAGGER: gl.constexpr):
         """The second warpgroup (a worker partition)."""
         WG1: gl.constexpr = 1
-        _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
+        _consumer(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                  TILE_COUNT, D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)
 
     # D stays specialized: its divisibility by 16 is what lets the epilogue store 16 bytes per thread (without it,
     # session 30's first build stored 2 bytes at a time and took 3.0 ms where its main loop alone took 0.38)
@@ -168,7 +178,8 @@ if HAVE_GLUON:
     def _sorted_rows_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                                       TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr,
                                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True):
+                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True,
+                                      STAGGER: gl.constexpr = 0):
         """OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with DUAL) for every real row
         tile of the grouping, as a persistent program per SM walking (row tile, column tile) work items (a row
         tile's column tiles consecutively, as the Triton kernel). W_NK: w is [D, F] (the down projection's
@@ -183,11 +194,12 @@ if HAVE_GLUON:
                                            out_desc.layout)
         ready = _barrier_array(STAGES, 1)  # the producer's expect + the TMA bytes
         empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
+        start_bar = _barrier_array(1, 1).index(0)  # STAGGER: warpgroup 0 lets warpgroup 1 start
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
-            (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+            (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START,
+                         OFFSETS, TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)),
+            (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START,
+                          OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)),
             (_producer, (a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT,
                          D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -212,7 +224,7 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
         _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
-        TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
+        TMA_STORE=tma_store, STAGGER=STAGGER, num_warps=4, maxnreg=MAXNREG,
     )
 
 
