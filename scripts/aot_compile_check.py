@@ -415,6 +415,9 @@ def cases():
                          STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
                          **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather, A in registers)", g9._dact_sm90_kernel,
+                    dict(out[-1][2], REG_A=True), dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg",
+                    "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG
         dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)

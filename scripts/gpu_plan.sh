@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-combine35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -146,23 +146,26 @@ case "$step" in
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     (cd benchmarks && timeout 200 "$PY" diag_sparse_gather_l2.py --out "$out_abs/diag_sparse_gather_l2.json" 2>&1 | grep -v Warn | tail -30
      timeout 100 "$PY" diag_sparse_ceilings.py --out "$out_abs/diag_sparse_ceilings.json" 2>&1 | grep -v Warn | tail -14) ;;
-  sparse-combine35)  # issue 6, session 35: whole-row combine tiles (COMBINE_ROWS): GPU tests, then A/B at 0.5 / 0.3
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
-      -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu" 2>&1 | tail -3
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2
+  sparse-ab35)  # issue 6, session 35 A/Bs: whole-row combine tiles (COMBINE_ROWS) at 0.5 / 0.3, dact's A in
+    # registers (DACT_REG_A), the down / dx warpgroups staggered (STAGGER)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     cd benchmarks
-    for args in "--ratio 0.5 --fwd" "--ratio 0.5" "--ratio 0.3"; do
-      tag=$(echo "$args" | tr -d ' -')
-      timeout 110 "$PY" ab_sparse_train_flag.py sparse_ffn.COMBINE_ROWS --values "False;True" $args --rounds 6 \
-        --out "$out_abs/ab_COMBINE_ROWS_$tag.json" 2>&1 | grep -v Warn | tail -3
-    done
-    # the down / dx kernel's warpgroups staggered by a few K steps (sparse_ffn_sm90.STAGGER)
-    for args in "0;2|--ratio 0.3 --fwd" "0;4|--ratio 0.3 --fwd" "0;3|--ratio 0.3"; do
-      vals=${args%%|*}; rest=${args#*|}; tag=$(echo "$vals$rest" | tr -d ' ;-')
-      timeout 110 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.STAGGER --values "$vals" $rest --rounds 6 \
-        --out "$out_abs/ab_STAGGER_$tag.json" 2>&1 | grep -v Warn | tail -3
-    done ;;
+    ab() {  # MODULE.FLAG VALUES TAG ARGS...
+      local flag=$1 vals=$2 tag=$3; shift 3
+      timeout 100 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" --rounds 6 "$@" \
+        --out "$out_abs/ab_${flag#*.}_$tag.json" 2>&1 | grep -v Warn | tail -3
+    }
+    ab sparse_ffn.COMBINE_ROWS "False;True" 0.5fwd --ratio 0.5 --fwd
+    ab sparse_ffn.COMBINE_ROWS "False;True" 0.5bwd --ratio 0.5
+    ab sparse_ffn.COMBINE_ROWS "False;True" 0.3bwd --ratio 0.3
+    ab sparse_ffn_sm90.DACT_REG_A "False;True" 0.3bwd --ratio 0.3
+    ab sparse_ffn_sm90.STAGGER "0;2" 0.3fwd2 --ratio 0.3 --fwd
+    ab sparse_ffn_sm90.STAGGER "0;4" 0.3fwd4 --ratio 0.3 --fwd
+    ab sparse_ffn_sm90.STAGGER "0;3" 0.3bwd3 --ratio 0.3 ;;
+  sparse-tests35)  # issue 6, session 35: the GPU tests of the combine tiles, STAGGER and DACT_REG_A
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
+      -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90" 2>&1 | tail -3
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2 ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)

@@ -1088,8 +1088,14 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, "dact",
-                        plain={"sm90": False, "full_block": True})
+    args = (go, x, wg, wu, wd, idx, w, act)
+    _bwd_gluon_vs_plain(args, kw, calls, "dact", plain={"sm90": False, "full_block": True})
+    # A in registers for the step's products (DACT_REG_A): the same products, the same bits
+    monkeypatch.setattr(g9, "DACT_REG_A", False)
+    want = tk.sparse_ffn_bwd(*args, **kw)
+    monkeypatch.setattr(g9, "DACT_REG_A", True)
+    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), tk.sparse_ffn_bwd(*args, **kw), want):
+        assert torch.equal(a, b), name
 
 
 def test_tail_pieces(monkeypatch):

@@ -504,6 +504,10 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # gathered dO row is read once per row tile.
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
+# dact's A operand (the gathered dO rows) loaded into registers once per K step for its two or three products
+# (128 + 64 + 32 columns at 224-neuron blocks), instead of each product reading it from shared memory: per consumer
+# and step 8 KB of shared-memory reads instead of 24. Session 35: measuring.
+DACT_REG_A = False
 
 if HAVE_GLUON:
 
@@ -572,7 +576,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
                        OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                       REG_A: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns as async wgmma (one step's products in flight), then the epilogue (the second, narrower part
         first) and the rows' dweight partial sums. R0 > 0: the second part holds only BS - BLOCK_N = R0 + R1
@@ -596,18 +601,26 @@ if HAVE_GLUON:
             for k0 in range(0, D, BLOCK_K):
                 slot = it % STAGES
                 mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-                a = a_bufs.index(2 * slot + WG)
+                if REG_A:  # A read from shared memory once, into registers, for all of the step's products
+                    a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                                              k_width=2))
+                    a1 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=l1, k_width=2))
+                    a2 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=l2, k_width=2))
+                else:  # each product reads A from shared memory
+                    fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+                    a = a_bufs.index(2 * slot + WG)
+                    a1 = a
+                    a2 = a
                 acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
                 if R0 == 0:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot), acc1, is_async=True)
                     acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
                 elif R1 == 0:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
                     acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
                 else:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
-                    acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
+                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                    acc2 = warpgroup_mma(a2, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
                     acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
                 if k0 > 0:
                     _release(empty.index((it - 1) % STAGES))
@@ -635,16 +648,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
                         OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, REG_A: gl.constexpr):
         WG1: gl.constexpr = 1
         _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)
 
     @gluon.jit
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0,
-                          R1: gl.constexpr = 0):
+                          R1: gl.constexpr = 0, REG_A: gl.constexpr = False):
         """The backward's dact (see above) over the grouping's real row tiles, persistent."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
@@ -652,9 +665,9 @@ if HAVE_GLUON:
         a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
             (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
             (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -681,7 +694,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, REG_A=DACT_REG_A, num_warps=4, maxnreg=MAXNREG,
     )
 
 
