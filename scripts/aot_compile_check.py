@@ -405,6 +405,9 @@ def cases():
                          BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
                          PRODUCER_REGS=g9.PRODUCER_REGS, **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+        out.append(("sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, A in registers)", g9._gate_up_sm90_kernel,
+                    dict(out[-1][2], REG_A=True), dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg",
+                    "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31)
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)

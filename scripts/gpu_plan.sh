@@ -159,12 +159,13 @@ case "$step" in
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.5bwd --ratio 0.5
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.3bwd --ratio 0.3
     ab sparse_ffn_sm90.DACT_REG_A "False;True" 0.3bwd --ratio 0.3
+    ab sparse_ffn_sm90.GATE_UP_REG_A "False;True" 0.3fwd --ratio 0.3 --fwd
     ab sparse_ffn_sm90.STAGGER "0;2" 0.3fwd2 --ratio 0.3 --fwd
     ab sparse_ffn_sm90.STAGGER "0;4" 0.3fwd4 --ratio 0.3 --fwd
     ab sparse_ffn_sm90.STAGGER "0;3" 0.3bwd3 --ratio 0.3 ;;
   sparse-tests35)  # issue 6, session 35: the GPU tests of the combine tiles, STAGGER and DACT_REG_A
     timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
-      -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90" 2>&1 | tail -3
+      -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90 or gate_up_sm90" 2>&1 | tail -3
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2 ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;

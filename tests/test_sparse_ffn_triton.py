@@ -1073,6 +1073,10 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
+    # A in registers for the step's products (GATE_UP_REG_A): the same products, the same bits
+    monkeypatch.setattr(g9, "GATE_UP_REG_A", not g9.GATE_UP_REG_A)
+    flipped, flipped_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
+    assert torch.equal(flipped, got) and torch.equal(flipped_act, act)
 
 
 @pytest.mark.gpu
@@ -1091,9 +1095,8 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     args = (go, x, wg, wu, wd, idx, w, act)
     _bwd_gluon_vs_plain(args, kw, calls, "dact", plain={"sm90": False, "full_block": True})
     # A in registers for the step's products (DACT_REG_A): the same products, the same bits
-    monkeypatch.setattr(g9, "DACT_REG_A", False)
     want = tk.sparse_ffn_bwd(*args, **kw)
-    monkeypatch.setattr(g9, "DACT_REG_A", True)
+    monkeypatch.setattr(g9, "DACT_REG_A", not g9.DACT_REG_A)
     for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), tk.sparse_ffn_bwd(*args, **kw), want):
         assert torch.equal(a, b), name
 

@@ -240,6 +240,10 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
 # and are not stored).
 
 GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
+# gate/up's A operand (the gathered x rows) loaded into registers once per K step for its gate and up products (two,
+# or four for a block's 64 + 32 tail pieces) instead of each product reading it from shared memory. Session 35:
+# measuring.
+GATE_UP_REG_A = False
 PRODUCER_REGS = 56  # the cp.async producer's address tensors; (2 x 224 + 56) x 128 <= 64K registers
 GATHER_CONSUMER_REGS = 224
 
@@ -329,7 +333,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
-                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, REG_A: gl.constexpr):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
         producer loads all the same, meet no product), gate and up products per piece as async wgmma, one step's
@@ -339,15 +343,21 @@ if HAVE_GLUON:
         for k0 in range(0, D, BLOCK_K):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-            a = a_bufs.index(2 * slot + WG)
+            if REG_A:  # A into registers once for the step's two or four products
+                a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=g0.type.layout,
+                                                                          k_width=2))
+                a1 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=g1.type.layout, k_width=2))
+            else:
+                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+                a = a_bufs.index(2 * slot + WG)
+                a1 = a
             bg = bg_bufs.index(slot)
             bu = bu_bufs.index(slot)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
             if TWO:
-                g1 = warpgroup_mma(a, bg.slice(R0, R1).permute((1, 0)), g1, is_async=True)
-                u1 = warpgroup_mma(a, bu.slice(R0, R1).permute((1, 0)), u1, is_async=True)
+                g1 = warpgroup_mma(a1, bg.slice(R0, R1).permute((1, 0)), g1, is_async=True)
+                u1 = warpgroup_mma(a1, bu.slice(R0, R1).permute((1, 0)), u1, is_async=True)
                 g0, u0, g1, u1 = warpgroup_mma_wait(4, deps=(g0, u0, g1, u1))
             else:
                 g0, u0 = warpgroup_mma_wait(2, deps=(g0, u0))
@@ -365,7 +375,7 @@ if HAVE_GLUON:
     def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                          R1: gl.constexpr):
+                          R1: gl.constexpr, REG_A: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
@@ -393,7 +403,7 @@ if HAVE_GLUON:
                 g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1,
-                                                          u1, WG, TWO, BLOCK_K, STAGES)
+                                                          u1, WG, TWO, BLOCK_K, STAGES, REG_A)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
@@ -405,10 +415,14 @@ if HAVE_GLUON:
                 for k0 in range(0, D, BLOCK_K):
                     slot = it % STAGES
                     mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                    # cp.async writes through the generic proxy, wgmma reads through the async one: order them (as
-                    # Triton's own pipeliner does between its cp.async waits and wgmma)
-                    fence_async_shared()
-                    a = a_bufs.index(2 * slot + WG)
+                    if REG_A:  # A into registers once for both products (a generic-proxy read: no fence)
+                        a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                                                  k_width=2))
+                    else:
+                        # cp.async writes through the generic proxy, wgmma reads through the async one: order them
+                        # (as Triton's own pipeliner does between its cp.async waits and wgmma)
+                        fence_async_shared()
+                        a = a_bufs.index(2 * slot + WG)
                     acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
                     acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
                     acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
@@ -423,16 +437,17 @@ if HAVE_GLUON:
     @gluon.jit
     def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                            TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
-                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                           REG_A: gl.constexpr):
         WG1: gl.constexpr = 1
         _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                              D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr,
                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             R0: gl.constexpr = 0, R1: gl.constexpr = 0):
+                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, REG_A: gl.constexpr = False):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
@@ -440,9 +455,9 @@ if HAVE_GLUON:
         a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
             (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
             (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -488,7 +503,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, REG_A=GATE_UP_REG_A, num_warps=4, maxnreg=MAXNREG,
     )
 
 
