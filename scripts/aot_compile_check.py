@@ -383,17 +383,16 @@ def cases():
         act = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)
         wdn = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
         wgu = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
-        for w_nk, bn, st, stagger in ((True, g9.CONFIG["block_n"], g9.CONFIG["stages"], g9.STAGGER), (True, 128, 10, 0),
-                                      (False, g9.CONFIG["block_n"], g9.CONFIG["stages"], g9.STAGGER),
-                                      (False, 128, 10, 0), (True, g9.CONFIG["block_n"], g9.CONFIG["stages"], 3)):
+        for w_nk, bn, st in ((True, g9.CONFIG["block_n"], g9.CONFIG["stages"]), (True, 128, 10),
+                             (False, g9.CONFIG["block_n"], g9.CONFIG["stages"]), (False, 128, 10)):
             a_t, w_t = (h, wdn) if w_nk else (act, wgu)
             w_box = [bn, 32] if w_nk else [32, bn]  # (K steps of 32: g9.CONFIG["block_k"])
-            out.append((f"sparse FFN {'down' if w_nk else 'bwd dx'} GEMM sm90 (Gluon) {bn}x32 s{st} stagger{stagger}",
+            out.append((f"sparse FFN {'down' if w_nk else 'bwd dx'} GEMM sm90 (Gluon) {bn}x32 s{st}",
                         g9._sorted_rows_gemm_sm90_kernel,
                         dict(a_desc=g9._desc(a_t, [64, 32]), w_desc=g9._desc(w_t, w_box), w2_desc=g9._desc(w_t, w_box),
                              out_desc=g9._desc(torch.empty(256, D_, dtype=torch.bfloat16), [64, bn]), OUT=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_,
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
-                             CONSUMER_REGS=g9.CONSUMER_REGS, STAGGER=stagger),
+                             CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
     if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31)
         c = g9.GATE_UP_CONFIG
@@ -405,9 +404,6 @@ def cases():
                          BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
                          PRODUCER_REGS=g9.PRODUCER_REGS, **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
-        out.append(("sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, A in registers)", g9._gate_up_sm90_kernel,
-                    dict(out[-1][2], REG_A=True), dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg",
-                    "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31)
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
@@ -418,9 +414,6 @@ def cases():
                          STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
                          **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
-        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather, A in registers)", g9._dact_sm90_kernel,
-                    dict(out[-1][2], REG_A=True), dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg",
-                    "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG
         dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)

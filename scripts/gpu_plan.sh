@@ -146,8 +146,9 @@ case "$step" in
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     (cd benchmarks && timeout 200 "$PY" diag_sparse_gather_l2.py --out "$out_abs/diag_sparse_gather_l2.json" 2>&1 | grep -v Warn | tail -30
      timeout 100 "$PY" diag_sparse_ceilings.py --out "$out_abs/diag_sparse_ceilings.json" 2>&1 | grep -v Warn | tail -14) ;;
-  sparse-ab35)  # issue 6, session 35 A/Bs: whole-row combine tiles (COMBINE_ROWS) at 0.5 / 0.3, dact's A in
-    # registers (DACT_REG_A), the down / dx warpgroups staggered (STAGGER)
+  sparse-ab35)  # issue 6, session 35 A/Bs (call 9): whole-row combine tiles (COMBINE_ROWS, kept) at 0.5 / 0.3. The
+    # same call measured three switches since removed (code at 9c541c0 / 679510c / f8ccdae): dact's and gate/up's A
+    # operand in registers (DACT_REG_A, GATE_UP_REG_A: slower) and the down / dx warpgroups staggered (STAGGER: a tie)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     cd benchmarks
     ab() {  # MODULE.FLAG VALUES TAG ARGS...
@@ -157,13 +158,8 @@ case "$step" in
     }
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.5fwd --ratio 0.5 --fwd
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.5bwd --ratio 0.5
-    ab sparse_ffn.COMBINE_ROWS "False;True" 0.3bwd --ratio 0.3
-    ab sparse_ffn_sm90.DACT_REG_A "False;True" 0.3bwd --ratio 0.3
-    ab sparse_ffn_sm90.GATE_UP_REG_A "False;True" 0.3fwd --ratio 0.3 --fwd
-    ab sparse_ffn_sm90.STAGGER "0;2" 0.3fwd2 --ratio 0.3 --fwd
-    ab sparse_ffn_sm90.STAGGER "0;4" 0.3fwd4 --ratio 0.3 --fwd
-    ab sparse_ffn_sm90.STAGGER "0;3" 0.3bwd3 --ratio 0.3 ;;
-  sparse-tests35)  # issue 6, session 35: the GPU tests of the combine tiles, STAGGER and DACT_REG_A
+    ab sparse_ffn.COMBINE_ROWS "False;True" 0.3bwd --ratio 0.3 ;;
+  sparse-tests35)  # issue 6, session 35: the GPU tests of the sparse FFN kernels the combine tiles touch
     timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
       -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90 or gate_up_sm90" 2>&1 | tail -3
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2 ;;

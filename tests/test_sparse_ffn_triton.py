@@ -557,7 +557,8 @@ def test_combine_kernel_at_every_tile_shape(d, tiles, weighted, poisoned):
     inv[1, 2] = -1
     inv[4, 0] = -2
     w = torch.rand(T, KT)
-    out = torch.empty(T, d)
+    # on y's device: a bare torch.empty under the poisoned fixture came back on the CPU on the H200
+    out = torch.empty(T, d, device=y.device)
     bt, bn = tiles
     tk._sparse_ffn_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bn))](
         y, inv, w, out, T, d, KT, out.stride(0), WEIGHTED=weighted, BLOCK_T=bt, BLOCK_N=bn)
@@ -1035,12 +1036,6 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     got = run(cfg)
     assert len(calls) == n0 + 1 and not got.isnan().any() and rel(got, want) < 1e-2
     assert torch.equal(got, run(cfg))
-    # warpgroup 1 starting some products behind warpgroup 0 (STAGGER; 9 > the 7 K steps of a down tile): the same
-    # products, so the same bits
-    for stagger in (3, 9):
-        monkeypatch.setattr(g9, "STAGGER", stagger)
-        assert torch.equal(run(cfg), got), stagger
-    monkeypatch.setattr(g9, "STAGGER", 0)
     monkeypatch.setattr(g9, "CONFIG", dict(block_n=128, block_k=32, stages=10))
     narrow = run(cfg)
     assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
@@ -1073,10 +1068,6 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
-    # A in registers for the step's products (GATE_UP_REG_A): the same products, the same bits
-    monkeypatch.setattr(g9, "GATE_UP_REG_A", not g9.GATE_UP_REG_A)
-    flipped, flipped_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
-    assert torch.equal(flipped, got) and torch.equal(flipped_act, act)
 
 
 @pytest.mark.gpu
@@ -1092,13 +1083,8 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    args = (go, x, wg, wu, wd, idx, w, act)
-    _bwd_gluon_vs_plain(args, kw, calls, "dact", plain={"sm90": False, "full_block": True})
-    # A in registers for the step's products (DACT_REG_A): the same products, the same bits
-    want = tk.sparse_ffn_bwd(*args, **kw)
-    monkeypatch.setattr(g9, "DACT_REG_A", not g9.DACT_REG_A)
-    for name, a, b in zip(("dx", "dW_gate", "dW_up", "dW_down", "dweights"), tk.sparse_ffn_bwd(*args, **kw), want):
-        assert torch.equal(a, b), name
+    _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, "dact",
+                        plain={"sm90": False, "full_block": True})
 
 
 def test_tail_pieces(monkeypatch):

@@ -49,9 +49,6 @@ BLOCK_M = 128  # the grouping's row tile (two 64-row halves, one per consumer wa
 # tie. The main loop alone (stores off) ran at 754 / 776 TF/s: the down projection's output (y, 1.27 GB) is what
 # is left, both warpgroups storing at the same time.
 CONFIG = dict(block_n=256, block_k=32, stages=6)
-# Warpgroup 1 starts STAGGER K steps after warpgroup 0 (0: together), so their epilogues (the tile to shared memory
-# and its TMA store: the tensor cores idle while both run it) fall at different times. Session 35: measuring.
-STAGGER = 0
 MAXNREG = 168  # 3 warpgroups x 128 threads x 168 <= 64K registers: the producer keeps 24, the consumers 240
 CONSUMER_REGS = 240
 
@@ -107,13 +104,11 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                  TILE_COUNT, D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, STAGGER: gl.constexpr):
+    def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+                  D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item's tile, K steps as async wgmma with one in
-        flight (a slot is released once the product that read it is done), then the rows of the block stored.
-        STAGGER > 0: warpgroup 1 starts once warpgroup 0 has issued its first min(STAGGER, steps) products, so
-        the two run that far apart and one's epilogue overlaps the other's last products."""
+        flight (a slot is released once the product that read it is done), then the rows of the block stored."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         o_smem = o_bufs.index(WG)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -124,8 +119,6 @@ if HAVE_GLUON:
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         ks = BS // BLOCK_K
         n_steps = 2 * ks if DUAL else ks
-        if STAGGER > 0 and WG == 1 and gl.program_id(0) < total:
-            mbarrier.wait(start_bar, 0)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
@@ -138,9 +131,6 @@ if HAVE_GLUON:
                 else:
                     w_tile = b_bufs.index(slot)
                 acc = warpgroup_mma(a_bufs.index(2 * slot + WG), w_tile, acc, is_async=True)
-                if STAGGER > 0 and WG == 0:
-                    if it == gl.minimum(n_steps, STAGGER) - 1:
-                        mbarrier.arrive(start_bar, count=1)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
                 if s > 0:
                     _release(empty.index((it - 1) % STAGES))
@@ -164,13 +154,13 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+    def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                    TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, STAGGER: gl.constexpr):
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
         """The second warpgroup (a worker partition)."""
         WG1: gl.constexpr = 1
-        _consumer(a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                  TILE_COUNT, D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)
+        _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
+                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
 
     # D stays specialized: its divisibility by 16 is what lets the epilogue store 16 bytes per thread (without it,
     # session 30's first build stored 2 bytes at a time and took 3.0 ms where its main loop alone took 0.38)
@@ -178,8 +168,7 @@ if HAVE_GLUON:
     def _sorted_rows_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                                       TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr,
                                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True,
-                                      STAGGER: gl.constexpr = 0):
+                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True):
         """OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with DUAL) for every real row
         tile of the grouping, as a persistent program per SM walking (row tile, column tile) work items (a row
         tile's column tiles consecutively, as the Triton kernel). W_NK: w is [D, F] (the down projection's
@@ -194,12 +183,11 @@ if HAVE_GLUON:
                                            out_desc.layout)
         ready = _barrier_array(STAGES, 1)  # the producer's expect + the TMA bytes
         empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
-        start_bar = _barrier_array(1, 1).index(0)  # STAGGER: warpgroup 0 lets warpgroup 1 start
         gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START,
-                         OFFSETS, TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)),
-            (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, start_bar, out_desc, OUT, TILE_BLOCK, TILE_START,
-                          OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, STAGGER)),
+            (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+            (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
             (_producer, (a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT,
                          D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -224,7 +212,7 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
         _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
-        TMA_STORE=tma_store, STAGGER=STAGGER, num_warps=4, maxnreg=MAXNREG,
+        TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -240,10 +228,6 @@ def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | N
 # and are not stored).
 
 GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
-# gate/up's A operand (the gathered x rows) loaded into registers once per K step for its gate and up products (two,
-# or four for a block's 64 + 32 tail pieces) instead of each product reading it from shared memory. Session 35:
-# measuring.
-GATE_UP_REG_A = False
 PRODUCER_REGS = 56  # the cp.async producer's address tensors; (2 x 224 + 56) x 128 <= 64K registers
 GATHER_CONSUMER_REGS = 224
 
@@ -333,7 +317,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
-                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, REG_A: gl.constexpr):
+                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
         producer loads all the same, meet no product), gate and up products per piece as async wgmma, one step's
@@ -343,21 +327,15 @@ if HAVE_GLUON:
         for k0 in range(0, D, BLOCK_K):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            if REG_A:  # A into registers once for the step's two or four products
-                a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=g0.type.layout,
-                                                                          k_width=2))
-                a1 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=g1.type.layout, k_width=2))
-            else:
-                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-                a = a_bufs.index(2 * slot + WG)
-                a1 = a
+            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+            a = a_bufs.index(2 * slot + WG)
             bg = bg_bufs.index(slot)
             bu = bu_bufs.index(slot)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
             if TWO:
-                g1 = warpgroup_mma(a1, bg.slice(R0, R1).permute((1, 0)), g1, is_async=True)
-                u1 = warpgroup_mma(a1, bu.slice(R0, R1).permute((1, 0)), u1, is_async=True)
+                g1 = warpgroup_mma(a, bg.slice(R0, R1).permute((1, 0)), g1, is_async=True)
+                u1 = warpgroup_mma(a, bu.slice(R0, R1).permute((1, 0)), u1, is_async=True)
                 g0, u0, g1, u1 = warpgroup_mma_wait(4, deps=(g0, u0, g1, u1))
             else:
                 g0, u0 = warpgroup_mma_wait(2, deps=(g0, u0))
@@ -375,7 +353,7 @@ if HAVE_GLUON:
     def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                          R1: gl.constexpr, REG_A: gl.constexpr):
+                          R1: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
@@ -403,7 +381,7 @@ if HAVE_GLUON:
                 g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1,
-                                                          u1, WG, TWO, BLOCK_K, STAGES, REG_A)
+                                                          u1, WG, TWO, BLOCK_K, STAGES)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
@@ -415,14 +393,10 @@ if HAVE_GLUON:
                 for k0 in range(0, D, BLOCK_K):
                     slot = it % STAGES
                     mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                    if REG_A:  # A into registers once for both products (a generic-proxy read: no fence)
-                        a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=acc_layout,
-                                                                                  k_width=2))
-                    else:
-                        # cp.async writes through the generic proxy, wgmma reads through the async one: order them
-                        # (as Triton's own pipeliner does between its cp.async waits and wgmma)
-                        fence_async_shared()
-                        a = a_bufs.index(2 * slot + WG)
+                    # cp.async writes through the generic proxy, wgmma reads through the async one: order them (as
+                    # Triton's own pipeliner does between its cp.async waits and wgmma)
+                    fence_async_shared()
+                    a = a_bufs.index(2 * slot + WG)
                     acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
                     acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
                     acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
@@ -437,17 +411,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                            TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
-                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                           REG_A: gl.constexpr):
+                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
         WG1: gl.constexpr = 1
         _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                              D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr,
                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, REG_A: gl.constexpr = False):
+                             R0: gl.constexpr = 0, R1: gl.constexpr = 0):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
@@ -455,9 +428,9 @@ if HAVE_GLUON:
         a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -503,7 +476,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, REG_A=GATE_UP_REG_A, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -519,10 +492,6 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # gathered dO row is read once per row tile.
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
-# dact's A operand (the gathered dO rows) loaded into registers once per K step for its two or three products
-# (128 + 64 + 32 columns at 224-neuron blocks), instead of each product reading it from shared memory: per consumer
-# and step 8 KB of shared-memory reads instead of 24. Session 35: measuring.
-DACT_REG_A = False
 
 if HAVE_GLUON:
 
@@ -591,8 +560,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
                        OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                       REG_A: gl.constexpr):
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns as async wgmma (one step's products in flight), then the epilogue (the second, narrower part
         first) and the rows' dweight partial sums. R0 > 0: the second part holds only BS - BLOCK_N = R0 + R1
@@ -616,26 +584,18 @@ if HAVE_GLUON:
             for k0 in range(0, D, BLOCK_K):
                 slot = it % STAGES
                 mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                if REG_A:  # A read from shared memory once, into registers, for all of the step's products
-                    a = a_bufs.index(2 * slot + WG).load(gl.DotOperandLayout(operand_index=0, parent=acc_layout,
-                                                                              k_width=2))
-                    a1 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=l1, k_width=2))
-                    a2 = gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=l2, k_width=2))
-                else:  # each product reads A from shared memory
-                    fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-                    a = a_bufs.index(2 * slot + WG)
-                    a1 = a
-                    a2 = a
+                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+                a = a_bufs.index(2 * slot + WG)
                 acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
                 if R0 == 0:
-                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot), acc1, is_async=True)
+                    acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
                     acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
                 elif R1 == 0:
-                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
                     acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
                 else:
-                    acc1 = warpgroup_mma(a1, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
-                    acc2 = warpgroup_mma(a2, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
+                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                    acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
                     acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
                 if k0 > 0:
                     _release(empty.index((it - 1) % STAGES))
@@ -663,16 +623,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
                         OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, REG_A: gl.constexpr):
+                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
         WG1: gl.constexpr = 1
         _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)
+                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
 
     @gluon.jit
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0,
-                          R1: gl.constexpr = 0, REG_A: gl.constexpr = False):
+                          R1: gl.constexpr = 0):
         """The backward's dact (see above) over the grouping's real row tiles, persistent."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
@@ -680,9 +640,9 @@ if HAVE_GLUON:
         a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
         gl.warp_specialize([
             (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
+                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1, REG_A)),
+                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
@@ -709,7 +669,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, REG_A=DACT_REG_A, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
     )
 
 
