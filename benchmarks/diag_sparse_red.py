@@ -39,37 +39,28 @@ BM, BN = 128, 256
 
 
 @triton.jit
-def _tile_values(rows, cols):
-    return rows[:, None].to(tl.float32) * 1e-3 + cols[None, :].to(tl.float32) * 1e-4
+def _tile(ORDER, TILE_BLOCK, TILE_START, OFFSETS, D, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's output tile: its sorted rows, the block's end, its columns and synthesised fp32 values."""
+    n_col = D // BN
+    t = tl.load(ORDER + tl.program_id(0) // n_col)
+    b = tl.load(TILE_BLOCK + t)
+    rows = tl.load(TILE_START + t) + tl.arange(0, BM)
+    cols = (tl.program_id(0) % n_col) * BN + tl.arange(0, BN)
+    v = rows[:, None].to(tl.float32) * 1e-3 + cols[None, :].to(tl.float32) * 1e-4
+    return rows, tl.load(OFFSETS + b + 1), cols, v
 
 
 @triton.jit
 def _store_kernel(Y, ORDER, TILE_BLOCK, TILE_START, OFFSETS, D, BM: tl.constexpr, BN: tl.constexpr):
-    n_col = D // BN
-    t = tl.load(ORDER + tl.program_id(0) // n_col)
-    c = tl.program_id(0) % n_col
-    b = tl.load(TILE_BLOCK + t)
-    start = tl.load(TILE_START + t)
-    hi = tl.load(OFFSETS + b + 1)
-    rows = start + tl.arange(0, BM)
-    cols = c * BN + tl.arange(0, BN)
-    v = _tile_values(rows, cols)
+    rows, hi, cols, v = _tile(ORDER, TILE_BLOCK, TILE_START, OFFSETS, D, BM, BN)
     tl.store(Y + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(Y.dtype.element_ty), mask=(rows < hi)[:, None])
 
 
 @triton.jit
 def _atomic_kernel(ACC, SORTED_TOK, ORDER, TILE_BLOCK, TILE_START, OFFSETS, D, T, BM: tl.constexpr,
                    BN: tl.constexpr):
-    n_col = D // BN
-    t = tl.load(ORDER + tl.program_id(0) // n_col)
-    c = tl.program_id(0) % n_col
-    b = tl.load(TILE_BLOCK + t)
-    start = tl.load(TILE_START + t)
-    hi = tl.load(OFFSETS + b + 1)
-    rows = start + tl.arange(0, BM)
+    rows, hi, cols, v = _tile(ORDER, TILE_BLOCK, TILE_START, OFFSETS, D, BM, BN)
     tok = tl.load(SORTED_TOK + rows, mask=rows < hi, other=T)  # row T of ACC takes the padding rows
-    cols = c * BN + tl.arange(0, BN)
-    v = _tile_values(rows, cols)
     tl.atomic_add(ACC + tok.to(tl.int64)[:, None] * D + cols[None, :], v, sem="relaxed")
 
 
