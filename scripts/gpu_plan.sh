@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -163,6 +163,13 @@ case "$step" in
     timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_ffn_triton.py \
       -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90 or gate_up_sm90" 2>&1 | tail -3
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2 ;;
+  sparse-host36)  # issue 6, next session: the T8192 0.15 fwd+bwd row (2.95-2.99x in session 35, 3.96x in session 34):
+    # the host's enqueue time per step and its cProfile (pack_plan / unpack_plan), then the suite's 0.15 / 0.3 rows
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.15,0.3 --out "$out_abs/diag_sparse_host.json" \
+      2>&1 | grep -v Warn | tail -60)
+    timeout 200 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd\+bwd T8192 ratio0\.(15|3) .*dense" \
+      --out "$OUT/suite" 2>&1 | grep -E "^fwd" | head ;;
   diag-comm-kernels)  # per-kernel time of the DDP hook's local work (needs the CUDA build: run after `bench comm_hook`)
     timeout 300 "$PY" benchmarks/diag_comm_kernels.py --out "$OUT/diag_comm_kernels.json" ;;
   diag-hier-kernels)  # per-kernel time of hierarchical fwd+bwd at 8k-512k (the scaling question)
