@@ -159,3 +159,38 @@ def print_host_profile(fn, calls: int = 200, top: int = 18, width: int = 160) ->
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     print("\n".join(line[:width] for line in buf.getvalue().splitlines()[:top + 27]))
+
+
+def sparse_routing(x: torch.Tensor, ratio: float, n_blocks: int = 64, block_m: int = 128):
+    """The sparse FFN's real routing of ``x [T, D]`` at ``ratio`` (a random router scaled as a trained one,
+    sigmoid gates, gate weighting): ``(k, idx, weights, grouping, w_full, w_sorted)``."""
+    from deepseek_kernels.reference.sparse_ffn import n_active
+    from deepseek_kernels.triton import sparse_ffn as tk
+
+    k = n_active(ratio, n_blocks)
+    D = x.shape[1]
+    router = (torch.randn(n_blocks, D, device=x.device) * D**-0.5).to(x.dtype)
+    idx, weights, _ = tk.sparse_ffn_route(x, router, k=k, gate="sigmoid", weighting="gate")
+    return (k, idx, weights) + tuple(tk.route_pairs(idx, weights, 0, n_blocks, block_m))
+
+
+def interleaved_tiles(grouping, group: int) -> torch.Tensor:
+    """A permutation of the grouping's real row tiles: the m-th tile of each of ``group`` blocks together (the
+    blocks of a group in order inside each wave), so the tiles in flight share a token window; 0: as grouped."""
+    n = int(grouping.tile_count.item())
+    if group == 0:
+        return torch.arange(n, device=grouping.offsets.device)
+    b = grouping.tile_block[:n].long()
+    m = (grouping.tile_start[:n].long() - grouping.offsets[b].long()) // grouping.block_m
+    return torch.argsort(((b // group) * 100000 + m) * 1000 + b)
+
+
+def combine(y, inv, w_full, out, k: int, block_t: int = 16, block_n: int = 64, num_warps: int = 4) -> None:
+    """The sparse FFN's weighted combine kernel over rows ``y`` at the given tiles (``out[t] = sum_j w[t, j]
+    y[inv[t, j]]``)."""
+    from deepseek_kernels.triton import sparse_ffn as tk
+
+    T, D = out.shape
+    tk._sparse_ffn_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_n))](
+        y, inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t, BLOCK_N=block_n,
+        num_warps=num_warps)

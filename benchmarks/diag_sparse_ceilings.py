@@ -7,7 +7,8 @@ bf16, d_model 4096, 64 blocks of d_ff 14336; P = tokens x active blocks. Rows of
 - write: ``y.fill_`` of [P, D] (the down GEMM's output traffic alone);
 - copy: [P, D] -> [P, D] (read + write);
 - token-major sum: ``y.view(T, k, D).sum(1)`` (the combine's reads if a token's rows were adjacent);
-- combine: the library's combine kernel over the real router's grouping (rows in block order);
+- combine: the library's combine kernel (its tiles: ``combine_tiles``) over the real router's grouping (rows in
+  block order);
 - combine, token-major rows: the same kernel with each token's k rows adjacent (what a down GEMM storing its rows
   at their token's slots would leave).
 ``--sweep``: the combine kernel's tile shapes (tokens x columns per program, warps) over both row orders.
@@ -18,10 +19,9 @@ import argparse
 import torch
 import triton
 
-from deepseek_kernels.reference.sparse_ffn import n_active
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import save_json
+from _tuning import combine, save_json, sparse_routing
 
 
 def _ms(fn) -> float:
@@ -40,45 +40,28 @@ def main():
     rows = []
     print(f"{'ratio':>5} {'case':<44} {'ms':>8} {'GB moved':>9} {'TB/s':>6}")
     for ratio in (float(r) for r in args.ratios.split(",")):
-        k = n_active(ratio, NB)
+        x = torch.randn(T, D, device="cuda", dtype=dt)
+        k, _, _, g, w_full, _ = sparse_routing(x, ratio, NB)
         P = T * k
         y = torch.randn(P, D, device="cuda", dtype=dt)
         y2 = torch.empty_like(y)
         nbytes = y.numel() * y.element_size()
-        x = torch.randn(T, D, device="cuda", dtype=dt)
-        router = (torch.randn(NB, D, device="cuda") * D**-0.5).to(dt)
-        idx, weights, _ = tk.sparse_ffn_route(x, router, k=k, gate="sigmoid", weighting="gate")
-        g, w_full, _ = tk.route_pairs(idx, weights, 0, NB, 128)
         out = torch.empty(T, D, device="cuda", dtype=dt)
-        cb = {"block_n": 64, "num_warps": 4, "num_stages": None}
-        block_t = 16
-
-        def combine():
-            tk._sparse_ffn_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
-                y, g.inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t,
-                BLOCK_N=cb["block_n"], num_warps=cb["num_warps"])
-
         inv_tm = torch.arange(P, device="cuda", dtype=g.inv.dtype).view(T, k)
-
-        def combine_tm():
-            tk._sparse_ffn_combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, cb["block_n"]))](
-                y, inv_tm, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=block_t,
-                BLOCK_N=cb["block_n"], num_warps=cb["num_warps"])
-
+        lib = tk.combine_tiles(D)  # the library's tiles (tokens, columns)
         cases = [("write (fill)", lambda: y2.fill_(1.0), nbytes),
                  ("copy", lambda: y2.copy_(y), 2 * nbytes),
                  ("token-major sum", lambda: torch.sum(y.view(T, k, D), 1, out=out), nbytes + out.numel() * 2),
-                 ("combine kernel", combine, nbytes + out.numel() * 2),
-                 ("combine, token-major rows", combine_tm, nbytes + out.numel() * 2)]
+                 ("combine kernel", lambda: combine(y, g.inv, w_full, out, k, *lib), nbytes + out.numel() * 2),
+                 ("combine, token-major rows", lambda: combine(y, inv_tm, w_full, out, k, *lib),
+                  nbytes + out.numel() * 2)]
         if args.sweep:
             for bt, bn, nw in ((16, 64, 4), (16, 128, 4), (8, 256, 4), (8, 512, 4), (4, 512, 4), (4, 1024, 4),
                                (2, 1024, 4), (2, 2048, 8), (1, 2048, 4), (1, 4096, 4), (1, 4096, 8)):
                 for order, inv in (("rows by block", g.inv), ("token-major rows", inv_tm)):
-                    def fn(bt=bt, bn=bn, nw=nw, inv=inv):
-                        tk._sparse_ffn_combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bn))](
-                            y, inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=bt, BLOCK_N=bn,
-                            num_warps=nw)
-                    cases.append((f"combine {bt}x{bn} w{nw}, {order}", fn, nbytes + out.numel() * 2))
+                    cases.append((f"combine {bt}x{bn} w{nw}, {order}",
+                                  lambda bt=bt, bn=bn, nw=nw, inv=inv: combine(y, inv, w_full, out, k, bt, bn, nw),
+                                  nbytes + out.numel() * 2))
         for name, fn, moved in cases:
             ms = _ms(fn)
             rows.append(dict(ratio=ratio, k=k, P=P, case=name, ms=ms, bytes=moved, tb_s=moved / ms / 1e9))

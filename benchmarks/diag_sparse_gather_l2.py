@@ -16,20 +16,15 @@ import dataclasses
 import torch
 import triton
 
-from deepseek_kernels.reference.sparse_ffn import n_active
-from deepseek_kernels.triton import sparse_ffn as tk
 from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-from _tuning import save_json
+from _tuning import interleaved_tiles, save_json, sparse_routing
 
 
 def reorder(g, group: int):
-    """``g`` with its real row tiles in groups of ``group`` blocks, the m-th tile of each block of a group
-    together (block-major inside a group's wave)."""
+    """``g`` with its real row tiles in :func:`interleaved_tiles` order."""
     n = int(g.tile_count.item())
-    b = g.tile_block[:n].long()
-    m = (g.tile_start[:n].long() - g.offsets[b].long()) // g.block_m
-    perm = torch.argsort(((b // group) * 100000 + m) * 1000 + b)
+    perm = interleaved_tiles(g, group)
     tb, ts = g.tile_block.clone(), g.tile_start.clone()
     tb[:n], ts[:n] = g.tile_block[:n][perm], g.tile_start[:n][perm]
     return dataclasses.replace(g, tile_block=tb, tile_start=ts)
@@ -47,17 +42,14 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(T, D, device="cuda", dtype=dt)
     go = torch.randn(T, D, device="cuda", dtype=dt)
-    wr = (torch.randn(NB, D, device="cuda") * D**-0.5).to(dt)
     wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
     wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
     ms = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60)
     rows = []
     print(f"{'ratio':>5} {'kernel':<8} {'rows / order':<26} {'ms':>8} {'TF/s':>6}")
     for ratio in (float(r) for r in args.ratios.split(",")):
-        k = n_active(ratio, NB)
+        k, _, _, g, _, w_sorted = sparse_routing(x, ratio, NB, g9.BLOCK_M)
         P = T * k
-        idx, weights, _ = tk.sparse_ffn_route(x, wr, k=k, gate="sigmoid", weighting="gate")
-        g, _, w_sorted = tk.route_pairs(idx, weights, 0, NB, g9.BLOCK_M)
         hot = dataclasses.replace(g, sorted_tok=g.sorted_tok % 256)
         h = torch.empty(P, BS, device="cuda", dtype=dt)
         act = torch.randn(P, 2 * BS, device="cuda", dtype=dt)

@@ -7,7 +7,8 @@ Every program stands for one output tile of the down projection (128 block-sorte
 router's grouping) and synthesises its values (no operand reads), so a row shows the store or reduction traffic
 alone. Cases:
 - store bf16 rows: the tile into y [P, D] (what the down GEMM's epilogue writes today), plus the combine kernel
-  that reads y back (the two together are what a fused reduction would replace);
+  that reads y back at the library's tiles (the two together are what a fused reduction would replace; session
+  35's call 1 ran the 16 x 64 tiles of before);
 - atomic v4 / red v4: the tile added into an fp32 [T, D] accumulator at its rows' tokens (Triton's relaxed
   ``atomic_add``, 4-wide; a Gluon ``red.global.add.v4.f32`` by inline assembly), with the row tiles in the
   grouping's order (block-major: every block sweeps all tokens) or interleaved in groups of G blocks (the m-th tile
@@ -22,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from deepseek_kernels.reference.sparse_ffn import n_active
 from deepseek_kernels.triton import sparse_ffn as tk
 
-from _tuning import save_json
+from _tuning import combine, interleaved_tiles, save_json, sparse_routing
 
 try:
     from triton.experimental import gluon
@@ -87,17 +87,6 @@ if HAVE_GLUON:
             pack=4)
 
 
-def tile_order(g, group: int) -> torch.Tensor:
-    """Row tiles in the grouping's order (group 0) or the m-th tile of each of ``group`` blocks together."""
-    n = int(g.tile_count.item())
-    if group == 0:
-        return torch.arange(n, dtype=torch.int32, device=g.offsets.device)
-    b = g.tile_block[:n].long()
-    m = (g.tile_start[:n].long() - g.offsets[b].long()) // g.block_m
-    key = ((b // group) * 100000 + m) * 1000 + b
-    return torch.argsort(key).to(torch.int32)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -117,26 +106,19 @@ def main():
         print(f"{ratio:>5} {name:<28} {t:8.3f} {payload / 1e9:10.2f} {payload / t / 1e9:6.2f}", flush=True)
 
     for ratio in (float(r) for r in args.ratios.split(",")):
-        k = n_active(ratio, NB)
-        P = T * k
         x = torch.randn(T, D, device="cuda", dtype=dt)
-        router = (torch.randn(NB, D, device="cuda") * D**-0.5).to(dt)
-        idx, weights, _ = tk.sparse_ffn_route(x, router, k=k, gate="sigmoid", weighting="gate")
-        g, w_full, _ = tk.route_pairs(idx, weights, 0, NB, BM)
+        k, _, _, g, w_full, _ = sparse_routing(x, ratio, NB, BM)
+        P = T * k
         n_tiles = int(g.tile_count.item())
         grid = (n_tiles * (D // BN),)
         y = torch.empty(P, D, device="cuda", dtype=dt)
         out = torch.empty(T, D, device="cuda", dtype=dt)
         acc = torch.zeros(T + 1, D, device="cuda", dtype=torch.float32)
-        order0 = tile_order(g, 0)
+        order0 = interleaved_tiles(g, 0).to(torch.int32)
         row(ratio, "store bf16 rows", ms(lambda: _store_kernel[grid](y, order0, g.tile_block, g.tile_start, g.offsets,
                                                                       D, BM=BM, BN=BN, num_warps=4)), P * D * 2)
-
-        def combine():
-            tk._sparse_ffn_combine_kernel[(triton.cdiv(T, 16), triton.cdiv(D, 64))](
-                y, g.inv, w_full, out, T, D, k, out.stride(0), WEIGHTED=True, BLOCK_T=16, BLOCK_N=64, num_warps=4)
-
-        row(ratio, "combine (reads y)", ms(combine), P * D * 2 + T * D * 2)
+        row(ratio, "combine (reads y)", ms(lambda: combine(y, g.inv, w_full, out, k, *tk.combine_tiles(D))),
+            P * D * 2 + T * D * 2)
         row(ratio, "acc fp32 -> bf16", ms(lambda: out.copy_(acc[:T])), T * D * 6)
         row(ratio, "acc zero", ms(lambda: acc.zero_()), (T + 1) * D * 4)
         # the reference sum of the synthesised values, to check each reduced result
@@ -147,7 +129,7 @@ def main():
         kernels = [("atomic v4", _atomic_kernel)] + ([("red v4", _red_kernel)] if HAVE_GLUON else [])
         for name, kern in kernels:
             for group in (int(s) for s in args.groups.split(",")):
-                order = tile_order(g, group)
+                order = interleaved_tiles(g, group).to(torch.int32)
                 launch = lambda: kern[grid](acc, g.sorted_tok, order, g.tile_block, g.tile_start, g.offsets, D, T,
                                              BM=BM, BN=BN, num_warps=4)
                 acc.zero_()
