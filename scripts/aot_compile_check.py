@@ -394,26 +394,34 @@ def cases():
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
                              CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
-    if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31)
+    if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31), its whole tiles
+        # as one wide product (GATE_UP_WIDE, session 36) or two
         c = g9.GATE_UP_CONFIG
         wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
         wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])
-        out.append(("sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather)", g9._gate_up_sm90_kernel,
-                    dict(w_desc_g=wdesc, w_desc_u=wdesc, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32, TILE_BLOCK=i32,
-                         TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_, SAVE_ACT=True,
-                         BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
-                         PRODUCER_REGS=g9.PRODUCER_REGS, **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
-                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
-    if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31)
+        for wide in (True, False):
+            out.append((f"sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather{', wide' if wide else ''})",
+                        g9._gate_up_sm90_kernel,
+                        dict(w_desc_g=wdesc, w_desc_u=wdesc, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32,
+                             TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_,
+                             SAVE_ACT=True, BLOCK_K=c["block_k"], STAGES=c["stages"],
+                             CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS, WIDE=wide,
+                             **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
+                        dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+    if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31): one wide product (DACT_WIDE, session 36) and
+        # the 128-column product + pieces
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
-        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather)", g9._dact_sm90_kernel,
-                    dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
-                         DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                         OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
-                         STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
-                         **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
-                    dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+        for wide in (True, False):
+            out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather, {'wide' if wide else 'pieces'})",
+                        g9._dact_sm90_kernel,
+                        dict(w_desc=g9._desc(wdn_t, [c["block_k"], g9.DACT_WIDE_N if wide else c["block_n"]]),
+                             DO=bf16, ACT=bf16, WSORT="*fp32", DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32,
+                             TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_,
+                             BS=BS_, BLOCK_K=c["block_k"], STAGES=c["stages"], CONSUMER_REGS=g9.GATHER_CONSUMER_REGS,
+                             PRODUCER_REGS=g9.PRODUCER_REGS, WIDE=wide,
+                             **dict(zip(("R0", "R1"), (0, 0) if wide else g9.tail_pieces(BS_ - c["block_n"])))),
+                        dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG
         dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)

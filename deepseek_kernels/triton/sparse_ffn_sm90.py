@@ -235,26 +235,51 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
     @gluon.jit
-    def _gather_ring(dtype: gl.constexpr, w_desc0, w_desc1, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    def _gather_ring(dtype: gl.constexpr, w_desc0, w_desc1, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                     ONE_B: gl.constexpr = False, MERGE_B: gl.constexpr = False):
         """The shared memory of the gathered-A kernels: per slot the two 64-row A halves [64, BLOCK_K] (written by
-        cp.async) and two weight tiles (TMA), a ready barrier (the weights' expect + one cp.async arrival per
+        cp.async) and two weight tiles (TMA; ``ONE_B``: one, w_desc0's, returned twice; ``MERGE_B``: the two
+        [BLOCK_N, BLOCK_K] tiles as the halves of one [2 BLOCK_N, BLOCK_K] tile, returned twice, so one product
+        can read both: :func:`_w_tiles`), a ready barrier (the weights' expect + one cp.async arrival per
         producer thread) and an empty one (one arrival per consumer warpgroup)."""
         HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], dtype)
         a_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
-        b0_bufs = gl.allocate_shared_memory(w_desc0.dtype, [STAGES] + w_desc0.block_type.shape, w_desc0.layout)
-        b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape, w_desc1.layout)
+        if MERGE_B:
+            N: gl.constexpr = w_desc0.block_type.shape[0]
+            K: gl.constexpr = w_desc0.block_type.shape[1]
+            b0_bufs = gl.allocate_shared_memory(w_desc0.dtype, [STAGES, 2 * N, K], w_desc0.layout)
+            b1_bufs = b0_bufs
+        else:
+            b0_bufs = gl.allocate_shared_memory(w_desc0.dtype, [STAGES] + w_desc0.block_type.shape, w_desc0.layout)
+            if ONE_B:
+                b1_bufs = b0_bufs
+            else:
+                b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape,
+                                                    w_desc1.layout)
         return a_bufs, b0_bufs, b1_bufs, _barrier_array(STAGES, 1 + 4 * 32), _barrier_array(STAGES, 2)
+
+    @gluon.jit
+    def _w_tiles(b0_bufs, b1_bufs, slot, MERGED: gl.constexpr):
+        """Slot ``slot``'s two weight tiles (views of the merged tile's halves where ``MERGED``)."""
+        if MERGED:
+            t = b0_bufs.index(slot)
+            N: gl.constexpr = t.type.shape[0] // 2
+            return t.slice(0, N), t.slice(N, N)
+        else:
+            return b0_bufs.index(slot), b1_bufs.index(slot)
 
     @gluon.jit
     def _gather_producer(w_desc0, w_desc1, X, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                          TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr):
+                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr, ONE_B: gl.constexpr = False,
+                         MERGE_B: gl.constexpr = False):
         """Four warps: per work item and K step, the gathered X rows of both 64-row halves by cp.async (every
         thread arrives on the slot's ready barrier when its copies are done) and two weight tiles by TMA. Gate/up
         (not W_KN): items are (row tile, BLOCK_N-neuron column tile), the tiles ``w_gate / w_up [f0 +: BLOCK_N,
         k0 +: BLOCK_K]``; dact (W_KN, ``w_desc0 = w_desc1`` over w_down [D, F]): one item per row tile, the tiles
-        ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N)."""
+        ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N);
+        ``ONE_B`` (dact's one wide product): the one tile ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` (BS <= BLOCK_N)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -265,7 +290,10 @@ if HAVE_GLUON:
         else:
             n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
+        if ONE_B:
+            w_bytes: gl.constexpr = w_desc0.block_type.nbytes
+        else:
+            w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -285,12 +313,15 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
                 mbarrier.expect(bar, w_bytes)
-                if W_KN:
+                if ONE_B:
+                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
+                elif W_KN:
                     tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
                     tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
                 else:
-                    tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, b0_bufs.index(slot))
-                    tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, b1_bufs.index(slot))
+                    w0, w1 = _w_tiles(b0_bufs, b1_bufs, slot, MERGE_B)
+                    tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, w0)
+                    tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, w1)
                 kc = gl.expand_dims(k0 + cols, 0)
                 k_ok = kc < D
                 async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), x0 + kc, mask=m0 & k_ok)
@@ -317,7 +348,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
-                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                             MERGED: gl.constexpr = False):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
         producer loads all the same, meet no product), gate and up products per piece as async wgmma, one step's
@@ -329,8 +361,7 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
             a = a_bufs.index(2 * slot + WG)
-            bg = bg_bufs.index(slot)
-            bu = bu_bufs.index(slot)
+            bg, bu = _w_tiles(bg_bufs, bu_bufs, slot, MERGED)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
             if TWO:
@@ -353,11 +384,14 @@ if HAVE_GLUON:
     def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                          R1: gl.constexpr):
+                          R1: gl.constexpr, WIDE: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
-        pieces of those widths (:func:`_gate_up_pieces_loop`) rather than BLOCK_N padded columns."""
+        pieces of those widths (:func:`_gate_up_pieces_loop`) rather than BLOCK_N padded columns. ``WIDE``: a
+        whole column tile's gate and up products as one product over the merged weight tiles (``bg_bufs`` is
+        ``bu_bufs``, :func:`_gather_ring`'s MERGE_B: the A tile read from shared memory once per K step, not
+        twice)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -381,12 +415,31 @@ if HAVE_GLUON:
                 g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                 g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1,
-                                                          u1, WG, TWO, BLOCK_K, STAGES)
+                                                          u1, WG, TWO, BLOCK_K, STAGES, WIDE)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
                     _gate_up_store(g1, u1, H, ACT, p_rows, hi, pid_n * BLOCK_N + R0, BS, SAVE_ACT, piece_layout)
                 _gate_up_store(g0, u0, H, ACT, p_rows, hi, pid_n * BLOCK_N, BS, SAVE_ACT, piece_layout)
+            elif WIDE:
+                wide_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                      instr_shape=[16, 2 * BLOCK_N, 16])
+                acc = gl.zeros([HALF_M, 2 * BLOCK_N], gl.float32, wide_layout)
+                for k0 in range(0, D, BLOCK_K):
+                    slot = it % STAGES
+                    mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                    fence_async_shared()  # (see below)
+                    acc = warpgroup_mma(a_bufs.index(2 * slot + WG), bg_bufs.index(slot).permute((1, 0)), acc,
+                                        is_async=True)
+                    acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
+                    if k0 > 0:
+                        _release(empty.index((it - 1) % STAGES))
+                    it += 1
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                _release(empty.index((it - 1) % STAGES))
+                acc_g, acc_u = _halves(acc)  # columns [0, BLOCK_N): gate, [BLOCK_N, 2 BLOCK_N): up
+                _gate_up_store(acc_g, acc_u, H, ACT, rows, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, BS, SAVE_ACT,
+                               out_layout)
             else:
                 acc_g = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
                 acc_u = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
@@ -411,28 +464,32 @@ if HAVE_GLUON:
     @gluon.jit
     def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                            TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
-                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                           WIDE: gl.constexpr):
         WG1: gl.constexpr = 1
         _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                              D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr,
                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             R0: gl.constexpr = 0, R1: gl.constexpr = 0):
-        """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent."""
+                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, WIDE: gl.constexpr = False):
+        """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent.
+        ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
-        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES)
+        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
+                                                              False, WIDE)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
             (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
             (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN,
+                                False, WIDE)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -466,6 +523,12 @@ def gate_up_pieces(bs: int, block_n: int) -> tuple:
     return tail_pieces(bs % block_n) if bs > block_n else (0, 0)
 
 
+# A whole column tile's gate and up products as one [64, 2 x 128] product per warpgroup and K step over the two weight
+# tiles side by side in shared memory (instead of two products, each re-reading the warpgroup's A tile). The
+# block's last, partial tile keeps its pieces (which read the merged tiles' halves). False: two products (A/B).
+GATE_UP_WIDE = True
+
+
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
                  grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
     """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
@@ -476,7 +539,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -492,6 +555,17 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # gathered dO row is read once per row tile.
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
+# Blocks of 128 < BS <= 256 neurons as one [64, 256] product per warpgroup and K step (the block's columns plus
+# the padding to 256) instead of a 128-column product and the rest as one or two pieces: each product re-reads
+# the warpgroup's A tile from shared memory, so three products per step (224 = 128 + 64 + 32) read it three times.
+# Costs 256 / BS of the block's MMA work (14 % more at 224). False: the pieces (A/B).
+DACT_WIDE = True
+DACT_WIDE_N = 256
+
+
+def dact_wide(bs: int) -> bool:
+    """Whether the gathered dact kernel takes blocks of ``bs`` neurons as one wide product (``DACT_WIDE``)."""
+    return DACT_WIDE and DACT_WIDE_N // 2 < bs <= DACT_WIDE_N
 
 if HAVE_GLUON:
 
@@ -621,6 +695,69 @@ if HAVE_GLUON:
             gl.store(DWP + rows, part, mask=r_ok)
 
     @gluon.jit
+    def _dact_wide_epilogue(acc, ACT, WSORT, DACT, HW, r0, hi, BS: gl.constexpr, out_layout: gl.constexpr):
+        """:func:`_dact_piece` over a [64, 256] accumulator (block columns 0 +: 256) in 32-column pieces, those
+        past the block's BS neurons skipped; returns (the rows' partial sum, rows, which rows count)."""
+        h0, h1 = _halves(acc)
+        q0, q1 = _halves(h1)
+        p2, p3 = _halves(q1)
+        part, rows, r_ok = _dact_pieces(h0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)
+        if BS > 224:
+            part += gl.convert_layout(_dact_piece(p3, ACT, WSORT, DACT, HW, r0, hi, 224, BS, out_layout)[0],
+                                      part.type.layout)
+        if BS > 192:
+            part += gl.convert_layout(_dact_piece(p2, ACT, WSORT, DACT, HW, r0, hi, 192, BS, out_layout)[0],
+                                      part.type.layout)
+        p0, p1 = _halves(q0)
+        if BS > 160:
+            part += gl.convert_layout(_dact_piece(p1, ACT, WSORT, DACT, HW, r0, hi, 160, BS, out_layout)[0],
+                                      part.type.layout)
+        part += gl.convert_layout(_dact_piece(p0, ACT, WSORT, DACT, HW, r0, hi, 128, BS, out_layout)[0],
+                                  part.type.layout)
+        return part, rows, r_ok
+
+    @gluon.jit
+    def _dact_wide_consumer(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                            OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_K: gl.constexpr,
+                            STAGES: gl.constexpr):
+        """:func:`_dact_consumer` for blocks of 128 < BS <= 256 neurons as one wide product: g over the slot's
+        [BLOCK_K, 256] weight tile (its columns past the block's BS read the next block's weights, or TMA's
+        zeros past w_down's end, and are never stored), one wgmma per K step instead of two or three: the A
+        tile is read from shared memory once per step, not once per product."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        BW: gl.constexpr = b_bufs.type.shape[2]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BW, 16])
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        total = gl.load(TILE_COUNT).to(gl.int32)
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
+            acc = gl.zeros([HALF_M, BW], gl.float32, acc_layout)
+            for k0 in range(0, D, BLOCK_K):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+                acc = warpgroup_mma(a_bufs.index(2 * slot + WG), b_bufs.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
+                if k0 > 0:
+                    _release(empty.index((it - 1) % STAGES))
+                it += 1
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _release(empty.index((it - 1) % STAGES))
+            r0 = start + WG * HALF_M
+            part, rows, r_ok = _dact_wide_epilogue(acc, ACT, WSORT, DACT, HW, r0, gl.load(OFFSETS + b + 1), BS,
+                                                   out_layout)
+            gl.store(DWP + rows, part, mask=r_ok)
+
+    @gluon.jit
+    def _dact_wide_consumer1(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                             OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        WG1: gl.constexpr = 1
+        _dact_wide_consumer(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                            OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_K, STAGES)
+
+    @gluon.jit
     def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
                         OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                         STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
@@ -632,20 +769,33 @@ if HAVE_GLUON:
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0,
-                          R1: gl.constexpr = 0):
-        """The backward's dact (see above) over the grouping's real row tiles, persistent."""
+                          R1: gl.constexpr = 0, WIDE: gl.constexpr = False):
+        """The backward's dact (see above) over the grouping's real row tiles, persistent. ``WIDE``: one
+        [BLOCK_K, BLOCK_N = 256] weight tile and product per K step (:func:`_dact_wide_consumer`)."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
-        gl.warp_specialize([
-            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                              TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                               TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES,
+                                                              WIDE)
+        if WIDE:
+            gl.warp_specialize([
+                (_dact_wide_consumer, (a_bufs, b0_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                       TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_K, STAGES)),
+                (_dact_wide_consumer1, (a_bufs, b0_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                        TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_K, STAGES)),
+                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK,
+                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
+                                    STAGES, W_KN, WIDE)),
+            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                  TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                   TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                                    TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, bs: int, block_n: int) -> bool:
@@ -664,12 +814,14 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
     BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
-    r0, r1 = tail_pieces(bs - block_n)
+    wide = dact_wide(bs)
+    r0, r1 = (0, 0) if wide else tail_pieces(bs - block_n)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
-        _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
-        grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
-        grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=MAXNREG,
+        _desc(w_down, [block_k, DACT_WIDE_N if wide else block_n]), grad_out, act, w_sorted, dact, hw, dwp,
+        grouping.sorted_tok, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count,
+        grad_out.shape[1], grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages,
+        CONSUMER_REGS=GATHER_CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=wide, num_warps=4,
+        maxnreg=MAXNREG,
     )
 
 
