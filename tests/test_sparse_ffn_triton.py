@@ -1074,19 +1074,18 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, wide, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("wide", [True, False], ids=["wide", "pieces"])
+@pytest.mark.parametrize("epi", [True, False], ids=["epilogue-partition", "inline-epilogue"])
 @pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
-def test_dact_sm90_on_gpu(T, bs, tail, wide, monkeypatch):
+def test_dact_sm90_on_gpu(T, bs, tail, epi, monkeypatch):
     """The gathered Gluon dact (``dact.sm90``, session 31): every gradient (dx, dW gate/up/down, dweights) of the
     backward with the Triton full-block dact within bf16 rounding, dact and hw written for every row and neuron
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
-    their block. Gate weights not 1, so a w_p mix-up shows. The block as one 256-column product (``DACT_WIDE``,
-    session 36: its padding columns read the next block's weights, or zeros past the last block) or as a
-    128-column product and the second part as pieces or padded."""
+    their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded; the
+    epilogue in its own partition from g staged in shared memory (``DACT_EPI``, session 36) or in the consumers."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
-    monkeypatch.setattr(g9, "DACT_WIDE", wide)
-    assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail and g9.dact_wide(bs) == wide
+    monkeypatch.setattr(g9, "DACT_EPI", epi)
+    assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
@@ -1110,12 +1109,6 @@ def test_tail_pieces(monkeypatch):
     assert g9.gate_up_pieces(256, 128) == (0, 0)
     monkeypatch.setattr(g9, "TAIL_PIECES", False)
     assert g9.tail_pieces(96) == (0, 0) and g9.gate_up_pieces(224, 128) == (0, 0)
-    # dact's one wide product: blocks of 129-256 neurons (a narrower block fits one 128-column product)
-    monkeypatch.setattr(g9, "DACT_WIDE", True)
-    assert g9.dact_wide(224) and g9.dact_wide(136) and g9.dact_wide(256)
-    assert not g9.dact_wide(128) and not g9.dact_wide(96) and not g9.dact_wide(264)
-    monkeypatch.setattr(g9, "DACT_WIDE", False)
-    assert not g9.dact_wide(224)
 
 
 def _bwd_gluon_vs_plain(args, kw, calls, kernel: str, plain: dict, gluon_cfg: dict | None = None):

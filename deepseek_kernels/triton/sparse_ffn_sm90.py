@@ -236,11 +236,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gather_ring(dtype: gl.constexpr, w_desc0, w_desc1, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                     ONE_B: gl.constexpr = False, MERGE_B: gl.constexpr = False):
+                     MERGE_B: gl.constexpr = False):
         """The shared memory of the gathered-A kernels: per slot the two 64-row A halves [64, BLOCK_K] (written by
-        cp.async) and two weight tiles (TMA; ``ONE_B``: one, w_desc0's, returned twice; ``MERGE_B``: the two
-        [BLOCK_N, BLOCK_K] tiles as the halves of one [2 BLOCK_N, BLOCK_K] tile, returned twice, so one product
-        can read both: :func:`_w_tiles`), a ready barrier (the weights' expect + one cp.async arrival per
+        cp.async) and two weight tiles (TMA; ``MERGE_B``: the two [BLOCK_N, BLOCK_K] tiles as the halves of one
+        [2 BLOCK_N, BLOCK_K] tile, returned twice, so one product can read both: :func:`_w_tiles`), a ready barrier (the weights' expect + one cp.async arrival per
         producer thread) and an empty one (one arrival per consumer warpgroup)."""
         HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], dtype)
@@ -252,11 +251,7 @@ if HAVE_GLUON:
             b1_bufs = b0_bufs
         else:
             b0_bufs = gl.allocate_shared_memory(w_desc0.dtype, [STAGES] + w_desc0.block_type.shape, w_desc0.layout)
-            if ONE_B:
-                b1_bufs = b0_bufs
-            else:
-                b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape,
-                                                    w_desc1.layout)
+            b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape, w_desc1.layout)
         return a_bufs, b0_bufs, b1_bufs, _barrier_array(STAGES, 1 + 4 * 32), _barrier_array(STAGES, 2)
 
     @gluon.jit
@@ -272,14 +267,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _gather_producer(w_desc0, w_desc1, X, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                          TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr, ONE_B: gl.constexpr = False,
+                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr,
                          MERGE_B: gl.constexpr = False):
         """Four warps: per work item and K step, the gathered X rows of both 64-row halves by cp.async (every
         thread arrives on the slot's ready barrier when its copies are done) and two weight tiles by TMA. Gate/up
         (not W_KN): items are (row tile, BLOCK_N-neuron column tile), the tiles ``w_gate / w_up [f0 +: BLOCK_N,
         k0 +: BLOCK_K]``; dact (W_KN, ``w_desc0 = w_desc1`` over w_down [D, F]): one item per row tile, the tiles
-        ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N);
-        ``ONE_B`` (dact's one wide product): the one tile ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` (BS <= BLOCK_N)."""
+        ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N).
+        ``MERGE_B``: the gate / up tiles into the halves of the merged tile (:func:`_gather_ring`)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -290,10 +285,7 @@ if HAVE_GLUON:
         else:
             n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        if ONE_B:
-            w_bytes: gl.constexpr = w_desc0.block_type.nbytes
-        else:
-            w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
+        w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -313,9 +305,7 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
                 mbarrier.expect(bar, w_bytes)
-                if ONE_B:
-                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
-                elif W_KN:
+                if W_KN:
                     tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
                     tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
                 else:
@@ -481,7 +471,7 @@ if HAVE_GLUON:
         W_KN: gl.constexpr = False
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
         a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
-                                                              False, WIDE)
+                                                              WIDE)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                                  TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
@@ -489,7 +479,7 @@ if HAVE_GLUON:
                                   TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
             (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN,
-                                False, WIDE)),
+                                WIDE)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -555,18 +545,6 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # gathered dO row is read once per row tile.
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
-# Blocks of 128 < BS <= 256 neurons as one [64, 256] product per warpgroup and K step (the block's columns plus
-# the padding to 256) instead of a 128-column product and the rest as one or two pieces: each product re-reads
-# the warpgroup's A tile from shared memory, so three products per step (224 = 128 + 64 + 32) read it three times.
-# Costs 256 / BS of the block's MMA work (14 % more at 224). False: the pieces (A/B).
-DACT_WIDE = True
-DACT_WIDE_N = 256
-
-
-def dact_wide(bs: int) -> bool:
-    """Whether the gathered dact kernel takes blocks of ``bs`` neurons as one wide product (``DACT_WIDE``)."""
-    return DACT_WIDE and DACT_WIDE_N // 2 < bs <= DACT_WIDE_N
-
 if HAVE_GLUON:
 
     @gluon.jit
@@ -632,14 +610,49 @@ if HAVE_GLUON:
         return part, rows, r_ok
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+        """One warpgroup's K loop of a row tile: g over the block's first BLOCK_N columns (acc0) and its second
+        part (acc1, and acc2 where R1 > 0: the pieces, see :func:`_dact_consumer`) as async wgmma, one step's
+        products in flight, each ring slot released once the products that read it are done. Returns
+        (acc0, acc1, acc2, it)."""
+        for k0 in range(0, D, BLOCK_K):
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+            a = a_bufs.index(2 * slot + WG)
+            acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
+            if R0 == 0:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
+            elif R1 == 0:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            else:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
+                acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
+                acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
+            if k0 > 0:
+                _release(empty.index((it - 1) % STAGES))
+            it += 1
+        if R1 == 0:
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        else:
+            acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
+        _release(empty.index((it - 1) % STAGES))
+        return acc0, acc1, acc2, it
+
+    @gluon.jit
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
+                       OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS: gl.constexpr,
+                       WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                       R0: gl.constexpr, R1: gl.constexpr, EPI: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
-        columns as async wgmma (one step's products in flight), then the epilogue (the second, narrower part
-        first) and the rows' dweight partial sums. R0 > 0: the second part holds only BS - BLOCK_N = R0 + R1
-        neurons, computed as pieces of those widths (columns [0, R0) and [R0, R0 + R1) of the slot's second
-        weight tile) rather than BLOCK_N padded columns."""
+        columns (:func:`_dact_mainloop`), then the epilogue (the second, narrower part first) and the rows'
+        dweight partial sums; ``EPI``: g staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
+        (:func:`_dact_epilogue`), and on to the next tile's products. R0 > 0: the second part holds only
+        BS - BLOCK_N = R0 + R1 neurons, computed as pieces of those widths (columns [0, R0) and [R0, R0 + R1) of
+        the slot's second weight tile) rather than BLOCK_N padded columns."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -650,151 +663,156 @@ if HAVE_GLUON:
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         total = gl.load(TILE_COUNT).to(gl.int32)
         it = 0
+        n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
             acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF_M, W1], gl.float32, l1)
             acc2 = gl.zeros([HALF_M, W2], gl.float32, l2)
-            for k0 in range(0, D, BLOCK_K):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-                a = a_bufs.index(2 * slot + WG)
-                acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
-                if R0 == 0:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
-                    acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
-                elif R1 == 0:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
-                    acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2,
+                                                  WG, BLOCK_K, STAGES, R0, R1)
+            if EPI:  # hand g over once the epilogue partition is done with the previous tile's
+                mbarrier.wait(g_empty, (n & 1) ^ 1)
+                dt: gl.constexpr = g0_smem.dtype
+                g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
+                g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
+                if R1 > 0:
+                    g2_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc2.to(dt))
+                _release(g_full)
+                n += 1
+            else:
+                r0 = start + WG * HALF_M
+                hi = gl.load(OFFSETS + b + 1)
+                # the narrow parts first (each piece's temporaries live next to the accumulators not yet done)
+                # (the pieces' row sums come in their accumulators' layouts: the same rows per thread, so the
+                # conversions to the first's cost nothing)
+                if R1 > 0:
+                    part, rows, r_ok = _dact_pieces(acc2, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0, BS,
+                                                    out_layout)
+                    p1 = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)[0]
+                    part += gl.convert_layout(p1, part.type.layout)
                 else:
-                    acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
-                    acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
-                    acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
-                if k0 > 0:
-                    _release(empty.index((it - 1) % STAGES))
-                it += 1
-            if R1 == 0:
-                acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
-            else:
-                acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
-            _release(empty.index((it - 1) % STAGES))
-            r0 = start + WG * HALF_M
-            hi = gl.load(OFFSETS + b + 1)
-            # the narrow parts first (each piece's temporaries live next to the accumulators not yet done)
-            # (the pieces' row sums come in their accumulators' layouts: the same rows per thread, so the
-            # conversions to the first's cost nothing)
-            if R1 > 0:
-                part, rows, r_ok = _dact_pieces(acc2, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0, BS, out_layout)
-                p1 = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)[0]
-                part += gl.convert_layout(p1, part.type.layout)
-            else:
-                part, rows, r_ok = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)
-            p0 = _dact_pieces(acc0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)[0]
-            part += gl.convert_layout(p0, part.type.layout)
-            gl.store(DWP + rows, part, mask=r_ok)
-
-    @gluon.jit
-    def _dact_wide_epilogue(acc, ACT, WSORT, DACT, HW, r0, hi, BS: gl.constexpr, out_layout: gl.constexpr):
-        """:func:`_dact_piece` over a [64, 256] accumulator (block columns 0 +: 256) in 32-column pieces, those
-        past the block's BS neurons skipped; returns (the rows' partial sum, rows, which rows count)."""
-        h0, h1 = _halves(acc)
-        q0, q1 = _halves(h1)
-        p2, p3 = _halves(q1)
-        part, rows, r_ok = _dact_pieces(h0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)
-        if BS > 224:
-            part += gl.convert_layout(_dact_piece(p3, ACT, WSORT, DACT, HW, r0, hi, 224, BS, out_layout)[0],
-                                      part.type.layout)
-        if BS > 192:
-            part += gl.convert_layout(_dact_piece(p2, ACT, WSORT, DACT, HW, r0, hi, 192, BS, out_layout)[0],
-                                      part.type.layout)
-        p0, p1 = _halves(q0)
-        if BS > 160:
-            part += gl.convert_layout(_dact_piece(p1, ACT, WSORT, DACT, HW, r0, hi, 160, BS, out_layout)[0],
-                                      part.type.layout)
-        part += gl.convert_layout(_dact_piece(p0, ACT, WSORT, DACT, HW, r0, hi, 128, BS, out_layout)[0],
-                                  part.type.layout)
-        return part, rows, r_ok
-
-    @gluon.jit
-    def _dact_wide_consumer(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                            OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, BLOCK_K: gl.constexpr,
-                            STAGES: gl.constexpr):
-        """:func:`_dact_consumer` for blocks of 128 < BS <= 256 neurons as one wide product: g over the slot's
-        [BLOCK_K, 256] weight tile (its columns past the block's BS read the next block's weights, or TMA's
-        zeros past w_down's end, and are never stored), one wgmma per K step instead of two or three: the A
-        tile is read from shared memory once per step, not once per product."""
-        HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        BW: gl.constexpr = b_bufs.type.shape[2]
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BW, 16])
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        total = gl.load(TILE_COUNT).to(gl.int32)
-        it = 0
-        for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
-            acc = gl.zeros([HALF_M, BW], gl.float32, acc_layout)
-            for k0 in range(0, D, BLOCK_K):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-                acc = warpgroup_mma(a_bufs.index(2 * slot + WG), b_bufs.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
-                if k0 > 0:
-                    _release(empty.index((it - 1) % STAGES))
-                it += 1
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            _release(empty.index((it - 1) % STAGES))
-            r0 = start + WG * HALF_M
-            part, rows, r_ok = _dact_wide_epilogue(acc, ACT, WSORT, DACT, HW, r0, gl.load(OFFSETS + b + 1), BS,
-                                                   out_layout)
-            gl.store(DWP + rows, part, mask=r_ok)
-
-    @gluon.jit
-    def _dact_wide_consumer1(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                             OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-        WG1: gl.constexpr = 1
-        _dact_wide_consumer(a_bufs, b_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                            OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_K, STAGES)
+                    part, rows, r_ok = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)
+                p0 = _dact_pieces(acc0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)[0]
+                part += gl.convert_layout(p0, part.type.layout)
+                gl.store(DWP + rows, part, mask=r_ok)
 
     @gluon.jit
     def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                        OFFSETS, TILE_COUNT, D, BS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+                        OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS: gl.constexpr,
+                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
+                        R1: gl.constexpr, EPI: gl.constexpr):
         WG1: gl.constexpr = 1
         _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, BS, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+                       OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS, WG1, BLOCK_N, BLOCK_K,
+                       STAGES, R0, R1, EPI)
+
+    @gluon.jit
+    def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
+        """The SwiGLU derivative of the staged g rows ``g_smem [CH, N]`` (sorted rows ``r0 +: CH``, block columns
+        ``c0 +: N``) in a blocked layout (16-byte loads of act and stores of da, du, w_p * h where N allows);
+        returns the rows' partial sum of g * h."""
+        CH: gl.constexpr = g_smem.type.shape[0]
+        N: gl.constexpr = g_smem.type.shape[1]
+        VEC: gl.constexpr = 8 if N * CH // 128 >= 8 else N * CH // 128
+        TN: gl.constexpr = N // VEC
+        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [4, 1], [1, 0])
+        g = g_smem.load(layout).to(gl.float32)
+        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+        r_ok = rows < hi
+        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(cols < BS, 0)
+        o = gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
+        a = gl.load(ACT + o, mask=mask, other=0.0).to(gl.float32)
+        u = gl.load(ACT + o + BS, mask=mask, other=0.0).to(gl.float32)
+        wp = gl.expand_dims(gl.load(WSORT + rows, mask=r_ok, other=0.0).to(gl.float32), 1)
+        s = 1.0 / (1.0 + gl.exp(-a))
+        silu = a * s
+        h = silu * u
+        part = gl.sum(gl.where(mask, g * h, 0.0), axis=1)
+        dh = g * wp
+        dt = DACT.dtype.element_ty
+        gl.store(DACT + o, (dh * u * s * (1.0 + a * (1.0 - s))).to(dt), mask=mask)
+        gl.store(DACT + o + BS, (dh * silu).to(dt), mask=mask)
+        hw_off = gl.expand_dims(rows.to(gl.int64) * BS, 1) + gl.expand_dims(cols, 0)
+        gl.store(HW + hw_off, (h * wp).to(HW.dtype.element_ty), mask=mask)
+        return part
+
+    @gluon.jit
+    def _dact_epilogue(g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                       TILE_START, OFFSETS, TILE_COUNT, BS: gl.constexpr, BLOCK_N: gl.constexpr, R0: gl.constexpr,
+                       R1: gl.constexpr):
+        """The epilogue partition (4 warps, ``EPI``): per row tile, once both consumers staged g, the SwiGLU
+        derivative of its rows in chunks of 16 (:func:`_dact_rows` over each staged part) and the rows' dweight
+        partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products."""
+        CH: gl.constexpr = 16
+        M: gl.constexpr = g0_smem.type.shape[0]
+        total = gl.load(TILE_COUNT).to(gl.int32)
+        n = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
+            hi = gl.load(OFFSETS + b + 1)
+            mbarrier.wait(g_full, n & 1)
+            for rc in gl.static_range(0, M, CH):
+                r0 = start + rc
+                part = _dact_rows(g0_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, 0, BS)
+                p1 = _dact_rows(g1_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS)
+                part += gl.convert_layout(p1, part.type.layout)
+                if R1 > 0:
+                    p2 = _dact_rows(g2_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0, BS)
+                    part += gl.convert_layout(p2, part.type.layout)
+                rows = r0 + gl.arange(0, CH, layout=part.type.layout)
+                gl.store(DWP + rows, part, mask=rows < hi)
+            _release(g_empty)
+            n += 1
 
     @gluon.jit
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0,
-                          R1: gl.constexpr = 0, WIDE: gl.constexpr = False):
-        """The backward's dact (see above) over the grouping's real row tiles, persistent. ``WIDE``: one
-        [BLOCK_K, BLOCK_N = 256] weight tile and product per K step (:func:`_dact_wide_consumer`)."""
+                          R1: gl.constexpr = 0, EPI: gl.constexpr = False, EPI_REGS: gl.constexpr = 0):
+        """The backward's dact (see above) over the grouping's real row tiles, persistent. ``EPI``: a fourth
+        partition (4 warps, ``EPI_REGS``) runs the epilogue from g staged in shared memory."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES,
-                                                              WIDE)
-        if WIDE:
+        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
+        W1: gl.constexpr = R0 if R0 > 0 else BLOCK_N
+        W2: gl.constexpr = R1 if R1 > 0 else 16
+        M: gl.constexpr = 2 * a_bufs.type.shape[1]
+        dt: gl.constexpr = DO.dtype.element_ty
+        g_rows: gl.constexpr = M if EPI else 16  # (the staging buffers are not used without EPI)
+        g0_smem = gl.allocate_shared_memory(dt, [g_rows, BLOCK_N], gl.NVMMASharedLayout.get_default_for(
+            [g_rows, BLOCK_N], dt))
+        g1_smem = gl.allocate_shared_memory(dt, [g_rows, W1], gl.NVMMASharedLayout.get_default_for([g_rows, W1], dt))
+        g2_smem = gl.allocate_shared_memory(dt, [g_rows, W2], gl.NVMMASharedLayout.get_default_for([g_rows, W2], dt))
+        g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
+        g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
+        if EPI:
             gl.warp_specialize([
-                (_dact_wide_consumer, (a_bufs, b0_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                       TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_K, STAGES)),
-                (_dact_wide_consumer1, (a_bufs, b0_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                        TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_K, STAGES)),
+                (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                  TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
+                                  WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
+                (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                   TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
+                                   BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
                 (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK,
                                     TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
-                                    STAGES, W_KN, WIDE)),
-            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+                                    STAGES, W_KN)),
+                (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                                  TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1)),
+            ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
         else:
             gl.warp_specialize([
                 (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                  TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+                                  TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
+                                  WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
                 (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                   TILE_START, OFFSETS, TILE_COUNT, D, BS, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                    TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+                                   TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
+                                   BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
+                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK,
+                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
+                                    STAGES, W_KN)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -808,20 +826,33 @@ def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tens
             and all((t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (grad_out, w_down)))
 
 
+# The epilogue in its own partition (``DACT_EPI``): the consumers stage g (bf16) in shared memory and go on to the
+# next tile's products while a fourth warpgroup computes the SwiGLU derivative and stores da, du, w_p * h and the
+# dweight partial sums (H200 session 36, T8192 ratio 0.3: the kernel with that epilogue 0.667 ms, its main loop
+# alone 0.481). The staging buffers (56 KB at 224 neurons) take the ring's fourth slot; 16 warps leave 128
+# registers a thread on average: the consumers 168, the producer PRODUCER_REGS, the epilogue DACT_EPI_REGS.
+DACT_EPI = True
+DACT_EPI_STAGES = 3
+DACT_EPI_CONSUMER_REGS = 168
+DACT_EPI_REGS = 120
+DACT_EPI_MAXNREG = 128
+
+
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
               dact: torch.Tensor, hw: torch.Tensor, dwp: torch.Tensor, grouping, *, bs: int, block_n: int,
               block_k: int, stages: int) -> None:
     """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
     BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
-    wide = dact_wide(bs)
-    r0, r1 = (0, 0) if wide else tail_pieces(bs - block_n)
+    r0, r1 = tail_pieces(bs - block_n)
+    epi = dict(EPI=True, EPI_REGS=DACT_EPI_REGS, CONSUMER_REGS=DACT_EPI_CONSUMER_REGS, maxnreg=DACT_EPI_MAXNREG,
+               STAGES=min(stages, DACT_EPI_STAGES)) if DACT_EPI else dict(
+        CONSUMER_REGS=GATHER_CONSUMER_REGS, maxnreg=MAXNREG, STAGES=stages)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
-        _desc(w_down, [block_k, DACT_WIDE_N if wide else block_n]), grad_out, act, w_sorted, dact, hw, dwp,
-        grouping.sorted_tok, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count,
-        grad_out.shape[1], grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages,
-        CONSUMER_REGS=GATHER_CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=wide, num_warps=4,
-        maxnreg=MAXNREG,
+        _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
+        grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
+        grad_out.stride(0), BS=bs, BLOCK_K=block_k, PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4,
+        **epi,
     )
 
 

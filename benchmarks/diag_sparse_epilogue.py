@@ -1,0 +1,110 @@
+"""What do the gathered sparse-FFN kernels' epilogues cost? The Gluon dact (and gate/up) timed alone as they are and
+with their epilogue's memory work replaced by a row sum of the accumulators (no loads of act, no stores of
+dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue), and dact with its epilogue
+in its own partition (``DACT_EPI``).
+
+    python benchmarks/diag_sparse_epilogue.py [--ratio 0.3] [--out FILE.json]
+
+Each variant runs in its own process (the stub replaces module globals before the first compile). bf16, T8192,
+d_model 4096, d_ff 14336, 64 blocks, the real router's grouping.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+import triton
+
+from _tuning import save_json, sparse_routing
+
+# (kernel, form, stub): dact's epilogue in the consumers ("inline") or in its own partition (DACT_EPI); gate/up's
+# whole tiles as two products or one wide one (GATE_UP_WIDE). Session 36's first run (call 4) also timed dact as one
+# 256-column product (0.767 ms full, 0.546 main loop; removed, code at 0ff6529).
+VARIANTS = [("dact", "inline", False), ("dact", "inline", True), ("dact", "partition", False),
+            ("gate/up", "two products", False), ("gate/up", "two products", True), ("gate/up", "wide", False),
+            ("gate/up", "wide", True)]
+
+
+def _stub_globals(g9):
+    """Replace the dact piece and the gate/up store by row sums of the accumulators (one store per row)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    @gluon.jit
+    def _dact_piece(g, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr, out_layout: gl.constexpr):
+        rows = r0 + gl.arange(0, g.type.shape[0], layout=gl.SliceLayout(1, g.type.layout))
+        return gl.sum(g, axis=1), rows, rows < hi
+
+    @gluon.jit
+    def _gate_up_store(acc_g, acc_u, H, ACT, rows, hi, c0, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
+                       out_layout: gl.constexpr):
+        s = gl.convert_layout(gl.sum(acc_g + acc_u, axis=1), rows.type.layout)
+        gl.store(H + rows.to(gl.int64) * BS + c0, s.to(H.dtype.element_ty), mask=rows < hi)
+
+    g9._dact_piece = _dact_piece
+    g9._gate_up_store = _gate_up_store
+
+
+def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    if stub:
+        _stub_globals(g9)
+    g9.DACT_EPI = form == "partition" if kernel == "dact" else g9.DACT_EPI
+    g9.GATE_UP_WIDE = form == "wide" if kernel == "gate/up" else g9.GATE_UP_WIDE
+    T, D, F_, NB, dt = 8192, 4096, 14336, 64, torch.bfloat16
+    BS = F_ // NB
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device="cuda", dtype=dt)
+    go = torch.randn(T, D, device="cuda", dtype=dt)
+    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
+    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
+    k, _, _, g, _, w_sorted = sparse_routing(x, ratio, NB, g9.BLOCK_M)
+    P = T * k
+    if kernel == "dact":
+        act = torch.randn(P, 2 * BS, device="cuda", dtype=dt)
+        dact = torch.empty(P, 2 * BS, device="cuda", dtype=dt)
+        hw = torch.empty(P, BS, device="cuda", dtype=dt)
+        dwp = torch.empty(1, P, device="cuda", dtype=torch.float32)
+        fn = lambda: g9.dact_sm90(go, wd, act, w_sorted, dact, hw, dwp, g, bs=BS, **g9.DACT_CONFIG)
+        flops = 2 * P * D * BS
+    else:
+        h = torch.empty(P, BS, device="cuda", dtype=dt)
+        act = torch.empty(P, 2 * BS, device="cuda", dtype=dt)
+        fn = lambda: g9.gate_up_sm90(x, wg, wu, h, act, g, bs=BS, **g9.GATE_UP_CONFIG)
+        flops = 4 * P * D * BS
+    fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(fn, warmup=20, rep=200)
+    return dict(kernel=kernel, form=form, epilogue="row sums only" if stub else "full", ratio=ratio, ms=ms,
+                tflops=flops / ms / 1e9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "i" runs VARIANTS[i] and prints its JSON row
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(run_one(*VARIANTS[int(args.one)], args.ratio)))
+        return
+    rows = []
+    print(f"{'kernel':<8} {'form':<13} {'epilogue':<14} {'ms':>7} {'TF/s':>6}")
+    for i in range(len(VARIANTS)):
+        p = subprocess.run([sys.executable, __file__, "--one", str(i), "--ratio", str(args.ratio)],
+                           capture_output=True, text=True)
+        last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+        if p.returncode != 0 or not last.startswith("{"):
+            print(f"variant {VARIANTS[i]} failed: {p.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        r = json.loads(last)
+        rows.append(r)
+        print(f"{r['kernel']:<8} {r['form']:<13} {r['epilogue']:<14} {r['ms']:7.3f} {r['tflops']:6.0f}", flush=True)
+    save_json(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
