@@ -3,7 +3,7 @@ with their epilogue's memory work replaced by a row sum of the accumulators (no 
 dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue), and dact with its epilogue
 in its own partition (``DACT_EPI``).
 
-    python benchmarks/diag_sparse_epilogue.py [--ratio 0.3] [--out FILE.json]
+    python benchmarks/diag_sparse_epilogue.py [--ratio 0.3] [--kernels dact,gate/up] [--out FILE.json]
 
 Each variant runs in its own process (the stub replaces module globals before the first compile). bf16, T8192,
 d_model 4096, d_ff 14336, 64 blocks, the real router's grouping.
@@ -85,6 +85,7 @@ def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--kernels", default="dact,gate/up", help="which kernels' variants (comma-separated)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "i" runs VARIANTS[i] and prints its JSON row
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -94,6 +95,8 @@ def main():
     rows = []
     print(f"{'kernel':<8} {'form':<13} {'epilogue':<14} {'ms':>7} {'TF/s':>6}")
     for i in range(len(VARIANTS)):
+        if VARIANTS[i][0] not in args.kernels.split(","):
+            continue
         p = subprocess.run([sys.executable, __file__, "--one", str(i), "--ratio", str(args.ratio)],
                            capture_output=True, text=True)
         last = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""

@@ -182,7 +182,7 @@ case "$step" in
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "dact_sm90 or gate_up_sm90" 2>&1 | tail -4
     cd benchmarks
-    timeout 250 "$PY" diag_sparse_epilogue.py --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9
+    timeout 150 "$PY" diag_sparse_epilogue.py --kernels dact --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9
     for r in 0.3 0.5; do
       timeout 100 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.DACT_EPI --values "False;True" --rounds 6 --ratio $r \
         --out "$out_abs/ab_DACT_EPI_${r}bwd.json" 2>&1 | grep -v Warn | tail -3
