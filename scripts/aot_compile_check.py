@@ -399,19 +399,14 @@ def cases():
         c = g9.GATE_UP_CONFIG
         wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
         wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])
-        for form in ("wide", "two products", "epilogue partition"):
-            if form == "epilogue partition":
-                extra = dict(WIDE=False, EPI=True, EPI_REGS=g9.EPI_REGS, CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
-                             STAGES=min(c["stages"], g9.EPI_STAGES), R0=0, R1=0)
-            else:
-                extra = dict(WIDE=form == "wide", CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, STAGES=c["stages"],
-                             **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"]))))
+        for form in ("wide", "two products"):
             out.append((f"sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})", g9._gate_up_sm90_kernel,
                         dict(w_desc_g=wdesc, w_desc_u=wdesc, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32,
                              TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_,
-                             SAVE_ACT=True, BLOCK_K=c["block_k"], PRODUCER_REGS=g9.PRODUCER_REGS, **extra),
-                        dict(num_warps=4, maxnreg=g9.EPI_MAXNREG if form == "epilogue partition" else g9.MAXNREG),
-                        "setmaxnreg", "wgmma.mma_async", "cp.async"))
+                             SAVE_ACT=True, BLOCK_K=c["block_k"], STAGES=c["stages"], WIDE=form == "wide",
+                             CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
+                             **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
+                        dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31), its epilogue in a fourth partition (DACT_EPI,
         # session 36) or in the consumers
         c = g9.DACT_CONFIG

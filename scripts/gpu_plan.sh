@@ -176,8 +176,9 @@ case "$step" in
     }
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.3fwd --ratio 0.3 --fwd
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.5fwd --ratio 0.5 --fwd ;;
-  sparse-epi36)  # issue 6, session 36: dact's / gate/up's epilogue in its own partition (DACT_EPI / GATE_UP_EPI):
-    # the gathered kernels' GPU tests (every form), dact alone (diag_sparse_epilogue.py), same-run A/Bs at 0.3 / 0.5
+  sparse-epi36)  # issue 6, session 36 (call 7): dact's epilogue in its own partition (DACT_EPI, kept; call 7 also
+    # A/B'd gate/up's, GATE_UP_EPI: slower, removed, code at a1a939c): the gathered kernels' GPU tests, dact alone
+    # (diag_sparse_epilogue.py), same-run A/Bs at 0.3 / 0.5
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "dact_sm90 or gate_up_sm90" 2>&1 | tail -4
@@ -186,8 +187,6 @@ case "$step" in
     for r in 0.3 0.5; do
       timeout 100 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.DACT_EPI --values "False;True" --rounds 6 --ratio $r \
         --out "$out_abs/ab_DACT_EPI_${r}bwd.json" 2>&1 | grep -v Warn | tail -3
-      timeout 100 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.GATE_UP_EPI --values "False;True" --rounds 6 \
-        --ratio $r --fwd --out "$out_abs/ab_GATE_UP_EPI_${r}fwd.json" 2>&1 | grep -v Warn | tail -3
     done ;;
   sparse-host36)  # issue 6, next session: the T8192 0.15 fwd+bwd row (2.95-2.99x in session 35, 3.96x in session 34):
     # the host's enqueue time per step and its cProfile (pack_plan / unpack_plan), then the suite's 0.15 / 0.3 rows

@@ -1048,20 +1048,17 @@ _TAIL_IDS = ["4097", "300", "4097-padded", "4097-bs192", "300-bs176"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["wide", "two-products", "epilogue-partition"])
+@pytest.mark.parametrize("form", ["wide", "two-products"])
 @pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
 def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     """The gathered Gluon gate/up (``gate_up.sm90``, the T >= 4096 default on sm_90 since session 31): h and the
     saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written (outputs start
     as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end past their
     block. A block's last column tile as pieces of its real neurons (``TAIL_PIECES``, session 33) or padded;
-    whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two; the
-    epilogue in its own partition from the values staged in shared memory (``GATE_UP_EPI``, session 36: every
-    tile whole, two products)."""
+    whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     monkeypatch.setattr(g9, "GATE_UP_WIDE", form == "wide")
-    monkeypatch.setattr(g9, "GATE_UP_EPI", form == "epilogue-partition")
     assert (g9.tail_pieces(bs % 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     plain = {"block_m": 128, "gate_up": {"sm90": False}}

@@ -372,18 +372,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS: gl.constexpr, WG: gl.constexpr,
-                          SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                          R0: gl.constexpr, R1: gl.constexpr, WIDE: gl.constexpr, EPI: gl.constexpr):
+                          TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
+                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
+                          R1: gl.constexpr, WIDE: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
         pieces of those widths (:func:`_gate_up_pieces_loop`) rather than BLOCK_N padded columns. ``WIDE``: a
         whole column tile's gate and up products as one product over the merged weight tiles (``bg_bufs`` is
         ``bu_bufs``, :func:`_gather_ring`'s MERGE_B: the A tile read from shared memory once per K step, not
-        twice). ``EPI`` (every tile whole: R0 = 0): the accumulators staged in shared memory (bf16,
-        ``sg_smem`` / ``su_smem``) for the epilogue partition (:func:`_gate_up_epilogue`), and on to the next
-        item's products."""
+        twice). Measured and removed (session 36, code at a1a939c): the epilogue in a fourth partition from
+        the values staged in shared memory, as dact's DACT_EPI (forward 2.125 -> 2.160 ms at 0.3, 3.490 ->
+        3.573 at 0.5: slower)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -391,7 +391,6 @@ if HAVE_GLUON:
         n_col: gl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         it = 0
-        n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
             rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
@@ -450,107 +449,39 @@ if HAVE_GLUON:
                         it += 1
                     acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
                     _release(empty.index((it - 1) % STAGES))
-                if EPI:  # hand them over once the epilogue partition is done with the previous item's
-                    mbarrier.wait(g_empty, (n & 1) ^ 1)
-                    sg_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc_g.to(sg_smem.dtype))
-                    su_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc_u.to(su_smem.dtype))
-                    _release(g_full)
-                    n += 1
-                else:
-                    _gate_up_store(acc_g, acc_u, H, ACT, rows, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, BS,
-                                   SAVE_ACT, out_layout)
+                _gate_up_store(acc_g, acc_u, H, ACT, rows, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, BS, SAVE_ACT,
+                               out_layout)
 
     @gluon.jit
     def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                           TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
-                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                           R1: gl.constexpr, WIDE: gl.constexpr, EPI: gl.constexpr):
+                           TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
+                           BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                           WIDE: gl.constexpr):
         WG1: gl.constexpr = 1
         _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K,
-                          STAGES, R0, R1, WIDE, EPI)
-
-    @gluon.jit
-    def _gate_up_epilogue(sg_smem, su_smem, g_full, g_empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                          BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr):
-        """The epilogue partition (4 warps, ``EPI``): per work item, once both consumers staged its gate and up
-        values, h = silu(a) * u (and a, u with SAVE_ACT) stored in chunks of 16 rows (16-byte stores), then the
-        staging buffers handed back; the consumers meanwhile run the next item's products."""
-        CH: gl.constexpr = 16
-        M: gl.constexpr = sg_smem.type.shape[0]
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1], [1, 0])
-        n_col: gl.constexpr = (BS + BLOCK_N - 1) // BLOCK_N
-        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        n = 0
-        for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
-            hi = gl.load(OFFSETS + b + 1)
-            cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-            c2 = gl.expand_dims(cols, 0)
-            mbarrier.wait(g_full, n & 1)
-            for rc in gl.static_range(0, M, CH):
-                rows = start + rc + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
-                mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < BS, 0)
-                rows64 = gl.expand_dims(rows.to(gl.int64), 1)
-                a_raw = sg_smem.slice(rc, CH, dim=0).load(layout)
-                u_raw = su_smem.slice(rc, CH, dim=0).load(layout)
-                a = a_raw.to(gl.float32)
-                h = a * (1.0 / (1.0 + gl.exp(-a))) * u_raw.to(gl.float32)
-                gl.store(H + rows64 * BS + c2, h.to(H.dtype.element_ty), mask=mask)
-                if SAVE_ACT:
-                    gl.store(ACT + rows64 * (2 * BS) + c2, a_raw.to(ACT.dtype.element_ty), mask=mask)
-                    gl.store(ACT + rows64 * (2 * BS) + c2 + BS, u_raw.to(ACT.dtype.element_ty), mask=mask)
-            _release(g_empty)
-            n += 1
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                              D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr,
                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, WIDE: gl.constexpr = False,
-                             EPI: gl.constexpr = False, EPI_REGS: gl.constexpr = 0):
+                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, WIDE: gl.constexpr = False):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent.
-        ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product; ``EPI`` (no pieces,
-        not WIDE: at 128 registers ptxas cannot place the 256-column product): a fourth partition (4 warps,
-        ``EPI_REGS``) runs the epilogue from the staged values."""
+        ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
         a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
                                                               WIDE)
-        dt: gl.constexpr = X.dtype.element_ty
-        s_rows: gl.constexpr = 2 * a_bufs.type.shape[1] if EPI else 16  # (not used without EPI)
-        s_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([s_rows, BLOCK_N], dt)
-        sg_smem = gl.allocate_shared_memory(dt, [s_rows, BLOCK_N], s_layout)
-        su_smem = gl.allocate_shared_memory(dt, [s_rows, BLOCK_N], s_layout)
-        g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
-        g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
-        if EPI:
-            gl.warp_specialize([
-                (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                     TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS, WG0, SAVE_ACT, BLOCK_N,
-                                     BLOCK_K, STAGES, R0, R1, WIDE, EPI)),
-                (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                      TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS, SAVE_ACT, BLOCK_N,
-                                      BLOCK_K, STAGES, R0, R1, WIDE, EPI)),
-                (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK,
-                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K,
-                                    STAGES, W_KN, WIDE)),
-                (_gate_up_epilogue, (sg_smem, su_smem, g_full, g_empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                     TILE_COUNT, BS, SAVE_ACT, BLOCK_N)),
-            ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
-        else:
-            gl.warp_specialize([
-                (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                     TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS, WG0, SAVE_ACT, BLOCK_N,
-                                     BLOCK_K, STAGES, R0, R1, WIDE, EPI)),
-                (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                      TILE_COUNT, D, sg_smem, su_smem, g_full, g_empty, BS, SAVE_ACT, BLOCK_N,
-                                      BLOCK_K, STAGES, R0, R1, WIDE, EPI)),
-                (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK,
-                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K,
-                                    STAGES, W_KN, WIDE)),
-            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        gl.warp_specialize([
+            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
+            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
+            (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN,
+                                WIDE)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def gate_up_layout_ok(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bs: int) -> bool:
@@ -587,18 +518,6 @@ def gate_up_pieces(bs: int, block_n: int) -> tuple:
 # tiles side by side in shared memory (instead of two products, each re-reading the warpgroup's A tile). The
 # block's last, partial tile keeps its pieces (which read the merged tiles' halves). False: two products (A/B).
 GATE_UP_WIDE = True
-# The gathered kernels with their epilogue in a fourth partition (DACT_EPI, GATE_UP_EPI): the staging buffers take
-# the ring's fourth slot, and 16 warps leave 128 registers a thread on average: the consumers EPI_CONSUMER_REGS,
-# the producer PRODUCER_REGS, the epilogue partition EPI_REGS.
-EPI_STAGES = 3
-EPI_CONSUMER_REGS = 168
-EPI_REGS = 120
-EPI_MAXNREG = 128
-# The epilogue (h = silu(a) * u, the stores of h and act) in a fourth partition from the gate / up values staged in
-# shared memory (bf16), as DACT_EPI does for dact (and with its ring depth and register split); every column tile
-# whole (the last one padded, not pieces: the staging buffers hold one whole tile) and two products, not WIDE's one
-# (with 128 registers a thread at compile time ptxas cannot place the 256-column product). Not yet measured: off.
-GATE_UP_EPI = False
 
 
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
@@ -606,17 +525,12 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
     """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
     (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
     w_block = [block_n, block_k]
-    if GATE_UP_EPI:  # whole tiles only (the staging buffers hold one); the ring gives up a slot for them
-        extra = dict(R0=0, R1=0, WIDE=False, EPI=True, EPI_REGS=EPI_REGS, CONSUMER_REGS=EPI_CONSUMER_REGS,
-                     STAGES=min(stages, EPI_STAGES), maxnreg=EPI_MAXNREG)
-    else:
-        r0, r1 = gate_up_pieces(bs, block_n)
-        extra = dict(R0=r0, R1=r1, WIDE=GATE_UP_WIDE, CONSUMER_REGS=GATHER_CONSUMER_REGS, STAGES=stages,
-                     maxnreg=MAXNREG)
+    r0, r1 = gate_up_pieces(bs, block_n)
     _gate_up_sm90_kernel[(sm_count(x.device),)](
         _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
-        BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, **extra,
+        BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -915,9 +829,16 @@ def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tens
 
 # The epilogue in its own partition (``DACT_EPI``): the consumers stage g (bf16) in shared memory and go on to the
 # next tile's products while a fourth warpgroup computes the SwiGLU derivative and stores da, du, w_p * h and the
-# dweight partial sums (H200 session 36, T8192 ratio 0.3: the kernel with that epilogue 0.667 ms, its main loop
-# alone 0.481). The staging buffers (56 KB at 224 neurons) take the ring's fourth slot (EPI_STAGES, EPI_REGS).
+# dweight partial sums. H200 session 36, T8192: dact alone 0.685 -> 0.622 ms at 0.3 (its main loop alone: 0.499),
+# the whole backward 3.702 -> 3.632 ms at 0.3 and 6.127 -> 5.987 at 0.5 (same-run A/Bs; not the same bits: g is
+# staged as bf16, as a dense bf16 SwiGLU's backward rounds it). The staging buffers (56 KB at 224 neurons) take the
+# ring's fourth slot, and 16 warps leave 128 registers a thread on average: the consumers EPI_CONSUMER_REGS, the
+# producer PRODUCER_REGS, the epilogue partition EPI_REGS. The same for gate/up lost (see _gate_up_consumer).
 DACT_EPI = True
+EPI_STAGES = 3
+EPI_CONSUMER_REGS = 168
+EPI_REGS = 120
+EPI_MAXNREG = 128
 
 
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
