@@ -1093,6 +1093,23 @@ def test_dact_sm90_on_gpu(T, bs, tail, epi, monkeypatch):
                         plain={"sm90": False, "full_block": True})
 
 
+def test_descriptor_layouts_cached():
+    """The Gluon kernels' TMA descriptors take the default NVMMA layout of their box (cached per box and dtype:
+    host time per training step), for bf16 and fp16, whatever the tensor."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    if not g9.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    gl = g9.gl
+    for dt, gdt in ((torch.bfloat16, gl.bfloat16), (torch.float16, gl.float16)):
+        for block in ([64, 128], [32, 256], [128, 64]):
+            t = torch.empty(512, 1024, dtype=dt)
+            d = g9._desc(t, block)
+            assert d.layout == gl.NVMMASharedLayout.get_default_for(block, gdt)
+            assert list(d.block_shape) == block and d.base is t and list(d.strides) == [1024, 1]
+    assert g9._desc(torch.empty(64, 64, dtype=torch.float16), [64, 64]).layout.element_bitwidth == 16
+
+
 def test_tail_pieces(monkeypatch):
     """The tail widths the Gluon gate/up and dact kernels take (their GPU tests run each kind)."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9
