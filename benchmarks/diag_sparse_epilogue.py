@@ -1,12 +1,13 @@
-"""What do the gathered sparse-FFN kernels' epilogues cost? The Gluon dact (and gate/up) timed alone as they are and
-with their epilogue's memory work replaced by a row sum of the accumulators (no loads of act, no stores of
-dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue), and dact with its epilogue
-in its own partition (``DACT_EPI``).
+"""What do the gathered sparse-FFN kernels' epilogues cost? The Gluon dact and gate/up timed alone as they are and
+with their epilogue's memory work replaced by row sums of the accumulators (no loads of act, no stores of
+dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue).
 
     python benchmarks/diag_sparse_epilogue.py [--ratio 0.3] [--kernels dact,gate/up] [--out FILE.json]
 
 Each variant runs in its own process (the stub replaces module globals before the first compile). bf16, T8192,
-d_model 4096, d_ff 14336, 64 blocks, the real router's grouping.
+d_model 4096, d_ff 14336, 64 blocks, the real router's grouping. Session 36's runs (calls 4 and 7) also timed dact
+with its epilogue in the consumers (0.667 / 0.685 ms, main loop 0.481 / 0.499; code at a1a939c) and as one
+256-column product (0.767, main loop 0.546; code at 0ff6529); dact's epilogue partition read 0.622 ms in call 7.
 """
 
 import argparse
@@ -19,23 +20,22 @@ import triton
 
 from _tuning import save_json, sparse_routing
 
-# (kernel, form, stub): dact's epilogue in the consumers ("inline") or in its own partition (DACT_EPI); gate/up's
-# whole tiles as two products or one wide one (GATE_UP_WIDE). Session 36's first run (call 4) also timed dact as one
-# 256-column product (0.767 ms full, 0.546 main loop; removed, code at 0ff6529).
-VARIANTS = [("dact", "inline", False), ("dact", "inline", True), ("dact", "partition", False),
+# (kernel, form, stub): dact (its epilogue in a fourth partition); gate/up's whole tiles as two products or one wide
+# one (GATE_UP_WIDE)
+VARIANTS = [("dact", "epilogue partition", False), ("dact", "epilogue partition", True),
             ("gate/up", "two products", False), ("gate/up", "two products", True), ("gate/up", "wide", False),
             ("gate/up", "wide", True)]
 
 
 def _stub_globals(g9):
-    """Replace the dact piece and the gate/up store by row sums of the accumulators (one store per row)."""
+    """Replace dact's epilogue chunk and the gate/up store by row sums of the accumulators (one store per row)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
     @gluon.jit
-    def _dact_piece(g, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr, out_layout: gl.constexpr):
-        rows = r0 + gl.arange(0, g.type.shape[0], layout=gl.SliceLayout(1, g.type.layout))
-        return gl.sum(g, axis=1), rows, rows < hi
+    def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
+        layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
+        return gl.sum(g_smem.load(layout).to(gl.float32), axis=1)
 
     @gluon.jit
     def _gate_up_store(acc_g, acc_u, H, ACT, rows, hi, c0, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
@@ -43,7 +43,7 @@ def _stub_globals(g9):
         s = gl.convert_layout(gl.sum(acc_g + acc_u, axis=1), rows.type.layout)
         gl.store(H + rows.to(gl.int64) * BS + c0, s.to(H.dtype.element_ty), mask=rows < hi)
 
-    g9._dact_piece = _dact_piece
+    g9._dact_rows = _dact_rows
     g9._gate_up_store = _gate_up_store
 
 
@@ -52,7 +52,6 @@ def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
 
     if stub:
         _stub_globals(g9)
-    g9.DACT_EPI = form == "partition" if kernel == "dact" else g9.DACT_EPI
     g9.GATE_UP_WIDE = form == "wide" if kernel == "gate/up" else g9.GATE_UP_WIDE
     T, D, F_, NB, dt = 8192, 4096, 14336, 64, torch.bfloat16
     BS = F_ // NB
@@ -93,7 +92,7 @@ def main():
         print(json.dumps(run_one(*VARIANTS[int(args.one)], args.ratio)))
         return
     rows = []
-    print(f"{'kernel':<8} {'form':<13} {'epilogue':<14} {'ms':>7} {'TF/s':>6}")
+    print(f"{'kernel':<8} {'form':<19} {'epilogue':<14} {'ms':>7} {'TF/s':>6}")
     for i in range(len(VARIANTS)):
         if VARIANTS[i][0] not in args.kernels.split(","):
             continue
@@ -105,7 +104,7 @@ def main():
             continue
         r = json.loads(last)
         rows.append(r)
-        print(f"{r['kernel']:<8} {r['form']:<13} {r['epilogue']:<14} {r['ms']:7.3f} {r['tflops']:6.0f}", flush=True)
+        print(f"{r['kernel']:<8} {r['form']:<19} {r['epilogue']:<14} {r['ms']:7.3f} {r['tflops']:6.0f}", flush=True)
     save_json(args.out, rows)
 
 

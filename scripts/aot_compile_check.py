@@ -407,23 +407,17 @@ def cases():
                              CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
                              **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
-    if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31), its epilogue in a fourth partition (DACT_EPI,
-        # session 36) or in the consumers
+    if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31), its epilogue in a fourth partition (session 36)
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
-        for epi in (True, False):
-            regs = (dict(EPI=True, EPI_REGS=g9.EPI_REGS, CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
-                         STAGES=min(c["stages"], g9.EPI_STAGES)) if epi
-                    else dict(CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, STAGES=c["stages"]))
-            out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather{', epilogue partition' if epi else ''})",
-                        g9._dact_sm90_kernel,
-                        dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
-                             DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                             OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
-                             PRODUCER_REGS=g9.PRODUCER_REGS, **regs,
-                             **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
-                        dict(num_warps=4, maxnreg=g9.EPI_MAXNREG if epi else g9.MAXNREG), "setmaxnreg",
-                        "wgmma.mma_async", "cp.async"))
+        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather, epilogue partition)", g9._dact_sm90_kernel,
+                    dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
+                         DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
+                         OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
+                         STAGES=min(c["stages"], g9.EPI_STAGES), CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
+                         PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS,
+                         **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
+                    dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG
         dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)

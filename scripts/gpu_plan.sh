@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -164,7 +164,8 @@ case "$step" in
       -k "combine or test_forward_on_gpu or test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or sorted_rows_gemm_sm90 or dact_sm90 or gate_up_sm90" 2>&1 | tail -3
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile_on_gpu.py -k sparse 2>&1 | tail -2 ;;
   sparse-wide36)  # issue 6, session 36: dact as one 256-column product (DACT_WIDE: lost, removed; code at 0ff6529) and
-    # gate/up's whole tiles as one product over the merged gate / up tiles (GATE_UP_WIDE): their GPU tests, then same-run A/Bs at 0.3 / 0.5
+    # gate/up's whole tiles as one product over the merged gate / up tiles (GATE_UP_WIDE): their GPU tests, then
+    # same-run A/Bs at 0.3 / 0.5
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "dact_sm90 or gate_up_sm90 or tail_pieces" 2>&1 | tail -4
@@ -176,18 +177,20 @@ case "$step" in
     }
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.3fwd --ratio 0.3 --fwd
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.5fwd --ratio 0.5 --fwd ;;
-  sparse-epi36)  # issue 6, session 36 (call 7): dact's epilogue in its own partition (DACT_EPI, kept; call 7 also
-    # A/B'd gate/up's, GATE_UP_EPI: slower, removed, code at a1a939c): the gathered kernels' GPU tests, dact alone
-    # (diag_sparse_epilogue.py), same-run A/Bs at 0.3 / 0.5
+  sparse-epi36)  # issue 6, session 36 (call 7 ran it with A/Bs of the switches since removed: DACT_EPI kept as the
+    # only form, GATE_UP_EPI dropped; code at a1a939c): the gathered kernels' GPU tests, each kernel alone
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "dact_sm90 or gate_up_sm90" 2>&1 | tail -4
     cd benchmarks
-    timeout 150 "$PY" diag_sparse_epilogue.py --kernels dact --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9
-    for r in 0.3 0.5; do
-      timeout 100 "$PY" ab_sparse_train_flag.py sparse_ffn_sm90.DACT_EPI --values "False;True" --rounds 6 --ratio $r \
-        --out "$out_abs/ab_DACT_EPI_${r}bwd.json" 2>&1 | grep -v Warn | tail -3
-    done ;;
+    timeout 200 "$PY" diag_sparse_epilogue.py --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9 ;;
+  sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
+    # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then the host cost again
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.3,0.5,0.15 --graphed \
+      --out "$out_abs/diag_sparse_host_graphed.json" 2>&1 | grep -v Warn | tail -12)
+    (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.3 --out "$out_abs/diag_sparse_host.json" \
+      2>&1 | grep -v Warn | grep -E "^ratio|sync" | head) ;;
   sparse-host36)  # issue 6, next session: the T8192 0.15 fwd+bwd row (2.95-2.99x in session 35, 3.96x in session 34):
     # the host's enqueue time per step and its cProfile (pack_plan / unpack_plan), then the suite's 0.15 / 0.3 rows
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)

@@ -1074,17 +1074,15 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("epi", [True, False], ids=["epilogue-partition", "inline-epilogue"])
 @pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
-def test_dact_sm90_on_gpu(T, bs, tail, epi, monkeypatch):
+def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     """The gathered Gluon dact (``dact.sm90``, session 31): every gradient (dx, dW gate/up/down, dweights) of the
     backward with the Triton full-block dact within bf16 rounding, dact and hw written for every row and neuron
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
     their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded; the
-    epilogue in its own partition from g staged in shared memory (``DACT_EPI``, session 36) or in the consumers."""
+    epilogue in its own partition from g staged in shared memory (session 36)."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
-    monkeypatch.setattr(g9, "DACT_EPI", epi)
     assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)

@@ -390,7 +390,7 @@ if HAVE_GLUON:
         whole column tile's gate and up products as one product over the merged weight tiles (``bg_bufs`` is
         ``bu_bufs``, :func:`_gather_ring`'s MERGE_B: the A tile read from shared memory once per K step, not
         twice). Measured and removed (session 36, code at a1a939c): the epilogue in a fourth partition from
-        the values staged in shared memory, as dact's DACT_EPI (forward 2.125 -> 2.160 ms at 0.3, 3.490 ->
+        the values staged in shared memory, as dact's (forward 2.125 -> 2.160 ms at 0.3, 3.490 ->
         3.573 at 0.5: slower)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -544,16 +544,18 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 
 # ---- the backward's dact with gathered dO rows (``dact.sm90``, the T >= 4096 default on sm_90, session 31: H200,
 # T8192 ratio 0.3, 0.69 ms (416 TF/s) in the step's profile; the whole backward against the Triton full-block kernel
-# -57, +3 and -87 us in three runs: a small gain at most). ptxas: 124 B of spills in one consumer's epilogue ----------
+# -57, +3 and -87 us in three runs: a small gain at most; session 36: 0.622 ms with its epilogue partition) ---------
 #
 # g[p, n] = dO[tok_p] . w_down[:, b*BS + n] over the rows p of block b (K = d_model), then the SwiGLU derivative of
 # _sparse_ffn_bwd_dact_full_kernel's epilogue: da, du and w_p * h stored, the row's dweight partial sum(g * h). The
 # gathered A operand comes as in the gate/up kernel (the same producer, W_KN: w_down [D, F] read as [k, n] tiles);
-# one work item per row tile covers the block's BS <= 256 neurons as two 128-column accumulators per warpgroup
-# (224 = 128 + 96: the second's last 32 columns read the next block's weights and are not stored), so each
-# gathered dO row is read once per row tile.
+# one work item per row tile covers the block's BS <= 256 neurons as a 128-column accumulator per warpgroup and
+# the rest as pieces (224 = 128 + 64 + 32), so each gathered dO row is read once per row tile; g goes through
+# shared memory to a fourth, epilogue partition (below). Measured and removed (session 36, code at 0ff6529): the
+# block as one [64, 256] product per K step (0.767 vs 0.667 ms: the padded MMA work costs more than the A tile's
+# shared-memory reads it saves).
 
-DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)
+DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)  # (stages: at most EPI_STAGES are used)
 if HAVE_GLUON:
 
     @gluon.jit
@@ -562,61 +564,6 @@ if HAVE_GLUON:
         M: gl.constexpr = x.type.shape[0]
         N: gl.constexpr = x.type.shape[1]
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
-
-    @gluon.jit
-    def _dact_piece(g, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr, out_layout: gl.constexpr):
-        """The SwiGLU derivative of one accumulator piece ``g`` (rows ``r0 +: M``, block columns ``c0 +: N``),
-        computed in g's own register layout (indices and w_p loaded in it): da, du and w_p * h stored through
-        ``out_layout`` (16 bytes per thread); returns the rows' partial sum of g * h."""
-        layout: gl.constexpr = g.type.layout
-        M: gl.constexpr = g.type.shape[0]
-        N: gl.constexpr = g.type.shape[1]
-        rows = r0 + gl.arange(0, M, layout=gl.SliceLayout(1, layout))
-        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
-        r_ok = rows < hi
-        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(cols < BS, 0)
-        act = ACT + gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
-        a = gl.load(act, mask=mask, other=0.0).to(gl.float32)
-        u = gl.load(act + BS, mask=mask, other=0.0).to(gl.float32)
-        wp = gl.expand_dims(gl.load(WSORT + rows, mask=r_ok, other=0.0).to(gl.float32), 1)
-        s = 1.0 / (1.0 + gl.exp(-a))
-        silu = a * s
-        h = silu * u
-        part = gl.sum(gl.where(mask, g * h, 0.0), axis=1)
-        dh = g * wp
-        dt = DACT.dtype.element_ty
-        da = gl.convert_layout((dh * u * s * (1.0 + a * (1.0 - s))).to(dt), out_layout)
-        du = gl.convert_layout((dh * silu).to(dt), out_layout)
-        hw = gl.convert_layout((h * wp).to(HW.dtype.element_ty), out_layout)
-        o_rows = (r0 + gl.arange(0, M, layout=gl.SliceLayout(1, out_layout))).to(gl.int64)
-        o_cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, out_layout))
-        o_mask = gl.expand_dims(o_rows < hi, 1) & gl.expand_dims(o_cols < BS, 0)
-        o_act = gl.expand_dims(o_rows * (2 * BS), 1) + gl.expand_dims(o_cols, 0)
-        gl.store(DACT + o_act, da, mask=o_mask)
-        gl.store(DACT + o_act + BS, du, mask=o_mask)
-        gl.store(HW + gl.expand_dims(o_rows * BS, 1) + gl.expand_dims(o_cols, 0), hw, mask=o_mask)
-        return part, rows, r_ok
-
-    @gluon.jit
-    def _dact_pieces(acc, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr, out_layout: gl.constexpr):
-        """:func:`_dact_piece` over an accumulator of 16 to 128 columns (block columns ``c0 +:``) in 32-column
-        pieces (register splits), the right ones first; returns (the rows' partial sum, rows, which rows count)."""
-        N: gl.constexpr = acc.type.shape[1]
-        if N >= 128:
-            h0, h1 = _halves(acc)
-            q0, q1 = _halves(h1)
-            part, rows, r_ok = _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, c0 + 3 * N // 4, BS, out_layout)
-            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, c0 + N // 2, BS, out_layout)[0]
-            q0, q1 = _halves(h0)
-            part += _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, c0 + N // 4, BS, out_layout)[0]
-            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, c0, BS, out_layout)[0]
-        elif N == 64:
-            q0, q1 = _halves(acc)
-            part, rows, r_ok = _dact_piece(q1, ACT, WSORT, DACT, HW, r0, hi, c0 + N // 2, BS, out_layout)
-            part += _dact_piece(q0, ACT, WSORT, DACT, HW, r0, hi, c0, BS, out_layout)[0]
-        else:
-            part, rows, r_ok = _dact_piece(acc, ACT, WSORT, DACT, HW, r0, hi, c0, BS, out_layout)
-        return part, rows, r_ok
 
     @gluon.jit
     def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
@@ -652,16 +599,16 @@ if HAVE_GLUON:
         return acc0, acc1, acc2, it
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS: gl.constexpr,
-                       WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                       R0: gl.constexpr, R1: gl.constexpr, EPI: gl.constexpr):
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
+                       g1_smem, g2_smem, g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
-        columns (:func:`_dact_mainloop`), then the epilogue (the second, narrower part first) and the rows'
-        dweight partial sums; ``EPI``: g staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
-        (:func:`_dact_epilogue`), and on to the next tile's products. R0 > 0: the second part holds only
-        BS - BLOCK_N = R0 + R1 neurons, computed as pieces of those widths (columns [0, R0) and [R0, R0 + R1) of
-        the slot's second weight tile) rather than BLOCK_N padded columns."""
+        columns (:func:`_dact_mainloop`), staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
+        (:func:`_dact_epilogue`) once it is done with the previous tile's, then on to the next tile's products.
+        R0 > 0: the second part holds only BS - BLOCK_N = R0 + R1 neurons, computed as pieces of those widths
+        (columns [0, R0) and [R0, R0 + R1) of the slot's second weight tile) rather than BLOCK_N padded columns.
+        Measured and removed (session 36, code at a1a939c): the epilogue in the consumers themselves (dact alone
+        0.685 vs 0.622 ms, the backward 3.702 vs 3.632 ms at 0.3, 6.127 vs 5.987 at 0.5)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -669,52 +616,31 @@ if HAVE_GLUON:
         W2: gl.constexpr = R1 if R1 > 0 else 16  # its second (R1 > 0), else a small one never used
         l1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, W1, 16])
         l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, W2, 16])
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        dt: gl.constexpr = g0_smem.dtype
         total = gl.load(TILE_COUNT).to(gl.int32)
         it = 0
         n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
             acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF_M, W1], gl.float32, l1)
             acc2 = gl.zeros([HALF_M, W2], gl.float32, l2)
             acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2,
                                                   WG, BLOCK_K, STAGES, R0, R1)
-            if EPI:  # hand g over once the epilogue partition is done with the previous tile's
-                mbarrier.wait(g_empty, (n & 1) ^ 1)
-                dt: gl.constexpr = g0_smem.dtype
-                g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
-                g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
-                if R1 > 0:
-                    g2_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc2.to(dt))
-                _release(g_full)
-                n += 1
-            else:
-                r0 = start + WG * HALF_M
-                hi = gl.load(OFFSETS + b + 1)
-                # the narrow parts first (each piece's temporaries live next to the accumulators not yet done)
-                # (the pieces' row sums come in their accumulators' layouts: the same rows per thread, so the
-                # conversions to the first's cost nothing)
-                if R1 > 0:
-                    part, rows, r_ok = _dact_pieces(acc2, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0, BS,
-                                                    out_layout)
-                    p1 = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)[0]
-                    part += gl.convert_layout(p1, part.type.layout)
-                else:
-                    part, rows, r_ok = _dact_pieces(acc1, ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS, out_layout)
-                p0 = _dact_pieces(acc0, ACT, WSORT, DACT, HW, r0, hi, 0, BS, out_layout)[0]
-                part += gl.convert_layout(p0, part.type.layout)
-                gl.store(DWP + rows, part, mask=r_ok)
+            mbarrier.wait(g_empty, (n & 1) ^ 1)
+            g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
+            g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
+            if R1 > 0:
+                g2_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc2.to(dt))
+            _release(g_full)
+            n += 1
 
     @gluon.jit
-    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                        OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS: gl.constexpr,
-                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                        R1: gl.constexpr, EPI: gl.constexpr):
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
+                        g1_smem, g2_smem, g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
         WG1: gl.constexpr = 1
-        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK, TILE_START,
-                       OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS, WG1, BLOCK_N, BLOCK_K,
-                       STAGES, R0, R1, EPI)
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
+                       g1_smem, g2_smem, g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
 
     @gluon.jit
     def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
@@ -751,7 +677,7 @@ if HAVE_GLUON:
     def _dact_epilogue(g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                        TILE_START, OFFSETS, TILE_COUNT, BS: gl.constexpr, BLOCK_N: gl.constexpr, R0: gl.constexpr,
                        R1: gl.constexpr):
-        """The epilogue partition (4 warps, ``EPI``): per row tile, once both consumers staged g, the SwiGLU
+        """The epilogue partition (4 warps): per row tile, once both consumers staged g, the SwiGLU
         derivative of its rows in chunks of 16 (:func:`_dact_rows` over each staged part) and the rows' dweight
         partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products."""
         CH: gl.constexpr = 16
@@ -778,10 +704,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0,
-                          R1: gl.constexpr = 0, EPI: gl.constexpr = False, EPI_REGS: gl.constexpr = 0):
-        """The backward's dact (see above) over the grouping's real row tiles, persistent. ``EPI``: a fourth
-        partition (4 warps, ``EPI_REGS``) runs the epilogue from g staged in shared memory."""
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, EPI_REGS: gl.constexpr,
+                          R0: gl.constexpr = 0, R1: gl.constexpr = 0):
+        """The backward's dact (see above) over the grouping's real row tiles, persistent: two consumer
+        warpgroups, the cp.async producer and the epilogue partition (4 warps, ``EPI_REGS``), which works from g
+        staged in shared memory."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -790,39 +717,21 @@ if HAVE_GLUON:
         W2: gl.constexpr = R1 if R1 > 0 else 16
         M: gl.constexpr = 2 * a_bufs.type.shape[1]
         dt: gl.constexpr = DO.dtype.element_ty
-        g_rows: gl.constexpr = M if EPI else 16  # (the staging buffers are not used without EPI)
-        g0_smem = gl.allocate_shared_memory(dt, [g_rows, BLOCK_N], gl.NVMMASharedLayout.get_default_for(
-            [g_rows, BLOCK_N], dt))
-        g1_smem = gl.allocate_shared_memory(dt, [g_rows, W1], gl.NVMMASharedLayout.get_default_for([g_rows, W1], dt))
-        g2_smem = gl.allocate_shared_memory(dt, [g_rows, W2], gl.NVMMASharedLayout.get_default_for([g_rows, W2], dt))
+        g0_smem = gl.allocate_shared_memory(dt, [M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([M, BLOCK_N], dt))
+        g1_smem = gl.allocate_shared_memory(dt, [M, W1], gl.NVMMASharedLayout.get_default_for([M, W1], dt))
+        g2_smem = gl.allocate_shared_memory(dt, [M, W2], gl.NVMMASharedLayout.get_default_for([M, W2], dt))
         g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
-        if EPI:
-            gl.warp_specialize([
-                (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                  TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
-                                  WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
-                (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                   TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
-                                   BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
-                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK,
-                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
-                                    STAGES, W_KN)),
-                (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                  TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1)),
-            ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
-        else:
-            gl.warp_specialize([
-                (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                  TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
-                                  WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
-                (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                                   TILE_START, OFFSETS, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full, g_empty, BS,
-                                   BLOCK_N, BLOCK_K, STAGES, R0, R1, EPI)),
-                (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK,
-                                    TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
-                                    STAGES, W_KN)),
-            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        gl.warp_specialize([
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
+                              g1_smem, g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
+                               g1_smem, g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+            (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
+                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+            (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
+                              TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1)),
+        ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
 
 
 def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, bs: int, block_n: int) -> bool:
@@ -835,14 +744,14 @@ def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tens
             and all((t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (grad_out, w_down)))
 
 
-# The epilogue in its own partition (``DACT_EPI``): the consumers stage g (bf16) in shared memory and go on to the
+# The epilogue runs in its own partition (session 36): the consumers stage g (bf16) in shared memory and go on to the
 # next tile's products while a fourth warpgroup computes the SwiGLU derivative and stores da, du, w_p * h and the
 # dweight partial sums. H200 session 36, T8192: dact alone 0.685 -> 0.622 ms at 0.3 (its main loop alone: 0.499),
-# the whole backward 3.702 -> 3.632 ms at 0.3 and 6.127 -> 5.987 at 0.5 (same-run A/Bs; not the same bits: g is
-# staged as bf16, as a dense bf16 SwiGLU's backward rounds it). The staging buffers (56 KB at 224 neurons) take the
-# ring's fourth slot, and 16 warps leave 128 registers a thread on average: the consumers EPI_CONSUMER_REGS, the
-# producer PRODUCER_REGS, the epilogue partition EPI_REGS. The same for gate/up lost (see _gate_up_consumer).
-DACT_EPI = True
+# the whole backward 3.702 -> 3.632 ms at 0.3 and 6.127 -> 5.987 at 0.5 against the epilogue in the consumers
+# (same-run A/Bs; g is rounded to bf16 before the derivative, as a dense bf16 SwiGLU's backward rounds dh). The
+# staging buffers (56 KB at 224 neurons) take the ring's fourth slot (EPI_STAGES), and 16 warps leave 128 registers
+# a thread on average: the consumers EPI_CONSUMER_REGS, the producer PRODUCER_REGS, the epilogue partition
+# EPI_REGS. The same for gate/up lost (see _gate_up_consumer).
 EPI_STAGES = 3
 EPI_CONSUMER_REGS = 168
 EPI_REGS = 120
@@ -856,14 +765,11 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
     BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
     r0, r1 = tail_pieces(bs - block_n)
-    epi = dict(EPI=True, EPI_REGS=EPI_REGS, CONSUMER_REGS=EPI_CONSUMER_REGS, maxnreg=EPI_MAXNREG,
-               STAGES=min(stages, EPI_STAGES)) if DACT_EPI else dict(
-        CONSUMER_REGS=GATHER_CONSUMER_REGS, maxnreg=MAXNREG, STAGES=stages)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
-        grad_out.stride(0), BS=bs, BLOCK_K=block_k, PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, num_warps=4,
-        **epi,
+        grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=min(stages, EPI_STAGES), CONSUMER_REGS=EPI_CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=EPI_MAXNREG,
     )
 
 
