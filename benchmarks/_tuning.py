@@ -161,6 +161,17 @@ def print_host_profile(fn, calls: int = 200, top: int = 18, width: int = 160) ->
     print("\n".join(line[:width] for line in buf.getvalue().splitlines()[:top + 27]))
 
 
+def sparse_issue_inputs(tokens: int = 8192, d_model: int = 4096, d_ff: int = 14336, dtype=torch.bfloat16):
+    """Issue 6's training shapes on the GPU (seed 0): ``(x, grad_out, w_gate, w_up, w_down)``, the weights scaled
+    by 1 / sqrt(fan-in) (w_gate / w_up ``[d_ff, d_model]``, w_down ``[d_model, d_ff]``)."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_model, device="cuda", dtype=dtype)
+    go = torch.randn(tokens, d_model, device="cuda", dtype=dtype)
+    wg, wu = ((torch.randn(d_ff, d_model, device="cuda") * d_model**-0.5).to(dtype) for _ in range(2))
+    wd = (torch.randn(d_model, d_ff, device="cuda") * d_ff**-0.5).to(dtype)
+    return x, go, wg, wu, wd
+
+
 def sparse_routing(x: torch.Tensor, ratio: float, n_blocks: int = 64, block_m: int = 128):
     """The sparse FFN's real routing of ``x [T, D]`` at ``ratio`` (a random router scaled as a trained one,
     sigmoid gates, gate weighting): ``(k, idx, weights, grouping, w_full, w_sorted)``."""

@@ -18,7 +18,7 @@ import sys
 import torch
 import triton
 
-from _tuning import save_json, sparse_routing
+from _tuning import save_json, sparse_issue_inputs, sparse_routing
 
 # (kernel, form, stub): dact (its epilogue in a fourth partition); gate/up's whole tiles as two products or one wide
 # one (GATE_UP_WIDE)
@@ -55,11 +55,7 @@ def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
     g9.GATE_UP_WIDE = form == "wide" if kernel == "gate/up" else g9.GATE_UP_WIDE
     T, D, F_, NB, dt = 8192, 4096, 14336, 64, torch.bfloat16
     BS = F_ // NB
-    torch.manual_seed(0)
-    x = torch.randn(T, D, device="cuda", dtype=dt)
-    go = torch.randn(T, D, device="cuda", dtype=dt)
-    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
-    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
+    x, go, wg, wu, wd = sparse_issue_inputs(T, D, F_, dt)
     k, _, _, g, _, w_sorted = sparse_routing(x, ratio, NB, g9.BLOCK_M)
     P = T * k
     if kernel == "dact":

@@ -18,7 +18,7 @@ import triton
 
 from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-from _tuning import interleaved_tiles, save_json, sparse_routing
+from _tuning import interleaved_tiles, save_json, sparse_issue_inputs, sparse_routing
 
 
 def reorder(g, group: int):
@@ -39,11 +39,7 @@ def main():
     args = ap.parse_args()
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
     BS = F_ // NB
-    torch.manual_seed(0)
-    x = torch.randn(T, D, device="cuda", dtype=dt)
-    go = torch.randn(T, D, device="cuda", dtype=dt)
-    wg, wu = ((torch.randn(F_, D, device="cuda") * D**-0.5).to(dt) for _ in range(2))
-    wd = (torch.randn(D, F_, device="cuda") * F_**-0.5).to(dt)
+    x, go, wg, wu, wd = sparse_issue_inputs(T, D, F_, dt)
     ms = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60)
     rows = []
     print(f"{'ratio':>5} {'kernel':<8} {'rows / order':<26} {'ms':>8} {'TF/s':>6}")
