@@ -11,6 +11,12 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results/plan}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+# a sparse-FFN switch A/B (run from benchmarks/, results under $out_abs): ab MODULE.FLAG VALUES TAG ARGS...
+ab() {
+  local flag=$1 vals=$2 tag=$3; shift 3
+  timeout 100 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" --rounds 6 "$@" \
+    --out "$out_abs/ab_${flag#*.}_$tag.json" 2>&1 | grep -v Warn | tail -3
+}
 # the GPU tests of the Triton ops, in two groups (``tests 1`` / ``tests 2``; ``tests`` runs both)
 TESTS_1="tests/test_int8_matmul.py tests/test_decode.py tests/test_sparse_ffn_triton.py tests/test_hierarchical_decode.py
   tests/test_bench_harness.py"
@@ -151,11 +157,6 @@ case "$step" in
     # operand in registers (DACT_REG_A, GATE_UP_REG_A: slower) and the down / dx warpgroups staggered (STAGGER: a tie)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     cd benchmarks
-    ab() {  # MODULE.FLAG VALUES TAG ARGS...
-      local flag=$1 vals=$2 tag=$3; shift 3
-      timeout 100 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" --rounds 6 "$@" \
-        --out "$out_abs/ab_${flag#*.}_$tag.json" 2>&1 | grep -v Warn | tail -3
-    }
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.5fwd --ratio 0.5 --fwd
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.5bwd --ratio 0.5
     ab sparse_ffn.COMBINE_ROWS "False;True" 0.3bwd --ratio 0.3 ;;
@@ -170,11 +171,6 @@ case "$step" in
     timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "dact_sm90 or gate_up_sm90 or tail_pieces" 2>&1 | tail -4
     cd benchmarks
-    ab() {  # MODULE.FLAG VALUES TAG ARGS...
-      local flag=$1 vals=$2 tag=$3; shift 3
-      timeout 100 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" --rounds 6 "$@" \
-        --out "$out_abs/ab_${flag#*.}_$tag.json" 2>&1 | grep -v Warn | tail -3
-    }
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.3fwd --ratio 0.3 --fwd
     ab sparse_ffn_sm90.GATE_UP_WIDE "False;True" 0.5fwd --ratio 0.5 --fwd ;;
   sparse-epi36)  # issue 6, session 36 (call 7 ran it with A/Bs of the switches since removed: DACT_EPI kept as the
