@@ -247,8 +247,9 @@ if HAVE_GLUON:
                      MERGE_B: gl.constexpr = False):
         """The shared memory of the gathered-A kernels: per slot the two 64-row A halves [64, BLOCK_K] (written by
         cp.async) and two weight tiles (TMA; ``MERGE_B``: the two [BLOCK_N, BLOCK_K] tiles as the halves of one
-        [2 BLOCK_N, BLOCK_K] tile, returned twice, so one product can read both: :func:`_w_tiles`), a ready barrier (the weights' expect + one cp.async arrival per
-        producer thread) and an empty one (one arrival per consumer warpgroup)."""
+        [2 BLOCK_N, BLOCK_K] tile, returned twice, so one product can read both: :func:`_w_tiles`), a ready
+        barrier (the weights' expect + one cp.async arrival per producer thread) and an empty one (one arrival
+        per consumer warpgroup)."""
         HALF_M: gl.constexpr = 64  # BLOCK_M // 2: one consumer warpgroup's rows
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, BLOCK_K], dtype)
         a_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES, HALF_M, BLOCK_K], a_layout)
@@ -429,7 +430,7 @@ if HAVE_GLUON:
                     for k0 in range(0, D, BLOCK_K):
                         slot = it % STAGES
                         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                        fence_async_shared()  # (see below)
+                        fence_async_shared()  # (see the two-product loop below)
                         acc = warpgroup_mma(a_bufs.index(2 * slot + WG), bg_bufs.index(slot).permute((1, 0)), acc,
                                             is_async=True)
                         acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
@@ -599,9 +600,9 @@ if HAVE_GLUON:
         return acc0, acc1, acc2, it
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
-                       g1_smem, g2_smem, g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
+                       g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                       R0: gl.constexpr, R1: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns (:func:`_dact_mainloop`), staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
         (:func:`_dact_epilogue`) once it is done with the previous tile's, then on to the next tile's products.
@@ -635,12 +636,12 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
-                        g1_smem, g2_smem, g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
+                        g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                        R0: gl.constexpr, R1: gl.constexpr):
         WG1: gl.constexpr = 1
-        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
-                       g1_smem, g2_smem, g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
+                       g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
 
     @gluon.jit
     def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
@@ -723,10 +724,10 @@ if HAVE_GLUON:
         g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
         gl.warp_specialize([
-            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
-                              g1_smem, g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, g0_smem,
-                               g1_smem, g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                              g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                               g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
