@@ -2,7 +2,7 @@
 blocks): how long the CPU takes to enqueue one forward + backward (behind a GPU kept busy, so no launch waits on
 the device) against the device time, whether anything synchronizes, and a cProfile of the enqueue.
 
-    python benchmarks/diag_sparse_host.py [--ratios 0.15,0.3] [--tokens 8192] [--graphed] [--out results.json]
+    python benchmarks/diag_sparse_host.py [--ratios 0.15,0.3] [--tokens 8192] [--graphed | --breakdown] [--out F]
 """
 
 import argparse
@@ -26,6 +26,9 @@ def main():
     ap.add_argument("--profile-top", type=int, default=40)
     ap.add_argument("--graphed", action="store_true",
                     help="only the device-bound times: eager vs CUDA-graph replays of ours and of the dense FFN")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the host enqueue split: inside Triton launches (per kernel), inside TMA descriptor "
+                         "building, and the rest (drivers, dispatch, autograd, allocation), no profiler")
     ap.add_argument("--out")
     args = ap.parse_args()
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
@@ -37,6 +40,10 @@ def main():
     rows = []
     if args.graphed:
         graphed(x, ws, dout, [float(r) for r in args.ratios.split(",")], rows)
+        save_json(args.out, rows)
+        return
+    if args.breakdown:
+        breakdown(x, ws, dout, [float(r) for r in args.ratios.split(",")], rows)
         save_json(args.out, rows)
         return
     for ratio in (float(r) for r in args.ratios.split(",")):
@@ -91,6 +98,74 @@ def main():
         rows.append(dict(ratio=ratio, cpu_table=table, T=T, device_ms=gpu_ms, host_ms=host_ms, host_all=host, syncs=syncs,
                          profile=buf.getvalue()))
     save_json(args.out, rows)
+
+
+def breakdown(x, ws, dout, ratios, rows, steps: int = 5):
+    """Host enqueue time of one eager fwd+bwd step (the GPU kept busy ahead of it, so nothing waits on the device)
+    split without a profiler: the time inside Triton's launcher (``JITFunction.run``: argument binding,
+    specialization, the driver call; per kernel), inside the sm_90 kernels' TMA descriptor building
+    (``sparse_ffn_sm90._desc``), and the rest (the Python drivers, torch dispatch, autograd, allocation)."""
+    import collections
+
+    import triton.runtime.jit as tjit
+
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    launch_s = collections.Counter()
+    launches = collections.Counter()
+    desc_s = [0.0]
+    orig_run, orig_desc = tjit.JITFunction.run, g9._desc
+
+    def timed_run(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return orig_run(self, *a, **k)
+        finally:
+            name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "?")
+            launch_s[name] += time.perf_counter() - t0
+            launches[name] += 1
+
+    def timed_desc(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return orig_desc(*a, **k)
+        finally:
+            desc_s[0] += time.perf_counter() - t0
+
+    for ratio in ratios:
+        def step(ratio=ratio):
+            y = dk.gated_sparse_ffn(x, *ws, active_ratio=ratio)
+            return torch.autograd.grad(y, (x, *ws), dout)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        totals = []
+        launch_s.clear()
+        launches.clear()
+        desc_s[0] = 0.0
+        tjit.JITFunction.run, g9._desc = timed_run, timed_desc
+        try:
+            for _ in range(steps):
+                torch.cuda._sleep(200_000_000)  # ~0.1 s of device work ahead of the step
+                t0 = time.perf_counter()
+                step()
+                totals.append(time.perf_counter() - t0)
+                torch.cuda.synchronize()
+        finally:
+            tjit.JITFunction.run, g9._desc = orig_run, orig_desc
+        total_ms = 1e3 * sum(totals) / steps
+        in_launch = 1e3 * sum(launch_s.values()) / steps
+        in_desc = 1e3 * desc_s[0] / steps  # (descriptors are built outside the launcher: not part of in_launch)
+        per_kernel = {k: dict(ms=1e3 * v / steps, calls=launches[k] / steps) for k, v in launch_s.most_common()}
+        rows.append(dict(ratio=ratio, host_ms=total_ms, launch_ms=in_launch, desc_ms=in_desc,
+                         rest_ms=total_ms - in_launch - in_desc, launches=sum(launches.values()) / steps,
+                         per_kernel=per_kernel, steps_ms=[1e3 * t for t in totals]))
+        print(f"ratio {ratio}: host {total_ms:.3f} ms per step ({', '.join(f'{1e3 * t:.2f}' for t in totals)}): "
+              f"Triton launches {in_launch:.3f} ms ({sum(launches.values()) / steps:.0f}), descriptors "
+              f"{in_desc:.3f} ms, the rest {total_ms - in_launch - in_desc:.3f} ms", flush=True)
+        for k, v in list(per_kernel.items())[:12]:
+            print(f"   {k:48s} {v['ms']:.3f} ms over {v['calls']:.0f} launches", flush=True)
 
 
 def graphed(x, ws, dout, ratios, rows):

@@ -181,12 +181,13 @@ case "$step" in
     cd benchmarks
     timeout 200 "$PY" diag_sparse_epilogue.py --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9 ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
-    # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then the host cost again
+    # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
+    # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.3,0.5,0.15 --graphed \
       --out "$out_abs/diag_sparse_host_graphed.json" 2>&1 | grep -v Warn | tail -12)
-    (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.3 --out "$out_abs/diag_sparse_host.json" \
-      2>&1 | grep -v Warn | grep -E "^ratio|sync" | head) ;;
+    (cd benchmarks && timeout 200 "$PY" diag_sparse_host.py --ratios 0.3,0.15 --breakdown \
+      --out "$out_abs/diag_sparse_host_breakdown.json" 2>&1 | grep -v Warn | tail -30) ;;
   sparse-host36)  # issue 6, next session: the T8192 0.15 fwd+bwd row (2.95-2.99x in session 35, 3.96x in session 34):
     # the host's enqueue time per step and its cProfile (pack_plan / unpack_plan), then the suite's 0.15 / 0.3 rows
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
