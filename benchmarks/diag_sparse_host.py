@@ -47,21 +47,9 @@ def main():
         save_json(args.out, rows)
         return
     for ratio in (float(r) for r in args.ratios.split(",")):
-        def step(ratio=ratio):
-            y = dk.gated_sparse_ffn(x, *ws, active_ratio=ratio)
-            return torch.autograd.grad(y, (x, *ws), dout)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+        step = warm_step(x, ws, dout, ratio)
         gpu_ms = bench(step, rep=20)
-        host = []
-        for _ in range(5):
-            torch.cuda._sleep(200_000_000)  # ~0.1 s of device work ahead of the step
-            t0 = time.perf_counter()
-            step()
-            host.append((time.perf_counter() - t0) * 1e3)
-            torch.cuda.synchronize()
+        host = host_enqueue_ms(step)
         host_ms = sorted(host)[len(host) // 2]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -100,6 +88,32 @@ def main():
     save_json(args.out, rows)
 
 
+def warm_step(x, ws, dout, ratio: float):
+    """One eager forward + backward of ours at ``ratio`` (gradients of x and every weight), run three times first
+    (compiled, the allocator warm)."""
+    def step():
+        y = dk.gated_sparse_ffn(x, *ws, active_ratio=ratio)
+        return torch.autograd.grad(y, (x, *ws), dout)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step
+
+
+def host_enqueue_ms(step, n: int = 5) -> list:
+    """Host time (ms) to enqueue ``step``, ``n`` times, each behind ~0.1 s of device work (so no launch waits on the
+    device)."""
+    out = []
+    for _ in range(n):
+        torch.cuda._sleep(200_000_000)
+        t0 = time.perf_counter()
+        step()
+        out.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return out
+
+
 def breakdown(x, ws, dout, ratios, rows, steps: int = 5):
     """Host enqueue time of one eager fwd+bwd step (the GPU kept busy ahead of it, so nothing waits on the device)
     split without a profiler: the time inside Triton's launcher (``JITFunction.run``: argument binding,
@@ -133,35 +147,23 @@ def breakdown(x, ws, dout, ratios, rows, steps: int = 5):
             desc_s[0] += time.perf_counter() - t0
 
     for ratio in ratios:
-        def step(ratio=ratio):
-            y = dk.gated_sparse_ffn(x, *ws, active_ratio=ratio)
-            return torch.autograd.grad(y, (x, *ws), dout)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        totals = []
+        step = warm_step(x, ws, dout, ratio)
         launch_s.clear()
         launches.clear()
         desc_s[0] = 0.0
         tjit.JITFunction.run, g9._desc = timed_run, timed_desc
         try:
-            for _ in range(steps):
-                torch.cuda._sleep(200_000_000)  # ~0.1 s of device work ahead of the step
-                t0 = time.perf_counter()
-                step()
-                totals.append(time.perf_counter() - t0)
-                torch.cuda.synchronize()
+            totals = host_enqueue_ms(step, steps)
         finally:
             tjit.JITFunction.run, g9._desc = orig_run, orig_desc
-        total_ms = 1e3 * sum(totals) / steps
+        total_ms = sum(totals) / steps
         in_launch = 1e3 * sum(launch_s.values()) / steps
         in_desc = 1e3 * desc_s[0] / steps  # (descriptors are built outside the launcher: not part of in_launch)
         per_kernel = {k: dict(ms=1e3 * v / steps, calls=launches[k] / steps) for k, v in launch_s.most_common()}
         rows.append(dict(ratio=ratio, host_ms=total_ms, launch_ms=in_launch, desc_ms=in_desc,
                          rest_ms=total_ms - in_launch - in_desc, launches=sum(launches.values()) / steps,
-                         per_kernel=per_kernel, steps_ms=[1e3 * t for t in totals]))
-        print(f"ratio {ratio}: host {total_ms:.3f} ms per step ({', '.join(f'{1e3 * t:.2f}' for t in totals)}): "
+                         per_kernel=per_kernel, steps_ms=totals))
+        print(f"ratio {ratio}: host {total_ms:.3f} ms per step ({', '.join(f'{t:.2f}' for t in totals)}): "
               f"Triton launches {in_launch:.3f} ms ({sum(launches.values()) / steps:.0f}), descriptors "
               f"{in_desc:.3f} ms, the rest {total_ms - in_launch - in_desc:.3f} ms", flush=True)
         for k, v in list(per_kernel.items())[:12]:

@@ -414,7 +414,7 @@ def cases():
                     dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
                          DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                          OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
-                         STAGES=min(c["stages"], g9.EPI_STAGES), CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
+                         STAGES=c["stages"], CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
                          PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS,
                          **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
                     dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))

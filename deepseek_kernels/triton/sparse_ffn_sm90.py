@@ -556,7 +556,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # block as one [64, 256] product per K step (0.767 vs 0.667 ms: the padded MMA work costs more than the A tile's
 # shared-memory reads it saves).
 
-DACT_CONFIG = dict(block_n=128, block_k=64, stages=4)  # (stages: at most EPI_STAGES are used)
+DACT_CONFIG = dict(block_n=128, block_k=64, stages=3)  # (3 ring slots: g's staging buffers take a fourth's room)
 if HAVE_GLUON:
 
     @gluon.jit
@@ -750,10 +750,9 @@ def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tens
 # dweight partial sums. H200 session 36, T8192: dact alone 0.685 -> 0.622 ms at 0.3 (its main loop alone: 0.499),
 # the whole backward 3.702 -> 3.632 ms at 0.3 and 6.127 -> 5.987 at 0.5 against the epilogue in the consumers
 # (same-run A/Bs; g is rounded to bf16 before the derivative, as a dense bf16 SwiGLU's backward rounds dh). The
-# staging buffers (56 KB at 224 neurons) take the ring's fourth slot (EPI_STAGES), and 16 warps leave 128 registers
+# staging buffers (56 KB at 224 neurons) take the ring's fourth slot (DACT_CONFIG), and 16 warps leave 128 registers
 # a thread on average: the consumers EPI_CONSUMER_REGS, the producer PRODUCER_REGS, the epilogue partition
 # EPI_REGS. The same for gate/up lost (see _gate_up_consumer).
-EPI_STAGES = 3
 EPI_CONSUMER_REGS = 168
 EPI_REGS = 120
 EPI_MAXNREG = 128
@@ -769,7 +768,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
-        grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=min(stages, EPI_STAGES), CONSUMER_REGS=EPI_CONSUMER_REGS,
+        grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=EPI_MAXNREG,
     )
 
