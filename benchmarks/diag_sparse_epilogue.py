@@ -1,6 +1,7 @@
-"""What do the gathered sparse-FFN kernels' epilogues cost? The Gluon dact and gate/up timed alone as they are and
+"""What do the sparse-FFN kernels' epilogues cost? The Gluon dact and gate/up timed alone as they are and
 with their epilogue's memory work replaced by row sums of the accumulators (no loads of act, no stores of
-dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue).
+dact / hw / h / act: the main loop alone, a lower bound for any overlapped epilogue); the short-K GEMMs (down, dx)
+as they are and with their tiles written to shared memory but never stored (``--kernels down,dx``).
 
     python benchmarks/diag_sparse_epilogue.py [--ratio 0.3] [--kernels dact,gate/up] [--out FILE.json]
 
@@ -22,9 +23,13 @@ from _tuning import save_json, sparse_issue_inputs, sparse_routing
 
 # (kernel, form, stub): dact (its epilogue in a fourth partition); gate/up's whole tiles as two products or one wide
 # one (GATE_UP_WIDE)
+# the short-K GEMMs (down, dx) at their default tiles and at 128-wide tiles (ring 10: a third more shared-memory
+# fill bytes per FLOP from L2), their stub keeping the accumulator's store into shared memory but no TMA store
 VARIANTS = [("dact", "epilogue partition", False), ("dact", "epilogue partition", True),
             ("gate/up", "two products", False), ("gate/up", "two products", True), ("gate/up", "wide", False),
-            ("gate/up", "wide", True)]
+            ("gate/up", "wide", True), ("down", "256 s6", False), ("down", "256 s6", True), ("down", "128 s10", False),
+            ("down", "128 s10", True), ("dx", "256 s6", False), ("dx", "256 s6", True), ("dx", "128 s10", False),
+            ("dx", "128 s10", True)]
 
 
 def _stub_globals(g9):
@@ -43,8 +48,14 @@ def _stub_globals(g9):
         s = gl.convert_layout(gl.sum(acc_g + acc_u, axis=1), rows.type.layout)
         gl.store(H + rows.to(gl.int64) * BS + c0, s.to(H.dtype.element_ty), mask=rows < hi)
 
+    @gluon.jit
+    def _stage_store(piece, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE):  # (gl only in annotations: not seen)
+        o_bufs.index(BASE).store(piece)  # the tile into shared memory as before, no TMA store (nor its wait)
+        return n + 1
+
     g9._dact_rows = _dact_rows
     g9._gate_up_store = _gate_up_store
+    g9._stage_store = _stage_store
 
 
 def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
@@ -65,15 +76,25 @@ def run_one(kernel: str, form: str, stub: bool, ratio: float) -> dict:
         dwp = torch.empty(1, P, device="cuda", dtype=torch.float32)
         fn = lambda: g9.dact_sm90(go, wd, act, w_sorted, dact, hw, dwp, g, bs=BS, **g9.DACT_CONFIG)
         flops = 2 * P * D * BS
-    else:
+    elif kernel == "gate/up":
         h = torch.empty(P, BS, device="cuda", dtype=dt)
         act = torch.empty(P, 2 * BS, device="cuda", dtype=dt)
         fn = lambda: g9.gate_up_sm90(x, wg, wu, h, act, g, bs=BS, **g9.GATE_UP_CONFIG)
         flops = 4 * P * D * BS
+    else:  # down / dx: [P, BS] x w_down^T, [P, 2 BS] x [w_gate; w_up]
+        cfg = dict(g9.CONFIG) if form == "256 s6" else dict(block_n=128, block_k=32, stages=10)
+        a = torch.randn(P, BS if kernel == "down" else 2 * BS, device="cuda", dtype=dt)
+        y = torch.empty(P, D, device="cuda", dtype=dt)
+        if kernel == "down":
+            fn = lambda: g9.sorted_rows_gemm_sm90(a, wd, None, y, g, bs=BS, w_nk=True, **cfg)
+        else:
+            fn = lambda: g9.sorted_rows_gemm_sm90(a, wg, wu, y, g, bs=BS, w_nk=False, **cfg)
+        flops = (2 if kernel == "down" else 4) * P * D * BS
     fn()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(fn, warmup=20, rep=200)
-    return dict(kernel=kernel, form=form, epilogue="row sums only" if stub else "full", ratio=ratio, ms=ms,
+    stubbed = "no TMA stores" if kernel in ("down", "dx") else "row sums only"
+    return dict(kernel=kernel, form=form, epilogue=stubbed if stub else "full", ratio=ratio, ms=ms,
                 tflops=flops / ms / 1e9)
 
 

@@ -24,8 +24,27 @@ def main():
                     help="only the gathered kernels' rows (gate/up, dact, dW gate/up, dW down)")
     ap.add_argument("--sweep-dw", action="store_true",
                     help="also the dW kernels' ring shapes (DW_GATE_UP_CONFIG / DW_DOWN_CONFIG), whole backward")
+    ap.add_argument("--gemms-only", action="store_true", help="only the short-K GEMMs' rows (down, dx)")
+    ap.add_argument("--epilogues", action="store_true",
+                    help="the short-K GEMMs' epilogue variants (store pieces of 64 / 128 / 256 columns through 1-5 "
+                         "staging buffers per warpgroup) instead of the ring / tile variants")
+    ap.add_argument("--ar", action="store_true",
+                    help="also the A-resident kernel (rows_gemm_ar_sm90) at its defaults and other unit / ring sizes")
     ap.add_argument("--out")
     args = ap.parse_args()
+    # (block_n, ring stages, TMA store, store piece columns, staging buffers per warpgroup); shared memory <= 227 KB
+    variants = ((256, 6, True, 256, 1), (256, 6, False, 256, 1), (256, 5, True, 256, 1), (128, 10, True, 128, 1))
+    if args.ar:
+        variants = ((256, 6, True, 256, 1),)
+
+    def ar_variants(dual: bool) -> tuple:
+        base = g9.ar_config(BS, dual)
+        more = ({"unit_cols": 8}, {"unit_cols": 32}) + (() if dual else ({"stages": 8, "o_bufs": 1},))
+        return (base,) + tuple({**base, **m} for m in more)
+
+    if args.epilogues:
+        variants = ((256, 6, True, 256, 1), (256, 6, True, 128, 2), (256, 6, True, 64, 4), (256, 6, True, 64, 5),
+                    (256, 5, True, 64, 6), (256, 5, True, 128, 3), (256, 4, True, 256, 2), (256, 6, False, 256, 1))
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
     BS = F_ // NB
     torch.manual_seed(0)
@@ -56,12 +75,19 @@ def main():
         ms = bench(base, rep=30)
         rows.append(dict(kind=kind, variant="triton tma", ms=ms, tflops=flops / ms / 1e9))
         print(f"{kind:5s} triton tma                 {ms:7.3f} ms {flops / ms / 1e9:6.0f} TF/s", flush=True)
-        for bn, st, tma_store in ((256, 6, True), (256, 6, False), (256, 5, True), (128, 10, True)):
-            name = f"gluon {bn} s{st}" + (" tma store" if tma_store else "")
+        for v in variants + (ar_variants(kind == "dx") if args.ar else ()):
+            if isinstance(v, dict):  # the A-resident kernel's settings
+                name = "A-resident " + " ".join(f"{k[0]}{val}" for k, val in v.items() if k != "block_k")
 
-            def fn(bn=bn, st=st, tma_store=tma_store):
-                g9.sorted_rows_gemm_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, block_n=bn, block_k=32, stages=st,
-                                         tma_store=tma_store)
+                def fn(v=v):
+                    g9.rows_gemm_ar_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, **v)
+            else:
+                bn, st, tma_store, epi_n, o_bufs = v
+                name = f"gluon {bn} s{st}" + (f" tma store {epi_n} x{o_bufs}" if tma_store else "")
+
+                def fn(bn=bn, st=st, tma_store=tma_store, epi_n=epi_n, o_bufs=o_bufs):
+                    g9.sorted_rows_gemm_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, block_n=bn, block_k=32, stages=st,
+                                             tma_store=tma_store, epi_n=epi_n, o_bufs=o_bufs)
             try:
                 y.zero_()
                 fn()
@@ -74,6 +100,9 @@ def main():
             shown = (f"{row['ms']:7.3f} ms {row['tflops']:6.0f} TF/s err {row['err']:.1e}" if "ms" in row
                      else row["error"])
             print(f"{kind:5s} {row['variant']:26s} {shown}", flush=True)
+    if args.gemms_only:
+        save_json(args.out, rows)
+        return
     # the forward's gate/up (gathered x rows): the Triton kernel at its tuned tiles vs the Gluon cp.async form
     # (gate_up.sm90), timed as the whole forward (the rest is the same)
     x = torch.randn(T, D, device="cuda", dtype=dt)

@@ -394,6 +394,20 @@ def cases():
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=bn, BLOCK_K=32, STAGES=st,
                              CONSUMER_REGS=g9.CONSUMER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
+        for w_nk in (True, False):  # the A-resident form (session 37; the down projection's default)
+            c = g9.ar_config(BS_, not w_nk)
+            a_t, w_t = (h, wdn) if w_nk else (act, wgu)
+            w_box = [c["block_n"], c["block_k"]] if w_nk else [c["block_k"], c["block_n"]]
+            out.append((f"sparse FFN {'down' if w_nk else 'bwd dx'} GEMM sm90 (Gluon, A resident) s{c['stages']}",
+                        g9._rows_gemm_ar_sm90_kernel,
+                        dict(a_desc=g9._desc(a_t, [64, c["block_k"]]), w_desc=g9._desc(w_t, w_box),
+                             w2_desc=g9._desc(w_t, w_box),
+                             out_desc=g9._desc(torch.empty(256, D_, dtype=torch.bfloat16), [64, c["block_n"]]),
+                             OUT=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_,
+                             W_NK=w_nk, DUAL=not w_nk, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+                             STAGES=c["stages"], UNIT_COLS=c["unit_cols"], O_BUFS=c["o_bufs"],
+                             CONSUMER_REGS=g9.CONSUMER_REGS, PRODUCER_REGS=g9.AR_PRODUCER_REGS),
+                        dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
     if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31), its whole tiles
         # as one wide product (GATE_UP_WIDE, session 36) or two
         c = g9.GATE_UP_CONFIG

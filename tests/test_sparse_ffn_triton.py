@@ -1017,8 +1017,12 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     """The Gluon forms of the down projection and dx (``sm90``, the T >= 4096 defaults on sm_90): the pointer
     kernels' results within bf16 rounding, every output row written (outputs start as NaN), run to run identical;
     at 4097 tokens through the defaults, at 300 (blocks of a few rows: row tiles mostly past their block's end)
-    with 128-row tiles asked for; also 128-wide tiles with a deeper ring (10 slots)."""
-    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "sorted_rows_gemm_sm90")
+    with 128-row tiles asked for. The two-half kernel (``sorted_rows_gemm_sm90``) and the A-resident one
+    (``rows_gemm_ar_sm90``) give the same bits, the former also through every epilogue form (store pieces of
+    256 / 128 / 64 columns, 1-6 staging buffers per warpgroup), the latter at units of 7 column tiles (d_model
+    1024: 8 tiles of 128, so a unit of one tile, where the second warpgroup has none) and a 2-slot ring; also
+    128-wide tiles with a deeper ring (10 slots)."""
+    g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "short_k_gemm_sm90")
     kw = dict(shared_blocks=0, n_blocks=64)
     cfg = {"block_m": 128, kernel: dict(block_k=32, tma=True, sm90=True)} if T < 4096 else {}
     plain = {kernel: {"tma": False}}
@@ -1036,9 +1040,22 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     got = run(cfg)
     assert len(calls) == n0 + 1 and not got.isnan().any() and rel(got, want) < 1e-2
     assert torch.equal(got, run(cfg))
+    flag, ar_name = ("A_RESIDENT_DX", "AR_DX_CONFIG") if kernel == "dx" else ("A_RESIDENT_DOWN", "AR_DOWN_CONFIG")
+    monkeypatch.setattr(g9, flag, False)  # the two-half kernel
+    assert torch.equal(run(cfg), got)
+    # the epilogue's store pieces and staging buffers change where the values go through, not the values
+    for stages, epi_n, o_bufs in ((6, 256, 1), (6, 128, 2), (6, 64, 4), (6, 64, 5), (5, 64, 6), (4, 256, 2)):
+        monkeypatch.setattr(g9, "CONFIG", dict(block_n=256, block_k=32, stages=stages, epi_n=epi_n, o_bufs=o_bufs))
+        assert torch.equal(run(cfg), got), (stages, epi_n, o_bufs)
     monkeypatch.setattr(g9, "CONFIG", dict(block_n=128, block_k=32, stages=10))
     narrow = run(cfg)
     assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
+    monkeypatch.setattr(g9, flag, True)  # the A-resident kernel
+    base = dict(getattr(g9, ar_name))
+    for change in ({}, {"unit_cols": 7}, {"stages": 2, "o_bufs": 1}):
+        monkeypatch.setattr(g9, ar_name, {**base, **change})
+        ar = run(cfg)
+        assert not ar.isnan().any() and torch.equal(ar, got), f"the A-resident kernel {change} changed the bits"
 
 
 # (tokens, block size, the tail pieces on): 224-neuron blocks' last column tile as 64 + 32 (gate/up; dact's second
@@ -1199,13 +1216,13 @@ def test_dx_tma_on_gpu(monkeypatch):
 
 def _count_tma_launches(monkeypatch, triton_launcher: str) -> list:
     """Records which persistent kernel each launch takes: "triton" (``triton_launcher`` of sparse_ffn) or "gluon"
-    (``sparse_ffn_sm90.sorted_rows_gemm_sm90``)."""
+    (``sparse_ffn_sm90.short_k_gemm_sm90``: either Gluon kernel)."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
     calls = []
-    orig_t, orig_g = getattr(tk, triton_launcher), g9.sorted_rows_gemm_sm90
+    orig_t, orig_g = getattr(tk, triton_launcher), g9.short_k_gemm_sm90
     monkeypatch.setattr(tk, triton_launcher, lambda *a: calls.append("triton") or orig_t(*a))
-    monkeypatch.setattr(g9, "sorted_rows_gemm_sm90", lambda *a, **k: calls.append("gluon") or orig_g(*a, **k))
+    monkeypatch.setattr(g9, "short_k_gemm_sm90", lambda *a, **k: calls.append("gluon") or orig_g(*a, **k))
     return calls
 
 

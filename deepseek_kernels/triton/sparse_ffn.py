@@ -1194,7 +1194,7 @@ def sparse_ffn_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     if dn["tma"] and dn["sm90"] and _sm90_ok(h, w_down, block_m) and _down_tma_ok(h, w_down, _sm90_block_k()):
         from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-        g9.sorted_rows_gemm_sm90(h, w_down, None, y, grouping, bs=BS, w_nk=True, **g9.CONFIG)
+        g9.short_k_gemm_sm90(h, w_down, None, y, grouping, bs=BS, w_nk=True)
     elif dn["tma"] and _down_tma_ok(h, w_down, dn["block_k"]):
         _down_tma(h, w_down, y, grouping, dn, prec)
     else:
@@ -1642,7 +1642,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
             and _dx_tma_ok(dact, w_gate, w_up, _sm90_block_k())):
         from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-        g9.sorted_rows_gemm_sm90(dact.view(P, 2 * BS), w_gate, w_up, dx_rows, g, bs=BS, w_nk=False, **g9.CONFIG)
+        g9.short_k_gemm_sm90(dact.view(P, 2 * BS), w_gate, w_up, dx_rows, g, bs=BS, w_nk=False)
     elif dxc["tma"] and _dx_tma_ok(dact, w_gate, w_up, dxc["block_k"]):
         _dx_tma(dact, w_gate, w_up, dx_rows, g, dxc, prec)
     else:

@@ -67,6 +67,13 @@ if HAVE_GLUON:
     from deepseek_kernels.triton.window_attention_sm90 import _barrier_array, _release
 
     @gluon.jit
+    def _halves(x):
+        """x [M, N] -> its column halves (a register split: in the MMA layout a thread holds columns c and c + N/2)."""
+        M: gl.constexpr = x.type.shape[0]
+        N: gl.constexpr = x.type.shape[1]
+        return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
+
+    @gluon.jit
     def _work(t, n_col, TILE_BLOCK, TILE_START):
         """(block, first sorted row, first output column index) of work item ``t`` (row tile t // n_col)."""
         pid_m = t // n_col
@@ -106,24 +113,41 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
+    def _stage_store(piece, o_bufs, n, out_desc, r0, c0, O_BUFS: gl.constexpr, BASE: gl.constexpr):
+        """``piece`` into staging buffer BASE + n % O_BUFS once the store that last used it has read it (bulk
+        groups complete in order: at most O_BUFS - 1 younger ones pending), then an asynchronous TMA store of it
+        to ``[r0, c0]``. Returns n + 1."""
+        buf = o_bufs.index(BASE + n % O_BUFS)
+        tma.store_wait(O_BUFS - 1)
+        buf.store(piece)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [r0, c0], buf)
+        return n + 1
+
+    @gluon.jit
     def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                   D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, EPI_N: gl.constexpr,
+                  O_BUFS: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item's tile, K steps as async wgmma with one in
-        flight (a slot is released once the product that read it is done), then the rows of the block stored."""
+        flight (a slot is released once the product that read it is done), then the rows of the block stored:
+        in EPI_N-column pieces through this warpgroup's O_BUFS staging buffers (:func:`_stage_store`), so a
+        piece waits only for the store O_BUFS pieces before it."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        o_smem = o_bufs.index(WG)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
         # 8 consecutive outputs (16 bytes) per thread, a warp over 4 rows x 64 columns
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        BASE: gl.constexpr = WG * O_BUFS
         n_col = gl.cdiv(D, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         ks = BS // BLOCK_K
         n_steps = 2 * ks if DUAL else ks
         it = 0
+        n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            hi = gl.load(OFFSETS + b + 1)  # (loaded here, in flight during the products)
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             for s in range(n_steps):
                 slot = it % STAGES
@@ -140,29 +164,50 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(0, deps=(acc,))
             _release(empty.index((it - 1) % STAGES))
             r0 = start + WG * HALF_M
-            hi = gl.load(OFFSETS + b + 1)
-            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: an asynchronous store
-                tma.store_wait(0)  # the previous tile's store has left o_smem
-                o_smem.store(acc.to(out_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(out_desc, [r0, pid_n * BLOCK_N], o_smem)
+            c0 = pid_n * BLOCK_N
+            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: asynchronous stores
+                o = acc.to(out_desc.dtype)
+                if EPI_N == BLOCK_N:
+                    n = _stage_store(o, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
+                elif EPI_N * 2 == BLOCK_N:
+                    p0, p1 = _halves(o)
+                    n = _stage_store(p0, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
+                    n = _stage_store(p1, o_bufs, n, out_desc, r0, c0 + EPI_N, O_BUFS, BASE)
+                else:
+                    gl.static_assert(EPI_N * 4 == BLOCK_N, "EPI_N: BLOCK_N, BLOCK_N / 2 or BLOCK_N / 4")
+                    p0, p1 = _halves(o)
+                    q0, q1 = _halves(p0)
+                    q2, q3 = _halves(p1)
+                    n = _stage_store(q0, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
+                    n = _stage_store(q1, o_bufs, n, out_desc, r0, c0 + EPI_N, O_BUFS, BASE)
+                    n = _stage_store(q2, o_bufs, n, out_desc, r0, c0 + 2 * EPI_N, O_BUFS, BASE)
+                    n = _stage_store(q3, o_bufs, n, out_desc, r0, c0 + 3 * EPI_N, O_BUFS, BASE)
             else:  # the block's last rows: masked stores (the rows after belong to the next block's tile)
-                out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
-                rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
-                cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-                mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
-                ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
-                gl.store(ptrs, out, mask=mask)
+                if O_BUFS > 1:  # straight from the accumulator's layout (no layout-conversion scratch: its 16 KB
+                    # of shared memory go to the staging buffers; 4-byte stores for ~3 % of the half tiles)
+                    rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, acc_layout))
+                    cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                    mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+                    ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+                    gl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+                else:
+                    out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
+                    rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+                    cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+                    mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+                    ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+                    gl.store(ptrs, out, mask=mask)
         tma.store_wait(0)
 
     @gluon.jit
     def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                    TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, EPI_N: gl.constexpr,
+                   O_BUFS: gl.constexpr):
         """The second warpgroup (a worker partition)."""
         WG1: gl.constexpr = 1
         _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
+                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)
 
     # D stays specialized: its divisibility by 16 is what lets the epilogue store 16 bytes per thread (without it,
     # session 30's first build stored 2 bytes at a time and took 3.0 ms where its main loop alone took 0.38)
@@ -170,26 +215,28 @@ if HAVE_GLUON:
     def _sorted_rows_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                                       TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr,
                                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True):
+                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True,
+                                      EPI_N: gl.constexpr = 256, O_BUFS: gl.constexpr = 1):
         """OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with DUAL) for every real row
         tile of the grouping, as a persistent program per SM walking (row tile, column tile) work items (a row
         tile's column tiles consecutively, as the Triton kernel). W_NK: w is [D, F] (the down projection's
         w_down, read as [n, k] tiles); else [F, D] (dx's w_gate / w_up, [k, n] tiles). ``TMA_STORE``: a half tile
         whose rows all belong to the block leaves through shared memory and an asynchronous TMA store (out_desc,
         [64, BLOCK_N] boxes), so the warpgroup goes on to the next tile's products; the block's last rows take
-        masked stores."""
+        masked stores. The stores go in out_desc's [64, EPI_N] boxes (EPI_N: BLOCK_N or a half or quarter of it)
+        through O_BUFS staging buffers per warpgroup."""
         WG0: gl.constexpr = 0
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 if TMA_STORE else 1] + out_desc.block_type.shape,
+        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 * O_BUFS if TMA_STORE else 1] + out_desc.block_type.shape,
                                            out_desc.layout)
         ready = _barrier_array(STAGES, 1)  # the producer's expect + the TMA bytes
         empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
         gl.warp_specialize([
             (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)),
             (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
+                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)),
             (_producer, (a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT,
                          D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -208,21 +255,296 @@ def _desc(t: torch.Tensor, block: list):
 
 
 def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
-                          bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True) -> None:
+                          bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True,
+                          epi_n: int | None = None, o_bufs: int = 1) -> None:
     """``out [P, D]`` for the grouping's row tiles (see the kernel): ``a [P, BS]`` (or ``[P, 2 BS]`` with
     ``w2``), ``w`` ``[D, F]`` if ``w_nk`` else ``[F, D]`` (and ``w2`` likewise). The caller checked
-    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases)."""
+    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases). The
+    epilogue stores ``epi_n``-column pieces (``block_n``, half or a quarter of it) through ``o_bufs`` staging
+    buffers per consumer warpgroup."""
     D = out.shape[1]
     half = BLOCK_M // 2
+    epi_n = epi_n or block_n
     w_block = [block_n, block_k] if w_nk else [block_k, block_n]
     w_desc = _desc(w, w_block)
     _sorted_rows_gemm_sm90_kernel[(sm_count(a.device),)](
-        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
+        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, epi_n]),
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
-        TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
+        TMA_STORE=tma_store, EPI_N=epi_n, O_BUFS=o_bufs, num_warps=4, maxnreg=MAXNREG,
     )
 
+
+# ---- the short-K GEMMs with the row tile's A operand resident (``A_RESIDENT``; session 37) ------------------------
+#
+# The kernel above has both consumer warpgroups on one tile (a 64-row half each, sharing the weight tile), so they
+# finish their products together and run their epilogues together while the tensor cores idle: its tiles without
+# the TMA stores take 0.476 ms (down) / 0.898 ms (dx) at T8192 ratio 0.3 against 0.38 / 0.74 for the products
+# alone (diag_sparse_epilogue.py, session 37 call 4 and session 30), ~0.65-1 us per work item. Here a work unit is
+# a row tile and a range of UNIT_COLS column tiles: its A operand ([128, KT], KT = BS or 2 BS) is loaded once into
+# KS = KT / BLOCK_K resident chunks, and each consumer warpgroup takes every other column tile of the unit as a whole
+# [128, BLOCK_N] tile (two m64 products per K step over the two row halves), its weight tiles from its own ring fed
+# by its own producer warp. The warpgroups share nothing but A, so one's epilogue overlaps the other's products,
+# and a column tile's L2 reads are its weight tile alone (A once per unit): a third fewer bytes per FLOP.
+# Chunk s of A is released by both warpgroups after step s of their last tile of the unit, and the producer
+# loads the next unit's chunk s just before that unit's first weight tile of step s.
+#
+# H200, session 37 (call 5; diag_sparse_sm90.py --ar, T8192, kernels alone, same run): down 0.599 -> 0.538 ms at
+# ratio 0.3 and 1.016 -> 0.887 at 0.5 (8 ring slots, one staging buffer per warpgroup, units of 16 column tiles;
+# 6 slots with 2 buffers, units of 8 or 32 within 0.02 ms but for units of 32 at 0.5, 1.001); whole forward 2.117 ->
+# 2.055 ms at 0.3 and 3.574 -> 3.333 at 0.5 (A/B, same bits). dx gains nothing (0.891 vs 0.885-0.939 at 0.3, 1.479
+# vs 1.474-1.564 at 0.5: its A takes 112 KB, which leaves 5 ring slots), so it stays on the kernel above.
+AR_DOWN_CONFIG = dict(block_n=128, block_k=32, stages=8, o_bufs=1, unit_cols=16)
+AR_DX_CONFIG = dict(block_n=128, block_k=32, stages=5, o_bufs=1, unit_cols=16)
+A_RESIDENT_DOWN = True  # the down projection by the A-resident kernel (where A fits)
+A_RESIDENT_DX = False  # dx likewise (a tie: off)
+AR_PRODUCER_REGS = 40
+SMEM_LIMIT = 232448  # the H200's (sm_90) largest shared-memory allocation per block, bytes
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _ar_unit(u, NQ, UNIT_COLS: gl.constexpr, TILE_BLOCK, TILE_START):
+        """(block, first sorted row, first column tile) of work unit ``u`` (row tile u // NQ)."""
+        m = u // NQ
+        return gl.load(TILE_BLOCK + m), gl.load(TILE_START + m), (u - m * NQ) * UNIT_COLS
+
+    @gluon.jit
+    def _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
+                     TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
+                     WG: gl.constexpr, LOAD_A: gl.constexpr):
+        """One warp: the weight tiles of warpgroup WG's column tiles (c = first + WG, + 2, ...) of every unit into
+        its ring; with LOAD_A (WG 0, which has a tile in every unit) also the unit's A chunks, chunk s just before
+        the unit's first weight tile of step s, once both warpgroups released it."""
+        KS: gl.constexpr = (2 * BS if DUAL else BS) // BLOCK_K
+        ks: gl.constexpr = BS // BLOCK_K
+        n_col = gl.cdiv(D, BLOCK_N)
+        NQ = gl.cdiv(n_col, UNIT_COLS)
+        total = gl.load(TILE_COUNT).to(gl.int32) * NQ
+        a_bytes: gl.constexpr = 2 * a_desc.block_type.nbytes
+        it = 0
+        nu = 0
+        for u in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, c_first = _ar_unit(u, NQ, UNIT_COLS, TILE_BLOCK, TILE_START)
+            c_end = gl.minimum(c_first + UNIT_COLS, n_col)
+            first = True
+            for c in range(c_first + WG, c_end, 2):
+                n0 = c * BLOCK_N
+                for s in range(KS):
+                    if LOAD_A:
+                        if first:
+                            mbarrier.wait(a_empty.index(s), (nu & 1) ^ 1)
+                            mbarrier.expect(a_ready.index(s), a_bytes)
+                            tma.async_copy_global_to_shared(a_desc, [start, s * BLOCK_K], a_ready.index(s),
+                                                            a_bufs.index(2 * s))
+                            tma.async_copy_global_to_shared(a_desc, [start + 64, s * BLOCK_K], a_ready.index(s),
+                                                            a_bufs.index(2 * s + 1))
+                    slot = it % STAGES
+                    mbarrier.wait(w_empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                    bar = w_ready.index(slot)
+                    mbarrier.expect(bar, w_desc.block_type.nbytes)
+                    if W_NK:  # w [D, F]: an [n, k] tile
+                        tma.async_copy_global_to_shared(w_desc, [n0, b * BS + s * BLOCK_K], bar, w_bufs.index(slot))
+                    elif s < ks:  # w [F, D]: a [k, n] tile
+                        tma.async_copy_global_to_shared(w_desc, [b * BS + s * BLOCK_K, n0], bar, w_bufs.index(slot))
+                    else:
+                        tma.async_copy_global_to_shared(w2_desc, [b * BS + (s - ks) * BLOCK_K, n0], bar,
+                                                        w_bufs.index(slot))
+                    it += 1
+                first = False
+            nu += 1
+
+    @gluon.jit
+    def _ar_store_half(acc, o_bufs, n, out_desc, OUT, r0, hi, c0, D, O_BUFS: gl.constexpr, BASE: gl.constexpr):
+        """Rows [r0, r0 + 64) of a tile: through a staging buffer by TMA if all are the block's, else the block's
+        last rows by masked stores straight from the accumulator (the rows after belong to the next block's
+        tile). Returns the warpgroup's store count."""
+        if r0 + acc.type.shape[0] <= hi:
+            n = _stage_store(acc.to(out_desc.dtype), o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
+        else:
+            layout: gl.constexpr = acc.type.layout
+            rows = r0 + gl.arange(0, acc.type.shape[0], layout=gl.SliceLayout(1, layout))
+            cols = c0 + gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, layout))
+            mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+            ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+            gl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+        return n
+
+    @gluon.jit
+    def _ar_consumer(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
+                     TILE_START, OFFSETS, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
+                     O_BUFS: gl.constexpr, WG: gl.constexpr):
+        """One warpgroup: column tiles first + WG, + 2, ... of every unit, each a [128, BLOCK_N] tile as two 64-row
+        accumulators (async wgmma, one step's pair in flight; a ring slot released once the pair that read it is
+        done, A's chunk s after step s of the unit's last tile), then stored: a 64-row half whose rows all belong to
+        the block through this warpgroup's O_BUFS staging buffers by TMA (:func:`_stage_store`), the block's last
+        rows by masked stores straight from the accumulator."""
+        KS: gl.constexpr = (2 * BS if DUAL else BS) // BLOCK_K
+        HALF_M: gl.constexpr = 64
+        BASE: gl.constexpr = WG * O_BUFS
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 16])
+        n_col = gl.cdiv(D, BLOCK_N)
+        NQ = gl.cdiv(n_col, UNIT_COLS)
+        total = gl.load(TILE_COUNT).to(gl.int32) * NQ
+        it = 0
+        nu = 0
+        n = 0
+        for u in range(gl.program_id(0), total, gl.num_programs(0)):
+            b, start, c_first = _ar_unit(u, NQ, UNIT_COLS, TILE_BLOCK, TILE_START)
+            hi = gl.load(OFFSETS + b + 1)
+            c_end = gl.minimum(c_first + UNIT_COLS, n_col)
+            for c in range(c_first + WG, c_end, 2):
+                first = c < c_first + 2
+                last = c + 2 >= c_end
+                acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+                acc1 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+                for s in range(KS):
+                    if first:
+                        mbarrier.wait(a_ready.index(s), nu & 1)
+                    slot = it % STAGES
+                    mbarrier.wait(w_ready.index(slot), (it // STAGES) & 1)
+                    if W_NK:
+                        w_tile = w_bufs.index(slot).permute((1, 0))
+                    else:
+                        w_tile = w_bufs.index(slot)
+                    acc0 = warpgroup_mma(a_bufs.index(2 * s), w_tile, acc0, is_async=True)
+                    acc1 = warpgroup_mma(a_bufs.index(2 * s + 1), w_tile, acc1, is_async=True)
+                    acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
+                    if s > 0:
+                        _release(w_empty.index((it - 1) % STAGES))
+                        if last:
+                            _release(a_empty.index(s - 1))
+                    it += 1
+                acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+                _release(w_empty.index((it - 1) % STAGES))
+                if last:
+                    _release(a_empty.index(KS - 1))
+                n = _ar_store_half(acc0, o_bufs, n, out_desc, OUT, start, hi, c * BLOCK_N, D, O_BUFS, BASE)
+                n = _ar_store_half(acc1, o_bufs, n, out_desc, OUT, start + HALF_M, hi, c * BLOCK_N, D, O_BUFS, BASE)
+            if c_first + WG >= c_end:  # no column tile here for this warpgroup: release the unit's chunks
+                for s in gl.static_range(KS):
+                    mbarrier.wait(a_ready.index(s), nu & 1)
+                    _release(a_empty.index(s))
+            nu += 1
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ar_consumer1(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
+                      TILE_START, OFFSETS, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
+                      O_BUFS: gl.constexpr):
+        """The second warpgroup (a worker partition), on its own ring."""
+        WG1: gl.constexpr = 1
+        _ar_consumer(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
+                     TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, O_BUFS,
+                     WG1)
+
+    @gluon.jit
+    def _ar_producer0(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
+                      TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr):
+        """Warpgroup 0's weight tiles and every unit's A chunks."""
+        WG0: gl.constexpr = 0
+        LOAD_A: gl.constexpr = True
+        _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
+                     TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, WG0, LOAD_A)
+
+    @gluon.jit
+    def _ar_producer1(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
+                      TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr):
+        """Warpgroup 1's weight tiles."""
+        WG1: gl.constexpr = 1
+        LOAD_A: gl.constexpr = False
+        _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
+                     TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, WG1, LOAD_A)
+
+    @gluon.jit
+    def _rows_gemm_ar_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
+                                  TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
+                                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                                  UNIT_COLS: gl.constexpr, O_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                  PRODUCER_REGS: gl.constexpr):
+        """OUT[rows of block b, :D] as :func:`_sorted_rows_gemm_sm90_kernel` computes it (same products in the
+        same order: the same bits), with the row tile's A operand resident per unit and the two consumer
+        warpgroups on alternate column tiles (see the section's comment). a_desc boxes [64, BLOCK_K], w_desc
+        [BLOCK_N, BLOCK_K] (W_NK) or [BLOCK_K, BLOCK_N], out_desc [64, BLOCK_N]."""
+        KS: gl.constexpr = (2 * BS if DUAL else BS) // BLOCK_K
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * KS] + a_desc.block_type.shape, a_desc.layout)
+        w0_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        w1_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 * O_BUFS] + out_desc.block_type.shape, out_desc.layout)
+        a_ready = _barrier_array(KS, 1)  # the producer's expect + the TMA bytes
+        a_empty = _barrier_array(KS, 2)  # one arrival per consumer warpgroup
+        w0_ready = _barrier_array(STAGES, 1)
+        w0_empty = _barrier_array(STAGES, 1)
+        w1_ready = _barrier_array(STAGES, 1)
+        w1_empty = _barrier_array(STAGES, 1)
+        WG0: gl.constexpr = 0
+        gl.warp_specialize([
+            (_ar_consumer, (a_bufs, w0_bufs, o_bufs, a_ready, a_empty, w0_ready, w0_empty, out_desc, OUT, TILE_BLOCK,
+                            TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS,
+                            O_BUFS, WG0)),
+            (_ar_consumer1, (a_bufs, w1_bufs, o_bufs, a_ready, a_empty, w1_ready, w1_empty, out_desc, OUT,
+                             TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
+                             UNIT_COLS, O_BUFS)),
+            (_ar_producer0, (a_desc, w_desc, w2_desc, a_bufs, w0_bufs, a_ready, a_empty, w0_ready, w0_empty,
+                             TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
+                             UNIT_COLS)),
+            (_ar_producer1, (a_desc, w_desc, w2_desc, a_bufs, w1_bufs, a_ready, a_empty, w1_ready, w1_empty,
+                             TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
+                             UNIT_COLS)),
+        ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+
+
+def ar_smem_bytes(bs: int, dual: bool, block_n: int, block_k: int, stages: int, o_bufs: int) -> int:
+    """Shared memory the A-resident kernel allocates (bf16 / fp16; barriers aside): A, two rings, staging."""
+    return 2 * (128 * (2 * bs if dual else bs) + 2 * stages * block_n * block_k + 2 * o_bufs * 64 * block_n)
+
+
+def ar_config(bs: int, dual: bool) -> dict | None:
+    """The A-resident kernel's settings for blocks of ``bs`` neurons (fewer ring slots where A is large), or
+    None where A does not fit in shared memory with a 2-slot ring."""
+    cfg = dict(AR_DX_CONFIG if dual else AR_DOWN_CONFIG)
+    if bs % cfg["block_k"]:
+        return None
+    while ar_smem_bytes(bs, dual, **{k: cfg[k] for k in ("block_n", "block_k", "stages", "o_bufs")}) + 1024 > SMEM_LIMIT:
+        if cfg["stages"] <= 2:
+            return None
+        cfg["stages"] -= 1
+    return cfg
+
+
+def rows_gemm_ar_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
+                      bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, o_bufs: int,
+                      unit_cols: int) -> None:
+    """``out [P, D]`` as :func:`sorted_rows_gemm_sm90` computes it, by the A-resident kernel (the caller took
+    the settings from :func:`ar_config`)."""
+    D = out.shape[1]
+    w_block = [block_n, block_k] if w_nk else [block_k, block_n]
+    w_desc = _desc(w, w_block)
+    _rows_gemm_ar_sm90_kernel[(sm_count(a.device),)](
+        _desc(a, [64, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [64, block_n]),
+        out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
+        DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, UNIT_COLS=unit_cols, O_BUFS=o_bufs,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=AR_PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
+    )
+
+
+def short_k_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
+                      bs: int, w_nk: bool) -> None:
+    """The down projection (``w2`` None) or dx by the sm_90 default: the A-resident kernel where
+    ``A_RESIDENT_DOWN`` / ``A_RESIDENT_DX`` asks for it and A fits, else :func:`sorted_rows_gemm_sm90` at
+    ``CONFIG``."""
+    dual = w2 is not None
+    cfg = ar_config(bs, dual) if (A_RESIDENT_DX if dual else A_RESIDENT_DOWN) else None
+    if cfg is not None:
+        rows_gemm_ar_sm90(a, w, w2, out, grouping, bs=bs, w_nk=w_nk, **cfg)
+    else:
+        sorted_rows_gemm_sm90(a, w, w2, out, grouping, bs=bs, w_nk=w_nk, **CONFIG)
 
 # ---- the forward's gate/up GEMM with gathered x rows (``gate_up.sm90``, the T >= 4096 default on sm_90; written in
 # session 30, first run in session 31: H200, T8192 ratio 0.3, ~0.98 ms (589 TF/s) vs the Triton kernel's ~1.08) ------
@@ -558,13 +880,6 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=3)  # (3 ring slots: g's staging buffers take a fourth's room)
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _halves(x):
-        """x [M, N] -> its column halves (a register split: in the MMA layout a thread holds columns c and c + N/2)."""
-        M: gl.constexpr = x.type.shape[0]
-        N: gl.constexpr = x.type.shape[1]
-        return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
     def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
