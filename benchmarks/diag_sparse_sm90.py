@@ -1,8 +1,12 @@
 """The sparse FFN's short-K grouped GEMMs alone (T8192, bf16, d_model 4096, d_ff 14336, 64 blocks, ratio 0.3): the
 persistent Triton TMA kernel against the Gluon warp-specialized form (``sparse_ffn_sm90``) and its variants (ring
-depth, tile width, products in flight, the epilogue's stores off), same inputs, do_bench.
+depth, tile width, products in flight, the epilogue's stores off) or, with ``--ar``, against the A-resident kernel
+(``rows_gemm_ar_sm90``) at its settings and others, same inputs, do_bench.
 
-    python benchmarks/diag_sparse_sm90.py [--ratio 0.3] [--out results.json]
+    python benchmarks/diag_sparse_sm90.py [--ratio 0.3] [--gemms-only] [--ar] [--out results.json]
+
+Session 37 (call 2) also timed the two-half kernel's stores in pieces of 128 / 64 columns through 2-6 staging
+buffers per warpgroup (``--epilogues``, since removed with that code): no gain (benchmarks/NOTES.md).
 """
 
 import argparse
@@ -25,26 +29,20 @@ def main():
     ap.add_argument("--sweep-dw", action="store_true",
                     help="also the dW kernels' ring shapes (DW_GATE_UP_CONFIG / DW_DOWN_CONFIG), whole backward")
     ap.add_argument("--gemms-only", action="store_true", help="only the short-K GEMMs' rows (down, dx)")
-    ap.add_argument("--epilogues", action="store_true",
-                    help="the short-K GEMMs' epilogue variants (store pieces of 64 / 128 / 256 columns through 1-5 "
-                         "staging buffers per warpgroup) instead of the ring / tile variants")
     ap.add_argument("--ar", action="store_true",
                     help="also the A-resident kernel (rows_gemm_ar_sm90) at its defaults and other unit / ring sizes")
     ap.add_argument("--out")
     args = ap.parse_args()
-    # (block_n, ring stages, TMA store, store piece columns, staging buffers per warpgroup); shared memory <= 227 KB
-    variants = ((256, 6, True, 256, 1), (256, 6, False, 256, 1), (256, 5, True, 256, 1), (128, 10, True, 128, 1))
+    # the two-half kernel's (block_n, ring stages, TMA store)
+    variants = ((256, 6, True), (256, 6, False), (256, 5, True), (128, 10, True))
     if args.ar:
-        variants = ((256, 6, True, 256, 1),)
+        variants = ((256, 6, True),)
 
     def ar_variants(dual: bool) -> tuple:
         base = g9.ar_config(BS, dual)
         more = ({"unit_cols": 8}, {"unit_cols": 32}) + (() if dual else ({"stages": 8, "o_bufs": 1},))
         return (base,) + tuple({**base, **m} for m in more)
 
-    if args.epilogues:
-        variants = ((256, 6, True, 256, 1), (256, 6, True, 128, 2), (256, 6, True, 64, 4), (256, 6, True, 64, 5),
-                    (256, 5, True, 64, 6), (256, 5, True, 128, 3), (256, 4, True, 256, 2), (256, 6, False, 256, 1))
     T, D, F_, NB, dt = args.tokens, 4096, 14336, 64, torch.bfloat16
     BS = F_ // NB
     torch.manual_seed(0)
@@ -82,12 +80,12 @@ def main():
                 def fn(v=v):
                     g9.rows_gemm_ar_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, **v)
             else:
-                bn, st, tma_store, epi_n, o_bufs = v
-                name = f"gluon {bn} s{st}" + (f" tma store {epi_n} x{o_bufs}" if tma_store else "")
+                bn, st, tma_store = v
+                name = f"gluon {bn} s{st}" + (" tma store" if tma_store else "")
 
-                def fn(bn=bn, st=st, tma_store=tma_store, epi_n=epi_n, o_bufs=o_bufs):
+                def fn(bn=bn, st=st, tma_store=tma_store):
                     g9.sorted_rows_gemm_sm90(a, w, w2, y, g, bs=BS, w_nk=w_nk, block_n=bn, block_k=32, stages=st,
-                                             tma_store=tma_store, epi_n=epi_n, o_bufs=o_bufs)
+                                             tma_store=tma_store)
             try:
                 y.zero_()
                 fn()

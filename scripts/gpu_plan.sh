@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-store37 | sparse-ar37 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -180,18 +180,9 @@ case "$step" in
       -k "dact_sm90 or gate_up_sm90" 2>&1 | tail -4
     cd benchmarks
     timeout 200 "$PY" diag_sparse_epilogue.py --out "$out_abs/diag_sparse_epilogue.json" 2>&1 | grep -v Warn | tail -9 ;;
-  sparse-store37)  # issue 6, session 37: the short-K GEMMs' (down, dx) epilogue as store pieces through several
-    # staging buffers per warpgroup (each kernel alone at 0.3 and 0.5), then their GPU tests (every form, same bits)
-    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
-    for r in 0.3 0.5; do
-      (cd benchmarks && timeout 200 "$PY" diag_sparse_sm90.py --ratio $r --gemms-only --epilogues \
-        --out "$out_abs/diag_sparse_store_$r.json" 2>&1 | grep -v Warn | tail -18)
-    done
-    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
-      -k "sorted_rows_gemm_sm90" 2>&1 | tail -4 ;;
-  sparse-ar37)  # issue 6, session 37: the short-K GEMMs with A resident per unit and the warpgroups on alternate
-    # column tiles (sparse_ffn_sm90.A_RESIDENT): GPU tests (same bits as the two-half kernel), each kernel alone at
-    # 0.3 / 0.5, then A/Bs of the whole forward / backward
+  sparse-ar37)  # issue 6, session 37 (call 5, with one A_RESIDENT switch for both, off by default): the short-K GEMMs
+    # with A resident per unit and the warpgroups on alternate column tiles: GPU tests (same bits as the two-half
+    # kernel), each kernel alone at 0.3 / 0.5, then A/Bs of the whole forward (down) / backward (dx)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "sorted_rows_gemm_sm90" 2>&1 | tail -4
@@ -201,9 +192,19 @@ case "$step" in
     done
     cd benchmarks
     for r in 0.3 0.5; do
-      ab sparse_ffn_sm90.A_RESIDENT "False;True" "fwd$r" --fwd --ratio $r
-      ab sparse_ffn_sm90.A_RESIDENT "False;True" "bwd$r" --ratio $r
+      ab sparse_ffn_sm90.A_RESIDENT_DOWN "False;True" "fwd$r" --fwd --ratio $r
+      ab sparse_ffn_sm90.A_RESIDENT_DX "False;True" "bwd$r" --ratio $r
     done ;;
+  sparse-final37)  # issue 6, session 37: the sparse FFN's GPU tests with the A-resident down projection, an A/B of
+    # gate/up's ring in K steps of 32 (8 slots) against 64 (4), then the suite's training rows
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py -k "test_forward_on_gpu or \
+      test_forward_backward_on_gpu or deterministic or down_tma_on_gpu or dx_tma_on_gpu or sorted_rows_gemm_sm90 or \
+      large_batch_defaults" 2>&1 | tail -3
+    (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 4};{'block_n': 128, \
+'block_k': 32, 'stages': 8}" fwd0.3 --fwd --ratio 0.3)
+    timeout 300 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$out_abs/suite" 2>&1 | \
+      grep -E "^fwd|ratio" | head -20 ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)

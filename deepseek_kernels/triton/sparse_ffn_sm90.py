@@ -14,7 +14,10 @@ the forward's down projection (``y = h . w_down[:, block]^T``, K = the block's B
 
 A Triton kernel issues loads and products from the same warps, so with K only 224 (7 steps of 32) its pipeline
 barely fills before each tile's epilogue (Nsight Compute, session 17: one CTA per SM, warps waiting on their own
-loads most of the time). ``supported()`` says which calls can take this path.
+loads most of the time). ``supported()`` says which calls can take this path. The down projection's default is a
+second form (session 37, :func:`rows_gemm_ar_sm90`): the row tile's A operand resident in shared memory for a unit
+of column tiles, and the two consumer warpgroups on alternate whole column tiles, each with its own weight ring,
+so one's epilogue overlaps the other's products (:func:`short_k_gemm_sm90` picks the form).
 
 Four more kernels read gathered rows (each row another token's row, which Hopper's TMA cannot fetch), by a 4-warp
 cp.async producer: the forward's gate/up + SwiGLU and the backward's dact (gathered x / dO rows as the A operand,
@@ -65,13 +68,6 @@ def supported(a: torch.Tensor, w: torch.Tensor, block_m: int) -> bool:
 if HAVE_GLUON:
     # the attention forward's mbarrier helpers: n barriers of a count; one arrival per warpgroup past a barrier
     from deepseek_kernels.triton.window_attention_sm90 import _barrier_array, _release
-
-    @gluon.jit
-    def _halves(x):
-        """x [M, N] -> its column halves (a register split: in the MMA layout a thread holds columns c and c + N/2)."""
-        M: gl.constexpr = x.type.shape[0]
-        N: gl.constexpr = x.type.shape[1]
-        return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
     def _work(t, n_col, TILE_BLOCK, TILE_START):
@@ -127,24 +123,23 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
                   D, BS, WG: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, EPI_N: gl.constexpr,
-                  O_BUFS: gl.constexpr):
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
         """One warpgroup: rows [WG * 64, + 64) of every work item's tile, K steps as async wgmma with one in
-        flight (a slot is released once the product that read it is done), then the rows of the block stored:
-        in EPI_N-column pieces through this warpgroup's O_BUFS staging buffers (:func:`_stage_store`), so a
-        piece waits only for the store O_BUFS pieces before it."""
+        flight (a slot is released once the product that read it is done), then the rows of the block stored.
+        Measured and removed (session 37, call 2): the stores in pieces of 128 / 64 columns through 2-6 staging
+        buffers per warpgroup, so that a piece waits only for an older store (down 0.578-0.609 ms vs 0.586 at
+        ratio 0.3, dx 0.894-0.948 vs 0.894; at 0.5 down 0.959-1.041 vs 0.981, dx 1.511-1.628 vs 1.511): the
+        store's wait is not what the epilogue costs."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
         # 8 consecutive outputs (16 bytes) per thread, a warp over 4 rows x 64 columns
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        BASE: gl.constexpr = WG * O_BUFS
         n_col = gl.cdiv(D, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         ks = BS // BLOCK_K
         n_steps = 2 * ks if DUAL else ks
         it = 0
-        n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
             hi = gl.load(OFFSETS + b + 1)  # (loaded here, in flight during the products)
@@ -165,49 +160,25 @@ if HAVE_GLUON:
             _release(empty.index((it - 1) % STAGES))
             r0 = start + WG * HALF_M
             c0 = pid_n * BLOCK_N
-            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: asynchronous stores
-                o = acc.to(out_desc.dtype)
-                if EPI_N == BLOCK_N:
-                    n = _stage_store(o, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
-                elif EPI_N * 2 == BLOCK_N:
-                    p0, p1 = _halves(o)
-                    n = _stage_store(p0, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
-                    n = _stage_store(p1, o_bufs, n, out_desc, r0, c0 + EPI_N, O_BUFS, BASE)
-                else:
-                    gl.static_assert(EPI_N * 4 == BLOCK_N, "EPI_N: BLOCK_N, BLOCK_N / 2 or BLOCK_N / 4")
-                    p0, p1 = _halves(o)
-                    q0, q1 = _halves(p0)
-                    q2, q3 = _halves(p1)
-                    n = _stage_store(q0, o_bufs, n, out_desc, r0, c0, O_BUFS, BASE)
-                    n = _stage_store(q1, o_bufs, n, out_desc, r0, c0 + EPI_N, O_BUFS, BASE)
-                    n = _stage_store(q2, o_bufs, n, out_desc, r0, c0 + 2 * EPI_N, O_BUFS, BASE)
-                    n = _stage_store(q3, o_bufs, n, out_desc, r0, c0 + 3 * EPI_N, O_BUFS, BASE)
+            if TMA_STORE and r0 + HALF_M <= hi:  # all rows in the block: an asynchronous store
+                _stage_store(acc.to(out_desc.dtype), o_bufs, 0, out_desc, r0, c0, 1, WG)
             else:  # the block's last rows: masked stores (the rows after belong to the next block's tile)
-                if O_BUFS > 1:  # straight from the accumulator's layout (no layout-conversion scratch: its 16 KB
-                    # of shared memory go to the staging buffers; 4-byte stores for ~3 % of the half tiles)
-                    rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, acc_layout))
-                    cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-                    mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
-                    ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
-                    gl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
-                else:
-                    out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
-                    rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
-                    cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-                    mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
-                    ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
-                    gl.store(ptrs, out, mask=mask)
+                out = gl.convert_layout(acc.to(OUT.dtype.element_ty), out_layout)
+                rows = r0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
+                cols = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+                mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < D, 0)
+                ptrs = OUT + gl.expand_dims(rows.to(gl.int64) * D, 1) + gl.expand_dims(cols, 0)
+                gl.store(ptrs, out, mask=mask)
         tma.store_wait(0)
 
     @gluon.jit
     def _consumer1(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                    TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, EPI_N: gl.constexpr,
-                   O_BUFS: gl.constexpr):
+                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
         """The second warpgroup (a worker partition)."""
         WG1: gl.constexpr = 1
         _consumer(a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)
+                  D, BS, WG1, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)
 
     # D stays specialized: its divisibility by 16 is what lets the epilogue store 16 bytes per thread (without it,
     # session 30's first build stored 2 bytes at a time and took 3.0 ms where its main loop alone took 0.38)
@@ -215,28 +186,26 @@ if HAVE_GLUON:
     def _sorted_rows_gemm_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                                       TILE_COUNT, D, BS, W_NK: gl.constexpr, DUAL: gl.constexpr,
                                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True,
-                                      EPI_N: gl.constexpr = 256, O_BUFS: gl.constexpr = 1):
+                                      CONSUMER_REGS: gl.constexpr, TMA_STORE: gl.constexpr = True):
         """OUT[rows of block b, :D] = A[rows, :BS] . W_b (+ A[rows, BS:2 BS] . W2_b with DUAL) for every real row
         tile of the grouping, as a persistent program per SM walking (row tile, column tile) work items (a row
         tile's column tiles consecutively, as the Triton kernel). W_NK: w is [D, F] (the down projection's
         w_down, read as [n, k] tiles); else [F, D] (dx's w_gate / w_up, [k, n] tiles). ``TMA_STORE``: a half tile
         whose rows all belong to the block leaves through shared memory and an asynchronous TMA store (out_desc,
         [64, BLOCK_N] boxes), so the warpgroup goes on to the next tile's products; the block's last rows take
-        masked stores. The stores go in out_desc's [64, EPI_N] boxes (EPI_N: BLOCK_N or a half or quarter of it)
-        through O_BUFS staging buffers per warpgroup."""
+        masked stores."""
         WG0: gl.constexpr = 0
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 * O_BUFS if TMA_STORE else 1] + out_desc.block_type.shape,
+        o_bufs = gl.allocate_shared_memory(out_desc.dtype, [2 if TMA_STORE else 1] + out_desc.block_type.shape,
                                            out_desc.layout)
         ready = _barrier_array(STAGES, 1)  # the producer's expect + the TMA bytes
         empty = _barrier_array(STAGES, 2)  # one arrival per consumer warpgroup
         gl.warp_specialize([
             (_consumer, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)),
+                         TILE_COUNT, D, BS, WG0, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
             (_consumer1, (a_bufs, b_bufs, o_bufs, ready, empty, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE, EPI_N, O_BUFS)),
+                          TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, TMA_STORE)),
             (_producer, (a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT,
                          D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -255,27 +224,23 @@ def _desc(t: torch.Tensor, block: list):
 
 
 def sorted_rows_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
-                          bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True,
-                          epi_n: int | None = None, o_bufs: int = 1) -> None:
+                          bs: int, w_nk: bool, block_n: int, block_k: int, stages: int, tma_store: bool = True) -> None:
     """``out [P, D]`` for the grouping's row tiles (see the kernel): ``a [P, BS]`` (or ``[P, 2 BS]`` with
     ``w2``), ``w`` ``[D, F]`` if ``w_nk`` else ``[F, D]`` (and ``w2`` likewise). The caller checked
-    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases). The
-    epilogue stores ``epi_n``-column pieces (``block_n``, half or a quarter of it) through ``o_bufs`` staging
-    buffers per consumer warpgroup."""
+    :func:`supported` and the TMA layout rules (unit inner strides, 16-byte aligned rows and bases)."""
     D = out.shape[1]
     half = BLOCK_M // 2
-    epi_n = epi_n or block_n
     w_block = [block_n, block_k] if w_nk else [block_k, block_n]
     w_desc = _desc(w, w_block)
     _sorted_rows_gemm_sm90_kernel[(sm_count(a.device),)](
-        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, epi_n]),
+        _desc(a, [half, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [half, block_n]),
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
-        TMA_STORE=tma_store, EPI_N=epi_n, O_BUFS=o_bufs, num_warps=4, maxnreg=MAXNREG,
+        TMA_STORE=tma_store, num_warps=4, maxnreg=MAXNREG,
     )
 
 
-# ---- the short-K GEMMs with the row tile's A operand resident (``A_RESIDENT``; session 37) ------------------------
+# ---- the short-K GEMMs with the row tile's A operand resident (``A_RESIDENT_DOWN`` / ``_DX``; session 37) -----------
 #
 # The kernel above has both consumer warpgroups on one tile (a 64-row half each, sharing the weight tile), so they
 # finish their products together and run their epilogues together while the tensor cores idle: its tiles without
@@ -508,14 +473,13 @@ def ar_smem_bytes(bs: int, dual: bool, block_n: int, block_k: int, stages: int, 
 def ar_config(bs: int, dual: bool) -> dict | None:
     """The A-resident kernel's settings for blocks of ``bs`` neurons (fewer ring slots where A is large), or
     None where A does not fit in shared memory with a 2-slot ring."""
-    cfg = dict(AR_DX_CONFIG if dual else AR_DOWN_CONFIG)
+    cfg = AR_DX_CONFIG if dual else AR_DOWN_CONFIG
     if bs % cfg["block_k"]:
         return None
-    while ar_smem_bytes(bs, dual, **{k: cfg[k] for k in ("block_n", "block_k", "stages", "o_bufs")}) + 1024 > SMEM_LIMIT:
-        if cfg["stages"] <= 2:
-            return None
-        cfg["stages"] -= 1
-    return cfg
+    for stages in range(cfg["stages"], 1, -1):  # (1 KB for the barriers and alignment)
+        if ar_smem_bytes(bs, dual, cfg["block_n"], cfg["block_k"], stages, cfg["o_bufs"]) + 1024 <= SMEM_LIMIT:
+            return {**cfg, "stages": stages}
+    return None
 
 
 def rows_gemm_ar_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, out: torch.Tensor, grouping, *,
@@ -880,6 +844,13 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 
 DACT_CONFIG = dict(block_n=128, block_k=64, stages=3)  # (3 ring slots: g's staging buffers take a fourth's room)
 if HAVE_GLUON:
+
+    @gluon.jit
+    def _halves(x):
+        """x [M, N] -> its column halves (a register split: in the MMA layout a thread holds columns c and c + N/2)."""
+        M: gl.constexpr = x.type.shape[0]
+        N: gl.constexpr = x.type.shape[1]
+        return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
     def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
