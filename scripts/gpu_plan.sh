@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -205,6 +205,17 @@ case "$step" in
 'block_k': 32, 'stages': 8}" fwd0.3 --fwd --ratio 0.3)
     timeout 300 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$out_abs/suite" 2>&1 | \
       grep -E "^fwd|ratio" | head -20 ;;
+  sparse-check37)  # issue 6, session 37, the final tree: GPU tests, the A-resident down's units (16 vs 8 column
+    # tiles) in a forward A/B, the fwd+bwd steps as CUDA-graph replays (device-bound ratios), the suite's T8192 rows
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py -k "sorted_rows_gemm_sm90 \
+      or test_forward_backward_on_gpu or down_tma_on_gpu or dx_tma_on_gpu" 2>&1 | tail -2
+    (cd benchmarks && ab sparse_ffn_sm90.AR_DOWN_CONFIG "{'block_n': 128, 'block_k': 32, 'stages': 8, 'o_bufs': 1, \
+'unit_cols': 16};{'block_n': 128, 'block_k': 32, 'stages': 8, 'o_bufs': 1, 'unit_cols': 8}" fwd0.3 --fwd --ratio 0.3)
+    (cd benchmarks && timeout 150 "$PY" diag_sparse_host.py --ratios 0.3,0.5 --graphed \
+      --out "$out_abs/diag_sparse_host_graphed.json" 2>&1 | grep -v Warn | tail -7)
+    timeout 150 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd\+bwd T8192 ratio0\.[35].*dense" \
+      --out "$out_abs/suite_rows" 2>&1 | grep -E "^fwd" ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)
