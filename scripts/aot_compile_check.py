@@ -449,10 +449,11 @@ def cases():
                          CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS),
                     dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the dW kernels with the neurons on N in pieces (dw_*.pieces, session 32, opt-in)
-        c = g9.DW_PIECES_CONFIG
         pieces = [n for n in sf.k_pieces(BS_) if n] + [16] * 3
         for name, src, n_prod, transposed in (("gate/up", torch.empty(256, 2 * BS_, dtype=torch.bfloat16), 2, True),
                                               ("down", torch.empty(256, BS_, dtype=torch.bfloat16), 1, False)):
+            c = g9.DW_PIECES_GU_CONFIG if transposed else g9.DW_PIECES_CONFIG  # (the launcher's ring depth)
+            c = dict(c, stages=g9.dw_pieces_stages(BS_, c["block_k"], c["stages"], transposed))
             descs = {f"bd{i}": g9._desc(src, [c["block_k"], pieces[i]]) for i in range(3)}
             out.append((f"sparse FFN bwd dW {name} sm90 pieces (Gluon, cp.async gather)", g9._dw_pieces_sm90_kernel,
                         dict(descs, X=bf16, DW0=bf16, DW1=bf16, SORTED_TOK=i32, OFFSETS=i32, NB=64, D=D_,

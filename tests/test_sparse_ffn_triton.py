@@ -1139,6 +1139,18 @@ def test_a_resident_settings():
                                                  c["o_bufs"]) + 1024 <= g9.SMEM_LIMIT
 
 
+def test_dw_pieces_ring_fits():
+    """The dW pieces kernel's ring depth fits shared memory: dW gate/up at 224-neuron blocks could keep 5 slots
+    (229472 B compiled), dW down's 5 would not (233568 B: more scratch for its store), wider blocks get fewer; the
+    defaults fit as they are."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    assert g9.dw_pieces_stages(224, 64, 5, transposed=True) == 5 and g9.dw_pieces_stages(224, 64, 5, False) == 4
+    assert g9.dw_pieces_stages(256, 64, 5, True) == 4 and g9.dw_pieces_stages(176, 64, 4, False) == 4
+    assert g9.dw_pieces_stages(224, 64, g9.DW_PIECES_CONFIG["stages"], False) == g9.DW_PIECES_CONFIG["stages"]
+    assert g9.dw_pieces_stages(224, 64, g9.DW_PIECES_GU_CONFIG["stages"], True) == g9.DW_PIECES_GU_CONFIG["stages"]
+
+
 def test_tail_pieces(monkeypatch):
     """The tail widths the Gluon gate/up and dact kernels take (their GPU tests run each kind)."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9

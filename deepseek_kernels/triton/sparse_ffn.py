@@ -1672,7 +1672,7 @@ def sparse_ffn_bwd(grad_out: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 
         if dwgu["pieces"] and g9.dw_pieces_ok(BS):
             g9.dw_pieces_sm90(dact.view(P, 2 * BS), x, dwg, dwu, g, n_blocks, bs=BS, n_prod=2, transposed=True,
-                              **g9.DW_PIECES_CONFIG)
+                              **g9.DW_PIECES_GU_CONFIG)
         else:
             g9.dw_gate_up_sm90(dact, x, dwg, dwu, g, n_blocks, **g9.DW_GATE_UP_CONFIG)
     else:

@@ -1388,7 +1388,11 @@ def dw_down_sm90(grad_out: torch.Tensor, hw: torch.Tensor, dwd: torch.Tensor, gr
 # transposed (its rows are neurons). Rows past a block's end: as above (zeros in the gathered rows; the empty
 # slots' rows after the last block zeroed by the caller).
 
-DW_PIECES_CONFIG = dict(block_k=64, stages=4)
+DW_PIECES_CONFIG = dict(block_k=64, stages=4)  # dW down's (5 slots do not fit beside its store's scratch)
+# dW gate/up's (the launcher trims the ring to what fits: dw_pieces_stages). H200, session 37 (call 8, whole
+# backward A/Bs, same bits): 5 slots 3.643 -> 3.624 ms at ratio 0.3, 5.909 -> 5.848 at 0.5; K steps of 128 with 2
+# slots 3.490 -> 4.222 (slower). 5 slots stay off until the dW GPU tests have run with them (the budget ran out).
+DW_PIECES_GU_CONFIG = dict(block_k=64, stages=4)
 
 if HAVE_GLUON:
 
@@ -1564,6 +1568,17 @@ def dw_pieces_ok(bs: int) -> bool:
     return pieces is not None and max(pieces) <= 256
 
 
+def dw_pieces_stages(bs: int, block_k: int, stages: int, transposed: bool) -> int:
+    """The pieces kernel's ring depth: ``stages`` or fewer, so that the slots (128 gathered model columns and the
+    block's ``bs`` neurons, ``block_k`` rows each, 2-byte values) fit in shared memory beside the store's
+    layout-conversion scratch (4 KB transposed, 8 KB not: the AOT check at BS 32-256, Triton 3.6) and the
+    barriers."""
+    scratch = 4096 if transposed else 8192
+    while stages > 2 and stages * (block_k * (128 + bs) * 2 + 64) + scratch + 64 > SMEM_LIMIT:
+        stages -= 1
+    return stages
+
+
 def dw_pieces_sm90(b_src: torch.Tensor, rows_src: torch.Tensor, dw0: torch.Tensor, dw1: torch.Tensor, grouping,
                    n_blocks: int, *, bs: int, n_prod: int, transposed: bool, block_k: int, stages: int) -> None:
     """dW gate/up (``b_src`` = dact viewed as [P, 2 BS], ``rows_src`` = x, ``n_prod`` 2, ``transposed``: dw0 / dw1
@@ -1577,6 +1592,7 @@ def dw_pieces_sm90(b_src: torch.Tensor, rows_src: torch.Tensor, dw0: torch.Tenso
     boxes = pieces + [16] * (3 - np_)  # an absent piece: a small descriptor (and ring) the kernel never loads
     D = rows_src.shape[1]
     total = n_blocks * -(-D // 128) * n_prod
+    stages = dw_pieces_stages(bs, block_k, stages, transposed)
     _dw_pieces_sm90_kernel[(min(sm_count(rows_src.device), total),)](
         _desc(b_src, [block_k, boxes[0]]), _desc(b_src, [block_k, boxes[1]]), _desc(b_src, [block_k, boxes[2]]),
         rows_src, dw0, dw1, grouping.sorted_tok, grouping.offsets, n_blocks, D, rows_src.stride(0), dw0.stride(0),
