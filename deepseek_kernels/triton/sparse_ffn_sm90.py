@@ -408,20 +408,11 @@ if HAVE_GLUON:
                      WG1)
 
     @gluon.jit
-    def _ar_producer0(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
-                      TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr):
-        """Warpgroup 0's weight tiles and every unit's A chunks."""
-        WG0: gl.constexpr = 0
-        LOAD_A: gl.constexpr = True
-        _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
-                     TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, WG0, LOAD_A)
-
-    @gluon.jit
     def _ar_producer1(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
                       TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr):
-        """Warpgroup 1's weight tiles."""
+        """Warpgroup 1's weight tiles (a partition of its own: warpgroup 0's producer, which also loads A, is
+        :func:`_ar_producer` itself)."""
         WG1: gl.constexpr = 1
         LOAD_A: gl.constexpr = False
         _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
@@ -449,6 +440,7 @@ if HAVE_GLUON:
         w1_ready = _barrier_array(STAGES, 1)
         w1_empty = _barrier_array(STAGES, 1)
         WG0: gl.constexpr = 0
+        LOAD_A: gl.constexpr = True
         gl.warp_specialize([
             (_ar_consumer, (a_bufs, w0_bufs, o_bufs, a_ready, a_empty, w0_ready, w0_empty, out_desc, OUT, TILE_BLOCK,
                             TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS,
@@ -456,9 +448,9 @@ if HAVE_GLUON:
             (_ar_consumer1, (a_bufs, w1_bufs, o_bufs, a_ready, a_empty, w1_ready, w1_empty, out_desc, OUT,
                              TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
                              UNIT_COLS, O_BUFS)),
-            (_ar_producer0, (a_desc, w_desc, w2_desc, a_bufs, w0_bufs, a_ready, a_empty, w0_ready, w0_empty,
-                             TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
-                             UNIT_COLS)),
+            (_ar_producer, (a_desc, w_desc, w2_desc, a_bufs, w0_bufs, a_ready, a_empty, w0_ready, w0_empty,
+                            TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS,
+                            WG0, LOAD_A)),
             (_ar_producer1, (a_desc, w_desc, w2_desc, a_bufs, w1_bufs, a_ready, a_empty, w1_ready, w1_empty,
                              TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
                              UNIT_COLS)),
