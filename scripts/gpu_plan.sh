@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -223,6 +223,16 @@ case "$step" in
     ab sparse_ffn_sm90.DW_PIECES_GU_CONFIG "{'block_k': 64, 'stages': 4};{'block_k': 64, 'stages': 5}" s5_0.3 --ratio 0.3
     ab sparse_ffn_sm90.DW_PIECES_GU_CONFIG "{'block_k': 64, 'stages': 4};{'block_k': 128, 'stages': 2}" k128_0.3 --ratio 0.3
     ab sparse_ffn_sm90.DW_PIECES_GU_CONFIG "{'block_k': 64, 'stages': 4};{'block_k': 64, 'stages': 5}" s5_0.5 --ratio 0.5 ;;
+  sparse-dwp38)  # issue 6, next session: dW gate/up's pieces kernel at 5 ring slots (session 37 call 8: backward
+    # -0.5 % / -1 % at 0.3 / 0.5, same bits): its GPU tests with the setting, then the A/B once more; if both hold,
+    # make DW_PIECES_GU_CONFIG's stages 5
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    timeout 240 "$PY" -c "import sys, pytest; import deepseek_kernels.triton.sparse_ffn_sm90 as g9
+g9.DW_PIECES_GU_CONFIG['stages'] = 5
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_sparse_ffn_triton.py', '-k',
+                      'dw_sm90 or test_forward_backward_on_gpu or deterministic']))" 2>&1 | tail -3
+    (cd benchmarks && ab sparse_ffn_sm90.DW_PIECES_GU_CONFIG "{'block_k': 64, 'stages': 4};{'block_k': 64, 'stages': 5}" \
+      s5_0.3 --ratio 0.3) ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)
