@@ -1061,17 +1061,21 @@ _TAIL_IDS = ["4097", "300", "4097-padded", "4097-bs192", "300-bs176"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["wide", "two-products"])
+@pytest.mark.parametrize("form", ["wide", "wide-narrow-pieces", "two-products"])
 @pytest.mark.parametrize(("T", "bs", "tail"), _TAIL_CASES, ids=_TAIL_IDS)
 def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     """The gathered Gluon gate/up (``gate_up.sm90``, the T >= 4096 default on sm_90 since session 31): h and the
     saved pre-activations of the Triton kernel within bf16 rounding, every row and neuron written (outputs start
     as NaN), run to run identical, with and without saving act; 300 tokens: most row tiles end past their
     block. A block's last column tile as pieces of its real neurons (``TAIL_PIECES``, session 33) or padded;
-    whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two."""
+    whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two; with
+    the merged tiles, the pieces as one product each over their gate and up rows side by side
+    (``GATE_UP_MERGED_PIECES``, session 38) or four narrow ones; the items in either program order
+    (``GATE_UP_ROTATE``) give the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
-    monkeypatch.setattr(g9, "GATE_UP_WIDE", form == "wide")
+    monkeypatch.setattr(g9, "GATE_UP_WIDE", form != "two-products")
+    monkeypatch.setattr(g9, "GATE_UP_MERGED_PIECES", form == "wide")
     assert (g9.tail_pieces(bs % 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     plain = {"block_m": 128, "gate_up": {"sm90": False}}
@@ -1084,6 +1088,10 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
+    # the programs' items in the other order (GATE_UP_ROTATE, session 38): each item is computed as before
+    monkeypatch.setattr(g9, "GATE_UP_ROTATE", not g9.GATE_UP_ROTATE)
+    other, other_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
+    assert torch.equal(other, got) and torch.equal(other_act, act) and len(calls) == 4
 
 
 @pytest.mark.gpu

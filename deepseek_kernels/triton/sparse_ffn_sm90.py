@@ -76,6 +76,22 @@ if HAVE_GLUON:
         return gl.load(TILE_BLOCK + pid_m), gl.load(TILE_START + pid_m), t - pid_m * n_col
 
     @gluon.jit
+    def _work_rotated(t, n_col, TILE_BLOCK, TILE_START, ROTATE: gl.constexpr):
+        """:func:`_work` with the column index turned by the round ``t // num_programs`` (``ROTATE``), so a
+        program's items cycle through a row tile's column tiles (of unequal cost where the last is partial)
+        instead of always taking the same one: with row-tile-major items and a program count that is a multiple
+        of ``n_col``, program p's items are all column p % n_col. Items t and t + 1 of one row tile stay in one
+        round (so a row tile's gathered A rows are still read by neighbouring programs at once), which keeps the
+        map a permutation of the items."""
+        G = gl.num_programs(0)
+        pid_m = t // n_col
+        pid_n = t - pid_m * n_col
+        if ROTATE:
+            if G % n_col == 0:
+                pid_n = (pid_n + t // G) % n_col
+        return gl.load(TILE_BLOCK + pid_m), gl.load(TILE_START + pid_m), pid_n
+
+    @gluon.jit
     def _producer(a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, BS,
                   W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                   STAGES: gl.constexpr):
@@ -552,16 +568,22 @@ if HAVE_GLUON:
             return b0_bufs.index(slot), b1_bufs.index(slot)
 
     @gluon.jit
-    def _gather_producer(w_desc0, w_desc1, X, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                         TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr,
-                         MERGE_B: gl.constexpr = False):
+    def _gather_producer(w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, b0_bufs, b1_bufs, ready, empty,
+                         SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr,
+                         MERGE_B: gl.constexpr = False, ROTATE: gl.constexpr = False, PR0: gl.constexpr = 0,
+                         PR1: gl.constexpr = 0):
         """Four warps: per work item and K step, the gathered X rows of both 64-row halves by cp.async (every
         thread arrives on the slot's ready barrier when its copies are done) and two weight tiles by TMA. Gate/up
         (not W_KN): items are (row tile, BLOCK_N-neuron column tile), the tiles ``w_gate / w_up [f0 +: BLOCK_N,
         k0 +: BLOCK_K]``; dact (W_KN, ``w_desc0 = w_desc1`` over w_down [D, F]): one item per row tile, the tiles
         ``w_down[k0 +: BLOCK_K, f0 +: BLOCK_N]`` and the next BLOCK_N columns (the block's BS <= 2 BLOCK_N).
-        ``MERGE_B``: the gate / up tiles into the halves of the merged tile (:func:`_gather_ring`)."""
+        ``MERGE_B``: the gate / up tiles into the halves of the merged tile (:func:`_gather_ring`). ``ROTATE``: the
+        items in :func:`_work_rotated`'s order (as the consumers take them). ``PR0 > 0`` (with MERGE_B): a block's
+        last column tile as its pieces side by side, gate and up of each (:func:`_gate_up_merged_pieces_loop`):
+        rows [0, PR0) / [PR0, 2 PR0) of the merged tile w_gate / w_up [f0 +: PR0] (boxes ``wp_g0 / wp_u0``), then
+        [2 PR0, + PR1) / [2 PR0 + PR1, + PR1) the next PR1 neurons' (``wp_g1 / wp_u1``), nothing past the block's
+        end. (dact, gate/up without pieces: the ``wp_*`` go unused.)"""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -573,10 +595,11 @@ if HAVE_GLUON:
             n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
+        p_bytes: gl.constexpr = 2 * (PR0 + PR1) * BLOCK_K * w_desc0.dtype.primitive_bitwidth // 8
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            b, start, pid_n = _work_rotated(t, n_col, TILE_BLOCK, TILE_START, ROTATE)
             hi = gl.load(OFFSETS + b + 1)
             r0 = start + gl.arange(0, HALF_M, layout=row_l)
             r1 = r0 + HALF_M
@@ -587,15 +610,25 @@ if HAVE_GLUON:
             m0 = gl.expand_dims(ok0, 1)
             m1 = gl.expand_dims(ok1, 1)
             f0 = b * BS + pid_n * BLOCK_N
+            pieces = pid_n == n_col - 1  # (used only where PR0 > 0)
             for k0 in range(0, D, BLOCK_K):  # (columns past D read zeros: the row's end is not the next row)
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
-                mbarrier.expect(bar, w_bytes)
                 if W_KN:
+                    mbarrier.expect(bar, w_bytes)
                     tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
                     tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
+                elif PR0 > 0 and pieces:
+                    mbarrier.expect(bar, p_bytes)
+                    wt = b0_bufs.index(slot)
+                    tma.async_copy_global_to_shared(wp_g0, [f0, k0], bar, wt.slice(0, PR0))
+                    tma.async_copy_global_to_shared(wp_u0, [f0, k0], bar, wt.slice(PR0, PR0))
+                    if PR1 > 0:
+                        tma.async_copy_global_to_shared(wp_g1, [f0 + PR0, k0], bar, wt.slice(2 * PR0, PR1))
+                        tma.async_copy_global_to_shared(wp_u1, [f0 + PR0, k0], bar, wt.slice(2 * PR0 + PR1, PR1))
                 else:
+                    mbarrier.expect(bar, w_bytes)
                     w0, w1 = _w_tiles(b0_bufs, b1_bufs, slot, MERGE_B)
                     tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, w0)
                     tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, w1)
@@ -658,17 +691,52 @@ if HAVE_GLUON:
         return g0, u0, g1, u1, it
 
     @gluon.jit
+    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, it, D, acc0, acc1, WG: gl.constexpr,
+                                    TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """:func:`_gate_up_pieces_loop` over the merged tile that holds each piece's gate and up rows side by side
+        (:func:`_gather_producer`'s PR0 > 0): one product per piece, acc0 [64, 2 R0] = (gate | up) of the first
+        R0 neurons, acc1 [64, 2 R1] of the next R1 (TWO), rather than four; each product reads the warpgroup's A
+        tile from shared memory once, which the narrow products did four times per K step. Returns (acc0, acc1,
+        it)."""
+        N0: gl.constexpr = acc0.type.shape[1]
+        N1: gl.constexpr = acc1.type.shape[1]
+        for k0 in range(0, D, BLOCK_K):
+            slot = it % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+            a = a_bufs.index(2 * slot + WG)
+            wt = b_bufs.index(slot)
+            acc0 = warpgroup_mma(a, wt.slice(0, N0).permute((1, 0)), acc0, is_async=True)
+            if TWO:
+                acc1 = warpgroup_mma(a, wt.slice(N0, N1).permute((1, 0)), acc1, is_async=True)
+                acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            else:
+                acc0 = warpgroup_mma_wait(1, deps=(acc0,))
+            if k0 > 0:
+                _release(empty.index((it - 1) % STAGES))
+            it += 1
+        if TWO:
+            acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        else:
+            acc0 = warpgroup_mma_wait(0, deps=(acc0,))
+        _release(empty.index((it - 1) % STAGES))
+        return acc0, acc1, it
+
+    @gluon.jit
     def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                          R1: gl.constexpr, WIDE: gl.constexpr = False):
+                          R1: gl.constexpr, WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False,
+                          MP: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
         pieces of those widths (:func:`_gate_up_pieces_loop`) rather than BLOCK_N padded columns. ``WIDE``: a
         whole column tile's gate and up products as one product over the merged weight tiles (``bg_bufs`` is
         ``bu_bufs``, :func:`_gather_ring`'s MERGE_B: the A tile read from shared memory once per K step, not
-        twice). Measured and removed (session 36, code at a1a939c): the epilogue in a fourth partition from
+        twice). ``MP`` (with WIDE): the last column tile's pieces as one product each over the merged tile
+        (:func:`_gate_up_merged_pieces_loop`). Measured and removed (session 36, code at a1a939c): the epilogue in
+        a fourth partition from
         the values staged in shared memory, as dact's (forward 2.125 -> 2.160 ms at 0.3, 3.490 ->
         3.573 at 0.5: slower)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
@@ -679,7 +747,7 @@ if HAVE_GLUON:
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, pid_n = _work(t, n_col, TILE_BLOCK, TILE_START)
+            b, start, pid_n = _work_rotated(t, n_col, TILE_BLOCK, TILE_START, ROTATE)
             rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, out_layout))
             if R0 > 0 and pid_n == n_col - 1:
                 TWO: gl.constexpr = R1 > 0
@@ -689,12 +757,24 @@ if HAVE_GLUON:
                                                              instr_shape=[16, R0, 16])
                 l1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, R1P, 16])
-                g0 = gl.zeros([HALF_M, R0], gl.float32, l0)
-                u0 = gl.zeros([HALF_M, R0], gl.float32, l0)
-                g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
-                u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
-                g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1,
-                                                          u1, WG, TWO, BLOCK_K, STAGES, WIDE)
+                if MP:  # the pieces' gate and up side by side in the merged tile: one product per piece
+                    m0: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                 instr_shape=[16, 2 * R0, 16])
+                    m1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                 instr_shape=[16, 2 * R1P, 16])
+                    acc0 = gl.zeros([HALF_M, 2 * R0], gl.float32, m0)
+                    acc1 = gl.zeros([HALF_M, 2 * R1P], gl.float32, m1)
+                    acc0, acc1, it = _gate_up_merged_pieces_loop(a_bufs, bg_bufs, ready, empty, it, D, acc0, acc1,
+                                                                 WG, TWO, BLOCK_K, STAGES)
+                    g0, u0 = _halves(acc0)
+                    g1, u1 = _halves(acc1)
+                else:
+                    g0 = gl.zeros([HALF_M, R0], gl.float32, l0)
+                    u0 = gl.zeros([HALF_M, R0], gl.float32, l0)
+                    g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
+                    u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
+                    g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0,
+                                                              g1, u1, WG, TWO, BLOCK_K, STAGES, WIDE)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
@@ -743,31 +823,37 @@ if HAVE_GLUON:
     def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
                            TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
                            BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                           WIDE: gl.constexpr):
+                           WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr):
         WG1: gl.constexpr = 1
         _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)
 
     @gluon.jit
-    def _gate_up_sm90_kernel(w_desc_g, w_desc_u, X, H, ACT, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT,
-                             D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_K: gl.constexpr,
-                             STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                             R0: gl.constexpr = 0, R1: gl.constexpr = 0, WIDE: gl.constexpr = False):
+    def _gate_up_sm90_kernel(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, H, ACT, SORTED_TOK, TILE_BLOCK,
+                             TILE_START, OFFSETS, TILE_COUNT, D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
+                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                             PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
+                             WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False, MP: gl.constexpr = False):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent.
-        ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product."""
+        ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product. ``ROTATE``: the work
+        items in :func:`_work_rotated`'s order. ``MP`` (WIDE and R0 > 0): the last column tile's pieces merged,
+        loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K])."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = False
+        PR0: gl.constexpr = R0 if MP else 0
+        PR1: gl.constexpr = R1 if MP else 0
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
         a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
                                                               WIDE)
         gl.warp_specialize([
             (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
+                                 MP)),
             (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE)),
-            (_gather_producer, (w_desc_g, w_desc_u, X, a_bufs, bg_bufs, bu_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, W_KN,
-                                WIDE)),
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)),
+            (_gather_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
+                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                                BLOCK_N, BLOCK_K, STAGES, W_KN, WIDE, ROTATE, PR0, PR1)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -806,6 +892,17 @@ def gate_up_pieces(bs: int, block_n: int) -> tuple:
 # block's last, partial tile keeps its pieces (which read the merged tiles' halves). False: two products (A/B).
 GATE_UP_WIDE = True
 
+# The work items in :func:`_work_rotated`'s order: a program's items cycle through a row tile's column tiles. In
+# row-tile-major order on 132 programs every even program took the full 128-neuron tiles and every odd one the
+# cheaper 96-neuron pieces (Nsight Compute, session 38: SM active cycles 10 % below to 7 % above the mean, 91 % of
+# the kernel's time busy on average). False: plain row-tile-major order (A/B).
+GATE_UP_ROTATE = True
+
+# A block's last column tile's pieces (224: 64 + 32 neurons) as one product each over gate and up side by side in
+# the merged weight tile (with GATE_UP_WIDE), instead of four narrow products that each read the A tile from shared
+# memory (m64n32k16 reads 3 KB of shared memory for 16 cycles of tensor work: bound by shared memory, session 38).
+GATE_UP_MERGED_PIECES = True
+
 
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
                  grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
@@ -813,11 +910,16 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
     (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
     w_block = [block_n, block_k]
     r0, r1 = gate_up_pieces(bs, block_n)
+    wg, wu = _desc(w_gate, w_block), _desc(w_up, w_block)
+    mp = GATE_UP_WIDE and GATE_UP_MERGED_PIECES and r0 > 0
+    # the pieces' boxes (merged pieces), or any descriptors where unused
+    wp = [_desc(w, [r or r0, block_k]) for r in (r0, r1) for w in (w_gate, w_up)] if mp else [wg, wu, wg, wu]
     _gate_up_sm90_kernel[(sm_count(x.device),)](
-        _desc(w_gate, w_block), _desc(w_up, w_block), x, h, h if act is None else act, grouping.sorted_tok,
+        wg, wu, *wp, x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp, num_warps=4,
+        maxnreg=MAXNREG,
     )
 
 
@@ -1006,8 +1108,9 @@ if HAVE_GLUON:
                               g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
             (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
                                g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_gather_producer, (w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK,
-                                TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN)),
+            (_gather_producer, (w_desc, w_desc, w_desc, w_desc, w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready,
+                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
+                                BLOCK_N, BLOCK_K, STAGES, W_KN)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
