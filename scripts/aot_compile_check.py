@@ -429,14 +429,16 @@ def cases():
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31), its epilogue in a fourth partition (session 36)
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
-        out.append(("sparse FFN bwd dact sm90 (Gluon, cp.async gather, epilogue partition)", g9._dact_sm90_kernel,
-                    dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
-                         DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                         OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
-                         STAGES=c["stages"], CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
-                         PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS,
-                         **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
-                    dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
+        for prefetch, rows in ((True, 16), (False, 16)):
+            form = f"{'prefetching ' if prefetch else ''}epilogue partition{', 32-row chunks' if rows == 32 else ''}"
+            out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})", g9._dact_sm90_kernel,
+                        dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
+                             DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
+                             OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
+                             STAGES=c["stages"], CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
+                             PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch,
+                             EPI_ROWS=rows, **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
+                        dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG
         dact_t = torch.empty(256, 2 * BS_, dtype=torch.bfloat16)

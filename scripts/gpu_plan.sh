@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | sparse-rot38 | sparse-mp38 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -233,20 +233,22 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
                       'dw_sm90 or test_forward_backward_on_gpu or deterministic']))" 2>&1 | tail -3
     (cd benchmarks && ab sparse_ffn_sm90.DW_PIECES_GU_CONFIG "{'block_k': 64, 'stages': 4};{'block_k': 64, 'stages': 5}" \
       s5_0.3 --ratio 0.3) ;;
-  ncu-gateup38)  # issue 6: Nsight Compute (full set, source counters) on the forward's gathered gate/up kernel alone
-    # (its main loop is the slowest of the step's GEMMs, ~575 TF/s): the report, its details page and the SASS with
-    # per-instruction stall samples come back under $OUT
+  ncu-gateup38|ncu-kernel38)  # issue 6: Nsight Compute (full set, source counters) on one kernel of the training
+    # step alone (ncu-gateup38: the forward's gathered gate/up; ncu-kernel38 REGEX TAG: any): the report, its details
+    # page and the SASS with per-instruction stall samples come back under $OUT
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
     [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    regex=_gate_up_sm90_kernel; tag=gate_up
+    [ "$step" = ncu-kernel38 ] && { regex=$1; tag=$2; }
     (cd benchmarks && timeout 300 "$ncu" --clock-control none --set full --import-source yes \
-      -k 'regex:_gate_up_sm90_kernel' -c 1 -f -o "$out_abs/ncu_gate_up" \
-      "$PY" diag_sparse_train.py --once --ratios 0.3 > "$out_abs/ncu_gate_up_run.txt" 2>&1; echo "ncu rc=$?")
-    "$ncu" -i "$out_abs/ncu_gate_up.ncu-rep" --page details > "$out_abs/ncu_gate_up_details.txt" 2>&1
-    "$ncu" -i "$out_abs/ncu_gate_up.ncu-rep" --page source --csv --print-source sass \
-      > "$out_abs/ncu_gate_up_sass.csv" 2>&1
+      -k "regex:$regex" -c 1 -f -o "$out_abs/ncu_$tag" \
+      "$PY" diag_sparse_train.py --once --ratios 0.3 > "$out_abs/ncu_${tag}_run.txt" 2>&1; echo "ncu rc=$?")
+    "$ncu" -i "$out_abs/ncu_$tag.ncu-rep" --page details > "$out_abs/ncu_${tag}_details.txt" 2>&1
+    "$ncu" -i "$out_abs/ncu_$tag.ncu-rep" --page source --csv --print-source sass \
+      > "$out_abs/ncu_${tag}_sass.csv" 2>&1
     grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|DRAM Throughput|Issued Ipc|No Eligible|SM Frequency" \
-      "$out_abs/ncu_gate_up_details.txt" | head -20 ;;
+      "$out_abs/ncu_${tag}_details.txt" | head -20 ;;
   sparse-rot38)  # issue 6: gate/up's items in rotated program order (GATE_UP_ROTATE): its GPU tests, A/Bs of the
     # forward at 0.3 / 0.5, then every kernel of one fwd+bwd step: how evenly it keeps the SMs busy (ncu_balance.py)
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
@@ -268,6 +270,16 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     for r in 0.3 0.5; do
       (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_MERGED_PIECES "False;True" "fwd_$r" --fwd --ratio "$r")
+    done ;;
+  sparse-38b)  # issue 6: gate/up's merged pieces (GATE_UP_MERGED_PIECES) and dact's prefetching epilogue
+    # (DACT_EPI_PREFETCH): their GPU tests, then A/Bs of the forward / backward at 0.3 / 0.5
+    timeout 330 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
+      -k "test_gate_up_sm90_on_gpu or test_dact_sm90_on_gpu or test_forward_on_gpu or test_forward_backward_on_gpu" \
+      2>&1 | tail -2
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    for r in 0.3 0.5; do
+      (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_MERGED_PIECES "False;True" "fwd_$r" --fwd --ratio "$r")
+      (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "False;True" "bwd_$r" --ratio "$r")
     done ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes

@@ -1101,15 +1101,19 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     backward with the Triton full-block dact within bf16 rounding, dact and hw written for every row and neuron
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
     their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded; the
-    epilogue in its own partition from g staged in shared memory (session 36)."""
+    epilogue in its own partition from g staged in shared memory (session 36), its loads issued a part ahead
+    (``DACT_EPI_PREFETCH``, session 38) or where used: the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
     kw = dict(shared_blocks=0, n_blocks=64)
     _, act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config={"block_m": 128}, **kw)
     go = torch.randn_like(x)
-    _bwd_gluon_vs_plain((go, x, wg, wu, wd, idx, w, act), kw, calls, "dact",
-                        plain={"sm90": False, "full_block": True})
+    args = (go, x, wg, wu, wd, idx, w, act)
+    got = _bwd_gluon_vs_plain(args, kw, calls, "dact", plain={"sm90": False, "full_block": True})
+    monkeypatch.setattr(g9, "DACT_EPI_PREFETCH", not g9.DACT_EPI_PREFETCH)
+    other = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
+    assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(got, other))
 
 
 def test_descriptor_layouts_cached():

@@ -1055,28 +1055,93 @@ if HAVE_GLUON:
         return part
 
     @gluon.jit
+    def _dact_load(ACT, WSORT, r0, hi, c0: gl.constexpr, BS: gl.constexpr, CH: gl.constexpr, N: gl.constexpr):
+        """The loads of :func:`_dact_rows` alone (act's a and u, w_p; in its layout), for rows ``r0 +: CH`` and
+        block columns ``c0 +: N``: issued a step ahead of :func:`_dact_apply`, which uses them."""
+        VEC: gl.constexpr = 8 if N * CH // 128 >= 8 else N * CH // 128
+        TN: gl.constexpr = N // VEC
+        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [4, 1], [1, 0])
+        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+        r_ok = rows < hi
+        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(cols < BS, 0)
+        o = gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
+        a = gl.load(ACT + o, mask=mask, other=0.0)
+        u = gl.load(ACT + o + BS, mask=mask, other=0.0)
+        wp = gl.load(WSORT + rows, mask=r_ok, other=0.0)
+        return a, u, wp
+
+    @gluon.jit
+    def _dact_apply(g_smem, a, u, wp, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
+        """:func:`_dact_rows` from the values :func:`_dact_load` brought (the staged g read in their layout)."""
+        layout: gl.constexpr = a.type.layout
+        CH: gl.constexpr = g_smem.type.shape[0]
+        N: gl.constexpr = g_smem.type.shape[1]
+        g = g_smem.load(layout).to(gl.float32)
+        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+        mask = gl.expand_dims(rows < hi, 1) & gl.expand_dims(cols < BS, 0)
+        o = gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
+        a = a.to(gl.float32)
+        u = u.to(gl.float32)
+        wp = gl.expand_dims(wp.to(gl.float32), 1)
+        s = 1.0 / (1.0 + gl.exp(-a))
+        silu = a * s
+        h = silu * u
+        part = gl.sum(gl.where(mask, g * h, 0.0), axis=1)
+        dh = g * wp
+        dt = DACT.dtype.element_ty
+        gl.store(DACT + o, (dh * u * s * (1.0 + a * (1.0 - s))).to(dt), mask=mask)
+        gl.store(DACT + o + BS, (dh * silu).to(dt), mask=mask)
+        hw_off = gl.expand_dims(rows.to(gl.int64) * BS, 1) + gl.expand_dims(cols, 0)
+        gl.store(HW + hw_off, (h * wp).to(HW.dtype.element_ty), mask=mask)
+        return part
+
+    @gluon.jit
     def _dact_epilogue(g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                        TILE_START, OFFSETS, TILE_COUNT, BS: gl.constexpr, BLOCK_N: gl.constexpr, R0: gl.constexpr,
-                       R1: gl.constexpr):
+                       R1: gl.constexpr, PREFETCH: gl.constexpr = False, CH: gl.constexpr = 16):
         """The epilogue partition (4 warps): per row tile, once both consumers staged g, the SwiGLU
         derivative of its rows in chunks of 16 (:func:`_dact_rows` over each staged part) and the rows' dweight
-        partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products."""
-        CH: gl.constexpr = 16
+        partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products.
+        ``PREFETCH``: each part's act and w_p loads issued one part ahead (:func:`_dact_load`; the tile's first
+        before g is staged), so a part's math and stores run while the next part's loads are in flight, instead
+        of every part waiting out its own loads' latency. ``CH``: rows per chunk."""
         M: gl.constexpr = g0_smem.type.shape[0]
         total = gl.load(TILE_COUNT).to(gl.int32)
         n = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             b, start, _ = _work(t, 1, TILE_BLOCK, TILE_START)
             hi = gl.load(OFFSETS + b + 1)
+            if PREFETCH:
+                W1: gl.constexpr = g1_smem.type.shape[1]
+                a0, u0, w0 = _dact_load(ACT, WSORT, start, hi, 0, BS, CH, BLOCK_N)
             mbarrier.wait(g_full, n & 1)
             for rc in gl.static_range(0, M, CH):
                 r0 = start + rc
-                part = _dact_rows(g0_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, 0, BS)
-                p1 = _dact_rows(g1_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS)
-                part += gl.convert_layout(p1, part.type.layout)
-                if R1 > 0:
-                    p2 = _dact_rows(g2_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0, BS)
-                    part += gl.convert_layout(p2, part.type.layout)
+                if PREFETCH:
+                    a1, u1, w1 = _dact_load(ACT, WSORT, r0, hi, BLOCK_N, BS, CH, W1)
+                    part = _dact_apply(g0_smem.slice(rc, CH, dim=0), a0, u0, w0, DACT, HW, r0, hi, 0, BS)
+                    if R1 > 0:
+                        a2, u2, w2 = _dact_load(ACT, WSORT, r0, hi, BLOCK_N + R0, BS, CH, R1)
+                    elif rc + CH < M:
+                        a0, u0, w0 = _dact_load(ACT, WSORT, r0 + CH, hi, 0, BS, CH, BLOCK_N)
+                    p1 = _dact_apply(g1_smem.slice(rc, CH, dim=0), a1, u1, w1, DACT, HW, r0, hi, BLOCK_N, BS)
+                    part += gl.convert_layout(p1, part.type.layout)
+                    if R1 > 0:
+                        if rc + CH < M:
+                            a0, u0, w0 = _dact_load(ACT, WSORT, r0 + CH, hi, 0, BS, CH, BLOCK_N)
+                        p2 = _dact_apply(g2_smem.slice(rc, CH, dim=0), a2, u2, w2, DACT, HW, r0, hi, BLOCK_N + R0,
+                                         BS)
+                        part += gl.convert_layout(p2, part.type.layout)
+                else:
+                    part = _dact_rows(g0_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, 0, BS)
+                    p1 = _dact_rows(g1_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS)
+                    part += gl.convert_layout(p1, part.type.layout)
+                    if R1 > 0:
+                        p2 = _dact_rows(g2_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0,
+                                        BS)
+                        part += gl.convert_layout(p2, part.type.layout)
                 rows = r0 + gl.arange(0, CH, layout=part.type.layout)
                 gl.store(DWP + rows, part, mask=rows < hi)
             _release(g_empty)
@@ -1086,10 +1151,11 @@ if HAVE_GLUON:
     def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
                           TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, EPI_REGS: gl.constexpr,
-                          R0: gl.constexpr = 0, R1: gl.constexpr = 0):
+                          R0: gl.constexpr = 0, R1: gl.constexpr = 0, PREFETCH: gl.constexpr = False,
+                          EPI_ROWS: gl.constexpr = 16):
         """The backward's dact (see above) over the grouping's real row tiles, persistent: two consumer
         warpgroups, the cp.async producer and the epilogue partition (4 warps, ``EPI_REGS``), which works from g
-        staged in shared memory."""
+        staged in shared memory (``PREFETCH``, ``EPI_ROWS``: :func:`_dact_epilogue`'s)."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
@@ -1112,7 +1178,7 @@ if HAVE_GLUON:
                                 empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
                                 BLOCK_N, BLOCK_K, STAGES, W_KN)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
-                              TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1)),
+                              TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1, PREFETCH, EPI_ROWS)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
 
 
@@ -1137,6 +1203,10 @@ def dact_layout_ok(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tens
 EPI_CONSUMER_REGS = 168
 EPI_REGS = 120
 EPI_MAXNREG = 128
+# The epilogue partition's act / w_p loads issued one staged part ahead (session 38; see _dact_epilogue), and its
+# chunk of rows. False / 16: each part's loads waited for where they are used (A/B).
+DACT_EPI_PREFETCH = True
+DACT_EPI_ROWS = 16
 
 
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
@@ -1150,7 +1220,8 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, num_warps=4, maxnreg=EPI_MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, PREFETCH=DACT_EPI_PREFETCH,
+        EPI_ROWS=DACT_EPI_ROWS, num_warps=4, maxnreg=EPI_MAXNREG,
     )
 
 
