@@ -280,8 +280,9 @@ AR_DX_CONFIG = dict(block_n=128, block_k=32, stages=5, o_bufs=1, unit_cols=16)
 A_RESIDENT_DOWN = True  # the down projection by the A-resident kernel (where A fits)
 A_RESIDENT_DX = False  # dx likewise (a tie: off)
 # The row tiles left after the programs' last whole round of units split into smaller units over all programs
-# (_ar_plan, session 38). False: every row tile in units of unit_cols (A/B).
-AR_SPLIT_TAIL = True
+# (_ar_plan, session 38). H200, session 38 (forward A/Bs, same bits): 1.899 -> 1.896 ms at ratio 0.3, 3.091 ->
+# 3.120 at 0.5: no gain, so off (every row tile in units of unit_cols).
+AR_SPLIT_TAIL = False
 AR_PRODUCER_REGS = 40
 SMEM_LIMIT = 232448  # the H200's (sm_90) largest shared-memory allocation per block, bytes
 
@@ -928,12 +929,14 @@ GATE_UP_WIDE = True
 # The work items in :func:`_work_rotated`'s order: a program's items cycle through a row tile's column tiles. In
 # row-tile-major order on 132 programs every even program took the full 128-neuron tiles and every odd one the
 # cheaper 96-neuron pieces (Nsight Compute, session 38: SM active cycles 10 % below to 7 % above the mean, 91 % of
-# the kernel's time busy on average). False: plain row-tile-major order (A/B).
+# the kernel's time busy on average). H200, session 38: the kernel 1.000 -> 0.901 ms (97 % busy), the forward
+# 2.060 -> 1.964 ms at ratio 0.3 and 3.420 -> 3.259 at 0.5 (A/Bs, same bits). False: plain row-tile-major order.
 GATE_UP_ROTATE = True
 
 # A block's last column tile's pieces (224: 64 + 32 neurons) as one product each over gate and up side by side in
 # the merged weight tile (with GATE_UP_WIDE), instead of four narrow products that each read the A tile from shared
 # memory (m64n32k16 reads 3 KB of shared memory for 16 cycles of tensor work: bound by shared memory, session 38).
+# H200, session 38 (forward A/Bs, same bits): 1.935 -> 1.897 ms at ratio 0.3, 3.191 -> 3.150 at 0.5.
 GATE_UP_MERGED_PIECES = True
 
 
@@ -1237,7 +1240,8 @@ EPI_CONSUMER_REGS = 168
 EPI_REGS = 120
 EPI_MAXNREG = 128
 # The epilogue partition's act / w_p loads issued one staged part ahead (session 38; see _dact_epilogue), and its
-# chunk of rows. False / 16: each part's loads waited for where they are used (A/B).
+# chunk of rows (32 spills registers, with or without the prefetch). H200, session 38 (backward A/Bs, same bits):
+# 3.584 -> 3.578 ms at ratio 0.3, 5.786 -> 5.733 at 0.5: a small gain at most. False: each part's loads where used.
 DACT_EPI_PREFETCH = True
 DACT_EPI_ROWS = 16
 
