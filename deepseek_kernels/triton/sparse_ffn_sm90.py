@@ -1243,6 +1243,10 @@ EPI_MAXNREG = 128
 # chunk of rows (32 spills registers, with or without the prefetch). H200, session 38 (backward A/Bs, same bits):
 # 3.584 -> 3.578 ms at ratio 0.3, 5.786 -> 5.733 at 0.5: a small gain at most. False: each part's loads where used.
 DACT_EPI_PREFETCH = True
+# dact's second part as its pieces (with TAIL_PIECES; 224: 64 + 32 neurons, column slices of the second weight tile)
+# rather than one padded 128-column product. Nsight Compute, session 38: the m64n32 products of the pieces are the
+# most-sampled instructions after the barrier waits, at 52 % tensor-pipe use for the kernel. False: padded (A/B).
+DACT_TAIL_PIECES = True
 DACT_EPI_ROWS = 16
 
 
@@ -1252,7 +1256,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
     BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
-    r0, r1 = tail_pieces(bs - block_n)
+    r0, r1 = tail_pieces(bs - block_n) if DACT_TAIL_PIECES else (0, 0)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
         _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
