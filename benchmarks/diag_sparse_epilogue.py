@@ -38,7 +38,8 @@ def _stub_globals(g9):
     from triton.experimental.gluon import language as gl
 
     @gluon.jit
-    def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
+    def _dact_apply(g_smem, a, u, wp, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
+        # (a, u, wp unused: their loads in _dact_load go dead)
         layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
         return gl.sum(g_smem.load(layout).to(gl.float32), axis=1)
 
@@ -53,7 +54,7 @@ def _stub_globals(g9):
         o_bufs.index(BASE).store(piece)  # the tile into shared memory as before, no TMA store (nor its wait)
         return n + 1
 
-    g9._dact_rows = _dact_rows
+    g9._dact_apply = _dact_apply
     g9._gate_up_store = _gate_up_store
     g9._stage_store = _stage_store
 

@@ -691,6 +691,15 @@ if HAVE_GLUON:
             gl.store(act + BS, gl.convert_layout(acc_u.to(ACT.dtype.element_ty), out_layout), mask=mask)
 
     @gluon.jit
+    def _gather_step(a_bufs, ready, it, WG: gl.constexpr, STAGES: gl.constexpr):
+        """A gathered-A consumer's K step ``it``: wait for its ring slot, order the producer's cp.async writes
+        before the async proxy's reads; returns (slot, this warpgroup's A tile)."""
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
+        return slot, a_bufs.index(2 * slot + WG)
+
+    @gluon.jit
     def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
                              TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                              MERGED: gl.constexpr = False):
@@ -701,10 +710,7 @@ if HAVE_GLUON:
         R0: gl.constexpr = g0.type.shape[1]
         R1: gl.constexpr = g1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-            a = a_bufs.index(2 * slot + WG)
+            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
             bg, bu = _w_tiles(bg_bufs, bu_bufs, slot, MERGED)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
@@ -735,10 +741,7 @@ if HAVE_GLUON:
         N0: gl.constexpr = acc0.type.shape[1]
         N1: gl.constexpr = acc1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-            a = a_bufs.index(2 * slot + WG)
+            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
             wt = b_bufs.index(slot)
             acc0 = warpgroup_mma(a, wt.slice(0, N0).permute((1, 0)), acc0, is_async=True)
             if TWO:
@@ -1060,40 +1063,10 @@ if HAVE_GLUON:
                        g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
 
     @gluon.jit
-    def _dact_rows(g_smem, ACT, WSORT, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
-        """The SwiGLU derivative of the staged g rows ``g_smem [CH, N]`` (sorted rows ``r0 +: CH``, block columns
-        ``c0 +: N``) in a blocked layout (16-byte loads of act and stores of da, du, w_p * h where N allows);
-        returns the rows' partial sum of g * h."""
-        CH: gl.constexpr = g_smem.type.shape[0]
-        N: gl.constexpr = g_smem.type.shape[1]
-        VEC: gl.constexpr = 8 if N * CH // 128 >= 8 else N * CH // 128
-        TN: gl.constexpr = N // VEC
-        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [4, 1], [1, 0])
-        g = g_smem.load(layout).to(gl.float32)
-        rows = r0 + gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
-        cols = c0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
-        r_ok = rows < hi
-        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(cols < BS, 0)
-        o = gl.expand_dims(rows.to(gl.int64) * (2 * BS), 1) + gl.expand_dims(cols, 0)
-        a = gl.load(ACT + o, mask=mask, other=0.0).to(gl.float32)
-        u = gl.load(ACT + o + BS, mask=mask, other=0.0).to(gl.float32)
-        wp = gl.expand_dims(gl.load(WSORT + rows, mask=r_ok, other=0.0).to(gl.float32), 1)
-        s = 1.0 / (1.0 + gl.exp(-a))
-        silu = a * s
-        h = silu * u
-        part = gl.sum(gl.where(mask, g * h, 0.0), axis=1)
-        dh = g * wp
-        dt = DACT.dtype.element_ty
-        gl.store(DACT + o, (dh * u * s * (1.0 + a * (1.0 - s))).to(dt), mask=mask)
-        gl.store(DACT + o + BS, (dh * silu).to(dt), mask=mask)
-        hw_off = gl.expand_dims(rows.to(gl.int64) * BS, 1) + gl.expand_dims(cols, 0)
-        gl.store(HW + hw_off, (h * wp).to(HW.dtype.element_ty), mask=mask)
-        return part
-
-    @gluon.jit
     def _dact_load(ACT, WSORT, r0, hi, c0: gl.constexpr, BS: gl.constexpr, CH: gl.constexpr, N: gl.constexpr):
-        """The loads of :func:`_dact_rows` alone (act's a and u, w_p; in its layout), for rows ``r0 +: CH`` and
-        block columns ``c0 +: N``: issued a step ahead of :func:`_dact_apply`, which uses them."""
+        """The loads of the SwiGLU derivative of a staged g chunk (act's a and u, w_p) for sorted rows ``r0 +: CH``
+        and block columns ``c0 +: N``, in a blocked layout (16-byte loads of act and stores of da, du, w_p * h where
+        N allows), for :func:`_dact_apply`."""
         VEC: gl.constexpr = 8 if N * CH // 128 >= 8 else N * CH // 128
         TN: gl.constexpr = N // VEC
         layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TN, TN], [4, 1], [1, 0])
@@ -1109,7 +1082,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dact_apply(g_smem, a, u, wp, DACT, HW, r0, hi, c0: gl.constexpr, BS: gl.constexpr):
-        """:func:`_dact_rows` from the values :func:`_dact_load` brought (the staged g read in their layout)."""
+        """The SwiGLU derivative of the staged g rows ``g_smem [CH, N]`` (read in the layout of a, u, w_p from
+        :func:`_dact_load`): da, du and w_p * h stored; returns the rows' partial sum of g * h."""
         layout: gl.constexpr = a.type.layout
         CH: gl.constexpr = g_smem.type.shape[0]
         N: gl.constexpr = g_smem.type.shape[1]
@@ -1138,7 +1112,8 @@ if HAVE_GLUON:
                        TILE_START, OFFSETS, TILE_COUNT, BS: gl.constexpr, BLOCK_N: gl.constexpr, R0: gl.constexpr,
                        R1: gl.constexpr, PREFETCH: gl.constexpr = False, CH: gl.constexpr = 16):
         """The epilogue partition (4 warps): per row tile, once both consumers staged g, the SwiGLU
-        derivative of its rows in chunks of 16 (:func:`_dact_rows` over each staged part) and the rows' dweight
+        derivative of its rows in chunks of CH (:func:`_dact_load`, :func:`_dact_apply` over each staged part) and
+        the rows' dweight
         partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products.
         ``PREFETCH``: each part's act and w_p loads issued one part ahead (:func:`_dact_load`; the tile's first
         before g is staged), so a part's math and stores run while the next part's loads are in flight, instead
@@ -1170,13 +1145,16 @@ if HAVE_GLUON:
                         p2 = _dact_apply(g2_smem.slice(rc, CH, dim=0), a2, u2, w2, DACT, HW, r0, hi, BLOCK_N + R0,
                                          BS)
                         part += gl.convert_layout(p2, part.type.layout)
-                else:
-                    part = _dact_rows(g0_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, 0, BS)
-                    p1 = _dact_rows(g1_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N, BS)
+                else:  # each part's loads just before their use
+                    a0, u0, w0 = _dact_load(ACT, WSORT, r0, hi, 0, BS, CH, BLOCK_N)
+                    part = _dact_apply(g0_smem.slice(rc, CH, dim=0), a0, u0, w0, DACT, HW, r0, hi, 0, BS)
+                    a1, u1, w1 = _dact_load(ACT, WSORT, r0, hi, BLOCK_N, BS, CH, g1_smem.type.shape[1])
+                    p1 = _dact_apply(g1_smem.slice(rc, CH, dim=0), a1, u1, w1, DACT, HW, r0, hi, BLOCK_N, BS)
                     part += gl.convert_layout(p1, part.type.layout)
                     if R1 > 0:
-                        p2 = _dact_rows(g2_smem.slice(rc, CH, dim=0), ACT, WSORT, DACT, HW, r0, hi, BLOCK_N + R0,
-                                        BS)
+                        a2, u2, w2 = _dact_load(ACT, WSORT, r0, hi, BLOCK_N + R0, BS, CH, R1)
+                        p2 = _dact_apply(g2_smem.slice(rc, CH, dim=0), a2, u2, w2, DACT, HW, r0, hi, BLOCK_N + R0,
+                                         BS)
                         part += gl.convert_layout(p2, part.type.layout)
                 rows = r0 + gl.arange(0, CH, layout=part.type.layout)
                 gl.store(DWP + rows, part, mask=rows < hi)
