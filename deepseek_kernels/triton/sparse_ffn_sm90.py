@@ -1223,7 +1223,8 @@ EPI_MAXNREG = 128
 DACT_EPI_PREFETCH = True
 # dact's second part as its pieces (with TAIL_PIECES; 224: 64 + 32 neurons, column slices of the second weight tile)
 # rather than one padded 128-column product. Nsight Compute, session 38: the m64n32 products of the pieces are the
-# most-sampled instructions after the barrier waits, at 52 % tensor-pipe use for the kernel. False: padded (A/B).
+# most-sampled instructions after the barrier waits, at 52 % tensor-pipe use for the kernel; padded all the same
+# is slower (backward A/Bs 3.557 -> 3.607 ms at ratio 0.3, 5.841 -> 5.935 at 0.5). False: padded.
 DACT_TAIL_PIECES = True
 DACT_EPI_ROWS = 16
 
