@@ -430,15 +430,19 @@ def cases():
     if g9.HAVE_GLUON:  # the gathered dact (dact.sm90, session 31), its epilogue in a fourth partition (session 36)
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
-        for prefetch, rows in ((True, 16), (False, 16)):
-            form = f"{'prefetching ' if prefetch else ''}epilogue partition{', 32-row chunks' if rows == 32 else ''}"
+        r0, r1 = g9.tail_pieces(BS_ - c["block_n"])
+        wd = g9._desc(wdn_t, [c["block_k"], c["block_n"]])
+        wd1, wd2 = g9._desc(wdn_t, [c["block_k"], r0]), g9._desc(wdn_t, [c["block_k"], r1])
+        for prefetch, split in ((True, False), (False, False), (True, True)):
+            form = (f"{'prefetching ' if prefetch else ''}epilogue partition"
+                    f"{', pieces in boxes of their own' if split else ''}")
             out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})", g9._dact_sm90_kernel,
-                        dict(w_desc=g9._desc(wdn_t, [c["block_k"], c["block_n"]]), DO=bf16, ACT=bf16, WSORT="*fp32",
+                        dict(w_desc=wd, w_desc1=wd1 if split else wd, w_desc2=wd2 if split else wd, SPLIT=split,
+                             DO=bf16, ACT=bf16, WSORT="*fp32",
                              DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                              OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
                              STAGES=c["stages"], CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
-                             PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch,
-                             EPI_ROWS=rows, **dict(zip(("R0", "R1"), g9.tail_pieces(BS_ - c["block_n"])))),
+                             PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch, R0=r0, R1=r1),
                         dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG

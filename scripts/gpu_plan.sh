@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -283,13 +283,16 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
       (cd benchmarks && ab sparse_ffn_sm90.AR_SPLIT_TAIL "False;True" "fwd_$r" --fwd --ratio "$r")
       (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "False;True" "bwd_$r" --ratio "$r")
     done ;;
-  sparse-38c)  # issue 6: dact's second part padded to one 128-column product instead of its 64 + 32 pieces
-    # (DACT_TAIL_PIECES): the dact GPU tests, then backward A/Bs at 0.3 / 0.5
+  sparse-38c|sparse-dact39)  # issue 6: dact's second part padded to one 128-column product instead of its 64 + 32
+    # pieces (sparse-38c: DACT_TAIL_PIECES), or the pieces in weight boxes of their own (sparse-dact39, written in
+    # session 38 after its last GPU call: DACT_SPLIT_BOXES): the dact GPU tests, then backward A/Bs at 0.3 / 0.5
+    flag="DACT_TAIL_PIECES"; vals="True;False"
+    [ "$step" = sparse-dact39 ] && { flag="DACT_SPLIT_BOXES"; vals="False;True"; }
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
       -k "test_dact_sm90_on_gpu" 2>&1 | tail -2
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     for r in 0.3 0.5; do
-      (cd benchmarks && ab sparse_ffn_sm90.DACT_TAIL_PIECES "True;False" "bwd_$r" --ratio "$r")
+      (cd benchmarks && ab "sparse_ffn_sm90.$flag" "$vals" "bwd_$r" --ratio "$r")
     done ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes

@@ -38,7 +38,8 @@ def test_kernels_compile_for_sm90():
             assert f"ok    sparse FFN {name} GEMM sm90 (Gluon, A resident)" in proc.stdout, proc.stdout
         for form in ("wide, merged pieces", "wide", "two products"):
             assert f"ok    sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
-        for form in ("prefetching epilogue partition", "epilogue partition"):
+        for form in ("prefetching epilogue partition", "epilogue partition",
+                     "prefetching epilogue partition, pieces in boxes of their own"):
             assert f"ok    sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
         for name in ("dW gate/up sm90", "dW down sm90", "dW gate/up sm90 pieces", "dW down sm90 pieces"):
             assert f"ok    sparse FFN bwd {name} (Gluon, cp.async gather)" in proc.stdout, proc.stdout

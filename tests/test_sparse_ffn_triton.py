@@ -1118,10 +1118,15 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     monkeypatch.setattr(g9, "DACT_EPI_PREFETCH", not g9.DACT_EPI_PREFETCH)
     other = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
     assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(got, other))
-    if tail:  # the second part padded for dact alone (DACT_TAIL_PIECES off): within bf16 rounding of the pieces
+    if tail:
+        # the pieces' weights in boxes of their own (DACT_SPLIT_BOXES): the same products, the same bits
+        monkeypatch.setattr(g9, "DACT_SPLIT_BOXES", True)
+        split = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
+        assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(split, got))
+        # the second part padded for dact alone (DACT_TAIL_PIECES off): within bf16 rounding of the pieces
         monkeypatch.setattr(g9, "DACT_TAIL_PIECES", False)
         padded = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
-        assert len(calls) == 4 and all(rel(a, b) < 1e-2 for a, b in zip(padded, got))
+        assert len(calls) == 5 and all(rel(a, b) < 1e-2 for a, b in zip(padded, got))
 
 
 def test_descriptor_layouts_cached():

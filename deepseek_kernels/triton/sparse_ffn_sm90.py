@@ -606,7 +606,7 @@ if HAVE_GLUON:
                          SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr,
                          MERGE_B: gl.constexpr = False, ROTATE: gl.constexpr = False, PR0: gl.constexpr = 0,
-                         PR1: gl.constexpr = 0):
+                         PR1: gl.constexpr = 0, b2_bufs=None, KN_SPLIT: gl.constexpr = False):
         """Four warps: per work item and K step, the gathered X rows of both 64-row halves by cp.async (every
         thread arrives on the slot's ready barrier when its copies are done) and two weight tiles by TMA. Gate/up
         (not W_KN): items are (row tile, BLOCK_N-neuron column tile), the tiles ``w_gate / w_up [f0 +: BLOCK_N,
@@ -617,7 +617,8 @@ if HAVE_GLUON:
         last column tile as its pieces side by side, gate and up of each (:func:`_gate_up_merged_pieces_loop`):
         rows [0, PR0) / [PR0, 2 PR0) of the merged tile w_gate / w_up [f0 +: PR0] (boxes ``wp_g0 / wp_u0``), then
         [2 PR0, + PR1) / [2 PR0 + PR1, + PR1) the next PR1 neurons' (``wp_g1 / wp_u1``), nothing past the block's
-        end. (dact, gate/up without pieces: the ``wp_*`` go unused.)"""
+        end. ``KN_SPLIT`` (dact, W_KN): the second part as two boxes, ``w_desc1`` [BLOCK_K, R0] into ``b1_bufs``
+        and ``wp_g0`` [BLOCK_K, R1] into ``b2_bufs``. (Otherwise the ``wp_*`` and ``b2_bufs`` go unused.)"""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -629,6 +630,7 @@ if HAVE_GLUON:
             n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
+        kn_bytes: gl.constexpr = w_bytes + wp_g0.block_type.nbytes  # (KN_SPLIT)
         p_bytes: gl.constexpr = 2 * (PR0 + PR1) * BLOCK_K * w_desc0.dtype.primitive_bitwidth // 8
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
@@ -649,7 +651,13 @@ if HAVE_GLUON:
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
-                if W_KN:
+                if W_KN and KN_SPLIT:
+                    mbarrier.expect(bar, kn_bytes)
+                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
+                    tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
+                    tma.async_copy_global_to_shared(wp_g0, [k0, f0 + BLOCK_N + w_desc1.block_type.shape[1]], bar,
+                                                    b2_bufs.index(slot))
+                elif W_KN:
                     mbarrier.expect(bar, w_bytes)
                     tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
                     tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
@@ -986,12 +994,14 @@ if HAVE_GLUON:
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
-    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr):
+    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                       SPLIT: gl.constexpr = False):
         """One warpgroup's K loop of a row tile: g over the block's first BLOCK_N columns (acc0) and its second
         part (acc1, and acc2 where R1 > 0: the pieces, see :func:`_dact_consumer`) as async wgmma, one step's
-        products in flight, each ring slot released once the products that read it are done. Returns
-        (acc0, acc1, acc2, it)."""
+        products in flight, each ring slot released once the products that read it are done. ``SPLIT``: the
+        pieces' weights in tiles of their own (``b1_bufs`` [.., R0], ``b2_bufs`` [.., R1]) rather than column
+        slices of one BLOCK_N-wide tile. Returns (acc0, acc1, acc2, it)."""
         for k0 in range(0, D, BLOCK_K):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
@@ -1004,6 +1014,10 @@ if HAVE_GLUON:
             elif R1 == 0:
                 acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
                 acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))
+            elif SPLIT:
+                acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
+                acc2 = warpgroup_mma(a, b2_bufs.index(slot), acc2, is_async=True)
+                acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
             else:
                 acc1 = warpgroup_mma(a, b1_bufs.index(slot).slice(0, R0, dim=1), acc1, is_async=True)
                 acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
@@ -1019,9 +1033,9 @@ if HAVE_GLUON:
         return acc0, acc1, acc2, it
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
-                       g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                       R0: gl.constexpr, R1: gl.constexpr):
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                       g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns (:func:`_dact_mainloop`), staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
         (:func:`_dact_epilogue`) once it is done with the previous tile's, then on to the next tile's products.
@@ -1044,8 +1058,8 @@ if HAVE_GLUON:
             acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF_M, W1], gl.float32, l1)
             acc2 = gl.zeros([HALF_M, W2], gl.float32, l2)
-            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, ready, empty, it, D, acc0, acc1, acc2,
-                                                  WG, BLOCK_K, STAGES, R0, R1)
+            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1,
+                                                  acc2, WG, BLOCK_K, STAGES, R0, R1, SPLIT)
             mbarrier.wait(g_empty, (n & 1) ^ 1)
             g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
             g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
@@ -1055,12 +1069,12 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
-                        g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                        R0: gl.constexpr, R1: gl.constexpr):
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                        g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                        R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr):
         WG1: gl.constexpr = 1
-        _dact_consumer(a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem, g_full,
-                       g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1)
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                       g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)
 
     @gluon.jit
     def _dact_load(ACT, WSORT, r0, hi, c0: gl.constexpr, BS: gl.constexpr, CH: gl.constexpr, N: gl.constexpr):
@@ -1162,18 +1176,29 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _dact_sm90_kernel(w_desc, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, EPI_REGS: gl.constexpr,
-                          R0: gl.constexpr = 0, R1: gl.constexpr = 0, PREFETCH: gl.constexpr = False,
-                          EPI_ROWS: gl.constexpr = 16):
+    def _dact_sm90_kernel(w_desc, w_desc1, w_desc2, DO, ACT, WSORT, DACT, HW, DWP, SORTED_TOK, TILE_BLOCK,
+                          TILE_START, OFFSETS, TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr,
+                          STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                          EPI_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
+                          PREFETCH: gl.constexpr = False, EPI_ROWS: gl.constexpr = 16, SPLIT: gl.constexpr = False):
         """The backward's dact (see above) over the grouping's real row tiles, persistent: two consumer
         warpgroups, the cp.async producer and the epilogue partition (4 warps, ``EPI_REGS``), which works from g
-        staged in shared memory (``PREFETCH``, ``EPI_ROWS``: :func:`_dact_epilogue`'s)."""
+        staged in shared memory (``PREFETCH``, ``EPI_ROWS``: :func:`_dact_epilogue`'s). ``SPLIT`` (R1 > 0): the
+        second part's pieces loaded as boxes of their own (``w_desc1`` [BLOCK_K, R0], ``w_desc2`` [BLOCK_K, R1])
+        into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused."""
         WG0: gl.constexpr = 0
         W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K, STAGES)
+        if SPLIT:
+            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc1, BLOCK_K,
+                                                                  STAGES)
+            b2_bufs = gl.allocate_shared_memory(w_desc2.dtype, [STAGES] + w_desc2.block_type.shape, w_desc2.layout)
+            wd1 = w_desc1
+        else:
+            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K,
+                                                                  STAGES)
+            b2_bufs = b1_bufs
+            wd1 = w_desc
         W1: gl.constexpr = R0 if R0 > 0 else BLOCK_N
         W2: gl.constexpr = R1 if R1 > 0 else 16
         M: gl.constexpr = 2 * a_bufs.type.shape[1]
@@ -1184,13 +1209,14 @@ if HAVE_GLUON:
         g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
         gl.warp_specialize([
-            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
-                              g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
-                               g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1)),
-            (_gather_producer, (w_desc, w_desc, w_desc, w_desc, w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready,
-                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
-                                BLOCK_N, BLOCK_K, STAGES, W_KN)),
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
+                              g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
+                               g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
+            (_gather_producer, (w_desc, wd1, w_desc2, w_desc, w_desc, w_desc, DO, a_bufs,
+                                b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+                                TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN, False, False, 0, 0,
+                                b2_bufs, SPLIT)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1, PREFETCH, EPI_ROWS)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
@@ -1226,6 +1252,10 @@ DACT_EPI_PREFETCH = True
 # most-sampled instructions after the barrier waits, at 52 % tensor-pipe use for the kernel; padded all the same
 # is slower (backward A/Bs 3.557 -> 3.607 ms at ratio 0.3, 5.841 -> 5.935 at 0.5). False: padded.
 DACT_TAIL_PIECES = True
+# The pieces' weights as boxes of their own ([64, 64] and [64, 32] tiles, each with its own swizzle: 28 KB a slot
+# instead of 32) rather than column slices of a second [64, 128] tile (session 38, written after the last GPU call:
+# not yet run on a GPU, so off).
+DACT_SPLIT_BOXES = False
 DACT_EPI_ROWS = 16
 
 
@@ -1236,12 +1266,15 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
     BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
     r0, r1 = tail_pieces(bs - block_n) if DACT_TAIL_PIECES else (0, 0)
+    w_desc = _desc(w_down, [block_k, block_n])
+    split = DACT_SPLIT_BOXES and r1 > 0
+    w1, w2 = (_desc(w_down, [block_k, r0]), _desc(w_down, [block_k, r1])) if split else (w_desc, w_desc)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
-        _desc(w_down, [block_k, block_n]), grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
+        w_desc, w1, w2, grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, PREFETCH=DACT_EPI_PREFETCH,
-        EPI_ROWS=DACT_EPI_ROWS, num_warps=4, maxnreg=EPI_MAXNREG,
+        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, num_warps=4, maxnreg=EPI_MAXNREG,
     )
 
 
