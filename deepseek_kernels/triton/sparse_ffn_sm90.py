@@ -780,10 +780,9 @@ if HAVE_GLUON:
         whole column tile's gate and up products as one product over the merged weight tiles (``bg_bufs`` is
         ``bu_bufs``, :func:`_gather_ring`'s MERGE_B: the A tile read from shared memory once per K step, not
         twice). ``MP`` (with WIDE): the last column tile's pieces as one product each over the merged tile
-        (:func:`_gate_up_merged_pieces_loop`). Measured and removed (session 36, code at a1a939c): the epilogue in
-        a fourth partition from
-        the values staged in shared memory, as dact's (forward 2.125 -> 2.160 ms at 0.3, 3.490 ->
-        3.573 at 0.5: slower)."""
+        (:func:`_gate_up_merged_pieces_loop`). ``ROTATE``: the items in :func:`_work_rotated`'s order. Measured and
+        removed (session 36, code at a1a939c): the epilogue in a fourth partition from the values staged in shared
+        memory, as dact's (forward 2.125 -> 2.160 ms at 0.3, 3.490 -> 3.573 at 0.5: slower)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
@@ -1127,8 +1126,8 @@ if HAVE_GLUON:
                        R1: gl.constexpr, PREFETCH: gl.constexpr = False, CH: gl.constexpr = 16):
         """The epilogue partition (4 warps): per row tile, once both consumers staged g, the SwiGLU
         derivative of its rows in chunks of CH (:func:`_dact_load`, :func:`_dact_apply` over each staged part) and
-        the rows' dweight
-        partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's products.
+        the rows' dweight partial sums, then g's buffers handed back; the consumers meanwhile run the next tile's
+        products.
         ``PREFETCH``: each part's act and w_p loads issued one part ahead (:func:`_dact_load`; the tile's first
         before g is staged), so a part's math and stores run while the next part's loads are in flight, instead
         of every part waiting out its own loads' latency. ``CH``: rows per chunk."""
