@@ -16,7 +16,8 @@ METRICS = "sm__cycles_active.avg,sm__cycles_active.max,sm__cycles_active.min,sm_
           "gpu__time_duration.sum"
 
 
-def main(path: str) -> None:
+def balance(path: str) -> list[dict]:
+    """One dict per launch, in launch order: kernel, us, busy (%), max_over_avg, min_over_avg."""
     with open(path) as f:
         lines = [ln for ln in f if ln.startswith('"')]  # ncu's CSV rows; the program's own output left out
     launches = defaultdict(dict)
@@ -25,12 +26,20 @@ def main(path: str) -> None:
         key = row["ID"]
         names[key] = row["Kernel Name"]
         launches[key][row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
-    print(f"{'kernel':58s} {'us':>8s} {'busy %':>7s} {'max/avg':>8s} {'min/avg':>8s}")
+    out = []
     for key, m in sorted(launches.items(), key=lambda kv: int(kv[0])):
         avg = m["sm__cycles_active.avg"]
-        print(f"{names[key][:58]:58s} {m['gpu__time_duration.sum'] / 1e3:8.1f} "
-              f"{100 * avg / m['sm__cycles_elapsed.max']:7.1f} {m['sm__cycles_active.max'] / avg:8.3f} "
-              f"{m['sm__cycles_active.min'] / avg:8.3f}")
+        out.append(dict(kernel=names[key], us=m["gpu__time_duration.sum"] / 1e3,
+                        busy=100 * avg / m["sm__cycles_elapsed.max"], max_over_avg=m["sm__cycles_active.max"] / avg,
+                        min_over_avg=m["sm__cycles_active.min"] / avg))
+    return out
+
+
+def main(path: str) -> None:
+    print(f"{'kernel':58s} {'us':>8s} {'busy %':>7s} {'max/avg':>8s} {'min/avg':>8s}")
+    for r in balance(path):
+        print(f"{r['kernel'][:58]:58s} {r['us']:8.1f} {r['busy']:7.1f} {r['max_over_avg']:8.3f} "
+              f"{r['min_over_avg']:8.3f}")
 
 
 if __name__ == "__main__":
