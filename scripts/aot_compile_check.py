@@ -433,11 +433,13 @@ def cases():
         r0, r1 = g9.tail_pieces(BS_ - c["block_n"])
         wd = g9._desc(wdn_t, [c["block_k"], c["block_n"]])
         wd1, wd2 = g9._desc(wdn_t, [c["block_k"], r0]), g9._desc(wdn_t, [c["block_k"], r1])
-        for prefetch, split in ((True, False), (False, False), (True, True)):
+        for prefetch, split, a_st in ((True, False, 0), (False, False, 0), (True, True, 0), (True, False, 4),
+                                      (True, True, 5)):
             form = (f"{'prefetching ' if prefetch else ''}epilogue partition"
-                    f"{', pieces in boxes of their own' if split else ''}")
+                    f"{', pieces in boxes of their own' if split else ''}{f', {a_st} A slots' if a_st else ''}")
             out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})", g9._dact_sm90_kernel,
                         dict(w_desc=wd, w_desc1=wd1 if split else wd, w_desc2=wd2 if split else wd, SPLIT=split,
+                             A_STAGES=a_st,
                              DO=bf16, ACT=bf16, WSORT="*fp32",
                              DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                              OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],

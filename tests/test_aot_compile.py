@@ -39,7 +39,9 @@ def test_kernels_compile_for_sm90():
         for form in ("wide, merged pieces", "wide", "two products"):
             assert f"ok    sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
         for form in ("prefetching epilogue partition", "epilogue partition",
-                     "prefetching epilogue partition, pieces in boxes of their own"):
+                     "prefetching epilogue partition, pieces in boxes of their own",
+                     "prefetching epilogue partition, 4 A slots",
+                     "prefetching epilogue partition, pieces in boxes of their own, 5 A slots"):
             assert f"ok    sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
         for name in ("dW gate/up sm90", "dW down sm90", "dW gate/up sm90 pieces", "dW down sm90 pieces"):
             assert f"ok    sparse FFN bwd {name} (Gluon, cp.async gather)" in proc.stdout, proc.stdout

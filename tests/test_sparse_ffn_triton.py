@@ -1106,7 +1106,8 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
     their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded; the
     epilogue in its own partition from g staged in shared memory (session 36), its loads issued a part ahead
-    (``DACT_EPI_PREFETCH``, session 38) or where used: the same bits."""
+    (``DACT_EPI_PREFETCH``, session 38) or where used; A in a deeper ring of its own (``a_stages``), the pieces'
+    weights in boxes of their own (``DACT_SPLIT_BOXES``): the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
@@ -1118,15 +1119,26 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     monkeypatch.setattr(g9, "DACT_EPI_PREFETCH", not g9.DACT_EPI_PREFETCH)
     other = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
     assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(got, other))
+    # the gathered A tiles in a ring of their own, deeper than the weights' (DACT_CONFIG's a_stages): the same
+    # products in the same order, the same bits
+    monkeypatch.setattr(g9, "DACT_CONFIG", {**g9.DACT_CONFIG, "a_stages": 4})
+    deep = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
+    assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(deep, got))
+    monkeypatch.setattr(g9, "DACT_CONFIG", {**g9.DACT_CONFIG, "a_stages": 0})
     if tail:
-        # the pieces' weights in boxes of their own (DACT_SPLIT_BOXES): the same products, the same bits
+        # the pieces' weights in boxes of their own (DACT_SPLIT_BOXES): the same products, the same bits; with
+        # them, 5 A slots fit
         monkeypatch.setattr(g9, "DACT_SPLIT_BOXES", True)
         split = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
-        assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(split, got))
+        assert len(calls) == 5 and all(torch.equal(a, b) for a, b in zip(split, got))
+        monkeypatch.setattr(g9, "DACT_CONFIG", {**g9.DACT_CONFIG, "a_stages": 5})
+        split_deep = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
+        assert len(calls) == 6 and all(torch.equal(a, b) for a, b in zip(split_deep, got))
+        monkeypatch.setattr(g9, "DACT_CONFIG", {**g9.DACT_CONFIG, "a_stages": 0})
         # the second part padded for dact alone (DACT_TAIL_PIECES off): within bf16 rounding of the pieces
         monkeypatch.setattr(g9, "DACT_TAIL_PIECES", False)
         padded = tk.sparse_ffn_bwd(*args, config={"block_m": 128, "dact": {"sm90": True}}, **kw)
-        assert len(calls) == 5 and all(rel(a, b) < 1e-2 for a, b in zip(padded, got))
+        assert len(calls) == 7 and all(rel(a, b) < 1e-2 for a, b in zip(padded, got))
 
 
 def test_descriptor_layouts_cached():

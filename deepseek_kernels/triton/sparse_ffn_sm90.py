@@ -982,7 +982,11 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # block as one [64, 256] product per K step (0.767 vs 0.667 ms: the padded MMA work costs more than the A tile's
 # shared-memory reads it saves).
 
-DACT_CONFIG = dict(block_n=128, block_k=64, stages=3)  # (3 ring slots: g's staging buffers take a fourth's room)
+# 3 ring slots: g's staging buffers take a fourth's room. a_stages > stages: the gathered A tiles in a deeper ring
+# of their own (Nsight Compute, session 38: at 3 shared slots the producer waits on empty slots and the consumers on
+# ready ones, the gathered loads' latency longer than the lookahead); written after session 38's last GPU call
+# (4 A slots fit beside 3 weight slots and g's staging, 5 with DACT_SPLIT_BOXES), so 0 (off) until GPU-tested.
+DACT_CONFIG = dict(block_n=128, block_k=64, stages=3, a_stages=0)
 if HAVE_GLUON:
 
     @gluon.jit
@@ -993,19 +997,109 @@ if HAVE_GLUON:
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
-    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1, acc2, WG: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                       SPLIT: gl.constexpr = False):
+    def _dact_split_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty,
+                             b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS,
+                             stride_xt, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_STAGES: gl.constexpr,
+                             STAGES: gl.constexpr, SPLIT: gl.constexpr):
+        """dact's producer with the gathered A tiles and the weight tiles in rings of their own (A_STAGES and
+        STAGES slots, A_STAGES > STAGES): this program's K steps in one sequence, step i's A rows issued by cp.async
+        as soon as A slot i % A_STAGES is free, its weight tiles (TMA, read from L2) A_STAGES - STAGES steps later,
+        so the gathered rows, whose loads wait longest, get the deeper lookahead. Each thread arrives on the A
+        slot's ready barrier when its copies land; the weights' barrier takes the expect."""
+        HALF_M: gl.constexpr = a_bufs.type.shape[1]
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
+        cols = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ld_layout)), 0)
+        LAG: gl.constexpr = A_STAGES - STAGES
+        if SPLIT:
+            w_bytes: gl.constexpr = (w_desc0.block_type.nbytes + w_desc1.block_type.nbytes +
+                                     w_desc2.block_type.nbytes)
+        else:
+            w_bytes: gl.constexpr = 2 * w_desc0.block_type.nbytes
+        pid = gl.program_id(0)
+        G = gl.num_programs(0)
+        ksteps = gl.cdiv(D, BLOCK_K)
+        total = gl.load(TILE_COUNT).to(gl.int32)
+        steps = gl.cdiv(gl.maximum(total - pid, 0), G) * ksteps
+        r_loc = gl.arange(0, HALF_M, layout=row_l)
+        x0 = X + gl.expand_dims(r_loc.to(gl.int64) * 0, 1)  # (each tile's rows are set at its first step)
+        x1 = x0
+        m0 = gl.expand_dims(r_loc < 0, 1)
+        m1 = m0
+        for i in range(0, steps + LAG):
+            if i < steps:
+                item = i // ksteps
+                kk = i - item * ksteps
+                if kk == 0:
+                    b, start, _ = _work(pid + item * G, 1, TILE_BLOCK, TILE_START)
+                    hi = gl.load(OFFSETS + b + 1)
+                    r0 = start + r_loc
+                    ok0 = r0 < hi
+                    ok1 = r0 + HALF_M < hi
+                    x0 = X + gl.expand_dims(gl.load(SORTED_TOK + r0, mask=ok0, other=0).to(gl.int64) * stride_xt, 1)
+                    x1 = X + gl.expand_dims(gl.load(SORTED_TOK + r0 + HALF_M, mask=ok1, other=0).to(gl.int64)
+                                            * stride_xt, 1)
+                    m0 = gl.expand_dims(ok0, 1)
+                    m1 = gl.expand_dims(ok1, 1)
+                sa = i % A_STAGES
+                mbarrier.wait(a_empty.index(sa), ((i // A_STAGES) & 1) ^ 1)
+                kc = kk * BLOCK_K + cols
+                k_ok = kc < D
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * sa), x0 + kc, mask=m0 & k_ok)
+                async_copy.async_copy_global_to_shared(a_bufs.index(2 * sa + 1), x1 + kc, mask=m1 & k_ok)
+                async_copy.mbarrier_arrive(a_ready.index(sa), increment_count=False)
+            j = i - LAG
+            if j >= 0:
+                item_j = j // ksteps
+                k0 = (j - item_j * ksteps) * BLOCK_K
+                f0 = gl.load(TILE_BLOCK + pid + item_j * G) * BS
+                sb = j % STAGES
+                mbarrier.wait(b_empty.index(sb), ((j // STAGES) & 1) ^ 1)
+                bar = b_ready.index(sb)
+                mbarrier.expect(bar, w_bytes)
+                tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(sb))
+                tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(sb))
+                if SPLIT:
+                    tma.async_copy_global_to_shared(w_desc2, [k0, f0 + BLOCK_N + w_desc1.block_type.shape[1]], bar,
+                                                    b2_bufs.index(sb))
+
+    @gluon.jit
+    def _dact_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty, b_ready,
+                       b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_STAGES: gl.constexpr, STAGES: gl.constexpr,
+                       SPLIT: gl.constexpr):
+        """dact's producer partition: :func:`_dact_split_producer` where A has a ring of its own (A_STAGES > 0),
+        else :func:`_gather_producer` over the shared ring (``b_ready / b_empty``)."""
+        if A_STAGES > 0:
+            _dact_split_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty,
+                                 b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS,
+                                 stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, SPLIT)
+        else:
+            W_KN: gl.constexpr = True
+            _gather_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs, b_ready,
+                             b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                             BLOCK_N, BLOCK_K, STAGES, W_KN, False, False, 0, 0, b2_bufs, SPLIT)
+
+    @gluon.jit
+    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, it, D, acc0, acc1, acc2,
+                       WG: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
+                       R1: gl.constexpr, SPLIT: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
         """One warpgroup's K loop of a row tile: g over the block's first BLOCK_N columns (acc0) and its second
         part (acc1, and acc2 where R1 > 0: the pieces, see :func:`_dact_consumer`) as async wgmma, one step's
         products in flight, each ring slot released once the products that read it are done. ``SPLIT``: the
         pieces' weights in tiles of their own (``b1_bufs`` [.., R0], ``b2_bufs`` [.., R1]) rather than column
-        slices of one BLOCK_N-wide tile. Returns (acc0, acc1, acc2, it)."""
+        slices of one BLOCK_N-wide tile. ``A_STAGES`` > 0: A in a ring of its own (:func:`_dact_split_producer`),
+        ``ready / empty`` the weights' ring only. Returns (acc0, acc1, acc2, it)."""
         for k0 in range(0, D, BLOCK_K):
             slot = it % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            if A_STAGES > 0:
+                sa = it % A_STAGES
+                mbarrier.wait(a_ready.index(sa), (it // A_STAGES) & 1)
+            else:
+                sa = slot
             fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-            a = a_bufs.index(2 * slot + WG)
+            a = a_bufs.index(2 * sa + WG)
             acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
             if R0 == 0:
                 acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
@@ -1023,18 +1117,23 @@ if HAVE_GLUON:
                 acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
             if k0 > 0:
                 _release(empty.index((it - 1) % STAGES))
+                if A_STAGES > 0:
+                    _release(a_empty.index((it - 1) % A_STAGES))
             it += 1
         if R1 == 0:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
         else:
             acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
         _release(empty.index((it - 1) % STAGES))
+        if A_STAGES > 0:
+            _release(a_empty.index((it - 1) % A_STAGES))
         return acc0, acc1, acc2, it
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
-                       g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                       STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr = False):
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
+                       g1_smem, g2_smem, g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
+                       SPLIT: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns (:func:`_dact_mainloop`), staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
         (:func:`_dact_epilogue`) once it is done with the previous tile's, then on to the next tile's products.
@@ -1057,8 +1156,9 @@ if HAVE_GLUON:
             acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF_M, W1], gl.float32, l1)
             acc2 = gl.zeros([HALF_M, W2], gl.float32, l2)
-            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1,
-                                                  acc2, WG, BLOCK_K, STAGES, R0, R1, SPLIT)
+            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty,
+                                                  it, D, acc0, acc1, acc2, WG, BLOCK_K, STAGES, R0, R1, SPLIT,
+                                                  A_STAGES)
             mbarrier.wait(g_empty, (n & 1) ^ 1)
             g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
             g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
@@ -1068,12 +1168,13 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
-                        g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                        R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr):
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
+                        g1_smem, g2_smem, g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr,
+                        A_STAGES: gl.constexpr):
         WG1: gl.constexpr = 1
-        _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
-                       g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
+                       g1_smem, g2_smem, g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT, A_STAGES)
 
     @gluon.jit
     def _dact_load(ACT, WSORT, r0, hi, c0: gl.constexpr, BS: gl.constexpr, CH: gl.constexpr, N: gl.constexpr):
@@ -1179,43 +1280,57 @@ if HAVE_GLUON:
                           TILE_START, OFFSETS, TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr,
                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           EPI_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
-                          PREFETCH: gl.constexpr = False, EPI_ROWS: gl.constexpr = 16, SPLIT: gl.constexpr = False):
+                          PREFETCH: gl.constexpr = False, EPI_ROWS: gl.constexpr = 16, SPLIT: gl.constexpr = False,
+                          A_STAGES: gl.constexpr = 0):
         """The backward's dact (see above) over the grouping's real row tiles, persistent: two consumer
         warpgroups, the cp.async producer and the epilogue partition (4 warps, ``EPI_REGS``), which works from g
         staged in shared memory (``PREFETCH``, ``EPI_ROWS``: :func:`_dact_epilogue`'s). ``SPLIT`` (R1 > 0): the
         second part's pieces loaded as boxes of their own (``w_desc1`` [BLOCK_K, R0], ``w_desc2`` [BLOCK_K, R1])
-        into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused."""
+        into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused. ``A_STAGES`` > 0 (more
+        than STAGES): the gathered A tiles in a ring of their own of that depth, the weights in STAGES slots
+        (:func:`_dact_split_producer`)."""
         WG0: gl.constexpr = 0
-        W_KN: gl.constexpr = True
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+        dt: gl.constexpr = DO.dtype.element_ty
         if SPLIT:
-            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc1, BLOCK_K,
-                                                                  STAGES)
-            b2_bufs = gl.allocate_shared_memory(w_desc2.dtype, [STAGES] + w_desc2.block_type.shape, w_desc2.layout)
             wd1 = w_desc1
         else:
-            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(DO.dtype.element_ty, w_desc, w_desc, BLOCK_K,
-                                                                  STAGES)
-            b2_bufs = b1_bufs
             wd1 = w_desc
+        if A_STAGES > 0:
+            a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], dt)
+            a_bufs = gl.allocate_shared_memory(dt, [2 * A_STAGES, 64, BLOCK_K], a_layout)
+            b0_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+            b1_bufs = gl.allocate_shared_memory(wd1.dtype, [STAGES] + wd1.block_type.shape, wd1.layout)
+            ready = _barrier_array(STAGES, 1)  # the weights' expect + their TMA bytes
+            empty = _barrier_array(STAGES, 2)
+            a_ready = _barrier_array(A_STAGES, 4 * 32)  # one cp.async arrival per producer thread
+            a_empty = _barrier_array(A_STAGES, 2)
+        else:
+            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(dt, w_desc, wd1, BLOCK_K, STAGES)
+            a_ready = ready
+            a_empty = empty
+        if SPLIT:
+            b2_bufs = gl.allocate_shared_memory(w_desc2.dtype, [STAGES] + w_desc2.block_type.shape, w_desc2.layout)
+        else:
+            b2_bufs = b1_bufs
         W1: gl.constexpr = R0 if R0 > 0 else BLOCK_N
         W2: gl.constexpr = R1 if R1 > 0 else 16
         M: gl.constexpr = 2 * a_bufs.type.shape[1]
-        dt: gl.constexpr = DO.dtype.element_ty
         g0_smem = gl.allocate_shared_memory(dt, [M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([M, BLOCK_N], dt))
         g1_smem = gl.allocate_shared_memory(dt, [M, W1], gl.NVMMASharedLayout.get_default_for([M, W1], dt))
         g2_smem = gl.allocate_shared_memory(dt, [M, W2], gl.NVMMASharedLayout.get_default_for([M, W2], dt))
         g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
         gl.warp_specialize([
-            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
-                              g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
-            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
-                               g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
-            (_gather_producer, (w_desc, wd1, w_desc2, w_desc, w_desc, w_desc, DO, a_bufs,
-                                b0_bufs, b1_bufs, ready, empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
-                                TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K, STAGES, W_KN, False, False, 0, 0,
-                                b2_bufs, SPLIT)),
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D,
+                              g0_smem, g1_smem, g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1,
+                              SPLIT, A_STAGES)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D,
+                               g0_smem, g1_smem, g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT,
+                               A_STAGES)),
+            (_dact_producer, (w_desc, wd1, w_desc2, DO, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty, ready,
+                              empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
+                              BLOCK_N, BLOCK_K, A_STAGES, STAGES, SPLIT)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1, PREFETCH, EPI_ROWS)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
@@ -1260,10 +1375,11 @@ DACT_EPI_ROWS = 16
 
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
               dact: torch.Tensor, hw: torch.Tensor, dwp: torch.Tensor, grouping, *, bs: int, block_n: int,
-              block_k: int, stages: int) -> None:
+              block_k: int, stages: int, a_stages: int = 0) -> None:
     """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
-    BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`)."""
+    BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`). ``a_stages`` > ``stages``: the A
+    tiles in a ring of their own of that depth."""
     r0, r1 = tail_pieces(bs - block_n) if DACT_TAIL_PIECES else (0, 0)
     w_desc = _desc(w_down, [block_k, block_n])
     split = DACT_SPLIT_BOXES and r1 > 0
@@ -1273,7 +1389,8 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, PREFETCH=DACT_EPI_PREFETCH,
-        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, num_warps=4, maxnreg=EPI_MAXNREG,
+        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, A_STAGES=a_stages if a_stages > stages else 0, num_warps=4,
+        maxnreg=EPI_MAXNREG,
     )
 
 
