@@ -416,14 +416,16 @@ def cases():
         wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])
         r0, r1 = g9.gate_up_pieces(BS_, c["block_n"])
         wp = [g9._desc(wgu_t, [r or r0, c["block_k"]]) for r in (r0, r1)]
-        for form in ("wide, merged pieces", "wide", "two products"):
-            mp = form == "wide, merged pieces"
+        for form, a_st in (("wide, merged pieces", 0), ("wide", 0), ("two products", 0),
+                           ("wide, merged pieces, 6 A slots", 6), ("two products, 6 A slots", 6)):
+            mp = form.startswith("wide, merged pieces")
             out.append((f"sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})", g9._gate_up_sm90_kernel,
                         dict(w_desc_g=wdesc, w_desc_u=wdesc, wp_g0=wp[0] if mp else wdesc,
                              wp_u0=wp[0] if mp else wdesc, wp_g1=wp[1] if mp else wdesc, wp_u1=wp[1] if mp else wdesc,
                              MP=mp, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32,
                              TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_,
-                             SAVE_ACT=True, BLOCK_K=c["block_k"], STAGES=c["stages"], WIDE=form != "two products",
+                             SAVE_ACT=True, BLOCK_K=c["block_k"], STAGES=3 if a_st else c["stages"], A_STAGES=a_st,
+                             WIDE=not form.startswith("two products"),
                              ROTATE=g9.GATE_UP_ROTATE, CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
                              **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))

@@ -284,20 +284,22 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
       (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "False;True" "bwd_$r" --ratio "$r")
     done ;;
   sparse-38c|sparse-dact39)  # issue 6: dact's second part padded to one 128-column product instead of its 64 + 32
-    # pieces (sparse-38c: DACT_TAIL_PIECES), or the pieces in weight boxes of their own (sparse-dact39, written in
-    # session 38 after its last GPU call: DACT_SPLIT_BOXES, and A in a ring of 4 slots of its own: DACT_CONFIG's
-    # a_stages): the dact GPU tests, then backward A/Bs at 0.3 / 0.5
-    flag="DACT_TAIL_PIECES"; vals="True;False"
-    [ "$step" = sparse-dact39 ] && { flag="DACT_SPLIT_BOXES"; vals="False;True"; }
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
-      -k "test_dact_sm90_on_gpu" 2>&1 | tail -2
+    # pieces (sparse-38c: DACT_TAIL_PIECES); sparse-dact39 (written in session 38 after its last GPU call): dact's
+    # pieces in weight boxes of their own (DACT_SPLIT_BOXES), and the gathered A tiles in a deeper ring of their own
+    # in dact (DACT_CONFIG's a_stages 4) and gate/up (GATE_UP_CONFIG's a_stages 6 beside 3 weight slots). The GPU
+    # tests, then A/Bs of the backward (dact) and the forward (gate/up) at 0.3 / 0.5
+    flag="DACT_TAIL_PIECES"; vals="True;False"; tests="test_dact_sm90_on_gpu"
+    [ "$step" = sparse-dact39 ] && { flag="DACT_SPLIT_BOXES"; vals="False;True"
+                                     tests="test_dact_sm90_on_gpu or test_gate_up_sm90_on_gpu"; }
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py -k "$tests" 2>&1 | tail -2
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     for r in 0.3 0.5; do
       (cd benchmarks && ab "sparse_ffn_sm90.$flag" "$vals" "bwd_$r" --ratio "$r")
-      # sparse-dact39: also the gathered A tiles in a deeper ring of their own (DACT_CONFIG's a_stages)
-      [ "$step" = sparse-dact39 ] && (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, \
-'block_k': 64, 'stages': 3, 'a_stages': 0};{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 4}" \
-        "a4_bwd_$r" --ratio "$r")
+      [ "$step" = sparse-dact39 ] || continue
+      (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 0};\
+{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 4}" "a4_bwd_$r" --ratio "$r")
+      (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 4, 'a_stages': 0};\
+{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 6}" "a6_fwd_$r" --fwd --ratio "$r")
     done ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes

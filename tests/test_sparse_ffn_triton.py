@@ -1075,7 +1075,7 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two; with
     the merged tiles, the pieces as one product each over their gate and up rows side by side
     (``GATE_UP_MERGED_PIECES``, session 38) or four narrow ones; the items in either program order
-    (``GATE_UP_ROTATE``) give the same bits."""
+    (``GATE_UP_ROTATE``) and A in a ring of its own (``a_stages``) give the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     monkeypatch.setattr(g9, "GATE_UP_WIDE", form != "two-products")
@@ -1092,10 +1092,15 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
-    # the programs' items in the other order (GATE_UP_ROTATE, session 38): each item is computed as before
-    monkeypatch.setattr(g9, "GATE_UP_ROTATE", not g9.GATE_UP_ROTATE)
-    other, other_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
-    assert torch.equal(other, got) and torch.equal(other_act, act) and len(calls) == 4
+    # the programs' items in the other order (GATE_UP_ROTATE, session 38), and the gathered A tiles in a ring of
+    # their own, deeper than the weights' (GATE_UP_CONFIG's a_stages): each item is computed as before
+    for name, value in (("GATE_UP_ROTATE", not g9.GATE_UP_ROTATE),
+                        ("GATE_UP_CONFIG", {**g9.GATE_UP_CONFIG, "stages": 3, "a_stages": 6})):
+        with monkeypatch.context() as m:
+            m.setattr(g9, name, value)
+            n0 = len(calls)
+            other, other_act, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, **kw)
+        assert len(calls) == n0 + 1 and torch.equal(other, got) and torch.equal(other_act, act), name
 
 
 @pytest.mark.gpu

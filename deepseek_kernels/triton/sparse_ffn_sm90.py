@@ -563,7 +563,10 @@ def short_k_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None,
 # tile): two per block row tile (224 = 128 + 96; the second tile's last 32 columns read the next block's weights
 # and are not stored).
 
-GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
+# a_stages > stages: the gathered A tiles in a ring of their own of that depth, the weight tiles in ``stages`` slots
+# (_split_ring_producer; 6 A slots beside 3 weight slots take the shared memory of 4 shared slots). Written after
+# session 38's last GPU call, so 0 (off) until GPU-tested.
+GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4, a_stages=0)
 PRODUCER_REGS = 56  # the cp.async producer's address tensors; (2 x 224 + 56) x 128 <= 64K registers
 GATHER_CONSUMER_REGS = 224
 
@@ -602,6 +605,41 @@ if HAVE_GLUON:
             return b0_bufs.index(slot), b1_bufs.index(slot)
 
     @gluon.jit
+    def _w_loads(bar, slot, k0, f0, pieces, w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, b0_bufs, b1_bufs, b2_bufs,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, W_KN: gl.constexpr, KN_SPLIT: gl.constexpr,
+                 MERGE_B: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr):
+        """One K step's weight tiles into ring slot ``slot`` by TMA, their bytes expected on ``bar`` (the forms
+        of :func:`_gather_producer`): dact (W_KN) the block's [k0 +: BLOCK_K] rows of w_down at columns f0 and
+        f0 + BLOCK_N (KN_SPLIT: the second part as its two pieces' boxes, ``w_desc1`` and ``wp_g0``); gate/up the
+        [f0 +: BLOCK_N, k0 +: BLOCK_K] tiles of w_gate / w_up, or where ``pieces`` (a block's last column tile,
+        PR0 > 0) its pieces side by side in the merged tile."""
+        w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
+        if W_KN and KN_SPLIT:
+            mbarrier.expect(bar, w_bytes + wp_g0.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
+            tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
+            tma.async_copy_global_to_shared(wp_g0, [k0, f0 + BLOCK_N + w_desc1.block_type.shape[1]], bar,
+                                            b2_bufs.index(slot))
+        elif W_KN:
+            mbarrier.expect(bar, w_bytes)
+            tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
+            tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
+        elif PR0 > 0 and pieces:
+            p_bytes: gl.constexpr = 2 * (PR0 + PR1) * BLOCK_K * w_desc0.dtype.primitive_bitwidth // 8
+            mbarrier.expect(bar, p_bytes)
+            wt = b0_bufs.index(slot)
+            tma.async_copy_global_to_shared(wp_g0, [f0, k0], bar, wt.slice(0, PR0))
+            tma.async_copy_global_to_shared(wp_u0, [f0, k0], bar, wt.slice(PR0, PR0))
+            if PR1 > 0:
+                tma.async_copy_global_to_shared(wp_g1, [f0 + PR0, k0], bar, wt.slice(2 * PR0, PR1))
+                tma.async_copy_global_to_shared(wp_u1, [f0 + PR0, k0], bar, wt.slice(2 * PR0 + PR1, PR1))
+        else:
+            mbarrier.expect(bar, w_bytes)
+            w0, w1 = _w_tiles(b0_bufs, b1_bufs, slot, MERGE_B)
+            tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, w0)
+            tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, w1)
+
+    @gluon.jit
     def _gather_producer(w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, b0_bufs, b1_bufs, ready, empty,
                          SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr,
@@ -629,9 +667,6 @@ if HAVE_GLUON:
         else:
             n_col = gl.cdiv(BS, BLOCK_N)
         total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        w_bytes: gl.constexpr = w_desc0.block_type.nbytes + w_desc1.block_type.nbytes
-        kn_bytes: gl.constexpr = w_bytes + wp_g0.block_type.nbytes  # (KN_SPLIT)
-        p_bytes: gl.constexpr = 2 * (PR0 + PR1) * BLOCK_K * w_desc0.dtype.primitive_bitwidth // 8
         cols = gl.arange(0, BLOCK_K, layout=col_l)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -651,29 +686,8 @@ if HAVE_GLUON:
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(slot)
-                if W_KN and KN_SPLIT:
-                    mbarrier.expect(bar, kn_bytes)
-                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
-                    tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
-                    tma.async_copy_global_to_shared(wp_g0, [k0, f0 + BLOCK_N + w_desc1.block_type.shape[1]], bar,
-                                                    b2_bufs.index(slot))
-                elif W_KN:
-                    mbarrier.expect(bar, w_bytes)
-                    tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(slot))
-                    tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(slot))
-                elif PR0 > 0 and pieces:
-                    mbarrier.expect(bar, p_bytes)
-                    wt = b0_bufs.index(slot)
-                    tma.async_copy_global_to_shared(wp_g0, [f0, k0], bar, wt.slice(0, PR0))
-                    tma.async_copy_global_to_shared(wp_u0, [f0, k0], bar, wt.slice(PR0, PR0))
-                    if PR1 > 0:
-                        tma.async_copy_global_to_shared(wp_g1, [f0 + PR0, k0], bar, wt.slice(2 * PR0, PR1))
-                        tma.async_copy_global_to_shared(wp_u1, [f0 + PR0, k0], bar, wt.slice(2 * PR0 + PR1, PR1))
-                else:
-                    mbarrier.expect(bar, w_bytes)
-                    w0, w1 = _w_tiles(b0_bufs, b1_bufs, slot, MERGE_B)
-                    tma.async_copy_global_to_shared(w_desc0, [f0, k0], bar, w0)
-                    tma.async_copy_global_to_shared(w_desc1, [f0, k0], bar, w1)
+                _w_loads(bar, slot, k0, f0, pieces, w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, b0_bufs, b1_bufs,
+                         b2_bufs, BLOCK_N, BLOCK_K, W_KN, KN_SPLIT, MERGE_B, PR0, PR1)
                 kc = gl.expand_dims(k0 + cols, 0)
                 k_ok = kc < D
                 async_copy.async_copy_global_to_shared(a_bufs.index(2 * slot), x0 + kc, mask=m0 & k_ok)
@@ -699,18 +713,31 @@ if HAVE_GLUON:
             gl.store(act + BS, gl.convert_layout(acc_u.to(ACT.dtype.element_ty), out_layout), mask=mask)
 
     @gluon.jit
-    def _gather_step(a_bufs, ready, it, WG: gl.constexpr, STAGES: gl.constexpr):
-        """A gathered-A consumer's K step ``it``: wait for its ring slot, order the producer's cp.async writes
-        before the async proxy's reads; returns (slot, this warpgroup's A tile)."""
+    def _gather_step(a_bufs, ready, a_ready, it, WG: gl.constexpr, STAGES: gl.constexpr, A_STAGES: gl.constexpr = 0):
+        """A gathered-A consumer's K step ``it``: wait for its ring slot (and, A_STAGES > 0, its slot of A's own
+        ring: :func:`_split_ring_producer`), order the producer's cp.async writes before the async proxy's reads;
+        returns (the weights' slot, this warpgroup's A tile)."""
         slot = it % STAGES
         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-        fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-        return slot, a_bufs.index(2 * slot + WG)
+        if A_STAGES > 0:
+            sa = it % A_STAGES
+            mbarrier.wait(a_ready.index(sa), (it // A_STAGES) & 1)
+        else:
+            sa = slot
+        fence_async_shared()  # cp.async wrote A through the generic proxy: order it before wgmma's reads
+        return slot, a_bufs.index(2 * sa + WG)
 
     @gluon.jit
-    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
-                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                             MERGED: gl.constexpr = False):
+    def _gather_release(empty, a_empty, it, STAGES: gl.constexpr, A_STAGES: gl.constexpr = 0):
+        """Step ``it``'s ring slot handed back (and its slot of A's own ring where A_STAGES > 0)."""
+        _release(empty.index(it % STAGES))
+        if A_STAGES > 0:
+            _release(a_empty.index(it % A_STAGES))
+
+    @gluon.jit
+    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, it, D, g0, u0, g1, u1,
+                             WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                             MERGED: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
         producer loads all the same, meet no product), gate and up products per piece as async wgmma, one step's
@@ -718,7 +745,7 @@ if HAVE_GLUON:
         R0: gl.constexpr = g0.type.shape[1]
         R1: gl.constexpr = g1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
+            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
             bg, bu = _w_tiles(bg_bufs, bu_bufs, slot, MERGED)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
@@ -729,18 +756,19 @@ if HAVE_GLUON:
             else:
                 g0, u0 = warpgroup_mma_wait(2, deps=(g0, u0))
             if k0 > 0:
-                _release(empty.index((it - 1) % STAGES))
+                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
             it += 1
         if TWO:
             g0, u0, g1, u1 = warpgroup_mma_wait(0, deps=(g0, u0, g1, u1))
         else:
             g0, u0 = warpgroup_mma_wait(0, deps=(g0, u0))
-        _release(empty.index((it - 1) % STAGES))
+        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
         return g0, u0, g1, u1, it
 
     @gluon.jit
-    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, it, D, acc0, acc1, WG: gl.constexpr,
-                                    TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, a_ready, a_empty, it, D, acc0, acc1,
+                                    WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                                    A_STAGES: gl.constexpr = 0):
         """:func:`_gate_up_pieces_loop` over the merged tile that holds each piece's gate and up rows side by side
         (:func:`_gather_producer`'s PR0 > 0): one product per piece, acc0 [64, 2 R0] = (gate | up) of the first
         R0 neurons, acc1 [64, 2 R1] of the next R1 (TWO), rather than four; each product reads the warpgroup's A
@@ -749,7 +777,7 @@ if HAVE_GLUON:
         N0: gl.constexpr = acc0.type.shape[1]
         N1: gl.constexpr = acc1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
+            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
             wt = b_bufs.index(slot)
             acc0 = warpgroup_mma(a, wt.slice(0, N0).permute((1, 0)), acc0, is_async=True)
             if TWO:
@@ -758,21 +786,21 @@ if HAVE_GLUON:
             else:
                 acc0 = warpgroup_mma_wait(1, deps=(acc0,))
             if k0 > 0:
-                _release(empty.index((it - 1) % STAGES))
+                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
             it += 1
         if TWO:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
         else:
             acc0 = warpgroup_mma_wait(0, deps=(acc0,))
-        _release(empty.index((it - 1) % STAGES))
+        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
         return acc0, acc1, it
 
     @gluon.jit
-    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
+    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+                          OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
                           R1: gl.constexpr, WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False,
-                          MP: gl.constexpr = False):
+                          MP: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
@@ -808,8 +836,8 @@ if HAVE_GLUON:
                                                                  instr_shape=[16, 2 * R1P, 16])
                     acc0 = gl.zeros([HALF_M, 2 * R0], gl.float32, m0)
                     acc1 = gl.zeros([HALF_M, 2 * R1P], gl.float32, m1)
-                    acc0, acc1, it = _gate_up_merged_pieces_loop(a_bufs, bg_bufs, ready, empty, it, D, acc0, acc1,
-                                                                 WG, TWO, BLOCK_K, STAGES)
+                    acc0, acc1, it = _gate_up_merged_pieces_loop(a_bufs, bg_bufs, ready, empty, a_ready, a_empty, it,
+                                                                 D, acc0, acc1, WG, TWO, BLOCK_K, STAGES, A_STAGES)
                     g0, u0 = _halves(acc0)
                     g1, u1 = _halves(acc1)
                 else:
@@ -817,8 +845,9 @@ if HAVE_GLUON:
                     u0 = gl.zeros([HALF_M, R0], gl.float32, l0)
                     g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                     u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
-                    g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0,
-                                                              g1, u1, WG, TWO, BLOCK_K, STAGES, WIDE)
+                    g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty,
+                                                              it, D, g0, u0, g1, u1, WG, TWO, BLOCK_K, STAGES, WIDE,
+                                                              A_STAGES)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
@@ -830,74 +859,108 @@ if HAVE_GLUON:
                                                                           instr_shape=[16, 2 * BLOCK_N, 16])
                     acc = gl.zeros([HALF_M, 2 * BLOCK_N], gl.float32, wide_layout)
                     for k0 in range(0, D, BLOCK_K):
-                        slot = it % STAGES
-                        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                        fence_async_shared()  # (see the two-product loop below)
-                        acc = warpgroup_mma(a_bufs.index(2 * slot + WG), bg_bufs.index(slot).permute((1, 0)), acc,
-                                            is_async=True)
+                        slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+                        acc = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc, is_async=True)
                         acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
                         if k0 > 0:
-                            _release(empty.index((it - 1) % STAGES))
+                            _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
                         it += 1
                     acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _release(empty.index((it - 1) % STAGES))
+                    _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
                     acc_g, acc_u = _halves(acc)  # columns [0, BLOCK_N): gate, [BLOCK_N, 2 BLOCK_N): up
                 else:
                     acc_g = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
                     acc_u = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
                     for k0 in range(0, D, BLOCK_K):
-                        slot = it % STAGES
-                        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                        # cp.async writes through the generic proxy, wgmma reads through the async one: order them
-                        # (as Triton's own pipeliner does between its cp.async waits and wgmma)
-                        fence_async_shared()
-                        a = a_bufs.index(2 * slot + WG)
+                        # (_gather_step: cp.async writes through the generic proxy, wgmma reads through the async
+                        # one, so a fence orders them, as Triton's own pipeliner does between cp.async waits and wgmma)
+                        slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
                         acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
                         acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
                         acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
                         if k0 > 0:
-                            _release(empty.index((it - 1) % STAGES))
+                            _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
                         it += 1
                     acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
-                    _release(empty.index((it - 1) % STAGES))
+                    _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
                 _gate_up_store(acc_g, acc_u, H, ACT, rows, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, BS, SAVE_ACT,
                                out_layout)
 
     @gluon.jit
-    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                           TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+                           OFFSETS, TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
                            BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                           WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr):
+                           WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr, A_STAGES: gl.constexpr):
         WG1: gl.constexpr = 1
-        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)
+        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+                          OFFSETS, TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
+                          MP, A_STAGES)
+
+    @gluon.jit
+    def _gate_up_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
+                          a_ready, a_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
+                          ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr, A_STAGES: gl.constexpr):
+        """gate/up's producer partition: :func:`_split_ring_producer` where A has a ring of its own (A_STAGES >
+        0), else :func:`_gather_producer` over the shared ring."""
+        W_KN: gl.constexpr = False
+        if A_STAGES > 0:
+            _split_ring_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, bu_bufs,
+                                 a_ready, a_empty, ready, empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+                                 TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, W_KN, False, WIDE,
+                                 ROTATE, PR0, PR1)
+        else:
+            _gather_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
+                             SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N,
+                             BLOCK_K, STAGES, W_KN, WIDE, ROTATE, PR0, PR1)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, H, ACT, SORTED_TOK, TILE_BLOCK,
                              TILE_START, OFFSETS, TILE_COUNT, D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
                              BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                              PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
-                             WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False, MP: gl.constexpr = False):
+                             WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False, MP: gl.constexpr = False,
+                             A_STAGES: gl.constexpr = 0):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent.
         ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product. ``ROTATE``: the work
         items in :func:`_work_rotated`'s order. ``MP`` (WIDE and R0 > 0): the last column tile's pieces merged,
-        loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K])."""
+        loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K]).
+        ``A_STAGES`` > 0 (more than STAGES): the gathered A tiles in a ring of their own of that depth, the weights
+        in STAGES slots (:func:`_split_ring_producer`)."""
         WG0: gl.constexpr = 0
-        W_KN: gl.constexpr = False
         PR0: gl.constexpr = R0 if MP else 0
         PR1: gl.constexpr = R1 if MP else 0
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
-        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
-                                                              WIDE)
+        dt: gl.constexpr = X.dtype.element_ty
+        if A_STAGES > 0:
+            a_bufs = gl.allocate_shared_memory(dt, [2 * A_STAGES, 64, BLOCK_K],
+                                               gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], dt))
+            if WIDE:
+                bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES, 2 * BLOCK_N, BLOCK_K], w_desc_g.layout)
+                bu_bufs = bg_bufs
+            else:
+                bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES] + w_desc_g.block_type.shape,
+                                                    w_desc_g.layout)
+                bu_bufs = gl.allocate_shared_memory(w_desc_u.dtype, [STAGES] + w_desc_u.block_type.shape,
+                                                    w_desc_u.layout)
+            ready = _barrier_array(STAGES, 1)  # the weights' expect + their TMA bytes
+            empty = _barrier_array(STAGES, 2)
+            a_ready = _barrier_array(A_STAGES, 4 * 32)  # one cp.async arrival per producer thread
+            a_empty = _barrier_array(A_STAGES, 2)
+        else:
+            a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(dt, w_desc_g, w_desc_u, BLOCK_K, STAGES, WIDE)
+            a_ready = ready
+            a_empty = empty
         gl.warp_specialize([
-            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
-                                 MP)),
-            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
-                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)),
-            (_gather_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
-                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
-                                BLOCK_N, BLOCK_K, STAGES, W_KN, WIDE, ROTATE, PR0, PR1)),
+            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK,
+                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0,
+                                 R1, WIDE, ROTATE, MP, A_STAGES)),
+            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK,
+                                  TILE_START, OFFSETS, TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1,
+                                  WIDE, ROTATE, MP, A_STAGES)),
+            (_gate_up_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
+                                 empty, a_ready, a_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D,
+                                 BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, WIDE, ROTATE, PR0, PR1, A_STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -951,9 +1014,10 @@ GATE_UP_MERGED_PIECES = True
 
 
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
-                 grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
+                 grouping, *, bs: int, block_n: int, block_k: int, stages: int, a_stages: int = 0) -> None:
     """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
-    (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
+    (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows); ``a_stages`` >
+    ``stages``: the A tiles in a ring of their own of that depth."""
     w_block = [block_n, block_k]
     r0, r1 = gate_up_pieces(bs, block_n)
     wg, wu = _desc(w_gate, w_block), _desc(w_up, w_block)
@@ -964,8 +1028,8 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         wg, wu, *wp, x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp, num_warps=4,
-        maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp,
+        A_STAGES=a_stages if a_stages > stages else 0, num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -997,32 +1061,33 @@ if HAVE_GLUON:
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
-    def _dact_split_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty,
-                             b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS,
-                             stride_xt, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_STAGES: gl.constexpr,
-                             STAGES: gl.constexpr, SPLIT: gl.constexpr):
-        """dact's producer with the gathered A tiles and the weight tiles in rings of their own (A_STAGES and
-        STAGES slots, A_STAGES > STAGES): this program's K steps in one sequence, step i's A rows issued by cp.async
-        as soon as A slot i % A_STAGES is free, its weight tiles (TMA, read from L2) A_STAGES - STAGES steps later,
-        so the gathered rows, whose loads wait longest, get the deeper lookahead. Each thread arrives on the A
-        slot's ready barrier when its copies land; the weights' barrier takes the expect."""
+    def _split_ring_producer(w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, b0_bufs, b1_bufs, b2_bufs,
+                             a_ready, a_empty, b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
+                             TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                             A_STAGES: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr, KN_SPLIT: gl.constexpr,
+                             MERGE_B: gl.constexpr, ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr):
+        """:func:`_gather_producer`'s work (the same items, tiles and forms) with the gathered A tiles and the
+        weight tiles in rings of their own (A_STAGES and STAGES slots, A_STAGES > STAGES): this program's K steps
+        as one sequence, step i's A rows issued by cp.async as soon as A slot i % A_STAGES is free, its weight
+        tiles (TMA, read from L2: :func:`_w_loads`) A_STAGES - STAGES steps later, so the gathered rows, whose
+        loads wait longest, get the deeper lookahead. Each thread arrives on the A slot's ready barrier when its
+        copies land; the weights' barrier takes the expect."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
         cols = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ld_layout)), 0)
         LAG: gl.constexpr = A_STAGES - STAGES
-        if SPLIT:
-            w_bytes: gl.constexpr = (w_desc0.block_type.nbytes + w_desc1.block_type.nbytes +
-                                     w_desc2.block_type.nbytes)
+        if W_KN:
+            n_col = 1
         else:
-            w_bytes: gl.constexpr = 2 * w_desc0.block_type.nbytes
+            n_col = gl.cdiv(BS, BLOCK_N)
         pid = gl.program_id(0)
         G = gl.num_programs(0)
         ksteps = gl.cdiv(D, BLOCK_K)
-        total = gl.load(TILE_COUNT).to(gl.int32)
+        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
         steps = gl.cdiv(gl.maximum(total - pid, 0), G) * ksteps
         r_loc = gl.arange(0, HALF_M, layout=row_l)
-        x0 = X + gl.expand_dims(r_loc.to(gl.int64) * 0, 1)  # (each tile's rows are set at its first step)
+        x0 = X + gl.expand_dims(r_loc.to(gl.int64) * 0, 1)  # (each item's rows are set at its first step)
         x1 = x0
         m0 = gl.expand_dims(r_loc < 0, 1)
         m1 = m0
@@ -1031,7 +1096,7 @@ if HAVE_GLUON:
                 item = i // ksteps
                 kk = i - item * ksteps
                 if kk == 0:
-                    b, start, _ = _work(pid + item * G, 1, TILE_BLOCK, TILE_START)
+                    b, start, _ = _work_rotated(pid + item * G, n_col, TILE_BLOCK, TILE_START, ROTATE)
                     hi = gl.load(OFFSETS + b + 1)
                     r0 = start + r_loc
                     ok0 = r0 < hi
@@ -1051,31 +1116,27 @@ if HAVE_GLUON:
             j = i - LAG
             if j >= 0:
                 item_j = j // ksteps
-                k0 = (j - item_j * ksteps) * BLOCK_K
-                f0 = gl.load(TILE_BLOCK + pid + item_j * G) * BS
+                b_j, _, pid_n = _work_rotated(pid + item_j * G, n_col, TILE_BLOCK, TILE_START, ROTATE)
                 sb = j % STAGES
                 mbarrier.wait(b_empty.index(sb), ((j // STAGES) & 1) ^ 1)
-                bar = b_ready.index(sb)
-                mbarrier.expect(bar, w_bytes)
-                tma.async_copy_global_to_shared(w_desc0, [k0, f0], bar, b0_bufs.index(sb))
-                tma.async_copy_global_to_shared(w_desc1, [k0, f0 + BLOCK_N], bar, b1_bufs.index(sb))
-                if SPLIT:
-                    tma.async_copy_global_to_shared(w_desc2, [k0, f0 + BLOCK_N + w_desc1.block_type.shape[1]], bar,
-                                                    b2_bufs.index(sb))
+                _w_loads(b_ready.index(sb), sb, (j - item_j * ksteps) * BLOCK_K, b_j * BS + pid_n * BLOCK_N,
+                         pid_n == n_col - 1, w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, b0_bufs, b1_bufs, b2_bufs,
+                         BLOCK_N, BLOCK_K, W_KN, KN_SPLIT, MERGE_B, PR0, PR1)
 
     @gluon.jit
     def _dact_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty, b_ready,
                        b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_STAGES: gl.constexpr, STAGES: gl.constexpr,
                        SPLIT: gl.constexpr):
-        """dact's producer partition: :func:`_dact_split_producer` where A has a ring of its own (A_STAGES > 0),
+        """dact's producer partition: :func:`_split_ring_producer` where A has a ring of its own (A_STAGES > 0),
         else :func:`_gather_producer` over the shared ring (``b_ready / b_empty``)."""
+        W_KN: gl.constexpr = True
         if A_STAGES > 0:
-            _dact_split_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty,
-                                 b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS,
-                                 stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, SPLIT)
+            _split_ring_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs,
+                                 b2_bufs, a_ready, a_empty, b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START,
+                                 OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, W_KN,
+                                 SPLIT, False, False, 0, 0)
         else:
-            W_KN: gl.constexpr = True
             _gather_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs, b_ready,
                              b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
                              BLOCK_N, BLOCK_K, STAGES, W_KN, False, False, 0, 0, b2_bufs, SPLIT)
@@ -1091,15 +1152,7 @@ if HAVE_GLUON:
         slices of one BLOCK_N-wide tile. ``A_STAGES`` > 0: A in a ring of its own (:func:`_dact_split_producer`),
         ``ready / empty`` the weights' ring only. Returns (acc0, acc1, acc2, it)."""
         for k0 in range(0, D, BLOCK_K):
-            slot = it % STAGES
-            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            if A_STAGES > 0:
-                sa = it % A_STAGES
-                mbarrier.wait(a_ready.index(sa), (it // A_STAGES) & 1)
-            else:
-                sa = slot
-            fence_async_shared()  # cp.async wrote A through the generic proxy (see _gate_up_consumer)
-            a = a_bufs.index(2 * sa + WG)
+            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
             acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
             if R0 == 0:
                 acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
@@ -1116,17 +1169,13 @@ if HAVE_GLUON:
                 acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
                 acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
             if k0 > 0:
-                _release(empty.index((it - 1) % STAGES))
-                if A_STAGES > 0:
-                    _release(a_empty.index((it - 1) % A_STAGES))
+                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
             it += 1
         if R1 == 0:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
         else:
             acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
-        _release(empty.index((it - 1) % STAGES))
-        if A_STAGES > 0:
-            _release(a_empty.index((it - 1) % A_STAGES))
+        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
         return acc0, acc1, acc2, it
 
     @gluon.jit
