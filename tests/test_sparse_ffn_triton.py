@@ -1180,6 +1180,18 @@ def test_a_resident_settings():
                                                  c["o_bufs"]) + 1024 <= g9.SMEM_LIMIT
 
 
+def test_split_rings_settings():
+    """A in a ring of its own (``a_stages``, dact / gate/up): off unless deeper than the weights' ring, and then a
+    weights' ring of at least 2 slots (one would deadlock the producer), else a clear error; the defaults are off."""
+    from deepseek_kernels.triton import sparse_ffn_sm90 as g9
+
+    assert g9.check_split_rings(3, 0, "dact_sm90") == 0 and g9.check_split_rings(3, 3, "dact_sm90") == 0
+    assert g9.check_split_rings(3, 4, "dact_sm90") == 4 and g9.check_split_rings(2, 6, "gate_up_sm90") == 6
+    with pytest.raises(ValueError, match="gate_up_sm90: a_stages=4 .* needs stages >= 2, got 1"):
+        g9.check_split_rings(1, 4, "gate_up_sm90")
+    assert g9.DACT_CONFIG["a_stages"] == 0 and g9.GATE_UP_CONFIG["a_stages"] == 0
+
+
 def test_dw_pieces_ring_fits():
     """The dW pieces kernel's ring depth fits shared memory: dW gate/up at 224-neuron blocks could keep 5 slots
     (229472 B compiled), dW down's 5 would not (233568 B: more scratch for its store), wider blocks get fewer; the

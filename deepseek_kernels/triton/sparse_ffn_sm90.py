@@ -964,6 +964,16 @@ if HAVE_GLUON:
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def check_split_rings(stages: int, a_stages: int, name: str) -> int:
+    """The A_STAGES a launcher passes for ``a_stages`` (0: one shared ring): A in a ring of its own needs it deeper
+    than the weights' ring, which needs at least 2 slots (see :func:`_split_ring_producer`)."""
+    if a_stages <= stages:
+        return 0
+    if stages < 2:
+        raise ValueError(f"{name}: a_stages={a_stages} (A in a ring of its own) needs stages >= 2, got {stages}")
+    return a_stages
+
+
 def gate_up_layout_ok(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bs: int) -> bool:
     """The gathered gate/up kernel's layout needs: x, w_gate and w_up with unit stride along D and 16-byte aligned
     rows and bases (16-byte cp.async copies, TMA weight tiles), the same weight strides, blocks of a multiple of 8
@@ -1029,7 +1039,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp,
-        A_STAGES=a_stages if a_stages > stages else 0, num_warps=4, maxnreg=MAXNREG,
+        A_STAGES=check_split_rings(stages, a_stages, "gate_up_sm90"), num_warps=4, maxnreg=MAXNREG,
     )
 
 
@@ -1071,7 +1081,9 @@ if HAVE_GLUON:
         as one sequence, step i's A rows issued by cp.async as soon as A slot i % A_STAGES is free, its weight
         tiles (TMA, read from L2: :func:`_w_loads`) A_STAGES - STAGES steps later, so the gathered rows, whose
         loads wait longest, get the deeper lookahead. Each thread arrives on the A slot's ready barrier when its
-        copies land; the weights' barrier takes the expect."""
+        copies land; the weights' barrier takes the expect. STAGES >= 2: the consumers hand a step's slots back
+        after the next step's products are issued, so with one weight slot the producer would wait on A for a
+        step whose weights it has not issued yet (:func:`check_split_rings`)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
@@ -1438,7 +1450,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, PREFETCH=DACT_EPI_PREFETCH,
-        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, A_STAGES=a_stages if a_stages > stages else 0, num_warps=4,
+        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, A_STAGES=check_split_rings(stages, a_stages, "dact_sm90"), num_warps=4,
         maxnreg=EPI_MAXNREG,
     )
 
