@@ -92,6 +92,29 @@ if HAVE_GLUON:
         return gl.load(TILE_BLOCK + pid_m), gl.load(TILE_START + pid_m), pid_n
 
     @gluon.jit
+    def _short_k_w_load(w_desc, w2_desc, bar, dst, f0, s, ks, n0, BLOCK_K: gl.constexpr, W_NK: gl.constexpr):
+        """K step ``s``'s weight tile of a short-K GEMM into ``dst`` (TMA, on ``bar``): w [D, F] as an [n, k] tile
+        (W_NK, down), else w [F, D] as a [k, n] tile, steps >= ks from w2 (dx: w_up after w_gate); f0 the block's
+        first neuron, n0 the first output column."""
+        if W_NK:
+            tma.async_copy_global_to_shared(w_desc, [n0, f0 + s * BLOCK_K], bar, dst)
+        elif s < ks:
+            tma.async_copy_global_to_shared(w_desc, [f0 + s * BLOCK_K, n0], bar, dst)
+        else:
+            tma.async_copy_global_to_shared(w2_desc, [f0 + (s - ks) * BLOCK_K, n0], bar, dst)
+
+    @gluon.jit
+    def _short_k_w_slot(ready, w_bufs, it, STAGES: gl.constexpr, W_NK: gl.constexpr):
+        """A short-K consumer's K step ``it``: wait for its weight slot; returns (slot, the tile as the product's
+        [k, n] operand: an [n, k] tile permuted where W_NK)."""
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        if W_NK:
+            return slot, w_bufs.index(slot).permute((1, 0))
+        else:
+            return slot, w_bufs.index(slot)
+
+    @gluon.jit
     def _producer(a_desc, w_desc, w2_desc, a_bufs, b_bufs, ready, empty, TILE_BLOCK, TILE_START, TILE_COUNT, D, BS,
                   W_NK: gl.constexpr, DUAL: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                   STAGES: gl.constexpr):
@@ -115,13 +138,7 @@ if HAVE_GLUON:
                 mbarrier.expect(bar, nbytes)
                 tma.async_copy_global_to_shared(a_desc, [start, s * BLOCK_K], bar, a_bufs.index(2 * slot))
                 tma.async_copy_global_to_shared(a_desc, [start + HALF_M, s * BLOCK_K], bar, a_bufs.index(2 * slot + 1))
-                if W_NK:  # w [D, F]: an [n, k] tile
-                    tma.async_copy_global_to_shared(w_desc, [n0, b * BS + s * BLOCK_K], bar, b_bufs.index(slot))
-                elif s < ks:  # w [F, D]: a [k, n] tile
-                    tma.async_copy_global_to_shared(w_desc, [b * BS + s * BLOCK_K, n0], bar, b_bufs.index(slot))
-                else:
-                    tma.async_copy_global_to_shared(w2_desc, [b * BS + (s - ks) * BLOCK_K, n0], bar,
-                                                    b_bufs.index(slot))
+                _short_k_w_load(w_desc, w2_desc, bar, b_bufs.index(slot), b * BS, s, ks, n0, BLOCK_K, W_NK)
                 it += 1
 
     @gluon.jit
@@ -161,12 +178,7 @@ if HAVE_GLUON:
             hi = gl.load(OFFSETS + b + 1)  # (loaded here, in flight during the products)
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             for s in range(n_steps):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                if W_NK:
-                    w_tile = b_bufs.index(slot).permute((1, 0))
-                else:
-                    w_tile = b_bufs.index(slot)
+                slot, w_tile = _short_k_w_slot(ready, b_bufs, it, STAGES, W_NK)
                 acc = warpgroup_mma(a_bufs.index(2 * slot + WG), w_tile, acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
                 if s > 0:
@@ -358,13 +370,7 @@ if HAVE_GLUON:
                     mbarrier.wait(w_empty.index(slot), ((it // STAGES) & 1) ^ 1)
                     bar = w_ready.index(slot)
                     mbarrier.expect(bar, w_desc.block_type.nbytes)
-                    if W_NK:  # w [D, F]: an [n, k] tile
-                        tma.async_copy_global_to_shared(w_desc, [n0, b * BS + s * BLOCK_K], bar, w_bufs.index(slot))
-                    elif s < ks:  # w [F, D]: a [k, n] tile
-                        tma.async_copy_global_to_shared(w_desc, [b * BS + s * BLOCK_K, n0], bar, w_bufs.index(slot))
-                    else:
-                        tma.async_copy_global_to_shared(w2_desc, [b * BS + (s - ks) * BLOCK_K, n0], bar,
-                                                        w_bufs.index(slot))
+                    _short_k_w_load(w_desc, w2_desc, bar, w_bufs.index(slot), b * BS, s, ks, n0, BLOCK_K, W_NK)
                     it += 1
                 first = False
             nu += 1
@@ -416,12 +422,7 @@ if HAVE_GLUON:
                 for s in range(KS):
                     if first:
                         mbarrier.wait(a_ready.index(s), nu & 1)
-                    slot = it % STAGES
-                    mbarrier.wait(w_ready.index(slot), (it // STAGES) & 1)
-                    if W_NK:
-                        w_tile = w_bufs.index(slot).permute((1, 0))
-                    else:
-                        w_tile = w_bufs.index(slot)
+                    slot, w_tile = _short_k_w_slot(w_ready, w_bufs, it, STAGES, W_NK)
                     acc0 = warpgroup_mma(a_bufs.index(2 * s), w_tile, acc0, is_async=True)
                     acc1 = warpgroup_mma(a_bufs.index(2 * s + 1), w_tile, acc1, is_async=True)
                     acc0, acc1 = warpgroup_mma_wait(2, deps=(acc0, acc1))  # the previous step's pair is done
