@@ -406,8 +406,7 @@ def cases():
                              OUT=bf16, TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_,
                              W_NK=w_nk, DUAL=not w_nk, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
                              STAGES=c["stages"], UNIT_COLS=c["unit_cols"], O_BUFS=c["o_bufs"],
-                             CONSUMER_REGS=g9.CONSUMER_REGS, PRODUCER_REGS=g9.AR_PRODUCER_REGS,
-                             SPLIT_TAIL=g9.AR_SPLIT_TAIL),
+                             CONSUMER_REGS=g9.CONSUMER_REGS, PRODUCER_REGS=g9.AR_PRODUCER_REGS),
                         dict(num_warps=4, maxnreg=g9.MAXNREG), "setmaxnreg", "wgmma.mma_async"))
     if g9.HAVE_GLUON:  # the gathered gate/up (gate_up.sm90, the sm_90 default since session 31), its whole tiles
         # as one wide product (GATE_UP_WIDE, session 36) or two

@@ -1019,9 +1019,8 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     at 4097 tokens through the defaults, at 300 (blocks of a few rows: row tiles mostly past their block's end)
     with 128-row tiles asked for. The two-half kernel (``sorted_rows_gemm_sm90``) and the A-resident one
     (``rows_gemm_ar_sm90``) give the same bits, the latter also at units of 7 column tiles (d_model 1024: 8 tiles
-    of 128, so a unit of one tile, where the second warpgroup has none) and with a 2-slot ring, each with the row
-    tiles past the last whole round split into smaller units (``AR_SPLIT_TAIL``; here with fewer row tiles than
-    programs, every row tile) or not; the former also at 128-wide tiles with a deeper ring (10 slots)."""
+    of 128, so a unit of one tile, where the second warpgroup has none) and with a 2-slot ring; the former also
+    at 128-wide tiles with a deeper ring (10 slots)."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "short_k_gemm_sm90")
     kw = dict(shared_blocks=0, n_blocks=64)
     cfg = {"block_m": 128, kernel: dict(block_k=32, tma=True, sm90=True)} if T < 4096 else {}
@@ -1049,13 +1048,10 @@ def test_sorted_rows_gemm_sm90_on_gpu(kernel, T, monkeypatch):
     assert not narrow.isnan().any() and rel(narrow, want) < 1e-2
     monkeypatch.setattr(g9, flag, True)  # the A-resident kernel
     base = dict(getattr(g9, ar_name))
-    for split in (True, False):  # the last round's row tiles split over all programs (AR_SPLIT_TAIL) or not
-        monkeypatch.setattr(g9, "AR_SPLIT_TAIL", split)
-        for change in ({}, {"unit_cols": 7}, {"stages": 2, "o_bufs": 1}):
-            monkeypatch.setattr(g9, ar_name, {**base, **change})
-            ar = run(cfg)
-            assert not ar.isnan().any() and torch.equal(ar, got), \
-                f"the A-resident kernel {change} (split tail {split}) changed the bits"
+    for change in ({}, {"unit_cols": 7}, {"stages": 2, "o_bufs": 1}):
+        monkeypatch.setattr(g9, ar_name, {**base, **change})
+        ar = run(cfg)
+        assert not ar.isnan().any() and torch.equal(ar, got), f"the A-resident kernel {change} changed the bits"
 
 
 # (tokens, block size, the tail pieces on): 224-neuron blocks' last column tile as 64 + 32 (gate/up; dact's second

@@ -291,69 +291,36 @@ AR_DOWN_CONFIG = dict(block_n=128, block_k=32, stages=8, o_bufs=1, unit_cols=16)
 AR_DX_CONFIG = dict(block_n=128, block_k=32, stages=5, o_bufs=1, unit_cols=16)
 A_RESIDENT_DOWN = True  # the down projection by the A-resident kernel (where A fits)
 A_RESIDENT_DX = False  # dx likewise (a tie: off)
-# The row tiles left after the programs' last whole round of units split into smaller units over all programs
-# (_ar_plan, session 38). H200, session 38 (forward A/Bs, same bits): 1.899 -> 1.896 ms at ratio 0.3, 3.091 ->
-# 3.120 at 0.5: no gain, so off (every row tile in units of unit_cols).
-AR_SPLIT_TAIL = False
 AR_PRODUCER_REGS = 40
 SMEM_LIMIT = 232448  # the H200's (sm_90) largest shared-memory allocation per block, bytes
 
 if HAVE_GLUON:
 
     @gluon.jit
-    def _ar_plan(TILE_COUNT, n_col, UNIT_COLS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
-        """The A-resident kernel's units: (NQ units of UNIT_COLS column tiles per row tile, the row tiles m0 done
-        in such units, the units S each of the other row tiles is split into, the unit count). ``SPLIT_TAIL``: the
-        row tiles past the programs' last whole round of units (m0 = the row tiles those rounds cover) each split
-        into S = G // (row tiles left) units of n_col / S column tiles, so the last round is spread over all G
-        programs rather than given whole to a few (2560 units of 16 on 132 programs: the kernel took 20 units'
-        time for 19.4 units of work on average); else every row tile in units of UNIT_COLS."""
-        NQ = gl.cdiv(n_col, UNIT_COLS)
-        rows = gl.load(TILE_COUNT).to(gl.int32)
-        if SPLIT_TAIL:
-            G = gl.num_programs(0)
-            m0 = rows * NQ // G * G // NQ
-            tail = rows - m0
-            s = gl.minimum(n_col, gl.maximum(G // gl.maximum(tail, 1), 1))
-            total = m0 * NQ + tail * s
-        else:
-            m0 = rows
-            s = 1
-            total = rows * NQ
-        return NQ, m0, s, total
-
-    @gluon.jit
-    def _ar_unit(u, NQ, m0, s, n_col, UNIT_COLS: gl.constexpr, TILE_BLOCK, TILE_START):
-        """(block, first sorted row, first and end column tile) of work unit ``u`` of :func:`_ar_plan`'s units."""
-        if u < m0 * NQ:
-            m = u // NQ
-            c_first = (u - m * NQ) * UNIT_COLS
-            c_end = gl.minimum(c_first + UNIT_COLS, n_col)
-        else:
-            v = u - m0 * NQ
-            j = v % s
-            m = m0 + v // s
-            c_first = j * n_col // s
-            c_end = (j + 1) * n_col // s
-        return gl.load(TILE_BLOCK + m), gl.load(TILE_START + m), c_first, c_end
+    def _ar_unit(u, NQ, UNIT_COLS: gl.constexpr, TILE_BLOCK, TILE_START):
+        """(block, first sorted row, first column tile) of work unit ``u`` (row tile u // NQ)."""
+        m = u // NQ
+        return gl.load(TILE_BLOCK + m), gl.load(TILE_START + m), (u - m * NQ) * UNIT_COLS
 
     @gluon.jit
     def _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
                      TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
-                     WG: gl.constexpr, LOAD_A: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+                     WG: gl.constexpr, LOAD_A: gl.constexpr):
         """One warp: the weight tiles of warpgroup WG's column tiles (c = first + WG, + 2, ...) of every unit into
         its ring; with LOAD_A (WG 0, which has a tile in every unit) also the unit's A chunks, chunk s just before
         the unit's first weight tile of step s, once both warpgroups released it."""
         KS: gl.constexpr = (2 * BS if DUAL else BS) // BLOCK_K
         ks: gl.constexpr = BS // BLOCK_K
         n_col = gl.cdiv(D, BLOCK_N)
-        NQ, m0, sp, total = _ar_plan(TILE_COUNT, n_col, UNIT_COLS, SPLIT_TAIL)
+        NQ = gl.cdiv(n_col, UNIT_COLS)
+        total = gl.load(TILE_COUNT).to(gl.int32) * NQ
         a_bytes: gl.constexpr = 2 * a_desc.block_type.nbytes
         it = 0
         nu = 0
         for u in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, c_first, c_end = _ar_unit(u, NQ, m0, sp, n_col, UNIT_COLS, TILE_BLOCK, TILE_START)
+            b, start, c_first = _ar_unit(u, NQ, UNIT_COLS, TILE_BLOCK, TILE_START)
+            c_end = gl.minimum(c_first + UNIT_COLS, n_col)
             first = True
             for c in range(c_first + WG, c_end, 2):
                 n0 = c * BLOCK_N
@@ -395,7 +362,7 @@ if HAVE_GLUON:
     def _ar_consumer(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
                      TILE_START, OFFSETS, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
-                     O_BUFS: gl.constexpr, WG: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+                     O_BUFS: gl.constexpr, WG: gl.constexpr):
         """One warpgroup: column tiles first + WG, + 2, ... of every unit, each a [128, BLOCK_N] tile as two 64-row
         accumulators (async wgmma, one step's pair in flight; a ring slot released once the pair that read it is
         done, A's chunk s after step s of the unit's last tile), then stored: a 64-row half whose rows all belong to
@@ -407,13 +374,15 @@ if HAVE_GLUON:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
         n_col = gl.cdiv(D, BLOCK_N)
-        NQ, m0, sp, total = _ar_plan(TILE_COUNT, n_col, UNIT_COLS, SPLIT_TAIL)
+        NQ = gl.cdiv(n_col, UNIT_COLS)
+        total = gl.load(TILE_COUNT).to(gl.int32) * NQ
         it = 0
         nu = 0
         n = 0
         for u in range(gl.program_id(0), total, gl.num_programs(0)):
-            b, start, c_first, c_end = _ar_unit(u, NQ, m0, sp, n_col, UNIT_COLS, TILE_BLOCK, TILE_START)
+            b, start, c_first = _ar_unit(u, NQ, UNIT_COLS, TILE_BLOCK, TILE_START)
             hi = gl.load(OFFSETS + b + 1)
+            c_end = gl.minimum(c_first + UNIT_COLS, n_col)
             for c in range(c_first + WG, c_end, 2):
                 first = c < c_first + 2
                 last = c + 2 >= c_end
@@ -448,32 +417,30 @@ if HAVE_GLUON:
     def _ar_consumer1(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
                       TILE_START, OFFSETS, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
-                      O_BUFS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+                      O_BUFS: gl.constexpr):
         """The second warpgroup (a worker partition), on its own ring."""
         WG1: gl.constexpr = 1
         _ar_consumer(a_bufs, w_bufs, o_bufs, a_ready, a_empty, w_ready, w_empty, out_desc, OUT, TILE_BLOCK,
                      TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, O_BUFS,
-                     WG1, SPLIT_TAIL)
+                     WG1)
 
     @gluon.jit
     def _ar_producer1(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
                       TILE_START, TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
-                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr,
-                      SPLIT_TAIL: gl.constexpr):
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, UNIT_COLS: gl.constexpr):
         """Warpgroup 1's weight tiles (a partition of its own: warpgroup 0's producer, which also loads A, is
         :func:`_ar_producer` itself)."""
         WG1: gl.constexpr = 1
         LOAD_A: gl.constexpr = False
         _ar_producer(a_desc, w_desc, w2_desc, a_bufs, w_bufs, a_ready, a_empty, w_ready, w_empty, TILE_BLOCK,
-                     TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, WG1, LOAD_A,
-                     SPLIT_TAIL)
+                     TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS, WG1, LOAD_A)
 
     @gluon.jit
     def _rows_gemm_ar_sm90_kernel(a_desc, w_desc, w2_desc, out_desc, OUT, TILE_BLOCK, TILE_START, OFFSETS,
                                   TILE_COUNT, D, BS: gl.constexpr, W_NK: gl.constexpr, DUAL: gl.constexpr,
                                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                                   UNIT_COLS: gl.constexpr, O_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                  PRODUCER_REGS: gl.constexpr, SPLIT_TAIL: gl.constexpr = False):
+                                  PRODUCER_REGS: gl.constexpr):
         """OUT[rows of block b, :D] as :func:`_sorted_rows_gemm_sm90_kernel` computes it (same products in the
         same order: the same bits), with the row tile's A operand resident per unit and the two consumer
         warpgroups on alternate column tiles (see the section's comment). a_desc boxes [64, BLOCK_K], w_desc
@@ -494,16 +461,16 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_ar_consumer, (a_bufs, w0_bufs, o_bufs, a_ready, a_empty, w0_ready, w0_empty, out_desc, OUT, TILE_BLOCK,
                             TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS,
-                            O_BUFS, WG0, SPLIT_TAIL)),
+                            O_BUFS, WG0)),
             (_ar_consumer1, (a_bufs, w1_bufs, o_bufs, a_ready, a_empty, w1_ready, w1_empty, out_desc, OUT,
                              TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
-                             UNIT_COLS, O_BUFS, SPLIT_TAIL)),
+                             UNIT_COLS, O_BUFS)),
             (_ar_producer, (a_desc, w_desc, w2_desc, a_bufs, w0_bufs, a_ready, a_empty, w0_ready, w0_empty,
                             TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES, UNIT_COLS,
-                            WG0, LOAD_A, SPLIT_TAIL)),
+                            WG0, LOAD_A)),
             (_ar_producer1, (a_desc, w_desc, w2_desc, a_bufs, w1_bufs, a_ready, a_empty, w1_ready, w1_empty,
                              TILE_BLOCK, TILE_START, TILE_COUNT, D, BS, W_NK, DUAL, BLOCK_N, BLOCK_K, STAGES,
-                             UNIT_COLS, SPLIT_TAIL)),
+                             UNIT_COLS)),
         ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
 
 
@@ -536,8 +503,7 @@ def rows_gemm_ar_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None,
         _desc(a, [64, block_k]), w_desc, w_desc if w2 is None else _desc(w2, w_block), _desc(out, [64, block_n]),
         out, grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, D, bs, W_NK=w_nk,
         DUAL=w2 is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, UNIT_COLS=unit_cols, O_BUFS=o_bufs,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=AR_PRODUCER_REGS, SPLIT_TAIL=AR_SPLIT_TAIL, num_warps=4,
-        maxnreg=MAXNREG,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=AR_PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
 
 
