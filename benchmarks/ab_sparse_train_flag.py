@@ -28,8 +28,18 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--fwd", action="store_true", help="time the forward instead of the backward")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="another switch held at VALUE (a Python literal) for both settings; repeatable")
     ap.add_argument("--out")
     args = ap.parse_args()
+    held = []
+    for item in args.set:
+        target, eq, literal = item.partition("=")
+        h_mod, _, h_name = target.strip().partition(".")
+        h = importlib.import_module(f"deepseek_kernels.triton.{h_mod}")
+        if not eq or not hasattr(h, h_name):
+            raise SystemExit(f"--set {item!r}: expected MODULE.NAME=VALUE with NAME a switch of that module")
+        held.append((h, h_name, ast.literal_eval(literal.strip())))
     mod_name, _, name = args.flag.partition(".")
     mod = importlib.import_module(f"deepseek_kernels.triton.{mod_name}")
     if not hasattr(mod, name):
@@ -53,6 +63,8 @@ def main():
             return tk.sparse_ffn_fwd(x, wg, wu, wd, idx, weights, shared_blocks=0, n_blocks=NB)[:2]
         return tk.sparse_ffn_bwd(dout, x, wg, wu, wd, idx, weights, act, shared_blocks=0, n_blocks=NB)
 
+    for h, h_name, v in held:
+        setattr(h, h_name, v)
     before = getattr(mod, name)
     times = {repr(v): [] for v in values}
     outs = {}
@@ -74,7 +86,7 @@ def main():
         print(f"{args.flag} = {v!r:8s} {'fwd' if args.fwd else 'bwd'} median {statistics.median(ts):.3f} ms "
               f"({', '.join(f'{t:.3f}' for t in ts)})", flush=True)
     print(f"same bits: {same}", flush=True)
-    save_json(args.out, dict(rows=rows, same_bits=same, ratio=args.ratio, tokens=T))
+    save_json(args.out, dict(rows=rows, same_bits=same, ratio=args.ratio, tokens=T, held=args.set))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-k32-39 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -290,9 +290,11 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     flag="DACT_TAIL_PIECES"; vals="True;False"; tests="test_dact_sm90_on_gpu"
     [ "$step" = sparse-dact39 ] && { flag="DACT_SPLIT_BOXES"; vals="False;True"
                                      tests="test_dact_sm90_on_gpu or test_gate_up_sm90_on_gpu"; }
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py -k "$tests" 2>&1 | tail -2
+    # SKIP_TESTS=1 leaves the tests out; RATIOS="0.3" runs the A/Bs at fewer ratios
+    [ -n "${SKIP_TESTS:-}" ] || timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
+      -k "$tests" 2>&1 | tail -2
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
-    for r in 0.3 0.5; do
+    for r in ${RATIOS:-0.3 0.5}; do
       (cd benchmarks && ab "sparse_ffn_sm90.$flag" "$vals" "bwd_$r" --ratio "$r")
       [ "$step" = sparse-dact39 ] || continue
       (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 0};\
@@ -300,6 +302,18 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
       (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 4, 'a_stages': 0};\
 {'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 6}" "a6_fwd_$r" --fwd --ratio "$r")
     done ;;
+  sparse-k32-39)  # issue 6 (session 39): dact in K steps of 32 with 7 ring slots (the default since): the dact, gate/up,
+    # forward and fwd+bwd GPU tests, the same-run A/B against session 38's 64 x 3 at 0.3 / 0.5, then the suite's
+    # training rows
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
+      -k "dact_sm90 or gate_up_sm90 or forward_backward" 2>&1 | tail -2
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    for r in 0.3 0.5; do
+      (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 0};\
+{'block_n': 128, 'block_k': 32, 'stages': 7, 'a_stages': 0}" "k32_bwd_$r" --ratio "$r")
+    done
+    timeout 200 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$OUT/suite" 2>&1 \
+      | grep -E "^fwd" | head -12 ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)

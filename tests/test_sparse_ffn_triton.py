@@ -1071,7 +1071,8 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     whole tiles as one product over the merged gate / up weight tiles (``GATE_UP_WIDE``, session 36) or two; with
     the merged tiles, the pieces as one product each over their gate and up rows side by side
     (``GATE_UP_MERGED_PIECES``, session 38) or four narrow ones; the items in either program order
-    (``GATE_UP_ROTATE``) and A in a ring of its own (``a_stages``) give the same bits."""
+    (``GATE_UP_ROTATE``) and K steps of 32 (the gathers' layout narrower: no thread copies another's elements)
+    give the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "gate_up_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     monkeypatch.setattr(g9, "GATE_UP_WIDE", form != "two-products")
@@ -1088,10 +1089,10 @@ def test_gate_up_sm90_on_gpu(T, bs, tail, form, monkeypatch):
     assert torch.equal(got, again)
     no_act, _, _ = tk.sparse_ffn_fwd(x, wg, wu, wd, idx, w, config=gluon, save_act=False, **kw)
     assert torch.equal(no_act, got) and len(calls) == 3
-    # the programs' items in the other order (GATE_UP_ROTATE, session 38), and the gathered A tiles in a ring of
-    # their own, deeper than the weights' (GATE_UP_CONFIG's a_stages): each item is computed as before
+    # the programs' items in the other order (GATE_UP_ROTATE, session 38), and K steps of 32 in 8 slots (the same
+    # products in the same order): each item is computed as before
     for name, value in (("GATE_UP_ROTATE", not g9.GATE_UP_ROTATE),
-                        ("GATE_UP_CONFIG", {**g9.GATE_UP_CONFIG, "stages": 3, "a_stages": 6})):
+                        ("GATE_UP_CONFIG", {**g9.GATE_UP_CONFIG, "block_k": 32, "stages": 8})):
         with monkeypatch.context() as m:
             m.setattr(g9, name, value)
             n0 = len(calls)
@@ -1107,8 +1108,8 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     (they start as NaN and feed dx and the dW kernels), run to run identical; 300 tokens: most row tiles end past
     their block. Gate weights not 1, so a w_p mix-up shows. The block's second part as pieces or padded; the
     epilogue in its own partition from g staged in shared memory (session 36), its loads issued a part ahead
-    (``DACT_EPI_PREFETCH``, session 38) or where used; A in a deeper ring of its own (``a_stages``), the pieces'
-    weights in boxes of their own (``DACT_SPLIT_BOXES``): the same bits."""
+    (``DACT_EPI_PREFETCH``, session 38) or where used; K steps of 64 in 3 slots (session 38's) or 32 in 7 (session
+    39's), the pieces' weights in boxes of their own (``DACT_SPLIT_BOXES``): the same bits."""
     g9, calls, (x, wg, wu, wd, idx, w) = _sm90_case(T, monkeypatch, "dact_sm90", bs)
     monkeypatch.setattr(g9, "TAIL_PIECES", tail)
     assert (g9.tail_pieces(bs - 128) != (0, 0)) == tail
@@ -1118,15 +1119,15 @@ def test_dact_sm90_on_gpu(T, bs, tail, monkeypatch):
     args = (go, x, wg, wu, wd, idx, w, act)
     got = _bwd_gluon_vs_plain(args, kw, calls, "dact", plain={"sm90": False, "full_block": True})
     base = dict(g9.DACT_CONFIG)
-    # (module settings, same bits?): the epilogue's loads where used; the gathered A tiles in a ring of their own,
-    # deeper than the weights' (a_stages); the pieces' weights in boxes of their own, with which 5 A slots fit (the
-    # same products in the same order: the same bits); the second part padded for dact alone (within bf16
-    # rounding of the pieces)
+    # (module settings, same bits?): the epilogue's loads where used; the other K step (the same products in the
+    # same order: the same bits); the pieces' weights in boxes of their own, at either K step; the second part
+    # padded for dact alone (within bf16 rounding of the pieces)
+    other_k = {**base, "block_k": 64, "stages": 3} if base["block_k"] == 32 else {**base, "block_k": 32, "stages": 7}
     variants = [({"DACT_EPI_PREFETCH": not g9.DACT_EPI_PREFETCH}, True),
-                ({"DACT_CONFIG": {**base, "a_stages": 4}}, True)]
+                ({"DACT_CONFIG": other_k}, True)]
     if tail:
-        variants += [({"DACT_SPLIT_BOXES": True}, True),
-                     ({"DACT_SPLIT_BOXES": True, "DACT_CONFIG": {**base, "a_stages": 5}}, True),
+        variants += [({"DACT_SPLIT_BOXES": not g9.DACT_SPLIT_BOXES}, True),
+                     ({"DACT_SPLIT_BOXES": not g9.DACT_SPLIT_BOXES, "DACT_CONFIG": other_k}, True),
                      ({"DACT_TAIL_PIECES": False}, False)]
     for settings, same_bits in variants:
         with monkeypatch.context() as m:

@@ -561,6 +561,14 @@ if HAVE_GLUON:
             b1_bufs = gl.allocate_shared_memory(w_desc1.dtype, [STAGES] + w_desc1.block_type.shape, w_desc1.layout)
         return a_bufs, b0_bufs, b1_bufs, _barrier_array(STAGES, 1 + 4 * 32), _barrier_array(STAGES, 2)
 
+    @gluon.constexpr_function
+    def _row_gather_layout(block_k):
+        """The cp.async gathers' register layout of a [rows, block_k] bf16 tile: 8 consecutive elements (16 bytes)
+        a thread and copy, a warp's 32 threads across block_k // 8 columns and the rest down the rows, 4 warps
+        (block_k 64: 16 rows x 64 columns a repetition; 32: 32 x 32), so no thread copies another's elements."""
+        tc = min(block_k // 8, 32)
+        return gl.BlockedLayout([1, 8], [32 // tc, tc], [4, 1], [1, 0])
+
     @gluon.jit
     def _w_tiles(b0_bufs, b1_bufs, slot, MERGED: gl.constexpr):
         """Slot ``slot``'s two weight tiles (views of the merged tile's halves where ``MERGED``)."""
@@ -626,7 +634,7 @@ if HAVE_GLUON:
         and ``wp_g0`` [BLOCK_K, R1] into ``b2_bufs``. (Otherwise the ``wp_*`` and ``b2_bufs`` go unused.)"""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
         # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
-        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        ld_layout: gl.constexpr = _row_gather_layout(BLOCK_K)
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
         col_l: gl.constexpr = gl.SliceLayout(0, ld_layout)
         if W_KN:
@@ -1027,7 +1035,7 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # of their own (Nsight Compute, session 38: at 3 shared slots the producer waits on empty slots and the consumers on
 # ready ones, the gathered loads' latency longer than the lookahead); written after session 38's last GPU call
 # (4 A slots fit beside 3 weight slots and g's staging, 5 with DACT_SPLIT_BOXES), so 0 (off) until GPU-tested.
-DACT_CONFIG = dict(block_n=128, block_k=64, stages=3, a_stages=0)
+DACT_CONFIG = dict(block_n=128, block_k=32, stages=7, a_stages=0)
 if HAVE_GLUON:
 
     @gluon.jit
@@ -1052,7 +1060,7 @@ if HAVE_GLUON:
         after the next step's products are issued, so with one weight slot the producer would wait on A for a
         step whose weights it has not issued yet (:func:`check_split_rings`)."""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        ld_layout: gl.constexpr = _row_gather_layout(BLOCK_K)
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
         cols = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ld_layout)), 0)
         LAG: gl.constexpr = A_STAGES - STAGES
@@ -1401,6 +1409,20 @@ DACT_SPLIT_BOXES = False
 DACT_EPI_ROWS = 16
 
 
+def dact_stages(block_n: int, block_k: int, stages: int, r0: int, r1: int, split: bool) -> int:
+    """dact's ring depth: ``stages`` or fewer, so that the slots (both 64-row A halves and the weight tiles:
+    ``block_n`` columns, then the second part's ``block_n`` padded columns or, ``split``, its R0 + R1 pieces) fit
+    in shared memory beside g's staging (128 rows of block_n + W1 + W2 bf16 columns, W1 / W2 as in
+    :func:`_dact_sm90_kernel`) and the barriers (1 KB of margin: the AOT check at K 32 / 64 reads 300-400 B over
+    the buffers)."""
+    second = r0 + r1 if split else block_n
+    slot = 2 * (2 * 64 * block_k + block_k * (block_n + second))
+    staging = 2 * 128 * (block_n + (r0 or block_n) + (r1 or 16))
+    while stages > 2 and stages * slot + staging + 1024 > SMEM_LIMIT:
+        stages -= 1
+    return stages
+
+
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
               dact: torch.Tensor, hw: torch.Tensor, dwp: torch.Tensor, grouping, *, bs: int, block_n: int,
               block_k: int, stages: int, a_stages: int = 0) -> None:
@@ -1412,6 +1434,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
     w_desc = _desc(w_down, [block_k, block_n])
     split = DACT_SPLIT_BOXES and r1 > 0
     w1, w2 = (_desc(w_down, [block_k, r0]), _desc(w_down, [block_k, r1])) if split else (w_desc, w_desc)
+    stages = dact_stages(block_n, block_k, stages, r0, r1, split)
     _dact_sm90_kernel[(sm_count(grad_out.device),)](
         w_desc, w1, w2, grad_out, act, w_sorted, dact, hw, dwp, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
