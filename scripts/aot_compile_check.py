@@ -412,18 +412,19 @@ def cases():
         # as one wide product (GATE_UP_WIDE, session 36) or two
         c = g9.GATE_UP_CONFIG
         wgu_t = torch.empty(64 * BS_, D_, dtype=torch.bfloat16)
-        wdesc = g9._desc(wgu_t, [c["block_n"], c["block_k"]])
         r0, r1 = g9.gate_up_pieces(BS_, c["block_n"])
-        wp = [g9._desc(wgu_t, [r or r0, c["block_k"]]) for r in (r0, r1)]
-        for form, a_st in (("wide, merged pieces", 0), ("wide", 0), ("two products", 0),
-                           ("wide, merged pieces, 6 A slots", 6), ("two products, 6 A slots", 6)):
+        # (K steps of 32 in 8 slots: the GPU test's same-bits variant)
+        for form, bk, st in (("wide, merged pieces", c["block_k"], c["stages"]), ("wide", c["block_k"], c["stages"]),
+                             ("two products", c["block_k"], c["stages"]), ("wide, merged pieces, K 32 x 8", 32, 8)):
+            wdesc = g9._desc(wgu_t, [c["block_n"], bk])
+            wp = [g9._desc(wgu_t, [r or r0, bk]) for r in (r0, r1)]
             mp = form.startswith("wide, merged pieces")
             out.append((f"sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})", g9._gate_up_sm90_kernel,
                         dict(w_desc_g=wdesc, w_desc_u=wdesc, wp_g0=wp[0] if mp else wdesc,
                              wp_u0=wp[0] if mp else wdesc, wp_g1=wp[1] if mp else wdesc, wp_u1=wp[1] if mp else wdesc,
                              MP=mp, X=bf16, H=bf16, ACT=bf16, SORTED_TOK=i32,
                              TILE_BLOCK=i32, TILE_START=i32, OFFSETS=i32, TILE_COUNT=i64, D=D_, BS=BS_, stride_xt=D_,
-                             SAVE_ACT=True, BLOCK_K=c["block_k"], STAGES=3 if a_st else c["stages"], A_STAGES=a_st,
+                             SAVE_ACT=True, BLOCK_K=bk, STAGES=st,
                              WIDE=not form.startswith("two products"),
                              ROTATE=g9.GATE_UP_ROTATE, CONSUMER_REGS=g9.GATHER_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS,
                              **dict(zip(("R0", "R1"), g9.gate_up_pieces(BS_, c["block_n"])))),
@@ -432,19 +433,19 @@ def cases():
         c = g9.DACT_CONFIG
         wdn_t = torch.empty(D_, 64 * BS_, dtype=torch.bfloat16)
         r0, r1 = g9.tail_pieces(BS_ - c["block_n"])
-        wd = g9._desc(wdn_t, [c["block_k"], c["block_n"]])
-        wd1, wd2 = g9._desc(wdn_t, [c["block_k"], r0]), g9._desc(wdn_t, [c["block_k"], r1])
-        for prefetch, split, a_st in ((True, False, 0), (False, False, 0), (True, True, 0), (True, False, 4),
-                                      (True, True, 5)):
+        # (K steps of 64 in 3 slots, session 38's: the GPU test's same-bits variant)
+        for prefetch, split, bk, st in ((True, False, c["block_k"], c["stages"]), (False, False, c["block_k"],
+                                        c["stages"]), (True, True, c["block_k"], c["stages"]), (True, False, 64, 3)):
+            wd = g9._desc(wdn_t, [bk, c["block_n"]])
+            wd1, wd2 = g9._desc(wdn_t, [bk, r0]), g9._desc(wdn_t, [bk, r1])
             form = (f"{'prefetching ' if prefetch else ''}epilogue partition"
-                    f"{', pieces in boxes of their own' if split else ''}{f', {a_st} A slots' if a_st else ''}")
+                    f"{', pieces in boxes of their own' if split else ''}{', K 64 x 3' if bk == 64 else ''}")
             out.append((f"sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})", g9._dact_sm90_kernel,
                         dict(w_desc=wd, w_desc1=wd1 if split else wd, w_desc2=wd2 if split else wd, SPLIT=split,
-                             A_STAGES=a_st,
                              DO=bf16, ACT=bf16, WSORT="*fp32",
                              DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
-                             OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=c["block_k"],
-                             STAGES=c["stages"], CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
+                             OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=bk,
+                             STAGES=g9.dact_stages(c["block_n"], bk, st, r0, r1, split), CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
                              PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch, R0=r0, R1=r1),
                         dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)

@@ -283,10 +283,9 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
       (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "False;True" "bwd_$r" --ratio "$r")
     done ;;
   sparse-38c|sparse-dact39)  # issue 6: dact's second part padded to one 128-column product instead of its 64 + 32
-    # pieces (sparse-38c: DACT_TAIL_PIECES); sparse-dact39 (written in session 38 after its last GPU call): dact's
-    # pieces in weight boxes of their own (DACT_SPLIT_BOXES), and the gathered A tiles in a deeper ring of their own
-    # in dact (DACT_CONFIG's a_stages 4) and gate/up (GATE_UP_CONFIG's a_stages 6 beside 3 weight slots). The GPU
-    # tests, then A/Bs of the backward (dact) and the forward (gate/up) at 0.3 / 0.5
+    # pieces (sparse-38c: DACT_TAIL_PIECES); sparse-dact39: dact's pieces in weight boxes of their own
+    # (DACT_SPLIT_BOXES). The GPU tests, then A/Bs of the backward at 0.3 / 0.5. (Session 39's call 1 also A/B'd the
+    # A tiles in a ring of their own, dact 4 slots and gate/up 6: both slower, removed; code at bf08b19.)
     flag="DACT_TAIL_PIECES"; vals="True;False"; tests="test_dact_sm90_on_gpu"
     [ "$step" = sparse-dact39 ] && { flag="DACT_SPLIT_BOXES"; vals="False;True"
                                      tests="test_dact_sm90_on_gpu or test_gate_up_sm90_on_gpu"; }
@@ -296,11 +295,6 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     for r in ${RATIOS:-0.3 0.5}; do
       (cd benchmarks && ab "sparse_ffn_sm90.$flag" "$vals" "bwd_$r" --ratio "$r")
-      [ "$step" = sparse-dact39 ] || continue
-      (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 0};\
-{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 4}" "a4_bwd_$r" --ratio "$r")
-      (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 4, 'a_stages': 0};\
-{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 6}" "a6_fwd_$r" --fwd --ratio "$r")
     done ;;
   sparse-k32-39)  # issue 6 (session 39): dact in K steps of 32 with 7 ring slots (the default since): the dact, gate/up,
     # forward and fwd+bwd GPU tests, the same-run A/B against session 38's 64 x 3 at 0.3 / 0.5, then the suite's
@@ -309,8 +303,8 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
       -k "dact_sm90 or gate_up_sm90 or forward_backward" 2>&1 | tail -2
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     for r in 0.3 0.5; do
-      (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3, 'a_stages': 0};\
-{'block_n': 128, 'block_k': 32, 'stages': 7, 'a_stages': 0}" "k32_bwd_$r" --ratio "$r")
+      (cd benchmarks && ab sparse_ffn_sm90.DACT_CONFIG "{'block_n': 128, 'block_k': 64, 'stages': 3};\
+{'block_n': 128, 'block_k': 32, 'stages': 7}" "k32_bwd_$r" --ratio "$r")
     done
     timeout 200 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$OUT/suite" 2>&1 \
       | grep -E "^fwd" | head -12 ;;

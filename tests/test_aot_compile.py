@@ -30,20 +30,18 @@ def test_kernels_compile_for_sm90():
         assert sum(ln.startswith("  ok") and "sm90 (Gluon)" in ln for ln in proc.stdout.splitlines()) == 18, proc.stdout
         assert "ok    window attention bwd fused sm90 (Gluon, TMA reduce dQ) D128" in proc.stdout, proc.stdout
         # the sparse FFN's Gluon kernels: down / dx (two tile widths each, and A resident) and the gathered gate/up
-        # (its whole tiles as one wide product, its pieces merged or not, or two; A in a ring of its own), and the
-        # gathered backward kernels
-        # (dact with its epilogue partition, prefetching or not, dW gate/up, dW down, the dW kernels' pieces form)
-        assert sum(ln.startswith("  ok") and "GEMM sm90 (Gluon" in ln for ln in proc.stdout.splitlines()) == 11, \
+        # (its whole tiles as one wide product, its pieces merged or not, or two; K steps of 32), and the gathered
+        # backward kernels (dact with its epilogue partition, prefetching or not, its pieces' boxes, K steps of 64;
+        # dW gate/up, dW down, the dW kernels' pieces form)
+        assert sum(ln.startswith("  ok") and "GEMM sm90 (Gluon" in ln for ln in proc.stdout.splitlines()) == 10, \
             proc.stdout
         for name in ("down", "bwd dx"):
             assert f"ok    sparse FFN {name} GEMM sm90 (Gluon, A resident)" in proc.stdout, proc.stdout
-        for form in ("wide, merged pieces", "wide", "two products", "wide, merged pieces, 6 A slots",
-                     "two products, 6 A slots"):
+        for form in ("wide, merged pieces", "wide", "two products", "wide, merged pieces, K 32 x 8"):
             assert f"ok    sparse FFN gate/up GEMM sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
         for form in ("prefetching epilogue partition", "epilogue partition",
                      "prefetching epilogue partition, pieces in boxes of their own",
-                     "prefetching epilogue partition, 4 A slots",
-                     "prefetching epilogue partition, pieces in boxes of their own, 5 A slots"):
+                     "prefetching epilogue partition, K 64 x 3"):
             assert f"ok    sparse FFN bwd dact sm90 (Gluon, cp.async gather, {form})" in proc.stdout, proc.stdout
         for name in ("dW gate/up sm90", "dW down sm90", "dW gate/up sm90 pieces", "dW down sm90 pieces"):
             assert f"ok    sparse FFN bwd {name} (Gluon, cp.async gather)" in proc.stdout, proc.stdout

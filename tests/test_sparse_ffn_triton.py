@@ -1177,16 +1177,18 @@ def test_a_resident_settings():
                                                  c["o_bufs"]) + 1024 <= g9.SMEM_LIMIT
 
 
-def test_split_rings_settings():
-    """A in a ring of its own (``a_stages``, dact / gate/up): off unless deeper than the weights' ring, and then a
-    weights' ring of at least 2 slots (one would deadlock the producer), else a clear error; the defaults are off."""
+def test_dact_ring_fits():
+    """dact's ring depth fits shared memory beside g's staging: 7 slots of K 32 at 224-neuron blocks as pieces
+    (229816 B compiled) or split boxes (215512 B), 6 where the second part is padded (213384 B: g's staging holds
+    128 + 128 + 16 columns) or a 256-neuron block; K 64 keeps its 3; never fewer than 2."""
     from deepseek_kernels.triton import sparse_ffn_sm90 as g9
 
-    assert g9.check_split_rings(3, 0, "dact_sm90") == 0 and g9.check_split_rings(3, 3, "dact_sm90") == 0
-    assert g9.check_split_rings(3, 4, "dact_sm90") == 4 and g9.check_split_rings(2, 6, "gate_up_sm90") == 6
-    with pytest.raises(ValueError, match="gate_up_sm90: a_stages=4 .* needs stages >= 2, got 1"):
-        g9.check_split_rings(1, 4, "gate_up_sm90")
-    assert g9.DACT_CONFIG["a_stages"] == 0 and g9.GATE_UP_CONFIG["a_stages"] == 0
+    assert g9.dact_stages(128, 32, 7, 64, 32, False) == 7 and g9.dact_stages(128, 32, 7, 64, 32, True) == 7
+    assert g9.dact_stages(128, 32, 7, 0, 0, False) == 6 and g9.dact_stages(128, 32, 7, 128, 0, False) == 6
+    assert g9.dact_stages(128, 64, 3, 64, 32, False) == 3 and g9.dact_stages(128, 64, 9, 0, 0, False) == 3
+    assert g9.dact_stages(128, 256, 7, 0, 0, False) == 2
+    c = g9.DACT_CONFIG
+    assert g9.dact_stages(c["block_n"], c["block_k"], c["stages"], 64, 32, False) == c["stages"]
 
 
 def test_dw_pieces_ring_fits():

@@ -530,10 +530,9 @@ def short_k_gemm_sm90(a: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None,
 # tile): two per block row tile (224 = 128 + 96; the second tile's last 32 columns read the next block's weights
 # and are not stored).
 
-# a_stages > stages: the gathered A tiles in a ring of their own of that depth, the weight tiles in ``stages`` slots
-# (_split_ring_producer; 6 A slots beside 3 weight slots take the shared memory of 4 shared slots). Written after
-# session 38's last GPU call, so 0 (off) until GPU-tested.
-GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4, a_stages=0)
+# Measured and removed (session 39, code at bf08b19): the gathered A tiles in a ring of their own, 6 slots beside 3
+# weight slots (forward 1.874 -> 2.269 ms at ratio 0.3); K steps of 32 in 8 slots: 1.905 -> 1.977 ms (slower).
+GATE_UP_CONFIG = dict(block_n=128, block_k=64, stages=4)
 PRODUCER_REGS = 56  # the cp.async producer's address tensors; (2 x 224 + 56) x 128 <= 64K registers
 GATHER_CONSUMER_REGS = 224
 
@@ -688,31 +687,18 @@ if HAVE_GLUON:
             gl.store(act + BS, gl.convert_layout(acc_u.to(ACT.dtype.element_ty), out_layout), mask=mask)
 
     @gluon.jit
-    def _gather_step(a_bufs, ready, a_ready, it, WG: gl.constexpr, STAGES: gl.constexpr, A_STAGES: gl.constexpr = 0):
-        """A gathered-A consumer's K step ``it``: wait for its ring slot (and, A_STAGES > 0, its slot of A's own
-        ring: :func:`_split_ring_producer`), order the producer's cp.async writes before the async proxy's reads;
-        returns (the weights' slot, this warpgroup's A tile)."""
+    def _gather_step(a_bufs, ready, it, WG: gl.constexpr, STAGES: gl.constexpr):
+        """A gathered-A consumer's K step ``it``: wait for its ring slot, order the producer's cp.async writes
+        before the async proxy's reads; returns (the slot, this warpgroup's A tile)."""
         slot = it % STAGES
         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-        if A_STAGES > 0:
-            sa = it % A_STAGES
-            mbarrier.wait(a_ready.index(sa), (it // A_STAGES) & 1)
-        else:
-            sa = slot
         fence_async_shared()  # cp.async wrote A through the generic proxy: order it before wgmma's reads
-        return slot, a_bufs.index(2 * sa + WG)
+        return slot, a_bufs.index(2 * slot + WG)
 
     @gluon.jit
-    def _gather_release(empty, a_empty, it, STAGES: gl.constexpr, A_STAGES: gl.constexpr = 0):
-        """Step ``it``'s ring slot handed back (and its slot of A's own ring where A_STAGES > 0)."""
-        _release(empty.index(it % STAGES))
-        if A_STAGES > 0:
-            _release(a_empty.index(it % A_STAGES))
-
-    @gluon.jit
-    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, it, D, g0, u0, g1, u1,
+    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1,
                              WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                             MERGED: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
+                             MERGED: gl.constexpr = False):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
         producer loads all the same, meet no product), gate and up products per piece as async wgmma, one step's
@@ -720,7 +706,7 @@ if HAVE_GLUON:
         R0: gl.constexpr = g0.type.shape[1]
         R1: gl.constexpr = g1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
             bg, bu = _w_tiles(bg_bufs, bu_bufs, slot, MERGED)
             g0 = warpgroup_mma(a, bg.slice(0, R0).permute((1, 0)), g0, is_async=True)
             u0 = warpgroup_mma(a, bu.slice(0, R0).permute((1, 0)), u0, is_async=True)
@@ -731,19 +717,18 @@ if HAVE_GLUON:
             else:
                 g0, u0 = warpgroup_mma_wait(2, deps=(g0, u0))
             if k0 > 0:
-                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                _release(empty.index((it - 1) % STAGES))
             it += 1
         if TWO:
             g0, u0, g1, u1 = warpgroup_mma_wait(0, deps=(g0, u0, g1, u1))
         else:
             g0, u0 = warpgroup_mma_wait(0, deps=(g0, u0))
-        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+        _release(empty.index((it - 1) % STAGES))
         return g0, u0, g1, u1, it
 
     @gluon.jit
-    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, a_ready, a_empty, it, D, acc0, acc1,
-                                    WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                                    A_STAGES: gl.constexpr = 0):
+    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, it, D, acc0, acc1,
+                                    WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """:func:`_gate_up_pieces_loop` over the merged tile that holds each piece's gate and up rows side by side
         (:func:`_gather_producer`'s PR0 > 0): one product per piece, acc0 [64, 2 R0] = (gate | up) of the first
         R0 neurons, acc1 [64, 2 R1] of the next R1 (TWO), rather than four; each product reads the warpgroup's A
@@ -752,7 +737,7 @@ if HAVE_GLUON:
         N0: gl.constexpr = acc0.type.shape[1]
         N1: gl.constexpr = acc1.type.shape[1]
         for k0 in range(0, D, BLOCK_K):
-            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
             wt = b_bufs.index(slot)
             acc0 = warpgroup_mma(a, wt.slice(0, N0).permute((1, 0)), acc0, is_async=True)
             if TWO:
@@ -761,21 +746,21 @@ if HAVE_GLUON:
             else:
                 acc0 = warpgroup_mma_wait(1, deps=(acc0,))
             if k0 > 0:
-                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                _release(empty.index((it - 1) % STAGES))
             it += 1
         if TWO:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
         else:
             acc0 = warpgroup_mma_wait(0, deps=(acc0,))
-        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+        _release(empty.index((it - 1) % STAGES))
         return acc0, acc1, it
 
     @gluon.jit
-    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
                           OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
                           R1: gl.constexpr, WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False,
-                          MP: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
+                          MP: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every work item, the gate and up products as async wgmma (one
         step's pair in flight), then h = silu(a) * u (and a, u with SAVE_ACT) stored for the block's rows and
         neurons. R0 > 0: a block's last column tile holds only BS % BLOCK_N = R0 + R1 neurons, computed as
@@ -811,8 +796,8 @@ if HAVE_GLUON:
                                                                  instr_shape=[16, 2 * R1P, 16])
                     acc0 = gl.zeros([HALF_M, 2 * R0], gl.float32, m0)
                     acc1 = gl.zeros([HALF_M, 2 * R1P], gl.float32, m1)
-                    acc0, acc1, it = _gate_up_merged_pieces_loop(a_bufs, bg_bufs, ready, empty, a_ready, a_empty, it,
-                                                                 D, acc0, acc1, WG, TWO, BLOCK_K, STAGES, A_STAGES)
+                    acc0, acc1, it = _gate_up_merged_pieces_loop(a_bufs, bg_bufs, ready, empty, it, D, acc0, acc1,
+                                                                 WG, TWO, BLOCK_K, STAGES)
                     g0, u0 = _halves(acc0)
                     g1, u1 = _halves(acc1)
                 else:
@@ -820,9 +805,8 @@ if HAVE_GLUON:
                     u0 = gl.zeros([HALF_M, R0], gl.float32, l0)
                     g1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
                     u1 = gl.zeros([HALF_M, R1P], gl.float32, l1)
-                    g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty,
-                                                              it, D, g0, u0, g1, u1, WG, TWO, BLOCK_K, STAGES, WIDE,
-                                                              A_STAGES)
+                    g0, u0, g1, u1, it = _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0,
+                                                              g1, u1, WG, TWO, BLOCK_K, STAGES, WIDE)
                 p_rows = start + WG * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, piece_layout))
                 hi = gl.load(OFFSETS + b + 1)
                 if TWO:
@@ -834,14 +818,14 @@ if HAVE_GLUON:
                                                                           instr_shape=[16, 2 * BLOCK_N, 16])
                     acc = gl.zeros([HALF_M, 2 * BLOCK_N], gl.float32, wide_layout)
                     for k0 in range(0, D, BLOCK_K):
-                        slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+                        slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
                         acc = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc, is_async=True)
                         acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous step's product is done
                         if k0 > 0:
-                            _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                            _release(empty.index((it - 1) % STAGES))
                         it += 1
                     acc = warpgroup_mma_wait(0, deps=(acc,))
-                    _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                    _release(empty.index((it - 1) % STAGES))
                     acc_g, acc_u = _halves(acc)  # columns [0, BLOCK_N): gate, [BLOCK_N, 2 BLOCK_N): up
                 else:
                     acc_g = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
@@ -849,104 +833,66 @@ if HAVE_GLUON:
                     for k0 in range(0, D, BLOCK_K):
                         # (_gather_step: cp.async writes through the generic proxy, wgmma reads through the async
                         # one, so a fence orders them, as Triton's own pipeliner does between cp.async waits and wgmma)
-                        slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+                        slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
                         acc_g = warpgroup_mma(a, bg_bufs.index(slot).permute((1, 0)), acc_g, is_async=True)
                         acc_u = warpgroup_mma(a, bu_bufs.index(slot).permute((1, 0)), acc_u, is_async=True)
                         acc_g, acc_u = warpgroup_mma_wait(2, deps=(acc_g, acc_u))  # the previous step's pair is done
                         if k0 > 0:
-                            _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                            _release(empty.index((it - 1) % STAGES))
                         it += 1
                     acc_g, acc_u = warpgroup_mma_wait(0, deps=(acc_g, acc_u))
-                    _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                    _release(empty.index((it - 1) % STAGES))
                 _gate_up_store(acc_g, acc_u, H, ACT, rows, gl.load(OFFSETS + b + 1), pid_n * BLOCK_N, BS, SAVE_ACT,
                                out_layout)
 
     @gluon.jit
-    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
                            OFFSETS, TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
                            BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                           WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr, A_STAGES: gl.constexpr):
+                           WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr):
         WG1: gl.constexpr = 1
-        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK, TILE_START,
+        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
                           OFFSETS, TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
-                          MP, A_STAGES)
+                          MP)
 
     @gluon.jit
     def _gate_up_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
-                          a_ready, a_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                          SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
-                          ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr, A_STAGES: gl.constexpr):
-        """gate/up's producer partition: :func:`_split_ring_producer` where A has a ring of its own (A_STAGES >
-        0), else :func:`_gather_producer` over the shared ring."""
+                          ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr):
+        """gate/up's producer partition: :func:`_gather_producer` in its gate/up form."""
         W_KN: gl.constexpr = False
-        if A_STAGES > 0:
-            _split_ring_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, bu_bufs,
-                                 a_ready, a_empty, ready, empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
-                                 TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, W_KN, False, WIDE,
-                                 ROTATE, PR0, PR1)
-        else:
-            _gather_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
-                             SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N,
-                             BLOCK_K, STAGES, W_KN, WIDE, ROTATE, PR0, PR1)
+        _gather_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
+                         SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K,
+                         STAGES, W_KN, WIDE, ROTATE, PR0, PR1)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, H, ACT, SORTED_TOK, TILE_BLOCK,
                              TILE_START, OFFSETS, TILE_COUNT, D, stride_xt, BS: gl.constexpr, SAVE_ACT: gl.constexpr,
                              BLOCK_K: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                              PRODUCER_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
-                             WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False, MP: gl.constexpr = False,
-                             A_STAGES: gl.constexpr = 0):
+                             WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False, MP: gl.constexpr = False):
         """The forward's gate/up GEMM + SwiGLU over the grouping's real row tiles (see above), persistent.
         ``WIDE``: a whole column tile's gate and up products as one [64, 2 BLOCK_N] product. ``ROTATE``: the work
         items in :func:`_work_rotated`'s order. ``MP`` (WIDE and R0 > 0): the last column tile's pieces merged,
-        loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K]).
-        ``A_STAGES`` > 0 (more than STAGES): the gathered A tiles in a ring of their own of that depth, the weights
-        in STAGES slots (:func:`_split_ring_producer`)."""
+        loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K])."""
         WG0: gl.constexpr = 0
         PR0: gl.constexpr = R0 if MP else 0
         PR1: gl.constexpr = R1 if MP else 0
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
         dt: gl.constexpr = X.dtype.element_ty
-        if A_STAGES > 0:
-            a_bufs = gl.allocate_shared_memory(dt, [2 * A_STAGES, 64, BLOCK_K],
-                                               gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], dt))
-            if WIDE:
-                bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES, 2 * BLOCK_N, BLOCK_K], w_desc_g.layout)
-                bu_bufs = bg_bufs
-            else:
-                bg_bufs = gl.allocate_shared_memory(w_desc_g.dtype, [STAGES] + w_desc_g.block_type.shape,
-                                                    w_desc_g.layout)
-                bu_bufs = gl.allocate_shared_memory(w_desc_u.dtype, [STAGES] + w_desc_u.block_type.shape,
-                                                    w_desc_u.layout)
-            ready = _barrier_array(STAGES, 1)  # the weights' expect + their TMA bytes
-            empty = _barrier_array(STAGES, 2)
-            a_ready = _barrier_array(A_STAGES, 4 * 32)  # one cp.async arrival per producer thread
-            a_empty = _barrier_array(A_STAGES, 2)
-        else:
-            a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(dt, w_desc_g, w_desc_u, BLOCK_K, STAGES, WIDE)
-            a_ready = ready
-            a_empty = empty
+        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(dt, w_desc_g, w_desc_u, BLOCK_K, STAGES, WIDE)
         gl.warp_specialize([
-            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK,
+            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK,
                                  TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0,
-                                 R1, WIDE, ROTATE, MP, A_STAGES)),
-            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, a_ready, a_empty, H, ACT, TILE_BLOCK,
+                                 R1, WIDE, ROTATE, MP)),
+            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK,
                                   TILE_START, OFFSETS, TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1,
-                                  WIDE, ROTATE, MP, A_STAGES)),
+                                  WIDE, ROTATE, MP)),
             (_gate_up_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
-                                 empty, a_ready, a_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D,
-                                 BS, stride_xt, BLOCK_N, BLOCK_K, STAGES, WIDE, ROTATE, PR0, PR1, A_STAGES)),
+                                 empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                                 BLOCK_N, BLOCK_K, STAGES, WIDE, ROTATE, PR0, PR1)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-def check_split_rings(stages: int, a_stages: int, name: str) -> int:
-    """The A_STAGES a launcher passes for ``a_stages`` (0: one shared ring): A in a ring of its own needs it deeper
-    than the weights' ring, which needs at least 2 slots (see :func:`_split_ring_producer`)."""
-    if a_stages <= stages:
-        return 0
-    if stages < 2:
-        raise ValueError(f"{name}: a_stages={a_stages} (A in a ring of its own) needs stages >= 2, got {stages}")
-    return a_stages
 
 
 def gate_up_layout_ok(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bs: int) -> bool:
@@ -999,10 +945,9 @@ GATE_UP_MERGED_PIECES = True
 
 
 def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: torch.Tensor, act: torch.Tensor | None,
-                 grouping, *, bs: int, block_n: int, block_k: int, stages: int, a_stages: int = 0) -> None:
+                 grouping, *, bs: int, block_n: int, block_k: int, stages: int) -> None:
     """``h [P, BS]`` (and ``act [P, 2, BS]``) for the grouping's row tiles from the gathered rows of ``x [T, D]``
-    (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows); ``a_stages`` >
-    ``stages``: the A tiles in a ring of their own of that depth."""
+    (unit stride along D) and ``w_gate / w_up [F, D]`` (unit stride along D, 16-byte aligned rows)."""
     w_block = [block_n, block_k]
     r0, r1 = gate_up_pieces(bs, block_n)
     wg, wu = _desc(w_gate, w_block), _desc(w_up, w_block)
@@ -1013,8 +958,8 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
         wg, wu, *wp, x, h, h if act is None else act, grouping.sorted_tok,
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, x.shape[1], x.stride(0),
         BS=bs, SAVE_ACT=act is not None, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=GATHER_CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp,
-        A_STAGES=check_split_rings(stages, a_stages, "gate_up_sm90"), num_warps=4, maxnreg=MAXNREG,
+        PRODUCER_REGS=PRODUCER_REGS, R0=r0, R1=r1, WIDE=GATE_UP_WIDE, ROTATE=GATE_UP_ROTATE, MP=mp, num_warps=4,
+        maxnreg=MAXNREG,
     )
 
 
@@ -1031,11 +976,14 @@ def gate_up_sm90(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, h: t
 # block as one [64, 256] product per K step (0.767 vs 0.667 ms: the padded MMA work costs more than the A tile's
 # shared-memory reads it saves).
 
-# 3 ring slots: g's staging buffers take a fourth's room. a_stages > stages: the gathered A tiles in a deeper ring
-# of their own (Nsight Compute, session 38: at 3 shared slots the producer waits on empty slots and the consumers on
-# ready ones, the gathered loads' latency longer than the lookahead); written after session 38's last GPU call
-# (4 A slots fit beside 3 weight slots and g's staging, 5 with DACT_SPLIT_BOXES), so 0 (off) until GPU-tested.
-DACT_CONFIG = dict(block_n=128, block_k=32, stages=7, a_stages=0)
+# K steps of 32 in 7 ring slots (the launcher trims the ring to what fits beside g's staging: dact_stages). Nsight
+# Compute, session 38: at K 64 the 3 slots that fit beside g's staging left the producer waiting on empty slots and
+# the consumers on ready ones. H200, session 39 (whole-backward A/Bs, same bits): 64 x 3 -> 32 x 7 3.595 -> 3.505 ms
+# at ratio 0.3, 5.749 -> 5.702 at 0.5 (call 3's three pairs: -2.0 to -4.0 % at 0.3, -0.1 to -2.1 % at 0.5); dact
+# alone 0.540 ms at 1.59 GHz, tensor pipe 63.5 % (session 38: 0.609 ms at ~1.7 GHz, 52 %). Measured and removed
+# (session 39, code at bf08b19): the A tiles in a ring of their own, 4 slots beside 3 weight slots at K 64
+# (3.635 -> 3.739 ms at 0.3: slower).
+DACT_CONFIG = dict(block_n=128, block_k=32, stages=7)
 if HAVE_GLUON:
 
     @gluon.jit
@@ -1046,100 +994,26 @@ if HAVE_GLUON:
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
 
     @gluon.jit
-    def _split_ring_producer(w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, b0_bufs, b1_bufs, b2_bufs,
-                             a_ready, a_empty, b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS,
-                             TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                             A_STAGES: gl.constexpr, STAGES: gl.constexpr, W_KN: gl.constexpr, KN_SPLIT: gl.constexpr,
-                             MERGE_B: gl.constexpr, ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr):
-        """:func:`_gather_producer`'s work (the same items, tiles and forms) with the gathered A tiles and the
-        weight tiles in rings of their own (A_STAGES and STAGES slots, A_STAGES > STAGES): this program's K steps
-        as one sequence, step i's A rows issued by cp.async as soon as A slot i % A_STAGES is free, its weight
-        tiles (TMA, read from L2: :func:`_w_loads`) A_STAGES - STAGES steps later, so the gathered rows, whose
-        loads wait longest, get the deeper lookahead. Each thread arrives on the A slot's ready barrier when its
-        copies land; the weights' barrier takes the expect. STAGES >= 2: the consumers hand a step's slots back
-        after the next step's products are issued, so with one weight slot the producer would wait on A for a
-        step whose weights it has not issued yet (:func:`check_split_rings`)."""
-        HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        ld_layout: gl.constexpr = _row_gather_layout(BLOCK_K)
-        row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
-        cols = gl.expand_dims(gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ld_layout)), 0)
-        LAG: gl.constexpr = A_STAGES - STAGES
-        if W_KN:
-            n_col = 1
-        else:
-            n_col = gl.cdiv(BS, BLOCK_N)
-        pid = gl.program_id(0)
-        G = gl.num_programs(0)
-        ksteps = gl.cdiv(D, BLOCK_K)
-        total = gl.load(TILE_COUNT).to(gl.int32) * n_col
-        steps = gl.cdiv(gl.maximum(total - pid, 0), G) * ksteps
-        r_loc = gl.arange(0, HALF_M, layout=row_l)
-        x0 = X + gl.expand_dims(r_loc.to(gl.int64) * 0, 1)  # (each item's rows are set at its first step)
-        x1 = x0
-        m0 = gl.expand_dims(r_loc < 0, 1)
-        m1 = m0
-        for i in range(0, steps + LAG):
-            if i < steps:
-                item = i // ksteps
-                kk = i - item * ksteps
-                if kk == 0:
-                    b, start, _ = _work_rotated(pid + item * G, n_col, TILE_BLOCK, TILE_START, ROTATE)
-                    hi = gl.load(OFFSETS + b + 1)
-                    r0 = start + r_loc
-                    ok0 = r0 < hi
-                    ok1 = r0 + HALF_M < hi
-                    x0 = X + gl.expand_dims(gl.load(SORTED_TOK + r0, mask=ok0, other=0).to(gl.int64) * stride_xt, 1)
-                    x1 = X + gl.expand_dims(gl.load(SORTED_TOK + r0 + HALF_M, mask=ok1, other=0).to(gl.int64)
-                                            * stride_xt, 1)
-                    m0 = gl.expand_dims(ok0, 1)
-                    m1 = gl.expand_dims(ok1, 1)
-                sa = i % A_STAGES
-                mbarrier.wait(a_empty.index(sa), ((i // A_STAGES) & 1) ^ 1)
-                kc = kk * BLOCK_K + cols
-                k_ok = kc < D
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * sa), x0 + kc, mask=m0 & k_ok)
-                async_copy.async_copy_global_to_shared(a_bufs.index(2 * sa + 1), x1 + kc, mask=m1 & k_ok)
-                async_copy.mbarrier_arrive(a_ready.index(sa), increment_count=False)
-            j = i - LAG
-            if j >= 0:
-                item_j = j // ksteps
-                b_j, _, pid_n = _work_rotated(pid + item_j * G, n_col, TILE_BLOCK, TILE_START, ROTATE)
-                sb = j % STAGES
-                mbarrier.wait(b_empty.index(sb), ((j // STAGES) & 1) ^ 1)
-                _w_loads(b_ready.index(sb), sb, (j - item_j * ksteps) * BLOCK_K, b_j * BS + pid_n * BLOCK_N,
-                         pid_n == n_col - 1, w_desc0, w_desc1, wp_g0, wp_u0, wp_g1, wp_u1, b0_bufs, b1_bufs, b2_bufs,
-                         BLOCK_N, BLOCK_K, W_KN, KN_SPLIT, MERGE_B, PR0, PR1)
-
-    @gluon.jit
-    def _dact_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty, b_ready,
-                       b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A_STAGES: gl.constexpr, STAGES: gl.constexpr,
-                       SPLIT: gl.constexpr):
-        """dact's producer partition: :func:`_split_ring_producer` where A has a ring of its own (A_STAGES > 0),
-        else :func:`_gather_producer` over the shared ring (``b_ready / b_empty``)."""
+    def _dact_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK,
+                       TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
+        """dact's producer partition: :func:`_gather_producer` in its dact form (W_KN)."""
         W_KN: gl.constexpr = True
-        if A_STAGES > 0:
-            _split_ring_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs,
-                                 b2_bufs, a_ready, a_empty, b_ready, b_empty, SORTED_TOK, TILE_BLOCK, TILE_START,
-                                 OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K, A_STAGES, STAGES, W_KN,
-                                 SPLIT, False, False, 0, 0)
-        else:
-            _gather_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs, b_ready,
-                             b_empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
-                             BLOCK_N, BLOCK_K, STAGES, W_KN, False, False, 0, 0, b2_bufs, SPLIT)
+        _gather_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs, ready,
+                         empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N,
+                         BLOCK_K, STAGES, W_KN, False, False, 0, 0, b2_bufs, SPLIT)
 
     @gluon.jit
-    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, it, D, acc0, acc1, acc2,
+    def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1, acc2,
                        WG: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
-                       R1: gl.constexpr, SPLIT: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
+                       R1: gl.constexpr, SPLIT: gl.constexpr = False):
         """One warpgroup's K loop of a row tile: g over the block's first BLOCK_N columns (acc0) and its second
         part (acc1, and acc2 where R1 > 0: the pieces, see :func:`_dact_consumer`) as async wgmma, one step's
         products in flight, each ring slot released once the products that read it are done. ``SPLIT``: the
         pieces' weights in tiles of their own (``b1_bufs`` [.., R0], ``b2_bufs`` [.., R1]) rather than column
-        slices of one BLOCK_N-wide tile. ``A_STAGES`` > 0: A in a ring of its own (:func:`_dact_split_producer`),
-        ``ready / empty`` the weights' ring only. Returns (acc0, acc1, acc2, it)."""
+        slices of one BLOCK_N-wide tile. Returns (acc0, acc1, acc2, it)."""
         for k0 in range(0, D, BLOCK_K):
-            slot, a = _gather_step(a_bufs, ready, a_ready, it, WG, STAGES, A_STAGES)
+            slot, a = _gather_step(a_bufs, ready, it, WG, STAGES)
             acc0 = warpgroup_mma(a, b0_bufs.index(slot), acc0, is_async=True)
             if R0 == 0:
                 acc1 = warpgroup_mma(a, b1_bufs.index(slot), acc1, is_async=True)
@@ -1156,20 +1030,19 @@ if HAVE_GLUON:
                 acc2 = warpgroup_mma(a, b1_bufs.index(slot).slice(R0, R1, dim=1), acc2, is_async=True)
                 acc0, acc1, acc2 = warpgroup_mma_wait(3, deps=(acc0, acc1, acc2))
             if k0 > 0:
-                _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+                _release(empty.index((it - 1) % STAGES))
             it += 1
         if R1 == 0:
             acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
         else:
             acc0, acc1, acc2 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2))
-        _gather_release(empty, a_empty, it - 1, STAGES, A_STAGES)
+        _release(empty.index((it - 1) % STAGES))
         return acc0, acc1, acc2, it
 
     @gluon.jit
-    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
-                       g1_smem, g2_smem, g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
-                       SPLIT: gl.constexpr = False, A_STAGES: gl.constexpr = 0):
+    def _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                       g_full, g_empty, WG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr = False):
         """One warpgroup: rows [WG * 64, + 64) of every row tile, g over the block's first and second BLOCK_N
         columns (:func:`_dact_mainloop`), staged in shared memory (bf16, ``g*_smem``) for the epilogue partition
         (:func:`_dact_epilogue`) once it is done with the previous tile's, then on to the next tile's products.
@@ -1192,9 +1065,8 @@ if HAVE_GLUON:
             acc0 = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             acc1 = gl.zeros([HALF_M, W1], gl.float32, l1)
             acc2 = gl.zeros([HALF_M, W2], gl.float32, l2)
-            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty,
-                                                  it, D, acc0, acc1, acc2, WG, BLOCK_K, STAGES, R0, R1, SPLIT,
-                                                  A_STAGES)
+            acc0, acc1, acc2, it = _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1,
+                                                  acc2, WG, BLOCK_K, STAGES, R0, R1, SPLIT)
             mbarrier.wait(g_empty, (n & 1) ^ 1)
             g0_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc0.to(dt))
             g1_smem.slice(WG * HALF_M, HALF_M, dim=0).store(acc1.to(dt))
@@ -1204,13 +1076,12 @@ if HAVE_GLUON:
             n += 1
 
     @gluon.jit
-    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
-                        g1_smem, g2_smem, g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr,
-                        A_STAGES: gl.constexpr):
+    def _dact_consumer1(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                        g_full, g_empty, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                        R0: gl.constexpr, R1: gl.constexpr, SPLIT: gl.constexpr):
         WG1: gl.constexpr = 1
-        _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D, g0_smem,
-                       g1_smem, g2_smem, g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT, A_STAGES)
+        _dact_consumer(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem, g2_smem,
+                       g_full, g_empty, WG1, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)
 
     @gluon.jit
     def _dact_load(ACT, WSORT, r0, hi, c0: gl.constexpr, BS: gl.constexpr, CH: gl.constexpr, N: gl.constexpr):
@@ -1316,15 +1187,12 @@ if HAVE_GLUON:
                           TILE_START, OFFSETS, TILE_COUNT, D, stride_dot, BS: gl.constexpr, BLOCK_K: gl.constexpr,
                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                           EPI_REGS: gl.constexpr, R0: gl.constexpr = 0, R1: gl.constexpr = 0,
-                          PREFETCH: gl.constexpr = False, EPI_ROWS: gl.constexpr = 16, SPLIT: gl.constexpr = False,
-                          A_STAGES: gl.constexpr = 0):
+                          PREFETCH: gl.constexpr = False, EPI_ROWS: gl.constexpr = 16, SPLIT: gl.constexpr = False):
         """The backward's dact (see above) over the grouping's real row tiles, persistent: two consumer
         warpgroups, the cp.async producer and the epilogue partition (4 warps, ``EPI_REGS``), which works from g
         staged in shared memory (``PREFETCH``, ``EPI_ROWS``: :func:`_dact_epilogue`'s). ``SPLIT`` (R1 > 0): the
         second part's pieces loaded as boxes of their own (``w_desc1`` [BLOCK_K, R0], ``w_desc2`` [BLOCK_K, R1])
-        into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused. ``A_STAGES`` > 0 (more
-        than STAGES): the gathered A tiles in a ring of their own of that depth, the weights in STAGES slots
-        (:func:`_dact_split_producer`)."""
+        into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused."""
         WG0: gl.constexpr = 0
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
         dt: gl.constexpr = DO.dtype.element_ty
@@ -1332,19 +1200,7 @@ if HAVE_GLUON:
             wd1 = w_desc1
         else:
             wd1 = w_desc
-        if A_STAGES > 0:
-            a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], dt)
-            a_bufs = gl.allocate_shared_memory(dt, [2 * A_STAGES, 64, BLOCK_K], a_layout)
-            b0_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-            b1_bufs = gl.allocate_shared_memory(wd1.dtype, [STAGES] + wd1.block_type.shape, wd1.layout)
-            ready = _barrier_array(STAGES, 1)  # the weights' expect + their TMA bytes
-            empty = _barrier_array(STAGES, 2)
-            a_ready = _barrier_array(A_STAGES, 4 * 32)  # one cp.async arrival per producer thread
-            a_empty = _barrier_array(A_STAGES, 2)
-        else:
-            a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(dt, w_desc, wd1, BLOCK_K, STAGES)
-            a_ready = ready
-            a_empty = empty
+        a_bufs, b0_bufs, b1_bufs, ready, empty = _gather_ring(dt, w_desc, wd1, BLOCK_K, STAGES)
         if SPLIT:
             b2_bufs = gl.allocate_shared_memory(w_desc2.dtype, [STAGES] + w_desc2.block_type.shape, w_desc2.layout)
         else:
@@ -1358,15 +1214,13 @@ if HAVE_GLUON:
         g_full = _barrier_array(1, 2).index(0)  # one arrival per consumer warpgroup
         g_empty = _barrier_array(1, 1).index(0)  # the epilogue partition's
         gl.warp_specialize([
-            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D,
-                              g0_smem, g1_smem, g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1,
-                              SPLIT, A_STAGES)),
-            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, a_ready, a_empty, TILE_COUNT, D,
-                               g0_smem, g1_smem, g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT,
-                               A_STAGES)),
-            (_dact_producer, (w_desc, wd1, w_desc2, DO, a_bufs, b0_bufs, b1_bufs, b2_bufs, a_ready, a_empty, ready,
-                              empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
-                              BLOCK_N, BLOCK_K, A_STAGES, STAGES, SPLIT)),
+            (_dact_consumer, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
+                              g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
+            (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
+                               g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
+            (_dact_producer, (w_desc, wd1, w_desc2, DO, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK,
+                              TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
+                              STAGES, SPLIT)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1, PREFETCH, EPI_ROWS)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
@@ -1425,11 +1279,11 @@ def dact_stages(block_n: int, block_k: int, stages: int, r0: int, r1: int, split
 
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
               dact: torch.Tensor, hw: torch.Tensor, dwp: torch.Tensor, grouping, *, bs: int, block_n: int,
-              block_k: int, stages: int, a_stages: int = 0) -> None:
+              block_k: int, stages: int) -> None:
     """``dact [P, 2, BS]``, ``hw [P, BS]`` and the dweight partial sums ``dwp [1, P]`` (fp32) for the grouping's
     row tiles from the gathered rows of ``grad_out [T, D]``, ``w_down [D, F]`` and the forward's ``act [P, 2,
-    BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`). ``a_stages`` > ``stages``: the A
-    tiles in a ring of their own of that depth."""
+    BS]`` (the caller checked :func:`supported` and :func:`dact_layout_ok`); a ring of ``stages`` slots or as many
+    as fit (:func:`dact_stages`)."""
     r0, r1 = tail_pieces(bs - block_n) if DACT_TAIL_PIECES else (0, 0)
     w_desc = _desc(w_down, [block_k, block_n])
     split = DACT_SPLIT_BOXES and r1 > 0
@@ -1440,8 +1294,7 @@ def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w
         grouping.tile_block, grouping.tile_start, grouping.offsets, grouping.tile_count, grad_out.shape[1],
         grad_out.stride(0), BS=bs, BLOCK_K=block_k, STAGES=stages, CONSUMER_REGS=EPI_CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, EPI_REGS=EPI_REGS, R0=r0, R1=r1, PREFETCH=DACT_EPI_PREFETCH,
-        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, A_STAGES=check_split_rings(stages, a_stages, "dact_sm90"), num_warps=4,
-        maxnreg=EPI_MAXNREG,
+        EPI_ROWS=DACT_EPI_ROWS, SPLIT=split, num_warps=4, maxnreg=EPI_MAXNREG,
     )
 
 
