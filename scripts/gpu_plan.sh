@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-k32-39 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-k32-39 | sparse-39b | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -308,6 +308,17 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     done
     timeout 200 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd" --out "$OUT/suite" 2>&1 \
       | grep -E "^fwd" | head -12 ;;
+  sparse-39b)  # issue 6 (session 39): at dact's K 32 x 7, its epilogue's prefetch and chunk rows once more (backward
+    # A/Bs at 0.3), then every kernel of one fwd+bwd step at 0.3: time and how evenly it keeps the SMs busy
+    out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+    (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "True;False" "k32_bwd_0.3" --ratio 0.3)
+    (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_ROWS "16;8" "k32_bwd_0.3" --ratio 0.3)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
+    (cd benchmarks && timeout 240 "$ncu" --clock-control none --csv --print-units base \
+      --metrics "$("$PY" -c 'import sys; sys.path.insert(0, "../scripts"); import ncu_balance; print(ncu_balance.METRICS)')" \
+      "$PY" diag_sparse_train.py --once --ratios 0.3 > "$out_abs/ncu_balance.csv" 2>&1; echo "ncu rc=$?")
+    "$PY" scripts/ncu_balance.py "$out_abs/ncu_balance.csv" | tee "$out_abs/ncu_balance.txt" ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)
