@@ -17,6 +17,17 @@ ab() {
   timeout 100 "$PY" ab_sparse_train_flag.py "$flag" --values "$vals" --rounds 6 "$@" \
     --out "$out_abs/ab_${flag#*.}_$tag.json" 2>&1 | grep -v Warn | tail -3
 }
+# every kernel of one sparse-FFN fwd+bwd step at ratio 0.3 under Nsight Compute: its time and how evenly it keeps the
+# SMs busy (scripts/ncu_balance.py), into $1/ncu_balance.{csv,txt}
+step_balance() {
+  local ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
+  (cd benchmarks && timeout 240 "$ncu" --clock-control none --csv --print-units base \
+    --metrics "$("$PY" -c 'import sys; sys.path.insert(0, "../scripts"); import ncu_balance; print(ncu_balance.METRICS)')" \
+    "$PY" diag_sparse_train.py --once --ratios 0.3 > "$1/ncu_balance.csv" 2>&1; echo "ncu rc=$?")
+  "$PY" scripts/ncu_balance.py "$1/ncu_balance.csv" | tee "$1/ncu_balance.txt"
+}
 # the GPU tests of the Triton ops, in two groups (``tests 1`` / ``tests 2``; ``tests`` runs both)
 TESTS_1="tests/test_int8_matmul.py tests/test_decode.py tests/test_sparse_ffn_triton.py tests/test_hierarchical_decode.py
   tests/test_bench_harness.py"
@@ -257,12 +268,7 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     for r in 0.3 0.5; do
       (cd benchmarks && ab sparse_ffn_sm90.GATE_UP_ROTATE "False;True" "fwd_$r" --fwd --ratio "$r")
     done
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
-    (cd benchmarks && timeout 240 "$ncu" --clock-control none --csv --print-units base \
-      --metrics "$("$PY" -c 'import sys; sys.path.insert(0, "../scripts"); import ncu_balance; print(ncu_balance.METRICS)')" \
-      "$PY" diag_sparse_train.py --once --ratios 0.3 > "$out_abs/ncu_balance.csv" 2>&1; echo "ncu rc=$?")
-    "$PY" scripts/ncu_balance.py "$out_abs/ncu_balance.csv" | tee "$out_abs/ncu_balance.txt" ;;
+    step_balance "$out_abs" ;;
   sparse-mp38)  # issue 6: gate/up's last column tile as two merged products (GATE_UP_MERGED_PIECES): the gate/up and
     # forward GPU tests, then A/Bs of the forward at 0.3 / 0.5
     timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_sparse_ffn_triton.py \
@@ -313,12 +319,7 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     out_abs=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
     (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "True;False" "k32_bwd_0.3" --ratio 0.3)
     (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_ROWS "16;8" "k32_bwd_0.3" --ratio 0.3)
-    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-    [ -n "$ncu" ] || { echo "no ncu on this machine"; exit 1; }
-    (cd benchmarks && timeout 240 "$ncu" --clock-control none --csv --print-units base \
-      --metrics "$("$PY" -c 'import sys; sys.path.insert(0, "../scripts"); import ncu_balance; print(ncu_balance.METRICS)')" \
-      "$PY" diag_sparse_train.py --once --ratios 0.3 > "$out_abs/ncu_balance.csv" 2>&1; echo "ncu rc=$?")
-    "$PY" scripts/ncu_balance.py "$out_abs/ncu_balance.csv" | tee "$out_abs/ncu_balance.txt" ;;
+    step_balance "$out_abs" ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)
