@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU session's steps (benchmarks/NOTES.md, "Next GPU session"), one device call each:
 #   scripts/gpu_plan.sh STEP        results and logs -> $OUT (default benchmarks/results/plan)
-# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-k32-39 | sparse-39b | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
+# Steps: ddp | ddp-profile (2+ GPUs: issue 8) | tests [1|2] | tests-generic | graphed | diag-sparse-decode | ncu-sparse-decode | sparse-train | ncu-sparse-train | sparse-pieces | sparse-ab34 | sparse-plan34 | sparse-red35 | sparse-l2-35 | sparse-ab35 | sparse-tests35 | sparse-wide36 | sparse-epi36 | sparse-ar37 | sparse-final37 | sparse-check37 | sparse-dwp37 | sparse-dwp38 | ncu-gateup38 | ncu-kernel38 REGEX TAG | sparse-rot38 | sparse-mp38 | sparse-38b | sparse-38c | sparse-dact39 | sparse-k32-39 | sparse-39b | sparse-power40 | sparse-graphed37 | sparse-host36 | diag-comm-kernels | diag-hier-kernels | diag-hier-variants | tune-hier | tune-hier-131k | tune-hier-512k | tune-hier-decode | tune-attn-tma | tune-attn-ws | attn-sm90 | attn-sm90-bwd | tune-sparse | tune-sparse-decode | tune-sparse-down | tune-sparse-down-nm | tune-comm | comm-ab REV | diag-int8-eager | diag-int8-route | int8-compiled | host-state | diag-pdl | int8-power | tune-int8-rested | tune-int8-gemv | tune-int8 | int8-host | int8-burst |
 #        tune-int8-small | bench [suite ...]
 # The tuners need no CUDA extension (Triton only), so they skip the build; each step stays under the
 # device tool's 10-minute limit (timeouts below).
@@ -320,6 +320,10 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', 'tests/test_s
     (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_PREFETCH "True;False" "k32_bwd_0.3" --ratio 0.3)
     (cd benchmarks && ab sparse_ffn_sm90.DACT_EPI_ROWS "16;8" "k32_bwd_0.3" --ratio 0.3)
     step_balance "$out_abs" ;;
+  sparse-power40)  # issue 6, next session: the T8192 fwd+bwd vs dense rows at 0.5 / 0.3 timed three ways (alternating
+    # bursts, rested, sustained: the suite's POWER_ROWS), clocks sampled during the rounds
+    timeout 300 "$PY" -m deepseek_kernels.cli bench sparse_ffn --filter "^fwd\+bwd T8192 ratio0\.(5|3) .*dense" \
+      --out "$OUT/suite" 2>&1 | grep -E "^fwd|round" | head -20 ;;
   sparse-graphed37)  # issue 6, next session: the training step's device-bound ratios (ours and dense fwd+bwd as
     # CUDA-graph replays; session 36 found the eager step host-bound near ratio 0.3), then where the host's time goes
     # (inside Triton's launcher per kernel, descriptor building, the rest; no profiler)

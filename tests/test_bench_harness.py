@@ -367,3 +367,21 @@ def test_sparse_decode_rows_count_the_blocks_the_tokens_use():
     used = torch.unique(route_ref(x, wr, k=k)[0]).numel()
     assert k < used < T * k  # this draw shares some blocks
     assert count((x, wr, wg)) == 2 * 3 * D * BS * used + fixed
+
+
+def test_sparse_training_rows_also_rested_and_sustained():
+    """The sparse FFN suite times the issue's power-limited training rows (T8192 fwd+bwd vs dense at 0.5 / 0.3)
+    three ways: alternating bursts (as every row), from a rested GPU and at each side's sustained steady state,
+    clocks sampled during the rounds; quick runs leave the slow rows out."""
+    from deepseek_kernels.bench.suites import sparse_ffn as suite
+
+    rows = {c.name: c for c in suite.cases()}
+    for ratio, k in ((0.5, 32), (0.3, 19)):
+        base = f"fwd+bwd T8192 ratio{ratio} ({k}/64 blocks) vs dense"
+        assert rows[base].rest_s == 0 and rows[base].sustain_s == 0
+        rested, sustained = rows[f"{base} (rested 1 s)"], rows[f"{base} (sustained 2 s)"]
+        assert rested.rest_s == suite.REST_S and rested.sustain_s == 0 and rested.sample_clocks
+        assert sustained.sustain_s == suite.SUSTAIN_S and sustained.rest_s == 0 and sustained.sample_clocks
+        assert rested.flops == sustained.flops == rows[base].flops
+        assert rested.params["timing"] == "rested" and sustained.params["timing"] == "sustained"
+    assert not any("rested" in c.name or "sustained" in c.name for c in suite.cases(quick=True))
