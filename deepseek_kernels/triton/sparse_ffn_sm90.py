@@ -632,8 +632,7 @@ if HAVE_GLUON:
         end. ``KN_SPLIT`` (dact, W_KN): the second part as two boxes, ``w_desc1`` [BLOCK_K, R0] into ``b1_bufs``
         and ``wp_g0`` [BLOCK_K, R1] into ``b2_bufs``. (Otherwise the ``wp_*`` and ``b2_bufs`` go unused.)"""
         HALF_M: gl.constexpr = a_bufs.type.shape[1]
-        # 8 consecutive bf16 (16 bytes) per thread and copy; 4 warps cover 16 rows x 64 columns per repetition
-        ld_layout: gl.constexpr = _row_gather_layout(BLOCK_K)
+        ld_layout: gl.constexpr = _row_gather_layout(BLOCK_K)  # 16-byte copies, none twice
         row_l: gl.constexpr = gl.SliceLayout(1, ld_layout)
         col_l: gl.constexpr = gl.SliceLayout(0, ld_layout)
         if W_KN:
@@ -1256,9 +1255,10 @@ DACT_EPI_PREFETCH = True
 # most-sampled instructions after the barrier waits, at 52 % tensor-pipe use for the kernel; padded all the same
 # is slower (backward A/Bs 3.557 -> 3.607 ms at ratio 0.3, 5.841 -> 5.935 at 0.5). False: padded.
 DACT_TAIL_PIECES = True
-# The pieces' weights as boxes of their own ([64, 64] and [64, 32] tiles, each with its own swizzle: 28 KB a slot
-# instead of 32) rather than column slices of a second [64, 128] tile (session 38, written after the last GPU call:
-# not yet run on a GPU, so off).
+# The pieces' weights as boxes of their own ([BLOCK_K, 64] and [BLOCK_K, 32] tiles, each with its own swizzle: 7/8
+# of a slot's weight bytes) rather than column slices of a second [BLOCK_K, 128] tile. H200, session 39 (backward
+# A/Bs, same bits): at K 64 x 3 3.684 -> 3.658 ms at ratio 0.3; at K 32 x 7 3.573 -> 3.579 (0.3), 5.779 -> 5.772
+# (0.5): a tie, so off (the GPU tests keep it bit-exact).
 DACT_SPLIT_BOXES = False
 DACT_EPI_ROWS = 16
 
