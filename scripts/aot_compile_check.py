@@ -445,8 +445,8 @@ def cases():
                              DO=bf16, ACT=bf16, WSORT="*fp32",
                              DACT=bf16, HW=bf16, DWP="*fp32", SORTED_TOK=i32, TILE_BLOCK=i32, TILE_START=i32,
                              OFFSETS=i32, TILE_COUNT=i64, D=D_, stride_dot=D_, BS=BS_, BLOCK_K=bk,
-                             STAGES=g9.dact_stages(c["block_n"], bk, st, r0, r1, split), CONSUMER_REGS=g9.EPI_CONSUMER_REGS,
-                             PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch, R0=r0, R1=r1),
+                             STAGES=g9.dact_stages(c["block_n"], bk, st, r0, r1, split),
+                             CONSUMER_REGS=g9.EPI_CONSUMER_REGS, PRODUCER_REGS=g9.PRODUCER_REGS, EPI_REGS=g9.EPI_REGS, PREFETCH=prefetch, R0=r0, R1=r1),
                         dict(num_warps=4, maxnreg=g9.EPI_MAXNREG), "setmaxnreg", "wgmma.mma_async", "cp.async"))
     if g9.HAVE_GLUON:  # the gathered dW gate/up (dw_gate_up.sm90, session 31)
         c = g9.DW_GATE_UP_CONFIG

@@ -294,6 +294,14 @@ A_RESIDENT_DX = False  # dx likewise (a tie: off)
 AR_PRODUCER_REGS = 40
 SMEM_LIMIT = 232448  # the H200's (sm_90) largest shared-memory allocation per block, bytes
 
+
+def ring_stages(stages: int, slot_bytes: int, fixed_bytes: int) -> int:
+    """``stages`` or fewer ring slots of ``slot_bytes`` each, so that they fit in shared memory beside
+    ``fixed_bytes`` of other buffers and margin; never fewer than 2."""
+    while stages > 2 and stages * slot_bytes + fixed_bytes > SMEM_LIMIT:
+        stages -= 1
+    return stages
+
 if HAVE_GLUON:
 
     @gluon.jit
@@ -695,8 +703,8 @@ if HAVE_GLUON:
         return slot, a_bufs.index(2 * slot + WG)
 
     @gluon.jit
-    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1,
-                             WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    def _gate_up_pieces_loop(a_bufs, bg_bufs, bu_bufs, ready, empty, it, D, g0, u0, g1, u1, WG: gl.constexpr,
+                             TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                              MERGED: gl.constexpr = False):
         """The K loop of a block's last, partial column tile: its neurons as one or (TWO) two power-of-2 pieces
         (rows [0, R0) and [R0, R0 + R1) of the slot's weight tiles: the tile's rows past the block's end, which the
@@ -726,8 +734,8 @@ if HAVE_GLUON:
         return g0, u0, g1, u1, it
 
     @gluon.jit
-    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, it, D, acc0, acc1,
-                                    WG: gl.constexpr, TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    def _gate_up_merged_pieces_loop(a_bufs, b_bufs, ready, empty, it, D, acc0, acc1, WG: gl.constexpr,
+                                    TWO: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
         """:func:`_gate_up_pieces_loop` over the merged tile that holds each piece's gate and up rows side by side
         (:func:`_gather_producer`'s PR0 > 0): one product per piece, acc0 [64, 2 R0] = (gate | up) of the first
         R0 neurons, acc1 [64, 2 R1] of the next R1 (TWO), rather than four; each product reads the warpgroup's A
@@ -755,8 +763,8 @@ if HAVE_GLUON:
         return acc0, acc1, it
 
     @gluon.jit
-    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
-                          OFFSETS, TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
+    def _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS: gl.constexpr, WG: gl.constexpr, SAVE_ACT: gl.constexpr,
                           BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr,
                           R1: gl.constexpr, WIDE: gl.constexpr = False, ROTATE: gl.constexpr = False,
                           MP: gl.constexpr = False):
@@ -845,25 +853,13 @@ if HAVE_GLUON:
                                out_layout)
 
     @gluon.jit
-    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
-                           OFFSETS, TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _gate_up_consumer1(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                           TILE_COUNT, D, BS: gl.constexpr, SAVE_ACT: gl.constexpr, BLOCK_N: gl.constexpr,
                            BLOCK_K: gl.constexpr, STAGES: gl.constexpr, R0: gl.constexpr, R1: gl.constexpr,
                            WIDE: gl.constexpr, ROTATE: gl.constexpr, MP: gl.constexpr):
         WG1: gl.constexpr = 1
-        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START,
-                          OFFSETS, TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
-                          MP)
-
-    @gluon.jit
-    def _gate_up_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
-                          SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
-                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, WIDE: gl.constexpr,
-                          ROTATE: gl.constexpr, PR0: gl.constexpr, PR1: gl.constexpr):
-        """gate/up's producer partition: :func:`_gather_producer` in its gate/up form."""
-        W_KN: gl.constexpr = False
-        _gather_producer(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready, empty,
-                         SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N, BLOCK_K,
-                         STAGES, W_KN, WIDE, ROTATE, PR0, PR1)
+        _gate_up_consumer(a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                          TILE_COUNT, D, BS, WG1, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)
 
     @gluon.jit
     def _gate_up_sm90_kernel(w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, H, ACT, SORTED_TOK, TILE_BLOCK,
@@ -876,21 +872,21 @@ if HAVE_GLUON:
         items in :func:`_work_rotated`'s order. ``MP`` (WIDE and R0 > 0): the last column tile's pieces merged,
         loaded through the boxes ``wp_g0 / wp_u0`` ([R0, BLOCK_K]) and ``wp_g1 / wp_u1`` ([R1, BLOCK_K])."""
         WG0: gl.constexpr = 0
+        W_KN: gl.constexpr = False
         PR0: gl.constexpr = R0 if MP else 0
         PR1: gl.constexpr = R1 if MP else 0
         BLOCK_N: gl.constexpr = w_desc_g.block_type.shape[0]
-        dt: gl.constexpr = X.dtype.element_ty
-        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(dt, w_desc_g, w_desc_u, BLOCK_K, STAGES, WIDE)
+        a_bufs, bg_bufs, bu_bufs, ready, empty = _gather_ring(X.dtype.element_ty, w_desc_g, w_desc_u, BLOCK_K, STAGES,
+                                                              WIDE)
         gl.warp_specialize([
-            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK,
-                                 TILE_START, OFFSETS, TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0,
-                                 R1, WIDE, ROTATE, MP)),
-            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK,
-                                  TILE_START, OFFSETS, TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1,
-                                  WIDE, ROTATE, MP)),
-            (_gate_up_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
-                                 empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
-                                 BLOCK_N, BLOCK_K, STAGES, WIDE, ROTATE, PR0, PR1)),
+            (_gate_up_consumer, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                 TILE_COUNT, D, BS, WG0, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE,
+                                 MP)),
+            (_gate_up_consumer1, (a_bufs, bg_bufs, bu_bufs, ready, empty, H, ACT, TILE_BLOCK, TILE_START, OFFSETS,
+                                  TILE_COUNT, D, BS, SAVE_ACT, BLOCK_N, BLOCK_K, STAGES, R0, R1, WIDE, ROTATE, MP)),
+            (_gather_producer, (w_desc_g, w_desc_u, wp_g0, wp_u0, wp_g1, wp_u1, X, a_bufs, bg_bufs, bu_bufs, ready,
+                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt,
+                                BLOCK_N, BLOCK_K, STAGES, W_KN, WIDE, ROTATE, PR0, PR1)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -991,16 +987,6 @@ if HAVE_GLUON:
         M: gl.constexpr = x.type.shape[0]
         N: gl.constexpr = x.type.shape[1]
         return gl.split(gl.permute(gl.reshape(x, [M, 2, N // 2]), [0, 2, 1]))
-
-    @gluon.jit
-    def _dact_producer(w_desc0, w_desc1, w_desc2, X, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK,
-                       TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):
-        """dact's producer partition: :func:`_gather_producer` in its dact form (W_KN)."""
-        W_KN: gl.constexpr = True
-        _gather_producer(w_desc0, w_desc1, w_desc2, w_desc0, w_desc0, w_desc0, X, a_bufs, b0_bufs, b1_bufs, ready,
-                         empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_xt, BLOCK_N,
-                         BLOCK_K, STAGES, W_KN, False, False, 0, 0, b2_bufs, SPLIT)
 
     @gluon.jit
     def _dact_mainloop(a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, it, D, acc0, acc1, acc2,
@@ -1193,6 +1179,10 @@ if HAVE_GLUON:
         second part's pieces loaded as boxes of their own (``w_desc1`` [BLOCK_K, R0], ``w_desc2`` [BLOCK_K, R1])
         into tiles of their own width and swizzle; else ``w_desc1 / w_desc2`` go unused."""
         WG0: gl.constexpr = 0
+        # the producer's dact form: w_down read as [k, n] tiles, no merged tile, no rotation, no gate/up pieces
+        W_KN: gl.constexpr = True
+        NO: gl.constexpr = False
+        NONE: gl.constexpr = 0
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
         dt: gl.constexpr = DO.dtype.element_ty
         if SPLIT:
@@ -1217,9 +1207,9 @@ if HAVE_GLUON:
                               g2_smem, g_full, g_empty, WG0, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
             (_dact_consumer1, (a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, TILE_COUNT, D, g0_smem, g1_smem,
                                g2_smem, g_full, g_empty, BLOCK_N, BLOCK_K, STAGES, R0, R1, SPLIT)),
-            (_dact_producer, (w_desc, wd1, w_desc2, DO, a_bufs, b0_bufs, b1_bufs, b2_bufs, ready, empty, SORTED_TOK,
-                              TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot, BLOCK_N, BLOCK_K,
-                              STAGES, SPLIT)),
+            (_gather_producer, (w_desc, wd1, w_desc2, w_desc, w_desc, w_desc, DO, a_bufs, b0_bufs, b1_bufs, ready,
+                                empty, SORTED_TOK, TILE_BLOCK, TILE_START, OFFSETS, TILE_COUNT, D, BS, stride_dot,
+                                BLOCK_N, BLOCK_K, STAGES, W_KN, NO, NO, NONE, NONE, b2_bufs, SPLIT)),
             (_dact_epilogue, (g0_smem, g1_smem, g2_smem, g_full, g_empty, ACT, WSORT, DACT, HW, DWP, TILE_BLOCK,
                               TILE_START, OFFSETS, TILE_COUNT, BS, BLOCK_N, R0, R1, PREFETCH, EPI_ROWS)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, EPI_REGS])
@@ -1270,11 +1260,8 @@ def dact_stages(block_n: int, block_k: int, stages: int, r0: int, r1: int, split
     :func:`_dact_sm90_kernel`) and the barriers (1 KB of margin: the AOT check at K 32 / 64 reads 300-400 B over
     the buffers)."""
     second = r0 + r1 if split else block_n
-    slot = 2 * (2 * 64 * block_k + block_k * (block_n + second))
     staging = 2 * 128 * (block_n + (r0 or block_n) + (r1 or 16))
-    while stages > 2 and stages * slot + staging + 1024 > SMEM_LIMIT:
-        stages -= 1
-    return stages
+    return ring_stages(stages, 2 * (2 * 64 * block_k + block_k * (block_n + second)), staging + 1024)
 
 
 def dact_sm90(grad_out: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, w_sorted: torch.Tensor,
@@ -1813,9 +1800,7 @@ def dw_pieces_stages(bs: int, block_k: int, stages: int, transposed: bool) -> in
     layout-conversion scratch (4 KB transposed, 8 KB not: the AOT check at BS 32-256, Triton 3.6) and the
     barriers."""
     scratch = 4096 if transposed else 8192
-    while stages > 2 and stages * (block_k * (128 + bs) * 2 + 64) + scratch + 64 > SMEM_LIMIT:
-        stages -= 1
-    return stages
+    return ring_stages(stages, block_k * (128 + bs) * 2 + 64, scratch + 64)
 
 
 def dw_pieces_sm90(b_src: torch.Tensor, rows_src: torch.Tensor, dw0: torch.Tensor, dw1: torch.Tensor, grouping,

@@ -18,6 +18,8 @@ bandwidth-bound: bytes = the weight slices of the blocks any token uses (estimat
 ``min(1, T * k / n_blocks)`` of the three weights, at most all of them) + the router.
 """
 
+import dataclasses
+
 import torch
 
 import deepseek_kernels as dk
@@ -138,25 +140,12 @@ SUSTAIN_S = 2.0
 POWER_ROWS = (8192, (0.5, 0.3))  # tokens, ratios
 
 
-def _power_rows(T, D, F_, NB) -> list[Case]:
-    """The fwd+bwd vs dense rows of POWER_ROWS, rested and sustained (see REST_S / SUSTAIN_S)."""
-    out = []
-    for ratio in POWER_ROWS[1]:
-        k = n_active(ratio, NB)
-        for label, kw in ((f"rested {REST_S:g} s", {"rest_s": REST_S}),
-                          (f"sustained {SUSTAIN_S:g} s", {"sustain_s": SUSTAIN_S})):
-            out.append(Case(
-                name=f"fwd+bwd T{T} ratio{ratio} ({k}/{NB} blocks) vs dense ({label})",
-                make_inputs=_inputs(T, D, F_, NB, True),
-                ours=Impl("deepseek_kernels", _ours(ratio, True)),
-                baseline=Impl("dense SwiGLU (cuBLAS bf16)", _dense(True)),
-                flops=flops(T, D, F_, k, NB, NB, backward=True),
-                params={"T": T, "d_model": D, "d_ff": F_, "n_blocks": NB, "ratio": ratio, "active_blocks": k,
-                        "pass": "fwd+bwd", "baseline": "dense", "timing": label.split()[0]},
-                sample_clocks=True,
-                **kw,
-            ))
-    return out
+def _power_variants(case: Case) -> list[Case]:
+    """``case`` (a POWER_ROWS row) timed rested and sustained (see REST_S / SUSTAIN_S), clocks sampled."""
+    return [dataclasses.replace(case, name=f"{case.name} ({label})", params={**case.params, "timing": label.split()[0]},
+                                sample_clocks=True, **kw)
+            for label, kw in ((f"rested {REST_S:g} s", {"rest_s": REST_S}),
+                              (f"sustained {SUSTAIN_S:g} s", {"sustain_s": SUSTAIN_S}))]
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -179,8 +168,8 @@ def cases(quick: bool = False) -> list[Case]:
                             "pass": pas, "baseline": vs},
                     check=None if backward else _check(ratio),
                 ))
-    if not quick:
-        out += _power_rows(POWER_ROWS[0], D, F_, NB)
+                if not quick and backward and vs == "dense" and T == POWER_ROWS[0] and ratio in POWER_ROWS[1]:
+                    out += _power_variants(out[-1])
     for T in (() if quick else (1, 8)):
         ratio = 0.15
         k = n_active(ratio, NB)
